@@ -1,0 +1,57 @@
+# Two commands, both as root on a fresh Debian 12 machine:
+#   make run    install everything, then serve the portal on its embedded defaults
+#   make test   install everything, then run the whole test suite (unit, integration, browser)
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip --disable-pip-version-check -q
+
+.PHONY: run test host host-test deps deps-test assets prepare lint bench clean
+
+run: host deps assets prepare
+	$(PY) manage.py bootstrap
+	exec $(PY) manage.py serve
+
+test: host-test deps-test assets
+	$(PY) manage.py collectstatic --noinput -v0
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+host:
+	scripts/setup-host.sh
+
+host-test:
+	scripts/setup-host.sh --test
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+
+$(VENV)/.deps: requirements.txt | $(VENV)/bin/python
+	$(PIP) install -r requirements.txt 2> >(grep -v 'is ignored: it is neither' >&2)
+	touch $@
+
+$(VENV)/.deps-test: requirements.txt requirements-dev.txt $(VENV)/.deps
+	$(PIP) install -r requirements-dev.txt 2> >(grep -v 'is ignored: it is neither' >&2)
+	touch $@
+
+deps: $(VENV)/.deps
+deps-test: $(VENV)/.deps-test
+
+node_modules/.installed: package.json
+	npm install --no-audit --no-fund --loglevel=error
+	touch $@
+
+assets: node_modules/.installed
+
+prepare:
+	$(PY) manage.py migrate --noinput -v0
+	$(PY) manage.py collectstatic --noinput -v0
+
+lint: deps-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: deps
+	$(PY) bench/bench_sync.py
+
+clean:
+	rm -rf $(VENV) node_modules var

@@ -1,0 +1,68 @@
+from django.core.exceptions import ValidationError as DjangoValidationError
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import permissions, serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.response import Response
+
+from hypervisors import services
+from hypervisors.models import Hypervisor
+
+
+class HypervisorSerializer(serializers.ModelSerializer):
+    domain_type = serializers.CharField(read_only=True, help_text="The type machines get: the override, else detected.")
+    qemu_version = serializers.CharField(source="hypervisor_version", read_only=True)
+
+    class Meta:
+        model = Hypervisor
+        fields = [
+            "id", "name", "uri", "console_address", "domain_type_override", "enabled",
+            "status", "status_error", "last_seen", "last_checked",
+            "hostname", "arch", "cpu_model", "cpus", "memory_mib", "libvirt_version", "qemu_version",
+            "domain_type", "detected_domain_type", "domain_types", "guest_arches",
+            "pools", "networks", "unmanaged_domains", "managed_domain_count", "created", "updated",
+        ]  # fmt: skip
+        read_only_fields = [f for f in fields if f not in services.EDITABLE_FIELDS]
+
+    def create(self, validated_data):
+        return _from_django_errors(lambda: services.hypervisor_create(**validated_data))
+
+    def update(self, instance, validated_data):
+        return _from_django_errors(lambda: services.hypervisor_update(hypervisor=instance, **validated_data))
+
+
+def _from_django_errors(fn):
+    try:
+        return fn()
+    except DjangoValidationError as e:
+        raise serializers.ValidationError(e.message_dict if hasattr(e, "error_dict") else e.messages) from None
+
+
+class StaffWritePermission(permissions.BasePermission):
+    """Everyone logged in may read; only staff change hypervisors."""
+
+    def has_permission(self, request, view):
+        if not (request.user and request.user.is_authenticated):
+            return False
+        return request.method in permissions.SAFE_METHODS or request.user.is_staff
+
+
+class HypervisorViewSet(viewsets.ModelViewSet):
+    """Libvirt hosts. Changes are checked against the host in the background: poll `status`."""
+
+    queryset = Hypervisor.objects.all()
+    serializer_class = HypervisorSerializer
+    permission_classes = [StaffWritePermission]
+    http_method_names = ["get", "post", "patch", "delete", "head", "options"]
+
+    def perform_destroy(self, instance):
+        try:
+            services.hypervisor_delete(hypervisor=instance)
+        except services.HypervisorInUse as e:
+            raise serializers.ValidationError({"detail": str(e)}) from None
+
+    @extend_schema(request=None, responses={202: OpenApiResponse(description="A check was queued.")})
+    @action(detail=True, methods=["post"])
+    def sync(self, request, pk=None):
+        hv = self.get_object()
+        services.hypervisor_request_sync(hypervisor=hv)
+        return Response({"id": hv.pk, "status": hv.status, "detail": "sync queued"}, status=status.HTTP_202_ACCEPTED)

@@ -1,0 +1,107 @@
+from django.core.validators import RegexValidator
+from django.db import models
+from django.urls import reverse
+
+from hypervisors.validators import validate_libvirt_uri, validate_listen_address
+
+name_validator = RegexValidator(
+    r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+    "Use 1 to 63 lower-case letters, digits and hyphens, not starting or ending with a hyphen.",
+)
+
+
+class HypervisorStatus(models.TextChoices):
+    PENDING = "pending", "Checking"
+    ONLINE = "online", "Online"
+    DOWN = "down", "Down"
+    DISABLED = "disabled", "Disabled"
+
+
+class DomainType(models.TextChoices):
+    AUTO = "", "Automatic (from capabilities)"
+    KVM = "kvm", "kvm (hardware virtualisation)"
+    QEMU = "qemu", "qemu (software emulation)"
+
+
+class Hypervisor(models.Model):
+    """A libvirt host. The database mirrors what the last sync saw; pages never ask the host."""
+
+    name = models.CharField(max_length=63, unique=True, validators=[name_validator])
+    uri = models.CharField(
+        "libvirt URI",
+        max_length=500,
+        validators=[validate_libvirt_uri],
+        help_text="qemu:///system for this machine; qemu+ssh://root@host/system, qemu+tls://host/system "
+        "or qemu+tcp://host/system for another.",
+    )
+    console_address = models.CharField(
+        max_length=45,
+        default="127.0.0.1",
+        validators=[validate_listen_address],
+        help_text="Address on the hypervisor where machine consoles (VNC) listen. Never 0.0.0.0 unless "
+        "the network is trusted.",
+    )
+    domain_type_override = models.CharField(
+        "domain type",
+        max_length=8,
+        blank=True,
+        choices=DomainType.choices,
+        default=DomainType.AUTO,
+        help_text="Leave automatic: kvm where it runs guests, else qemu.",
+    )
+    enabled = models.BooleanField(default=True, help_text="Disabled hypervisors are not contacted and get no new machines.")
+
+    status = models.CharField(max_length=10, choices=HypervisorStatus.choices, default=HypervisorStatus.PENDING)
+    status_error = models.TextField(blank=True)
+    last_seen = models.DateTimeField(null=True, blank=True)
+    last_checked = models.DateTimeField(null=True, blank=True)
+
+    # Capabilities from the last successful sync.
+    hostname = models.CharField(max_length=255, blank=True)
+    arch = models.CharField(max_length=32, blank=True)
+    cpu_model = models.CharField(max_length=64, blank=True)
+    cpus = models.PositiveIntegerField(null=True, blank=True)
+    memory_mib = models.PositiveBigIntegerField(null=True, blank=True)
+    libvirt_version = models.CharField(max_length=32, blank=True)
+    hypervisor_version = models.CharField("QEMU version", max_length=32, blank=True)
+    detected_domain_type = models.CharField(max_length=16, blank=True)
+    domain_types = models.JSONField(default=list, blank=True)
+    guest_arches = models.JSONField(default=list, blank=True)
+    pools = models.JSONField(default=list, blank=True)
+    networks = models.JSONField(default=list, blank=True)
+    unmanaged_domains = models.JSONField(default=list, blank=True)
+    managed_domain_count = models.PositiveIntegerField(default=0)
+
+    created = models.DateTimeField(auto_now_add=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def get_absolute_url(self) -> str:
+        return reverse("hypervisors:detail", args=[self.pk])
+
+    @property
+    def domain_type(self) -> str:
+        """The domain type machines get here: the override, else what the sync found."""
+        return self.domain_type_override or self.detected_domain_type
+
+    @property
+    def is_online(self) -> bool:
+        return self.status == HypervisorStatus.ONLINE
+
+    @property
+    def pool_capacity_bytes(self) -> int:
+        return sum(p["capacity_bytes"] for p in self.pools if p.get("active"))
+
+    @property
+    def pool_available_bytes(self) -> int:
+        return sum(p["available_bytes"] for p in self.pools if p.get("active"))
+
+    @property
+    def pool_used_percent(self) -> int:
+        cap = self.pool_capacity_bytes
+        return round(100 * (cap - self.pool_available_bytes) / cap) if cap else 0

@@ -1,0 +1,140 @@
+"""Everything that changes hypervisors. Views, the API, the admin and tasks call these."""
+
+from __future__ import annotations
+
+import logging
+
+from django.db import transaction
+from django.db.models import ProtectedError
+from django.utils import timezone
+
+from hypervisors.drivers import get_driver
+from hypervisors.drivers.base import HostInfo, HypervisorError
+from hypervisors.models import Hypervisor, HypervisorStatus
+
+log = logging.getLogger(__name__)
+
+EDITABLE_FIELDS = ("name", "uri", "console_address", "domain_type_override", "enabled")
+
+
+class HypervisorInUse(Exception):
+    """The hypervisor still carries machines."""
+
+
+def _enqueue_sync(hypervisor_id: int) -> None:
+    from hypervisors.tasks import hypervisor_sync_task
+
+    transaction.on_commit(lambda: hypervisor_sync_task(hypervisor_id))
+
+
+@transaction.atomic
+def hypervisor_create(
+    *, name: str, uri: str, console_address: str = "127.0.0.1", domain_type_override: str = "", enabled: bool = True
+) -> Hypervisor:
+    """Register a hypervisor and queue its first check. Raises ValidationError on bad input."""
+    hv = Hypervisor(
+        name=name,
+        uri=uri,
+        console_address=console_address,
+        domain_type_override=domain_type_override,
+        enabled=enabled,
+        status=HypervisorStatus.PENDING if enabled else HypervisorStatus.DISABLED,
+    )
+    hv.full_clean()
+    hv.save()
+    _enqueue_sync(hv.pk)
+    return hv
+
+
+@transaction.atomic
+def hypervisor_update(*, hypervisor: Hypervisor, **changes) -> Hypervisor:
+    """Change editable fields; a new URI or a re-enabled hypervisor is checked again."""
+    unknown = set(changes) - set(EDITABLE_FIELDS)
+    if unknown:
+        raise TypeError(f"not editable: {', '.join(sorted(unknown))}")
+    before = Hypervisor.objects.select_for_update().get(pk=hypervisor.pk)
+    for field, value in changes.items():
+        setattr(hypervisor, field, value)
+    hypervisor.full_clean()
+    recheck = hypervisor.uri != before.uri or hypervisor.enabled != before.enabled
+    if recheck:
+        hypervisor.status = HypervisorStatus.PENDING if hypervisor.enabled else HypervisorStatus.DISABLED
+        hypervisor.status_error = ""
+    hypervisor.save()
+    if recheck:
+        _enqueue_sync(hypervisor.pk)
+    return hypervisor
+
+
+@transaction.atomic
+def hypervisor_delete(*, hypervisor: Hypervisor) -> None:
+    """Forget a hypervisor. Refused while machines live on it; nothing on the host is touched."""
+    try:
+        hypervisor.delete()
+    except ProtectedError as e:
+        count = len(e.protected_objects)
+        raise HypervisorInUse(
+            f"Hypervisor {hypervisor.name} still has {count} machine{'s' if count != 1 else ''}; delete or move them first."
+        ) from None
+
+
+@transaction.atomic
+def hypervisor_request_sync(*, hypervisor: Hypervisor) -> None:
+    """Queue a check now (the "check now" button); pages show "Checking" until it answers."""
+    if hypervisor.enabled:
+        Hypervisor.objects.filter(pk=hypervisor.pk).update(status=HypervisorStatus.PENDING)
+        hypervisor.status = HypervisorStatus.PENDING
+    _enqueue_sync(hypervisor.pk)
+
+
+def _capability_fields(info: HostInfo) -> dict:
+    # The portal marks its own domains with a metadata element (see domain XML).
+    unmanaged = [{"uuid": d.uuid, "name": d.name, "state": str(d.state)} for d in info.domains if not d.managed]
+    return {
+        "hostname": info.hostname,
+        "arch": info.arch,
+        "cpu_model": info.cpu_model,
+        "cpus": info.cpus,
+        "memory_mib": info.memory_mib,
+        "libvirt_version": info.libvirt_version,
+        "hypervisor_version": info.hypervisor_version,
+        "detected_domain_type": info.domain_type,
+        "domain_types": info.domain_types,
+        "guest_arches": info.guest_arches,
+        "pools": [vars(p) for p in info.pools],
+        "networks": [vars(n) for n in info.networks],
+        "unmanaged_domains": unmanaged,
+        "managed_domain_count": len(info.domains) - len(unmanaged),
+    }
+
+
+def hypervisor_sync(hypervisor_id: int) -> str:
+    """Contact the hypervisor and record what it has; return the resulting status.
+
+    Runs in the worker, never in a request. The update is conditional on the URI
+    still being the one contacted, so an edit made meanwhile is not overwritten.
+    """
+    try:
+        hv = Hypervisor.objects.get(pk=hypervisor_id)
+    except Hypervisor.DoesNotExist:
+        return "gone"
+    now = timezone.now()
+    rows = Hypervisor.objects.filter(pk=hv.pk, uri=hv.uri)
+    if not hv.enabled:
+        rows.update(status=HypervisorStatus.DISABLED, status_error="", last_checked=now)
+        return HypervisorStatus.DISABLED
+    try:
+        with get_driver(hv.uri) as driver:
+            info = driver.host_info()
+    except HypervisorError as e:
+        log.info("hypervisor %s is down: %s", hv.name, e)
+        rows.update(status=HypervisorStatus.DOWN, status_error=str(e) or type(e).__name__, last_checked=now)
+        return HypervisorStatus.DOWN
+    rows.update(
+        status=HypervisorStatus.ONLINE,
+        status_error="",
+        last_seen=now,
+        last_checked=now,
+        **_capability_fields(info),
+    )
+    return HypervisorStatus.ONLINE

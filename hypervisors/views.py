@@ -1,0 +1,94 @@
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
+from django.http import HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from hypervisors import services
+from hypervisors.forms import HypervisorForm
+from hypervisors.models import Hypervisor, HypervisorStatus
+from portal.decorators import staff_required
+from portal.htmx import HtmxHttpRequest, is_partial
+
+
+@login_required
+@require_GET
+def hypervisor_list(request: HtmxHttpRequest) -> HttpResponse:
+    hypervisors = list(Hypervisor.objects.all())
+    template = "hypervisors/list.html"
+    if is_partial(request):
+        template += "#hypervisor-table"
+    checking = any(h.status == HypervisorStatus.PENDING for h in hypervisors)
+    return render(request, template, {"hypervisors": hypervisors, "checking": checking})
+
+
+@login_required
+@require_GET
+def hypervisor_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    hv = get_object_or_404(Hypervisor, pk=pk)
+    template = "hypervisors/detail.html"
+    if is_partial(request):
+        template += "#hypervisor-facts"
+    return render(request, template, {"hv": hv})
+
+
+def _save_form(request, form: HypervisorForm, save) -> Hypervisor | None:
+    """Run a service with the form's data; put its ValidationError back on the form."""
+    if not form.is_valid():
+        return None
+    try:
+        return save(form.cleaned_data)
+    except ValidationError as e:
+        for field, errors in e.message_dict.items():
+            form.add_error(field if field in form.fields else None, errors)
+        return None
+
+
+@staff_required
+@require_http_methods(["GET", "POST"])
+def hypervisor_create(request: HtmxHttpRequest) -> HttpResponse:
+    form = HypervisorForm(request.POST or None)
+    if request.method == "POST":
+        hv = _save_form(request, form, lambda data: services.hypervisor_create(**data))
+        if hv:
+            messages.success(request, f"Hypervisor {hv.name} added; checking the connection now.")
+            return redirect(hv)
+    return render(request, "hypervisors/form.html", {"form": form, "hv": None})
+
+
+@staff_required
+@require_http_methods(["GET", "POST"])
+def hypervisor_edit(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    hv = get_object_or_404(Hypervisor, pk=pk)
+    form = HypervisorForm(request.POST or None, instance=Hypervisor.objects.get(pk=pk))
+    if request.method == "POST":
+        saved = _save_form(request, form, lambda data: services.hypervisor_update(hypervisor=hv, **data))
+        if saved:
+            messages.success(request, f"Hypervisor {saved.name} saved.")
+            return redirect(saved)
+    return render(request, "hypervisors/form.html", {"form": form, "hv": hv})
+
+
+@staff_required
+@require_POST
+def hypervisor_sync(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    hv = get_object_or_404(Hypervisor, pk=pk)
+    services.hypervisor_request_sync(hypervisor=hv)
+    messages.info(request, f"Checking {hv.name} now; the page updates when the answer arrives.")
+    return redirect(hv)
+
+
+@staff_required
+@require_http_methods(["GET", "POST"])
+def hypervisor_delete(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    hv = get_object_or_404(Hypervisor, pk=pk)
+    if request.method == "POST":
+        try:
+            services.hypervisor_delete(hypervisor=hv)
+        except services.HypervisorInUse as e:
+            messages.error(request, str(e))
+            return redirect(hv)
+        messages.success(request, f"Hypervisor {hv.name} removed from the portal; nothing on it was touched.")
+        return redirect("hypervisors:list")
+    return render(request, "hypervisors/delete.html", {"hv": hv})

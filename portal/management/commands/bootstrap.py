@@ -1,0 +1,52 @@
+import os
+import secrets
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError
+from django.db import transaction
+
+from hypervisors import services
+from hypervisors.models import Hypervisor
+
+
+class Command(BaseCommand):
+    help = "First-start set-up: register the local hypervisor and create the first admin. Idempotent."
+
+    def handle(self, *args, **options):
+        self._local_hypervisor()
+        self._admin()
+
+    def _local_hypervisor(self) -> None:
+        if Hypervisor.objects.filter(name="local").exists():
+            return
+        uri = settings.PORTAL_LOCAL_HYPERVISOR_URI
+        services.hypervisor_create(name="local", uri=uri)
+        self.stdout.write(f"Registered hypervisor 'local' ({uri}).")
+
+    @transaction.atomic
+    def _admin(self) -> None:
+        User = get_user_model()
+        username = os.getenv("PORTAL_ADMIN_USER", "admin")
+        password = os.getenv("PORTAL_ADMIN_PASSWORD", "")
+        user = User.objects.filter(username=username).first()
+        if user is not None:
+            if password and not user.check_password(password):
+                user.set_password(password)
+                user.save(update_fields=["password"])
+                self.stdout.write(f"Password of admin '{username}' set from PORTAL_ADMIN_PASSWORD.")
+            return
+        if User.objects.filter(is_superuser=True).exists() and not os.getenv("PORTAL_ADMIN_USER"):
+            return
+        generated = not password
+        if generated:
+            password = secrets.token_urlsafe(12)
+        elif len(password) < 8:
+            raise CommandError("PORTAL_ADMIN_PASSWORD must be at least 8 characters")
+        User.objects.create_superuser(username=username, email="", password=password)
+        if generated:
+            # Printed once: it is not stored anywhere but as a hash.
+            self.stdout.write(self.style.WARNING(f"Created admin '{username}' with password: {password}"))
+            self.stdout.write("Keep it now; it is not shown again. Change it under Admin > Users.")
+        else:
+            self.stdout.write(f"Created admin '{username}' with the password from PORTAL_ADMIN_PASSWORD.")

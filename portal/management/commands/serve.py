@@ -1,0 +1,75 @@
+"""Run every portal process in the foreground; one Ctrl-C stops them all.
+
+Each child runs in its own process group and is stopped by that group, never by name.
+If one child dies, the others are stopped too, so a half-running portal never lingers.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from django.conf import settings
+from django.core.management.base import BaseCommand
+
+STOP_GRACE = 10  # seconds a child gets after SIGTERM before SIGKILL
+
+
+def portal_processes() -> dict[str, list[str]]:
+    py = sys.executable
+    manage = str(settings.BASE_DIR / "manage.py")
+    bind = f"{settings.PORTAL_HOST}:{settings.PORTAL_PORT}"
+    if ":" in settings.PORTAL_HOST:
+        bind = f"[{settings.PORTAL_HOST}]:{settings.PORTAL_PORT}"
+    return {
+        "web": [
+            py, "-m", "gunicorn", "portal.wsgi", "--bind", bind,
+            "--workers", os.getenv("PORTAL_WEB_WORKERS", "2"), "--threads", "4",
+            "--access-logfile", "-", "--forwarded-allow-ips", os.getenv("PORTAL_FORWARDED_ALLOW_IPS", "127.0.0.1"),
+        ],
+        "worker": [py, manage, "run_huey", "--flush-locks"],
+    }  # fmt: skip
+
+
+class Command(BaseCommand):
+    help = "Start the web server and the worker in the foreground until Ctrl-C."
+
+    def handle(self, *args, **options):
+        children: dict[str, subprocess.Popen] = {}
+        stopping = False
+
+        def stop(signum, _frame):
+            nonlocal stopping
+            stopping = True
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+        for name, argv in portal_processes().items():
+            children[name] = subprocess.Popen(argv, cwd=settings.BASE_DIR, start_new_session=True)
+            self.stdout.write(f"started {name} (pid {children[name].pid})")
+        self.stdout.write(f"Portal on http://{settings.PORTAL_HOST}:{settings.PORTAL_PORT}/ ; Ctrl-C stops it.")
+        self.stdout.flush()
+        exit_code = 0
+        while not stopping:
+            for name, proc in children.items():
+                if proc.poll() is not None:
+                    self.stderr.write(f"{name} exited with {proc.returncode}; stopping the rest")
+                    exit_code = proc.returncode or 1
+                    stopping = True
+            time.sleep(0.5)
+        self._stop_all(children)
+        sys.exit(exit_code)
+
+    def _stop_all(self, children: dict[str, subprocess.Popen]) -> None:
+        for proc in children.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        for name, proc in children.items():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            self.stdout.write(f"stopped {name}")

@@ -1,0 +1,192 @@
+"""The portal's only settings file. Every deploy-time value comes from the environment.
+
+Embedded defaults: SQLite in WAL mode and SqliteHuey, both in PORTAL_DATA_DIR,
+and a secret key generated once and kept there.
+"""
+
+import os
+import secrets
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from portal.env import envbool, envint, envlist, envsecret
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+# pytest (8.2+) sets PYTEST_VERSION for the session and every process it starts,
+# so a test run never shares a database or a queue with a portal started by `make run`.
+TESTING = "PYTEST_VERSION" in os.environ
+DATA_DIR = Path(os.getenv("PORTAL_DATA_DIR", str(BASE_DIR / "var" / ("test" if TESTING else "")))).resolve()
+DATA_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def _secret_key() -> str:
+    """SECRET_KEY from the environment, else one generated on first start and kept."""
+    key = envsecret("PORTAL_SECRET_KEY", "")
+    if key:
+        return key
+    path = DATA_DIR / "secret_key"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(50))
+    return path.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+DEBUG = envbool("PORTAL_DEBUG", "False")
+ALLOWED_HOSTS = envlist("PORTAL_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
+CSRF_TRUSTED_ORIGINS = envlist("PORTAL_CSRF_TRUSTED_ORIGINS", "")
+if envbool("PORTAL_BEHIND_TLS_PROXY", "False"):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = True
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "django.contrib.humanize",
+    "django_htmx",
+    "template_partials",
+    "rest_framework",
+    "drf_spectacular",
+    "huey.contrib.djhuey",
+    "portal",
+    "hypervisors",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "portal.urls"
+WSGI_APPLICATION = "portal.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# SQLite in WAL mode (readers and the writer run at once) unless DATABASE_URL points elsewhere, e.g.
+# postgres://portal:secret@db.example.org/portal
+DATABASES = {
+    "default": dj_database_url.parse(
+        os.getenv("DATABASE_URL", f"sqlite:///{DATA_DIR / 'portal.sqlite3'}"),
+        conn_max_age=envint("PORTAL_DB_CONN_MAX_AGE", "0"),
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Writers wait for each other instead of failing with "database is locked".
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {"timeout": 20, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}
+    )
+    DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test-portal.sqlite3")}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "home"
+LOGOUT_REDIRECT_URL = "login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = os.getenv("PORTAL_TIME_ZONE", "UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+STATICFILES_DIRS = [BASE_DIR / "static", ("vendor", BASE_DIR / "node_modules")]
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
+}
+if DEBUG:
+    STORAGES["staticfiles"] = {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "portal.api_auth.ApiTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 100,
+    "UNAUTHENTICATED_USER": None,
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "AnsiStack Portal API",
+    "DESCRIPTION": "Cloud-like virtual machines on plain libvirt hypervisors.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+# Huey: SQLite next to the database by default, Redis when PORTAL_REDIS_URL is set.
+_redis_url = os.getenv("PORTAL_REDIS_URL", "")
+HUEY = {
+    "name": "portal",
+    # Never default to DEBUG (djhuey does): that would run hypervisor calls in web requests.
+    "immediate": envbool("PORTAL_HUEY_IMMEDIATE", "False"),
+    "utc": True,
+    "consumer": {
+        "workers": envint("PORTAL_WORKERS", "4"),
+        "worker_type": "thread",
+        "periodic": True,
+        "check_worker_health": True,
+    },
+}
+if _redis_url:
+    HUEY.update({"huey_class": "huey.RedisHuey", "url": _redis_url})
+else:
+    HUEY.update({"huey_class": "huey.SqliteHuey", "filename": str(DATA_DIR / "huey.sqlite3")})
+
+# Hypervisors.
+# URI schemes a hypervisor may use; `test` (libvirt's in-memory driver) only for DEBUG or tests.
+PORTAL_ALLOW_TEST_URIS = envbool("PORTAL_ALLOW_TEST_URIS", str(DEBUG or TESTING))
+PORTAL_SYNC_INTERVAL = envint("PORTAL_SYNC_INTERVAL", "20")  # seconds between hypervisor syncs
+PORTAL_CONNECT_TIMEOUT = envint("PORTAL_CONNECT_TIMEOUT", "8")  # seconds to reach a remote hypervisor
+PORTAL_LOCAL_HYPERVISOR_URI = os.getenv("PORTAL_LOCAL_HYPERVISOR_URI", "qemu:///system")
+
+PORTAL_HOST = os.getenv("PORTAL_HOST", "127.0.0.1")
+PORTAL_PORT = envint("PORTAL_PORT", "8000")
+PORTAL_SELF_REGISTRATION = envbool("PORTAL_SELF_REGISTRATION", "False")
+
+if PORTAL_SYNC_INTERVAL < 5:
+    raise ImproperlyConfigured("PORTAL_SYNC_INTERVAL must be at least 5 seconds")
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.getenv("PORTAL_LOG_LEVEL", "INFO")},
+    "loggers": {"huey": {"level": "INFO"}},
+}
