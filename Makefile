@@ -13,7 +13,6 @@ run: host deps assets prepare
 	exec $(PY) manage.py serve
 
 test: host-test deps-test assets
-	$(PY) manage.py collectstatic --noinput -v0
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 host:

@@ -21,10 +21,12 @@ class HypervisorInUse(Exception):
     """The hypervisor still carries machines."""
 
 
-def _enqueue_sync(hypervisor_id: int) -> None:
-    from hypervisors.tasks import hypervisor_sync_task
+def _enqueue_sync(hypervisor_id: int, *, follow_up: bool = False) -> None:
+    """Queue a sync after commit; with follow_up, also over the coming minute (new or changed hosts)."""
+    from hypervisors.tasks import hypervisor_sync_over_the_minute, hypervisor_sync_task
 
-    transaction.on_commit(lambda: hypervisor_sync_task(hypervisor_id))
+    task = hypervisor_sync_over_the_minute if follow_up else hypervisor_sync_task
+    transaction.on_commit(lambda: task(hypervisor_id))
 
 
 @transaction.atomic
@@ -42,7 +44,7 @@ def hypervisor_create(
     )
     hv.full_clean()
     hv.save()
-    _enqueue_sync(hv.pk)
+    _enqueue_sync(hv.pk, follow_up=True)
     return hv
 
 
@@ -62,7 +64,7 @@ def hypervisor_update(*, hypervisor: Hypervisor, **changes) -> Hypervisor:
         hypervisor.status_error = ""
     hypervisor.save()
     if recheck:
-        _enqueue_sync(hypervisor.pk)
+        _enqueue_sync(hypervisor.pk, follow_up=True)
     return hypervisor
 
 

@@ -14,17 +14,18 @@ def hypervisor_sync_task(hypervisor_id: int) -> str:
     return hypervisor_sync(hypervisor_id)
 
 
-@db_periodic_task(crontab(minute="*"))
-def hypervisor_sync_all_task() -> None:
-    """Every minute, schedule a sync of each hypervisor every PORTAL_SYNC_INTERVAL seconds.
+def hypervisor_sync_over_the_minute(hypervisor_id: int) -> None:
+    """Sync now and every PORTAL_SYNC_INTERVAL seconds until the next periodic run takes over.
 
-    crontab's finest step is a minute; spreading the syncs over it keeps a dead
+    crontab's finest step is a minute; spreading syncs over it keeps a dead
     hypervisor from looking online for longer than about half a minute.
     """
-    interval = settings.PORTAL_SYNC_INTERVAL
+    hypervisor_sync_task(hypervisor_id)
+    for delay in range(settings.PORTAL_SYNC_INTERVAL, 60, settings.PORTAL_SYNC_INTERVAL):
+        hypervisor_sync_task.schedule((hypervisor_id,), delay=delay)
+
+
+@db_periodic_task(crontab(minute="*"))
+def hypervisor_sync_all_task() -> None:
     for pk in Hypervisor.objects.values_list("pk", flat=True):
-        for delay in range(0, 60, interval):
-            if delay:
-                hypervisor_sync_task.schedule((pk,), delay=delay)
-            else:
-                hypervisor_sync_task(pk)
+        hypervisor_sync_over_the_minute(pk)

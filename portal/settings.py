@@ -177,7 +177,6 @@ PORTAL_LOCAL_HYPERVISOR_URI = os.getenv("PORTAL_LOCAL_HYPERVISOR_URI", "qemu:///
 
 PORTAL_HOST = os.getenv("PORTAL_HOST", "127.0.0.1")
 PORTAL_PORT = envint("PORTAL_PORT", "8000")
-PORTAL_SELF_REGISTRATION = envbool("PORTAL_SELF_REGISTRATION", "False")
 
 if PORTAL_SYNC_INTERVAL < 5:
     raise ImproperlyConfigured("PORTAL_SYNC_INTERVAL must be at least 5 seconds")
@@ -188,5 +187,10 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": os.getenv("PORTAL_LOG_LEVEL", "INFO")},
-    "loggers": {"huey": {"level": "INFO"}},
+    # run_huey adds its own handler to "huey"; do not print each line twice.
+    "loggers": {"huey": {"level": "INFO", "propagate": False}},
 }
+
+if TESTING:
+    # Fast hashing keeps the suite quick; production keeps Django's default.
+    PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -1,4 +1,14 @@
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
+from django.conf import settings
+from django.test import Client
 from huey.contrib.djhuey import HUEY
 
 from hypervisors.drivers import libvirt_driver
@@ -42,12 +52,109 @@ def staff(db):
 
 
 @pytest.fixture
-def staff_client(client, staff):
+def staff_client(staff):
+    client = Client()
     client.force_login(staff)
     return client
 
 
 @pytest.fixture
-def user_client(client, user):
+def user_client(user):
+    client = Client()
     client.force_login(user)
     return client
+
+
+# --- The real stack: processes started by the tests, stopped by their own process group. ---
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _stack_env() -> dict:
+    """The environment for portal processes that must share the test database."""
+    name = settings.DATABASES["default"]["NAME"]
+    assert settings.DATABASES["default"]["ENGINE"].endswith("sqlite3"), "the stack tests use the embedded SQLite"
+    return {**os.environ, "DATABASE_URL": f"sqlite:///{name}"}
+
+
+def _start(name: str, argv: list[str]) -> subprocess.Popen:
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = open(ARTIFACTS / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
+    return subprocess.Popen(argv, cwd=settings.BASE_DIR, env=_stack_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def libvirtd():
+    """The host's libvirtd, started by scripts/setup-host.sh (make test runs it)."""
+    r = subprocess.run(["virsh", "-c", "qemu:///system", "uri"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"libvirtd does not answer on qemu:///system ({r.stderr.strip()}); run scripts/setup-host.sh"
+    return "qemu:///system"
+
+
+@pytest.fixture(scope="session")
+def huey_worker(django_db_setup, django_db_blocker):
+    """A real Huey consumer process on the test database and the test queue."""
+    HUEY.immediate = False  # reach the real queue, left over from an earlier run, and empty it
+    HUEY.flush()
+    HUEY.immediate = True
+    proc = _start("worker", [sys.executable, "manage.py", "run_huey", "--workers", "2", "--flush-locks"])
+    time.sleep(1.5)
+    assert proc.poll() is None, f"the Huey consumer exited; see {ARTIFACTS / 'worker.log'}"
+    yield proc
+    _stop(proc)
+
+
+@pytest.fixture
+def worker(huey_worker, transactional_db):
+    """Tasks go to the real consumer for this test (commits are real: transactional_db)."""
+    HUEY.immediate = False
+    yield huey_worker
+    HUEY.immediate = True
+    assert huey_worker.poll() is None, "the Huey consumer died during the test"
+
+
+@pytest.fixture(scope="session")
+def web_server(django_db_setup):
+    """The portal under gunicorn, as `make run` serves it (static files by WhiteNoise)."""
+    collect = subprocess.run([sys.executable, "manage.py", "collectstatic", "--noinput", "-v0"], cwd=settings.BASE_DIR,
+                             env=_stack_env(), capture_output=True, text=True)  # fmt: skip
+    assert collect.returncode == 0, collect.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _start("web", [sys.executable, "-m", "gunicorn", "portal.wsgi", "--bind", f"127.0.0.1:{port}",
+                          "--workers", "1", "--threads", "4"])  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            assert proc.poll() is None, f"gunicorn exited; see {ARTIFACTS / 'web.log'}"
+            time.sleep(0.2)
+    yield url
+    _stop(proc)
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.25, message: str = ""):
+    """Poll until predicate() is truthy; return its value or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(message or f"condition not met within {timeout} s")
+        time.sleep(interval)
