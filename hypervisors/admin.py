@@ -1,7 +1,7 @@
 from django.contrib import admin, messages
 
 from hypervisors import services
-from hypervisors.models import Hypervisor
+from hypervisors.models import Hypervisor, Image
 
 
 @admin.register(Hypervisor)
@@ -44,3 +44,16 @@ class HypervisorAdmin(admin.ModelAdmin):
         for hv in queryset:
             services.hypervisor_request_sync(hypervisor=hv)
         self.message_user(request, f"Queued a sync of {queryset.count()} hypervisor(s).", messages.SUCCESS)
+
+
+@admin.register(Image)
+class ImageAdmin(admin.ModelAdmin):
+    list_display = ["name", "kind", "format", "os_name", "arch", "status", "virtual_size_bytes", "created"]
+    list_filter = ["kind", "format", "status", "arch"]
+    search_fields = ["name", "os_name", "sha256"]
+    readonly_fields = ["status", "status_message", "file_name", "file_size_bytes", "virtual_size_bytes", "sha256",
+                       "progress_bytes", "total_bytes", "source_url", "source_hypervisor", "source_pool",
+                       "source_volume", "owner", "created"]  # fmt: skip
+
+    def has_add_permission(self, request):
+        return False  # uploads and imports go through the portal's image page or the API

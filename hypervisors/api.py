@@ -5,7 +5,7 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from hypervisors import services
-from hypervisors.models import Hypervisor
+from hypervisors.models import Hypervisor, Image
 
 
 class HypervisorSerializer(serializers.ModelSerializer):
@@ -66,3 +66,50 @@ class HypervisorViewSet(viewsets.ModelViewSet):
         hv = self.get_object()
         services.hypervisor_request_sync(hypervisor=hv)
         return Response({"id": hv.pk, "status": hv.status, "detail": "sync queued"}, status=status.HTTP_202_ACCEPTED)
+
+
+class ImageSerializer(serializers.ModelSerializer):
+    file = serializers.FileField(write_only=True, required=False, help_text="The image, as a multipart upload.")
+    format = serializers.ChoiceField(choices=["qcow2", "raw", "iso"], required=False, default="qcow2")
+    progress_percent = serializers.IntegerField(read_only=True, allow_null=True)
+
+    class Meta:
+        model = Image
+        fields = ["id", "name", "kind", "format", "os_name", "default_user", "arch", "status", "status_message",
+                  "source_url", "expected_sha256", "file", "file_size_bytes", "virtual_size_bytes", "sha256",
+                  "progress_bytes", "total_bytes", "progress_percent", "created"]  # fmt: skip
+        read_only_fields = ["status", "status_message", "file_size_bytes", "virtual_size_bytes", "sha256",
+                            "progress_bytes", "total_bytes", "created"]  # fmt: skip
+
+    def validate(self, data):
+        if bool(data.get("file")) == bool(data.get("source_url")):
+            raise serializers.ValidationError("Give either a multipart `file` or a `source_url`.")
+        return data
+
+    def create(self, validated):
+        from hypervisors import images
+
+        common = {"name": validated["name"], "kind": validated.get("kind", "disk"), "fmt": validated.get("format", "qcow2"),
+                  "owner": self.context["request"].user, "os_name": validated.get("os_name", ""),
+                  "default_user": validated.get("default_user", "debian")}  # fmt: skip
+        if validated.get("file"):
+            return _from_django_errors(lambda: images.image_create_from_upload(uploaded=validated["file"], **common))
+        return _from_django_errors(lambda: images.image_create_from_url(
+            source_url=validated["source_url"], expected_sha256=validated.get("expected_sha256", ""), **common))
+
+
+class ImageViewSet(viewsets.ModelViewSet):
+    """The image catalogue. New images are checked in the background: poll `status`."""
+
+    queryset = Image.objects.all()
+    serializer_class = ImageSerializer
+    permission_classes = [StaffWritePermission]
+    http_method_names = ["get", "post", "delete", "head", "options"]
+
+    def perform_destroy(self, instance):
+        from hypervisors import images
+
+        try:
+            images.image_delete(image=instance)
+        except images.ImageInUse as e:
+            raise serializers.ValidationError({"detail": str(e)}) from None

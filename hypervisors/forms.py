@@ -1,6 +1,6 @@
 from django import forms
 
-from hypervisors.models import Hypervisor
+from hypervisors.models import Hypervisor, ImageKind
 
 
 class HypervisorForm(forms.ModelForm):
@@ -12,3 +12,31 @@ class HypervisorForm(forms.ModelForm):
             "uri": forms.TextInput(attrs={"placeholder": "qemu+ssh://root@kvm03.example.org/system"}),
         }
         help_texts = {"name": "Lower-case letters, digits and hyphens; shown everywhere the hypervisor is."}
+
+
+class ImageForm(forms.Form):
+    SOURCES = [("upload", "Upload a file"), ("url", "Import from a URL"), ("volume", "A volume already on a hypervisor")]
+
+    name = forms.CharField(max_length=100)
+    kind = forms.ChoiceField(choices=ImageKind.choices)
+    format = forms.ChoiceField(choices=[("qcow2", "qcow2"), ("raw", "raw")], help_text="Ignored for ISOs.")
+    os_name = forms.CharField(label="OS", max_length=100, required=False)
+    default_user = forms.CharField(max_length=32, required=False, initial="debian")
+    source = forms.ChoiceField(choices=SOURCES, widget=forms.RadioSelect, initial="upload")
+    file = forms.FileField(required=False)
+    source_url = forms.URLField(label="URL", required=False, assume_scheme="https")
+    expected_sha256 = forms.CharField(label="Expected SHA-256", required=False, max_length=64)
+    hypervisor = forms.ModelChoiceField(queryset=Hypervisor.objects.all(), required=False)
+    pool = forms.CharField(required=False, initial="default")
+    volume = forms.CharField(required=False)
+
+    def clean(self):
+        data = super().clean()
+        source = data.get("source")
+        if source == "upload" and not data.get("file"):
+            self.add_error("file", "Choose a file to upload.")
+        if source == "url" and not data.get("source_url"):
+            self.add_error("source_url", "Give the URL to import from.")
+        if source == "volume" and not (data.get("hypervisor") and data.get("volume")):
+            self.add_error("volume", "Choose the hypervisor and name the volume.")
+        return data

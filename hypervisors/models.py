@@ -105,3 +105,96 @@ class Hypervisor(models.Model):
     def pool_used_percent(self) -> int:
         cap = self.pool_capacity_bytes
         return round(100 * (cap - self.pool_available_bytes) / cap) if cap else 0
+
+
+class ImageKind(models.TextChoices):
+    DISK = "disk", "Disk image"
+    ISO = "iso", "Installer ISO"
+
+
+class ImageFormat(models.TextChoices):
+    QCOW2 = "qcow2", "qcow2"
+    RAW = "raw", "raw"
+    ISO = "iso", "ISO 9660"
+
+
+class ImageStatus(models.TextChoices):
+    IMPORTING = "importing", "Importing"
+    READY = "ready", "Ready"
+    ERROR = "error", "Error"
+
+
+class Image(models.Model):
+    """A disk image or installer ISO in the portal's catalogue.
+
+    The portal keeps each ready image as a file it named itself (in the data
+    dir) and copies it into a hypervisor's pool the first time a machine there
+    needs it (ImageCopy).
+    """
+
+    name = models.CharField(max_length=100, unique=True)
+    kind = models.CharField(max_length=4, choices=ImageKind.choices, default=ImageKind.DISK)
+    format = models.CharField(max_length=5, choices=ImageFormat.choices, default=ImageFormat.QCOW2)
+    os_name = models.CharField("OS", max_length=100, blank=True, help_text="e.g. Debian 12")
+    default_user = models.CharField(
+        max_length=32, blank=True, default="debian", help_text="The image's login user; SSH keys are given to it."
+    )
+    arch = models.CharField(max_length=16, default="x86_64")
+    status = models.CharField(max_length=10, choices=ImageStatus.choices, default=ImageStatus.IMPORTING)
+    status_message = models.TextField(blank=True)
+    source_url = models.URLField(max_length=1000, blank=True)
+    expected_sha256 = models.CharField(max_length=64, blank=True)
+    # Registered from a volume already in a hypervisor's pool.
+    source_hypervisor = models.ForeignKey(Hypervisor, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    source_pool = models.CharField(max_length=100, blank=True)
+    source_volume = models.CharField(max_length=255, blank=True)
+
+    file_name = models.CharField(max_length=100, blank=True, editable=False)  # inside settings.PORTAL_IMAGE_DIR
+    file_size_bytes = models.PositiveBigIntegerField(default=0)
+    virtual_size_bytes = models.PositiveBigIntegerField(default=0)
+    progress_bytes = models.PositiveBigIntegerField(default=0)
+    total_bytes = models.PositiveBigIntegerField(default=0)  # 0 when the source does not say
+    sha256 = models.CharField(max_length=64, blank=True)
+    owner = models.ForeignKey("auth.User", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def get_absolute_url(self) -> str:
+        return reverse("hypervisors:image-detail", args=[self.pk])
+
+    @property
+    def is_ready(self) -> bool:
+        return self.status == ImageStatus.READY
+
+    @property
+    def progress_percent(self) -> int | None:
+        return round(100 * self.progress_bytes / self.total_bytes) if self.total_bytes else None
+
+    @property
+    def volume_name(self) -> str:
+        """Name of its copy in a hypervisor pool: content-addressed, so a copy is reused only if identical."""
+        ext = "iso" if self.kind == ImageKind.ISO else self.format
+        return f"portal-image-{self.sha256[:16]}.{ext}"
+
+
+class ImageCopy(models.Model):
+    """An image's copy in a hypervisor's storage pool, verified by checksum."""
+
+    image = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="copies")
+    hypervisor = models.ForeignKey(Hypervisor, on_delete=models.CASCADE, related_name="image_copies")
+    pool = models.CharField(max_length=100)
+    volume = models.CharField(max_length=255)
+    path = models.CharField(max_length=1000)
+    sha256 = models.CharField(max_length=64)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["image", "hypervisor", "pool"], name="one_copy_per_pool")]
+
+    def __str__(self) -> str:
+        return f"{self.image} on {self.hypervisor}/{self.pool}"

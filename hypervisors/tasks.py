@@ -29,3 +29,24 @@ def hypervisor_sync_over_the_minute(hypervisor_id: int) -> None:
 def hypervisor_sync_all_task() -> None:
     for pk in Hypervisor.objects.values_list("pk", flat=True):
         hypervisor_sync_over_the_minute(pk)
+
+
+@db_task()
+def image_validate_task(image_id: int) -> None:
+    from hypervisors.images import image_validate
+
+    image_validate(image_id)
+
+
+@db_task()
+def image_import_task(image_id: int) -> None:
+    from hypervisors.images import image_import
+
+    image_import(image_id)
+
+
+@db_task()
+def image_register_task(image_id: int) -> None:
+    from hypervisors.images import image_fetch_volume
+
+    image_fetch_volume(image_id)

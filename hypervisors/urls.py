@@ -10,4 +10,8 @@ urlpatterns = [
     path("<int:pk>/edit/", views.hypervisor_edit, name="edit"),
     path("<int:pk>/delete/", views.hypervisor_delete, name="delete"),
     path("<int:pk>/sync/", views.hypervisor_sync, name="sync"),
+    path("images/", views.image_list, name="image-list"),
+    path("images/add/", views.image_create, name="image-create"),
+    path("images/<int:pk>/", views.image_detail, name="image-detail"),
+    path("images/<int:pk>/delete/", views.image_delete, name="image-delete"),
 ]

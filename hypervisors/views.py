@@ -4,10 +4,11 @@ from django.core.exceptions import ValidationError
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django_htmx.http import HttpResponseClientRedirect
 
-from hypervisors import services
-from hypervisors.forms import HypervisorForm
-from hypervisors.models import Hypervisor, HypervisorStatus
+from hypervisors import images, services
+from hypervisors.forms import HypervisorForm, ImageForm
+from hypervisors.models import Hypervisor, HypervisorStatus, Image, ImageStatus
 from portal.decorators import staff_required
 from portal.htmx import HtmxHttpRequest, is_partial
 
@@ -92,3 +93,71 @@ def hypervisor_delete(request: HtmxHttpRequest, pk: int) -> HttpResponse:
         messages.success(request, f"Hypervisor {hv.name} removed from the portal; nothing on it was touched.")
         return redirect("hypervisors:list")
     return render(request, "hypervisors/delete.html", {"hv": hv})
+
+
+# --- images -------------------------------------------------------------------------
+
+
+@login_required
+@require_GET
+def image_list(request: HtmxHttpRequest) -> HttpResponse:
+    images = list(Image.objects.all())
+    template = "hypervisors/image_list.html"
+    if is_partial(request):
+        template += "#image-table"
+    busy = any(i.status == ImageStatus.IMPORTING for i in images)
+    return render(request, template, {"images": images, "busy": busy})
+
+
+@login_required
+@require_GET
+def image_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    image = get_object_or_404(Image, pk=pk)
+    template = "hypervisors/image_detail.html"
+    if is_partial(request):
+        template += "#image-facts"
+    return render(request, template, {"image": image, "copies": image.copies.select_related("hypervisor")})
+
+
+def _create_image(request, form: ImageForm) -> Image:
+    data = form.cleaned_data
+    common = {"name": data["name"], "kind": data["kind"], "fmt": data["format"], "owner": request.user,
+              "os_name": data["os_name"], "default_user": data["default_user"]}  # fmt: skip
+    if data["source"] == "upload":
+        return images.image_create_from_upload(uploaded=data["file"], **common)
+    if data["source"] == "url":
+        return images.image_create_from_url(source_url=data["source_url"], expected_sha256=data["expected_sha256"], **common)
+    return images.image_register_volume(hypervisor=data["hypervisor"], pool=data["pool"], volume=data["volume"], **common)
+
+
+@staff_required
+@require_http_methods(["GET", "POST"])
+def image_create(request: HtmxHttpRequest) -> HttpResponse:
+    form = ImageForm(request.POST or None, request.FILES or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            image = _create_image(request, form)
+        except ValidationError as e:
+            for field, errors in e.message_dict.items():
+                form.add_error(field if field in form.fields else None, errors)
+        else:
+            messages.success(request, f"Image {image.name} added; it is checked before use.")
+            if request.htmx:
+                return HttpResponseClientRedirect(image.get_absolute_url())
+            return redirect(image)
+    return render(request, "hypervisors/image_form.html", {"form": form})
+
+
+@staff_required
+@require_http_methods(["GET", "POST"])
+def image_delete(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    image = get_object_or_404(Image, pk=pk)
+    if request.method == "POST":
+        try:
+            images.image_delete(image=image)
+        except images.ImageInUse as e:
+            messages.error(request, str(e))
+            return redirect(image)
+        messages.success(request, f"Image {image.name} deleted.")
+        return redirect("hypervisors:image-list")
+    return render(request, "hypervisors/image_delete.html", {"image": image})

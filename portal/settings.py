@@ -58,6 +58,7 @@ INSTALLED_APPS = [
     "huey.contrib.djhuey",
     "portal",
     "hypervisors",
+    "machines",
 ]
 
 MIDDLEWARE = [
@@ -175,6 +176,23 @@ PORTAL_ALLOW_TEST_URIS = envbool("PORTAL_ALLOW_TEST_URIS", str(DEBUG or TESTING)
 PORTAL_SYNC_INTERVAL = envint("PORTAL_SYNC_INTERVAL", "20")  # seconds between hypervisor syncs
 PORTAL_CONNECT_TIMEOUT = envint("PORTAL_CONNECT_TIMEOUT", "8")  # seconds to reach a remote hypervisor
 PORTAL_LOCAL_HYPERVISOR_URI = os.getenv("PORTAL_LOCAL_HYPERVISOR_URI", "qemu:///system")
+
+# Images: where the portal keeps them, and caps on what it accepts.
+PORTAL_IMAGE_DIR = DATA_DIR / "images"
+PORTAL_IMAGE_DIR.mkdir(exist_ok=True)
+FILE_UPLOAD_TEMP_DIR = str(DATA_DIR / "uploads")  # same file system as the images: a finished upload is renamed
+Path(FILE_UPLOAD_TEMP_DIR).mkdir(exist_ok=True)
+FILE_UPLOAD_PERMISSIONS = 0o600
+FILE_UPLOAD_HANDLERS = ["hypervisors.uploads.CappedTemporaryFileUploadHandler"]
+PORTAL_IMAGE_MAX_FILE_GIB = envint("PORTAL_IMAGE_MAX_FILE_GIB", "50")
+PORTAL_IMAGE_MAX_VIRTUAL_GIB = envint("PORTAL_IMAGE_MAX_VIRTUAL_GIB", "2048")
+PORTAL_QEMU_IMG_CPU_SECONDS = envint("PORTAL_QEMU_IMG_CPU_SECONDS", "30")
+PORTAL_QEMU_IMG_MEMORY_MIB = envint("PORTAL_QEMU_IMG_MEMORY_MIB", "1024")
+
+# Machines.
+PORTAL_PROVISION_TIMEOUT = envint("PORTAL_PROVISION_TIMEOUT", "900")  # seconds a machine may stay busy
+PORTAL_PROVISION_RETRIES = envint("PORTAL_PROVISION_RETRIES", "4")  # retries of a transient hypervisor error
+PORTAL_MAC_PREFIX = os.getenv("PORTAL_MAC_PREFIX", "52:54:00")  # generated MACs start with this (AnsiStack's mac_seed)
 
 PORTAL_HOST = os.getenv("PORTAL_HOST", "127.0.0.1")
 PORTAL_PORT = envint("PORTAL_PORT", "8000")

@@ -4,17 +4,21 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView
 from rest_framework.routers import DefaultRouter
 
-from hypervisors.api import HypervisorViewSet
+from hypervisors.api import HypervisorViewSet, ImageViewSet
+from machines.api import MachineViewSet
 from portal import views
 
 router = DefaultRouter()
 router.register("hypervisors", HypervisorViewSet, basename="hypervisor")
+router.register("images", ImageViewSet, basename="image")
+router.register("machines", MachineViewSet, basename="machine")
 
 urlpatterns = [
     path("", views.home, name="home"),
     path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("hypervisors/", include("hypervisors.urls")),
+    path("machines/", include("machines.urls")),
     path("admin/", admin.site.urls),
     path("api/v1/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/v1/", include(router.urls)),

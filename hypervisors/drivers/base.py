@@ -97,3 +97,51 @@ class HypervisorDriver(ABC):
 
 # Domains the portal defines carry an element in this namespace in <metadata>.
 PORTAL_METADATA_NS = "https://ansistack-portal.invalid/xmlns/machine/1"
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    path: str
+    device: str = "disk"  # "disk" or "cdrom"
+    format: str = "qcow2"  # "qcow2" or "raw"
+    bus: str = "virtio"  # "virtio", "ide", "sata", "scsi"
+    boot_order: int | None = None
+
+
+@dataclass(frozen=True)
+class NicSpec:
+    type: str  # "network" (libvirt network), "bridge" (host bridge) or "user" (QEMU user networking)
+    source: str  # network or bridge name; empty for "user"
+    mac: str
+    model: str = "virtio"
+    boot_order: int | None = None
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    """Everything the domain XML says. The UUID is the machine's, which makes define idempotent."""
+
+    uuid: str
+    name: str
+    domain_type: str
+    vcpus: int
+    memory_mib: int
+    arch: str = "x86_64"
+    machine: str = "pc"
+    title: str = ""
+    description: str = ""
+    disks: tuple[DiskSpec, ...] = ()
+    nics: tuple[NicSpec, ...] = ()
+    vnc_listen: str = "127.0.0.1"
+    serial_log: str = ""  # file the serial console is also written to
+    metadata: dict = field(default_factory=dict)  # portal ids, as attributes of the metadata element
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    name: str
+    path: str
+    format: str
+    capacity_bytes: int
+    allocation_bytes: int
+    backing_path: str = ""

@@ -11,6 +11,8 @@ import logging
 import socket
 import threading
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from typing import BinaryIO
 from urllib.parse import urlsplit
 
 import libvirt
@@ -18,6 +20,7 @@ import libvirt
 from hypervisors.drivers.base import (
     PORTAL_METADATA_NS,
     DomainInfo,
+    DomainSpec,
     HostInfo,
     HypervisorDriver,
     HypervisorFatalError,
@@ -25,7 +28,9 @@ from hypervisors.drivers.base import (
     NetworkInfo,
     PoolInfo,
     PowerState,
+    VolumeInfo,
 )
+from hypervisors.drivers.domxml import build_domain_xml, volume_xml
 
 log = logging.getLogger(__name__)
 
@@ -323,3 +328,240 @@ class LibvirtDriver(HypervisorDriver):
     def list_domains(self) -> list[DomainInfo]:
         return self._call(lambda conn: [_domain_info(d) for d in conn.listAllDomains(0)])
 
+
+    # --- storage -----------------------------------------------------------------
+
+    @staticmethod
+    def _pool(conn: libvirt.virConnect, pool: str) -> libvirt.virStoragePool:
+        try:
+            p = conn.storagePoolLookupByName(pool)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_POOL:
+                raise HypervisorFatalError(f"storage pool {pool!r} does not exist on this hypervisor") from None
+            raise
+        if not p.isActive():
+            raise HypervisorFatalError(f"storage pool {pool!r} is not active")
+        return p
+
+    @staticmethod
+    def _vol(p: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol | None:
+        try:
+            return p.storageVolLookupByName(name)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                return None
+            raise
+
+    @staticmethod
+    def _vol_info(vol: libvirt.virStorageVol) -> VolumeInfo:
+        root = ET.fromstring(vol.XMLDesc(0))
+        fmt = root.find("target/format")
+        return VolumeInfo(
+            name=vol.name(),
+            path=vol.path(),
+            format="" if fmt is None else fmt.get("type", ""),
+            capacity_bytes=int(root.findtext("capacity", default="0")),
+            allocation_bytes=int(root.findtext("allocation", default="0")),
+            backing_path=root.findtext("backingStore/path", default=""),
+        )
+
+    def pool_path(self, pool: str) -> str:
+        def run(conn):
+            return ET.fromstring(self._pool(conn, pool).XMLDesc(0)).findtext("target/path", default="")
+
+        return self._call(run)
+
+    def volume_info(self, *, pool: str, name: str) -> VolumeInfo | None:
+        """The volume, or None if absent."""
+
+        def run(conn):
+            vol = self._vol(self._pool(conn, pool), name)
+            return None if vol is None else self._vol_info(vol)
+
+        return self._call(run)
+
+    def create_volume(
+        self, *, pool: str, name: str, fmt: str, capacity_bytes: int, backing_path: str = "", backing_format: str = ""
+    ) -> VolumeInfo:
+        """Create the volume unless it exists (then return the existing one)."""
+
+        def run(conn):
+            p = self._pool(conn, pool)
+            vol = self._vol(p, name)
+            if vol is None:
+                xml = volume_xml(name=name, capacity_bytes=capacity_bytes, fmt=fmt, backing_path=backing_path,
+                                 backing_format=backing_format)  # fmt: skip
+                vol = p.createXML(xml, 0)
+            return self._vol_info(vol)
+
+        return self._call(run)
+
+    def upload_volume(self, *, pool: str, name: str, source: BinaryIO, length: int) -> None:
+        """Write `length` bytes from `source` into an existing volume through a libvirt stream."""
+
+        def run(conn):
+            vol = self._vol(self._pool(conn, pool), name)
+            if vol is None:
+                raise HypervisorFatalError(f"volume {name!r} vanished before upload")
+            stream = conn.newStream(0)
+            try:
+                vol.upload(stream, 0, length, 0)
+                stream.sendAll(lambda _s, nbytes, fh: fh.read(nbytes), source)
+                stream.finish()
+            except BaseException:
+                _abort_quietly(stream)
+                raise
+
+        self._call(run)
+
+    def download_volume(self, *, pool: str, name: str, sink: Callable[[bytes], None], offset: int = 0,
+                        length: int = 0) -> None:  # fmt: skip
+        """Stream a volume's bytes (length 0: to its end) to sink()."""
+
+        def run(conn):
+            vol = self._vol(self._pool(conn, pool), name)
+            if vol is None:
+                raise HypervisorFatalError(f"volume {name!r} does not exist")
+            stream = conn.newStream(0)
+            try:
+                vol.download(stream, offset, length, 0)
+
+                def receive(_s, data: bytes, _opaque) -> int:
+                    sink(data)
+                    return len(data)
+
+                stream.recvAll(receive, None)
+                stream.finish()
+            except BaseException:
+                _abort_quietly(stream)
+                raise
+
+        self._call(run)
+
+    def delete_volume(self, *, pool: str, name: str) -> bool:
+        """Delete the volume; no-op (False) if absent."""
+
+        def run(conn):
+            vol = self._vol(self._pool(conn, pool), name)
+            if vol is None:
+                return False
+            vol.delete(0)
+            return True
+
+        return self._call(run)
+
+    def resize_volume(self, *, pool: str, name: str, capacity_bytes: int) -> None:
+        """Grow a volume; never shrinks."""
+
+        def run(conn):
+            vol = self._vol(self._pool(conn, pool), name)
+            if vol is None:
+                raise HypervisorFatalError(f"volume {name!r} does not exist")
+            if self._vol_info(vol).capacity_bytes < capacity_bytes:
+                vol.resize(capacity_bytes, 0)
+
+        self._call(run)
+
+    def refresh_pool(self, pool: str) -> None:
+        self._call(lambda conn: self._pool(conn, pool).refresh(0))
+
+    # --- domains -----------------------------------------------------------------
+
+    @staticmethod
+    def _dom(conn: libvirt.virConnect, uuid: str) -> libvirt.virDomain | None:
+        try:
+            return conn.lookupByUUIDString(uuid)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+
+    def _with_dom(self, uuid: str, fn):
+        def run(conn):
+            dom = self._dom(conn, uuid)
+            if dom is None:
+                raise HypervisorFatalError(f"domain {uuid} does not exist on this hypervisor")
+            return fn(dom)
+
+        return self._call(run)
+
+    def define_domain(self, spec: DomainSpec) -> bool:
+        """Define the domain unless one with spec.uuid exists. True if it was defined now."""
+
+        def run(conn):
+            if self._dom(conn, spec.uuid) is not None:
+                return False
+            conn.defineXML(build_domain_xml(spec))
+            return True
+
+        return self._call(run)
+
+    def domain_state(self, uuid: str) -> PowerState | None:
+        """The power state, or None if the domain does not exist."""
+
+        def run(conn):
+            dom = self._dom(conn, uuid)
+            return None if dom is None else _STATES.get(dom.state()[0], PowerState.UNKNOWN)
+
+        return self._call(run)
+
+    def domain_states(self) -> dict[str, PowerState]:
+        """uuid -> power state of every domain on the hypervisor."""
+        return self._call(lambda conn: {d.UUIDString(): _STATES.get(d.state()[0], PowerState.UNKNOWN)
+                                        for d in conn.listAllDomains(0)})  # fmt: skip
+
+    def domain_xml(self, uuid: str, *, inactive: bool = False) -> str:
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        return self._with_dom(uuid, lambda dom: dom.XMLDesc(flags))
+
+    def start(self, uuid: str) -> None:
+        """Start the domain; no-op if it runs."""
+        self._with_dom(uuid, lambda dom: None if dom.isActive() else dom.create())
+
+    def shutdown(self, uuid: str) -> None:
+        """Ask the guest to shut down (ACPI); no-op if off."""
+        self._with_dom(uuid, lambda dom: dom.shutdown() if dom.isActive() else None)
+
+    def power_off(self, uuid: str) -> None:
+        """Pull the plug; no-op if off."""
+        self._with_dom(uuid, lambda dom: dom.destroy() if dom.isActive() else None)
+
+    def reboot(self, uuid: str) -> None:
+        """Ask the guest to reboot (ACPI)."""
+        self._with_dom(uuid, lambda dom: dom.reboot(0) if dom.isActive() else dom.create())
+
+    def reset(self, uuid: str) -> None:
+        """Press the reset button."""
+        self._with_dom(uuid, lambda dom: dom.reset(0) if dom.isActive() else dom.create())
+
+    def set_autostart(self, uuid: str, enabled: bool) -> None:
+        self._with_dom(uuid, lambda dom: dom.setAutostart(1 if enabled else 0))
+
+    def block_resize(self, uuid: str, *, path: str, capacity_bytes: int) -> None:
+        """Grow a disk of a running domain so the guest sees the new size at once."""
+        self._with_dom(uuid, lambda dom: dom.blockResize(path, capacity_bytes, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES))
+
+    def undefine(self, uuid: str) -> bool:
+        """Stop and undefine the domain; no-op (False) if absent. Storage is left to the caller."""
+
+        def run(conn):
+            dom = self._dom(conn, uuid)
+            if dom is None:
+                return False
+            if dom.isActive():
+                dom.destroy()
+            flags = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            try:
+                dom.undefineFlags(flags | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+            except libvirt.libvirtError:
+                dom.undefineFlags(flags)  # drivers without NVRAM support refuse the flag
+            return True
+
+        return self._call(run)
+
+
+def _abort_quietly(stream: libvirt.virStream) -> None:
+    try:
+        stream.abort()
+    except libvirt.libvirtError:
+        pass

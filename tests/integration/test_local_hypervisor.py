@@ -43,7 +43,7 @@ def outside_objects(libvirtd):
     with open("/tmp/itest-net.xml", "w") as f:
         f.write(f"<network><name>{names['net']}</name></network>")  # isolated, never started
     virsh("net-define", "/tmp/itest-net.xml")
-    for key, metadata in [("dom", ""), ("ours", f'<metadata><p:machine xmlns:p="https://ansistack-portal.invalid/xmlns/machine/1" id="1"/></metadata>')]:
+    for key, metadata in [("dom", ""), ("ours", '<metadata><p:machine xmlns:p="https://ansistack-portal.invalid/xmlns/machine/1" id="1"/></metadata>')]:
         with open("/tmp/itest-dom.xml", "w") as f:
             f.write(f"<domain type='qemu'><name>{names[key]}</name><memory unit='MiB'>32</memory>{metadata}"
                     "<os><type arch='x86_64' machine='pc'>hvm</type></os></domain>")  # fmt: skip

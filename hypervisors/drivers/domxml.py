@@ -1,0 +1,119 @@
+"""Domain XML from a DomainSpec, built with ElementTree: user text only ever lands escaped."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+from hypervisors.drivers.base import PORTAL_METADATA_NS, DiskSpec, DomainSpec, NicSpec
+
+_DEV_PREFIX = {"virtio": "vd", "ide": "hd", "sata": "sd", "scsi": "sd"}
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+    el = ET.SubElement(parent, tag, {k.rstrip("_"): v for k, v in attrs.items()})
+    if text is not None:
+        el.text = text
+    return el
+
+
+def _target_names(disks: tuple[DiskSpec, ...]) -> list[str]:
+    """vda, vdb, ... per bus; IDE and SATA/SCSI share nothing with virtio."""
+    used: dict[str, int] = {}
+    names = []
+    for disk in disks:
+        prefix = _DEV_PREFIX[disk.bus]
+        index = used.get(prefix, 0)
+        used[prefix] = index + 1
+        names.append(prefix + "abcdefghijklmnopqrstuvwxyz"[index])
+    return names
+
+
+def _disk(devices: ET.Element, disk: DiskSpec, target: str) -> None:
+    el = _sub(devices, "disk", type="file", device=disk.device)
+    _sub(el, "driver", name="qemu", type=disk.format)
+    _sub(el, "source", file=disk.path)
+    _sub(el, "target", dev=target, bus=disk.bus)
+    if disk.device == "cdrom":
+        _sub(el, "readonly")
+    if disk.boot_order is not None:
+        _sub(el, "boot", order=str(disk.boot_order))
+
+
+def _nic(devices: ET.Element, nic: NicSpec) -> None:
+    el = _sub(devices, "interface", type=nic.type)
+    _sub(el, "mac", address=nic.mac)
+    if nic.type == "network":
+        _sub(el, "source", network=nic.source)
+    elif nic.type == "bridge":
+        _sub(el, "source", bridge=nic.source)
+    _sub(el, "model", type=nic.model)
+    if nic.boot_order is not None:
+        _sub(el, "boot", order=str(nic.boot_order))
+
+
+def build_domain_xml(spec: DomainSpec) -> str:
+    root = ET.Element("domain", type=spec.domain_type)
+    _sub(root, "name", spec.name)
+    _sub(root, "uuid", spec.uuid)
+    if spec.title:
+        _sub(root, "title", spec.title)
+    if spec.description:
+        _sub(root, "description", spec.description)
+    metadata = _sub(root, "metadata")
+    ET.SubElement(metadata, f"{{{PORTAL_METADATA_NS}}}machine", {k: str(v) for k, v in spec.metadata.items()})
+    _sub(root, "memory", str(spec.memory_mib), unit="MiB")
+    _sub(root, "currentMemory", str(spec.memory_mib), unit="MiB")
+    _sub(root, "vcpu", str(spec.vcpus), placement="static")
+    os_el = _sub(root, "os")
+    _sub(os_el, "type", "hvm", arch=spec.arch, machine=spec.machine)
+    features = _sub(root, "features")
+    _sub(features, "acpi")
+    _sub(features, "apic")
+    _sub(root, "clock", offset="utc")
+    _sub(root, "on_poweroff", "destroy")
+    _sub(root, "on_reboot", "restart")
+    _sub(root, "on_crash", "destroy")
+    devices = _sub(root, "devices")
+    for disk, target in zip(spec.disks, _target_names(spec.disks), strict=True):
+        _disk(devices, disk, target)
+    for nic in spec.nics:
+        _nic(devices, nic)
+    serial = _sub(devices, "serial", type="pty")
+    if spec.serial_log:
+        _sub(serial, "log", file=spec.serial_log, append="off")
+    _sub(serial, "target", port="0")
+    console = _sub(devices, "console", type="pty")
+    _sub(console, "target", type="serial", port="0")
+    graphics = _sub(devices, "graphics", type="vnc", port="-1", autoport="yes", listen=spec.vnc_listen)
+    _sub(graphics, "listen", type="address", address=spec.vnc_listen)
+    video = _sub(devices, "video")
+    _sub(video, "model", type="vga")
+    _sub(devices, "input", type="tablet", bus="usb")
+    _sub(devices, "memballoon", model="virtio")
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode")
+
+
+def volume_xml(*, name: str, capacity_bytes: int, fmt: str, backing_path: str = "", backing_format: str = "") -> str:
+    root = ET.Element("volume")
+    _sub(root, "name", name)
+    _sub(root, "capacity", str(capacity_bytes), unit="bytes")
+    _sub(root, "allocation", "0", unit="bytes")
+    target = _sub(root, "target")
+    _sub(target, "format", type=fmt)
+    if backing_path:
+        backing = _sub(root, "backingStore")
+        _sub(backing, "path", backing_path)
+        _sub(backing, "format", type=backing_format)
+    return ET.tostring(root, encoding="unicode")
+
+
+def parse_vnc(xml: str) -> tuple[str, int] | None:
+    """The live VNC listen address and port of a running domain's XML, if any."""
+    graphics = ET.fromstring(xml).find("devices/graphics[@type='vnc']")
+    if graphics is None or graphics.get("port", "-1") in ("-1", ""):
+        return None
+    return graphics.get("listen", "127.0.0.1"), int(graphics.get("port", "0"))
+
+
+ET.register_namespace("portal", PORTAL_METADATA_NS)

@@ -1,0 +1,85 @@
+from django.contrib import admin, messages
+
+from machines import services
+from machines.models import Machine, MachineEvent, MachineNic
+from machines.states import PowerAction
+
+
+class NicInline(admin.TabularInline):
+    model = MachineNic
+    extra = 0
+    fields = ["index", "type", "source", "mac", "dhcp4", "addresses", "gateway4", "nameservers"]
+    readonly_fields = fields
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+class EventInline(admin.TabularInline):
+    model = MachineEvent
+    extra = 0
+    fields = ["created", "step", "level", "message"]
+    readonly_fields = fields
+    can_delete = False
+    ordering = ["-created", "-pk"]
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+def _each(modeladmin, request, queryset, fn, label: str) -> None:
+    done, failed = 0, []
+    for machine in queryset:
+        try:
+            fn(machine)
+            done += 1
+        except (services.MachineError, Exception) as e:  # noqa: BLE001 - reported to the admin user
+            failed.append(f"{machine.name}: {e}")
+    if done:
+        modeladmin.message_user(request, f"{label}: queued for {done} machine(s).", messages.SUCCESS)
+    for message in failed:
+        modeladmin.message_user(request, message, messages.ERROR)
+
+
+def _power_action(action: str):
+    def run(modeladmin, request, queryset):
+        _each(modeladmin, request, queryset, lambda m: services.machine_power(machine=m, action=action),
+              PowerAction(action).label)  # fmt: skip
+
+    run.__name__ = f"power_{action}"
+    run.short_description = f"Power: {PowerAction(action).label.lower()}"
+    return run
+
+
+@admin.register(Machine)
+class MachineAdmin(admin.ModelAdmin):
+    list_display = ["name", "owner", "hypervisor", "deploy_type", "status", "power_state", "vcpus", "memory_mib",
+                    "disk_gib", "deletion_protection", "created"]  # fmt: skip
+    list_filter = ["status", "power_state", "deploy_type", "hypervisor", "deletion_protection"]
+    search_fields = ["name", "uuid", "owner__username", "nics__mac"]
+    readonly_fields = ["uuid", "owner", "hypervisor", "pool", "deploy_type", "image", "vcpus", "memory_mib",
+                       "disk_gib", "status", "status_message", "status_changed", "power_state", "power_checked",
+                       "operation", "instance_id", "created", "updated"]  # fmt: skip
+    fields = [*readonly_fields[:10], "deletion_protection", "autostart", *readonly_fields[10:]]
+    inlines = [NicInline, EventInline]
+    actions = [*(_power_action(a) for a in PowerAction.values), "rebuild", "delete_machines"]
+
+    def has_add_permission(self, request):
+        return False  # machines are created through the portal or the API, which run the pipeline
+
+    def get_actions(self, request):
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)  # deleting rows would orphan domains and disks
+        return actions
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    @admin.action(description="Rebuild from the image")
+    def rebuild(self, request, queryset):
+        _each(self, request, queryset, lambda m: services.machine_rebuild(machine=m), "Rebuild")
+
+    @admin.action(description="Delete (domain, disks and seed)")
+    def delete_machines(self, request, queryset):
+        _each(self, request, queryset, lambda m: services.machine_delete(machine=m), "Delete")

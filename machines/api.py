@@ -1,0 +1,158 @@
+from django.core.exceptions import ValidationError as DjangoValidationError
+from drf_spectacular.utils import extend_schema
+from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.response import Response
+
+from hypervisors.models import Hypervisor, Image
+from machines import services
+from machines.models import Machine, MachineEvent, MachineNic
+from machines.states import PowerAction
+from machines.views import machines_for
+
+
+class NameOrIdField(serializers.RelatedField):
+    """A hypervisor by id or by name."""
+
+    def to_internal_value(self, data):
+        qs = self.get_queryset()
+        try:
+            return qs.get(pk=int(data)) if str(data).isdigit() else qs.get(name=data)
+        except (Hypervisor.DoesNotExist, ValueError, TypeError):
+            raise serializers.ValidationError(f"No hypervisor {data!r}.") from None
+
+    def to_representation(self, value):
+        return value.name
+
+
+class NicSerializer(serializers.ModelSerializer):
+    mac = serializers.CharField(required=False, allow_blank=True, help_text="Generated when empty.")
+    addresses = serializers.ListField(child=serializers.CharField(), required=False)
+    nameservers = serializers.ListField(child=serializers.CharField(), required=False)
+    search = serializers.ListField(child=serializers.CharField(), required=False)
+
+    class Meta:
+        model = MachineNic
+        fields = ["type", "source", "mac", "dhcp4", "dhcp6", "addresses", "gateway4", "gateway6", "nameservers", "search"]
+        extra_kwargs = {"mac": {"validators": []}}
+
+
+class EventSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = MachineEvent
+        fields = ["created", "step", "message", "level"]
+
+
+class StringOrList(serializers.Field):
+    """Accepts a list of strings or one string (lines); returns the newline-joined text."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, list) and all(isinstance(x, str) for x in data):
+            return "\n".join(data)
+        if isinstance(data, str):
+            return data
+        raise serializers.ValidationError("Give a list of strings.")
+
+    def to_representation(self, value):
+        return [line for line in value.split() if line] if self.field_name == "packages" else \
+            [line.strip() for line in value.splitlines() if line.strip()]  # fmt: skip
+
+
+class MachineSerializer(serializers.ModelSerializer):
+    owner = serializers.CharField(source="owner.username", read_only=True)
+    hypervisor = NameOrIdField(queryset=Hypervisor.objects.all())
+    image = serializers.PrimaryKeyRelatedField(queryset=Image.objects.all(), required=False, allow_null=True)
+    nics = NicSerializer(many=True, required=False)
+    ssh_authorized_keys = StringOrList(required=False)
+    packages = StringOrList(required=False)
+    events = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Machine
+        fields = ["id", "uuid", "name", "owner", "hypervisor", "pool", "deploy_type", "image", "vcpus", "memory_mib",
+                  "disk_gib", "nics", "ssh_authorized_keys", "packages", "script", "user_data",
+                  "deletion_protection", "autostart", "status", "status_message", "power_state", "operation",
+                  "domain_name", "created", "events"]  # fmt: skip
+        read_only_fields = ["uuid", "status", "status_message", "power_state", "operation", "domain_name", "created"]
+        validators = []  # the service validates (with the owner, which the request supplies)
+
+    def get_events(self, machine) -> list[dict]:
+        events = machine.events.order_by("-created", "-pk")[:50]
+        return EventSerializer(reversed(list(events)), many=True).data
+
+    def create(self, validated):
+        nics = [services.NicInput(**n) for n in validated.pop("nics", [])]
+        try:
+            return services.machine_create(owner=self.context["request"].user, nics=nics, **validated)
+        except DjangoValidationError as e:
+            raise serializers.ValidationError(e.message_dict if hasattr(e, "error_dict") else {"non_field_errors": e.messages}) from None
+
+
+class PowerSerializer(serializers.Serializer):
+    action = serializers.ChoiceField(choices=PowerAction.choices)
+
+
+class GrowSerializer(serializers.Serializer):
+    disk_gib = serializers.IntegerField(min_value=1, max_value=16384)
+
+
+class ProtectionSerializer(serializers.Serializer):
+    deletion_protection = serializers.BooleanField()
+
+
+class MachineViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin,
+                     mixins.DestroyModelMixin, viewsets.GenericViewSet):  # fmt: skip
+    """Machines you own (staff: all). Work happens in the background: poll `status` and `events`."""
+
+    serializer_class = MachineSerializer
+
+    def get_queryset(self):
+        return machines_for(self.request.user).prefetch_related("nics")
+
+    def destroy(self, request, *args, **kwargs):
+        machine = self.get_object()
+        try:
+            services.machine_delete(machine=machine)
+        except services.MachineError as e:
+            return Response({"detail": str(e)}, status=status.HTTP_409_CONFLICT)
+        return Response({"detail": "deleting"}, status=status.HTTP_202_ACCEPTED)
+
+    def _act(self, fn, **kwargs) -> Response:
+        machine = self.get_object()
+        try:
+            fn(machine=machine, **kwargs)
+        except services.MachineError as e:
+            return Response({"detail": str(e)}, status=status.HTTP_409_CONFLICT)
+        except DjangoValidationError as e:
+            return Response(e.message_dict if hasattr(e, "error_dict") else {"detail": e.messages}, status=400)
+        return Response(MachineSerializer(Machine.objects.get(pk=machine.pk)).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=PowerSerializer)
+    @action(detail=True, methods=["post"])
+    def power(self, request, pk=None):
+        s = PowerSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        return self._act(services.machine_power, action=s.validated_data["action"])
+
+    @extend_schema(request=None)
+    @action(detail=True, methods=["post"])
+    def rebuild(self, request, pk=None):
+        return self._act(services.machine_rebuild)
+
+    @extend_schema(request=GrowSerializer)
+    @action(detail=True, methods=["post"], url_path="grow-disk")
+    def grow_disk(self, request, pk=None):
+        s = GrowSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        return self._act(services.machine_grow_disk, disk_gib=s.validated_data["disk_gib"])
+
+    @extend_schema(request=ProtectionSerializer)
+    @action(detail=True, methods=["post"])
+    def protection(self, request, pk=None):
+        s = ProtectionSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        machine = self.get_object()
+        services.machine_set_protection(machine=machine, protected=s.validated_data["deletion_protection"])
+        return Response(MachineSerializer(Machine.objects.get(pk=machine.pk)).data)
+
+

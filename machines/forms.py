@@ -1,0 +1,61 @@
+from django import forms
+
+from hypervisors.models import Hypervisor, HypervisorStatus, Image, ImageKind, ImageStatus
+from machines.models import Machine, MachineNic
+
+
+class MachineForm(forms.ModelForm):
+    """The create form: one NIC here (the API takes any number)."""
+
+    hypervisor = forms.ModelChoiceField(queryset=Hypervisor.objects.none(), empty_label=None)
+    image = forms.ModelChoiceField(queryset=Image.objects.none(), empty_label=None,
+                                   help_text="A ready cloud image; its default user gets the SSH keys.")  # fmt: skip
+    nic_type = forms.ChoiceField(label="Network", initial="user",
+                                 choices=[("", "No network"), *MachineNic.Type.choices],
+                                 help_text="User-mode needs no set-up on the hypervisor (the guest gets 10.0.2.15 behind NAT).")  # fmt: skip
+    nic_source = forms.CharField(label="Network or bridge name", required=False,
+                                 widget=forms.TextInput(attrs={"list": "hv-networks", "placeholder": "default"}))  # fmt: skip
+    nic_mac = forms.CharField(label="MAC address", required=False, help_text="Leave empty to generate one.")
+    nic_address = forms.CharField(label="Static address", required=False,
+                                  help_text="With prefix, e.g. 192.0.2.10/24 or 2001:db8::10/64; empty for DHCP.")  # fmt: skip
+    nic_gateway = forms.CharField(label="Gateway", required=False)
+    nic_dns = forms.CharField(label="DNS servers", required=False, help_text="Separated by spaces or commas.")
+
+    class Meta:
+        model = Machine
+        fields = ["name", "hypervisor", "image", "vcpus", "memory_mib", "disk_gib", "pool", "ssh_authorized_keys",
+                  "packages", "script", "user_data", "deletion_protection", "autostart"]  # fmt: skip
+        widgets = {
+            "ssh_authorized_keys": forms.Textarea(attrs={"rows": 3, "placeholder": "ssh-ed25519 AAAA… you@laptop"}),
+            "packages": forms.Textarea(attrs={"rows": 2, "placeholder": "nginx htop"}),
+            "script": forms.Textarea(attrs={"rows": 4, "placeholder": "#!/bin/sh\necho hello > /root/hello"}),
+            "user_data": forms.Textarea(attrs={"rows": 4, "placeholder": "#cloud-config\ntimezone: Europe/Paris"}),
+            "pool": forms.TextInput(attrs={"list": "hv-pools"}),
+        }
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["hypervisor"].queryset = Hypervisor.objects.filter(enabled=True, status=HypervisorStatus.ONLINE)
+        self.fields["image"].queryset = Image.objects.filter(kind=ImageKind.DISK, status=ImageStatus.READY)
+
+    def nic_inputs(self) -> list:
+        from machines.services import NicInput
+
+        data = self.cleaned_data
+        if not data.get("nic_type"):
+            return []
+        address = data.get("nic_address", "").strip()
+        gateway = data.get("nic_gateway", "").strip()
+        v6 = ":" in address
+        return [NicInput(type=data["nic_type"], source=data.get("nic_source", "").strip(), mac=data.get("nic_mac", "").strip(),
+                         dhcp4=not address or v6, addresses=[address] if address else [],
+                         gateway4="" if v6 else gateway, gateway6=gateway if v6 else "",
+                         nameservers=data.get("nic_dns", "").replace(",", " ").split())]  # fmt: skip
+
+    def service_kwargs(self) -> dict:
+        data = {k: v for k, v in self.cleaned_data.items() if not k.startswith("nic_")}
+        return {**data, "nics": self.nic_inputs()}
+
+
+class GrowDiskForm(forms.Form):
+    disk_gib = forms.IntegerField(label="New size (GiB)", min_value=1, max_value=16384)

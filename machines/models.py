@@ -1,0 +1,174 @@
+import uuid as uuidlib
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
+from django.db import models
+from django.urls import reverse
+from django.utils import timezone
+
+from hypervisors.models import Hypervisor, Image
+from machines.states import BUSY, TRANSITIONS, DeployType, InvalidTransition, PowerState, Status
+
+hostname_validator = RegexValidator(
+    r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+    "A host name: 1 to 63 lower-case letters, digits and hyphens, not starting or ending with a hyphen (RFC 1123).",
+)
+mac_validator = RegexValidator(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$", "A MAC address looks like 52:54:00:12:34:56.")
+
+
+class Machine(models.Model):
+    uuid = models.UUIDField("UUID", default=uuidlib.uuid4, unique=True, editable=False,
+                            help_text="Also the libvirt domain's UUID.")  # fmt: skip
+    name = models.CharField(max_length=63, validators=[hostname_validator], help_text="The guest's host name.")
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="machines")
+    hypervisor = models.ForeignKey(Hypervisor, on_delete=models.PROTECT, related_name="machines")
+    pool = models.CharField("storage pool", max_length=100, default="default")
+    deploy_type = models.CharField(max_length=8, choices=DeployType.choices, default=DeployType.IMAGE)
+    image = models.ForeignKey(Image, null=True, blank=True, on_delete=models.PROTECT, related_name="machines")
+    vcpus = models.PositiveSmallIntegerField("vCPUs", default=1, validators=[MinValueValidator(1), MaxValueValidator(64)])
+    memory_mib = models.PositiveIntegerField("memory (MiB)", default=1024,
+                                             validators=[MinValueValidator(128), MaxValueValidator(1 << 20)])  # fmt: skip
+    disk_gib = models.PositiveIntegerField("disk (GiB)", default=10, validators=[MinValueValidator(1), MaxValueValidator(16384)])
+    ssh_authorized_keys = models.TextField("SSH public keys", blank=True, help_text="One OpenSSH public key per line.")
+    packages = models.TextField(blank=True, help_text="Packages to install at first boot, separated by spaces or lines.")
+    script = models.TextField("first-boot script", blank=True, help_text="Runs once, as root, at the end of first boot.")
+    user_data = models.TextField("extra #cloud-config", blank=True,
+                                 help_text="Merged with what the portal generates; at most 64 KiB.")  # fmt: skip
+    deletion_protection = models.BooleanField(default=False, help_text="Refuse deletion and rebuild until cleared.")
+    autostart = models.BooleanField(default=True, help_text="Start with the hypervisor.")
+
+    status = models.CharField(max_length=12, choices=Status.choices, default=Status.NEW)
+    status_message = models.TextField(blank=True)
+    status_changed = models.DateTimeField(default=timezone.now)
+    power_state = models.CharField(max_length=8, choices=PowerState.choices, default=PowerState.UNKNOWN)
+    power_checked = models.DateTimeField(null=True, blank=True)
+    operation = models.CharField(max_length=16, blank=True, help_text="The power action in progress, if any.")
+    operation_started = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    instance_id = models.CharField(max_length=64, blank=True)
+    serial_log = models.TextField(blank=True)
+    serial_log_fetched = models.DateTimeField(null=True, blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created"]
+        constraints = [models.UniqueConstraint(fields=["owner", "name"], name="machine_name_unique_per_owner")]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def get_absolute_url(self) -> str:
+        return reverse("machines:detail", args=[self.pk])
+
+    def clean(self) -> None:
+        if self.deploy_type in (DeployType.IMAGE, DeployType.ISO) and self.image_id is None:
+            raise ValidationError({"image": "Choose an image."})
+        if self.image_id is not None:
+            image = self.image
+            wanted = "iso" if self.deploy_type == DeployType.ISO else "disk"
+            if image.kind != wanted:
+                raise ValidationError({"image": f"A {self.get_deploy_type_display()} machine needs a {wanted} image."})
+            if not image.is_ready:
+                raise ValidationError({"image": f"Image {image.name} is not ready ({image.get_status_display()})."})
+            if wanted == "disk" and image.virtual_size_bytes > self.disk_gib << 30:
+                need = -(-image.virtual_size_bytes // (1 << 30))
+                raise ValidationError({"disk_gib": f"The image needs at least {need} GiB."})
+
+    # Names of what the machine owns on its hypervisor, all derived from the UUID.
+    @property
+    def domain_name(self) -> str:
+        return f"{self.name}-{self.uuid.hex[:8]}"
+
+    @property
+    def disk_volume(self) -> str:
+        return f"m-{self.uuid}-disk.qcow2"
+
+    @property
+    def seed_volume(self) -> str:
+        return f"m-{self.uuid}-seed.iso"
+
+    @property
+    def serial_volume(self) -> str:
+        return f"m-{self.uuid}-serial.log"
+
+    @property
+    def volumes(self) -> list[str]:
+        return [self.disk_volume, self.seed_volume, self.serial_volume]
+
+    @property
+    def is_busy(self) -> bool:
+        return self.status in BUSY or bool(self.operation)
+
+    @property
+    def package_list(self) -> list[str]:
+        return self.packages.split()
+
+    @property
+    def key_list(self) -> list[str]:
+        return [line.strip() for line in self.ssh_authorized_keys.splitlines() if line.strip()]
+
+    def transition(self, new: str, message: str = "") -> None:
+        """Move to `new` if the table allows it; a concurrent change makes exactly one caller win."""
+        if new not in TRANSITIONS.get(self.status, set()):
+            raise InvalidTransition(f"{self.get_status_display()} machines cannot become {Status(new).label}")
+        now = timezone.now()
+        n = Machine.objects.filter(pk=self.pk, status=self.status).update(status=new, status_message=message,
+                                                                          status_changed=now)  # fmt: skip
+        if n != 1:
+            raise InvalidTransition(f"machine {self.pk} changed status concurrently")
+        self.status, self.status_message, self.status_changed = new, message, now
+        self.log("status", f"{Status(new).label}{': ' + message if message else ''}",
+                 level=MachineEvent.Level.ERROR if new == Status.ERROR else MachineEvent.Level.INFO)  # fmt: skip
+
+    def log(self, step: str, message: str, level: str = "info") -> "MachineEvent":
+        return MachineEvent.objects.create(machine=self, step=step, message=message, level=level)
+
+
+class MachineNic(models.Model):
+    class Type(models.TextChoices):
+        NETWORK = "network", "libvirt network"
+        BRIDGE = "bridge", "host bridge"
+        USER = "user", "user-mode (NAT inside QEMU)"
+
+    machine = models.ForeignKey(Machine, on_delete=models.CASCADE, related_name="nics")
+    index = models.PositiveSmallIntegerField()
+    type = models.CharField(max_length=8, choices=Type.choices, default=Type.NETWORK)
+    source = models.CharField(max_length=100, blank=True, help_text="Network or bridge name.")
+    mac = models.CharField("MAC", max_length=17, unique=True, validators=[mac_validator])
+    dhcp4 = models.BooleanField(default=True)
+    dhcp6 = models.BooleanField(default=False)
+    addresses = models.JSONField(default=list, blank=True, help_text="Static addresses with prefix, e.g. 192.0.2.10/24.")
+    gateway4 = models.CharField(max_length=45, blank=True)
+    gateway6 = models.CharField(max_length=45, blank=True)
+    nameservers = models.JSONField(default=list, blank=True)
+    search = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        ordering = ["machine", "index"]
+        constraints = [models.UniqueConstraint(fields=["machine", "index"], name="nic_index_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.machine} nic{self.index} {self.mac}"
+
+
+class MachineEvent(models.Model):
+    """Append-only: what happened to a machine, step by step."""
+
+    class Level(models.TextChoices):
+        INFO = "info", "Info"
+        WARNING = "warning", "Warning"
+        ERROR = "error", "Error"
+
+    machine = models.ForeignKey(Machine, on_delete=models.CASCADE, related_name="events")
+    created = models.DateTimeField(auto_now_add=True, db_index=True)
+    step = models.CharField(max_length=32)
+    message = models.TextField()
+    level = models.CharField(max_length=8, choices=Level.choices, default=Level.INFO)
+
+    class Meta:
+        ordering = ["created", "pk"]
+
+    def __str__(self) -> str:
+        return f"{self.created:%H:%M:%S} {self.step}: {self.message}"

@@ -1,0 +1,189 @@
+"""Provisioning steps. Each is idempotent (look up before create) and records an event.
+
+The steps take a machine and an open hypervisor driver; they never change the
+machine's status (services do that) so a retry can run them all again.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+
+from huey.contrib.djhuey import HUEY
+from huey.exceptions import TaskLockedException
+
+from hypervisors.drivers.base import DiskSpec, DomainSpec, HypervisorDriver, HypervisorUnavailable, NicSpec
+from hypervisors.images import ensure_image_copy
+from machines import cloudinit
+from machines.models import Machine
+from machines.states import DeployType
+
+GIB = 1 << 30
+
+
+def _timed(machine: Machine, step: str, fn: Callable[[], str]) -> None:
+    """Run one step and record it with how long it took."""
+    started = time.monotonic()
+    message = fn()
+    machine.log(step, f"{message} ({time.monotonic() - started:.2f} s)")
+
+
+def seed_spec(machine: Machine) -> cloudinit.SeedSpec:
+    return seed_spec_from(machine, list(machine.nics.all()))
+
+
+def seed_spec_from(machine: Machine, nics: list) -> cloudinit.SeedSpec:
+    """The seed for a machine and its NICs (saved MachineNic rows or unsaved NicInput, same fields)."""
+    nic_configs = tuple(
+        cloudinit.NicConfig(mac=n.mac or "52:54:00:00:00:00", dhcp4=n.dhcp4, dhcp6=n.dhcp6, addresses=tuple(n.addresses),
+                            gateway4=n.gateway4, gateway6=n.gateway6, nameservers=tuple(n.nameservers),
+                            search=tuple(n.search))  # fmt: skip
+        for n in nics
+    )
+    return cloudinit.SeedSpec(
+        instance_id=machine.instance_id or f"i-{machine.uuid.hex}",
+        hostname=machine.name,
+        default_user=(machine.image.default_user if machine.image else "") or "cloud",
+        ssh_authorized_keys=tuple(machine.key_list),
+        packages=tuple(machine.package_list),
+        script=machine.script,
+        user_data=machine.user_data,
+        nics=nic_configs,
+    )
+
+
+def domain_spec(machine: Machine, *, disks: tuple[DiskSpec, ...], serial_log: str) -> DomainSpec:
+    hv = machine.hypervisor
+    nics = tuple(NicSpec(type=n.type, source=n.source, mac=n.mac) for n in machine.nics.all())
+    return DomainSpec(
+        uuid=str(machine.uuid),
+        name=machine.domain_name,
+        title=machine.name,
+        description=f"AnsiStack Portal machine {machine.pk} of {machine.owner.get_username()}",
+        domain_type=hv.domain_type or "qemu",
+        arch=(machine.image.arch if machine.image else "") or hv.arch or "x86_64",
+        vcpus=machine.vcpus,
+        memory_mib=machine.memory_mib,
+        disks=disks,
+        nics=nics,
+        vnc_listen=hv.console_address,
+        serial_log=serial_log,
+        metadata={"id": machine.pk, "owner": machine.owner_id, "deploy-type": machine.deploy_type},
+    )
+
+
+def ensure_image(machine: Machine, driver: HypervisorDriver) -> str:
+    """The image's path in the machine's pool, copied there through libvirt the first time."""
+    lock = f"image-copy-{machine.image_id}-{machine.hypervisor_id}-{machine.pool}"
+    result: dict = {}
+
+    def step() -> str:
+        try:
+            with HUEY.lock_task(lock):
+                result["path"], uploaded = ensure_image_copy(machine.image, machine.hypervisor, machine.pool, driver)
+        except TaskLockedException:
+            raise HypervisorUnavailable("another machine is copying the same image; trying again shortly") from None
+        size = machine.image.file_size_bytes / (1 << 20)
+        return f"image {machine.image.name} {'copied to' if uploaded else 'already in'} pool {machine.pool} ({size:.1f} MiB)"
+
+    _timed(machine, "image", step)
+    return result["path"]
+
+
+def ensure_disk(machine: Machine, driver: HypervisorDriver, base_path: str) -> str:
+    """A qcow2 overlay on the pool's copy of the image, grown to the asked size: never a full copy."""
+    result: dict = {}
+
+    def step() -> str:
+        vol = driver.create_volume(pool=machine.pool, name=machine.disk_volume, fmt="qcow2",
+                                   capacity_bytes=machine.disk_gib * GIB, backing_path=base_path,
+                                   backing_format=machine.image.format)  # fmt: skip
+        result["path"] = vol.path
+        return f"disk {machine.disk_gib} GiB, copy-on-write over the image"
+
+    _timed(machine, "disk", step)
+    return result["path"]
+
+
+def ensure_seed(machine: Machine, driver: HypervisorDriver) -> str:
+    """The NoCloud seed ISO (volume id cidata), rebuilt and uploaded on every run."""
+    result: dict = {}
+
+    def step() -> str:
+        data = cloudinit.build_seed_iso(seed_spec(machine))
+        driver.delete_volume(pool=machine.pool, name=machine.seed_volume)
+        vol = driver.create_volume(pool=machine.pool, name=machine.seed_volume, fmt="raw", capacity_bytes=len(data))
+        driver.upload_volume(pool=machine.pool, name=machine.seed_volume, source=io.BytesIO(data), length=len(data))
+        result["path"] = vol.path
+        return f"cloud-init seed ({len(data) // 1024} KiB, instance-id {machine.instance_id})"
+
+    _timed(machine, "seed", step)
+    return result["path"]
+
+
+def serial_log_path(machine: Machine, driver: HypervisorDriver) -> str:
+    """The serial console log lives in the pool's directory, so libvirt can stream it back from any host."""
+    pool_dir = driver.pool_path(machine.pool)
+    return f"{pool_dir}/{machine.serial_volume}" if pool_dir.startswith("/") else ""
+
+
+def ensure_domain(machine: Machine, driver: HypervisorDriver, disks: tuple[DiskSpec, ...]) -> None:
+    def step() -> str:
+        spec = domain_spec(machine, disks=disks, serial_log=serial_log_path(machine, driver))
+        created = driver.define_domain(spec)
+        driver.set_autostart(spec.uuid, machine.autostart)
+        kind = spec.domain_type
+        return f"domain {spec.name} {'defined' if created else 'already defined'} ({kind}, {spec.vcpus} vCPU, {spec.memory_mib} MiB)"
+
+    _timed(machine, "define", step)
+
+
+def ensure_running(machine: Machine, driver: HypervisorDriver) -> None:
+    def step() -> str:
+        driver.start(str(machine.uuid))
+        return "started"
+
+    _timed(machine, "start", step)
+
+
+def provision(machine: Machine, driver: HypervisorDriver) -> None:
+    """Bring the machine to running. Safe to re-run after any failure."""
+    if machine.deploy_type != DeployType.IMAGE:
+        raise NotImplementedError(f"{machine.get_deploy_type_display()} machines are not available yet")
+    base = ensure_image(machine, driver)
+    disk = ensure_disk(machine, driver, base)
+    seed = ensure_seed(machine, driver)
+    disks = (
+        DiskSpec(path=disk, format="qcow2", bus="virtio", boot_order=1),
+        DiskSpec(path=seed, device="cdrom", format="raw", bus="ide"),
+    )
+    ensure_domain(machine, driver, disks)
+    ensure_running(machine, driver)
+
+
+def deprovision(machine: Machine, driver: HypervisorDriver) -> list[str]:
+    """Remove the domain and every volume the machine owns. No-op for what is absent. Returns what went."""
+    removed = []
+    if driver.undefine(str(machine.uuid)):
+        removed.append(f"domain {machine.domain_name}")
+    driver.refresh_pool(machine.pool)  # the serial log file appears as a volume only after a refresh
+    for name in machine.volumes:
+        if driver.delete_volume(pool=machine.pool, name=name):
+            removed.append(name)
+    return removed
+
+
+SERIAL_LOG_LIMIT = 256 * 1024  # bytes of the serial log kept and shown
+
+
+def fetch_serial_log(machine: Machine, driver: HypervisorDriver, limit: int = SERIAL_LOG_LIMIT) -> str:
+    """The tail of the serial console log (at most `limit` bytes), or "" when there is none yet."""
+    driver.refresh_pool(machine.pool)
+    info = driver.volume_info(pool=machine.pool, name=machine.serial_volume)
+    if info is None:
+        return ""
+    chunks: list[bytes] = []
+    offset = max(0, info.capacity_bytes - limit)  # a plain file's capacity is its length
+    driver.download_volume(pool=machine.pool, name=machine.serial_volume, sink=chunks.append, offset=offset)
+    return b"".join(chunks)[-limit:].decode("utf-8", "replace")

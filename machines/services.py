@@ -1,0 +1,354 @@
+"""Everything that changes machines. Views, the API, the admin and tasks call these."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import uuid as uuidlib
+from dataclasses import dataclass, field
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+from huey.exceptions import RetryTask
+
+from hypervisors.drivers import get_driver
+from hypervisors.drivers.base import HypervisorError, HypervisorFatalError, HypervisorUnavailable
+from hypervisors.models import Hypervisor, Image
+from machines import cloudinit, provisioning
+from machines.models import Machine, MachineNic
+from machines.states import BUSY, DeployType, InvalidTransition, PowerAction, PowerState, Status
+
+log = logging.getLogger(__name__)
+
+
+class MachineError(Exception):
+    """The request cannot be done now; the message is for the user."""
+
+
+@dataclass
+class NicInput:
+    type: str = MachineNic.Type.NETWORK
+    source: str = ""
+    mac: str = ""
+    dhcp4: bool = True
+    dhcp6: bool = False
+    addresses: list[str] = field(default_factory=list)
+    gateway4: str = ""
+    gateway6: str = ""
+    nameservers: list[str] = field(default_factory=list)
+    search: list[str] = field(default_factory=list)
+
+
+def generate_mac() -> str:
+    """A random MAC under PORTAL_MAC_PREFIX, unused in the portal."""
+    prefix = settings.PORTAL_MAC_PREFIX.lower().strip(":")
+    for _ in range(50):
+        tail = ":".join(f"{b:02x}" for b in secrets.token_bytes(6 - len(prefix.split(":"))))
+        mac = f"{prefix}:{tail}"
+        if not MachineNic.objects.filter(mac=mac).exists():
+            return mac
+    raise MachineError("could not find a free MAC address under the configured prefix")
+
+
+def _validate_nics(hypervisor: Hypervisor, nics: list[NicInput]) -> None:
+    """NIC sources must exist on the hypervisor; addresses are checked by the cloud-init builder."""
+    networks = {n["name"] for n in hypervisor.networks}
+    for i, nic in enumerate(nics, start=1):
+        if nic.type == MachineNic.Type.NETWORK and nic.source not in networks:
+            have = ", ".join(sorted(networks)) or "none"
+            raise ValidationError({"nics": f"NIC {i}: network {nic.source!r} does not exist on {hypervisor.name} (it has: {have})."})
+        if nic.type == MachineNic.Type.BRIDGE and not nic.source:
+            raise ValidationError({"nics": f"NIC {i}: name the host bridge."})
+        if nic.type not in MachineNic.Type.values:
+            raise ValidationError({"nics": f"NIC {i}: type must be one of {', '.join(MachineNic.Type.values)}."})
+
+
+def _validate_cloud_init(machine: Machine) -> None:
+    try:
+        for key in machine.key_list:
+            cloudinit.validate_ssh_key(key)
+        cloudinit.validate_user_data(machine.user_data)
+        cloudinit.build_seed_iso(provisioning.seed_spec(machine))
+    except cloudinit.CloudInitError as e:
+        raise ValidationError(str(e)) from None
+
+
+@transaction.atomic
+def machine_create(*, owner, hypervisor: Hypervisor, name: str, deploy_type: str = DeployType.IMAGE,
+                   image: Image | None = None, vcpus: int = 1, memory_mib: int = 1024, disk_gib: int = 10,
+                   nics: list[NicInput] | None = None, ssh_authorized_keys: str = "", packages: str = "",
+                   script: str = "", user_data: str = "", pool: str = "default", deletion_protection: bool = False,
+                   autostart: bool = True) -> Machine:  # fmt: skip
+    """Validate, save, and queue provisioning. Raises ValidationError with a message per field."""
+    if deploy_type != DeployType.IMAGE:
+        raise ValidationError({"deploy_type": f"{DeployType(deploy_type).label} machines are not available yet."})
+    if not hypervisor.enabled or not hypervisor.is_online:
+        raise ValidationError({"hypervisor": f"Hypervisor {hypervisor.name} is {hypervisor.get_status_display().lower()}."})
+    if pool not in {p["name"] for p in hypervisor.pools if p.get("active")}:
+        raise ValidationError({"pool": f"Storage pool {pool!r} is not active on {hypervisor.name}."})
+    nics = nics or []
+    _validate_nics(hypervisor, nics)
+    script, user_data = script.replace("\r\n", "\n"), user_data.replace("\r\n", "\n")  # browsers send CRLF
+    if len(script.encode()) > cloudinit.USER_DATA_MAX_BYTES:
+        raise ValidationError({"script": "The script is over 64 KiB."})
+    machine = Machine(owner=owner, hypervisor=hypervisor, name=name, deploy_type=deploy_type, image=image, vcpus=vcpus,
+                      memory_mib=memory_mib, disk_gib=disk_gib, ssh_authorized_keys=ssh_authorized_keys.strip(),
+                      packages=packages.strip(), script=script, user_data=user_data, pool=pool,
+                      deletion_protection=deletion_protection, autostart=autostart,
+                      instance_id=f"i-{uuidlib.uuid4().hex}")  # fmt: skip
+    machine.full_clean()
+    machine.save()
+    try:
+        for i, nic in enumerate(nics):
+            MachineNic.objects.create(machine=machine, index=i, type=nic.type, source=nic.source,
+                                      mac=(nic.mac or generate_mac()).lower(), dhcp4=nic.dhcp4, dhcp6=nic.dhcp6,
+                                      addresses=nic.addresses, gateway4=nic.gateway4, gateway6=nic.gateway6,
+                                      nameservers=nic.nameservers, search=nic.search)  # fmt: skip
+    except IntegrityError:
+        raise ValidationError({"nics": "That MAC address is already used by another machine."}) from None
+    _validate_cloud_init(machine)
+    machine.log("create", f"requested by {owner.get_username()} on {hypervisor.name}")
+    machine.transition(Status.PROVISIONING)
+    _enqueue("machine_provision_task", machine.pk)
+    return machine
+
+
+def _enqueue(task_name: str, *args) -> None:
+    from machines import tasks
+
+    task = getattr(tasks, task_name)
+    transaction.on_commit(lambda: task(*args))
+
+
+def _cleanup(machine: Machine, driver) -> None:
+    """Remove what a failed attempt made; failures here are recorded, not raised."""
+    try:
+        removed = provisioning.deprovision(machine, driver)
+        machine.log("cleanup", "removed " + (", ".join(removed) if removed else "nothing (nothing was made)"))
+    except HypervisorError as e:
+        machine.log("cleanup", f"could not clean up: {e}", level="error")
+
+
+def machine_provision_run(machine_id: int) -> None:
+    """Worker: run the pipeline for a machine in PROVISIONING or REBUILDING."""
+    machine = Machine.objects.select_related("hypervisor", "image", "owner").get(pk=machine_id)
+    if machine.status not in (Status.PROVISIONING, Status.REBUILDING):
+        return  # a duplicate or stale delivery
+    Machine.objects.filter(pk=machine.pk).update(attempts=machine.attempts + 1)
+    driver = get_driver(machine.hypervisor.uri)
+    try:
+        provisioning.provision(machine, driver)
+    except HypervisorUnavailable as e:
+        if machine.attempts < settings.PORTAL_PROVISION_RETRIES:
+            delay = 5 * 2**machine.attempts
+            machine.log("retry", f"{e}; trying again in {delay} s", level="warning")
+            raise RetryTask(delay=delay) from None
+        _cleanup(machine, driver)
+        machine.transition(Status.ERROR, f"hypervisor unavailable: {e}")
+        return
+    except (HypervisorFatalError, cloudinit.CloudInitError, NotImplementedError) as e:
+        _cleanup(machine, driver)
+        machine.transition(Status.ERROR, str(e))
+        return
+    Machine.objects.filter(pk=machine.pk).update(attempts=0, power_state=PowerState.RUNNING, power_checked=timezone.now())
+    machine.transition(Status.ACTIVE)
+
+
+@transaction.atomic
+def machine_delete(*, machine: Machine) -> None:
+    """Queue the removal of the domain and its volumes. Refused with protection, touching nothing."""
+    machine = Machine.objects.select_for_update().get(pk=machine.pk)
+    if machine.deletion_protection:
+        raise MachineError(f"{machine.name} is protected from deletion; clear the protection first.")
+    if machine.status in BUSY:
+        raise MachineError(f"{machine.name} is busy ({machine.get_status_display().lower()}); try again when it is done.")
+    machine.transition(Status.DELETING)
+    _enqueue("machine_delete_task", machine.pk)
+
+
+def machine_delete_run(machine_id: int) -> None:
+    """Worker: destroy, undefine, remove volumes, then forget the machine."""
+    machine = Machine.objects.select_related("hypervisor").filter(pk=machine_id).first()
+    if machine is None or machine.status != Status.DELETING:
+        return
+    try:
+        with get_driver(machine.hypervisor.uri) as driver:
+            removed = provisioning.deprovision(machine, driver)
+    except HypervisorUnavailable as e:
+        machine.log("delete", f"{e}; trying again", level="warning")
+        raise RetryTask(delay=15) from None
+    except HypervisorFatalError as e:
+        machine.transition(Status.ERROR, f"delete failed: {e}")
+        return
+    log.info("machine %s deleted: %s", machine.pk, ", ".join(removed))
+    machine.delete()
+
+
+@transaction.atomic
+def machine_power(*, machine: Machine, action: str) -> None:
+    """Queue a power action; one operation at a time per machine."""
+    if action not in PowerAction.values:
+        raise MachineError(f"Unknown action {action!r}; use one of {', '.join(PowerAction.values)}.")
+    if machine.status != Status.ACTIVE:
+        raise MachineError(f"{machine.name} is {machine.get_status_display().lower()}; power actions need it active.")
+    n = Machine.objects.filter(pk=machine.pk, operation="", status=Status.ACTIVE).update(
+        operation=action, operation_started=timezone.now())
+    if n != 1:
+        raise MachineError(f"{machine.name} is busy with another operation; try again when it is done.")
+    machine.operation = action
+    machine.log("power", f"{PowerAction(action).label} requested")
+    _enqueue("machine_power_task", machine.pk, action)
+
+
+def machine_power_run(machine_id: int, action: str) -> None:
+    machine = Machine.objects.select_related("hypervisor").get(pk=machine_id)
+    uuid = str(machine.uuid)
+    try:
+        with get_driver(machine.hypervisor.uri) as driver:
+            {
+                PowerAction.START: driver.start,
+                PowerAction.SHUTDOWN: driver.shutdown,
+                PowerAction.POWEROFF: driver.power_off,
+                PowerAction.REBOOT: driver.reboot,
+                PowerAction.RESET: driver.reset,
+            }[action](uuid)
+            state = driver.domain_state(uuid)
+        machine.log("power", f"{PowerAction(action).label} done; the domain is {state or 'missing'}")
+    except HypervisorError as e:
+        state = None
+        machine.log("power", f"{PowerAction(action).label} failed: {e}", level="error")
+    finally:
+        Machine.objects.filter(pk=machine.pk).update(operation="", operation_started=None)
+    if state is not None:
+        Machine.objects.filter(pk=machine.pk).update(power_state=str(state), power_checked=timezone.now())
+
+
+@transaction.atomic
+def machine_rebuild(*, machine: Machine) -> None:
+    """Recreate the disk from the image and a fresh seed (new instance-id): the guest starts over."""
+    machine = Machine.objects.select_for_update().get(pk=machine.pk)
+    if machine.deletion_protection:
+        raise MachineError(f"{machine.name} is protected; clear the protection to rebuild it (its disk is replaced).")
+    if machine.status not in (Status.ACTIVE, Status.ERROR):
+        raise MachineError(f"{machine.name} is {machine.get_status_display().lower()}; rebuild needs it active or failed.")
+    if machine.image is None or not machine.image.is_ready:
+        raise MachineError("The machine's image is not available any more.")
+    Machine.objects.filter(pk=machine.pk).update(instance_id=f"i-{uuidlib.uuid4().hex}", attempts=0)
+    machine.transition(Status.REBUILDING)
+    _enqueue("machine_rebuild_task", machine.pk)
+
+
+def machine_rebuild_run(machine_id: int) -> None:
+    machine = Machine.objects.select_related("hypervisor").get(pk=machine_id)
+    if machine.status != Status.REBUILDING or machine.attempts:
+        return machine_provision_run(machine_id)  # a retry only needs the pipeline
+    try:
+        with get_driver(machine.hypervisor.uri) as driver:
+            removed = provisioning.deprovision(machine, driver)
+        machine.log("rebuild", "removed " + ", ".join(removed or ["nothing"]))
+    except HypervisorError as e:
+        machine.transition(Status.ERROR, f"rebuild failed: {e}")
+        return
+    return machine_provision_run(machine_id)
+
+
+@transaction.atomic
+def machine_grow_disk(*, machine: Machine, disk_gib: int) -> None:
+    """Grow the disk (never shrink). A running guest sees the new size at once."""
+    machine = Machine.objects.select_for_update().get(pk=machine.pk)
+    if machine.status != Status.ACTIVE:
+        raise MachineError(f"{machine.name} is {machine.get_status_display().lower()}; growing the disk needs it active.")
+    if disk_gib <= machine.disk_gib:
+        raise ValidationError({"disk_gib": f"The disk is {machine.disk_gib} GiB; give a larger size (disks only grow)."})
+    if disk_gib > 16384:
+        raise ValidationError({"disk_gib": "At most 16384 GiB."})
+    old = machine.disk_gib
+    machine.transition(Status.RESIZING, f"{old} GiB to {disk_gib} GiB")
+    Machine.objects.filter(pk=machine.pk).update(disk_gib=disk_gib)
+    _enqueue("machine_grow_disk_task", machine.pk)
+
+
+def machine_grow_disk_run(machine_id: int) -> None:
+    machine = Machine.objects.select_related("hypervisor").get(pk=machine_id)
+    if machine.status != Status.RESIZING:
+        return
+    size = machine.disk_gib << 30
+    try:
+        with get_driver(machine.hypervisor.uri) as driver:
+            if driver.domain_state(str(machine.uuid)) == PowerState.RUNNING:
+                path = driver.volume_info(pool=machine.pool, name=machine.disk_volume).path
+                driver.block_resize(str(machine.uuid), path=path, capacity_bytes=size)
+            else:
+                driver.resize_volume(pool=machine.pool, name=machine.disk_volume, capacity_bytes=size)
+    except HypervisorUnavailable as e:
+        machine.log("resize", f"{e}; trying again", level="warning")
+        raise RetryTask(delay=15) from None
+    except HypervisorFatalError as e:
+        machine.transition(Status.ERROR, f"growing the disk failed: {e}")
+        return
+    machine.log("resize", f"disk is now {machine.disk_gib} GiB")
+    machine.transition(Status.ACTIVE)
+
+
+def machine_serial_log_request(*, machine: Machine, max_age: float = 3.0) -> None:
+    """Queue a fetch of the serial log unless a recent one is on file (pages poll this)."""
+    fetched = machine.serial_log_fetched
+    if fetched is None or (timezone.now() - fetched).total_seconds() > max_age:
+        Machine.objects.filter(pk=machine.pk).update(serial_log_fetched=timezone.now())
+        from machines.tasks import machine_serial_log_task
+
+        machine_serial_log_task(machine.pk)
+
+
+def machine_serial_log_run(machine_id: int) -> None:
+    machine = Machine.objects.select_related("hypervisor").filter(pk=machine_id).first()
+    if machine is None:
+        return
+    try:
+        with get_driver(machine.hypervisor.uri) as driver:
+            text = provisioning.fetch_serial_log(machine, driver)
+    except HypervisorError as e:
+        log.info("serial log of machine %s: %s", machine_id, e)
+        return
+    Machine.objects.filter(pk=machine.pk).update(serial_log=text, serial_log_fetched=timezone.now())
+
+
+def machines_reconcile() -> None:
+    """Periodic: fail machines stuck busy past the deadline; make power states true to the hypervisors."""
+    now = timezone.now()
+    deadline = now - timezone.timedelta(seconds=settings.PORTAL_PROVISION_TIMEOUT)
+    for machine in Machine.objects.filter(status__in=BUSY, status_changed__lt=deadline):
+        try:
+            machine.transition(Status.ERROR, f"timed out after {settings.PORTAL_PROVISION_TIMEOUT} s "
+                                             f"({machine.get_status_display().lower()}); the worker may have stopped")  # fmt: skip
+        except InvalidTransition:
+            continue  # it moved on meanwhile: nothing to fail
+    Machine.objects.filter(operation_started__lt=now - timezone.timedelta(minutes=5)).update(operation="", operation_started=None)
+    for hv in Hypervisor.objects.filter(enabled=True, status="online", machines__isnull=False).distinct():
+        _reconcile_power(hv)
+
+
+def _reconcile_power(hv: Hypervisor) -> None:
+    try:
+        with get_driver(hv.uri) as driver:
+            states = driver.domain_states()
+    except HypervisorError as e:
+        log.info("reconcile %s: %s", hv.name, e)
+        return
+    now = timezone.now()
+    for machine in hv.machines.exclude(status__in=[Status.NEW, Status.PROVISIONING, Status.DELETING]):
+        state = states.get(str(machine.uuid))
+        new = PowerState.MISSING if state is None else str(state)
+        if new != machine.power_state:
+            if new == PowerState.MISSING:
+                machine.log("reconcile", "the domain vanished from the hypervisor", level="warning")
+            Machine.objects.filter(pk=machine.pk).update(power_state=new, power_checked=now)
+        else:
+            Machine.objects.filter(pk=machine.pk).update(power_checked=now)
+
+
+def machine_set_protection(*, machine: Machine, protected: bool) -> None:
+    Machine.objects.filter(pk=machine.pk).update(deletion_protection=protected)
+    machine.log("protection", "deletion protection on" if protected else "deletion protection off")

@@ -1,0 +1,53 @@
+"""Huey entry points for machines: thin wrappers that pass ids to services."""
+
+from huey import crontab
+from huey.contrib.djhuey import db_periodic_task, db_task
+
+
+@db_task()
+def machine_provision_task(machine_id: int) -> None:
+    from machines.services import machine_provision_run
+
+    machine_provision_run(machine_id)
+
+
+@db_task()
+def machine_rebuild_task(machine_id: int) -> None:
+    from machines.services import machine_rebuild_run
+
+    machine_rebuild_run(machine_id)
+
+
+@db_task()
+def machine_delete_task(machine_id: int) -> None:
+    from machines.services import machine_delete_run
+
+    machine_delete_run(machine_id)
+
+
+@db_task()
+def machine_grow_disk_task(machine_id: int) -> None:
+    from machines.services import machine_grow_disk_run
+
+    machine_grow_disk_run(machine_id)
+
+
+@db_task()
+def machine_power_task(machine_id: int, action: str) -> None:
+    from machines.services import machine_power_run
+
+    machine_power_run(machine_id, action)
+
+
+@db_task()
+def machine_serial_log_task(machine_id: int) -> None:
+    from machines.services import machine_serial_log_run
+
+    machine_serial_log_run(machine_id)
+
+
+@db_periodic_task(crontab(minute="*"))
+def machines_reconcile_task() -> None:
+    from machines.services import machines_reconcile
+
+    machines_reconcile()

@@ -1,0 +1,16 @@
+from django.urls import path
+
+from machines import views
+
+app_name = "machines"
+urlpatterns = [
+    path("", views.machine_list, name="list"),
+    path("new/", views.machine_create, name="create"),
+    path("new/preview/", views.machine_preview, name="preview"),
+    path("<int:pk>/", views.machine_detail, name="detail"),
+    path("<int:pk>/power/", views.machine_power, name="power"),
+    path("<int:pk>/rebuild/", views.machine_rebuild, name="rebuild"),
+    path("<int:pk>/grow-disk/", views.machine_grow_disk, name="grow-disk"),
+    path("<int:pk>/protection/", views.machine_protect, name="protect"),
+    path("<int:pk>/delete/", views.machine_delete, name="delete"),
+]

@@ -1,0 +1,155 @@
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
+from django.http import Http404, HttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from hypervisors.models import Hypervisor
+from machines import cloudinit, provisioning, services
+from machines.forms import GrowDiskForm, MachineForm
+from machines.models import Machine
+from machines.states import PowerAction, PowerState
+from portal.htmx import HtmxHttpRequest, is_partial
+
+
+def machines_for(user):
+    """The machines a user may see: their own; staff see all."""
+    qs = Machine.objects.select_related("hypervisor", "image", "owner")
+    return qs if user.is_staff else qs.filter(owner=user)
+
+
+def _get_machine_for_user(request, pk: int) -> Machine:
+    machine = machines_for(request.user).filter(pk=pk).first()
+    if machine is None:
+        raise Http404("No such machine.")
+    return machine
+
+
+@login_required
+@require_GET
+def machine_list(request: HtmxHttpRequest) -> HttpResponse:
+    machines = list(machines_for(request.user))
+    template = "machines/list.html"
+    if is_partial(request):
+        template += "#machine-table"
+    return render(request, template, {"machines": machines, "busy": any(m.is_busy for m in machines)})
+
+
+@login_required
+@require_GET
+def machine_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    machine = _get_machine_for_user(request, pk)
+    fragment = request.GET.get("fragment")
+    if fragment == "serial":
+        if machine.power_state == PowerState.RUNNING or not machine.serial_log:
+            services.machine_serial_log_request(machine=machine)
+        return render(request, "machines/detail.html#serial-log", {"machine": machine})
+    template = "machines/detail.html"
+    if is_partial(request):
+        template += "#machine-state"
+    events = machine.events.order_by("-created", "-pk")[:100]
+    return render(request, template, {"machine": machine, "events": events, "grow_form": GrowDiskForm(),
+                                      "power_actions": PowerAction.choices})  # fmt: skip
+
+
+def _form_context(form: MachineForm) -> dict:
+    hypervisors = list(Hypervisor.objects.filter(enabled=True))
+    return {"form": form, "networks": sorted({n["name"] for h in hypervisors for n in h.networks}),
+            "pools": sorted({p["name"] for h in hypervisors for p in h.pools})}  # fmt: skip
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def machine_create(request: HtmxHttpRequest) -> HttpResponse:
+    form = MachineForm(request.POST or None, initial={"ssh_authorized_keys": ""})
+    if request.method == "POST" and form.is_valid():
+        try:
+            machine = services.machine_create(owner=request.user, **form.service_kwargs())
+        except ValidationError as e:
+            for field, errors in getattr(e, "error_dict", {None: e.error_list}).items():
+                form.add_error(field if field in form.fields else None, errors)
+        else:
+            messages.success(request, f"Creating {machine.name}; follow the steps below.")
+            return redirect(machine)
+    return render(request, "machines/form.html", _form_context(form))
+
+
+@login_required
+@require_POST
+def machine_preview(request: HtmxHttpRequest) -> HttpResponse:
+    """The cloud-init documents the form would produce (htmx fragment)."""
+    form = MachineForm(request.POST)
+    form.is_valid()  # partial data is fine for a preview
+    data = form.cleaned_data
+    machine = Machine(name=data.get("name") or "new-machine", image=data.get("image"),
+                      ssh_authorized_keys=data.get("ssh_authorized_keys", ""), packages=data.get("packages", ""),
+                      script=data.get("script", ""), user_data=data.get("user_data", ""), instance_id="i-preview")  # fmt: skip
+    try:
+        spec = provisioning.seed_spec_from(machine, form.nic_inputs() if "nic_type" in data else [])
+        documents, error = cloudinit.preview(spec), ""
+    except cloudinit.CloudInitError as e:
+        documents, error = {}, str(e)
+    return render(request, "machines/form.html#preview", {"documents": documents, "preview_error": error})
+
+
+@login_required
+@require_POST
+def machine_power(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    machine = _get_machine_for_user(request, pk)
+    try:
+        services.machine_power(machine=machine, action=request.POST.get("action", ""))
+    except services.MachineError as e:
+        messages.error(request, str(e))
+    return redirect(machine)
+
+
+@login_required
+@require_POST
+def machine_rebuild(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    machine = _get_machine_for_user(request, pk)
+    try:
+        services.machine_rebuild(machine=machine)
+        messages.info(request, f"Rebuilding {machine.name} from {machine.image}.")
+    except services.MachineError as e:
+        messages.error(request, str(e))
+    return redirect(machine)
+
+
+@login_required
+@require_POST
+def machine_grow_disk(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    machine = _get_machine_for_user(request, pk)
+    form = GrowDiskForm(request.POST)
+    try:
+        if not form.is_valid():
+            raise ValidationError(form.errors.as_text())
+        services.machine_grow_disk(machine=machine, disk_gib=form.cleaned_data["disk_gib"])
+        messages.info(request, f"Growing the disk of {machine.name} to {form.cleaned_data['disk_gib']} GiB.")
+    except (services.MachineError, ValidationError) as e:
+        messages.error(request, " ".join(e.messages) if isinstance(e, ValidationError) else str(e))
+    return redirect(machine)
+
+
+@login_required
+@require_POST
+def machine_protect(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    machine = _get_machine_for_user(request, pk)
+    services.machine_set_protection(machine=machine, protected=request.POST.get("protected") == "1")
+    return redirect(machine)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def machine_delete(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    machine = _get_machine_for_user(request, pk)
+    if request.method == "POST":
+        try:
+            services.machine_delete(machine=machine)
+        except services.MachineError as e:
+            messages.error(request, str(e))
+            return redirect(machine)
+        messages.success(request, f"Deleting {machine.name}: its domain and disks are being removed.")
+        return redirect("machines:list")
+    return render(request, "machines/delete.html", {"machine": machine})
+

@@ -1,0 +1,87 @@
+import xml.etree.ElementTree as ET
+
+from hypervisors.drivers.base import PORTAL_METADATA_NS, DiskSpec, DomainSpec, NicSpec
+from hypervisors.drivers.domxml import build_domain_xml, parse_vnc, volume_xml
+
+NASTY = "x'\"<b>&amp; ]]> \u00e9"
+
+
+def spec(**kw) -> DomainSpec:
+    base = dict(
+        uuid="0b8c1c86-6f34-4d3b-9d59-0c3c1b5d2f10", name="web1-0b8c1c86", domain_type="qemu", vcpus=2, memory_mib=512,
+        title="web1", description=NASTY, vnc_listen="127.0.0.1", serial_log="/pool/m-serial.log",
+        disks=(DiskSpec(path="/pool/disk.qcow2", boot_order=1), DiskSpec(path="/pool/seed.iso", device="cdrom", format="raw", bus="ide")),
+        nics=(NicSpec(type="network", source="default", mac="52:54:00:aa:bb:01"), NicSpec(type="bridge", source="br0", mac="52:54:00:aa:bb:02"),
+              NicSpec(type="user", source="", mac="52:54:00:aa:bb:03")),
+        metadata={"id": 7, "owner": 3},
+    )  # fmt: skip
+    base.update(kw)
+    return DomainSpec(**base)
+
+
+def parse(s: DomainSpec) -> ET.Element:
+    return ET.fromstring(build_domain_xml(s))
+
+
+def test_identity_and_size():
+    root = parse(spec())
+    assert root.get("type") == "qemu"
+    assert root.findtext("name") == "web1-0b8c1c86"
+    assert root.findtext("uuid") == "0b8c1c86-6f34-4d3b-9d59-0c3c1b5d2f10"
+    assert root.findtext("memory") == "512" and root.find("memory").get("unit") == "MiB"
+    assert root.findtext("vcpu") == "2"
+    assert root.find("os/type").get("machine") == "pc" and root.find("os/type").get("arch") == "x86_64"
+
+
+def test_user_text_lands_escaped_and_comes_back_intact():
+    root = parse(spec(description=NASTY, title=NASTY))
+    assert root.findtext("description") == NASTY and root.findtext("title") == NASTY
+    assert len(root.findall("devices/disk")) == 2  # nothing injected
+
+
+def test_disks_get_targets_per_bus_and_boot_order():
+    disks = parse(spec()).findall("devices/disk")
+    assert [(d.get("device"), d.find("target").get("dev"), d.find("target").get("bus")) for d in disks] == [
+        ("disk", "vda", "virtio"), ("cdrom", "hda", "ide")]  # fmt: skip
+    assert disks[0].find("boot").get("order") == "1"
+    assert disks[0].find("driver").get("type") == "qcow2" and disks[1].find("driver").get("type") == "raw"
+    assert disks[1].find("readonly") is not None
+
+
+def test_nics_by_type():
+    nics = parse(spec()).findall("devices/interface")
+    assert [n.get("type") for n in nics] == ["network", "bridge", "user"]
+    assert nics[0].find("source").get("network") == "default"
+    assert nics[1].find("source").get("bridge") == "br0"
+    assert nics[2].find("source") is None
+    assert [n.find("mac").get("address") for n in nics] == ["52:54:00:aa:bb:01", "52:54:00:aa:bb:02", "52:54:00:aa:bb:03"]
+    assert all(n.find("model").get("type") == "virtio" for n in nics)
+
+
+def test_console_serial_log_and_vnc_on_the_console_address():
+    root = parse(spec(vnc_listen="10.0.0.5"))
+    assert root.find("devices/serial/log").get("file") == "/pool/m-serial.log"
+    graphics = root.find("devices/graphics")
+    assert graphics.get("type") == "vnc" and graphics.get("listen") == "10.0.0.5"
+    assert graphics.find("listen").get("address") == "10.0.0.5"
+    assert root.find("devices/console/target").get("type") == "serial"
+
+
+def test_portal_ids_in_metadata():
+    el = parse(spec()).find(f"metadata/{{{PORTAL_METADATA_NS}}}machine")
+    assert el.get("id") == "7" and el.get("owner") == "3"
+
+
+def test_parse_vnc_of_a_running_domain():
+    xml = "<domain><devices><graphics type='vnc' port='5901' listen='127.0.0.1'/></devices></domain>"
+    assert parse_vnc(xml) == ("127.0.0.1", 5901)
+    assert parse_vnc("<domain><devices><graphics type='vnc' port='-1'/></devices></domain>") is None
+
+
+def test_overlay_volume_xml():
+    root = ET.fromstring(volume_xml(name="d.qcow2", capacity_bytes=10 << 30, fmt="qcow2", backing_path="/p/base.qcow2",
+                                    backing_format="qcow2"))  # fmt: skip
+    assert root.findtext("capacity") == str(10 << 30)
+    assert root.find("target/format").get("type") == "qcow2"
+    assert root.findtext("backingStore/path") == "/p/base.qcow2"
+    assert root.find("backingStore/format").get("type") == "qcow2"

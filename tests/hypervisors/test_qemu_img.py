@@ -1,0 +1,73 @@
+import subprocess
+
+import pycdlib
+import pytest
+
+from hypervisors.drivers.qemu_img import ImageRejected, detect_format, inspect
+
+LIMIT = 64 << 30
+
+
+def qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def qcow2(tmp_path):
+    path = tmp_path / "a.qcow2"
+    qemu_img("create", "-f", "qcow2", str(path), "64M")
+    return path
+
+
+def test_a_plain_qcow2_passes(qcow2):
+    facts = inspect(str(qcow2), "qcow2", max_virtual_bytes=LIMIT)
+    assert facts.virtual_size_bytes == 64 << 20 and facts.format == "qcow2"
+
+
+def test_the_declared_format_must_match(qcow2):
+    with pytest.raises(ImageRejected, match="the file is qcow2, not raw"):
+        inspect(str(qcow2), "raw", max_virtual_bytes=LIMIT)
+
+
+def test_a_backing_file_is_refused(tmp_path):
+    evil = tmp_path / "evil.qcow2"
+    qemu_img("create", "-f", "qcow2", "-F", "raw", "-b", "/etc/shadow", str(evil), "1M")
+    with pytest.raises(ImageRejected, match="backing file"):
+        inspect(str(evil), "qcow2", max_virtual_bytes=LIMIT)
+
+
+def test_an_external_data_file_is_refused(tmp_path):
+    evil = tmp_path / "evil.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", f"data_file={tmp_path / 'data.raw'}", str(evil), "1M")
+    with pytest.raises(ImageRejected, match="external data file"):
+        inspect(str(evil), "qcow2", max_virtual_bytes=LIMIT)
+
+
+def test_the_virtual_size_is_capped(tmp_path):
+    big = tmp_path / "big.qcow2"
+    qemu_img("create", "-f", "qcow2", str(big), "100G")
+    with pytest.raises(ImageRejected, match="over the limit of 64 GiB"):
+        inspect(str(big), "qcow2", max_virtual_bytes=LIMIT)
+
+
+def test_raw_and_iso(tmp_path):
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(b"\0" * 4096)
+    assert inspect(str(raw), "raw", max_virtual_bytes=LIMIT).virtual_size_bytes == 4096
+    iso_path = tmp_path / "x.iso"
+    iso = pycdlib.PyCdlib()
+    iso.new(vol_ident="TEST")
+    iso.write(str(iso_path))
+    iso.close()
+    assert detect_format(str(iso_path)) == "iso"
+    assert inspect(str(iso_path), "iso", max_virtual_bytes=LIMIT).virtual_size_bytes == iso_path.stat().st_size
+    with pytest.raises(ImageRejected, match="the file is raw, not iso"):
+        inspect(str(raw), "iso", max_virtual_bytes=LIMIT)
+
+
+def test_other_formats_are_named(tmp_path):
+    vmdk = tmp_path / "x.vmdk"
+    qemu_img("create", "-f", "vmdk", str(vmdk), "1M")
+    assert detect_format(str(vmdk)) == "vmdk"
+    with pytest.raises(ImageRejected, match="the file is vmdk"):
+        inspect(str(vmdk), "qcow2", max_virtual_bytes=LIMIT)
