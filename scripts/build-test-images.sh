@@ -388,7 +388,6 @@ main 2>&1 | tee $consoles >/dev/null
     ls /dev/input/event* >/dev/null 2>&1 && echo "::respawn:/sbin/acpid -f -l /run/acpid.log"
     echo "::ctrlaltdel:/sbin/reboot"
     echo "::shutdown:/bin/sync"
-    echo "::shutdown:/bin/umount -a -r"
 } >/etc/inittab
 exec /sbin/init
 EOF

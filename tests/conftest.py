@@ -1,8 +1,11 @@
+import functools
+import http.server
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,6 +16,7 @@ from huey.contrib.djhuey import HUEY
 
 from hypervisors.drivers import libvirt_driver
 from tests.factories import UserFactory
+from tests.images import test_images
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -158,3 +162,38 @@ def wait_for(predicate, timeout: float, interval: float = 0.25, message: str = "
         if time.monotonic() > deadline:
             pytest.fail(message or f"condition not met within {timeout} s")
         time.sleep(interval)
+
+
+@pytest.fixture
+def file_server():
+    """Serves the test image directory over HTTP on loopback, for imports from a URL."""
+    directory = str(Path(test_images()["tiny_disk"]).parent)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=directory)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture
+def local(worker, libvirtd):
+    """The host's libvirtd registered as `local`, online."""
+    from hypervisors import services as hv_services
+    from hypervisors.models import Hypervisor, HypervisorStatus
+
+    hv = hv_services.hypervisor_create(name="local", uri=libvirtd)
+    return wait_for(lambda: (h := Hypervisor.objects.get(pk=hv.pk)).status == HypervisorStatus.ONLINE and h, 30)
+
+
+@pytest.fixture
+def tiny_image(worker, file_server):
+    """The tiny test guest in the catalogue, imported from a URL by the real worker."""
+    from hypervisors import images
+    from hypervisors.models import Image, ImageStatus
+
+    name = Path(test_images()["tiny_disk"]).name
+    image = images.image_create_from_url(name="tiny", kind="disk", fmt="qcow2", default_user="tiny", os_name="Tiny Linux",
+                                         source_url=f"{file_server}/{name}")  # fmt: skip
+    image = wait_for(lambda: (i := Image.objects.get(pk=image.pk)).status != ImageStatus.IMPORTING and i, 60)
+    assert image.status == ImageStatus.READY, image.status_message
+    return image

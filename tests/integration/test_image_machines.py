@@ -4,25 +4,20 @@ One booted guest is shared by the whole lifecycle (create, serial log, power,
 grow, rebuild, delete) since booting is the slow part under emulation.
 """
 
-import functools
-import http.server
 import subprocess
-import threading
 import time
-from pathlib import Path
 
 import pytest
 from rest_framework.test import APIClient
 
 from hypervisors import services as hv_services
 from hypervisors.images import image_dir
-from hypervisors.models import Hypervisor, HypervisorStatus, Image, ImageCopy
+from hypervisors.models import Hypervisor, Image, ImageCopy
 from machines import services
 from machines.models import Machine
 from portal.models import ApiToken
 from tests.conftest import wait_for
 from tests.factories import UserFactory
-from tests.images import test_images
 
 pytestmark = pytest.mark.integration
 
@@ -34,17 +29,6 @@ def virsh(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def file_server():
-    """Serves the test image directory over HTTP on loopback, for imports from a URL."""
-    directory = str(Path(test_images()["tiny_disk"]).parent)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=directory)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
-@pytest.fixture
 def api(worker):
     user = UserFactory(username="tester", is_staff=True)
     _, raw = ApiToken.issue(user=user)
@@ -52,22 +36,6 @@ def api(worker):
     client.credentials(HTTP_AUTHORIZATION=f"Token {raw}")
     client.user = user
     return client
-
-
-@pytest.fixture
-def local(worker, libvirtd):
-    hv = hv_services.hypervisor_create(name="local", uri=libvirtd)
-    return wait_for(lambda: (h := Hypervisor.objects.get(pk=hv.pk)).status == HypervisorStatus.ONLINE and h, 30)
-
-
-def import_tiny_image(api, file_server) -> Image:
-    name = Path(test_images()["tiny_disk"]).name
-    r = api.post("/api/v1/images/", {"name": "tiny", "kind": "disk", "format": "qcow2", "default_user": "tiny",
-                                     "source_url": f"{file_server}/{name}"}, format="json")  # fmt: skip
-    assert r.status_code == 201, r.content
-    body = wait_for(lambda: (b := api.get(f"/api/v1/images/{r.json()['id']}/").json())["status"] != "importing" and b, 60)
-    assert body["status"] == "ready", body["status_message"]
-    return Image.objects.get(pk=body["id"])
 
 
 def serial_log(machine_id: int, *needles: str, timeout: float = 90) -> str:
@@ -83,8 +51,8 @@ def serial_log(machine_id: int, *needles: str, timeout: float = 90) -> str:
     return wait_for(check, timeout, interval=1, message=f"serial log never showed {needles}")
 
 
-def test_image_machine_lifecycle(api, local, file_server):
-    image = import_tiny_image(api, file_server)
+def test_image_machine_lifecycle(api, local, tiny_image):
+    image = tiny_image
     started = time.monotonic()
     r = api.post("/api/v1/machines/", {
         "name": "tiny1", "deploy_type": "image", "hypervisor": "local", "image": image.pk, "vcpus": 1,
