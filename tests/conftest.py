@@ -125,7 +125,22 @@ def worker(huey_worker, transactional_db):
     HUEY.immediate = False
     yield huey_worker
     HUEY.immediate = True
+    _remove_leftover_machines()
     assert huey_worker.poll() is None, "the Huey consumer died during the test"
+
+
+def _remove_leftover_machines() -> None:
+    """A failed test must not leave domains or volumes on the host for the next one."""
+    from hypervisors.drivers import get_driver
+    from machines.models import Machine
+    from machines.provisioning import deprovision
+
+    for machine in Machine.objects.select_related("hypervisor"):
+        try:
+            with get_driver(machine.hypervisor.uri) as driver:
+                deprovision(machine, driver)
+        except Exception as e:  # noqa: BLE001 - best effort, reported
+            print(f"could not remove leftover machine {machine.name}: {e}")
 
 
 @pytest.fixture(scope="session")

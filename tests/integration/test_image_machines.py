@@ -12,7 +12,7 @@ from rest_framework.test import APIClient
 
 from hypervisors import services as hv_services
 from hypervisors.images import image_dir
-from hypervisors.models import Hypervisor, Image, ImageCopy
+from hypervisors.models import Hypervisor, HypervisorStatus, Image, ImageCopy
 from machines import services
 from machines.models import Machine
 from portal.models import ApiToken
@@ -146,3 +146,31 @@ def test_a_malicious_qcow2_is_refused_at_upload(api, tmp_path):
     body = wait_for(lambda: (b := api.get(f"/api/v1/images/{r.json()['id']}/").json())["status"] != "importing" and b, 30)
     assert body["status"] == "error" and "backing file" in body["status_message"]
     assert not (image_dir() / Image.objects.get(pk=body["id"]).file_name).exists()  # the refused file is gone
+
+
+def test_a_hypervisor_lost_during_provisioning_is_retried_without_orphans(worker, libvirt_tcp_proxy, tiny_image):
+    """libvirtd unreachable when the pipeline runs: the task retries, then finishes with one of everything."""
+    hv = hv_services.hypervisor_create(name="flaky", uri=f"qemu+tcp://127.0.0.1:{libvirt_tcp_proxy.port}/system")
+    hv = wait_for(lambda: (h := Hypervisor.objects.get(pk=hv.pk)).status == HypervisorStatus.ONLINE and h, 30)
+    owner = UserFactory(username="flaky-owner")
+
+    libvirt_tcp_proxy.stop()
+    machine = services.machine_create(owner=owner, hypervisor=hv, name="flaky1", image=tiny_image, memory_mib=256,
+                                      disk_gib=1, nics=[services.NicInput(type="user")])  # fmt: skip
+    wait_for(lambda: machine.events.filter(step="retry").exists(), 30, message="no retry was scheduled")
+    assert Machine.objects.get(pk=machine.pk).status == "provisioning"
+    libvirt_tcp_proxy.start()
+
+    wait_for(lambda: Machine.objects.get(pk=machine.pk).status in ("active", "error"), 90)
+    machine.refresh_from_db()
+    assert machine.status == "active", machine.status_message
+    assert virsh("domstate", str(machine.uuid)).stdout.strip() == "running"
+    names = [n for n in virsh("list", "--all", "--name").stdout.split() if n.startswith("flaky1-")]
+    assert names == [machine.domain_name]
+    volumes = [line.split()[0] for line in virsh("vol-list", "default").stdout.splitlines()[2:] if line.strip()]
+    assert volumes.count(machine.disk_volume) == 1 and volumes.count(machine.seed_volume) == 1
+
+    services.machine_delete(machine=machine)
+    wait_for(lambda: not Machine.objects.filter(pk=machine.pk).exists(), 60)
+    assert virsh("dominfo", str(machine.uuid)).returncode != 0
+    assert machine.disk_volume not in virsh("vol-list", "default").stdout
