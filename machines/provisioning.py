@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 
 from huey.contrib.djhuey import HUEY
 from huey.exceptions import TaskLockedException
@@ -73,17 +74,36 @@ def domain_spec(machine: Machine, *, disks: tuple[DiskSpec, ...], serial_log: st
     )
 
 
+IMAGE_LOCK_WAIT = 600  # seconds to wait for another task copying the same image
+
+
+@contextmanager
+def _waiting_lock(name: str, timeout: float):
+    """Huey's task lock, waited for: machines created together share one image upload."""
+    deadline = time.monotonic() + timeout
+    lock = HUEY.lock_task(name)
+    while True:
+        try:
+            lock.__enter__()
+            break
+        except TaskLockedException:
+            if time.monotonic() > deadline:
+                raise HypervisorUnavailable("another machine is still copying the same image; trying again later") from None
+            time.sleep(0.1)
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
 def ensure_image(machine: Machine, driver: HypervisorDriver) -> str:
     """The image's path in the machine's pool, copied there through libvirt the first time."""
     lock = f"image-copy-{machine.image_id}-{machine.hypervisor_id}-{machine.pool}"
     result: dict = {}
 
     def step() -> str:
-        try:
-            with HUEY.lock_task(lock):
-                result["path"], uploaded = ensure_image_copy(machine.image, machine.hypervisor, machine.pool, driver)
-        except TaskLockedException:
-            raise HypervisorUnavailable("another machine is copying the same image; trying again shortly") from None
+        with _waiting_lock(lock, IMAGE_LOCK_WAIT):
+            result["path"], uploaded = ensure_image_copy(machine.image, machine.hypervisor, machine.pool, driver)
         size = machine.image.file_size_bytes / (1 << 20)
         return f"image {machine.image.name} {'copied to' if uploaded else 'already in'} pool {machine.pool} ({size:.1f} MiB)"
 

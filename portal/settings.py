@@ -163,6 +163,11 @@ HUEY = {
         "worker_type": "thread",
         "periodic": True,
         "check_worker_health": True,
+        # Idle workers poll the embedded queue; Huey's default backoff lets that grow to 10 s,
+        # which is how long a new machine would wait to be picked up.
+        "initial_delay": 0.05,
+        "backoff": 1.15,
+        "max_delay": 0.5,
     },
 }
 if _redis_url:

@@ -170,6 +170,7 @@ rm -f "$CACHE_DIR"/debian12-cloud-*.qcow2.part
 
 WORK=$(mktemp -d "$CACHE_DIR/.debian12-cloud-build-XXXXXX")
 trap 'remove_work "$WORK"; rm -f "$IMAGE.part"' EXIT
+trap 'exit 130' INT TERM HUP  # run the EXIT trap on these too
 R=$WORK/root
 
 # --- stage 1: debootstrap -----------------------------------------------------------
@@ -269,7 +270,13 @@ cat >"$R/etc/cloud/cloud.cfg.d/99-portal-nocloud.cfg" <<'EOF'
 # The portal hands guests a NoCloud seed (an ISO labelled cidata): look for
 # nothing else, so that boot never waits for a metadata server.
 datasource_list: [ NoCloud, None ]
+# The image's locale, so cloud-init runs no locale-gen (Debian's locale-gen
+# ignores the locale it is asked for, and cloud-init's default en_US.UTF-8 fails).
+locale: C.UTF-8
+# No DSA host key: sshd does not use one, and generating it costs boot time.
+ssh_genkeytypes: [rsa, ecdsa, ed25519]
 EOF
+printf 'LANG=C.UTF-8\n' >"$R/etc/default/locale"
 
 # Networking as in Debian's bookworm cloud images: cloud-init writes netplan,
 # netplan renders systemd-networkd, systemd-resolved serves DNS.
