@@ -49,8 +49,9 @@ lint: deps-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: deps
+bench: host deps
 	$(PY) bench/bench_sync.py
+	$(PY) bench/provision.py
 
 clean:
 	rm -rf $(VENV) node_modules var

@@ -63,7 +63,7 @@ class MachineAdmin(admin.ModelAdmin):
                        "operation", "instance_id", "created", "updated"]  # fmt: skip
     fields = [*readonly_fields[:10], "deletion_protection", "autostart", *readonly_fields[10:]]
     inlines = [NicInline, EventInline]
-    actions = [*(_power_action(a) for a in PowerAction.values), "rebuild", "delete_machines"]
+    actions = [*(_power_action(a) for a in PowerAction.values), "grow_disk", "rebuild", "delete_machines"]
 
     def has_add_permission(self, request):
         return False  # machines are created through the portal or the API, which run the pipeline
@@ -75,6 +75,10 @@ class MachineAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+    @admin.action(description="Grow disk by 10 GiB")
+    def grow_disk(self, request, queryset):
+        _each(self, request, queryset, lambda m: services.machine_grow_disk(machine=m, disk_gib=m.disk_gib + 10), "Grow disk")
 
     @admin.action(description="Rebuild from the image")
     def rebuild(self, request, queryset):

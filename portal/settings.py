@@ -125,7 +125,12 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"
 STATIC_ROOT.mkdir(exist_ok=True)  # WhiteNoise warns about a missing root before collectstatic
-STATICFILES_DIRS = [BASE_DIR / "static", ("vendor", BASE_DIR / "node_modules")]
+# Only the parts of the npm packages the pages load (bootstrap-icons alone ships 2,000 SVGs).
+STATICFILES_DIRS = [
+    BASE_DIR / "static",
+    ("vendor/bootstrap/dist", BASE_DIR / "node_modules/bootstrap/dist"),
+    ("vendor/bootstrap-icons/font", BASE_DIR / "node_modules/bootstrap-icons/font"),
+]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},

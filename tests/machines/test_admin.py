@@ -1,0 +1,50 @@
+from unittest import mock
+
+import pytest
+
+from machines.models import Machine
+from machines.states import Status
+from tests.factories import HypervisorFactory, UserFactory
+from tests.fakes import FakeDriver, FakeHost
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def machine(db):
+    hv = HypervisorFactory(name="lab", uri="qemu:///system")
+    return Machine.objects.create(name="web1", owner=UserFactory(username="o"), hypervisor=hv, deploy_type="network",
+                                  status=Status.ACTIVE, disk_gib=5)  # fmt: skip
+
+
+def act(staff_client, action, machine):
+    return staff_client.post("/admin/machines/machine/", {"action": action, "_selected_action": [machine.pk]}, follow=True)
+
+
+def test_power_action_queues_the_operation(staff_client, machine):
+    r = act(staff_client, "power_shutdown", machine)
+    assert b"Shut down: queued for 1 machine" in r.content
+    assert Machine.objects.get(pk=machine.pk).operation == "shutdown"
+
+
+def test_grow_disk_action(staff_client, machine, django_capture_on_commit_callbacks):
+    host = FakeHost()
+    host.pools["default"][machine.disk_volume] = {"format": "qcow2", "capacity": 5 << 30, "backing": "", "data": b""}
+    with mock.patch("machines.services.get_driver", lambda uri: FakeDriver(uri, host)):
+        with django_capture_on_commit_callbacks(execute=True):
+            act(staff_client, "grow_disk", machine)
+    assert Machine.objects.get(pk=machine.pk).disk_gib == 15
+    assert host.pools["default"][machine.disk_volume]["capacity"] == 15 << 30
+
+
+def test_protected_machines_are_not_deleted_by_the_action(staff_client, machine):
+    Machine.objects.filter(pk=machine.pk).update(deletion_protection=True)
+    r = act(staff_client, "delete_machines", machine)
+    assert b"protected" in r.content
+    assert Machine.objects.get(pk=machine.pk).status == Status.ACTIVE
+
+
+def test_the_admin_lists_machines_with_events(staff_client, machine):
+    machine.log("create", "hello <b>world</b>")
+    r = staff_client.get(f"/admin/machines/machine/{machine.pk}/change/")
+    assert r.status_code == 200 and b"hello &lt;b&gt;world&lt;/b&gt;" in r.content

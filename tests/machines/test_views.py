@@ -1,0 +1,89 @@
+import pytest
+from django.urls import reverse
+
+from hypervisors.models import Image, ImageStatus
+from machines.models import Machine
+from machines.states import Status
+from tests.factories import HypervisorFactory, UserFactory
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def machine(user):
+    hv = HypervisorFactory(name="lab", uri="qemu:///system")
+    return Machine.objects.create(name="web1", owner=user, hypervisor=hv, deploy_type="network", status=Status.ACTIVE)
+
+
+@pytest.fixture
+def other_client(client):
+    client.force_login(UserFactory(username="mallory"))
+    return client
+
+
+MUTATING = ["power", "rebuild", "grow-disk", "protect", "delete"]
+
+
+def test_anonymous_is_sent_to_login(client, machine):
+    for url in [reverse("machines:list"), reverse("machines:detail", args=[machine.pk]), reverse("machines:create")]:
+        r = client.get(url)
+        assert r.status_code == 302 and r["Location"].startswith("/login/")
+
+
+@pytest.mark.parametrize("name", MUTATING)
+def test_another_users_machine_is_404(other_client, machine, name):
+    r = other_client.post(reverse(f"machines:{name}", args=[machine.pk]), {"action": "poweroff"})
+    assert r.status_code == 404
+    machine.refresh_from_db()
+    assert machine.operation == "" and machine.status == Status.ACTIVE
+
+
+def test_another_users_machine_is_not_listed_or_shown(other_client, machine):
+    assert b"web1" not in other_client.get(reverse("machines:list")).content
+    assert other_client.get(reverse("machines:detail", args=[machine.pk])).status_code == 404
+
+
+@pytest.mark.parametrize("name", ["power", "rebuild", "grow-disk", "protect"])
+def test_get_is_405(user_client, machine, name):
+    assert user_client.get(reverse(f"machines:{name}", args=[machine.pk])).status_code == 405
+
+
+def test_power_post_queues_the_action(user_client, machine):
+    r = user_client.post(reverse("machines:power", args=[machine.pk]), {"action": "poweroff"})
+    assert r.status_code == 302
+    assert Machine.objects.get(pk=machine.pk).operation == "poweroff"
+
+
+def test_detail_state_partial_for_htmx(user_client, machine):
+    r = user_client.get(reverse("machines:detail", args=[machine.pk]), headers={"HX-Request": "true"})
+    assert r.status_code == 200 and b"<html" not in r.content and b'id="machine-state"' in r.content
+
+
+def test_staff_see_every_machine(staff_client, machine):
+    assert b"web1" in staff_client.get(reverse("machines:list")).content
+
+
+def test_protection_toggle(user_client, machine):
+    user_client.post(reverse("machines:protect", args=[machine.pk]), {"protected": "1"})
+    assert Machine.objects.get(pk=machine.pk).deletion_protection is True
+    r = user_client.post(reverse("machines:delete", args=[machine.pk]), follow=True)
+    assert b"protected" in r.content and Machine.objects.filter(pk=machine.pk).exists()
+
+
+def test_create_form_explains_itself(user_client):
+    HypervisorFactory(name="lab")
+    Image.objects.create(name="debian-12", status=ImageStatus.READY, virtual_size_bytes=2 << 30)
+    r = user_client.get(reverse("machines:create"))
+    assert r.status_code == 200 and b"debian-12" in r.content and b"copy-on-write" in r.content
+
+
+def test_preview_shows_the_documents(user_client):
+    r = user_client.post(reverse("machines:preview"), {"name": "web9", "script": "echo <hi>", "nic_type": "user"},
+                         headers={"HX-Request": "true"})  # fmt: skip
+    body = r.content.decode()
+    assert "local-hostname: web9" in body and "echo &lt;hi&gt;" in body and "network-config" in body
+
+
+def test_preview_reports_bad_user_data(user_client):
+    r = user_client.post(reverse("machines:preview"), {"name": "web9", "user_data": "not cloud config"})
+    assert "#cloud-config" in r.content.decode()
