@@ -1,14 +1,15 @@
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.urls import reverse
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from hypervisors.models import Hypervisor, Image
-from machines import services
+from machines import consoles, services
+from machines.access import machines_for
 from machines.models import Machine, MachineEvent, MachineNic
 from machines.states import PowerAction
-from machines.views import machines_for
 
 
 class NameOrIdField(serializers.RelatedField):
@@ -62,6 +63,9 @@ class MachineSerializer(serializers.ModelSerializer):
     owner = serializers.CharField(source="owner.username", read_only=True)
     hypervisor = NameOrIdField(queryset=Hypervisor.objects.all())
     image = serializers.PrimaryKeyRelatedField(queryset=Image.objects.all(), required=False, allow_null=True)
+    extra_isos = serializers.PrimaryKeyRelatedField(queryset=Image.objects.filter(kind="iso"), many=True, required=False,
+                                                    write_only=True)  # fmt: skip
+    cdroms = serializers.SerializerMethodField()
     nics = NicSerializer(many=True, required=False)
     ssh_authorized_keys = StringOrList(required=False)
     packages = StringOrList(required=False)
@@ -72,9 +76,12 @@ class MachineSerializer(serializers.ModelSerializer):
         fields = ["id", "uuid", "name", "owner", "hypervisor", "pool", "deploy_type", "image", "vcpus", "memory_mib",
                   "disk_gib", "nics", "ssh_authorized_keys", "packages", "script", "user_data",
                   "deletion_protection", "autostart", "status", "status_message", "power_state", "operation",
-                  "domain_name", "created", "events"]  # fmt: skip
+                  "domain_name", "created", "events", "extra_isos", "cdroms"]  # fmt: skip
         read_only_fields = ["uuid", "status", "status_message", "power_state", "operation", "domain_name", "created"]
         validators = []  # the service validates (with the owner, which the request supplies)
+
+    def get_cdroms(self, machine) -> list[dict]:
+        return [{"slot": c.slot, "image": c.image_id} for c in machine.cdroms.all()]
 
     def get_events(self, machine) -> list[dict]:
         events = machine.events.order_by("-created", "-pk")[:50]
@@ -92,8 +99,18 @@ class PowerSerializer(serializers.Serializer):
     action = serializers.ChoiceField(choices=PowerAction.choices)
 
 
+class MediaSerializer(serializers.Serializer):
+    slot = serializers.IntegerField(min_value=0, max_value=3, default=0)
+    image = serializers.PrimaryKeyRelatedField(queryset=Image.objects.filter(kind="iso"), allow_null=True)
+
+
 class GrowSerializer(serializers.Serializer):
     disk_gib = serializers.IntegerField(min_value=1, max_value=16384)
+
+
+class ConsoleUrlSerializer(serializers.Serializer):
+    url = serializers.URLField()
+    expires_at = serializers.DateTimeField()
 
 
 class ProtectionSerializer(serializers.Serializer):
@@ -134,6 +151,20 @@ class MachineViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixins.Retr
         s.is_valid(raise_exception=True)
         return self._act(services.machine_power, action=s.validated_data["action"])
 
+    @extend_schema(request=MediaSerializer)
+    @action(detail=True, methods=["post"])
+    def media(self, request, pk=None):
+        """Insert an ISO (`image`) into CD-ROM `slot`, or eject it (`image` null)."""
+        s = MediaSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        return self._act(services.machine_change_media, slot=s.validated_data["slot"], image=s.validated_data["image"])
+
+    @extend_schema(request=None)
+    @action(detail=True, methods=["post"], url_path="boot-cdrom")
+    def boot_cdrom(self, request, pk=None):
+        """Cold-start once from the installer CD-ROM."""
+        return self._act(services.machine_boot_cdrom_once)
+
     @extend_schema(request=None)
     @action(detail=True, methods=["post"])
     def rebuild(self, request, pk=None):
@@ -145,6 +176,19 @@ class MachineViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixins.Retr
         s = GrowSerializer(data=request.data)
         s.is_valid(raise_exception=True)
         return self._act(services.machine_grow_disk, disk_gib=s.validated_data["disk_gib"])
+
+    @extend_schema(request=None, responses={200: ConsoleUrlSerializer})
+    @action(detail=True, methods=["post"])
+    def console(self, request, pk=None):
+        """A one-time URL that opens the console in a browser with no portal session (like
+        `openstack console url show`). The credential is in the URL's fragment; it works once and
+        expires unused within PORTAL_CONSOLE_TOKEN_TTL seconds."""
+        machine = self.get_object()
+        raw, expires = consoles.console_token_issue(machine=machine, user=request.user)
+        url = request.build_absolute_uri(reverse("console-standalone")) + f"#m={machine.pk}&t={raw}"
+        response = Response({"url": url, "expires_at": expires})
+        response["Cache-Control"] = "no-store"
+        return response
 
     @extend_schema(request=ProtectionSerializer)
     @action(detail=True, methods=["post"])

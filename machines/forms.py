@@ -2,14 +2,20 @@ from django import forms
 
 from hypervisors.models import Hypervisor, HypervisorStatus, Image, ImageKind, ImageStatus
 from machines.models import Machine, MachineNic
+from machines.states import DeployType
 
 
 class MachineForm(forms.ModelForm):
     """The create form: one NIC here (the API takes any number)."""
 
     hypervisor = forms.ModelChoiceField(queryset=Hypervisor.objects.none(), empty_label=None)
+    deploy_type = forms.ChoiceField(label="Deployment", choices=DeployType.choices[:2], initial=DeployType.IMAGE,
+                                    widget=forms.RadioSelect)  # fmt: skip
     image = forms.ModelChoiceField(queryset=Image.objects.none(), empty_label=None,
-                                   help_text="A ready cloud image; its default user gets the SSH keys.")  # fmt: skip
+                                   help_text="A cloud image (its login user gets the SSH keys) or, for an ISO machine, "
+                                             "the installer ISO.")  # fmt: skip
+    extra_isos = forms.ModelMultipleChoiceField(queryset=Image.objects.none(), required=False, label="Extra ISOs",
+                                                help_text="ISO machines only: more CD-ROMs, e.g. drivers (up to 3).")  # fmt: skip
     nic_type = forms.ChoiceField(label="Network", initial="user",
                                  choices=[("", "No network"), *MachineNic.Type.choices],
                                  help_text="User-mode needs no set-up on the hypervisor (the guest gets 10.0.2.15 behind NAT).")  # fmt: skip
@@ -36,7 +42,10 @@ class MachineForm(forms.ModelForm):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["hypervisor"].queryset = Hypervisor.objects.filter(enabled=True, status=HypervisorStatus.ONLINE)
-        self.fields["image"].queryset = Image.objects.filter(kind=ImageKind.DISK, status=ImageStatus.READY)
+        ready = Image.objects.filter(status=ImageStatus.READY)
+        self.fields["image"].queryset = ready
+        self.fields["image"].label_from_instance = lambda i: f"{i.name} ({'ISO' if i.kind == ImageKind.ISO else 'disk image'})"
+        self.fields["extra_isos"].queryset = ready.filter(kind=ImageKind.ISO)
 
     def nic_inputs(self) -> list:
         from machines.services import NicInput
@@ -54,6 +63,7 @@ class MachineForm(forms.ModelForm):
 
     def service_kwargs(self) -> dict:
         data = {k: v for k, v in self.cleaned_data.items() if not k.startswith("nic_")}
+        data["extra_isos"] = list(data.get("extra_isos") or [])
         return {**data, "nics": self.nic_inputs()}
 
 

@@ -49,6 +49,8 @@ class Machine(models.Model):
     instance_id = models.CharField(max_length=64, blank=True)
     serial_log = models.TextField(blank=True)
     serial_log_fetched = models.DateTimeField(null=True, blank=True)
+    screenshot_taken = models.DateTimeField(null=True, blank=True)
+    screenshot_requested = models.DateTimeField(null=True, blank=True)
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
 
@@ -172,3 +174,50 @@ class MachineEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.created:%H:%M:%S} {self.step}: {self.message}"
+
+
+class MachineCdrom(models.Model):
+    """A CD-ROM drive of an ISO machine and what is in it (None: ejected). Slot 0 holds the installer."""
+
+    machine = models.ForeignKey(Machine, on_delete=models.CASCADE, related_name="cdroms")
+    slot = models.PositiveSmallIntegerField()
+    image = models.ForeignKey(Image, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+
+    class Meta:
+        ordering = ["machine", "slot"]
+        constraints = [models.UniqueConstraint(fields=["machine", "slot"], name="cdrom_slot_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.machine} cdrom{self.slot}: {self.image or 'empty'}"
+
+
+class ConsoleToken(models.Model):
+    """A single-use console credential. Only its hash is stored."""
+
+    key_hash = models.CharField(max_length=64, unique=True)
+    machine = models.ForeignKey(Machine, on_delete=models.CASCADE, related_name="console_tokens")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="console_tokens")
+    session_key = models.CharField(max_length=40, blank=True)  # the portal session it was issued to, if any
+    created = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    used_at = models.DateTimeField(null=True, blank=True)
+    used_by = models.GenericIPAddressField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"console token for {self.machine} ({self.user})"
+
+
+class ConsoleSession(models.Model):
+    """An open console connection through the proxy (ended is set when it closes)."""
+
+    machine = models.ForeignKey(Machine, on_delete=models.CASCADE, related_name="console_sessions")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="console_sessions")
+    token = models.ForeignKey(ConsoleToken, null=True, on_delete=models.SET_NULL, related_name="sessions")
+    client = models.GenericIPAddressField(null=True, blank=True)
+    proxy_pid = models.PositiveIntegerField(default=0)
+    started = models.DateTimeField(auto_now_add=True)
+    ended = models.DateTimeField(null=True, blank=True)
+    revoked = models.BooleanField(default=False)
+
+    def __str__(self) -> str:
+        return f"console of {self.machine} by {self.user} from {self.client}"

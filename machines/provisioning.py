@@ -16,6 +16,7 @@ from huey.exceptions import TaskLockedException
 
 from hypervisors.drivers.base import DiskSpec, DomainSpec, HypervisorDriver, HypervisorUnavailable, NicSpec
 from hypervisors.images import ensure_image_copy
+from hypervisors.models import Image
 from machines import cloudinit
 from machines.models import Machine
 from machines.states import DeployType
@@ -96,16 +97,17 @@ def _waiting_lock(name: str, timeout: float):
         lock.__exit__(None, None, None)
 
 
-def ensure_image(machine: Machine, driver: HypervisorDriver) -> str:
+def ensure_image(machine: Machine, driver: HypervisorDriver, image: Image | None = None) -> str:
     """The image's path in the machine's pool, copied there through libvirt the first time."""
-    lock = f"image-copy-{machine.image_id}-{machine.hypervisor_id}-{machine.pool}"
+    image = image or machine.image
+    lock = f"image-copy-{image.pk}-{machine.hypervisor_id}-{machine.pool}"
     result: dict = {}
 
     def step() -> str:
         with _waiting_lock(lock, IMAGE_LOCK_WAIT):
-            result["path"], uploaded = ensure_image_copy(machine.image, machine.hypervisor, machine.pool, driver)
-        size = machine.image.file_size_bytes / (1 << 20)
-        return f"image {machine.image.name} {'copied to' if uploaded else 'already in'} pool {machine.pool} ({size:.1f} MiB)"
+            result["path"], uploaded = ensure_image_copy(image, machine.hypervisor, machine.pool, driver)
+        size = image.file_size_bytes / (1 << 20)
+        return f"image {image.name} {'copied to' if uploaded else 'already in'} pool {machine.pool} ({size:.1f} MiB)"
 
     _timed(machine, "image", step)
     return result["path"]
@@ -121,6 +123,20 @@ def ensure_disk(machine: Machine, driver: HypervisorDriver, base_path: str) -> s
                                    backing_format=machine.image.format)  # fmt: skip
         result["path"] = vol.path
         return f"disk {machine.disk_gib} GiB, copy-on-write over the image"
+
+    _timed(machine, "disk", step)
+    return result["path"]
+
+
+def ensure_blank_disk(machine: Machine, driver: HypervisorDriver) -> str:
+    """A thin qcow2 of the asked size, for an installer (or a network boot) to fill."""
+    result: dict = {}
+
+    def step() -> str:
+        vol = driver.create_volume(pool=machine.pool, name=machine.disk_volume, fmt="qcow2",
+                                   capacity_bytes=machine.disk_gib * GIB)  # fmt: skip
+        result["path"] = vol.path
+        return f"blank disk {machine.disk_gib} GiB (thin qcow2)"
 
     _timed(machine, "disk", step)
     return result["path"]
@@ -169,6 +185,8 @@ def ensure_running(machine: Machine, driver: HypervisorDriver) -> None:
 
 def provision(machine: Machine, driver: HypervisorDriver) -> None:
     """Bring the machine to running. Safe to re-run after any failure."""
+    if machine.deploy_type == DeployType.ISO:
+        return provision_iso(machine, driver)
     if machine.deploy_type != DeployType.IMAGE:
         raise NotImplementedError(f"{machine.get_deploy_type_display()} machines are not available yet")
     base = ensure_image(machine, driver)
@@ -180,6 +198,30 @@ def provision(machine: Machine, driver: HypervisorDriver) -> None:
     )
     ensure_domain(machine, driver, disks)
     ensure_running(machine, driver)
+
+
+def cdrom_disks(machine: Machine, driver: HypervisorDriver) -> list[DiskSpec]:
+    """The ISO machine's CD-ROM drives, each with its ISO copied to the pool (or empty)."""
+    disks = []
+    for cdrom in machine.cdroms.select_related("image"):
+        path = ensure_image(machine, driver, cdrom.image) if cdrom.image else ""
+        disks.append(DiskSpec(path=path, device="cdrom", format="raw", bus="ide",
+                              boot_order=2 if cdrom.slot == 0 else None))  # fmt: skip
+    return disks
+
+
+def provision_iso(machine: Machine, driver: HypervisorDriver) -> None:
+    """A blank disk first in the boot order, the installer CD-ROM second: a blank disk falls
+    through to the installer, and the installed system wins from then on."""
+    cdroms = cdrom_disks(machine, driver)
+    disk = ensure_blank_disk(machine, driver)
+    ensure_domain(machine, driver, (DiskSpec(path=disk, format="qcow2", bus="virtio", boot_order=1), *cdroms))
+    ensure_running(machine, driver)
+
+
+def cdrom_target(machine: Machine, slot: int) -> str:
+    """The guest device of an ISO machine's CD-ROM slot (the disk is virtio, the drives IDE: hda, hdb, ...)."""
+    return "hd" + "abcd"[slot]
 
 
 def deprovision(machine: Machine, driver: HypervisorDriver) -> list[str]:

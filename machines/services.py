@@ -6,6 +6,7 @@ import logging
 import secrets
 import uuid as uuidlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -16,8 +17,8 @@ from huey.exceptions import RetryTask
 from hypervisors.drivers import get_driver
 from hypervisors.drivers.base import HypervisorError, HypervisorFatalError, HypervisorUnavailable
 from hypervisors.models import Hypervisor, Image
-from machines import cloudinit, provisioning
-from machines.models import Machine, MachineNic
+from machines import cloudinit, provisioning, screenshots
+from machines.models import Machine, MachineCdrom, MachineNic
 from machines.states import BUSY, DeployType, InvalidTransition, PowerAction, PowerState, Status
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,20 @@ def _validate_nics(hypervisor: Hypervisor, nics: list[NicInput]) -> None:
             raise ValidationError({"nics": f"NIC {i}: type must be one of {', '.join(MachineNic.Type.values)}."})
 
 
+MAX_CDROMS = 4  # IDE has four places; the disk is virtio
+
+
+def _validate_iso_request(extra_isos: list[Image], *cloud_init_fields: str) -> None:
+    if any(f.strip() for f in cloud_init_fields):
+        raise ValidationError({"deploy_type": "SSH keys, packages, a script and user-data apply to image machines; "
+                                              "an ISO machine is installed through its console."})  # fmt: skip
+    if len(extra_isos) > MAX_CDROMS - 1:
+        raise ValidationError({"extra_isos": f"At most {MAX_CDROMS - 1} extra ISOs."})
+    for iso in extra_isos:
+        if iso.kind != "iso" or not iso.is_ready:
+            raise ValidationError({"extra_isos": f"{iso.name} is not a ready ISO."})
+
+
 def _validate_cloud_init(machine: Machine) -> None:
     try:
         for key in machine.key_list:
@@ -80,10 +95,15 @@ def machine_create(*, owner, hypervisor: Hypervisor, name: str, deploy_type: str
                    image: Image | None = None, vcpus: int = 1, memory_mib: int = 1024, disk_gib: int = 10,
                    nics: list[NicInput] | None = None, ssh_authorized_keys: str = "", packages: str = "",
                    script: str = "", user_data: str = "", pool: str = "default", deletion_protection: bool = False,
-                   autostart: bool = True) -> Machine:  # fmt: skip
+                   autostart: bool = True, extra_isos: list[Image] | None = None) -> Machine:  # fmt: skip
     """Validate, save, and queue provisioning. Raises ValidationError with a message per field."""
-    if deploy_type != DeployType.IMAGE:
+    if deploy_type not in (DeployType.IMAGE, DeployType.ISO):
         raise ValidationError({"deploy_type": f"{DeployType(deploy_type).label} machines are not available yet."})
+    extra_isos = extra_isos or []
+    if deploy_type == DeployType.ISO:
+        _validate_iso_request(extra_isos, ssh_authorized_keys, packages, script, user_data)
+    elif extra_isos:
+        raise ValidationError({"extra_isos": "Extra ISOs are for ISO machines."})
     if not hypervisor.enabled or not hypervisor.is_online:
         raise ValidationError({"hypervisor": f"Hypervisor {hypervisor.name} is {hypervisor.get_status_display().lower()}."})
     if pool not in {p["name"] for p in hypervisor.pools if p.get("active")}:
@@ -108,7 +128,11 @@ def machine_create(*, owner, hypervisor: Hypervisor, name: str, deploy_type: str
                                       nameservers=nic.nameservers, search=nic.search)  # fmt: skip
     except IntegrityError:
         raise ValidationError({"nics": "That MAC address is already used by another machine."}) from None
-    _validate_cloud_init(machine)
+    if deploy_type == DeployType.ISO:
+        for slot, iso in enumerate([image, *extra_isos]):
+            MachineCdrom.objects.create(machine=machine, slot=slot, image=iso)
+    else:
+        _validate_cloud_init(machine)
     machine.log("create", f"requested by {owner.get_username()} on {hypervisor.name}")
     machine.transition(Status.PROVISIONING)
     _enqueue("machine_provision_task", machine.pk)
@@ -183,7 +207,8 @@ def machine_delete_run(machine_id: int) -> None:
         machine.transition(Status.ERROR, f"delete failed: {e}")
         return
     log.info("machine %s deleted: %s", machine.pk, ", ".join(removed))
-    machine.delete()
+    screenshot_path(machine).unlink(missing_ok=True)
+    machine.delete()  # its console tokens and sessions go with it
 
 
 @transaction.atomic
@@ -191,13 +216,7 @@ def machine_power(*, machine: Machine, action: str) -> None:
     """Queue a power action; one operation at a time per machine."""
     if action not in PowerAction.values:
         raise MachineError(f"Unknown action {action!r}; use one of {', '.join(PowerAction.values)}.")
-    if machine.status != Status.ACTIVE:
-        raise MachineError(f"{machine.name} is {machine.get_status_display().lower()}; power actions need it active.")
-    n = Machine.objects.filter(pk=machine.pk, operation="", status=Status.ACTIVE).update(
-        operation=action, operation_started=timezone.now())
-    if n != 1:
-        raise MachineError(f"{machine.name} is busy with another operation; try again when it is done.")
-    machine.operation = action
+    _claim_operation(machine, action)
     machine.log("power", f"{PowerAction(action).label} requested")
     _enqueue("machine_power_task", machine.pk, action)
 
@@ -352,3 +371,102 @@ def _reconcile_power(hv: Hypervisor) -> None:
 def machine_set_protection(*, machine: Machine, protected: bool) -> None:
     Machine.objects.filter(pk=machine.pk).update(deletion_protection=protected)
     machine.log("protection", "deletion protection on" if protected else "deletion protection off")
+
+
+def _claim_operation(machine: Machine, operation: str) -> None:
+    """One operation at a time per machine: claim it or raise."""
+    if machine.status != Status.ACTIVE:
+        raise MachineError(f"{machine.name} is {machine.get_status_display().lower()}; this needs it active.")
+    n = Machine.objects.filter(pk=machine.pk, operation="", status=Status.ACTIVE).update(
+        operation=operation, operation_started=timezone.now())
+    if n != 1:
+        raise MachineError(f"{machine.name} is busy with another operation; try again when it is done.")
+    machine.operation = operation
+
+
+@transaction.atomic
+def machine_change_media(*, machine: Machine, slot: int, image: Image | None) -> None:
+    """Insert an ISO into a CD-ROM drive of an ISO machine, or eject it (image None)."""
+    cdrom = machine.cdroms.filter(slot=slot).first()
+    if machine.deploy_type != DeployType.ISO or cdrom is None:
+        raise MachineError(f"{machine.name} has no CD-ROM drive {slot}.")
+    if image is not None and (image.kind != "iso" or not image.is_ready):
+        raise MachineError(f"{image.name} is not a ready ISO.")
+    _claim_operation(machine, "media")
+    machine.log("media", f"drive {slot}: {'insert ' + image.name if image else 'eject'} requested")
+    _enqueue("machine_change_media_task", machine.pk, slot, image.pk if image else None)
+
+
+def machine_change_media_run(machine_id: int, slot: int, image_id: int | None) -> None:
+    machine = Machine.objects.select_related("hypervisor").get(pk=machine_id)
+    image = Image.objects.filter(pk=image_id).first() if image_id else None
+    try:
+        with get_driver(machine.hypervisor.uri) as driver:
+            path = provisioning.ensure_image(machine, driver, image) if image else ""
+            driver.change_media(str(machine.uuid), target=provisioning.cdrom_target(machine, slot), path=path)
+        MachineCdrom.objects.filter(machine=machine, slot=slot).update(image=image)
+        machine.log("media", f"drive {slot}: {'inserted ' + image.name if image else 'ejected'}")
+    except HypervisorError as e:
+        machine.log("media", f"drive {slot}: failed: {e}", level="error")
+    finally:
+        Machine.objects.filter(pk=machine.pk).update(operation="", operation_started=None)
+
+
+@transaction.atomic
+def machine_boot_cdrom_once(*, machine: Machine) -> None:
+    """Cold-start from the installer CD-ROM once (the disk stays first for later starts)."""
+    if machine.deploy_type != DeployType.ISO:
+        raise MachineError("Booting from CD-ROM is for ISO machines.")
+    _claim_operation(machine, "boot-cdrom")
+    machine.log("power", "boot once from CD-ROM requested")
+    _enqueue("machine_boot_cdrom_task", machine.pk)
+
+
+def machine_boot_cdrom_run(machine_id: int) -> None:
+    machine = Machine.objects.select_related("hypervisor").get(pk=machine_id)
+    try:
+        with get_driver(machine.hypervisor.uri) as driver:
+            driver.boot_once(str(machine.uuid), target=provisioning.cdrom_target(machine, 0))
+            state = driver.domain_state(str(machine.uuid))
+        machine.log("power", "started from the CD-ROM; later starts boot from disk first")
+        Machine.objects.filter(pk=machine.pk).update(power_state=str(state), power_checked=timezone.now())
+    except HypervisorError as e:
+        machine.log("power", f"boot from CD-ROM failed: {e}", level="error")
+    finally:
+        Machine.objects.filter(pk=machine.pk).update(operation="", operation_started=None)
+
+
+def screenshot_path(machine: Machine) -> Path:
+    return Path(settings.DATA_DIR) / "screenshots" / f"{machine.uuid}.png"
+
+
+def machine_screenshot_request(*, machine: Machine, max_age: float = 5.0) -> None:
+    """Queue a new screenshot unless one was asked for moments ago (pages poll this)."""
+    asked = machine.screenshot_requested
+    if asked is None or (timezone.now() - asked).total_seconds() > max_age:
+        Machine.objects.filter(pk=machine.pk).update(screenshot_requested=timezone.now())
+        from machines.tasks import machine_screenshot_task
+
+        machine_screenshot_task(machine.pk)
+
+
+def machine_screenshot_run(machine_id: int) -> None:
+    """Worker: take the screen through libvirt and keep it as a small PNG."""
+    machine = Machine.objects.select_related("hypervisor").filter(pk=machine_id).first()
+    if machine is None:
+        return
+    try:
+        with get_driver(machine.hypervisor.uri) as driver:
+            data = driver.screenshot(str(machine.uuid))
+        if data is None:
+            return
+        png, _w, _h = screenshots.ppm_to_png(data)
+    except (HypervisorError, screenshots.BadImage) as e:
+        log.info("screenshot of machine %s: %s", machine_id, e)
+        return
+    path = screenshot_path(machine)
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(png)
+    tmp.replace(path)
+    Machine.objects.filter(pk=machine.pk).update(screenshot_taken=timezone.now())

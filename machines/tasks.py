@@ -51,3 +51,24 @@ def machines_reconcile_task() -> None:
     from machines.services import machines_reconcile
 
     machines_reconcile()
+
+
+@db_task()
+def machine_change_media_task(machine_id: int, slot: int, image_id: int | None) -> None:
+    from machines.services import machine_change_media_run
+
+    machine_change_media_run(machine_id, slot, image_id)
+
+
+@db_task()
+def machine_boot_cdrom_task(machine_id: int) -> None:
+    from machines.services import machine_boot_cdrom_run
+
+    machine_boot_cdrom_run(machine_id)
+
+
+@db_task()
+def machine_screenshot_task(machine_id: int) -> None:
+    from machines.services import machine_screenshot_run
+
+    machine_screenshot_run(machine_id)

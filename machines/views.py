@@ -1,22 +1,20 @@
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
-from django.http import Http404, HttpResponse
+from django.http import FileResponse, Http404, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.views.decorators.clickjacking import xframe_options_deny
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from hypervisors.models import Hypervisor
-from machines import cloudinit, provisioning, services
+from hypervisors.models import Hypervisor, Image
+from machines import cloudinit, consoles, provisioning, services
+from machines.access import machines_for
 from machines.forms import GrowDiskForm, MachineForm
 from machines.models import Machine
 from machines.states import PowerAction, PowerState
 from portal.htmx import HtmxHttpRequest, is_partial
-
-
-def machines_for(user):
-    """The machines a user may see: their own; staff see all."""
-    qs = Machine.objects.select_related("hypervisor", "image", "owner")
-    return qs if user.is_staff else qs.filter(owner=user)
 
 
 def _get_machine_for_user(request, pk: int) -> Machine:
@@ -49,8 +47,9 @@ def machine_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     if is_partial(request):
         template += "#machine-state"
     events = machine.events.order_by("-created", "-pk")[:100]
+    isos = Image.objects.filter(kind="iso", status="ready") if machine.deploy_type == "iso" else []
     return render(request, template, {"machine": machine, "events": events, "grow_form": GrowDiskForm(),
-                                      "power_actions": PowerAction.choices})  # fmt: skip
+                                      "power_actions": PowerAction.choices, "isos": isos})  # fmt: skip
 
 
 def _form_context(form: MachineForm) -> dict:
@@ -153,3 +152,88 @@ def machine_delete(request: HtmxHttpRequest, pk: int) -> HttpResponse:
         return redirect("machines:list")
     return render(request, "machines/delete.html", {"machine": machine})
 
+
+
+# --- consoles and screenshots -----------------------------------------------------------
+
+
+def console_config(request, machine_id: int | None, token_url: str = "") -> dict:
+    """What the console page's script needs; never a token."""
+    return {
+        "machineId": machine_id,
+        "tokenUrl": token_url,
+        "consoleUrl": settings.PORTAL_CONSOLE_URL,
+        "consolePort": settings.PORTAL_CONSOLE_PORT,
+    }
+
+
+@login_required
+@require_GET
+def machine_console(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    machine = _get_machine_for_user(request, pk)
+    config = console_config(request, machine.pk, reverse("machines:console-token", args=[machine.pk]))
+    return render(request, "machines/console.html", {"machine": machine, "config": config})
+
+
+@login_required
+@require_POST
+def machine_console_token(request: HtmxHttpRequest, pk: int) -> JsonResponse:
+    """A fresh single-use token for the console page (POST, CSRF-checked)."""
+    machine = _get_machine_for_user(request, pk)
+    raw, expires = consoles.console_token_issue(machine=machine, user=request.user,
+                                                session_key=request.session.session_key or "")  # fmt: skip
+    response = JsonResponse({"token": raw, "expires_at": expires.isoformat()})
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+@xframe_options_deny
+@require_GET
+def console_standalone(request) -> HttpResponse:
+    """The console page for a one-time URL from the API: the credential is in the URL's fragment,
+    which browsers never send to the server, so it reaches no log."""
+    response = render(request, "machines/console.html", {"machine": None, "config": console_config(request, None)})
+    response["Referrer-Policy"] = "no-referrer"
+    return response
+
+
+@login_required
+@require_GET
+def machine_screenshot(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    machine = _get_machine_for_user(request, pk)
+    if machine.power_state == PowerState.RUNNING:
+        services.machine_screenshot_request(machine=machine)
+    path = services.screenshot_path(machine)
+    if not path.exists():
+        raise Http404("No screenshot yet.")
+    response = FileResponse(open(path, "rb"), content_type="image/png")
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+@login_required
+@require_POST
+def machine_media(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    """Insert an ISO into a CD-ROM drive, or eject it (empty image)."""
+    machine = _get_machine_for_user(request, pk)
+    image_id = request.POST.get("image") or None
+    image = Image.objects.filter(pk=image_id).first() if image_id else None
+    try:
+        if image_id and image is None:
+            raise services.MachineError("No such ISO.")
+        services.machine_change_media(machine=machine, slot=int(request.POST.get("slot", "0")), image=image)
+    except (services.MachineError, ValueError) as e:
+        messages.error(request, str(e))
+    return redirect(machine)
+
+
+@login_required
+@require_POST
+def machine_boot_cdrom(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    machine = _get_machine_for_user(request, pk)
+    try:
+        services.machine_boot_cdrom_once(machine=machine)
+        messages.info(request, f"{machine.name} is restarting from its CD-ROM.")
+    except services.MachineError as e:
+        messages.error(request, str(e))
+    return redirect(machine)

@@ -130,6 +130,9 @@ STATICFILES_DIRS = [
     BASE_DIR / "static",
     ("vendor/bootstrap/dist", BASE_DIR / "node_modules/bootstrap/dist"),
     ("vendor/bootstrap-icons/font", BASE_DIR / "node_modules/bootstrap-icons/font"),
+    # noVNC's ES modules, as they are: core/ imports ../vendor/pako.
+    ("vendor/novnc/core", BASE_DIR / "node_modules/@novnc/novnc/core"),
+    ("vendor/novnc/vendor", BASE_DIR / "node_modules/@novnc/novnc/vendor"),
 ]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
@@ -204,8 +207,28 @@ PORTAL_PROVISION_TIMEOUT = envint("PORTAL_PROVISION_TIMEOUT", "900")  # seconds 
 PORTAL_PROVISION_RETRIES = envint("PORTAL_PROVISION_RETRIES", "4")  # retries of a transient hypervisor error
 PORTAL_MAC_PREFIX = os.getenv("PORTAL_MAC_PREFIX", "52:54:00")  # generated MACs start with this (AnsiStack's mac_seed)
 
+# Consoles: the websockify proxy and its tokens.
+PORTAL_CONSOLE_HOST = os.getenv("PORTAL_CONSOLE_HOST", "127.0.0.1")
+PORTAL_CONSOLE_PORT = envint("PORTAL_CONSOLE_PORT", "6080")
+# The websocket URL browsers use, when a reverse proxy puts the console elsewhere
+# (e.g. wss://portal.example.org/console); empty: ws(s)://<page host>:PORTAL_CONSOLE_PORT
+PORTAL_CONSOLE_URL = os.getenv("PORTAL_CONSOLE_URL", "")
+# Origins allowed to open consoles; empty: the portal's own (http://<allowed host>:PORTAL_PORT).
+PORTAL_CONSOLE_ALLOWED_ORIGINS = envlist("PORTAL_CONSOLE_ALLOWED_ORIGINS", "")
+PORTAL_CONSOLE_TOKEN_TTL = envint("PORTAL_CONSOLE_TOKEN_TTL", "60")  # seconds a token lives unused
+PORTAL_CONSOLE_RECONNECT_GRACE = envint("PORTAL_CONSOLE_RECONNECT_GRACE", "10")  # seconds a used token still reconnects
+PORTAL_CONSOLE_MAX_PER_MACHINE = envint("PORTAL_CONSOLE_MAX_PER_MACHINE", "2")
+PORTAL_CONSOLE_MAX_PER_USER = envint("PORTAL_CONSOLE_MAX_PER_USER", "4")
+
 PORTAL_HOST = os.getenv("PORTAL_HOST", "127.0.0.1")
 PORTAL_PORT = envint("PORTAL_PORT", "8000")
+
+if not PORTAL_CONSOLE_ALLOWED_ORIGINS:
+    PORTAL_CONSOLE_ALLOWED_ORIGINS = [
+        f"{scheme}://{host}{'' if port in ('80', '443') else ':' + port}"
+        for host in ALLOWED_HOSTS if host not in ("*",) and not host.startswith(".")
+        for scheme, port in (("http", str(PORTAL_PORT)), ("https", str(PORTAL_PORT)))
+    ]  # fmt: skip
 
 if PORTAL_SYNC_INTERVAL < 5:
     raise ImproperlyConfigured("PORTAL_SYNC_INTERVAL must be at least 5 seconds")
@@ -217,7 +240,7 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": os.getenv("PORTAL_LOG_LEVEL", "INFO")},
     # run_huey adds its own handler to "huey"; do not print each line twice.
-    "loggers": {"huey": {"level": "INFO", "propagate": False}},
+    "loggers": {"huey": {"level": "INFO", "propagate": False}, "websockify": {"level": "WARNING"}},
 }
 
 if TESTING:

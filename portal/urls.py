@@ -5,6 +5,7 @@ from drf_spectacular.views import SpectacularAPIView
 from rest_framework.routers import DefaultRouter
 
 from hypervisors.api import HypervisorViewSet, ImageViewSet
+from machines import views as machine_views
 from machines.api import MachineViewSet
 from portal import views
 
@@ -19,6 +20,7 @@ urlpatterns = [
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("hypervisors/", include("hypervisors.urls")),
     path("machines/", include("machines.urls")),
+    path("console/", machine_views.console_standalone, name="console-standalone"),
     path("admin/", admin.site.urls),
     path("api/v1/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/v1/", include(router.urls)),

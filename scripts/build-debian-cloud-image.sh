@@ -75,7 +75,7 @@ started=$SECONDS
 
 # --- host tools ---------------------------------------------------------------
 apt_get() {  # apt-get, with the package lists refreshed once if that fails
-    local opts=(-o APT::Sandbox::User=root -o Dpkg::Use-Pty=0)
+    local opts=(-o APT::Sandbox::User=root -o Dpkg::Use-Pty=0 -o DPkg::Lock::Timeout=300)
     if ! DEBIAN_FRONTEND=noninteractive apt-get "${opts[@]}" "$@"; then
         log "apt-get $1 failed; running apt-get update and retrying"
         DEBIAN_FRONTEND=noninteractive apt-get update -qq
@@ -147,11 +147,27 @@ unmount_under() {  # unmount everything mounted at or below $1, deepest first
             umount "$m" 2>/dev/null || umount -l "$m" || log "cannot unmount $m"
         done
 }
-kill_chrooted() {  # end the processes started in the chroot $1 (by pid)
+chrooted_pids() {  # the processes whose root is $1
     local p
     for p in /proc/[0-9]*; do
-        [ "$(readlink "$p/root" 2>/dev/null)" = "$1" ] && kill "${p#/proc/}" 2>/dev/null || true
+        if [ "$(readlink "$p/root" 2>/dev/null)" = "$1" ]; then echo "${p#/proc/}"; fi
     done
+}
+kill_chrooted() {  # end the processes started in the chroot $1 (by pid): TERM, then KILL
+    local pids
+    pids=$(chrooted_pids "$1")
+    [ -n "$pids" ] || return 0
+    log "stopping the processes left in the chroot: $(tr '\n' ' ' <<<"$pids")"
+    # shellcheck disable=SC2086
+    kill $pids 2>/dev/null || true
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+        pids=$(chrooted_pids "$1")
+        [ -n "$pids" ] || return 0
+        sleep 0.5
+    done
+    # shellcheck disable=SC2086
+    kill -9 $pids 2>/dev/null || true
+    sleep 0.5
 }
 remove_work() {  # $1 = a work dir of this script
     [ -d "$1" ] || return 0
@@ -275,6 +291,8 @@ datasource_list: [ NoCloud, None ]
 locale: C.UTF-8
 # No DSA host key: sshd does not use one, and generating it costs boot time.
 ssh_genkeytypes: [rsa, ecdsa, ed25519]
+# The hostname resolves (127.0.1.1 in /etc/hosts), so sudo does not complain.
+manage_etc_hosts: localhost
 EOF
 printf 'LANG=C.UTF-8\n' >"$R/etc/default/locale"
 

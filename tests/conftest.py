@@ -84,11 +84,22 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Ports of the web server and console proxy the stack tests start, fixed for the session.
+STACK_PORTS = {"web": _free_port(), "console": _free_port()}
+
+
 def _stack_env() -> dict:
     """The environment for portal processes that must share the test database."""
     name = settings.DATABASES["default"]["NAME"]
     assert settings.DATABASES["default"]["ENGINE"].endswith("sqlite3"), "the stack tests use the embedded SQLite"
-    return {**os.environ, "DATABASE_URL": f"sqlite:///{name}"}
+    return {**os.environ, "DATABASE_URL": f"sqlite:///{name}", "PORTAL_CONSOLE_PORT": str(STACK_PORTS["console"]),
+            "PORTAL_CONSOLE_ALLOWED_ORIGINS": f"http://127.0.0.1:{STACK_PORTS['web']}"}  # fmt: skip
 
 
 def _start(name: str, argv: list[str]) -> subprocess.Popen:
@@ -149,9 +160,7 @@ def web_server(django_db_setup):
     collect = subprocess.run([sys.executable, "manage.py", "collectstatic", "--noinput", "-v0"], cwd=settings.BASE_DIR,
                              env=_stack_env(), capture_output=True, text=True)  # fmt: skip
     assert collect.returncode == 0, collect.stderr
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = STACK_PORTS["web"]
     proc = _start("web", [sys.executable, "-m", "gunicorn", "portal.wsgi", "--bind", f"127.0.0.1:{port}",
                           "--workers", "1", "--threads", "4"])  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -164,6 +173,23 @@ def web_server(django_db_setup):
             assert proc.poll() is None, f"gunicorn exited; see {ARTIFACTS / 'web.log'}"
             time.sleep(0.2)
     yield url
+    _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def console_proxy(django_db_setup):
+    """`manage.py console_proxy` as `make run` starts it; yields its port."""
+    port = STACK_PORTS["console"]
+    proc = _start("console", [sys.executable, "manage.py", "console_proxy", "--port", str(port)])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            assert proc.poll() is None, f"the console proxy exited; see {ARTIFACTS / 'console.log'}"
+            time.sleep(0.2)
+    yield port
     _stop(proc)
 
 
@@ -212,3 +238,32 @@ def tiny_image(worker, file_server):
     image = wait_for(lambda: (i := Image.objects.get(pk=image.pk)).status != ImageStatus.IMPORTING and i, 60)
     assert image.status == ImageStatus.READY, image.status_message
     return image
+
+
+@pytest.fixture
+def tiny_iso(worker, file_server):
+    """The tiny test guest's bootable ISO in the catalogue (kind iso), imported by the real worker."""
+    from hypervisors import images
+    from hypervisors.models import Image, ImageStatus
+
+    name = Path(test_images()["tiny_iso"]).name
+    image = images.image_create_from_url(name="tiny-installer", kind="iso", fmt="iso", default_user="",
+                                         os_name="Tiny Linux installer", source_url=f"{file_server}/{name}")  # fmt: skip
+    image = wait_for(lambda: (i := Image.objects.get(pk=image.pk)).status != ImageStatus.IMPORTING and i, 60)
+    assert image.status == ImageStatus.READY, image.status_message
+    return image
+
+
+def serial_log(machine_id: int, *needles: str, timeout: float = 90) -> str:
+    """Ask the portal (through the worker) for a guest's serial log until every needle is in it."""
+    from machines import services
+    from machines.models import Machine
+
+    def check():
+        machine = Machine.objects.get(pk=machine_id)
+        services.machine_serial_log_request(machine=machine, max_age=0)
+        time.sleep(0.5)
+        text = Machine.objects.get(pk=machine_id).serial_log
+        return text if all(n in text for n in needles) else None
+
+    return wait_for(check, timeout, interval=1, message=f"serial log never showed {needles}")

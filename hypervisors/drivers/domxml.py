@@ -31,7 +31,8 @@ def _target_names(disks: tuple[DiskSpec, ...]) -> list[str]:
 def _disk(devices: ET.Element, disk: DiskSpec, target: str) -> None:
     el = _sub(devices, "disk", type="file", device=disk.device)
     _sub(el, "driver", name="qemu", type=disk.format)
-    _sub(el, "source", file=disk.path)
+    if disk.path:  # an empty CD-ROM drive has no source
+        _sub(el, "source", file=disk.path)
     _sub(el, "target", dev=target, bus=disk.bus)
     if disk.device == "cdrom":
         _sub(el, "readonly")
@@ -105,6 +106,38 @@ def volume_xml(*, name: str, capacity_bytes: int, fmt: str, backing_path: str = 
         backing = _sub(root, "backingStore")
         _sub(backing, "path", backing_path)
         _sub(backing, "format", type=backing_format)
+    return ET.tostring(root, encoding="unicode")
+
+
+def target_names(disks: tuple[DiskSpec, ...]) -> list[str]:
+    """The guest device names the disks get, in order (vda, hda, ...)."""
+    return _target_names(disks)
+
+
+def cdrom_xml(*, target: str, path: str) -> str:
+    """A CD-ROM device for updateDeviceFlags: `path` inserted, or ejected when empty."""
+    el = ET.Element("disk", type="file", device="cdrom")
+    _sub(el, "driver", name="qemu", type="raw")
+    if path:
+        _sub(el, "source", file=path)
+    _sub(el, "target", dev=target, bus="ide")
+    _sub(el, "readonly")
+    return ET.tostring(el, encoding="unicode")
+
+
+def with_boot_first(xml: str, target: str) -> str:
+    """The domain XML with the disk `target` first in the boot order and the rest after it."""
+    root = ET.fromstring(xml)
+    booted = [d for d in root.findall("devices/disk") + root.findall("devices/interface") if d.find("boot") is not None]
+    first = next((d for d in root.findall("devices/disk") if d.find("target").get("dev") == target), None)
+    if first is None:
+        raise ValueError(f"no disk {target} in the domain")
+    ordered = [first] + sorted((d for d in booted if d is not first), key=lambda d: int(d.find("boot").get("order")))
+    for order, dev in enumerate(ordered, start=1):
+        boot = dev.find("boot")
+        if boot is None:
+            boot = ET.SubElement(dev, "boot")
+        boot.set("order", str(order))
     return ET.tostring(root, encoding="unicode")
 
 

@@ -30,7 +30,7 @@ from hypervisors.drivers.base import (
     PowerState,
     VolumeInfo,
 )
-from hypervisors.drivers.domxml import build_domain_xml, volume_xml
+from hypervisors.drivers.domxml import build_domain_xml, cdrom_xml, parse_vnc, volume_xml, with_boot_first
 
 log = logging.getLogger(__name__)
 
@@ -556,6 +556,66 @@ class LibvirtDriver(HypervisorDriver):
             except libvirt.libvirtError:
                 dom.undefineFlags(flags)  # drivers without NVRAM support refuse the flag
             return True
+
+        return self._call(run)
+
+    def change_media(self, uuid: str, *, target: str, path: str) -> None:
+        """Insert `path` into the CD-ROM `target`, or eject it when path is empty; live and persistent."""
+
+        def apply(dom):
+            flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+            if dom.isActive():
+                flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+            dom.updateDeviceFlags(cdrom_xml(target=target, path=path), flags)
+
+        self._with_dom(uuid, apply)
+
+    def boot_once(self, uuid: str, *, target: str) -> None:
+        """Cold-start the domain from disk `target` once; later starts use the usual order again."""
+
+        def run(conn):
+            dom = self._dom(conn, uuid)
+            if dom is None:
+                raise HypervisorFatalError(f"domain {uuid} does not exist on this hypervisor")
+            original = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+            conn.defineXML(with_boot_first(original, target))
+            try:
+                if dom.isActive():
+                    dom.destroy()
+                dom.create()
+            finally:
+                conn.defineXML(original)  # the running instance keeps the order it started with
+
+        self._call(run)
+
+    def vnc_address(self, uuid: str) -> tuple[str, int] | None:
+        """Where the running domain's VNC server listens now, or None (off, or no VNC)."""
+
+        def run(conn):
+            dom = self._dom(conn, uuid)
+            if dom is None or not dom.isActive():
+                return None
+            return parse_vnc(dom.XMLDesc(0))
+
+        return self._call(run)
+
+    def screenshot(self, uuid: str) -> bytes | None:
+        """The running domain's screen as the hypervisor sends it (PPM for QEMU), or None when off."""
+
+        def run(conn):
+            dom = self._dom(conn, uuid)
+            if dom is None or not dom.isActive():
+                return None
+            stream = conn.newStream(0)
+            chunks: list[bytes] = []
+            try:
+                dom.screenshot(stream, 0, 0)
+                stream.recvAll(lambda _s, data, _o: chunks.append(data) or len(data), None)
+                stream.finish()
+            except BaseException:
+                _abort_quietly(stream)
+                raise
+            return b"".join(chunks)
 
         return self._call(run)
 

@@ -16,7 +16,7 @@ from hypervisors.models import Hypervisor, HypervisorStatus, Image, ImageCopy
 from machines import services
 from machines.models import Machine
 from portal.models import ApiToken
-from tests.conftest import wait_for
+from tests.conftest import serial_log, wait_for
 from tests.factories import UserFactory
 
 pytestmark = pytest.mark.integration
@@ -36,19 +36,6 @@ def api(worker):
     client.credentials(HTTP_AUTHORIZATION=f"Token {raw}")
     client.user = user
     return client
-
-
-def serial_log(machine_id: int, *needles: str, timeout: float = 90) -> str:
-    """Ask the portal for the guest's serial log until every needle is in it."""
-
-    def check():
-        machine = Machine.objects.get(pk=machine_id)
-        services.machine_serial_log_request(machine=machine, max_age=0)
-        time.sleep(0.5)
-        text = Machine.objects.get(pk=machine_id).serial_log
-        return text if all(n in text for n in needles) else None
-
-    return wait_for(check, timeout, interval=1, message=f"serial log never showed {needles}")
 
 
 def test_image_machine_lifecycle(api, local, tiny_image):

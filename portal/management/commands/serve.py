@@ -29,11 +29,12 @@ def portal_processes() -> dict[str, list[str]]:
             "--access-logfile", "-", "--forwarded-allow-ips", os.getenv("PORTAL_FORWARDED_ALLOW_IPS", "127.0.0.1"),
         ],
         "worker": [py, manage, "run_huey", "--flush-locks"],
+        "console": [py, manage, "console_proxy"],
     }  # fmt: skip
 
 
 class Command(BaseCommand):
-    help = "Start the web server and the worker in the foreground until Ctrl-C."
+    help = "Start the web server, the worker and the console proxy in the foreground until Ctrl-C."
 
     def handle(self, *args, **options):
         children: dict[str, subprocess.Popen] = {}

@@ -1,0 +1,150 @@
+"""The console proxy: websockify with the portal's single-use tokens.
+
+Each connection asks for /console/<machine id>?token=<token>. Before the
+websocket handshake the handler checks the Origin header, spends the token,
+checks the session caps, and asks the hypervisor where the machine's VNC
+server listens *now* (ports are reused, so never trust an old answer). The
+token is removed from the path before anything is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import threading
+from http.server import HTTPServer
+from socketserver import ThreadingMixIn
+from urllib.parse import parse_qs, urlsplit
+
+from django.conf import settings
+from django.db import close_old_connections
+from websockify import websocketproxy, websocketserver
+
+from hypervisors.drivers import get_driver
+from hypervisors.drivers.base import HypervisorError
+from machines import consoles
+from machines.consoles import ConsoleDenied
+
+log = logging.getLogger("portal.console")
+
+PATH_RE = re.compile(r"^/console/(\d+)/?$")
+WATCH_INTERVAL = 2.0  # seconds between checks that an open session is still allowed
+
+
+def vnc_target(machine) -> tuple[str, int]:
+    """The live VNC address of a machine, from its hypervisor."""
+    with get_driver(machine.hypervisor.uri) as driver:
+        address = driver.vnc_address(str(machine.uuid))
+    if address is None:
+        raise ConsoleDenied("the machine is not running (no VNC server)")
+    host, port = address
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - listening everywhere: reach it at the console address
+        host = machine.hypervisor.console_address
+    return host, port
+
+
+class ConsoleHandler(websocketproxy.ProxyRequestHandler):
+    def __init__(self, *args, **kwargs):
+        self.session_id: int | None = None
+        self.target: tuple[str, int] | None = None
+        super().__init__(*args, **kwargs)
+
+    # Logging: never the query string (it holds the token).
+    def log_message(self, format, *args):
+        log.info("%s %s", self.client_address[0], format % args)
+
+    def log_request(self, code="-", size="-"):
+        log.info('%s "%s %s" %s', self.client_address[0], self.command, urlsplit(self.path).path, code)
+
+    def handle_upgrade(self):
+        close_old_connections()
+        client = self.client_address[0]
+        parts = urlsplit(self.path)
+        self.path = parts.path  # from here on, nothing can log the token
+        try:
+            self._authorise(client, parts.path, parse_qs(parts.query).get("token", [""])[0])
+        except ConsoleDenied as e:
+            log.warning("%s refused console %s: %s", client, parts.path, e)
+            self.send_error(403, "Console refused")
+            return
+        except HypervisorError as e:
+            log.warning("%s console %s: hypervisor error: %s", client, parts.path, e)
+            self.send_error(503, "Hypervisor unavailable")
+            return
+        websocketserver.WebSocketRequestHandlerMixIn.handle_upgrade(self)
+
+    def _authorise(self, client: str, path: str, raw_token: str) -> None:
+        origin = self.headers.get("Origin", "")
+        if origin not in settings.PORTAL_CONSOLE_ALLOWED_ORIGINS:
+            raise ConsoleDenied(f"origin {origin or '(none)'} is not allowed")
+        match = PATH_RE.match(path)
+        if not match:
+            raise ConsoleDenied("bad path")
+        token = consoles.console_token_consume(raw=raw_token, machine_id=int(match.group(1)), client=client)
+        self.target = vnc_target(token.machine)
+        self.session_id = consoles.console_session_open(token=token, client=client, proxy_pid=os.getpid()).pk
+        log.info("%s console of machine %s for user %s -> %s:%s", client, token.machine_id, token.user_id, *self.target)
+
+    def new_websocket_client(self):
+        try:
+            tsock = socket.create_connection(self.target, timeout=10)
+        except OSError as e:
+            consoles.console_session_close(self.session_id)
+            raise self.CClose(1011, f"cannot reach the console: {e.strerror}") from None
+        tsock.settimeout(None)
+        tsock.setsockopt(socket.SOL_TCP, socket.TCP_NODELAY, 1)
+        stop = threading.Event()
+        threading.Thread(target=self._watch, args=(tsock, stop), daemon=True).start()
+        try:
+            self.do_proxy(tsock)
+        finally:
+            stop.set()
+            try:
+                tsock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            tsock.close()
+            consoles.console_session_close(self.session_id)
+            close_old_connections()
+
+    def _watch(self, tsock: socket.socket, stop: threading.Event) -> None:
+        """End the session when the user logs out, loses the machine, or it is deleted."""
+        while not stop.wait(WATCH_INTERVAL):
+            try:
+                allowed = consoles.console_session_still_allowed(self.session_id)
+            finally:
+                close_old_connections()
+            if not allowed:
+                log.info("console session %s revoked", self.session_id)
+                try:
+                    tsock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                return
+
+
+class ConsoleProxyServer(ThreadingMixIn, HTTPServer):
+    """websockify's handler on a threaded server: one process, one thread per console."""
+
+    daemon_threads = True
+    # What websockify's handler reads from its server.
+    only_upgrade = True
+    verbose = False
+    run_once = False
+    record = None
+    heartbeat = None
+    handler_id = 0
+    target_host = "vnc"
+    target_port = "-"
+    token_plugin = None
+    auth_plugin = None
+    unix_target = None
+    wrap_cmd = None
+    ssl_target = None
+    unix_listen = None
+
+    def __init__(self, host: str, port: int) -> None:
+        self.logger = log
+        super().__init__((host, port), ConsoleHandler)

@@ -1,0 +1,176 @@
+"""ISO machines and the console proxy, for real: the tiny installer ISO boots through a blank disk,
+and the proxy lets exactly the right browser in."""
+
+import base64
+import os
+import socket
+import subprocess
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from django.test import Client
+from django.utils import timezone
+
+from machines import consoles, services
+from machines.models import ConsoleToken, Machine
+from tests.conftest import ARTIFACTS, STACK_PORTS, serial_log, wait_for
+from tests.factories import UserFactory
+from tests.images import test_images as built_images
+
+pytestmark = pytest.mark.integration
+
+ORIGIN = f"http://127.0.0.1:{STACK_PORTS['web']}"
+
+
+def virsh(*args: str) -> str:
+    return subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True, timeout=60).stdout
+
+
+def handshake(port: int, path: str, origin: str | None = ORIGIN) -> tuple[int, bytes]:
+    """Open a websocket by hand; return the HTTP status and, on success, the first frame's payload."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket", "Connection: Upgrade",
+             f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13", "Sec-WebSocket-Protocol: binary"]  # fmt: skip
+    if origin:
+        lines.append(f"Origin: {origin}")
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    status = int(data.split(b" ", 2)[1])
+    payload = b""
+    if status == 101:
+        rest = data.split(b"\r\n\r\n", 1)[1]
+        while len(rest) < 2 + 12:
+            rest += sock.recv(4096)
+        payload = rest[2 : 2 + (rest[1] & 0x7F)]  # a short unmasked server frame
+    sock.close()
+    return status, payload
+
+
+@pytest.fixture
+def iso_machine(worker, local, tiny_iso):
+    owner = UserFactory(username="installer", password="correct-horse-battery")
+    machine = services.machine_create(owner=owner, hypervisor=local, name="iso1", deploy_type="iso", image=tiny_iso,
+                                      memory_mib=256, disk_gib=1)  # fmt: skip
+    machine = wait_for(lambda: (m := Machine.objects.get(pk=machine.pk)).status in ("active", "error") and m, 120)
+    assert machine.status == "active", machine.status_message
+    return machine
+
+
+def token_for(machine: Machine) -> str:
+    raw, _ = consoles.console_token_issue(machine=machine, user=machine.owner)
+    return raw
+
+
+def test_iso_machine_falls_through_a_blank_disk_to_the_installer(iso_machine):
+    xml = virsh("dumpxml", str(iso_machine.uuid))
+    disk_part, cdrom_part = xml.split("device='cdrom'")[0], xml.split("device='cdrom'")[1]
+    assert "<target dev='vda' bus='virtio'/>" in disk_part and "<boot order='1'/>" in disk_part
+    assert "<target dev='hda' bus='ide'/>" in cdrom_part and "<boot order='2'/>" in cdrom_part
+    log = serial_log(iso_machine.pk, "ISOLINUX", "TINY-GUEST ready")
+    assert "no-cidata" in log  # an ISO machine gets no cloud-init seed
+    assert iso_machine.power_state == "running"
+
+
+def test_console_proxy_lets_in_only_the_right_connection(iso_machine, console_proxy):
+    port, path = console_proxy, f"/console/{iso_machine.pk}"
+    raw = token_for(iso_machine)
+    status, banner = handshake(port, f"{path}?token={raw}")
+    assert status == 101 and banner.startswith(b"RFB 003.0"), (status, banner)
+
+    # A reconnect within the grace period from the same address is allowed; after it, the token is spent.
+    assert handshake(port, f"{path}?token={raw}")[0] == 101
+    ConsoleToken.objects.all().update(used_at=timezone.now() - timedelta(seconds=60))
+    assert handshake(port, f"{path}?token={raw}")[0] == 403
+
+    expired = token_for(iso_machine)
+    ConsoleToken.objects.filter(used_at__isnull=True).update(expires_at=timezone.now() - timedelta(seconds=1))
+    assert handshake(port, f"{path}?token={expired}")[0] == 403
+
+    assert handshake(port, f"/console/{iso_machine.pk + 1000}?token={token_for(iso_machine)}")[0] == 403
+    assert handshake(port, f"{path}?token={token_for(iso_machine)}", origin=None)[0] == 403
+    assert handshake(port, f"{path}?token={token_for(iso_machine)}", origin="http://evil.example")[0] == 403
+    assert handshake(port, f"{path}?token=made-up")[0] == 403
+    assert handshake(port, path)[0] == 403
+
+    # Another user cannot even get a token.
+    mallory = Client()
+    mallory.force_login(UserFactory(username="mallory"))
+    assert mallory.post(f"/machines/{iso_machine.pk}/console/token/").status_code == 404
+    owner = Client()
+    owner.force_login(iso_machine.owner)
+    r = owner.post(f"/machines/{iso_machine.pk}/console/token/")
+    assert r.status_code == 200 and r["Cache-Control"] == "no-store"
+    assert handshake(port, f"{path}?token={r.json()['token']}")[0] == 101
+
+    # Logging out kills the user's unused tokens.
+    unused = token_for(iso_machine)
+    owner.post("/logout/")
+    assert handshake(port, f"{path}?token={unused}")[0] == 403
+
+    # No token ever reaches a log the portal writes.
+    for log in ARTIFACTS.glob("*.log"):
+        text = log.read_text(errors="replace")
+        for secret in (raw, expired, unused, r.json()["token"]):
+            assert secret not in text, f"a console token is in {log.name}"
+
+
+def test_sessions_per_machine_are_capped(iso_machine, console_proxy, settings):
+    port, path = console_proxy, f"/console/{iso_machine.pk}"
+    socks = []
+    try:
+        for _ in range(2):  # PORTAL_CONSOLE_MAX_PER_MACHINE
+            s = socket.create_connection(("127.0.0.1", port))
+            key = base64.b64encode(os.urandom(16)).decode()
+            s.sendall((f"GET {path}?token={token_for(iso_machine)} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                       f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                       f"Origin: {ORIGIN}\r\n\r\n").encode())  # fmt: skip
+            assert b" 101 " in s.recv(4096)
+            socks.append(s)
+        assert handshake(port, f"{path}?token={token_for(iso_machine)}")[0] == 403
+    finally:
+        for s in socks:
+            s.close()
+    wait_for(lambda: handshake(port, f"{path}?token={token_for(iso_machine)}")[0] == 101, 10)
+
+
+def test_media_and_boot_once_from_cdrom(iso_machine):
+    uuid = str(iso_machine.uuid)
+    serial_log(iso_machine.pk, "ISOLINUX", "TINY-GUEST ready")
+
+    # "Install": power off and put a bootable system on the disk; the next start boots from it.
+    services.machine_power(machine=iso_machine, action="poweroff")
+    wait_for(lambda: (m := Machine.objects.get(pk=iso_machine.pk)).power_state == "off" and not m.operation and m, 30)
+    tiny_disk = built_images()["tiny_disk"]
+    raw = Path(ARTIFACTS / "installed.raw")
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", tiny_disk, str(raw)], check=True)
+    subprocess.run(["virsh", "-c", "qemu:///system", "vol-upload", "--pool", "default", iso_machine.disk_volume, str(raw)],
+                   check=True, capture_output=True)  # fmt: skip
+    raw.unlink()
+    machine = Machine.objects.get(pk=iso_machine.pk)
+    services.machine_power(machine=machine, action="start")
+    wait_for(lambda: Machine.objects.get(pk=machine.pk).power_state == "running", 30)
+    log = serial_log(machine.pk, "SYSLINUX", "TINY-GUEST ready")
+    assert "ISOLINUX" not in log  # the log restarts with each boot: this one came from the disk
+
+    # Eject the installer, then put it back.
+    services.machine_change_media(machine=Machine.objects.get(pk=machine.pk), slot=0, image=None)
+    wait_for(lambda: not Machine.objects.get(pk=machine.pk).operation, 30)
+    cdrom = virsh("dumpxml", uuid).split("device='cdrom'")[1].split("</disk>")[0]
+    assert "<source file" not in cdrom
+    services.machine_change_media(machine=Machine.objects.get(pk=machine.pk), slot=0, image=iso_machine.image)
+    wait_for(lambda: not Machine.objects.get(pk=machine.pk).operation, 30)
+    assert "portal-image-" in virsh("dumpxml", uuid).split("device='cdrom'")[1].split("</disk>")[0]
+
+    # Boot once from the CD-ROM: the installer runs, and the saved boot order keeps the disk first.
+    services.machine_boot_cdrom_once(machine=Machine.objects.get(pk=machine.pk))
+    wait_for(lambda: not Machine.objects.get(pk=machine.pk).operation, 30)
+    log = serial_log(machine.pk, "ISOLINUX", "TINY-GUEST ready")
+    inactive = virsh("dumpxml", "--inactive", uuid)
+    assert "<boot order='1'/>" in inactive.split("device='cdrom'")[0]
