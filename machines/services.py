@@ -347,6 +347,9 @@ def machines_reconcile() -> None:
     Machine.objects.filter(operation_started__lt=now - timezone.timedelta(minutes=5)).update(operation="", operation_started=None)
     for hv in Hypervisor.objects.filter(enabled=True, status="online", machines__isnull=False).distinct():
         _reconcile_power(hv)
+    # Keep the screens on machine pages current even when nobody has the page open.
+    for machine in Machine.objects.filter(power_state=PowerState.RUNNING):
+        machine_screenshot_request(machine=machine, max_age=50)
 
 
 def _reconcile_power(hv: Hypervisor) -> None:

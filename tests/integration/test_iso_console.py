@@ -174,3 +174,18 @@ def test_media_and_boot_once_from_cdrom(iso_machine):
     log = serial_log(machine.pk, "ISOLINUX", "TINY-GUEST ready")
     inactive = virsh("dumpxml", "--inactive", uuid)
     assert "<boot order='1'/>" in inactive.split("device='cdrom'")[0]
+
+
+def test_screenshot_of_a_running_machine(iso_machine):
+    serial_log(iso_machine.pk, "TINY-GUEST ready")
+    services.machine_screenshot_request(machine=iso_machine, max_age=0)
+    wait_for(lambda: Machine.objects.get(pk=iso_machine.pk).screenshot_taken, 30)
+    png = services.screenshot_path(iso_machine).read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+    owner = Client()
+    owner.force_login(iso_machine.owner)
+    r = owner.get(f"/machines/{iso_machine.pk}/screenshot.png")
+    assert r.status_code == 200 and r["Content-Type"] == "image/png"
+    mallory = Client()
+    mallory.force_login(UserFactory(username="peeker"))
+    assert mallory.get(f"/machines/{iso_machine.pk}/screenshot.png").status_code == 404

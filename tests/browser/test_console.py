@@ -1,0 +1,106 @@
+"""The console in headless Chromium: noVNC through the portal's proxy to a real guest's screen."""
+
+import pytest
+from playwright.sync_api import expect
+from rest_framework.test import APIClient
+
+from machines import services
+from machines.models import Machine
+from portal.models import ApiToken
+from tests.browser.test_hypervisors import login
+from tests.conftest import ARTIFACTS, serial_log, wait_for
+from tests.factories import UserFactory
+
+pytestmark = pytest.mark.browser
+
+# Playwright's keyboard.type() loses Shift on noVNC (QEMU takes scancodes): press shifted keys explicitly.
+SHIFTED = {">": "Shift+Period", "|": "Shift+Backslash", "$": "Shift+Digit4", "(": "Shift+Digit9", ")": "Shift+Digit0",
+           "*": "Shift+Digit8", "_": "Shift+Minus", ":": "Shift+Semicolon", '"': "Shift+Quote"}  # fmt: skip
+
+
+def type_into_console(page, text: str) -> None:
+    for ch in text:
+        if ch in SHIFTED:
+            page.keyboard.press(SHIFTED[ch])
+        elif ch.isupper():
+            page.keyboard.press(f"Shift+Key{ch}")
+        elif ch == "\n":
+            page.keyboard.press("Enter")
+        else:
+            page.keyboard.press(ch)
+
+
+def screen_drawn(page) -> bool:
+    """The noVNC canvas shows a real frame: more than one colour, and text covering a share of it
+    (a blank or uniform frame has one colour)."""
+    colours, lit = page.evaluate("""() => {
+        const c = document.querySelector('#console-screen canvas');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        const seen = new Set();
+        let lit = 0, n = 0;
+        for (let i = 0; i < d.length; i += 4 * 7, n++) {
+            seen.add(d[i] << 16 | d[i + 1] << 8 | d[i + 2]);
+            if (d[i] + d[i + 1] + d[i + 2] > 60) lit++;
+        }
+        return [seen.size, lit / n];
+    }""")
+    return colours >= 2 and 0.01 < lit < 0.99
+
+
+@pytest.fixture
+def running_iso(worker, local, tiny_iso):
+    owner = UserFactory(username="consoler", password="correct-horse-battery")
+    machine = services.machine_create(owner=owner, hypervisor=local, name="console1", deploy_type="iso", image=tiny_iso,
+                                      memory_mib=256, disk_gib=1)  # fmt: skip
+    wait_for(lambda: Machine.objects.get(pk=machine.pk).status == "active", 120)
+    serial_log(machine.pk, "TINY-GUEST ready")
+    return Machine.objects.get(pk=machine.pk)
+
+
+def test_console_shows_the_guest_and_typing_reaches_its_shell(page, web_server, console_proxy, running_iso):
+    login(page, web_server, "consoler", "correct-horse-battery")
+    page.goto(f"{web_server}{running_iso.get_absolute_url()}")
+    page.locator("#btn-console").click()
+    page.wait_for_function("window.portalConsole && window.portalConsole.state === 'connected'", timeout=30_000)
+    expect(page.locator("#console-status")).to_have_text("Connected")
+    wait_for(lambda: screen_drawn(page), 20, message="the console canvas stayed blank")
+    page.locator("#console-screen canvas").click()
+    type_into_console(page, "echo novnc-typed-ok >/dev/console\n")
+    serial_log(running_iso.pk, "novnc-typed-ok")
+    # The page's own "Paste text" types shifted characters correctly too.
+    page.locator("#btn-paste").click()
+    page.fill("#paste-text", "echo PASTED_$((6*7)) >/dev/console\n")
+    page.locator("#btn-type").click()
+    serial_log(running_iso.pk, "PASTED_42")
+    page.screenshot(path=str(ARTIFACTS / "browser-console.png"))
+
+
+def test_one_time_console_url_from_the_api_works_once_without_a_session(browser, web_server, console_proxy, running_iso):
+    _, raw = ApiToken.issue(user=running_iso.owner)
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Token {raw}")
+    body = api.post(f"/api/v1/machines/{running_iso.pk}/console/", HTTP_HOST=f"127.0.0.1:{web_server.rsplit(':', 1)[1]}").json()
+    assert body["url"].startswith(f"{web_server}/console/#m={running_iso.pk}&t=") and body["expires_at"]
+
+    context = browser.new_context(viewport={"width": 1024, "height": 700})  # no portal session
+    page = context.new_page()
+    page.goto(body["url"])
+    page.wait_for_function("window.portalConsole && window.portalConsole.state === 'connected'", timeout=30_000)
+    assert "#" not in page.url  # the credential left the address bar and history
+    wait_for(lambda: screen_drawn(page), 20)
+    page.screenshot(path=str(ARTIFACTS / "browser-console-one-time-url.png"))
+    context.close()
+
+    # Used once: after the reconnect grace, opening the same URL again is refused.
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from machines.models import ConsoleToken
+
+    ConsoleToken.objects.update(used_at=timezone.now() - timedelta(minutes=5))
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(body["url"])
+    page.wait_for_function("window.portalConsole && window.portalConsole.state === 'failed'", timeout=30_000)
+    context.close()
