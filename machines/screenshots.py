@@ -38,6 +38,16 @@ def _chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def to_png(data: bytes, max_width: int = 480) -> bytes:
+    """The screen as PNG: QEMU 7.1 and later already send PNG; older ones send PPM."""
+    if data.startswith(PNG_MAGIC):
+        return data
+    return ppm_to_png(data, max_width)[0]
+
+
 def ppm_to_png(data: bytes, max_width: int = 480) -> tuple[bytes, int, int]:
     """A PNG of the PPM, shrunk by a whole factor to at most max_width. Returns (png, width, height)."""
     width, height, _maxval, offset = _ppm_header(data)
@@ -57,7 +67,7 @@ def ppm_to_png(data: bytes, max_width: int = 480) -> tuple[bytes, int, int]:
                 picked += row[x : x + 3]
             rows.append(bytes(picked))
     header = struct.pack(">IIBBBBB", out_w, out_h, 8, 2, 0, 0, 0)
-    png = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(b"".join(rows), 6)) + _chunk(b"IEND", b"")
+    png = PNG_MAGIC + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(b"".join(rows), 6)) + _chunk(b"IEND", b"")
     return png, out_w, out_h
 
 

@@ -463,7 +463,7 @@ def machine_screenshot_run(machine_id: int) -> None:
             data = driver.screenshot(str(machine.uuid))
         if data is None:
             return
-        png, _w, _h = screenshots.ppm_to_png(data)
+        png = screenshots.to_png(data)
     except (HypervisorError, screenshots.BadImage) as e:
         log.info("screenshot of machine %s: %s", machine_id, e)
         return
