@@ -20,7 +20,7 @@ def test_user_creates_an_image_machine_and_watches_it_boot(page, web_server, loc
     page.get_by_role("link", name="New machine").click()
 
     page.fill("#id_name", "Bad Name")
-    page.select_option("#id_image", label="tiny")
+    page.select_option("#id_image", label="tiny (disk image)")
     page.fill("#id_memory_mib", "256")
     page.fill("#id_disk_gib", "1")
     page.fill("#id_ssh_authorized_keys", KEY)
