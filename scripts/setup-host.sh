@@ -107,7 +107,9 @@ if ! virsh -c qemu:///system pool-info default >/dev/null 2>&1; then
     virsh -c qemu:///system pool-define-as default dir --target /var/lib/libvirt/images >/dev/null
     virsh -c qemu:///system pool-autostart default >/dev/null
 fi
-if ! virsh -c qemu:///system pool-info default | grep -qE '^State:\s+running'; then
+# Read the whole output first: grep -q exiting early would fail the pipeline under pipefail.
+pool_state=$(virsh -c qemu:///system pool-info default)
+if ! grep -qE '^State:\s+running' <<<"$pool_state"; then
     virsh -c qemu:///system pool-start default >/dev/null
 fi
 say "libvirtd ready on qemu:///system"
