@@ -88,7 +88,8 @@ def wait_port(port):
 def setup_machine():
     from django.contrib.auth import get_user_model
 
-    from hypervisors import images, services as hv_services
+    from hypervisors import images
+    from hypervisors import services as hv_services
     from hypervisors.models import Hypervisor, Image
     from machines import services
     from machines.models import Machine

@@ -1,6 +1,6 @@
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.urls import reverse
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
@@ -66,6 +66,9 @@ class MachineSerializer(serializers.ModelSerializer):
     extra_isos = serializers.PrimaryKeyRelatedField(queryset=Image.objects.filter(kind="iso"), many=True, required=False,
                                                     write_only=True)  # fmt: skip
     cdroms = serializers.SerializerMethodField()
+    power_on = serializers.BooleanField(write_only=True, required=False, allow_null=True, default=None,
+                                        help_text="Network-boot machines stay off unless true.")  # fmt: skip
+    bmc = serializers.SerializerMethodField()
     nics = NicSerializer(many=True, required=False)
     ssh_authorized_keys = StringOrList(required=False)
     packages = StringOrList(required=False)
@@ -76,9 +79,16 @@ class MachineSerializer(serializers.ModelSerializer):
         fields = ["id", "uuid", "name", "owner", "hypervisor", "pool", "deploy_type", "image", "vcpus", "memory_mib",
                   "disk_gib", "nics", "ssh_authorized_keys", "packages", "script", "user_data",
                   "deletion_protection", "autostart", "status", "status_message", "power_state", "operation",
-                  "domain_name", "created", "events", "extra_isos", "cdroms"]  # fmt: skip
+                  "domain_name", "created", "events", "extra_isos", "cdroms", "power_on", "bmc"]  # fmt: skip
         read_only_fields = ["uuid", "status", "status_message", "power_state", "operation", "domain_name", "created"]
         validators = []  # the service validates (with the owner, which the request supplies)
+
+    def get_bmc(self, machine) -> dict | None:
+        """Where the BMC listens (the credentials: GET .../bmc/)."""
+        if not machine.has_bmc:
+            return None
+        return {"address": machine.bmc_address, "port": machine.bmc_port, "username": machine.bmc_username,
+                "listening": machine.bmc_listening}  # fmt: skip
 
     def get_cdroms(self, machine) -> list[dict]:
         return [{"slot": c.slot, "image": c.image_id} for c in machine.cdroms.all()]
@@ -111,6 +121,18 @@ class GrowSerializer(serializers.Serializer):
 class ConsoleUrlSerializer(serializers.Serializer):
     url = serializers.URLField()
     expires_at = serializers.DateTimeField()
+
+
+class BmcSerializer(serializers.Serializer):
+    address = serializers.CharField()
+    port = serializers.IntegerField()
+    username = serializers.CharField()
+    password = serializers.CharField()
+
+
+class BootDeviceSerializer(serializers.Serializer):
+    device = serializers.ChoiceField(choices=["pxe", "disk", "cdrom"])
+    persistent = serializers.BooleanField(default=False)
 
 
 class ProtectionSerializer(serializers.Serializer):
@@ -187,6 +209,45 @@ class MachineViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixins.Retr
         raw, expires = consoles.console_token_issue(machine=machine, user=request.user)
         url = request.build_absolute_uri(reverse("console-standalone")) + f"#m={machine.pk}&t={raw}"
         response = Response({"url": url, "expires_at": expires})
+        response["Cache-Control"] = "no-store"
+        return response
+
+    @extend_schema(request=None, responses={200: BmcSerializer})
+    @action(detail=True, methods=["get"])
+    def bmc(self, request, pk=None):
+        """The BMC's address, port and credentials. Every call is recorded in the machine's events."""
+        machine = self.get_object()
+        try:
+            data = services.machine_bmc_reveal(machine=machine, user=request.user)
+        except services.MachineError as e:
+            return Response({"detail": str(e)}, status=status.HTTP_404_NOT_FOUND)
+        response = Response(data)
+        response["Cache-Control"] = "no-store"
+        return response
+
+    @extend_schema(request=BootDeviceSerializer)
+    @action(detail=True, methods=["post"], url_path="boot-device")
+    def boot_device(self, request, pk=None):
+        """Through the BMC: `pxe`, `disk` or `cdrom`, once or persistent; takes effect at the next cold start."""
+        s = BootDeviceSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        return self._act(services.machine_set_boot_device, **s.validated_data)
+
+    @extend_schema(request=None, parameters=[OpenApiParameter("ids", str, description="comma-separated machine ids")])
+    @action(detail=False, methods=["get"])
+    def instackenv(self, request):
+        """Ironic / TripleO instackenv.json of your network-boot machines (or of `ids`). Holds BMC passwords:
+        every machine exported is recorded in its events."""
+        machines = self.get_queryset().filter(bmc_port__isnull=False)
+        ids = request.query_params.get("ids")
+        if ids:
+            try:
+                machines = machines.filter(pk__in=[int(i) for i in ids.split(",") if i.strip()])
+            except ValueError:
+                return Response({"ids": "Give machine ids separated by commas."}, status=400)
+        for machine in machines:
+            machine.log("bmc", f"credentials exported to instackenv by {request.user.get_username()}")
+        response = Response(services.instackenv(machines))
         response["Cache-Control"] = "no-store"
         return response
 

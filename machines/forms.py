@@ -9,9 +9,11 @@ class MachineForm(forms.ModelForm):
     """The create form: one NIC here (the API takes any number)."""
 
     hypervisor = forms.ModelChoiceField(queryset=Hypervisor.objects.none(), empty_label=None)
-    deploy_type = forms.ChoiceField(label="Deployment", choices=DeployType.choices[:2], initial=DeployType.IMAGE,
+    deploy_type = forms.ChoiceField(label="Deployment", choices=DeployType.choices, initial=DeployType.IMAGE,
                                     widget=forms.RadioSelect)  # fmt: skip
-    image = forms.ModelChoiceField(queryset=Image.objects.none(), empty_label=None,
+    power_on = forms.BooleanField(label="Power on after create", required=False, initial=False,
+                                  help_text="Network-boot machines only; others always start.")  # fmt: skip
+    image = forms.ModelChoiceField(queryset=Image.objects.none(), empty_label="(none: network boot)", required=False,
                                    help_text="A cloud image (its login user gets the SSH keys) or, for an ISO machine, "
                                              "the installer ISO.")  # fmt: skip
     extra_isos = forms.ModelMultipleChoiceField(queryset=Image.objects.none(), required=False, label="Extra ISOs",
@@ -64,6 +66,8 @@ class MachineForm(forms.ModelForm):
     def service_kwargs(self) -> dict:
         data = {k: v for k, v in self.cleaned_data.items() if not k.startswith("nic_")}
         data["extra_isos"] = list(data.get("extra_isos") or [])
+        if data.get("deploy_type") != DeployType.NETWORK:
+            data.pop("power_on", None)
         return {**data, "nics": self.nic_inputs()}
 
 

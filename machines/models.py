@@ -37,6 +37,7 @@ class Machine(models.Model):
                                  help_text="Merged with what the portal generates; at most 64 KiB.")  # fmt: skip
     deletion_protection = models.BooleanField(default=False, help_text="Refuse deletion and rebuild until cleared.")
     autostart = models.BooleanField(default=True, help_text="Start with the hypervisor.")
+    power_on_after_create = models.BooleanField(default=True, help_text="Network-boot machines stay off unless asked.")
 
     status = models.CharField(max_length=12, choices=Status.choices, default=Status.NEW)
     status_message = models.TextField(blank=True)
@@ -50,13 +51,23 @@ class Machine(models.Model):
     serial_log = models.TextField(blank=True)
     serial_log_fetched = models.DateTimeField(null=True, blank=True)
     screenshot_taken = models.DateTimeField(null=True, blank=True)
+    # The virtual BMC of a network-boot machine.
+    bmc_address = models.GenericIPAddressField("BMC address", null=True, blank=True)
+    bmc_port = models.PositiveIntegerField("BMC port", null=True, blank=True)
+    bmc_username = models.CharField("BMC user", max_length=32, blank=True)
+    bmc_password_encrypted = models.TextField(blank=True, editable=False)
+    bmc_listening = models.BooleanField(default=False)
+    bmc_checked = models.DateTimeField(null=True, blank=True)
     screenshot_requested = models.DateTimeField(null=True, blank=True)
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
 
     class Meta:
         ordering = ["-created"]
-        constraints = [models.UniqueConstraint(fields=["owner", "name"], name="machine_name_unique_per_owner")]
+        constraints = [
+            models.UniqueConstraint(fields=["owner", "name"], name="machine_name_unique_per_owner"),
+            models.UniqueConstraint(fields=["bmc_address", "bmc_port"], name="bmc_port_unique_per_address"),
+        ]
 
     def __str__(self) -> str:
         return self.name
@@ -98,6 +109,10 @@ class Machine(models.Model):
     @property
     def volumes(self) -> list[str]:
         return [self.disk_volume, self.seed_volume, self.serial_volume]
+
+    @property
+    def has_bmc(self) -> bool:
+        return self.bmc_port is not None
 
     @property
     def is_busy(self) -> bool:

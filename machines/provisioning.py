@@ -55,7 +55,8 @@ def seed_spec_from(machine: Machine, nics: list) -> cloudinit.SeedSpec:
     )
 
 
-def domain_spec(machine: Machine, *, disks: tuple[DiskSpec, ...], serial_log: str) -> DomainSpec:
+def domain_spec(machine: Machine, *, disks: tuple[DiskSpec, ...], serial_log: str,
+                boot_devices: tuple[str, ...] = ()) -> DomainSpec:  # fmt: skip
     hv = machine.hypervisor
     nics = tuple(NicSpec(type=n.type, source=n.source, mac=n.mac) for n in machine.nics.all())
     return DomainSpec(
@@ -71,6 +72,8 @@ def domain_spec(machine: Machine, *, disks: tuple[DiskSpec, ...], serial_log: st
         nics=nics,
         vnc_listen=hv.console_address,
         serial_log=serial_log,
+        boot_devices=boot_devices,
+        bios_serial=machine.deploy_type == DeployType.NETWORK,  # so PXE shows in the serial log
         metadata={"id": machine.pk, "owner": machine.owner_id, "deploy-type": machine.deploy_type},
     )
 
@@ -164,9 +167,10 @@ def serial_log_path(machine: Machine, driver: HypervisorDriver) -> str:
     return f"{pool_dir}/{machine.serial_volume}" if pool_dir.startswith("/") else ""
 
 
-def ensure_domain(machine: Machine, driver: HypervisorDriver, disks: tuple[DiskSpec, ...]) -> None:
+def ensure_domain(machine: Machine, driver: HypervisorDriver, disks: tuple[DiskSpec, ...],
+                  boot_devices: tuple[str, ...] = ()) -> None:  # fmt: skip
     def step() -> str:
-        spec = domain_spec(machine, disks=disks, serial_log=serial_log_path(machine, driver))
+        spec = domain_spec(machine, disks=disks, serial_log=serial_log_path(machine, driver), boot_devices=boot_devices)
         created = driver.define_domain(spec)
         driver.set_autostart(spec.uuid, machine.autostart)
         kind = spec.domain_type
@@ -187,8 +191,8 @@ def provision(machine: Machine, driver: HypervisorDriver) -> None:
     """Bring the machine to running. Safe to re-run after any failure."""
     if machine.deploy_type == DeployType.ISO:
         return provision_iso(machine, driver)
-    if machine.deploy_type != DeployType.IMAGE:
-        raise NotImplementedError(f"{machine.get_deploy_type_display()} machines are not available yet")
+    if machine.deploy_type == DeployType.NETWORK:
+        return provision_network(machine, driver)
     base = ensure_image(machine, driver)
     disk = ensure_disk(machine, driver, base)
     seed = ensure_seed(machine, driver)
@@ -217,6 +221,17 @@ def provision_iso(machine: Machine, driver: HypervisorDriver) -> None:
     disk = ensure_blank_disk(machine, driver)
     ensure_domain(machine, driver, (DiskSpec(path=disk, format="qcow2", bus="virtio", boot_order=1), *cdroms))
     ensure_running(machine, driver)
+
+
+def provision_network(machine: Machine, driver: HypervisorDriver) -> None:
+    """No OS: a blank disk, network boot first, then disk; defined and left off unless asked.
+    Its virtual BMC (manage.py bmc_server) drives it from then on."""
+    disk = ensure_blank_disk(machine, driver)
+    ensure_domain(machine, driver, (DiskSpec(path=disk, format="qcow2", bus="virtio"),), boot_devices=("network", "hd"))
+    if machine.power_on_after_create:
+        ensure_running(machine, driver)
+    else:
+        machine.log("start", "left powered off; power it on through its BMC")
 
 
 def cdrom_target(machine: Machine, slot: int) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import socket
 import uuid as uuidlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from huey.exceptions import RetryTask
 from hypervisors.drivers import get_driver
 from hypervisors.drivers.base import HypervisorError, HypervisorFatalError, HypervisorUnavailable
 from hypervisors.models import Hypervisor, Image
-from machines import cloudinit, provisioning, screenshots
+from machines import bmc, cloudinit, crypto, provisioning, screenshots
 from machines.models import Machine, MachineCdrom, MachineNic
 from machines.states import BUSY, DeployType, InvalidTransition, PowerAction, PowerState, Status
 
@@ -80,6 +81,16 @@ def _validate_iso_request(extra_isos: list[Image], *cloud_init_fields: str) -> N
             raise ValidationError({"extra_isos": f"{iso.name} is not a ready ISO."})
 
 
+def _validate_network_request(image, nics, extra_isos, *cloud_init_fields: str) -> None:
+    if image is not None or extra_isos:
+        raise ValidationError({"image": "A network-boot machine has no image: it boots from the network."})
+    if any(f.strip() for f in cloud_init_fields):
+        raise ValidationError({"deploy_type": "SSH keys, packages, a script and user-data apply to image machines; "
+                                              "a network-boot machine gets its OS from the network."})  # fmt: skip
+    if not nics:
+        raise ValidationError({"nics": "A network-boot machine needs at least one NIC to boot from."})
+
+
 def _validate_cloud_init(machine: Machine) -> None:
     try:
         for key in machine.key_list:
@@ -95,13 +106,17 @@ def machine_create(*, owner, hypervisor: Hypervisor, name: str, deploy_type: str
                    image: Image | None = None, vcpus: int = 1, memory_mib: int = 1024, disk_gib: int = 10,
                    nics: list[NicInput] | None = None, ssh_authorized_keys: str = "", packages: str = "",
                    script: str = "", user_data: str = "", pool: str = "default", deletion_protection: bool = False,
-                   autostart: bool = True, extra_isos: list[Image] | None = None) -> Machine:  # fmt: skip
+                   autostart: bool = True, extra_isos: list[Image] | None = None,
+                   power_on: bool | None = None) -> Machine:  # fmt: skip
     """Validate, save, and queue provisioning. Raises ValidationError with a message per field."""
-    if deploy_type not in (DeployType.IMAGE, DeployType.ISO):
-        raise ValidationError({"deploy_type": f"{DeployType(deploy_type).label} machines are not available yet."})
+    if deploy_type not in DeployType.values:
+        raise ValidationError({"deploy_type": f"Choose one of {', '.join(DeployType.values)}."})
     extra_isos = extra_isos or []
     if deploy_type == DeployType.ISO:
         _validate_iso_request(extra_isos, ssh_authorized_keys, packages, script, user_data)
+    elif deploy_type == DeployType.NETWORK:
+        _validate_network_request(image, nics or [], extra_isos, ssh_authorized_keys, packages, script, user_data)
+        power_on = bool(power_on)
     elif extra_isos:
         raise ValidationError({"extra_isos": "Extra ISOs are for ISO machines."})
     if not hypervisor.enabled or not hypervisor.is_online:
@@ -117,9 +132,12 @@ def machine_create(*, owner, hypervisor: Hypervisor, name: str, deploy_type: str
                       memory_mib=memory_mib, disk_gib=disk_gib, ssh_authorized_keys=ssh_authorized_keys.strip(),
                       packages=packages.strip(), script=script, user_data=user_data, pool=pool,
                       deletion_protection=deletion_protection, autostart=autostart,
+                      power_on_after_create=True if power_on is None else power_on,
                       instance_id=f"i-{uuidlib.uuid4().hex}")  # fmt: skip
     machine.full_clean()
     machine.save()
+    if deploy_type == DeployType.NETWORK:
+        bmc_assign(machine)
     try:
         for i, nic in enumerate(nics):
             MachineNic.objects.create(machine=machine, index=i, type=nic.type, source=nic.source,
@@ -131,7 +149,7 @@ def machine_create(*, owner, hypervisor: Hypervisor, name: str, deploy_type: str
     if deploy_type == DeployType.ISO:
         for slot, iso in enumerate([image, *extra_isos]):
             MachineCdrom.objects.create(machine=machine, slot=slot, image=iso)
-    else:
+    elif deploy_type == DeployType.IMAGE:
         _validate_cloud_init(machine)
     machine.log("create", f"requested by {owner.get_username()} on {hypervisor.name}")
     machine.transition(Status.PROVISIONING)
@@ -176,7 +194,12 @@ def machine_provision_run(machine_id: int) -> None:
         _cleanup(machine, driver)
         machine.transition(Status.ERROR, str(e))
         return
-    Machine.objects.filter(pk=machine.pk).update(attempts=0, power_state=PowerState.RUNNING, power_checked=timezone.now())
+    try:
+        state = driver.domain_state(str(machine.uuid))
+    except HypervisorError:
+        state = None
+    Machine.objects.filter(pk=machine.pk).update(attempts=0, power_state=str(state or PowerState.UNKNOWN),
+                                                 power_checked=timezone.now())  # fmt: skip
     machine.transition(Status.ACTIVE)
 
 
@@ -221,8 +244,14 @@ def machine_power(*, machine: Machine, action: str) -> None:
     _enqueue("machine_power_task", machine.pk, action)
 
 
+IPMI_ACTIONS = {PowerAction.START: "on", PowerAction.SHUTDOWN: "soft", PowerAction.POWEROFF: "off",
+                PowerAction.REBOOT: "cycle", PowerAction.RESET: "reset"}  # fmt: skip
+
+
 def machine_power_run(machine_id: int, action: str) -> None:
     machine = Machine.objects.select_related("hypervisor").get(pk=machine_id)
+    if machine.has_bmc:
+        return _power_through_bmc(machine, action)
     uuid = str(machine.uuid)
     try:
         with get_driver(machine.hypervisor.uri) as driver:
@@ -473,3 +502,115 @@ def machine_screenshot_run(machine_id: int) -> None:
     tmp.write_bytes(png)
     tmp.replace(path)
     Machine.objects.filter(pk=machine.pk).update(screenshot_taken=timezone.now())
+
+
+# --- virtual BMCs ----------------------------------------------------------------------
+
+
+def _port_range() -> range:
+    low, _, high = settings.PORTAL_BMC_PORT_RANGE.partition("-")
+    return range(int(low), int(high or low) + 1)
+
+
+def _udp_port_free(address: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((address, port))
+        except OSError:
+            return False
+    return True
+
+
+def bmc_assign(machine: Machine) -> None:
+    """A free port in the range on the BMC address, and random credentials (stored encrypted)."""
+    address = settings.PORTAL_BMC_ADDRESS
+    used = set(Machine.objects.filter(bmc_address=address, bmc_port__isnull=False).values_list("bmc_port", flat=True))
+    for port in _port_range():
+        if port in used or not _udp_port_free(address, port):
+            continue
+        try:
+            with transaction.atomic():
+                Machine.objects.filter(pk=machine.pk).update(
+                    bmc_address=address, bmc_port=port, bmc_username=f"bmc-{secrets.token_hex(3)}",
+                    # IPMI 2.0 passwords are at most 20 bytes: 20 random URL-safe characters.
+                    bmc_password_encrypted=crypto.encrypt(secrets.token_urlsafe(15)))  # fmt: skip
+        except IntegrityError:
+            continue  # taken by a concurrent create
+        machine.refresh_from_db()
+        machine.log("bmc", f"virtual BMC on {address}:{port}")
+        return
+    raise ValidationError({"deploy_type": f"No free BMC port left in {settings.PORTAL_BMC_PORT_RANGE} on {address}."})
+
+
+def bmc_target(machine: Machine) -> bmc.BmcTarget:
+    return bmc.BmcTarget(address=machine.bmc_address, port=machine.bmc_port, username=machine.bmc_username,
+                         password=crypto.decrypt(machine.bmc_password_encrypted))  # fmt: skip
+
+
+def machine_bmc_reveal(*, machine: Machine, user) -> dict:
+    """The BMC credentials, for the owner (or staff); every reveal is recorded."""
+    if not machine.has_bmc:
+        raise MachineError(f"{machine.name} has no virtual BMC.")
+    target = bmc_target(machine)
+    machine.log("bmc", f"credentials revealed to {user.get_username()}")
+    return {"address": target.address, "port": target.port, "username": target.username, "password": target.password}
+
+
+def _power_through_bmc(machine: Machine, action: str) -> None:
+    """Power a network-boot machine exactly as an outside tool would: IPMI to its own BMC."""
+    try:
+        state = bmc.power(bmc_target(machine), IPMI_ACTIONS[action])
+        machine.log("power", f"{PowerAction(action).label} through the BMC done; power is {state}")
+        Machine.objects.filter(pk=machine.pk).update(power_state=PowerState.RUNNING if state == "on" else PowerState.OFF,
+                                                     power_checked=timezone.now())  # fmt: skip
+    except bmc.BmcError as e:
+        machine.log("power", f"{PowerAction(action).label} through the BMC failed: {e}", level="error")
+    finally:
+        Machine.objects.filter(pk=machine.pk).update(operation="", operation_started=None)
+
+
+@transaction.atomic
+def machine_set_boot_device(*, machine: Machine, device: str, persistent: bool) -> None:
+    """PXE, disk or CD-ROM through the BMC; it takes effect at the next cold start (off, then on)."""
+    if not machine.has_bmc:
+        raise MachineError("Boot devices are set through the BMC of network-boot machines.")
+    if device not in bmc.BOOT_DEVICES:
+        raise MachineError(f"Unknown boot device {device!r}; use {', '.join(bmc.BOOT_DEVICES)}.")
+    _claim_operation(machine, "boot-device")
+    _enqueue("machine_boot_device_task", machine.pk, device, persistent)
+
+
+def machine_set_boot_device_run(machine_id: int, device: str, persistent: bool) -> None:
+    machine = Machine.objects.get(pk=machine_id)
+    try:
+        bmc.set_boot_device(bmc_target(machine), device, persistent=persistent)
+        machine.log("bmc", f"boot device {device} ({'persistent' if persistent else 'next boot only'}); "
+                           "takes effect at the next cold start")  # fmt: skip
+    except bmc.BmcError as e:
+        machine.log("bmc", f"setting the boot device failed: {e}", level="error")
+    finally:
+        Machine.objects.filter(pk=machine.pk).update(operation="", operation_started=None)
+
+
+def instackenv(machines) -> dict:
+    """Ironic / TripleO instackenv.json for network-boot machines with a BMC."""
+    nodes = []
+    for machine in machines:
+        if not machine.has_bmc:
+            continue
+        target = bmc_target(machine)
+        nodes.append({
+            "name": machine.name,
+            "pm_type": "ipmi",
+            "pm_addr": target.address,
+            "pm_port": str(target.port),
+            "pm_user": target.username,
+            "pm_password": target.password,
+            "mac": [n.mac for n in machine.nics.all()],
+            "cpu": str(machine.vcpus),
+            "memory": str(machine.memory_mib),
+            "disk": str(machine.disk_gib),
+            "arch": machine.hypervisor.arch or "x86_64",
+        })  # fmt: skip
+    return {"nodes": nodes}

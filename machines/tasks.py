@@ -72,3 +72,10 @@ def machine_screenshot_task(machine_id: int) -> None:
     from machines.services import machine_screenshot_run
 
     machine_screenshot_run(machine_id)
+
+
+@db_task()
+def machine_boot_device_task(machine_id: int, device: str, persistent: bool) -> None:
+    from machines.services import machine_set_boot_device_run
+
+    machine_set_boot_device_run(machine_id, device, persistent)

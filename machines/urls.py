@@ -18,4 +18,7 @@ urlpatterns = [
     path("<int:pk>/screenshot.png", views.machine_screenshot, name="screenshot"),
     path("<int:pk>/media/", views.machine_media, name="media"),
     path("<int:pk>/boot-cdrom/", views.machine_boot_cdrom, name="boot-cdrom"),
+    path("<int:pk>/bmc/reveal/", views.machine_bmc_reveal, name="bmc-reveal"),
+    path("<int:pk>/boot-device/", views.machine_boot_device, name="boot-device"),
+    path("instackenv.json", views.machines_instackenv, name="instackenv"),
 ]

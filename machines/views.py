@@ -5,6 +5,7 @@ from django.core.exceptions import ValidationError
 from django.http import FileResponse, Http404, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
+from django.utils.html import format_html
 from django.views.decorators.clickjacking import xframe_options_deny
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
@@ -237,3 +238,43 @@ def machine_boot_cdrom(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     except services.MachineError as e:
         messages.error(request, str(e))
     return redirect(machine)
+
+
+@login_required
+@require_POST
+def machine_bmc_reveal(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    """The BMC password, shown once in the page (htmx); the reveal is recorded."""
+    machine = _get_machine_for_user(request, pk)
+    try:
+        data = services.machine_bmc_reveal(machine=machine, user=request.user)
+    except services.MachineError as e:
+        raise Http404(str(e)) from None
+    response = HttpResponse(format_html("<code>{}</code>", data["password"]))
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+@login_required
+@require_POST
+def machine_boot_device(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    machine = _get_machine_for_user(request, pk)
+    try:
+        services.machine_set_boot_device(machine=machine, device=request.POST.get("device", ""),
+                                         persistent=request.POST.get("persistent") == "1")  # fmt: skip
+        messages.info(request, "Boot device set through the BMC; it takes effect at the next cold start.")
+    except services.MachineError as e:
+        messages.error(request, str(e))
+    return redirect(machine)
+
+
+@login_required
+@require_POST
+def machines_instackenv(request: HtmxHttpRequest) -> HttpResponse:
+    """instackenv.json of the user's network-boot machines, as a download (holds BMC passwords; recorded)."""
+    machines = machines_for(request.user).filter(bmc_port__isnull=False)
+    for machine in machines:
+        machine.log("bmc", f"credentials exported to instackenv by {request.user.get_username()}")
+    response = JsonResponse(services.instackenv(machines), json_dumps_params={"indent": 2})
+    response["Content-Disposition"] = 'attachment; filename="instackenv.json"'
+    response["Cache-Control"] = "no-store"
+    return response

@@ -193,6 +193,16 @@ def console_proxy(django_db_setup):
     _stop(proc)
 
 
+@pytest.fixture(scope="session")
+def bmc_server(django_db_setup):
+    """`manage.py bmc_server` as `make run` starts it, following the test database."""
+    proc = _start("bmc", [sys.executable, "manage.py", "bmc_server", "--interval", "0.5"])
+    time.sleep(1)
+    assert proc.poll() is None, f"the BMC server exited; see {ARTIFACTS / 'bmc.log'}"
+    yield proc
+    _stop(proc)
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.25, message: str = ""):
     """Poll until predicate() is truthy; return its value or fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout

@@ -134,6 +134,8 @@ class DomainSpec:
     nics: tuple[NicSpec, ...] = ()
     vnc_listen: str = "127.0.0.1"
     serial_log: str = ""  # file the serial console is also written to
+    boot_devices: tuple[str, ...] = ()  # e.g. ("network", "hd"): <os><boot dev>, instead of per-device order
+    bios_serial: bool = False  # firmware and option ROM (iPXE) output on the serial console too
     metadata: dict = field(default_factory=dict)  # portal ids, as attributes of the metadata element
 
 

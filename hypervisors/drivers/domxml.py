@@ -28,7 +28,7 @@ def _target_names(disks: tuple[DiskSpec, ...]) -> list[str]:
     return names
 
 
-def _disk(devices: ET.Element, disk: DiskSpec, target: str) -> None:
+def _disk(devices: ET.Element, disk: DiskSpec, target: str, use_order: bool = True) -> None:
     el = _sub(devices, "disk", type="file", device=disk.device)
     _sub(el, "driver", name="qemu", type=disk.format)
     if disk.path:  # an empty CD-ROM drive has no source
@@ -36,11 +36,11 @@ def _disk(devices: ET.Element, disk: DiskSpec, target: str) -> None:
     _sub(el, "target", dev=target, bus=disk.bus)
     if disk.device == "cdrom":
         _sub(el, "readonly")
-    if disk.boot_order is not None:
+    if disk.boot_order is not None and use_order:
         _sub(el, "boot", order=str(disk.boot_order))
 
 
-def _nic(devices: ET.Element, nic: NicSpec) -> None:
+def _nic(devices: ET.Element, nic: NicSpec, use_order: bool = True) -> None:
     el = _sub(devices, "interface", type=nic.type)
     _sub(el, "mac", address=nic.mac)
     if nic.type == "network":
@@ -48,7 +48,7 @@ def _nic(devices: ET.Element, nic: NicSpec) -> None:
     elif nic.type == "bridge":
         _sub(el, "source", bridge=nic.source)
     _sub(el, "model", type=nic.model)
-    if nic.boot_order is not None:
+    if nic.boot_order is not None and use_order:
         _sub(el, "boot", order=str(nic.boot_order))
 
 
@@ -67,6 +67,12 @@ def build_domain_xml(spec: DomainSpec) -> str:
     _sub(root, "vcpu", str(spec.vcpus), placement="static")
     os_el = _sub(root, "os")
     _sub(os_el, "type", "hvm", arch=spec.arch, machine=spec.machine)
+    # The boot order lives either in <os> (what IPMI boot-device changes edit) or on devices, never both.
+    for dev in spec.boot_devices:
+        _sub(os_el, "boot", dev=dev)
+    use_order = not spec.boot_devices
+    if spec.bios_serial:
+        _sub(os_el, "bios", useserial="yes")
     features = _sub(root, "features")
     _sub(features, "acpi")
     _sub(features, "apic")
@@ -76,9 +82,9 @@ def build_domain_xml(spec: DomainSpec) -> str:
     _sub(root, "on_crash", "destroy")
     devices = _sub(root, "devices")
     for disk, target in zip(spec.disks, _target_names(spec.disks), strict=True):
-        _disk(devices, disk, target)
+        _disk(devices, disk, target, use_order)
     for nic in spec.nics:
-        _nic(devices, nic)
+        _nic(devices, nic, use_order)
     serial = _sub(devices, "serial", type="pty")
     if spec.serial_log:
         _sub(serial, "log", file=spec.serial_log, append="off")

@@ -126,7 +126,8 @@ def test_a_retry_that_succeeds_leaves_one_of_everything(django_capture_on_commit
         ({"memory_mib": 64}, "memory_mib", "greater than or equal to 128"),
         ({"pool": "nope"}, "pool", "not active"),
         ({"nics": [services.NicInput(type="network", source="lan9")]}, "nics", "network 'lan9' does not exist"),
-        ({"deploy_type": "network"}, "deploy_type", "not available yet"),
+        ({"deploy_type": "network"}, "image", "has no image"),
+        ({"deploy_type": "warp"}, "deploy_type", "Choose one of"),
         ({"deploy_type": "iso"}, "deploy_type", "installed through its console"),
     ],
 )

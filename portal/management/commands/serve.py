@@ -30,11 +30,12 @@ def portal_processes() -> dict[str, list[str]]:
         ],
         "worker": [py, manage, "run_huey", "--flush-locks"],
         "console": [py, manage, "console_proxy"],
+        "bmc": [py, manage, "bmc_server"],
     }  # fmt: skip
 
 
 class Command(BaseCommand):
-    help = "Start the web server, the worker and the console proxy in the foreground until Ctrl-C."
+    help = "Start the web server, the worker, the console proxy and the BMC server in the foreground until Ctrl-C."
 
     def handle(self, *args, **options):
         children: dict[str, subprocess.Popen] = {}

@@ -1,0 +1,109 @@
+"""Network-boot machines driven over IPMI, for real: bmc_server (virtualbmc), ipmitool, libvirtd."""
+
+import socket
+import subprocess
+
+import pytest
+from rest_framework.test import APIClient
+
+from machines import services
+from machines.models import Machine
+from portal.models import ApiToken
+from tests.conftest import serial_log, wait_for
+from tests.factories import UserFactory
+
+pytestmark = pytest.mark.integration
+
+
+def ipmi(creds: dict, *command: str, password: str | None = None) -> subprocess.CompletedProcess:
+    argv = ["ipmitool", "-I", "lanplus", "-C", "3", "-H", creds["address"], "-p", str(creds["port"]),
+            "-U", creds["username"], "-P", password or creds["password"], "-R", "1", "-N", "3", *command]  # fmt: skip
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+def domstate(machine: Machine) -> str:
+    return subprocess.run(["virsh", "-c", "qemu:///system", "domstate", str(machine.uuid)], capture_output=True,
+                          text=True).stdout.strip()  # fmt: skip
+
+
+def udp_port_free(address: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((address, port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture
+def owner_api(worker):
+    owner = UserFactory(username="metal")
+    _, raw = ApiToken.issue(user=owner)
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Token {raw}")
+    api.owner = owner
+    return api
+
+
+def create_network_machine(api, name: str) -> Machine:
+    r = api.post("/api/v1/machines/", {"name": name, "deploy_type": "network", "hypervisor": "local", "vcpus": 1,
+                                       "memory_mib": 256, "disk_gib": 1, "nics": [{"type": "user"}]}, format="json")  # fmt: skip
+    assert r.status_code == 201, r.content
+    machine = wait_for(lambda: (m := Machine.objects.get(pk=r.json()["id"])).status in ("active", "error") and m, 60)
+    assert machine.status == "active", machine.status_message
+    return machine
+
+
+def test_ipmitool_drives_a_network_boot_machine(owner_api, local, bmc_server):
+    api = owner_api
+    machine = create_network_machine(api, "metal1")
+    assert machine.power_state == "off" and domstate(machine) == "shut off"  # defined and left off
+    creds = api.get(f"/api/v1/machines/{machine.pk}/bmc/").json()
+    assert creds["address"] == "127.0.0.1" and len(creds["password"]) >= 16 and creds["username"] != "admin"
+    assert machine.events.filter(message__contains="credentials revealed").exists()
+    wait_for(lambda: Machine.objects.get(pk=machine.pk).bmc_listening, 15, message="the BMC never listened")
+
+    assert "Chassis Power is off" in ipmi(creds, "power", "status").stdout
+    assert ipmi(creds, "power", "status", password="wrong-password-123").returncode != 0
+
+    assert ipmi(creds, "power", "on").returncode == 0
+    wait_for(lambda: domstate(machine) == "running", 15)
+    assert "Chassis Power is on" in ipmi(creds, "power", "status").stdout
+
+    # PXE first, then a cold start: the next boot is iPXE's.
+    assert ipmi(creds, "chassis", "bootdev", "pxe").returncode == 0
+    assert ipmi(creds, "power", "off").returncode == 0
+    wait_for(lambda: domstate(machine) == "shut off", 15)
+    assert ipmi(creds, "power", "on").returncode == 0
+    serial_log(machine.pk, "iPXE", timeout=60)
+    assert ipmi(creds, "power", "off").returncode == 0
+    wait_for(lambda: domstate(machine) == "shut off", 15)
+
+    # The portal's own buttons go through the same BMC and change the real domain.
+    services.machine_power(machine=Machine.objects.get(pk=machine.pk), action="start")
+    wait_for(lambda: domstate(machine) == "running" and Machine.objects.get(pk=machine.pk).power_state == "running", 30)
+    services.machine_power(machine=Machine.objects.get(pk=machine.pk), action="poweroff")
+    wait_for(lambda: domstate(machine) == "shut off" and not Machine.objects.get(pk=machine.pk).operation, 30)
+    assert Machine.objects.get(pk=machine.pk).power_state == "off"
+
+    # Two machines never share a port; both are exported for Ironic.
+    other = create_network_machine(api, "metal2")
+    assert (other.bmc_address, other.bmc_port) != (machine.bmc_address, machine.bmc_port)
+    nodes = api.get("/api/v1/machines/instackenv/").json()["nodes"]
+    assert {n["name"] for n in nodes} == {"metal1", "metal2"}
+    node = next(n for n in nodes if n["name"] == "metal1")
+    assert node["pm_type"] == "ipmi" and node["pm_port"] == str(machine.bmc_port) and node["pm_password"] == creds["password"]
+    assert node["mac"] == [machine.nics.get().mac] and node["arch"] == "x86_64"
+
+    # Protection keeps the BMC; deleting the machine closes its port.
+    api.post(f"/api/v1/machines/{machine.pk}/protection/", {"deletion_protection": True}, format="json")
+    assert api.delete(f"/api/v1/machines/{machine.pk}/").status_code == 409
+    assert "Chassis Power" in ipmi(creds, "power", "status").stdout
+    api.post(f"/api/v1/machines/{machine.pk}/protection/", {"deletion_protection": False}, format="json")
+    assert api.delete(f"/api/v1/machines/{machine.pk}/").status_code == 202
+    wait_for(lambda: not Machine.objects.filter(pk=machine.pk).exists(), 60)
+    wait_for(lambda: udp_port_free(creds["address"], creds["port"]), 15, message="the BMC port stayed open")
+    assert ipmi(creds, "power", "status").returncode != 0
+    # The other machine's BMC was not disturbed.
+    other_creds = api.get(f"/api/v1/machines/{other.pk}/bmc/").json()
+    assert "Chassis Power is off" in ipmi(other_creds, "power", "status").stdout
