@@ -49,9 +49,10 @@ lint: deps-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: host deps
+bench: host deps-test assets
 	$(PY) bench/bench_sync.py
 	$(PY) bench/provision.py
+	$(PY) bench/console.py
 
 clean:
 	rm -rf $(VENV) node_modules var
