@@ -20,6 +20,7 @@ from hypervisors.drivers import get_driver
 from hypervisors.drivers.base import HypervisorDriver, HypervisorError, HypervisorFatalError
 from hypervisors.drivers.qemu_img import ImageRejected, inspect
 from hypervisors.models import Hypervisor, Image, ImageCopy, ImageFormat, ImageKind, ImageStatus
+from portal.audit import audited
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ def _fail(image: Image, message: str) -> None:
     Image.objects.filter(pk=image.pk).update(status=ImageStatus.ERROR, status_message=message)
 
 
+@audited("image.upload")
 @transaction.atomic
 def image_create_from_upload(*, name: str, kind: str, fmt: str, uploaded, owner=None, **fields) -> Image:
     """Take an uploaded file (already streamed to disk by Django) and queue its validation."""
@@ -118,6 +120,7 @@ def validate_source_url(url: str) -> None:
         raise ValidationError({"source_url": "Give an http:// or https:// URL."})
 
 
+@audited("image.import")
 @transaction.atomic
 def image_create_from_url(*, name: str, kind: str, fmt: str, source_url: str, expected_sha256: str = "", owner=None,
                           **fields) -> Image:  # fmt: skip
@@ -172,6 +175,7 @@ def image_import(image_id: int) -> None:
     _finish(image, final, sha)
 
 
+@audited("image.register")
 @transaction.atomic
 def image_register_volume(*, name: str, kind: str, fmt: str, hypervisor: Hypervisor, pool: str, volume: str,
                           owner=None, **fields) -> Image:  # fmt: skip
@@ -212,6 +216,7 @@ def image_fetch_volume(image_id: int) -> None:
     _finish(image, final, h.hexdigest())
 
 
+@audited("image.delete", obj_kwarg="image")
 @transaction.atomic
 def image_delete(*, image: Image) -> None:
     """Remove an image from the catalogue and its file. Copies in pools stay until no machine needs them."""

@@ -11,6 +11,7 @@ from django.utils import timezone
 from hypervisors.drivers import get_driver
 from hypervisors.drivers.base import HostInfo, HypervisorError
 from hypervisors.models import Hypervisor, HypervisorStatus
+from portal.audit import audited
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ def _enqueue_sync(hypervisor_id: int, *, follow_up: bool = False) -> None:
     transaction.on_commit(lambda: task(hypervisor_id))
 
 
+@audited("hypervisor.create")
 @transaction.atomic
 def hypervisor_create(
     *, name: str, uri: str, console_address: str = "127.0.0.1", domain_type_override: str = "", enabled: bool = True
@@ -48,6 +50,7 @@ def hypervisor_create(
     return hv
 
 
+@audited("hypervisor.update", obj_kwarg="hypervisor")
 @transaction.atomic
 def hypervisor_update(*, hypervisor: Hypervisor, **changes) -> Hypervisor:
     """Change editable fields; a new URI or a re-enabled hypervisor is checked again."""
@@ -68,6 +71,7 @@ def hypervisor_update(*, hypervisor: Hypervisor, **changes) -> Hypervisor:
     return hypervisor
 
 
+@audited("hypervisor.delete", obj_kwarg="hypervisor")
 @transaction.atomic
 def hypervisor_delete(*, hypervisor: Hypervisor) -> None:
     """Forget a hypervisor. Refused while machines live on it; nothing on the host is touched."""
@@ -80,6 +84,7 @@ def hypervisor_delete(*, hypervisor: Hypervisor) -> None:
         ) from None
 
 
+@audited("hypervisor.sync", obj_kwarg="hypervisor")
 @transaction.atomic
 def hypervisor_request_sync(*, hypervisor: Hypervisor) -> None:
     """Queue a check now (the "check now" button); pages show "Checking" until it answers."""

@@ -245,9 +245,7 @@ class MachineViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixins.Retr
                 machines = machines.filter(pk__in=[int(i) for i in ids.split(",") if i.strip()])
             except ValueError:
                 return Response({"ids": "Give machine ids separated by commas."}, status=400)
-        for machine in machines:
-            machine.log("bmc", f"credentials exported to instackenv by {request.user.get_username()}")
-        response = Response(services.instackenv(machines))
+        response = Response(services.instackenv(machines, user=request.user))
         response["Cache-Control"] = "no-store"
         return response
 

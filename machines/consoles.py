@@ -19,6 +19,7 @@ from django.utils import timezone
 
 from machines.access import can_use
 from machines.models import ConsoleSession, ConsoleToken, Machine
+from portal.audit import audited
 
 
 class ConsoleDenied(Exception):
@@ -29,6 +30,7 @@ def _hash(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
+@audited("console.open", obj_kwarg="machine")
 @transaction.atomic
 def console_token_issue(*, machine: Machine, user, session_key: str = "") -> tuple[str, datetime]:
     """A new token for `user` on `machine`; the raw value is returned once and never stored."""

@@ -21,6 +21,8 @@ from hypervisors.models import Hypervisor, Image
 from machines import bmc, cloudinit, crypto, provisioning, screenshots
 from machines.models import Machine, MachineCdrom, MachineNic
 from machines.states import BUSY, DeployType, InvalidTransition, PowerAction, PowerState, Status
+from portal import audit
+from portal.audit import audited
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,7 @@ def _validate_cloud_init(machine: Machine) -> None:
         raise ValidationError(str(e)) from None
 
 
+@audited("machine.create")
 @transaction.atomic
 def machine_create(*, owner, hypervisor: Hypervisor, name: str, deploy_type: str = DeployType.IMAGE,
                    image: Image | None = None, vcpus: int = 1, memory_mib: int = 1024, disk_gib: int = 10,
@@ -203,6 +206,7 @@ def machine_provision_run(machine_id: int) -> None:
     machine.transition(Status.ACTIVE)
 
 
+@audited("machine.delete", obj_kwarg="machine")
 @transaction.atomic
 def machine_delete(*, machine: Machine) -> None:
     """Queue the removal of the domain and its volumes. Refused with protection, touching nothing."""
@@ -234,6 +238,7 @@ def machine_delete_run(machine_id: int) -> None:
     machine.delete()  # its console tokens and sessions go with it
 
 
+@audited("machine.power", obj_kwarg="machine")
 @transaction.atomic
 def machine_power(*, machine: Machine, action: str) -> None:
     """Queue a power action; one operation at a time per machine."""
@@ -273,6 +278,7 @@ def machine_power_run(machine_id: int, action: str) -> None:
         Machine.objects.filter(pk=machine.pk).update(power_state=str(state), power_checked=timezone.now())
 
 
+@audited("machine.rebuild", obj_kwarg="machine")
 @transaction.atomic
 def machine_rebuild(*, machine: Machine) -> None:
     """Recreate the disk from the image and a fresh seed (new instance-id): the guest starts over."""
@@ -302,6 +308,7 @@ def machine_rebuild_run(machine_id: int) -> None:
     return machine_provision_run(machine_id)
 
 
+@audited("machine.grow_disk", obj_kwarg="machine")
 @transaction.atomic
 def machine_grow_disk(*, machine: Machine, disk_gib: int) -> None:
     """Grow the disk (never shrink). A running guest sees the new size at once."""
@@ -400,6 +407,7 @@ def _reconcile_power(hv: Hypervisor) -> None:
             Machine.objects.filter(pk=machine.pk).update(power_checked=now)
 
 
+@audited("machine.protection", obj_kwarg="machine")
 def machine_set_protection(*, machine: Machine, protected: bool) -> None:
     Machine.objects.filter(pk=machine.pk).update(deletion_protection=protected)
     machine.log("protection", "deletion protection on" if protected else "deletion protection off")
@@ -416,6 +424,7 @@ def _claim_operation(machine: Machine, operation: str) -> None:
     machine.operation = operation
 
 
+@audited("machine.media", obj_kwarg="machine")
 @transaction.atomic
 def machine_change_media(*, machine: Machine, slot: int, image: Image | None) -> None:
     """Insert an ISO into a CD-ROM drive of an ISO machine, or eject it (image None)."""
@@ -444,6 +453,7 @@ def machine_change_media_run(machine_id: int, slot: int, image_id: int | None) -
         Machine.objects.filter(pk=machine.pk).update(operation="", operation_started=None)
 
 
+@audited("machine.boot_cdrom", obj_kwarg="machine")
 @transaction.atomic
 def machine_boot_cdrom_once(*, machine: Machine) -> None:
     """Cold-start from the installer CD-ROM once (the disk stays first for later starts)."""
@@ -548,6 +558,7 @@ def bmc_target(machine: Machine) -> bmc.BmcTarget:
                          password=crypto.decrypt(machine.bmc_password_encrypted))  # fmt: skip
 
 
+@audited("machine.bmc_reveal", obj_kwarg="machine")
 def machine_bmc_reveal(*, machine: Machine, user) -> dict:
     """The BMC credentials, for the owner (or staff); every reveal is recorded."""
     if not machine.has_bmc:
@@ -570,6 +581,7 @@ def _power_through_bmc(machine: Machine, action: str) -> None:
         Machine.objects.filter(pk=machine.pk).update(operation="", operation_started=None)
 
 
+@audited("machine.boot_device", obj_kwarg="machine")
 @transaction.atomic
 def machine_set_boot_device(*, machine: Machine, device: str, persistent: bool) -> None:
     """PXE, disk or CD-ROM through the BMC; it takes effect at the next cold start (off, then on)."""
@@ -593,13 +605,16 @@ def machine_set_boot_device_run(machine_id: int, device: str, persistent: bool) 
         Machine.objects.filter(pk=machine.pk).update(operation="", operation_started=None)
 
 
-def instackenv(machines) -> dict:
-    """Ironic / TripleO instackenv.json for network-boot machines with a BMC."""
+def instackenv(machines, *, user) -> dict:
+    """Ironic / TripleO instackenv.json for network-boot machines with a BMC. It holds their BMC
+    passwords, so each export is recorded on the machine and in the audit trail."""
     nodes = []
     for machine in machines:
         if not machine.has_bmc:
             continue
         target = bmc_target(machine)
+        machine.log("bmc", f"credentials exported to instackenv by {user.get_username()}")
+        audit.record("machine.bmc_export", machine, user=user)
         nodes.append({
             "name": machine.name,
             "pm_type": "ipmi",

@@ -272,9 +272,7 @@ def machine_boot_device(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 def machines_instackenv(request: HtmxHttpRequest) -> HttpResponse:
     """instackenv.json of the user's network-boot machines, as a download (holds BMC passwords; recorded)."""
     machines = machines_for(request.user).filter(bmc_port__isnull=False)
-    for machine in machines:
-        machine.log("bmc", f"credentials exported to instackenv by {request.user.get_username()}")
-    response = JsonResponse(services.instackenv(machines), json_dumps_params={"indent": 2})
+    response = JsonResponse(services.instackenv(machines, user=request.user), json_dumps_params={"indent": 2})
     response["Content-Disposition"] = 'attachment; filename="instackenv.json"'
     response["Cache-Control"] = "no-store"
     return response

@@ -33,3 +33,30 @@ class ApiToken(models.Model):
         raw = secrets.token_urlsafe(32)
         token = cls.objects.create(user=user, name=name, prefix=raw[:TOKEN_PREFIX_LEN], key_hash=hash_token(raw))
         return token, raw
+
+
+class AuditEvent(models.Model):
+    """Append-only: every change, login and reveal, with who, from where and the outcome."""
+
+    class Outcome(models.TextChoices):
+        SUCCESS = "success", "Success"
+        REFUSED = "refused", "Refused"
+        FAILED = "failed", "Failed"
+
+    created = models.DateTimeField(auto_now_add=True, db_index=True)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                             related_name="+")  # fmt: skip
+    username = models.CharField(max_length=150, blank=True)  # kept when the user is deleted
+    address = models.GenericIPAddressField(null=True, blank=True)
+    action = models.CharField(max_length=40, db_index=True)
+    object_type = models.CharField(max_length=60, blank=True, db_index=True)
+    object_id = models.CharField(max_length=40, blank=True)
+    object_repr = models.CharField(max_length=200, blank=True)
+    outcome = models.CharField(max_length=8, choices=Outcome.choices, default=Outcome.SUCCESS)
+    detail = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created", "-pk"]
+
+    def __str__(self) -> str:
+        return f"{self.created:%Y-%m-%d %H:%M:%S} {self.username or '-'} {self.action} {self.object_repr} {self.outcome}"

@@ -8,11 +8,13 @@ from hypervisors.api import HypervisorViewSet, ImageViewSet
 from machines import views as machine_views
 from machines.api import MachineViewSet
 from portal import views
+from portal.api import AuditEventViewSet
 
 router = DefaultRouter()
 router.register("hypervisors", HypervisorViewSet, basename="hypervisor")
 router.register("images", ImageViewSet, basename="image")
 router.register("machines", MachineViewSet, basename="machine")
+router.register("audit", AuditEventViewSet, basename="audit")
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -25,4 +27,5 @@ urlpatterns = [
     path("api/v1/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/v1/", include(router.urls)),
     path("healthz", views.healthz, name="healthz"),
+    path("audit/", views.audit_list, name="audit"),
 ]

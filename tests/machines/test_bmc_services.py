@@ -80,7 +80,7 @@ def test_reveal_is_recorded_and_instackenv_lists_the_nodes(django_capture_on_com
     machine = create(django_capture_on_commit_callbacks, hv)
     creds = services.machine_bmc_reveal(machine=machine, user=machine.owner)
     assert creds["port"] == machine.bmc_port and machine.events.filter(message__contains="revealed to o-metal").exists()
-    node = services.instackenv([machine])["nodes"][0]
+    node = services.instackenv([machine], user=machine.owner)["nodes"][0]
     assert node == {"name": "metal", "pm_type": "ipmi", "pm_addr": "127.0.0.1", "pm_port": str(machine.bmc_port),
                     "pm_user": machine.bmc_username, "pm_password": creds["password"], "mac": [machine.nics.get().mac],
                     "cpu": "1", "memory": "1024", "disk": "10", "arch": "x86_64"}  # fmt: skip

@@ -1,0 +1,113 @@
+"""The audit trail: who did what, to what, from where, and how it ended.
+
+Services call record(); the request's user and address come from a context
+variable that AuditMiddleware sets, so actions from pages, the API and the
+admin are all recorded the same way.
+"""
+
+from __future__ import annotations
+
+import contextvars
+
+from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
+from django.dispatch import receiver
+
+# The request being served: its user is resolved when a record is made, after DRF's
+# authentication (which sets the user on the underlying Django request) has run.
+_request: contextvars.ContextVar = contextvars.ContextVar("audit_request", default=None)
+
+
+def client_address(request) -> str | None:
+    # Behind the documented reverse proxy, gunicorn's --forwarded-allow-ips makes REMOTE_ADDR the client's.
+    return request.META.get("REMOTE_ADDR") if request is not None else None
+
+
+class AuditMiddleware:
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        token = _request.set(request)
+        try:
+            return self.get_response(request)
+        finally:
+            _request.reset(token)
+
+
+def _actor(request, user) -> tuple[int | None, str, str | None]:
+    request = request if request is not None else _request.get()
+    if user is None and request is not None:
+        user = getattr(request, "user", None)
+    if user is not None and getattr(user, "is_authenticated", False):
+        return user.pk, user.get_username(), client_address(request)
+    return None, "", client_address(request)
+
+
+def record(action: str, obj=None, *, outcome: str = "success", detail: str = "", request=None, user=None,
+           username: str = "") -> None:  # fmt: skip
+    """Append an audit event. `obj` is any model instance (or None)."""
+    from portal.models import AuditEvent
+
+    user_id, name, address = _actor(request, user)
+    AuditEvent.objects.create(
+        user_id=user_id,
+        username=username or name,
+        address=address,
+        action=action,
+        object_type=obj._meta.label_lower if obj is not None else "",
+        object_id=str(obj.pk) if obj is not None and obj.pk is not None else "",
+        object_repr=str(obj)[:200] if obj is not None else "",
+        outcome=outcome,
+        detail=detail[:2000],
+    )
+
+
+@receiver(user_logged_in)
+def _logged_in(sender, request, user, **kwargs) -> None:
+    record("login", user, request=request, user=user)
+
+
+@receiver(user_logged_out)
+def _logged_out(sender, request, user, **kwargs) -> None:
+    if user is not None:
+        record("logout", user, request=request, user=user)
+
+
+@receiver(user_login_failed)
+def _login_failed(sender, credentials, request=None, **kwargs) -> None:
+    record("login", outcome="refused", detail="wrong user name or password", request=request,
+           username=str(credentials.get("username", ""))[:150])  # fmt: skip
+
+
+def audited(action: str, *, obj_kwarg: str | None = None):
+    """Record a service call: success (with the object it acted on or returned), or refused with the reason."""
+
+    def wrap(fn):
+        def inner(*args, **kwargs):
+            obj = kwargs.get(obj_kwarg) if obj_kwarg else None
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as e:
+                messages = getattr(e, "messages", None) or [str(e)]
+                record(action, obj, outcome="refused" if _is_refusal(e) else "failed", detail="; ".join(messages))
+                raise
+            detail = ", ".join(f"{k}={v}" for k, v in kwargs.items() if k in _DETAIL_KEYS)
+            record(action, obj if obj is not None else (result if hasattr(result, "_meta") else None), detail=detail)
+            return result
+
+        inner.__name__, inner.__doc__, inner.__wrapped__ = fn.__name__, fn.__doc__, fn
+        return inner
+
+    return wrap
+
+
+# Arguments worth keeping in an audit record (never secrets).
+_DETAIL_KEYS = {"action", "disk_gib", "slot", "device", "persistent", "protected", "name", "uri", "enabled",
+                "deploy_type", "vcpus", "memory_mib"}  # fmt: skip
+
+
+def _is_refusal(e: Exception) -> bool:
+    from django.core.exceptions import ValidationError
+
+    return isinstance(e, ValidationError) or type(e).__name__ in {"MachineError", "HypervisorInUse", "ImageInUse",
+                                                                  "ConsoleDenied", "QuotaExceeded"}  # fmt: skip

@@ -1,0 +1,65 @@
+import pytest
+from django.test import Client
+from rest_framework.test import APIClient
+
+from hypervisors import services as hv_services
+from portal.models import ApiToken, AuditEvent
+from tests.factories import HypervisorFactory, UserFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def test_logins_and_failed_logins_are_recorded(user):
+    client = Client(REMOTE_ADDR="192.0.2.7")
+    client.post("/login/", {"username": "alice", "password": "nope"})
+    client.post("/login/", {"username": "alice", "password": "correct-horse-battery"})
+    client.post("/logout/")
+    events = list(AuditEvent.objects.order_by("pk").values_list("action", "outcome", "username", "address"))
+    assert events == [("login", "refused", "alice", "192.0.2.7"), ("login", "success", "alice", "192.0.2.7"),
+                      ("logout", "success", "alice", "192.0.2.7")]  # fmt: skip
+
+
+def test_api_changes_are_recorded_with_the_token_user(staff, django_capture_on_commit_callbacks):
+    _, raw = ApiToken.issue(user=staff)
+    api = APIClient(REMOTE_ADDR="198.51.100.9")
+    api.credentials(HTTP_AUTHORIZATION=f"Token {raw}")
+    api.post("/api/v1/hypervisors/", {"name": "lab", "uri": "qemu+tcp://127.0.0.1:1/system"}, format="json")
+    created = AuditEvent.objects.get(action="hypervisor.create")
+    assert (created.username, created.address, created.outcome, created.object_repr) == (staff.username, "198.51.100.9", "success", "lab")
+    assert "uri=qemu+tcp://127.0.0.1:1/system" in created.detail
+
+
+def test_refused_deletes_are_recorded(staff):
+    hv = HypervisorFactory(name="lab")
+    from machines.models import Machine
+
+    Machine.objects.create(name="m", owner=staff, hypervisor=hv, deploy_type="network")
+    with pytest.raises(hv_services.HypervisorInUse):
+        hv_services.hypervisor_delete(hypervisor=hv)
+    event = AuditEvent.objects.get(action="hypervisor.delete")
+    assert event.outcome == "refused" and "still has 1 machine" in event.detail
+
+
+def test_staff_read_and_filter_the_trail(staff_client, user_client, staff):
+    AuditEvent.objects.create(username="alice", action="machine.power", outcome="success")
+    AuditEvent.objects.create(username="bob", action="login", outcome="refused")
+    r = staff_client.get("/audit/?outcome=refused")
+    assert r.status_code == 200 and b"bob" in r.content and b"machine.power" not in r.content.split(b"<tbody>")[1]
+    assert user_client.get("/audit/").status_code == 403
+    _, raw = ApiToken.issue(user=staff)
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Token {raw}")
+    assert [e["username"] for e in api.get("/api/v1/audit/?action=machine").json()["results"]] == ["alice"]
+
+
+def test_the_trail_cannot_be_read_by_users_through_the_api(user):
+    _, raw = ApiToken.issue(user=user)
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Token {raw}")
+    assert api.get("/api/v1/audit/").status_code == 403
+
+
+def test_no_secret_lands_in_the_trail(staff_client, staff):
+    UserFactory(username="x")
+    staff_client.post("/login/", {"username": "x", "password": "hunter2-secret"})
+    assert not AuditEvent.objects.filter(detail__contains="hunter2").exists()
