@@ -11,7 +11,7 @@ class HypervisorAdmin(admin.ModelAdmin):
     search_fields = ["name", "uri", "hostname"]
     actions = ["sync_now"]
     fieldsets = [
-        (None, {"fields": ["name", "uri", "console_address", "domain_type_override", "enabled"]}),
+        (None, {"fields": ["name", "uri", "console_address", "domain_type_override", "cpu_allocation_ratio", "enabled"]}),
         ("Status", {"fields": ["status", "status_error", "last_seen", "last_checked"]}),
         (
             "Capabilities (from the last sync)",

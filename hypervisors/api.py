@@ -15,7 +15,7 @@ class HypervisorSerializer(serializers.ModelSerializer):
     class Meta:
         model = Hypervisor
         fields = [
-            "id", "name", "uri", "console_address", "domain_type_override", "enabled",
+            "id", "name", "uri", "console_address", "domain_type_override", "cpu_allocation_ratio", "enabled",
             "status", "status_error", "last_seen", "last_checked",
             "hostname", "arch", "cpu_model", "cpus", "memory_mib", "libvirt_version", "qemu_version",
             "domain_type", "detected_domain_type", "domain_types", "guest_arches",

@@ -6,7 +6,7 @@ from hypervisors.models import Hypervisor, ImageKind
 class HypervisorForm(forms.ModelForm):
     class Meta:
         model = Hypervisor
-        fields = ["name", "uri", "console_address", "domain_type_override", "enabled"]
+        fields = ["name", "uri", "console_address", "domain_type_override", "cpu_allocation_ratio", "enabled"]
         widgets = {
             "name": forms.TextInput(attrs={"placeholder": "e.g. rack1-kvm03", "autofocus": True}),
             "uri": forms.TextInput(attrs={"placeholder": "qemu+ssh://root@kvm03.example.org/system"}),

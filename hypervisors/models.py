@@ -50,6 +50,10 @@ class Hypervisor(models.Model):
         help_text="Leave automatic: kvm where it runs guests, else qemu.",
     )
     enabled = models.BooleanField(default=True, help_text="Disabled hypervisors are not contacted and get no new machines.")
+    cpu_allocation_ratio = models.DecimalField(
+        "vCPU overcommit", max_digits=4, decimal_places=1, default=4,
+        help_text="vCPUs placed per host CPU when the portal picks a hypervisor.",
+    )  # fmt: skip
 
     status = models.CharField(max_length=10, choices=HypervisorStatus.choices, default=HypervisorStatus.PENDING)
     status_error = models.TextField(blank=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from decimal import Decimal
 
 from django.db import transaction
 from django.db.models import ProtectedError
@@ -15,7 +16,7 @@ from portal.audit import audited
 
 log = logging.getLogger(__name__)
 
-EDITABLE_FIELDS = ("name", "uri", "console_address", "domain_type_override", "enabled")
+EDITABLE_FIELDS = ("name", "uri", "console_address", "domain_type_override", "enabled", "cpu_allocation_ratio")
 
 
 class HypervisorInUse(Exception):
@@ -33,7 +34,8 @@ def _enqueue_sync(hypervisor_id: int, *, follow_up: bool = False) -> None:
 @audited("hypervisor.create")
 @transaction.atomic
 def hypervisor_create(
-    *, name: str, uri: str, console_address: str = "127.0.0.1", domain_type_override: str = "", enabled: bool = True
+    *, name: str, uri: str, console_address: str = "127.0.0.1", domain_type_override: str = "", enabled: bool = True,
+    cpu_allocation_ratio: float | Decimal = 4,
 ) -> Hypervisor:
     """Register a hypervisor and queue its first check. Raises ValidationError on bad input."""
     hv = Hypervisor(
@@ -42,6 +44,7 @@ def hypervisor_create(
         console_address=console_address,
         domain_type_override=domain_type_override,
         enabled=enabled,
+        cpu_allocation_ratio=Decimal(str(cpu_allocation_ratio)),
         status=HypervisorStatus.PENDING if enabled else HypervisorStatus.DISABLED,
     )
     hv.full_clean()

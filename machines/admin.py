@@ -1,8 +1,9 @@
 from django.contrib import admin, messages
 
 from machines import services
-from machines.models import Machine, MachineEvent, MachineNic
+from machines.models import Machine, MachineEvent, MachineNic, Quota
 from machines.states import PowerAction
+from portal import audit
 
 
 class NicInline(admin.TabularInline):
@@ -87,3 +88,15 @@ class MachineAdmin(admin.ModelAdmin):
     @admin.action(description="Delete (domain, disks and seed)")
     def delete_machines(self, request, queryset):
         _each(self, request, queryset, lambda m: services.machine_delete(machine=m), "Delete")
+
+
+@admin.register(Quota)
+class QuotaAdmin(admin.ModelAdmin):
+    list_display = ["user", "machines", "vcpus", "memory_mib", "disk_gib", "updated"]
+    search_fields = ["user__username"]
+    autocomplete_fields = ["user"]
+
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        changes = ", ".join(f"{f}={form.cleaned_data[f]}" for f in form.changed_data)
+        audit.record("quota.update" if change else "quota.create", obj, request=request, detail=changes)

@@ -61,7 +61,8 @@ class StringOrList(serializers.Field):
 
 class MachineSerializer(serializers.ModelSerializer):
     owner = serializers.CharField(source="owner.username", read_only=True)
-    hypervisor = NameOrIdField(queryset=Hypervisor.objects.all())
+    hypervisor = NameOrIdField(queryset=Hypervisor.objects.all(), required=False, allow_null=True,
+                               help_text="Id or name; leave out for any hypervisor with room.")  # fmt: skip
     image = serializers.PrimaryKeyRelatedField(queryset=Image.objects.all(), required=False, allow_null=True)
     extra_isos = serializers.PrimaryKeyRelatedField(queryset=Image.objects.filter(kind="iso"), many=True, required=False,
                                                     write_only=True)  # fmt: skip
@@ -99,6 +100,7 @@ class MachineSerializer(serializers.ModelSerializer):
 
     def create(self, validated):
         nics = [services.NicInput(**n) for n in validated.pop("nics", [])]
+        validated.setdefault("hypervisor", None)
         try:
             return services.machine_create(owner=self.context["request"].user, nics=nics, **validated)
         except DjangoValidationError as e:

@@ -8,7 +8,8 @@ from machines.states import DeployType
 class MachineForm(forms.ModelForm):
     """The create form: one NIC here (the API takes any number)."""
 
-    hypervisor = forms.ModelChoiceField(queryset=Hypervisor.objects.none(), empty_label=None)
+    hypervisor = forms.ModelChoiceField(queryset=Hypervisor.objects.none(), required=False,
+                                        empty_label="Any hypervisor (the one with most room)")  # fmt: skip
     deploy_type = forms.ChoiceField(label="Deployment", choices=DeployType.choices, initial=DeployType.IMAGE,
                                     widget=forms.RadioSelect)  # fmt: skip
     power_on = forms.BooleanField(label="Power on after create", required=False, initial=False,

@@ -236,3 +236,25 @@ class ConsoleSession(models.Model):
 
     def __str__(self) -> str:
         return f"console of {self.machine} by {self.user} from {self.client}"
+
+
+class Quota(models.Model):
+    """Limits of one user's machines. Empty: the PORTAL_QUOTA_* default. Staff have none."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="quota")
+    machines = models.PositiveIntegerField(null=True, blank=True)
+    vcpus = models.PositiveIntegerField("vCPUs", null=True, blank=True)
+    memory_mib = models.PositiveIntegerField("memory (MiB)", null=True, blank=True)
+    disk_gib = models.PositiveIntegerField("disk (GiB)", null=True, blank=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"quota of {self.user}"
+
+    def limits(self) -> dict[str, int]:
+        return {
+            "machines": self.machines if self.machines is not None else settings.PORTAL_QUOTA_MACHINES,
+            "vcpus": self.vcpus if self.vcpus is not None else settings.PORTAL_QUOTA_VCPUS,
+            "memory_mib": self.memory_mib if self.memory_mib is not None else settings.PORTAL_QUOTA_MEMORY_MIB,
+            "disk_gib": self.disk_gib if self.disk_gib is not None else settings.PORTAL_QUOTA_DISK_GIB,
+        }

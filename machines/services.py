@@ -19,6 +19,7 @@ from hypervisors.drivers import get_driver
 from hypervisors.drivers.base import HypervisorError, HypervisorFatalError, HypervisorUnavailable
 from hypervisors.models import Hypervisor, Image
 from machines import bmc, cloudinit, crypto, provisioning, screenshots
+from machines.capacity import check_quota, place
 from machines.models import Machine, MachineCdrom, MachineNic
 from machines.states import BUSY, DeployType, InvalidTransition, PowerAction, PowerState, Status
 from portal import audit
@@ -105,7 +106,7 @@ def _validate_cloud_init(machine: Machine) -> None:
 
 @audited("machine.create")
 @transaction.atomic
-def machine_create(*, owner, hypervisor: Hypervisor, name: str, deploy_type: str = DeployType.IMAGE,
+def machine_create(*, owner, hypervisor: Hypervisor | None, name: str, deploy_type: str = DeployType.IMAGE,
                    image: Image | None = None, vcpus: int = 1, memory_mib: int = 1024, disk_gib: int = 10,
                    nics: list[NicInput] | None = None, ssh_authorized_keys: str = "", packages: str = "",
                    script: str = "", user_data: str = "", pool: str = "default", deletion_protection: bool = False,
@@ -122,6 +123,11 @@ def machine_create(*, owner, hypervisor: Hypervisor, name: str, deploy_type: str
         power_on = bool(power_on)
     elif extra_isos:
         raise ValidationError({"extra_isos": "Extra ISOs are for ISO machines."})
+    check_quota(owner, machines=1, vcpus=vcpus, memory_mib=memory_mib, disk_gib=disk_gib)
+    placement = None
+    if hypervisor is None:  # "any hypervisor": the one with most room
+        placement = place(vcpus=vcpus, memory_mib=memory_mib, disk_gib=disk_gib, pool=pool, image=image)
+        hypervisor = placement.hypervisor
     if not hypervisor.enabled or not hypervisor.is_online:
         raise ValidationError({"hypervisor": f"Hypervisor {hypervisor.name} is {hypervisor.get_status_display().lower()}."})
     if pool not in {p["name"] for p in hypervisor.pools if p.get("active")}:
@@ -155,6 +161,8 @@ def machine_create(*, owner, hypervisor: Hypervisor, name: str, deploy_type: str
     elif deploy_type == DeployType.IMAGE:
         _validate_cloud_init(machine)
     machine.log("create", f"requested by {owner.get_username()} on {hypervisor.name}")
+    if placement is not None:
+        machine.log("placement", placement.reason())
     machine.transition(Status.PROVISIONING)
     _enqueue("machine_provision_task", machine.pk)
     return machine
@@ -319,6 +327,7 @@ def machine_grow_disk(*, machine: Machine, disk_gib: int) -> None:
         raise ValidationError({"disk_gib": f"The disk is {machine.disk_gib} GiB; give a larger size (disks only grow)."})
     if disk_gib > 16384:
         raise ValidationError({"disk_gib": "At most 16384 GiB."})
+    check_quota(machine.owner, disk_gib=disk_gib - machine.disk_gib)
     old = machine.disk_gib
     machine.transition(Status.RESIZING, f"{old} GiB to {disk_gib} GiB")
     Machine.objects.filter(pk=machine.pk).update(disk_gib=disk_gib)

@@ -12,6 +12,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from hypervisors.models import Hypervisor, Image
 from machines import cloudinit, consoles, provisioning, services
 from machines.access import machines_for
+from machines.capacity import usage_report
 from machines.forms import GrowDiskForm, MachineForm
 from machines.models import Machine
 from machines.states import PowerAction, PowerState
@@ -53,10 +54,11 @@ def machine_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
                                       "power_actions": PowerAction.choices, "isos": isos})  # fmt: skip
 
 
-def _form_context(form: MachineForm) -> dict:
+def _form_context(request, form: MachineForm) -> dict:
     hypervisors = list(Hypervisor.objects.filter(enabled=True))
     return {"form": form, "networks": sorted({n["name"] for h in hypervisors for n in h.networks}),
-            "pools": sorted({p["name"] for h in hypervisors for p in h.pools})}  # fmt: skip
+            "pools": sorted({p["name"] for h in hypervisors for p in h.pools}),
+            "usage": usage_report(request.user)}  # fmt: skip
 
 
 @login_required
@@ -72,7 +74,7 @@ def machine_create(request: HtmxHttpRequest) -> HttpResponse:
         else:
             messages.success(request, f"Creating {machine.name}; follow the steps below.")
             return redirect(machine)
-    return render(request, "machines/form.html", _form_context(form))
+    return render(request, "machines/form.html", _form_context(request, form))
 
 
 @login_required

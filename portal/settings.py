@@ -206,6 +206,11 @@ PORTAL_QEMU_IMG_MEMORY_MIB = envint("PORTAL_QEMU_IMG_MEMORY_MIB", "1024")
 # Machines.
 PORTAL_PROVISION_TIMEOUT = envint("PORTAL_PROVISION_TIMEOUT", "900")  # seconds a machine may stay busy
 PORTAL_PROVISION_RETRIES = envint("PORTAL_PROVISION_RETRIES", "4")  # retries of a transient hypervisor error
+# Default quota of each (non-staff) user; staff set others per user in the admin.
+PORTAL_QUOTA_MACHINES = envint("PORTAL_QUOTA_MACHINES", "10")
+PORTAL_QUOTA_VCPUS = envint("PORTAL_QUOTA_VCPUS", "20")
+PORTAL_QUOTA_MEMORY_MIB = envint("PORTAL_QUOTA_MEMORY_MIB", "32768")
+PORTAL_QUOTA_DISK_GIB = envint("PORTAL_QUOTA_DISK_GIB", "500")
 PORTAL_MAC_PREFIX = os.getenv("PORTAL_MAC_PREFIX", "52:54:00")  # generated MACs start with this (AnsiStack's mac_seed)
 
 # Consoles: the websockify proxy and its tokens.

@@ -4,11 +4,16 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.db import connection
+from django.db.models import Count, Sum
 from django.http import HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
 from hypervisors.models import Hypervisor, HypervisorStatus
+from machines.access import machines_for
+from machines.capacity import usage_report
+from machines.models import MachineEvent
+from machines.states import Status
 from portal.decorators import staff_required
 from portal.models import AuditEvent
 
@@ -16,9 +21,17 @@ from portal.models import AuditEvent
 @login_required
 @require_GET
 def home(request) -> HttpResponse:
-    hypervisors = list(Hypervisor.objects.all())
+    hypervisors = list(Hypervisor.objects.annotate(placed_memory=Sum("machines__memory_mib"),
+                                                   placed_vcpus=Sum("machines__vcpus")))  # fmt: skip
     counts = {s: sum(1 for h in hypervisors if h.status == s) for s in HypervisorStatus.values}
-    return render(request, "home.html", {"hypervisors": hypervisors, "counts": counts})
+    mine = machines_for(request.user).filter(owner=request.user)
+    by_status = {row["status"]: row["n"] for row in mine.values("status").annotate(n=Count("pk"))}
+    events = MachineEvent.objects.filter(machine__in=machines_for(request.user)).select_related("machine")
+    return render(request, "home.html", {
+        "hypervisors": hypervisors, "counts": counts, "usage": usage_report(request.user),
+        "by_status": [(Status(k).label, v) for k, v in sorted(by_status.items())], "machine_count": mine.count(),
+        "events": events.order_by("-created", "-pk")[:12],
+    })  # fmt: skip
 
 
 @require_GET

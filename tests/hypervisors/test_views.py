@@ -62,7 +62,7 @@ def test_non_staff_cannot_add_edit_sync_or_delete(user_client, hv):
 def test_staff_adds_a_hypervisor(staff_client, test_hv_state, django_capture_on_commit_callbacks):
     with django_capture_on_commit_callbacks(execute=True):
         r = staff_client.post(reverse("hypervisors:create"), {"name": "lab2", "uri": "test:///default",
-                                                               "console_address": "127.0.0.1", "enabled": "on"})
+                                                               "console_address": "127.0.0.1", "enabled": "on", "cpu_allocation_ratio": "4"})
     hv = Hypervisor.objects.get(name="lab2")
     assert r.status_code == 302 and r["Location"] == hv.get_absolute_url()
     assert hv.status == HypervisorStatus.ONLINE
@@ -79,7 +79,7 @@ def test_staff_adds_a_hypervisor(staff_client, test_hv_state, django_capture_on_
     ],
 )
 def test_bad_input_is_explained_and_nothing_is_saved(staff_client, hv, data, message):
-    data = {"console_address": "127.0.0.1", **data}
+    data = {"console_address": "127.0.0.1", "cpu_allocation_ratio": "4", **data}
     r = staff_client.post(reverse("hypervisors:create"), data)
     assert r.status_code == 200
     assert message in r.content.decode()
@@ -89,7 +89,7 @@ def test_bad_input_is_explained_and_nothing_is_saved(staff_client, hv, data, mes
 def test_staff_edits_a_hypervisor(staff_client, hv, django_capture_on_commit_callbacks):
     with django_capture_on_commit_callbacks(execute=True):
         r = staff_client.post(reverse("hypervisors:edit", args=[hv.pk]), {
-            "name": "lab", "uri": "qemu+tcp://127.0.0.1:1/system", "console_address": "127.0.0.1", "enabled": "on"})  # fmt: skip
+            "name": "lab", "uri": "qemu+tcp://127.0.0.1:1/system", "console_address": "127.0.0.1", "enabled": "on", "cpu_allocation_ratio": "4"})  # fmt: skip
     assert r.status_code == 302
     hv.refresh_from_db()
     assert hv.uri == "qemu+tcp://127.0.0.1:1/system" and hv.status == HypervisorStatus.DOWN
