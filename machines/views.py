@@ -64,7 +64,8 @@ def _form_context(request, form: MachineForm) -> dict:
 @login_required
 @require_http_methods(["GET", "POST"])
 def machine_create(request: HtmxHttpRequest) -> HttpResponse:
-    form = MachineForm(request.POST or None, initial={"ssh_authorized_keys": ""})
+    saved_keys = "\n".join(request.user.ssh_keys.values_list("public_key", flat=True))
+    form = MachineForm(request.POST or None, initial={"ssh_authorized_keys": saved_keys})
     if request.method == "POST" and form.is_valid():
         try:
             machine = services.machine_create(owner=request.user, **form.service_kwargs())

@@ -60,3 +60,19 @@ class AuditEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.created:%Y-%m-%d %H:%M:%S} {self.username or '-'} {self.action} {self.object_repr} {self.outcome}"
+
+
+class SshKey(models.Model):
+    """A public key kept in a user's profile and offered on every new machine."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="ssh_keys")
+    name = models.CharField(max_length=100)
+    public_key = models.TextField()
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [models.UniqueConstraint(fields=["user", "name"], name="ssh_key_name_unique_per_user")]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.user})"

@@ -7,7 +7,7 @@ from rest_framework.routers import DefaultRouter
 from hypervisors.api import HypervisorViewSet, ImageViewSet
 from machines import views as machine_views
 from machines.api import MachineViewSet
-from portal import views
+from portal import account, views
 from portal.api import AuditEventViewSet
 
 router = DefaultRouter()
@@ -28,4 +28,12 @@ urlpatterns = [
     path("api/v1/", include(router.urls)),
     path("healthz", views.healthz, name="healthz"),
     path("audit/", views.audit_list, name="audit"),
+    path("account/", account.account, name="account"),
+    path("account/password/", auth_views.PasswordChangeView.as_view(success_url="/account/password/done/"),
+         name="password_change"),
+    path("account/password/done/", auth_views.PasswordChangeDoneView.as_view(), name="password_change_done"),
+    path("account/tokens/", account.token_create, name="account-token-create"),
+    path("account/tokens/<int:pk>/revoke/", account.token_revoke, name="account-token-revoke"),
+    path("account/keys/", account.key_add, name="account-key-add"),
+    path("account/keys/<int:pk>/delete/", account.key_delete, name="account-key-delete"),
 ]

@@ -1,0 +1,96 @@
+"""The user's own account: password, API tokens, SSH keys."""
+
+from django import forms
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError
+from django.http import HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_GET, require_POST
+
+from machines import cloudinit
+from portal import audit
+from portal.models import ApiToken, SshKey
+
+
+class SshKeyForm(forms.Form):
+    name = forms.CharField(max_length=100)
+    public_key = forms.CharField(label="Public key", widget=forms.Textarea(attrs={"rows": 3}))
+
+    def clean_public_key(self) -> str:
+        try:
+            return cloudinit.validate_ssh_key(self.cleaned_data["public_key"].strip())
+        except cloudinit.CloudInitError as e:
+            raise ValidationError(str(e)) from None
+
+
+class TokenForm(forms.Form):
+    name = forms.CharField(max_length=100, help_text="What the token is for, e.g. terraform on my laptop.")
+
+
+def _page(request, **extra) -> HttpResponse:
+    context = {
+        "tokens": request.user.api_tokens.all(),
+        "keys": request.user.ssh_keys.all(),
+        "key_form": SshKeyForm(),
+        "token_form": TokenForm(),
+        **extra,
+    }
+    return render(request, "portal/account.html", context)
+
+
+@login_required
+@require_GET
+def account(request) -> HttpResponse:
+    return _page(request)
+
+
+@login_required
+@require_POST
+def token_create(request) -> HttpResponse:
+    form = TokenForm(request.POST)
+    if not form.is_valid():
+        return _page(request, token_form=form)
+    token, raw = ApiToken.issue(user=request.user, name=form.cleaned_data["name"])
+    audit.record("api_token.create", token, request=request)
+    # Shown once, in this response only; the page sends no-store so it is not cached.
+    response = _page(request, new_token=raw)
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+@login_required
+@require_POST
+def token_revoke(request, pk: int) -> HttpResponse:
+    token = get_object_or_404(ApiToken, pk=pk, user=request.user)
+    audit.record("api_token.revoke", token, request=request)
+    token.delete()
+    messages.success(request, f"Token {token.prefix}… revoked.")
+    return redirect("account")
+
+
+@login_required
+@require_POST
+def key_add(request) -> HttpResponse:
+    form = SshKeyForm(request.POST)
+    if not form.is_valid():
+        return _page(request, key_form=form)
+    try:
+        key = SshKey.objects.create(user=request.user, **form.cleaned_data)
+    except IntegrityError:
+        form.add_error("name", "You already have a key with that name.")
+        return _page(request, key_form=form)
+    audit.record("ssh_key.add", key, request=request)
+    messages.success(request, f"Key {key.name} added; new machines get it by default.")
+    return redirect("account")
+
+
+@login_required
+@require_POST
+def key_delete(request, pk: int) -> HttpResponse:
+    key = get_object_or_404(SshKey, pk=pk, user=request.user)
+    audit.record("ssh_key.delete", key, request=request)
+    key.delete()
+    messages.success(request, f"Key {key.name} removed (machines that have it keep it).")
+    return redirect("account")
