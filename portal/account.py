@@ -4,7 +4,7 @@ from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError
+from django.db import IntegrityError, transaction
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
@@ -77,7 +77,8 @@ def key_add(request) -> HttpResponse:
     if not form.is_valid():
         return _page(request, key_form=form)
     try:
-        key = SshKey.objects.create(user=request.user, **form.cleaned_data)
+        with transaction.atomic():
+            key = SshKey.objects.create(user=request.user, **form.cleaned_data)
     except IntegrityError:
         form.add_error("name", "You already have a key with that name.")
         return _page(request, key_form=form)
