@@ -6,6 +6,7 @@ app_name = "machines"
 urlpatterns = [
     path("", views.machine_list, name="list"),
     path("new/", views.machine_create, name="create"),
+    path("bulk/", views.machine_bulk, name="bulk"),
     path("new/preview/", views.machine_preview, name="preview"),
     path("<int:pk>/", views.machine_detail, name="detail"),
     path("<int:pk>/power/", views.machine_power, name="power"),

@@ -2,6 +2,8 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
+from django.core.paginator import Paginator
+from django.db.models import Q
 from django.http import FileResponse, Http404, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
@@ -15,7 +17,7 @@ from machines.access import machines_for
 from machines.capacity import usage_report
 from machines.forms import GrowDiskForm, MachineForm
 from machines.models import Machine
-from machines.states import PowerAction, PowerState
+from machines.states import DeployType, PowerAction, PowerState, Status
 from portal.htmx import HtmxHttpRequest, is_partial
 
 
@@ -26,14 +28,66 @@ def _get_machine_for_user(request, pk: int) -> Machine:
     return machine
 
 
+SORTS = {"name": "name", "-name": "-name", "created": "created", "-created": "-created", "status": "status",
+         "hypervisor": "hypervisor__name", "owner": "owner__username"}  # fmt: skip
+BULK_ACTIONS = {"start": "Start", "shutdown": "Shut down", "poweroff": "Power off", "delete": "Delete"}
+
+
+def _filtered_machines(request):
+    machines = machines_for(request.user)
+    q = {k: request.GET.get(k, "").strip() for k in ("q", "status", "type", "hypervisor", "owner", "sort")}
+    if q["q"]:
+        machines = machines.filter(Q(name__icontains=q["q"]) | Q(uuid__icontains=q["q"]) | Q(nics__mac__icontains=q["q"])).distinct()
+    if q["status"]:
+        machines = machines.filter(status=q["status"])
+    if q["type"]:
+        machines = machines.filter(deploy_type=q["type"])
+    if q["hypervisor"]:
+        machines = machines.filter(hypervisor__name=q["hypervisor"])
+    if q["owner"] and request.user.is_staff:
+        machines = machines.filter(owner__username=q["owner"])
+    return machines.order_by(SORTS.get(q["sort"], "-created"), "pk"), q
+
+
 @login_required
 @require_GET
 def machine_list(request: HtmxHttpRequest) -> HttpResponse:
-    machines = list(machines_for(request.user))
+    machines, q = _filtered_machines(request)
+    page = Paginator(machines, 25).get_page(request.GET.get("page"))
     template = "machines/list.html"
     if is_partial(request):
         template += "#machine-table"
-    return render(request, template, {"machines": machines, "busy": any(m.is_busy for m in machines)})
+    return render(request, template, {
+        "page": page, "machines": page.object_list, "q": q, "busy": any(m.is_busy for m in page.object_list),
+        "statuses": Status.choices, "types": DeployType.choices, "bulk_actions": BULK_ACTIONS,
+        "hypervisors": Hypervisor.objects.values_list("name", flat=True),
+    })  # fmt: skip
+
+
+@login_required
+@require_POST
+def machine_bulk(request: HtmxHttpRequest) -> HttpResponse:
+    """Start, shut down, power off or delete the selected machines (each checked on its own)."""
+    action = request.POST.get("action", "")
+    ids = [int(i) for i in request.POST.getlist("ids") if i.isdigit()]
+    if action not in BULK_ACTIONS or not ids:
+        messages.error(request, "Select machines and an action.")
+        return redirect("machines:list")
+    done, failed = [], []
+    for machine in machines_for(request.user).filter(pk__in=ids):
+        try:
+            if action == "delete":
+                services.machine_delete(machine=machine)
+            else:
+                services.machine_power(machine=machine, action=action)
+            done.append(machine.name)
+        except (services.MachineError, ValidationError) as e:
+            failed.append(f"{machine.name}: {' '.join(getattr(e, 'messages', [str(e)]))}")
+    if done:
+        messages.success(request, f"{BULK_ACTIONS[action]}: {', '.join(done)}.")
+    for message in failed:
+        messages.error(request, message)
+    return redirect("machines:list")
 
 
 @login_required

@@ -60,6 +60,7 @@ MATRIX = {
     "machines:list": ("get", None, None, ok(200, **PAGE_LOGIN)),
     "machines:create": ("get", None, None, ok(200, **PAGE_LOGIN)),
     "machines:preview": ("post", None, {"name": "x"}, ok(200, **PAGE_LOGIN)),
+    "machines:bulk": ("post", None, {"action": "start", "ids": ["1"]}, ok(302)),  # acts only on machines you may use
     "machines:instackenv": ("post", None, None, ok(200, **PAGE_LOGIN)),  # each user's own machines only
     "machines:detail": ("get", "vm", None, ok(200, **OWNED)),
     "machines:console": ("get", "vm", None, ok(200, **OWNED)),

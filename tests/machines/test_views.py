@@ -87,3 +87,31 @@ def test_preview_shows_the_documents(user_client):
 def test_preview_reports_bad_user_data(user_client):
     r = user_client.post(reverse("machines:preview"), {"name": "web9", "user_data": "not cloud config"})
     assert "#cloud-config" in r.content.decode()
+
+
+def test_search_filter_sort_and_paginate(user_client, user):
+    hv = HypervisorFactory(name="lab2", uri="qemu:///system")
+    for i in range(30):
+        Machine.objects.create(name=f"web{i:02d}", owner=user, hypervisor=hv, deploy_type="network",
+                               status=Status.ERROR if i % 10 == 0 else Status.ACTIVE)  # fmt: skip
+    body = user_client.get(reverse("machines:list") + "?q=web1&sort=name").content.decode()
+    assert "web10" in body and "web19" in body and "web20" not in body
+    body = user_client.get(reverse("machines:list") + "?status=error").content.decode()
+    assert all(f"web{i:02d}" in body for i in (0, 10, 20)) and "web01" not in body
+    page2 = user_client.get(reverse("machines:list") + "?sort=name&page=2").content.decode()
+    assert "web25" in page2 and "web00" not in page2 and "2 / 2" in page2
+
+
+def test_bulk_actions_only_touch_your_machines(user_client, machine, other_client):
+    other_machine = Machine.objects.create(name="theirs", owner=UserFactory(username="bob"), hypervisor=machine.hypervisor,
+                                           deploy_type="network", status=Status.ACTIVE)  # fmt: skip
+    r = user_client.post(reverse("machines:bulk"), {"action": "poweroff", "ids": [machine.pk, other_machine.pk]}, follow=True)
+    assert b"Power off: web1" in r.content
+    assert Machine.objects.get(pk=machine.pk).operation == "poweroff"
+    assert Machine.objects.get(pk=other_machine.pk).operation == ""
+
+
+def test_bulk_delete_refuses_protected_machines(user_client, machine):
+    Machine.objects.filter(pk=machine.pk).update(deletion_protection=True)
+    r = user_client.post(reverse("machines:bulk"), {"action": "delete", "ids": [machine.pk]}, follow=True)
+    assert b"protected" in r.content and Machine.objects.get(pk=machine.pk).status == Status.ACTIVE
