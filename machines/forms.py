@@ -19,7 +19,7 @@ class MachineForm(forms.ModelForm):
                                              "the installer ISO.")  # fmt: skip
     extra_isos = forms.ModelMultipleChoiceField(queryset=Image.objects.none(), required=False, label="Extra ISOs",
                                                 help_text="ISO machines only: more CD-ROMs, e.g. drivers (up to 3).")  # fmt: skip
-    nic_type = forms.ChoiceField(label="Network", initial="user",
+    nic_type = forms.ChoiceField(label="Network", initial="user", required=False,
                                  choices=[("", "No network"), *MachineNic.Type.choices],
                                  help_text="User-mode needs no set-up on the hypervisor (the guest gets 10.0.2.15 behind NAT).")  # fmt: skip
     nic_source = forms.CharField(label="Network or bridge name", required=False,
@@ -32,7 +32,7 @@ class MachineForm(forms.ModelForm):
 
     class Meta:
         model = Machine
-        fields = ["name", "hypervisor", "image", "vcpus", "memory_mib", "disk_gib", "pool", "ssh_authorized_keys",
+        fields = ["deploy_type", "name", "hypervisor", "image", "vcpus", "memory_mib", "disk_gib", "pool", "ssh_authorized_keys",
                   "packages", "script", "user_data", "deletion_protection", "autostart"]  # fmt: skip
         widgets = {
             "ssh_authorized_keys": forms.Textarea(attrs={"rows": 3, "placeholder": "ssh-ed25519 AAAA… you@laptop"}),
