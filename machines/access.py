@@ -1,15 +1,64 @@
-"""Who may see and act on which machine. Owners and staff for now; projects and roles come later."""
+"""Who may see and act on which machine.
 
-from machines.models import Machine
+Owners and staff may do everything to a machine. Members of the machine's
+project act by their role: a viewer sees it (events, console view-only), an
+operator also powers it, sets its boot device, types on its console and
+changes its ISOs, and a project admin also rebuilds, deletes and reveals BMC
+credentials. Anything a user may not see answers 404; what they may see but
+not do answers 403.
+"""
+
+from django.core.exceptions import PermissionDenied
+from django.db.models import Q
+
+from machines.models import Machine, Membership, Role
+
+VIEW, OPERATE, ADMIN = "view", "operate", "admin"
+_RANK = {Role.VIEWER: 1, Role.OPERATOR: 2, Role.ADMIN: 3}
+_NEEDED = {VIEW: 1, OPERATE: 2, ADMIN: 3}
 
 
 def machines_for(user):
-    """The machines a user may see: their own; staff see all."""
-    qs = Machine.objects.select_related("hypervisor", "image", "owner")
+    """The machines a user may see: their own and their projects'; staff see all."""
+    qs = Machine.objects.select_related("hypervisor", "image", "owner", "project")
     if not user.is_authenticated or not user.is_active:
         return qs.none()
-    return qs if user.is_staff else qs.filter(owner=user)
+    if user.is_staff:
+        return qs
+    return qs.filter(Q(owner=user) | Q(project__memberships__user=user)).distinct()
+
+
+def level(user, machine: Machine) -> int:
+    """0: none, 1: view, 2: operate, 3: admin."""
+    if not user.is_authenticated or not user.is_active:
+        return 0
+    if user.is_staff or machine.owner_id == user.pk:
+        return 3
+    if machine.project_id is None:
+        return 0
+    role = Membership.objects.filter(project_id=machine.project_id, user=user).values_list("role", flat=True).first()
+    return _RANK.get(role, 0)
+
+
+def can(user, machine: Machine, need: str) -> bool:
+    return level(user, machine) >= _NEEDED[need]
+
+
+def require(user, machine: Machine, need: str) -> None:
+    """PermissionDenied (403) for a machine the user sees but may not act on this way."""
+    if not can(user, machine, need):
+        raise PermissionDenied(f"Your role on {machine.name} does not allow this.")
 
 
 def can_use(user, machine: Machine) -> bool:
-    return user.is_active and (user.is_staff or machine.owner_id == user.pk)
+    """Consoles: anyone who may see the machine (viewers get view-only sessions)."""
+    return can(user, machine, VIEW)
+
+
+def project_choices(user):
+    """Projects in which the user may create machines (project admins; staff: all)."""
+    from machines.models import Project
+
+    if user.is_staff:
+        return Project.objects.all()
+    return Project.objects.filter(memberships__user=user, memberships__role=Role.ADMIN)

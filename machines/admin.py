@@ -1,7 +1,7 @@
 from django.contrib import admin, messages
 
 from machines import services
-from machines.models import Machine, MachineEvent, MachineNic, Quota
+from machines.models import Machine, MachineEvent, MachineNic, Membership, Project, Quota
 from machines.states import PowerAction
 from portal import audit
 
@@ -55,9 +55,9 @@ def _power_action(action: str):
 
 @admin.register(Machine)
 class MachineAdmin(admin.ModelAdmin):
-    list_display = ["name", "owner", "hypervisor", "deploy_type", "status", "power_state", "vcpus", "memory_mib",
+    list_display = ["name", "owner", "project", "hypervisor", "deploy_type", "status", "power_state", "vcpus", "memory_mib",
                     "disk_gib", "deletion_protection", "created"]  # fmt: skip
-    list_filter = ["status", "power_state", "deploy_type", "hypervisor", "deletion_protection"]
+    list_filter = ["status", "power_state", "deploy_type", "hypervisor", "project", "deletion_protection"]
     search_fields = ["name", "uuid", "owner__username", "nics__mac"]
     readonly_fields = ["uuid", "owner", "hypervisor", "pool", "deploy_type", "image", "vcpus", "memory_mib",
                        "disk_gib", "status", "status_message", "status_changed", "power_state", "power_checked",
@@ -100,3 +100,21 @@ class QuotaAdmin(admin.ModelAdmin):
         super().save_model(request, obj, form, change)
         changes = ", ".join(f"{f}={form.cleaned_data[f]}" for f in form.changed_data)
         audit.record("quota.update" if change else "quota.create", obj, request=request, detail=changes)
+
+
+class MembershipInline(admin.TabularInline):
+    model = Membership
+    extra = 1
+    autocomplete_fields = ["user"]
+
+
+@admin.register(Project)
+class ProjectAdmin(admin.ModelAdmin):
+    list_display = ["name", "machines_quota", "vcpus_quota", "memory_mib_quota", "disk_gib_quota", "created"]
+    search_fields = ["name", "memberships__user__username"]
+    inlines = [MembershipInline]
+
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        changes = ", ".join(f"{f}={form.cleaned_data[f]}" for f in form.changed_data)
+        audit.record("project.update" if change else "project.create", obj, request=request, detail=changes)

@@ -6,9 +6,9 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from hypervisors.models import Hypervisor, Image
-from machines import consoles, services
+from machines import access, consoles, services
 from machines.access import machines_for
-from machines.models import Machine, MachineEvent, MachineNic
+from machines.models import Machine, MachineEvent, MachineNic, Project
 from machines.states import PowerAction
 
 
@@ -70,6 +70,8 @@ class MachineSerializer(serializers.ModelSerializer):
     power_on = serializers.BooleanField(write_only=True, required=False, allow_null=True, default=None,
                                         help_text="Network-boot machines stay off unless true.")  # fmt: skip
     bmc = serializers.SerializerMethodField()
+    project = serializers.SlugRelatedField(slug_field="name", queryset=Project.objects.all(), required=False,
+                                           allow_null=True, help_text="Project name; you must be its admin.")  # fmt: skip
     nics = NicSerializer(many=True, required=False)
     ssh_authorized_keys = StringOrList(required=False)
     packages = StringOrList(required=False)
@@ -80,7 +82,7 @@ class MachineSerializer(serializers.ModelSerializer):
         fields = ["id", "uuid", "name", "owner", "hypervisor", "pool", "deploy_type", "image", "vcpus", "memory_mib",
                   "disk_gib", "nics", "ssh_authorized_keys", "packages", "script", "user_data",
                   "deletion_protection", "autostart", "status", "status_message", "power_state", "operation",
-                  "domain_name", "created", "events", "extra_isos", "cdroms", "power_on", "bmc"]  # fmt: skip
+                  "domain_name", "created", "events", "extra_isos", "cdroms", "power_on", "bmc", "project"]  # fmt: skip
         read_only_fields = ["uuid", "status", "status_message", "power_state", "operation", "domain_name", "created"]
         validators = []  # the service validates (with the owner, which the request supplies)
 
@@ -150,16 +152,22 @@ class MachineViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixins.Retr
     def get_queryset(self):
         return machines_for(self.request.user).prefetch_related("nics")
 
-    def destroy(self, request, *args, **kwargs):
+    def _machine(self, need: str) -> Machine:
+        """The machine (404 if not visible), checked for the role the action needs (403)."""
         machine = self.get_object()
+        access.require(self.request.user, machine, need)
+        return machine
+
+    def destroy(self, request, *args, **kwargs):
+        machine = self._machine(access.ADMIN)
         try:
             services.machine_delete(machine=machine)
         except services.MachineError as e:
             return Response({"detail": str(e)}, status=status.HTTP_409_CONFLICT)
         return Response({"detail": "deleting"}, status=status.HTTP_202_ACCEPTED)
 
-    def _act(self, fn, **kwargs) -> Response:
-        machine = self.get_object()
+    def _act(self, fn, need: str = access.OPERATE, **kwargs) -> Response:
+        machine = self._machine(need)
         try:
             fn(machine=machine, **kwargs)
         except services.MachineError as e:
@@ -192,14 +200,14 @@ class MachineViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixins.Retr
     @extend_schema(request=None)
     @action(detail=True, methods=["post"])
     def rebuild(self, request, pk=None):
-        return self._act(services.machine_rebuild)
+        return self._act(services.machine_rebuild, need=access.ADMIN)
 
     @extend_schema(request=GrowSerializer)
     @action(detail=True, methods=["post"], url_path="grow-disk")
     def grow_disk(self, request, pk=None):
         s = GrowSerializer(data=request.data)
         s.is_valid(raise_exception=True)
-        return self._act(services.machine_grow_disk, disk_gib=s.validated_data["disk_gib"])
+        return self._act(services.machine_grow_disk, need=access.ADMIN, disk_gib=s.validated_data["disk_gib"])
 
     @extend_schema(request=None, responses={200: ConsoleUrlSerializer})
     @action(detail=True, methods=["post"])
@@ -207,7 +215,7 @@ class MachineViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixins.Retr
         """A one-time URL that opens the console in a browser with no portal session (like
         `openstack console url show`). The credential is in the URL's fragment; it works once and
         expires unused within PORTAL_CONSOLE_TOKEN_TTL seconds."""
-        machine = self.get_object()
+        machine = self._machine(access.VIEW)
         raw, expires = consoles.console_token_issue(machine=machine, user=request.user)
         url = request.build_absolute_uri(reverse("console-standalone")) + f"#m={machine.pk}&t={raw}"
         response = Response({"url": url, "expires_at": expires})
@@ -218,7 +226,7 @@ class MachineViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixins.Retr
     @action(detail=True, methods=["get"])
     def bmc(self, request, pk=None):
         """The BMC's address, port and credentials. Every call is recorded in the machine's events."""
-        machine = self.get_object()
+        machine = self._machine(access.ADMIN)
         try:
             data = services.machine_bmc_reveal(machine=machine, user=request.user)
         except services.MachineError as e:
@@ -247,6 +255,7 @@ class MachineViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixins.Retr
                 machines = machines.filter(pk__in=[int(i) for i in ids.split(",") if i.strip()])
             except ValueError:
                 return Response({"ids": "Give machine ids separated by commas."}, status=400)
+        machines = [m for m in machines if access.can(request.user, m, access.ADMIN)]  # they hold BMC passwords
         response = Response(services.instackenv(machines, user=request.user))
         response["Cache-Control"] = "no-store"
         return response
@@ -256,7 +265,7 @@ class MachineViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixins.Retr
     def protection(self, request, pk=None):
         s = ProtectionSerializer(data=request.data)
         s.is_valid(raise_exception=True)
-        machine = self.get_object()
+        machine = self._machine(access.ADMIN)
         services.machine_set_protection(machine=machine, protected=s.validated_data["deletion_protection"])
         return Response(MachineSerializer(Machine.objects.get(pk=machine.pk)).data)
 

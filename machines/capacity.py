@@ -19,9 +19,7 @@ class QuotaExceeded(ValidationError):
 
 
 def usage(user) -> dict[str, int]:
-    totals = Machine.objects.filter(owner=user).aggregate(machines=Count("pk"), vcpus=Sum("vcpus"),
-                                                          memory_mib=Sum("memory_mib"), disk_gib=Sum("disk_gib"))  # fmt: skip
-    return {k: v or 0 for k, v in totals.items()}
+    return _usage_of(Machine.objects.filter(owner=user))
 
 
 def quota_of(user, *, lock: bool = False) -> Quota:
@@ -41,14 +39,30 @@ def usage_report(user) -> list[dict]:
             for k, label in RESOURCES.items()]  # fmt: skip
 
 
-def check_quota(user, *, machines: int = 0, vcpus: int = 0, memory_mib: int = 0, disk_gib: int = 0) -> None:
-    """Raise QuotaExceeded unless the user can add this much. Call inside the transaction that saves it:
-    the quota row is locked, so concurrent requests are checked one after another."""
+def _usage_of(machines) -> dict[str, int]:
+    totals = machines.aggregate(machines=Count("pk"), vcpus=Sum("vcpus"), memory_mib=Sum("memory_mib"),
+                                disk_gib=Sum("disk_gib"))  # fmt: skip
+    return {k: v or 0 for k, v in totals.items()}
+
+
+def check_quota(user, *, machines: int = 0, vcpus: int = 0, memory_mib: int = 0, disk_gib: int = 0,
+                project=None) -> None:  # fmt: skip
+    """Raise QuotaExceeded unless the user (and the project, if any) can add this much. Call inside the
+    transaction that saves it: the quota rows are locked, so concurrent requests are checked in turn."""
+    wanted = {"machines": machines, "vcpus": vcpus, "memory_mib": memory_mib, "disk_gib": disk_gib}
+    if project is not None:
+        from machines.models import Project
+
+        limits = Project.objects.select_for_update().get(pk=project.pk).limits()
+        used = _usage_of(Machine.objects.filter(project=project))
+        over = [f"{used[k] + wanted[k]} {RESOURCES[k]} of {limits[k]} allowed (using {used[k]})"
+                for k in RESOURCES if limits[k] is not None and wanted[k] and used[k] + wanted[k] > limits[k]]  # fmt: skip
+        if over:
+            raise QuotaExceeded(f"This would exceed project {project.name}'s quota: {'; '.join(over)}.")
     if user.is_staff:
         return
     limits = quota_of(user, lock=True).limits()
     used = usage(user)
-    wanted = {"machines": machines, "vcpus": vcpus, "memory_mib": memory_mib, "disk_gib": disk_gib}
     over = [f"{used[k] + wanted[k]} {RESOURCES[k]} of {limits[k]} allowed (using {used[k]})"
             for k in RESOURCES if wanted[k] and used[k] + wanted[k] > limits[k]]  # fmt: skip
     if over:

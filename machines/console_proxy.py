@@ -26,6 +26,7 @@ from hypervisors.drivers import get_driver
 from hypervisors.drivers.base import HypervisorError
 from machines import consoles
 from machines.consoles import ConsoleDenied
+from machines.rfb_filter import ViewOnlySocket, ViolatedProtocol
 
 log = logging.getLogger("portal.console")
 
@@ -49,6 +50,7 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
     def __init__(self, *args, **kwargs):
         self.session_id: int | None = None
         self.target: tuple[str, int] | None = None
+        self.view_only = False
         super().__init__(*args, **kwargs)
 
     # Logging: never the query string (it holds the token).
@@ -83,9 +85,11 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
         if not match:
             raise ConsoleDenied("bad path")
         token = consoles.console_token_consume(raw=raw_token, machine_id=int(match.group(1)), client=client)
+        self.view_only = token.view_only
         self.target = vnc_target(token.machine)
         self.session_id = consoles.console_session_open(token=token, client=client, proxy_pid=os.getpid()).pk
-        log.info("%s console of machine %s for user %s -> %s:%s", client, token.machine_id, token.user_id, *self.target)
+        log.info("%s console of machine %s for user %s%s -> %s:%s", client, token.machine_id, token.user_id,
+                 " (view only)" if self.view_only else "", *self.target)  # fmt: skip
 
     def new_websocket_client(self):
         try:
@@ -98,7 +102,9 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
         stop = threading.Event()
         threading.Thread(target=self._watch, args=(tsock, stop), daemon=True).start()
         try:
-            self.do_proxy(tsock)
+            self.do_proxy(ViewOnlySocket(tsock) if self.view_only else tsock)
+        except ViolatedProtocol as e:
+            log.warning("console session %s closed: %s", self.session_id, e)
         finally:
             stop.set()
             try:

@@ -17,7 +17,7 @@ from django.db import transaction
 from django.dispatch import receiver
 from django.utils import timezone
 
-from machines.access import can_use
+from machines.access import OPERATE, can, can_use
 from machines.models import ConsoleSession, ConsoleToken, Machine
 from portal.audit import audited
 
@@ -39,7 +39,7 @@ def console_token_issue(*, machine: Machine, user, session_key: str = "") -> tup
     raw = secrets.token_urlsafe(32)
     expires = timezone.now() + timedelta(seconds=settings.PORTAL_CONSOLE_TOKEN_TTL)
     ConsoleToken.objects.create(key_hash=_hash(raw), machine=machine, user=user, session_key=session_key or "",
-                                expires_at=expires)  # fmt: skip
+                                expires_at=expires, view_only=not can(user, machine, OPERATE))  # fmt: skip
     # Old tokens are useless after their minute; keep the table small.
     ConsoleToken.objects.filter(expires_at__lt=timezone.now() - timedelta(hours=1)).delete()
     return raw, expires
@@ -64,6 +64,7 @@ def console_token_consume(*, raw: str, machine_id: int, client: str) -> ConsoleT
             raise ConsoleDenied("token already used")
     if not can_use(token.user, token.machine):
         raise ConsoleDenied("the user no longer has access to the machine")
+    token.view_only = token.view_only or not can(token.user, token.machine, OPERATE)  # a role lowered since
     return token
 
 

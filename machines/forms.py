@@ -1,7 +1,8 @@
 from django import forms
 
 from hypervisors.models import Hypervisor, HypervisorStatus, Image, ImageKind, ImageStatus
-from machines.models import Machine, MachineNic
+from machines.access import project_choices
+from machines.models import Machine, MachineNic, Project
 from machines.states import DeployType
 
 
@@ -42,13 +43,18 @@ class MachineForm(forms.ModelForm):
             "pool": forms.TextInput(attrs={"list": "hv-pools"}),
         }
 
-    def __init__(self, *args, **kwargs):
+    project = forms.ModelChoiceField(queryset=Project.objects.none(), required=False, empty_label="(none: just me)",
+                                     help_text="Members of the project share the machine by their role.")  # fmt: skip
+
+    def __init__(self, *args, user=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["hypervisor"].queryset = Hypervisor.objects.filter(enabled=True, status=HypervisorStatus.ONLINE)
         ready = Image.objects.filter(status=ImageStatus.READY)
         self.fields["image"].queryset = ready
         self.fields["image"].label_from_instance = lambda i: f"{i.name} ({'ISO' if i.kind == ImageKind.ISO else 'disk image'})"
         self.fields["extra_isos"].queryset = ready.filter(kind=ImageKind.ISO)
+        if user is not None:
+            self.fields["project"].queryset = project_choices(user)
 
     def nic_inputs(self) -> list:
         from machines.services import NicInput

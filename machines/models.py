@@ -22,6 +22,8 @@ class Machine(models.Model):
                             help_text="Also the libvirt domain's UUID.")  # fmt: skip
     name = models.CharField(max_length=63, validators=[hostname_validator], help_text="The guest's host name.")
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="machines")
+    project = models.ForeignKey("Project", null=True, blank=True, on_delete=models.PROTECT, related_name="machines",
+                                help_text="Members of the project share the machine by their role.")  # fmt: skip
     hypervisor = models.ForeignKey(Hypervisor, on_delete=models.PROTECT, related_name="machines")
     pool = models.CharField("storage pool", max_length=100, default="default")
     deploy_type = models.CharField(max_length=8, choices=DeployType.choices, default=DeployType.IMAGE)
@@ -217,6 +219,7 @@ class ConsoleToken(models.Model):
     expires_at = models.DateTimeField()
     used_at = models.DateTimeField(null=True, blank=True)
     used_by = models.GenericIPAddressField(null=True, blank=True)
+    view_only = models.BooleanField(default=False)  # the proxy drops keyboard and mouse input
 
     def __str__(self) -> str:
         return f"console token for {self.machine} ({self.user})"
@@ -258,3 +261,44 @@ class Quota(models.Model):
             "memory_mib": self.memory_mib if self.memory_mib is not None else settings.PORTAL_QUOTA_MEMORY_MIB,
             "disk_gib": self.disk_gib if self.disk_gib is not None else settings.PORTAL_QUOTA_DISK_GIB,
         }
+
+
+class Project(models.Model):
+    """A group of users sharing machines, with roles and its own quota (empty: no limit)."""
+
+    name = models.CharField(max_length=63, unique=True)
+    description = models.TextField(blank=True)
+    members = models.ManyToManyField(settings.AUTH_USER_MODEL, through="Membership", related_name="projects")
+    machines_quota = models.PositiveIntegerField("machines", null=True, blank=True)
+    vcpus_quota = models.PositiveIntegerField("vCPUs", null=True, blank=True)
+    memory_mib_quota = models.PositiveIntegerField("memory (MiB)", null=True, blank=True)
+    disk_gib_quota = models.PositiveIntegerField("disk (GiB)", null=True, blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def limits(self) -> dict[str, int | None]:
+        return {"machines": self.machines_quota, "vcpus": self.vcpus_quota, "memory_mib": self.memory_mib_quota,
+                "disk_gib": self.disk_gib_quota}  # fmt: skip
+
+
+class Role(models.TextChoices):
+    VIEWER = "viewer", "Viewer (sees machines, events and consoles, view-only)"
+    OPERATOR = "operator", "Operator (also power, boot device, console input, ISO changes)"
+    ADMIN = "admin", "Admin (also create, rebuild, delete, BMC credentials)"
+
+
+class Membership(models.Model):
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=8, choices=Role.choices, default=Role.VIEWER)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["project", "user"], name="one_membership_per_project")]
+
+    def __str__(self) -> str:
+        return f"{self.user} {self.role} of {self.project}"

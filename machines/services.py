@@ -19,8 +19,9 @@ from hypervisors.drivers import get_driver
 from hypervisors.drivers.base import HypervisorError, HypervisorFatalError, HypervisorUnavailable
 from hypervisors.models import Hypervisor, Image
 from machines import bmc, cloudinit, crypto, provisioning, screenshots
+from machines.access import project_choices
 from machines.capacity import check_quota, place
-from machines.models import Machine, MachineCdrom, MachineNic
+from machines.models import Machine, MachineCdrom, MachineNic, Project
 from machines.states import BUSY, DeployType, InvalidTransition, PowerAction, PowerState, Status
 from portal import audit
 from portal.audit import audited
@@ -111,7 +112,7 @@ def machine_create(*, owner, hypervisor: Hypervisor | None, name: str, deploy_ty
                    nics: list[NicInput] | None = None, ssh_authorized_keys: str = "", packages: str = "",
                    script: str = "", user_data: str = "", pool: str = "default", deletion_protection: bool = False,
                    autostart: bool = True, extra_isos: list[Image] | None = None,
-                   power_on: bool | None = None) -> Machine:  # fmt: skip
+                   power_on: bool | None = None, project: Project | None = None) -> Machine:  # fmt: skip
     """Validate, save, and queue provisioning. Raises ValidationError with a message per field."""
     if deploy_type not in DeployType.values:
         raise ValidationError({"deploy_type": f"Choose one of {', '.join(DeployType.values)}."})
@@ -123,7 +124,9 @@ def machine_create(*, owner, hypervisor: Hypervisor | None, name: str, deploy_ty
         power_on = bool(power_on)
     elif extra_isos:
         raise ValidationError({"extra_isos": "Extra ISOs are for ISO machines."})
-    check_quota(owner, machines=1, vcpus=vcpus, memory_mib=memory_mib, disk_gib=disk_gib)
+    if project is not None and not project_choices(owner).filter(pk=project.pk).exists():
+        raise ValidationError({"project": f"You are not an admin of project {project.name}."})
+    check_quota(owner, machines=1, vcpus=vcpus, memory_mib=memory_mib, disk_gib=disk_gib, project=project)
     placement = None
     if hypervisor is None:  # "any hypervisor": the one with most room
         placement = place(vcpus=vcpus, memory_mib=memory_mib, disk_gib=disk_gib, pool=pool, image=image)
@@ -137,7 +140,7 @@ def machine_create(*, owner, hypervisor: Hypervisor | None, name: str, deploy_ty
     script, user_data = script.replace("\r\n", "\n"), user_data.replace("\r\n", "\n")  # browsers send CRLF
     if len(script.encode()) > cloudinit.USER_DATA_MAX_BYTES:
         raise ValidationError({"script": "The script is over 64 KiB."})
-    machine = Machine(owner=owner, hypervisor=hypervisor, name=name, deploy_type=deploy_type, image=image, vcpus=vcpus,
+    machine = Machine(owner=owner, project=project, hypervisor=hypervisor, name=name, deploy_type=deploy_type, image=image, vcpus=vcpus,
                       memory_mib=memory_mib, disk_gib=disk_gib, ssh_authorized_keys=ssh_authorized_keys.strip(),
                       packages=packages.strip(), script=script, user_data=user_data, pool=pool,
                       deletion_protection=deletion_protection, autostart=autostart,
@@ -327,7 +330,7 @@ def machine_grow_disk(*, machine: Machine, disk_gib: int) -> None:
         raise ValidationError({"disk_gib": f"The disk is {machine.disk_gib} GiB; give a larger size (disks only grow)."})
     if disk_gib > 16384:
         raise ValidationError({"disk_gib": "At most 16384 GiB."})
-    check_quota(machine.owner, disk_gib=disk_gib - machine.disk_gib)
+    check_quota(machine.owner, disk_gib=disk_gib - machine.disk_gib, project=machine.project)
     old = machine.disk_gib
     machine.transition(Status.RESIZING, f"{old} GiB to {disk_gib} GiB")
     Machine.objects.filter(pk=machine.pk).update(disk_gib=disk_gib)

@@ -12,7 +12,7 @@ from django.views.decorators.clickjacking import xframe_options_deny
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from hypervisors.models import Hypervisor, Image
-from machines import cloudinit, consoles, provisioning, services
+from machines import access, cloudinit, consoles, provisioning, services
 from machines.access import machines_for
 from machines.capacity import usage_report
 from machines.forms import GrowDiskForm, MachineForm
@@ -21,10 +21,12 @@ from machines.states import DeployType, PowerAction, PowerState, Status
 from portal.htmx import HtmxHttpRequest, is_partial
 
 
-def _get_machine_for_user(request, pk: int) -> Machine:
+def _get_machine_for_user(request, pk: int, need: str = access.VIEW) -> Machine:
+    """The machine if the user may see it (else 404) and act on it as `need` says (else 403)."""
     machine = machines_for(request.user).filter(pk=pk).first()
     if machine is None:
         raise Http404("No such machine.")
+    access.require(request.user, machine, need)
     return machine
 
 
@@ -75,6 +77,9 @@ def machine_bulk(request: HtmxHttpRequest) -> HttpResponse:
         return redirect("machines:list")
     done, failed = [], []
     for machine in machines_for(request.user).filter(pk__in=ids):
+        if not access.can(request.user, machine, access.ADMIN if action == "delete" else access.OPERATE):
+            failed.append(f"{machine.name}: your role does not allow this")
+            continue
         try:
             if action == "delete":
                 services.machine_delete(machine=machine)
@@ -119,7 +124,7 @@ def _form_context(request, form: MachineForm) -> dict:
 @require_http_methods(["GET", "POST"])
 def machine_create(request: HtmxHttpRequest) -> HttpResponse:
     saved_keys = "\n".join(request.user.ssh_keys.values_list("public_key", flat=True))
-    form = MachineForm(request.POST or None, initial={"ssh_authorized_keys": saved_keys})
+    form = MachineForm(request.POST or None, initial={"ssh_authorized_keys": saved_keys}, user=request.user)
     if request.method == "POST" and form.is_valid():
         try:
             machine = services.machine_create(owner=request.user, **form.service_kwargs())
@@ -153,7 +158,7 @@ def machine_preview(request: HtmxHttpRequest) -> HttpResponse:
 @login_required
 @require_POST
 def machine_power(request: HtmxHttpRequest, pk: int) -> HttpResponse:
-    machine = _get_machine_for_user(request, pk)
+    machine = _get_machine_for_user(request, pk, access.OPERATE)
     try:
         services.machine_power(machine=machine, action=request.POST.get("action", ""))
     except services.MachineError as e:
@@ -164,7 +169,7 @@ def machine_power(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 @login_required
 @require_POST
 def machine_rebuild(request: HtmxHttpRequest, pk: int) -> HttpResponse:
-    machine = _get_machine_for_user(request, pk)
+    machine = _get_machine_for_user(request, pk, access.ADMIN)
     try:
         services.machine_rebuild(machine=machine)
         messages.info(request, f"Rebuilding {machine.name} from {machine.image}.")
@@ -176,7 +181,7 @@ def machine_rebuild(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 @login_required
 @require_POST
 def machine_grow_disk(request: HtmxHttpRequest, pk: int) -> HttpResponse:
-    machine = _get_machine_for_user(request, pk)
+    machine = _get_machine_for_user(request, pk, access.ADMIN)
     form = GrowDiskForm(request.POST)
     try:
         if not form.is_valid():
@@ -191,7 +196,7 @@ def machine_grow_disk(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 @login_required
 @require_POST
 def machine_protect(request: HtmxHttpRequest, pk: int) -> HttpResponse:
-    machine = _get_machine_for_user(request, pk)
+    machine = _get_machine_for_user(request, pk, access.ADMIN)
     services.machine_set_protection(machine=machine, protected=request.POST.get("protected") == "1")
     return redirect(machine)
 
@@ -199,7 +204,7 @@ def machine_protect(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 @login_required
 @require_http_methods(["GET", "POST"])
 def machine_delete(request: HtmxHttpRequest, pk: int) -> HttpResponse:
-    machine = _get_machine_for_user(request, pk)
+    machine = _get_machine_for_user(request, pk, access.ADMIN)
     if request.method == "POST":
         try:
             services.machine_delete(machine=machine)
@@ -240,7 +245,8 @@ def machine_console_token(request: HtmxHttpRequest, pk: int) -> JsonResponse:
     machine = _get_machine_for_user(request, pk)
     raw, expires = consoles.console_token_issue(machine=machine, user=request.user,
                                                 session_key=request.session.session_key or "")  # fmt: skip
-    response = JsonResponse({"token": raw, "expires_at": expires.isoformat()})
+    view_only = not access.can(request.user, machine, access.OPERATE)
+    response = JsonResponse({"token": raw, "expires_at": expires.isoformat(), "view_only": view_only})
     response["Cache-Control"] = "no-store"
     return response
 
@@ -273,7 +279,7 @@ def machine_screenshot(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 @require_POST
 def machine_media(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     """Insert an ISO into a CD-ROM drive, or eject it (empty image)."""
-    machine = _get_machine_for_user(request, pk)
+    machine = _get_machine_for_user(request, pk, access.OPERATE)
     image_id = request.POST.get("image") or None
     image = Image.objects.filter(pk=image_id).first() if image_id else None
     try:
@@ -288,7 +294,7 @@ def machine_media(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 @login_required
 @require_POST
 def machine_boot_cdrom(request: HtmxHttpRequest, pk: int) -> HttpResponse:
-    machine = _get_machine_for_user(request, pk)
+    machine = _get_machine_for_user(request, pk, access.OPERATE)
     try:
         services.machine_boot_cdrom_once(machine=machine)
         messages.info(request, f"{machine.name} is restarting from its CD-ROM.")
@@ -301,7 +307,7 @@ def machine_boot_cdrom(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 @require_POST
 def machine_bmc_reveal(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     """The BMC password, shown once in the page (htmx); the reveal is recorded."""
-    machine = _get_machine_for_user(request, pk)
+    machine = _get_machine_for_user(request, pk, access.ADMIN)
     try:
         data = services.machine_bmc_reveal(machine=machine, user=request.user)
     except services.MachineError as e:
@@ -314,7 +320,7 @@ def machine_bmc_reveal(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 @login_required
 @require_POST
 def machine_boot_device(request: HtmxHttpRequest, pk: int) -> HttpResponse:
-    machine = _get_machine_for_user(request, pk)
+    machine = _get_machine_for_user(request, pk, access.OPERATE)
     try:
         services.machine_set_boot_device(machine=machine, device=request.POST.get("device", ""),
                                          persistent=request.POST.get("persistent") == "1")  # fmt: skip
@@ -328,7 +334,8 @@ def machine_boot_device(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 @require_POST
 def machines_instackenv(request: HtmxHttpRequest) -> HttpResponse:
     """instackenv.json of the user's network-boot machines, as a download (holds BMC passwords; recorded)."""
-    machines = machines_for(request.user).filter(bmc_port__isnull=False)
+    machines = [m for m in machines_for(request.user).filter(bmc_port__isnull=False)
+                if access.can(request.user, m, access.ADMIN)]  # they hold BMC passwords
     response = JsonResponse(services.instackenv(machines, user=request.user), json_dumps_params={"indent": 2})
     response["Content-Disposition"] = 'attachment; filename="instackenv.json"'
     response["Cache-Control"] = "no-store"

@@ -7,6 +7,7 @@ const statusEl = document.getElementById("console-status");
 const controls = ["btn-cad", "btn-keys", "btn-paste"].map((id) => document.getElementById(id));
 let rfb = null;
 let scale = true;
+let viewOnly = false;
 // For people and tests alike: the state of the page's connection.
 window.portalConsole = { state: "idle", frames: 0 };
 
@@ -30,7 +31,9 @@ async function getToken() {
     const csrf = document.cookie.split("; ").find((c) => c.startsWith("csrftoken="))?.split("=")[1];
     const r = await fetch(config.tokenUrl, { method: "POST", headers: { "X-CSRFToken": csrf }, credentials: "same-origin" });
     if (!r.ok) throw new Error(`the portal refused a console key (${r.status})`);
-    return (await r.json()).token;
+    const body = await r.json();
+    viewOnly = body.view_only;
+    return body.token;
   }
   if (!fragmentToken) throw new Error("this console link has no key; ask for a new console URL");
   return fragmentToken;
@@ -54,9 +57,10 @@ async function connect() {
   }
   rfb = new RFB(screen, socketUrl(token));
   rfb.scaleViewport = scale;
+  rfb.viewOnly = viewOnly; // the proxy drops input anyway; this keeps the page honest about it
   rfb.focusOnClick = true;
   rfb.addEventListener("connect", () => {
-    setStatus("connected", "Connected", "success");
+    setStatus("connected", viewOnly ? "Connected (view only)" : "Connected", "success");
     rfb.focus();
   });
   rfb.addEventListener("disconnect", (e) => {

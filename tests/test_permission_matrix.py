@@ -1,4 +1,5 @@
-"""Every URL pattern and API endpoint, as anonymous, another user, the owner and staff.
+"""Every URL pattern and API endpoint, as anonymous, another user, a project viewer, operator and
+admin, the owner and staff.
 
 A new route without an entry here fails the test: decide who may use it first.
 """
@@ -12,7 +13,7 @@ from rest_framework.test import APIClient
 
 from hypervisors.models import Image, ImageStatus
 from machines import crypto
-from machines.models import Machine
+from machines.models import Machine, Membership, Project
 from machines.states import Status
 from portal.models import ApiToken, SshKey
 from tests.factories import HypervisorFactory, UserFactory
@@ -20,7 +21,8 @@ from tests.fakes import FakeDriver, FakeHost
 
 pytestmark = pytest.mark.django_db
 
-ROLES = ("anon", "other", "owner", "staff")
+ROLES = ("anon", "other", "viewer", "operator", "padmin", "owner", "staff")
+PROJECT_ROLES = ("viewer", "operator", "padmin")
 PAGE_LOGIN = {"anon": 302}
 OWNED = {"anon": 302, "other": 404}  # someone else's machine does not exist for you
 STAFF_ONLY = {"anon": 302, "other": 403, "owner": 403}
@@ -29,7 +31,21 @@ API_STAFF = {"anon": 401, "other": 403, "owner": 403}
 
 
 def ok(code, **over):
-    return {**{r: code for r in ROLES}, **over}
+    """Everyone gets `code` but those named; project roles act like any other user unless told."""
+    expected = {**{r: code for r in ROLES}, **over}
+    for role in PROJECT_ROLES:
+        if role not in over and "other" in over:
+            expected[role] = over["other"]
+    return expected
+
+
+def on_machine(code, need, api=False):
+    """A route on a project machine: members get it by role (403 below it), strangers get 404."""
+    rank = {"view": 1, "operate": 2, "admin": 3}[need]
+    have = {"viewer": 1, "operator": 2, "padmin": 3}
+    expected = {"anon": 401 if api else 302, "other": 404, "owner": code, "staff": code}
+    expected.update({r: code if have[r] >= rank else 403 for r in PROJECT_ROLES})
+    return expected
 
 
 # route name: (method, object, data, expected status per role)
@@ -62,19 +78,19 @@ MATRIX = {
     "machines:preview": ("post", None, {"name": "x"}, ok(200, **PAGE_LOGIN)),
     "machines:bulk": ("post", None, {"action": "start", "ids": ["1"]}, ok(302)),  # acts only on machines you may use
     "machines:instackenv": ("post", None, None, ok(200, **PAGE_LOGIN)),  # each user's own machines only
-    "machines:detail": ("get", "vm", None, ok(200, **OWNED)),
-    "machines:console": ("get", "vm", None, ok(200, **OWNED)),
-    "machines:console-token": ("post", "vm", None, ok(200, **OWNED)),
+    "machines:detail": ("get", "vm", None, on_machine(200, "view")),
+    "machines:console": ("get", "vm", None, on_machine(200, "view")),
+    "machines:console-token": ("post", "vm", None, on_machine(200, "view")),  # viewers: view-only
     "machines:screenshot": ("get", "vm", None, ok(404, anon=302)),  # no screenshot yet, for anyone
-    "machines:power": ("post", "vm", {"action": "reboot"}, ok(302, **OWNED)),
-    "machines:rebuild": ("post", "vm", None, ok(302, **OWNED)),
-    "machines:grow-disk": ("post", "vm", {"disk_gib": 99}, ok(302, **OWNED)),
-    "machines:protect": ("post", "vm", {"protected": "0"}, ok(302, **OWNED)),
-    "machines:delete": ("get", "vm", None, ok(200, **OWNED)),
-    "machines:media": ("post", "iso", {"slot": "0", "image": ""}, ok(302, **OWNED)),
-    "machines:boot-cdrom": ("post", "iso", None, ok(302, **OWNED)),
-    "machines:bmc-reveal": ("post", "metal", None, ok(200, **OWNED)),
-    "machines:boot-device": ("post", "metal", {"device": "pxe"}, ok(302, **OWNED)),
+    "machines:power": ("post", "vm", {"action": "reboot"}, on_machine(302, "operate")),
+    "machines:rebuild": ("post", "vm", None, on_machine(302, "admin")),
+    "machines:grow-disk": ("post", "vm", {"disk_gib": 99}, on_machine(302, "admin")),
+    "machines:protect": ("post", "vm", {"protected": "0"}, on_machine(302, "admin")),
+    "machines:delete": ("get", "vm", None, on_machine(200, "admin")),
+    "machines:media": ("post", "iso", {"slot": "0", "image": ""}, on_machine(302, "operate")),
+    "machines:boot-cdrom": ("post", "iso", None, on_machine(302, "operate")),
+    "machines:bmc-reveal": ("post", "metal", None, on_machine(200, "admin")),
+    "machines:boot-device": ("post", "metal", {"device": "pxe"}, on_machine(302, "operate")),
     # The JSON API.
     "api-root": ("get", None, None, ok(200, anon=401)),
     "api-schema": ("get", None, None, ok(200)),  # the OpenAPI schema is public, like the README
@@ -87,16 +103,16 @@ MATRIX = {
     "image-detail": ("get", "img", None, ok(200, anon=401)),
     "machine-list": ("get", None, None, ok(200, anon=401)),
     "machine-instackenv": ("get", None, None, ok(200, anon=401)),
-    "machine-detail": ("get", "vm", None, ok(200, **API_OWNED)),
-    "machine-console": ("post", "vm", None, ok(200, **API_OWNED)),
-    "machine-power": ("post", "vm", {"action": "reboot"}, ok(202, **API_OWNED)),
-    "machine-rebuild": ("post", "vm", None, ok(409, **API_OWNED)),  # its image is gone: refused, nothing changes
-    "machine-grow-disk": ("post", "vm", {"disk_gib": 99}, ok(202, **API_OWNED)),
-    "machine-protection": ("post", "vm", {"deletion_protection": False}, ok(200, **API_OWNED)),
-    "machine-media": ("post", "iso", {"slot": 0, "image": None}, ok(202, **API_OWNED)),
-    "machine-boot-cdrom": ("post", "iso", None, ok(202, **API_OWNED)),
-    "machine-bmc": ("get", "metal", None, ok(200, **API_OWNED)),
-    "machine-boot-device": ("post", "metal", {"device": "pxe"}, ok(202, **API_OWNED)),
+    "machine-detail": ("get", "vm", None, on_machine(200, "view", api=True)),
+    "machine-console": ("post", "vm", None, on_machine(200, "view", api=True)),
+    "machine-power": ("post", "vm", {"action": "reboot"}, on_machine(202, "operate", api=True)),
+    "machine-rebuild": ("post", "vm", None, on_machine(409, "admin", api=True)),  # its image is gone: refused
+    "machine-grow-disk": ("post", "vm", {"disk_gib": 99}, on_machine(202, "admin", api=True)),
+    "machine-protection": ("post", "vm", {"deletion_protection": False}, on_machine(200, "admin", api=True)),
+    "machine-media": ("post", "iso", {"slot": 0, "image": None}, on_machine(202, "operate", api=True)),
+    "machine-boot-cdrom": ("post", "iso", None, on_machine(202, "operate", api=True)),
+    "machine-bmc": ("get", "metal", None, on_machine(200, "admin", api=True)),
+    "machine-boot-device": ("post", "metal", {"device": "pxe"}, on_machine(202, "operate", api=True)),
 }
 
 
@@ -117,13 +133,18 @@ def test_every_route_has_an_entry():
 def make_world():
     owner, other = UserFactory(username="owner"), UserFactory(username="other")
     staff = UserFactory(username="boss", is_staff=True, is_superuser=True)
+    project = Project.objects.create(name="team")
+    members = {role: UserFactory(username=role) for role in PROJECT_ROLES}
+    for role, user in members.items():
+        Membership.objects.create(project=project, user=user, role={"padmin": "admin"}.get(role, role))
     hv = HypervisorFactory(name="lab", uri="qemu:///system")
     iso = Image.objects.create(name="inst", kind="iso", format="iso", status=ImageStatus.READY)
-    vm = Machine.objects.create(name="vm", owner=owner, hypervisor=hv, deploy_type="image", status=Status.ACTIVE)
-    iso_machine = Machine.objects.create(name="inst", owner=owner, hypervisor=hv, deploy_type="iso", image=iso,
+    vm = Machine.objects.create(name="vm", owner=owner, project=project, hypervisor=hv, deploy_type="image",
+                                status=Status.ACTIVE)  # fmt: skip
+    iso_machine = Machine.objects.create(name="inst", owner=owner, project=project, hypervisor=hv, deploy_type="iso", image=iso,
                                          status=Status.ACTIVE)  # fmt: skip
     iso_machine.cdroms.create(slot=0, image=iso)
-    metal = Machine.objects.create(name="metal", owner=owner, hypervisor=hv, deploy_type="network", status=Status.ACTIVE,
+    metal = Machine.objects.create(name="metal", owner=owner, project=project, hypervisor=hv, deploy_type="network", status=Status.ACTIVE,
                                    bmc_address="127.0.0.1", bmc_port=17999, bmc_username="bmc-x",
                                    bmc_password_encrypted=crypto.encrypt("p" * 20))  # fmt: skip
     token, _ = ApiToken.issue(user=owner)
@@ -133,7 +154,7 @@ def make_world():
     event = AuditEvent.objects.create(action="test")
     objects = {"vm": vm, "iso": iso_machine, "metal": metal, "hv": hv, "img": iso, "token": token, "key": key,
                "audit": event}  # fmt: skip
-    return {"owner": owner, "other": other, "staff": staff}, objects
+    return {"owner": owner, "other": other, "staff": staff, **members}, objects
 
 
 def fresh(objects, kind):

@@ -189,3 +189,20 @@ def test_screenshot_of_a_running_machine(iso_machine):
     mallory = Client()
     mallory.force_login(UserFactory(username="peeker"))
     assert mallory.get(f"/machines/{iso_machine.pk}/screenshot.png").status_code == 404
+
+
+def test_a_project_viewer_gets_a_view_only_console(iso_machine, console_proxy):
+    from machines.models import Membership, Project
+
+    project = Project.objects.create(name="watchers")
+    Machine.objects.filter(pk=iso_machine.pk).update(project=project)
+    viewer = UserFactory(username="watcher")
+    Membership.objects.create(project=project, user=viewer, role="viewer")
+    client = Client()
+    client.force_login(viewer)
+    r = client.post(f"/machines/{iso_machine.pk}/console/token/")
+    assert r.status_code == 200 and r.json()["view_only"] is True
+    assert client.post(f"/machines/{iso_machine.pk}/power/", {"action": "poweroff"}).status_code == 403
+    status, banner = handshake(console_proxy, f"/console/{iso_machine.pk}?token={r.json()['token']}")
+    assert status == 101 and banner.startswith(b"RFB")
+    wait_for(lambda: f"console of machine {iso_machine.pk} for user {viewer.pk} (view only)" in (ARTIFACTS / "console.log").read_text(), 10)
