@@ -64,7 +64,7 @@ class MachineAdmin(admin.ModelAdmin):
                        "operation", "instance_id", "created", "updated"]  # fmt: skip
     fields = [*readonly_fields[:10], "deletion_protection", "autostart", *readonly_fields[10:]]
     inlines = [NicInline, EventInline]
-    actions = [*(_power_action(a) for a in PowerAction.values), "grow_disk", "rebuild", "delete_machines"]
+    actions = [*(_power_action(a) for a in PowerAction.values), "grow_disk", "rebuild", "delete_machines", "sync"]
 
     def has_add_permission(self, request):
         return False  # machines are created through the portal or the API, which run the pipeline
@@ -76,6 +76,14 @@ class MachineAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+    @admin.action(description="Sync power state from the hypervisor")
+    def sync(self, request, queryset):
+        from django.db import transaction
+
+        with transaction.atomic():
+            services.machines_sync(machines=list(queryset))
+        self.message_user(request, f"Queued a power-state sync of {queryset.count()} machine(s).", messages.SUCCESS)
 
     @admin.action(description="Grow disk by 10 GiB")
     def grow_disk(self, request, queryset):

@@ -400,6 +400,18 @@ def machines_reconcile() -> None:
         machine_screenshot_request(machine=machine, max_age=50)
 
 
+def machines_sync(*, machines) -> None:
+    """Refresh the power state of these machines from their hypervisors now (queued)."""
+    for hv_id in {m.hypervisor_id for m in machines}:
+        _enqueue("hypervisor_reconcile_task", hv_id)
+
+
+def hypervisor_reconcile_run(hypervisor_id: int) -> None:
+    hv = Hypervisor.objects.filter(pk=hypervisor_id).first()
+    if hv is not None:
+        _reconcile_power(hv)
+
+
 def _reconcile_power(hv: Hypervisor) -> None:
     try:
         with get_driver(hv.uri) as driver:

@@ -79,3 +79,10 @@ def machine_boot_device_task(machine_id: int, device: str, persistent: bool) -> 
     from machines.services import machine_set_boot_device_run
 
     machine_set_boot_device_run(machine_id, device, persistent)
+
+
+@db_task()
+def hypervisor_reconcile_task(hypervisor_id: int) -> None:
+    from machines.services import hypervisor_reconcile_run
+
+    hypervisor_reconcile_run(hypervisor_id)

@@ -1,11 +1,13 @@
 """The user's own account: password, API tokens, SSH keys."""
 
 from django import forms
+from django.conf import settings
 from django.contrib import messages
+from django.contrib.auth import get_user_model, login, password_validation
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
-from django.http import HttpResponse
+from django.http import Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
@@ -95,3 +97,43 @@ def key_delete(request, pk: int) -> HttpResponse:
     key.delete()
     messages.success(request, f"Key {key.name} removed (machines that have it keep it).")
     return redirect("account")
+
+
+class SignupForm(forms.Form):
+    username = forms.CharField(max_length=150)
+    password1 = forms.CharField(label="Password", widget=forms.PasswordInput)
+    password2 = forms.CharField(label="Password again", widget=forms.PasswordInput)
+
+    def clean_username(self) -> str:
+        name = self.cleaned_data["username"]
+        User = get_user_model()
+        User.username_validator(name)
+        if User.objects.filter(username__iexact=name).exists():
+            raise ValidationError("That user name is taken.")
+        return name
+
+    def clean(self):
+        data = super().clean()
+        if data.get("password1") != data.get("password2"):
+            self.add_error("password2", "The two passwords differ.")
+        elif data.get("password1"):
+            try:
+                password_validation.validate_password(data["password1"], get_user_model()(username=data.get("username")))
+            except ValidationError as e:
+                self.add_error("password1", e)
+        return data
+
+
+def signup(request) -> HttpResponse:
+    """Self-registration, only where PORTAL_SELF_REGISTRATION is on (it is off by default)."""
+    if not settings.PORTAL_SELF_REGISTRATION:
+        raise Http404("Self-registration is off; ask staff for an account.")
+    if request.user.is_authenticated:
+        return redirect("home")
+    form = SignupForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        user = get_user_model().objects.create_user(form.cleaned_data["username"], password=form.cleaned_data["password1"])
+        audit.record("user.signup", user, request=request, user=user)
+        login(request, user)
+        return redirect("home")
+    return render(request, "registration/signup.html", {"form": form})

@@ -230,6 +230,8 @@ PORTAL_CONSOLE_MAX_PER_USER = envint("PORTAL_CONSOLE_MAX_PER_USER", "4")
 PORTAL_BMC_ADDRESS = os.getenv("PORTAL_BMC_ADDRESS", "127.0.0.1")  # never :: or 0.0.0.0 by default
 PORTAL_BMC_PORT_RANGE = os.getenv("PORTAL_BMC_PORT_RANGE", "6230-6329")
 
+PORTAL_SELF_REGISTRATION = envbool("PORTAL_SELF_REGISTRATION", "False")  # off: staff create users in the admin
+
 PORTAL_HOST = os.getenv("PORTAL_HOST", "127.0.0.1")
 PORTAL_PORT = envint("PORTAL_PORT", "8000")
 

@@ -1,3 +1,4 @@
+from django.conf import settings
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
@@ -18,7 +19,9 @@ router.register("audit", AuditEventViewSet, basename="audit")
 
 urlpatterns = [
     path("", views.home, name="home"),
-    path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
+    path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True,
+                                                extra_context={"self_registration": settings.PORTAL_SELF_REGISTRATION}),
+         name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("hypervisors/", include("hypervisors.urls")),
     path("machines/", include("machines.urls")),
@@ -29,6 +32,7 @@ urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
     path("audit/", views.audit_list, name="audit"),
     path("account/", account.account, name="account"),
+    path("signup/", account.signup, name="signup"),
     path("account/password/", auth_views.PasswordChangeView.as_view(success_url="/account/password/done/"),
          name="password_change"),
     path("account/password/done/", auth_views.PasswordChangeDoneView.as_view(), name="password_change_done"),

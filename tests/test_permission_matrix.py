@@ -54,6 +54,7 @@ MATRIX = {
     "login": ("get", None, None, ok(302, anon=200)),  # logged-in users are sent on
     "logout": ("post", None, None, ok(302)),
     "healthz": ("get", None, None, ok(200)),
+    "signup": ("get", None, None, ok(404)),  # self-registration is off by default
     "console-standalone": ("get", None, None, ok(200)),  # the credential is in the URL's fragment
     "audit": ("get", None, None, ok(200, **STAFF_ONLY)),
     "account": ("get", None, None, ok(200, **PAGE_LOGIN)),

@@ -48,3 +48,14 @@ def test_the_admin_lists_machines_with_events(staff_client, machine):
     machine.log("create", "hello <b>world</b>")
     r = staff_client.get(f"/admin/machines/machine/{machine.pk}/change/")
     assert r.status_code == 200 and b"hello &lt;b&gt;world&lt;/b&gt;" in r.content
+
+
+def test_sync_action_refreshes_power_state(staff_client, machine, django_capture_on_commit_callbacks):
+    host = FakeHost()
+    from hypervisors.drivers.base import PowerState
+
+    host.domains[str(machine.uuid)] = {"spec": None, "state": PowerState.RUNNING, "autostart": True}
+    with mock.patch("machines.services.get_driver", lambda uri: FakeDriver(uri, host)):
+        with django_capture_on_commit_callbacks(execute=True):
+            act(staff_client, "sync", machine)
+    assert Machine.objects.get(pk=machine.pk).power_state == "running"

@@ -45,3 +45,16 @@ def test_password_change(user_client, user):
     assert r.status_code == 302
     user.refresh_from_db()
     assert user.check_password("an-even-longer-one-42")
+
+
+def test_self_registration_is_off_by_default(client):
+    assert client.get("/signup/").status_code == 404
+
+
+def test_self_registration_when_on(client, settings):
+    settings.PORTAL_SELF_REGISTRATION = True
+    r = client.post("/signup/", {"username": "newcomer", "password1": "a-long-pass-phrase-1", "password2": "a-long-pass-phrase-1"})
+    assert r.status_code == 302
+    assert AuditEvent.objects.filter(action="user.signup", username="newcomer").exists()
+    r = client.post("/signup/", {"username": "x", "password1": "short", "password2": "short"})
+    assert r.status_code == 302  # already logged in: sent on
