@@ -37,6 +37,19 @@ def _from_django_errors(fn):
         raise serializers.ValidationError(e.message_dict if hasattr(e, "error_dict") else e.messages) from None
 
 
+class NetworkSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=50)
+    mode = serializers.ChoiceField(choices=["nat", "isolated", "bridge", "macvtap"])
+    bridge = serializers.CharField(required=False, allow_blank=True, default="")
+    interface = serializers.CharField(required=False, allow_blank=True, default="")
+    cidr = serializers.CharField(required=False, allow_blank=True, default="")
+    dhcp_start = serializers.CharField(required=False, allow_blank=True, default="")
+    dhcp_end = serializers.CharField(required=False, allow_blank=True, default="")
+    tftp_root = serializers.CharField(required=False, allow_blank=True, default="")
+    boot_file = serializers.CharField(required=False, allow_blank=True, default="")
+    ipv6_cidr = serializers.CharField(required=False, allow_blank=True, default="")
+
+
 class StaffWritePermission(permissions.BasePermission):
     """Everyone logged in may read; only staff change hypervisors."""
 
@@ -59,6 +72,28 @@ class HypervisorViewSet(viewsets.ModelViewSet):
             services.hypervisor_delete(hypervisor=instance)
         except services.HypervisorInUse as e:
             raise serializers.ValidationError({"detail": str(e)}) from None
+
+    @extend_schema(request=NetworkSerializer, responses={202: OpenApiResponse(description="Queued.")})
+    @action(detail=True, methods=["post"], url_path="networks")
+    def networks(self, request, pk=None):
+        """Define a libvirt network on the hypervisor (staff): NAT, isolated, host bridge or macvtap,
+        with DHCP and, for network boot, a TFTP root and boot file."""
+        from hypervisors import networks
+
+        hv = self.get_object()
+        s = NetworkSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        _from_django_errors(lambda: networks.network_create(hypervisor=hv, spec=networks.NetworkSpec(**s.validated_data)))
+        return Response({"detail": "network queued"}, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses={202: OpenApiResponse(description="Queued.")})
+    @action(detail=True, methods=["delete"], url_path=r"networks/(?P<name>[^/]+)")
+    def network_delete(self, request, pk=None, name=None):
+        from hypervisors import networks
+
+        hv = self.get_object()
+        _from_django_errors(lambda: networks.network_delete(hypervisor=hv, name=name))
+        return Response({"detail": "network removal queued"}, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=None, responses={202: OpenApiResponse(description="A check was queued.")})
     @action(detail=True, methods=["post"])

@@ -40,3 +40,17 @@ class ImageForm(forms.Form):
         if source == "volume" and not (data.get("hypervisor") and data.get("volume")):
             self.add_error("volume", "Choose the hypervisor and name the volume.")
         return data
+
+
+class NetworkForm(forms.Form):
+    name = forms.CharField(max_length=50)
+    mode = forms.ChoiceField(choices=[("isolated", "Isolated (host-only, DHCP)"), ("nat", "NAT (DHCP, outbound through the host)"),
+                                      ("bridge", "Host bridge"), ("macvtap", "macvtap on a host interface")])  # fmt: skip
+    bridge = forms.CharField(required=False, max_length=15, help_text="Bridge to create (NAT/isolated) or to use (host bridge).")
+    interface = forms.CharField(required=False, max_length=15, help_text="Host interface, for macvtap.")
+    cidr = forms.CharField(label="Router address", required=False, help_text="With prefix, e.g. 192.168.77.1/24.")
+    dhcp_start = forms.GenericIPAddressField(label="DHCP from", required=False, protocol="IPv4")
+    dhcp_end = forms.GenericIPAddressField(label="DHCP to", required=False, protocol="IPv4")
+    tftp_root = forms.CharField(label="TFTP root", required=False, help_text="For network boot: a directory on the hypervisor.")
+    boot_file = forms.CharField(required=False, help_text="Offered by DHCP, e.g. boot.ipxe.")
+    ipv6_cidr = forms.CharField(label="IPv6 router address", required=False, help_text="Optional, e.g. fd77::1/64.")

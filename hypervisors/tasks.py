@@ -50,3 +50,17 @@ def image_register_task(image_id: int) -> None:
     from hypervisors.images import image_fetch_volume
 
     image_fetch_volume(image_id)
+
+
+@db_task()
+def network_create_task(hypervisor_id: int, spec: dict) -> str:
+    from hypervisors.networks import network_create_run
+
+    return network_create_run(hypervisor_id, spec)
+
+
+@db_task()
+def network_delete_task(hypervisor_id: int, name: str) -> None:
+    from hypervisors.networks import network_delete_run
+
+    network_delete_run(hypervisor_id, name)

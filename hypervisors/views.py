@@ -6,8 +6,8 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
-from hypervisors import images, services
-from hypervisors.forms import HypervisorForm, ImageForm
+from hypervisors import images, networks, services
+from hypervisors.forms import HypervisorForm, ImageForm, NetworkForm
 from hypervisors.models import Hypervisor, HypervisorStatus, Image, ImageStatus
 from portal.decorators import staff_required
 from portal.htmx import HtmxHttpRequest, is_partial
@@ -31,7 +31,7 @@ def hypervisor_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     template = "hypervisors/detail.html"
     if is_partial(request):
         template += "#hypervisor-facts"
-    return render(request, template, {"hv": hv})
+    return render(request, template, {"hv": hv, "network_form": NetworkForm()})
 
 
 def _save_form(request, form: HypervisorForm, save) -> Hypervisor | None:
@@ -161,3 +161,33 @@ def image_delete(request: HtmxHttpRequest, pk: int) -> HttpResponse:
         messages.success(request, f"Image {image.name} deleted.")
         return redirect("hypervisors:image-list")
     return render(request, "hypervisors/image_delete.html", {"image": image})
+
+
+@staff_required
+@require_POST
+def network_create(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    hv = get_object_or_404(Hypervisor, pk=pk)
+    form = NetworkForm(request.POST)
+    if form.is_valid():
+        data = {k: (v or "") for k, v in form.cleaned_data.items()}
+        try:
+            networks.network_create(hypervisor=hv, spec=networks.NetworkSpec(**data))
+            messages.success(request, f"Defining network {data['name']} on {hv.name}; it appears below once made.")
+            return redirect(hv)
+        except ValidationError as e:
+            for field, errors in e.message_dict.items():
+                form.add_error(field if field in form.fields else None, errors)
+    messages.error(request, "The network was not defined: " + "; ".join(f"{k}: {' '.join(v)}" for k, v in form.errors.items()))
+    return redirect(hv)
+
+
+@staff_required
+@require_POST
+def network_delete(request: HtmxHttpRequest, pk: int, name: str) -> HttpResponse:
+    hv = get_object_or_404(Hypervisor, pk=pk)
+    try:
+        networks.network_delete(hypervisor=hv, name=name)
+        messages.success(request, f"Removing network {name} from {hv.name}.")
+    except ValidationError as e:
+        messages.error(request, " ".join(e.messages))
+    return redirect(hv)

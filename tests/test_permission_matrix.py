@@ -70,6 +70,8 @@ MATRIX = {
     "hypervisors:edit": ("get", "hv", None, ok(200, **STAFF_ONLY)),
     "hypervisors:delete": ("get", "hv", None, ok(200, **STAFF_ONLY)),
     "hypervisors:sync": ("post", "hv", None, ok(302, **STAFF_ONLY)),
+    "hypervisors:network-create": ("post", "hv", {"name": "n1", "mode": "isolated"}, ok(302, **STAFF_ONLY)),
+    "hypervisors:network-delete": ("post", "hvnet", None, ok(302, **STAFF_ONLY)),
     "hypervisors:image-list": ("get", None, None, ok(200, **PAGE_LOGIN)),
     "hypervisors:image-detail": ("get", "img", None, ok(200, **PAGE_LOGIN)),
     "hypervisors:image-create": ("get", None, None, ok(200, **STAFF_ONLY)),
@@ -100,6 +102,8 @@ MATRIX = {
     "hypervisor-list": ("get", None, None, ok(200, anon=401)),
     "hypervisor-detail": ("get", "hv", None, ok(200, anon=401)),
     "hypervisor-sync": ("post", "hv", None, ok(202, **API_STAFF)),
+    "hypervisor-networks": ("post", "hv", {"name": "n2", "mode": "isolated"}, ok(202, **API_STAFF)),
+    "hypervisor-network-delete": ("delete", "hvnet", None, ok(202, **API_STAFF)),
     "image-list": ("get", None, None, ok(200, anon=401)),
     "image-detail": ("get", "img", None, ok(200, anon=401)),
     "machine-list": ("get", None, None, ok(200, anon=401)),
@@ -173,10 +177,12 @@ def test_route(name, settings):
     host = FakeHost()
     actual = {}
     with mock.patch("machines.services.get_driver", lambda uri: FakeDriver(uri, host)), \
+         mock.patch("hypervisors.networks.network_create_run"), mock.patch("hypervisors.networks.network_delete_run"), \
          mock.patch("machines.bmc._ipmitool", return_value="Chassis Power is off"):  # fmt: skip
         for role in ROLES:
             fresh(objects, kind)
-            url = reverse(name, args=[objects[kind].pk] if kind else [])
+            args = [] if not kind else [objects["hv"].pk, "unused-net"] if kind == "hvnet" else [objects[kind].pk]
+            url = reverse(name, args=args)
             api = ":" not in name and name.startswith(("api-", "audit-", "hypervisor-", "image-", "machine-"))
             client = APIClient() if api else Client()
             if role != "anon":

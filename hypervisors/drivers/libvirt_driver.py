@@ -559,6 +559,45 @@ class LibvirtDriver(HypervisorDriver):
 
         return self._call(run)
 
+    def define_network(self, xml: str) -> bool:
+        """Define, start and autostart a network unless one of that name exists. True if made now."""
+
+        def run(conn):
+            name = ET.fromstring(xml).findtext("name")
+            try:
+                conn.networkLookupByName(name)
+                return False
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_NO_NETWORK:
+                    raise
+            net = conn.networkDefineXML(xml)
+            try:
+                net.create()
+                net.setAutostart(1)
+            except libvirt.libvirtError:
+                net.undefine()  # do not leave a half-made network behind
+                raise
+            return True
+
+        return self._call(run)
+
+    def remove_network(self, name: str) -> bool:
+        """Stop and undefine a network; no-op (False) if absent."""
+
+        def run(conn):
+            try:
+                net = conn.networkLookupByName(name)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_NETWORK:
+                    return False
+                raise
+            if net.isActive():
+                net.destroy()
+            net.undefine()
+            return True
+
+        return self._call(run)
+
     def change_media(self, uuid: str, *, target: str, path: str) -> None:
         """Insert `path` into the CD-ROM `target`, or eject it when path is empty; live and persistent."""
 

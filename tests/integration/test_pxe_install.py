@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from hypervisors import networks
 from hypervisors import services as hv_services
 from hypervisors.drivers import libvirt_driver
 from hypervisors.models import Hypervisor, HypervisorStatus
@@ -43,24 +44,6 @@ kernel tftp://{ROUTER}/vmlinuz console=tty0 console=ttyS0,115200
 initrd tftp://{ROUTER}/initrd.img
 boot
 """
-
-
-def network_xml(tftp_root: str) -> str:
-    # No <forward>: isolated, the guest reaches the bridge's dnsmasq and nothing else. The IPv6
-    # prefix is only there for dnsmasq's router advertisements: iPXE configures IPv4 and IPv6 at
-    # once and, with no router answering, waits about 16 s before it goes on with its DHCP lease.
-    return f"""<network>
-  <name>{NETWORK}</name>
-  <bridge name='{BRIDGE}' stp='off' delay='0'/>
-  <ip address='{ROUTER}' netmask='255.255.255.0'>
-    <tftp root='{tftp_root}'/>
-    <dhcp>
-      <range start='{SUBNET}.100' end='{SUBNET}.199'/>
-      <bootp file='boot.ipxe'/>
-    </dhcp>
-  </ip>
-  <ip family='ipv6' address='fd77::1' prefix='64'/>
-</network>"""
 
 
 def pool_xml(path: str) -> str:
@@ -90,8 +73,7 @@ def pxe_lab():
         for f in tftp.iterdir():
             os.chmod(f, 0o644)  # dnsmasq serves TFTP as an unprivileged user
         pool = lv.workdir / "pool"
-        lv.define_xml("pool", pool_xml(str(pool)))
-        lv.define_xml("net", network_xml(str(tftp)))
+        lv.define_xml("pool", pool_xml(str(pool)))  # the network is defined through the portal, in the test
         try:
             yield lv
         finally:
@@ -106,16 +88,27 @@ def test_pxe_install_over_ipmi_in_a_private_network(pxe_lab, worker, bmc_server)
     lv = pxe_lab
     started = time.monotonic()
 
+    assert BRIDGE not in lv.run_inside("ip", "-br", "addr").stdout  # the portal defines it below
+    hv = hv_services.hypervisor_create(name="pxe-lab", uri=lv.uri)
+    hv = wait_for(lambda: (h := Hypervisor.objects.get(pk=hv.pk)).status in (HypervisorStatus.ONLINE, HypervisorStatus.DOWN) and h, 60)  # fmt: skip
+    assert hv.status == HypervisorStatus.ONLINE, hv.status_error
+
+    # Staff define the PXE network from the portal: DHCP, a TFTP root and the boot file.
+    networks.network_create(hypervisor=hv, spec=networks.NetworkSpec(
+        name=NETWORK, mode="isolated", bridge=BRIDGE, cidr=f"{ROUTER}/24", dhcp_start=f"{SUBNET}.100",
+        dhcp_end=f"{SUBNET}.200", tftp_root=str(lv.workdir / "tftp"), boot_file="boot.ipxe", ipv6_cidr="fd77::1/64"))  # fmt: skip
+    pk = hv.pk
+    def with_network():
+        h = Hypervisor.objects.get(pk=pk)
+        return h if any(n["name"] == NETWORK and n["active"] for n in h.networks) else None
+
+    hv = wait_for(with_network, 30, message="the portal never defined the network")
     # The lab's network lives in its namespace only.
     inside = lv.run_inside("ip", "-br", "addr").stdout
     assert BRIDGE in inside and f"{ROUTER}/24" in inside, inside
     assert subprocess.run(["ip", "link", "show", BRIDGE], capture_output=True).returncode != 0, (
         "the bridge leaked onto the host"
     )
-
-    hv = hv_services.hypervisor_create(name="pxe-lab", uri=lv.uri)
-    hv = wait_for(lambda: (h := Hypervisor.objects.get(pk=hv.pk)).status in (HypervisorStatus.ONLINE, HypervisorStatus.DOWN) and h, 60)  # fmt: skip
-    assert hv.status == HypervisorStatus.ONLINE, hv.status_error
     net = next(n for n in hv.networks if n["name"] == NETWORK)
     assert net == {"name": NETWORK, "active": True, "forward_mode": "isolated", "bridge": BRIDGE}
     pool = next(p for p in hv.pools if p["name"] == POOL)

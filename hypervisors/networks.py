@@ -1,0 +1,145 @@
+"""Libvirt networks that staff define on a hypervisor from the portal (incl. DHCP and PXE/TFTP)."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from django.core.exceptions import ValidationError
+from django.db import transaction
+
+from hypervisors.drivers import get_driver
+from hypervisors.drivers.base import HypervisorError
+from hypervisors.drivers.domxml import network_xml
+from hypervisors.models import Hypervisor
+from portal import audit
+from portal.audit import audited
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,49}$")
+DEV_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")  # Linux interface names: at most 15 characters
+BOOT_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,127}$")
+MODES = ("nat", "isolated", "bridge", "macvtap")
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    name: str
+    mode: str
+    bridge: str = ""  # bridge libvirt creates (nat/isolated) or the host bridge to use (bridge)
+    interface: str = ""  # host interface (macvtap)
+    cidr: str = ""  # router address with prefix, e.g. 192.168.77.1/24 (nat/isolated)
+    dhcp_start: str = ""
+    dhcp_end: str = ""
+    tftp_root: str = ""  # a directory on the hypervisor
+    boot_file: str = ""  # e.g. boot.ipxe or pxelinux.0
+    ipv6_cidr: str = ""  # optional, e.g. fd77::1/64
+
+    def xml(self) -> str:
+        iface = ipaddress.ip_interface(self.cidr) if self.cidr else None
+        v6 = ipaddress.ip_interface(self.ipv6_cidr) if self.ipv6_cidr else None
+        return network_xml(name=self.name, mode=self.mode, bridge=self.bridge, interface=self.interface,
+                           address=str(iface.ip) if iface else "", prefix=iface.network.prefixlen if iface else None,
+                           dhcp_start=self.dhcp_start, dhcp_end=self.dhcp_end, tftp_root=self.tftp_root,
+                           boot_file=self.boot_file, ipv6_address=str(v6.ip) if v6 else "",
+                           ipv6_prefix=v6.network.prefixlen if v6 else None)  # fmt: skip
+
+
+def validate(spec: NetworkSpec, hypervisor: Hypervisor) -> None:
+    errors: dict[str, str] = {}
+    if not NAME_RE.match(spec.name):
+        errors["name"] = "Use letters, digits, '-', '_' and '.', at most 50."
+    elif any(n["name"] == spec.name for n in hypervisor.networks):
+        errors["name"] = f"{hypervisor.name} already has a network {spec.name}."
+    if spec.mode not in MODES:
+        errors["mode"] = f"Choose one of {', '.join(MODES)}."
+    if spec.mode == "bridge" and not DEV_RE.match(spec.bridge):
+        errors["bridge"] = "Name the host bridge (e.g. br0)."
+    if spec.mode == "macvtap" and not DEV_RE.match(spec.interface):
+        errors["interface"] = "Name the host interface (e.g. eno1)."
+    if spec.mode in ("nat", "isolated"):
+        if spec.bridge and not DEV_RE.match(spec.bridge):
+            errors["bridge"] = "A bridge name has at most 15 letters, digits, '-', '_' or '.'."
+        errors.update(_validate_ip(spec))
+    if errors:
+        raise ValidationError(errors)
+
+
+def _validate_ip(spec: NetworkSpec) -> dict[str, str]:
+    if not spec.cidr:
+        return {"cidr": "Give the network's router address with its prefix, e.g. 192.168.77.1/24."} if (
+            spec.dhcp_start or spec.tftp_root) else {}  # fmt: skip
+    try:
+        iface = ipaddress.ip_interface(spec.cidr)
+    except ValueError:
+        return {"cidr": f"{spec.cidr!r} is not an address with a prefix."}
+    if iface.version != 4 or iface.network.prefixlen > 30 or iface.ip in (iface.network.network_address,
+                                                                          iface.network.broadcast_address):  # fmt: skip
+        return {"cidr": "Give an IPv4 host address in a /30 or larger network, e.g. 192.168.77.1/24."}
+    errors = {}
+    if bool(spec.dhcp_start) != bool(spec.dhcp_end):
+        errors["dhcp_end"] = "Give both ends of the DHCP range."
+    elif spec.dhcp_start:
+        try:
+            start, end = ipaddress.ip_address(spec.dhcp_start), ipaddress.ip_address(spec.dhcp_end)
+            if start not in iface.network or end not in iface.network or start > end or iface.ip in (start, end):
+                errors["dhcp_end"] = f"The range must lie in {iface.network}, start before it ends, and leave out the router."
+        except ValueError:
+            errors["dhcp_start"] = "The DHCP range takes two IPv4 addresses."
+    if spec.ipv6_cidr:
+        try:
+            if ipaddress.ip_interface(spec.ipv6_cidr).version != 6:
+                raise ValueError
+        except ValueError:
+            errors["ipv6_cidr"] = "An IPv6 address with a prefix, e.g. fd77::1/64."
+    if spec.tftp_root and not spec.tftp_root.startswith("/"):
+        errors["tftp_root"] = "An absolute directory on the hypervisor, e.g. /srv/tftp."
+    if spec.boot_file and (not spec.dhcp_start or not BOOT_FILE_RE.match(spec.boot_file) or ".." in spec.boot_file):
+        errors["boot_file"] = "A boot file needs a DHCP range, and a file name in the TFTP root (e.g. boot.ipxe)."
+    return errors
+
+
+@audited("hypervisor.network_create", obj_kwarg="hypervisor")
+@transaction.atomic
+def network_create(*, hypervisor: Hypervisor, spec: NetworkSpec) -> None:
+    """Validate and queue the definition of a network on the hypervisor."""
+    validate(spec, hypervisor)
+    from hypervisors.tasks import network_create_task
+
+    transaction.on_commit(lambda: network_create_task(hypervisor.pk, spec.__dict__))
+
+
+def network_create_run(hypervisor_id: int, spec: dict) -> str:
+    from hypervisors.services import hypervisor_sync
+
+    hv = Hypervisor.objects.get(pk=hypervisor_id)
+    try:
+        with get_driver(hv.uri) as driver:
+            driver.define_network(NetworkSpec(**spec).xml())
+        result = "defined"
+    except HypervisorError as e:
+        result = f"failed: {e}"
+        audit.record("hypervisor.network_create", hv, outcome="failed", detail=f"{spec['name']}: {e}")
+    hypervisor_sync(hv.pk)
+    return result
+
+
+@audited("hypervisor.network_delete", obj_kwarg="hypervisor")
+def network_delete(*, hypervisor: Hypervisor, name: str) -> None:
+    """Queue the removal of a network no portal machine uses."""
+    from machines.models import MachineNic
+
+    if MachineNic.objects.filter(machine__hypervisor=hypervisor, type="network", source=name).exists():
+        raise ValidationError(f"Machines on {hypervisor.name} still use network {name}.")
+    from hypervisors.tasks import network_delete_task
+
+    transaction.on_commit(lambda: network_delete_task(hypervisor.pk, name))
+
+
+def network_delete_run(hypervisor_id: int, name: str) -> None:
+    from hypervisors.services import hypervisor_sync
+
+    hv = Hypervisor.objects.get(pk=hypervisor_id)
+    with get_driver(hv.uri) as driver:
+        driver.remove_network(name)
+    hypervisor_sync(hv.pk)
