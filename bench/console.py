@@ -36,6 +36,8 @@ os.environ.update({"PORTAL_DATA_DIR": DATA, "DJANGO_SETTINGS_MODULE": "portal.se
 
 import django  # noqa: E402
 
+from bench.common import pct, wait  # noqa: E402
+
 django.setup()
 
 from django.core.files.uploadedfile import SimpleUploadedFile  # noqa: E402
@@ -61,20 +63,6 @@ PLAIN_PAGE = """<!doctype html><meta charset="utf-8"><body style="margin:0"><div
 import RFB from "/core/rfb.js";
 new RFB(document.getElementById("s"), "ws://127.0.0.1:%d/");
 </script>"""
-
-
-def pct(values, p):
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
-
-
-def wait(predicate, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise TimeoutError("gave up waiting")
-        time.sleep(0.05)
-    return value
 
 
 def start(argv, **kw):

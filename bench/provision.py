@@ -29,6 +29,8 @@ os.environ.update({"PORTAL_DATA_DIR": DATA, "DJANGO_SETTINGS_MODULE": "portal.se
 
 import django  # noqa: E402
 
+from bench.common import pct, wait  # noqa: E402
+
 django.setup()
 
 from django.core.files.uploadedfile import SimpleUploadedFile  # noqa: E402
@@ -36,20 +38,6 @@ from django.core.management import call_command  # noqa: E402
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 5
 URI = "qemu:///system"
-
-
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
-
-
-def wait(predicate, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise TimeoutError("gave up waiting")
-        time.sleep(0.02)
-    return value
 
 
 def setup():

@@ -10,6 +10,7 @@ from hypervisors import images, networks, services
 from hypervisors.forms import HypervisorForm, ImageForm, NetworkForm
 from hypervisors.models import Hypervisor, HypervisorStatus, Image, ImageStatus
 from portal.decorators import staff_required
+from portal.forms import add_errors
 from portal.htmx import HtmxHttpRequest, is_partial
 
 
@@ -41,8 +42,7 @@ def _save_form(request, form: HypervisorForm, save) -> Hypervisor | None:
     try:
         return save(form.cleaned_data)
     except ValidationError as e:
-        for field, errors in e.message_dict.items():
-            form.add_error(field if field in form.fields else None, errors)
+        add_errors(form, e)
         return None
 
 
@@ -138,8 +138,7 @@ def image_create(request: HtmxHttpRequest) -> HttpResponse:
         try:
             image = _create_image(request, form)
         except ValidationError as e:
-            for field, errors in e.message_dict.items():
-                form.add_error(field if field in form.fields else None, errors)
+            add_errors(form, e)
         else:
             messages.success(request, f"Image {image.name} added; it is checked before use.")
             if request.htmx:
@@ -175,8 +174,7 @@ def network_create(request: HtmxHttpRequest, pk: int) -> HttpResponse:
             messages.success(request, f"Defining network {data['name']} on {hv.name}; it appears below once made.")
             return redirect(hv)
         except ValidationError as e:
-            for field, errors in e.message_dict.items():
-                form.add_error(field if field in form.fields else None, errors)
+            add_errors(form, e)
     messages.error(request, "The network was not defined: " + "; ".join(f"{k}: {' '.join(v)}" for k, v in form.errors.items()))
     return redirect(hv)
 

@@ -18,6 +18,7 @@ from machines.capacity import usage_report
 from machines.forms import GrowDiskForm, MachineForm
 from machines.models import Machine
 from machines.states import DeployType, PowerAction, PowerState, Status
+from portal.forms import add_errors
 from portal.htmx import HtmxHttpRequest, is_partial
 
 
@@ -129,8 +130,7 @@ def machine_create(request: HtmxHttpRequest) -> HttpResponse:
         try:
             machine = services.machine_create(owner=request.user, **form.service_kwargs())
         except ValidationError as e:
-            for field, errors in getattr(e, "error_dict", {None: e.error_list}).items():
-                form.add_error(field if field in form.fields else None, errors)
+            add_errors(form, e)
         else:
             messages.success(request, f"Creating {machine.name}; follow the steps below.")
             return redirect(machine)

@@ -109,6 +109,19 @@ def _start(name: str, argv: list[str]) -> subprocess.Popen:
                             start_new_session=True)  # fmt: skip
 
 
+def _wait_listening(proc: subprocess.Popen, port: int, name: str, timeout: float = 30) -> None:
+    """Until the process accepts TCP on port; fail at once if it exits (its log is test-artifacts/<name>.log)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            assert proc.poll() is None, f"{name} exited; see {ARTIFACTS / (name + '.log')}"
+            assert time.monotonic() < deadline, f"{name} did not listen on port {port} within {timeout} s"
+            time.sleep(0.2)
+
+
 @pytest.fixture(scope="session")
 def libvirtd():
     """The host's libvirtd, started by scripts/setup-host.sh (make test runs it)."""
@@ -163,16 +176,8 @@ def web_server(django_db_setup):
     port = STACK_PORTS["web"]
     proc = _start("web", [sys.executable, "-m", "gunicorn", "portal.wsgi", "--bind", f"127.0.0.1:{port}",
                           "--workers", "1", "--threads", "4"])  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            assert proc.poll() is None, f"gunicorn exited; see {ARTIFACTS / 'web.log'}"
-            time.sleep(0.2)
-    yield url
+    _wait_listening(proc, port, "web")
+    yield f"http://127.0.0.1:{port}"
     _stop(proc)
 
 
@@ -181,14 +186,7 @@ def console_proxy(django_db_setup):
     """`manage.py console_proxy` as `make run` starts it; yields its port."""
     port = STACK_PORTS["console"]
     proc = _start("console", [sys.executable, "manage.py", "console_proxy", "--port", str(port)])
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            assert proc.poll() is None, f"the console proxy exited; see {ARTIFACTS / 'console.log'}"
-            time.sleep(0.2)
+    _wait_listening(proc, port, "console")
     yield port
     _stop(proc)
 
