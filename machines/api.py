@@ -82,7 +82,9 @@ class MachineSerializer(serializers.ModelSerializer):
         fields = ["id", "uuid", "name", "owner", "hypervisor", "pool", "deploy_type", "image", "vcpus", "memory_mib",
                   "disk_gib", "nics", "ssh_authorized_keys", "packages", "script", "user_data",
                   "deletion_protection", "autostart", "status", "status_message", "power_state", "operation",
-                  "domain_name", "created", "events", "extra_isos", "cdroms", "power_on", "bmc", "project"]  # fmt: skip
+                  "domain_name", "created", "events", "extra_isos", "cdroms", "power_on", "bmc", "project",
+                  "machine_type", "cpu_mode", "cpu_model", "cpu_topology", "smbios", "watchdog", "rng", "disk_bus",
+                  "disk_cache", "extra_disks", "qemu_args"]  # fmt: skip
         read_only_fields = ["uuid", "status", "status_message", "power_state", "operation", "domain_name", "created"]
         validators = []  # the service validates (with the owner, which the request supplies)
 

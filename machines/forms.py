@@ -34,7 +34,8 @@ class MachineForm(forms.ModelForm):
     class Meta:
         model = Machine
         fields = ["deploy_type", "name", "hypervisor", "image", "vcpus", "memory_mib", "disk_gib", "pool", "ssh_authorized_keys",
-                  "packages", "script", "user_data", "deletion_protection", "autostart"]  # fmt: skip
+                  "packages", "script", "user_data", "deletion_protection", "autostart", "machine_type", "cpu_mode",
+                  "cpu_model", "watchdog", "rng", "disk_bus", "disk_cache"]  # fmt: skip
         widgets = {
             "ssh_authorized_keys": forms.Textarea(attrs={"rows": 3, "placeholder": "ssh-ed25519 AAAA… you@laptop"}),
             "packages": forms.Textarea(attrs={"rows": 2, "placeholder": "nginx htop"}),
@@ -73,6 +74,9 @@ class MachineForm(forms.ModelForm):
     def service_kwargs(self) -> dict:
         data = {k: v for k, v in self.cleaned_data.items() if not k.startswith("nic_")}
         data["extra_isos"] = list(data.get("extra_isos") or [])
+        for key in ("machine_type", "cpu_mode", "cpu_model", "disk_cache"):
+            if not data.get(key):
+                data.pop(key, None)
         if data.get("deploy_type") != DeployType.NETWORK:
             data.pop("power_on", None)
         return {**data, "nics": self.nic_inputs()}

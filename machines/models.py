@@ -40,6 +40,18 @@ class Machine(models.Model):
     deletion_protection = models.BooleanField(default=False, help_text="Refuse deletion and rebuild until cleared.")
     autostart = models.BooleanField(default=True, help_text="Start with the hypervisor.")
     power_on_after_create = models.BooleanField(default=True, help_text="Network-boot machines stay off unless asked.")
+    # Hardware (defaults suit common guests; each is checked against what the hypervisor reports).
+    machine_type = models.CharField(max_length=40, blank=True, help_text="Empty: pc (i440fx), which installers and the test guests see best.")
+    cpu_mode = models.CharField("CPU mode", max_length=20, blank=True, help_text="host-passthrough, host-model or custom; empty: the hypervisor's default.")
+    cpu_model = models.CharField("CPU model", max_length=40, blank=True, help_text="With CPU mode custom, e.g. Haswell-noTSX.")
+    cpu_topology = models.JSONField("CPU topology", default=list, blank=True, help_text="[sockets, cores, threads]; their product is the vCPUs.")
+    smbios = models.JSONField("SMBIOS", default=dict, blank=True, help_text="System entries: manufacturer, product, version, serial, sku, family.")
+    watchdog = models.BooleanField(default=False, help_text="An i6300esb watchdog that resets a hung guest.")
+    rng = models.BooleanField("RNG", default=False, help_text="A virtio RNG fed from the hypervisor's /dev/urandom.")
+    disk_bus = models.CharField(max_length=8, default="virtio", choices=[(b, b) for b in ("virtio", "sata", "scsi", "ide")])
+    disk_cache = models.CharField(max_length=12, blank=True, choices=[("", "default")] + [(c, c) for c in ("none", "writeback", "writethrough", "directsync", "unsafe")])
+    extra_disks = models.JSONField(default=list, blank=True, help_text="Sizes in GiB of extra blank disks.")
+    qemu_args = models.JSONField("extra QEMU arguments", default=list, blank=True, help_text="Staff only: they bypass every check.")
 
     status = models.CharField(max_length=12, choices=Status.choices, default=Status.NEW)
     status_message = models.TextField(blank=True)
@@ -108,9 +120,13 @@ class Machine(models.Model):
     def serial_volume(self) -> str:
         return f"m-{self.uuid}-serial.log"
 
+    def extra_disk_volume(self, index: int) -> str:
+        return f"m-{self.uuid}-disk{index + 1}.qcow2"
+
     @property
     def volumes(self) -> list[str]:
-        return [self.disk_volume, self.seed_volume, self.serial_volume]
+        extra = [self.extra_disk_volume(i) for i in range(len(self.extra_disks or []))]
+        return [self.disk_volume, *extra, self.seed_volume, self.serial_volume]
 
     @property
     def has_bmc(self) -> bool:

@@ -74,6 +74,14 @@ def domain_spec(machine: Machine, *, disks: tuple[DiskSpec, ...], serial_log: st
         serial_log=serial_log,
         boot_devices=boot_devices,
         bios_serial=machine.deploy_type == DeployType.NETWORK,  # so PXE shows in the serial log
+        machine=machine.machine_type or "pc",
+        cpu_mode=machine.cpu_mode,
+        cpu_model=machine.cpu_model,
+        topology=tuple(machine.cpu_topology) if machine.cpu_topology else None,
+        smbios=machine.smbios or {},
+        watchdog=machine.watchdog,
+        rng=machine.rng,
+        qemu_args=tuple(machine.qemu_args or ()),
         metadata={"id": machine.pk, "owner": machine.owner_id, "deploy-type": machine.deploy_type},
     )
 
@@ -145,6 +153,21 @@ def ensure_blank_disk(machine: Machine, driver: HypervisorDriver) -> str:
     return result["path"]
 
 
+def ensure_extra_disks(machine: Machine, driver: HypervisorDriver) -> list[DiskSpec]:
+    """Blank thin disks after the first, if the machine asks for any."""
+    paths: list[str] = []
+
+    def step(i: int, size: int) -> str:
+        vol = driver.create_volume(pool=machine.pool, name=machine.extra_disk_volume(i), fmt="qcow2",
+                                   capacity_bytes=size * GIB)  # fmt: skip
+        paths.append(vol.path)
+        return f"extra disk {i + 1}: {size} GiB"
+
+    for i, size in enumerate(machine.extra_disks or []):
+        _timed(machine, "disk", lambda i=i, size=size: step(i, size))
+    return [DiskSpec(path=p, bus=machine.disk_bus, cache=machine.disk_cache) for p in paths]
+
+
 def ensure_seed(machine: Machine, driver: HypervisorDriver) -> str:
     """The NoCloud seed ISO (volume id cidata), rebuilt and uploaded on every run."""
     result: dict = {}
@@ -195,9 +218,11 @@ def provision(machine: Machine, driver: HypervisorDriver) -> None:
         return provision_network(machine, driver)
     base = ensure_image(machine, driver)
     disk = ensure_disk(machine, driver, base)
+    extra = ensure_extra_disks(machine, driver)
     seed = ensure_seed(machine, driver)
     disks = (
-        DiskSpec(path=disk, format="qcow2", bus="virtio", boot_order=1),
+        DiskSpec(path=disk, format="qcow2", bus=machine.disk_bus, cache=machine.disk_cache, boot_order=1),
+        *extra,
         DiskSpec(path=seed, device="cdrom", format="raw", bus="ide"),
     )
     ensure_domain(machine, driver, disks)
@@ -219,7 +244,9 @@ def provision_iso(machine: Machine, driver: HypervisorDriver) -> None:
     through to the installer, and the installed system wins from then on."""
     cdroms = cdrom_disks(machine, driver)
     disk = ensure_blank_disk(machine, driver)
-    ensure_domain(machine, driver, (DiskSpec(path=disk, format="qcow2", bus="virtio", boot_order=1), *cdroms))
+    extra = ensure_extra_disks(machine, driver)
+    main = DiskSpec(path=disk, format="qcow2", bus=machine.disk_bus, cache=machine.disk_cache, boot_order=1)
+    ensure_domain(machine, driver, (main, *extra, *cdroms))
     ensure_running(machine, driver)
 
 
@@ -227,7 +254,9 @@ def provision_network(machine: Machine, driver: HypervisorDriver) -> None:
     """No OS: a blank disk, network boot first, then disk; defined and left off unless asked.
     Its virtual BMC (manage.py bmc_server) drives it from then on."""
     disk = ensure_blank_disk(machine, driver)
-    ensure_domain(machine, driver, (DiskSpec(path=disk, format="qcow2", bus="virtio"),), boot_devices=("network", "hd"))
+    extra = ensure_extra_disks(machine, driver)
+    main = DiskSpec(path=disk, format="qcow2", bus=machine.disk_bus, cache=machine.disk_cache)
+    ensure_domain(machine, driver, (main, *extra), boot_devices=("network", "hd"))
     if machine.power_on_after_create:
         ensure_running(machine, driver)
     else:

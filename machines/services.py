@@ -72,6 +72,60 @@ def _validate_nics(hypervisor: Hypervisor, nics: list[NicInput]) -> None:
 
 
 MAX_CDROMS = 4  # IDE has four places; the disk is virtio
+HARDWARE_FIELDS = {"machine_type", "cpu_mode", "cpu_model", "cpu_topology", "smbios", "watchdog", "rng", "disk_bus",
+                   "disk_cache", "extra_disks", "qemu_args"}  # fmt: skip
+SMBIOS_KEYS = {"manufacturer", "product", "version", "serial", "sku", "family", "uuid"}
+
+
+def _validate_hardware_input(owner, deploy_type: str, vcpus: int, hardware: dict) -> dict:
+    """Checks that need no hypervisor: shapes, limits, and who may pass raw QEMU arguments."""
+    unknown = set(hardware) - HARDWARE_FIELDS
+    if unknown:
+        raise TypeError(f"unknown machine options: {', '.join(sorted(unknown))}")
+    hw = {k: v for k, v in hardware.items() if v not in (None, "")}
+    topology = hw.get("cpu_topology") or []
+    if topology:
+        if len(topology) != 3 or not all(isinstance(n, int) and n > 0 for n in topology):
+            raise ValidationError({"cpu_topology": "Give [sockets, cores, threads], three positive whole numbers."})
+        if topology[0] * topology[1] * topology[2] != vcpus:
+            raise ValidationError({"cpu_topology": f"Sockets × cores × threads must equal the {vcpus} vCPUs."})
+    smbios = hw.get("smbios") or {}
+    if not isinstance(smbios, dict) or set(smbios) - SMBIOS_KEYS or any(not isinstance(v, str) or len(v) > 64 for v in smbios.values()):
+        raise ValidationError({"smbios": f"Use the keys {', '.join(sorted(SMBIOS_KEYS))}, with text of at most 64 characters."})
+    extra = hw.get("extra_disks") or []
+    if len(extra) > 4 or not all(isinstance(n, int) and 1 <= n <= 16384 for n in extra):
+        raise ValidationError({"extra_disks": "Up to four extra disks, each 1 to 16384 GiB."})
+    if hw.get("disk_bus", "virtio") not in ("virtio", "sata", "scsi", "ide"):
+        raise ValidationError({"disk_bus": "Choose virtio, sata, scsi or ide."})
+    if deploy_type == DeployType.ISO and hw.get("disk_bus") == "ide":
+        raise ValidationError({"disk_bus": "ISO machines keep the IDE places for their CD-ROMs; use virtio, sata or scsi."})
+    if hw.get("disk_cache", "") not in ("", "none", "writeback", "writethrough", "directsync", "unsafe"):
+        raise ValidationError({"disk_cache": "Choose none, writeback, writethrough, directsync or unsafe."})
+    args = hw.get("qemu_args") or []
+    if args and not owner.is_staff:
+        raise ValidationError({"qemu_args": "Only staff may pass extra QEMU arguments: they bypass every check."})
+    if not isinstance(args, list) or not all(isinstance(a, str) and a for a in args):
+        raise ValidationError({"qemu_args": "Give a list of arguments, e.g. [\"-device\", \"pvpanic\"]."})
+    return hw
+
+
+def _validate_hardware_against(hypervisor: Hypervisor, hw: dict) -> None:
+    """What the hypervisor really offers: machine types, CPU modes and models."""
+    machine_type = hw.get("machine_type")
+    if machine_type and hypervisor.machine_types and machine_type not in hypervisor.machine_types:
+        some = ", ".join(t for t in hypervisor.machine_types if "." not in t or t.endswith(("7.2", "8.0")))[:200]
+        raise ValidationError({"machine_type": f"{hypervisor.name} has no machine type {machine_type!r} (it has e.g. {some})."})
+    mode = hw.get("cpu_mode")
+    if mode and hypervisor.cpu_modes and mode not in hypervisor.cpu_modes:
+        raise ValidationError({"cpu_mode": f"{hypervisor.name} supports CPU modes {', '.join(hypervisor.cpu_modes)}, not {mode}."})
+    if mode == "custom":
+        model = hw.get("cpu_model", "")
+        if not model:
+            raise ValidationError({"cpu_model": "Name the CPU model for CPU mode custom."})
+        if hypervisor.cpu_models and model not in hypervisor.cpu_models:
+            raise ValidationError({"cpu_model": f"{model!r} is not a usable CPU model on {hypervisor.name}."})
+    elif hw.get("cpu_model"):
+        raise ValidationError({"cpu_model": "A CPU model goes with CPU mode custom."})
 
 
 def _validate_iso_request(extra_isos: list[Image], *cloud_init_fields: str) -> None:
@@ -112,7 +166,8 @@ def machine_create(*, owner, hypervisor: Hypervisor | None, name: str, deploy_ty
                    nics: list[NicInput] | None = None, ssh_authorized_keys: str = "", packages: str = "",
                    script: str = "", user_data: str = "", pool: str = "default", deletion_protection: bool = False,
                    autostart: bool = True, extra_isos: list[Image] | None = None,
-                   power_on: bool | None = None, project: Project | None = None) -> Machine:  # fmt: skip
+                   power_on: bool | None = None, project: Project | None = None,
+                   **hardware) -> Machine:  # fmt: skip
     """Validate, save, and queue provisioning. Raises ValidationError with a message per field."""
     if deploy_type not in DeployType.values:
         raise ValidationError({"deploy_type": f"Choose one of {', '.join(DeployType.values)}."})
@@ -126,10 +181,12 @@ def machine_create(*, owner, hypervisor: Hypervisor | None, name: str, deploy_ty
         raise ValidationError({"extra_isos": "Extra ISOs are for ISO machines."})
     if project is not None and not project_choices(owner).filter(pk=project.pk).exists():
         raise ValidationError({"project": f"You are not an admin of project {project.name}."})
-    check_quota(owner, machines=1, vcpus=vcpus, memory_mib=memory_mib, disk_gib=disk_gib, project=project)
+    hardware = _validate_hardware_input(owner, deploy_type, vcpus, hardware)
+    total_disk = disk_gib + sum(hardware.get("extra_disks", []))
+    check_quota(owner, machines=1, vcpus=vcpus, memory_mib=memory_mib, disk_gib=total_disk, project=project)
     placement = None
     if hypervisor is None:  # "any hypervisor": the one with most room
-        placement = place(vcpus=vcpus, memory_mib=memory_mib, disk_gib=disk_gib, pool=pool, image=image)
+        placement = place(vcpus=vcpus, memory_mib=memory_mib, disk_gib=total_disk, pool=pool, image=image)
         hypervisor = placement.hypervisor
     if not hypervisor.enabled or not hypervisor.is_online:
         raise ValidationError({"hypervisor": f"Hypervisor {hypervisor.name} is {hypervisor.get_status_display().lower()}."})
@@ -137,6 +194,7 @@ def machine_create(*, owner, hypervisor: Hypervisor | None, name: str, deploy_ty
         raise ValidationError({"pool": f"Storage pool {pool!r} is not active on {hypervisor.name}."})
     nics = nics or []
     _validate_nics(hypervisor, nics)
+    _validate_hardware_against(hypervisor, hardware)
     script, user_data = script.replace("\r\n", "\n"), user_data.replace("\r\n", "\n")  # browsers send CRLF
     if len(script.encode()) > cloudinit.USER_DATA_MAX_BYTES:
         raise ValidationError({"script": "The script is over 64 KiB."})
@@ -144,7 +202,7 @@ def machine_create(*, owner, hypervisor: Hypervisor | None, name: str, deploy_ty
                       memory_mib=memory_mib, disk_gib=disk_gib, ssh_authorized_keys=ssh_authorized_keys.strip(),
                       packages=packages.strip(), script=script, user_data=user_data, pool=pool,
                       deletion_protection=deletion_protection, autostart=autostart,
-                      power_on_after_create=True if power_on is None else power_on,
+                      power_on_after_create=True if power_on is None else power_on, **hardware,
                       instance_id=f"i-{uuidlib.uuid4().hex}")  # fmt: skip
     machine.full_clean()
     machine.save()

@@ -66,6 +66,9 @@ class HostInfo:
     domain_type: str  # the best type that runs guests here: "kvm" or "qemu"
     domain_types: list[str] = field(default_factory=list)  # what libvirt offers for the host arch
     guest_arches: list[str] = field(default_factory=list)
+    machine_types: list[str] = field(default_factory=list)  # for the host arch, e.g. pc, q35, pc-i440fx-7.2
+    cpu_modes: list[str] = field(default_factory=list)  # host-passthrough, host-model, custom, ...
+    cpu_models: list[str] = field(default_factory=list)  # usable named models
     pools: list[PoolInfo] = field(default_factory=list)
     networks: list[NetworkInfo] = field(default_factory=list)
     domains: list[DomainInfo] = field(default_factory=list)
@@ -106,6 +109,7 @@ class DiskSpec:
     format: str = "qcow2"  # "qcow2" or "raw"
     bus: str = "virtio"  # "virtio", "ide", "sata", "scsi"
     boot_order: int | None = None
+    cache: str = ""  # "", "none", "writeback", "writethrough", "directsync", "unsafe"
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,13 @@ class DomainSpec:
     serial_log: str = ""  # file the serial console is also written to
     boot_devices: tuple[str, ...] = ()  # e.g. ("network", "hd"): <os><boot dev>, instead of per-device order
     bios_serial: bool = False  # firmware and option ROM (iPXE) output on the serial console too
+    cpu_mode: str = ""  # "", "host-passthrough", "host-model", "custom"
+    cpu_model: str = ""  # with cpu_mode "custom"
+    topology: tuple[int, int, int] | None = None  # sockets, cores, threads
+    smbios: dict = field(default_factory=dict)  # system entries: manufacturer, product, version, serial, sku, family
+    watchdog: bool = False
+    rng: bool = False
+    qemu_args: tuple[str, ...] = ()  # staff only: bypasses every check
     metadata: dict = field(default_factory=dict)  # portal ids, as attributes of the metadata element
 
 

@@ -30,7 +30,9 @@ def _target_names(disks: tuple[DiskSpec, ...]) -> list[str]:
 
 def _disk(devices: ET.Element, disk: DiskSpec, target: str, use_order: bool = True) -> None:
     el = _sub(devices, "disk", type="file", device=disk.device)
-    _sub(el, "driver", name="qemu", type=disk.format)
+    driver = _sub(el, "driver", name="qemu", type=disk.format)
+    if disk.cache:
+        driver.set("cache", disk.cache)
     if disk.path:  # an empty CD-ROM drive has no source
         _sub(el, "source", file=disk.path)
     _sub(el, "target", dev=target, bus=disk.bus)
@@ -50,6 +52,21 @@ def _nic(devices: ET.Element, nic: NicSpec, use_order: bool = True) -> None:
     _sub(el, "model", type=nic.model)
     if nic.boot_order is not None and use_order:
         _sub(el, "boot", order=str(nic.boot_order))
+
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+
+
+def _cpu(root: ET.Element, spec: DomainSpec) -> None:
+    if not (spec.cpu_mode or spec.topology):
+        return
+    cpu = _sub(root, "cpu", mode=spec.cpu_mode or "host-model") if spec.cpu_mode else _sub(root, "cpu")
+    if spec.cpu_mode == "custom":
+        cpu.set("match", "exact")
+        _sub(cpu, "model", spec.cpu_model, fallback="forbid")
+    if spec.topology:
+        sockets, cores, threads = spec.topology
+        _sub(cpu, "topology", sockets=str(sockets), dies="1", cores=str(cores), threads=str(threads))
 
 
 def build_domain_xml(spec: DomainSpec) -> str:
@@ -73,6 +90,12 @@ def build_domain_xml(spec: DomainSpec) -> str:
     use_order = not spec.boot_devices
     if spec.bios_serial:
         _sub(os_el, "bios", useserial="yes")
+    if spec.smbios:
+        _sub(os_el, "smbios", mode="sysinfo")
+        system = _sub(_sub(root, "sysinfo", type="smbios"), "system")
+        for key, value in spec.smbios.items():
+            _sub(system, "entry", str(value), name=key)
+    _cpu(root, spec)
     features = _sub(root, "features")
     _sub(features, "acpi")
     _sub(features, "apic")
@@ -96,7 +119,16 @@ def build_domain_xml(spec: DomainSpec) -> str:
     video = _sub(devices, "video")
     _sub(video, "model", type="vga")
     _sub(devices, "input", type="tablet", bus="usb")
+    if spec.watchdog:
+        _sub(devices, "watchdog", model="i6300esb", action="reset")
+    if spec.rng:
+        rng = _sub(devices, "rng", model="virtio")
+        _sub(rng, "backend", "/dev/urandom", model="random")
     _sub(devices, "memballoon", model="virtio")
+    if spec.qemu_args:
+        cmdline = ET.SubElement(root, f"{{{QEMU_NS}}}commandline")
+        for arg in spec.qemu_args:
+            ET.SubElement(cmdline, f"{{{QEMU_NS}}}arg", value=arg)
     ET.indent(root)
     return ET.tostring(root, encoding="unicode")
 
@@ -156,6 +188,7 @@ def parse_vnc(xml: str) -> tuple[str, int] | None:
 
 
 ET.register_namespace("portal", PORTAL_METADATA_NS)
+ET.register_namespace("qemu", "http://libvirt.org/schemas/domain/qemu/1.0")
 
 
 def network_xml(*, name: str, mode: str, bridge: str = "", interface: str = "", address: str = "",

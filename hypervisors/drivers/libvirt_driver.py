@@ -208,7 +208,16 @@ def parse_capabilities(xml: str) -> dict:
             if dom.get("type") not in types:
                 types.append(dom.get("type", ""))
     host_types = types_by_arch.get(host_arch, [])
+    machines: list[str] = []
+    for guest in root.findall("guest"):
+        arch = guest.find("arch")
+        if arch is not None and arch.get("name") == host_arch:
+            for m in arch.findall("machine"):
+                for name in (m.text, m.get("canonical")):
+                    if name and name not in machines:
+                        machines.append(name)
     return {
+        "machine_types": sorted(machines),
         "arch": host_arch,
         "cpu_model": root.findtext("host/cpu/model", default=""),
         "domain_types": host_types,
@@ -230,6 +239,14 @@ def usable_domain_type(arch: str, types: list[str], cpu_features: set) -> str:
     if "qemu" in types:
         return "qemu"
     return types[0] if types else ""
+
+
+def parse_domain_capabilities(xml: str) -> dict:
+    """The CPU modes a domain type supports and its usable named CPU models."""
+    root = ET.fromstring(xml)
+    modes = [m.get("name", "") for m in root.findall("cpu/mode") if m.get("supported") == "yes"]
+    models = sorted({m.text for m in root.findall("cpu/mode[@name='custom']/model") if m.get("usable") == "yes" and m.text})
+    return {"cpu_modes": modes, "cpu_models": models}
 
 
 def _pool_info(pool: libvirt.virStoragePool) -> PoolInfo:
@@ -306,6 +323,10 @@ class LibvirtDriver(HypervisorDriver):
         caps = parse_capabilities(conn.getCapabilities())
         _model, memory_mib, cpus, *_ = conn.getInfo()
         try:
+            domcaps = parse_domain_capabilities(conn.getDomainCapabilities(None, caps["arch"], None, caps["domain_type"], 0))
+        except libvirt.libvirtError:
+            domcaps = {"cpu_modes": [], "cpu_models": []}  # drivers without domain capabilities (test://)
+        try:
             hypervisor_version = _version(conn.getVersion())
         except libvirt.libvirtError:
             hypervisor_version = ""
@@ -320,6 +341,9 @@ class LibvirtDriver(HypervisorDriver):
             domain_type=caps["domain_type"],
             domain_types=caps["domain_types"],
             guest_arches=caps["guest_arches"],
+            machine_types=caps["machine_types"],
+            cpu_modes=domcaps["cpu_modes"],
+            cpu_models=domcaps["cpu_models"],
             pools=sorted((_pool_info(p) for p in conn.listAllStoragePools(0)), key=lambda p: p.name),
             networks=sorted((_network_info(n) for n in conn.listAllNetworks(0)), key=lambda n: n.name),
             domains=sorted((_domain_info(d) for d in conn.listAllDomains(0)), key=lambda d: d.name),

@@ -85,3 +85,27 @@ def test_overlay_volume_xml():
     assert root.find("target/format").get("type") == "qcow2"
     assert root.findtext("backingStore/path") == "/p/base.qcow2"
     assert root.find("backingStore/format").get("type") == "qcow2"
+
+
+def test_hardware_options_land_in_the_xml():
+    root = parse(spec(cpu_mode="custom", cpu_model="Haswell-noTSX", topology=(1, 2, 1), watchdog=True, rng=True,
+                      smbios={"manufacturer": "ACME <&>", "serial": "SN-1"}, machine="q35",
+                      qemu_args=("-device", "pvpanic"),
+                      disks=(DiskSpec(path="/p/d.qcow2", bus="sata", cache="none", boot_order=1),)))  # fmt: skip
+    cpu = root.find("cpu")
+    assert cpu.get("mode") == "custom" and cpu.findtext("model") == "Haswell-noTSX"
+    assert cpu.find("topology").attrib == {"sockets": "1", "dies": "1", "cores": "2", "threads": "1"}
+    assert root.find("os/type").get("machine") == "q35" and root.find("os/smbios").get("mode") == "sysinfo"
+    entries = {e.get("name"): e.text for e in root.findall("sysinfo/system/entry")}
+    assert entries == {"manufacturer": "ACME <&>", "serial": "SN-1"}
+    assert root.find("devices/watchdog").attrib == {"model": "i6300esb", "action": "reset"}
+    assert root.findtext("devices/rng/backend") == "/dev/urandom"
+    disk = root.find("devices/disk")
+    assert disk.find("target").attrib == {"dev": "sda", "bus": "sata"} and disk.find("driver").get("cache") == "none"
+    args = root.findall("{http://libvirt.org/schemas/domain/qemu/1.0}commandline/{http://libvirt.org/schemas/domain/qemu/1.0}arg")
+    assert [a.get("value") for a in args] == ["-device", "pvpanic"]
+
+
+def test_defaults_add_no_cpu_or_sysinfo():
+    root = parse(spec())
+    assert root.find("cpu") is None and root.find("sysinfo") is None and root.find("devices/watchdog") is None

@@ -161,3 +161,25 @@ def test_a_hypervisor_lost_during_provisioning_is_retried_without_orphans(worker
     wait_for(lambda: not Machine.objects.filter(pk=machine.pk).exists(), 60)
     assert virsh("dominfo", str(machine.uuid)).returncode != 0
     assert machine.disk_volume not in virsh("vol-list", "default").stdout
+
+
+def test_hardware_options_boot_on_the_real_hypervisor(worker, local, tiny_image):
+    owner = UserFactory(username="hw-owner", is_staff=True)
+    assert "qemu64" in local.cpu_models and "pc-i440fx-7.2" in local.machine_types  # from the real sync
+    machine = services.machine_create(
+        owner=owner, hypervisor=local, name="hw1", image=tiny_image, vcpus=2, memory_mib=256, disk_gib=1,
+        nics=[services.NicInput(type="user")], machine_type="pc-i440fx-7.2", cpu_mode="custom", cpu_model="qemu64",
+        cpu_topology=[1, 2, 1], smbios={"manufacturer": "AnsiStack", "serial": "HW-0001"}, watchdog=True, rng=True,
+        disk_cache="writeback", extra_disks=[1], qemu_args=["-no-user-config"],
+    )  # fmt: skip
+    machine = wait_for(lambda: (m := Machine.objects.get(pk=machine.pk)).status in ("active", "error") and m, 120)
+    assert machine.status == "active", machine.status_message
+    xml = virsh("dumpxml", str(machine.uuid)).stdout
+    for fragment in ("<model fallback='forbid'>qemu64</model>", "cores='2'", "<entry name='serial'>HW-0001</entry>",
+                     "<watchdog model='i6300esb' action='reset'>", "<rng model='virtio'>", "cache='writeback'",
+                     "machine='pc-i440fx-7.2'", machine.extra_disk_volume(0), "<qemu:arg value='-no-user-config'/>"):  # fmt: skip
+        assert fragment in xml, fragment
+    serial_log(machine.pk, "TINY-GUEST ready")
+    services.machine_delete(machine=machine)
+    wait_for(lambda: not Machine.objects.filter(pk=machine.pk).exists(), 60)
+    assert machine.extra_disk_volume(0) not in virsh("vol-list", "default").stdout

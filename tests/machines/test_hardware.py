@@ -1,0 +1,70 @@
+from unittest import mock
+
+import pytest
+from django.core.exceptions import ValidationError
+
+from machines import services
+from tests.factories import HypervisorFactory, UserFactory
+from tests.fakes import FakeDriver, FakeHost
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def hv(db):
+    return HypervisorFactory(name="lab", uri="qemu:///system", arch="x86_64", cpus=8, memory_mib=16384,
+                             machine_types=["pc", "pc-i440fx-7.2", "q35", "pc-q35-7.2"],
+                             cpu_modes=["host-model", "custom"], cpu_models=["qemu64", "Haswell-noTSX"],
+                             pools=[{"name": "default", "active": True, "capacity_bytes": 1 << 40,
+                                     "allocation_bytes": 0, "available_bytes": 1 << 40}])  # fmt: skip
+
+
+def create(hv, owner=None, **hw):
+    return services.machine_create(owner=owner or UserFactory(username="hw"), hypervisor=hv, name="metal",
+                                   deploy_type="network", vcpus=2, nics=[services.NicInput(type="user")], **hw)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("hw", "field", "message"),
+    [
+        ({"machine_type": "pc-q35-1.0"}, "machine_type", "has no machine type"),
+        ({"cpu_mode": "host-passthrough"}, "cpu_mode", "supports CPU modes host-model, custom"),
+        ({"cpu_mode": "custom"}, "cpu_model", "Name the CPU model"),
+        ({"cpu_mode": "custom", "cpu_model": "Skylake-Server"}, "cpu_model", "not a usable CPU model"),
+        ({"cpu_model": "qemu64"}, "cpu_model", "goes with CPU mode custom"),
+        ({"cpu_topology": [1, 1, 1]}, "cpu_topology", "must equal the 2 vCPUs"),
+        ({"cpu_topology": [2, "x", 1]}, "cpu_topology", "three positive whole numbers"),
+        ({"smbios": {"colour": "red"}}, "smbios", "Use the keys"),
+        ({"extra_disks": [1, 2, 3, 4, 5]}, "extra_disks", "Up to four"),
+        ({"disk_bus": "floppy"}, "disk_bus", "Choose virtio"),
+        ({"qemu_args": ["-device", "pvpanic"]}, "qemu_args", "Only staff"),
+    ],
+)
+def test_hardware_the_hypervisor_lacks_is_refused(hv, hw, field, message):
+    with pytest.raises(ValidationError) as e:
+        create(hv, **hw)
+    assert message in " ".join(e.value.message_dict[field])
+
+
+def test_hardware_reaches_the_domain(hv, django_capture_on_commit_callbacks, settings):
+    settings.PORTAL_BMC_PORT_RANGE = "17300-17309"
+    host = FakeHost()
+    staff = UserFactory(username="root", is_staff=True)
+    with mock.patch("machines.services.get_driver", lambda uri: FakeDriver(uri, host)):
+        with django_capture_on_commit_callbacks(execute=True):
+            machine = create(hv, owner=staff, machine_type="q35", cpu_mode="custom", cpu_model="qemu64",
+                             cpu_topology=[1, 2, 1], smbios={"serial": "SN-9"}, watchdog=True, rng=True,
+                             disk_bus="sata", disk_cache="none", extra_disks=[2, 3], qemu_args=["-no-user-config"])  # fmt: skip
+    machine.refresh_from_db()
+    assert machine.status == "active", machine.status_message
+    spec = host.domains[str(machine.uuid)]["spec"]
+    assert (spec.machine, spec.cpu_mode, spec.cpu_model, spec.topology) == ("q35", "custom", "qemu64", (1, 2, 1))
+    assert spec.smbios == {"serial": "SN-9"} and spec.watchdog and spec.rng and spec.qemu_args == ("-no-user-config",)
+    assert [(d.bus, d.cache) for d in spec.disks] == [("sata", "none")] * 3
+    assert host.pools["default"][machine.extra_disk_volume(1)]["capacity"] == 3 << 30
+
+
+def test_extra_disks_count_against_the_disk_quota(hv, settings):
+    settings.PORTAL_QUOTA_DISK_GIB = 20
+    with pytest.raises(ValidationError, match="GiB of disk"):
+        create(hv, extra_disks=[8, 8])  # 10 + 16 > 20
