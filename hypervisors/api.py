@@ -126,7 +126,7 @@ class ImageSerializer(serializers.ModelSerializer):
 
         common = {"name": validated["name"], "kind": validated.get("kind", "disk"), "fmt": validated.get("format", "qcow2"),
                   "owner": self.context["request"].user, "os_name": validated.get("os_name", ""),
-                  "default_user": validated.get("default_user", "debian")}  # fmt: skip
+                  "default_user": validated.get("default_user", "debian"), "arch": validated.get("arch", "x86_64")}  # fmt: skip
         if validated.get("file"):
             return _from_django_errors(lambda: images.image_create_from_upload(uploaded=validated["file"], **common))
         return _from_django_errors(lambda: images.image_create_from_url(

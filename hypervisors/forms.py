@@ -22,6 +22,8 @@ class ImageForm(forms.Form):
     format = forms.ChoiceField(choices=[("qcow2", "qcow2"), ("raw", "raw")], help_text="Ignored for ISOs.")
     os_name = forms.CharField(label="OS", max_length=100, required=False)
     default_user = forms.CharField(max_length=32, required=False, initial="debian")
+    arch = forms.ChoiceField(label="Architecture", initial="x86_64",
+                             choices=[(a, a) for a in ("x86_64", "aarch64", "ppc64le", "s390x", "riscv64", "i686")])  # fmt: skip
     source = forms.ChoiceField(choices=SOURCES, widget=forms.RadioSelect, initial="upload")
     file = forms.FileField(required=False)
     source_url = forms.URLField(label="URL", required=False, assume_scheme="https")

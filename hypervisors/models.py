@@ -74,6 +74,7 @@ class Hypervisor(models.Model):
     machine_types = models.JSONField(default=list, blank=True)
     cpu_modes = models.JSONField(default=list, blank=True)
     cpu_models = models.JSONField(default=list, blank=True)
+    firmwares = models.JSONField(default=list, blank=True)
     pools = models.JSONField(default=list, blank=True)
     networks = models.JSONField(default=list, blank=True)
     unmanaged_domains = models.JSONField(default=list, blank=True)

@@ -114,6 +114,7 @@ def _capability_fields(info: HostInfo) -> dict:
         "machine_types": info.machine_types,
         "cpu_modes": info.cpu_modes,
         "cpu_models": info.cpu_models,
+        "firmwares": info.firmwares,
         "pools": [vars(p) for p in info.pools],
         "networks": [vars(n) for n in info.networks],
         "unmanaged_domains": unmanaged,

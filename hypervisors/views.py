@@ -122,7 +122,7 @@ def image_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 def _create_image(request, form: ImageForm) -> Image:
     data = form.cleaned_data
     common = {"name": data["name"], "kind": data["kind"], "fmt": data["format"], "owner": request.user,
-              "os_name": data["os_name"], "default_user": data["default_user"]}  # fmt: skip
+              "os_name": data["os_name"], "default_user": data["default_user"], "arch": data["arch"]}  # fmt: skip
     if data["source"] == "upload":
         return images.image_create_from_upload(uploaded=data["file"], **common)
     if data["source"] == "url":

@@ -62,7 +62,8 @@ class MachineAdmin(admin.ModelAdmin):
     readonly_fields = ["uuid", "owner", "hypervisor", "pool", "deploy_type", "image", "vcpus", "memory_mib",
                        "disk_gib", "status", "status_message", "status_changed", "power_state", "power_checked",
                        "operation", "instance_id", "machine_type", "cpu_mode", "cpu_model", "cpu_topology", "smbios",
-                       "watchdog", "rng", "disk_bus", "disk_cache", "extra_disks", "qemu_args", "created", "updated"]  # fmt: skip
+                       "watchdog", "rng", "disk_bus", "disk_cache", "extra_disks", "qemu_args", "firmware", "secure_boot",
+                       "created", "updated"]  # fmt: skip
     fields = [*readonly_fields[:10], "deletion_protection", "autostart", *readonly_fields[10:]]
     inlines = [NicInline, EventInline]
     actions = [*(_power_action(a) for a in PowerAction.values), "grow_disk", "rebuild", "delete_machines", "sync"]

@@ -84,7 +84,7 @@ class MachineSerializer(serializers.ModelSerializer):
                   "deletion_protection", "autostart", "status", "status_message", "power_state", "operation",
                   "domain_name", "created", "events", "extra_isos", "cdroms", "power_on", "bmc", "project",
                   "machine_type", "cpu_mode", "cpu_model", "cpu_topology", "smbios", "watchdog", "rng", "disk_bus",
-                  "disk_cache", "extra_disks", "qemu_args"]  # fmt: skip
+                  "disk_cache", "extra_disks", "qemu_args", "firmware", "secure_boot"]  # fmt: skip
         read_only_fields = ["uuid", "status", "status_message", "power_state", "operation", "domain_name", "created"]
         validators = []  # the service validates (with the owner, which the request supplies)
 

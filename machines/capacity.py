@@ -83,8 +83,8 @@ class Fit:
 
 def _fit(hv: Hypervisor, *, vcpus: int, memory_mib: int, disk_gib: int, pool: str, arch: str) -> Fit | str:
     """A Fit if the machine fits on hv, else why not."""
-    if arch and hv.arch != arch:
-        return f"{hv.name}: {hv.arch or 'unknown'} host, the image is {arch}"
+    if arch and hv.arch != arch and arch not in (hv.guest_arches or []):
+        return f"{hv.name}: {hv.arch or 'unknown'} host that cannot emulate {arch}"
     placed = hv.machines.aggregate(vcpus=Sum("vcpus"), memory=Sum("memory_mib"))
     free_memory = (hv.memory_mib or 0) - (placed["memory"] or 0)
     free_vcpus = int((hv.cpus or 0) * Decimal(hv.cpu_allocation_ratio)) - (placed["vcpus"] or 0)

@@ -35,7 +35,7 @@ class MachineForm(forms.ModelForm):
         model = Machine
         fields = ["deploy_type", "name", "hypervisor", "image", "vcpus", "memory_mib", "disk_gib", "pool", "ssh_authorized_keys",
                   "packages", "script", "user_data", "deletion_protection", "autostart", "machine_type", "cpu_mode",
-                  "cpu_model", "watchdog", "rng", "disk_bus", "disk_cache"]  # fmt: skip
+                  "cpu_model", "watchdog", "rng", "disk_bus", "disk_cache", "firmware", "secure_boot"]  # fmt: skip
         widgets = {
             "ssh_authorized_keys": forms.Textarea(attrs={"rows": 3, "placeholder": "ssh-ed25519 AAAA… you@laptop"}),
             "packages": forms.Textarea(attrs={"rows": 2, "placeholder": "nginx htop"}),

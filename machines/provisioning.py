@@ -55,17 +55,42 @@ def seed_spec_from(machine: Machine, nics: list) -> cloudinit.SeedSpec:
     )
 
 
+# What a guest of another architecture needs under emulation: machine type, a 64-bit CPU,
+# UEFI (the only firmware of these machines) and a video device they have.
+FOREIGN_ARCH_DEFAULTS = {
+    "aarch64": {"machine": "virt", "cpu_model": "cortex-a57", "firmware": "efi"},
+    "riscv64": {"machine": "virt", "cpu_model": "", "firmware": ""},
+    "ppc64le": {"machine": "pseries", "cpu_model": "", "firmware": ""},
+    "s390x": {"machine": "s390-ccw-virtio", "cpu_model": "", "firmware": ""},
+}
+
+
+def machine_arch(machine: Machine) -> str:
+    return (machine.image.arch if machine.image else "") or machine.hypervisor.arch or "x86_64"
+
+
+def is_x86(arch: str) -> bool:
+    return arch in ("x86_64", "i686")
+
+
 def domain_spec(machine: Machine, *, disks: tuple[DiskSpec, ...], serial_log: str,
                 boot_devices: tuple[str, ...] = ()) -> DomainSpec:  # fmt: skip
     hv = machine.hypervisor
+    arch = machine_arch(machine)
+    foreign = arch != hv.arch and not (arch == "i686" and hv.arch == "x86_64")
+    defaults = FOREIGN_ARCH_DEFAULTS.get(arch, {}) if not is_x86(arch) else {}
+    cpu_mode, cpu_model = machine.cpu_mode, machine.cpu_model
+    if not cpu_mode and defaults.get("cpu_model"):
+        cpu_mode, cpu_model = "custom", defaults["cpu_model"]
+    firmware = "efi" if machine.firmware == "uefi" else defaults.get("firmware", "")
     nics = tuple(NicSpec(type=n.type, source=n.source, mac=n.mac) for n in machine.nics.all())
     return DomainSpec(
         uuid=str(machine.uuid),
         name=machine.domain_name,
         title=machine.name,
         description=f"AnsiStack Portal machine {machine.pk} of {machine.owner.get_username()}",
-        domain_type=hv.domain_type or "qemu",
-        arch=(machine.image.arch if machine.image else "") or hv.arch or "x86_64",
+        domain_type="qemu" if foreign else (hv.domain_type or "qemu"),  # another architecture: emulation
+        arch=arch,
         vcpus=machine.vcpus,
         memory_mib=machine.memory_mib,
         disks=disks,
@@ -74,9 +99,12 @@ def domain_spec(machine: Machine, *, disks: tuple[DiskSpec, ...], serial_log: st
         serial_log=serial_log,
         boot_devices=boot_devices,
         bios_serial=machine.deploy_type == DeployType.NETWORK,  # so PXE shows in the serial log
-        machine=machine.machine_type or "pc",
-        cpu_mode=machine.cpu_mode,
-        cpu_model=machine.cpu_model,
+        machine=machine.machine_type or defaults.get("machine", "pc"),
+        cpu_mode=cpu_mode,
+        cpu_model=cpu_model,
+        firmware=firmware,
+        secure_boot=machine.secure_boot,
+        video="vga" if is_x86(arch) else "virtio",
         topology=tuple(machine.cpu_topology) if machine.cpu_topology else None,
         smbios=machine.smbios or {},
         watchdog=machine.watchdog,
@@ -223,7 +251,8 @@ def provision(machine: Machine, driver: HypervisorDriver) -> None:
     disks = (
         DiskSpec(path=disk, format="qcow2", bus=machine.disk_bus, cache=machine.disk_cache, boot_order=1),
         *extra,
-        DiskSpec(path=seed, device="cdrom", format="raw", bus="ide"),
+        # IDE on x86 (the Debian cloud kernel has no AHCI); other architectures have no IDE: virtio-scsi.
+        DiskSpec(path=seed, device="cdrom", format="raw", bus="ide" if is_x86(machine_arch(machine)) else "scsi"),
     )
     ensure_domain(machine, driver, disks)
     ensure_running(machine, driver)

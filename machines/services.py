@@ -73,7 +73,7 @@ def _validate_nics(hypervisor: Hypervisor, nics: list[NicInput]) -> None:
 
 MAX_CDROMS = 4  # IDE has four places; the disk is virtio
 HARDWARE_FIELDS = {"machine_type", "cpu_mode", "cpu_model", "cpu_topology", "smbios", "watchdog", "rng", "disk_bus",
-                   "disk_cache", "extra_disks", "qemu_args"}  # fmt: skip
+                   "disk_cache", "extra_disks", "qemu_args", "firmware", "secure_boot"}  # fmt: skip
 SMBIOS_KEYS = {"manufacturer", "product", "version", "serial", "sku", "family", "uuid"}
 
 
@@ -101,6 +101,12 @@ def _validate_hardware_input(owner, deploy_type: str, vcpus: int, hardware: dict
         raise ValidationError({"disk_bus": "ISO machines keep the IDE places for their CD-ROMs; use virtio, sata or scsi."})
     if hw.get("disk_cache", "") not in ("", "none", "writeback", "writethrough", "directsync", "unsafe"):
         raise ValidationError({"disk_cache": "Choose none, writeback, writethrough, directsync or unsafe."})
+    if hw.get("firmware", "bios") not in ("bios", "uefi"):
+        raise ValidationError({"firmware": "Choose bios or uefi."})
+    if hw.get("secure_boot") and hw.get("firmware") != "uefi":
+        raise ValidationError({"secure_boot": "Secure Boot needs UEFI firmware."})
+    if hw.get("secure_boot") and not str(hw.get("machine_type", "")).startswith(("q35", "pc-q35")):
+        raise ValidationError({"secure_boot": "Secure Boot needs machine type q35 (it keeps its variables in SMM)."})
     args = hw.get("qemu_args") or []
     if args and not owner.is_staff:
         raise ValidationError({"qemu_args": "Only staff may pass extra QEMU arguments: they bypass every check."})
@@ -109,8 +115,16 @@ def _validate_hardware_input(owner, deploy_type: str, vcpus: int, hardware: dict
     return hw
 
 
-def _validate_hardware_against(hypervisor: Hypervisor, hw: dict) -> None:
-    """What the hypervisor really offers: machine types, CPU modes and models."""
+def _validate_hardware_against(hypervisor: Hypervisor, hw: dict, image: Image | None = None) -> None:
+    """What the hypervisor really offers: architectures, firmware, machine types, CPU modes and models."""
+    arch = image.arch if image is not None and image.arch else hypervisor.arch
+    if image is not None and hypervisor.guest_arches and arch not in hypervisor.guest_arches:
+        raise ValidationError({"image": f"{hypervisor.name} cannot run {arch} guests (it offers "
+                                        f"{', '.join(hypervisor.guest_arches)})."})  # fmt: skip
+    if arch != hypervisor.arch:
+        return  # the host's capabilities describe its own architecture; emulated ones take their defaults
+    if hw.get("firmware") == "uefi" and hypervisor.firmwares and "efi" not in hypervisor.firmwares:
+        raise ValidationError({"firmware": f"{hypervisor.name} has no UEFI firmware (install OVMF there)."})
     machine_type = hw.get("machine_type")
     if machine_type and hypervisor.machine_types and machine_type not in hypervisor.machine_types:
         some = ", ".join(t for t in hypervisor.machine_types if "." not in t or t.endswith(("7.2", "8.0")))[:200]
@@ -194,7 +208,7 @@ def machine_create(*, owner, hypervisor: Hypervisor | None, name: str, deploy_ty
         raise ValidationError({"pool": f"Storage pool {pool!r} is not active on {hypervisor.name}."})
     nics = nics or []
     _validate_nics(hypervisor, nics)
-    _validate_hardware_against(hypervisor, hardware)
+    _validate_hardware_against(hypervisor, hardware, image)
     script, user_data = script.replace("\r\n", "\n"), user_data.replace("\r\n", "\n")  # browsers send CRLF
     if len(script.encode()) > cloudinit.USER_DATA_MAX_BYTES:
         raise ValidationError({"script": "The script is over 64 KiB."})

@@ -25,6 +25,7 @@ packages=(
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
     libvirt-dev pkg-config gcc python3-dev
     qemu-system-x86 qemu-utils seabios ipxe-qemu ipmitool
+    ovmf qemu-system-arm qemu-efi-aarch64
     python3-venv ca-certificates
 )
 command -v npm >/dev/null || packages+=(nodejs npm)
@@ -35,6 +36,7 @@ if [ "$want_test" = 1 ]; then
     packages+=(chromium fonts-dejavu-core dnsmasq-base iptables iproute2)
 fi
 
+installed_now=0
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -44,6 +46,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    installed_now=1
 else
     say "Debian packages already installed"
 fi
@@ -87,6 +90,14 @@ else
     else
         say "starting virtlogd"
         virtlogd -d
+    fi
+    if running /run/libvirtd.pid && [ "$installed_now" = 1 ]; then
+        # New emulators or firmware appear in libvirt's capabilities only after a restart;
+        # running guests keep running (QEMU outlives libvirtd).
+        pid=$(cat /run/libvirtd.pid)
+        say "restarting libvirtd (pid $pid) to pick up newly installed packages"
+        kill "$pid"
+        for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
     fi
     if running /run/libvirtd.pid; then
         say "libvirtd already running (pid $(cat /run/libvirtd.pid))"

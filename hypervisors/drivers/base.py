@@ -69,6 +69,7 @@ class HostInfo:
     machine_types: list[str] = field(default_factory=list)  # for the host arch, e.g. pc, q35, pc-i440fx-7.2
     cpu_modes: list[str] = field(default_factory=list)  # host-passthrough, host-model, custom, ...
     cpu_models: list[str] = field(default_factory=list)  # usable named models
+    firmwares: list[str] = field(default_factory=list)  # "bios", "efi" (libvirt's automatic selection)
     pools: list[PoolInfo] = field(default_factory=list)
     networks: list[NetworkInfo] = field(default_factory=list)
     domains: list[DomainInfo] = field(default_factory=list)
@@ -147,6 +148,9 @@ class DomainSpec:
     watchdog: bool = False
     rng: bool = False
     qemu_args: tuple[str, ...] = ()  # staff only: bypasses every check
+    firmware: str = ""  # "" (BIOS) or "efi"
+    secure_boot: bool = False
+    video: str = "vga"  # "vga" on x86, "virtio" elsewhere
     metadata: dict = field(default_factory=dict)  # portal ids, as attributes of the metadata element
 
 

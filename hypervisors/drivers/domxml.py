@@ -83,7 +83,14 @@ def build_domain_xml(spec: DomainSpec) -> str:
     _sub(root, "currentMemory", str(spec.memory_mib), unit="MiB")
     _sub(root, "vcpu", str(spec.vcpus), placement="static")
     os_el = _sub(root, "os")
+    if spec.firmware:
+        os_el.set("firmware", spec.firmware)
     _sub(os_el, "type", "hvm", arch=spec.arch, machine=spec.machine)
+    if spec.firmware == "efi":
+        fw = _sub(os_el, "firmware")
+        _sub(fw, "feature", enabled="yes" if spec.secure_boot else "no", name="secure-boot")
+        if spec.secure_boot:
+            _sub(fw, "feature", enabled="yes", name="enrolled-keys")
     # The boot order lives either in <os> (what IPMI boot-device changes edit) or on devices, never both.
     for dev in spec.boot_devices:
         _sub(os_el, "boot", dev=dev)
@@ -98,7 +105,10 @@ def build_domain_xml(spec: DomainSpec) -> str:
     _cpu(root, spec)
     features = _sub(root, "features")
     _sub(features, "acpi")
-    _sub(features, "apic")
+    if spec.arch in ("x86_64", "i686"):
+        _sub(features, "apic")
+    if spec.secure_boot:
+        _sub(features, "smm", state="on")  # secure boot keeps its variables in SMM
     _sub(root, "clock", offset="utc")
     _sub(root, "on_poweroff", "destroy")
     _sub(root, "on_reboot", "restart")
@@ -117,7 +127,7 @@ def build_domain_xml(spec: DomainSpec) -> str:
     graphics = _sub(devices, "graphics", type="vnc", port="-1", autoport="yes", listen=spec.vnc_listen)
     _sub(graphics, "listen", type="address", address=spec.vnc_listen)
     video = _sub(devices, "video")
-    _sub(video, "model", type="vga")
+    _sub(video, "model", type=spec.video)
     _sub(devices, "input", type="tablet", bus="usb")
     if spec.watchdog:
         _sub(devices, "watchdog", model="i6300esb", action="reset")

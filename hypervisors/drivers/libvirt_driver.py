@@ -246,7 +246,8 @@ def parse_domain_capabilities(xml: str) -> dict:
     root = ET.fromstring(xml)
     modes = [m.get("name", "") for m in root.findall("cpu/mode") if m.get("supported") == "yes"]
     models = sorted({m.text for m in root.findall("cpu/mode[@name='custom']/model") if m.get("usable") == "yes" and m.text})
-    return {"cpu_modes": modes, "cpu_models": models}
+    firmwares = [v.text for v in root.findall("os[@supported='yes']/enum[@name='firmware']/value") if v.text]
+    return {"cpu_modes": modes, "cpu_models": models, "firmwares": ["bios", *[f for f in firmwares if f != "bios"]]}
 
 
 def _pool_info(pool: libvirt.virStoragePool) -> PoolInfo:
@@ -325,7 +326,7 @@ class LibvirtDriver(HypervisorDriver):
         try:
             domcaps = parse_domain_capabilities(conn.getDomainCapabilities(None, caps["arch"], None, caps["domain_type"], 0))
         except libvirt.libvirtError:
-            domcaps = {"cpu_modes": [], "cpu_models": []}  # drivers without domain capabilities (test://)
+            domcaps = {"cpu_modes": [], "cpu_models": [], "firmwares": []}  # drivers without domain capabilities (test://)
         try:
             hypervisor_version = _version(conn.getVersion())
         except libvirt.libvirtError:
@@ -344,6 +345,7 @@ class LibvirtDriver(HypervisorDriver):
             machine_types=caps["machine_types"],
             cpu_modes=domcaps["cpu_modes"],
             cpu_models=domcaps["cpu_models"],
+            firmwares=domcaps["firmwares"],
             pools=sorted((_pool_info(p) for p in conn.listAllStoragePools(0)), key=lambda p: p.name),
             networks=sorted((_network_info(n) for n in conn.listAllNetworks(0)), key=lambda n: n.name),
             domains=sorted((_domain_info(d) for d in conn.listAllDomains(0)), key=lambda d: d.name),

@@ -109,3 +109,20 @@ def test_hardware_options_land_in_the_xml():
 def test_defaults_add_no_cpu_or_sysinfo():
     root = parse(spec())
     assert root.find("cpu") is None and root.find("sysinfo") is None and root.find("devices/watchdog") is None
+
+
+def test_uefi_with_secure_boot():
+    root = parse(spec(firmware="efi", secure_boot=True, machine="q35"))
+    assert root.find("os").get("firmware") == "efi"
+    features = {f.get("name"): f.get("enabled") for f in root.findall("os/firmware/feature")}
+    assert features == {"secure-boot": "yes", "enrolled-keys": "yes"}
+    assert root.find("features/smm").get("state") == "on"
+
+
+def test_an_emulated_arm64_guest():
+    root = parse(spec(arch="aarch64", machine="virt", cpu_mode="custom", cpu_model="cortex-a57", firmware="efi",
+                      video="virtio"))  # fmt: skip
+    assert root.find("os/type").attrib == {"arch": "aarch64", "machine": "virt"}
+    assert root.find("features/apic") is None  # an x86 feature
+    assert root.find("devices/video/model").get("type") == "virtio"
+    assert root.find("os/firmware/feature").attrib == {"enabled": "no", "name": "secure-boot"}

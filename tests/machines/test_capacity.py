@@ -65,7 +65,7 @@ def test_placement_respects_vcpu_overcommit_arch_pool_and_status():
         capacity.place(vcpus=3, memory_mib=512, disk_gib=10, pool="default", image=image)
     message = e.value.message_dict["hypervisor"][0]
     assert "cpu: 2 vCPUs free, needs 3" in message
-    assert "arm: aarch64 host, the image is x86_64" in message
+    assert "arm: aarch64 host that cannot emulate x86_64" in message
     assert "nopool: no active pool default" in message
     assert "down" not in message  # not a candidate at all
     assert capacity.place(vcpus=2, memory_mib=512, disk_gib=10, pool="default", image=image).hypervisor.name == "cpu"
@@ -74,3 +74,9 @@ def test_placement_respects_vcpu_overcommit_arch_pool_and_status():
 def test_placement_with_no_online_hypervisor():
     with pytest.raises(ValidationError, match="no hypervisor is online"):
         capacity.place(vcpus=1, memory_mib=512, disk_gib=1, pool="default", image=None)
+
+
+def test_placement_may_emulate_another_architecture():
+    hv("x86", guest_arches=["i686", "x86_64", "aarch64"])
+    image = Image.objects.create(name="arm", status=ImageStatus.READY, arch="aarch64")
+    assert capacity.place(vcpus=1, memory_mib=512, disk_gib=1, pool="default", image=image).hypervisor.name == "x86"

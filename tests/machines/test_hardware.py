@@ -68,3 +68,54 @@ def test_extra_disks_count_against_the_disk_quota(hv, settings):
     settings.PORTAL_QUOTA_DISK_GIB = 20
     with pytest.raises(ValidationError, match="GiB of disk"):
         create(hv, extra_disks=[8, 8])  # 10 + 16 > 20
+
+
+@pytest.mark.parametrize(
+    ("hw", "field", "message"),
+    [
+        ({"firmware": "coreboot"}, "firmware", "bios or uefi"),
+        ({"secure_boot": True}, "secure_boot", "needs UEFI"),
+        ({"firmware": "uefi", "secure_boot": True}, "secure_boot", "q35"),
+        ({"firmware": "uefi"}, "firmware", "no UEFI firmware"),
+    ],
+)
+def test_firmware_choices_are_checked(hv, hw, field, message):
+    hv.firmwares = ["bios"]
+    hv.save()
+    with pytest.raises(ValidationError) as e:
+        create(hv, **hw)
+    assert message in " ".join(e.value.message_dict[field])
+
+
+def test_an_image_of_an_architecture_the_host_cannot_run_is_refused(hv):
+    from hypervisors.models import Image, ImageStatus
+
+    hv.guest_arches = ["i686", "x86_64"]
+    hv.save()
+    image = Image.objects.create(name="ppc", status=ImageStatus.READY, arch="ppc64le", virtual_size_bytes=1)
+    with pytest.raises(ValidationError, match="cannot run ppc64le guests"):
+        services.machine_create(owner=UserFactory(username="a"), hypervisor=hv, name="p", image=image,
+                                nics=[services.NicInput(type="user")])  # fmt: skip
+
+
+def test_an_arm64_machine_gets_emulation_defaults(hv, django_capture_on_commit_callbacks, tmp_path, settings):
+    import subprocess
+
+    from hypervisors.models import Image, ImageStatus
+
+    settings.PORTAL_IMAGE_DIR = tmp_path
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(tmp_path / "1.qcow2"), "16M"], check=True, capture_output=True)
+    hv.guest_arches = ["i686", "x86_64", "aarch64"]
+    hv.save()
+    image = Image.objects.create(name="arm", status=ImageStatus.READY, arch="aarch64", file_name="1.qcow2",
+                                 sha256="cd" * 32, file_size_bytes=(tmp_path / "1.qcow2").stat().st_size,
+                                 virtual_size_bytes=16 << 20)  # fmt: skip
+    host = FakeHost()
+    with mock.patch("machines.services.get_driver", lambda uri: FakeDriver(uri, host)):
+        with django_capture_on_commit_callbacks(execute=True):
+            machine = services.machine_create(owner=UserFactory(username="b"), hypervisor=hv, name="arm1", image=image,
+                                              disk_gib=1, nics=[services.NicInput(type="user")])  # fmt: skip
+    spec = host.domains[str(machine.uuid)]["spec"]
+    assert (spec.arch, spec.machine, spec.domain_type, spec.cpu_model, spec.firmware, spec.video) == (
+        "aarch64", "virt", "qemu", "cortex-a57", "efi", "virtio")
+    assert [d.bus for d in spec.disks] == ["virtio", "scsi"]  # no IDE on virt: the seed goes on virtio-scsi
