@@ -115,6 +115,7 @@ def _capability_fields(info: HostInfo) -> dict:
         "cpu_modes": info.cpu_modes,
         "cpu_models": info.cpu_models,
         "firmwares": info.firmwares,
+        "interfaces": info.interfaces,
         "pools": [vars(p) for p in info.pools],
         "networks": [vars(n) for n in info.networks],
         "unmanaged_domains": unmanaged,

@@ -34,7 +34,8 @@ class NicSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = MachineNic
-        fields = ["type", "source", "mac", "dhcp4", "dhcp6", "addresses", "gateway4", "gateway6", "nameservers", "search"]
+        fields = ["type", "source", "mac", "dhcp4", "dhcp6", "addresses", "gateway4", "gateway6", "nameservers", "search",
+                  "model", "mode", "vlan"]  # fmt: skip
         extra_kwargs = {"mac": {"validators": []}}
 
 

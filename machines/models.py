@@ -167,6 +167,7 @@ class MachineNic(models.Model):
     class Type(models.TextChoices):
         NETWORK = "network", "libvirt network"
         BRIDGE = "bridge", "host bridge"
+        DIRECT = "direct", "macvtap on a host interface"
         USER = "user", "user-mode (NAT inside QEMU)"
 
     machine = models.ForeignKey(Machine, on_delete=models.CASCADE, related_name="nics")
@@ -174,6 +175,10 @@ class MachineNic(models.Model):
     type = models.CharField(max_length=8, choices=Type.choices, default=Type.NETWORK)
     source = models.CharField(max_length=100, blank=True, help_text="Network or bridge name.")
     mac = models.CharField("MAC", max_length=17, unique=True, validators=[mac_validator])
+    model = models.CharField(max_length=8, default="virtio", choices=[(m, m) for m in ("virtio", "e1000", "e1000e", "rtl8139")])
+    mode = models.CharField("macvtap mode", max_length=12, default="bridge",
+                            choices=[(m, m) for m in ("bridge", "vepa", "private", "passthrough")])  # fmt: skip
+    vlan = models.PositiveSmallIntegerField("VLAN", null=True, blank=True)
     dhcp4 = models.BooleanField(default=True)
     dhcp6 = models.BooleanField(default=False)
     addresses = models.JSONField(default=list, blank=True, help_text="Static addresses with prefix, e.g. 192.0.2.10/24.")

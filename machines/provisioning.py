@@ -83,7 +83,8 @@ def domain_spec(machine: Machine, *, disks: tuple[DiskSpec, ...], serial_log: st
     if not cpu_mode and defaults.get("cpu_model"):
         cpu_mode, cpu_model = "custom", defaults["cpu_model"]
     firmware = "efi" if machine.firmware == "uefi" else defaults.get("firmware", "")
-    nics = tuple(NicSpec(type=n.type, source=n.source, mac=n.mac) for n in machine.nics.all())
+    nics = tuple(NicSpec(type=n.type, source=n.source, mac=n.mac, model=n.model, mode=n.mode, vlan=n.vlan)
+                 for n in machine.nics.all())  # fmt: skip
     return DomainSpec(
         uuid=str(machine.uuid),
         name=machine.domain_name,

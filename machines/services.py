@@ -45,6 +45,9 @@ class NicInput:
     gateway6: str = ""
     nameservers: list[str] = field(default_factory=list)
     search: list[str] = field(default_factory=list)
+    model: str = "virtio"
+    mode: str = "bridge"
+    vlan: int | None = None
 
 
 def generate_mac() -> str:
@@ -67,6 +70,19 @@ def _validate_nics(hypervisor: Hypervisor, nics: list[NicInput]) -> None:
             raise ValidationError({"nics": f"NIC {i}: network {nic.source!r} does not exist on {hypervisor.name} (it has: {have})."})
         if nic.type == MachineNic.Type.BRIDGE and not nic.source:
             raise ValidationError({"nics": f"NIC {i}: name the host bridge."})
+        known = {x["name"]: x["type"] for x in hypervisor.interfaces}
+        if nic.type == MachineNic.Type.BRIDGE and known and known.get(nic.source) != "bridge":
+            have = ", ".join(n for n, t in known.items() if t == "bridge") or "none"
+            raise ValidationError({"nics": f"NIC {i}: {hypervisor.name} has no bridge {nic.source!r} (bridges: {have})."})
+        if nic.type == MachineNic.Type.DIRECT and (not nic.source or (known and nic.source not in known)):
+            raise ValidationError({"nics": f"NIC {i}: name a host interface of {hypervisor.name} for macvtap"
+                                           f"{' (' + ', '.join(known) + ')' if known else ''}."})  # fmt: skip
+        if nic.mode not in ("bridge", "vepa", "private", "passthrough"):
+            raise ValidationError({"nics": f"NIC {i}: macvtap mode is bridge, vepa, private or passthrough."})
+        if nic.model not in ("virtio", "e1000", "e1000e", "rtl8139"):
+            raise ValidationError({"nics": f"NIC {i}: model is virtio, e1000, e1000e or rtl8139."})
+        if nic.vlan is not None and not (1 <= nic.vlan <= 4094 and nic.type in ("bridge", "direct")):
+            raise ValidationError({"nics": f"NIC {i}: a VLAN tag is 1 to 4094, on a bridge (Open vSwitch) or macvtap NIC."})
         if nic.type not in MachineNic.Type.values:
             raise ValidationError({"nics": f"NIC {i}: type must be one of {', '.join(MachineNic.Type.values)}."})
 
@@ -227,7 +243,8 @@ def machine_create(*, owner, hypervisor: Hypervisor | None, name: str, deploy_ty
             MachineNic.objects.create(machine=machine, index=i, type=nic.type, source=nic.source,
                                       mac=(nic.mac or generate_mac()).lower(), dhcp4=nic.dhcp4, dhcp6=nic.dhcp6,
                                       addresses=nic.addresses, gateway4=nic.gateway4, gateway6=nic.gateway6,
-                                      nameservers=nic.nameservers, search=nic.search)  # fmt: skip
+                                      nameservers=nic.nameservers, search=nic.search, model=nic.model,
+                                      mode=nic.mode, vlan=nic.vlan)  # fmt: skip
     except IntegrityError:
         raise ValidationError({"nics": "That MAC address is already used by another machine."}) from None
     if deploy_type == DeployType.ISO:

@@ -70,6 +70,7 @@ class HostInfo:
     cpu_modes: list[str] = field(default_factory=list)  # host-passthrough, host-model, custom, ...
     cpu_models: list[str] = field(default_factory=list)  # usable named models
     firmwares: list[str] = field(default_factory=list)  # "bios", "efi" (libvirt's automatic selection)
+    interfaces: list[dict] = field(default_factory=list)  # host interfaces: name, type (ethernet, bridge, ...), active
     pools: list[PoolInfo] = field(default_factory=list)
     networks: list[NetworkInfo] = field(default_factory=list)
     domains: list[DomainInfo] = field(default_factory=list)
@@ -115,11 +116,13 @@ class DiskSpec:
 
 @dataclass(frozen=True)
 class NicSpec:
-    type: str  # "network" (libvirt network), "bridge" (host bridge) or "user" (QEMU user networking)
-    source: str  # network or bridge name; empty for "user"
+    type: str  # "network" (libvirt network), "bridge" (host bridge), "direct" (macvtap) or "user" (QEMU NAT)
+    source: str  # network, bridge or host interface name; empty for "user"
     mac: str
     model: str = "virtio"
     boot_order: int | None = None
+    mode: str = "bridge"  # macvtap: bridge, vepa, private, passthrough
+    vlan: int | None = None
 
 
 @dataclass(frozen=True)

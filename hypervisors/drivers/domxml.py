@@ -49,6 +49,10 @@ def _nic(devices: ET.Element, nic: NicSpec, use_order: bool = True) -> None:
         _sub(el, "source", network=nic.source)
     elif nic.type == "bridge":
         _sub(el, "source", bridge=nic.source)
+    elif nic.type == "direct":
+        _sub(el, "source", dev=nic.source, mode=nic.mode)
+    if nic.vlan is not None:
+        _sub(_sub(el, "vlan"), "tag", id=str(nic.vlan))
     _sub(el, "model", type=nic.model)
     if nic.boot_order is not None and use_order:
         _sub(el, "boot", order=str(nic.boot_order))

@@ -250,6 +250,22 @@ def parse_domain_capabilities(xml: str) -> dict:
     return {"cpu_modes": modes, "cpu_models": models, "firmwares": ["bios", *[f for f in firmwares if f != "bios"]]}
 
 
+def _interfaces(conn: libvirt.virConnect) -> list[dict]:
+    """The host's network interfaces and bridges, for NICs on a bridge or macvtap."""
+    try:
+        found = conn.listAllInterfaces(0)
+    except libvirt.libvirtError:
+        return []  # drivers without an interface backend
+    result = []
+    for iface in found:
+        try:
+            kind = ET.fromstring(iface.XMLDesc(0)).get("type", "")
+            result.append({"name": iface.name(), "type": kind, "active": bool(iface.isActive())})
+        except libvirt.libvirtError:
+            continue
+    return sorted(result, key=lambda i: i["name"])
+
+
 def _pool_info(pool: libvirt.virStoragePool) -> PoolInfo:
     _state, capacity, allocation, available = pool.info()
     root = ET.fromstring(pool.XMLDesc(0))
@@ -346,6 +362,7 @@ class LibvirtDriver(HypervisorDriver):
             cpu_modes=domcaps["cpu_modes"],
             cpu_models=domcaps["cpu_models"],
             firmwares=domcaps["firmwares"],
+            interfaces=_interfaces(conn),
             pools=sorted((_pool_info(p) for p in conn.listAllStoragePools(0)), key=lambda p: p.name),
             networks=sorted((_network_info(n) for n in conn.listAllNetworks(0)), key=lambda n: n.name),
             domains=sorted((_domain_info(d) for d in conn.listAllDomains(0)), key=lambda d: d.name),

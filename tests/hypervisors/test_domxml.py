@@ -126,3 +126,12 @@ def test_an_emulated_arm64_guest():
     assert root.find("features/apic") is None  # an x86 feature
     assert root.find("devices/video/model").get("type") == "virtio"
     assert root.find("os/firmware/feature").attrib == {"enabled": "no", "name": "secure-boot"}
+
+
+def test_macvtap_and_vlan_nics():
+    root = parse(spec(nics=(NicSpec(type="direct", source="eno1", mac="52:54:00:aa:bb:04", mode="passthrough", vlan=42),
+                            NicSpec(type="bridge", source="ovsbr0", mac="52:54:00:aa:bb:05", model="e1000e"))))  # fmt: skip
+    direct, bridged = root.findall("devices/interface")
+    assert direct.get("type") == "direct" and direct.find("source").attrib == {"dev": "eno1", "mode": "passthrough"}
+    assert direct.find("vlan/tag").get("id") == "42"
+    assert bridged.find("model").get("type") == "e1000e" and bridged.find("vlan") is None

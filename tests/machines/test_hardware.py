@@ -119,3 +119,32 @@ def test_an_arm64_machine_gets_emulation_defaults(hv, django_capture_on_commit_c
     assert (spec.arch, spec.machine, spec.domain_type, spec.cpu_model, spec.firmware, spec.video) == (
         "aarch64", "virt", "qemu", "cortex-a57", "efi", "virtio")
     assert [d.bus for d in spec.disks] == ["virtio", "scsi"]  # no IDE on virt: the seed goes on virtio-scsi
+
+
+@pytest.mark.parametrize(
+    ("nic", "message"),
+    [
+        (services.NicInput(type="bridge", source="br9"), "has no bridge 'br9' (bridges: br0)"),
+        (services.NicInput(type="direct", source="eth7"), "name a host interface of lab for macvtap (br0, eno1)"),
+        (services.NicInput(type="direct", source="eno1", mode="sideways"), "macvtap mode is"),
+        (services.NicInput(type="user", model="ne2k"), "model is virtio"),
+        (services.NicInput(type="direct", source="eno1", vlan=5000), "VLAN tag is 1 to 4094"),
+        (services.NicInput(type="user", vlan=10), "VLAN tag is 1 to 4094, on a bridge"),
+    ],
+)
+def test_nics_must_match_the_hosts_interfaces(hv, nic, message):
+    hv.interfaces = [{"name": "br0", "type": "bridge", "active": True}, {"name": "eno1", "type": "ethernet", "active": True}]
+    hv.save()
+    with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        services.machine_create(owner=UserFactory(username="n"), hypervisor=hv, name="m", deploy_type="network",
+                                nics=[nic])  # fmt: skip
+
+
+def test_a_macvtap_nic_with_a_vlan_is_accepted(hv, settings):
+    settings.PORTAL_BMC_PORT_RANGE = "17320-17329"
+    hv.interfaces = [{"name": "eno1", "type": "ethernet", "active": True}]
+    hv.save()
+    machine = services.machine_create(owner=UserFactory(username="v"), hypervisor=hv, name="m", deploy_type="network",
+                                      nics=[services.NicInput(type="direct", source="eno1", mode="passthrough", vlan=42)])  # fmt: skip
+    nic = machine.nics.get()
+    assert (nic.type, nic.source, nic.mode, nic.vlan) == ("direct", "eno1", "passthrough", 42)
