@@ -76,6 +76,7 @@ class Hypervisor(models.Model):
     cpu_models = models.JSONField(default=list, blank=True)
     firmwares = models.JSONField(default=list, blank=True)
     interfaces = models.JSONField(default=list, blank=True)
+    devices = models.JSONField(default=list, blank=True)
     pools = models.JSONField(default=list, blank=True)
     networks = models.JSONField(default=list, blank=True)
     unmanaged_domains = models.JSONField(default=list, blank=True)

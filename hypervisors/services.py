@@ -116,6 +116,7 @@ def _capability_fields(info: HostInfo) -> dict:
         "cpu_models": info.cpu_models,
         "firmwares": info.firmwares,
         "interfaces": info.interfaces,
+        "devices": info.devices,
         "pools": [vars(p) for p in info.pools],
         "networks": [vars(n) for n in info.networks],
         "unmanaged_domains": unmanaged,

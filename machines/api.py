@@ -71,6 +71,8 @@ class MachineSerializer(serializers.ModelSerializer):
     power_on = serializers.BooleanField(write_only=True, required=False, allow_null=True, default=None,
                                         help_text="Network-boot machines stay off unless true.")  # fmt: skip
     bmc = serializers.SerializerMethodField()
+    hostdev_match = serializers.CharField(write_only=True, required=False, allow_blank=True,
+                                          help_text="A regular expression: the first free matching host device.")  # fmt: skip
     project = serializers.SlugRelatedField(slug_field="name", queryset=Project.objects.all(), required=False,
                                            allow_null=True, help_text="Project name; you must be its admin.")  # fmt: skip
     nics = NicSerializer(many=True, required=False)
@@ -85,7 +87,7 @@ class MachineSerializer(serializers.ModelSerializer):
                   "deletion_protection", "autostart", "status", "status_message", "power_state", "operation",
                   "domain_name", "created", "events", "extra_isos", "cdroms", "power_on", "bmc", "project",
                   "machine_type", "cpu_mode", "cpu_model", "cpu_topology", "smbios", "watchdog", "rng", "disk_bus",
-                  "disk_cache", "extra_disks", "qemu_args", "firmware", "secure_boot"]  # fmt: skip
+                  "disk_cache", "extra_disks", "qemu_args", "firmware", "secure_boot", "hostdevs", "hostdev_match"]  # fmt: skip
         read_only_fields = ["uuid", "status", "status_message", "power_state", "operation", "domain_name", "created"]
         validators = []  # the service validates (with the owner, which the request supplies)
 

@@ -51,6 +51,8 @@ class Machine(models.Model):
     disk_bus = models.CharField(max_length=8, default="virtio", choices=[(b, b) for b in ("virtio", "sata", "scsi", "ide")])
     disk_cache = models.CharField(max_length=12, blank=True, choices=[("", "default")] + [(c, c) for c in ("none", "writeback", "writethrough", "directsync", "unsafe")])
     extra_disks = models.JSONField(default=list, blank=True, help_text="Sizes in GiB of extra blank disks.")
+    hostdevs = models.JSONField("host devices", default=list, blank=True,
+                                help_text="Node device names (e.g. pci_0000_03_00_0) passed through to the guest.")  # fmt: skip
     firmware = models.CharField(max_length=4, default="bios", choices=[("bios", "BIOS"), ("uefi", "UEFI")])
     secure_boot = models.BooleanField(default=False, help_text="UEFI with Secure Boot (needs machine type q35 on x86).")
     qemu_args = models.JSONField("extra QEMU arguments", default=list, blank=True, help_text="Staff only: they bypass every check.")

@@ -111,6 +111,7 @@ def domain_spec(machine: Machine, *, disks: tuple[DiskSpec, ...], serial_log: st
         watchdog=machine.watchdog,
         rng=machine.rng,
         qemu_args=tuple(machine.qemu_args or ()),
+        hostdevs=tuple(d for d in hv.devices if d["name"] in (machine.hostdevs or [])),
         metadata={"id": machine.pk, "owner": machine.owner_id, "deploy-type": machine.deploy_type},
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import socket
 import uuid as uuidlib
@@ -89,7 +90,7 @@ def _validate_nics(hypervisor: Hypervisor, nics: list[NicInput]) -> None:
 
 MAX_CDROMS = 4  # IDE has four places; the disk is virtio
 HARDWARE_FIELDS = {"machine_type", "cpu_mode", "cpu_model", "cpu_topology", "smbios", "watchdog", "rng", "disk_bus",
-                   "disk_cache", "extra_disks", "qemu_args", "firmware", "secure_boot"}  # fmt: skip
+                   "disk_cache", "extra_disks", "qemu_args", "firmware", "secure_boot", "hostdevs", "hostdev_match"}  # fmt: skip
 SMBIOS_KEYS = {"manufacturer", "product", "version", "serial", "sku", "family", "uuid"}
 
 
@@ -129,6 +130,41 @@ def _validate_hardware_input(owner, deploy_type: str, vcpus: int, hardware: dict
     if not isinstance(args, list) or not all(isinstance(a, str) and a for a in args):
         raise ValidationError({"qemu_args": "Give a list of arguments, e.g. [\"-device\", \"pvpanic\"]."})
     return hw
+
+
+def _hexid(value: str) -> str:
+    """0x8086 -> 8086, as lspci -n shows vendor and product ids."""
+    return value[2:] if value.startswith("0x") else value
+
+
+def _claim_hostdevs(hypervisor: Hypervisor, hw: dict) -> dict:
+    """Resolve host devices (by name, or the first free one matching `hostdev_match`) and make sure none is
+    already given to another machine. Runs in the create transaction with the hypervisor row locked."""
+    names = list(hw.get("hostdevs") or [])
+    pattern = hw.pop("hostdev_match", "")
+    if not names and not pattern:
+        return hw
+    Hypervisor.objects.select_for_update().filter(pk=hypervisor.pk).first()
+    taken = {n for m in Machine.objects.filter(hypervisor=hypervisor).only("hostdevs") for n in (m.hostdevs or [])}
+    devices = {d["name"]: d for d in hypervisor.devices}
+    if pattern:
+        try:
+            regex = re.compile(pattern)
+        except re.error as e:
+            raise ValidationError({"hostdev_match": f"Not a regular expression: {e}."}) from None
+        free = [n for n, d in devices.items() if n not in taken and n not in names
+                and regex.search(f"{n} {_hexid(d['vendor'])}:{_hexid(d['product'])} {d['description']}")]  # fmt: skip
+        if not free:
+            raise ValidationError({"hostdev_match": f"No free device on {hypervisor.name} matches {pattern!r}."})
+        names.append(free[0])
+    for name in names:
+        if name not in devices:
+            raise ValidationError({"hostdevs": f"{hypervisor.name} has no PCI or USB device {name!r}."})
+        if name in taken:
+            raise ValidationError({"hostdevs": f"{name} is already given to another machine."})
+    if len(set(names)) != len(names):
+        raise ValidationError({"hostdevs": "A device can be given once."})
+    return {**hw, "hostdevs": names}
 
 
 def _validate_hardware_against(hypervisor: Hypervisor, hw: dict, image: Image | None = None) -> None:
@@ -225,6 +261,7 @@ def machine_create(*, owner, hypervisor: Hypervisor | None, name: str, deploy_ty
     nics = nics or []
     _validate_nics(hypervisor, nics)
     _validate_hardware_against(hypervisor, hardware, image)
+    hardware = _claim_hostdevs(hypervisor, hardware)
     script, user_data = script.replace("\r\n", "\n"), user_data.replace("\r\n", "\n")  # browsers send CRLF
     if len(script.encode()) > cloudinit.USER_DATA_MAX_BYTES:
         raise ValidationError({"script": "The script is over 64 KiB."})

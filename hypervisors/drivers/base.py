@@ -71,6 +71,7 @@ class HostInfo:
     cpu_models: list[str] = field(default_factory=list)  # usable named models
     firmwares: list[str] = field(default_factory=list)  # "bios", "efi" (libvirt's automatic selection)
     interfaces: list[dict] = field(default_factory=list)  # host interfaces: name, type (ethernet, bridge, ...), active
+    devices: list[dict] = field(default_factory=list)  # PCI and USB node devices that can be passed through
     pools: list[PoolInfo] = field(default_factory=list)
     networks: list[NetworkInfo] = field(default_factory=list)
     domains: list[DomainInfo] = field(default_factory=list)
@@ -151,6 +152,7 @@ class DomainSpec:
     watchdog: bool = False
     rng: bool = False
     qemu_args: tuple[str, ...] = ()  # staff only: bypasses every check
+    hostdevs: tuple[dict, ...] = ()  # node devices (as HostInfo.devices lists them) passed to the guest
     firmware: str = ""  # "" (BIOS) or "efi"
     secure_boot: bool = False
     video: str = "vga"  # "vga" on x86, "virtio" elsewhere

@@ -61,6 +61,35 @@ def _nic(devices: ET.Element, nic: NicSpec, use_order: bool = True) -> None:
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 
 
+def _hostdev(devices: ET.Element, dev: dict) -> None:
+    """A PCI device by its address, or a USB device by vendor and product."""
+    if dev["type"] == "pci":
+        el = _sub(devices, "hostdev", mode="subsystem", type="pci", managed="yes")
+        _sub(_sub(el, "source"), "address", domain=f"0x{dev['domain']:04x}", bus=f"0x{dev['bus']:02x}",
+             slot=f"0x{dev['slot']:02x}", function=f"0x{dev['function']:x}")  # fmt: skip
+    else:
+        el = _sub(devices, "hostdev", mode="subsystem", type="usb", managed="yes")
+        source = _sub(el, "source")
+        _sub(source, "vendor", id=dev["vendor"])
+        _sub(source, "product", id=dev["product"])
+
+
+def parse_node_device(xml: str) -> dict | None:
+    """A PCI or USB node device as plain data, or None for other kinds."""
+    root = ET.fromstring(xml)
+    cap = root.find("capability")
+    if cap is None or cap.get("type") not in ("pci", "usb_device"):
+        return None
+    vendor, product = cap.find("vendor"), cap.find("product")
+    dev = {"name": root.findtext("name", default=""), "type": "pci" if cap.get("type") == "pci" else "usb",
+           "vendor": vendor.get("id", "") if vendor is not None else "", "product": product.get("id", "") if product is not None else "",
+           "description": " ".join(t for t in ((vendor.text if vendor is not None else "") or "", (product.text if product is not None else "") or "") if t),
+           "driver": root.findtext("driver/name", default="")}  # fmt: skip
+    if dev["type"] == "pci":
+        dev.update({k: int(cap.findtext(k, default="0"), 0) for k in ("domain", "bus", "slot", "function")})
+    return dev
+
+
 def _cpu(root: ET.Element, spec: DomainSpec) -> None:
     if not (spec.cpu_mode or spec.topology):
         return
@@ -133,6 +162,8 @@ def build_domain_xml(spec: DomainSpec) -> str:
     video = _sub(devices, "video")
     _sub(video, "model", type=spec.video)
     _sub(devices, "input", type="tablet", bus="usb")
+    for dev in spec.hostdevs:
+        _hostdev(devices, dev)
     if spec.watchdog:
         _sub(devices, "watchdog", model="i6300esb", action="reset")
     if spec.rng:

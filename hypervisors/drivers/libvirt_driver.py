@@ -30,7 +30,14 @@ from hypervisors.drivers.base import (
     PowerState,
     VolumeInfo,
 )
-from hypervisors.drivers.domxml import build_domain_xml, cdrom_xml, parse_vnc, volume_xml, with_boot_first
+from hypervisors.drivers.domxml import (
+    build_domain_xml,
+    cdrom_xml,
+    parse_node_device,
+    parse_vnc,
+    volume_xml,
+    with_boot_first,
+)
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +273,23 @@ def _interfaces(conn: libvirt.virConnect) -> list[dict]:
     return sorted(result, key=lambda i: i["name"])
 
 
+def _devices(conn: libvirt.virConnect) -> list[dict]:
+    """PCI and USB devices of the host, for passthrough."""
+    try:
+        found = conn.listAllDevices(0)
+    except libvirt.libvirtError:
+        return []
+    devices = []
+    for dev in found:
+        try:
+            parsed = parse_node_device(dev.XMLDesc(0))
+        except libvirt.libvirtError:
+            continue
+        if parsed:
+            devices.append(parsed)
+    return sorted(devices, key=lambda d: d["name"])
+
+
 def _pool_info(pool: libvirt.virStoragePool) -> PoolInfo:
     _state, capacity, allocation, available = pool.info()
     root = ET.fromstring(pool.XMLDesc(0))
@@ -363,6 +387,7 @@ class LibvirtDriver(HypervisorDriver):
             cpu_models=domcaps["cpu_models"],
             firmwares=domcaps["firmwares"],
             interfaces=_interfaces(conn),
+            devices=_devices(conn),
             pools=sorted((_pool_info(p) for p in conn.listAllStoragePools(0)), key=lambda p: p.name),
             networks=sorted((_network_info(n) for n in conn.listAllNetworks(0)), key=lambda n: n.name),
             domains=sorted((_domain_info(d) for d in conn.listAllDomains(0)), key=lambda d: d.name),

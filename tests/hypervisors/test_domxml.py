@@ -135,3 +135,24 @@ def test_macvtap_and_vlan_nics():
     assert direct.get("type") == "direct" and direct.find("source").attrib == {"dev": "eno1", "mode": "passthrough"}
     assert direct.find("vlan/tag").get("id") == "42"
     assert bridged.find("model").get("type") == "e1000e" and bridged.find("vlan") is None
+
+
+PCI_XML = """<device><name>pci_0000_03_00_0</name><driver><name>igb</name></driver><capability type='pci'>
+<domain>0</domain><bus>3</bus><slot>0</slot><function>0</function><product id='0x1533'>I210</product>
+<vendor id='0x8086'>Intel Corporation</vendor></capability></device>"""
+USB_XML = """<device><name>usb_1_2</name><capability type='usb_device'><bus>1</bus><device>2</device>
+<product id='0x5678'/><vendor id='0x1234'/></capability></device>"""
+
+
+def test_node_devices_parse_and_pass_through():
+    from hypervisors.drivers.domxml import parse_node_device
+
+    pci, usb = parse_node_device(PCI_XML), parse_node_device(USB_XML)
+    assert pci == {"name": "pci_0000_03_00_0", "type": "pci", "vendor": "0x8086", "product": "0x1533",
+                   "description": "Intel Corporation I210", "driver": "igb", "domain": 0, "bus": 3, "slot": 0, "function": 0}  # fmt: skip
+    assert parse_node_device("<device><name>computer</name><capability type='system'/></device>") is None
+    root = parse(spec(hostdevs=(pci, usb)))
+    first, second = root.findall("devices/hostdev")
+    assert first.get("type") == "pci" and first.get("managed") == "yes"
+    assert first.find("source/address").attrib == {"domain": "0x0000", "bus": "0x03", "slot": "0x00", "function": "0x0"}
+    assert second.find("source/vendor").get("id") == "0x1234" and second.find("source/product").get("id") == "0x5678"

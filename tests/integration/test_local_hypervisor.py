@@ -75,6 +75,8 @@ def test_local_hypervisor_comes_online_with_its_capabilities(worker, outside_obj
     unmanaged = {d["name"]: d for d in hv.unmanaged_domains}
     assert unmanaged[outside_objects["dom"]]["state"] == "off"
     assert outside_objects["ours"] not in unmanaged  # carries the portal's metadata
+    assert any(d["type"] == "pci" for d in hv.devices)  # passthrough candidates from the node devices
+    assert any(i["type"] == "ethernet" for i in hv.interfaces)  # for macvtap NICs
     assert hv.managed_domain_count >= 1
 
 

@@ -107,3 +107,19 @@ def test_ipmitool_drives_a_network_boot_machine(owner_api, local, bmc_server):
     # The other machine's BMC was not disturbed.
     other_creds = api.get(f"/api/v1/machines/{other.pk}/bmc/").json()
     assert "Chassis Power is off" in ipmi(other_creds, "power", "status").stdout
+
+
+def test_a_host_device_lands_in_the_defined_domain(owner_api, local, bmc_server):
+    """Passthrough is defined, never started here (no real device may be taken from this host)."""
+    device = next(d for d in local.devices if d["type"] == "pci")
+    machine = services.machine_create(owner=owner_api.owner, hypervisor=local, name="passthru", deploy_type="network",
+                                      nics=[services.NicInput(type="user")], hostdevs=[device["name"]])  # fmt: skip
+    machine = wait_for(lambda: (m := Machine.objects.get(pk=machine.pk)).status in ("active", "error") and m, 60)
+    assert machine.status == "active" and domstate(machine) == "shut off"
+    xml = subprocess.run(["virsh", "-c", "qemu:///system", "dumpxml", "--inactive", str(machine.uuid)],
+                         capture_output=True, text=True).stdout  # fmt: skip
+    assert "<hostdev mode='subsystem' type='pci' managed='yes'>" in xml
+    assert f"bus='0x{device['bus']:02x}' slot='0x{device['slot']:02x}'" in xml
+    with pytest.raises(Exception, match="already given to another machine"):
+        services.machine_create(owner=owner_api.owner, hypervisor=local, name="passthru2", deploy_type="network",
+                                nics=[services.NicInput(type="user")], hostdevs=[device["name"]])  # fmt: skip

@@ -148,3 +148,34 @@ def test_a_macvtap_nic_with_a_vlan_is_accepted(hv, settings):
                                       nics=[services.NicInput(type="direct", source="eno1", mode="passthrough", vlan=42)])  # fmt: skip
     nic = machine.nics.get()
     assert (nic.type, nic.source, nic.mode, nic.vlan) == ("direct", "eno1", "passthrough", 42)
+
+
+DEVICES = [
+    {"name": "pci_0000_03_00_0", "type": "pci", "vendor": "0x8086", "product": "0x1533", "description": "Intel I210",
+     "driver": "igb", "domain": 0, "bus": 3, "slot": 0, "function": 0},
+    {"name": "pci_0000_04_00_0", "type": "pci", "vendor": "0x8086", "product": "0x1533", "description": "Intel I210",
+     "driver": "igb", "domain": 0, "bus": 4, "slot": 0, "function": 0},
+]  # fmt: skip
+
+
+def test_host_devices_by_name_or_pattern_and_never_twice(hv, settings, django_capture_on_commit_callbacks):
+    settings.PORTAL_BMC_PORT_RANGE = "17330-17339"
+    hv.devices = DEVICES
+    hv.save()
+    host = FakeHost()
+    owner = UserFactory(username="d")
+    with mock.patch("machines.services.get_driver", lambda uri: FakeDriver(uri, host)):
+        with django_capture_on_commit_callbacks(execute=True):
+            first = services.machine_create(owner=owner, hypervisor=hv, name="d1", deploy_type="network", vcpus=2,
+                                            nics=[services.NicInput(type="user")], hostdevs=["pci_0000_03_00_0"])  # fmt: skip
+            second = services.machine_create(owner=owner, hypervisor=hv, name="d2", deploy_type="network", vcpus=2,
+                                             nics=[services.NicInput(type="user")], hostdev_match=r"8086:1533")  # fmt: skip
+    assert second.hostdevs == ["pci_0000_04_00_0"]  # the first match was taken
+    spec = host.domains[str(first.uuid)]["spec"]
+    assert [d["bus"] for d in spec.hostdevs] == [3]
+    with pytest.raises(ValidationError, match="already given to another machine"):
+        create(hv, hostdevs=["pci_0000_03_00_0"])
+    with pytest.raises(ValidationError, match="No free device"):
+        create(hv, hostdev_match="8086")
+    with pytest.raises(ValidationError, match="no PCI or USB device"):
+        create(hv, hostdevs=["pci_9999"])
