@@ -73,6 +73,14 @@ def is_x86(arch: str) -> bool:
     return arch in ("x86_64", "i686")
 
 
+def cdrom_bus(machine: Machine) -> str:
+    """IDE on i440fx (the Debian cloud kernel has no AHCI), SATA on q35, which has no IDE, and
+    virtio-scsi on other architectures, which have neither."""
+    if not is_x86(machine_arch(machine)):
+        return "scsi"
+    return "sata" if "q35" in (machine.machine_type or "") else "ide"
+
+
 def domain_spec(machine: Machine, *, disks: tuple[DiskSpec, ...], serial_log: str,
                 boot_devices: tuple[str, ...] = ()) -> DomainSpec:  # fmt: skip
     hv = machine.hypervisor
@@ -253,8 +261,7 @@ def provision(machine: Machine, driver: HypervisorDriver) -> None:
     disks = (
         DiskSpec(path=disk, format="qcow2", bus=machine.disk_bus, cache=machine.disk_cache, boot_order=1),
         *extra,
-        # IDE on x86 (the Debian cloud kernel has no AHCI); other architectures have no IDE: virtio-scsi.
-        DiskSpec(path=seed, device="cdrom", format="raw", bus="ide" if is_x86(machine_arch(machine)) else "scsi"),
+        DiskSpec(path=seed, device="cdrom", format="raw", bus=cdrom_bus(machine)),
     )
     ensure_domain(machine, driver, disks)
     ensure_running(machine, driver)
@@ -265,7 +272,7 @@ def cdrom_disks(machine: Machine, driver: HypervisorDriver) -> list[DiskSpec]:
     disks = []
     for cdrom in machine.cdroms.select_related("image"):
         path = ensure_image(machine, driver, cdrom.image) if cdrom.image else ""
-        disks.append(DiskSpec(path=path, device="cdrom", format="raw", bus="ide",
+        disks.append(DiskSpec(path=path, device="cdrom", format="raw", bus=cdrom_bus(machine),
                               boot_order=2 if cdrom.slot == 0 else None))  # fmt: skip
     return disks
 
@@ -295,8 +302,9 @@ def provision_network(machine: Machine, driver: HypervisorDriver) -> None:
 
 
 def cdrom_target(machine: Machine, slot: int) -> str:
-    """The guest device of an ISO machine's CD-ROM slot (the disk is virtio, the drives IDE: hda, hdb, ...)."""
-    return "hd" + "abcd"[slot]
+    """The guest device of an ISO machine's CD-ROM slot: the disk is virtio, so the drives are
+    the first IDE or SATA/SCSI targets (hda, hdb, ... or sda, sdb, ...)."""
+    return ("hd" if cdrom_bus(machine) == "ide" else "sd") + "abcd"[slot]
 
 
 def deprovision(machine: Machine, driver: HypervisorDriver) -> list[str]:

@@ -114,8 +114,8 @@ def _validate_hardware_input(owner, deploy_type: str, vcpus: int, hardware: dict
         raise ValidationError({"extra_disks": "Up to four extra disks, each 1 to 16384 GiB."})
     if hw.get("disk_bus", "virtio") not in ("virtio", "sata", "scsi", "ide"):
         raise ValidationError({"disk_bus": "Choose virtio, sata, scsi or ide."})
-    if deploy_type == DeployType.ISO and hw.get("disk_bus") == "ide":
-        raise ValidationError({"disk_bus": "ISO machines keep the IDE places for their CD-ROMs; use virtio, sata or scsi."})
+    if deploy_type == DeployType.ISO and hw.get("disk_bus", "virtio") != "virtio":
+        raise ValidationError({"disk_bus": "ISO machines keep the IDE or SATA places for their CD-ROMs; use virtio."})
     if hw.get("disk_cache", "") not in ("", "none", "writeback", "writethrough", "directsync", "unsafe"):
         raise ValidationError({"disk_cache": "Choose none, writeback, writethrough, directsync or unsafe."})
     if hw.get("firmware", "bios") not in ("bios", "uefi"):

@@ -320,8 +320,10 @@ menuentry 'tiny' {
 }
 EOF
 # shellcheck disable=SC2086 # module lists
+# efi_gop: with a video device, the kernel gets GOP's framebuffer (efifb), so
+# console=tty0 shows on the guest's screen too ("no suitable video mode" without one).
 grub-mkstandalone -O x86_64-efi -d /usr/lib/grub/x86_64-efi -o "$WORK/BOOTX64.EFI" \
-    --modules="$GRUB_MODULES" --install-modules="$GRUB_MODULES" \
+    --modules="$GRUB_MODULES efi_gop" --install-modules="$GRUB_MODULES efi_gop" \
     --locales= --fonts= --themes= \
     "boot/grub/grub.cfg=$WORK/grub-x86.cfg" >&2
 make_disk "$WORK/uefi.qcow2" TINYUEFI 5eed0e86 \

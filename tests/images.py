@@ -43,6 +43,19 @@ CLOUD_SCRIPT = SCRIPT.parent / "build-debian-cloud-image.sh"
 _cloud: str | None = None
 
 
+FIRMWARE_SCRIPT = SCRIPT.parent / "build-test-images-firmware.sh"
+_firmware: dict[str, str] | None = None
+
+
+def firmware_images() -> dict[str, str]:
+    """The UEFI x86_64 and the arm64 (UEFI, GRUB, Debian cloud kernel) tiny guests, cached."""
+    global _firmware
+    with _lock:
+        if _firmware is None:
+            _firmware = _run(FIRMWARE_SCRIPT)
+        return dict(_firmware)
+
+
 def debian_cloud_image() -> str:
     """Path of the Debian 12 cloud-init image (debootstrap, about 80 s the first time, cached)."""
     global _cloud

@@ -161,6 +161,8 @@ def build_domain_xml(spec: DomainSpec) -> str:
     _sub(graphics, "listen", type="address", address=spec.vnc_listen)
     video = _sub(devices, "video")
     _sub(video, "model", type=spec.video)
+    if spec.arch not in ("x86_64", "i686"):
+        _sub(devices, "controller", type="usb", model="qemu-xhci")  # libvirt adds none there; the tablet needs one
     _sub(devices, "input", type="tablet", bus="usb")
     for dev in spec.hostdevs:
         _hostdev(devices, dev)
