@@ -60,6 +60,8 @@ mount --bind "$W/etc" /etc/libvirt
 mount --bind "$W/lib" /var/lib/libvirt
 mount --bind "$W/cache" /var/cache/libvirt
 mount --bind "$W/log" /var/log/libvirt
+# A sysfs of this network namespace, so libvirt lists the namespace's interfaces, not the host's.
+mount -t sysfs private-libvirt-sys /sys
 ip link set lo up
 virtlogd -f "$W/etc/virtlogd.conf" -p "$W/virtlogd.pid" &
 vl=$!
