@@ -34,7 +34,8 @@ def usage_report(user) -> list[dict]:
     """For the dashboard and the create form: used, limit and percent per resource."""
     used = usage(user)
     limits = None if user.is_staff else quota_of(user).limits()
-    return [{"key": k, "label": label, "used": used[k], "limit": limits[k] if limits else None,
+    titles = {"machines": "Machines", "vcpus": "vCPUs", "memory_mib": "Memory (MiB)", "disk_gib": "Disk (GiB)"}
+    return [{"key": k, "label": label, "title": titles[k], "used": used[k], "limit": limits[k] if limits else None,
              "percent": min(100, round(100 * used[k] / limits[k])) if limits and limits[k] else 0}
             for k, label in RESOURCES.items()]  # fmt: skip
 

@@ -36,6 +36,7 @@ class MachineForm(forms.ModelForm):
         fields = ["deploy_type", "name", "hypervisor", "image", "vcpus", "memory_mib", "disk_gib", "pool", "ssh_authorized_keys",
                   "packages", "script", "user_data", "deletion_protection", "autostart", "machine_type", "cpu_mode",
                   "cpu_model", "watchdog", "rng", "disk_bus", "disk_cache", "firmware", "secure_boot"]  # fmt: skip
+        labels = {"vcpus": "vCPUs"}  # Django would capitalise it to "VCPUs"
         widgets = {
             "ssh_authorized_keys": forms.Textarea(attrs={"rows": 3, "placeholder": "ssh-ed25519 AAAA… you@laptop"}),
             "packages": forms.Textarea(attrs={"rows": 2, "placeholder": "nginx htop"}),

@@ -43,7 +43,8 @@ def test_usage_report_for_the_pages(settings):
     user = UserFactory(username="q")
     Machine.objects.create(name="a", owner=user, hypervisor=hv("h1"), deploy_type="network", memory_mib=512)
     report = {r["key"]: r for r in capacity.usage_report(user)}
-    assert report["machines"] == {"key": "machines", "label": "machines", "used": 1, "limit": 4, "percent": 25}
+    assert report["machines"] == {"key": "machines", "label": "machines", "title": "Machines", "used": 1, "limit": 4,
+                                  "percent": 25}  # fmt: skip
     assert report["memory_mib"]["used"] == 512
 
 
