@@ -10,6 +10,7 @@ import io
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import replace
 
 from huey.contrib.djhuey import HUEY
 from huey.exceptions import TaskLockedException
@@ -191,19 +192,36 @@ def ensure_blank_disk(machine: Machine, driver: HypervisorDriver) -> str:
     return result["path"]
 
 
+def extra_disk_entries(machine: Machine) -> list[dict]:
+    """Extra disks as {"size_gib", "image", "boot_order"}; a bare number is a blank disk of that size."""
+    return [d if isinstance(d, dict) else {"size_gib": d} for d in machine.extra_disks or []]
+
+
 def ensure_extra_disks(machine: Machine, driver: HypervisorDriver) -> list[DiskSpec]:
-    """Blank thin disks after the first, if the machine asks for any."""
-    paths: list[str] = []
+    """The extra disks: blank thin ones, or copy-on-write overlays of an image, with their boot order."""
+    disks: list[DiskSpec] = []
 
-    def step(i: int, size: int) -> str:
+    def step(i: int, entry: dict) -> str:
+        image = Image.objects.filter(pk=entry.get("image")).first() if entry.get("image") else None
+        backing = ensure_image(machine, driver, image) if image else ""
         vol = driver.create_volume(pool=machine.pool, name=machine.extra_disk_volume(i), fmt="qcow2",
-                                   capacity_bytes=size * GIB)  # fmt: skip
-        paths.append(vol.path)
-        return f"extra disk {i + 1}: {size} GiB"
+                                   capacity_bytes=entry["size_gib"] * GIB, backing_path=backing,
+                                   backing_format=image.format if image else "")  # fmt: skip
+        disks.append(DiskSpec(path=vol.path, bus=machine.disk_bus, cache=machine.disk_cache,
+                              boot_order=entry.get("boot_order")))  # fmt: skip
+        return f"extra disk {i + 1}: {entry['size_gib']} GiB" + (f" over image {image.name}" if image else " blank")
 
-    for i, size in enumerate(machine.extra_disks or []):
-        _timed(machine, "disk", lambda i=i, size=size: step(i, size))
-    return [DiskSpec(path=p, bus=machine.disk_bus, cache=machine.disk_cache) for p in paths]
+    for i, entry in enumerate(extra_disk_entries(machine)):
+        _timed(machine, "disk", lambda i=i, entry=entry: step(i, entry))
+    return disks
+
+
+def boot_order(disks: list[DiskSpec], *defaults: DiskSpec) -> tuple[DiskSpec, ...]:
+    """Disks that asked for a boot order come first, in that order; then the defaults (main disk,
+    installer CD-ROM) as they are listed. The orders are renumbered from 1."""
+    asked = sorted((d for d in disks if d.boot_order), key=lambda d: d.boot_order)
+    rank = {id(d): n for n, d in enumerate([*asked, *defaults], start=1)}
+    return tuple(replace(d, boot_order=rank.get(id(d))) for d in disks)
 
 
 def ensure_seed(machine: Machine, driver: HypervisorDriver) -> str:
@@ -258,12 +276,9 @@ def provision(machine: Machine, driver: HypervisorDriver) -> None:
     disk = ensure_disk(machine, driver, base)
     extra = ensure_extra_disks(machine, driver)
     seed = ensure_seed(machine, driver)
-    disks = (
-        DiskSpec(path=disk, format="qcow2", bus=machine.disk_bus, cache=machine.disk_cache, boot_order=1),
-        *extra,
-        DiskSpec(path=seed, device="cdrom", format="raw", bus=cdrom_bus(machine)),
-    )
-    ensure_domain(machine, driver, disks)
+    main = DiskSpec(path=disk, format="qcow2", bus=machine.disk_bus, cache=machine.disk_cache)
+    seed_disk = DiskSpec(path=seed, device="cdrom", format="raw", bus=cdrom_bus(machine))
+    ensure_domain(machine, driver, boot_order([main, *extra, seed_disk], main))
     ensure_running(machine, driver)
 
 
@@ -272,9 +287,8 @@ def cdrom_disks(machine: Machine, driver: HypervisorDriver) -> list[DiskSpec]:
     disks = []
     for cdrom in machine.cdroms.select_related("image"):
         path = ensure_image(machine, driver, cdrom.image) if cdrom.image else ""
-        disks.append(DiskSpec(path=path, device="cdrom", format="raw", bus=cdrom_bus(machine),
-                              boot_order=2 if cdrom.slot == 0 else None))  # fmt: skip
-    return disks
+        disks.append(DiskSpec(path=path, device="cdrom", format="raw", bus=cdrom_bus(machine)))
+    return disks  # by slot: the installer first
 
 
 def provision_iso(machine: Machine, driver: HypervisorDriver) -> None:
@@ -283,8 +297,8 @@ def provision_iso(machine: Machine, driver: HypervisorDriver) -> None:
     cdroms = cdrom_disks(machine, driver)
     disk = ensure_blank_disk(machine, driver)
     extra = ensure_extra_disks(machine, driver)
-    main = DiskSpec(path=disk, format="qcow2", bus=machine.disk_bus, cache=machine.disk_cache, boot_order=1)
-    ensure_domain(machine, driver, (main, *extra, *cdroms))
+    main = DiskSpec(path=disk, format="qcow2", bus=machine.disk_bus, cache=machine.disk_cache)
+    ensure_domain(machine, driver, boot_order([main, *extra, *cdroms], main, *cdroms[:1]))
     ensure_running(machine, driver)
 
 

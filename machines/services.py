@@ -109,9 +109,8 @@ def _validate_hardware_input(owner, deploy_type: str, vcpus: int, hardware: dict
     smbios = hw.get("smbios") or {}
     if not isinstance(smbios, dict) or set(smbios) - SMBIOS_KEYS or any(not isinstance(v, str) or len(v) > 64 for v in smbios.values()):
         raise ValidationError({"smbios": f"Use the keys {', '.join(sorted(SMBIOS_KEYS))}, with text of at most 64 characters."})
-    extra = hw.get("extra_disks") or []
-    if len(extra) > 4 or not all(isinstance(n, int) and 1 <= n <= 16384 for n in extra):
-        raise ValidationError({"extra_disks": "Up to four extra disks, each 1 to 16384 GiB."})
+    if "extra_disks" in hw:
+        hw["extra_disks"] = _normalise_extra_disks(hw["extra_disks"], deploy_type)
     if hw.get("disk_bus", "virtio") not in ("virtio", "sata", "scsi", "ide"):
         raise ValidationError({"disk_bus": "Choose virtio, sata, scsi or ide."})
     if deploy_type == DeployType.ISO and hw.get("disk_bus", "virtio") != "virtio":
@@ -165,6 +164,36 @@ def _claim_hostdevs(hypervisor: Hypervisor, hw: dict) -> dict:
     if len(set(names)) != len(names):
         raise ValidationError({"hostdevs": "A device can be given once."})
     return {**hw, "hostdevs": names}
+
+
+def _normalise_extra_disks(entries, deploy_type: str) -> list[dict]:
+    """Each extra disk as {"size_gib", "image", "boot_order"}: a number is a blank disk of that size;
+    an image makes it a copy-on-write overlay of that image; a boot order puts it before the main disk."""
+    if not isinstance(entries, list) or len(entries) > 4:
+        raise ValidationError({"extra_disks": "Up to four extra disks."})
+    disks, orders = [], []
+    for n, entry in enumerate(entries, start=1):
+        entry = {"size_gib": entry} if isinstance(entry, int) else entry
+        if not isinstance(entry, dict) or set(entry) - {"size_gib", "image", "boot_order"}:
+            raise ValidationError({"extra_disks": f"Disk {n}: a size in GiB, or {{size_gib, image, boot_order}}."})
+        size, image_id, order = entry.get("size_gib"), entry.get("image"), entry.get("boot_order")
+        if not isinstance(size, int) or not 1 <= size <= 16384:
+            raise ValidationError({"extra_disks": f"Disk {n}: a size of 1 to 16384 GiB."})
+        if image_id is not None:
+            image = Image.objects.filter(pk=image_id, kind="disk", status="ready").first() if isinstance(image_id, int) else None
+            if image is None:
+                raise ValidationError({"extra_disks": f"Disk {n}: {image_id!r} is not a ready disk image."})
+            if image.virtual_size_bytes > size << 30:
+                raise ValidationError({"extra_disks": f"Disk {n}: image {image.name} needs at least "
+                                                      f"{-(-image.virtual_size_bytes // (1 << 30))} GiB."})  # fmt: skip
+        if order is not None:
+            if deploy_type == DeployType.NETWORK:
+                raise ValidationError({"extra_disks": "Network-boot machines boot from the network, then their first disk."})
+            if not isinstance(order, int) or order < 1 or order in orders:
+                raise ValidationError({"extra_disks": f"Disk {n}: boot orders are distinct positive numbers."})
+            orders.append(order)
+        disks.append({"size_gib": size, "image": image_id, "boot_order": order})
+    return disks
 
 
 def _validate_hardware_against(hypervisor: Hypervisor, hw: dict, image: Image | None = None) -> None:
@@ -248,7 +277,7 @@ def machine_create(*, owner, hypervisor: Hypervisor | None, name: str, deploy_ty
     if project is not None and not project_choices(owner).filter(pk=project.pk).exists():
         raise ValidationError({"project": f"You are not an admin of project {project.name}."})
     hardware = _validate_hardware_input(owner, deploy_type, vcpus, hardware)
-    total_disk = disk_gib + sum(hardware.get("extra_disks", []))
+    total_disk = disk_gib + sum(d["size_gib"] for d in hardware.get("extra_disks", []))
     check_quota(owner, machines=1, vcpus=vcpus, memory_mib=memory_mib, disk_gib=total_disk, project=project)
     placement = None
     if hypervisor is None:  # "any hypervisor": the one with most room

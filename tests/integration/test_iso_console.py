@@ -206,3 +206,19 @@ def test_a_project_viewer_gets_a_view_only_console(iso_machine, console_proxy):
     status, banner = handshake(console_proxy, f"/console/{iso_machine.pk}?token={r.json()['token']}")
     assert status == 101 and banner.startswith(b"RFB")
     wait_for(lambda: f"console of machine {iso_machine.pk} for user {viewer.pk} (view only)" in (ARTIFACTS / "console.log").read_text(), 10)
+
+
+def test_an_extra_disk_from_an_image_with_boot_order_one_boots_first(worker, local, tiny_iso, tiny_image):
+    owner = UserFactory(username="multi-disk")
+    machine = services.machine_create(owner=owner, hypervisor=local, name="multi1", deploy_type="iso", image=tiny_iso,
+                                      memory_mib=256, disk_gib=1,
+                                      extra_disks=[{"size_gib": 1, "image": tiny_image.pk, "boot_order": 1}, 2])  # fmt: skip
+    machine = wait_for(lambda: (m := Machine.objects.get(pk=machine.pk)).status in ("active", "error") and m, 120)
+    assert machine.status == "active", machine.status_message
+    xml = virsh("dumpxml", "--inactive", str(machine.uuid))
+    disks = xml.split("<disk ")[1:]
+    order = {d.split("<target dev='")[1].split("'")[0]: (d.split("<boot order='")[1].split("'")[0] if "<boot order" in d else None) for d in disks}
+    assert order == {"vda": "2", "vdb": "1", "vdc": None, "hda": "3"}, order
+    assert "<backingStore" in virsh("vol-dumpxml", "--pool", "default", machine.extra_disk_volume(0))
+    log = serial_log(machine.pk, "SYSLINUX", "TINY-GUEST ready")  # the image disk, not the installer ISO
+    assert "ISOLINUX" not in log

@@ -179,3 +179,33 @@ def test_host_devices_by_name_or_pattern_and_never_twice(hv, settings, django_ca
         create(hv, hostdev_match="8086")
     with pytest.raises(ValidationError, match="no PCI or USB device"):
         create(hv, hostdevs=["pci_9999"])
+
+
+def test_boot_order_puts_asked_disks_first():
+    from hypervisors.drivers.base import DiskSpec
+    from machines.provisioning import boot_order
+
+    main, extra, cd = DiskSpec(path="/m"), DiskSpec(path="/x", boot_order=1), DiskSpec(path="/c", device="cdrom")
+    blank = DiskSpec(path="/b")
+    ordered = boot_order([main, extra, blank, cd], main, cd)
+    assert [(d.path, d.boot_order) for d in ordered] == [("/m", 2), ("/x", 1), ("/b", None), ("/c", 3)]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([{"size_gib": 1, "image": 999}], "not a ready disk image"),
+        ([{"size_gib": 1, "colour": "red"}], "a size in GiB"),
+        ([{"size_gib": 1, "boot_order": 1}], "boot from the network"),
+    ],
+)
+def test_bad_extra_disks_are_refused(hv, extra, message):
+    with pytest.raises(ValidationError, match=message):
+        create(hv, extra_disks=extra)
+
+
+def test_boot_orders_of_extra_disks_are_distinct():
+    with pytest.raises(ValidationError, match="distinct positive"):
+        services._normalise_extra_disks([{"size_gib": 1, "boot_order": 1}, {"size_gib": 1, "boot_order": 1}], "iso")
+    assert services._normalise_extra_disks([3, {"size_gib": 1, "boot_order": 2}], "iso") == [
+        {"size_gib": 3, "image": None, "boot_order": None}, {"size_gib": 1, "image": None, "boot_order": 2}]
