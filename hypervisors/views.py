@@ -35,7 +35,7 @@ def hypervisor_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     return render(request, template, {"hv": hv, "network_form": NetworkForm()})
 
 
-def _save_form(request, form: HypervisorForm, save) -> Hypervisor | None:
+def _save_form(form: HypervisorForm, save) -> Hypervisor | None:
     """Run a service with the form's data; put its ValidationError back on the form."""
     if not form.is_valid():
         return None
@@ -51,7 +51,7 @@ def _save_form(request, form: HypervisorForm, save) -> Hypervisor | None:
 def hypervisor_create(request: HtmxHttpRequest) -> HttpResponse:
     form = HypervisorForm(request.POST or None)
     if request.method == "POST":
-        hv = _save_form(request, form, lambda data: services.hypervisor_create(**data))
+        hv = _save_form(form, lambda data: services.hypervisor_create(**data))
         if hv:
             messages.success(request, f"Hypervisor {hv.name} added; checking the connection now.")
             return redirect(hv)
@@ -64,7 +64,7 @@ def hypervisor_edit(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     hv = get_object_or_404(Hypervisor, pk=pk)
     form = HypervisorForm(request.POST or None, instance=Hypervisor.objects.get(pk=pk))
     if request.method == "POST":
-        saved = _save_form(request, form, lambda data: services.hypervisor_update(hypervisor=hv, **data))
+        saved = _save_form(form, lambda data: services.hypervisor_update(hypervisor=hv, **data))
         if saved:
             messages.success(request, f"Hypervisor {saved.name} saved.")
             return redirect(saved)

@@ -439,7 +439,7 @@ def machine_power_run(machine_id: int, action: str) -> None:
         state = None
         machine.log("power", f"{PowerAction(action).label} failed: {e}", level="error")
     finally:
-        Machine.objects.filter(pk=machine.pk).update(operation="", operation_started=None)
+        _release_operation(machine)
     if state is not None:
         Machine.objects.filter(pk=machine.pk).update(power_state=str(state), power_checked=timezone.now())
 
@@ -604,6 +604,11 @@ def _claim_operation(machine: Machine, operation: str) -> None:
 
 
 @audited("machine.media", obj_kwarg="machine")
+def _release_operation(machine: Machine) -> None:
+    """The other half of _claim_operation: the machine takes the next operation."""
+    Machine.objects.filter(pk=machine.pk).update(operation="", operation_started=None)
+
+
 @transaction.atomic
 def machine_change_media(*, machine: Machine, slot: int, image: Image | None) -> None:
     """Insert an ISO into a CD-ROM drive of an ISO machine, or eject it (image None)."""
@@ -629,7 +634,7 @@ def machine_change_media_run(machine_id: int, slot: int, image_id: int | None) -
     except HypervisorError as e:
         machine.log("media", f"drive {slot}: failed: {e}", level="error")
     finally:
-        Machine.objects.filter(pk=machine.pk).update(operation="", operation_started=None)
+        _release_operation(machine)
 
 
 @audited("machine.boot_cdrom", obj_kwarg="machine")
@@ -654,7 +659,7 @@ def machine_boot_cdrom_run(machine_id: int) -> None:
     except HypervisorError as e:
         machine.log("power", f"boot from CD-ROM failed: {e}", level="error")
     finally:
-        Machine.objects.filter(pk=machine.pk).update(operation="", operation_started=None)
+        _release_operation(machine)
 
 
 def screenshot_path(machine: Machine) -> Path:
@@ -757,7 +762,7 @@ def _power_through_bmc(machine: Machine, action: str) -> None:
     except bmc.BmcError as e:
         machine.log("power", f"{PowerAction(action).label} through the BMC failed: {e}", level="error")
     finally:
-        Machine.objects.filter(pk=machine.pk).update(operation="", operation_started=None)
+        _release_operation(machine)
 
 
 @audited("machine.boot_device", obj_kwarg="machine")
@@ -781,7 +786,7 @@ def machine_set_boot_device_run(machine_id: int, device: str, persistent: bool) 
     except bmc.BmcError as e:
         machine.log("bmc", f"setting the boot device failed: {e}", level="error")
     finally:
-        Machine.objects.filter(pk=machine.pk).update(operation="", operation_started=None)
+        _release_operation(machine)
 
 
 def instackenv(machines, *, user) -> dict:

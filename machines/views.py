@@ -155,27 +155,30 @@ def machine_preview(request: HtmxHttpRequest) -> HttpResponse:
     return render(request, "machines/form.html#preview", {"documents": documents, "preview_error": error})
 
 
+def _act(request, machine: Machine, call, done: str = "") -> HttpResponse:
+    """Run a machine service from a button: its refusal becomes a message; back to the machine."""
+    try:
+        call()
+        if done:
+            messages.info(request, done)
+    except (services.MachineError, ValidationError, ValueError) as e:
+        messages.error(request, " ".join(e.messages) if isinstance(e, ValidationError) else str(e))
+    return redirect(machine)
+
+
 @login_required
 @require_POST
 def machine_power(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     machine = _get_machine_for_user(request, pk, access.OPERATE)
-    try:
-        services.machine_power(machine=machine, action=request.POST.get("action", ""))
-    except services.MachineError as e:
-        messages.error(request, str(e))
-    return redirect(machine)
+    return _act(request, machine, lambda: services.machine_power(machine=machine, action=request.POST.get("action", "")))
 
 
 @login_required
 @require_POST
 def machine_rebuild(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     machine = _get_machine_for_user(request, pk, access.ADMIN)
-    try:
-        services.machine_rebuild(machine=machine)
-        messages.info(request, f"Rebuilding {machine.name} from {machine.image}.")
-    except services.MachineError as e:
-        messages.error(request, str(e))
-    return redirect(machine)
+    return _act(request, machine, lambda: services.machine_rebuild(machine=machine),
+                f"Rebuilding {machine.name} from {machine.image}.")  # fmt: skip
 
 
 @login_required
@@ -183,14 +186,12 @@ def machine_rebuild(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 def machine_grow_disk(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     machine = _get_machine_for_user(request, pk, access.ADMIN)
     form = GrowDiskForm(request.POST)
-    try:
-        if not form.is_valid():
-            raise ValidationError(form.errors.as_text())
-        services.machine_grow_disk(machine=machine, disk_gib=form.cleaned_data["disk_gib"])
-        messages.info(request, f"Growing the disk of {machine.name} to {form.cleaned_data['disk_gib']} GiB.")
-    except (services.MachineError, ValidationError) as e:
-        messages.error(request, " ".join(e.messages) if isinstance(e, ValidationError) else str(e))
-    return redirect(machine)
+    if not form.is_valid():
+        messages.error(request, form.errors.as_text())
+        return redirect(machine)
+    size = form.cleaned_data["disk_gib"]
+    return _act(request, machine, lambda: services.machine_grow_disk(machine=machine, disk_gib=size),
+                f"Growing the disk of {machine.name} to {size} GiB.")  # fmt: skip
 
 
 @login_required
@@ -282,25 +283,19 @@ def machine_media(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     machine = _get_machine_for_user(request, pk, access.OPERATE)
     image_id = request.POST.get("image") or None
     image = Image.objects.filter(pk=image_id).first() if image_id else None
-    try:
-        if image_id and image is None:
-            raise services.MachineError("No such ISO.")
-        services.machine_change_media(machine=machine, slot=int(request.POST.get("slot", "0")), image=image)
-    except (services.MachineError, ValueError) as e:
-        messages.error(request, str(e))
-    return redirect(machine)
+    if image_id and image is None:
+        messages.error(request, "No such ISO.")
+        return redirect(machine)
+    return _act(request, machine, lambda: services.machine_change_media(
+        machine=machine, slot=int(request.POST.get("slot", "0")), image=image))
 
 
 @login_required
 @require_POST
 def machine_boot_cdrom(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     machine = _get_machine_for_user(request, pk, access.OPERATE)
-    try:
-        services.machine_boot_cdrom_once(machine=machine)
-        messages.info(request, f"{machine.name} is restarting from its CD-ROM.")
-    except services.MachineError as e:
-        messages.error(request, str(e))
-    return redirect(machine)
+    return _act(request, machine, lambda: services.machine_boot_cdrom_once(machine=machine),
+                f"{machine.name} is restarting from its CD-ROM.")  # fmt: skip
 
 
 @login_required
@@ -321,13 +316,9 @@ def machine_bmc_reveal(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 @require_POST
 def machine_boot_device(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     machine = _get_machine_for_user(request, pk, access.OPERATE)
-    try:
-        services.machine_set_boot_device(machine=machine, device=request.POST.get("device", ""),
-                                         persistent=request.POST.get("persistent") == "1")  # fmt: skip
-        messages.info(request, "Boot device set through the BMC; it takes effect at the next cold start.")
-    except services.MachineError as e:
-        messages.error(request, str(e))
-    return redirect(machine)
+    return _act(request, machine, lambda: services.machine_set_boot_device(
+        machine=machine, device=request.POST.get("device", ""), persistent=request.POST.get("persistent") == "1"),
+        "Boot device set through the BMC; it takes effect at the next cold start.")  # fmt: skip
 
 
 @login_required
