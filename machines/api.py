@@ -87,8 +87,9 @@ class MachineSerializer(serializers.ModelSerializer):
                   "deletion_protection", "autostart", "status", "status_message", "power_state", "operation",
                   "domain_name", "created", "events", "extra_isos", "cdroms", "power_on", "bmc", "project",
                   "machine_type", "cpu_mode", "cpu_model", "cpu_topology", "smbios", "watchdog", "rng", "disk_bus",
-                  "disk_cache", "extra_disks", "qemu_args", "firmware", "secure_boot", "hostdevs", "hostdev_match"]  # fmt: skip
-        read_only_fields = ["uuid", "status", "status_message", "power_state", "operation", "domain_name", "created"]
+                  "disk_cache", "extra_disks", "qemu_args", "firmware", "secure_boot", "hostdevs", "hostdev_match", "guest_addresses"]  # fmt: skip
+        read_only_fields = ["uuid", "status", "status_message", "power_state", "operation", "domain_name", "created",
+                            "guest_addresses"]  # fmt: skip
         validators = []  # the service validates (with the owner, which the request supplies)
 
     def get_bmc(self, machine) -> dict | None:

@@ -62,6 +62,8 @@ class Machine(models.Model):
     status_changed = models.DateTimeField(default=timezone.now)
     power_state = models.CharField(max_length=8, choices=PowerState.choices, default=PowerState.UNKNOWN)
     power_checked = models.DateTimeField(null=True, blank=True)
+    guest_addresses = models.JSONField(default=dict, blank=True, editable=False,
+                                       help_text="MAC -> the addresses the running guest was last seen with.")  # fmt: skip
     operation = models.CharField(max_length=16, blank=True, help_text="The power action in progress, if any.")
     operation_started = models.DateTimeField(null=True, blank=True)
     attempts = models.PositiveSmallIntegerField(default=0)
@@ -106,6 +108,11 @@ class Machine(models.Model):
             if wanted == "disk" and image.virtual_size_bytes > self.disk_gib << 30:
                 need = -(-image.virtual_size_bytes // (1 << 30))
                 raise ValidationError({"disk_gib": f"The image needs at least {need} GiB."})
+
+    @property
+    def address_list(self) -> list[str]:
+        """Every address the running guest was last seen with, without prefixes, for lists."""
+        return [a.split("/")[0] for addrs in (self.guest_addresses or {}).values() for a in addrs]
 
     # Names of what the machine owns on its hypervisor, all derived from the UUID.
     @property
@@ -195,6 +202,11 @@ class MachineNic(models.Model):
 
     def __str__(self) -> str:
         return f"{self.machine} nic{self.index} {self.mac}"
+
+    @property
+    def seen_addresses(self) -> list[str]:
+        """What the running guest has on this NIC, as the last reconcile saw it."""
+        return self.machine.guest_addresses.get(self.mac.lower(), [])
 
 
 class MachineEvent(models.Model):

@@ -136,6 +136,11 @@ def _hexid(value: str) -> str:
     return value[2:] if value.startswith("0x") else value
 
 
+def taken_hostdevs(hypervisor: Hypervisor) -> set[str]:
+    """Node devices of the hypervisor already given to a machine."""
+    return {n for m in Machine.objects.filter(hypervisor=hypervisor).only("hostdevs") for n in (m.hostdevs or [])}
+
+
 def _claim_hostdevs(hypervisor: Hypervisor, hw: dict) -> dict:
     """Resolve host devices (by name, or the first free one matching `hostdev_match`) and make sure none is
     already given to another machine. Runs in the create transaction with the hypervisor row locked."""
@@ -144,7 +149,7 @@ def _claim_hostdevs(hypervisor: Hypervisor, hw: dict) -> dict:
     if not names and not pattern:
         return hw
     Hypervisor.objects.select_for_update().filter(pk=hypervisor.pk).first()
-    taken = {n for m in Machine.objects.filter(hypervisor=hypervisor).only("hostdevs") for n in (m.hostdevs or [])}
+    taken = taken_hostdevs(hypervisor)
     devices = {d["name"]: d for d in hypervisor.devices}
     if pattern:
         try:
@@ -568,22 +573,26 @@ def hypervisor_reconcile_run(hypervisor_id: int) -> None:
 
 
 def _reconcile_power(hv: Hypervisor) -> None:
+    """Power states of the hypervisor's machines, and the addresses of those that run."""
+    machines = list(hv.machines.exclude(status__in=[Status.NEW, Status.PROVISIONING, Status.DELETING]))
+    addresses = {}
     try:
         with get_driver(hv.uri) as driver:
             states = driver.domain_states()
+            for machine in machines:
+                if states.get(str(machine.uuid)) == PowerState.RUNNING:
+                    addresses[machine.pk] = driver.domain_addresses(str(machine.uuid))
     except HypervisorError as e:
         log.info("reconcile %s: %s", hv.name, e)
         return
     now = timezone.now()
-    for machine in hv.machines.exclude(status__in=[Status.NEW, Status.PROVISIONING, Status.DELETING]):
+    for machine in machines:
         state = states.get(str(machine.uuid))
         new = PowerState.MISSING if state is None else str(state)
-        if new != machine.power_state:
-            if new == PowerState.MISSING:
-                machine.log("reconcile", "the domain vanished from the hypervisor", level="warning")
-            Machine.objects.filter(pk=machine.pk).update(power_state=new, power_checked=now)
-        else:
-            Machine.objects.filter(pk=machine.pk).update(power_checked=now)
+        if new != machine.power_state and new == PowerState.MISSING:
+            machine.log("reconcile", "the domain vanished from the hypervisor", level="warning")
+        Machine.objects.filter(pk=machine.pk).update(power_state=new, power_checked=now,
+                                                     guest_addresses=addresses.get(machine.pk, {}))  # fmt: skip
 
 
 @audited("machine.protection", obj_kwarg="machine")

@@ -32,8 +32,9 @@ command -v npm >/dev/null || packages+=(nodejs npm)
 # Without systemd, libvirt-daemon-system would pull systemd in and replace init.
 [ "$have_systemd" = 1 ] && packages+=(libvirt-daemon-system)
 if [ "$want_test" = 1 ]; then
-    # Browser tests; private libvirtd networks (DHCP/TFTP) inside network namespaces for the PXE test.
-    packages+=(chromium fonts-dejavu-core dnsmasq-base iptables iproute2)
+    # Browser tests; private libvirtd networks (DHCP/TFTP) inside network namespaces for the PXE and NIC
+    # tests, and ping to reach their guests.
+    packages+=(chromium fonts-dejavu-core dnsmasq-base iptables iproute2 iputils-ping)
 fi
 
 installed_now=0

@@ -95,6 +95,10 @@ class FakeDriver(HypervisorDriver):
     def domain_states(self):
         return {u: d["state"] for u, d in self.host.domains.items()}
 
+    def domain_addresses(self, uuid):
+        dom = self.host.domains.get(uuid)
+        return dict(dom.get("addresses", {})) if dom and dom["state"] == PowerState.RUNNING else {}
+
     def set_autostart(self, uuid, enabled):
         self._dom(uuid)["autostart"] = enabled
 

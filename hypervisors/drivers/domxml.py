@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import xml.etree.ElementTree as ET
 
 from hypervisors.drivers.base import PORTAL_METADATA_NS, DiskSpec, DomainSpec, NicSpec
 
+GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
 _DEV_PREFIX = {"virtio": "vd", "ide": "hd", "sata": "sd", "scsi": "sd"}
 
 
@@ -157,6 +159,9 @@ def build_domain_xml(spec: DomainSpec) -> str:
     _sub(serial, "target", port="0")
     console = _sub(devices, "console", type="pty")
     _sub(console, "target", type="serial", port="0")
+    # For a QEMU guest agent, if the guest runs one: its addresses, and libvirt marks the channel connected.
+    agent = _sub(devices, "channel", type="unix")
+    _sub(agent, "target", type="virtio", name=GUEST_AGENT_CHANNEL)
     graphics = _sub(devices, "graphics", type="vnc", port="-1", autoport="yes", listen=spec.vnc_listen)
     _sub(graphics, "listen", type="address", address=spec.vnc_listen)
     video = _sub(devices, "video")
@@ -224,6 +229,35 @@ def with_boot_first(xml: str, target: str) -> str:
             boot = ET.SubElement(dev, "boot")
         boot.set("order", str(order))
     return ET.tostring(root, encoding="unicode")
+
+
+def agent_connected(xml: str) -> bool:
+    """Whether a running domain's guest agent answers on its channel (live XML), so asking it will not hang."""
+    target = ET.fromstring(xml).find(f"devices/channel/target[@name='{GUEST_AGENT_CHANNEL}']")
+    return target is not None and target.get("state") == "connected"
+
+
+def merge_addresses(*reports: dict) -> dict[str, list[str]]:
+    """MAC -> the guest's addresses, from libvirt interfaceAddresses() results (leases, agent, ARP),
+    first report first. Loopback and link-local addresses are left out; an address one source gives
+    with its prefix is not repeated bare by another (ARP has no prefix)."""
+    found: dict[str, list[str]] = {}
+    for report in reports:
+        for iface in report.values():
+            mac = (iface.get("hwaddr") or "").lower()
+            if not mac or mac == "00:00:00:00:00:00":
+                continue
+            have = found.setdefault(mac, [])
+            for a in iface.get("addrs") or []:
+                try:
+                    ip = ipaddress.ip_address(a.get("addr", ""))
+                except ValueError:
+                    continue
+                if ip.is_loopback or ip.is_link_local or any(h.split("/")[0] == str(ip) for h in have):
+                    continue
+                prefix = a.get("prefix") or 0
+                have.append(f"{ip}/{prefix}" if prefix else str(ip))
+    return {mac: addrs for mac, addrs in found.items() if addrs}
 
 
 def parse_vnc(xml: str) -> tuple[str, int] | None:

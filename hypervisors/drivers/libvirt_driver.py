@@ -31,8 +31,10 @@ from hypervisors.drivers.base import (
     VolumeInfo,
 )
 from hypervisors.drivers.domxml import (
+    agent_connected,
     build_domain_xml,
     cdrom_xml,
+    merge_addresses,
     parse_node_device,
     parse_vnc,
     volume_xml,
@@ -703,6 +705,31 @@ class LibvirtDriver(HypervisorDriver):
             if dom is None or not dom.isActive():
                 return None
             return parse_vnc(dom.XMLDesc(0))
+
+        return self._call(run)
+
+    def domain_addresses(self, uuid: str) -> dict[str, list[str]]:
+        """MAC -> addresses the running guest has, as far as the hypervisor can tell: the DHCP leases of
+        libvirt networks, the guest agent when one answers, and the host's ARP table (bridges, macvtap
+        seen from the host's side of the wire). Empty when off."""
+
+        def run(conn):
+            dom = self._dom(conn, uuid)
+            if dom is None or not dom.isActive():
+                return {}
+            sources = [libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE]
+            if agent_connected(dom.XMLDesc(0)):
+                sources.append(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT)
+            sources.append(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP)
+            reports = []
+            for source in sources:
+                try:
+                    reports.append(dom.interfaceAddresses(source, 0) or {})
+                except libvirt.libvirtError as e:
+                    if isinstance(translate(e), HypervisorUnavailable):
+                        raise
+                    log.debug("addresses of %s from source %s: %s", uuid, source, e)
+            return merge_addresses(*reports)
 
         return self._call(run)
 

@@ -156,3 +156,36 @@ def test_node_devices_parse_and_pass_through():
     assert first.get("type") == "pci" and first.get("managed") == "yes"
     assert first.find("source/address").attrib == {"domain": "0x0000", "bus": "0x03", "slot": "0x00", "function": "0x0"}
     assert second.find("source/vendor").get("id") == "0x1234" and second.find("source/product").get("id") == "0x5678"
+
+
+def test_guest_agent_channel_and_its_connected_state():
+    from hypervisors.drivers.domxml import GUEST_AGENT_CHANNEL, agent_connected
+
+    xml = build_domain_xml(spec())
+    channel = parse(spec()).find("devices/channel")
+    assert channel.get("type") == "unix" and channel.find("target").attrib == {"type": "virtio", "name": GUEST_AGENT_CHANNEL}
+    assert not agent_connected(xml)  # defined: no state yet
+    live = xml.replace(f"name=\"{GUEST_AGENT_CHANNEL}\"", f"name=\"{GUEST_AGENT_CHANNEL}\" state=\"disconnected\"")
+    assert not agent_connected(live)
+    assert agent_connected(live.replace("disconnected", "connected"))
+
+
+def test_addresses_merge_from_leases_agent_and_arp():
+    from hypervisors.drivers.domxml import merge_addresses
+
+    V4, V6 = 0, 1  # libvirt's VIR_IP_ADDR_TYPE_*
+    lease = {"vnet0": {"hwaddr": "52:54:00:AA:00:01", "addrs": [{"type": V4, "addr": "192.168.122.50", "prefix": 24}]}}
+    agent = {
+        "lo": {"hwaddr": "00:00:00:00:00:00", "addrs": [{"type": V4, "addr": "127.0.0.1", "prefix": 8}]},
+        "eth0": {"hwaddr": "52:54:00:aa:00:01", "addrs": [{"type": V4, "addr": "192.168.122.50", "prefix": 24},
+                                                         {"type": V6, "addr": "fe80::5054:ff:feaa:1", "prefix": 64},
+                                                         {"type": V6, "addr": "2001:db8::50", "prefix": 64}]},
+        "eth1": {"hwaddr": "52:54:00:aa:00:02", "addrs": None},
+    }  # fmt: skip
+    arp = {"vnet1": {"hwaddr": "52:54:00:aa:00:03", "addrs": [{"type": V4, "addr": "10.0.0.7", "prefix": 0}]},
+           "vnet0": {"hwaddr": "52:54:00:aa:00:01", "addrs": [{"type": V4, "addr": "192.168.122.50", "prefix": 0}]}}  # fmt: skip
+    assert merge_addresses(lease, agent, arp) == {
+        "52:54:00:aa:00:01": ["192.168.122.50/24", "2001:db8::50/64"],  # loopback, link-local and repeats left out
+        "52:54:00:aa:00:03": ["10.0.0.7"],  # ARP knows no prefix
+    }
+    assert merge_addresses() == {} and merge_addresses({"x": {"hwaddr": "", "addrs": []}}) == {}

@@ -146,6 +146,10 @@ def test_pxe_install_over_ipmi_in_a_private_network(pxe_lab, worker, bmc_server)
         assert lease and lease[1].startswith(f"{SUBNET}."), lease  # the private dnsmasq's DHCP
         leases = lv.virsh("net-dhcp-leases", NETWORK)
         assert mac in leases and f"{SUBNET}." in leases, leases
+        # The portal shows the address on the machine's NIC, from the network's leases.
+        services.hypervisor_reconcile_run(machine.hypervisor_id)
+        nic = Machine.objects.get(pk=machine.pk).nics.get()
+        assert nic.seen_addresses == [lease[1]], (nic.seen_addresses, lease[1])
     finally:
         ipmi(creds, "power", "off")
     wait_for(lambda: domstate(lv, machine) == "shut off", 30)

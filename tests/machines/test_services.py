@@ -247,3 +247,19 @@ def test_reconcile_fails_stuck_machines_and_notices_vanished_domains(host, owner
     assert stuck.status == Status.ERROR and "timed out" in stuck.status_message
     assert machine.power_state == "missing"
     assert machine.events.filter(step="reconcile").exists()
+
+
+def test_reconcile_records_the_addresses_of_running_guests(host, owner, hv, image, django_capture_on_commit_callbacks):
+    machine = create(django_capture_on_commit_callbacks, **base_kwargs(owner, hv, image))
+    mac = machine.nics.get().mac
+    dom = host.domains[str(machine.uuid)]
+    dom["state"] = PowerState.RUNNING
+    dom["addresses"] = {mac: ["192.0.2.10/24"]}
+    services.machines_reconcile()
+    machine.refresh_from_db()
+    assert machine.guest_addresses == {mac: ["192.0.2.10/24"]}
+    assert machine.nics.get().seen_addresses == ["192.0.2.10/24"]
+    dom["state"] = PowerState.OFF  # an address it had while running is not shown once it is off
+    services.machines_reconcile()
+    machine.refresh_from_db()
+    assert machine.guest_addresses == {} and machine.nics.get().seen_addresses == []
