@@ -1,81 +1,247 @@
+import shlex
+from dataclasses import dataclass, field
+
 from django import forms
+from django.urls import reverse
 
 from hypervisors.models import Hypervisor, HypervisorStatus, Image, ImageKind, ImageStatus
 from machines.access import project_choices
-from machines.models import Machine, MachineNic, Project
+from machines.models import Machine, Project
 from machines.states import DeployType
+
+CPU_MODES = {"host-passthrough": "host-passthrough (the host's CPU as it is)",
+             "host-model": "host-model (the closest named model, migratable)", "custom": "custom (a named model)"}  # fmt: skip
+NIC_MODELS = [("virtio", "virtio (fastest; Linux, or Windows with drivers)"), ("e1000", "e1000"), ("e1000e", "e1000e"),
+              ("rtl8139", "rtl8139")]  # fmt: skip
+MACVTAP_MODES = [("bridge", "bridge"), ("vepa", "vepa"), ("private", "private"), ("passthrough", "passthrough")]
+
+
+@dataclass
+class Offer:
+    """What the create form offers. For one hypervisor: what its last sync found. For "any hypervisor":
+    the hardware every online one has (placement may pick any of them), and the networks, bridges,
+    interfaces and pools some one has (the service then checks the one placement picks)."""
+
+    hypervisor: Hypervisor | None = None
+    arches: list[str] = field(default_factory=list)
+    machine_types: list[str] = field(default_factory=list)
+    cpu_modes: list[str] = field(default_factory=list)
+    cpu_models: list[str] = field(default_factory=list)
+    uefi: bool = False
+    networks: list[str] = field(default_factory=list)
+    bridges: list[str] = field(default_factory=list)
+    interfaces: list[str] = field(default_factory=list)
+    pools: list[str] = field(default_factory=list)
+    devices: list[dict] = field(default_factory=list)  # free ones, one hypervisor only
+
+    @classmethod
+    def of(cls, hypervisor: Hypervisor | None) -> "Offer":
+        from machines.services import taken_hostdevs
+
+        hvs = [hypervisor] if hypervisor else list(Hypervisor.objects.filter(enabled=True, status=HypervisorStatus.ONLINE))
+
+        def every(attr: str) -> list[str]:
+            sets = [set(getattr(h, attr) or []) for h in hvs]
+            return sorted(set.intersection(*sets)) if sets else []
+
+        def some(values) -> list[str]:
+            return sorted({v for h in hvs for v in values(h)})
+
+        taken = taken_hostdevs(hypervisor) if hypervisor else set()
+        return cls(
+            hypervisor=hypervisor,
+            arches=some(lambda h: [a for a in (h.guest_arches or [h.arch]) if a]),  # none known: no filter
+            machine_types=every("machine_types"),
+            cpu_modes=[m for m in CPU_MODES if m in every("cpu_modes")],
+            cpu_models=every("cpu_models"),
+            uefi=bool(hvs) and all("efi" in (h.firmwares or []) for h in hvs),
+            networks=some(lambda h: [n["name"] for n in h.networks if n.get("active", True)]),
+            bridges=some(lambda h: [i["name"] for i in h.interfaces if i.get("type") == "bridge"]),
+            interfaces=some(lambda h: [i["name"] for i in h.interfaces if i.get("type") != "bridge" and i["name"] != "lo"]),
+            pools=some(lambda h: [p["name"] for p in h.pools if p.get("active")]),
+            devices=[d for d in (hypervisor.devices if hypervisor else []) if d["name"] not in taken],
+        )
+
+
+def _device_label(d: dict) -> str:
+    ids = f"{d.get('vendor', '')[2:]}:{d.get('product', '')[2:]}".strip(":")
+    return f"{d['name']} · {d.get('description') or d.get('type', '').upper()} ({ids})" if ids else d["name"]
 
 
 class MachineForm(forms.ModelForm):
-    """The create form: one NIC here (the API takes any number)."""
+    """The create form: one NIC here (the API takes any number). Its choices are what the chosen
+    hypervisor has (or, for "any", what every online one has): architectures, machine types, CPU modes
+    and models, firmware, networks, bridges, interfaces, pools and free host devices."""
 
     hypervisor = forms.ModelChoiceField(queryset=Hypervisor.objects.none(), required=False,
-                                        empty_label="Any hypervisor (the one with most room)")  # fmt: skip
+                                        empty_label="Any hypervisor (the one with most room)",
+                                        help_text="The choices below follow the hypervisor.")  # fmt: skip
     deploy_type = forms.ChoiceField(label="Deployment", choices=DeployType.choices, initial=DeployType.IMAGE,
                                     widget=forms.RadioSelect)  # fmt: skip
     power_on = forms.BooleanField(label="Power on after create", required=False, initial=False,
                                   help_text="Network-boot machines only; others always start.")  # fmt: skip
     image = forms.ModelChoiceField(queryset=Image.objects.none(), empty_label="(none: network boot)", required=False,
                                    help_text="A cloud image (its login user gets the SSH keys) or, for an ISO machine, "
-                                             "the installer ISO.")  # fmt: skip
+                                             "the installer ISO; only architectures the hypervisor runs.")  # fmt: skip
     extra_isos = forms.ModelMultipleChoiceField(queryset=Image.objects.none(), required=False, label="Extra ISOs",
                                                 help_text="ISO machines only: more CD-ROMs, e.g. drivers (up to 3).")  # fmt: skip
-    nic_type = forms.ChoiceField(label="Network", initial="user", required=False,
-                                 choices=[("", "No network"), *MachineNic.Type.choices],
-                                 help_text="User-mode needs no set-up on the hypervisor (the guest gets 10.0.2.15 behind NAT).")  # fmt: skip
-    nic_source = forms.CharField(label="Network or bridge name", required=False,
-                                 widget=forms.TextInput(attrs={"list": "hv-networks", "placeholder": "default"}))  # fmt: skip
+    pool = forms.ChoiceField(label="Storage pool", initial="default")
+    nic = forms.ChoiceField(label="Network", initial="user:", required=False, widget=forms.Select(attrs={"class": "form-select"}),
+                            help_text="User-mode needs no set-up on the hypervisor (the guest gets 10.0.2.15 behind NAT).")  # fmt: skip
+    nic_model = forms.ChoiceField(label="NIC model", choices=NIC_MODELS, initial="virtio", required=False)
+    nic_mode = forms.ChoiceField(label="macvtap mode", choices=MACVTAP_MODES, initial="bridge", required=False,
+                                 help_text="Host interfaces only. In bridge mode guests reach each other, not the host.")  # fmt: skip
+    nic_vlan = forms.IntegerField(label="VLAN tag", required=False, min_value=1, max_value=4094,
+                                  help_text="Host bridges (Open vSwitch) and interfaces only.")  # fmt: skip
     nic_mac = forms.CharField(label="MAC address", required=False, help_text="Leave empty to generate one.")
     nic_address = forms.CharField(label="Static address", required=False,
                                   help_text="With prefix, e.g. 192.0.2.10/24 or 2001:db8::10/64; empty for DHCP.")  # fmt: skip
     nic_gateway = forms.CharField(label="Gateway", required=False)
     nic_dns = forms.CharField(label="DNS servers", required=False, help_text="Separated by spaces or commas.")
+    machine_type = forms.ChoiceField(label="Machine type", required=False)
+    cpu_mode = forms.ChoiceField(label="CPU mode", required=False)
+    cpu_model = forms.ChoiceField(label="CPU model", required=False, help_text="With CPU mode custom.")
+    firmware = forms.ChoiceField(choices=[("bios", "BIOS")], initial="bios")
+    cpu_sockets = forms.IntegerField(label="Sockets", required=False, min_value=1, max_value=64)
+    cpu_cores = forms.IntegerField(label="Cores", required=False, min_value=1, max_value=256)
+    cpu_threads = forms.IntegerField(label="Threads", required=False, min_value=1, max_value=8)
+    smbios_text = forms.CharField(label="SMBIOS strings", required=False,
+                                  widget=forms.Textarea(attrs={"rows": 2, "placeholder": "manufacturer=Acme\nserial=SN-0042"}),
+                                  help_text="One key=value per line: manufacturer, product, version, serial, sku, family.")  # fmt: skip
+    extra_disks_text = forms.CharField(label="Extra disks (GiB)", required=False,
+                                       widget=forms.TextInput(attrs={"placeholder": "20 100"}),
+                                       help_text="Sizes of blank extra disks, separated by spaces (up to four; disks "
+                                                 "from an image or with a boot order: through the API).")  # fmt: skip
+    hostdevs = forms.MultipleChoiceField(label="Host devices", required=False,
+                                         widget=forms.SelectMultiple(attrs={"class": "form-select", "size": 3}),
+                                         help_text="PCI and USB devices of this hypervisor that no machine has.")  # fmt: skip
+    qemu_args_text = forms.CharField(label="Extra QEMU arguments", required=False,
+                                     widget=forms.TextInput(attrs={"placeholder": "-device pvpanic"}),
+                                     help_text="Staff only: they bypass every check. Quoted like a shell.")  # fmt: skip
 
     class Meta:
         model = Machine
-        fields = ["deploy_type", "name", "hypervisor", "image", "vcpus", "memory_mib", "disk_gib", "pool", "ssh_authorized_keys",
-                  "packages", "script", "user_data", "deletion_protection", "autostart", "machine_type", "cpu_mode",
-                  "cpu_model", "watchdog", "rng", "disk_bus", "disk_cache", "firmware", "secure_boot"]  # fmt: skip
+        fields = ["deploy_type", "name", "hypervisor", "image", "vcpus", "memory_mib", "disk_gib", "ssh_authorized_keys",
+                  "packages", "script", "user_data", "deletion_protection", "autostart", "watchdog", "rng", "disk_bus",
+                  "disk_cache", "secure_boot"]  # fmt: skip
         labels = {"vcpus": "vCPUs"}  # Django would capitalise it to "VCPUs"
         widgets = {
             "ssh_authorized_keys": forms.Textarea(attrs={"rows": 3, "placeholder": "ssh-ed25519 AAAA… you@laptop"}),
             "packages": forms.Textarea(attrs={"rows": 2, "placeholder": "nginx htop"}),
             "script": forms.Textarea(attrs={"rows": 4, "placeholder": "#!/bin/sh\necho hello > /root/hello"}),
             "user_data": forms.Textarea(attrs={"rows": 4, "placeholder": "#cloud-config\ntimezone: Europe/Paris"}),
-            "pool": forms.TextInput(attrs={"list": "hv-pools"}),
         }
+
+    # The service's names for what this form calls otherwise, so its refusals land on the right field.
+    SERVICE_FIELDS = {"nics": "nic", "cpu_topology": "cpu_sockets", "smbios": "smbios_text",
+                      "extra_disks": "extra_disks_text", "qemu_args": "qemu_args_text"}  # fmt: skip
 
     project = forms.ModelChoiceField(queryset=Project.objects.none(), required=False, empty_label="(none: just me)",
                                      help_text="Members of the project share the machine by their role.")  # fmt: skip
 
     def __init__(self, *args, user=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fields["hypervisor"].queryset = Hypervisor.objects.filter(enabled=True, status=HypervisorStatus.ONLINE)
+        self.user = user
+        online = Hypervisor.objects.filter(enabled=True, status=HypervisorStatus.ONLINE)
+        self.fields["hypervisor"].queryset = online
+        # Picking another hypervisor brings back the form with its choices (machines:form-fields).
+        self.fields["hypervisor"].widget.attrs.update({"class": "form-select", "hx-post": reverse("machines:form-fields"),
+                                                       "hx-trigger": "change", "hx-include": "#machine-form",
+                                                       "hx-target": "#form-body", "hx-swap": "outerHTML"})  # fmt: skip
+        chosen = self._chosen(online)
+        self.offer = offer = Offer.of(chosen)
         ready = Image.objects.filter(status=ImageStatus.READY)
-        self.fields["image"].queryset = ready
-        self.fields["image"].label_from_instance = lambda i: f"{i.name} ({'ISO' if i.kind == ImageKind.ISO else 'disk image'})"
+        self.fields["image"].queryset = ready.filter(arch__in=offer.arches) if offer.arches else ready
+        self.fields["image"].label_from_instance = lambda i: f"{i.name} ({'ISO' if i.kind == ImageKind.ISO else 'disk image'}" + (
+            f", {i.arch})" if i.arch != (chosen.arch if chosen else "x86_64") else ")")  # fmt: skip
         self.fields["extra_isos"].queryset = ready.filter(kind=ImageKind.ISO)
+        self.fields["pool"].choices = [(p, p) for p in offer.pools] or [("default", "default")]
+        nic_groups = [("", "No network"), ("user:", "User-mode NAT (QEMU; nothing needed on the hypervisor)")]
+        for label, kind, names in (("Libvirt networks", "network", offer.networks), ("Host bridges", "bridge", offer.bridges),
+                                   ("Host interfaces (macvtap)", "direct", offer.interfaces)):  # fmt: skip
+            if names:
+                nic_groups.append((label, [(f"{kind}:{n}", n) for n in names]))
+        self.fields["nic"].choices = nic_groups
+        self.fields["machine_type"].choices = [("", "Default (pc on x86, virt on Arm)")] + [(t, t) for t in offer.machine_types]
+        self.fields["cpu_mode"].choices = [("", "Default (QEMU's)")] + [(m, CPU_MODES[m]) for m in offer.cpu_modes]
+        self.fields["cpu_model"].choices = [("", "–")] + [(m, m) for m in offer.cpu_models]
+        self.fields["firmware"].choices = [("bios", "BIOS"), *([("uefi", "UEFI (OVMF)")] if offer.uefi else [])]
+        self.fields["hostdevs"].choices = [(d["name"], _device_label(d)) for d in offer.devices]
         if user is not None:
             self.fields["project"].queryset = project_choices(user)
+        if user is None or not user.is_staff:
+            del self.fields["qemu_args_text"]
+
+    def _chosen(self, online) -> Hypervisor | None:
+        value = self.data.get("hypervisor") if self.is_bound else self.initial.get("hypervisor")
+        if isinstance(value, Hypervisor):
+            return value
+        try:
+            return online.filter(pk=int(value)).first() if value else None
+        except (TypeError, ValueError):
+            return None
+
+    def clean_smbios_text(self) -> dict:
+        entries = {}
+        for line in self.cleaned_data["smbios_text"].splitlines():
+            if not line.strip():
+                continue
+            key, sep, value = line.partition("=")
+            if not sep:
+                raise forms.ValidationError(f"Write key=value, not {line.strip()!r}.")
+            entries[key.strip()] = value.strip()
+        return entries
+
+    def clean_extra_disks_text(self) -> list[int]:
+        sizes = self.cleaned_data["extra_disks_text"].replace(",", " ").split()
+        if not all(s.isdigit() and int(s) > 0 for s in sizes):
+            raise forms.ValidationError("Give sizes in whole GiB, e.g. 20 100.")
+        return [int(s) for s in sizes]
+
+    def clean_qemu_args_text(self) -> list[str]:
+        try:
+            return shlex.split(self.cleaned_data["qemu_args_text"])
+        except ValueError as e:
+            raise forms.ValidationError(f"Unbalanced quotes: {e}.") from None
+
+    def clean(self):
+        data = super().clean()
+        topology = [data.get(k) for k in ("cpu_sockets", "cpu_cores", "cpu_threads")]
+        if any(topology) and not all(topology):
+            self.add_error("cpu_sockets", "Give sockets, cores and threads, or none of them.")
+        kind = (data.get("nic") or ":").split(":", 1)[0]
+        if data.get("nic_vlan") and kind not in ("bridge", "direct"):
+            self.add_error("nic_vlan", "A VLAN tag goes with a host bridge or a host interface.")
+        return data
 
     def nic_inputs(self) -> list:
         from machines.services import NicInput
 
         data = self.cleaned_data
-        if not data.get("nic_type"):
+        if not data.get("nic"):
             return []
+        kind, _, source = data["nic"].partition(":")
         address = data.get("nic_address", "").strip()
         gateway = data.get("nic_gateway", "").strip()
         v6 = ":" in address
-        return [NicInput(type=data["nic_type"], source=data.get("nic_source", "").strip(), mac=data.get("nic_mac", "").strip(),
+        return [NicInput(type=kind, source=source, mac=data.get("nic_mac", "").strip(),
                          dhcp4=not address or v6, addresses=[address] if address else [],
                          gateway4="" if v6 else gateway, gateway6=gateway if v6 else "",
-                         nameservers=data.get("nic_dns", "").replace(",", " ").split())]  # fmt: skip
+                         nameservers=data.get("nic_dns", "").replace(",", " ").split(),
+                         model=data.get("nic_model") or "virtio", mode=data.get("nic_mode") or "bridge",
+                         vlan=data.get("nic_vlan"))]  # fmt: skip
 
     def service_kwargs(self) -> dict:
-        data = {k: v for k, v in self.cleaned_data.items() if not k.startswith("nic_")}
+        data = {k: v for k, v in self.cleaned_data.items() if not k.startswith(("nic", "cpu_sockets", "cpu_cores", "cpu_threads"))
+                and not k.endswith("_text")}  # fmt: skip
         data["extra_isos"] = list(data.get("extra_isos") or [])
-        for key in ("machine_type", "cpu_mode", "cpu_model", "disk_cache"):
+        topology = [self.cleaned_data.get(k) for k in ("cpu_sockets", "cpu_cores", "cpu_threads")]
+        if all(topology):
+            data["cpu_topology"] = topology
+        for key, source in (("smbios", "smbios_text"), ("extra_disks", "extra_disks_text"), ("qemu_args", "qemu_args_text")):
+            if self.cleaned_data.get(source):
+                data[key] = self.cleaned_data[source]
+        for key in ("machine_type", "cpu_mode", "cpu_model", "disk_cache", "hostdevs"):
             if not data.get(key):
                 data.pop(key, None)
         if data.get("deploy_type") != DeployType.NETWORK:

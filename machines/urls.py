@@ -8,6 +8,7 @@ urlpatterns = [
     path("new/", views.machine_create, name="create"),
     path("bulk/", views.machine_bulk, name="bulk"),
     path("new/preview/", views.machine_preview, name="preview"),
+    path("new/fields/", views.machine_form_fields, name="form-fields"),
     path("<int:pk>/", views.machine_detail, name="detail"),
     path("<int:pk>/power/", views.machine_power, name="power"),
     path("<int:pk>/rebuild/", views.machine_rebuild, name="rebuild"),

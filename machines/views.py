@@ -115,10 +115,7 @@ def machine_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 
 
 def _form_context(request, form: MachineForm) -> dict:
-    hypervisors = list(Hypervisor.objects.filter(enabled=True))
-    return {"form": form, "networks": sorted({n["name"] for h in hypervisors for n in h.networks}),
-            "pools": sorted({p["name"] for h in hypervisors for p in h.pools}),
-            "usage": usage_report(request.user)}  # fmt: skip
+    return {"form": form, "usage": usage_report(request.user)}
 
 
 @login_required
@@ -130,11 +127,24 @@ def machine_create(request: HtmxHttpRequest) -> HttpResponse:
         try:
             machine = services.machine_create(owner=request.user, **form.service_kwargs())
         except ValidationError as e:
-            add_errors(form, e)
+            add_errors(form, e, aliases=MachineForm.SERVICE_FIELDS)
         else:
             messages.success(request, f"Creating {machine.name}; follow the steps below.")
             return redirect(machine)
     return render(request, "machines/form.html", _form_context(request, form))
+
+
+@login_required
+@require_POST
+def machine_form_fields(request: HtmxHttpRequest) -> HttpResponse:
+    """The create form again, its choices following the hypervisor just picked, with what was typed
+    kept (htmx fragment; nothing is validated yet)."""
+    multi = {"extra_isos", "hostdevs"}
+    initial = {k: (request.POST.getlist(k) if k in multi else request.POST.get(k)) for k in request.POST if k != "csrfmiddlewaretoken"}
+    for name in ("deletion_protection", "autostart", "watchdog", "rng", "secure_boot", "power_on"):
+        initial[name] = name in request.POST  # an unchecked box is absent, not False
+    form = MachineForm(initial=initial, user=request.user)
+    return render(request, "machines/form.html#form-body", _form_context(request, form))
 
 
 @login_required
@@ -148,7 +158,7 @@ def machine_preview(request: HtmxHttpRequest) -> HttpResponse:
                       ssh_authorized_keys=data.get("ssh_authorized_keys", ""), packages=data.get("packages", ""),
                       script=data.get("script", ""), user_data=data.get("user_data", ""), instance_id="i-preview")  # fmt: skip
     try:
-        spec = provisioning.seed_spec_from(machine, form.nic_inputs() if "nic_type" in data else [])
+        spec = provisioning.seed_spec_from(machine, form.nic_inputs() if "nic" in data else [])
         documents, error = cloudinit.preview(spec), ""
     except cloudinit.CloudInitError as e:
         documents, error = {}, str(e)

@@ -79,6 +79,7 @@ MATRIX = {
     "machines:list": ("get", None, None, ok(200, **PAGE_LOGIN)),
     "machines:create": ("get", None, None, ok(200, **PAGE_LOGIN)),
     "machines:preview": ("post", None, {"name": "x"}, ok(200, **PAGE_LOGIN)),
+    "machines:form-fields": ("post", None, {"name": "x"}, ok(200, **PAGE_LOGIN)),
     "machines:bulk": ("post", None, {"action": "start", "ids": ["1"]}, ok(302)),  # acts only on machines you may use
     "machines:instackenv": ("post", None, None, ok(200, **PAGE_LOGIN)),  # each user's own machines only
     "machines:detail": ("get", "vm", None, on_machine(200, "view")),

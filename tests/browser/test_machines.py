@@ -30,6 +30,18 @@ def test_user_creates_an_image_machine_and_watches_it_boot(page, web_server, loc
     assert not Machine.objects.exists()
 
     page.fill("#id_name", "browser1")
+    # Picking the hypervisor redraws the form with its choices; what was typed stays.
+    page.select_option("#id_hypervisor", label="local")
+    expect(page.locator("#hardware summary")).to_contain_text("on local")
+    expect(page.locator("#id_name")).to_have_value("browser1")
+    expect(page.locator("#id_script")).to_have_value("#!/bin/sh\necho browser-made")
+    machine_types = page.locator("#id_machine_type option").all_text_contents()
+    assert "q35" in machine_types and machine_types == ["Default (pc on x86, virt on Arm)", *sorted(local.machine_types)], machine_types
+    page.locator("#hardware summary").click()
+    page.fill("#id_cpu_sockets", "1")
+    page.fill("#id_cpu_cores", "1")
+    page.fill("#id_cpu_threads", "1")
+    page.fill("#id_smbios_text", "manufacturer=Browser Works")
     page.get_by_role("button", name="Preview cloud-init").click()
     expect(page.locator("#preview")).to_contain_text("local-hostname: browser1")
     expect(page.locator("#preview")).to_contain_text("echo browser-made")
@@ -40,6 +52,8 @@ def test_user_creates_an_image_machine_and_watches_it_boot(page, web_server, loc
     expect(page.locator("#machine-status")).to_contain_text("Active", timeout=60_000)
     expect(page.locator("#machine-events")).to_contain_text("copy-on-write")
     expect(page.locator("#serial-log")).to_contain_text("TINY-GUEST hostname=browser1", timeout=90_000)
+    made = Machine.objects.get(name="browser1")
+    assert made.cpu_topology == [1, 1, 1] and made.smbios == {"manufacturer": "Browser Works"}
     page.screenshot(path=str(ARTIFACTS / "browser-machine-running.png"), full_page=True)
 
     # Power off from the page; the real domain stops.

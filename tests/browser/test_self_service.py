@@ -40,7 +40,7 @@ def test_new_user_self_service(browser, page, web_server, console_proxy, local, 
     page.fill("#id_ssh_authorized_keys", "")
     page.fill("#id_memory_mib", "256")
     page.fill("#id_disk_gib", "1")
-    page.select_option("#id_nic_type", "")
+    page.select_option("#id_nic", "")
     page.get_by_role("button", name="Create machine").click()
     page.screenshot(path=str(ARTIFACTS / "browser-self-service-created.png"), full_page=True)
     expect(page.locator("#machine-status")).to_contain_text("Active", timeout=60_000)

@@ -78,7 +78,7 @@ def test_create_form_explains_itself(user_client):
 
 
 def test_preview_shows_the_documents(user_client):
-    r = user_client.post(reverse("machines:preview"), {"name": "web9", "script": "echo <hi>", "nic_type": "user"},
+    r = user_client.post(reverse("machines:preview"), {"name": "web9", "script": "echo <hi>", "nic": "user:"},
                          headers={"HX-Request": "true"})  # fmt: skip
     body = r.content.decode()
     assert "local-hostname: web9" in body and "echo &lt;hi&gt;" in body and "network-config" in body
@@ -115,3 +115,14 @@ def test_bulk_delete_refuses_protected_machines(user_client, machine):
     Machine.objects.filter(pk=machine.pk).update(deletion_protection=True)
     r = user_client.post(reverse("machines:bulk"), {"action": "delete", "ids": [machine.pk]}, follow=True)
     assert b"protected" in r.content and Machine.objects.get(pk=machine.pk).status == Status.ACTIVE
+
+
+def test_detail_and_list_show_the_addresses_the_guest_has(user_client, machine):
+    nic = machine.nics.create(index=0, type="network", source="default", mac="52:54:00:12:34:56")
+    Machine.objects.filter(pk=machine.pk).update(power_state="running", guest_addresses={nic.mac: ["192.0.2.10/24", "2001:db8::10/64"]})
+    detail = user_client.get(reverse("machines:detail", args=[machine.pk]), headers={"HX-Request": "true"}).content.decode()
+    assert "now <strong>192.0.2.10/24, 2001:db8::10/64</strong>" in detail  # in the partial that refreshes
+    listing = user_client.get(reverse("machines:list")).content.decode()
+    assert "<code>192.0.2.10</code><br><code>2001:db8::10</code>" in listing
+    api = user_client.get(f"/api/v1/machines/{machine.pk}/").json()
+    assert api["guest_addresses"] == {nic.mac: ["192.0.2.10/24", "2001:db8::10/64"]}
