@@ -61,7 +61,7 @@ class MachineAdmin(admin.ModelAdmin):
     search_fields = ["name", "uuid", "owner__username", "nics__mac"]
     readonly_fields = ["uuid", "owner", "hypervisor", "pool", "deploy_type", "image", "vcpus", "memory_mib",
                        "disk_gib", "status", "status_message", "status_changed", "power_state", "power_checked",
-                       "operation", "instance_id", "machine_type", "cpu_mode", "cpu_model", "cpu_topology", "smbios",
+                       "guest_addresses", "operation", "instance_id", "machine_type", "cpu_mode", "cpu_model", "cpu_topology", "smbios",
                        "watchdog", "rng", "disk_bus", "disk_cache", "extra_disks", "qemu_args", "firmware", "secure_boot",
                        "created", "updated"]  # fmt: skip
     fields = [*readonly_fields[:10], "deletion_protection", "autostart", *readonly_fields[10:]]
