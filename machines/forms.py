@@ -115,6 +115,9 @@ class MachineForm(forms.ModelForm):
     hostdevs = forms.MultipleChoiceField(label="Host devices", required=False,
                                          widget=forms.SelectMultiple(attrs={"class": "form-select", "size": 3}),
                                          help_text="PCI and USB devices of this hypervisor that no machine has.")  # fmt: skip
+    hostdev_match = forms.CharField(label="Or the first free device matching", required=False,
+                                    widget=forms.TextInput(attrs={"placeholder": "8086:1533"}),
+                                    help_text="A regular expression over \"name vendor:product description\".")  # fmt: skip
     qemu_args_text = forms.CharField(label="Extra QEMU arguments", required=False,
                                      widget=forms.TextInput(attrs={"placeholder": "-device pvpanic"}),
                                      help_text="Staff only: they bypass every check. Quoted like a shell.")  # fmt: skip
@@ -241,7 +244,7 @@ class MachineForm(forms.ModelForm):
         for key, source in (("smbios", "smbios_text"), ("extra_disks", "extra_disks_text"), ("qemu_args", "qemu_args_text")):
             if self.cleaned_data.get(source):
                 data[key] = self.cleaned_data[source]
-        for key in ("machine_type", "cpu_mode", "cpu_model", "disk_cache", "hostdevs"):
+        for key in ("machine_type", "cpu_mode", "cpu_model", "disk_cache", "hostdevs", "hostdev_match"):
             if not data.get(key):
                 data.pop(key, None)
         if data.get("deploy_type") != DeployType.NETWORK:

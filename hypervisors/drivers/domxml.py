@@ -89,6 +89,8 @@ def parse_node_device(xml: str) -> dict | None:
            "driver": root.findtext("driver/name", default="")}  # fmt: skip
     if dev["type"] == "pci":
         dev.update({k: int(cap.findtext(k, default="0"), 0) for k in ("domain", "bus", "slot", "function")})
+    else:  # where it is plugged now; the guest gets it by vendor and product, which survive re-plugging
+        dev.update({k: int(cap.findtext(k, default="0"), 0) for k in ("bus", "device")})
     return dev
 
 

@@ -50,3 +50,41 @@ def test_a_missing_socket_is_unavailable():
 
 def test_reachability_is_not_checked_for_local_uris():
     check_reachable("qemu:///system")  # no host part: nothing to reach over TCP
+
+
+# A test driver host with node devices to pass through and a bridge (libvirt reads <device> and
+# <interface> elements of a custom test:/// file as the host's own).
+NODE_XML = """<node>
+  <cpu><mhz>2000</mhz><model>x86_64</model><active>4</active><nodes>1</nodes><sockets>1</sockets><cores>4</cores>
+    <threads>1</threads></cpu>
+  <memory>8388608</memory>
+  <device><name>pci_0000_03_00_0</name><parent>computer</parent>
+    <capability type='pci'><domain>0</domain><bus>3</bus><slot>0</slot><function>0</function>
+      <product id='0x1533'>I210 Gigabit Network Connection</product><vendor id='0x8086'>Intel Corporation</vendor>
+    </capability></device>
+  <device><name>usb_1_2</name><parent>computer</parent>
+    <capability type='usb_device'><bus>1</bus><device>2</device><product id='0x5678'>Token</product>
+      <vendor id='0x1234'>Acme</vendor></capability></device>
+  <interface type='bridge' name='br0'><start mode='onboot'/><bridge stp='off'>
+    <interface type='ethernet' name='eno1'><mac address='52:54:00:00:00:01'/></interface></bridge></interface>
+</node>"""
+
+
+def test_node_devices_of_the_test_driver_are_listed_and_passed_through(tmp_path):
+    from hypervisors.drivers.base import DomainSpec
+
+    path = tmp_path / "node.xml"
+    path.write_text(NODE_XML)
+    with LibvirtDriver(f"test://{path}") as d:
+        info = d.host_info()
+        pci, usb = info.devices
+        assert (pci["name"], pci["type"], pci["vendor"], pci["product"], pci["bus"]) == ("pci_0000_03_00_0", "pci", "0x8086", "0x1533", 3)
+        assert (usb["name"], usb["type"], usb["bus"], usb["device"]) == ("usb_1_2", "usb", 1, 2)
+        assert {"name": "br0", "type": "bridge", "active": True} in info.interfaces
+        spec = DomainSpec(uuid="5d1a3f60-0d55-4a37-8a4c-2d7c9b1e0f11", name="passthrough", domain_type="test", vcpus=1,
+                          memory_mib=128, hostdevs=(pci, usb))  # fmt: skip
+        assert d.define_domain(spec)
+        xml = d.domain_xml(spec.uuid)
+    assert "<hostdev mode='subsystem' type='pci' managed='yes'>" in xml
+    assert "<address domain='0x0000' bus='0x03' slot='0x00' function='0x0'/>" in xml
+    assert "<hostdev mode='subsystem' type='usb' managed='yes'>" in xml and "<vendor id='0x1234'/>" in xml

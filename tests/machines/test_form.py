@@ -110,7 +110,7 @@ def test_the_form_carries_every_hardware_option(lab, images, client, django_capt
             "nic_model": "e1000e", "machine_type": "q35", "cpu_mode": "custom", "cpu_model": "Haswell", "cpu_sockets": 1,
             "cpu_cores": 2, "cpu_threads": 2, "firmware": "uefi", "secure_boot": "on", "disk_bus": "virtio",
             "disk_cache": "none", "extra_disks_text": "3 5", "smbios_text": "manufacturer=Acme\nserial=SN-1",
-            "hostdevs": ["pci_0000_03_00_0"], "qemu_args_text": "-device pvpanic", "watchdog": "on", "autostart": "on"}  # fmt: skip
+            "hostdevs": ["pci_0000_03_00_0"], "hostdev_match": "1234:5678", "qemu_args_text": "-device pvpanic", "watchdog": "on", "autostart": "on"}  # fmt: skip
     with mock.patch("machines.services.get_driver", lambda uri: FakeDriver(uri, host)), \
             django_capture_on_commit_callbacks(execute=True):  # fmt: skip
         r = client.post(reverse("machines:create"), data)
@@ -121,7 +121,7 @@ def test_the_form_carries_every_hardware_option(lab, images, client, django_capt
     assert (m.pool, m.machine_type, m.cpu_mode, m.cpu_model, m.cpu_topology) == ("fast", "q35", "custom", "Haswell", [1, 2, 2])
     assert (m.firmware, m.secure_boot, m.disk_cache, m.watchdog) == ("uefi", True, "none", True)
     assert [d["size_gib"] for d in m.extra_disks] == [3, 5] and m.smbios == {"manufacturer": "Acme", "serial": "SN-1"}
-    assert m.hostdevs == ["pci_0000_03_00_0"] and m.qemu_args == ["-device", "pvpanic"]
+    assert m.hostdevs == ["pci_0000_03_00_0", "usb_1_2"] and m.qemu_args == ["-device", "pvpanic"]
 
 
 @pytest.mark.parametrize(
@@ -133,6 +133,7 @@ def test_the_form_carries_every_hardware_option(lab, images, client, django_capt
         ({"smbios_text": "colour=red"}, "smbios_text", "Use the keys"),  # from the service
         ({"extra_disks_text": "10 big"}, "extra_disks_text", "whole GiB"),
         ({"nic": "user:", "nic_vlan": 5}, "nic_vlan", "goes with a host bridge"),
+        ({"hostdev_match": "dead:beef"}, "hostdev_match", "No free device on lab"),  # from the service
     ],
 )
 def test_bad_hardware_input_lands_on_its_field(lab, user_client, change, field, message):
