@@ -1,10 +1,13 @@
 """The console proxy: websockify with the portal's single-use tokens.
 
-Each connection asks for /console/<machine id>?token=<token>. Before the
-websocket handshake the handler checks the Origin header, spends the token,
-checks the session caps, and asks the hypervisor where the machine's VNC
-server listens *now* (ports are reused, so never trust an old answer). The
-token is removed from the path before anything is logged.
+Each connection asks for /console/<machine id>?token=<token> (the graphical
+console, VNC) or /serial/<machine id>?token=<token> (the serial console, for
+xterm.js). Before the websocket handshake the handler checks the Origin header,
+spends the token (a token is for one kind of console), checks the session caps,
+and for VNC asks the hypervisor where the machine's VNC server listens *now*
+(ports are reused, so never trust an old answer). A serial session is a
+libvirt console stream on its own connection to the hypervisor. The token is
+removed from the path before anything is logged.
 """
 
 from __future__ import annotations
@@ -30,8 +33,22 @@ from machines.rfb_filter import ViewOnlySocket, ViolatedProtocol
 
 log = logging.getLogger("portal.console")
 
-PATH_RE = re.compile(r"^/console/(\d+)/?$")
+PATH_RE = re.compile(r"^/(console|serial)/(\d+)/?$")
+KINDS = {"console": "vnc", "serial": "serial"}
 WATCH_INTERVAL = 2.0  # seconds between checks that an open session is still allowed
+
+
+class ReadOnlySocket:
+    """A serial console for a viewer: what they type is dropped."""
+
+    def __init__(self, sock) -> None:
+        self._sock = sock
+
+    def send(self, data: bytes) -> int:
+        return len(data)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
 
 
 def vnc_target(machine) -> tuple[str, int]:
@@ -50,6 +67,8 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
     def __init__(self, *args, **kwargs):
         self.session_id: int | None = None
         self.target: tuple[str, int] | None = None
+        self.kind = "vnc"
+        self.machine = None
         self.view_only = False
         super().__init__(*args, **kwargs)
 
@@ -84,25 +103,40 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
         match = PATH_RE.match(path)
         if not match:
             raise ConsoleDenied("bad path")
-        token = consoles.console_token_consume(raw=raw_token, machine_id=int(match.group(1)), client=client)
+        self.kind = KINDS[match.group(1)]
+        token = consoles.console_token_consume(raw=raw_token, machine_id=int(match.group(2)), client=client, kind=self.kind)
         self.view_only = token.view_only
-        self.target = vnc_target(token.machine)
+        self.machine = token.machine
+        if self.kind == "vnc":
+            self.target = vnc_target(token.machine)
         self.session_id = consoles.console_session_open(token=token, client=client, proxy_pid=os.getpid()).pk
-        log.info("%s console of machine %s for user %s%s -> %s:%s", client, token.machine_id, token.user_id,
-                 " (view only)" if self.view_only else "", *self.target)  # fmt: skip
+        where = "%s:%s" % self.target if self.target else "its serial port"  # noqa: UP031
+        log.info("%s %s console of machine %s for user %s%s -> %s", client, "graphical" if self.kind == "vnc" else "serial",
+                 token.machine_id, token.user_id, " (view only)" if self.view_only else "", where)  # fmt: skip
+
+    def _connect_target(self) -> socket.socket:
+        if self.kind == "serial":
+            with get_driver(self.machine.hypervisor.uri) as driver:
+                return driver.serial_console(str(self.machine.uuid))
+        tsock = socket.create_connection(self.target, timeout=10)
+        tsock.setsockopt(socket.SOL_TCP, socket.TCP_NODELAY, 1)
+        return tsock
 
     def new_websocket_client(self):
         try:
-            tsock = socket.create_connection(self.target, timeout=10)
-        except OSError as e:
+            tsock = self._connect_target()
+        except (OSError, HypervisorError) as e:
             consoles.console_session_close(self.session_id)
-            raise self.CClose(1011, f"cannot reach the console: {e.strerror}") from None
+            raise self.CClose(1011, f"cannot reach the console: {getattr(e, 'strerror', None) or e}"[:120]) from None
         tsock.settimeout(None)
-        tsock.setsockopt(socket.SOL_TCP, socket.TCP_NODELAY, 1)
         stop = threading.Event()
         threading.Thread(target=self._watch, args=(tsock, stop), daemon=True).start()
+        if self.view_only:
+            target = ViewOnlySocket(tsock) if self.kind == "vnc" else ReadOnlySocket(tsock)
+        else:
+            target = tsock
         try:
-            self.do_proxy(ViewOnlySocket(tsock) if self.view_only else tsock)
+            self.do_proxy(target)
         except ViolatedProtocol as e:
             log.warning("console session %s closed: %s", self.session_id, e)
         finally:

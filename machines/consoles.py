@@ -32,27 +32,32 @@ def _hash(raw: str) -> str:
 
 @audited("console.open", obj_kwarg="machine")
 @transaction.atomic
-def console_token_issue(*, machine: Machine, user, session_key: str = "") -> tuple[str, datetime]:
-    """A new token for `user` on `machine`; the raw value is returned once and never stored."""
+def console_token_issue(*, machine: Machine, user, session_key: str = "", kind: str = "vnc") -> tuple[str, datetime]:
+    """A new token for `user` on `machine`'s graphical (`vnc`) or `serial` console; the raw value is
+    returned once and never stored."""
+    if kind not in ("vnc", "serial"):
+        raise ValueError(f"no console of kind {kind!r}")
     if not can_use(user, machine):
         raise ConsoleDenied("no access to this machine")
     raw = secrets.token_urlsafe(32)
     expires = timezone.now() + timedelta(seconds=settings.PORTAL_CONSOLE_TOKEN_TTL)
     ConsoleToken.objects.create(key_hash=_hash(raw), machine=machine, user=user, session_key=session_key or "",
-                                expires_at=expires, view_only=not can(user, machine, OPERATE))  # fmt: skip
+                                expires_at=expires, view_only=not can(user, machine, OPERATE), kind=kind)  # fmt: skip
     # Old tokens are useless after their minute; keep the table small.
     ConsoleToken.objects.filter(expires_at__lt=timezone.now() - timedelta(hours=1)).delete()
     return raw, expires
 
 
-def console_token_consume(*, raw: str, machine_id: int, client: str) -> ConsoleToken:
-    """Spend a token for a connection to machine_id from `client`, or raise ConsoleDenied."""
+def console_token_consume(*, raw: str, machine_id: int, client: str, kind: str = "vnc") -> ConsoleToken:
+    """Spend a token for a connection to machine_id's `kind` of console from `client`, or raise ConsoleDenied."""
     now = timezone.now()
     token = ConsoleToken.objects.select_related("machine", "user").filter(key_hash=_hash(raw or "")).first()
     if token is None:
         raise ConsoleDenied("unknown token")
     if token.machine_id != machine_id:
         raise ConsoleDenied(f"token is for machine {token.machine_id}, not {machine_id}")
+    if token.kind != kind:
+        raise ConsoleDenied(f"token is for the {token.kind} console, not the {kind} one")
     claimed = ConsoleToken.objects.filter(pk=token.pk, used_at__isnull=True, expires_at__gt=now).update(
         used_at=now, used_by=client)
     if not claimed:

@@ -257,9 +257,10 @@ class ConsoleToken(models.Model):
     used_at = models.DateTimeField(null=True, blank=True)
     used_by = models.GenericIPAddressField(null=True, blank=True)
     view_only = models.BooleanField(default=False)  # the proxy drops keyboard and mouse input
+    kind = models.CharField(max_length=6, choices=[("vnc", "graphical (VNC)"), ("serial", "serial")], default="vnc")
 
     def __str__(self) -> str:
-        return f"console token for {self.machine} ({self.user})"
+        return f"{self.kind} console token for {self.machine} ({self.user})"
 
 
 class ConsoleSession(models.Model):

@@ -17,6 +17,7 @@ urlpatterns = [
     path("<int:pk>/delete/", views.machine_delete, name="delete"),
     path("<int:pk>/console/", views.machine_console, name="console"),
     path("<int:pk>/console/token/", views.machine_console_token, name="console-token"),
+    path("<int:pk>/serial/", views.machine_serial, name="serial"),
     path("<int:pk>/screenshot.png", views.machine_screenshot, name="screenshot"),
     path("<int:pk>/media/", views.machine_media, name="media"),
     path("<int:pk>/boot-cdrom/", views.machine_boot_cdrom, name="boot-cdrom"),

@@ -250,11 +250,23 @@ def machine_console(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 
 
 @login_required
+@require_GET
+def machine_serial(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    """The interactive serial console (xterm.js through the console proxy)."""
+    machine = _get_machine_for_user(request, pk)
+    config = console_config(request, machine.pk, reverse("machines:console-token", args=[machine.pk]))
+    return render(request, "machines/serial.html", {"machine": machine, "config": config})
+
+
+@login_required
 @require_POST
 def machine_console_token(request: HtmxHttpRequest, pk: int) -> JsonResponse:
     """A fresh single-use token for the console page (POST, CSRF-checked)."""
     machine = _get_machine_for_user(request, pk)
-    raw, expires = consoles.console_token_issue(machine=machine, user=request.user,
+    kind = request.POST.get("kind", "vnc")
+    if kind not in ("vnc", "serial"):
+        return JsonResponse({"error": "kind is vnc or serial"}, status=400)
+    raw, expires = consoles.console_token_issue(machine=machine, user=request.user, kind=kind,
                                                 session_key=request.session.session_key or "")  # fmt: skip
     view_only = not access.can(request.user, machine, access.OPERATE)
     response = JsonResponse({"token": raw, "expires_at": expires.isoformat(), "view_only": view_only})

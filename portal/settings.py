@@ -134,6 +134,10 @@ STATICFILES_DIRS = [
     # noVNC's ES modules, as they are: core/ imports ../vendor/pako.
     ("vendor/novnc/core", BASE_DIR / "node_modules/@novnc/novnc/core"),
     ("vendor/novnc/vendor", BASE_DIR / "node_modules/@novnc/novnc/vendor"),
+    # xterm.js for the serial console, as ES modules.
+    ("vendor/xterm/lib", BASE_DIR / "node_modules/@xterm/xterm/lib"),
+    ("vendor/xterm/css", BASE_DIR / "node_modules/@xterm/xterm/css"),
+    ("vendor/xterm-fit/lib", BASE_DIR / "node_modules/@xterm/addon-fit/lib"),
 ]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},

@@ -1,5 +1,6 @@
 // The portal's console page: noVNC's RFB (the official ES modules) with a small UI.
 import RFB from "./vendor/novnc/core/rfb.js";
+import { issueToken, proxyUrl } from "./console-link.js";
 
 const config = JSON.parse(document.getElementById("console-config").textContent);
 const screen = document.getElementById("console-screen");
@@ -28,21 +29,12 @@ if (location.hash) history.replaceState(null, "", location.pathname);
 
 async function getToken() {
   if (config.tokenUrl) {
-    const csrf = document.cookie.split("; ").find((c) => c.startsWith("csrftoken="))?.split("=")[1];
-    const r = await fetch(config.tokenUrl, { method: "POST", headers: { "X-CSRFToken": csrf }, credentials: "same-origin" });
-    if (!r.ok) throw new Error(`the portal refused a console key (${r.status})`);
-    const body = await r.json();
+    const body = await issueToken(config.tokenUrl, "vnc");
     viewOnly = body.view_only;
     return body.token;
   }
   if (!fragmentToken) throw new Error("this console link has no key; ask for a new console URL");
   return fragmentToken;
-}
-
-function socketUrl(token) {
-  const base = config.consoleUrl ||
-    `${location.protocol === "https:" ? "wss" : "ws"}://${location.hostname}:${config.consolePort}`;
-  return `${base.replace(/\/$/, "")}/console/${machineId}?token=${encodeURIComponent(token)}`;
 }
 
 async function connect() {
@@ -55,7 +47,7 @@ async function connect() {
     setStatus("failed", e.message, "danger");
     return;
   }
-  rfb = new RFB(screen, socketUrl(token));
+  rfb = new RFB(screen, proxyUrl(config, "console", machineId, token));
   rfb.scaleViewport = scale;
   rfb.viewOnly = viewOnly; // the proxy drops input anyway; this keeps the page honest about it
   rfb.focusOnClick = true;

@@ -84,6 +84,7 @@ MATRIX = {
     "machines:instackenv": ("post", None, None, ok(200, **PAGE_LOGIN)),  # each user's own machines only
     "machines:detail": ("get", "vm", None, on_machine(200, "view")),
     "machines:console": ("get", "vm", None, on_machine(200, "view")),
+    "machines:serial": ("get", "vm", None, on_machine(200, "view")),
     "machines:console-token": ("post", "vm", None, on_machine(200, "view")),  # viewers: view-only
     "machines:screenshot": ("get", "vm", None, ok(404, anon=302)),  # no screenshot yet, for anyone
     "machines:power": ("post", "vm", {"action": "reboot"}, on_machine(302, "operate")),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from typing import BinaryIO
@@ -23,6 +24,7 @@ from hypervisors.drivers.base import (
     DomainSpec,
     HostInfo,
     HypervisorDriver,
+    HypervisorError,
     HypervisorFatalError,
     HypervisorUnavailable,
     NetworkInfo,
@@ -708,6 +710,29 @@ class LibvirtDriver(HypervisorDriver):
 
         return self._call(run)
 
+    def serial_console(self, uuid: str) -> socket.socket:
+        """A socket joined to the running domain's serial console, until either end closes. It has its own
+        connection to the hypervisor, closed with it. libvirt gives a console to one client at a time: a
+        second one (another tab, `virsh console`) is refused with HypervisorFatalError."""
+        _ensure_event_loop()  # the stream's callbacks run on it
+        check_reachable(self.uri, self.connect_timeout)
+        conn = _open(self.uri, self.connect_timeout)
+        try:
+            dom = self._dom(conn, uuid)
+            if dom is None or not dom.isActive():
+                raise HypervisorFatalError("the machine is not running")
+            stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
+            dom.openConsole(None, stream, 0)
+        except libvirt.libvirtError as e:
+            _close_quietly(conn)
+            raise translate(e) from None
+        except HypervisorError:
+            _close_quietly(conn)
+            raise
+        ours, theirs = socket.socketpair()
+        _ConsoleBridge(conn, stream, ours).start()
+        return theirs
+
     def domain_addresses(self, uuid: str) -> dict[str, list[str]]:
         """MAC -> addresses the running guest has, as far as the hypervisor can tell: the DHCP leases of
         libvirt networks, the guest agent when one answers, and the host's ARP table (bridges, macvtap
@@ -752,6 +777,75 @@ class LibvirtDriver(HypervisorDriver):
             return b"".join(chunks)
 
         return self._call(run)
+
+
+class _ConsoleBridge:
+    """Copies between a libvirt console stream and one end of a socket pair: guest output from the
+    stream's callbacks (on libvirt's event loop), keyboard input from a thread. The first end of either
+    side ends both, and closes the session's connection."""
+
+    SEND_TIMEOUT = 10.0  # a reader that stops reading ends the session rather than stall libvirt's event loop
+
+    def __init__(self, conn: libvirt.virConnect, stream: libvirt.virStream, sock: socket.socket) -> None:
+        self.conn, self.stream, self.sock = conn, stream, sock
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self.sock.settimeout(self.SEND_TIMEOUT)
+        events = libvirt.VIR_STREAM_EVENT_READABLE | libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP
+        self.stream.eventAddCallback(events, self._on_stream, None)
+        threading.Thread(target=self._pump_input, name="serial-console-input", daemon=True).start()
+
+    def _on_stream(self, stream: libvirt.virStream, events: int, _opaque) -> None:
+        try:
+            if events & libvirt.VIR_STREAM_EVENT_READABLE:
+                while True:
+                    data = stream.recv(16384)
+                    if data == -2:  # nothing more for now
+                        return
+                    if not data:
+                        break  # the console closed
+                    self.sock.sendall(data)
+        except (libvirt.libvirtError, OSError) as e:
+            log.debug("serial console output: %s", e)
+        self.close()
+
+    def _pump_input(self) -> None:
+        try:
+            while True:
+                try:
+                    data = self.sock.recv(4096)
+                except TimeoutError:
+                    continue
+                if not data:
+                    break
+                while data:
+                    sent = self.stream.send(data)
+                    if sent == -2:  # the guest's port is full: wait a little
+                        time.sleep(0.01)
+                        continue
+                    data = data[sent:]
+        except (libvirt.libvirtError, OSError) as e:
+            log.debug("serial console input: %s", e)
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        for step in (self.stream.eventRemoveCallback, self.stream.abort):
+            try:
+                step()
+            except libvirt.libvirtError:
+                pass
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        _close_quietly(self.conn)
 
 
 def _abort_quietly(stream: libvirt.virStream) -> None:

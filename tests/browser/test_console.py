@@ -104,3 +104,24 @@ def test_one_time_console_url_from_the_api_works_once_without_a_session(browser,
     page.goto(body["url"])
     page.wait_for_function("window.portalConsole && window.portalConsole.state === 'failed'", timeout=30_000)
     context.close()
+
+
+def test_serial_console_in_xterm_is_an_interactive_shell(page, web_server, console_proxy, running_iso):
+    login(page, web_server, "consoler", "correct-horse-battery")
+    page.goto(f"{web_server}{running_iso.get_absolute_url()}")
+    page.locator("#btn-serial").click()
+    page.wait_for_function("window.portalConsole && window.portalConsole.state === 'connected'", timeout=30_000)
+    expect(page.locator("#console-status")).to_have_text("Connected")
+    page.locator("#serial-screen").click()
+    page.keyboard.press("Enter")
+    page.wait_for_function("window.portalConsole.text().includes('# ')", timeout=20_000)
+    page.keyboard.type("echo XTERM_$((6*7)) $(hostname)\n")
+    page.wait_for_function("window.portalConsole.text().includes('XTERM_42 tiny')", timeout=20_000)
+    assert "XTERM_42 tiny" in serial_log(running_iso.pk, "XTERM_42")  # the guest's own serial log has it too
+    page.screenshot(path=str(ARTIFACTS / "browser-serial-console.png"))
+    # While this page holds the serial port, a second page is refused, and says why.
+    other = page.context.new_page()
+    other.goto(f"{web_server}/machines/{running_iso.pk}/serial/")
+    other.wait_for_function("window.portalConsole && window.portalConsole.state === 'failed'", timeout=30_000)
+    expect(other.locator("#console-status")).to_contain_text("Active console session")
+    other.close()

@@ -5,6 +5,7 @@ import base64
 import os
 import socket
 import subprocess
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -222,3 +223,117 @@ def test_an_extra_disk_from_an_image_with_boot_order_one_boots_first(worker, loc
     assert "<backingStore" in virsh("vol-dumpxml", "--pool", "default", machine.extra_disk_volume(0))
     log = serial_log(machine.pk, "SYSLINUX", "TINY-GUEST ready")  # the image disk, not the installer ISO
     assert "ISOLINUX" not in log
+
+
+class WsClient:
+    """Just enough of a websocket client for the serial console: binary frames both ways."""
+
+    def __init__(self, port: int, path: str, origin: str = ORIGIN) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: binary\r\n"
+                           f"Origin: {origin}\r\n\r\n").encode())  # fmt: skip
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(4096)
+            assert chunk, "closed during the handshake"
+            head += chunk
+        self.status = int(head.split(b" ", 2)[1])
+        self.buf, self.data, self.close_reason = head.split(b"\r\n\r\n", 1)[1], b"", None
+
+    def send(self, payload: bytes) -> None:
+        mask = os.urandom(4)
+        n = len(payload)
+        header = bytes([0x82, 0x80 | n]) if n < 126 else bytes([0x82, 0x80 | 126]) + n.to_bytes(2, "big")
+        self.sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+    def _frames(self) -> None:
+        while len(self.buf) >= 2:
+            n, at = self.buf[1] & 0x7F, 2
+            if n == 126:
+                n, at = int.from_bytes(self.buf[2:4], "big"), 4
+            elif n == 127:
+                n, at = int.from_bytes(self.buf[2:10], "big"), 10
+            if len(self.buf) < at + n:
+                return
+            opcode, payload, self.buf = self.buf[0] & 0x0F, self.buf[at : at + n], self.buf[at + n :]
+            if opcode == 0x8:
+                self.close_reason = payload[2:].decode(errors="replace")
+            elif opcode in (0x0, 0x1, 0x2):
+                self.data += payload
+
+    def read_until(self, needle: bytes, timeout: float = 30) -> bytes:
+        deadline = time.monotonic() + timeout
+        while needle not in self.data and self.close_reason is None and time.monotonic() < deadline:
+            self.sock.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            self.buf += chunk
+            self._frames()
+        return self.data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def serial_token(machine: Machine, user=None) -> str:
+    raw, _ = consoles.console_token_issue(machine=machine, user=user or machine.owner, kind="serial")
+    return raw
+
+
+def test_the_serial_console_is_a_shell_through_the_proxy(iso_machine, console_proxy):
+    port, path = console_proxy, f"/serial/{iso_machine.pk}"
+    # A token is for one kind of console.
+    assert handshake(port, f"{path}?token={token_for(iso_machine)}")[0] == 403
+    assert handshake(port, f"/console/{iso_machine.pk}?token={serial_token(iso_machine)}")[0] == 403
+    serial_log(iso_machine.pk, "TINY-GUEST ready", timeout=120)  # the shell is up on ttyS0
+
+    ws = WsClient(port, f"{path}?token={serial_token(iso_machine)}")
+    try:
+        assert ws.status == 101
+        started = time.monotonic()
+        ws.send(b"\r")
+        assert b"# " in ws.read_until(b"# "), ws.data
+        ws.send(b"echo SERIAL_$((6*7)) $(uname -m)\r")
+        out = ws.read_until(b"SERIAL_42 x86_64")
+        assert b"SERIAL_42 x86_64" in out, out[-500:]
+        print(f"serial round trip {time.monotonic() - started:.2f} s")
+        # libvirt gives the console to one client at a time: a second session is refused, with the reason.
+        other = WsClient(port, f"{path}?token={serial_token(iso_machine)}")
+        other.read_until(b"never", timeout=10)
+        assert other.close_reason and "Active console session" in other.close_reason, (other.status, other.close_reason)
+        other.close()
+    finally:
+        ws.close()
+    # Closing the page frees the console for the next one (the bridge closes its libvirt connection).
+    again = wait_for(lambda: (c := WsClient(port, f"{path}?token={serial_token(iso_machine)}")).status == 101
+                     and (c.send(b"\r") or b"# " in c.read_until(b"# ", timeout=5)) and c, 20)  # fmt: skip
+    again.close()
+
+
+def test_a_viewer_watches_the_serial_console_but_cannot_type(iso_machine, console_proxy):
+    from machines.models import Membership, Project
+
+    project = Project.objects.create(name="serial-watchers")
+    Machine.objects.filter(pk=iso_machine.pk).update(project=project)
+    viewer = UserFactory(username="serial-watcher")
+    Membership.objects.create(project=project, user=viewer, role="viewer")
+    client = Client()
+    client.force_login(viewer)
+    r = client.post(f"/machines/{iso_machine.pk}/console/token/", {"kind": "serial"})
+    assert r.status_code == 200 and r.json()["view_only"] is True
+    assert client.post(f"/machines/{iso_machine.pk}/console/token/", {"kind": "spice"}).status_code == 400
+    serial_log(iso_machine.pk, "TINY-GUEST ready", timeout=120)
+    ws = WsClient(console_proxy, f"/serial/{iso_machine.pk}?token={r.json()['token']}")
+    try:
+        assert ws.status == 101
+        ws.send(b"echo VIEWER_$((6*7))\r")
+        assert b"VIEWER_42" not in ws.read_until(b"VIEWER_42", timeout=5)  # dropped by the proxy
+    finally:
+        ws.close()
+    assert "VIEWER_42" not in serial_log(iso_machine.pk, "TINY-GUEST ready")

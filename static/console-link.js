@@ -1,0 +1,20 @@
+// What the console pages share: a one-time key from the portal, and the console proxy's address.
+
+// POST to the page's token URL (CSRF-checked); resolves to {token, view_only, expires_at}.
+export async function issueToken(tokenUrl, kind = "vnc") {
+  const csrf = document.cookie.split("; ").find((c) => c.startsWith("csrftoken="))?.split("=")[1];
+  const r = await fetch(tokenUrl, {
+    method: "POST", credentials: "same-origin",
+    headers: { "X-CSRFToken": csrf, "Content-Type": "application/x-www-form-urlencoded" },
+    body: new URLSearchParams({ kind }),
+  });
+  if (!r.ok) throw new Error(`the portal refused a console key (${r.status})`);
+  return r.json();
+}
+
+// ws(s)://<proxy>/<kind path>/<machine>?token=...: PORTAL_CONSOLE_URL, or this host on the proxy's port.
+export function proxyUrl(config, path, machineId, token) {
+  const base = config.consoleUrl ||
+    `${location.protocol === "https:" ? "wss" : "ws"}://${location.hostname}:${config.consolePort}`;
+  return `${base.replace(/\/$/, "")}/${path}/${machineId}?token=${encodeURIComponent(token)}`;
+}

@@ -1,0 +1,71 @@
+// The portal's serial console page: xterm.js on a websocket to the console proxy's /serial/ path,
+// which joins it to the guest's serial port (a libvirt console stream).
+import { Terminal } from "./vendor/xterm/lib/xterm.mjs";
+import { FitAddon } from "./vendor/xterm-fit/lib/addon-fit.mjs";
+import { issueToken, proxyUrl } from "./console-link.js";
+
+const config = JSON.parse(document.getElementById("console-config").textContent);
+const statusEl = document.getElementById("console-status");
+const term = new Terminal({ cursorBlink: true, scrollback: 5000, fontSize: 14, lineHeight: 1.2, // room for underscores
+  fontFamily: "DejaVu Sans Mono, monospace" });
+const fit = new FitAddon();
+term.loadAddon(fit);
+term.open(document.getElementById("serial-screen"));
+fit.fit();
+window.addEventListener("resize", () => fit.fit());
+let ws = null;
+let viewOnly = false;
+const encoder = new TextEncoder();
+// For people and tests alike: the state of the page's connection, and what the terminal shows.
+window.portalConsole = { state: "idle", received: 0, text: () => screenText() };
+
+function screenText() {
+  const buffer = term.buffer.active;
+  const lines = [];
+  for (let i = 0; i < buffer.length; i++) lines.push(buffer.getLine(i)?.translateToString(true) ?? "");
+  return lines.join("\n");
+}
+
+function setStatus(state, text, colour) {
+  statusEl.textContent = text;
+  statusEl.dataset.state = state;
+  statusEl.className = `badge text-bg-${colour} align-middle fs-6`;
+  window.portalConsole.state = state;
+}
+
+term.onData((data) => {
+  if (ws?.readyState === WebSocket.OPEN && !viewOnly) ws.send(encoder.encode(data));
+});
+
+async function connect() {
+  if (ws) { ws.onclose = null; ws.close(); ws = null; }
+  setStatus("connecting", "Connecting…", "warning");
+  let body;
+  try {
+    body = await issueToken(config.tokenUrl, "serial");
+  } catch (e) {
+    setStatus("failed", e.message, "danger");
+    return;
+  }
+  viewOnly = body.view_only;
+  const socket = new WebSocket(proxyUrl(config, "serial", config.machineId, body.token), ["binary"]);
+  socket.binaryType = "arraybuffer";
+  socket.onopen = () => {
+    setStatus("connected", viewOnly ? "Connected (view only)" : "Connected", "success");
+    term.focus(); // nothing is sent for the user: Enter could answer an installer's question
+  };
+  socket.onmessage = (e) => {
+    const data = new Uint8Array(e.data);
+    window.portalConsole.received += data.length;
+    term.write(data);
+  };
+  socket.onclose = (e) => {
+    const clean = e.code === 1000;
+    setStatus(clean ? "disconnected" : "failed", clean ? "Disconnected" : (e.reason || "Connection refused or lost"),
+      clean ? "secondary" : "danger");
+  };
+  ws = socket;
+}
+
+document.getElementById("btn-reconnect").addEventListener("click", connect);
+connect();
