@@ -13,6 +13,7 @@ from pathlib import Path
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
+from django.db.models import F
 from django.utils import timezone
 from huey.exceptions import RetryTask
 
@@ -555,8 +556,10 @@ def machines_reconcile() -> None:
     Machine.objects.filter(operation_started__lt=now - timezone.timedelta(minutes=5)).update(operation="", operation_started=None)
     for hv in Hypervisor.objects.filter(enabled=True, status="online", machines__isnull=False).distinct():
         _reconcile_power(hv)
-    # Keep the screens on machine pages current even when nobody has the page open.
-    for machine in Machine.objects.filter(power_state=PowerState.RUNNING):
+    # Keep the screens on machine pages current even when nobody has the page open: a batch a minute,
+    # the stalest first, so a large installation takes its screenshots in turn instead of all at once.
+    stalest = Machine.objects.filter(power_state=PowerState.RUNNING).order_by(F("screenshot_taken").asc(nulls_first=True), "pk")
+    for machine in stalest[: settings.PORTAL_SCREENSHOTS_PER_MINUTE]:
         machine_screenshot_request(machine=machine, max_age=50)
 
 

@@ -229,6 +229,8 @@ PORTAL_CONSOLE_TOKEN_TTL = envint("PORTAL_CONSOLE_TOKEN_TTL", "60")  # seconds a
 PORTAL_CONSOLE_RECONNECT_GRACE = envint("PORTAL_CONSOLE_RECONNECT_GRACE", "10")  # seconds a used token still reconnects
 PORTAL_CONSOLE_MAX_PER_MACHINE = envint("PORTAL_CONSOLE_MAX_PER_MACHINE", "2")
 PORTAL_CONSOLE_MAX_PER_USER = envint("PORTAL_CONSOLE_MAX_PER_USER", "4")
+# Screenshots the minute's reconcile asks for, stalest first (open machine pages ask for their own).
+PORTAL_SCREENSHOTS_PER_MINUTE = envint("PORTAL_SCREENSHOTS_PER_MINUTE", "30")
 
 # Virtual BMCs of network-boot machines (served by manage.py bmc_server).
 PORTAL_BMC_ADDRESS = os.getenv("PORTAL_BMC_ADDRESS", "127.0.0.1")  # never :: or 0.0.0.0 by default

@@ -263,3 +263,18 @@ def test_reconcile_records_the_addresses_of_running_guests(host, owner, hv, imag
     services.machines_reconcile()
     machine.refresh_from_db()
     assert machine.guest_addresses == {} and machine.nics.get().seen_addresses == []
+
+
+def test_reconcile_takes_screenshots_in_batches_stalest_first(host, owner, hv, settings):
+    settings.PORTAL_SCREENSHOTS_PER_MINUTE = 2
+    now = timezone.now()
+    ages = {"never": None, "old": now - timedelta(hours=1), "recent": now - timedelta(minutes=2), "fresh": now}
+    for name, taken in ages.items():
+        m = Machine.objects.create(name=name, owner=owner, hypervisor=hv, deploy_type="network", status=Status.ACTIVE,
+                                   power_state="running", screenshot_taken=taken)  # fmt: skip
+        host.domains[str(m.uuid)] = {"state": PowerState.RUNNING}
+    Machine.objects.create(name="off", owner=owner, hypervisor=hv, deploy_type="network", status=Status.ACTIVE, power_state="off")
+    with mock.patch("machines.tasks.machine_screenshot_task") as task:
+        services.machines_reconcile()
+    asked = {Machine.objects.get(pk=c.args[0]).name for c in task.call_args_list}
+    assert asked == {"never", "old"}
