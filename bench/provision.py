@@ -135,8 +135,9 @@ def main() -> None:
     from machines.models import Machine
 
     call_command("migrate", verbosity=0)  # before the consumer starts, so it finds its tables
+    worker_log = Path(DATA) / "worker.log"
     worker = subprocess.Popen([sys.executable, "manage.py", "run_huey", "--workers", "4"], cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+                              stdout=worker_log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
         user, hv, image = setup()
         # Warm the image copy so both sides start from an image already in the pool.
@@ -174,6 +175,9 @@ def main() -> None:
             print(f"{mode:<11}{statistics.median(totals):>11.3f}{pct(totals, 95):>8.3f}{statistics.median(plain):>11.3f}"
                   f"{pct(plain, 95):>8.3f}{statistics.median(totals) / statistics.median(plain):>11.2f}"
                   f"{statistics.median(pickups):>12.3f}{pct(pickups, 95):>8.3f}")  # fmt: skip
+    except BaseException:
+        print(f"failed; the worker's log is {worker_log}", file=sys.stderr)
+        raise
     finally:
         os.killpg(worker.pid, 15)
         worker.wait()

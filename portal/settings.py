@@ -180,7 +180,7 @@ HUEY = {
         # which is how long a new machine would wait to be picked up.
         "initial_delay": 0.05,
         "backoff": 1.15,
-        "max_delay": 0.5,
+        "max_delay": 0.1,
     },
 }
 if _redis_url:
