@@ -20,6 +20,7 @@ from machines.models import Machine
 from machines.states import DeployType, PowerAction, PowerState, Status
 from portal.forms import add_errors
 from portal.htmx import HtmxHttpRequest, is_partial
+from portal.queue import queue_report
 
 
 def _get_machine_for_user(request, pk: int, need: str = access.VIEW) -> Machine:
@@ -110,8 +111,9 @@ def machine_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
         template += "#machine-state"
     events = machine.events.order_by("-created", "-pk")[:100]
     isos = Image.objects.filter(kind="iso", status="ready") if machine.deploy_type == "iso" else []
+    worker_down = machine.is_busy and not queue_report(limit=0).worker_ok
     return render(request, template, {"machine": machine, "events": events, "grow_form": GrowDiskForm(),
-                                      "power_actions": PowerAction.choices, "isos": isos})  # fmt: skip
+                                      "power_actions": PowerAction.choices, "isos": isos, "worker_down": worker_down})  # fmt: skip
 
 
 def _form_context(request, form: MachineForm) -> dict:

@@ -76,3 +76,14 @@ class SshKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.user})"
+
+
+class Heartbeat(models.Model):
+    """When a background process (the Huey worker) last showed it runs."""
+
+    name = models.CharField(max_length=40, unique=True)
+    seen = models.DateTimeField()
+    detail = models.CharField(max_length=200, blank=True)  # e.g. the host and pid
+
+    def __str__(self) -> str:
+        return f"{self.name} seen {self.seen:%Y-%m-%d %H:%M:%S}"

@@ -13,9 +13,10 @@ from hypervisors.models import Hypervisor, HypervisorStatus
 from machines.access import machines_for
 from machines.capacity import usage_report
 from machines.models import MachineEvent
-from machines.states import Status
+from machines.states import BUSY, Status
 from portal.decorators import staff_required
 from portal.models import AuditEvent
+from portal.queue import queue_report
 
 
 @login_required
@@ -30,7 +31,8 @@ def home(request) -> HttpResponse:
     return render(request, "home.html", {
         "hypervisors": hypervisors, "counts": counts, "usage": usage_report(request.user),
         "by_status": [(Status(k).label, v) for k, v in sorted(by_status.items())], "machine_count": mine.count(),
-        "events": events.order_by("-created", "-pk")[:12],
+        "events": events.order_by("-created", "-pk")[:12], "queue": queue_report(),
+        "busy": machines_for(request.user).filter(status__in=BUSY).select_related("hypervisor").order_by("status_changed")[:10],
     })  # fmt: skip
 
 
@@ -39,7 +41,11 @@ def healthz(request) -> JsonResponse:
     """Liveness for a load balancer: the web process answers and reaches its database."""
     with connection.cursor() as cursor:
         cursor.execute("SELECT 1")
-    return JsonResponse({"status": "ok"})
+    queue = queue_report(limit=0)
+    # Still 200: the web process is alive. "degraded" says the worker is not, so nothing gets done.
+    return JsonResponse({"status": "ok" if queue.worker_ok else "degraded", "worker_ok": queue.worker_ok,
+                         "worker_seen": queue.worker_seen.isoformat() if queue.worker_seen else None,
+                         "queue_waiting": queue.waiting})  # fmt: skip
 
 
 @staff_required
