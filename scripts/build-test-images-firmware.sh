@@ -53,15 +53,9 @@ set -euo pipefail
 CACHE_DIR=${PORTAL_TEST_IMAGE_DIR:-/var/cache/ansistack-portal/test-images}
 SELF=$(readlink -f "${BASH_SOURCE[0]}")
 TINY_SCRIPT=$(dirname "$SELF")/build-test-images.sh
-REFRESH=${PORTAL_TEST_IMAGE_REFRESH:-0}
-PRUNE=0
-for arg in "$@"; do
-    case "$arg" in
-        --refresh) REFRESH=1 ;;
-        --prune) PRUNE=1 ;;
-        *) echo "usage: $0 [--refresh] [--prune]" >&2; exit 2 ;;
-    esac
-done
+# shellcheck source=scripts/image-cache.sh
+source "$(dirname "$SELF")/image-cache.sh"
+parse_cache_args "$@"
 
 HOST_PACKAGES=(grub-efi-amd64-bin grub-common mtools fdisk cpio qemu-utils ovmf qemu-efi-aarch64 qemu-system-arm)
 ARM64_KERNEL_META=linux-image-cloud-arm64
@@ -92,79 +86,19 @@ TINY_INITRD=$(printf '%s\n' "$tiny_out" | sed -n 's/^tiny_initrd=//p')
 [ -s "$TINY_KERNEL" ] && [ -s "$TINY_INITRD" ] || die "no tiny_kernel/tiny_initrd from $TINY_SCRIPT"
 TINY_ID="tiny_kernel=$TINY_KERNEL tiny_initrd=$TINY_INITRD"
 
-# Quickest path, no hashing: the last run that printed images recorded the
-# identity of this script, of dpkg's status file and of firmware.lock, and the
-# tiny paths; if none changed, its answer still holds. Else the hash decides.
-quick_signature() {
-    printf '%s ' "$TINY_ID"
-    stat -c '%n %s %.9Y' "$SELF" /var/lib/dpkg/status "$LOCK_FILE" 2>/dev/null | tr '\n' ' '
-}
-if [ "$REFRESH" != 1 ] && [ "$PRUNE" != 1 ] && [ -s "$QUICK_FILE" ]; then
-    {
-        IFS= read -r recorded || true
-        lines=()
-        while IFS= read -r line; do
-            [ -s "${line#*=}" ] || { lines=(); break; }
-            lines+=("$line")
-        done
-    } <"$QUICK_FILE"
-    if [ ${#lines[@]} -gt 0 ] && [ "$recorded" = "$(quick_signature)" ]; then
-        printf '%s\n' "${lines[@]}"
-        exit 0
-    fi
-fi
-
-emit() {  # $1 = manifest: print it, and record it for the quickest path
-    cat "$1"
-    { quick_signature; echo; cat "$1"; } >"$QUICK_FILE.$$" && mv -f "$QUICK_FILE.$$" "$QUICK_FILE"
-    [ "$PRUNE" = 1 ] || return 0
-    # --prune: delete the images of other inputs and the .debs no longer pinned.
-    local f name=${1##*/}
-    for f in "$CACHE_DIR"/fw-*.qcow2 "$CACHE_DIR"/fw-*.manifest; do
-        [ -e "$f" ] || continue
-        case "${f##*/}" in "${name%.manifest}".*) ;; *) log "pruning ${f##*/}"; rm -f "$f" ;; esac
-    done
-    for f in "$DEB_DIR"/*.deb; do
-        [ -e "$f" ] || continue
-        grep -qxF "$(basename "$f")" <(sed -n 's/^[a-z0-9_]*_deb=//p' "$LOCK_FILE") || { log "pruning ${f##*/}"; rm -f "$f"; }
-    done
-}
+# The tiny paths carry the hash of the tiny guest's own inputs.
+EXTRA_INPUTS=$TINY_ID
+IMAGE_PREFIX=fw-
+PAYLOAD_KEYS=(kernel_deb busybox_deb grub_deb)
+quick_answer
 
 # --- host packages ------------------------------------------------------------
 # shellcheck source=scripts/host-packages.sh
 source "$(dirname "${BASH_SOURCE[0]}")/host-packages.sh"
 ensure_host_packages
 
-lock_value() { sed -n "s/^$1=//p" "$LOCK_FILE"; }
-
-payload_ok() {  # the pinned .debs are here
-    [ -s "$LOCK_FILE" ] || return 1
-    local f
-    for f in "$(lock_value kernel_deb)" "$(lock_value busybox_deb)" "$(lock_value grub_deb)"; do
-        [ -n "$f" ] && [ -s "$DEB_DIR/$f" ] || return 1
-    done
-}
-
-key_of() {  # hash of every input
-    { sha256sum <"$SELF"; printf '%s\n' "$versions" "$TINY_ID"; cat "$LOCK_FILE"; } | sha256sum | cut -c1-16
-}
-
-manifest_ok() {  # $1 = manifest; every path in it exists
-    local line
-    [ -s "$1" ] || return 1
-    while IFS= read -r line; do
-        [ -s "${line#*=}" ] || return 1
-    done <"$1"
-}
-
 # --- fast path: nothing to do ---------------------------------------------------
-if [ "$REFRESH" != 1 ] && payload_ok; then
-    KEY=$(key_of)
-    if manifest_ok "$CACHE_DIR/fw-$KEY.manifest"; then
-        emit "$CACHE_DIR/fw-$KEY.manifest"
-        exit 0
-    fi
-fi
+cached_answer
 
 # --- slow path, one builder at a time --------------------------------------------
 exec 9>"$CACHE_DIR/.fw-build.lock"

@@ -42,15 +42,9 @@ set -euo pipefail
 
 CACHE_DIR=${PORTAL_TEST_IMAGE_DIR:-/var/cache/ansistack-portal/test-images}
 SELF=$(readlink -f "${BASH_SOURCE[0]}")
-REFRESH=${PORTAL_TEST_IMAGE_REFRESH:-0}
-PRUNE=0
-for arg in "$@"; do
-    case "$arg" in
-        --refresh) REFRESH=1 ;;
-        --prune) PRUNE=1 ;;
-        *) echo "usage: $0 [--refresh] [--prune]" >&2; exit 2 ;;
-    esac
-done
+# shellcheck source=scripts/image-cache.sh
+source "$(dirname "$SELF")/image-cache.sh"
+parse_cache_args "$@"
 
 # Built into the images: downloaded and unpacked, never installed.
 KERNEL_META=linux-image-cloud-amd64
@@ -74,44 +68,9 @@ die() { log "error: $*"; exit 1; }
 LOCK_FILE=$CACHE_DIR/payload.lock
 DEB_DIR=$CACHE_DIR/debs
 QUICK_FILE=$CACHE_DIR/quick
-
-# Quickest path, one `stat` and no hashing: the last run that printed images
-# recorded the identity (path, size, mtime) of this script, of dpkg's status
-# file and of payload.lock; if none of them changed, its answer still holds.
-# Any change falls through to the hash below, which decides.
-quick_signature() {
-    stat -c '%n %s %.9Y' "$SELF" /var/lib/dpkg/status "$LOCK_FILE" 2>/dev/null | tr '\n' ' '
-}
-if [ "$REFRESH" != 1 ] && [ "$PRUNE" != 1 ] && [ -s "$QUICK_FILE" ]; then
-    {
-        IFS= read -r recorded || true
-        lines=()
-        while IFS= read -r line; do
-            [ -s "${line#*=}" ] || { lines=(); break; }
-            lines+=("$line")
-        done
-    } <"$QUICK_FILE"
-    if [ ${#lines[@]} -gt 0 ] && [ "$recorded" = "$(quick_signature)" ]; then
-        printf '%s\n' "${lines[@]}"
-        exit 0
-    fi
-fi
-
-emit() {  # $1 = manifest: print it, and record it for the quickest path
-    cat "$1"
-    { quick_signature; echo; cat "$1"; } >"$QUICK_FILE.$$" && mv -f "$QUICK_FILE.$$" "$QUICK_FILE"
-    [ "$PRUNE" = 1 ] || return 0
-    # --prune: delete the images of other inputs and the .debs no longer pinned.
-    # (Not done by default: qcow2 overlays may still use an older base image.)
-    local f name=${1##*/}
-    for f in "$CACHE_DIR"/tiny-*; do
-        case "${f##*/}" in "${name%.manifest}".*) ;; *) log "pruning ${f##*/}"; rm -f "$f" ;; esac
-    done
-    for f in "$DEB_DIR"/*.deb; do
-        [ -e "$f" ] || continue
-        grep -qxF "$(basename "$f")" <(sed -n 's/^[a-z]*_deb=//p' "$LOCK_FILE") || { log "pruning ${f##*/}"; rm -f "$f"; }
-    done
-}
+IMAGE_PREFIX=tiny-
+PAYLOAD_KEYS=(kernel_deb busybox_deb)
+quick_answer
 
 # --- host tools ------------------------------------------------------------
 # shellcheck source=scripts/host-packages.sh
@@ -120,36 +79,8 @@ ensure_host_packages
 
 mkdir -p "$CACHE_DIR"
 
-lock_value() { sed -n "s/^$1=//p" "$LOCK_FILE"; }
-
-payload_ok() {  # the pinned .debs are here
-    [ -s "$LOCK_FILE" ] || return 1
-    local f
-    for f in "$(lock_value kernel_deb)" "$(lock_value busybox_deb)"; do
-        [ -n "$f" ] && [ -s "$DEB_DIR/$f" ] || return 1
-    done
-}
-
-key_of() {  # hash of every input
-    { sha256sum <"$SELF"; printf '%s\n' "$versions"; cat "$LOCK_FILE"; } | sha256sum | cut -c1-16
-}
-
-manifest_ok() {  # $1 = manifest; every path in it exists
-    local line
-    [ -s "$1" ] || return 1
-    while IFS= read -r line; do
-        [ -s "${line#*=}" ] || return 1
-    done <"$1"
-}
-
 # --- fast path: nothing to do ----------------------------------------------
-if [ "$REFRESH" != 1 ] && payload_ok; then
-    KEY=$(key_of)
-    if manifest_ok "$CACHE_DIR/tiny-$KEY.manifest"; then
-        emit "$CACHE_DIR/tiny-$KEY.manifest"
-        exit 0
-    fi
-fi
+cached_answer
 
 # --- slow path, one builder at a time ---------------------------------------
 exec 9>"$CACHE_DIR/.build.lock"
