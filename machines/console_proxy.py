@@ -70,6 +70,8 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
         self.kind = "vnc"
         self.machine = None
         self.view_only = False
+        self.take_over = False  # serial: disconnect whoever has the port (the page's Reconnect, Take over)
+        self.proxied = False
         super().__init__(*args, **kwargs)
 
     # Logging: never the query string (it holds the token).
@@ -84,8 +86,10 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
         client = self.client_address[0]
         parts = urlsplit(self.path)
         self.path = parts.path  # from here on, nothing can log the token
+        query = parse_qs(parts.query)
+        self.take_over = query.get("take_over") == ["1"]
         try:
-            self._authorise(client, parts.path, parse_qs(parts.query).get("token", [""])[0])
+            self._authorise(client, parts.path, query.get("token", [""])[0])
         except ConsoleDenied as e:
             log.warning("%s refused console %s: %s", client, parts.path, e)
             self.send_error(403, "Console refused")
@@ -94,7 +98,11 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
             log.warning("%s console %s: hypervisor error: %s", client, parts.path, e)
             self.send_error(503, "Hypervisor unavailable")
             return
-        websocketserver.WebSocketRequestHandlerMixIn.handle_upgrade(self)
+        try:
+            websocketserver.WebSocketRequestHandlerMixIn.handle_upgrade(self)
+        finally:
+            if not self.proxied:  # the websocket handshake failed after the token was spent
+                consoles.console_session_close(self.session_id)
 
     def _authorise(self, client: str, path: str, raw_token: str) -> None:
         origin = self.headers.get("Origin", "")
@@ -117,16 +125,18 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
     def _connect_target(self) -> socket.socket:
         if self.kind == "serial":
             with get_driver(self.machine.hypervisor.uri) as driver:
-                return driver.serial_console(str(self.machine.uuid))
+                return driver.serial_console(str(self.machine.uuid), take_over=self.take_over)
         tsock = socket.create_connection(self.target, timeout=10)
         tsock.setsockopt(socket.SOL_TCP, socket.TCP_NODELAY, 1)
         return tsock
 
     def new_websocket_client(self):
+        self.proxied = True
         try:
             tsock = self._connect_target()
-        except (OSError, HypervisorError) as e:
+        except Exception as e:  # OSError, HypervisorError, or anything the driver did not expect
             consoles.console_session_close(self.session_id)
+            log.warning("console session %s: cannot reach the %s console: %s", self.session_id, self.kind, e)
             raise self.CClose(1011, f"cannot reach the console: {getattr(e, 'strerror', None) or e}"[:120]) from None
         tsock.settimeout(None)
         stop = threading.Event()

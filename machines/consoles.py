@@ -39,6 +39,9 @@ def console_token_issue(*, machine: Machine, user, session_key: str = "", kind: 
         raise ValueError(f"no console of kind {kind!r}")
     if not can_use(user, machine):
         raise ConsoleDenied("no access to this machine")
+    if kind == "serial" and not can(user, machine, OPERATE):
+        # libvirt lends the port to one client: a watcher would lock out the people who work on it.
+        raise ConsoleDenied("the serial console is for those who operate the machine; its log is on the machine page")
     raw = secrets.token_urlsafe(32)
     expires = timezone.now() + timedelta(seconds=settings.PORTAL_CONSOLE_TOKEN_TTL)
     ConsoleToken.objects.create(key_hash=_hash(raw), machine=machine, user=user, session_key=session_key or "",

@@ -268,8 +268,11 @@ def machine_console_token(request: HtmxHttpRequest, pk: int) -> JsonResponse:
     kind = request.POST.get("kind", "vnc")
     if kind not in ("vnc", "serial"):
         return JsonResponse({"error": "kind is vnc or serial"}, status=400)
-    raw, expires = consoles.console_token_issue(machine=machine, user=request.user, kind=kind,
-                                                session_key=request.session.session_key or "")  # fmt: skip
+    try:
+        raw, expires = consoles.console_token_issue(machine=machine, user=request.user, kind=kind,
+                                                    session_key=request.session.session_key or "")  # fmt: skip
+    except consoles.ConsoleDenied as e:
+        return JsonResponse({"error": str(e)}, status=403)
     view_only = not access.can(request.user, machine, access.OPERATE)
     response = JsonResponse({"token": raw, "expires_at": expires.isoformat(), "view_only": view_only})
     response["Cache-Control"] = "no-store"

@@ -8,7 +8,10 @@ export async function issueToken(tokenUrl, kind = "vnc") {
     headers: { "X-CSRFToken": csrf, "Content-Type": "application/x-www-form-urlencoded" },
     body: new URLSearchParams({ kind }),
   });
-  if (!r.ok) throw new Error(`the portal refused a console key (${r.status})`);
+  if (!r.ok) {
+    const reason = r.headers.get("Content-Type")?.includes("json") ? (await r.json()).error : "";
+    throw new Error(reason || `the portal refused a console key (${r.status})`);
+  }
   return r.json();
 }
 

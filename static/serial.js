@@ -14,7 +14,6 @@ term.open(document.getElementById("serial-screen"));
 fit.fit();
 window.addEventListener("resize", () => fit.fit());
 let ws = null;
-let viewOnly = false;
 const encoder = new TextEncoder();
 // For people and tests alike: the state of the page's connection, and what the terminal shows.
 window.portalConsole = { state: "idle", received: 0, text: () => screenText() };
@@ -34,11 +33,14 @@ function setStatus(state, text, colour) {
 }
 
 term.onData((data) => {
-  if (ws?.readyState === WebSocket.OPEN && !viewOnly) ws.send(encoder.encode(data));
+  if (ws?.readyState === WebSocket.OPEN) ws.send(encoder.encode(data));
 });
 
-async function connect() {
+// takeOver: disconnect whoever has the serial port (libvirt lends it to one client), e.g. this
+// page's own previous session, which the proxy may not have let go of yet.
+async function connect(takeOver = false) {
   if (ws) { ws.onclose = null; ws.close(); ws = null; }
+  takeOverButton.hidden = true;
   setStatus("connecting", "Connecting…", "warning");
   let body;
   try {
@@ -47,11 +49,11 @@ async function connect() {
     setStatus("failed", e.message, "danger");
     return;
   }
-  viewOnly = body.view_only;
-  const socket = new WebSocket(proxyUrl(config, "serial", config.machineId, body.token), ["binary"]);
+  const url = proxyUrl(config, "serial", config.machineId, body.token) + (takeOver ? "&take_over=1" : "");
+  const socket = new WebSocket(url, ["binary"]);
   socket.binaryType = "arraybuffer";
   socket.onopen = () => {
-    setStatus("connected", viewOnly ? "Connected (view only)" : "Connected", "success");
+    setStatus("connected", "Connected", "success");
     term.focus(); // nothing is sent for the user: Enter could answer an installer's question
   };
   socket.onmessage = (e) => {
@@ -63,9 +65,12 @@ async function connect() {
     const clean = e.code === 1000;
     setStatus(clean ? "disconnected" : "failed", clean ? "Disconnected" : (e.reason || "Connection refused or lost"),
       clean ? "secondary" : "danger");
+    takeOverButton.hidden = !(e.reason || "").includes("Active console session");
   };
   ws = socket;
 }
 
-document.getElementById("btn-reconnect").addEventListener("click", connect);
+const takeOverButton = document.getElementById("btn-takeover");
+takeOverButton.addEventListener("click", () => connect(true));
+document.getElementById("btn-reconnect").addEventListener("click", () => connect(true));
 connect();

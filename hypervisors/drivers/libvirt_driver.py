@@ -7,7 +7,9 @@ into a HypervisorUnavailable (retry later) or HypervisorFatalError.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import socket
 import threading
 import time
@@ -24,7 +26,6 @@ from hypervisors.drivers.base import (
     DomainSpec,
     HostInfo,
     HypervisorDriver,
-    HypervisorError,
     HypervisorFatalError,
     HypervisorUnavailable,
     NetworkInfo,
@@ -710,27 +711,34 @@ class LibvirtDriver(HypervisorDriver):
 
         return self._call(run)
 
-    def serial_console(self, uuid: str) -> socket.socket:
+    def serial_console(self, uuid: str, *, take_over: bool = False) -> socket.socket:
         """A socket joined to the running domain's serial console, until either end closes. It has its own
-        connection to the hypervisor, closed with it. libvirt gives a console to one client at a time: a
-        second one (another tab, `virsh console`) is refused with HypervisorFatalError."""
-        _ensure_event_loop()  # the stream's callbacks run on it
+        connection to the hypervisor (with keepalive), closed with it. libvirt gives a console to one client
+        at a time: a second one (another tab, `virsh console`) is refused with HypervisorFatalError, unless
+        `take_over`, which disconnects the one that has it."""
+        _ensure_event_loop()  # the stream's callbacks and the keepalive run on it
         check_reachable(self.uri, self.connect_timeout)
         conn = _open(self.uri, self.connect_timeout)
+        stream = None
         try:
+            try:
+                conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
+            except libvirt.libvirtError:
+                pass  # test:// has none
             dom = self._dom(conn, uuid)
             if dom is None or not dom.isActive():
                 raise HypervisorFatalError("the machine is not running")
             stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
-            dom.openConsole(None, stream, 0)
-        except libvirt.libvirtError as e:
+            dom.openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE if take_over else 0)
+            ours, theirs = socket.socketpair()
+            _ConsoleBridge(conn, stream, ours).start()
+        except BaseException as e:
+            if stream is not None:
+                _abort_quietly(stream)
             _close_quietly(conn)
-            raise translate(e) from None
-        except HypervisorError:
-            _close_quietly(conn)
+            if isinstance(e, libvirt.libvirtError):
+                raise translate(e) from None
             raise
-        ours, theirs = socket.socketpair()
-        _ConsoleBridge(conn, stream, ours).start()
         return theirs
 
     def domain_addresses(self, uuid: str) -> dict[str, list[str]]:
@@ -780,24 +788,40 @@ class LibvirtDriver(HypervisorDriver):
 
 
 class _ConsoleBridge:
-    """Copies between a libvirt console stream and one end of a socket pair: guest output from the
-    stream's callbacks (on libvirt's event loop), keyboard input from a thread. The first end of either
-    side ends both, and closes the session's connection."""
+    """Copies between a libvirt console stream and one end of a socket pair.
 
-    SEND_TIMEOUT = 10.0  # a reader that stops reading ends the session rather than stall libvirt's event loop
+    Guest output: the stream's callback (on libvirt's event loop, shared by every connection of the
+    process) only takes what is there and queues it; a thread of its own writes it to the socket, so a
+    reader that stops reading never stalls the loop: when the queue is full the session ends. Keyboard
+    input: a thread from the socket to the stream. The first end of either side, or the connection's
+    death (keepalive), ends both and closes the session's connection, never on the event loop."""
+
+    QUEUE_CHUNKS = 256  # up to 4 MiB of output waiting for a slow reader
 
     def __init__(self, conn: libvirt.virConnect, stream: libvirt.virStream, sock: socket.socket) -> None:
         self.conn, self.stream, self.sock = conn, stream, sock
+        self.output: queue.Queue = queue.Queue(self.QUEUE_CHUNKS)
         self._closed = False
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        self.sock.settimeout(self.SEND_TIMEOUT)
         events = libvirt.VIR_STREAM_EVENT_READABLE | libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP
         self.stream.eventAddCallback(events, self._on_stream, None)
+        self.conn.registerCloseCallback(lambda _conn, _reason, _opaque: self._end(), None)
+        threading.Thread(target=self._pump_output, name="serial-console-output", daemon=True).start()
         threading.Thread(target=self._pump_input, name="serial-console-input", daemon=True).start()
 
+    def _end(self) -> None:
+        """From any thread: have the output thread close everything."""
+        try:
+            self.output.put_nowait(None)
+        except queue.Full:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)  # the output thread's send fails: it closes
+
     def _on_stream(self, stream: libvirt.virStream, events: int, _opaque) -> None:
+        if self._closed:
+            return
         try:
             if events & libvirt.VIR_STREAM_EVENT_READABLE:
                 while True:
@@ -805,22 +829,26 @@ class _ConsoleBridge:
                     if data == -2:  # nothing more for now
                         return
                     if not data:
-                        break  # the console closed
-                    self.sock.sendall(data)
-        except (libvirt.libvirtError, OSError) as e:
+                        break  # the console closed (another client took it, or the guest stopped)
+                    self.output.put_nowait(data)
+        except queue.Full:
+            log.info("serial console: the reader fell %d chunks behind; closing", self.QUEUE_CHUNKS)
+        except libvirt.libvirtError as e:
+            log.debug("serial console output: %s", e)
+        self._end()
+
+    def _pump_output(self) -> None:
+        try:
+            while (data := self.output.get()) is not None:
+                self.sock.sendall(data)
+        except OSError as e:
             log.debug("serial console output: %s", e)
         self.close()
 
     def _pump_input(self) -> None:
         try:
-            while True:
-                try:
-                    data = self.sock.recv(4096)
-                except TimeoutError:
-                    continue
-                if not data:
-                    break
-                while data:
+            while data := self.sock.recv(4096):
+                while data and not self._closed:
                     sent = self.stream.send(data)
                     if sent == -2:  # the guest's port is full: wait a little
                         time.sleep(0.01)
@@ -828,18 +856,19 @@ class _ConsoleBridge:
                     data = data[sent:]
         except (libvirt.libvirtError, OSError) as e:
             log.debug("serial console input: %s", e)
-        self.close()
+        self._end()
 
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        for step in (self.stream.eventRemoveCallback, self.stream.abort):
+        for step in (self.stream.eventRemoveCallback, self.stream.abort, self.conn.unregisterCloseCallback):
             try:
                 step()
             except libvirt.libvirtError:
                 pass
+        self.stream.cb = self.stream.cbOpaque = None  # libvirt-python keeps the callback: a cycle through us
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:

@@ -119,9 +119,13 @@ def test_serial_console_in_xterm_is_an_interactive_shell(page, web_server, conso
     page.wait_for_function("window.portalConsole.text().includes('XTERM_42 tiny')", timeout=20_000)
     assert "XTERM_42 tiny" in serial_log(running_iso.pk, "XTERM_42")  # the guest's own serial log has it too
     page.screenshot(path=str(ARTIFACTS / "browser-serial-console.png"))
-    # While this page holds the serial port, a second page is refused, and says why.
+    # While this page holds the serial port, a second page is refused and says why; it can take the port over.
     other = page.context.new_page()
     other.goto(f"{web_server}/machines/{running_iso.pk}/serial/")
     other.wait_for_function("window.portalConsole && window.portalConsole.state === 'failed'", timeout=30_000)
     expect(other.locator("#console-status")).to_contain_text("Active console session")
+    other.get_by_role("button", name="Take over").click()
+    other.wait_for_function("window.portalConsole.state === 'connected'", timeout=30_000)
+    page.wait_for_function("window.portalConsole.state !== 'connected'", timeout=30_000)  # the first one let go
+    other.screenshot(path=str(ARTIFACTS / "browser-serial-take-over.png"))
     other.close()

@@ -126,3 +126,20 @@ def test_detail_and_list_show_the_addresses_the_guest_has(user_client, machine):
     assert "<code>192.0.2.10</code><br><code>2001:db8::10</code>" in listing
     api = user_client.get(f"/api/v1/machines/{machine.pk}/").json()
     assert api["guest_addresses"] == {nic.mac: ["192.0.2.10/24", "2001:db8::10/64"]}
+
+
+def test_viewers_get_the_screen_but_not_the_serial_console(machine, client):
+    """libvirt lends the serial port to one client: a watcher holding it would lock out the people who
+    work on the machine, so viewers read the serial log instead."""
+    from machines.models import Membership, Project
+
+    project = Project.objects.create(name="serial-watchers")
+    Machine.objects.filter(pk=machine.pk).update(project=project)
+    viewer = UserFactory(username="serial-watcher")
+    Membership.objects.create(project=project, user=viewer, role="viewer")
+    client.force_login(viewer)
+    url = reverse("machines:console-token", args=[machine.pk])
+    r = client.post(url, {"kind": "serial"})
+    assert r.status_code == 403 and "its log is on the machine page" in r.json()["error"]
+    assert client.post(url, {"kind": "spice"}).status_code == 400
+    assert client.post(url).json()["view_only"] is True  # the screen, yes
