@@ -558,7 +558,9 @@ def machines_reconcile() -> None:
         _reconcile_power(hv)
     # Keep the screens on machine pages current even when nobody has the page open: a batch a minute,
     # the stalest first, so a large installation takes its screenshots in turn instead of all at once.
-    stalest = Machine.objects.filter(power_state=PowerState.RUNNING).order_by(F("screenshot_taken").asc(nulls_first=True), "pk")
+    # (By when they were last asked for: one that fails is not asked again and again ahead of the rest.)
+    stalest = Machine.objects.filter(power_state=PowerState.RUNNING, hypervisor__enabled=True,
+                                     hypervisor__status="online").order_by(F("screenshot_requested").asc(nulls_first=True), "pk")  # fmt: skip
     for machine in stalest[: settings.PORTAL_SCREENSHOTS_PER_MINUTE]:
         machine_screenshot_request(machine=machine, max_age=50)
 
@@ -583,8 +585,12 @@ def _reconcile_power(hv: Hypervisor) -> None:
         with get_driver(hv.uri) as driver:
             states = driver.domain_states()
             for machine in machines:
-                if states.get(str(machine.uuid)) == PowerState.RUNNING:
+                if states.get(str(machine.uuid)) != PowerState.RUNNING:
+                    continue
+                try:
                     addresses[machine.pk] = driver.domain_addresses(str(machine.uuid))
+                except HypervisorFatalError as e:  # e.g. undefined meanwhile: the others still count
+                    log.info("addresses of %s: %s", machine.name, e)
     except HypervisorError as e:
         log.info("reconcile %s: %s", hv.name, e)
         return
@@ -592,10 +598,12 @@ def _reconcile_power(hv: Hypervisor) -> None:
     for machine in machines:
         state = states.get(str(machine.uuid))
         new = PowerState.MISSING if state is None else str(state)
-        if new != machine.power_state and new == PowerState.MISSING:
-            machine.log("reconcile", "the domain vanished from the hypervisor", level="warning")
-        Machine.objects.filter(pk=machine.pk).update(power_state=new, power_checked=now,
-                                                     guest_addresses=addresses.get(machine.pk, {}))  # fmt: skip
+        mine = Machine.objects.filter(pk=machine.pk)
+        if new != machine.power_state:
+            # Only over the state read above: a power action that ended meanwhile wrote a newer one.
+            if mine.filter(power_state=machine.power_state).update(power_state=new) and new == PowerState.MISSING:
+                machine.log("reconcile", "the domain vanished from the hypervisor", level="warning")
+        mine.update(power_checked=now, guest_addresses=addresses.get(machine.pk, {}))
 
 
 @audited("machine.protection", obj_kwarg="machine")

@@ -97,7 +97,11 @@ class FakeDriver(HypervisorDriver):
 
     def domain_addresses(self, uuid):
         dom = self.host.domains.get(uuid)
-        return dict(dom.get("addresses", {})) if dom and dom["state"] == PowerState.RUNNING else {}
+        if not dom or dom["state"] != PowerState.RUNNING:
+            return {}
+        if isinstance(dom.get("addresses"), Exception):
+            raise dom["addresses"]
+        return dict(dom.get("addresses", {}))
 
     def set_autostart(self, uuid, enabled):
         self._dom(uuid)["autostart"] = enabled

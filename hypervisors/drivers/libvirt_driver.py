@@ -743,8 +743,8 @@ class LibvirtDriver(HypervisorDriver):
 
     def domain_addresses(self, uuid: str) -> dict[str, list[str]]:
         """MAC -> addresses the running guest has, as far as the hypervisor can tell: the DHCP leases of
-        libvirt networks, the guest agent when one answers, and the host's ARP table (bridges, macvtap
-        seen from the host's side of the wire). Empty when off."""
+        libvirt networks, the guest agent when one answers, and the host's ARP table (guests the host
+        talks to; not macvtap ones, which the host itself cannot reach). Empty when off."""
 
         def run(conn):
             dom = self._dom(conn, uuid)
@@ -759,9 +759,9 @@ class LibvirtDriver(HypervisorDriver):
                 try:
                     reports.append(dom.interfaceAddresses(source, 0) or {})
                 except libvirt.libvirtError as e:
-                    if isinstance(translate(e), HypervisorUnavailable):
+                    if not conn.isAlive():
                         raise
-                    log.debug("addresses of %s from source %s: %s", uuid, source, e)
+                    log.debug("addresses of %s from source %s: %s", uuid, source, e)  # e.g. no lease file
             return merge_addresses(*reports)
 
         return self._call(run)

@@ -265,16 +265,54 @@ def test_reconcile_records_the_addresses_of_running_guests(host, owner, hv, imag
     assert machine.guest_addresses == {} and machine.nics.get().seen_addresses == []
 
 
-def test_reconcile_takes_screenshots_in_batches_stalest_first(host, owner, hv, settings):
+def test_reconcile_takes_screenshots_in_batches_in_turn(host, owner, hv, settings):
     settings.PORTAL_SCREENSHOTS_PER_MINUTE = 2
     now = timezone.now()
-    ages = {"never": None, "old": now - timedelta(hours=1), "recent": now - timedelta(minutes=2), "fresh": now}
-    for name, taken in ages.items():
+    asked_at = {"never": None, "old": now - timedelta(hours=1), "recent": now - timedelta(minutes=2),
+                "fresh": now - timedelta(seconds=55)}  # fmt: skip
+    for name, when in asked_at.items():
         m = Machine.objects.create(name=name, owner=owner, hypervisor=hv, deploy_type="network", status=Status.ACTIVE,
-                                   power_state="running", screenshot_taken=taken)  # fmt: skip
+                                   power_state="running", screenshot_requested=when)  # fmt: skip
         host.domains[str(m.uuid)] = {"state": PowerState.RUNNING}
     Machine.objects.create(name="off", owner=owner, hypervisor=hv, deploy_type="network", status=Status.ACTIVE, power_state="off")
-    with mock.patch("machines.tasks.machine_screenshot_task") as task:
+    # A machine whose hypervisor is down keeps its last state; it must not take a place in every batch.
+    down = HypervisorFactory(name="gone", uri="qemu+tcp://gone/system", status="down")
+    Machine.objects.create(name="stranded", owner=owner, hypervisor=down, deploy_type="network", status=Status.ACTIVE,
+                           power_state="running")  # fmt: skip
+
+    def batch():
+        with mock.patch("machines.tasks.machine_screenshot_task") as task:
+            services.machines_reconcile()
+        return {Machine.objects.get(pk=c.args[0]).name for c in task.call_args_list}
+
+    assert batch() == {"never", "old"}
+    assert batch() == {"recent", "fresh"}  # the next minute, the others: asking counts, not succeeding
+
+
+def test_one_machines_address_error_does_not_stop_the_reconcile(host, owner, hv, image, django_capture_on_commit_callbacks):
+    first = create(django_capture_on_commit_callbacks, **base_kwargs(owner, hv, image, name="a1"))
+    second = create(django_capture_on_commit_callbacks, **base_kwargs(owner, hv, image, name="a2"))
+    host.domains[str(first.uuid)].update(state=PowerState.RUNNING, addresses=HypervisorFatalError("domain not found"))
+    host.domains[str(second.uuid)].update(state=PowerState.RUNNING, addresses={second.nics.get().mac: ["192.0.2.7/24"]})
+    services.machines_reconcile()
+    first.refresh_from_db()
+    second.refresh_from_db()
+    assert first.power_state == second.power_state == "running"
+    assert first.guest_addresses == {} and second.guest_addresses == {second.nics.get().mac: ["192.0.2.7/24"]}
+
+
+def test_reconcile_does_not_undo_a_power_change_made_meanwhile(host, owner, hv, image, django_capture_on_commit_callbacks):
+    machine = create(django_capture_on_commit_callbacks, **base_kwargs(owner, hv, image))
+    Machine.objects.filter(pk=machine.pk).update(power_state="off")
+    host.domains[str(machine.uuid)]["state"] = PowerState.RUNNING
+    real = FakeDriver.domain_states
+
+    def states_then_a_stop(self):
+        states = real(self)
+        Machine.objects.filter(pk=machine.pk).update(power_state="crashed")  # a power action's own result lands
+        return states
+
+    with mock.patch.object(FakeDriver, "domain_states", states_then_a_stop):
         services.machines_reconcile()
-    asked = {Machine.objects.get(pk=c.args[0]).name for c in task.call_args_list}
-    assert asked == {"never", "old"}
+    machine.refresh_from_db()
+    assert machine.power_state == "crashed" and machine.power_checked is not None
