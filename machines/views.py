@@ -111,7 +111,7 @@ def machine_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
         template += "#machine-state"
     events = machine.events.order_by("-created", "-pk")[:100]
     isos = Image.objects.filter(kind="iso", status="ready") if machine.deploy_type == "iso" else []
-    worker_down = machine.is_busy and not queue_report(limit=0).worker_ok
+    worker_down = machine.is_busy and not queue_report().worker_ok
     return render(request, template, {"machine": machine, "events": events, "grow_form": GrowDiskForm(),
                                       "power_actions": PowerAction.choices, "isos": isos, "worker_down": worker_down})  # fmt: skip
 

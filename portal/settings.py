@@ -230,8 +230,10 @@ PORTAL_CONSOLE_RECONNECT_GRACE = envint("PORTAL_CONSOLE_RECONNECT_GRACE", "10") 
 PORTAL_CONSOLE_MAX_PER_MACHINE = envint("PORTAL_CONSOLE_MAX_PER_MACHINE", "2")
 PORTAL_CONSOLE_MAX_PER_USER = envint("PORTAL_CONSOLE_MAX_PER_USER", "4")
 # Screenshots the minute's reconcile asks for, stalest first (open machine pages ask for their own).
-# The dashboard and /healthz call the worker stopped when its minute heartbeat is older than this (s).
-PORTAL_WORKER_STALE_AFTER = envint("PORTAL_WORKER_STALE_AFTER", "180")
+# The worker records a heartbeat this often (s); the dashboard and /healthz call it stopped when the
+# last one is older than PORTAL_WORKER_STALE_AFTER (s).
+PORTAL_WORKER_HEARTBEAT = envint("PORTAL_WORKER_HEARTBEAT", "30")
+PORTAL_WORKER_STALE_AFTER = envint("PORTAL_WORKER_STALE_AFTER", "120")
 PORTAL_SCREENSHOTS_PER_MINUTE = envint("PORTAL_SCREENSHOTS_PER_MINUTE", "30")
 
 # Virtual BMCs of network-boot machines (served by manage.py bmc_server).

@@ -1,19 +1,41 @@
-"""Huey entry points of the portal itself: the worker's heartbeat."""
+"""The worker's heartbeat: a thread of the consumer process, not a queued task, so a worker busy with
+long tasks still shows it runs."""
 
-from huey import crontab
-from huey.contrib.djhuey import db_periodic_task, on_startup
+import logging
+import threading
+import time
+
+from django.conf import settings
+from django.db import close_old_connections
+from huey.contrib.djhuey import on_startup
+
+log = logging.getLogger(__name__)
+_started = threading.Lock()
 
 
 @on_startup()
 def worker_started() -> None:
-    """Each worker thread, as it starts: the dashboard knows at once that the worker runs."""
+    """Each worker thread, as it starts: the dashboard knows at once that the worker runs; the first one
+    also starts the beat."""
     from portal.queue import beat
 
     beat()
+    if _started.acquire(blocking=False):
+        start_heartbeat()
 
 
-@db_periodic_task(crontab(minute="*"))
-def worker_heartbeat_task() -> None:
+def start_heartbeat() -> None:
+    threading.Thread(target=_beat_forever, name="portal-heartbeat", daemon=True).start()
+
+
+def _beat_forever() -> None:
     from portal.queue import beat
 
-    beat()
+    while True:
+        time.sleep(settings.PORTAL_WORKER_HEARTBEAT)
+        try:
+            beat()
+        except Exception:  # the database may be away for a moment; the next beat tries again
+            log.exception("worker heartbeat")
+        finally:
+            close_old_connections()

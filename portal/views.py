@@ -31,7 +31,7 @@ def home(request) -> HttpResponse:
     return render(request, "home.html", {
         "hypervisors": hypervisors, "counts": counts, "usage": usage_report(request.user),
         "by_status": [(Status(k).label, v) for k, v in sorted(by_status.items())], "machine_count": mine.count(),
-        "events": events.order_by("-created", "-pk")[:12], "queue": queue_report(),
+        "events": events.order_by("-created", "-pk")[:12], "queue": queue_report(limit=10 if request.user.is_staff else 0),
         "busy": machines_for(request.user).filter(status__in=BUSY).select_related("hypervisor").order_by("status_changed")[:10],
     })  # fmt: skip
 
@@ -41,11 +41,11 @@ def healthz(request) -> JsonResponse:
     """Liveness for a load balancer: the web process answers and reaches its database."""
     with connection.cursor() as cursor:
         cursor.execute("SELECT 1")
-    queue = queue_report(limit=0)
-    # Still 200: the web process is alive. "degraded" says the worker is not, so nothing gets done.
-    return JsonResponse({"status": "ok" if queue.worker_ok else "degraded", "worker_ok": queue.worker_ok,
+    queue = queue_report()
+    # Still 200: the web process is alive. "degraded" says the worker (or its queue) is not, so nothing gets done.
+    return JsonResponse({"status": "ok" if queue.worker_ok and not queue.error else "degraded", "worker_ok": queue.worker_ok,
                          "worker_seen": queue.worker_seen.isoformat() if queue.worker_seen else None,
-                         "queue_waiting": queue.waiting})  # fmt: skip
+                         "queue_waiting": queue.waiting, "queue_error": queue.error})  # fmt: skip
 
 
 @staff_required

@@ -99,7 +99,8 @@ def _stack_env() -> dict:
     name = settings.DATABASES["default"]["NAME"]
     assert settings.DATABASES["default"]["ENGINE"].endswith("sqlite3"), "the stack tests use the embedded SQLite"
     return {**os.environ, "DATABASE_URL": f"sqlite:///{name}", "PORTAL_CONSOLE_PORT": str(STACK_PORTS["console"]),
-            "PORTAL_CONSOLE_ALLOWED_ORIGINS": f"http://127.0.0.1:{STACK_PORTS['web']}"}  # fmt: skip
+            "PORTAL_CONSOLE_ALLOWED_ORIGINS": f"http://127.0.0.1:{STACK_PORTS['web']}",
+            "PORTAL_WORKER_HEARTBEAT": "1"}  # fmt: skip
 
 
 def _start(name: str, argv: list[str]) -> subprocess.Popen:

@@ -1,5 +1,6 @@
 """The worker's heartbeat and the work queue as the dashboard, the machine page and /healthz show them."""
 
+import threading
 from datetime import timedelta
 from unittest import mock
 
@@ -11,19 +12,34 @@ from machines.models import Machine
 from machines.states import Status
 from portal.models import Heartbeat
 from portal.queue import beat, queue_report
-from portal.tasks import worker_heartbeat_task, worker_started
+from portal.tasks import _beat_forever, worker_started
 from tests.factories import HypervisorFactory
 
 pytestmark = pytest.mark.django_db
 
 
-def test_the_worker_beats_when_it_starts_and_every_minute():
+def test_the_worker_beats_when_it_starts_then_from_a_thread(settings):
     assert not queue_report().worker_ok
-    worker_started()
-    first = Heartbeat.objects.get(name="worker").seen
+    with mock.patch("portal.tasks.start_heartbeat") as start, mock.patch("portal.tasks._started", threading.Lock()):
+        worker_started()
+        worker_started()  # every worker thread beats; only the first starts the beat
+    assert start.call_count == 1
     assert queue_report().worker_ok and "pid" in queue_report().worker_detail
-    worker_heartbeat_task.call_local()
-    assert Heartbeat.objects.get(name="worker").seen >= first
+    Heartbeat.objects.update(seen=timezone.now() - timedelta(minutes=10))
+    settings.PORTAL_WORKER_HEARTBEAT = 0
+    with mock.patch("portal.tasks.close_old_connections"), mock.patch("portal.tasks.time.sleep", side_effect=[None, SystemExit]):
+        with pytest.raises(SystemExit):
+            _beat_forever()  # one beat, then the (mocked) sleep ends it
+    assert queue_report().worker_age < 5
+
+
+def test_an_unreadable_queue_is_reported_not_raised(client, staff_client):
+    beat()
+    with mock.patch("portal.queue.HUEY.pending_count", side_effect=ConnectionError("redis is away")):
+        body = client.get("/healthz").json()
+        html = staff_client.get("/").content.decode()
+    assert body["status"] == "degraded" and body["worker_ok"] is True and "redis is away" in body["queue_error"]
+    assert "the queue cannot be read: redis is away" in html and '<strong id="queue-waiting">?</strong>' in html
 
 
 def test_dashboard_says_when_the_worker_stopped(user_client, user, settings):
