@@ -7,6 +7,7 @@ from django.urls import reverse
 from hypervisors.models import Hypervisor, HypervisorStatus, Image, ImageKind, ImageStatus
 from machines.access import project_choices
 from machines.models import Machine, Project
+from machines.services import may_take_host_devices
 from machines.states import DeployType
 
 CPU_MODES = {"host-passthrough": "host-passthrough (the host's CPU as it is)",
@@ -41,7 +42,8 @@ class Offer:
         hvs = [hypervisor] if hypervisor else list(Hypervisor.objects.filter(enabled=True, status=HypervisorStatus.ONLINE))
 
         def every(attr: str) -> list[str]:
-            sets = [set(getattr(h, attr) or []) for h in hvs]
+            # A hypervisor whose sync did not report the list is not asked (the service accepts there too).
+            sets = [set(getattr(h, attr)) for h in hvs if getattr(h, attr)]
             return sorted(set.intersection(*sets)) if sets else []
 
         def some(values) -> list[str]:
@@ -54,7 +56,7 @@ class Offer:
             machine_types=every("machine_types"),
             cpu_modes=[m for m in CPU_MODES if m in every("cpu_modes")],
             cpu_models=every("cpu_models"),
-            uefi=bool(hvs) and all("efi" in (h.firmwares or []) for h in hvs),
+            uefi=all("efi" in h.firmwares for h in hvs if h.firmwares),
             networks=some(lambda h: [n["name"] for n in h.networks if n.get("active", True)]),
             bridges=some(lambda h: [i["name"] for i in h.interfaces if i.get("type") == "bridge"]),
             interfaces=some(lambda h: [i["name"] for i in h.interfaces if i.get("type") != "bridge" and i["name"] != "lo"]),
@@ -159,7 +161,7 @@ class MachineForm(forms.ModelForm):
             f", {i.arch})" if i.arch != (chosen.arch if chosen else "x86_64") else ")")  # fmt: skip
         self.fields["extra_isos"].queryset = ready.filter(kind=ImageKind.ISO)
         self.fields["pool"].choices = [(p, p) for p in offer.pools] or [("default", "default")]
-        nic_groups = [("", "No network"), ("user:", "User-mode NAT (QEMU; nothing needed on the hypervisor)")]
+        nic_groups = [("user:", "User-mode NAT (QEMU; nothing needed on the hypervisor)"), ("", "No network")]
         for label, kind, names in (("Libvirt networks", "network", offer.networks), ("Host bridges", "bridge", offer.bridges),
                                    ("Host interfaces (macvtap)", "direct", offer.interfaces)):  # fmt: skip
             if names:
@@ -174,6 +176,39 @@ class MachineForm(forms.ModelForm):
             self.fields["project"].queryset = project_choices(user)
         if user is None or not user.is_staff:
             del self.fields["qemu_args_text"]
+        self.dropped = self._drop_unoffered(chosen) if not self.is_bound else []
+        if user is None or not may_take_host_devices(user):
+            del self.fields["hostdevs"], self.fields["hostdev_match"]
+
+    def _drop_unoffered(self, chosen: Hypervisor | None) -> list[str]:
+        """After a redraw for another hypervisor: the choices made that it does not offer fall back to the
+        defaults, and the form says which (rather than the browser quietly picking the first option)."""
+        where = chosen.name if chosen else "every online hypervisor"
+        dropped = []
+        for name in ("nic", "pool", "machine_type", "cpu_mode", "cpu_model", "firmware", "image"):
+            value = self.initial.get(name)
+            if value in (None, ""):
+                continue
+            field = self.fields[name]
+            if name == "image":
+                ok = field.queryset.filter(pk=value).exists() if str(value).isdigit() else False
+            else:
+                ok = any(str(value) == str(v) for v, label in self._flat(field.choices))
+            if not ok:
+                shown = Image.objects.filter(pk=value).values_list("name", flat=True).first() if name == "image" else None
+                shown = shown or str(value).partition(":")[2] or str(value)  # network:lan -> lan
+                dropped.append(f"{field.label or name.replace('_', ' ').capitalize()} {shown} is not offered on {where}; "
+                               "it is back to the default.")  # fmt: skip
+                self.initial[name] = field.initial
+        return dropped
+
+    @staticmethod
+    def _flat(choices):
+        for value, label in choices:
+            if isinstance(label, (list, tuple)):
+                yield from label
+            else:
+                yield value, label
 
     def _chosen(self, online) -> Hypervisor | None:
         value = self.data.get("hypervisor") if self.is_bound else self.initial.get("hypervisor")

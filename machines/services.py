@@ -124,6 +124,9 @@ def _validate_hardware_input(owner, deploy_type: str, vcpus: int, hardware: dict
         raise ValidationError({"secure_boot": "Secure Boot needs UEFI firmware."})
     if hw.get("secure_boot") and not str(hw.get("machine_type", "")).startswith(("q35", "pc-q35")):
         raise ValidationError({"secure_boot": "Secure Boot needs machine type q35 (it keeps its variables in SMM)."})
+    if (hw.get("hostdevs") or hw.get("hostdev_match")) and not may_take_host_devices(owner):
+        raise ValidationError({"hostdevs": "Only staff may pass host devices through: a device taken from the host can "
+                                           "cut it off its network or disks. Ask an administrator."})  # fmt: skip
     args = hw.get("qemu_args") or []
     if args and not owner.is_staff:
         raise ValidationError({"qemu_args": "Only staff may pass extra QEMU arguments: they bypass every check."})
@@ -135,6 +138,10 @@ def _validate_hardware_input(owner, deploy_type: str, vcpus: int, hardware: dict
 def _hexid(value: str) -> str:
     """0x8086 -> 8086, as lspci -n shows vendor and product ids."""
     return value[2:] if value.startswith("0x") else value
+
+
+def may_take_host_devices(user) -> bool:
+    return user.is_staff or settings.PORTAL_HOST_DEVICES_FOR == "everyone"
 
 
 def taken_hostdevs(hypervisor: Hypervisor) -> set[str]:

@@ -230,6 +230,11 @@ PORTAL_CONSOLE_RECONNECT_GRACE = envint("PORTAL_CONSOLE_RECONNECT_GRACE", "10") 
 PORTAL_CONSOLE_MAX_PER_MACHINE = envint("PORTAL_CONSOLE_MAX_PER_MACHINE", "2")
 PORTAL_CONSOLE_MAX_PER_USER = envint("PORTAL_CONSOLE_MAX_PER_USER", "4")
 # Screenshots the minute's reconcile asks for, stalest first (open machine pages ask for their own).
+# Who may pass a hypervisor's PCI/USB devices to a machine: "staff" (default) or "everyone". A device
+# taken from the host (managed='yes' detaches it) can cut the host off its own network or disks.
+PORTAL_HOST_DEVICES_FOR = os.getenv("PORTAL_HOST_DEVICES_FOR", "staff")
+if PORTAL_HOST_DEVICES_FOR not in ("staff", "everyone"):
+    raise ImproperlyConfigured("PORTAL_HOST_DEVICES_FOR is staff or everyone")
 # The worker records a heartbeat this often (s); the dashboard and /healthz call it stopped when the
 # last one is older than PORTAL_WORKER_STALE_AFTER (s).
 PORTAL_WORKER_HEARTBEAT = envint("PORTAL_WORKER_HEARTBEAT", "30")

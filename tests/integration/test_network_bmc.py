@@ -109,8 +109,9 @@ def test_ipmitool_drives_a_network_boot_machine(owner_api, local, bmc_server):
     assert "Chassis Power is off" in ipmi(other_creds, "power", "status").stdout
 
 
-def test_a_host_device_lands_in_the_defined_domain(owner_api, local, bmc_server):
+def test_a_host_device_lands_in_the_defined_domain(owner_api, local, bmc_server, settings):
     """Passthrough is defined, never started here (no real device may be taken from this host)."""
+    settings.PORTAL_HOST_DEVICES_FOR = "everyone"  # the owner is not staff
     device = next(d for d in local.devices if d["type"] == "pci")
     machine = services.machine_create(owner=owner_api.owner, hypervisor=local, name="passthru", deploy_type="network",
                                       nics=[services.NicInput(type="user")], hostdevs=[device["name"]])  # fmt: skip

@@ -58,7 +58,7 @@ def values(form, name):
 def test_one_hypervisor_offers_what_it_has(lab, images):
     Machine.objects.create(name="has-nic", owner=UserFactory(), hypervisor=lab, deploy_type="network",
                            hostdevs=["usb_1_2"])  # fmt: skip
-    form = MachineForm(initial={"hypervisor": lab.pk}, user=UserFactory(username="u"))
+    form = MachineForm(initial={"hypervisor": lab.pk}, user=UserFactory(username="u", is_staff=True))
     assert values(form, "machine_type") == ["pc", "pc-q35-7.2", "q35"]
     assert values(form, "cpu_mode") == ["host-passthrough", "host-model", "custom"]  # not "maximum": the portal has no use
     assert values(form, "cpu_model") == ["Haswell", "qemu64"]
@@ -67,7 +67,8 @@ def test_one_hypervisor_offers_what_it_has(lab, images):
     assert values(form, "nic") == ["user:", "network:default", "bridge:br0", "direct:eno1"]
     assert values(form, "hostdevs") == ["pci_0000_03_00_0"]  # the USB device is taken
     assert [i.name for i in form.fields["image"].queryset] == ["debian", "debian-arm"]  # no s390x here
-    assert "qemu_args_text" not in form.fields  # staff only
+    plain = MachineForm(initial={"hypervisor": lab.pk}, user=UserFactory(username="plain"))
+    assert {"qemu_args_text", "hostdevs", "hostdev_match"}.isdisjoint(plain.fields)  # staff only
 
 
 def test_any_hypervisor_offers_what_every_one_has(lab, small, images):
@@ -87,8 +88,8 @@ def test_a_choice_the_hypervisor_lacks_is_refused(small):
     assert set(form.errors) == {"nic", "machine_type", "firmware"}, form.errors
 
 
-def test_picking_a_hypervisor_brings_its_choices_and_keeps_what_was_typed(user_client, lab, small):
-    r = user_client.post(reverse("machines:form-fields"), {"hypervisor": small.pk, "name": "typed-name", "script": "echo <kept>",
+def test_picking_a_hypervisor_brings_its_choices_and_keeps_what_was_typed(staff_client, lab, small):
+    r = staff_client.post(reverse("machines:form-fields"), {"hypervisor": small.pk, "name": "typed-name", "script": "echo <kept>",
                                                           "nic": "network:lan", "watchdog": "on"})  # fmt: skip
     html = r.content.decode()
     assert r.status_code == 200 and html.lstrip().startswith('<div class="row g-4" id="form-body">')
@@ -96,7 +97,7 @@ def test_picking_a_hypervisor_brings_its_choices_and_keeps_what_was_typed(user_c
     assert '<option value="network:lan" selected>' in html and "bridge:br0" not in html
     assert 'name="watchdog" id="id_watchdog" checked' in html
     assert "small has no free PCI or USB device" in html
-    html = user_client.post(reverse("machines:form-fields"), {"hypervisor": lab.pk}).content.decode()
+    html = staff_client.post(reverse("machines:form-fields"), {"hypervisor": lab.pk}).content.decode()
     assert "pci_0000_03_00_0 · Intel I210 (8086:1533)" in html and 'value="uefi"' in html
 
 
@@ -133,7 +134,6 @@ def test_the_form_carries_every_hardware_option(lab, images, client, django_capt
         ({"smbios_text": "colour=red"}, "smbios_text", "Use the keys"),  # from the service
         ({"extra_disks_text": "10 big"}, "extra_disks_text", "whole GiB"),
         ({"nic": "user:", "nic_vlan": 5}, "nic_vlan", "goes with a host bridge"),
-        ({"hostdev_match": "dead:beef"}, "hostdev_match", "No free device on lab"),  # from the service
     ],
 )
 def test_bad_hardware_input_lands_on_its_field(lab, user_client, change, field, message):
@@ -144,3 +144,27 @@ def test_bad_hardware_input_lands_on_its_field(lab, user_client, change, field, 
     assert r.status_code == 200 and not Machine.objects.filter(name="bad1").exists()
     errors = r.context["form"].errors
     assert field in errors and message in " ".join(errors[field]), errors
+
+
+def test_a_pattern_no_free_device_matches_is_refused_on_its_field(lab, staff_client):
+    data = {"deploy_type": "network", "name": "bad2", "hypervisor": lab.pk, "vcpus": 1, "memory_mib": 256, "disk_gib": 1,
+            "pool": "default", "nic": "user:", "firmware": "bios", "disk_bus": "virtio", "hostdev_match": "dead:beef"}  # fmt: skip
+    with mock.patch("machines.services.get_driver", lambda uri: FakeDriver(uri, FakeHost())):
+        r = staff_client.post(reverse("machines:create"), data)
+    assert "No free device on lab" in " ".join(r.context["form"].errors["hostdev_match"])
+
+
+def test_a_choice_the_new_hypervisor_lacks_falls_back_and_the_form_says_so(staff_client, lab, small, images):
+    html = staff_client.post(reverse("machines:form-fields"), {"hypervisor": small.pk, "nic": "direct:eno1", "firmware": "uefi",
+                                                              "image": images[1].pk, "pool": "fast"}).content.decode()  # fmt: skip
+    assert 'id="form-dropped"' in html
+    for note in ("Network eno1 is not offered on small", "Firmware uefi is not offered on small",
+                 "Image debian-arm is not offered on small", "Storage pool fast is not offered on small"):
+        assert note in html, note
+    assert '<option value="user:" selected>' in html  # user-mode, never "no network" by accident
+
+
+def test_any_hypervisor_ignores_lists_a_hypervisor_never_reported(lab, images):
+    HypervisorFactory(name="fresh", uri="qemu+ssh://fresh/system")  # online, nothing synced yet
+    form = MachineForm(user=UserFactory(username="u"))
+    assert values(form, "machine_type") == ["pc", "pc-q35-7.2", "q35"] and values(form, "firmware") == ["bios", "uefi"]

@@ -20,7 +20,7 @@ def hv(db):
 
 
 def create(hv, owner=None, **hw):
-    return services.machine_create(owner=owner or UserFactory(username="hw"), hypervisor=hv, name="metal",
+    return services.machine_create(owner=owner or UserFactory(username="hw", is_staff=bool(hw.get("hostdevs") or hw.get("hostdev_match"))), hypervisor=hv, name="metal",
                                    deploy_type="network", vcpus=2, nics=[services.NicInput(type="user")], **hw)  # fmt: skip
 
 
@@ -163,7 +163,7 @@ def test_host_devices_by_name_or_pattern_and_never_twice(hv, settings, django_ca
     hv.devices = DEVICES
     hv.save()
     host = FakeHost()
-    owner = UserFactory(username="d")
+    owner = UserFactory(username="d", is_staff=True)
     with mock.patch("machines.services.get_driver", lambda uri: FakeDriver(uri, host)):
         with django_capture_on_commit_callbacks(execute=True):
             first = services.machine_create(owner=owner, hypervisor=hv, name="d1", deploy_type="network", vcpus=2,
@@ -209,3 +209,13 @@ def test_boot_orders_of_extra_disks_are_distinct():
         services._normalise_extra_disks([{"size_gib": 1, "boot_order": 1}, {"size_gib": 1, "boot_order": 1}], "iso")
     assert services._normalise_extra_disks([3, {"size_gib": 1, "boot_order": 2}], "iso") == [
         {"size_gib": 3, "image": None, "boot_order": None}, {"size_gib": 1, "image": None, "boot_order": 2}]
+
+
+def test_host_devices_are_for_staff_unless_everyone_may(hv, settings):
+    hv.devices = DEVICES
+    hv.save()
+    with pytest.raises(ValidationError, match="Only staff may pass host devices through"):
+        create(hv, owner=UserFactory(username="plain"), hostdev_match="8086")
+    settings.PORTAL_HOST_DEVICES_FOR = "everyone"
+    with mock.patch("machines.services.get_driver", lambda uri: FakeDriver(uri, FakeHost())):
+        assert create(hv, owner=UserFactory(username="trusted"), hostdev_match="8086").hostdevs == ["pci_0000_03_00_0"]
