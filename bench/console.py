@@ -9,7 +9,6 @@ Uses its own data directory and processes, and removes the machine it made.
 import functools
 import http.server
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -37,6 +36,7 @@ os.environ.update({"PORTAL_DATA_DIR": DATA, "DJANGO_SETTINGS_MODULE": "portal.se
 import django  # noqa: E402
 
 from bench.common import pct, wait  # noqa: E402
+from portal.processes import stop_groups  # noqa: E402
 
 django.setup()
 
@@ -171,9 +171,7 @@ def main():
     finally:
         if server:
             server.shutdown()
-        for proc in procs:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait()
+        stop_groups(procs)
 
 
 if __name__ == "__main__":

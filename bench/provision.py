@@ -30,6 +30,7 @@ os.environ.update({"PORTAL_DATA_DIR": DATA, "DJANGO_SETTINGS_MODULE": "portal.se
 import django  # noqa: E402
 
 from bench.common import pct, wait  # noqa: E402
+from portal.processes import stop_groups  # noqa: E402
 
 django.setup()
 
@@ -179,8 +180,7 @@ def main() -> None:
         print(f"failed; the worker's log is {worker_log}", file=sys.stderr)
         raise
     finally:
-        os.killpg(worker.pid, 15)
-        worker.wait()
+        stop_groups([worker])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 import functools
 import http.server
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from django.test import Client
 from huey.contrib.djhuey import HUEY
 
 from hypervisors.drivers import libvirt_driver
+from portal.processes import stop_groups
 from tests.factories import UserFactory
 from tests.images import test_images
 
@@ -75,13 +75,7 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    stop_groups([proc])
 
 
 def _free_port() -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 from dataclasses import dataclass
 
@@ -48,21 +47,13 @@ def detect_format(path: str) -> str:
     return "raw"
 
 
-def _limits(cpu_seconds: int, memory_bytes: int):
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
-        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-
-    return apply
-
-
 def qemu_img_info(path: str, fmt: str, *, cpu_seconds: int = 30, memory_mib: int = 1024) -> dict:
+    # The limits are set by prlimit(1), which then runs qemu-img: a preexec_fn would run Python between
+    # fork and exec, which deadlocks in the worker's threads (seen: a child stuck on a lock for ever).
+    limits = ["prlimit", f"--cpu={cpu_seconds}", f"--as={memory_mib << 20}", "--"]
     try:
-        r = subprocess.run(
-            ["qemu-img", "info", "-f", fmt, "--output=json", path],
-            capture_output=True, text=True, timeout=cpu_seconds * 2,
-            preexec_fn=_limits(cpu_seconds, memory_mib << 20),  # noqa: PLW1509 - no threads touched before exec
-        )  # fmt: skip
+        r = subprocess.run([*limits, "qemu-img", "info", "-f", fmt, "--output=json", path],
+                           capture_output=True, text=True, timeout=cpu_seconds * 2)  # fmt: skip
     except subprocess.TimeoutExpired:
         raise ImageRejected("qemu-img took too long to read the image") from None
     if r.returncode != 0:

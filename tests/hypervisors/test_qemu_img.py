@@ -71,3 +71,10 @@ def test_other_formats_are_named(tmp_path):
     assert detect_format(str(vmdk)) == "vmdk"
     with pytest.raises(ImageRejected, match="the file is vmdk"):
         inspect(str(vmdk), "qcow2", max_virtual_bytes=LIMIT)
+
+
+def test_qemu_img_runs_under_the_limits(qcow2):
+    # An address-space limit too small for qemu-img to even load: refused, so the limits reach it.
+    with pytest.raises(ImageRejected, match="qemu-img cannot read it"):
+        inspect(str(qcow2), "qcow2", max_virtual_bytes=LIMIT, memory_mib=4)
+    assert inspect(str(qcow2), "qcow2", max_virtual_bytes=LIMIT).format == "qcow2"

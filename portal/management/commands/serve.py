@@ -13,6 +13,8 @@ import time
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
+from portal.processes import stop_groups
+
 STOP_GRACE = 10  # seconds a child gets after SIGTERM before SIGKILL
 
 
@@ -64,14 +66,6 @@ class Command(BaseCommand):
         sys.exit(exit_code)
 
     def _stop_all(self, children: dict[str, subprocess.Popen]) -> None:
-        for proc in children.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE
-        for name, proc in children.items():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_groups(list(children.values()), grace=STOP_GRACE)
+        for name in children:
             self.stdout.write(f"stopped {name}")
