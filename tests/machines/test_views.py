@@ -1,3 +1,5 @@
+from unittest import mock
+
 import pytest
 from django.urls import reverse
 
@@ -143,3 +145,10 @@ def test_viewers_get_the_screen_but_not_the_serial_console(machine, client):
     assert r.status_code == 403 and "its log is on the machine page" in r.json()["error"]
     assert client.post(url, {"kind": "spice"}).status_code == 400
     assert client.post(url).json()["view_only"] is True  # the screen, yes
+
+
+def test_a_running_machine_without_a_screenshot_asks_for_one(user_client, machine):
+    Machine.objects.filter(pk=machine.pk).update(power_state="running")
+    with mock.patch("machines.services.machine_screenshot_request") as asked:
+        html = user_client.get(reverse("machines:detail", args=[machine.pk])).content.decode()
+    assert asked.called and 'id="no-screenshot"' in html and 'id="machine-screenshot"' not in html
