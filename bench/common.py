@@ -1,5 +1,6 @@
 """Helpers shared by the benchmarks."""
 
+import shutil
 import time
 
 
@@ -17,3 +18,10 @@ def wait(predicate, timeout: float = 120.0, interval: float = 0.02):
             raise TimeoutError("gave up waiting")
         time.sleep(interval)
     return value
+
+
+def run_main(main, data_dir: str) -> None:
+    """Run a benchmark's main(); remove its data directory after a clean run, keep it (with the logs the
+    benchmark put there) after a failure."""
+    main()
+    shutil.rmtree(data_dir, ignore_errors=True)

@@ -35,7 +35,7 @@ os.environ.update({"PORTAL_DATA_DIR": DATA, "DJANGO_SETTINGS_MODULE": "portal.se
 
 import django  # noqa: E402
 
-from bench.common import pct, wait  # noqa: E402
+from bench.common import pct, run_main, wait  # noqa: E402
 from portal.processes import stop_groups  # noqa: E402
 
 django.setup()
@@ -175,4 +175,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, DATA)
