@@ -176,9 +176,9 @@ class MachineForm(forms.ModelForm):
             self.fields["project"].queryset = project_choices(user)
         if user is None or not user.is_staff:
             del self.fields["qemu_args_text"]
-        self.dropped = self._drop_unoffered(chosen) if not self.is_bound else []
         if user is None or not may_take_host_devices(user):
             del self.fields["hostdevs"], self.fields["hostdev_match"]
+        self.dropped = self._drop_unoffered(chosen) if not self.is_bound else []
 
     def _drop_unoffered(self, chosen: Hypervisor | None) -> list[str]:
         """After a redraw for another hypervisor: the choices made that it does not offer fall back to the
@@ -190,16 +190,25 @@ class MachineForm(forms.ModelForm):
             if value in (None, ""):
                 continue
             field = self.fields[name]
+            digits = str(value).isdigit()
             if name == "image":
-                ok = field.queryset.filter(pk=value).exists() if str(value).isdigit() else False
+                ok = digits and field.queryset.filter(pk=value).exists()
             else:
-                ok = any(str(value) == str(v) for v, label in self._flat(field.choices))
+                offered = [str(v) for v, _ in self._flat(field.choices)]
+                ok = str(value) in offered
             if not ok:
-                shown = Image.objects.filter(pk=value).values_list("name", flat=True).first() if name == "image" else None
+                shown = Image.objects.filter(pk=value).values_list("name", flat=True).first() if name == "image" and digits else None
                 shown = shown or str(value).partition(":")[2] or str(value)  # network:lan -> lan
+                default = field.initial if name == "image" or str(field.initial or "") in offered else offered[0]
                 dropped.append(f"{field.label or name.replace('_', ' ').capitalize()} {shown} is not offered on {where}; "
-                               "it is back to the default.")  # fmt: skip
-                self.initial[name] = field.initial
+                               f"it is back to {'the default' if not default else default.partition(':')[2] or default}.")  # fmt: skip
+                self.initial[name] = default
+        if "hostdevs" in self.fields and self.initial.get("hostdevs"):
+            offered = {str(v) for v, _ in self.fields["hostdevs"].choices}
+            gone = [d for d in self.initial["hostdevs"] if d not in offered]
+            if gone:
+                dropped.append(f"Host devices {', '.join(gone)} are not free on {where}; they are left out.")
+                self.initial["hostdevs"] = [d for d in self.initial["hostdevs"] if d in offered]
         return dropped
 
     @staticmethod

@@ -598,6 +598,7 @@ def _reconcile_power(hv: Hypervisor) -> None:
                     addresses[machine.pk] = driver.domain_addresses(str(machine.uuid))
                 except HypervisorFatalError as e:  # e.g. undefined meanwhile: the others still count
                     log.info("addresses of %s: %s", machine.name, e)
+                    addresses[machine.pk] = machine.guest_addresses  # what was known stays until the next try
     except HypervisorError as e:
         log.info("reconcile %s: %s", hv.name, e)
         return

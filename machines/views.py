@@ -112,7 +112,8 @@ def machine_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     events = machine.events.order_by("-created", "-pk")[:100]
     isos = Image.objects.filter(kind="iso", status="ready") if machine.deploy_type == "iso" else []
     if machine.power_state == PowerState.RUNNING and machine.screenshot_taken is None:
-        services.machine_screenshot_request(machine=machine)  # the page shows the screen once there is one
+        # The page shows the screen once there is one; asked at most once a minute while none comes.
+        services.machine_screenshot_request(machine=machine, max_age=60)
     worker_down = machine.is_busy and not queue_report().worker_ok
     return render(request, template, {"machine": machine, "events": events, "grow_form": GrowDiskForm(),
                                       "power_actions": PowerAction.choices, "isos": isos, "worker_down": worker_down})  # fmt: skip

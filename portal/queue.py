@@ -32,6 +32,8 @@ class QueueReport:
 
     @property
     def worker_ok(self) -> bool:
+        if settings.HUEY.get("immediate"):
+            return True  # PORTAL_HUEY_IMMEDIATE: tasks run in the web process, there is no worker to wait for
         return self.worker_seen is not None and self.worker_age < settings.PORTAL_WORKER_STALE_AFTER
 
     @property

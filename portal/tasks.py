@@ -19,9 +19,12 @@ def worker_started() -> None:
     also starts the beat."""
     from portal.queue import beat
 
-    beat()
     if _started.acquire(blocking=False):
-        start_heartbeat()
+        start_heartbeat()  # first, so a failed beat here (the database away a moment) cannot stop the beating
+    try:
+        beat()
+    except Exception:
+        log.exception("worker heartbeat at start")
 
 
 def start_heartbeat() -> None:

@@ -36,10 +36,17 @@ term.onData((data) => {
   if (ws?.readyState === WebSocket.OPEN) ws.send(encoder.encode(data));
 });
 
-// takeOver: disconnect whoever has the serial port (libvirt lends it to one client), e.g. this
-// page's own previous session, which the proxy may not have let go of yet.
+// takeOver: disconnect whoever has the serial port (libvirt lends it to one client); only the
+// "Take over" button, which the page shows when another session has the port, asks for it.
 async function connect(takeOver = false) {
-  if (ws) { ws.onclose = null; ws.close(); ws = null; }
+  if (ws) {
+    // Let the proxy hand this page's own session back to libvirt before asking for the port again.
+    const old = ws;
+    ws = null;
+    old.onclose = null;
+    await new Promise((done) => { old.addEventListener("close", done, { once: true }); old.close(); setTimeout(done, 2000); });
+    await new Promise((done) => setTimeout(done, 500));
+  }
   takeOverButton.hidden = true;
   setStatus("connecting", "Connecting…", "warning");
   let body;
@@ -72,5 +79,5 @@ async function connect(takeOver = false) {
 
 const takeOverButton = document.getElementById("btn-takeover");
 takeOverButton.addEventListener("click", () => connect(true));
-document.getElementById("btn-reconnect").addEventListener("click", () => connect(true));
+document.getElementById("btn-reconnect").addEventListener("click", () => connect(false));
 connect();

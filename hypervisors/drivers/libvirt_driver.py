@@ -802,6 +802,7 @@ class _ConsoleBridge:
         self.conn, self.stream, self.sock = conn, stream, sock
         self.output: queue.Queue = queue.Queue(self.QUEUE_CHUNKS)
         self._closed = False
+        self._ending = False
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -812,7 +813,11 @@ class _ConsoleBridge:
         threading.Thread(target=self._pump_input, name="serial-console-input", daemon=True).start()
 
     def _end(self) -> None:
-        """From any thread: have the output thread close everything."""
+        """From any thread, once: have the output thread close everything (after what is queued)."""
+        with self._lock:
+            if self._ending:
+                return
+            self._ending = True
         try:
             self.output.put_nowait(None)
         except queue.Full:
@@ -820,7 +825,7 @@ class _ConsoleBridge:
                 self.sock.shutdown(socket.SHUT_RDWR)  # the output thread's send fails: it closes
 
     def _on_stream(self, stream: libvirt.virStream, events: int, _opaque) -> None:
-        if self._closed:
+        if self._ending:
             return
         try:
             if events & libvirt.VIR_STREAM_EVENT_READABLE:
@@ -835,6 +840,9 @@ class _ConsoleBridge:
             log.info("serial console: the reader fell %d chunks behind; closing", self.QUEUE_CHUNKS)
         except libvirt.libvirtError as e:
             log.debug("serial console output: %s", e)
+        # At the end of the stream libvirt would call back on every turn of its loop: stop that here.
+        with contextlib.suppress(libvirt.libvirtError):
+            stream.eventRemoveCallback()
         self._end()
 
     def _pump_output(self) -> None:

@@ -168,3 +168,15 @@ def test_any_hypervisor_ignores_lists_a_hypervisor_never_reported(lab, images):
     HypervisorFactory(name="fresh", uri="qemu+ssh://fresh/system")  # online, nothing synced yet
     form = MachineForm(user=UserFactory(username="u"))
     assert values(form, "machine_type") == ["pc", "pc-q35-7.2", "q35"] and values(form, "firmware") == ["bios", "uefi"]
+
+
+def test_redraw_with_odd_values_never_fails_and_says_what_was_left_out(staff_client, lab, small):
+    Machine.objects.create(name="holder", owner=UserFactory(username="h"), hypervisor=lab, deploy_type="network",
+                           hostdevs=["usb_1_2"])  # fmt: skip
+    r = staff_client.post(reverse("machines:form-fields"), {"hypervisor": lab.pk, "image": "abc", "pool": "nowhere",
+                                                           "hostdevs": ["pci_0000_03_00_0", "usb_1_2"]})  # fmt: skip
+    html = r.content.decode()
+    assert r.status_code == 200 and "Image abc is not offered on lab" in html
+    assert "Storage pool nowhere is not offered on lab; it is back to default." in html
+    assert "Host devices usb_1_2 are not free on lab; they are left out." in html
+    assert '<option value="pci_0000_03_00_0" selected>' in html

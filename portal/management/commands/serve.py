@@ -13,7 +13,7 @@ import time
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from portal.processes import stop_groups
+from portal.processes import exited, stop_groups
 
 STOP_GRACE = 10  # seconds a child gets after SIGTERM before SIGKILL
 
@@ -54,16 +54,16 @@ class Command(BaseCommand):
             self.stdout.write(f"started {name} (pid {children[name].pid})")
         self.stdout.write(f"Portal on http://{settings.PORTAL_HOST}:{settings.PORTAL_PORT}/ ; Ctrl-C stops it.")
         self.stdout.flush()
-        exit_code = 0
+        failed = ""
         while not stopping:
             for name, proc in children.items():
-                if proc.poll() is not None:
-                    self.stderr.write(f"{name} exited with {proc.returncode}; stopping the rest")
-                    exit_code = proc.returncode or 1
+                if exited(proc):  # not reaped: stop_groups can still signal what is left of its group
+                    self.stderr.write(f"{name} exited; stopping the rest")
+                    failed = failed or name
                     stopping = True
             time.sleep(0.5)
         self._stop_all(children)
-        sys.exit(exit_code)
+        sys.exit((children[failed].returncode or 1) if failed else 0)
 
     def _stop_all(self, children: dict[str, subprocess.Popen]) -> None:
         stop_groups(list(children.values()), grace=STOP_GRACE)
