@@ -246,21 +246,24 @@ def console_config(request, machine_id: int | None, token_url: str = "") -> dict
     }
 
 
+def _console_page(request, pk: int, template: str) -> HttpResponse:
+    machine = _get_machine_for_user(request, pk)
+    config = console_config(request, machine.pk, reverse("machines:console-token", args=[machine.pk]))
+    return render(request, template, {"machine": machine, "config": config})
+
+
 @login_required
 @require_GET
 def machine_console(request: HtmxHttpRequest, pk: int) -> HttpResponse:
-    machine = _get_machine_for_user(request, pk)
-    config = console_config(request, machine.pk, reverse("machines:console-token", args=[machine.pk]))
-    return render(request, "machines/console.html", {"machine": machine, "config": config})
+    """The graphical console (noVNC through the console proxy)."""
+    return _console_page(request, pk, "machines/console.html")
 
 
 @login_required
 @require_GET
 def machine_serial(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     """The interactive serial console (xterm.js through the console proxy)."""
-    machine = _get_machine_for_user(request, pk)
-    config = console_config(request, machine.pk, reverse("machines:console-token", args=[machine.pk]))
-    return render(request, "machines/serial.html", {"machine": machine, "config": config})
+    return _console_page(request, pk, "machines/serial.html")
 
 
 @login_required

@@ -162,12 +162,7 @@ if [ "$REFRESH" = 1 ] || ! payload_ok; then
     payload_ok || die "download incomplete: $(tr '\n' ' ' <"$LOCK_FILE")"
 fi
 
-KEY=$(key_of)
-MANIFEST=$CACHE_DIR/fw-$KEY.manifest
-if manifest_ok "$MANIFEST"; then  # another run built it while we waited for the lock
-    emit "$MANIFEST"
-    exit 0
-fi
+built_answer  # another run may have built them while we waited for the lock
 
 log "building UEFI images $KEY ($(lock_value kernel_package) $(lock_value kernel_version), busybox $(lock_value busybox_version), grub $(lock_value grub_version))"
 started=$SECONDS

@@ -85,11 +85,16 @@ manifest_ok() {  # $1 = manifest; every path in it exists
     done <"$1"
 }
 
-cached_answer() {  # fast path: the images of these inputs are built; print them and exit
-    [ "$REFRESH" != 1 ] && payload_ok || return 0
+built_answer() {  # sets KEY and MANIFEST; if the images of these inputs are built, prints them and exits
     KEY=$(key_of)
-    if manifest_ok "$CACHE_DIR/$IMAGE_PREFIX$KEY.manifest"; then
-        emit "$CACHE_DIR/$IMAGE_PREFIX$KEY.manifest"
+    MANIFEST=$CACHE_DIR/$IMAGE_PREFIX$KEY.manifest
+    if manifest_ok "$MANIFEST"; then
+        emit "$MANIFEST"
         exit 0
     fi
+}
+
+cached_answer() {  # fast path, before taking the build lock
+    [ "$REFRESH" != 1 ] && payload_ok || return 0
+    built_answer
 }
