@@ -174,6 +174,12 @@ def connect(uri: str, timeout: float = CONNECT_TIMEOUT) -> libvirt.virConnect:
             pass
         conns.pop(uri, None)
         _close_quietly(conn)
+    conn = conns[uri] = new_connection(uri, timeout)
+    return conn
+
+
+def new_connection(uri: str, timeout: float = CONNECT_TIMEOUT) -> libvirt.virConnect:
+    """A connection of its own (the caller closes it), with keepalive on libvirt's event loop."""
     _ensure_event_loop()
     check_reachable(uri, timeout)
     conn = _open(uri, timeout)
@@ -181,7 +187,6 @@ def connect(uri: str, timeout: float = CONNECT_TIMEOUT) -> libvirt.virConnect:
         conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
     except libvirt.libvirtError:
         pass  # drivers without a network connection (test://) have no keepalive
-    conns[uri] = conn
     return conn
 
 
@@ -716,15 +721,9 @@ class LibvirtDriver(HypervisorDriver):
         connection to the hypervisor (with keepalive), closed with it. libvirt gives a console to one client
         at a time: a second one (another tab, `virsh console`) is refused with HypervisorFatalError, unless
         `take_over`, which disconnects the one that has it."""
-        _ensure_event_loop()  # the stream's callbacks and the keepalive run on it
-        check_reachable(self.uri, self.connect_timeout)
-        conn = _open(self.uri, self.connect_timeout)
+        conn = new_connection(self.uri, self.connect_timeout)  # the stream's callbacks run on the event loop too
         stream = None
         try:
-            try:
-                conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
-            except libvirt.libvirtError:
-                pass  # test:// has none
             dom = self._dom(conn, uuid)
             if dom is None or not dom.isActive():
                 raise HypervisorFatalError("the machine is not running")
