@@ -38,19 +38,6 @@ KINDS = {"console": "vnc", "serial": "serial"}
 WATCH_INTERVAL = 2.0  # seconds between checks that an open session is still allowed
 
 
-class ReadOnlySocket:
-    """A serial console for a viewer: what they type is dropped."""
-
-    def __init__(self, sock) -> None:
-        self._sock = sock
-
-    def send(self, data: bytes) -> int:
-        return len(data)
-
-    def __getattr__(self, name):
-        return getattr(self._sock, name)
-
-
 def vnc_target(machine) -> tuple[str, int]:
     """The live VNC address of a machine, from its hypervisor."""
     with get_driver(machine.hypervisor.uri) as driver:
@@ -141,10 +128,7 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
         tsock.settimeout(None)
         stop = threading.Event()
         threading.Thread(target=self._watch, args=(tsock, stop), daemon=True).start()
-        if self.view_only:
-            target = ViewOnlySocket(tsock) if self.kind == "vnc" else ReadOnlySocket(tsock)
-        else:
-            target = tsock
+        target = ViewOnlySocket(tsock) if self.view_only else tsock  # (serial sessions are never view-only)
         try:
             self.do_proxy(target)
         except ViolatedProtocol as e:

@@ -26,6 +26,11 @@ class ConsoleDenied(Exception):
     """Why a console connection is refused (for the proxy's log; never contains the token)."""
 
 
+KINDS = ("vnc", "serial")
+# libvirt lends the serial port to one client: a watcher holding it would lock out the people who work on it.
+SERIAL_NEEDS_OPERATE = "the serial console is for those who operate the machine; its log is on the machine page"
+
+
 def _hash(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
@@ -35,13 +40,12 @@ def _hash(raw: str) -> str:
 def console_token_issue(*, machine: Machine, user, session_key: str = "", kind: str = "vnc") -> tuple[str, datetime]:
     """A new token for `user` on `machine`'s graphical (`vnc`) or `serial` console; the raw value is
     returned once and never stored."""
-    if kind not in ("vnc", "serial"):
+    if kind not in KINDS:
         raise ValueError(f"no console of kind {kind!r}")
     if not can_use(user, machine):
         raise ConsoleDenied("no access to this machine")
     if kind == "serial" and not can(user, machine, OPERATE):
-        # libvirt lends the port to one client: a watcher would lock out the people who work on it.
-        raise ConsoleDenied("the serial console is for those who operate the machine; its log is on the machine page")
+        raise ConsoleDenied(SERIAL_NEEDS_OPERATE)
     raw = secrets.token_urlsafe(32)
     expires = timezone.now() + timedelta(seconds=settings.PORTAL_CONSOLE_TOKEN_TTL)
     ConsoleToken.objects.create(key_hash=_hash(raw), machine=machine, user=user, session_key=session_key or "",
@@ -73,6 +77,8 @@ def console_token_consume(*, raw: str, machine_id: int, client: str, kind: str =
     if not can_use(token.user, token.machine):
         raise ConsoleDenied("the user no longer has access to the machine")
     token.view_only = token.view_only or not can(token.user, token.machine, OPERATE)  # a role lowered since
+    if token.kind == "serial" and token.view_only:
+        raise ConsoleDenied(SERIAL_NEEDS_OPERATE)
     return token
 
 

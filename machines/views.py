@@ -272,8 +272,8 @@ def machine_console_token(request: HtmxHttpRequest, pk: int) -> JsonResponse:
     """A fresh single-use token for the console page (POST, CSRF-checked)."""
     machine = _get_machine_for_user(request, pk)
     kind = request.POST.get("kind", "vnc")
-    if kind not in ("vnc", "serial"):
-        return JsonResponse({"error": "kind is vnc or serial"}, status=400)
+    if kind not in consoles.KINDS:
+        return JsonResponse({"error": f"kind is one of {', '.join(consoles.KINDS)}"}, status=400)
     try:
         raw, expires = consoles.console_token_issue(machine=machine, user=request.user, kind=kind,
                                                     session_key=request.session.session_key or "")  # fmt: skip

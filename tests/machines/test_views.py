@@ -152,3 +152,19 @@ def test_a_running_machine_without_a_screenshot_asks_for_one(user_client, machin
     with mock.patch("machines.services.machine_screenshot_request") as asked:
         html = user_client.get(reverse("machines:detail", args=[machine.pk])).content.decode()
     assert asked.called and 'id="no-screenshot"' in html and 'id="machine-screenshot"' not in html
+
+
+def test_a_serial_token_dies_with_the_right_to_operate(machine):
+    """Checked when the proxy spends it too: a role lowered between issue and connect is refused."""
+    from machines import consoles
+    from machines.models import Membership, Project
+
+    project = Project.objects.create(name="operators")
+    Machine.objects.filter(pk=machine.pk).update(project=project)
+    machine.refresh_from_db()
+    member = UserFactory(username="ops-then-not")
+    membership = Membership.objects.create(project=project, user=member, role="operator")
+    raw, _ = consoles.console_token_issue(machine=machine, user=member, kind="serial")
+    Membership.objects.filter(pk=membership.pk).update(role="viewer")
+    with pytest.raises(consoles.ConsoleDenied, match="for those who operate the machine"):
+        consoles.console_token_consume(raw=raw, machine_id=machine.pk, client="127.0.0.1", kind="serial")
