@@ -28,30 +28,70 @@ def virsh(*args: str) -> str:
     return subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True, timeout=60).stdout
 
 
+class WsClient:
+    """Just enough of a websocket client for the serial console: binary frames both ways."""
+
+    def __init__(self, port: int, path: str, origin: str | None = ORIGIN) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: binary\r\n"
+                           + (f"Origin: {origin}\r\n" if origin else "") + "\r\n").encode())  # fmt: skip
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(4096)
+            assert chunk, "closed during the handshake"
+            head += chunk
+        self.status = int(head.split(b" ", 2)[1])
+        self.buf, self.data, self.close_reason = head.split(b"\r\n\r\n", 1)[1], b"", None
+
+    def send(self, payload: bytes) -> None:
+        mask = os.urandom(4)
+        n = len(payload)
+        header = bytes([0x82, 0x80 | n]) if n < 126 else bytes([0x82, 0x80 | 126]) + n.to_bytes(2, "big")
+        self.sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+    def _frames(self) -> None:
+        while len(self.buf) >= 2:
+            n, at = self.buf[1] & 0x7F, 2
+            if n == 126:
+                n, at = int.from_bytes(self.buf[2:4], "big"), 4
+            elif n == 127:
+                n, at = int.from_bytes(self.buf[2:10], "big"), 10
+            if len(self.buf) < at + n:
+                return
+            opcode, payload, self.buf = self.buf[0] & 0x0F, self.buf[at : at + n], self.buf[at + n :]
+            if opcode == 0x8:
+                self.close_reason = payload[2:].decode(errors="replace")
+            elif opcode in (0x0, 0x1, 0x2):
+                self.data += payload
+
+    def read_until(self, needle: bytes, timeout: float = 30) -> bytes:
+        deadline = time.monotonic() + timeout
+        while needle not in self.data and self.close_reason is None and time.monotonic() < deadline:
+            self.sock.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            self.buf += chunk
+            self._frames()
+        return self.data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def handshake(port: int, path: str, origin: str | None = ORIGIN) -> tuple[int, bytes]:
-    """Open a websocket by hand; return the HTTP status and, on success, the first frame's payload."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=15)
-    key = base64.b64encode(os.urandom(16)).decode()
-    lines = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket", "Connection: Upgrade",
-             f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13", "Sec-WebSocket-Protocol: binary"]  # fmt: skip
-    if origin:
-        lines.append(f"Origin: {origin}")
-    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    status = int(data.split(b" ", 2)[1])
-    payload = b""
-    if status == 101:
-        rest = data.split(b"\r\n\r\n", 1)[1]
-        while len(rest) < 2 + 12:
-            rest += sock.recv(4096)
-        payload = rest[2 : 2 + (rest[1] & 0x7F)]  # a short unmasked server frame
-    sock.close()
-    return status, payload
+    """Open a websocket and close it; return the HTTP status and, on success, what arrives first
+    (for VNC, the RFB banner)."""
+    ws = WsClient(port, path, origin)
+    try:
+        return ws.status, ws.read_until(b"\n", timeout=15) if ws.status == 101 else b""
+    finally:
+        ws.close()
 
 
 @pytest.fixture
@@ -127,13 +167,8 @@ def test_sessions_per_machine_are_capped(iso_machine, console_proxy, settings):
     socks = []
     try:
         for _ in range(2):  # PORTAL_CONSOLE_MAX_PER_MACHINE
-            s = socket.create_connection(("127.0.0.1", port))
-            key = base64.b64encode(os.urandom(16)).decode()
-            s.sendall((f"GET {path}?token={token_for(iso_machine)} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                       f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-                       f"Origin: {ORIGIN}\r\n\r\n").encode())  # fmt: skip
-            assert b" 101 " in s.recv(4096)
-            socks.append(s)
+            socks.append(WsClient(port, f"{path}?token={token_for(iso_machine)}"))
+            assert socks[-1].status == 101
         assert handshake(port, f"{path}?token={token_for(iso_machine)}")[0] == 403
     finally:
         for s in socks:
@@ -223,62 +258,6 @@ def test_an_extra_disk_from_an_image_with_boot_order_one_boots_first(worker, loc
     assert "<backingStore" in virsh("vol-dumpxml", "--pool", "default", machine.extra_disk_volume(0))
     log = serial_log(machine.pk, "SYSLINUX", "TINY-GUEST ready")  # the image disk, not the installer ISO
     assert "ISOLINUX" not in log
-
-
-class WsClient:
-    """Just enough of a websocket client for the serial console: binary frames both ways."""
-
-    def __init__(self, port: int, path: str, origin: str = ORIGIN) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=15)
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: binary\r\n"
-                           f"Origin: {origin}\r\n\r\n").encode())  # fmt: skip
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = self.sock.recv(4096)
-            assert chunk, "closed during the handshake"
-            head += chunk
-        self.status = int(head.split(b" ", 2)[1])
-        self.buf, self.data, self.close_reason = head.split(b"\r\n\r\n", 1)[1], b"", None
-
-    def send(self, payload: bytes) -> None:
-        mask = os.urandom(4)
-        n = len(payload)
-        header = bytes([0x82, 0x80 | n]) if n < 126 else bytes([0x82, 0x80 | 126]) + n.to_bytes(2, "big")
-        self.sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
-
-    def _frames(self) -> None:
-        while len(self.buf) >= 2:
-            n, at = self.buf[1] & 0x7F, 2
-            if n == 126:
-                n, at = int.from_bytes(self.buf[2:4], "big"), 4
-            elif n == 127:
-                n, at = int.from_bytes(self.buf[2:10], "big"), 10
-            if len(self.buf) < at + n:
-                return
-            opcode, payload, self.buf = self.buf[0] & 0x0F, self.buf[at : at + n], self.buf[at + n :]
-            if opcode == 0x8:
-                self.close_reason = payload[2:].decode(errors="replace")
-            elif opcode in (0x0, 0x1, 0x2):
-                self.data += payload
-
-    def read_until(self, needle: bytes, timeout: float = 30) -> bytes:
-        deadline = time.monotonic() + timeout
-        while needle not in self.data and self.close_reason is None and time.monotonic() < deadline:
-            self.sock.settimeout(max(0.1, deadline - time.monotonic()))
-            try:
-                chunk = self.sock.recv(65536)
-            except TimeoutError:
-                break
-            if not chunk:
-                break
-            self.buf += chunk
-            self._frames()
-        return self.data
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def serial_token(machine: Machine, user=None) -> str:
