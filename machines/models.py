@@ -1,3 +1,4 @@
+import re
 import uuid as uuidlib
 
 from django.conf import settings
@@ -16,6 +17,11 @@ hostname_validator = RegexValidator(
 )
 mac_validator = RegexValidator(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$", "A MAC address looks like 52:54:00:12:34:56.")
 
+
+
+# CSI sequences (ESC [ ... final), OSC strings (ESC ] ... BEL or ST), two-byte escapes, and the control
+# characters a terminal acts on but a page cannot (not tab or newline).
+_TERMINAL_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-_]|[\x00-\x08\x0b-\x1f\x7f]")
 
 class Machine(models.Model):
     uuid = models.UUIDField("UUID", default=uuidlib.uuid4, unique=True, editable=False,
@@ -108,6 +114,12 @@ class Machine(models.Model):
             if wanted == "disk" and image.virtual_size_bytes > self.disk_gib << 30:
                 need = -(-image.virtual_size_bytes // (1 << 30))
                 raise ValidationError({"disk_gib": f"The image needs at least {need} GiB."})
+
+    @property
+    def serial_log_text(self) -> str:
+        """The serial log as a page shows it: without terminal control sequences (colours, cursor moves,
+        the shell's cursor-position queries), which a <pre> would print as litter."""
+        return _TERMINAL_CONTROL.sub("", self.serial_log or "")
 
     @property
     def address_list(self) -> list[str]:

@@ -168,3 +168,11 @@ def test_a_serial_token_dies_with_the_right_to_operate(machine):
     Membership.objects.filter(pk=membership.pk).update(role="viewer")
     with pytest.raises(consoles.ConsoleDenied, match="for those who operate the machine"):
         consoles.console_token_consume(raw=raw, machine_id=machine.pk, client="127.0.0.1", kind="serial")
+
+
+def test_the_serial_log_is_shown_without_terminal_control_sequences(user_client, machine):
+    raw = "\x1b[0;32mOK\x1b[0m booted\r\ntiny:~# \x1b[6n\x1b]0;title\x07echo hi\r\nhi\n"
+    Machine.objects.filter(pk=machine.pk).update(serial_log=raw)
+    html = user_client.get(reverse("machines:detail", args=[machine.pk]) + "?fragment=serial").content.decode()
+    assert "OK booted\ntiny:~# echo hi\nhi\n" in html and "\x1b" not in html
+    assert Machine.objects.get(pk=machine.pk).serial_log == raw  # what is stored stays as the guest wrote it
