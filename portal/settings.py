@@ -216,6 +216,9 @@ PORTAL_QUOTA_VCPUS = envint("PORTAL_QUOTA_VCPUS", "20")
 PORTAL_QUOTA_MEMORY_MIB = envint("PORTAL_QUOTA_MEMORY_MIB", "32768")
 PORTAL_QUOTA_DISK_GIB = envint("PORTAL_QUOTA_DISK_GIB", "500")
 PORTAL_MAC_PREFIX = os.getenv("PORTAL_MAC_PREFIX", "52:54:00")  # generated MACs start with this (AnsiStack's mac_seed)
+# The libvirt network every user may put machines on (the default NIC): a network the portal defines
+# on a hypervisor (mode "tenant"), isolated from the hypervisor by the portal's traffic filter.
+PORTAL_TENANT_NETWORK = os.getenv("PORTAL_TENANT_NETWORK", "portal-tenants")
 
 # Consoles: the websockify proxy and its tokens.
 PORTAL_CONSOLE_HOST = os.getenv("PORTAL_CONSOLE_HOST", "127.0.0.1")
