@@ -220,10 +220,12 @@ class MachineViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixins.Retr
     def console(self, request, pk=None):
         """A one-time URL that opens the console in a browser with no portal session (like
         `openstack console url show`). The credential is in the URL's fragment; it works once and
-        expires unused within PORTAL_CONSOLE_TOKEN_TTL seconds."""
+        expires unused within PORTAL_CONSOLE_TOKEN_TTL seconds (the fragment's `r`, the reconnect secret,
+        lets the page that opened it reconnect within PORTAL_CONSOLE_RECONNECT_GRACE seconds)."""
         machine = self._machine(access.VIEW)
         raw, expires = consoles.console_token_issue(machine=machine, user=request.user)
-        url = request.build_absolute_uri(reverse("console-standalone")) + f"#m={machine.pk}&t={raw}"
+        fragment = f"#m={machine.pk}&t={raw}&r={consoles.console_reconnect_secret(raw)}"
+        url = request.build_absolute_uri(reverse("console-standalone")) + fragment
         response = Response({"url": url, "expires_at": expires})
         response["Cache-Control"] = "no-store"
         return response

@@ -99,7 +99,10 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
         if not match:
             raise ConsoleDenied("bad path")
         self.kind = KINDS[match.group(1)]
-        token = consoles.console_token_consume(raw=raw_token, machine_id=int(match.group(2)), client=client, kind=self.kind)
+        # A reconnect within the grace needs the token's reconnect secret, offered as a websocket subprotocol.
+        reconnect = consoles.reconnect_from_protocols(self.headers.get("Sec-WebSocket-Protocol", ""))
+        token = consoles.console_token_consume(raw=raw_token, machine_id=int(match.group(2)), client=client,
+                                               kind=self.kind, reconnect=reconnect)  # fmt: skip
         self.view_only = token.view_only
         self.machine = token.machine
         if self.kind == "vnc":
@@ -144,14 +147,27 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
             close_old_connections()
 
     def _watch(self, tsock: socket.socket, stop: threading.Event) -> None:
-        """End the session when the user logs out, loses the machine, or it is deleted."""
+        """Every WATCH_INTERVAL, ask what the session may do now: turn it view-only when the user's role
+        was lowered (flipping the filter that websockify sends through), and end it on logout, a lost
+        role, deletion or its maximum lifetime (PORTAL_CONSOLE_MAX_SESSION)."""
         while not stop.wait(WATCH_INTERVAL):
             try:
-                allowed = consoles.console_session_still_allowed(self.session_id)
+                mode, why = consoles.console_session_mode(self.session_id)
+            except Exception:  # a database hiccup: keep the session and ask again at the next interval
+                log.exception("console session %s: cannot check it", self.session_id)
+                continue
             finally:
                 close_old_connections()
-            if not allowed:
-                log.info("console session %s revoked", self.session_id)
+            if mode == consoles.VIEW_NOW and not self.view_only:
+                target = getattr(self, "filter_socket", None)
+                if hasattr(target, "view_only"):
+                    target.view_only = True
+                    self.view_only = True
+                    log.info("console session %s now view-only: %s", self.session_id, why)
+                    continue
+                mode, why = consoles.END_NOW, f"{why} (and its input cannot be filtered)"
+            if mode == consoles.END_NOW:
+                log.info("console session %s ended: %s", self.session_id, why)
                 try:
                     tsock.shutdown(socket.SHUT_RDWR)
                 except OSError:

@@ -1,21 +1,33 @@
-"""Console tokens: random, stored hashed, bound to a user and a machine, short-lived, single-use.
+"""Console tokens and sessions.
 
-The console proxy consumes them; nothing else accepts them. A reconnect from the
-same address within a few seconds is allowed, since noVNC reconnects after a
-resize or a network blip.
+A token is random, stored hashed, bound to a user and a machine, short-lived and single-use; the
+console proxy spends it, nothing else accepts it. With it comes a reconnect secret, which the page
+keeps in memory and sends in the websocket's Sec-WebSocket-Protocol header (never in the URL, where
+the token is): within PORTAL_CONSOLE_RECONNECT_GRACE seconds of the first connection a spent token
+connects again only with it. The grace is bound to whoever received the token, not to an address,
+since behind a reverse proxy every client is 127.0.0.1. The secret is an HMAC of the token under the
+portal's secret key, so it is stored nowhere and cannot be derived from the token alone.
+
+Sessions are capped (per machine, operating and view-only ones apart, and per user) under a lock,
+and checked while they run (console_session_mode): a lowered role makes a graphical session
+view-only (and ends a serial one), a lost role, a logout or a deletion ends it, and so does
+PORTAL_CONSOLE_MAX_SESSION.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.contrib.auth.signals import user_logged_out
 from django.db import transaction
 from django.dispatch import receiver
 from django.utils import timezone
+from django.utils.crypto import salted_hmac
 
 from machines.access import OPERATE, can, can_use
 from machines.models import ConsoleSession, ConsoleToken, Machine
@@ -29,17 +41,36 @@ class ConsoleDenied(Exception):
 KINDS = ("vnc", "serial")
 # libvirt lends the serial port to one client: a watcher holding it would lock out the people who work on it.
 SERIAL_NEEDS_OPERATE = "the serial console is for those who operate the machine; its log is on the machine page"
+# The websocket subprotocol that carries the reconnect secret: "portal-reconnect.<secret>", offered after
+# "binary" (the one the proxy picks). Headers stay out of URLs and access logs, where the token is.
+RECONNECT_PROTOCOL = "portal-reconnect."
+# What an open session may do now (console_session_mode).
+OPERATE_NOW, VIEW_NOW, END_NOW = "operate", "view", "end"
 
 
 def _hash(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
+def console_reconnect_secret(raw: str) -> str:
+    """The reconnect secret that goes with token `raw`: only the token's receiver gets it."""
+    return salted_hmac("machines.consoles.reconnect", raw, algorithm="sha256").hexdigest()
+
+
+def reconnect_from_protocols(header: str) -> str:
+    """The reconnect secret offered in a Sec-WebSocket-Protocol header, or ""."""
+    for offered in header.split(","):
+        offered = offered.strip()
+        if offered.startswith(RECONNECT_PROTOCOL):
+            return offered[len(RECONNECT_PROTOCOL) :]
+    return ""
+
+
 @audited("console.open", obj_kwarg="machine")
 @transaction.atomic
 def console_token_issue(*, machine: Machine, user, session_key: str = "", kind: str = "vnc") -> tuple[str, datetime]:
     """A new token for `user` on `machine`'s graphical (`vnc`) or `serial` console; the raw value is
-    returned once and never stored."""
+    returned once and never stored. Its reconnect secret is console_reconnect_secret(raw)."""
     if kind not in KINDS:
         raise ValueError(f"no console of kind {kind!r}")
     if not can_use(user, machine):
@@ -55,8 +86,11 @@ def console_token_issue(*, machine: Machine, user, session_key: str = "", kind: 
     return raw, expires
 
 
-def console_token_consume(*, raw: str, machine_id: int, client: str, kind: str = "vnc") -> ConsoleToken:
-    """Spend a token for a connection to machine_id's `kind` of console from `client`, or raise ConsoleDenied."""
+def console_token_consume(
+    *, raw: str, machine_id: int, client: str, kind: str = "vnc", reconnect: str = ""
+) -> ConsoleToken:
+    """Spend a token for a connection to machine_id's `kind` of console from `client`, or raise ConsoleDenied.
+    A spent token connects again within the grace only with its reconnect secret (`reconnect`)."""
     now = timezone.now()
     token = ConsoleToken.objects.select_related("machine", "user").filter(key_hash=_hash(raw or "")).first()
     if token is None:
@@ -65,15 +99,19 @@ def console_token_consume(*, raw: str, machine_id: int, client: str, kind: str =
         raise ConsoleDenied(f"token is for machine {token.machine_id}, not {machine_id}")
     if token.kind != kind:
         raise ConsoleDenied(f"token is for the {token.kind} console, not the {kind} one")
+    if reconnect and not hmac.compare_digest(reconnect, console_reconnect_secret(raw)):
+        raise ConsoleDenied("wrong reconnect secret")
     claimed = ConsoleToken.objects.filter(pk=token.pk, used_at__isnull=True, expires_at__gt=now).update(
-        used_at=now, used_by=client)
+        used_at=now, used_by=client
+    )
     if not claimed:
         token.refresh_from_db()
         if token.used_at is None:
             raise ConsoleDenied("token expired unused")
-        grace = timedelta(seconds=settings.PORTAL_CONSOLE_RECONNECT_GRACE)
-        if token.used_by != client or now - token.used_at > grace:
-            raise ConsoleDenied("token already used")
+        if not reconnect:
+            raise ConsoleDenied("token already used (a reconnect needs its reconnect secret)")
+        if now - token.used_at > timedelta(seconds=settings.PORTAL_CONSOLE_RECONNECT_GRACE):
+            raise ConsoleDenied("token already used (the reconnect grace is over)")
     if not can_use(token.user, token.machine):
         raise ConsoleDenied("the user no longer has access to the machine")
     token.view_only = token.view_only or not can(token.user, token.machine, OPERATE)  # a role lowered since
@@ -82,24 +120,49 @@ def console_token_consume(*, raw: str, machine_id: int, client: str, kind: str =
     return token
 
 
+@transaction.atomic
 def console_session_open(*, token: ConsoleToken, client: str, proxy_pid: int) -> ConsoleSession:
-    """Record a session, refusing it over the per-machine or per-user cap."""
+    """Record a session, refusing it over the per-machine (operating and view-only apart) or per-user cap.
+    Counting and inserting happen under one lock, so simultaneous connections cannot all pass."""
+    # PostgreSQL: the machine's row lock, then the user's (always in this order, so openers never deadlock),
+    # held to the commit. SQLite ignores FOR UPDATE, but its transactions here are BEGIN IMMEDIATE
+    # (portal/settings.py): the database's write lock is taken before the count.
+    list(Machine.objects.select_for_update().filter(pk=token.machine_id).values_list("pk", flat=True))
+    list(get_user_model().objects.select_for_update().filter(pk=token.user_id).values_list("pk", flat=True))
     live = ConsoleSession.objects.filter(ended__isnull=True, proxy_pid=proxy_pid)
-    if live.filter(machine_id=token.machine_id).count() >= settings.PORTAL_CONSOLE_MAX_PER_MACHINE:
-        raise ConsoleDenied(f"machine {token.machine_id} already has {settings.PORTAL_CONSOLE_MAX_PER_MACHINE} console sessions")
+    view_only = token.view_only
+    cap = settings.PORTAL_CONSOLE_MAX_VIEWERS_PER_MACHINE if view_only else settings.PORTAL_CONSOLE_MAX_PER_MACHINE
+    if live.filter(machine_id=token.machine_id, view_only=view_only).count() >= cap:
+        what = "view-only" if view_only else "operating"
+        raise ConsoleDenied(f"machine {token.machine_id} already has {cap} {what} console sessions")
     if live.filter(user_id=token.user_id).count() >= settings.PORTAL_CONSOLE_MAX_PER_USER:
         raise ConsoleDenied(f"user {token.user_id} already has {settings.PORTAL_CONSOLE_MAX_PER_USER} console sessions")
     return ConsoleSession.objects.create(machine_id=token.machine_id, user_id=token.user_id, token=token, client=client,
-                                         proxy_pid=proxy_pid)  # fmt: skip
+                                         proxy_pid=proxy_pid, kind=token.kind, view_only=view_only)  # fmt: skip
 
 
-def console_session_still_allowed(session_id: int) -> bool:
-    """Checked while a session runs: ends it on logout, deletion or a change of owner."""
+def console_session_mode(session_id: int | None) -> tuple[str, str]:
+    """What an open session may do now, and why: OPERATE_NOW, VIEW_NOW (a lowered role: recorded on the
+    session, which stays view-only) or END_NOW (logout, lost access, deletion, maximum lifetime; a serial
+    session also ends when its user may no longer operate)."""
     session = ConsoleSession.objects.select_related("machine", "user").filter(pk=session_id).first()
-    return session is not None and not session.revoked and can_use(session.user, session.machine)
+    if session is None or session.revoked or session.ended is not None:
+        return END_NOW, "revoked"
+    if not can_use(session.user, session.machine):
+        return END_NOW, "the user no longer has access to the machine"
+    if timezone.now() - session.started >= timedelta(seconds=settings.PORTAL_CONSOLE_MAX_SESSION):
+        return END_NOW, f"its maximum lifetime of {settings.PORTAL_CONSOLE_MAX_SESSION} s is over"
+    if session.view_only:
+        return VIEW_NOW, "view-only"
+    if can(session.user, session.machine, OPERATE):
+        return OPERATE_NOW, ""
+    if session.kind == "serial":
+        return END_NOW, SERIAL_NEEDS_OPERATE
+    ConsoleSession.objects.filter(pk=session.pk).update(view_only=True)
+    return VIEW_NOW, "the user's role no longer allows operating the machine"
 
 
-def console_session_close(session_id: int) -> None:
+def console_session_close(session_id: int | None) -> None:
     ConsoleSession.objects.filter(pk=session_id, ended__isnull=True).update(ended=timezone.now())
 
 

@@ -286,6 +286,10 @@ class ConsoleSession(models.Model):
     started = models.DateTimeField(auto_now_add=True)
     ended = models.DateTimeField(null=True, blank=True)
     revoked = models.BooleanField(default=False)
+    # What the session does now: its console kind, and view-only (set at open, or later when the user's role is
+    # lowered; never cleared: a raised role takes effect on the next connection). Caps count viewers apart.
+    kind = models.CharField(max_length=6, choices=[("vnc", "graphical (VNC)"), ("serial", "serial")], default="vnc")
+    view_only = models.BooleanField(default=False)
 
     def __str__(self) -> str:
         return f"console of {self.machine} by {self.user} from {self.client}"

@@ -280,7 +280,11 @@ def machine_console_token(request: HtmxHttpRequest, pk: int) -> JsonResponse:
     except consoles.ConsoleDenied as e:
         return JsonResponse({"error": str(e)}, status=403)
     view_only = not access.can(request.user, machine, access.OPERATE)
-    response = JsonResponse({"token": raw, "expires_at": expires.isoformat(), "view_only": view_only})
+    # reconnect: the page keeps it in memory and offers it as a websocket subprotocol (never in a URL);
+    # within the reconnect grace a spent token connects again only with it.
+    body = {"token": raw, "reconnect": consoles.console_reconnect_secret(raw), "expires_at": expires.isoformat(),
+            "view_only": view_only}  # fmt: skip
+    response = JsonResponse(body)
     response["Cache-Control"] = "no-store"
     return response
 

@@ -229,9 +229,14 @@ PORTAL_CONSOLE_URL = os.getenv("PORTAL_CONSOLE_URL", "")
 # Origins allowed to open consoles; empty: the portal's own (http://<allowed host>:PORTAL_PORT).
 PORTAL_CONSOLE_ALLOWED_ORIGINS = envlist("PORTAL_CONSOLE_ALLOWED_ORIGINS", "")
 PORTAL_CONSOLE_TOKEN_TTL = envint("PORTAL_CONSOLE_TOKEN_TTL", "60")  # seconds a token lives unused
-PORTAL_CONSOLE_RECONNECT_GRACE = envint("PORTAL_CONSOLE_RECONNECT_GRACE", "10")  # seconds a used token still reconnects
+# Seconds after its first use in which a token reconnects, and only with the reconnect secret that came with it.
+PORTAL_CONSOLE_RECONNECT_GRACE = envint("PORTAL_CONSOLE_RECONNECT_GRACE", "10")
+# Open sessions per machine: those that may type (operators, owners, staff; serial sessions too) and view-only
+# ones are counted apart, so viewers cannot lock an operator out. Per user: all of their sessions.
 PORTAL_CONSOLE_MAX_PER_MACHINE = envint("PORTAL_CONSOLE_MAX_PER_MACHINE", "2")
+PORTAL_CONSOLE_MAX_VIEWERS_PER_MACHINE = envint("PORTAL_CONSOLE_MAX_VIEWERS_PER_MACHINE", "4")
 PORTAL_CONSOLE_MAX_PER_USER = envint("PORTAL_CONSOLE_MAX_PER_USER", "4")
+PORTAL_CONSOLE_MAX_SESSION = envint("PORTAL_CONSOLE_MAX_SESSION", "28800")  # seconds; the proxy then closes the session
 # Screenshots the minute's reconcile asks for, stalest first (open machine pages ask for their own).
 # Who may pass a hypervisor's PCI/USB devices to a machine: "staff" (default) or "everyone". A device
 # taken from the host (managed='yes' detaches it) can cut the host off its own network or disks.

@@ -1,6 +1,6 @@
 // The portal's console page: noVNC's RFB (the official ES modules) with a small UI.
 import RFB from "./vendor/novnc/core/rfb.js";
-import { issueToken, proxyUrl } from "./console-link.js";
+import { issueToken, proxyProtocols, proxyUrl } from "./console-link.js";
 
 const config = JSON.parse(document.getElementById("console-config").textContent);
 const screen = document.getElementById("console-screen");
@@ -20,34 +20,36 @@ function setStatus(state, text, colour) {
   controls.forEach((b) => { b.disabled = state !== "connected"; });
 }
 
-// The one-time URL from the API carries the machine and token in the fragment,
-// which never reaches a server; drop it from the address bar and history at once.
+// The one-time URL from the API carries the machine, the token and its reconnect secret in the fragment,
+// which never reaches a server; drop it from the address bar and history at once. The page keeps both in
+// memory: Reconnect spends the same token again, which the proxy allows within its grace with the secret.
 const fragment = new URLSearchParams(location.hash.slice(1));
 let machineId = config.machineId ?? Number(fragment.get("m"));
-let fragmentToken = fragment.get("t");
+const fragmentKey = { token: fragment.get("t"), reconnect: fragment.get("r") };
 if (location.hash) history.replaceState(null, "", location.pathname);
 
+// {token, reconnect}: a fresh pair from the portal on its own pages, else the one-time URL's.
 async function getToken() {
   if (config.tokenUrl) {
     const body = await issueToken(config.tokenUrl, "vnc");
     viewOnly = body.view_only;
-    return body.token;
+    return body;
   }
-  if (!fragmentToken) throw new Error("this console link has no key; ask for a new console URL");
-  return fragmentToken;
+  if (!fragmentKey.token) throw new Error("this console link has no key; ask for a new console URL");
+  return fragmentKey;
 }
 
 async function connect() {
   if (rfb) { rfb.disconnect(); rfb = null; }
   setStatus("connecting", "Connecting…", "warning");
-  let token;
+  let key;
   try {
-    token = await getToken();
+    key = await getToken();
   } catch (e) {
     setStatus("failed", e.message, "danger");
     return;
   }
-  rfb = new RFB(screen, proxyUrl(config, "console", machineId, token));
+  rfb = new RFB(screen, proxyUrl(config, "console", machineId, key.token), { wsProtocols: proxyProtocols(key.reconnect) });
   rfb.scaleViewport = scale;
   rfb.viewOnly = viewOnly; // the proxy drops input anyway; this keeps the page honest about it
   rfb.focusOnClick = true;

@@ -2,7 +2,7 @@
 // which joins it to the guest's serial port (a libvirt console stream).
 import { Terminal } from "./vendor/xterm/lib/xterm.mjs";
 import { FitAddon } from "./vendor/xterm-fit/lib/addon-fit.mjs";
-import { issueToken, proxyUrl } from "./console-link.js";
+import { issueToken, proxyProtocols, proxyUrl } from "./console-link.js";
 
 const config = JSON.parse(document.getElementById("console-config").textContent);
 const statusEl = document.getElementById("console-status");
@@ -57,7 +57,7 @@ async function connect(takeOver = false) {
     return;
   }
   const url = proxyUrl(config, "serial", config.machineId, body.token) + (takeOver ? "&take_over=1" : "");
-  const socket = new WebSocket(url, ["binary"]);
+  const socket = new WebSocket(url, proxyProtocols(body.reconnect));
   socket.binaryType = "arraybuffer";
   socket.onopen = () => {
     setStatus("connected", "Connected", "success");
