@@ -1,6 +1,6 @@
 from django.contrib import admin, messages
 
-from machines import services
+from machines import capacity, services
 from machines.models import Machine, MachineEvent, MachineNic, Membership, Project, Quota
 from machines.states import PowerAction
 from portal import audit
@@ -102,9 +102,16 @@ class MachineAdmin(admin.ModelAdmin):
 
 @admin.register(Quota)
 class QuotaAdmin(admin.ModelAdmin):
-    list_display = ["user", "machines", "vcpus", "memory_mib", "disk_gib", "updated"]
+    list_display = ["user", "machines", "vcpus", "memory_mib", "disk_gib", "usage", "updated"]
     search_fields = ["user__username"]
     autocomplete_fields = ["user"]
+    readonly_fields = ["usage"]
+
+    @admin.display(description="in use (all disks counted)")
+    def usage(self, obj) -> str:
+        if obj.pk is None:
+            return "–"
+        return capacity.usage_text(capacity.usage(obj.user), None if obj.user.is_staff else obj.limits())
 
     def save_model(self, request, obj, form, change):
         super().save_model(request, obj, form, change)
@@ -120,9 +127,14 @@ class MembershipInline(admin.TabularInline):
 
 @admin.register(Project)
 class ProjectAdmin(admin.ModelAdmin):
-    list_display = ["name", "machines_quota", "vcpus_quota", "memory_mib_quota", "disk_gib_quota", "created"]
+    list_display = ["name", "machines_quota", "vcpus_quota", "memory_mib_quota", "disk_gib_quota", "usage", "created"]
     search_fields = ["name", "memberships__user__username"]
     inlines = [MembershipInline]
+    readonly_fields = ["usage"]
+
+    @admin.display(description="in use (all disks counted)")
+    def usage(self, obj) -> str:
+        return capacity.usage_text(capacity.project_usage(obj), obj.limits()) if obj.pk is not None else "–"
 
     def save_model(self, request, obj, form, change):
         super().save_model(request, obj, form, change)

@@ -76,6 +76,9 @@ class MachineSerializer(serializers.ModelSerializer):
     project = serializers.SlugRelatedField(slug_field="name", queryset=Project.objects.all(), required=False,
                                            allow_null=True, help_text="Project name; you must be its admin.")  # fmt: skip
     nics = NicSerializer(many=True, required=False)
+    override_capacity = serializers.BooleanField(write_only=True, required=False, default=False,
+                                                 help_text="Staff, with a named hypervisor: create it even where the "
+                                                           "host has no room (recorded in the audit trail).")  # fmt: skip
     ssh_authorized_keys = StringOrList(required=False)
     packages = StringOrList(required=False)
     events = serializers.SerializerMethodField()
@@ -87,7 +90,8 @@ class MachineSerializer(serializers.ModelSerializer):
                   "deletion_protection", "autostart", "status", "status_message", "power_state", "operation",
                   "domain_name", "created", "events", "extra_isos", "cdroms", "power_on", "bmc", "project",
                   "machine_type", "cpu_mode", "cpu_model", "cpu_topology", "smbios", "watchdog", "rng", "disk_bus",
-                  "disk_cache", "extra_disks", "qemu_args", "firmware", "secure_boot", "hostdevs", "hostdev_match", "guest_addresses"]  # fmt: skip
+                  "disk_cache", "extra_disks", "qemu_args", "firmware", "secure_boot", "hostdevs", "hostdev_match", "guest_addresses",
+                  "override_capacity"]  # fmt: skip
         read_only_fields = ["uuid", "status", "status_message", "power_state", "operation", "domain_name", "created",
                             "guest_addresses"]  # fmt: skip
         validators = []  # the service validates (with the owner, which the request supplies)

@@ -1,25 +1,78 @@
-"""Quotas and placement: what a user may still use, and which hypervisor has room."""
+"""Quotas and placement: what machines hold, what a user may still use, and which hypervisor has room.
+
+Every path that allocates (create, grow; rebuild and extra disks allocate nothing new after create)
+takes the same locks in the same order, inside its transaction: the project row, then the user's
+quota row, then the hypervisor row(s). check_quota() takes the first two, claim_room() the third.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 
 from django.core.exceptions import ValidationError
-from django.db.models import Count, Sum
+from django.db.models import QuerySet
 
 from hypervisors.models import Hypervisor, HypervisorStatus, Image
-from machines.models import Machine, Quota
+from machines.models import Machine, Project, Quota
 
 RESOURCES = {"machines": "machines", "vcpus": "vCPUs", "memory_mib": "MiB of memory", "disk_gib": "GiB of disk"}
+
+# The columns held() reads. A new kind of allocation (snapshots, clones) adds what it needs here (a column,
+# or an annotation of the machines) and its term in held(): every count below goes through that one function.
+HELD_FIELDS = ("vcpus", "memory_mib", "disk_gib", "extra_disks")
 
 
 class QuotaExceeded(ValidationError):
     pass
 
 
+def _size_gib(extra_disk) -> int:
+    # Extra disks are {"size_gib", "image", "boot_order"}; rows from before that shape hold a bare number.
+    return int(extra_disk["size_gib"] if isinstance(extra_disk, dict) else extra_disk)
+
+
+def held(machine: Mapping) -> dict[str, int]:
+    """What one machine holds, in the units quotas count: itself, its vCPUs and memory, and its storage:
+    the main disk plus every extra disk. `machine` is a mapping of HELD_FIELDS (a .values() row)."""
+    disk = machine["disk_gib"] + sum(_size_gib(d) for d in machine["extra_disks"] or [])
+    return {"machines": 1, "vcpus": machine["vcpus"], "memory_mib": machine["memory_mib"], "disk_gib": disk}
+
+
+def held_by(machine: Machine, **changes) -> dict[str, int]:
+    """held() of a model instance, saved or not; with changes, what it would hold after them."""
+    return held({**{f: getattr(machine, f) for f in HELD_FIELDS}, **changes})
+
+
+def _add(rows: Iterable[Mapping]) -> dict[str, int]:
+    total = dict.fromkeys(RESOURCES, 0)
+    for row in rows:
+        for k, v in held(row).items():
+            total[k] += v
+    return total
+
+
+def usage_of(machines: QuerySet[Machine]) -> dict[str, int]:
+    """Everything these machines hold, added up. One query over the few columns held() reads: the extra
+    disks live in JSON, which no portable SQL sums, and a stored total could go stale."""
+    return _add(machines.order_by().values(*HELD_FIELDS))
+
+
+def usage_by(machines: QuerySet[Machine], key: str) -> dict:
+    """usage_of() grouped by a column (owner, project, hypervisor), in one query: for lists."""
+    rows: dict = {}
+    for row in machines.order_by().values(key, *HELD_FIELDS):
+        rows.setdefault(row[key], []).append(row)
+    return {k: _add(v) for k, v in rows.items()}
+
+
 def usage(user) -> dict[str, int]:
-    return _usage_of(Machine.objects.filter(owner=user))
+    return usage_of(Machine.objects.filter(owner=user))
+
+
+def project_usage(project: Project) -> dict[str, int]:
+    return usage_of(Machine.objects.filter(project=project))
 
 
 def quota_of(user, *, lock: bool = False) -> Quota:
@@ -30,42 +83,57 @@ def quota_of(user, *, lock: bool = False) -> Quota:
     return quota
 
 
-def usage_report(user) -> list[dict]:
-    """For the dashboard and the create form: used, limit and percent per resource."""
-    used = usage(user)
-    limits = None if user.is_staff else quota_of(user).limits()
+def _report(used: dict[str, int], limits: Mapping[str, int | None] | None) -> list[dict]:
     titles = {"machines": "Machines", "vcpus": "vCPUs", "memory_mib": "Memory (MiB)", "disk_gib": "Disk (GiB)"}
     return [{"key": k, "label": label, "title": titles[k], "used": used[k], "limit": limits[k] if limits else None,
              "percent": min(100, round(100 * used[k] / limits[k])) if limits and limits[k] else 0}
             for k, label in RESOURCES.items()]  # fmt: skip
 
 
-def _usage_of(machines) -> dict[str, int]:
-    totals = machines.aggregate(machines=Count("pk"), vcpus=Sum("vcpus"), memory_mib=Sum("memory_mib"),
-                                disk_gib=Sum("disk_gib"))  # fmt: skip
-    return {k: v or 0 for k, v in totals.items()}
+def usage_report(user) -> list[dict]:
+    """For the dashboard and the create form: used, limit and percent per resource."""
+    return _report(usage(user), None if user.is_staff else quota_of(user).limits())
+
+
+def project_usage_report(project: Project) -> list[dict]:
+    return _report(project_usage(project), project.limits())
+
+
+def usage_text(used: Mapping[str, int], limits: Mapping[str, int | None] | None) -> str:
+    """One line for the admin: '3 machines of 10, 6 vCPUs of 20, …' (no limit: just the figure)."""
+    return ", ".join(f"{used[k]} {label}" + (f" of {limits[k]}" if limits and limits[k] is not None else "")
+                     for k, label in RESOURCES.items())  # fmt: skip
+
+
+def lock_quotas(user, project: Project | None) -> None:
+    """Lock the rows that guard what user and project hold: the project first, then the user's quota.
+    Every allocating path takes them in this order (and the hypervisor after), so none deadlocks another."""
+    if project is not None:
+        Project.objects.select_for_update().filter(pk=project.pk).first()
+    if not user.is_staff:
+        quota_of(user, lock=True)
+
+
+def _over(used: dict[str, int], wanted: Mapping[str, int], limits: Mapping[str, int | None]) -> list[str]:
+    return [f"{used[k] + wanted[k]} {RESOURCES[k]} of {limits[k]} allowed (using {used[k]})"
+            for k in RESOURCES if limits[k] is not None and wanted.get(k) and used[k] + wanted[k] > limits[k]]  # fmt: skip
 
 
 def check_quota(user, *, machines: int = 0, vcpus: int = 0, memory_mib: int = 0, disk_gib: int = 0,
                 project=None) -> None:  # fmt: skip
-    """Raise QuotaExceeded unless the user (and the project, if any) can add this much. Call inside the
-    transaction that saves it: the quota rows are locked, so concurrent requests are checked in turn."""
+    """Raise QuotaExceeded unless the user (and the project, if any) can add this much on top of what their
+    machines hold (usage_of). Call inside the transaction that saves it: the rows are locked (lock_quotas),
+    so concurrent requests are checked in turn."""
     wanted = {"machines": machines, "vcpus": vcpus, "memory_mib": memory_mib, "disk_gib": disk_gib}
+    lock_quotas(user, project)
     if project is not None:
-        from machines.models import Project
-
-        limits = Project.objects.select_for_update().get(pk=project.pk).limits()
-        used = _usage_of(Machine.objects.filter(project=project))
-        over = [f"{used[k] + wanted[k]} {RESOURCES[k]} of {limits[k]} allowed (using {used[k]})"
-                for k in RESOURCES if limits[k] is not None and wanted[k] and used[k] + wanted[k] > limits[k]]  # fmt: skip
+        limits = Project.objects.get(pk=project.pk).limits()
+        over = _over(project_usage(project), wanted, limits)
         if over:
             raise QuotaExceeded(f"This would exceed project {project.name}'s quota: {'; '.join(over)}.")
     if user.is_staff:
         return
-    limits = quota_of(user, lock=True).limits()
-    used = usage(user)
-    over = [f"{used[k] + wanted[k]} {RESOURCES[k]} of {limits[k]} allowed (using {used[k]})"
-            for k in RESOURCES if wanted[k] and used[k] + wanted[k] > limits[k]]  # fmt: skip
+    over = _over(usage(user), wanted, quota_of(user).limits())
     if over:
         raise QuotaExceeded(f"This would exceed your quota: {'; '.join(over)}. Delete a machine or ask staff for more.")
 
@@ -83,32 +151,75 @@ class Fit:
 
 
 def _fit(hv: Hypervisor, *, vcpus: int, memory_mib: int, disk_gib: int, pool: str, arch: str) -> Fit | str:
-    """A Fit if the machine fits on hv, else why not."""
+    """A Fit if the machine fits on hv, else why not (without the host's name).
+
+    Memory and vCPUs: the host's, less what its machines hold (usage_of). Pool space: what libvirt last
+    reported free, which already reflects what the existing (thin) disks really use; counting their full
+    sizes again would refuse hosts with room. The asked size must fit in it."""
     if arch and hv.arch != arch and arch not in (hv.guest_arches or []):
-        return f"{hv.name}: {hv.arch or 'unknown'} host that cannot emulate {arch}"
-    placed = hv.machines.aggregate(vcpus=Sum("vcpus"), memory=Sum("memory_mib"))
-    free_memory = (hv.memory_mib or 0) - (placed["memory"] or 0)
-    free_vcpus = int((hv.cpus or 0) * Decimal(hv.cpu_allocation_ratio)) - (placed["vcpus"] or 0)
+        return f"{hv.arch or 'unknown'} host that cannot emulate {arch}"
+    placed = usage_of(hv.machines.all())
+    free_memory = (hv.memory_mib or 0) - placed["memory_mib"]
+    free_vcpus = int((hv.cpus or 0) * Decimal(hv.cpu_allocation_ratio)) - placed["vcpus"]
     pools = {p["name"]: p for p in hv.pools if p.get("active")}
-    free_disk = pools[pool]["available_bytes"] >> 30 if pool in pools else -1
+    free_disk = (pools[pool].get("available_bytes") or 0) >> 30 if pool in pools else -1
     if free_memory < memory_mib:
-        return f"{hv.name}: {max(free_memory, 0)} MiB memory free, needs {memory_mib}"
+        return f"{max(free_memory, 0)} MiB memory free, needs {memory_mib}"
     if free_vcpus < vcpus:
-        return f"{hv.name}: {max(free_vcpus, 0)} vCPUs free, needs {vcpus}"
+        return f"{max(free_vcpus, 0)} vCPUs free, needs {vcpus}"
     if free_disk < disk_gib:
-        return f"{hv.name}: no active pool {pool}" if free_disk < 0 else f"{hv.name}: {free_disk} GiB free in {pool}, needs {disk_gib}"
+        return f"no active pool {pool}" if free_disk < 0 else f"{free_disk} GiB free in {pool}, needs {disk_gib}"
     return Fit(hv, free_memory, free_vcpus, free_disk)
 
 
-def place(*, vcpus: int, memory_mib: int, disk_gib: int, pool: str, image: Image | None) -> Fit:
-    """The online hypervisor with the most free memory that fits the machine, or a clear refusal."""
+def place(*, vcpus: int, memory_mib: int, disk_gib: int, pool: str, image: Image | None, lock: bool = False) -> Fit:
+    """The online hypervisor with the most free memory that fits the machine, or a clear refusal. With lock,
+    every candidate row is locked (in id order) until the transaction ends, so concurrent placements queue."""
     arch = image.arch if image is not None else ""
-    candidates = Hypervisor.objects.filter(enabled=True, status=HypervisorStatus.ONLINE)
+    candidates = Hypervisor.objects.filter(enabled=True, status=HypervisorStatus.ONLINE).order_by("pk")
+    if lock:
+        candidates = candidates.select_for_update()
     fits, reasons = [], []
     for hv in candidates:
         result = _fit(hv, vcpus=vcpus, memory_mib=memory_mib, disk_gib=disk_gib, pool=pool, arch=arch)
-        (fits if isinstance(result, Fit) else reasons).append(result)
+        if isinstance(result, Fit):
+            fits.append(result)
+        else:
+            reasons.append(f"{hv.name}: {result}")
     if not fits:
         why = "; ".join(reasons) if reasons else "no hypervisor is online"
         raise ValidationError({"hypervisor": f"No hypervisor has room for this machine ({why})."})
     return max(fits, key=lambda f: (f.free_memory_mib, f.free_vcpus, f.hypervisor.name))
+
+
+@dataclass(frozen=True)
+class Room:
+    """Where a new machine goes and on what grounds: `placement` when the portal picked the host,
+    `over_capacity` (why it has no room) when staff chose a full host and overrode the check."""
+
+    hypervisor: Hypervisor
+    placement: Fit | None = None
+    over_capacity: str = ""
+
+
+def claim_room(hypervisor: Hypervisor | None, *, need: Mapping[str, int], pool: str, image: Image | None,
+               user, override: bool = False) -> Room:  # fmt: skip
+    """The hypervisor for a new machine, checked for room under its row lock (after lock_quotas): placed
+    ("any hypervisor") or the one asked for, by the same rules. Staff may override a named host's lack of
+    room; anyone else gets the reason."""
+    if override and not user.is_staff:
+        raise ValidationError({"override_capacity": "Only staff may create a machine on a hypervisor without room."})
+    wanted = {"vcpus": need["vcpus"], "memory_mib": need["memory_mib"], "disk_gib": need["disk_gib"], "pool": pool}
+    if hypervisor is None:
+        if override:
+            raise ValidationError({"override_capacity": "Name the hypervisor to create a machine over its capacity."})
+        fit = place(**wanted, image=image, lock=True)
+        return Room(fit.hypervisor, placement=fit)
+    hv = Hypervisor.objects.select_for_update().get(pk=hypervisor.pk)
+    # Room only: whether a named host runs the image's architecture is the hardware check's to say.
+    result = _fit(hv, **wanted, arch="")
+    if isinstance(result, Fit):
+        return Room(hv)
+    if not override:
+        raise ValidationError({"hypervisor": f"Hypervisor {hv.name} has no room for this machine ({result})."})
+    return Room(hv, over_capacity=result)

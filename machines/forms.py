@@ -141,6 +141,10 @@ class MachineForm(forms.ModelForm):
     SERVICE_FIELDS = {"nics": "nic", "cpu_topology": "cpu_sockets", "smbios": "smbios_text",
                       "extra_disks": "extra_disks_text", "qemu_args": "qemu_args_text"}  # fmt: skip
 
+    override_capacity = forms.BooleanField(label="Create even if the hypervisor has no room", required=False,
+                                           help_text="Staff only, with a named hypervisor: its memory, vCPUs or pool "
+                                                     "space may be overcommitted. Recorded in the audit trail.")  # fmt: skip
+
     project = forms.ModelChoiceField(queryset=Project.objects.none(), required=False, empty_label="(none: just me)",
                                      help_text="Members of the project share the machine by their role.")  # fmt: skip
 
@@ -176,6 +180,7 @@ class MachineForm(forms.ModelForm):
             self.fields["project"].queryset = project_choices(user)
         if user is None or not user.is_staff:
             del self.fields["qemu_args_text"]
+            del self.fields["override_capacity"]
         if user is None or not may_take_host_devices(user):
             del self.fields["hostdevs"], self.fields["hostdev_match"]
         self.dropped = self._drop_unoffered(chosen) if not self.is_bound else []

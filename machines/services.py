@@ -22,7 +22,7 @@ from hypervisors.drivers.base import HypervisorError, HypervisorFatalError, Hype
 from hypervisors.models import Hypervisor, Image
 from machines import bmc, cloudinit, crypto, provisioning, screenshots
 from machines.access import project_choices
-from machines.capacity import check_quota, place
+from machines.capacity import check_quota, claim_room, held, held_by, lock_quotas
 from machines.models import Machine, MachineCdrom, MachineNic, Project
 from machines.states import BUSY, DeployType, InvalidTransition, PowerAction, PowerState, Status
 from portal import audit
@@ -267,6 +267,13 @@ def _validate_cloud_init(machine: Machine) -> None:
         raise ValidationError(str(e)) from None
 
 
+def _check_named_hypervisor(hypervisor: Hypervisor, pool: str) -> None:
+    if not hypervisor.enabled or not hypervisor.is_online:
+        raise ValidationError({"hypervisor": f"Hypervisor {hypervisor.name} is {hypervisor.get_status_display().lower()}."})
+    if pool not in {p["name"] for p in hypervisor.pools if p.get("active")}:
+        raise ValidationError({"pool": f"Storage pool {pool!r} is not active on {hypervisor.name}."})
+
+
 @audited("machine.create")
 @transaction.atomic
 def machine_create(*, owner, hypervisor: Hypervisor | None, name: str, deploy_type: str = DeployType.IMAGE,
@@ -274,9 +281,10 @@ def machine_create(*, owner, hypervisor: Hypervisor | None, name: str, deploy_ty
                    nics: list[NicInput] | None = None, ssh_authorized_keys: str = "", packages: str = "",
                    script: str = "", user_data: str = "", pool: str = "default", deletion_protection: bool = False,
                    autostart: bool = True, extra_isos: list[Image] | None = None,
-                   power_on: bool | None = None, project: Project | None = None,
+                   power_on: bool | None = None, project: Project | None = None, override_capacity: bool = False,
                    **hardware) -> Machine:  # fmt: skip
-    """Validate, save, and queue provisioning. Raises ValidationError with a message per field."""
+    """Validate, save, and queue provisioning. Raises ValidationError with a message per field.
+    override_capacity (staff, with a named hypervisor): create it even where the host has no room."""
     if deploy_type not in DeployType.values:
         raise ValidationError({"deploy_type": f"Choose one of {', '.join(DeployType.values)}."})
     extra_isos = extra_isos or []
@@ -290,16 +298,15 @@ def machine_create(*, owner, hypervisor: Hypervisor | None, name: str, deploy_ty
     if project is not None and not project_choices(owner).filter(pk=project.pk).exists():
         raise ValidationError({"project": f"You are not an admin of project {project.name}."})
     hardware = _validate_hardware_input(owner, deploy_type, vcpus, hardware)
-    total_disk = disk_gib + sum(d["size_gib"] for d in hardware.get("extra_disks", []))
-    check_quota(owner, machines=1, vcpus=vcpus, memory_mib=memory_mib, disk_gib=total_disk, project=project)
-    placement = None
-    if hypervisor is None:  # "any hypervisor": the one with most room
-        placement = place(vcpus=vcpus, memory_mib=memory_mib, disk_gib=total_disk, pool=pool, image=image)
-        hypervisor = placement.hypervisor
-    if not hypervisor.enabled or not hypervisor.is_online:
-        raise ValidationError({"hypervisor": f"Hypervisor {hypervisor.name} is {hypervisor.get_status_display().lower()}."})
-    if pool not in {p["name"] for p in hypervisor.pools if p.get("active")}:
-        raise ValidationError({"pool": f"Storage pool {pool!r} is not active on {hypervisor.name}."})
+    # What the machine will hold (capacity.held: main disk, extra disks, ...), checked against the quotas and
+    # the host under the locks every allocating path takes in this order: project, user's quota, hypervisor.
+    need = held({"vcpus": vcpus, "memory_mib": memory_mib, "disk_gib": disk_gib,
+                 "extra_disks": hardware.get("extra_disks")})  # fmt: skip
+    check_quota(owner, **need, project=project)
+    if hypervisor is not None:
+        _check_named_hypervisor(hypervisor, pool)
+    room = claim_room(hypervisor, need=need, pool=pool, image=image, user=owner, override=override_capacity)
+    hypervisor = room.hypervisor
     nics = nics or []
     _validate_nics(hypervisor, nics)
     _validate_hardware_against(hypervisor, hardware, image)
@@ -332,8 +339,12 @@ def machine_create(*, owner, hypervisor: Hypervisor | None, name: str, deploy_ty
     elif deploy_type == DeployType.IMAGE:
         _validate_cloud_init(machine)
     machine.log("create", f"requested by {owner.get_username()} on {hypervisor.name}")
-    if placement is not None:
-        machine.log("placement", placement.reason())
+    if room.placement is not None:
+        machine.log("placement", room.placement.reason())
+    if room.over_capacity:
+        note = f"created over capacity on {hypervisor.name} by staff ({owner.get_username()}): {room.over_capacity}"
+        machine.log("placement", note, level="warning")
+        audit.record("machine.capacity_override", machine, user=owner, detail=note)
     machine.transition(Status.PROVISIONING)
     _enqueue("machine_provision_task", machine.pk)
     return machine
@@ -460,8 +471,10 @@ def machine_power_run(machine_id: int, action: str) -> None:
 @audited("machine.rebuild", obj_kwarg="machine")
 @transaction.atomic
 def machine_rebuild(*, machine: Machine) -> None:
-    """Recreate the disk from the image and a fresh seed (new instance-id): the guest starts over."""
-    machine = Machine.objects.select_for_update().get(pk=machine.pk)
+    """Recreate the disk from the image and a fresh seed (new instance-id): the guest starts over.
+    It allocates nothing new: the disks come back at the sizes the machine holds (capacity.held), so no
+    quota or capacity check is needed, and the locks are taken in the allocating paths' order all the same."""
+    machine = _lock_for_allocation(machine)
     if machine.deletion_protection:
         raise MachineError(f"{machine.name} is protected; clear the protection to rebuild it (its disk is replaced).")
     if machine.status not in (Status.ACTIVE, Status.ERROR):
@@ -487,18 +500,30 @@ def machine_rebuild_run(machine_id: int) -> None:
     return machine_provision_run(machine_id)
 
 
+def _lock_for_allocation(machine: Machine) -> Machine:
+    """The machine's row locked after its project's and owner's quota rows (lock_quotas: the order every
+    allocating path takes). Refused if the machine changed hands between reading and locking."""
+    current = Machine.objects.select_related("owner", "project").get(pk=machine.pk)
+    lock_quotas(current.owner, current.project)
+    locked = Machine.objects.select_for_update().get(pk=machine.pk)
+    if (locked.owner_id, locked.project_id) != (current.owner_id, current.project_id):
+        raise MachineError(f"{machine.name} changed owner or project meanwhile; try again.")
+    return locked
+
+
 @audited("machine.grow_disk", obj_kwarg="machine")
 @transaction.atomic
 def machine_grow_disk(*, machine: Machine, disk_gib: int) -> None:
     """Grow the disk (never shrink). A running guest sees the new size at once."""
-    machine = Machine.objects.select_for_update().get(pk=machine.pk)
+    machine = _lock_for_allocation(machine)
     if machine.status != Status.ACTIVE:
         raise MachineError(f"{machine.name} is {machine.get_status_display().lower()}; growing the disk needs it active.")
     if disk_gib <= machine.disk_gib:
         raise ValidationError({"disk_gib": f"The disk is {machine.disk_gib} GiB; give a larger size (disks only grow)."})
     if disk_gib > 16384:
         raise ValidationError({"disk_gib": "At most 16384 GiB."})
-    check_quota(machine.owner, disk_gib=disk_gib - machine.disk_gib, project=machine.project)
+    before, after = held_by(machine), held_by(machine, disk_gib=disk_gib)
+    check_quota(machine.owner, **{k: after[k] - before[k] for k in after}, project=machine.project)
     old = machine.disk_gib
     machine.transition(Status.RESIZING, f"{old} GiB to {disk_gib} GiB")
     Machine.objects.filter(pk=machine.pk).update(disk_gib=disk_gib)

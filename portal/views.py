@@ -4,15 +4,15 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.db import connection
-from django.db.models import Count, Sum
+from django.db.models import Count
 from django.http import HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
 from hypervisors.models import Hypervisor, HypervisorStatus
 from machines.access import machines_for
-from machines.capacity import usage_report
-from machines.models import MachineEvent
+from machines.capacity import usage_by, usage_report
+from machines.models import Machine, MachineEvent
 from machines.states import BUSY, Status
 from portal.decorators import staff_required
 from portal.models import AuditEvent
@@ -22,8 +22,11 @@ from portal.queue import queue_report
 @login_required
 @require_GET
 def home(request) -> HttpResponse:
-    hypervisors = list(Hypervisor.objects.annotate(placed_memory=Sum("machines__memory_mib"),
-                                                   placed_vcpus=Sum("machines__vcpus")))  # fmt: skip
+    hypervisors = list(Hypervisor.objects.all())
+    placed = usage_by(Machine.objects.all(), "hypervisor")  # what placement counts as taken (capacity.held)
+    for h in hypervisors:
+        taken = placed.get(h.pk, {})
+        h.placed_memory, h.placed_vcpus = taken.get("memory_mib", 0), taken.get("vcpus", 0)
     counts = {s: sum(1 for h in hypervisors if h.status == s) for s in HypervisorStatus.values}
     mine = machines_for(request.user).filter(owner=request.user)
     by_status = {row["status"]: row["n"] for row in mine.values("status").annotate(n=Count("pk"))}

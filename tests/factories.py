@@ -20,3 +20,6 @@ class HypervisorFactory(factory.django.DjangoModelFactory):
     name = factory.Sequence(lambda n: f"hv{n}")
     uri = "test:///default"
     status = HypervisorStatus.ONLINE
+    # What a sync reports; an online hypervisor always has them, and a create checks them for room.
+    cpus = 8
+    memory_mib = 16384

@@ -15,8 +15,8 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def hv(db):
     return HypervisorFactory(name="lab", uri="qemu:///system", arch="x86_64",
-                             pools=[{"name": "default", "active": True, "capacity_bytes": 1, "allocation_bytes": 0,
-                                     "available_bytes": 1}])  # fmt: skip
+                             pools=[{"name": "default", "active": True, "capacity_bytes": 1 << 40, "allocation_bytes": 0,
+                                     "available_bytes": 1 << 40}])  # fmt: skip
 
 
 @pytest.fixture
