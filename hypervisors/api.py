@@ -38,8 +38,9 @@ def _from_django_errors(fn):
 
 
 class NetworkSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=50)
-    mode = serializers.ChoiceField(choices=["nat", "isolated", "bridge", "macvtap"])
+    name = serializers.CharField(max_length=50, required=False, allow_blank=True, default="",
+                                 help_text="Not for mode tenant, which is named by PORTAL_TENANT_NETWORK.")  # fmt: skip
+    mode = serializers.ChoiceField(choices=["tenant", "nat", "isolated", "bridge", "macvtap"])
     bridge = serializers.CharField(required=False, allow_blank=True, default="")
     interface = serializers.CharField(required=False, allow_blank=True, default="")
     cidr = serializers.CharField(required=False, allow_blank=True, default="")
@@ -76,14 +77,15 @@ class HypervisorViewSet(viewsets.ModelViewSet):
     @extend_schema(request=NetworkSerializer, responses={202: OpenApiResponse(description="Queued.")})
     @action(detail=True, methods=["post"], url_path="networks")
     def networks(self, request, pk=None):
-        """Define a libvirt network on the hypervisor (staff): NAT, isolated, host bridge or macvtap,
+        """Define a libvirt network on the hypervisor (staff): the tenant network (isolated from the
+        hypervisor by the portal's traffic filter, for everyone), NAT, isolated, host bridge or macvtap,
         with DHCP and, for network boot, a TFTP root and boot file."""
         from hypervisors import networks
 
         hv = self.get_object()
         s = NetworkSerializer(data=request.data)
         s.is_valid(raise_exception=True)
-        _from_django_errors(lambda: networks.network_create(hypervisor=hv, spec=networks.NetworkSpec(**s.validated_data)))
+        _from_django_errors(lambda: networks.network_create(hypervisor=hv, spec=networks.spec_from(s.validated_data)))
         return Response({"detail": "network queued"}, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=None, responses={202: OpenApiResponse(description="Queued.")})
@@ -129,8 +131,11 @@ class ImageSerializer(serializers.ModelSerializer):
                   "default_user": validated.get("default_user", "debian"), "arch": validated.get("arch", "x86_64")}  # fmt: skip
         if validated.get("file"):
             return _from_django_errors(lambda: images.image_create_from_upload(uploaded=validated["file"], **common))
-        return _from_django_errors(lambda: images.image_create_from_url(
-            source_url=validated["source_url"], expected_sha256=validated.get("expected_sha256", ""), **common))
+        return _from_django_errors(
+            lambda: images.image_create_from_url(
+                source_url=validated["source_url"], expected_sha256=validated.get("expected_sha256", ""), **common
+            )
+        )
 
 
 class ImageViewSet(viewsets.ModelViewSet):

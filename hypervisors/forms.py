@@ -15,7 +15,11 @@ class HypervisorForm(forms.ModelForm):
 
 
 class ImageForm(forms.Form):
-    SOURCES = [("upload", "Upload a file"), ("url", "Import from a URL"), ("volume", "A volume already on a hypervisor")]
+    SOURCES = [
+        ("upload", "Upload a file"),
+        ("url", "Import from a URL"),
+        ("volume", "A volume already on a hypervisor"),
+    ]
 
     name = forms.CharField(max_length=100)
     kind = forms.ChoiceField(choices=ImageKind.choices)
@@ -45,14 +49,21 @@ class ImageForm(forms.Form):
 
 
 class NetworkForm(forms.Form):
-    name = forms.CharField(max_length=50)
-    mode = forms.ChoiceField(choices=[("isolated", "Isolated (host-only, DHCP)"), ("nat", "NAT (DHCP, outbound through the host)"),
+    name = forms.CharField(
+        max_length=50, required=False, help_text="The tenant network's name is fixed (PORTAL_TENANT_NETWORK)."
+    )
+    mode = forms.ChoiceField(choices=[("tenant", "Tenant network (for everyone; guests reach nothing of the host)"),
+                                      ("isolated", "Isolated (host-only, DHCP)"), ("nat", "NAT (DHCP, outbound through the host)"),
                                       ("bridge", "Host bridge"), ("macvtap", "macvtap on a host interface")])  # fmt: skip
-    bridge = forms.CharField(required=False, max_length=15, help_text="Bridge to create (NAT/isolated) or to use (host bridge).")
+    bridge = forms.CharField(
+        required=False, max_length=15, help_text="Bridge to create (NAT/isolated) or to use (host bridge)."
+    )
     interface = forms.CharField(required=False, max_length=15, help_text="Host interface, for macvtap.")
     cidr = forms.CharField(label="Router address", required=False, help_text="With prefix, e.g. 192.168.77.1/24.")
     dhcp_start = forms.GenericIPAddressField(label="DHCP from", required=False, protocol="IPv4")
     dhcp_end = forms.GenericIPAddressField(label="DHCP to", required=False, protocol="IPv4")
-    tftp_root = forms.CharField(label="TFTP root", required=False, help_text="For network boot: a directory on the hypervisor.")
+    tftp_root = forms.CharField(
+        label="TFTP root", required=False, help_text="For network boot: a directory on the hypervisor."
+    )
     boot_file = forms.CharField(required=False, help_text="Offered by DHCP, e.g. boot.ipxe.")
     ipv6_cidr = forms.CharField(label="IPv6 router address", required=False, help_text="Optional, e.g. fd77::1/64.")

@@ -6,12 +6,13 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from hypervisors.drivers import get_driver
 from hypervisors.drivers.base import HypervisorError
-from hypervisors.drivers.domxml import network_xml
+from hypervisors.drivers.domxml import guard_xml, network_xml
 from hypervisors.models import Hypervisor
 from portal import audit
 from portal.audit import audited
@@ -19,7 +20,10 @@ from portal.audit import audited
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,49}$")
 DEV_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")  # Linux interface names: at most 15 characters
 BOOT_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,127}$")
-MODES = ("nat", "isolated", "bridge", "macvtap")
+MODES = ("tenant", "nat", "isolated", "bridge", "macvtap")
+GUARDED_MODES = ("tenant", "nat", "isolated")  # networks libvirt makes, where the hypervisor has an address
+# The tenant network's defaults: an isolated /24 with DHCP, unlikely to clash with a site's own ranges.
+TENANT_CIDR, TENANT_DHCP = "192.168.213.1/24", ("192.168.213.10", "192.168.213.250")
 
 
 @dataclass(frozen=True)
@@ -38,11 +42,37 @@ class NetworkSpec:
     def xml(self) -> str:
         iface = ipaddress.ip_interface(self.cidr) if self.cidr else None
         v6 = ipaddress.ip_interface(self.ipv6_cidr) if self.ipv6_cidr else None
-        return network_xml(name=self.name, mode=self.mode, bridge=self.bridge, interface=self.interface,
+        mode = "isolated" if self.mode == "tenant" else self.mode
+        return network_xml(name=self.name, mode=mode, bridge=self.bridge, interface=self.interface,
                            address=str(iface.ip) if iface else "", prefix=iface.network.prefixlen if iface else None,
                            dhcp_start=self.dhcp_start, dhcp_end=self.dhcp_end, tftp_root=self.tftp_root,
                            boot_file=self.boot_file, ipv6_address=str(v6.ip) if v6 else "",
                            ipv6_prefix=v6.network.prefixlen if v6 else None)  # fmt: skip
+
+    def guard(self, host_addresses: tuple[str, ...] = ()) -> str:
+        """The traffic filter of the network's NICs (see domxml.guard_xml), or "" when it has no address
+        of the hypervisor to guard (host bridges and macvtap: the hypervisor is not on them as a router)."""
+        if self.mode not in GUARDED_MODES or not self.cidr:
+            return ""
+        iface = ipaddress.ip_interface(self.cidr)
+        return guard_xml(network=self.name, gateway=str(iface.ip), prefix=iface.network.prefixlen,
+                         nat=self.mode == "nat", host_addresses=host_addresses)  # fmt: skip
+
+
+def spec_from(data: dict) -> NetworkSpec:
+    """A NetworkSpec from form or API input; the tenant network takes its name from the settings."""
+    fields = {k: v or "" for k, v in data.items()}
+    if fields.get("mode") == "tenant":
+        return tenant_spec(**{k: v for k, v in fields.items() if k not in ("name", "mode")})
+    return NetworkSpec(**fields)
+
+
+def tenant_spec(**overrides) -> NetworkSpec:
+    """The tenant network: isolated, with DHCP and DNS from the hypervisor and nothing else of it."""
+    fields = {"cidr": TENANT_CIDR, "dhcp_start": TENANT_DHCP[0], "dhcp_end": TENANT_DHCP[1], **overrides}
+    if not fields.get("cidr"):
+        fields.update(cidr=TENANT_CIDR, dhcp_start=TENANT_DHCP[0], dhcp_end=TENANT_DHCP[1])
+    return NetworkSpec(**{**fields, "name": settings.PORTAL_TENANT_NETWORK, "mode": "tenant"})
 
 
 def validate(spec: NetworkSpec, hypervisor: Hypervisor) -> None:
@@ -57,7 +87,13 @@ def validate(spec: NetworkSpec, hypervisor: Hypervisor) -> None:
         errors["bridge"] = "Name the host bridge (e.g. br0)."
     if spec.mode == "macvtap" and not DEV_RE.match(spec.interface):
         errors["interface"] = "Name the host interface (e.g. eno1)."
-    if spec.mode in ("nat", "isolated"):
+    if spec.mode == "tenant" and spec.name != settings.PORTAL_TENANT_NETWORK:
+        errors["name"] = f"The tenant network is called {settings.PORTAL_TENANT_NETWORK} (PORTAL_TENANT_NETWORK)."
+    if spec.mode == "tenant" and (spec.tftp_root or spec.boot_file or spec.ipv6_cidr or not spec.dhcp_start):
+        errors["mode"] = (
+            "The tenant network is IPv4 with DHCP, without TFTP or IPv6: use an isolated network for those."
+        )
+    if spec.mode in GUARDED_MODES:
         if spec.bridge and not DEV_RE.match(spec.bridge):
             errors["bridge"] = "A bridge name has at most 15 letters, digits, '-', '_' or '.'."
         errors.update(_validate_ip(spec))
@@ -83,7 +119,9 @@ def _validate_ip(spec: NetworkSpec) -> dict[str, str]:
         try:
             start, end = ipaddress.ip_address(spec.dhcp_start), ipaddress.ip_address(spec.dhcp_end)
             if start not in iface.network or end not in iface.network or start > end or iface.ip in (start, end):
-                errors["dhcp_end"] = f"The range must lie in {iface.network}, start before it ends, and leave out the router."
+                errors["dhcp_end"] = (
+                    f"The range must lie in {iface.network}, start before it ends, and leave out the router."
+                )
         except ValueError:
             errors["dhcp_start"] = "The DHCP range takes two IPv4 addresses."
     if spec.ipv6_cidr:
@@ -113,9 +151,13 @@ def network_create_run(hypervisor_id: int, spec: dict) -> str:
     from hypervisors.services import hypervisor_sync
 
     hv = Hypervisor.objects.get(pk=hypervisor_id)
+    network = NetworkSpec(**spec)
     try:
         with get_driver(hv.uri) as driver:
-            driver.define_network(NetworkSpec(**spec).xml())
+            guard = network.guard(host_addresses=_management_addresses(hv))
+            if guard:  # first: a NIC on the network must never start without its filter
+                driver.define_guard(guard)
+            driver.define_network(network.xml())
         result = "defined"
     except HypervisorError as e:
         result = f"failed: {e}"
@@ -136,10 +178,27 @@ def network_delete(*, hypervisor: Hypervisor, name: str) -> None:
     transaction.on_commit(lambda: network_delete_task(hypervisor.pk, name))
 
 
+def _management_addresses(hv: Hypervisor) -> tuple[str, ...]:
+    """The hypervisor's addresses the portal knows besides its bridges: the console address and the
+    address of its URI, when they are IPv4 and not loopback (a NAT network's guard drops them too)."""
+    from urllib.parse import urlsplit
+
+    found = []
+    for candidate in (hv.console_address, urlsplit(hv.uri).hostname or ""):
+        try:
+            address = ipaddress.ip_address(candidate)
+        except ValueError:
+            continue
+        if address.version == 4 and not address.is_loopback and not address.is_unspecified:
+            found.append(str(address))
+    return tuple(dict.fromkeys(found))
+
+
 def network_delete_run(hypervisor_id: int, name: str) -> None:
     from hypervisors.services import hypervisor_sync
 
     hv = Hypervisor.objects.get(pk=hypervisor_id)
     with get_driver(hv.uri) as driver:
         driver.remove_network(name)
+        driver.remove_guard(name)
     hypervisor_sync(hv.pk)

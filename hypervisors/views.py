@@ -126,8 +126,12 @@ def _create_image(request, form: ImageForm) -> Image:
     if data["source"] == "upload":
         return images.image_create_from_upload(uploaded=data["file"], **common)
     if data["source"] == "url":
-        return images.image_create_from_url(source_url=data["source_url"], expected_sha256=data["expected_sha256"], **common)
-    return images.image_register_volume(hypervisor=data["hypervisor"], pool=data["pool"], volume=data["volume"], **common)
+        return images.image_create_from_url(
+            source_url=data["source_url"], expected_sha256=data["expected_sha256"], **common
+        )
+    return images.image_register_volume(
+        hypervisor=data["hypervisor"], pool=data["pool"], volume=data["volume"], **common
+    )
 
 
 @staff_required
@@ -170,12 +174,15 @@ def network_create(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     if form.is_valid():
         data = {k: (v or "") for k, v in form.cleaned_data.items()}
         try:
-            networks.network_create(hypervisor=hv, spec=networks.NetworkSpec(**data))
-            messages.success(request, f"Defining network {data['name']} on {hv.name}; it appears below once made.")
+            spec = networks.spec_from(data)
+            networks.network_create(hypervisor=hv, spec=spec)
+            messages.success(request, f"Defining network {spec.name} on {hv.name}; it appears below once made.")
             return redirect(hv)
         except ValidationError as e:
             add_errors(form, e)
-    messages.error(request, "The network was not defined: " + "; ".join(f"{k}: {' '.join(v)}" for k, v in form.errors.items()))
+    messages.error(
+        request, "The network was not defined: " + "; ".join(f"{k}: {' '.join(v)}" for k, v in form.errors.items())
+    )
     return redirect(hv)
 
 

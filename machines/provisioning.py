@@ -12,10 +12,12 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import replace
 
+from django.conf import settings
 from huey.contrib.djhuey import HUEY
 from huey.exceptions import TaskLockedException
 
 from hypervisors.drivers.base import DiskSpec, DomainSpec, HypervisorDriver, HypervisorUnavailable, NicSpec
+from hypervisors.drivers.domxml import guard_name
 from hypervisors.images import ensure_image_copy
 from hypervisors.models import Image
 from machines import cloudinit
@@ -23,6 +25,17 @@ from machines.models import Machine
 from machines.states import DeployType
 
 GIB = 1 << 30
+
+
+def nic_guard(hv, nic_type: str, source: str) -> str:
+    """The traffic filter a NIC carries: the network's guard where the hypervisor has one, and always
+    on the tenant network (if its filter went missing, libvirt then refuses to start the domain rather
+    than start it unguarded)."""
+    if nic_type != "network":
+        return ""
+    if source == settings.PORTAL_TENANT_NETWORK:
+        return guard_name(source)
+    return next((n.get("guard", "") for n in hv.networks if n["name"] == source), "")
 
 
 def _timed(machine: Machine, step: str, fn: Callable[[], str]) -> None:
@@ -39,9 +52,16 @@ def seed_spec(machine: Machine) -> cloudinit.SeedSpec:
 def seed_spec_from(machine: Machine, nics: list) -> cloudinit.SeedSpec:
     """The seed for a machine and its NICs (saved MachineNic rows or unsaved NicInput, same fields)."""
     nic_configs = tuple(
-        cloudinit.NicConfig(mac=n.mac or "52:54:00:00:00:00", dhcp4=n.dhcp4, dhcp6=n.dhcp6, addresses=tuple(n.addresses),
-                            gateway4=n.gateway4, gateway6=n.gateway6, nameservers=tuple(n.nameservers),
-                            search=tuple(n.search))  # fmt: skip
+        cloudinit.NicConfig(
+            mac=n.mac or "52:54:00:00:00:00",
+            dhcp4=n.dhcp4,
+            dhcp6=n.dhcp6,
+            addresses=tuple(n.addresses),
+            gateway4=n.gateway4,
+            gateway6=n.gateway6,
+            nameservers=tuple(n.nameservers),
+            search=tuple(n.search),
+        )  # fmt: skip
         for n in nics
     )
     return cloudinit.SeedSpec(
@@ -92,7 +112,8 @@ def domain_spec(machine: Machine, *, disks: tuple[DiskSpec, ...], serial_log: st
     if not cpu_mode and defaults.get("cpu_model"):
         cpu_mode, cpu_model = "custom", defaults["cpu_model"]
     firmware = "efi" if machine.firmware == "uefi" else defaults.get("firmware", "")
-    nics = tuple(NicSpec(type=n.type, source=n.source, mac=n.mac, model=n.model, mode=n.mode, vlan=n.vlan)
+    nics = tuple(NicSpec(type=n.type, source=n.source, mac=n.mac, model=n.model, mode=n.mode, vlan=n.vlan,
+                         guard=nic_guard(hv, n.type, n.source))
                  for n in machine.nics.all())  # fmt: skip
     return DomainSpec(
         uuid=str(machine.uuid),
@@ -139,7 +160,9 @@ def _waiting_lock(name: str, timeout: float):
             break
         except TaskLockedException:
             if time.monotonic() > deadline:
-                raise HypervisorUnavailable("another machine is still copying the same image; trying again later") from None
+                raise HypervisorUnavailable(
+                    "another machine is still copying the same image; trying again later"
+                ) from None
             time.sleep(0.1)
     try:
         yield

@@ -44,6 +44,7 @@ class NetworkInfo:
     active: bool
     forward_mode: str  # "nat", "route", "bridge", "isolated", ...
     bridge: str
+    guard: str = ""  # the portal's traffic filter for NICs on this network, when the host has it
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ class NicSpec:
     boot_order: int | None = None
     mode: str = "bridge"  # macvtap: bridge, vepa, private, passthrough
     vlan: int | None = None
+    guard: str = ""  # the nwfilter that keeps the guest away from its hypervisor (portal networks)
 
 
 @dataclass(frozen=True)

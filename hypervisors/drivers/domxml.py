@@ -56,6 +56,8 @@ def _nic(devices: ET.Element, nic: NicSpec, use_order: bool = True) -> None:
     if nic.vlan is not None:
         _sub(_sub(el, "vlan"), "tag", id=str(nic.vlan))
     _sub(el, "model", type=nic.model)
+    if nic.guard:
+        _sub(el, "filterref", filter=nic.guard)
     if nic.boot_order is not None and use_order:
         _sub(el, "boot", order=str(nic.boot_order))
 
@@ -305,4 +307,48 @@ def network_xml(*, name: str, mode: str, bridge: str = "", interface: str = "", 
     if ipv6_address:
         # Router advertisements on the network: iPXE otherwise waits ~16 s for IPv6 before booting.
         _sub(root, "ip", family="ipv6", address=ipv6_address, prefix=str(ipv6_prefix))
+    return ET.tostring(root, encoding="unicode")
+
+
+GUARD_PREFIX = "portal-guard-"
+# Destinations a guest on a NAT network is kept from (besides its own subnet, which it may reach): the
+# private, shared, loopback and link-local ranges, where a hypervisor's management addresses live.
+GUARDED_RANGES = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16", "127.0.0.0/8",
+                  "0.0.0.0/8", "224.0.0.0/4", "240.0.0.0/4")  # fmt: skip
+
+
+def guard_name(network: str) -> str:
+    """The name of the traffic filter that keeps guests on `network` away from their hypervisor."""
+    return GUARD_PREFIX + network
+
+
+def guard_xml(*, network: str, gateway: str, prefix: int, nat: bool, host_addresses: tuple[str, ...] = ()) -> str:
+    """A libvirt nwfilter for the NICs on a portal network: the guest reaches its own subnet (other guests),
+    DHCP and DNS on the hypervisor's address there, and (NAT only) public destinations; nothing else of
+    the hypervisor: not its address on the bridge, not the subnet broadcast, not its other addresses.
+    Rules are iptables-level, so libvirt applies them to traffic for the host itself and to forwarded
+    traffic alike; IPv6 from the guest is dropped (portal networks are IPv4)."""
+    net = ipaddress.ip_interface(f"{gateway}/{prefix}").network
+    root = ET.Element("filter", name=guard_name(network), chain="root")
+    rules: list[tuple[str, str, dict[str, str]]] = [
+        ("accept", "udp", {"srcportstart": "68", "dstportstart": "67"}),  # DHCP (broadcast or to the gateway)
+        ("accept", "udp", {"dstipaddr": gateway, "dstportstart": "53"}),  # DNS from libvirt's dnsmasq
+        ("accept", "tcp", {"dstipaddr": gateway, "dstportstart": "53"}),
+        ("drop", "all", {"dstipaddr": gateway}),
+        ("drop", "all", {"dstipaddr": str(net.broadcast_address)}),
+        ("drop", "all", {"dstipaddr": "224.0.0.0", "dstipmask": "4"}),
+        *(("drop", "all", {"dstipaddr": a}) for a in host_addresses),
+        ("accept", "all", {"dstipaddr": str(net.network_address), "dstipmask": str(net.prefixlen)}),
+    ]
+    if nat:
+        for cidr in GUARDED_RANGES:
+            address, mask = cidr.split("/")
+            rules.append(("drop", "all", {"dstipaddr": address, "dstipmask": mask}))
+        rules.append(("accept", "all", {}))
+    else:
+        rules.append(("drop", "all", {}))
+    rules.append(("drop", "all-ipv6", {}))
+    for priority, (action, protocol, match) in enumerate(rules, start=1):
+        rule = _sub(root, "rule", action=action, direction="out", priority=str(100 + 10 * priority))
+        _sub(rule, protocol, **match)
     return ET.tostring(root, encoding="unicode")

@@ -34,9 +34,11 @@ from hypervisors.drivers.base import (
     VolumeInfo,
 )
 from hypervisors.drivers.domxml import (
+    GUARD_PREFIX,
     agent_connected,
     build_domain_xml,
     cdrom_xml,
+    guard_name,
     merge_addresses,
     parse_node_device,
     parse_vnc,
@@ -262,7 +264,9 @@ def parse_domain_capabilities(xml: str) -> dict:
     """The CPU modes a domain type supports and its usable named CPU models."""
     root = ET.fromstring(xml)
     modes = [m.get("name", "") for m in root.findall("cpu/mode") if m.get("supported") == "yes"]
-    models = sorted({m.text for m in root.findall("cpu/mode[@name='custom']/model") if m.get("usable") == "yes" and m.text})
+    models = sorted(
+        {m.text for m in root.findall("cpu/mode[@name='custom']/model") if m.get("usable") == "yes" and m.text}
+    )
     firmwares = [v.text for v in root.findall("os[@supported='yes']/enum[@name='firmware']/value") if v.text]
     return {"cpu_modes": modes, "cpu_models": models, "firmwares": ["bios", *[f for f in firmwares if f != "bios"]]}
 
@@ -314,7 +318,17 @@ def _pool_info(pool: libvirt.virStoragePool) -> PoolInfo:
     )
 
 
-def _network_info(net: libvirt.virNetwork) -> NetworkInfo:
+def _guards(conn: libvirt.virConnect) -> set[str]:
+    """Names of the portal's traffic filters on the host (none where libvirt has no nwfilter driver)."""
+    try:
+        return {f.name() for f in conn.listAllNWFilters(0) if f.name().startswith(GUARD_PREFIX)}
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT:
+            return set()
+        raise
+
+
+def _network_info(net: libvirt.virNetwork, guards: set[str]) -> NetworkInfo:
     root = ET.fromstring(net.XMLDesc(0))
     forward = root.find("forward")
     mode = "isolated" if forward is None else forward.get("mode", "nat")
@@ -324,6 +338,7 @@ def _network_info(net: libvirt.virNetwork) -> NetworkInfo:
         active=bool(net.isActive()),
         forward_mode=mode,
         bridge="" if bridge is None else bridge.get("name", ""),
+        guard=guard_name(net.name()) if guard_name(net.name()) in guards else "",
     )
 
 
@@ -374,13 +389,20 @@ class LibvirtDriver(HypervisorDriver):
         caps = parse_capabilities(conn.getCapabilities())
         _model, memory_mib, cpus, *_ = conn.getInfo()
         try:
-            domcaps = parse_domain_capabilities(conn.getDomainCapabilities(None, caps["arch"], None, caps["domain_type"], 0))
+            domcaps = parse_domain_capabilities(
+                conn.getDomainCapabilities(None, caps["arch"], None, caps["domain_type"], 0)
+            )
         except libvirt.libvirtError:
-            domcaps = {"cpu_modes": [], "cpu_models": [], "firmwares": []}  # drivers without domain capabilities (test://)
+            domcaps = {
+                "cpu_modes": [],
+                "cpu_models": [],
+                "firmwares": [],
+            }  # drivers without domain capabilities (test://)
         try:
             hypervisor_version = _version(conn.getVersion())
         except libvirt.libvirtError:
             hypervisor_version = ""
+        guards = _guards(conn)
         return HostInfo(
             hostname=conn.getHostname(),
             arch=caps["arch"],
@@ -399,13 +421,12 @@ class LibvirtDriver(HypervisorDriver):
             interfaces=_interfaces(conn),
             devices=_devices(conn),
             pools=sorted((_pool_info(p) for p in conn.listAllStoragePools(0)), key=lambda p: p.name),
-            networks=sorted((_network_info(n) for n in conn.listAllNetworks(0)), key=lambda n: n.name),
+            networks=sorted((_network_info(n, guards) for n in conn.listAllNetworks(0)), key=lambda n: n.name),
             domains=sorted((_domain_info(d) for d in conn.listAllDomains(0)), key=lambda d: d.name),
         )
 
     def list_domains(self) -> list[DomainInfo]:
         return self._call(lambda conn: [_domain_info(d) for d in conn.listAllDomains(0)])
-
 
     # --- storage -----------------------------------------------------------------
 
@@ -654,6 +675,24 @@ class LibvirtDriver(HypervisorDriver):
                 net.setAutostart(1)
             except libvirt.libvirtError:
                 net.undefine()  # do not leave a half-made network behind
+                raise
+            return True
+
+        return self._call(run)
+
+    def define_guard(self, xml: str) -> None:
+        """Define (or update in place) a portal traffic filter; NICs that use it get the change live."""
+        self._call(lambda conn: conn.nwfilterDefineXML(xml))
+
+    def remove_guard(self, network: str) -> bool:
+        """Undefine the traffic filter of `network`; no-op (False) if absent."""
+
+        def run(conn):
+            try:
+                conn.nwfilterLookupByName(guard_name(network)).undefine()
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_NWFILTER:
+                    return False
                 raise
             return True
 

@@ -137,6 +137,15 @@ def test_macvtap_and_vlan_nics():
     assert bridged.find("model").get("type") == "e1000e" and bridged.find("vlan") is None
 
 
+
+def test_a_guarded_nic_references_its_traffic_filter():
+    root = parse(spec(nics=(NicSpec(type="network", source="portal-tenants", mac="52:54:00:aa:bb:06",
+                                    guard="portal-guard-portal-tenants"),
+                            NicSpec(type="network", source="default", mac="52:54:00:aa:bb:07"))))  # fmt: skip
+    guarded, plain = root.findall("devices/interface")
+    assert guarded.find("filterref").attrib == {"filter": "portal-guard-portal-tenants"}
+    assert plain.find("filterref") is None
+
 PCI_XML = """<device><name>pci_0000_03_00_0</name><driver><name>igb</name></driver><capability type='pci'>
 <domain>0</domain><bus>3</bus><slot>0</slot><function>0</function><product id='0x1533'>I210</product>
 <vendor id='0x8086'>Intel Corporation</vendor></capability></device>"""

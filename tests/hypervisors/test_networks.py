@@ -3,6 +3,7 @@ import xml.etree.ElementTree as ET
 import pytest
 from django.core.exceptions import ValidationError
 
+from hypervisors import networks
 from hypervisors.networks import NetworkSpec, validate
 from tests.factories import HypervisorFactory
 
@@ -60,3 +61,101 @@ def test_bad_networks_are_refused_per_field(spec, field):
     with pytest.raises(ValidationError) as e:
         validate(spec, hv)
     assert field in e.value.message_dict
+
+
+# --- The tenant network and the traffic filter (guard) that keeps guests away from their hypervisor. ---
+
+
+def guard_rules(xml: str) -> list[tuple[str, str, dict]]:
+    """(action, protocol, match) in the order libvirt applies them (by priority)."""
+    root = ET.fromstring(xml)
+    rules = sorted(root.findall("rule"), key=lambda r: int(r.get("priority")))
+    assert all(r.get("direction") == "out" for r in rules)  # traffic from the guest
+    return [(r.get("action"), r[0].tag, dict(r[0].attrib)) for r in rules]
+
+
+def test_tenant_spec_is_an_isolated_network_with_dhcp_named_by_the_settings(settings):
+    settings.PORTAL_TENANT_NETWORK = "tenants"
+    spec = networks.spec_from({"name": "ignored", "mode": "tenant", "cidr": "", "dhcp_start": "", "dhcp_end": ""})
+    assert (spec.name, spec.mode, spec.cidr) == ("tenants", "tenant", networks.TENANT_CIDR)
+    root = parse(spec)
+    assert root.findtext("name") == "tenants" and root.find("forward") is None  # isolated: nothing is routed
+    assert root.find("ip").get("address") == "192.168.213.1" and root.find("ip/dhcp/range") is not None
+    validate(spec, HypervisorFactory(name="lab"))
+
+
+def test_tenant_network_refuses_another_name_tftp_and_ipv6():
+    hv = HypervisorFactory(name="lab")
+    with pytest.raises(ValidationError) as e:
+        validate(NetworkSpec(name="mine", mode="tenant", cidr="10.1.0.1/24", dhcp_start="10.1.0.5", dhcp_end="10.1.0.9"), hv)
+    assert "name" in e.value.message_dict
+    with pytest.raises(ValidationError) as e:
+        validate(networks.tenant_spec(tftp_root="/srv/tftp"), hv)
+    assert "mode" in e.value.message_dict
+
+
+def test_guard_of_an_isolated_network_lets_the_guest_reach_its_subnet_dhcp_and_dns_only():
+    rules = guard_rules(networks.tenant_spec().guard())
+    assert rules[0] == ("accept", "udp", {"srcportstart": "68", "dstportstart": "67"})
+    assert ("accept", "udp", {"dstipaddr": "192.168.213.1", "dstportstart": "53"}) in rules[:3]
+    assert ("accept", "tcp", {"dstipaddr": "192.168.213.1", "dstportstart": "53"}) in rules[:3]
+    # Everything else addressed to the hypervisor goes before the subnet is let through.
+    drops_first = rules[3:6]
+    assert ("drop", "all", {"dstipaddr": "192.168.213.1"}) in drops_first
+    assert ("drop", "all", {"dstipaddr": "192.168.213.255"}) in drops_first  # the broadcast reaches the host too
+    assert rules[-3:] == [("accept", "all", {"dstipaddr": "192.168.213.0", "dstipmask": "24"}), ("drop", "all", {}),
+                          ("drop", "all-ipv6", {})]  # fmt: skip
+
+
+def test_guard_of_a_nat_network_drops_private_ranges_and_the_hypervisors_addresses():
+    spec = NetworkSpec(name="out", mode="nat", cidr="10.9.0.1/24", dhcp_start="10.9.0.5", dhcp_end="10.9.0.50")
+    rules = guard_rules(spec.guard(host_addresses=("198.51.100.7",)))
+    subnet = rules.index(("accept", "all", {"dstipaddr": "10.9.0.0", "dstipmask": "24"}))
+    assert rules.index(("drop", "all", {"dstipaddr": "198.51.100.7"})) < subnet
+    for cidr in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "127.0.0.0/8"):
+        address, mask = cidr.split("/")
+        assert rules.index(("drop", "all", {"dstipaddr": address, "dstipmask": mask})) > subnet
+    assert rules[-2:] == [("accept", "all", {}), ("drop", "all-ipv6", {})]  # the internet, through NAT
+
+
+def test_host_bridges_and_macvtap_get_no_guard():
+    assert NetworkSpec(name="b", mode="bridge", bridge="br0").guard() == ""
+    assert NetworkSpec(name="m", mode="macvtap", interface="eno1").guard() == ""
+    assert NetworkSpec(name="i", mode="isolated").guard() == ""  # no address of the host on it
+
+
+class RecordingDriver:
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def define_guard(self, xml):
+        self.calls.append(("guard", ET.fromstring(xml).get("name")))
+
+    def define_network(self, xml):
+        self.calls.append(("network", ET.fromstring(xml).findtext("name")))
+
+
+def test_the_guard_is_defined_before_its_network(monkeypatch):
+    calls = []
+    monkeypatch.setattr(networks, "get_driver", lambda uri: RecordingDriver(calls))
+    monkeypatch.setattr("hypervisors.services.hypervisor_sync", lambda pk: None)
+    hv = HypervisorFactory(name="lab", console_address="192.0.2.9")
+    assert networks.network_create_run(hv.pk, networks.tenant_spec().__dict__) == "defined"
+    assert calls == [("guard", "portal-guard-portal-tenants"), ("network", "portal-tenants")]
+    assert networks._management_addresses(hv) == ("192.0.2.9",)
+
+
+def test_nics_on_the_tenant_network_always_carry_its_guard():
+    from machines.provisioning import nic_guard
+
+    hv = HypervisorFactory(name="lab", networks=[{"name": "pxe", "guard": "portal-guard-pxe"}, {"name": "default"}])
+    assert nic_guard(hv, "network", "portal-tenants") == "portal-guard-portal-tenants"  # even before a sync saw it
+    assert nic_guard(hv, "network", "pxe") == "portal-guard-pxe"
+    assert nic_guard(hv, "network", "default") == ""  # a network the portal did not make
+    assert nic_guard(hv, "bridge", "portal-tenants") == ""

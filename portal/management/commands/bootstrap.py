@@ -6,7 +6,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
-from hypervisors import services
+from hypervisors import networks, services
 from hypervisors.models import Hypervisor
 
 
@@ -21,8 +21,11 @@ class Command(BaseCommand):
         if Hypervisor.objects.filter(name="local").exists():
             return
         uri = settings.PORTAL_LOCAL_HYPERVISOR_URI
-        services.hypervisor_create(name="local", uri=uri)
+        hv = services.hypervisor_create(name="local", uri=uri)
         self.stdout.write(f"Registered hypervisor 'local' ({uri}).")
+        # Every user's default NIC: guests on it reach each other, DHCP and DNS, and nothing of this host.
+        networks.network_create(hypervisor=hv, spec=networks.tenant_spec())
+        self.stdout.write(f"Queued the tenant network {settings.PORTAL_TENANT_NETWORK} on 'local'.")
 
     @transaction.atomic
     def _admin(self) -> None:
