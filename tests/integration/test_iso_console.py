@@ -4,7 +4,10 @@ and the proxy lets exactly the right browser in."""
 import base64
 import os
 import socket
+import struct
 import subprocess
+import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -81,6 +84,22 @@ class WsClient:
             self.buf += chunk
             self._frames()
         return self.data
+
+    def read(self, n: int, timeout: float = 15) -> bytes:
+        """Exactly n bytes of what the server sent (fewer if it closed or the time ran out), consumed."""
+        deadline = time.monotonic() + timeout
+        while len(self.data) < n and self.close_reason is None and time.monotonic() < deadline:
+            self.sock.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            self.buf += chunk
+            self._frames()
+        out, self.data = self.data[:n], self.data[n:]
+        return out
 
     def close(self) -> None:
         self.sock.close()
@@ -306,3 +325,189 @@ def test_the_serial_console_is_a_shell_through_the_proxy(iso_machine, console_pr
     again.close()
     # No session is left open in the proxy's books.
     wait_for(lambda: not ConsoleSession.objects.filter(machine=iso_machine, ended__isnull=True).exists(), 15)
+
+
+# --- Tokens and sessions (issue 11, item 5): reconnect secret, atomic caps, roles and lifetime followed. ---
+
+
+def log_since(path: Path, offset: int) -> str:
+    """What a process wrote to its log after offset (logs are appended to across runs)."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
+def log_size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def test_a_spent_token_reconnects_only_with_its_secret(iso_machine, console_proxy):
+    """Every client reaches the proxy from 127.0.0.1 here, as behind a reverse proxy: the address is no key."""
+    port, path = console_proxy, f"/console/{iso_machine.pk}"
+    raw = token_for(iso_machine)
+    secret = consoles.console_reconnect_secret(raw)
+    mark = log_size(ARTIFACTS / "console.log")
+    assert handshake(port, f"{path}?token={raw}")[0] == 101
+    # Within the grace, from the same address: the token alone (from a log, over a shoulder) is refused.
+    assert handshake(port, f"{path}?token={raw}")[0] == 403
+    assert handshake(port, f"{path}?token={raw}", reconnect="0" * len(secret))[0] == 403
+    status, banner = handshake(port, f"{path}?token={raw}", reconnect=secret)  # the page that received it
+    assert status == 101 and banner.startswith(b"RFB 003.0"), (status, banner)
+    ConsoleToken.objects.update(used_at=timezone.now() - timedelta(seconds=11))  # PORTAL_CONSOLE_RECONNECT_GRACE
+    assert handshake(port, f"{path}?token={raw}", reconnect=secret)[0] == 403
+    log = wait_for(lambda: (t := log_since(ARTIFACTS / "console.log", mark)).count("refused console") >= 3 and t, 10)
+    assert "a reconnect needs its reconnect secret" in log and "wrong reconnect secret" in log
+    assert "the reconnect grace is over" in log and raw not in log and secret not in log
+
+
+def _connect_all_at_once(port: int, paths: list[str]) -> list[WsClient]:
+    """One websocket per path, all opened in the same instant from as many threads."""
+    barrier = threading.Barrier(len(paths))
+    clients: list[WsClient] = []
+    lock = threading.Lock()
+
+    def one(p: str) -> None:
+        barrier.wait()
+        c = WsClient(port, p)
+        with lock:
+            clients.append(c)
+
+    threads = [threading.Thread(target=one, args=(p,)) for p in paths]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return clients
+
+
+def test_parallel_connections_get_exactly_the_cap_and_viewers_leave_room_for_operators(iso_machine, console_proxy):
+    """The proxy's defaults: 2 operating and 4 view-only sessions per machine (PORTAL_CONSOLE_MAX_PER_MACHINE,
+    PORTAL_CONSOLE_MAX_VIEWERS_PER_MACHINE), 4 per user."""
+    from machines.models import Membership, Project
+
+    port, path = console_proxy, f"/console/{iso_machine.pk}"
+    project = Project.objects.create(name="crowd")
+    Machine.objects.filter(pk=iso_machine.pk).update(project=project)
+    viewers = [UserFactory(username=f"crowd{i}") for i in range(10)]
+    Membership.objects.bulk_create([Membership(project=project, user=v, role="viewer") for v in viewers])
+    machine = Machine.objects.get(pk=iso_machine.pk)
+    clients: list[WsClient] = []
+    try:
+        view_paths = [f"{path}?token={consoles.console_token_issue(machine=machine, user=v)[0]}" for v in viewers]
+        clients += _connect_all_at_once(port, view_paths)
+        assert sorted(c.status for c in clients) == [101] * 4 + [403] * 6
+        # The viewers' cap is full; the owner still gets in, and the operating cap holds as exactly under a crowd.
+        owner_paths = [f"{path}?token={token_for(machine)}" for _ in range(8)]
+        owners = _connect_all_at_once(port, owner_paths)
+        clients += owners
+        assert sorted(c.status for c in owners) == [101] * 2 + [403] * 6
+        live = ConsoleSession.objects.filter(machine=machine, ended__isnull=True)
+        assert live.filter(view_only=True).count() == 4 and live.filter(view_only=False).count() == 2
+    finally:
+        for c in clients:
+            c.close()
+    wait_for(lambda: not ConsoleSession.objects.filter(machine=machine, ended__isnull=True).exists(), 15)
+
+
+def rfb_open(ws: WsClient) -> bytes:
+    """The browser's side of the RFB handshake through the proxy (3.8, security None, shared); the desktop name."""
+    assert ws.read(12) == b"RFB 003.008\n"
+    ws.send(b"RFB 003.008\n")
+    count = ws.read(1)[0]
+    assert 1 in ws.read(count)
+    ws.send(b"\x01")
+    assert ws.read(4) == b"\x00\x00\x00\x00"
+    ws.send(b"\x01")  # ClientInit: shared
+    server_init = ws.read(24)
+    return ws.read(struct.unpack(">I", server_init[20:24])[0])
+
+
+def rfb_type(ws: WsClient, text: str) -> None:
+    """KeyEvents for text (lower case, digits, space, - / and >), with Shift where the US layout needs it."""
+    shift, keys = 0xFFE1, {"\n": 0xFF0D}
+    for ch in text:
+        keysym = keys.get(ch, ord(ch))
+        events = [(shift, 1), (keysym, 1), (keysym, 0), (shift, 0)] if ch == ">" else [(keysym, 1), (keysym, 0)]
+        for sym, down in events:
+            ws.send(struct.pack(">BBxxI", 4, down, sym))
+
+
+def test_an_operator_demoted_to_viewer_types_no_more_within_seconds(iso_machine, console_proxy):
+    from machines.models import Membership, Project
+
+    project = Project.objects.create(name="demotions")
+    Machine.objects.filter(pk=iso_machine.pk).update(project=project)
+    machine = Machine.objects.get(pk=iso_machine.pk)
+    operator = UserFactory(username="demoted-operator")
+    membership = Membership.objects.create(project=project, user=operator, role="operator")
+    serial_log(machine.pk, "TINY-GUEST ready", timeout=120)  # the shell is up on the screen too
+    mark = log_size(ARTIFACTS / "console.log")
+    raw, _ = consoles.console_token_issue(machine=machine, user=operator)
+    ws = WsClient(console_proxy, f"/console/{machine.pk}?token={raw}")
+    serial_ws = WsClient(console_proxy, f"/serial/{machine.pk}?token={serial_token(machine, operator)}")
+    try:
+        assert ws.status == 101 and serial_ws.status == 101
+        assert rfb_open(ws)
+        session = ConsoleSession.objects.get(machine=machine, user=operator, kind="vnc", ended__isnull=True)
+        rfb_type(ws, "echo before-demotion-7 >/dev/console\n")
+        serial_log(machine.pk, "before-demotion-7", timeout=30)  # an operator's keys reach the guest
+
+        Membership.objects.filter(pk=membership.pk).update(role="viewer")
+        demoted = time.monotonic()
+        line = f"console session {session.pk} now view-only"
+        wait_for(lambda: line in log_since(ARTIFACTS / "console.log", mark), 6, 0.1, message="no view-only flip")
+        took = time.monotonic() - demoted
+        print(f"view-only {took:.1f} s after the role was lowered")
+        assert took < 5 and ConsoleSession.objects.get(pk=session.pk).view_only
+        rfb_type(ws, "echo after-demotion-7 >/dev/console\n")
+        ws.send(struct.pack(">BBHHHH", 3, 0, 0, 0, 64, 64))  # the screen still comes: a FramebufferUpdateRequest
+        assert ws.read(1, timeout=10) == b"\x00" and ws.close_reason is None  # ...answered by a FramebufferUpdate
+        time.sleep(3)  # the guest would have run it by now (an operator's echo shows within a second)
+        assert "after-demotion-7" not in serial_log(machine.pk, "before-demotion-7")
+        # The serial console needs the right to operate: that session was ended.
+        serial_ws.read_until(b"never", timeout=6)
+        closed = serial_ws.close_reason is not None or serial_ws.sock.recv(1) == b""
+        assert closed, "the serial session outlived the demotion"
+        ended = ConsoleSession.objects.get(machine=machine, user=operator, kind="serial")
+        log = log_since(ARTIFACTS / "console.log", mark)
+        assert f"session {ended.pk} ended: {consoles.SERIAL_NEEDS_OPERATE}" in log
+    finally:
+        ws.close()
+        serial_ws.close()
+
+
+@pytest.fixture
+def short_lived_console_proxy(django_db_setup):
+    """A second console proxy whose sessions live 3 s (PORTAL_CONSOLE_MAX_SESSION); yields (port, its log)."""
+    from django.conf import settings
+
+    from tests.conftest import _free_port, _stack_env, _stop, _wait_listening
+
+    port, log_path = _free_port(), ARTIFACTS / "console-short-lived.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "manage.py", "console_proxy", "--port", str(port)], cwd=settings.BASE_DIR,
+                                env={**_stack_env(), "PORTAL_CONSOLE_MAX_SESSION": "3"}, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        _wait_listening(proc, port, "console-short-lived")
+        yield port, log_path
+    finally:
+        _stop(proc)
+
+
+def test_a_session_ends_at_its_maximum_lifetime(iso_machine, short_lived_console_proxy):
+    port, log_path = short_lived_console_proxy
+    mark = log_size(log_path)
+    ws = WsClient(port, f"/console/{iso_machine.pk}?token={token_for(iso_machine)}")
+    try:
+        assert ws.status == 101 and rfb_open(ws)
+        opened = time.monotonic()
+        ws.read_until(b"never", timeout=15)  # the screen's updates, until the proxy closes
+        lived = time.monotonic() - opened
+        print(f"the session lived {lived:.1f} s")
+        assert 2.5 < lived < 7, lived  # 3 s, checked every 2 s
+        session = ConsoleSession.objects.filter(machine=iso_machine).latest("pk")
+        assert f"console session {session.pk} ended: its maximum lifetime of 3 s is over" in log_since(log_path, mark)
+        wait_for(lambda: ConsoleSession.objects.get(pk=session.pk).ended is not None, 10)
+    finally:
+        ws.close()
