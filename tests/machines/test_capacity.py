@@ -1,3 +1,5 @@
+from unittest import mock
+
 import pytest
 from django.core.exceptions import ValidationError
 
@@ -8,7 +10,15 @@ from tests.factories import HypervisorFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
-POOLS = [{"name": "default", "active": True, "capacity_bytes": 100 << 30, "allocation_bytes": 0, "available_bytes": 100 << 30}]
+POOLS = [
+    {
+        "name": "default",
+        "active": True,
+        "capacity_bytes": 100 << 30,
+        "allocation_bytes": 0,
+        "available_bytes": 100 << 30,
+    }
+]
 
 
 def hv(name, **kw):
@@ -52,7 +62,9 @@ def test_placement_picks_the_roomiest_and_says_why():
     small, big = hv("small", memory_mib=2048), hv("big", memory_mib=16384)
     fit = capacity.place(vcpus=1, memory_mib=1024, disk_gib=10, pool="default", image=None)
     assert fit.hypervisor == big and "placed on big: 16384 MiB memory" in fit.reason()
-    Machine.objects.create(name="x", owner=UserFactory(username="o"), hypervisor=big, deploy_type="network", memory_mib=15000)
+    Machine.objects.create(
+        name="x", owner=UserFactory(username="o"), hypervisor=big, deploy_type="network", memory_mib=15000
+    )
     assert capacity.place(vcpus=1, memory_mib=1024, disk_gib=10, pool="default", image=None).hypervisor == small
 
 
@@ -167,7 +179,9 @@ def test_a_project_quota_counts_extra_disks_too(lab):
     Membership.objects.create(project=project, user=user, role="admin")
     Quota.objects.create(user=user, disk_gib=5000)
     network_machine(user, lab, "p1", extra_disks=[124, 124, 124, 124], project=project)
-    with pytest.raises(ValidationError, match=r"project lab-team's quota: 994 GiB of disk of 600 allowed \(using 497\)"):
+    with pytest.raises(
+        ValidationError, match=r"project lab-team's quota: 994 GiB of disk of 600 allowed \(using 497\)"
+    ):
         network_machine(user, lab, "p2", extra_disks=[124, 124, 124, 124], project=project)
     network_machine(user, lab, "mine", extra_disks=[124, 124, 124, 124])  # outside the project: the user's quota
 
@@ -284,3 +298,36 @@ def test_the_create_form_passes_the_staff_override(client, lab):
     r = client.post("/machines/new/", {**form, "override_capacity": "on"})
     assert r.status_code == 302, r.content.decode()[:3000]
     assert Machine.objects.get(name="m1").events.filter(message__startswith="created over capacity on hv1").exists()
+
+
+def test_every_allocating_path_locks_in_one_order(lab):
+    """Project, then the user's quota, then the hypervisor (create) or the machine (grow, rebuild): one order,
+    so two requests never hold what the other waits for. (SQLite ignores the locks; PostgreSQL takes them.)"""
+    from django.db.models.query import QuerySet
+
+    from machines import services
+    from machines.models import Membership, Project
+
+    user = UserFactory(username="plain")
+    project = Project.objects.create(name="lab-team")
+    Membership.objects.create(project=project, user=user, role="admin")
+    locked: list[str] = []
+    real = QuerySet.select_for_update
+
+    def spy(self, *args, **kwargs):
+        locked.append(self.model.__name__)
+        return real(self, *args, **kwargs)
+
+    def order(names: list[str]) -> list[str]:  # the first time each row kind is locked
+        return [n for i, n in enumerate(names) if n not in names[:i]]
+
+    with mock.patch.object(QuerySet, "select_for_update", spy):
+        machine = network_machine(user, lab, "m1", project=project)
+        assert order(locked) == ["Project", "Quota", "Hypervisor"]
+        locked.clear()
+        services.machine_grow_disk(machine=_active(machine), disk_gib=2)
+        assert order(locked) == ["Project", "Quota", "Machine"]
+        locked.clear()
+        Machine.objects.filter(pk=machine.pk).update(status="active")
+        machine = network_machine(user, None, "m2", project=project)  # placed: every candidate, in id order
+        assert order(locked) == ["Project", "Quota", "Hypervisor"]
