@@ -89,6 +89,14 @@ def test_one_time_console_url_from_the_api_works_once_without_a_session(browser,
     assert "#" not in page.url  # the credential left the address bar and history
     wait_for(lambda: screen_drawn(page), 20)
     page.screenshot(path=str(ARTIFACTS / "browser-console-one-time-url.png"))
+    # Reconnect within the grace spends the same token again: the proxy lets it in only because the page
+    # kept the fragment's reconnect secret and offers it (a websocket subprotocol).
+    from machines.models import ConsoleSession
+
+    page.locator("#btn-reconnect").click()
+    wait_for(lambda: ConsoleSession.objects.filter(machine=running_iso).count() == 2, 15, message="no reconnect")
+    page.wait_for_function("window.portalConsole.state === 'connected'", timeout=15_000)
+    assert len({s.token_id for s in ConsoleSession.objects.filter(machine=running_iso)}) == 1
     context.close()
 
     # Used once: after the reconnect grace, opening the same URL again is refused.
