@@ -279,11 +279,14 @@ def test_the_api_takes_override_capacity_from_staff_only(client, lab, settings):
     assert Machine.objects.filter(hypervisor=small).count() == 1
 
 
-def test_the_create_form_offers_the_override_to_staff_only(lab):
+def test_the_create_form_offers_the_override_to_staff_only(client, lab):
     from machines.forms import MachineForm
 
-    assert "override_capacity" in MachineForm(user=UserFactory(username="boss", is_staff=True)).fields
-    assert "override_capacity" not in MachineForm(user=UserFactory(username="plain")).fields
+    for name, staff in (("boss", True), ("plain", False)):
+        user = UserFactory(username=name, is_staff=staff)
+        assert ("override_capacity" in MachineForm(user=user).fields) is staff
+        client.force_login(user)
+        assert ('name="override_capacity"' in client.get("/machines/new/").content.decode()) is staff
 
 
 def test_the_create_form_passes_the_staff_override(client, lab):
