@@ -144,6 +144,12 @@ def test_held_counts_the_main_disk_and_every_extra_disk_of_either_shape(lab):
     assert capacity.usage(user) == {"machines": 2, "vcpus": 3, "memory_mib": 1280, "disk_gib": 25}
     assert capacity.usage_by(Machine.objects.all(), "owner") == {user.pk: capacity.usage(user)}
     assert {r["key"]: r["used"] for r in capacity.usage_report(user)}["disk_gib"] == 25
+    # The database's sums and held() of each machine agree, whatever the grouping.
+    Machine.objects.create(name="c", owner=UserFactory(username="other"), hypervisor=lab, extra_disks=[{"size_gib": 2}])
+    each = [capacity.held_by(m) for m in Machine.objects.all()]
+    assert capacity.usage_of(Machine.objects.all()) == {k: sum(h[k] for h in each) for k in each[0]}
+    assert sum(u["disk_gib"] for u in capacity.usage_by(Machine.objects.all(), "owner").values()) == 25 + 10 + 2
+    assert capacity.usage_of(Machine.objects.none()) == {"machines": 0, "vcpus": 0, "memory_mib": 0, "disk_gib": 0}
 
 
 def test_the_dashboard_shows_what_the_machines_hold(client, lab):
