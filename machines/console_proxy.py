@@ -27,15 +27,21 @@ from websockify import websocketproxy, websocketserver
 
 from hypervisors.drivers import get_driver
 from hypervisors.drivers.base import HypervisorError
-from machines import consoles
+from machines import consoles, rfb
 from machines.consoles import ConsoleDenied
-from machines.rfb_filter import ViewOnlySocket, ViolatedProtocol
+from machines.rfb_filter import FilteredSocket, ViolatedProtocol
 
 log = logging.getLogger("portal.console")
 
 PATH_RE = re.compile(r"^/(console|serial)/(\d+)/?$")
 KINDS = {"console": "vnc", "serial": "serial"}
 WATCH_INTERVAL = 2.0  # seconds between checks that an open session is still allowed
+
+
+def _dial_host(host: str, machine) -> str:
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - listening everywhere: reach it at the console address
+        return machine.hypervisor.console_address
+    return host
 
 
 def vnc_target(machine) -> tuple[str, int]:
@@ -45,9 +51,42 @@ def vnc_target(machine) -> tuple[str, int]:
     if address is None:
         raise ConsoleDenied("the machine is not running (no VNC server)")
     host, port = address
-    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - listening everywhere: reach it at the console address
-        host = machine.hypervisor.console_address
-    return host, port
+    return _dial_host(host, machine), port
+
+
+_vnc_locks: dict[int, threading.Lock] = {}
+_vnc_locks_lock = threading.Lock()
+
+
+def _vnc_lock(machine_id: int) -> threading.Lock:
+    """One lock per machine: a session's password rotation and its authentication happen under it, so two
+    sessions starting at once cannot invalidate each other's password."""
+    with _vnc_locks_lock:
+        return _vnc_locks.setdefault(machine_id, threading.Lock())
+
+
+def vnc_connect(machine) -> socket.socket:
+    """A socket to the machine's VNC server, authenticated by the proxy and ready for the client's
+    ClientInit: the hypervisor gives the server a fresh password for a few seconds (and says where it
+    listens now: ports are reused), and the proxy answers the server's challenge with it. The password is
+    never stored, logged or sent to the browser."""
+    with _vnc_lock(machine.pk):
+        with get_driver(machine.hypervisor.uri) as driver:
+            opened = driver.vnc_open(str(machine.uuid))
+        if opened is None:
+            raise ConsoleDenied("the machine is not running (no VNC server)")
+        host, port, password = opened
+        tsock = socket.create_connection((_dial_host(host, machine), port), timeout=10)
+        try:
+            tsock.setsockopt(socket.SOL_TCP, socket.TCP_NODELAY, 1)
+            security = rfb.authenticate_to_server(rfb.SocketChannel(tsock), password)
+        except BaseException:
+            tsock.close()
+            raise
+    if security != rfb.SEC_VNC:
+        log.warning("machine %s (%s): its VNC server accepts clients without a password (defined before the "
+                    "portal set them); it gets one at its next cold start", machine.pk, machine.domain_name)  # fmt: skip
+    return tsock
 
 
 class ConsoleHandler(websocketproxy.ProxyRequestHandler):
@@ -59,6 +98,10 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
         self.view_only = False
         self.take_over = False  # serial: disconnect whoever has the port (the page's Reconnect, Take over)
         self.proxied = False
+        # A graphical session's socket to the VNC server as websockify writes to it: a FilteredSocket
+        # (machines/rfb_filter.py). Setting its `view_only` from another thread takes effect at the client's
+        # next message.
+        self.filter_socket = None
         super().__init__(*args, **kwargs)
 
     # Logging: never the query string (it holds the token).
@@ -116,24 +159,37 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
         if self.kind == "serial":
             with get_driver(self.machine.hypervisor.uri) as driver:
                 return driver.serial_console(str(self.machine.uuid), take_over=self.take_over)
-        tsock = socket.create_connection(self.target, timeout=10)
-        tsock.setsockopt(socket.SOL_TCP, socket.TCP_NODELAY, 1)
-        return tsock
+        return vnc_connect(self.machine)
+
+    def _accept_vnc_client(self) -> None:
+        """The browser's side of the RFB handshake (security None; the proxy authenticated to the server);
+        what the browser sent beyond it is the start of its messages, and goes through the filter."""
+        channel = rfb.FramesChannel(self)
+        rfb.accept_client(channel)
+        if channel.leftover:
+            self.filter_socket.send(channel.leftover)
 
     def new_websocket_client(self):
         self.proxied = True
         try:
             tsock = self._connect_target()
-        except Exception as e:  # OSError, HypervisorError, or anything the driver did not expect
+        except Exception as e:  # OSError, HypervisorError, RFB errors, or anything the driver did not expect
             consoles.console_session_close(self.session_id)
             log.warning("console session %s: cannot reach the %s console: %s", self.session_id, self.kind, e)
             raise self.CClose(1011, f"cannot reach the console: {getattr(e, 'strerror', None) or e}"[:120]) from None
         tsock.settimeout(None)
+        # Every graphical session's client messages go through the filter, from the client's ClientInit on;
+        # the session watcher flips its view_only when the user's role is lowered. (Serial: never view-only.)
+        target = FilteredSocket(tsock, view_only=self.view_only) if self.kind == "vnc" else tsock
+        self.filter_socket = target
         stop = threading.Event()
         threading.Thread(target=self._watch, args=(tsock, stop), daemon=True).start()
-        target = ViewOnlySocket(tsock) if self.view_only else tsock  # (serial sessions are never view-only)
         try:
+            if self.kind == "vnc":
+                self._accept_vnc_client()
             self.do_proxy(target)
+        except rfb.PeerClosed as e:
+            log.info("console session %s ended: %s", self.session_id, e)
         except ViolatedProtocol as e:
             log.warning("console session %s closed: %s", self.session_id, e)
         finally:

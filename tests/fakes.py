@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hypervisors.drivers.base import HypervisorDriver, HypervisorFatalError, PowerState, VolumeInfo
+from hypervisors.drivers.domxml import new_vnc_password
 
 
 @dataclass
@@ -80,7 +81,8 @@ class FakeDriver(HypervisorDriver):
         self._hit("define_domain")
         if spec.uuid in self.host.domains:
             return False
-        self.host.domains[spec.uuid] = {"spec": spec, "state": PowerState.OFF, "autostart": False}
+        self.host.domains[spec.uuid] = {"spec": spec, "state": PowerState.OFF, "autostart": False,
+                                        "vnc_config_protected": True, "vnc_protected": False}  # fmt: skip
         return True
 
     def _dom(self, uuid):
@@ -108,7 +110,41 @@ class FakeDriver(HypervisorDriver):
 
     def start(self, uuid):
         self._hit("start")
-        self._dom(uuid)["state"] = PowerState.RUNNING
+        dom = self._dom(uuid)
+        if dom["state"] != PowerState.RUNNING:  # a cold start: like the real driver, it protects VNC first
+            self.vnc_protect(uuid)
+            dom["vnc_protected"] = dom["vnc_config_protected"]
+        dom["state"] = PowerState.RUNNING
+
+    # VNC, as the libvirt driver does it: a domain carries "vnc_config_protected" (its persistent config has a
+    # password), "vnc_protected" (the running server asks for one), "vnc_address" and the live "vnc_password".
+    def vnc_address(self, uuid):
+        dom = self.host.domains.get(uuid)
+        if not dom or dom["state"] != PowerState.RUNNING:
+            return None
+        return dom.get("vnc_address", ("127.0.0.1", 5900))
+
+    def vnc_open(self, uuid, *, valid_for=15.0):
+        self._hit("vnc_open")
+        address = self.vnc_address(uuid)
+        if address is None:
+            return None
+        dom = self.host.domains[uuid]
+        if not dom.get("vnc_protected", True):
+            return (*address, "")
+        dom["vnc_password"] = new_vnc_password()
+        return (*address, dom["vnc_password"])
+
+    def vnc_protect(self, uuid):
+        dom = self._dom(uuid)
+        if dom.get("vnc_config_protected", True):
+            return False
+        dom["vnc_config_protected"] = True
+        return True
+
+    def vnc_unprotected(self):
+        return {u for u, d in self.host.domains.items()
+                if d["state"] == PowerState.RUNNING and not d.get("vnc_protected", True)}  # fmt: skip
 
     def shutdown(self, uuid):
         self._dom(uuid)["state"] = PowerState.OFF
@@ -116,7 +152,11 @@ class FakeDriver(HypervisorDriver):
     power_off = shutdown
 
     def reboot(self, uuid):
-        self._dom(uuid)["state"] = PowerState.RUNNING
+        dom = self._dom(uuid)
+        if dom["state"] != PowerState.RUNNING:  # off: a cold start, as in start()
+            self.vnc_protect(uuid)
+            dom["vnc_protected"] = dom["vnc_config_protected"]
+        dom["state"] = PowerState.RUNNING
 
     reset = reboot
 

@@ -144,6 +144,7 @@ class DomainSpec:
     disks: tuple[DiskSpec, ...] = ()
     nics: tuple[NicSpec, ...] = ()
     vnc_listen: str = "127.0.0.1"
+    vnc_password: str = ""  # empty: a random one (it starts expired; the console proxy sets its own per session)
     serial_log: str = ""  # file the serial console is also written to
     boot_devices: tuple[str, ...] = ()  # e.g. ("network", "hd"): <os><boot dev>, instead of per-device order
     bios_serial: bool = False  # firmware and option ROM (iPXE) output on the serial console too

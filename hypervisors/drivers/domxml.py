@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
+import secrets
+import string
 import xml.etree.ElementTree as ET
 
 from hypervisors.drivers.base import PORTAL_METADATA_NS, DiskSpec, DomainSpec, NicSpec
 
 GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
+VNC_EXPIRED_AT = "2000-01-01T00:00:00"  # a passwdValidTo in the past: QEMU starts with the password expired
+VNC_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"  # libvirt's passwdValidTo, in UTC
 _DEV_PREFIX = {"virtio": "vd", "ide": "hd", "sata": "sd", "scsi": "sd"}
 
 
@@ -166,7 +170,10 @@ def build_domain_xml(spec: DomainSpec) -> str:
     # For a QEMU guest agent, if the guest runs one: its addresses, and libvirt marks the channel connected.
     agent = _sub(devices, "channel", type="unix")
     _sub(agent, "target", type="virtio", name=GUEST_AGENT_CHANNEL)
-    graphics = _sub(devices, "graphics", type="vnc", port="-1", autoport="yes", listen=spec.vnc_listen)
+    # VNC always asks for a password, expired from the start: the console proxy sets a fresh one for a few
+    # seconds when a session starts (machines/console_proxy.py), so nobody else can ever pass it.
+    graphics = _sub(devices, "graphics", type="vnc", port="-1", autoport="yes", listen=spec.vnc_listen,
+                    passwd=spec.vnc_password or new_vnc_password(), passwdValidTo=VNC_EXPIRED_AT)  # fmt: skip
     _sub(graphics, "listen", type="address", address=spec.vnc_listen)
     video = _sub(devices, "video")
     _sub(video, "model", type=spec.video)
@@ -262,6 +269,39 @@ def merge_addresses(*reports: dict) -> dict[str, list[str]]:
                 prefix = a.get("prefix") or 0
                 have.append(f"{ip}/{prefix}" if prefix else str(ip))
     return {mac: addrs for mac, addrs in found.items() if addrs}
+
+
+def new_vnc_password() -> str:
+    """A random VNC password: 8 characters, all VNC authentication uses."""
+    alphabet = string.ascii_letters + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def vnc_graphics(xml: str) -> ET.Element | None:
+    """The VNC graphics element of a domain's XML, if any."""
+    return ET.fromstring(xml).find("devices/graphics[@type='vnc']")
+
+
+def vnc_protected(xml: str) -> bool:
+    """Whether the domain's VNC server (if it has one) asks for a password. Needs XML read with
+    VIR_DOMAIN_XML_SECURE: without it libvirt leaves the password out."""
+    graphics = vnc_graphics(xml)
+    return graphics is None or bool(graphics.get("passwd"))
+
+
+def with_vnc_password(xml: str, password: str, valid_to: str, *, whole: bool = False) -> str | None:
+    """The domain's VNC graphics element alone (for updateDeviceFlags), or the whole domain (`whole`, for a
+    redefine), with this password valid until `valid_to` (UTC, libvirt's format); None without VNC."""
+    root = ET.fromstring(xml)
+    graphics = root.find("devices/graphics[@type='vnc']")
+    if graphics is None:
+        return None
+    graphics.set("passwd", password)
+    graphics.set("passwdValidTo", valid_to)
+    if whole:
+        return ET.tostring(root, encoding="unicode")
+    graphics.tail = None
+    return ET.tostring(graphics, encoding="unicode")
 
 
 def parse_vnc(xml: str) -> tuple[str, int] | None:

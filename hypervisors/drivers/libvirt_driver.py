@@ -15,6 +15,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
@@ -35,15 +36,20 @@ from hypervisors.drivers.base import (
 )
 from hypervisors.drivers.domxml import (
     GUARD_PREFIX,
+    VNC_EXPIRED_AT,
+    VNC_TIME_FORMAT,
     agent_connected,
     build_domain_xml,
     cdrom_xml,
     guard_name,
     merge_addresses,
+    new_vnc_password,
     parse_node_device,
     parse_vnc,
+    vnc_protected,
     volume_xml,
     with_boot_first,
+    with_vnc_password,
 )
 
 log = logging.getLogger(__name__)
@@ -51,6 +57,7 @@ log = logging.getLogger(__name__)
 KEEPALIVE_INTERVAL = 5  # seconds between keepalive probes
 KEEPALIVE_COUNT = 3  # unanswered probes before libvirt closes the connection
 CONNECT_TIMEOUT = 8.0  # seconds to reach a remote hypervisor's port
+VNC_PASSWORD_VALID_FOR = 15.0  # seconds a console session's VNC password works (the proxy uses it at once)
 
 # Default ports per transport, for the reachability check before libvirt.open().
 TRANSPORT_PORTS = {"ssh": 22, "tcp": 16509, "tls": 16514, "libssh": 22, "libssh2": 22}
@@ -609,13 +616,19 @@ class LibvirtDriver(HypervisorDriver):
         return self._call(lambda conn: {d.UUIDString(): _STATES.get(d.state()[0], PowerState.UNKNOWN)
                                         for d in conn.listAllDomains(0)})  # fmt: skip
 
-    def domain_xml(self, uuid: str, *, inactive: bool = False) -> str:
-        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+    def domain_xml(self, uuid: str, *, inactive: bool = False, secure: bool = False) -> str:
+        """The domain's XML; `secure` includes secrets such as the VNC password (never show or log it)."""
+        flags = (libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0) | (libvirt.VIR_DOMAIN_XML_SECURE if secure else 0)
         return self._with_dom(uuid, lambda dom: dom.XMLDesc(flags))
+
+    def _cold_start(self, dom: libvirt.virDomain) -> None:
+        """Start a domain that is off; one defined before the portal set VNC passwords gets one first."""
+        self._vnc_protect(dom)
+        dom.create()
 
     def start(self, uuid: str) -> None:
         """Start the domain; no-op if it runs."""
-        self._with_dom(uuid, lambda dom: None if dom.isActive() else dom.create())
+        self._with_dom(uuid, lambda dom: None if dom.isActive() else self._cold_start(dom))
 
     def shutdown(self, uuid: str) -> None:
         """Ask the guest to shut down (ACPI); no-op if off."""
@@ -627,11 +640,11 @@ class LibvirtDriver(HypervisorDriver):
 
     def reboot(self, uuid: str) -> None:
         """Ask the guest to reboot (ACPI)."""
-        self._with_dom(uuid, lambda dom: dom.reboot(0) if dom.isActive() else dom.create())
+        self._with_dom(uuid, lambda dom: dom.reboot(0) if dom.isActive() else self._cold_start(dom))
 
     def reset(self, uuid: str) -> None:
         """Press the reset button."""
-        self._with_dom(uuid, lambda dom: dom.reset(0) if dom.isActive() else dom.create())
+        self._with_dom(uuid, lambda dom: dom.reset(0) if dom.isActive() else self._cold_start(dom))
 
     def set_autostart(self, uuid: str, enabled: bool) -> None:
         self._with_dom(uuid, lambda dom: dom.setAutostart(1 if enabled else 0))
@@ -733,6 +746,7 @@ class LibvirtDriver(HypervisorDriver):
             dom = self._dom(conn, uuid)
             if dom is None:
                 raise HypervisorFatalError(f"domain {uuid} does not exist on this hypervisor")
+            self._vnc_protect(dom)  # a cold start: one without a VNC password gets one (SECURE keeps it below)
             original = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
             conn.defineXML(with_boot_first(original, target))
             try:
@@ -752,6 +766,67 @@ class LibvirtDriver(HypervisorDriver):
             if dom is None or not dom.isActive():
                 return None
             return parse_vnc(dom.XMLDesc(0))
+
+        return self._call(run)
+
+    def vnc_open(self, uuid: str, *, valid_for: float = VNC_PASSWORD_VALID_FOR) -> tuple[str, int, str] | None:
+        """Give the running domain's VNC server a fresh random password, valid for `valid_for` seconds, and
+        return (host, port, password); None when off or without VNC. The previous password stops working at
+        once; sessions already authenticated go on. A domain whose VNC server has no password (defined before
+        the portal set them; QEMU cannot add one live) gives an empty password."""
+
+        def run(conn):
+            dom = self._dom(conn, uuid)
+            if dom is None or not dom.isActive():
+                return None
+            xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)
+            address = parse_vnc(xml)
+            if address is None:
+                return None
+            if not vnc_protected(xml):
+                return (*address, "")
+            password = new_vnc_password()
+            valid_to = (datetime.now(UTC) + timedelta(seconds=valid_for)).strftime(VNC_TIME_FORMAT)
+            dom.updateDeviceFlags(with_vnc_password(xml, password, valid_to), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            return (*address, password)
+
+        return self._call(run)
+
+    def vnc_protect(self, uuid: str) -> bool:
+        """Give the domain's persistent config a VNC password (expired: the console proxy sets its own) if it
+        has none, so the next cold start asks for one. True if it was added now; a running VNC server keeps
+        what it started with until then. No-op (False) when it has one already, or no VNC."""
+        return self._with_dom(uuid, self._vnc_protect)
+
+    @staticmethod
+    def _vnc_protect(dom: libvirt.virDomain) -> bool:
+        xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+        if vnc_protected(xml):
+            return False
+        password = new_vnc_password()
+        try:
+            dom.updateDeviceFlags(with_vnc_password(xml, password, VNC_EXPIRED_AT), libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() not in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_OPERATION_UNSUPPORTED):
+                raise
+            # Drivers that cannot update a device (test://): redefine, from the XML read with SECURE.
+            dom.connect().defineXML(with_vnc_password(xml, password, VNC_EXPIRED_AT, whole=True))
+        log.info("domain %s: VNC password added to its persistent config", dom.UUIDString())
+        return True
+
+    def vnc_unprotected(self) -> set[str]:
+        """UUIDs of the running domains whose VNC server accepts clients without a password."""
+
+        def run(conn):
+            found = set()
+            for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                try:
+                    if not vnc_protected(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)):
+                        found.add(dom.UUIDString())
+                except libvirt.libvirtError as e:
+                    if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:  # stopped or undefined meanwhile
+                        raise
+            return found
 
         return self._call(run)
 
