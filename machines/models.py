@@ -70,6 +70,9 @@ class Machine(models.Model):
     power_checked = models.DateTimeField(null=True, blank=True)
     guest_addresses = models.JSONField(default=dict, blank=True, editable=False,
                                        help_text="MAC -> the addresses the running guest was last seen with.")  # fmt: skip
+    console_unprotected = models.BooleanField(default=False, editable=False,
+                                              help_text="Its running VNC server asks no password (defined before the "
+                                                        "portal set them): fixed at its next cold start.")  # fmt: skip
     operation = models.CharField(max_length=16, blank=True, help_text="The power action in progress, if any.")
     operation_started = models.DateTimeField(null=True, blank=True)
     attempts = models.PositiveSmallIntegerField(default=0)

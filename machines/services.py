@@ -610,7 +610,8 @@ def hypervisor_reconcile_run(hypervisor_id: int) -> None:
 
 
 def _reconcile_power(hv: Hypervisor) -> None:
-    """Power states of the hypervisor's machines, and the addresses of those that run."""
+    """Power states of the hypervisor's machines, the addresses of those that run, and which run a VNC
+    server that asks no password (defined before the portal set them; fixed at their next cold start)."""
     machines = list(hv.machines.exclude(status__in=[Status.NEW, Status.PROVISIONING, Status.DELETING]))
     addresses = {}
     try:
@@ -634,9 +635,52 @@ def _reconcile_power(hv: Hypervisor) -> None:
         mine = Machine.objects.filter(pk=machine.pk)
         if new != machine.power_state:
             # Only over the state read above: a power action that ended meanwhile wrote a newer one.
+            unprotected = driver.vnc_unprotected()
             if mine.filter(power_state=machine.power_state).update(power_state=new) and new == PowerState.MISSING:
                 machine.log("reconcile", "the domain vanished from the hypervisor", level="warning")
-        mine.update(power_checked=now, guest_addresses=addresses.get(machine.pk, {}))
+        open_console = str(machine.uuid) in unprotected
+        if open_console and not machine.console_unprotected:
+            machine.log("reconcile", "its VNC server asks no password (the machine was started before the portal "
+                        "set them); it gets one at its next cold start", level="warning")  # fmt: skip
+        mine.update(power_checked=now, guest_addresses=addresses.get(machine.pk, {}), console_unprotected=open_console)
+    running = sum(states.get(str(m.uuid)) == PowerState.RUNNING for m in machines)
+    without = sum(str(m.uuid) in unprotected for m in machines)
+    (log.warning if without else log.info)("reconcile %s: %d machines, %d running, %d with a console that asks no "
+                                           "password", hv.name, len(machines), running, without)  # fmt: skip
+
+
+def console_auth_upgrade() -> list[Hypervisor]:
+    """Queue, for every machine, a VNC password in its domain's persistent config (machines defined before
+    the portal set them). Running ones keep what they started with until their next cold start."""
+    hypervisors = list(Hypervisor.objects.filter(machines__isnull=False).distinct())
+    for hv in hypervisors:
+        _enqueue("console_auth_upgrade_task", hv.pk)
+    return hypervisors
+
+
+def console_auth_upgrade_run(hypervisor_id: int) -> dict[str, int]:
+    """Worker: give every machine of the hypervisor a VNC password for its next start, then reconcile
+    (which records those still running without one). Returns counts: added, had one, missing, running
+    without one until their next cold start."""
+    hv = Hypervisor.objects.get(pk=hypervisor_id)
+    counts = {"added": 0, "had": 0, "missing": 0, "running_unprotected": 0}
+    machines = list(hv.machines.exclude(status__in=[Status.NEW, Status.PROVISIONING, Status.DELETING]))
+    with get_driver(hv.uri) as driver:
+        unprotected = driver.vnc_unprotected()
+        for machine in machines:
+            try:
+                added = driver.vnc_protect(str(machine.uuid))
+            except HypervisorFatalError:  # no domain (vanished, or a failed machine)
+                counts["missing"] += 1
+                continue
+            counts["added" if added else "had"] += 1
+            if added:
+                machine.log("console", "VNC password added to the domain's config; it takes effect at the next cold start")
+            if str(machine.uuid) in unprotected:
+                counts["running_unprotected"] += 1
+    log.info("console auth upgrade on %s: %s", hv.name, ", ".join(f"{k} {v}" for k, v in counts.items()))
+    _reconcile_power(hv)
+    return counts
 
 
 @audited("machine.protection", obj_kwarg="machine")

@@ -86,3 +86,10 @@ def hypervisor_reconcile_task(hypervisor_id: int) -> None:
     from machines.services import hypervisor_reconcile_run
 
     hypervisor_reconcile_run(hypervisor_id)
+
+
+@db_task()
+def console_auth_upgrade_task(hypervisor_id: int) -> None:
+    from machines.services import console_auth_upgrade_run
+
+    console_auth_upgrade_run(hypervisor_id)
