@@ -1,7 +1,9 @@
+from django import forms
 from django.contrib import admin, messages
 
 from hypervisors import services
-from hypervisors.models import Hypervisor, Image
+from hypervisors.models import PUBLISHABLE_MODES, Hypervisor, Image, PublishedNetwork
+from portal import audit
 
 
 @admin.register(Hypervisor)
@@ -57,3 +59,77 @@ class ImageAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False  # uploads and imports go through the portal's image page or the API
+
+
+class PublishedNetworkForm(forms.ModelForm):
+    """macvtap modes as boxes (passthrough is not among them) and VLAN tags as a list of numbers."""
+
+    modes = forms.MultipleChoiceField(label="macvtap modes", required=False, widget=forms.CheckboxSelectMultiple,
+                                      choices=[(m, m) for m in PUBLISHABLE_MODES],
+                                      help_text="Host interfaces only. passthrough hands the host's interface to one "
+                                                "guest: it stays staff-only and cannot be published.")  # fmt: skip
+    vlans = forms.CharField(label="VLAN tags", required=False,
+                            help_text="Host bridges and interfaces only: tags users may set, separated by spaces or "
+                                      "commas (e.g. 100 101). Empty: none.")  # fmt: skip
+
+    class Meta:
+        model = PublishedNetwork
+        fields = ["hypervisor", "kind", "source", "modes", "vlans", "untagged", "everyone", "projects", "note"]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.instance.pk:
+            self.initial["vlans"] = " ".join(str(v) for v in self.instance.vlans)
+
+    def clean_vlans(self) -> list[int]:
+        words = self.cleaned_data["vlans"].replace(",", " ").split()
+        if not all(w.isdigit() for w in words):
+            raise forms.ValidationError("Give VLAN tags as whole numbers from 1 to 4094, e.g. 100 101.")
+        return [int(w) for w in words]
+
+    def clean(self):
+        data = super().clean()
+        if data.get("everyone") and data.get("projects"):
+            self.add_error("projects", "Published to everyone already includes every project; choose one of the two.")
+        elif not data.get("everyone") and not data.get("projects"):
+            self.add_error("everyone", "Publish it to everyone or to some projects; otherwise nobody may use it.")
+        return data
+
+
+@admin.register(PublishedNetwork)
+class PublishedNetworkAdmin(admin.ModelAdmin):
+    """Host networks opened to users who are not staff (machines.nic_policy applies them)."""
+
+    form = PublishedNetworkForm
+    list_display = ["source", "kind", "hypervisor", "modes", "vlans", "untagged", "everyone", "project_names", "updated"]  # fmt: skip
+    list_filter = ["kind", "hypervisor", "everyone", "projects"]
+    search_fields = ["source", "note", "hypervisor__name", "projects__name"]
+    filter_horizontal = ["projects"]
+
+    @admin.display(description="projects")
+    def project_names(self, obj) -> str:
+        return ", ".join(p.name for p in obj.projects.all()) or "–"
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("hypervisor").prefetch_related("projects")
+
+    def save_related(self, request, form, formsets, change):
+        super().save_related(request, form, formsets, change)  # the projects are saved here, after the row
+        obj = form.instance
+        changes = ", ".join(f"{f}={_shown(form.cleaned_data.get(f))}" for f in form.changed_data)
+        audit.record("network.publish_update" if change else "network.publish", obj, request=request, detail=changes)
+
+    def delete_model(self, request, obj):
+        audit.record("network.unpublish", obj, request=request, detail=str(obj))
+        super().delete_model(request, obj)
+
+    def delete_queryset(self, request, queryset):
+        for obj in queryset:
+            audit.record("network.unpublish", obj, request=request, detail=str(obj))
+        super().delete_queryset(request, queryset)
+
+
+def _shown(value) -> str:
+    if hasattr(value, "all"):  # the projects
+        return "[" + ", ".join(str(p) for p in value.all()) + "]"
+    return str(value)

@@ -208,3 +208,86 @@ class ImageCopy(models.Model):
 
     def __str__(self) -> str:
         return f"{self.image} on {self.hypervisor}/{self.pool}"
+
+
+class NicKind(models.TextChoices):
+    """The kinds of host network a NIC can be put on (user-mode is not one: it is never published)."""
+
+    NETWORK = "network", "libvirt network"
+    BRIDGE = "bridge", "host bridge"
+    DIRECT = "direct", "host interface (macvtap)"
+
+
+# macvtap modes staff may open to users. "passthrough" hands the host's interface to the guest: staff only.
+PUBLISHABLE_MODES = ("bridge", "vepa", "private")
+SOURCE_NAME = RegexValidator(
+    r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$", "A network or interface name: letters, digits, '_', '.', ':' and '-'."
+)
+
+
+class PublishedNetwork(models.Model):
+    """A host network that staff open to users who are not staff.
+
+    Libvirt networks, host bridges, host interfaces (macvtap) and VLAN tags are the hypervisor's own:
+    only staff put machines on them, unless a row here publishes one, to everyone or to projects (the
+    machines created in those projects), with the macvtap modes and VLAN tags allowed. The tenant
+    network (PORTAL_TENANT_NETWORK) needs no row: it is for everyone on every hypervisor that has it.
+    """
+
+    hypervisor = models.ForeignKey(Hypervisor, null=True, blank=True, on_delete=models.CASCADE,
+                                   related_name="published_networks",
+                                   help_text="Empty: every hypervisor that has a network or interface of this name.")  # fmt: skip
+    kind = models.CharField(max_length=8, choices=NicKind.choices)
+    source = models.CharField(max_length=100, validators=[SOURCE_NAME],
+                              help_text="The libvirt network, host bridge or host interface, as the hypervisor names it.")  # fmt: skip
+    modes = models.JSONField("macvtap modes", default=list, blank=True,
+                             help_text="Host interfaces only: bridge, vepa, private. passthrough is never published.")  # fmt: skip
+    vlans = models.JSONField("VLAN tags", default=list, blank=True,
+                             help_text="Tags users may set (host bridges and interfaces only); empty: none.")  # fmt: skip
+    untagged = models.BooleanField("also untagged", default=True,
+                                   help_text="Users may also attach without a VLAN tag (the native network).")  # fmt: skip
+    everyone = models.BooleanField("to everyone", default=False, help_text="Every user's machines may use it.")
+    projects = models.ManyToManyField("machines.Project", blank=True, related_name="published_networks",
+                                      help_text="Or only machines created in these projects.")  # fmt: skip
+    note = models.CharField(max_length=200, blank=True, help_text="What it is, for staff (e.g. the lab VLAN).")
+    created = models.DateTimeField(auto_now_add=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["kind", "source", "pk"]
+        verbose_name = "published network"
+
+    def __str__(self) -> str:
+        where = self.hypervisor.name if self.hypervisor_id else "any hypervisor"
+        return f"{self.get_kind_display()} {self.source} on {where}"
+
+    def clean(self) -> None:
+        from django.conf import settings
+        from django.core.exceptions import ValidationError
+
+        errors = {}
+        modes = self.modes if isinstance(self.modes, list) else None
+        if modes is None or not all(isinstance(m, str) for m in modes):
+            errors["modes"] = 'A list of macvtap modes, e.g. ["bridge"].'
+        elif "passthrough" in modes:
+            errors["modes"] = ("passthrough hands the host's interface over to one guest; it stays staff-only and "
+                               "cannot be published.")  # fmt: skip
+        elif set(modes) - set(PUBLISHABLE_MODES):
+            errors["modes"] = f"macvtap modes are {', '.join(PUBLISHABLE_MODES)}."
+        elif self.kind == NicKind.DIRECT and not modes:
+            errors["modes"] = "Allow at least one macvtap mode (bridge keeps guests off the host itself)."
+        elif self.kind != NicKind.DIRECT and modes:
+            errors["modes"] = "macvtap modes go with a host interface."
+        vlans = self.vlans if isinstance(self.vlans, list) else None
+        if vlans is None or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4094 for v in vlans):
+            errors["vlans"] = "VLAN tags are whole numbers from 1 to 4094."
+        elif vlans and self.kind == NicKind.NETWORK:
+            errors["vlans"] = "VLAN tags go with a host bridge or a host interface; a libvirt network sets its own."
+        elif not vlans and not self.untagged:
+            errors["untagged"] = "Allow untagged use or give VLAN tags; otherwise nothing is published."
+        if self.kind == NicKind.NETWORK and self.source == settings.PORTAL_TENANT_NETWORK:
+            errors["source"] = f"The tenant network {self.source} is already for everyone; it needs no publishing."
+        if errors:
+            raise ValidationError(errors)
+        self.modes = [m for m in PUBLISHABLE_MODES if m in modes]
+        self.vlans = sorted(set(vlans))

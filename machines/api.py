@@ -75,7 +75,10 @@ class MachineSerializer(serializers.ModelSerializer):
                                           help_text="A regular expression: the first free matching host device.")  # fmt: skip
     project = serializers.SlugRelatedField(slug_field="name", queryset=Project.objects.all(), required=False,
                                            allow_null=True, help_text="Project name; you must be its admin.")  # fmt: skip
-    nics = NicSerializer(many=True, required=False)
+    nics = NicSerializer(many=True, required=False,
+                         help_text="Left out: the tenant network (PORTAL_TENANT_NETWORK) where the hypervisor has it, "
+                                   "else for users who are not staff the first network published to them, else none. "
+                                   "Users who are not staff may use only the tenant network and published networks.")  # fmt: skip
     override_capacity = serializers.BooleanField(write_only=True, required=False, default=False,
                                                  help_text="Staff, with a named hypervisor: create it even where the "
                                                            "host has no room (recorded in the audit trail).")  # fmt: skip
@@ -111,7 +114,8 @@ class MachineSerializer(serializers.ModelSerializer):
         return EventSerializer(reversed(list(events)), many=True).data
 
     def create(self, validated):
-        nics = [services.NicInput(**n) for n in validated.pop("nics", [])]
+        # Left out: the default NIC (the tenant network where the hypervisor has it); [] means none.
+        nics = [services.NicInput(**n) for n in validated.pop("nics")] if "nics" in validated else None
         validated.setdefault("hypervisor", None)
         try:
             return services.machine_create(owner=self.context["request"].user, nics=nics, **validated)

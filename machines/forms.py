@@ -5,6 +5,7 @@ from django import forms
 from django.urls import reverse
 
 from hypervisors.models import Hypervisor, HypervisorStatus, Image, ImageKind, ImageStatus
+from machines import nic_policy
 from machines.access import project_choices
 from machines.models import Machine, Project
 from machines.services import may_take_host_devices
@@ -65,6 +66,19 @@ class Offer:
         )
 
 
+_NIC_NAMES = {"user:": "user-mode NAT", "": "no network"}
+
+
+class HostChoiceField(forms.ChoiceField):
+    """Shows what the user may pick, and accepts whatever the hypervisor has: the service, which is the
+    authority, then refuses the rest naming the rule (not a bare "Select a valid choice")."""
+
+    accepted: frozenset[str] = frozenset()
+
+    def valid_value(self, value) -> bool:
+        return str(value) in self.accepted or super().valid_value(value)
+
+
 def _device_label(d: dict) -> str:
     ids = f"{d.get('vendor', '')[2:]}:{d.get('product', '')[2:]}".strip(":")
     return f"{d['name']} · {d.get('description') or d.get('type', '').upper()} ({ids})" if ids else d["name"]
@@ -88,11 +102,10 @@ class MachineForm(forms.ModelForm):
     extra_isos = forms.ModelMultipleChoiceField(queryset=Image.objects.none(), required=False, label="Extra ISOs",
                                                 help_text="ISO machines only: more CD-ROMs, e.g. drivers (up to 3).")  # fmt: skip
     pool = forms.ChoiceField(label="Storage pool", initial="default")
-    nic = forms.ChoiceField(label="Network", initial="user:", required=False, widget=forms.Select(attrs={"class": "form-select"}),
-                            help_text="User-mode needs no set-up on the hypervisor (the guest gets 10.0.2.15 behind NAT).")  # fmt: skip
+    nic = HostChoiceField(label="Network", required=False, widget=forms.Select(attrs={"class": "form-select"}))
     nic_model = forms.ChoiceField(label="NIC model", choices=NIC_MODELS, initial="virtio", required=False)
-    nic_mode = forms.ChoiceField(label="macvtap mode", choices=MACVTAP_MODES, initial="bridge", required=False,
-                                 help_text="Host interfaces only. In bridge mode guests reach each other, not the host.")  # fmt: skip
+    nic_mode = HostChoiceField(label="macvtap mode", choices=MACVTAP_MODES, initial="bridge", required=False,
+                               help_text="Host interfaces only. In bridge mode guests reach each other, not the host.")  # fmt: skip
     nic_vlan = forms.IntegerField(label="VLAN tag", required=False, min_value=1, max_value=4094,
                                   help_text="Host bridges (Open vSwitch) and interfaces only.")  # fmt: skip
     nic_mac = forms.CharField(label="MAC address", required=False, help_text="Leave empty to generate one.")
@@ -154,9 +167,10 @@ class MachineForm(forms.ModelForm):
         online = Hypervisor.objects.filter(enabled=True, status=HypervisorStatus.ONLINE)
         self.fields["hypervisor"].queryset = online
         # Picking another hypervisor brings back the form with its choices (machines:form-fields).
-        self.fields["hypervisor"].widget.attrs.update({"class": "form-select", "hx-post": reverse("machines:form-fields"),
-                                                       "hx-trigger": "change", "hx-include": "#machine-form",
-                                                       "hx-target": "#form-body", "hx-swap": "outerHTML"})  # fmt: skip
+        redraw = {"hx-post": reverse("machines:form-fields"), "hx-trigger": "change", "hx-include": "#machine-form",
+                  "hx-target": "#form-body", "hx-swap": "outerHTML"}  # fmt: skip
+        self.fields["hypervisor"].widget.attrs.update({"class": "form-select", **redraw})
+        self.fields["project"].widget.attrs.update(redraw)  # networks published to a project follow it
         chosen = self._chosen(online)
         self.offer = offer = Offer.of(chosen)
         ready = Image.objects.filter(status=ImageStatus.READY)
@@ -165,25 +179,72 @@ class MachineForm(forms.ModelForm):
             f", {i.arch})" if i.arch != (chosen.arch if chosen else "x86_64") else ")")  # fmt: skip
         self.fields["extra_isos"].queryset = ready.filter(kind=ImageKind.ISO)
         self.fields["pool"].choices = [(p, p) for p in offer.pools] or [("default", "default")]
-        nic_groups = [("user:", "User-mode NAT (QEMU; nothing needed on the hypervisor)"), ("", "No network")]
-        for label, kind, names in (("Libvirt networks", "network", offer.networks), ("Host bridges", "bridge", offer.bridges),
-                                   ("Host interfaces (macvtap)", "direct", offer.interfaces)):  # fmt: skip
-            if names:
-                nic_groups.append((label, [(f"{kind}:{n}", n) for n in names]))
-        self.fields["nic"].choices = nic_groups
+        if user is not None:
+            self.fields["project"].queryset = project_choices(user)
+        self._network_choices(user, [chosen] if chosen else list(online), self._chosen_project())
         self.fields["machine_type"].choices = [("", "Default (pc on x86, virt on Arm)")] + [(t, t) for t in offer.machine_types]
         self.fields["cpu_mode"].choices = [("", "Default (QEMU's)")] + [(m, CPU_MODES[m]) for m in offer.cpu_modes]
         self.fields["cpu_model"].choices = [("", "–")] + [(m, m) for m in offer.cpu_models]
         self.fields["firmware"].choices = [("bios", "BIOS"), *([("uefi", "UEFI (OVMF)")] if offer.uefi else [])]
         self.fields["hostdevs"].choices = [(d["name"], _device_label(d)) for d in offer.devices]
-        if user is not None:
-            self.fields["project"].queryset = project_choices(user)
         if user is None or not user.is_staff:
             del self.fields["qemu_args_text"]
             del self.fields["override_capacity"]
         if user is None or not may_take_host_devices(user):
             del self.fields["hostdevs"], self.fields["hostdev_match"]
         self.dropped = self._drop_unoffered(chosen) if not self.is_bound else []
+
+    HOST_GROUPS = (("Libvirt networks", "network", "networks"), ("Host bridges", "bridge", "bridges"),
+                   ("Host interfaces (macvtap)", "direct", "interfaces"))  # fmt: skip
+
+    def _network_choices(self, user, hvs: list[Hypervisor], project: Project | None) -> None:
+        """The "Network" list. Staff: user-mode NAT and everything the hypervisor has. Others: the tenant
+        network and what staff published to them (or to the project). The default: the tenant network
+        where there is one, else user-mode (staff) or the first published network (others)."""
+        offer, tenant = self.offer, nic_policy.tenant_network()
+        host = [(label, kind, getattr(offer, attr)) for label, kind, attr in self.HOST_GROUPS]
+        accepted = ["user:", ""] + [f"{kind}:{n}" for _, kind, names in host for n in names]
+        self.fields["nic"].accepted = frozenset(accepted)
+        self.fields["nic_mode"].accepted = frozenset(m for m, _ in MACVTAP_MODES)
+        self.no_network = ""
+        if user is None or user.is_staff:
+            groups = [("user:", "User-mode NAT (QEMU; staff only: the guest reaches the hypervisor's loopback as 10.0.2.2)"),
+                      ("", "No network")]  # fmt: skip
+            for label, kind, names in host:
+                if names:
+                    groups.append((label, [(f"{kind}:{n}", nic_policy.Choice(kind, n, tenant=(kind, n) == ("network", tenant)).label)
+                                           for n in names]))  # fmt: skip
+            tenant_here = any(map(nic_policy.has_tenant_network, hvs))
+            self.fields["nic"].initial = f"network:{tenant}" if tenant_here else "user:"
+            self.fields["nic"].help_text = (f"The tenant network {tenant} keeps guests away from the hypervisor; user-mode "
+                                            "NAT maps its loopback into the guest.")  # fmt: skip
+            self.fields["nic"].choices = groups
+            return
+        mine = nic_policy.choices_for(user, hvs, project)
+        groups = [("", "No network")]
+        for label, kind, _ in host:
+            items = [(c.value, c.label) for c in mine if c.kind == kind]
+            if items:
+                groups.append((label, items))
+        default = nic_policy.default_choice(user, hvs, project)
+        self.fields["nic"].initial = default.value if default else ""
+        self.fields["nic"].help_text = (f"The tenant network {tenant} (isolated from the hypervisor) and the networks "
+                                        "staff published to you or to the project.")  # fmt: skip
+        if not mine:
+            self.no_network = nic_policy.no_network_message(self.offer.hypervisor)
+        modes = {m for c in mine if c.kind == "direct" for m in c.modes} or set(nic_policy.PUBLISHABLE_MODES)
+        self.fields["nic_mode"].choices = [(m, label) for m, label in MACVTAP_MODES if m in modes]
+        self.fields["nic_mode"].initial = self.fields["nic_mode"].choices[0][0]
+        self.fields["nic"].choices = groups
+
+    def _chosen_project(self) -> Project | None:
+        value = self.data.get("project") if self.is_bound else self.initial.get("project")
+        if isinstance(value, Project):
+            return value
+        try:
+            return self.fields["project"].queryset.filter(pk=int(value)).first() if value else None
+        except (TypeError, ValueError):
+            return None
 
     def _drop_unoffered(self, chosen: Hypervisor | None) -> list[str]:
         """After a redraw for another hypervisor: the choices made that it does not offer fall back to the
@@ -203,10 +264,12 @@ class MachineForm(forms.ModelForm):
                 ok = str(value) in offered
             if not ok:
                 shown = Image.objects.filter(pk=value).values_list("name", flat=True).first() if name == "image" and digits else None
-                shown = shown or str(value).partition(":")[2] or str(value)  # network:lan -> lan
+                shown = shown or str(value).partition(":")[2] or _NIC_NAMES.get(str(value), str(value))  # network:lan -> lan
                 default = field.initial if name == "image" or str(field.initial or "") in offered else offered[0]
+                back = (_NIC_NAMES[default] if name == "nic" and default in _NIC_NAMES else "the default" if not default
+                        else str(default).partition(":")[2] or default)  # fmt: skip
                 dropped.append(f"{field.label or name.replace('_', ' ').capitalize()} {shown} is not offered on {where}; "
-                               f"it is back to {'the default' if not default else default.partition(':')[2] or default}.")  # fmt: skip
+                               f"it is back to {back}.")  # fmt: skip
                 self.initial[name] = default
         if "hostdevs" in self.fields and self.initial.get("hostdevs"):
             offered = {str(v) for v, _ in self.fields["hostdevs"].choices}
@@ -264,6 +327,8 @@ class MachineForm(forms.ModelForm):
         kind = (data.get("nic") or ":").split(":", 1)[0]
         if data.get("nic_vlan") and kind not in ("bridge", "direct"):
             self.add_error("nic_vlan", "A VLAN tag goes with a host bridge or a host interface.")
+        if data.get("deploy_type") == DeployType.NETWORK and not data.get("nic") and self.no_network:
+            self.add_error("nic", f"A network-boot machine needs a NIC to boot from. {self.no_network}")
         return data
 
     def nic_inputs(self) -> list:

@@ -20,7 +20,7 @@ from huey.exceptions import RetryTask
 from hypervisors.drivers import get_driver
 from hypervisors.drivers.base import HypervisorError, HypervisorFatalError, HypervisorUnavailable
 from hypervisors.models import Hypervisor, Image
-from machines import bmc, cloudinit, crypto, provisioning, screenshots
+from machines import bmc, cloudinit, crypto, nic_policy, provisioning, screenshots
 from machines.access import project_choices
 from machines.capacity import check_quota, claim_room, held, held_by, lock_quotas
 from machines.models import Machine, MachineCdrom, MachineNic, Project
@@ -63,8 +63,10 @@ def generate_mac() -> str:
     raise MachineError("could not find a free MAC address under the configured prefix")
 
 
-def _validate_nics(hypervisor: Hypervisor, nics: list[NicInput]) -> None:
-    """NIC sources must exist on the hypervisor; addresses are checked by the cloud-init builder."""
+def _validate_nics(hypervisor: Hypervisor, nics: list[NicInput], *, owner, project: Project | None = None) -> None:
+    """NIC sources must exist on the hypervisor, and the owner may use them there (machines.nic_policy:
+    staff anything; others the tenant network and what was published to them or to the machine's
+    project). Addresses are checked by the cloud-init builder."""
     networks = {n["name"] for n in hypervisor.networks}
     for i, nic in enumerate(nics, start=1):
         if nic.type == MachineNic.Type.NETWORK and nic.source not in networks:
@@ -87,6 +89,22 @@ def _validate_nics(hypervisor: Hypervisor, nics: list[NicInput]) -> None:
             raise ValidationError({"nics": f"NIC {i}: a VLAN tag is 1 to 4094, on a bridge (Open vSwitch) or macvtap NIC."})
         if nic.type not in MachineNic.Type.values:
             raise ValidationError({"nics": f"NIC {i}: type must be one of {', '.join(MachineNic.Type.values)}."})
+        refused = nic_policy.refusal(owner, nic, index=i, hypervisor=hypervisor, project=project)
+        if refused:
+            raise ValidationError({"nics": refused})
+
+
+def _default_nics(owner, hypervisor: Hypervisor, project: Project | None, deploy_type: str) -> list[NicInput]:
+    """NICs left out (the API without `nics`): the tenant network where the hypervisor has it, else for
+    those who are not staff the first network published to them, else none (refused for network boot)."""
+    choice = nic_policy.default_choice(owner, [hypervisor], project)
+    if choice is None:
+        if deploy_type == DeployType.NETWORK:
+            why = "" if owner.is_staff else " " + nic_policy.no_network_message(hypervisor)
+            raise ValidationError({"nics": f"A network-boot machine needs at least one NIC to boot from.{why}"})
+        return []
+    return [NicInput(type=choice.kind, source=choice.source, mode=choice.modes[0] if choice.modes else "bridge",
+                     vlan=None if choice.untagged or not choice.vlans else choice.vlans[0])]  # fmt: skip
 
 
 MAX_CDROMS = 4  # IDE has four places; the disk is virtio
@@ -253,7 +271,7 @@ def _validate_network_request(image, nics, extra_isos, *cloud_init_fields: str) 
     if any(f.strip() for f in cloud_init_fields):
         raise ValidationError({"deploy_type": "SSH keys, packages, a script and user-data apply to image machines; "
                                               "a network-boot machine gets its OS from the network."})  # fmt: skip
-    if not nics:
+    if nics is not None and not nics:  # None: the default NIC, resolved once the hypervisor is known
         raise ValidationError({"nics": "A network-boot machine needs at least one NIC to boot from."})
 
 
@@ -291,7 +309,7 @@ def machine_create(*, owner, hypervisor: Hypervisor | None, name: str, deploy_ty
     if deploy_type == DeployType.ISO:
         _validate_iso_request(extra_isos, ssh_authorized_keys, packages, script, user_data)
     elif deploy_type == DeployType.NETWORK:
-        _validate_network_request(image, nics or [], extra_isos, ssh_authorized_keys, packages, script, user_data)
+        _validate_network_request(image, nics, extra_isos, ssh_authorized_keys, packages, script, user_data)
         power_on = bool(power_on)
     elif extra_isos:
         raise ValidationError({"extra_isos": "Extra ISOs are for ISO machines."})
@@ -307,8 +325,8 @@ def machine_create(*, owner, hypervisor: Hypervisor | None, name: str, deploy_ty
         _check_named_hypervisor(hypervisor, pool)
     room = claim_room(hypervisor, need=need, pool=pool, image=image, user=owner, override=override_capacity)
     hypervisor = room.hypervisor
-    nics = nics or []
-    _validate_nics(hypervisor, nics)
+    nics = _default_nics(owner, hypervisor, project, deploy_type) if nics is None else nics
+    _validate_nics(hypervisor, nics, owner=owner, project=project)
     _validate_hardware_against(hypervisor, hardware, image)
     hardware = _claim_hostdevs(hypervisor, hardware)
     script, user_data = script.replace("\r\n", "\n"), user_data.replace("\r\n", "\n")  # browsers send CRLF

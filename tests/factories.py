@@ -23,3 +23,31 @@ class HypervisorFactory(factory.django.DjangoModelFactory):
     # What a sync reports; an online hypervisor always has them, and a create checks them for room.
     cpus = 8
     memory_mib = 16384
+
+
+def tenant_network_entry() -> dict:
+    """The tenant network as a hypervisor's sync lists it (PORTAL_TENANT_NETWORK: the NIC every user may pick)."""
+    from django.conf import settings
+
+    return {"name": settings.PORTAL_TENANT_NETWORK, "active": True, "forward_mode": "none", "bridge": "virbr-tenants"}
+
+
+def tenant_nic(**kw):
+    """A NIC on the tenant network: what a test gives a machine of a user who is not staff when its point is
+    not networking (user-mode networking is for staff only)."""
+    from django.conf import settings
+
+    from machines.services import NicInput
+
+    return NicInput(type="network", source=settings.PORTAL_TENANT_NETWORK, **kw)
+
+
+class PublishedNetworkFactory(factory.django.DjangoModelFactory):
+    """A host network staff published (to everyone unless told)."""
+
+    class Meta:
+        model = "hypervisors.PublishedNetwork"
+
+    kind = "bridge"
+    source = "br0"
+    everyone = True

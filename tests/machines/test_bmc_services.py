@@ -6,7 +6,7 @@ from django.core.exceptions import ValidationError
 
 from machines import crypto, services
 from machines.models import Machine
-from tests.factories import HypervisorFactory, UserFactory
+from tests.factories import HypervisorFactory, UserFactory, tenant_network_entry, tenant_nic
 from tests.fakes import FakeDriver, FakeHost
 
 pytestmark = pytest.mark.django_db
@@ -15,6 +15,7 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def hv(db):
     return HypervisorFactory(name="lab", uri="qemu:///system", arch="x86_64",
+                             networks=[tenant_network_entry()],  # the NIC a plain owner may use (not user-mode)
                              pools=[{"name": "default", "active": True, "capacity_bytes": 1 << 40, "allocation_bytes": 0,
                                      "available_bytes": 1 << 40}])  # fmt: skip
 
@@ -29,7 +30,7 @@ def host():
 def create(django_capture_on_commit_callbacks, hv, name="metal", **kw) -> Machine:
     with django_capture_on_commit_callbacks(execute=True):
         machine = services.machine_create(owner=UserFactory(username=f"o-{name}"), hypervisor=hv, name=name,
-                                          deploy_type="network", nics=[services.NicInput(type="user")], **kw)  # fmt: skip
+                                          deploy_type="network", nics=[tenant_nic()], **kw)  # fmt: skip
     machine.refresh_from_db()
     return machine
 
@@ -63,10 +64,11 @@ def test_ports_are_unique_and_skip_ports_in_use(django_capture_on_commit_callbac
 def test_network_machines_take_no_image_and_need_a_nic(host, hv, db):
     owner = UserFactory(username="n")
     with pytest.raises(ValidationError, match="at least one NIC"):
-        services.machine_create(owner=owner, hypervisor=hv, name="x", deploy_type="network")
+        # nics=[]: no NIC at all (left out, the machine would get the default NIC, the tenant network here)
+        services.machine_create(owner=owner, hypervisor=hv, name="x", deploy_type="network", nics=[])
     with pytest.raises(ValidationError, match="gets its OS from the network"):
         services.machine_create(owner=owner, hypervisor=hv, name="x", deploy_type="network", script="echo",
-                                nics=[services.NicInput(type="user")])  # fmt: skip
+                                nics=[tenant_nic()])  # fmt: skip
 
 
 def test_power_on_after_create_when_asked(django_capture_on_commit_callbacks, host, hv, settings):

@@ -4,7 +4,7 @@ import pytest
 from django.core.exceptions import ValidationError
 
 from machines import services
-from tests.factories import HypervisorFactory, UserFactory
+from tests.factories import HypervisorFactory, UserFactory, tenant_network_entry, tenant_nic
 from tests.fakes import FakeDriver, FakeHost
 
 pytestmark = pytest.mark.django_db
@@ -15,13 +15,14 @@ def hv(db):
     return HypervisorFactory(name="lab", uri="qemu:///system", arch="x86_64", cpus=8, memory_mib=16384,
                              machine_types=["pc", "pc-i440fx-7.2", "q35", "pc-q35-7.2"],
                              cpu_modes=["host-model", "custom"], cpu_models=["qemu64", "Haswell-noTSX"],
+                             networks=[tenant_network_entry()],  # the NIC a plain owner may use (not user-mode)
                              pools=[{"name": "default", "active": True, "capacity_bytes": 1 << 40,
                                      "allocation_bytes": 0, "available_bytes": 1 << 40}])  # fmt: skip
 
 
 def create(hv, owner=None, **hw):
     return services.machine_create(owner=owner or UserFactory(username="hw", is_staff=bool(hw.get("hostdevs") or hw.get("hostdev_match"))), hypervisor=hv, name="metal",
-                                   deploy_type="network", vcpus=2, nics=[services.NicInput(type="user")], **hw)  # fmt: skip
+                                   deploy_type="network", vcpus=2, nics=[tenant_nic()], **hw)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -95,7 +96,7 @@ def test_an_image_of_an_architecture_the_host_cannot_run_is_refused(hv):
     image = Image.objects.create(name="ppc", status=ImageStatus.READY, arch="ppc64le", virtual_size_bytes=1)
     with pytest.raises(ValidationError, match="cannot run ppc64le guests"):
         services.machine_create(owner=UserFactory(username="a"), hypervisor=hv, name="p", image=image,
-                                nics=[services.NicInput(type="user")])  # fmt: skip
+                                nics=[tenant_nic()])  # fmt: skip
 
 
 def test_an_arm64_machine_gets_emulation_defaults(hv, django_capture_on_commit_callbacks, tmp_path, settings):
@@ -114,7 +115,7 @@ def test_an_arm64_machine_gets_emulation_defaults(hv, django_capture_on_commit_c
     with mock.patch("machines.services.get_driver", lambda uri: FakeDriver(uri, host)):
         with django_capture_on_commit_callbacks(execute=True):
             machine = services.machine_create(owner=UserFactory(username="b"), hypervisor=hv, name="arm1", image=image,
-                                              disk_gib=1, nics=[services.NicInput(type="user")])  # fmt: skip
+                                              disk_gib=1, nics=[tenant_nic()])  # fmt: skip
     spec = host.domains[str(machine.uuid)]["spec"]
     assert (spec.arch, spec.machine, spec.domain_type, spec.cpu_model, spec.firmware, spec.video) == (
         "aarch64", "virt", "qemu", "cortex-a57", "efi", "virtio")
@@ -144,7 +145,8 @@ def test_a_macvtap_nic_with_a_vlan_is_accepted(hv, settings):
     settings.PORTAL_BMC_PORT_RANGE = "17320-17329"
     hv.interfaces = [{"name": "eno1", "type": "ethernet", "active": True}]
     hv.save()
-    machine = services.machine_create(owner=UserFactory(username="v"), hypervisor=hv, name="m", deploy_type="network",
+    # Staff: passthrough and VLAN tags are host resources (tests/machines/test_published_networks.py refuses others).
+    machine = services.machine_create(owner=UserFactory(username="v", is_staff=True), hypervisor=hv, name="m", deploy_type="network",
                                       nics=[services.NicInput(type="direct", source="eno1", mode="passthrough", vlan=42)])  # fmt: skip
     nic = machine.nics.get()
     assert (nic.type, nic.source, nic.mode, nic.vlan) == ("direct", "eno1", "passthrough", 42)
@@ -167,9 +169,9 @@ def test_host_devices_by_name_or_pattern_and_never_twice(hv, settings, django_ca
     with mock.patch("machines.services.get_driver", lambda uri: FakeDriver(uri, host)):
         with django_capture_on_commit_callbacks(execute=True):
             first = services.machine_create(owner=owner, hypervisor=hv, name="d1", deploy_type="network", vcpus=2,
-                                            nics=[services.NicInput(type="user")], hostdevs=["pci_0000_03_00_0"])  # fmt: skip
+                                            nics=[tenant_nic()], hostdevs=["pci_0000_03_00_0"])  # fmt: skip
             second = services.machine_create(owner=owner, hypervisor=hv, name="d2", deploy_type="network", vcpus=2,
-                                             nics=[services.NicInput(type="user")], hostdev_match=r"8086:1533")  # fmt: skip
+                                             nics=[tenant_nic()], hostdev_match=r"8086:1533")  # fmt: skip
     assert second.hostdevs == ["pci_0000_04_00_0"]  # the first match was taken
     spec = host.domains[str(first.uuid)]["spec"]
     assert [d["bus"] for d in spec.hostdevs] == [3]

@@ -12,7 +12,7 @@ from hypervisors.models import Image, ImageStatus
 from machines import services
 from machines.models import Machine
 from machines.states import Status
-from tests.factories import HypervisorFactory, UserFactory
+from tests.factories import HypervisorFactory, UserFactory, tenant_network_entry, tenant_nic
 from tests.fakes import FakeDriver, FakeHost
 
 pytestmark = pytest.mark.django_db
@@ -29,7 +29,8 @@ def host():
 
 @pytest.fixture
 def hv(db):
-    return HypervisorFactory(name="lab", uri="qemu:///system", networks=[{"name": "default", "active": True}],
+    # The tenant network: the NIC the (non-staff) owner's machines get; user-mode networking is staff-only.
+    return HypervisorFactory(name="lab", uri="qemu:///system", networks=[{"name": "default", "active": True}, tenant_network_entry()],
                              pools=[{"name": "default", "active": True, "capacity_bytes": 1 << 40,
                                      "allocation_bytes": 0, "available_bytes": 1 << 40}])  # fmt: skip
 
@@ -57,7 +58,7 @@ def create(django_capture_on_commit_callbacks, **kw) -> Machine:
 
 def base_kwargs(owner, hv, image, **kw):
     return {"owner": owner, "hypervisor": hv, "name": "web1", "image": image, "memory_mib": 256, "disk_gib": 1,
-            "nics": [services.NicInput(type="user")], "ssh_authorized_keys": KEY, **kw}  # fmt: skip
+            "nics": [tenant_nic()], "ssh_authorized_keys": KEY, **kw}  # fmt: skip
 
 
 def test_create_runs_the_pipeline_to_active(django_capture_on_commit_callbacks, host, owner, hv, image):
@@ -144,7 +145,7 @@ def test_bad_input_is_refused_and_nothing_is_saved(host, owner, hv, image, chang
         ({"ssh_authorized_keys": "ssh-rsa not-base64!"}, "SSH"),
         ({"user_data": "hostname: x"}, "#cloud-config"),
         ({"user_data": "#cloud-config\n" + "a: b\n" * 20000}, "64 KiB"),
-        ({"nics": [services.NicInput(type="user", dhcp4=False, addresses=["192.0.2.10/24"], gateway4="10.0.0.1")]},
+        ({"nics": [tenant_nic(dhcp4=False, addresses=["192.0.2.10/24"], gateway4="10.0.0.1")]},
          "gateway 10.0.0.1 is not in 192.0.2.0/24"),
     ],
 )
@@ -175,9 +176,9 @@ def test_an_offline_hypervisor_is_refused(host, owner, hv, image):
 
 
 def test_a_mac_is_unique_across_the_portal(django_capture_on_commit_callbacks, host, owner, hv, image):
-    create(django_capture_on_commit_callbacks, **base_kwargs(owner, hv, image, nics=[services.NicInput(type="user", mac="52:54:00:00:00:01")]))
+    create(django_capture_on_commit_callbacks, **base_kwargs(owner, hv, image, nics=[tenant_nic(mac="52:54:00:00:00:01")]))
     with pytest.raises(ValidationError, match="already used"):
-        services.machine_create(**base_kwargs(owner, hv, image, name="web2", nics=[services.NicInput(type="user", mac="52:54:00:00:00:01")]))
+        services.machine_create(**base_kwargs(owner, hv, image, name="web2", nics=[tenant_nic(mac="52:54:00:00:00:01")]))
 
 
 def test_generated_macs_use_the_prefix(settings, db):
