@@ -32,7 +32,7 @@ def debian_image(worker, file_server):
 
 
 def test_cloud_init_applies_hostname_key_static_address_and_script(local, debian_image):
-    owner = UserFactory(username="cloud-owner")
+    owner = UserFactory(username="cloud-owner", is_staff=True)  # staff: the user-mode NIC (the point is cloud-init)
     nic = services.NicInput(type="user", dhcp4=False, addresses=["192.0.2.10/24"], gateway4="192.0.2.1",
                             nameservers=["192.0.2.53"])  # fmt: skip
     machine = services.machine_create(

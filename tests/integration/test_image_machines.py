@@ -139,7 +139,7 @@ def test_a_hypervisor_lost_during_provisioning_is_retried_without_orphans(worker
     """libvirtd unreachable when the pipeline runs: the task retries, then finishes with one of everything."""
     hv = hv_services.hypervisor_create(name="flaky", uri=f"qemu+tcp://127.0.0.1:{libvirt_tcp_proxy.port}/system")
     hv = wait_for(lambda: (h := Hypervisor.objects.get(pk=hv.pk)).status == HypervisorStatus.ONLINE and h, 30)
-    owner = UserFactory(username="flaky-owner")
+    owner = UserFactory(username="flaky-owner", is_staff=True)  # staff: the user-mode NIC (the point is the retry)
 
     libvirt_tcp_proxy.stop()
     machine = services.machine_create(owner=owner, hypervisor=hv, name="flaky1", image=tiny_image, memory_mib=256,

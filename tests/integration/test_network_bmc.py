@@ -37,7 +37,7 @@ def udp_port_free(address: str, port: int) -> bool:
 
 @pytest.fixture
 def owner_api(worker):
-    owner = UserFactory(username="metal")
+    owner = UserFactory(username="metal", is_staff=True)  # staff: the user-mode NIC (the point is IPMI)
     _, raw = ApiToken.issue(user=owner)
     api = APIClient()
     api.credentials(HTTP_AUTHORIZATION=f"Token {raw}")
@@ -109,9 +109,10 @@ def test_ipmitool_drives_a_network_boot_machine(owner_api, local, bmc_server):
     assert "Chassis Power is off" in ipmi(other_creds, "power", "status").stdout
 
 
-def test_a_host_device_lands_in_the_defined_domain(owner_api, local, bmc_server, settings):
+def test_a_host_device_lands_in_the_defined_domain(owner_api, local, bmc_server):
     """Passthrough is defined, never started here (no real device may be taken from this host)."""
-    settings.PORTAL_HOST_DEVICES_FOR = "everyone"  # the owner is not staff
+    # The owner is staff (for its user-mode NIC); PORTAL_HOST_DEVICES_FOR=everyone for other users is
+    # tests/machines/test_hardware.py::test_host_devices_are_for_staff_unless_everyone_may.
     device = next(d for d in local.devices if d["type"] == "pci")
     machine = services.machine_create(owner=owner_api.owner, hypervisor=local, name="passthru", deploy_type="network",
                                       nics=[services.NicInput(type="user")], hostdevs=[device["name"]])  # fmt: skip

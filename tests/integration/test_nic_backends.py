@@ -5,7 +5,7 @@ import pytest
 
 from hypervisors import services as hv_services
 from hypervisors.drivers import libvirt_driver
-from hypervisors.models import Hypervisor, HypervisorStatus
+from hypervisors.models import Hypervisor, HypervisorStatus, PublishedNetwork
 from machines import services
 from machines.models import Machine
 from tests.conftest import ARTIFACTS, serial_log, wait_for
@@ -50,6 +50,9 @@ def test_bridge_and_macvtap_nics_get_addresses(lan, worker, tiny_image):
     hv = wait_for(lambda: (h := Hypervisor.objects.get(pk=hv.pk)).status == HypervisorStatus.ONLINE and h, 60)
     kinds = {i["name"]: i["type"] for i in hv.interfaces}
     assert kinds.get("br-lan") == "bridge" and kinds.get("veth-a") == "ethernet", kinds  # the namespace's, not the host's
+    # Host bridges and interfaces are staff's unless published: staff open both to everyone on this host.
+    PublishedNetwork.objects.create(hypervisor=hv, kind="bridge", source="br-lan", everyone=True)
+    PublishedNetwork.objects.create(hypervisor=hv, kind="direct", source="veth-a", modes=["bridge"], everyone=True)
     nics = [services.NicInput(type="bridge", source="br-lan"), services.NicInput(type="direct", source="veth-a", mode="bridge")]
     machine = services.machine_create(owner=UserFactory(username="lan"), hypervisor=hv, name="lan1", image=tiny_image,
                                       memory_mib=256, disk_gib=1, nics=nics)  # fmt: skip

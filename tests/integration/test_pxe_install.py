@@ -20,7 +20,7 @@ import pytest
 from hypervisors import networks
 from hypervisors import services as hv_services
 from hypervisors.drivers import libvirt_driver
-from hypervisors.models import Hypervisor, HypervisorStatus
+from hypervisors.models import Hypervisor, HypervisorStatus, PublishedNetwork
 from machines import services
 from machines.models import Machine
 from tests.conftest import ARTIFACTS, serial_log, wait_for
@@ -116,6 +116,8 @@ def test_pxe_install_over_ipmi_in_a_private_network(pxe_lab, worker, bmc_server)
     print(f"private hypervisor online after {time.monotonic() - started:.1f} s")
 
     owner = UserFactory(username="installer")
+    # A libvirt network is staff's unless published: staff open the PXE network to everyone on this host.
+    PublishedNetwork.objects.create(hypervisor=hv, kind="network", source=NETWORK, everyone=True)
     machine = services.machine_create(owner=owner, hypervisor=hv, name="pxe1", deploy_type="network", memory_mib=256,
                                       disk_gib=1, pool=POOL, nics=[services.NicInput(type="network", source=NETWORK)])  # fmt: skip
     machine = wait_for(lambda: (m := Machine.objects.get(pk=machine.pk)).status in ("active", "error") and m, 60)

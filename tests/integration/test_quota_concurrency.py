@@ -9,6 +9,7 @@ import urllib.request
 import pytest
 
 from hypervisors.drivers import get_driver
+from hypervisors.models import PublishedNetwork
 from machines import capacity
 from machines.models import Machine, Quota
 from portal.models import ApiToken
@@ -18,7 +19,21 @@ from tests.factories import UserFactory
 pytestmark = pytest.mark.integration
 
 N, LIMIT = 6, 3
-NICS = [{"type": "user"}]  # a NIC a plain user may choose; network-boot machines stay off, so none starts
+NICS: list[dict] = []  # a NIC a plain user may choose (published_nic); network-boot machines stay off, so none starts
+
+
+@pytest.fixture(autouse=True)
+def published_nic(local):
+    """Users who are not staff get the tenant network and what staff published (issue 11 item 3). The host's
+    libvirtd has no tenant network here (defining one changes the host), so staff publish one of its interfaces
+    (macvtap, bridge mode) to everyone: these network-boot machines are only defined and stay off, so no NIC of
+    theirs ever comes up."""
+    names = [i["name"] for i in local.interfaces if i.get("type") != "bridge" and i["name"] != "lo"]
+    assert names, f"local lists no host interface: {local.interfaces}"
+    PublishedNetwork.objects.create(hypervisor=local, kind="direct", source=names[0], modes=["bridge"], everyone=True)
+    NICS[:] = [{"type": "direct", "source": names[0], "mode": "bridge"}]
+    yield
+    NICS.clear()
 
 
 def _fire(web_server: str, raw: str, requests: list[tuple[str, dict]]) -> list[tuple[int, dict]]:
