@@ -1,3 +1,4 @@
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
@@ -32,7 +33,10 @@ def hypervisor_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     template = "hypervisors/detail.html"
     if is_partial(request):
         template += "#hypervisor-facts"
-    return render(request, template, {"hv": hv, "network_form": NetworkForm()})
+    tenant = settings.PORTAL_TENANT_NETWORK
+    has_tenant = any(n["name"] == tenant for n in hv.networks)
+    return render(request, template, {"hv": hv, "network_form": NetworkForm(), "tenant_network": tenant,
+                                      "has_tenant_network": has_tenant})  # fmt: skip
 
 
 def _save_form(form: HypervisorForm, save) -> Hypervisor | None:

@@ -61,8 +61,16 @@ def test_non_staff_cannot_add_edit_sync_or_delete(user_client, hv):
 
 def test_staff_adds_a_hypervisor(staff_client, test_hv_state, django_capture_on_commit_callbacks):
     with django_capture_on_commit_callbacks(execute=True):
-        r = staff_client.post(reverse("hypervisors:create"), {"name": "lab2", "uri": "test:///default",
-                                                               "console_address": "127.0.0.1", "enabled": "on", "cpu_allocation_ratio": "4"})
+        r = staff_client.post(
+            reverse("hypervisors:create"),
+            {
+                "name": "lab2",
+                "uri": "test:///default",
+                "console_address": "127.0.0.1",
+                "enabled": "on",
+                "cpu_allocation_ratio": "4",
+            },
+        )
     hv = Hypervisor.objects.get(name="lab2")
     assert r.status_code == 302 and r["Location"] == hv.get_absolute_url()
     assert hv.status == HypervisorStatus.ONLINE
@@ -118,3 +126,22 @@ def test_delete_asks_then_removes(staff_client, hv):
 def test_home_summarises_hypervisors(user_client, hv):
     r = user_client.get(reverse("home"))
     assert r.status_code == 200 and b"lab" in r.content
+
+
+def test_staff_see_whether_the_hypervisor_has_the_guarded_tenant_network(staff_client, hv):
+    url = reverse("hypervisors:detail", args=[hv.pk])
+    assert b'id="no-tenant-network"' in staff_client.get(url).content
+    Hypervisor.objects.filter(pk=hv.pk).update(networks=[
+        {"name": "portal-tenants", "active": True, "forward_mode": "isolated", "bridge": "virbr1",
+         "guard": "portal-guard-portal-tenants"}])  # fmt: skip
+    body = staff_client.get(url).content.decode()
+    assert 'id="no-tenant-network"' not in body and ">guarded<" in body and ">tenant network<" in body
+
+
+def test_staff_define_the_tenant_network_from_the_page(staff_client, hv, monkeypatch):
+    queued = []
+    monkeypatch.setattr("hypervisors.networks.network_create", lambda *, hypervisor, spec: queued.append(spec))
+    r = staff_client.post(reverse("hypervisors:network-create", args=[hv.pk]), {"mode": "tenant"})
+    assert r.status_code == 302
+    assert [(s.name, s.mode, s.cidr, s.dhcp_start) for s in queued] == [("portal-tenants", "tenant", "192.168.213.1/24",
+                                                                          "192.168.213.10")]  # fmt: skip
