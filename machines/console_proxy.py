@@ -199,6 +199,8 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
             except OSError:
                 pass
             tsock.close()
+            if getattr(target, "dropped", 0):
+                log.info("console session %s: %d input messages dropped (view only)", self.session_id, target.dropped)
             consoles.console_session_close(self.session_id)
             close_old_connections()
 

@@ -90,6 +90,7 @@ class ClientMessageFilter:
         self.head = b""  # the start of a message whose length is not known yet
         self.passing = 0  # bytes of the current message still to forward
         self.dropping = 0  # bytes of the current message still to drop
+        self.dropped = 0  # messages dropped so far (view-only input)
 
     def feed(self, data: bytes) -> bytes:
         out = bytearray()
@@ -116,6 +117,7 @@ class ClientMessageFilter:
                     break
                 if self.view_only and buf[pos] not in VIEW_ONLY_TYPES:
                     self.dropping = length
+                    self.dropped += 1
                 else:
                     self.passing = length
         return bytes(out)
@@ -137,6 +139,11 @@ class FilteredSocket:
     @view_only.setter
     def view_only(self, value: bool) -> None:
         self._filter.view_only = value
+
+    @property
+    def dropped(self) -> int:
+        """Client messages dropped so far (view only)."""
+        return self._filter.dropped
 
     def send(self, data: bytes) -> int:
         allowed = self._filter.feed(bytes(data))

@@ -29,6 +29,7 @@ def test_pictures_pass_and_input_is_dropped():
     f = ViewOnlyFilter()
     out = f.feed(HANDSHAKE + ENCODINGS + KEY + UPDATE + POINTER + QEMU_KEY + CUT + UPDATE)
     assert out == HANDSHAKE + ENCODINGS + UPDATE + UPDATE
+    assert f.dropped == 4  # the proxy logs how many a session dropped
 
 
 def test_messages_split_across_writes():
