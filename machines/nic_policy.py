@@ -167,3 +167,18 @@ def _project_hint(user, nic, hypervisor: Hypervisor, project) -> str:
                  .filter(Q(published_networks__hypervisor__isnull=True) | Q(published_networks__hypervisor=hypervisor))
                  .exclude(pk=getattr(project, "pk", None)).values_list("name", flat=True).distinct()[:3])  # fmt: skip
     return f" (it is published to project {', '.join(names)}: create the machine in that project)" if names else ""
+
+
+def machines_against_policy():
+    """Machines of users who are not staff with a NIC the policy now refuses (made before it, or left on a
+    network staff since unpublished): (machine, reason) pairs, for staff to move or to publish."""
+    from machines.models import Machine
+
+    found = []
+    machines = Machine.objects.filter(owner__is_staff=False).select_related("owner", "project", "hypervisor")
+    for machine in machines.prefetch_related("nics").order_by("hypervisor__name", "name"):
+        for index, nic in enumerate(machine.nics.all(), start=1):
+            reason = refusal(machine.owner, nic, index=index, hypervisor=machine.hypervisor, project=machine.project)
+            if reason:
+                found.append((machine, reason))
+    return found

@@ -4,6 +4,8 @@ the project the machine is made in); user-mode networking and macvtap passthroug
 service refuses the rest naming the rule, for the API and the form alike; the form offers only what is allowed.
 """
 
+import io
+
 import pytest
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -20,7 +22,9 @@ from tests.factories import HypervisorFactory, PublishedNetworkFactory, UserFact
 pytestmark = pytest.mark.django_db
 
 TENANT = settings.PORTAL_TENANT_NETWORK
-POOLS = [{"name": "default", "active": True, "capacity_bytes": 1 << 42, "allocation_bytes": 0, "available_bytes": 1 << 42}]
+POOLS = [
+    {"name": "default", "active": True, "capacity_bytes": 1 << 42, "allocation_bytes": 0, "available_bytes": 1 << 42}
+]
 INTERFACES = [{"name": "br0", "type": "bridge"}, {"name": "br-trunk", "type": "bridge"},
               {"name": "eno1", "type": "ethernet"}, {"name": "lo", "type": "ethernet"}]  # fmt: skip
 
@@ -78,12 +82,18 @@ NOT_PUBLISHED = "is not published to you on lab; ask staff to publish it (Admin 
 @pytest.mark.parametrize(
     ("nic", "message"),
     [
-        ({"type": "user"}, "NIC 1: user-mode networking is for staff only: QEMU maps lab's own loopback into the guest"),
+        (
+            {"type": "user"},
+            "NIC 1: user-mode networking is for staff only: QEMU maps lab's own loopback into the guest",
+        ),
         ({"type": "bridge", "source": "br0"}, f"NIC 1: host bridge br0 {NOT_PUBLISHED}"),
         ({"type": "direct", "source": "eno1", "mode": "bridge"}, f"NIC 1: host interface eno1 {NOT_PUBLISHED}"),
         ({"type": "direct", "source": "eno1", "mode": "vepa"}, f"NIC 1: host interface eno1 {NOT_PUBLISHED}"),
         ({"type": "direct", "source": "eno1", "mode": "private"}, f"NIC 1: host interface eno1 {NOT_PUBLISHED}"),
-        ({"type": "direct", "source": "eno1", "mode": "passthrough"}, "NIC 1: macvtap passthrough hands lab's interface eno1"),
+        (
+            {"type": "direct", "source": "eno1", "mode": "passthrough"},
+            "NIC 1: macvtap passthrough hands lab's interface eno1",
+        ),
         ({"type": "bridge", "source": "br0", "vlan": 10}, f"NIC 1: host bridge br0 {NOT_PUBLISHED}"),
         ({"type": "direct", "source": "eno1", "vlan": 10}, f"NIC 1: host interface eno1 {NOT_PUBLISHED}"),
         ({"type": "network", "source": "lan"}, f"NIC 1: libvirt network lan {NOT_PUBLISHED}"),
@@ -97,7 +107,9 @@ def test_a_plain_user_is_refused_every_host_resource_through_the_api(lab, nic, m
 
 def test_passthrough_is_refused_even_on_an_interface_published_with_every_mode(lab):
     PublishedNetworkFactory(kind="direct", source="eno1", modes=["bridge", "vepa", "private"])
-    r = post_machine(UserFactory(username="plain"), lab, nics=[{"type": "direct", "source": "eno1", "mode": "passthrough"}])
+    r = post_machine(
+        UserFactory(username="plain"), lab, nics=[{"type": "direct", "source": "eno1", "mode": "passthrough"}]
+    )
     refused(r, "it is for staff only and is never published")
 
 
@@ -134,7 +146,10 @@ def test_the_modes_and_tags_of_one_publication_are_not_mixed_with_another(lab):
     user = UserFactory(username="plain")
     refused(post_machine(user, lab, nics=[{"type": "direct", "source": "eno1", "mode": "vepa", "vlan": 20}]),
             "VLAN 20 is not published on host interface eno1 on lab (allowed: 10)")  # fmt: skip
-    assert post_machine(user, lab, nics=[{"type": "direct", "source": "eno1", "mode": "bridge", "vlan": 20}]).status_code == 201
+    assert (
+        post_machine(user, lab, nics=[{"type": "direct", "source": "eno1", "mode": "bridge", "vlan": 20}]).status_code
+        == 201
+    )
 
 
 def test_a_network_published_to_everyone_works_for_everyone(lab):
@@ -154,7 +169,11 @@ def test_a_network_published_on_one_hypervisor_is_not_published_on_another(lab):
 
 def test_a_network_published_to_a_project_is_for_the_machines_made_in_it(lab):
     team = Project.objects.create(name="team")
-    chief, member, stranger = UserFactory(username="chief"), UserFactory(username="member"), UserFactory(username="stranger")
+    chief, member, stranger = (
+        UserFactory(username="chief"),
+        UserFactory(username="member"),
+        UserFactory(username="stranger"),
+    )
     Membership.objects.create(project=team, user=chief, role="admin")
     Membership.objects.create(project=team, user=member, role="operator")
     PublishedNetworkFactory(kind="bridge", source="br0", everyone=False).projects.add(team)
@@ -204,13 +223,18 @@ def test_without_the_tenant_network_the_default_is_the_first_published_network_o
     plain = UserFactory(username="plain")
     r = post_machine(plain, bare, deploy_type="network")
     refused(r, "A network-boot machine needs at least one NIC to boot from. No network is available to you on bare")
-    assert "define the tenant network on bare (Hypervisors → bare → Define a network → Tenant network)" in r.json()["nics"][0]
+    assert (
+        "define the tenant network on bare (Hypervisors → bare → Define a network → Tenant network)"
+        in r.json()["nics"][0]
+    )
     r = post_machine(plain, bare, name="inst", deploy_type="iso", image=iso.pk)  # image and ISO machines go without
     assert r.status_code == 201 and r.json()["nics"] == [], r.content
     PublishedNetworkFactory(kind="direct", source="eno1", modes=["vepa", "private"], vlans=[42], untagged=False)
     r = post_machine(plain, bare, name="m2")
     assert r.status_code == 201, r.content
-    assert [(n["type"], n["source"], n["mode"], n["vlan"]) for n in r.json()["nics"]] == [("direct", "eno1", "vepa", 42)]
+    assert [(n["type"], n["source"], n["mode"], n["vlan"]) for n in r.json()["nics"]] == [
+        ("direct", "eno1", "vepa", 42)
+    ]
     r = post_machine(UserFactory(username="boss", is_staff=True), bare, name="m3", deploy_type="iso", image=iso.pk)
     assert r.json()["nics"] == []  # staff's API default without the tenant network: none, as before
 
@@ -235,7 +259,10 @@ def test_the_form_offers_a_plain_user_the_tenant_network_and_what_was_published(
     assert values(form, "nic_mode") == ["bridge", "private"]  # never passthrough
     assert form["nic"].value() == f"network:{TENANT}" and not form.no_network
     labels = dict(c for _, group in form.fields["nic"].choices if isinstance(group, list) for c in group)
-    assert labels["bridge:br-trunk"] == "br-trunk (VLAN 10, 20)" and labels["direct:eno1"] == "eno1 (macvtap bridge/private)"
+    assert (
+        labels["bridge:br-trunk"] == "br-trunk (VLAN 10, 20)"
+        and labels["direct:eno1"] == "eno1 (macvtap bridge/private)"
+    )
     staff = MachineForm(initial={"hypervisor": lab.pk}, user=UserFactory(username="boss", is_staff=True))
     assert values(staff) == ["user:", "", "network:default", "network:lan", f"network:{TENANT}", "bridge:br-trunk", "bridge:br0",
                              "direct:eno1"]  # fmt: skip
@@ -295,7 +322,9 @@ def test_the_form_creates_on_a_published_network_and_on_the_tenant_network(lab):
     client.force_login(UserFactory(username="plain"))
     data = {"deploy_type": "network", "hypervisor": lab.pk, "vcpus": 1, "memory_mib": 256, "disk_gib": 1,
             "pool": "default", "firmware": "bios", "disk_bus": "virtio", "nic_model": "virtio"}  # fmt: skip
-    r = client.post(reverse("machines:create"), {**data, "name": "a", "nic": "direct:eno1", "nic_mode": "private", "nic_vlan": 7})
+    r = client.post(
+        reverse("machines:create"), {**data, "name": "a", "nic": "direct:eno1", "nic_mode": "private", "nic_vlan": 7}
+    )
     assert r.status_code == 302, r.context["form"].errors
     r = client.post(reverse("machines:create"), {**data, "name": "b", "nic": f"network:{TENANT}"})
     assert r.status_code == 302, r.context["form"].errors
@@ -333,15 +362,25 @@ def test_staff_publish_in_the_admin_and_it_is_audited(admin_client, lab):
                                 "vlans": "101, 100", "untagged": "on", "projects": [team.pk], "note": "lab VLANs"})  # fmt: skip
     assert r.status_code == 302, r.content.decode()[:2000]
     row = PublishedNetwork.objects.get()
-    assert (row.modes, row.vlans, list(row.projects.all()), row.everyone) == (["bridge", "vepa"], [100, 101], [team], False)
+    assert (row.modes, row.vlans, list(row.projects.all()), row.everyone) == (
+        ["bridge", "vepa"],
+        [100, 101],
+        [team],
+        False,
+    )
     event = AuditEvent.objects.get(action="network.publish")
     assert event.user_id is not None and event.object_repr == "host interface (macvtap) eno1 on lab"
     assert "projects=[team]" in event.detail and "vlans=[101, 100]" in event.detail
     change = reverse("admin:hypervisors_publishednetwork_change", args=[row.pk])
     r = admin_client.post(change, {"hypervisor": lab.pk, "kind": "direct", "source": "eno1", "modes": ["bridge"],
                                    "vlans": "100 101", "untagged": "on", "everyone": "on", "note": "lab VLANs"})  # fmt: skip
-    assert r.status_code == 302 and AuditEvent.objects.filter(action="network.publish_update", detail__contains="modes").exists()
-    listing = admin_client.get(reverse("admin:hypervisors_publishednetwork_changelist"), {"q": "eno1", "kind__exact": "direct"})
+    assert (
+        r.status_code == 302
+        and AuditEvent.objects.filter(action="network.publish_update", detail__contains="modes").exists()
+    )
+    listing = admin_client.get(
+        reverse("admin:hypervisors_publishednetwork_changelist"), {"q": "eno1", "kind__exact": "direct"}
+    )
     assert listing.status_code == 200 and "eno1" in listing.content.decode()
     r = admin_client.post(reverse("admin:hypervisors_publishednetwork_delete", args=[row.pk]), {"post": "yes"})
     assert r.status_code == 302 and not PublishedNetwork.objects.exists()
@@ -376,3 +415,30 @@ def test_the_model_never_takes_passthrough():
     row = PublishedNetwork(kind="direct", source="eno1", modes=["bridge", "passthrough"], everyone=True)
     with pytest.raises(ValidationError, match="passthrough hands the host's interface over"):
         row.full_clean()
+
+
+def test_the_report_lists_machines_made_before_the_policy(lab):
+    """Machines a plain user made with user-mode or host NICs before: staff find them, with the rule."""
+    from django.core.management import CommandError, call_command
+
+    plain = UserFactory(username="plain")
+    old = Machine.objects.create(name="old", owner=plain, hypervisor=lab, deploy_type="network")
+    old.nics.create(index=0, type="user", mac="52:54:00:00:00:11")
+    old.nics.create(index=1, type="network", source=TENANT, mac="52:54:00:00:00:12")
+    trunk = Machine.objects.create(name="trunk", owner=plain, hypervisor=lab, deploy_type="network")
+    trunk.nics.create(index=0, type="direct", source="eno1", mode="passthrough", mac="52:54:00:00:00:13")
+    mine = Machine.objects.create(name="staffs", owner=UserFactory(username="boss", is_staff=True), hypervisor=lab)
+    mine.nics.create(index=0, type="user", mac="52:54:00:00:00:14")
+    out = io.StringIO()
+    with pytest.raises(CommandError, match=r"2 NIC\(s\) against the network policy"):
+        call_command("nic_policy_report", stdout=out)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(
+        f"lab/old (#{old.pk}, plain): NIC 1: user-mode networking is for staff"
+    )
+    assert lines[1].startswith(f"lab/trunk (#{trunk.pk}, plain): NIC 1: macvtap passthrough")
+    old.delete()
+    trunk.delete()
+    out = io.StringIO()
+    call_command("nic_policy_report", stdout=out)
+    assert out.getvalue().strip() == "Every machine's NICs follow the network policy."
