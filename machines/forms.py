@@ -212,7 +212,8 @@ class MachineForm(forms.ModelForm):
                       ("", "No network")]  # fmt: skip
             for label, kind, names in host:
                 if names:
-                    groups.append((label, [(f"{kind}:{n}", nic_policy.Choice(kind, n, tenant=(kind, n) == ("network", tenant)).label)
+                    tenant_label = nic_policy.Choice("network", tenant, tenant=True).label
+                    groups.append((label, [(f"{kind}:{n}", tenant_label if (kind, n) == ("network", tenant) else n)
                                            for n in names]))  # fmt: skip
             tenant_here = any(map(nic_policy.has_tenant_network, hvs))
             self.fields["nic"].initial = f"network:{tenant}" if tenant_here else "user:"

@@ -267,6 +267,10 @@ def test_the_form_offers_a_plain_user_the_tenant_network_and_what_was_published(
     assert values(staff) == ["user:", "", "network:default", "network:lan", f"network:{TENANT}", "bridge:br-trunk", "bridge:br0",
                              "direct:eno1"]  # fmt: skip
     assert staff["nic"].value() == f"network:{TENANT}"  # the default for staff too, where there is one
+    staff_labels = dict(c for _, group in staff.fields["nic"].choices if isinstance(group, list) for c in group)
+    assert staff_labels["direct:eno1"] == "eno1" and staff_labels[f"network:{TENANT}"].endswith(
+        "isolated from the hypervisor)"
+    )
     assert values(staff, "nic_mode") == ["bridge", "vepa", "private", "passthrough"]
 
 
