@@ -203,6 +203,8 @@ def test_a_plain_user_is_refused_in_the_service_too(lab):
         services.machine_create(owner=UserFactory(username="plain"), hypervisor=lab, name="m", deploy_type="network",
                                 nics=[services.NicInput(type="bridge", source="br0")])  # fmt: skip
     assert e.value.message_dict["nics"] == [f"NIC 1: host bridge br0 {NOT_PUBLISHED}"]
+    refusal = AuditEvent.objects.get(action="machine.create")  # the audit trail keeps the refusal and its rule
+    assert refusal.outcome == "refused" and f"host bridge br0 {NOT_PUBLISHED}" in refusal.detail
 
 
 # --- the tenant network, and the default NIC ----------------------------------------------------------------
