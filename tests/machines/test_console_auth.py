@@ -44,7 +44,7 @@ def test_the_reconcile_records_and_counts_machines_whose_console_asks_no_passwor
     old = machine_with_domain(host, hv, "old", running=True, legacy=True)
     new = machine_with_domain(host, hv, "new", running=True, legacy=False)
     off = machine_with_domain(host, hv, "off", running=False, legacy=True)
-    with caplog.at_level(logging.INFO, logger="portal"):
+    with caplog.at_level(logging.INFO, logger="machines.services"):
         services.hypervisor_reconcile_run(hv.pk)
     assert list(Machine.objects.filter(console_unprotected=True)) == [old]
     assert "reconcile lab: 3 machines, 2 running, 1 with a console that asks no password" in caplog.text
