@@ -189,15 +189,23 @@ def _fit(hv: Hypervisor, *, vcpus: int, memory_mib: int, disk_gib: int, pool: st
     return Fit(hv, free_memory, free_vcpus, free_disk)
 
 
-def place(*, vcpus: int, memory_mib: int, disk_gib: int, pool: str, image: Image | None, lock: bool = False) -> Fit:
+def place(*, vcpus: int, memory_mib: int, disk_gib: int, pool: str, image: Image | None, lock: bool = False,
+          networks: tuple[str, ...] = (), prefer_network: str = "") -> Fit:  # fmt: skip
     """The online hypervisor with the most free memory that fits the machine, or a clear refusal. With lock,
-    every candidate row is locked (in id order) until the transaction ends, so concurrent placements queue."""
+    every candidate row is locked (in id order) until the transaction ends, so concurrent placements queue.
+    Hosts without each of `networks` (the libvirt networks the NICs name) do not fit; hosts with
+    `prefer_network` (the tenant network, for NICs left to their default) come first."""
     arch = image.arch if image is not None else ""
     candidates = Hypervisor.objects.filter(enabled=True, status=HypervisorStatus.ONLINE).order_by("pk")
     if lock:
         candidates = candidates.select_for_update()
     fits, reasons = [], []
     for hv in candidates:
+        have = {n["name"] for n in hv.networks}
+        missing = [n for n in networks if n not in have]
+        if missing:
+            reasons.append(f"{hv.name}: no network {', '.join(missing)}")
+            continue
         result = _fit(hv, vcpus=vcpus, memory_mib=memory_mib, disk_gib=disk_gib, pool=pool, arch=arch)
         if isinstance(result, Fit):
             fits.append(result)
@@ -206,7 +214,8 @@ def place(*, vcpus: int, memory_mib: int, disk_gib: int, pool: str, image: Image
     if not fits:
         why = "; ".join(reasons) if reasons else "no hypervisor is online"
         raise ValidationError({"hypervisor": f"No hypervisor has room for this machine ({why})."})
-    return max(fits, key=lambda f: (f.free_memory_mib, f.free_vcpus, f.hypervisor.name))
+    preferred = {f.hypervisor.pk for f in fits if any(n["name"] == prefer_network for n in f.hypervisor.networks)}
+    return max(fits, key=lambda f: (f.hypervisor.pk in preferred, f.free_memory_mib, f.free_vcpus, f.hypervisor.name))
 
 
 @dataclass(frozen=True)
@@ -220,7 +229,7 @@ class Room:
 
 
 def claim_room(hypervisor: Hypervisor | None, *, need: Mapping[str, int], pool: str, image: Image | None,
-               user, override: bool = False) -> Room:  # fmt: skip
+               user, override: bool = False, networks: tuple[str, ...] = (), prefer_network: str = "") -> Room:  # fmt: skip
     """The hypervisor for a new machine, checked for room under its row lock (after lock_quotas): placed
     ("any hypervisor") or the one asked for, by the same rules. Staff may override a named host's lack of
     room; anyone else gets the reason."""
@@ -230,7 +239,7 @@ def claim_room(hypervisor: Hypervisor | None, *, need: Mapping[str, int], pool: 
     if hypervisor is None:
         if override:
             raise ValidationError({"override_capacity": "Name the hypervisor to create a machine over its capacity."})
-        fit = place(**wanted, image=image, lock=True)
+        fit = place(**wanted, image=image, lock=True, networks=networks, prefer_network=prefer_network)
         return Room(fit.hypervisor, placement=fit)
     hv = Hypervisor.objects.select_for_update().get(pk=hypervisor.pk)
     # Room only: whether a named host runs the image's architecture is the hardware check's to say.

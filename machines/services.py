@@ -323,7 +323,11 @@ def machine_create(*, owner, hypervisor: Hypervisor | None, name: str, deploy_ty
     check_quota(owner, **need, project=project)
     if hypervisor is not None:
         _check_named_hypervisor(hypervisor, pool)
-    room = claim_room(hypervisor, need=need, pool=pool, image=image, user=owner, override=override_capacity)
+    # "Any hypervisor" places where the NICs' networks exist, preferring the tenant network for default NICs.
+    networks = tuple(dict.fromkeys(n.source for n in nics or [] if n.type == MachineNic.Type.NETWORK))
+    prefer = settings.PORTAL_TENANT_NETWORK if nics is None else ""
+    room = claim_room(hypervisor, need=need, pool=pool, image=image, user=owner, override=override_capacity,
+                      networks=networks, prefer_network=prefer)  # fmt: skip
     hypervisor = room.hypervisor
     nics = _default_nics(owner, hypervisor, project, deploy_type) if nics is None else nics
     _validate_nics(hypervisor, nics, owner=owner, project=project)
@@ -635,6 +639,7 @@ def _reconcile_power(hv: Hypervisor) -> None:
     try:
         with get_driver(hv.uri) as driver:
             states = driver.domain_states()
+            unprotected = driver.vnc_unprotected()
             for machine in machines:
                 if states.get(str(machine.uuid)) != PowerState.RUNNING:
                     continue
@@ -653,7 +658,6 @@ def _reconcile_power(hv: Hypervisor) -> None:
         mine = Machine.objects.filter(pk=machine.pk)
         if new != machine.power_state:
             # Only over the state read above: a power action that ended meanwhile wrote a newer one.
-            unprotected = driver.vnc_unprotected()
             if mine.filter(power_state=machine.power_state).update(power_state=new) and new == PowerState.MISSING:
                 machine.log("reconcile", "the domain vanished from the hypervisor", level="warning")
         open_console = str(machine.uuid) in unprotected

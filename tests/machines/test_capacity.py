@@ -68,6 +68,29 @@ def test_placement_picks_the_roomiest_and_says_why():
     assert capacity.place(vcpus=1, memory_mib=1024, disk_gib=10, pool="default", image=None).hypervisor == small
 
 
+def test_placement_goes_where_the_nics_networks_are_and_prefers_the_tenant_network():
+    tenant = [{"name": "portal-tenants", "active": True, "forward_mode": "isolated", "bridge": "virbr1"}]
+    roomy, with_tenant = hv("roomy", memory_mib=16384), hv("tenanted", memory_mib=4096, networks=tenant)
+    args = dict(vcpus=1, memory_mib=1024, disk_gib=10, pool="default", image=None)
+    assert capacity.place(**args).hypervisor == roomy  # the most free memory, when nothing else matters
+    assert capacity.place(**args, prefer_network="portal-tenants").hypervisor == with_tenant  # default NICs
+    assert capacity.place(**args, networks=("portal-tenants",)).hypervisor == with_tenant  # a NIC names it
+    with pytest.raises(ValidationError, match="roomy: no network lab; tenanted: no network lab"):
+        capacity.place(**args, networks=("lab",))
+
+
+def test_any_hypervisor_gives_a_plain_users_default_nic_the_tenant_network(settings):
+    from machines import services
+
+    tenant = [{"name": "portal-tenants", "active": True, "forward_mode": "isolated", "bridge": "virbr1"}]
+    hv("roomy", memory_mib=16384)
+    hv("tenanted", memory_mib=4096, networks=tenant)
+    machine = services.machine_create(owner=UserFactory(username="plain"), hypervisor=None, name="n1",
+                                      deploy_type="network", memory_mib=512, disk_gib=1)  # fmt: skip
+    assert machine.hypervisor.name == "tenanted"
+    assert [(n.type, n.source) for n in machine.nics.all()] == [("network", "portal-tenants")]
+
+
 def test_placement_respects_vcpu_overcommit_arch_pool_and_status():
     hv("cpu", cpus=1, cpu_allocation_ratio=2)
     hv("arm", arch="aarch64")
