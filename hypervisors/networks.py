@@ -56,7 +56,7 @@ class NetworkSpec:
             return ""
         iface = ipaddress.ip_interface(self.cidr)
         return guard_xml(network=self.name, gateway=str(iface.ip), prefix=iface.network.prefixlen,
-                         nat=self.mode == "nat", host_addresses=host_addresses)  # fmt: skip
+                         nat=self.mode == "nat", host_addresses=host_addresses, tftp=bool(self.tftp_root))  # fmt: skip
 
 
 def spec_from(data: dict) -> NetworkSpec:
@@ -87,6 +87,10 @@ def validate(spec: NetworkSpec, hypervisor: Hypervisor) -> None:
         errors["bridge"] = "Name the host bridge (e.g. br0)."
     if spec.mode == "macvtap" and not DEV_RE.match(spec.interface):
         errors["interface"] = "Name the host interface (e.g. eno1)."
+    if spec.mode != "tenant" and spec.name == settings.PORTAL_TENANT_NETWORK:
+        errors["name"] = (
+            f"{spec.name} is the tenant network's name: everyone may use it, so it must be the guarded one (mode tenant)."
+        )
     if spec.mode == "tenant" and spec.name != settings.PORTAL_TENANT_NETWORK:
         errors["name"] = f"The tenant network is called {settings.PORTAL_TENANT_NETWORK} (PORTAL_TENANT_NETWORK)."
     if spec.mode == "tenant" and (spec.tftp_root or spec.boot_file or spec.ipv6_cidr or not spec.dhcp_start):

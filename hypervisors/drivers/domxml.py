@@ -362,18 +362,29 @@ def guard_name(network: str) -> str:
     return GUARD_PREFIX + network
 
 
-def guard_xml(*, network: str, gateway: str, prefix: int, nat: bool, host_addresses: tuple[str, ...] = ()) -> str:
+def guard_xml(*, network: str, gateway: str, prefix: int, nat: bool, host_addresses: tuple[str, ...] = (),
+              tftp: bool = False) -> str:  # fmt: skip
     """A libvirt nwfilter for the NICs on a portal network: the guest reaches its own subnet (other guests),
     DHCP and DNS on the hypervisor's address there, and (NAT only) public destinations; nothing else of
     the hypervisor: not its address on the bridge, not the subnet broadcast, not its other addresses.
     Rules are iptables-level, so libvirt applies them to traffic for the host itself and to forwarded
-    traffic alike; IPv6 from the guest is dropped (portal networks are IPv4)."""
+    traffic alike; IPv6 from the guest is dropped (portal networks are IPv4). With `tftp` (a PXE network)
+    the guest may also reach the hypervisor's TFTP server: port 69, and the ephemeral ports (32768-60999,
+    Linux's default range) that dnsmasq answers each transfer from."""
     net = ipaddress.ip_interface(f"{gateway}/{prefix}").network
     root = ET.Element("filter", name=guard_name(network), chain="root")
     rules: list[tuple[str, str, dict[str, str]]] = [
         ("accept", "udp", {"srcportstart": "68", "dstportstart": "67"}),  # DHCP (broadcast or to the gateway)
         ("accept", "udp", {"dstipaddr": gateway, "dstportstart": "53"}),  # DNS from libvirt's dnsmasq
         ("accept", "tcp", {"dstipaddr": gateway, "dstportstart": "53"}),
+        *(
+            (
+                ("accept", "udp", {"dstipaddr": gateway, "dstportstart": "69"}),
+                ("accept", "udp", {"dstipaddr": gateway, "dstportstart": "32768", "dstportend": "60999"}),
+            )
+            if tftp
+            else ()
+        ),
         ("drop", "all", {"dstipaddr": gateway}),
         ("drop", "all", {"dstipaddr": str(net.broadcast_address)}),
         ("drop", "all", {"dstipaddr": "224.0.0.0", "dstipmask": "4"}),

@@ -48,7 +48,12 @@ def test_names_cannot_inject_xml():
         (NetworkSpec(name="n", mode="bridge"), "bridge"),
         (NetworkSpec(name="n", mode="macvtap", interface="an-interface-name-too-long"), "interface"),
         (NetworkSpec(name="n", mode="nat", cidr="192.168.77.0/24"), "cidr"),
-        (NetworkSpec(name="n", mode="nat", cidr="192.168.77.1/24", dhcp_start="192.168.78.2", dhcp_end="192.168.78.9"), "dhcp_end"),
+        (
+            NetworkSpec(
+                name="n", mode="nat", cidr="192.168.77.1/24", dhcp_start="192.168.78.2", dhcp_end="192.168.78.9"
+            ),
+            "dhcp_end",
+        ),
         (NetworkSpec(name="n", mode="nat", cidr="192.168.77.1/24", dhcp_start="192.168.77.2"), "dhcp_end"),
         (NetworkSpec(name="n", mode="nat", cidr="192.168.77.1/24", tftp_root="srv/tftp"), "tftp_root"),
         (NetworkSpec(name="n", mode="nat", cidr="192.168.77.1/24", boot_file="boot.ipxe"), "boot_file"),
@@ -87,11 +92,15 @@ def test_tenant_spec_is_an_isolated_network_with_dhcp_named_by_the_settings(sett
 def test_tenant_network_refuses_another_name_tftp_and_ipv6():
     hv = HypervisorFactory(name="lab")
     with pytest.raises(ValidationError) as e:
-        validate(NetworkSpec(name="mine", mode="tenant", cidr="10.1.0.1/24", dhcp_start="10.1.0.5", dhcp_end="10.1.0.9"), hv)
+        validate(
+            NetworkSpec(name="mine", mode="tenant", cidr="10.1.0.1/24", dhcp_start="10.1.0.5", dhcp_end="10.1.0.9"), hv
+        )
     assert "name" in e.value.message_dict
     with pytest.raises(ValidationError) as e:
         validate(networks.tenant_spec(tftp_root="/srv/tftp"), hv)
     assert "mode" in e.value.message_dict
+    with pytest.raises(ValidationError, match="must be the guarded one"):  # everyone may use a network of that name
+        validate(NetworkSpec(name="portal-tenants", mode="nat", cidr="10.1.0.1/24"), hv)
 
 
 def test_guard_of_an_isolated_network_lets_the_guest_reach_its_subnet_dhcp_and_dns_only():
@@ -159,3 +168,13 @@ def test_nics_on_the_tenant_network_always_carry_its_guard():
     assert nic_guard(hv, "network", "pxe") == "portal-guard-pxe"
     assert nic_guard(hv, "network", "default") == ""  # a network the portal did not make
     assert nic_guard(hv, "bridge", "portal-tenants") == ""
+
+
+def test_the_guard_of_a_pxe_network_lets_tftp_through():
+    spec = NetworkSpec(name="pxe", mode="isolated", cidr="192.168.77.1/24", dhcp_start="192.168.77.100",
+                       dhcp_end="192.168.77.200", tftp_root="/srv/tftp", boot_file="boot.ipxe")  # fmt: skip
+    rules = guard_rules(spec.guard())
+    tftp = [("accept", "udp", {"dstipaddr": "192.168.77.1", "dstportstart": "69"}),
+            ("accept", "udp", {"dstipaddr": "192.168.77.1", "dstportstart": "32768", "dstportend": "60999"})]  # fmt: skip
+    assert all(rules.index(r) < rules.index(("drop", "all", {"dstipaddr": "192.168.77.1"})) for r in tftp)
+    assert not set(map(str, tftp)) & set(map(str, guard_rules(networks.tenant_spec().guard())))  # only PXE networks
