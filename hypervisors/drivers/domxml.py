@@ -362,6 +362,19 @@ def guard_name(network: str) -> str:
     return GUARD_PREFIX + network
 
 
+def _tftp_rules(gateway: str) -> tuple[tuple[str, str, dict[str, str]], ...]:
+    # Without state matching on the second: the guest's acknowledgements answer a flow the host began
+    # (dnsmasq sends each transfer from a new port), which libvirt's default (NEW from the guest) drops.
+    return (
+        ("accept", "udp", {"dstipaddr": gateway, "dstportstart": "69"}),
+        (
+            "accept",
+            "udp",
+            {"dstipaddr": gateway, "dstportstart": "32768", "dstportend": "60999", "statematch": "false"},
+        ),
+    )
+
+
 def guard_xml(*, network: str, gateway: str, prefix: int, nat: bool, host_addresses: tuple[str, ...] = (),
               tftp: bool = False) -> str:  # fmt: skip
     """A libvirt nwfilter for the NICs on a portal network: the guest reaches its own subnet (other guests),
@@ -377,14 +390,7 @@ def guard_xml(*, network: str, gateway: str, prefix: int, nat: bool, host_addres
         ("accept", "udp", {"srcportstart": "68", "dstportstart": "67"}),  # DHCP (broadcast or to the gateway)
         ("accept", "udp", {"dstipaddr": gateway, "dstportstart": "53"}),  # DNS from libvirt's dnsmasq
         ("accept", "tcp", {"dstipaddr": gateway, "dstportstart": "53"}),
-        *(
-            (
-                ("accept", "udp", {"dstipaddr": gateway, "dstportstart": "69"}),
-                ("accept", "udp", {"dstipaddr": gateway, "dstportstart": "32768", "dstportend": "60999"}),
-            )
-            if tftp
-            else ()
-        ),
+        *(_tftp_rules(gateway) if tftp else ()),
         ("drop", "all", {"dstipaddr": gateway}),
         ("drop", "all", {"dstipaddr": str(net.broadcast_address)}),
         ("drop", "all", {"dstipaddr": "224.0.0.0", "dstipmask": "4"}),
@@ -401,5 +407,8 @@ def guard_xml(*, network: str, gateway: str, prefix: int, nat: bool, host_addres
     rules.append(("drop", "all-ipv6", {}))
     for priority, (action, protocol, match) in enumerate(rules, start=1):
         rule = _sub(root, "rule", action=action, direction="out", priority=str(100 + 10 * priority))
+        match = dict(match)
+        if "statematch" in match:  # an attribute of the rule, not of its match
+            rule.set("statematch", match.pop("statematch"))
         _sub(rule, protocol, **match)
     return ET.tostring(root, encoding="unicode")

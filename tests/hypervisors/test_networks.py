@@ -76,7 +76,8 @@ def guard_rules(xml: str) -> list[tuple[str, str, dict]]:
     root = ET.fromstring(xml)
     rules = sorted(root.findall("rule"), key=lambda r: int(r.get("priority")))
     assert all(r.get("direction") == "out" for r in rules)  # traffic from the guest
-    return [(r.get("action"), r[0].tag, dict(r[0].attrib)) for r in rules]
+    return [(r.get("action"), r[0].tag, {**r[0].attrib, **({"statematch": r.get("statematch")} if r.get("statematch") else {})})
+            for r in rules]  # fmt: skip
 
 
 def test_tenant_spec_is_an_isolated_network_with_dhcp_named_by_the_settings(settings):
@@ -175,6 +176,7 @@ def test_the_guard_of_a_pxe_network_lets_tftp_through():
                        dhcp_end="192.168.77.200", tftp_root="/srv/tftp", boot_file="boot.ipxe")  # fmt: skip
     rules = guard_rules(spec.guard())
     tftp = [("accept", "udp", {"dstipaddr": "192.168.77.1", "dstportstart": "69"}),
-            ("accept", "udp", {"dstipaddr": "192.168.77.1", "dstportstart": "32768", "dstportend": "60999"})]  # fmt: skip
+            ("accept", "udp", {"dstipaddr": "192.168.77.1", "dstportstart": "32768", "dstportend": "60999",
+                       "statematch": "false"})]  # fmt: skip
     assert all(rules.index(r) < rules.index(("drop", "all", {"dstipaddr": "192.168.77.1"})) for r in tftp)
     assert not set(map(str, tftp)) & set(map(str, guard_rules(networks.tenant_spec().guard())))  # only PXE networks

@@ -98,6 +98,7 @@ def test_pxe_install_over_ipmi_in_a_private_network(pxe_lab, worker, bmc_server)
         name=NETWORK, mode="isolated", bridge=BRIDGE, cidr=f"{ROUTER}/24", dhcp_start=f"{SUBNET}.100",
         dhcp_end=f"{SUBNET}.200", tftp_root=str(lv.workdir / "tftp"), boot_file="boot.ipxe", ipv6_cidr="fd77::1/64"))  # fmt: skip
     pk = hv.pk
+
     def with_network():
         h = Hypervisor.objects.get(pk=pk)
         return h if any(n["name"] == NETWORK and n["active"] for n in h.networks) else None
@@ -110,7 +111,9 @@ def test_pxe_install_over_ipmi_in_a_private_network(pxe_lab, worker, bmc_server)
         "the bridge leaked onto the host"
     )
     net = next(n for n in hv.networks if n["name"] == NETWORK)
-    assert net == {"name": NETWORK, "active": True, "forward_mode": "isolated", "bridge": BRIDGE}
+    # Defined by the portal, so guarded: its guests reach DHCP, DNS and TFTP of the hypervisor, nothing else of it.
+    assert net == {"name": NETWORK, "active": True, "forward_mode": "isolated", "bridge": BRIDGE,
+                   "guard": f"portal-guard-{NETWORK}"}  # fmt: skip
     pool = next(p for p in hv.pools if p["name"] == POOL)
     assert pool["active"] and pool["path"] == str(lv.workdir / "pool")
     print(f"private hypervisor online after {time.monotonic() - started:.1f} s")
