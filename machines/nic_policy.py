@@ -119,9 +119,19 @@ def no_network_message(hypervisor: Hypervisor | None) -> str:
 
 
 def refusal(user, nic, *, index: int, hypervisor: Hypervisor, project=None) -> str | None:
-    """Why this user's machine (in `project`) may not have this NIC on this hypervisor, or None."""
-    if user.is_staff:
+    """Why this user's machine (in `project`) may not have this NIC on this hypervisor, or None. A machine
+    in a project follows the rules for those who are not staff even when staff create it: its members
+    operate it (consoles included), so a staff-only NIC would hand them what staff keep to themselves."""
+    if user.is_staff and project is None:
         return None
+    reason = _refusal(user, nic, index=index, hypervisor=hypervisor, project=project)
+    if reason and user.is_staff:
+        reason += (f" (The machine is in project {project.name}, whose members operate it, so it follows their rules;"
+                   f" publish the network to the project to allow it.)")  # fmt: skip
+    return reason
+
+
+def _refusal(user, nic, *, index: int, hypervisor: Hypervisor, project=None) -> str | None:
     where = hypervisor.name
     if nic.type == "user":
         return (f"NIC {index}: user-mode networking is for staff only: QEMU maps {where}'s own loopback into the "
@@ -141,6 +151,12 @@ def refusal(user, nic, *, index: int, hypervisor: Hypervisor, project=None) -> s
     if not rows:
         hint = _project_hint(user, nic, hypervisor, project)
         return f"NIC {index}: {label} {nic.source} is not published to you on {where}{hint}; {WHERE_TO_ASK}."
+    if nic.type == NicKind.NETWORK and not next(
+        (n.get("guard") for n in hypervisor.networks if n["name"] == nic.source), ""
+    ):
+        return (f"NIC {index}: network {nic.source} on {where} has no portal guard (the portal did not define it), so "
+                f"its guests could reach {where} itself; staff: define networks through the portal (Hypervisors → "
+                f"{where} → Define a network) to publish them.")  # fmt: skip
     if nic.type == NicKind.DIRECT:
         allowed = sorted({m for r in rows for m in r.modes})
         rows = [r for r in rows if nic.mode in r.modes]
@@ -170,12 +186,13 @@ def _project_hint(user, nic, hypervisor: Hypervisor, project) -> str:
 
 
 def machines_against_policy():
-    """Machines of users who are not staff with a NIC the policy now refuses (made before it, or left on a
-    network staff since unpublished): (machine, reason) pairs, for staff to move or to publish."""
+    """Machines of users who are not staff, or in a project, with a NIC the policy now refuses (made before
+    it, or left on a network staff since unpublished): (machine, reason) pairs, for staff to move or to publish."""
     from machines.models import Machine
 
     found = []
-    machines = Machine.objects.filter(owner__is_staff=False).select_related("owner", "project", "hypervisor")
+    machines = Machine.objects.filter(Q(owner__is_staff=False) | Q(project__isnull=False))
+    machines = machines.select_related("owner", "project", "hypervisor")
     for machine in machines.prefetch_related("nics").order_by("hypervisor__name", "name"):
         for index, nic in enumerate(machine.nics.all(), start=1):
             reason = refusal(machine.owner, nic, index=index, hypervisor=machine.hypervisor, project=machine.project)

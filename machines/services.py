@@ -113,8 +113,9 @@ HARDWARE_FIELDS = {"machine_type", "cpu_mode", "cpu_model", "cpu_topology", "smb
 SMBIOS_KEYS = {"manufacturer", "product", "version", "serial", "sku", "family", "uuid"}
 
 
-def _validate_hardware_input(owner, deploy_type: str, vcpus: int, hardware: dict) -> dict:
-    """Checks that need no hypervisor: shapes, limits, and who may pass raw QEMU arguments."""
+def _validate_hardware_input(owner, deploy_type: str, vcpus: int, hardware: dict, project=None) -> dict:
+    """Checks that need no hypervisor: shapes, limits, and who may pass raw QEMU arguments. A machine in a
+    project is operated by its members, so it gets only what they may have, whoever creates it."""
     unknown = set(hardware) - HARDWARE_FIELDS
     if unknown:
         raise TypeError(f"unknown machine options: {', '.join(sorted(unknown))}")
@@ -142,12 +143,18 @@ def _validate_hardware_input(owner, deploy_type: str, vcpus: int, hardware: dict
         raise ValidationError({"secure_boot": "Secure Boot needs UEFI firmware."})
     if hw.get("secure_boot") and not str(hw.get("machine_type", "")).startswith(("q35", "pc-q35")):
         raise ValidationError({"secure_boot": "Secure Boot needs machine type q35 (it keeps its variables in SMM)."})
+    if (hw.get("hostdevs") or hw.get("hostdev_match")) and project is not None and settings.PORTAL_HOST_DEVICES_FOR != "everyone":
+        raise ValidationError({"hostdevs": f"A machine in project {project.name} is operated by its members: host devices "
+                                           "are for machines that only staff operate (PORTAL_HOST_DEVICES_FOR)."})  # fmt: skip
     if (hw.get("hostdevs") or hw.get("hostdev_match")) and not may_take_host_devices(owner):
         raise ValidationError({"hostdevs": "Only staff may pass host devices through: a device taken from the host can "
                                            "cut it off its network or disks. Ask an administrator."})  # fmt: skip
     args = hw.get("qemu_args") or []
     if args and not owner.is_staff:
         raise ValidationError({"qemu_args": "Only staff may pass extra QEMU arguments: they bypass every check."})
+    if args and project is not None:
+        raise ValidationError({"qemu_args": f"A machine in project {project.name} is operated by its members: extra QEMU "
+                                            "arguments bypass every check, so they are for machines only staff operate."})  # fmt: skip
     if not isinstance(args, list) or not all(isinstance(a, str) and a for a in args):
         raise ValidationError({"qemu_args": "Give a list of arguments, e.g. [\"-device\", \"pvpanic\"]."})
     return hw
@@ -315,7 +322,7 @@ def machine_create(*, owner, hypervisor: Hypervisor | None, name: str, deploy_ty
         raise ValidationError({"extra_isos": "Extra ISOs are for ISO machines."})
     if project is not None and not project_choices(owner).filter(pk=project.pk).exists():
         raise ValidationError({"project": f"You are not an admin of project {project.name}."})
-    hardware = _validate_hardware_input(owner, deploy_type, vcpus, hardware)
+    hardware = _validate_hardware_input(owner, deploy_type, vcpus, hardware, project)
     # What the machine will hold (capacity.held: main disk, extra disks, ...), checked against the quotas and
     # the host under the locks every allocating path takes in this order: project, user's quota, hypervisor.
     need = held({"vcpus": vcpus, "memory_mib": memory_mib, "disk_gib": disk_gib,

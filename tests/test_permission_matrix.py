@@ -167,8 +167,9 @@ def make_world():
 def fresh(objects, kind):
     """Actions change state (operations, protection): reset it so every role starts alike."""
     if kind in ("vm", "iso", "metal"):
-        Machine.objects.filter(pk=objects[kind].pk).update(operation="", status=Status.ACTIVE, deletion_protection=False,
-                                                          disk_gib=10)
+        Machine.objects.filter(pk=objects[kind].pk).update(
+            operation="", status=Status.ACTIVE, deletion_protection=False, disk_gib=10
+        )
 
 
 @pytest.mark.parametrize("name", sorted(MATRIX))
@@ -199,7 +200,7 @@ def test_route(name, settings):
 # staff published are for everyone (a project's only for machines created in it, which its admins make);
 # user-mode networking, host networks nobody published, a VLAN tag not published and macvtap passthrough
 # are for staff. (The service decides, so the form, the admin and scripts are held to the same.)
-NIC_HOST = {"networks": [{"name": "lan", "active": True}, {"name": "portal-tenants", "active": True}],
+NIC_HOST = {"networks": [{"name": "lan", "active": True, "guard": "portal-guard-lan"}, {"name": "portal-tenants", "active": True}],
             "interfaces": [{"name": "br0", "type": "bridge"}, {"name": "br-open", "type": "bridge"},
                            {"name": "br-team", "type": "bridge"}, {"name": "eno1", "type": "ethernet"}]}  # fmt: skip
 STAFF_NIC = ok(400, anon=401, staff=201)

@@ -30,7 +30,7 @@ INTERFACES = [{"name": "br0", "type": "bridge"}, {"name": "br-trunk", "type": "b
 
 
 def host(name, *, tenant=True, **kw):
-    networks = [{"name": "default", "active": True}, {"name": "lan", "active": True}]
+    networks = [{"name": "default", "active": True}, {"name": "lan", "active": True, "guard": "portal-guard-lan"}]
     return HypervisorFactory(name=name, uri="qemu:///system", arch="x86_64", cpus=16, memory_mib=65536, pools=POOLS,
                              interfaces=INTERFACES, networks=networks + ([tenant_network_entry()] if tenant else []),
                              **kw)  # fmt: skip
@@ -448,3 +448,37 @@ def test_the_report_lists_machines_made_before_the_policy(lab):
     out = io.StringIO()
     call_command("nic_policy_report", stdout=out)
     assert out.getvalue().strip() == "Every machine's NICs follow the network policy."
+
+
+def test_a_published_network_the_portal_did_not_guard_is_refused(lab):
+    PublishedNetworkFactory(kind="network", source="default")  # e.g. libvirt's own NAT network
+    r = post_machine(UserFactory(username="plain"), lab, nics=[{"type": "network", "source": "default"}])
+    refused(r, "NIC 1: network default on lab has no portal guard")
+
+
+def test_staff_machines_in_a_project_follow_the_rules_of_its_members(lab):
+    """Members operate a project's machines (consoles included): a staff-only NIC, QEMU argument or host
+    device on one would hand them what staff keep to themselves."""
+    staff = UserFactory(username="boss", is_staff=True)
+    project = Project.objects.create(name="team")
+    r = post_machine(staff, lab, project=project.name, nics=[{"type": "user"}])
+    refused(r, "user-mode networking is for staff only")
+    assert "The machine is in project team, whose members operate it" in " ".join(r.json()["nics"])
+    r = post_machine(staff, lab, project=project.name, nics=[{"type": "bridge", "source": "br0"}])
+    refused(r, "host bridge br0 is not published to you on lab")
+    r = post_machine(staff, lab, project=project.name, qemu_args=["-netdev", "user,id=n9"])
+    assert r.status_code == 400 and "project team is operated by its members" in str(r.json()), r.content
+    PublishedNetworkFactory(kind="bridge", source="br0", everyone=False).projects.add(project)
+    assert post_machine(staff, lab, project=project.name, nics=[{"type": "bridge", "source": "br0"}]).status_code == 201
+    r = post_machine(staff, lab, name="own", nics=[{"type": "user"}])
+    assert r.status_code == 201, r.content  # outside a project: staff's own
+
+
+def test_the_policy_report_lists_project_machines_of_staff_too(lab):
+    from machines.nic_policy import machines_against_policy
+
+    staff = UserFactory(username="boss", is_staff=True)
+    machine = Machine.objects.create(name="old", owner=staff, hypervisor=lab, deploy_type="network",
+                                     project=Project.objects.create(name="team"))  # fmt: skip
+    machine.nics.create(index=0, type="user", mac="52:54:00:00:00:99")
+    assert [(m.name, "user-mode" in why) for m, why in machines_against_policy()] == [("old", True)]
