@@ -25,6 +25,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.signals import user_logged_out
 from django.db import transaction
+from django.db.models.signals import pre_save
 from django.dispatch import receiver
 from django.utils import timezone
 from django.utils.crypto import salted_hmac
@@ -32,6 +33,7 @@ from django.utils.crypto import salted_hmac
 from machines.access import OPERATE, can, can_use
 from machines.models import ConsoleSession, ConsoleToken, Machine
 from portal.audit import audited
+from portal.models import credentials_changed
 
 
 class ConsoleDenied(Exception):
@@ -173,3 +175,13 @@ def _revoke_on_logout(sender, request, user, **kwargs) -> None:
         return
     ConsoleToken.objects.filter(user=user).delete()
     ConsoleSession.objects.filter(user=user, ended__isnull=True).update(revoked=True)
+
+
+@receiver(pre_save, sender=settings.AUTH_USER_MODEL)
+def _revoke_on_new_credentials(sender, instance, raw=False, **kwargs) -> None:
+    """A changed password or a deactivated account ends the user's consoles and kills their unused tokens,
+    as a logout does: whoever held the old password must not keep a console open with it."""
+    if raw or not credentials_changed(instance):
+        return
+    ConsoleToken.objects.filter(user=instance).delete()
+    ConsoleSession.objects.filter(user=instance, ended__isnull=True).update(revoked=True)

@@ -3,6 +3,8 @@ import secrets
 
 from django.conf import settings
 from django.db import models
+from django.db.models.signals import pre_save
+from django.dispatch import receiver
 
 TOKEN_PREFIX_LEN = 8
 
@@ -35,6 +37,22 @@ class ApiToken(models.Model):
         return token, raw
 
 
+def credentials_changed(user) -> bool:
+    """Whether a User about to be saved has a new password or is being deactivated (for pre_save receivers)."""
+    if user.pk is None:
+        return False
+    before = type(user).objects.filter(pk=user.pk).values("password", "is_active").first()
+    return before is not None and (before["password"] != user.password or (before["is_active"] and not user.is_active))
+
+
+@receiver(pre_save, sender=settings.AUTH_USER_MODEL)
+def _revoke_api_tokens_on_new_credentials(sender, instance, raw=False, **kwargs) -> None:
+    """A changed password or a deactivated account revokes the user's API tokens: they were issued to
+    whoever knew the old password."""
+    if not raw and credentials_changed(instance):
+        ApiToken.objects.filter(user=instance).delete()
+
+
 class AuditEvent(models.Model):
     """Append-only: every change, login and reveal, with who, from where and the outcome."""
 
@@ -59,7 +77,9 @@ class AuditEvent(models.Model):
         ordering = ["-created", "-pk"]
 
     def __str__(self) -> str:
-        return f"{self.created:%Y-%m-%d %H:%M:%S} {self.username or '-'} {self.action} {self.object_repr} {self.outcome}"
+        return (
+            f"{self.created:%Y-%m-%d %H:%M:%S} {self.username or '-'} {self.action} {self.object_repr} {self.outcome}"
+        )
 
 
 class SshKey(models.Model):
