@@ -130,7 +130,9 @@ def vnc_response(password: str, challenge: bytes) -> bytes:
 def authenticate_to_server(server: Channel, password: str) -> int:
     """The client side of the handshake with the VNC server, up to (not including) ClientInit.
     Returns the security type used: SEC_VNC, or SEC_NONE for a domain defined before the portal set
-    passwords (the caller warns). Raises VncAuthFailed or ViolatedProtocol."""
+    passwords (the caller warns; `password` is then empty). A server that offers no VNC authentication
+    when the proxy has just set a password is not the machine's (another process on its port): refused.
+    Raises VncAuthFailed or ViolatedProtocol."""
     version = server.read(12)
     match = re.fullmatch(rb"RFB (\d{3})\.(\d{3})\n", version)
     if not match or (int(match[1]), int(match[2])) < (3, 8):
@@ -144,7 +146,7 @@ def authenticate_to_server(server: Channel, password: str) -> int:
         server.write(bytes([SEC_VNC]))
         server.write(vnc_response(password, server.read(16)))
         chosen = SEC_VNC
-    elif SEC_NONE in offered:
+    elif SEC_NONE in offered and not password:
         server.write(bytes([SEC_NONE]))
         chosen = SEC_NONE
     else:

@@ -187,6 +187,15 @@ def test_a_legacy_server_without_a_password_is_still_reached(pair):
     assert rfb.authenticate_to_server(proxy, "") == rfb.SEC_NONE
 
 
+def test_no_downgrade_to_no_authentication_once_the_proxy_set_a_password(pair):
+    """After the proxy gave the machine's VNC server a password, a server on that port offering only None is
+    not the machine's (another process took the port): the user must not land on it."""
+    proxy, server = pair
+    fake_vnc_server(server, "", types=b"\x01")
+    with pytest.raises(rfb.ViolatedProtocol, match="security types"):
+        rfb.authenticate_to_server(proxy, PASSWORD)
+
+
 def test_a_server_offering_neither_is_refused(pair):
     proxy, server = pair
     fake_vnc_server(server, "", types=b"\x10\x13")  # Tight, VeNCrypt
