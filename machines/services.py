@@ -553,6 +553,13 @@ def machine_grow_disk(*, machine: Machine, disk_gib: int) -> None:
         raise ValidationError({"disk_gib": "At most 16384 GiB."})
     before, after = held_by(machine), held_by(machine, disk_gib=disk_gib)
     check_quota(machine.owner, **{k: after[k] - before[k] for k in after}, project=machine.project)
+    # The host's pool must hold the larger disk, as a create's would (the disk is thin, but so is a create's).
+    hv = Hypervisor.objects.select_for_update().get(pk=machine.hypervisor_id)
+    pool = next((p for p in hv.pools if p["name"] == machine.pool and p.get("active")), None)
+    free = (pool.get("available_bytes") or 0) >> 30 if pool else None
+    if free is not None and disk_gib - machine.disk_gib > free:
+        raise ValidationError({"disk_gib": f"Hypervisor {hv.name} has {free} GiB free in pool {machine.pool}; growing by "
+                                           f"{disk_gib - machine.disk_gib} GiB does not fit."})  # fmt: skip
     old = machine.disk_gib
     machine.transition(Status.RESIZING, f"{old} GiB to {disk_gib} GiB")
     Machine.objects.filter(pk=machine.pk).update(disk_gib=disk_gib)

@@ -233,6 +233,18 @@ def test_growing_a_disk_counts_the_extra_disks(lab):
     assert capacity.usage(user)["disk_gib"] == 500
 
 
+def test_growing_a_disk_must_fit_in_the_hypervisors_pool(lab):
+    from machines import services
+
+    staff = UserFactory(username="boss", is_staff=True)  # no quota: only the host's room can refuse
+    machine = _active(network_machine(staff, lab, "grow1"))
+    free = next(p for p in lab.pools if p["name"] == "default")["available_bytes"] >> 30
+    with pytest.raises(ValidationError, match=rf"Hypervisor lab has {free} GiB free in pool default; growing by"):
+        services.machine_grow_disk(machine=machine, disk_gib=free + 2)
+    assert Machine.objects.get(pk=machine.pk).disk_gib == 1
+    services.machine_grow_disk(machine=machine, disk_gib=free)
+
+
 def test_rebuild_allocates_nothing_so_a_full_quota_does_not_stop_it(lab):
     from hypervisors.models import ImageKind
     from machines import services
@@ -333,8 +345,8 @@ def test_the_create_form_passes_the_staff_override(client, lab):
 
 
 def test_every_allocating_path_locks_in_one_order(lab):
-    """Project, then the user's quota, then the hypervisor (create) or the machine (grow, rebuild): one order,
-    so two requests never hold what the other waits for. (SQLite ignores the locks; PostgreSQL takes them.)"""
+    """Project, then the user's quota, then the machine (grow, rebuild), then the hypervisor (create, grow):
+    one order, so two requests never hold what the other waits for. (SQLite ignores the locks; PostgreSQL takes them.)"""
     from django.db.models.query import QuerySet
 
     from machines import services
@@ -358,7 +370,7 @@ def test_every_allocating_path_locks_in_one_order(lab):
         assert order(locked) == ["Project", "Quota", "Hypervisor"]
         locked.clear()
         services.machine_grow_disk(machine=_active(machine), disk_gib=2)
-        assert order(locked) == ["Project", "Quota", "Machine"]
+        assert order(locked) == ["Project", "Quota", "Machine", "Hypervisor"]  # the pool's room, last
         locked.clear()
         Machine.objects.filter(pk=machine.pk).update(status="active")
         machine = network_machine(user, None, "m2", project=project)  # placed: every candidate, in id order
