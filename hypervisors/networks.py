@@ -47,7 +47,8 @@ class NetworkSpec:
                            address=str(iface.ip) if iface else "", prefix=iface.network.prefixlen if iface else None,
                            dhcp_start=self.dhcp_start, dhcp_end=self.dhcp_end, tftp_root=self.tftp_root,
                            boot_file=self.boot_file, ipv6_address=str(v6.ip) if v6 else "",
-                           ipv6_prefix=v6.network.prefixlen if v6 else None)  # fmt: skip
+                           ipv6_prefix=v6.network.prefixlen if v6 else None,
+                           isolated_ports=self.mode == "tenant")  # fmt: skip
 
     def guard(self, host_addresses: tuple[str, ...] = ()) -> str:
         """The traffic filter of the network's NICs (see domxml.guard_xml), or "" when it has no address

@@ -318,7 +318,8 @@ ET.register_namespace("qemu", "http://libvirt.org/schemas/domain/qemu/1.0")
 
 def network_xml(*, name: str, mode: str, bridge: str = "", interface: str = "", address: str = "",
                 prefix: int | None = None, dhcp_start: str = "", dhcp_end: str = "", tftp_root: str = "",
-                boot_file: str = "", ipv6_address: str = "", ipv6_prefix: int | None = None) -> str:  # fmt: skip
+                boot_file: str = "", ipv6_address: str = "", ipv6_prefix: int | None = None,
+                isolated_ports: bool = False) -> str:  # fmt: skip
     """A libvirt network: `nat` or `isolated` (a bridge libvirt makes, with DHCP and optional TFTP),
     `bridge` (an existing host bridge) or `macvtap` (direct on a host interface)."""
     root = ET.Element("network")
@@ -335,6 +336,8 @@ def network_xml(*, name: str, mode: str, bridge: str = "", interface: str = "", 
         return ET.tostring(root, encoding="unicode")
     if bridge:
         _sub(root, "bridge", name=bridge, stp="on", delay="0")
+    if isolated_ports:  # guests on it talk to the hypervisor's dnsmasq only, never to one another
+        _sub(root, "port", isolated="yes")
     if address:
         ip = _sub(root, "ip", address=address, prefix=str(prefix))
         if tftp_root:
@@ -393,6 +396,7 @@ def guard_xml(*, network: str, gateway: str, prefix: int, nat: bool, host_addres
         *(_tftp_rules(gateway) if tftp else ()),
         ("drop", "all", {"dstipaddr": gateway}),
         ("drop", "all", {"dstipaddr": str(net.broadcast_address)}),
+        ("drop", "all", {"dstipaddr": str(net.network_address)}),  # an old-style broadcast on some kernels
         ("drop", "all", {"dstipaddr": "224.0.0.0", "dstipmask": "4"}),
         *(("drop", "all", {"dstipaddr": a}) for a in host_addresses),
         ("accept", "all", {"dstipaddr": str(net.network_address), "dstipmask": str(net.prefixlen)}),
