@@ -114,6 +114,8 @@ def console_token_consume(
             raise ConsoleDenied("token already used (a reconnect needs its reconnect secret)")
         if now - token.used_at > timedelta(seconds=settings.PORTAL_CONSOLE_RECONNECT_GRACE):
             raise ConsoleDenied("token already used (the reconnect grace is over)")
+        # A reconnect replaces the token's earlier connection: one token never holds two sessions at once.
+        ConsoleSession.objects.filter(token=token, ended__isnull=True).update(revoked=True)
     if not can_use(token.user, token.machine):
         raise ConsoleDenied("the user no longer has access to the machine")
     token.view_only = token.view_only or not can(token.user, token.machine, OPERATE)  # a role lowered since

@@ -302,3 +302,15 @@ def test_the_watcher_ends_a_session_it_cannot_filter_and_one_past_its_lifetime(m
     thread.join(5)
     assert not thread.is_alive() and far.recv(1) == b"" and 0.9 < time.monotonic() - started < 3
     far.close()
+
+
+def test_a_reconnect_replaces_the_tokens_earlier_session(machine):
+    """The reconnect secret brings a dropped connection back; it never opens a second console beside it."""
+    raw, _ = consoles.console_token_issue(machine=machine, user=machine.owner)
+    first = consoles.console_session_open(token=spend(raw, machine), client="127.0.0.1", proxy_pid=1)
+    assert consoles.console_session_mode(first.pk)[0] != "end"
+    again = spend(raw, machine, reconnect=consoles.console_reconnect_secret(raw))
+    first.refresh_from_db()
+    assert first.revoked and consoles.console_session_mode(first.pk)[0] == "end"  # its watcher closes it
+    second = consoles.console_session_open(token=again, client="127.0.0.1", proxy_pid=1)
+    assert consoles.console_session_mode(second.pk)[0] != "end"
