@@ -125,4 +125,15 @@ pool_state=$(virsh -c qemu:///system pool-info default)
 if ! grep -qE '^State:\s+running' <<<"$pool_state"; then
     virsh -c qemu:///system pool-start default >/dev/null
 fi
+# The portal's network guards (libvirt nwfilter rules) match guests' traffic by bridge port, which
+# iptables sees only with bridge netfilter on: without it a guest on a portal network would be unguarded.
+modprobe br_netfilter 2>/dev/null || true  # built into some kernels; a module on Debian's
+for knob in bridge-nf-call-iptables bridge-nf-call-ip6tables; do
+    if [ -w "/proc/sys/net/bridge/$knob" ]; then
+        echo 1 >"/proc/sys/net/bridge/$knob"
+    else
+        echo "net.bridge.$knob is not available: the portal's network guards need bridge netfilter" >&2
+        exit 1
+    fi
+done
 say "libvirtd ready on qemu:///system"
