@@ -140,6 +140,11 @@ def _refusal(user, nic, *, index: int, hypervisor: Hypervisor, project=None) -> 
     if nic.type == NicKind.NETWORK and nic.source == tenant_network():
         return None
     label = KIND_LABEL.get(nic.type, nic.type)
+    owning = next((n["name"] for n in hypervisor.networks if n.get("bridge") and n["bridge"] == nic.source), "")
+    if nic.type in (NicKind.BRIDGE, NicKind.DIRECT) and owning:
+        # Its guard is on the network's NICs only: straight onto its bridge, a guest would pass it by.
+        return (f"NIC {index}: {nic.source} is the bridge of libvirt network {owning} on {where}; put the NIC on "
+                f"that network instead, where its traffic filter applies.")  # fmt: skip
     if nic.type == NicKind.DIRECT and nic.mode == "passthrough":
         return (f"NIC {index}: macvtap passthrough hands {where}'s interface {nic.source} over to the guest; it is "
                 f"for staff only and is never published. Use mode bridge, vepa or private on a published interface.")  # fmt: skip

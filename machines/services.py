@@ -68,16 +68,28 @@ def _validate_nics(hypervisor: Hypervisor, nics: list[NicInput], *, owner, proje
     staff anything; others the tenant network and what was published to them or to the machine's
     project). Addresses are checked by the cloud-init builder."""
     networks = {n["name"] for n in hypervisor.networks}
+    if len(nics) > MAX_NICS:
+        raise ValidationError({"nics": f"At most {MAX_NICS} NICs."})
     for i, nic in enumerate(nics, start=1):
+        if nic.type not in MachineNic.Type.values:
+            raise ValidationError({"nics": f"NIC {i}: type must be one of {', '.join(MachineNic.Type.values)}."})
+        # The policy first: someone who may not use the host's networks is not told which it has.
+        refused = nic_policy.refusal(owner, nic, index=i, hypervisor=hypervisor, project=project)
+        if refused:
+            raise ValidationError({"nics": refused})
         if nic.type == MachineNic.Type.NETWORK and nic.source not in networks:
             have = ", ".join(sorted(networks)) or "none"
-            raise ValidationError({"nics": f"NIC {i}: network {nic.source!r} does not exist on {hypervisor.name} (it has: {have})."})
+            raise ValidationError(
+                {"nics": f"NIC {i}: network {nic.source!r} does not exist on {hypervisor.name} (it has: {have})."}
+            )
         if nic.type == MachineNic.Type.BRIDGE and not nic.source:
             raise ValidationError({"nics": f"NIC {i}: name the host bridge."})
         known = {x["name"]: x["type"] for x in hypervisor.interfaces}
         if nic.type == MachineNic.Type.BRIDGE and known and known.get(nic.source) != "bridge":
             have = ", ".join(n for n, t in known.items() if t == "bridge") or "none"
-            raise ValidationError({"nics": f"NIC {i}: {hypervisor.name} has no bridge {nic.source!r} (bridges: {have})."})
+            raise ValidationError(
+                {"nics": f"NIC {i}: {hypervisor.name} has no bridge {nic.source!r} (bridges: {have})."}
+            )
         if nic.type == MachineNic.Type.DIRECT and (not nic.source or (known and nic.source not in known)):
             raise ValidationError({"nics": f"NIC {i}: name a host interface of {hypervisor.name} for macvtap"
                                            f"{' (' + ', '.join(known) + ')' if known else ''}."})  # fmt: skip
@@ -86,12 +98,12 @@ def _validate_nics(hypervisor: Hypervisor, nics: list[NicInput], *, owner, proje
         if nic.model not in ("virtio", "e1000", "e1000e", "rtl8139"):
             raise ValidationError({"nics": f"NIC {i}: model is virtio, e1000, e1000e or rtl8139."})
         if nic.vlan is not None and not (1 <= nic.vlan <= 4094 and nic.type in ("bridge", "direct")):
-            raise ValidationError({"nics": f"NIC {i}: a VLAN tag is 1 to 4094, on a bridge (Open vSwitch) or macvtap NIC."})
-        if nic.type not in MachineNic.Type.values:
-            raise ValidationError({"nics": f"NIC {i}: type must be one of {', '.join(MachineNic.Type.values)}."})
-        refused = nic_policy.refusal(owner, nic, index=i, hypervisor=hypervisor, project=project)
-        if refused:
-            raise ValidationError({"nics": refused})
+            raise ValidationError(
+                {"nics": f"NIC {i}: a VLAN tag is 1 to 4094, on a bridge (Open vSwitch) or macvtap NIC."}
+            )
+
+
+MAX_NICS = 8  # PCI slots are finite, and so is the guest's patience at boot
 
 
 def _default_nics(owner, hypervisor: Hypervisor, project: Project | None, deploy_type: str) -> list[NicInput]:
@@ -127,8 +139,14 @@ def _validate_hardware_input(owner, deploy_type: str, vcpus: int, hardware: dict
         if topology[0] * topology[1] * topology[2] != vcpus:
             raise ValidationError({"cpu_topology": f"Sockets × cores × threads must equal the {vcpus} vCPUs."})
     smbios = hw.get("smbios") or {}
-    if not isinstance(smbios, dict) or set(smbios) - SMBIOS_KEYS or any(not isinstance(v, str) or len(v) > 64 for v in smbios.values()):
-        raise ValidationError({"smbios": f"Use the keys {', '.join(sorted(SMBIOS_KEYS))}, with text of at most 64 characters."})
+    if (
+        not isinstance(smbios, dict)
+        or set(smbios) - SMBIOS_KEYS
+        or any(not isinstance(v, str) or len(v) > 64 for v in smbios.values())
+    ):
+        raise ValidationError(
+            {"smbios": f"Use the keys {', '.join(sorted(SMBIOS_KEYS))}, with text of at most 64 characters."}
+        )
     if "extra_disks" in hw:
         hw["extra_disks"] = _normalise_extra_disks(hw["extra_disks"], deploy_type)
     if hw.get("disk_bus", "virtio") not in ("virtio", "sata", "scsi", "ide"):
@@ -143,7 +161,11 @@ def _validate_hardware_input(owner, deploy_type: str, vcpus: int, hardware: dict
         raise ValidationError({"secure_boot": "Secure Boot needs UEFI firmware."})
     if hw.get("secure_boot") and not str(hw.get("machine_type", "")).startswith(("q35", "pc-q35")):
         raise ValidationError({"secure_boot": "Secure Boot needs machine type q35 (it keeps its variables in SMM)."})
-    if (hw.get("hostdevs") or hw.get("hostdev_match")) and project is not None and settings.PORTAL_HOST_DEVICES_FOR != "everyone":
+    if (
+        (hw.get("hostdevs") or hw.get("hostdev_match"))
+        and project is not None
+        and settings.PORTAL_HOST_DEVICES_FOR != "everyone"
+    ):
         raise ValidationError({"hostdevs": f"A machine in project {project.name} is operated by its members: host devices "
                                            "are for machines that only staff operate (PORTAL_HOST_DEVICES_FOR)."})  # fmt: skip
     if (hw.get("hostdevs") or hw.get("hostdev_match")) and not may_take_host_devices(owner):
@@ -156,7 +178,7 @@ def _validate_hardware_input(owner, deploy_type: str, vcpus: int, hardware: dict
         raise ValidationError({"qemu_args": f"A machine in project {project.name} is operated by its members: extra QEMU "
                                             "arguments bypass every check, so they are for machines only staff operate."})  # fmt: skip
     if not isinstance(args, list) or not all(isinstance(a, str) and a for a in args):
-        raise ValidationError({"qemu_args": "Give a list of arguments, e.g. [\"-device\", \"pvpanic\"]."})
+        raise ValidationError({"qemu_args": 'Give a list of arguments, e.g. ["-device", "pvpanic"].'})
     return hw
 
 
@@ -218,7 +240,11 @@ def _normalise_extra_disks(entries, deploy_type: str) -> list[dict]:
         if not isinstance(size, int) or not 1 <= size <= 16384:
             raise ValidationError({"extra_disks": f"Disk {n}: a size of 1 to 16384 GiB."})
         if image_id is not None:
-            image = Image.objects.filter(pk=image_id, kind="disk", status="ready").first() if isinstance(image_id, int) else None
+            image = (
+                Image.objects.filter(pk=image_id, kind="disk", status="ready").first()
+                if isinstance(image_id, int)
+                else None
+            )
             if image is None:
                 raise ValidationError({"extra_disks": f"Disk {n}: {image_id!r} is not a ready disk image."})
             if image.virtual_size_bytes > size << 30:
@@ -226,7 +252,9 @@ def _normalise_extra_disks(entries, deploy_type: str) -> list[dict]:
                                                       f"{-(-image.virtual_size_bytes // (1 << 30))} GiB."})  # fmt: skip
         if order is not None:
             if deploy_type == DeployType.NETWORK:
-                raise ValidationError({"extra_disks": "Network-boot machines boot from the network, then their first disk."})
+                raise ValidationError(
+                    {"extra_disks": "Network-boot machines boot from the network, then their first disk."}
+                )
             if not isinstance(order, int) or order < 1 or order in orders:
                 raise ValidationError({"extra_disks": f"Disk {n}: boot orders are distinct positive numbers."})
             orders.append(order)
@@ -247,10 +275,14 @@ def _validate_hardware_against(hypervisor: Hypervisor, hw: dict, image: Image | 
     machine_type = hw.get("machine_type")
     if machine_type and hypervisor.machine_types and machine_type not in hypervisor.machine_types:
         some = ", ".join(t for t in hypervisor.machine_types if "." not in t or t.endswith(("7.2", "8.0")))[:200]
-        raise ValidationError({"machine_type": f"{hypervisor.name} has no machine type {machine_type!r} (it has e.g. {some})."})
+        raise ValidationError(
+            {"machine_type": f"{hypervisor.name} has no machine type {machine_type!r} (it has e.g. {some})."}
+        )
     mode = hw.get("cpu_mode")
     if mode and hypervisor.cpu_modes and mode not in hypervisor.cpu_modes:
-        raise ValidationError({"cpu_mode": f"{hypervisor.name} supports CPU modes {', '.join(hypervisor.cpu_modes)}, not {mode}."})
+        raise ValidationError(
+            {"cpu_mode": f"{hypervisor.name} supports CPU modes {', '.join(hypervisor.cpu_modes)}, not {mode}."}
+        )
     if mode == "custom":
         model = hw.get("cpu_model", "")
         if not model:
@@ -294,7 +326,9 @@ def _validate_cloud_init(machine: Machine) -> None:
 
 def _check_named_hypervisor(hypervisor: Hypervisor, pool: str) -> None:
     if not hypervisor.enabled or not hypervisor.is_online:
-        raise ValidationError({"hypervisor": f"Hypervisor {hypervisor.name} is {hypervisor.get_status_display().lower()}."})
+        raise ValidationError(
+            {"hypervisor": f"Hypervisor {hypervisor.name} is {hypervisor.get_status_display().lower()}."}
+        )
     if pool not in {p["name"] for p in hypervisor.pools if p.get("active")}:
         raise ValidationError({"pool": f"Storage pool {pool!r} is not active on {hypervisor.name}."})
 
@@ -433,7 +467,9 @@ def machine_delete(*, machine: Machine) -> None:
     if machine.deletion_protection:
         raise MachineError(f"{machine.name} is protected from deletion; clear the protection first.")
     if machine.status in BUSY:
-        raise MachineError(f"{machine.name} is busy ({machine.get_status_display().lower()}); try again when it is done.")
+        raise MachineError(
+            f"{machine.name} is busy ({machine.get_status_display().lower()}); try again when it is done."
+        )
     machine.transition(Status.DELETING)
     _enqueue("machine_delete_task", machine.pk)
 
@@ -507,7 +543,9 @@ def machine_rebuild(*, machine: Machine) -> None:
     if machine.deletion_protection:
         raise MachineError(f"{machine.name} is protected; clear the protection to rebuild it (its disk is replaced).")
     if machine.status not in (Status.ACTIVE, Status.ERROR):
-        raise MachineError(f"{machine.name} is {machine.get_status_display().lower()}; rebuild needs it active or failed.")
+        raise MachineError(
+            f"{machine.name} is {machine.get_status_display().lower()}; rebuild needs it active or failed."
+        )
     if machine.image is None or not machine.image.is_ready:
         raise MachineError("The machine's image is not available any more.")
     Machine.objects.filter(pk=machine.pk).update(instance_id=f"i-{uuidlib.uuid4().hex}", attempts=0)
@@ -546,9 +584,13 @@ def machine_grow_disk(*, machine: Machine, disk_gib: int) -> None:
     """Grow the disk (never shrink). A running guest sees the new size at once."""
     machine = _lock_for_allocation(machine)
     if machine.status != Status.ACTIVE:
-        raise MachineError(f"{machine.name} is {machine.get_status_display().lower()}; growing the disk needs it active.")
+        raise MachineError(
+            f"{machine.name} is {machine.get_status_display().lower()}; growing the disk needs it active."
+        )
     if disk_gib <= machine.disk_gib:
-        raise ValidationError({"disk_gib": f"The disk is {machine.disk_gib} GiB; give a larger size (disks only grow)."})
+        raise ValidationError(
+            {"disk_gib": f"The disk is {machine.disk_gib} GiB; give a larger size (disks only grow)."}
+        )
     if disk_gib > 16384:
         raise ValidationError({"disk_gib": "At most 16384 GiB."})
     before, after = held_by(machine), held_by(machine, disk_gib=disk_gib)
@@ -621,7 +663,9 @@ def machines_reconcile() -> None:
                                              f"({machine.get_status_display().lower()}); the worker may have stopped")  # fmt: skip
         except InvalidTransition:
             continue  # it moved on meanwhile: nothing to fail
-    Machine.objects.filter(operation_started__lt=now - timezone.timedelta(minutes=5)).update(operation="", operation_started=None)
+    Machine.objects.filter(operation_started__lt=now - timezone.timedelta(minutes=5)).update(
+        operation="", operation_started=None
+    )
     for hv in Hypervisor.objects.filter(enabled=True, status="online", machines__isnull=False).distinct():
         _reconcile_power(hv)
     # Keep the screens on machine pages current even when nobody has the page open: a batch a minute,
@@ -647,7 +691,8 @@ def hypervisor_reconcile_run(hypervisor_id: int) -> None:
 
 def _reconcile_power(hv: Hypervisor) -> None:
     """Power states of the hypervisor's machines, the addresses of those that run, and which run a VNC
-    server that asks no password (defined before the portal set them; fixed at their next cold start)."""
+    server that asks no password (defined before the portal set them): those get one in their config,
+    which takes effect at their next cold start, however they are started."""
     machines = list(hv.machines.exclude(status__in=[Status.NEW, Status.PROVISIONING, Status.DELETING]))
     addresses = {}
     try:
@@ -655,6 +700,13 @@ def _reconcile_power(hv: Hypervisor) -> None:
             states = driver.domain_states()
             unprotected = driver.vnc_unprotected()
             for machine in machines:
+                if str(machine.uuid) in unprotected:
+                    # Its config gets a password now, so the next start asks for one whoever starts it
+                    # (the portal, the machine's BMC, libvirt's autostart); a no-op once it has one.
+                    try:
+                        driver.vnc_protect(str(machine.uuid))
+                    except HypervisorFatalError as e:
+                        log.info("VNC password of %s: %s", machine.name, e)
                 if states.get(str(machine.uuid)) != PowerState.RUNNING:
                     continue
                 try:
@@ -711,7 +763,9 @@ def console_auth_upgrade_run(hypervisor_id: int) -> dict[str, int]:
                 continue
             counts["added" if added else "had"] += 1
             if added:
-                machine.log("console", "VNC password added to the domain's config; it takes effect at the next cold start")
+                machine.log(
+                    "console", "VNC password added to the domain's config; it takes effect at the next cold start"
+                )
             if str(machine.uuid) in unprotected:
                 counts["running_unprotected"] += 1
     log.info("console auth upgrade on %s: %s", hv.name, ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -730,7 +784,8 @@ def _claim_operation(machine: Machine, operation: str) -> None:
     if machine.status != Status.ACTIVE:
         raise MachineError(f"{machine.name} is {machine.get_status_display().lower()}; this needs it active.")
     n = Machine.objects.filter(pk=machine.pk, operation="", status=Status.ACTIVE).update(
-        operation=operation, operation_started=timezone.now())
+        operation=operation, operation_started=timezone.now()
+    )
     if n != 1:
         raise MachineError(f"{machine.name} is busy with another operation; try again when it is done.")
     machine.operation = operation

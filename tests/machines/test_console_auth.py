@@ -48,6 +48,8 @@ def test_the_reconcile_records_and_counts_machines_whose_console_asks_no_passwor
         services.hypervisor_reconcile_run(hv.pk)
     assert list(Machine.objects.filter(console_unprotected=True)) == [old]
     assert "reconcile lab: 3 machines, 2 running, 1 with a console that asks no password" in caplog.text
+    # Its config got a password, so its next start asks for one whoever starts it (its BMC, autostart).
+    assert host.domains[str(old.uuid)]["vnc_config_protected"] and not host.domains[str(old.uuid)]["vnc_protected"]
     assert old.events.filter(step="reconcile", level="warning", message__contains="asks no password").count() == 1
     services.hypervisor_reconcile_run(hv.pk)
     assert old.events.filter(step="reconcile", message__contains="asks no password").count() == 1  # said once

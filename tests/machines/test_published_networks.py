@@ -482,3 +482,21 @@ def test_the_policy_report_lists_project_machines_of_staff_too(lab):
                                      project=Project.objects.create(name="team"))  # fmt: skip
     machine.nics.create(index=0, type="user", mac="52:54:00:00:00:99")
     assert [(m.name, "user-mode" in why) for m, why in machines_against_policy()] == [("old", True)]
+
+
+def test_the_bridge_of_a_libvirt_network_is_refused_as_a_host_bridge_or_macvtap_parent(lab):
+    """Review: staff published virbr-tenants (the tenant network's own bridge) as a host bridge, and a guest
+    on it passed by the network's guard and pinged the hypervisor."""
+    PublishedNetworkFactory(kind="bridge", source="virbr-tenants")
+    r = post_machine(UserFactory(username="plain"), lab, nics=[{"type": "bridge", "source": "virbr-tenants"}])
+    refused(r, f"virbr-tenants is the bridge of libvirt network {settings.PORTAL_TENANT_NETWORK} on lab")
+
+
+def test_a_user_is_not_told_which_bridges_the_host_has_and_nics_are_bounded(lab):
+    r = post_machine(UserFactory(username="plain"), lab, nics=[{"type": "bridge", "source": "br-mgmt"}])
+    refused(r, "host bridge br-mgmt is not published to you on lab")
+    assert "bridges:" not in str(r.json())
+    r = post_machine(
+        UserFactory(username="many"), lab, nics=[{"type": "network", "source": settings.PORTAL_TENANT_NETWORK}] * 9
+    )
+    refused(r, "At most 8 NICs.")
