@@ -67,7 +67,9 @@ new RFB(document.getElementById("s"), "ws://127.0.0.1:%d/", {credentials: {passw
 
 
 def start(argv, **kw):
-    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, **kw)
+    return subprocess.Popen(
+        argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, **kw
+    )
 
 
 def wait_port(port):
@@ -83,7 +85,9 @@ def setup_machine():
     from machines import services
     from machines.models import Machine
 
-    out = subprocess.run([str(ROOT / "scripts/build-test-images.sh")], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [str(ROOT / "scripts/build-test-images.sh")], capture_output=True, text=True, check=True
+    ).stdout
     iso = dict(line.split("=", 1) for line in out.split())["tiny_iso"]
     user = get_user_model().objects.create_user("bench", password="bench-password-1")
     hv = hv_services.hypervisor_create(name="local", uri="qemu:///system")

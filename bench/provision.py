@@ -89,7 +89,9 @@ def plain_create(image_path: str, name: str) -> float:
     pool = conn.storagePoolLookupByName("default")
     disk = pool.createXML(volume_xml(name=f"{name}-disk.qcow2", capacity_bytes=1 << 30, fmt="qcow2",
                                      backing_path=image_path, backing_format="qcow2"), 0)  # fmt: skip
-    seed_bytes = cloudinit.build_seed_iso(cloudinit.SeedSpec(instance_id=f"i-{name}", hostname=name, default_user="tiny"))
+    seed_bytes = cloudinit.build_seed_iso(
+        cloudinit.SeedSpec(instance_id=f"i-{name}", hostname=name, default_user="tiny")
+    )
     seed = pool.createXML(volume_xml(name=f"{name}-seed.iso", capacity_bytes=len(seed_bytes), fmt="raw"), 0)
     stream = conn.newStream(0)
     seed.upload(stream, 0, len(seed_bytes), 0)
@@ -171,7 +173,9 @@ def main() -> None:
             pickups = [r[1] for r in portal_results]
             rows.append((mode, totals, plain, pickups))
         print(f"{N} image machines, tiny guest, {hv.domain_type} on {hv.hostname}; seconds")
-        print(f"{'mode':<11}{'portal p50':>11}{'p95':>8}{'plain p50':>11}{'p95':>8}{'ratio p50':>11}{'pickup p50':>12}{'p95':>8}")
+        print(
+            f"{'mode':<11}{'portal p50':>11}{'p95':>8}{'plain p50':>11}{'p95':>8}{'ratio p50':>11}{'pickup p50':>12}{'p95':>8}"
+        )
         for mode, totals, plain, pickups in rows:
             print(f"{mode:<11}{statistics.median(totals):>11.3f}{pct(totals, 95):>8.3f}{statistics.median(plain):>11.3f}"
                   f"{pct(plain, 95):>8.3f}{statistics.median(totals) / statistics.median(plain):>11.2f}"

@@ -8,7 +8,17 @@ from portal import audit
 
 @admin.register(Hypervisor)
 class HypervisorAdmin(admin.ModelAdmin):
-    list_display = ["name", "uri", "status", "arch", "cpus", "memory_mib", "detected_domain_type", "enabled", "last_seen"]
+    list_display = [
+        "name",
+        "uri",
+        "status",
+        "arch",
+        "cpus",
+        "memory_mib",
+        "detected_domain_type",
+        "enabled",
+        "last_seen",
+    ]
     list_filter = ["status", "enabled", "arch", "detected_domain_type"]
     search_fields = ["name", "uri", "hostname"]
     actions = ["sync_now"]

@@ -49,7 +49,9 @@ class Hypervisor(models.Model):
         default=DomainType.AUTO,
         help_text="Leave automatic: kvm where it runs guests, else qemu.",
     )
-    enabled = models.BooleanField(default=True, help_text="Disabled hypervisors are not contacted and get no new machines.")
+    enabled = models.BooleanField(
+        default=True, help_text="Disabled hypervisors are not contacted and get no new machines."
+    )
     cpu_allocation_ratio = models.DecimalField(
         "vCPU overcommit", max_digits=4, decimal_places=1, default=4,
         help_text="vCPUs placed per host CPU when the portal picks a hypervisor.",
@@ -155,7 +157,9 @@ class Image(models.Model):
     source_url = models.URLField(max_length=1000, blank=True)
     expected_sha256 = models.CharField(max_length=64, blank=True)
     # Registered from a volume already in a hypervisor's pool.
-    source_hypervisor = models.ForeignKey(Hypervisor, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    source_hypervisor = models.ForeignKey(
+        Hypervisor, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     source_pool = models.CharField(max_length=100, blank=True)
     source_volume = models.CharField(max_length=255, blank=True)
 

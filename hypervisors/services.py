@@ -34,7 +34,12 @@ def _enqueue_sync(hypervisor_id: int, *, follow_up: bool = False) -> None:
 @audited("hypervisor.create")
 @transaction.atomic
 def hypervisor_create(
-    *, name: str, uri: str, console_address: str = "127.0.0.1", domain_type_override: str = "", enabled: bool = True,
+    *,
+    name: str,
+    uri: str,
+    console_address: str = "127.0.0.1",
+    domain_type_override: str = "",
+    enabled: bool = True,
     cpu_allocation_ratio: float | Decimal = 4,
 ) -> Hypervisor:
     """Register a hypervisor and queue its first check. Raises ValidationError on bad input."""

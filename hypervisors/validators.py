@@ -9,7 +9,9 @@ from django.core.exceptions import ValidationError
 
 REMOTE_SCHEMES = ("qemu+ssh", "qemu+tls", "qemu+tcp")
 ALLOWED_SCHEMES = ("qemu", *REMOTE_SCHEMES)
-_HOST_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_HOST_RE = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
 
 
 def _allowed_schemes() -> tuple[str, ...]:
@@ -42,7 +44,9 @@ def validate_libvirt_uri(uri: str) -> None:
         if not _is_host(host):
             raise ValidationError(f"{host!r} is not a valid host name or address.")
     elif host:
-        raise ValidationError("A plain qemu URI is local (qemu:///system); for a remote host use qemu+ssh, qemu+tls or qemu+tcp.")
+        raise ValidationError(
+            "A plain qemu URI is local (qemu:///system); for a remote host use qemu+ssh, qemu+tls or qemu+tcp."
+        )
     if port == 0:
         raise ValidationError("The port in the URI is not a number between 1 and 65535.")
 
@@ -60,4 +64,6 @@ def validate_listen_address(value: str) -> None:
     try:
         ipaddress.ip_address(value)
     except ValueError:
-        raise ValidationError(f"{value!r} is not an IP address (e.g. 127.0.0.1 or the hypervisor's management address).") from None
+        raise ValidationError(
+            f"{value!r} is not an IP address (e.g. 127.0.0.1 or the hypervisor's management address)."
+        ) from None

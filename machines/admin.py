@@ -89,7 +89,13 @@ class MachineAdmin(admin.ModelAdmin):
 
     @admin.action(description="Grow disk by 10 GiB")
     def grow_disk(self, request, queryset):
-        _each(self, request, queryset, lambda m: services.machine_grow_disk(machine=m, disk_gib=m.disk_gib + 10), "Grow disk")
+        _each(
+            self,
+            request,
+            queryset,
+            lambda m: services.machine_grow_disk(machine=m, disk_gib=m.disk_gib + 10),
+            "Grow disk",
+        )
 
     @admin.action(description="Rebuild from the image")
     def rebuild(self, request, queryset):

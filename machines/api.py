@@ -120,7 +120,9 @@ class MachineSerializer(serializers.ModelSerializer):
         try:
             return services.machine_create(owner=self.context["request"].user, nics=nics, **validated)
         except DjangoValidationError as e:
-            raise serializers.ValidationError(e.message_dict if hasattr(e, "error_dict") else {"non_field_errors": e.messages}) from None
+            raise serializers.ValidationError(
+                e.message_dict if hasattr(e, "error_dict") else {"non_field_errors": e.messages}
+            ) from None
 
 
 class PowerSerializer(serializers.Serializer):
@@ -284,5 +286,3 @@ class MachineViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixins.Retr
         machine = self._machine(access.ADMIN)
         services.machine_set_protection(machine=machine, protected=s.validated_data["deletion_protection"])
         return Response(MachineSerializer(Machine.objects.get(pk=machine.pk)).data)
-
-

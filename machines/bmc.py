@@ -62,7 +62,7 @@ def _ipmitool(target: BmcTarget, *command: str) -> str:
 
 
 def power_state(target: BmcTarget) -> str:
-    """"on" or "off", as the BMC reports it."""
+    """ "on" or "off", as the BMC reports it."""
     out = _ipmitool(target, "power", "status")
     match = re.search(r"Chassis Power is (on|off)", out)
     if not match:

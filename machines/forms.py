@@ -40,7 +40,11 @@ class Offer:
     def of(cls, hypervisor: Hypervisor | None) -> "Offer":
         from machines.services import taken_hostdevs
 
-        hvs = [hypervisor] if hypervisor else list(Hypervisor.objects.filter(enabled=True, status=HypervisorStatus.ONLINE))
+        hvs = (
+            [hypervisor]
+            if hypervisor
+            else list(Hypervisor.objects.filter(enabled=True, status=HypervisorStatus.ONLINE))
+        )
 
         def every(attr: str) -> list[str]:
             # A hypervisor whose sync did not report the list is not asked (the service accepts there too).
@@ -60,7 +64,9 @@ class Offer:
             uefi=all("efi" in h.firmwares for h in hvs if h.firmwares),
             networks=some(lambda h: [n["name"] for n in h.networks if n.get("active", True)]),
             bridges=some(lambda h: [i["name"] for i in h.interfaces if i.get("type") == "bridge"]),
-            interfaces=some(lambda h: [i["name"] for i in h.interfaces if i.get("type") != "bridge" and i["name"] != "lo"]),
+            interfaces=some(
+                lambda h: [i["name"] for i in h.interfaces if i.get("type") != "bridge" and i["name"] != "lo"]
+            ),
             pools=some(lambda h: [p["name"] for p in h.pools if p.get("active")]),
             devices=[d for d in (hypervisor.devices if hypervisor else []) if d["name"] not in taken],
         )
@@ -182,7 +188,9 @@ class MachineForm(forms.ModelForm):
         if user is not None:
             self.fields["project"].queryset = project_choices(user)
         self._network_choices(user, [chosen] if chosen else list(online), self._chosen_project())
-        self.fields["machine_type"].choices = [("", "Default (pc on x86, virt on Arm)")] + [(t, t) for t in offer.machine_types]
+        self.fields["machine_type"].choices = [("", "Default (pc on x86, virt on Arm)")] + [
+            (t, t) for t in offer.machine_types
+        ]
         self.fields["cpu_mode"].choices = [("", "Default (QEMU's)")] + [(m, CPU_MODES[m]) for m in offer.cpu_modes]
         self.fields["cpu_model"].choices = [("", "–")] + [(m, m) for m in offer.cpu_models]
         self.fields["firmware"].choices = [("bios", "BIOS"), *([("uefi", "UEFI (OVMF)")] if offer.uefi else [])]
@@ -264,8 +272,14 @@ class MachineForm(forms.ModelForm):
                 offered = [str(v) for v, _ in self._flat(field.choices)]
                 ok = str(value) in offered
             if not ok:
-                shown = Image.objects.filter(pk=value).values_list("name", flat=True).first() if name == "image" and digits else None
-                shown = shown or str(value).partition(":")[2] or _NIC_NAMES.get(str(value), str(value))  # network:lan -> lan
+                shown = (
+                    Image.objects.filter(pk=value).values_list("name", flat=True).first()
+                    if name == "image" and digits
+                    else None
+                )
+                shown = (
+                    shown or str(value).partition(":")[2] or _NIC_NAMES.get(str(value), str(value))
+                )  # network:lan -> lan
                 default = field.initial if name == "image" or str(field.initial or "") in offered else offered[0]
                 back = (_NIC_NAMES[default] if name == "nic" and default in _NIC_NAMES else "the default" if not default
                         else str(default).partition(":")[2] or default)  # fmt: skip
@@ -356,7 +370,11 @@ class MachineForm(forms.ModelForm):
         topology = [self.cleaned_data.get(k) for k in ("cpu_sockets", "cpu_cores", "cpu_threads")]
         if all(topology):
             data["cpu_topology"] = topology
-        for key, source in (("smbios", "smbios_text"), ("extra_disks", "extra_disks_text"), ("qemu_args", "qemu_args_text")):
+        for key, source in (
+            ("smbios", "smbios_text"),
+            ("extra_disks", "extra_disks_text"),
+            ("qemu_args", "qemu_args_text"),
+        ):
             if self.cleaned_data.get(source):
                 data[key] = self.cleaned_data[source]
         for key in ("machine_type", "cpu_mode", "cpu_model", "disk_cache", "hostdevs", "hostdev_match"):

@@ -18,10 +18,12 @@ hostname_validator = RegexValidator(
 mac_validator = RegexValidator(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$", "A MAC address looks like 52:54:00:12:34:56.")
 
 
-
 # CSI sequences (ESC [ ... final), OSC strings (ESC ] ... BEL or ST), two-byte escapes, and the control
 # characters a terminal acts on but a page cannot (not tab or newline).
-_TERMINAL_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-_]|[\x00-\x08\x0b-\x1f\x7f]")
+_TERMINAL_CONTROL = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-_]|[\x00-\x08\x0b-\x1f\x7f]"
+)
+
 
 class Machine(models.Model):
     uuid = models.UUIDField("UUID", default=uuidlib.uuid4, unique=True, editable=False,
@@ -34,34 +36,66 @@ class Machine(models.Model):
     pool = models.CharField("storage pool", max_length=100, default="default")
     deploy_type = models.CharField(max_length=8, choices=DeployType.choices, default=DeployType.IMAGE)
     image = models.ForeignKey(Image, null=True, blank=True, on_delete=models.PROTECT, related_name="machines")
-    vcpus = models.PositiveSmallIntegerField("vCPUs", default=1, validators=[MinValueValidator(1), MaxValueValidator(64)])
+    vcpus = models.PositiveSmallIntegerField(
+        "vCPUs", default=1, validators=[MinValueValidator(1), MaxValueValidator(64)]
+    )
     memory_mib = models.PositiveIntegerField("memory (MiB)", default=1024,
                                              validators=[MinValueValidator(128), MaxValueValidator(1 << 20)])  # fmt: skip
-    disk_gib = models.PositiveIntegerField("disk (GiB)", default=10, validators=[MinValueValidator(1), MaxValueValidator(16384)])
+    disk_gib = models.PositiveIntegerField(
+        "disk (GiB)", default=10, validators=[MinValueValidator(1), MaxValueValidator(16384)]
+    )
     ssh_authorized_keys = models.TextField("SSH public keys", blank=True, help_text="One OpenSSH public key per line.")
-    packages = models.TextField(blank=True, help_text="Packages to install at first boot, separated by spaces or lines.")
-    script = models.TextField("first-boot script", blank=True, help_text="Runs once, as root, at the end of first boot.")
+    packages = models.TextField(
+        blank=True, help_text="Packages to install at first boot, separated by spaces or lines."
+    )
+    script = models.TextField(
+        "first-boot script", blank=True, help_text="Runs once, as root, at the end of first boot."
+    )
     user_data = models.TextField("extra #cloud-config", blank=True,
                                  help_text="Merged with what the portal generates; at most 64 KiB.")  # fmt: skip
     deletion_protection = models.BooleanField(default=False, help_text="Refuse deletion and rebuild until cleared.")
     autostart = models.BooleanField(default=True, help_text="Start with the hypervisor.")
     power_on_after_create = models.BooleanField(default=True, help_text="Network-boot machines stay off unless asked.")
     # Hardware (defaults suit common guests; each is checked against what the hypervisor reports).
-    machine_type = models.CharField(max_length=40, blank=True, help_text="Empty: pc (i440fx), which installers and the test guests see best.")
-    cpu_mode = models.CharField("CPU mode", max_length=20, blank=True, help_text="host-passthrough, host-model or custom; empty: the hypervisor's default.")
-    cpu_model = models.CharField("CPU model", max_length=40, blank=True, help_text="With CPU mode custom, e.g. Haswell-noTSX.")
-    cpu_topology = models.JSONField("CPU topology", default=list, blank=True, help_text="[sockets, cores, threads]; their product is the vCPUs.")
-    smbios = models.JSONField("SMBIOS", default=dict, blank=True, help_text="System entries: manufacturer, product, version, serial, sku, family.")
+    machine_type = models.CharField(
+        max_length=40, blank=True, help_text="Empty: pc (i440fx), which installers and the test guests see best."
+    )
+    cpu_mode = models.CharField(
+        "CPU mode",
+        max_length=20,
+        blank=True,
+        help_text="host-passthrough, host-model or custom; empty: the hypervisor's default.",
+    )
+    cpu_model = models.CharField(
+        "CPU model", max_length=40, blank=True, help_text="With CPU mode custom, e.g. Haswell-noTSX."
+    )
+    cpu_topology = models.JSONField(
+        "CPU topology", default=list, blank=True, help_text="[sockets, cores, threads]; their product is the vCPUs."
+    )
+    smbios = models.JSONField(
+        "SMBIOS",
+        default=dict,
+        blank=True,
+        help_text="System entries: manufacturer, product, version, serial, sku, family.",
+    )
     watchdog = models.BooleanField(default=False, help_text="An i6300esb watchdog that resets a hung guest.")
     rng = models.BooleanField("RNG", default=False, help_text="A virtio RNG fed from the hypervisor's /dev/urandom.")
-    disk_bus = models.CharField(max_length=8, default="virtio", choices=[(b, b) for b in ("virtio", "sata", "scsi", "ide")])
-    disk_cache = models.CharField(max_length=12, blank=True, choices=[("", "default")] + [(c, c) for c in ("none", "writeback", "writethrough", "directsync", "unsafe")])
+    disk_bus = models.CharField(
+        max_length=8, default="virtio", choices=[(b, b) for b in ("virtio", "sata", "scsi", "ide")]
+    )
+    disk_cache = models.CharField(
+        max_length=12,
+        blank=True,
+        choices=[("", "default")] + [(c, c) for c in ("none", "writeback", "writethrough", "directsync", "unsafe")],
+    )
     extra_disks = models.JSONField(default=list, blank=True, help_text="Sizes in GiB of extra blank disks.")
     hostdevs = models.JSONField("host devices", default=list, blank=True,
                                 help_text="Node device names (e.g. pci_0000_03_00_0) passed through to the guest.")  # fmt: skip
     firmware = models.CharField(max_length=4, default="bios", choices=[("bios", "BIOS"), ("uefi", "UEFI")])
     secure_boot = models.BooleanField(default=False, help_text="UEFI with Secure Boot (needs machine type q35 on x86).")
-    qemu_args = models.JSONField("extra QEMU arguments", default=list, blank=True, help_text="Staff only: they bypass every check.")
+    qemu_args = models.JSONField(
+        "extra QEMU arguments", default=list, blank=True, help_text="Staff only: they bypass every check."
+    )
 
     status = models.CharField(max_length=12, choices=Status.choices, default=Status.NEW)
     status_message = models.TextField(blank=True)
@@ -199,13 +233,17 @@ class MachineNic(models.Model):
     type = models.CharField(max_length=8, choices=Type.choices, default=Type.NETWORK)
     source = models.CharField(max_length=100, blank=True, help_text="Network or bridge name.")
     mac = models.CharField("MAC", max_length=17, unique=True, validators=[mac_validator])
-    model = models.CharField(max_length=8, default="virtio", choices=[(m, m) for m in ("virtio", "e1000", "e1000e", "rtl8139")])
+    model = models.CharField(
+        max_length=8, default="virtio", choices=[(m, m) for m in ("virtio", "e1000", "e1000e", "rtl8139")]
+    )
     mode = models.CharField("macvtap mode", max_length=12, default="bridge",
                             choices=[(m, m) for m in ("bridge", "vepa", "private", "passthrough")])  # fmt: skip
     vlan = models.PositiveSmallIntegerField("VLAN", null=True, blank=True)
     dhcp4 = models.BooleanField(default=True)
     dhcp6 = models.BooleanField(default=False)
-    addresses = models.JSONField(default=list, blank=True, help_text="Static addresses with prefix, e.g. 192.0.2.10/24.")
+    addresses = models.JSONField(
+        default=list, blank=True, help_text="Static addresses with prefix, e.g. 192.0.2.10/24."
+    )
     gateway4 = models.CharField(max_length=45, blank=True)
     gateway6 = models.CharField(max_length=45, blank=True)
     nameservers = models.JSONField(default=list, blank=True)

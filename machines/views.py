@@ -41,7 +41,9 @@ def _filtered_machines(request):
     machines = machines_for(request.user)
     q = {k: request.GET.get(k, "").strip() for k in ("q", "status", "type", "hypervisor", "owner", "sort")}
     if q["q"]:
-        machines = machines.filter(Q(name__icontains=q["q"]) | Q(uuid__icontains=q["q"]) | Q(nics__mac__icontains=q["q"])).distinct()
+        machines = machines.filter(
+            Q(name__icontains=q["q"]) | Q(uuid__icontains=q["q"]) | Q(nics__mac__icontains=q["q"])
+        ).distinct()
     if q["status"]:
         machines = machines.filter(status=q["status"])
     if q["type"]:
@@ -145,7 +147,11 @@ def machine_form_fields(request: HtmxHttpRequest) -> HttpResponse:
     """The create form again, its choices following the hypervisor just picked, with what was typed
     kept (htmx fragment; nothing is validated yet)."""
     multi = {"extra_isos", "hostdevs"}
-    initial = {k: (request.POST.getlist(k) if k in multi else request.POST.get(k)) for k in request.POST if k != "csrfmiddlewaretoken"}
+    initial = {
+        k: (request.POST.getlist(k) if k in multi else request.POST.get(k))
+        for k in request.POST
+        if k != "csrfmiddlewaretoken"
+    }
     for name in ("deletion_protection", "autostart", "watchdog", "rng", "secure_boot", "power_on"):
         initial[name] = name in request.POST  # an unchecked box is absent, not False
     form = MachineForm(initial=initial, user=request.user)
@@ -185,7 +191,9 @@ def _act(request, machine: Machine, call, done: str = "") -> HttpResponse:
 @require_POST
 def machine_power(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     machine = _get_machine_for_user(request, pk, access.OPERATE)
-    return _act(request, machine, lambda: services.machine_power(machine=machine, action=request.POST.get("action", "")))
+    return _act(
+        request, machine, lambda: services.machine_power(machine=machine, action=request.POST.get("action", ""))
+    )
 
 
 @login_required
@@ -230,7 +238,6 @@ def machine_delete(request: HtmxHttpRequest, pk: int) -> HttpResponse:
         messages.success(request, f"Deleting {machine.name}: its domain and disks are being removed.")
         return redirect("machines:list")
     return render(request, "machines/delete.html", {"machine": machine})
-
 
 
 # --- consoles and screenshots -----------------------------------------------------------
@@ -323,8 +330,11 @@ def machine_media(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     if image_id and image is None:
         messages.error(request, "No such ISO.")
         return redirect(machine)
-    return _act(request, machine, lambda: services.machine_change_media(
-        machine=machine, slot=int(request.POST.get("slot", "0")), image=image))
+    return _act(
+        request,
+        machine,
+        lambda: services.machine_change_media(machine=machine, slot=int(request.POST.get("slot", "0")), image=image),
+    )
 
 
 @login_required
@@ -362,8 +372,11 @@ def machine_boot_device(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 @require_POST
 def machines_instackenv(request: HtmxHttpRequest) -> HttpResponse:
     """instackenv.json of the user's network-boot machines, as a download (holds BMC passwords; recorded)."""
-    machines = [m for m in machines_for(request.user).filter(bmc_port__isnull=False)
-                if access.can(request.user, m, access.ADMIN)]  # they hold BMC passwords
+    machines = [
+        m
+        for m in machines_for(request.user).filter(bmc_port__isnull=False)
+        if access.can(request.user, m, access.ADMIN)
+    ]  # they hold BMC passwords
     response = JsonResponse(services.instackenv(machines, user=request.user), json_dumps_params={"indent": 2})
     response["Content-Disposition"] = 'attachment; filename="instackenv.json"'
     response["Cache-Control"] = "no-store"

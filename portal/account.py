@@ -118,7 +118,9 @@ class SignupForm(forms.Form):
             self.add_error("password2", "The two passwords differ.")
         elif data.get("password1"):
             try:
-                password_validation.validate_password(data["password1"], get_user_model()(username=data.get("username")))
+                password_validation.validate_password(
+                    data["password1"], get_user_model()(username=data.get("username"))
+                )
             except ValidationError as e:
                 self.add_error("password1", e)
         return data
@@ -132,7 +134,9 @@ def signup(request) -> HttpResponse:
         return redirect("home")
     form = SignupForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
-        user = get_user_model().objects.create_user(form.cleaned_data["username"], password=form.cleaned_data["password1"])
+        user = get_user_model().objects.create_user(
+            form.cleaned_data["username"], password=form.cleaned_data["password1"]
+        )
         audit.record("user.signup", user, request=request, user=user)
         login(request, user)
         return redirect("home")

@@ -50,7 +50,9 @@ def queue_report(limit: int = 0) -> QueueReport:
         waiting = HUEY.pending_count()
         for task in HUEY.pending(limit=limit) if limit else []:  # (limit 0 would read them all)
             name = task.name.rsplit(".", 1)[-1].removesuffix("_task").replace("_", " ")
-            machine_id = task.args[0] if task.args and name.startswith("machine ") and isinstance(task.args[0], int) else None
+            machine_id = (
+                task.args[0] if task.args and name.startswith("machine ") and isinstance(task.args[0], int) else None
+            )
             tasks.append({"name": name, "machine_id": machine_id})
     except Exception as e:  # noqa: BLE001 - whatever the queue's backend raises
         error = f"the queue cannot be read: {e}"

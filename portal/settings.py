@@ -103,7 +103,11 @@ DATABASES = {
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Writers wait for each other instead of failing with "database is locked".
     DATABASES["default"].setdefault("OPTIONS", {}).update(
-        {"timeout": 20, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}
+        {
+            "timeout": 20,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        }
     )
     DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test-portal.sqlite3")}
 
@@ -238,7 +242,9 @@ PORTAL_CONSOLE_MAX_VIEWERS_PER_MACHINE = envint("PORTAL_CONSOLE_MAX_VIEWERS_PER_
 PORTAL_CONSOLE_MAX_PER_USER = envint("PORTAL_CONSOLE_MAX_PER_USER", "4")
 PORTAL_CONSOLE_MAX_SESSION = envint("PORTAL_CONSOLE_MAX_SESSION", "28800")  # seconds; the proxy then closes the session
 if PORTAL_CONSOLE_MAX_SESSION < 1 or PORTAL_CONSOLE_RECONNECT_GRACE < 0:
-    raise ImproperlyConfigured("PORTAL_CONSOLE_MAX_SESSION is at least 1 s and PORTAL_CONSOLE_RECONNECT_GRACE at least 0")
+    raise ImproperlyConfigured(
+        "PORTAL_CONSOLE_MAX_SESSION is at least 1 s and PORTAL_CONSOLE_RECONNECT_GRACE at least 0"
+    )
 # Screenshots the minute's reconcile asks for, stalest first (open machine pages ask for their own).
 # Who may pass a hypervisor's PCI/USB devices to a machine: "staff" (default) or "everyone". A device
 # taken from the host (managed='yes' detaches it) can cut the host off its own network or disks.

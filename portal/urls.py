@@ -19,9 +19,13 @@ router.register("audit", AuditEventViewSet, basename="audit")
 
 urlpatterns = [
     path("", views.home, name="home"),
-    path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True,
-                                                extra_context={"self_registration": settings.PORTAL_SELF_REGISTRATION}),
-         name="login"),
+    path(
+        "login/",
+        auth_views.LoginView.as_view(
+            redirect_authenticated_user=True, extra_context={"self_registration": settings.PORTAL_SELF_REGISTRATION}
+        ),
+        name="login",
+    ),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("hypervisors/", include("hypervisors.urls")),
     path("machines/", include("machines.urls")),
@@ -33,8 +37,11 @@ urlpatterns = [
     path("audit/", views.audit_list, name="audit"),
     path("account/", account.account, name="account"),
     path("signup/", account.signup, name="signup"),
-    path("account/password/", auth_views.PasswordChangeView.as_view(success_url="/account/password/done/"),
-         name="password_change"),
+    path(
+        "account/password/",
+        auth_views.PasswordChangeView.as_view(success_url="/account/password/done/"),
+        name="password_change",
+    ),
     path("account/password/done/", auth_views.PasswordChangeDoneView.as_view(), name="password_change_done"),
     path("account/tokens/", account.token_create, name="account-token-create"),
     path("account/tokens/<int:pk>/revoke/", account.token_revoke, name="account-token-revoke"),

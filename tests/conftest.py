@@ -30,7 +30,10 @@ def huey_immediate():
 @pytest.fixture(autouse=True)
 def plain_static_storage(settings):
     # Unit tests render templates without running collectstatic first.
-    settings.STORAGES = {**settings.STORAGES, "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }
 
 
 @pytest.fixture
@@ -121,7 +124,9 @@ def _wait_listening(proc: subprocess.Popen, port: int, name: str, timeout: float
 def libvirtd():
     """The host's libvirtd, started by scripts/setup-host.sh (make test runs it)."""
     r = subprocess.run(["virsh", "-c", "qemu:///system", "uri"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, f"libvirtd does not answer on qemu:///system ({r.stderr.strip()}); run scripts/setup-host.sh"
+    assert r.returncode == 0, (
+        f"libvirtd does not answer on qemu:///system ({r.stderr.strip()}); run scripts/setup-host.sh"
+    )
     return "qemu:///system"
 
 

@@ -54,7 +54,9 @@ class FakeDriver(HypervisorDriver):
 
     def create_volume(self, *, pool, name, fmt, capacity_bytes, backing_path="", backing_format=""):
         self._hit("create_volume")
-        self._pool(pool).setdefault(name, {"format": fmt, "capacity": capacity_bytes, "backing": backing_path, "data": b""})
+        self._pool(pool).setdefault(
+            name, {"format": fmt, "capacity": capacity_bytes, "backing": backing_path, "data": b""}
+        )
         return self.volume_info(pool=pool, name=name)
 
     def upload_volume(self, *, pool, name, source, length):

@@ -61,7 +61,9 @@ def qemu_img_info(path: str, fmt: str, *, cpu_seconds: int = 30, memory_mib: int
     return json.loads(r.stdout)
 
 
-def inspect(path: str, declared: str, *, max_virtual_bytes: int, cpu_seconds: int = 30, memory_mib: int = 1024) -> ImageFacts:
+def inspect(
+    path: str, declared: str, *, max_virtual_bytes: int, cpu_seconds: int = 30, memory_mib: int = 1024
+) -> ImageFacts:
     """Check that the file is a safe image of the declared format; return its facts."""
     detected = detect_format(path)
     if detected != declared:

@@ -75,11 +75,15 @@ def test_console_shows_the_guest_and_typing_reaches_its_shell(page, web_server, 
     page.screenshot(path=str(ARTIFACTS / "browser-console.png"))
 
 
-def test_one_time_console_url_from_the_api_works_once_without_a_session(browser, web_server, console_proxy, running_iso):
+def test_one_time_console_url_from_the_api_works_once_without_a_session(
+    browser, web_server, console_proxy, running_iso
+):
     _, raw = ApiToken.issue(user=running_iso.owner)
     api = APIClient()
     api.credentials(HTTP_AUTHORIZATION=f"Token {raw}")
-    body = api.post(f"/api/v1/machines/{running_iso.pk}/console/", HTTP_HOST=f"127.0.0.1:{web_server.rsplit(':', 1)[1]}").json()
+    body = api.post(
+        f"/api/v1/machines/{running_iso.pk}/console/", HTTP_HOST=f"127.0.0.1:{web_server.rsplit(':', 1)[1]}"
+    ).json()
     assert body["url"].startswith(f"{web_server}/console/#m={running_iso.pk}&t=") and body["expires_at"]
 
     context = browser.new_context(viewport={"width": 1024, "height": 700})  # no portal session

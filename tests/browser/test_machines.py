@@ -36,7 +36,10 @@ def test_user_creates_an_image_machine_and_watches_it_boot(page, web_server, loc
     expect(page.locator("#id_name")).to_have_value("browser1")
     expect(page.locator("#id_script")).to_have_value("#!/bin/sh\necho browser-made")
     machine_types = page.locator("#id_machine_type option").all_text_contents()
-    assert "q35" in machine_types and machine_types == ["Default (pc on x86, virt on Arm)", *sorted(local.machine_types)], machine_types
+    assert "q35" in machine_types and machine_types == [
+        "Default (pc on x86, virt on Arm)",
+        *sorted(local.machine_types),
+    ], machine_types
     page.locator("#hardware summary").click()
     page.fill("#id_cpu_sockets", "1")
     page.fill("#id_cpu_cores", "1")

@@ -46,7 +46,13 @@ def test_list_and_detail(user_api):
     assert r.status_code == 200
     assert [h["name"] for h in r.json()["results"]] == ["lab"]
     d = user_api.get(f"/api/v1/hypervisors/{hv.pk}/").json()
-    assert {d["id"], d["name"], d["uri"], d["status"], d["arch"]} == {hv.pk, "lab", "test:///default", "online", "x86_64"}
+    assert {d["id"], d["name"], d["uri"], d["status"], d["arch"]} == {
+        hv.pk,
+        "lab",
+        "test:///default",
+        "online",
+        "x86_64",
+    }
 
 
 def test_staff_creates_and_the_sync_runs(staff_api, test_hv_state, django_capture_on_commit_callbacks):
@@ -64,7 +70,11 @@ def test_staff_creates_and_the_sync_runs(staff_api, test_hv_state, django_captur
         ({"name": "lab", "uri": "esx://host/"}, "uri", "Scheme 'esx' is not supported"),
         ({"name": "-lab", "uri": "qemu:///system"}, "name", "lower-case letters"),
         ({"name": "lab", "uri": "qemu:///system", "console_address": "any"}, "console_address", "not an IP address"),
-        ({"name": "lab", "uri": "qemu:///system", "domain_type_override": "xen"}, "domain_type_override", "not a valid"),
+        (
+            {"name": "lab", "uri": "qemu:///system", "domain_type_override": "xen"},
+            "domain_type_override",
+            "not a valid",
+        ),
     ],
 )
 def test_bad_input_is_400_with_the_field(staff_api, payload, field, message):
@@ -106,7 +116,9 @@ def test_delete_is_204(staff_api):
 
 def test_users_cannot_change_hypervisors(user_api):
     hv = HypervisorFactory(name="lab")
-    assert user_api.post("/api/v1/hypervisors/", {"name": "x", "uri": "qemu:///system"}, format="json").status_code == 403
+    assert (
+        user_api.post("/api/v1/hypervisors/", {"name": "x", "uri": "qemu:///system"}, format="json").status_code == 403
+    )
     assert user_api.patch(f"/api/v1/hypervisors/{hv.pk}/", {"enabled": False}, format="json").status_code == 403
     assert user_api.delete(f"/api/v1/hypervisors/{hv.pk}/").status_code == 403
     assert user_api.post(f"/api/v1/hypervisors/{hv.pk}/sync/").status_code == 403

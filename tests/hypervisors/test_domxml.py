@@ -54,7 +54,11 @@ def test_nics_by_type():
     assert nics[0].find("source").get("network") == "default"
     assert nics[1].find("source").get("bridge") == "br0"
     assert nics[2].find("source") is None
-    assert [n.find("mac").get("address") for n in nics] == ["52:54:00:aa:bb:01", "52:54:00:aa:bb:02", "52:54:00:aa:bb:03"]
+    assert [n.find("mac").get("address") for n in nics] == [
+        "52:54:00:aa:bb:01",
+        "52:54:00:aa:bb:02",
+        "52:54:00:aa:bb:03",
+    ]
     assert all(n.find("model").get("type") == "virtio" for n in nics)
 
 
@@ -102,7 +106,9 @@ def test_hardware_options_land_in_the_xml():
     assert root.findtext("devices/rng/backend") == "/dev/urandom"
     disk = root.find("devices/disk")
     assert disk.find("target").attrib == {"dev": "sda", "bus": "sata"} and disk.find("driver").get("cache") == "none"
-    args = root.findall("{http://libvirt.org/schemas/domain/qemu/1.0}commandline/{http://libvirt.org/schemas/domain/qemu/1.0}arg")
+    args = root.findall(
+        "{http://libvirt.org/schemas/domain/qemu/1.0}commandline/{http://libvirt.org/schemas/domain/qemu/1.0}arg"
+    )
     assert [a.get("value") for a in args] == ["-device", "pvpanic"]
 
 
@@ -137,7 +143,6 @@ def test_macvtap_and_vlan_nics():
     assert bridged.find("model").get("type") == "e1000e" and bridged.find("vlan") is None
 
 
-
 def test_a_guarded_nic_references_its_traffic_filter():
     root = parse(spec(nics=(NicSpec(type="network", source="portal-tenants", mac="52:54:00:aa:bb:06",
                                     guard="portal-guard-portal-tenants"),
@@ -145,6 +150,7 @@ def test_a_guarded_nic_references_its_traffic_filter():
     guarded, plain = root.findall("devices/interface")
     assert guarded.find("filterref").attrib == {"filter": "portal-guard-portal-tenants"}
     assert plain.find("filterref") is None
+
 
 PCI_XML = """<device><name>pci_0000_03_00_0</name><driver><name>igb</name></driver><capability type='pci'>
 <domain>0</domain><bus>3</bus><slot>0</slot><function>0</function><product id='0x1533'>I210</product>
@@ -172,9 +178,12 @@ def test_guest_agent_channel_and_its_connected_state():
 
     xml = build_domain_xml(spec())
     channel = parse(spec()).find("devices/channel")
-    assert channel.get("type") == "unix" and channel.find("target").attrib == {"type": "virtio", "name": GUEST_AGENT_CHANNEL}
+    assert channel.get("type") == "unix" and channel.find("target").attrib == {
+        "type": "virtio",
+        "name": GUEST_AGENT_CHANNEL,
+    }
     assert not agent_connected(xml)  # defined: no state yet
-    live = xml.replace(f"name=\"{GUEST_AGENT_CHANNEL}\"", f"name=\"{GUEST_AGENT_CHANNEL}\" state=\"disconnected\"")
+    live = xml.replace(f'name="{GUEST_AGENT_CHANNEL}"', f'name="{GUEST_AGENT_CHANNEL}" state="disconnected"')
     assert not agent_connected(live)
     assert agent_connected(live.replace("disconnected", "connected"))
 

@@ -78,7 +78,13 @@ def test_node_devices_of_the_test_driver_are_listed_and_passed_through(tmp_path)
     with LibvirtDriver(f"test://{path}") as d:
         info = d.host_info()
         pci, usb = info.devices
-        assert (pci["name"], pci["type"], pci["vendor"], pci["product"], pci["bus"]) == ("pci_0000_03_00_0", "pci", "0x8086", "0x1533", 3)
+        assert (pci["name"], pci["type"], pci["vendor"], pci["product"], pci["bus"]) == (
+            "pci_0000_03_00_0",
+            "pci",
+            "0x8086",
+            "0x1533",
+            3,
+        )
         assert (usb["name"], usb["type"], usb["bus"], usb["device"]) == ("usb_1_2", "usb", 1, 2)
         assert {"name": "br0", "type": "bridge", "active": True} in info.interfaces
         spec = DomainSpec(uuid="5d1a3f60-0d55-4a37-8a4c-2d7c9b1e0f11", name="passthrough", domain_type="test", vcpus=1,

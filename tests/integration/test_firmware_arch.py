@@ -50,7 +50,9 @@ def test_an_arm64_machine_boots_under_emulation(worker, local, file_server):
     machine = boot(local, image, "arm1")
     log = serial_log(machine.pk, "TINY-ARM64 ready", timeout=150)
     assert "TINY-ARM64 arch=aarch64" in log
-    xml = subprocess.run(["virsh", "-c", "qemu:///system", "dumpxml", str(machine.uuid)], capture_output=True, text=True).stdout
+    xml = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "dumpxml", str(machine.uuid)], capture_output=True, text=True
+    ).stdout
     # The portal chose what an emulated arm64 guest needs: TCG, virt, a 64-bit CPU, UEFI.
     for fragment in ("type='qemu'", "arch='aarch64'", "machine='virt", ">cortex-a57</model>", "AAVMF"):
         assert fragment in xml, fragment

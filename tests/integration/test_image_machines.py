@@ -49,7 +49,9 @@ def test_image_machine_lifecycle(api, local, tiny_image):
     }, format="json")  # fmt: skip
     assert r.status_code == 201, r.content
     mid = r.json()["id"]
-    body = wait_for(lambda: (b := api.get(f"/api/v1/machines/{mid}/").json())["status"] in ("active", "error") and b, 120)
+    body = wait_for(
+        lambda: (b := api.get(f"/api/v1/machines/{mid}/").json())["status"] in ("active", "error") and b, 120
+    )
     assert body["status"] == "active", body["status_message"]
     assert body["power_state"] == "running"
     print(f"request to running: {time.monotonic() - started:.1f} s")
@@ -84,7 +86,10 @@ def test_image_machine_lifecycle(api, local, tiny_image):
     # Grow the disk while it runs.
     assert api.post(f"/api/v1/machines/{mid}/grow-disk/", {"disk_gib": 2}, format="json").status_code == 202
     wait_for(lambda: Machine.objects.get(pk=mid).status == "active", 30)
-    assert f"<capacity unit='bytes'>{2 << 30}</capacity>" in virsh("vol-dumpxml", "--pool", "default", machine.disk_volume).stdout
+    assert (
+        f"<capacity unit='bytes'>{2 << 30}</capacity>"
+        in virsh("vol-dumpxml", "--pool", "default", machine.disk_volume).stdout
+    )
 
     # Rebuild: a fresh disk and a fresh instance-id.
     old_instance = machine.instance_id
@@ -128,9 +133,13 @@ def test_a_malicious_qcow2_is_refused_at_upload(api, tmp_path):
     subprocess.run(["qemu-img", "create", "-f", "qcow2", "-F", "raw", "-b", "/etc/shadow", str(evil), "1M"],
                    check=True, capture_output=True)  # fmt: skip
     with open(evil, "rb") as f:
-        r = api.post("/api/v1/images/", {"name": "evil", "kind": "disk", "format": "qcow2", "file": f}, format="multipart")
+        r = api.post(
+            "/api/v1/images/", {"name": "evil", "kind": "disk", "format": "qcow2", "file": f}, format="multipart"
+        )
     assert r.status_code == 201
-    body = wait_for(lambda: (b := api.get(f"/api/v1/images/{r.json()['id']}/").json())["status"] != "importing" and b, 30)
+    body = wait_for(
+        lambda: (b := api.get(f"/api/v1/images/{r.json()['id']}/").json())["status"] != "importing" and b, 30
+    )
     assert body["status"] == "error" and "backing file" in body["status_message"]
     assert not (image_dir() / Image.objects.get(pk=body["id"]).file_name).exists()  # the refused file is gone
 

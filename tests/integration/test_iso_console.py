@@ -264,7 +264,13 @@ def test_a_project_viewer_gets_a_view_only_console(iso_machine, console_proxy):
     assert client.post(f"/machines/{iso_machine.pk}/power/", {"action": "poweroff"}).status_code == 403
     status, banner = handshake(console_proxy, f"/console/{iso_machine.pk}?token={r.json()['token']}")
     assert status == 101 and banner.startswith(b"RFB")
-    wait_for(lambda: f"console of machine {iso_machine.pk} for user {viewer.pk} (view only)" in (ARTIFACTS / "console.log").read_text(), 10)
+    wait_for(
+        lambda: (
+            f"console of machine {iso_machine.pk} for user {viewer.pk} (view only)"
+            in (ARTIFACTS / "console.log").read_text()
+        ),
+        10,
+    )
 
 
 def test_an_extra_disk_from_an_image_with_boot_order_one_boots_first(worker, local, tiny_iso, tiny_image):
@@ -276,7 +282,12 @@ def test_an_extra_disk_from_an_image_with_boot_order_one_boots_first(worker, loc
     assert machine.status == "active", machine.status_message
     xml = virsh("dumpxml", "--inactive", str(machine.uuid))
     disks = xml.split("<disk ")[1:]
-    order = {d.split("<target dev='")[1].split("'")[0]: (d.split("<boot order='")[1].split("'")[0] if "<boot order" in d else None) for d in disks}
+    order = {
+        d.split("<target dev='")[1].split("'")[0]: (
+            d.split("<boot order='")[1].split("'")[0] if "<boot order" in d else None
+        )
+        for d in disks
+    }
     assert order == {"vda": "2", "vdb": "1", "vdc": None, "hda": "3"}, order
     assert "<backingStore" in virsh("vol-dumpxml", "--pool", "default", machine.extra_disk_volume(0))
     log = serial_log(machine.pk, "SYSLINUX", "TINY-GUEST ready")  # the image disk, not the installer ISO

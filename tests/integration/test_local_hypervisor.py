@@ -20,7 +20,9 @@ DOWN_BOUND = 30  # seconds within which an unreachable hypervisor must show as d
 
 
 def virsh(*args: str, input: str | None = None) -> str:
-    r = subprocess.run(["virsh", "-c", "qemu:///system", *args], input=input, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["virsh", "-c", "qemu:///system", *args], input=input, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout
 
@@ -44,7 +46,10 @@ def outside_objects(libvirtd):
     with open("/tmp/itest-net.xml", "w") as f:
         f.write(f"<network><name>{names['net']}</name></network>")  # isolated, never started
     virsh("net-define", "/tmp/itest-net.xml")
-    for key, metadata in [("dom", ""), ("ours", '<metadata><p:machine xmlns:p="https://ansistack-portal.invalid/xmlns/machine/1" id="1"/></metadata>')]:
+    for key, metadata in [
+        ("dom", ""),
+        ("ours", '<metadata><p:machine xmlns:p="https://ansistack-portal.invalid/xmlns/machine/1" id="1"/></metadata>'),
+    ]:
         with open("/tmp/itest-dom.xml", "w") as f:
             f.write(f"<domain type='qemu'><name>{names[key]}</name><memory unit='MiB'>32</memory>{metadata}"
                     "<os><type arch='x86_64' machine='pc'>hvm</type></os></domain>")  # fmt: skip

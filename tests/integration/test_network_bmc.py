@@ -92,7 +92,11 @@ def test_ipmitool_drives_a_network_boot_machine(owner_api, local, bmc_server):
     nodes = api.get("/api/v1/machines/instackenv/").json()["nodes"]
     assert {n["name"] for n in nodes} == {"metal1", "metal2"}
     node = next(n for n in nodes if n["name"] == "metal1")
-    assert node["pm_type"] == "ipmi" and node["pm_port"] == str(machine.bmc_port) and node["pm_password"] == creds["password"]
+    assert (
+        node["pm_type"] == "ipmi"
+        and node["pm_port"] == str(machine.bmc_port)
+        and node["pm_password"] == creds["password"]
+    )
     assert node["mac"] == [machine.nics.get().mac] and node["arch"] == "x86_64"
 
     # Protection keeps the BMC; deleting the machine closes its port.

@@ -49,11 +49,16 @@ def test_bridge_and_macvtap_nics_get_addresses(lan, worker, tiny_image):
     hv = hv_services.hypervisor_create(name="lan-host", uri=lan.uri)
     hv = wait_for(lambda: (h := Hypervisor.objects.get(pk=hv.pk)).status == HypervisorStatus.ONLINE and h, 60)
     kinds = {i["name"]: i["type"] for i in hv.interfaces}
-    assert kinds.get("br-lan") == "bridge" and kinds.get("veth-a") == "ethernet", kinds  # the namespace's, not the host's
+    assert kinds.get("br-lan") == "bridge" and kinds.get("veth-a") == "ethernet", (
+        kinds
+    )  # the namespace's, not the host's
     # Host bridges and interfaces are staff's unless published: staff open both to everyone on this host.
     PublishedNetwork.objects.create(hypervisor=hv, kind="bridge", source="br-lan", everyone=True)
     PublishedNetwork.objects.create(hypervisor=hv, kind="direct", source="veth-a", modes=["bridge"], everyone=True)
-    nics = [services.NicInput(type="bridge", source="br-lan"), services.NicInput(type="direct", source="veth-a", mode="bridge")]
+    nics = [
+        services.NicInput(type="bridge", source="br-lan"),
+        services.NicInput(type="direct", source="veth-a", mode="bridge"),
+    ]
     machine = services.machine_create(owner=UserFactory(username="lan"), hypervisor=hv, name="lan1", image=tiny_image,
                                       memory_mib=256, disk_gib=1, nics=nics)  # fmt: skip
     machine = wait_for(lambda: (m := Machine.objects.get(pk=machine.pk)).status in ("active", "error") and m, 120)
@@ -61,7 +66,9 @@ def test_bridge_and_macvtap_nics_get_addresses(lan, worker, tiny_image):
     xml = lan.virsh("dumpxml", str(machine.uuid))
     assert "<interface type='bridge'>" in xml and "<interface type='direct'>" in xml and "mode='bridge'" in xml
     log = serial_log(machine.pk, "TINY-GUEST ready", timeout=120)
-    leases = dict(line.split("TINY-GUEST net ")[1].strip().split("=") for line in log.splitlines() if "TINY-GUEST net" in line)
+    leases = dict(
+        line.split("TINY-GUEST net ")[1].strip().split("=") for line in log.splitlines() if "TINY-GUEST net" in line
+    )
     # One lease per NIC: the bridge NIC from the first bridge's DHCP, the macvtap NIC through the veth from the second.
     assert sorted(a.rsplit(".", 1)[0] for a in leases.values()) == ["10.77.0", "10.78.0"], leases
     # The guest answers on both addresses from the host's side: through the bridge, and through macvtap.

@@ -45,7 +45,8 @@ def test_any_hypervisor_fills_the_roomiest_first_then_refuses(second_host, worke
     assert reason.startswith(f"placed on {first.hypervisor.name}:") and "MiB memory" in reason
     # The domains really are on the hypervisors the portal chose.
     assert str(second.uuid) in second_host.virsh("list", "--all", "--uuid") or str(first.uuid) in second_host.virsh(
-        "list", "--all", "--uuid")
+        "list", "--all", "--uuid"
+    )
 
     with pytest.raises(Exception) as refused:
         create("p3")

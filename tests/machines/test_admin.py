@@ -18,7 +18,9 @@ def machine(db):
 
 
 def act(staff_client, action, machine):
-    return staff_client.post("/admin/machines/machine/", {"action": action, "_selected_action": [machine.pk]}, follow=True)
+    return staff_client.post(
+        "/admin/machines/machine/", {"action": action, "_selected_action": [machine.pk]}, follow=True
+    )
 
 
 def test_power_action_queues_the_operation(staff_client, machine):

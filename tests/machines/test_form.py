@@ -60,7 +60,11 @@ def test_one_hypervisor_offers_what_it_has(lab, images):
                            hostdevs=["usb_1_2"])  # fmt: skip
     form = MachineForm(initial={"hypervisor": lab.pk}, user=UserFactory(username="u", is_staff=True))
     assert values(form, "machine_type") == ["pc", "pc-q35-7.2", "q35"]
-    assert values(form, "cpu_mode") == ["host-passthrough", "host-model", "custom"]  # not "maximum": the portal has no use
+    assert values(form, "cpu_mode") == [
+        "host-passthrough",
+        "host-model",
+        "custom",
+    ]  # not "maximum": the portal has no use
     assert values(form, "cpu_model") == ["Haswell", "qemu64"]
     assert values(form, "firmware") == ["bios", "uefi"]
     assert values(form, "pool") == ["default", "fast"]  # not the inactive one
@@ -119,7 +123,13 @@ def test_the_form_carries_every_hardware_option(lab, images, client, django_capt
     m = Machine.objects.get(name="full")
     nic = m.nics.get()
     assert (nic.type, nic.source, nic.mode, nic.vlan, nic.model) == ("direct", "eno1", "vepa", 7, "e1000e")
-    assert (m.pool, m.machine_type, m.cpu_mode, m.cpu_model, m.cpu_topology) == ("fast", "q35", "custom", "Haswell", [1, 2, 2])
+    assert (m.pool, m.machine_type, m.cpu_mode, m.cpu_model, m.cpu_topology) == (
+        "fast",
+        "q35",
+        "custom",
+        "Haswell",
+        [1, 2, 2],
+    )
     assert (m.firmware, m.secure_boot, m.disk_cache, m.watchdog) == ("uefi", True, "none", True)
     assert [d["size_gib"] for d in m.extra_disks] == [3, 5] and m.smbios == {"manufacturer": "Acme", "serial": "SN-1"}
     assert m.hostdevs == ["pci_0000_03_00_0", "usb_1_2"] and m.qemu_args == ["-device", "pvpanic"]
@@ -129,7 +139,11 @@ def test_the_form_carries_every_hardware_option(lab, images, client, django_capt
     ("change", "field", "message"),
     [
         ({"cpu_sockets": 2}, "cpu_sockets", "or none of them"),
-        ({"cpu_sockets": 3, "cpu_cores": 1, "cpu_threads": 1}, "cpu_sockets", "must equal the 2 vCPUs"),  # from the service
+        (
+            {"cpu_sockets": 3, "cpu_cores": 1, "cpu_threads": 1},
+            "cpu_sockets",
+            "must equal the 2 vCPUs",
+        ),  # from the service
         ({"smbios_text": "Acme"}, "smbios_text", "key=value"),
         ({"smbios_text": "colour=red"}, "smbios_text", "Use the keys"),  # from the service
         ({"extra_disks_text": "10 big"}, "extra_disks_text", "whole GiB"),
@@ -158,8 +172,12 @@ def test_a_choice_the_new_hypervisor_lacks_falls_back_and_the_form_says_so(staff
     html = staff_client.post(reverse("machines:form-fields"), {"hypervisor": small.pk, "nic": "direct:eno1", "firmware": "uefi",
                                                               "image": images[1].pk, "pool": "fast"}).content.decode()  # fmt: skip
     assert 'id="form-dropped"' in html
-    for note in ("Network eno1 is not offered on small", "Firmware uefi is not offered on small",
-                 "Image debian-arm is not offered on small", "Storage pool fast is not offered on small"):
+    for note in (
+        "Network eno1 is not offered on small",
+        "Firmware uefi is not offered on small",
+        "Image debian-arm is not offered on small",
+        "Storage pool fast is not offered on small",
+    ):
         assert note in html, note
     assert '<option value="user:" selected>' in html  # user-mode, never "no network" by accident
 

@@ -46,7 +46,9 @@ def test_blank_and_busy_screens():
     assert distinct_colours(ppm(64, 64)) > 10
 
 
-@pytest.mark.parametrize("data", [b"P5\n1 1\n255\n\x00", b"P6\n10 10\n255\n\x00\x00", b"P6\n1 1\n65535\n" + b"\x00" * 6])
+@pytest.mark.parametrize(
+    "data", [b"P5\n1 1\n255\n\x00", b"P6\n10 10\n255\n\x00\x00", b"P6\n1 1\n65535\n" + b"\x00" * 6]
+)
 def test_bad_input_is_refused(data):
     with pytest.raises(BadImage):
         ppm_to_png(data)

@@ -107,7 +107,9 @@ def test_search_filter_sort_and_paginate(user_client, user):
 def test_bulk_actions_only_touch_your_machines(user_client, machine, other_client):
     other_machine = Machine.objects.create(name="theirs", owner=UserFactory(username="bob"), hypervisor=machine.hypervisor,
                                            deploy_type="network", status=Status.ACTIVE)  # fmt: skip
-    r = user_client.post(reverse("machines:bulk"), {"action": "poweroff", "ids": [machine.pk, other_machine.pk]}, follow=True)
+    r = user_client.post(
+        reverse("machines:bulk"), {"action": "poweroff", "ids": [machine.pk, other_machine.pk]}, follow=True
+    )
     assert b"Power off: web1" in r.content
     assert Machine.objects.get(pk=machine.pk).operation == "poweroff"
     assert Machine.objects.get(pk=other_machine.pk).operation == ""
@@ -121,8 +123,12 @@ def test_bulk_delete_refuses_protected_machines(user_client, machine):
 
 def test_detail_and_list_show_the_addresses_the_guest_has(user_client, machine):
     nic = machine.nics.create(index=0, type="network", source="default", mac="52:54:00:12:34:56")
-    Machine.objects.filter(pk=machine.pk).update(power_state="running", guest_addresses={nic.mac: ["192.0.2.10/24", "2001:db8::10/64"]})
-    detail = user_client.get(reverse("machines:detail", args=[machine.pk]), headers={"HX-Request": "true"}).content.decode()
+    Machine.objects.filter(pk=machine.pk).update(
+        power_state="running", guest_addresses={nic.mac: ["192.0.2.10/24", "2001:db8::10/64"]}
+    )
+    detail = user_client.get(
+        reverse("machines:detail", args=[machine.pk]), headers={"HX-Request": "true"}
+    ).content.decode()
     assert "now <strong>192.0.2.10/24, 2001:db8::10/64</strong>" in detail  # in the partial that refreshes
     listing = user_client.get(reverse("machines:list")).content.decode()
     assert "<code>192.0.2.10</code><br><code>2001:db8::10</code>" in listing

@@ -53,7 +53,9 @@ def test_self_registration_is_off_by_default(client):
 
 def test_self_registration_when_on(client, settings):
     settings.PORTAL_SELF_REGISTRATION = True
-    r = client.post("/signup/", {"username": "newcomer", "password1": "a-long-pass-phrase-1", "password2": "a-long-pass-phrase-1"})
+    r = client.post(
+        "/signup/", {"username": "newcomer", "password1": "a-long-pass-phrase-1", "password2": "a-long-pass-phrase-1"}
+    )
     assert r.status_code == 302
     assert AuditEvent.objects.filter(action="user.signup", username="newcomer").exists()
     r = client.post("/signup/", {"username": "x", "password1": "short", "password2": "short"})

@@ -25,7 +25,12 @@ def test_api_changes_are_recorded_with_the_token_user(staff, django_capture_on_c
     api.credentials(HTTP_AUTHORIZATION=f"Token {raw}")
     api.post("/api/v1/hypervisors/", {"name": "lab", "uri": "qemu+tcp://127.0.0.1:1/system"}, format="json")
     created = AuditEvent.objects.get(action="hypervisor.create")
-    assert (created.username, created.address, created.outcome, created.object_repr) == (staff.username, "198.51.100.9", "success", "lab")
+    assert (created.username, created.address, created.outcome, created.object_repr) == (
+        staff.username,
+        "198.51.100.9",
+        "success",
+        "lab",
+    )
     assert "uri=qemu+tcp://127.0.0.1:1/system" in created.detail
 
 

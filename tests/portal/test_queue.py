@@ -27,7 +27,10 @@ def test_the_worker_beats_when_it_starts_then_from_a_thread(settings):
     assert queue_report().worker_ok and "pid" in queue_report().worker_detail
     Heartbeat.objects.update(seen=timezone.now() - timedelta(minutes=10))
     settings.PORTAL_WORKER_HEARTBEAT = 0
-    with mock.patch("portal.tasks.close_old_connections"), mock.patch("portal.tasks.time.sleep", side_effect=[None, SystemExit]):
+    with (
+        mock.patch("portal.tasks.close_old_connections"),
+        mock.patch("portal.tasks.time.sleep", side_effect=[None, SystemExit]),
+    ):
         with pytest.raises(SystemExit):
             _beat_forever()  # one beat, then the (mocked) sleep ends it
     assert queue_report().worker_age < 5
@@ -65,7 +68,10 @@ def test_a_busy_machine_says_it_waits_for_the_worker(user_client, user):
 def test_staff_see_what_waits_in_the_queue(staff_client):
     waiting = [Task(args=(7,)), Task(args=())]
     waiting[0].name, waiting[1].name = "machines.tasks.machine_provision_task", "hypervisors.tasks.hypervisor_sync_task"
-    with mock.patch("portal.queue.HUEY.pending", return_value=waiting), mock.patch("portal.queue.HUEY.pending_count", return_value=2):
+    with (
+        mock.patch("portal.queue.HUEY.pending", return_value=waiting),
+        mock.patch("portal.queue.HUEY.pending_count", return_value=2),
+    ):
         r = staff_client.get("/")
     html = r.content.decode()
     assert '<strong id="queue-waiting">2</strong> tasks waiting' in html

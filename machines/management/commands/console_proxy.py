@@ -21,7 +21,9 @@ class Command(BaseCommand):
         ConsoleSession.objects.filter(ended__isnull=True).exclude(proxy_pid=os.getpid()).update(ended=timezone.now())
         server = ConsoleProxyServer(host, port)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
-        self.stdout.write(f"Console proxy on {host}:{port}; origins allowed: {', '.join(settings.PORTAL_CONSOLE_ALLOWED_ORIGINS)}")
+        self.stdout.write(
+            f"Console proxy on {host}:{port}; origins allowed: {', '.join(settings.PORTAL_CONSOLE_ALLOWED_ORIGINS)}"
+        )
         self.stdout.flush()
         try:
             server.serve_forever(poll_interval=0.5)
