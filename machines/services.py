@@ -495,10 +495,23 @@ def machine_delete_run(machine_id: int) -> None:
 
 @audited("machine.power", obj_kwarg="machine")
 @transaction.atomic
+def _refuse_against_policy(machine: Machine, doing: str) -> None:
+    """A machine whose NICs the network policy refuses (made before it, or left on a network since
+    unpublished) is not started or rebuilt until staff publish its network or change its NIC."""
+    for index, nic in enumerate(machine.nics.all(), start=1):
+        reason = nic_policy.refusal(machine.owner, nic, index=index, hypervisor=machine.hypervisor,
+                                    project=machine.project)  # fmt: skip
+        if reason:
+            raise MachineError(f"{machine.name} cannot be {doing}: {reason}")
+
+
 def machine_power(*, machine: Machine, action: str) -> None:
-    """Queue a power action; one operation at a time per machine."""
+    """Queue a power action; one operation at a time per machine. A start (of a machine that is off) is
+    refused while its NICs break the network policy."""
     if action not in PowerAction.values:
         raise MachineError(f"Unknown action {action!r}; use one of {', '.join(PowerAction.values)}.")
+    if action == PowerAction.START:
+        _refuse_against_policy(machine, "started")
     _claim_operation(machine, action)
     machine.log("power", f"{PowerAction(action).label} requested")
     _enqueue("machine_power_task", machine.pk, action)
@@ -548,6 +561,7 @@ def machine_rebuild(*, machine: Machine) -> None:
         )
     if machine.image is None or not machine.image.is_ready:
         raise MachineError("The machine's image is not available any more.")
+    _refuse_against_policy(machine, "rebuilt")
     Machine.objects.filter(pk=machine.pk).update(instance_id=f"i-{uuidlib.uuid4().hex}", attempts=0)
     machine.transition(Status.REBUILDING)
     _enqueue("machine_rebuild_task", machine.pk)

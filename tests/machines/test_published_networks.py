@@ -500,3 +500,20 @@ def test_a_user_is_not_told_which_bridges_the_host_has_and_nics_are_bounded(lab)
         UserFactory(username="many"), lab, nics=[{"type": "network", "source": settings.PORTAL_TENANT_NETWORK}] * 9
     )
     refused(r, "At most 8 NICs.")
+
+
+def test_a_machine_against_the_policy_is_neither_started_nor_rebuilt(lab):
+    """Made before the policy (or its network unpublished since): the report lists it, and it does not start."""
+    from machines import services
+
+    owner = UserFactory(username="legacy")
+    machine = Machine.objects.create(name="old", owner=owner, hypervisor=lab, deploy_type="network", status="active",
+                                     power_state="off")  # fmt: skip
+    machine.nics.create(index=0, type="user", mac="52:54:00:00:00:98")
+    with pytest.raises(services.MachineError, match="old cannot be started: NIC 1: user-mode networking is for staff"):
+        services.machine_power(machine=machine, action="start")
+    with pytest.raises(services.MachineError, match="old cannot be rebuilt"):
+        disk = Image.objects.create(name="disk", kind="disk", format="qcow2", status=ImageStatus.READY)
+        Machine.objects.filter(pk=machine.pk).update(deploy_type="image", image=disk)
+        services.machine_rebuild(machine=Machine.objects.get(pk=machine.pk))
+    services.machine_power(machine=Machine.objects.get(pk=machine.pk), action="poweroff")  # stopping is always fine
