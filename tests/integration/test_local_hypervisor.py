@@ -77,7 +77,13 @@ def test_local_hypervisor_comes_online_with_its_capabilities(worker, outside_obj
     pool = next(p for p in hv.pools if p["name"] == "default")
     assert pool["active"] and pool["path"] == "/var/lib/libvirt/images" and pool["capacity_bytes"] > 0
     net = next(n for n in hv.networks if n["name"] == outside_objects["net"])
-    assert net == {"name": outside_objects["net"], "active": False, "forward_mode": "isolated", "bridge": net["bridge"]}
+    assert net == {
+        "name": outside_objects["net"],
+        "active": False,
+        "forward_mode": "isolated",
+        "bridge": net["bridge"],
+        "guard": "",
+    }  # not defined by the portal: no guard
     unmanaged = {d["name"]: d for d in hv.unmanaged_domains}
     assert unmanaged[outside_objects["dom"]]["state"] == "off"
     assert outside_objects["ours"] not in unmanaged  # carries the portal's metadata
