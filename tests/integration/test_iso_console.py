@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from machines import consoles, services
 from machines.models import ConsoleSession, ConsoleToken, Machine
+from tests import rfb_client
 from tests.conftest import ARTIFACTS, STACK_PORTS, serial_log, wait_for
 from tests.factories import UserFactory
 from tests.images import test_images as built_images
@@ -71,9 +72,10 @@ class WsClient:
             elif opcode in (0x0, 0x1, 0x2):
                 self.data += payload
 
-    def read_until(self, needle: bytes, timeout: float = 30) -> bytes:
+    def _fill(self, enough, timeout: float) -> None:
+        """Receive frames until enough(self.data), the server closes, or the time runs out."""
         deadline = time.monotonic() + timeout
-        while needle not in self.data and self.close_reason is None and time.monotonic() < deadline:
+        while not enough(self.data) and self.close_reason is None and time.monotonic() < deadline:
             self.sock.settimeout(max(0.1, deadline - time.monotonic()))
             try:
                 chunk = self.sock.recv(65536)
@@ -83,21 +85,14 @@ class WsClient:
                 break
             self.buf += chunk
             self._frames()
+
+    def read_until(self, needle: bytes, timeout: float = 30) -> bytes:
+        self._fill(lambda data: needle in data, timeout)
         return self.data
 
     def read(self, n: int, timeout: float = 15) -> bytes:
         """Exactly n bytes of what the server sent (fewer if it closed or the time ran out), consumed."""
-        deadline = time.monotonic() + timeout
-        while len(self.data) < n and self.close_reason is None and time.monotonic() < deadline:
-            self.sock.settimeout(max(0.1, deadline - time.monotonic()))
-            try:
-                chunk = self.sock.recv(65536)
-            except TimeoutError:
-                break
-            if not chunk:
-                break
-            self.buf += chunk
-            self._frames()
+        self._fill(lambda data: len(data) >= n, timeout)
         out, self.data = self.data[:n], self.data[n:]
         return out
 
@@ -434,13 +429,9 @@ def rfb_open(ws: WsClient) -> bytes:
 
 
 def rfb_type(ws: WsClient, text: str) -> None:
-    """KeyEvents for text (lower case, digits, space, - / and >), with Shift where the US layout needs it."""
-    shift, keys = 0xFFE1, {"\n": 0xFF0D}
-    for ch in text:
-        keysym = keys.get(ch, ord(ch))
-        events = [(shift, 1), (keysym, 1), (keysym, 0), (shift, 0)] if ch == ">" else [(keysym, 1), (keysym, 0)]
-        for sym, down in events:
-            ws.send(struct.pack(">BBxxI", 4, down, sym))
+    """KeyEvents for text on a US layout, with Shift where it needs it (tests/rfb_client.py)."""
+    for event in rfb_client.key_events(text):
+        ws.send(event)
 
 
 def test_an_operator_demoted_to_viewer_types_no_more_within_seconds(iso_machine, console_proxy):
