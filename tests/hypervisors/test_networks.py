@@ -184,3 +184,19 @@ def test_the_guard_of_a_pxe_network_lets_tftp_through():
                        "statematch": "false"})]  # fmt: skip
     assert all(rules.index(r) < rules.index(("drop", "all", {"dstipaddr": "192.168.77.1"})) for r in tftp)
     assert not set(map(str, tftp)) & set(map(str, guard_rules(networks.tenant_spec().guard())))  # only PXE networks
+
+
+def test_a_network_portal_machines_use_is_not_removed(monkeypatch, django_capture_on_commit_callbacks):
+    from machines.models import Machine
+    from tests.factories import UserFactory
+
+    removed = []
+    monkeypatch.setattr("hypervisors.networks.network_delete_run", lambda pk, name: removed.append(name))
+    hv = HypervisorFactory(name="lab", networks=[{"name": "pxe"}, {"name": "spare"}])
+    machine = Machine.objects.create(name="m", owner=UserFactory(username="o"), hypervisor=hv, deploy_type="network")
+    machine.nics.create(index=0, type="network", source="pxe", mac="52:54:00:00:00:42")
+    with pytest.raises(ValidationError, match="Machines on lab still use network pxe"):
+        networks.network_delete(hypervisor=hv, name="pxe")
+    with django_capture_on_commit_callbacks(execute=True):
+        networks.network_delete(hypervisor=hv, name="spare")  # (the machines app's check, registered at start-up)
+    assert removed == ["spare"]
