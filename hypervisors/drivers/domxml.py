@@ -366,14 +366,15 @@ def guard_name(network: str) -> str:
 
 
 def _tftp_rules(gateway: str) -> tuple[tuple[str, str, dict[str, str]], ...]:
-    # Without state matching on the second: the guest's acknowledgements answer a flow the host began
-    # (dnsmasq sends each transfer from a new port), which libvirt's default (NEW from the guest) drops.
+    # The second only for established flows, in either direction: the guest's acknowledgements answer a
+    # flow the host began (dnsmasq sends each transfer from a new port), which libvirt's default match
+    # (NEW or ESTABLISHED in the guest's direction) drops; a flow the guest starts there is dropped.
     return (
         ("accept", "udp", {"dstipaddr": gateway, "dstportstart": "69"}),
         (
             "accept",
             "udp",
-            {"dstipaddr": gateway, "dstportstart": "32768", "dstportend": "60999", "statematch": "false"},
+            {"dstipaddr": gateway, "dstportstart": "32768", "dstportend": "60999", "state": "ESTABLISHED"},
         ),
     )
 
@@ -385,8 +386,8 @@ def guard_xml(*, network: str, gateway: str, prefix: int, nat: bool, host_addres
     the hypervisor: not its address on the bridge, not the subnet broadcast, not its other addresses.
     Rules are iptables-level, so libvirt applies them to traffic for the host itself and to forwarded
     traffic alike; IPv6 from the guest is dropped (portal networks are IPv4). With `tftp` (a PXE network)
-    the guest may also reach the hypervisor's TFTP server: port 69, and the ephemeral ports (32768-60999,
-    Linux's default range) that dnsmasq answers each transfer from."""
+    the guest may also reach the hypervisor's TFTP server: port 69, and, for flows dnsmasq began, the
+    ephemeral ports (32768-60999, Linux's default range) it answers each transfer from."""
     net = ipaddress.ip_interface(f"{gateway}/{prefix}").network
     root = ET.Element("filter", name=guard_name(network), chain="root")
     rules: list[tuple[str, str, dict[str, str]]] = [
