@@ -180,10 +180,10 @@ def _revoke_on_logout(sender, request, user, **kwargs) -> None:
 
 
 @receiver(pre_save, sender=settings.AUTH_USER_MODEL)
-def _revoke_on_new_credentials(sender, instance, raw=False, **kwargs) -> None:
+def _revoke_on_new_credentials(sender, instance, raw=False, update_fields=None, **kwargs) -> None:
     """A changed password or a deactivated account ends the user's consoles and kills their unused tokens,
     as a logout does: whoever held the old password must not keep a console open with it."""
-    if raw or not credentials_changed(instance):
+    if raw or not credentials_changed(instance, update_fields):
         return
     ConsoleToken.objects.filter(user=instance).delete()
     ConsoleSession.objects.filter(user=instance, ended__isnull=True).update(revoked=True)

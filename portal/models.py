@@ -37,19 +37,20 @@ class ApiToken(models.Model):
         return token, raw
 
 
-def credentials_changed(user) -> bool:
-    """Whether a User about to be saved has a new password or is being deactivated (for pre_save receivers)."""
-    if user.pk is None:
+def credentials_changed(user, update_fields=None) -> bool:
+    """Whether a User about to be saved has a new password or is being deactivated (for pre_save receivers).
+    A save of other fields only (a log-in writes last_login) costs no query."""
+    if user.pk is None or (update_fields is not None and not {"password", "is_active"} & set(update_fields)):
         return False
     before = type(user).objects.filter(pk=user.pk).values("password", "is_active").first()
     return before is not None and (before["password"] != user.password or (before["is_active"] and not user.is_active))
 
 
 @receiver(pre_save, sender=settings.AUTH_USER_MODEL)
-def _revoke_api_tokens_on_new_credentials(sender, instance, raw=False, **kwargs) -> None:
+def _revoke_api_tokens_on_new_credentials(sender, instance, raw=False, update_fields=None, **kwargs) -> None:
     """A changed password or a deactivated account revokes the user's API tokens: they were issued to
     whoever knew the old password."""
-    if not raw and credentials_changed(instance):
+    if not raw and credentials_changed(instance, update_fields):
         ApiToken.objects.filter(user=instance).delete()
 
 

@@ -53,3 +53,10 @@ def test_other_saves_revoke_nothing(held):
     user.save()
     session.refresh_from_db()
     assert not session.revoked and ApiToken.objects.filter(user=user).count() == 1
+
+
+def test_a_log_in_costs_no_extra_query(held, django_assert_num_queries):
+    user, _ = held
+    user.first_name = "x"
+    with django_assert_num_queries(1):  # the UPDATE alone: no look at the old password
+        user.save(update_fields=["last_login"])
