@@ -23,7 +23,7 @@ import struct
 
 from machines.rfb import ViolatedProtocol
 
-__all__ = ["ClientMessageFilter", "FilteredSocket", "ViewOnlyFilter", "ViewOnlySocket", "ViolatedProtocol"]
+__all__ = ["ClientMessageFilter", "FilteredSocket", "ViolatedProtocol"]
 
 MAX_ENCODINGS = 64  # SetEncodings entries; noVNC sends about 20
 MAX_CUT_TEXT = 1 << 20  # bytes of clipboard text; QEMU closes a connection that sends more
@@ -153,8 +153,3 @@ class FilteredSocket:
 
     def __getattr__(self, name):
         return getattr(self._sock, name)
-
-
-# The names this module had before every session was filtered.
-ViewOnlyFilter = ClientMessageFilter
-ViewOnlySocket = FilteredSocket

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from machines.rfb_filter import MAX_ENCODINGS, FilteredSocket, ViewOnlyFilter, ViolatedProtocol
+from machines.rfb_filter import MAX_ENCODINGS, ClientMessageFilter, FilteredSocket, ViolatedProtocol
 from tests.rfb_client import key_events, shifted_key_stream
 
 # The filter starts at the client's ClientInit (the proxy itself does the version and security handshake).
@@ -26,21 +26,21 @@ CONTINUOUS = bytes([150, 1]) + struct.pack(">HHHH", 0, 0, 640, 480)
 
 
 def test_pictures_pass_and_input_is_dropped():
-    f = ViewOnlyFilter()
+    f = ClientMessageFilter()
     out = f.feed(HANDSHAKE + ENCODINGS + KEY + UPDATE + POINTER + QEMU_KEY + CUT + UPDATE)
     assert out == HANDSHAKE + ENCODINGS + UPDATE + UPDATE
     assert f.dropped == 4  # the proxy logs how many a session dropped
 
 
 def test_messages_split_across_writes():
-    f = ViewOnlyFilter()
+    f = ClientMessageFilter()
     stream = HANDSHAKE + QEMU_KEY + UPDATE + KEY
     out = b"".join(f.feed(stream[i : i + 3]) for i in range(0, len(stream), 3))
     assert out == HANDSHAKE + UPDATE
 
 
 def test_unknown_messages_end_the_session():
-    f = ViewOnlyFilter()
+    f = ClientMessageFilter()
     with pytest.raises(ViolatedProtocol):
         f.feed(HANDSHAKE + bytes([99, 0, 0, 0]))
 
@@ -63,12 +63,12 @@ EVERYTHING = [
 
 
 def test_view_only_passes_only_the_three_display_messages():
-    f = ViewOnlyFilter()
+    f = ClientMessageFilter()
     assert f.feed(HANDSHAKE + b"".join(EVERYTHING)) == HANDSHAKE + PIXEL_FORMAT + ENCODINGS + UPDATE
 
 
 def test_operate_mode_passes_everything_it_can_parse():
-    f = ViewOnlyFilter(view_only=False)
+    f = ClientMessageFilter(view_only=False)
     assert f.feed(b"\x00" + b"".join(EVERYTHING)) == b"\x00" + b"".join(EVERYTHING)
     with pytest.raises(ViolatedProtocol):
         f.feed(bytes([7]))  # an unknown type closes in operate mode too: its length cannot be known
@@ -76,20 +76,20 @@ def test_operate_mode_passes_everything_it_can_parse():
 
 def test_a_viewer_cannot_ask_for_an_exclusive_session():
     # ClientInit's shared flag 0 would make QEMU disconnect every other client.
-    assert ViewOnlyFilter().feed(b"\x00" + UPDATE) == b"\x01" + UPDATE
+    assert ClientMessageFilter().feed(b"\x00" + UPDATE) == b"\x01" + UPDATE
 
 
 def test_over_long_messages_end_the_session():
     with pytest.raises(ViolatedProtocol, match="encodings"):
-        ViewOnlyFilter().feed(HANDSHAKE + bytes([2, 0]) + struct.pack(">H", MAX_ENCODINGS + 1))
+        ClientMessageFilter().feed(HANDSHAKE + bytes([2, 0]) + struct.pack(">H", MAX_ENCODINGS + 1))
     with pytest.raises(ViolatedProtocol, match="ClientCutText"):
-        ViewOnlyFilter().feed(HANDSHAKE + bytes([6, 0, 0, 0]) + struct.pack(">i", -(1 << 24)))
+        ClientMessageFilter().feed(HANDSHAKE + bytes([6, 0, 0, 0]) + struct.pack(">i", -(1 << 24)))
     with pytest.raises(ViolatedProtocol, match="QEMU"):
-        ViewOnlyFilter().feed(HANDSHAKE + bytes([255, 9, 0, 0]))
+        ClientMessageFilter().feed(HANDSHAKE + bytes([255, 9, 0, 0]))
 
 
 def test_a_large_clipboard_is_dropped_without_being_held():
-    f = ViewOnlyFilter()
+    f = ClientMessageFilter()
     text = b"x" * 500_000
     out = f.feed(HANDSHAKE + bytes([6, 0, 0, 0]) + struct.pack(">i", len(text)))
     for i in range(0, len(text), 65536):
@@ -164,7 +164,7 @@ def _mutate(stream: bytes, edits) -> bytes:
 
 def _run_viewer(stream: bytes, cuts: list[int]) -> tuple[bytes, bool]:
     """Feed the stream in the given pieces to a view-only filter; return what passed and whether it closed."""
-    f = ViewOnlyFilter()
+    f = ClientMessageFilter()
     out, at = bytearray(), 0
     try:
         for cut in [*sorted(c % (len(stream) + 1) for c in cuts), len(stream)]:
