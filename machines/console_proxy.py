@@ -44,16 +44,6 @@ def _dial_host(host: str, machine) -> str:
     return host
 
 
-def vnc_target(machine) -> tuple[str, int]:
-    """The live VNC address of a machine, from its hypervisor."""
-    with get_driver(machine.hypervisor.uri) as driver:
-        address = driver.vnc_address(str(machine.uuid))
-    if address is None:
-        raise ConsoleDenied("the machine is not running (no VNC server)")
-    host, port = address
-    return _dial_host(host, machine), port
-
-
 _vnc_locks: dict[int, threading.Lock] = {}
 _vnc_locks_lock = threading.Lock()
 
@@ -92,7 +82,7 @@ def vnc_connect(machine) -> socket.socket:
 class ConsoleHandler(websocketproxy.ProxyRequestHandler):
     def __init__(self, *args, **kwargs):
         self.session_id: int | None = None
-        self.target: tuple[str, int] | None = None
+        self.vnc_sock: socket.socket | None = None  # authenticated to the VNC server before the upgrade
         self.kind = "vnc"
         self.machine = None
         self.view_only = False
@@ -133,6 +123,8 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
         finally:
             if not self.proxied:  # the websocket handshake failed after the token was spent
                 consoles.console_session_close(self.session_id)
+                if self.vnc_sock is not None:
+                    self.vnc_sock.close()
 
     def _authorise(self, client: str, path: str, raw_token: str) -> None:
         origin = self.headers.get("Origin", "")
@@ -148,10 +140,19 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
                                                kind=self.kind, reconnect=reconnect)  # fmt: skip
         self.view_only = token.view_only
         self.machine = token.machine
-        if self.kind == "vnc":
-            self.target = vnc_target(token.machine)
         self.session_id = consoles.console_session_open(token=token, client=client, proxy_pid=os.getpid()).pk
-        where = "%s:%s" % self.target if self.target else "its serial port"  # noqa: UP031
+        if self.kind == "vnc":
+            # One visit to the hypervisor, before the upgrade (a stopped machine is refused with a 403): it
+            # says where the VNC server listens now and sets the password the proxy then answers with.
+            try:
+                self.vnc_sock = vnc_connect(token.machine)
+            except (ConsoleDenied, HypervisorError):
+                consoles.console_session_close(self.session_id)
+                raise
+            except Exception as e:  # OSError, RFB errors: the server is there but will not have us
+                consoles.console_session_close(self.session_id)
+                raise HypervisorError(f"cannot reach the VNC server: {getattr(e, 'strerror', None) or e}") from e
+        where = "%s:%s" % self.vnc_sock.getpeername()[:2] if self.vnc_sock else "its serial port"  # noqa: UP031
         log.info("%s %s console of machine %s for user %s%s -> %s", client, "graphical" if self.kind == "vnc" else "serial",
                  token.machine_id, token.user_id, " (view only)" if self.view_only else "", where)  # fmt: skip
 
@@ -159,7 +160,7 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
         if self.kind == "serial":
             with get_driver(self.machine.hypervisor.uri) as driver:
                 return driver.serial_console(str(self.machine.uuid), take_over=self.take_over)
-        return vnc_connect(self.machine)
+        return self.vnc_sock
 
     def _accept_vnc_client(self) -> None:
         """The browser's side of the RFB handshake (security None; the proxy authenticated to the server);
