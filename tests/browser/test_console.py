@@ -47,6 +47,16 @@ def screen_drawn(page) -> bool:
     return colours >= 2 and 0.01 < lit < 0.99
 
 
+def open_console(page, status: str = "Connected") -> None:
+    """From a machine page: open its console, wait until connected with `status` and the guest's screen
+    drawn, and focus the canvas for typing."""
+    page.locator("#btn-console").click()
+    page.wait_for_function("window.portalConsole && window.portalConsole.state === 'connected'", timeout=30_000)
+    expect(page.locator("#console-status")).to_have_text(status)
+    wait_for(lambda: screen_drawn(page), 20, message="the console canvas stayed blank")
+    page.locator("#console-screen canvas").click()
+
+
 @pytest.fixture
 def running_iso(worker, local, tiny_iso):
     owner = UserFactory(username="consoler", password="correct-horse-battery")
@@ -60,11 +70,7 @@ def running_iso(worker, local, tiny_iso):
 def test_console_shows_the_guest_and_typing_reaches_its_shell(page, web_server, console_proxy, running_iso):
     login(page, web_server, "consoler", "correct-horse-battery")
     page.goto(f"{web_server}{running_iso.get_absolute_url()}")
-    page.locator("#btn-console").click()
-    page.wait_for_function("window.portalConsole && window.portalConsole.state === 'connected'", timeout=30_000)
-    expect(page.locator("#console-status")).to_have_text("Connected")
-    wait_for(lambda: screen_drawn(page), 20, message="the console canvas stayed blank")
-    page.locator("#console-screen canvas").click()
+    open_console(page)
     type_into_console(page, "echo novnc-typed-ok >/dev/console\n")
     serial_log(running_iso.pk, "novnc-typed-ok")
     # The page's own "Paste text" types shifted characters correctly too.

@@ -4,11 +4,10 @@ page tampered with so that noVNC sends the keys (the proxy's filter drops them, 
 import re
 
 import pytest
-from playwright.sync_api import expect
 
 from machines import consoles, services
 from machines.models import Machine, Membership, Project
-from tests.browser.test_console import screen_drawn, type_into_console
+from tests.browser.test_console import open_console, type_into_console
 from tests.browser.test_hypervisors import login
 from tests.conftest import ARTIFACTS, serial_log, wait_for
 from tests.factories import UserFactory
@@ -44,11 +43,7 @@ def test_a_viewer_types_in_the_console_and_nothing_reaches_the_guest(
     log_start = console_log_size()
     login(page, web_server, "vo-viewer", "correct-horse-battery")
     page.goto(f"{web_server}{machine.get_absolute_url()}")
-    page.locator("#btn-console").click()
-    page.wait_for_function("window.portalConsole && window.portalConsole.state === 'connected'", timeout=30_000)
-    expect(page.locator("#console-status")).to_have_text("Connected (view only)")
-    wait_for(lambda: screen_drawn(page), 20, message="the console canvas stayed blank")
-    page.locator("#console-screen canvas").click()
+    open_console(page, "Connected (view only)")
     type_into_console(page, "echo viewer-typed-in-chromium >/dev/console\n")
     page.screenshot(path=str(ARTIFACTS / "browser-console-view-only.png"))
     page.close()  # ends the session: the proxy logs what it dropped

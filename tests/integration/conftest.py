@@ -3,6 +3,11 @@ import threading
 
 import pytest
 
+from machines import services
+from machines.models import Machine
+from tests.conftest import wait_for
+from tests.factories import UserFactory
+
 LIBVIRT_SOCK = "/var/run/libvirt/libvirt-sock"
 
 
@@ -82,3 +87,14 @@ def silent_port():
     listener.listen(16)
     yield listener.getsockname()[1]
     listener.close()
+
+
+@pytest.fixture
+def iso_machine(worker, local, tiny_iso):
+    """The tiny installer ISO running on `local`: the console tests' machine."""
+    owner = UserFactory(username="installer", password="correct-horse-battery")
+    machine = services.machine_create(owner=owner, hypervisor=local, name="iso1", deploy_type="iso", image=tiny_iso,
+                                      memory_mib=256, disk_gib=1)  # fmt: skip
+    machine = wait_for(lambda: (m := Machine.objects.get(pk=machine.pk)).status in ("active", "error") and m, 120)
+    assert machine.status == "active", machine.status_message
+    return machine

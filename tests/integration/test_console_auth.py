@@ -23,17 +23,6 @@ from tests.rfb_client import key_events, shifted_key_stream, update_request
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def iso_machine(worker, local, tiny_iso):
-    """The tiny installer ISO running, as in test_iso_console."""
-    owner = UserFactory(username="vnc-owner", password="correct-horse-battery")
-    machine = services.machine_create(owner=owner, hypervisor=local, name="vnc1", deploy_type="iso", image=tiny_iso,
-                                      memory_mib=256, disk_gib=1)  # fmt: skip
-    machine = wait_for(lambda: (m := Machine.objects.get(pk=machine.pk)).status in ("active", "error") and m, 120)
-    assert machine.status == "active", machine.status_message
-    return machine
-
-
 def console_log_size() -> int:
     """Where the proxy's log ends now (test-artifacts/ is shared by every run: read only what follows)."""
     path = ARTIFACTS / "console.log"

@@ -35,7 +35,7 @@ from machines.models import Machine
 from tests.conftest import ARTIFACTS, serial_log, wait_for
 from tests.factories import UserFactory
 from tests.integration.test_cloud_init import debian_image  # noqa: F401 - a fixture
-from tests.integration.test_iso_console import WsClient, iso_machine, rfb_open  # noqa: F401 - iso_machine is a fixture
+from tests.integration.test_iso_console import WsClient, rfb_open
 from tests.private_libvirtd import PrivateLibvirtd
 
 pytestmark = pytest.mark.integration

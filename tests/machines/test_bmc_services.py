@@ -1,5 +1,4 @@
 import socket
-from unittest import mock
 
 import pytest
 from django.core.exceptions import ValidationError
@@ -7,7 +6,6 @@ from django.core.exceptions import ValidationError
 from machines import crypto, services
 from machines.models import Machine
 from tests.factories import HypervisorFactory, UserFactory, tenant_network_entry, tenant_nic
-from tests.fakes import FakeDriver, FakeHost
 
 pytestmark = pytest.mark.django_db
 
@@ -18,13 +16,6 @@ def hv(db):
                              networks=[tenant_network_entry()],  # the NIC a plain owner may use (not user-mode)
                              pools=[{"name": "default", "active": True, "capacity_bytes": 1 << 40, "allocation_bytes": 0,
                                      "available_bytes": 1 << 40}])  # fmt: skip
-
-
-@pytest.fixture
-def host():
-    host = FakeHost()
-    with mock.patch("machines.services.get_driver", lambda uri: FakeDriver(uri, host)):
-        yield host
 
 
 def create(django_capture_on_commit_callbacks, hv, name="metal", **kw) -> Machine:

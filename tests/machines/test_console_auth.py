@@ -15,16 +15,9 @@ from machines import services
 from machines.models import Machine
 from machines.states import Status
 from tests.factories import HypervisorFactory, UserFactory
-from tests.fakes import FakeDriver, FakeHost
+from tests.fakes import FakeDriver
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def host():
-    host = FakeHost()
-    with mock.patch("machines.services.get_driver", lambda uri: FakeDriver(uri, host)):
-        yield host
 
 
 @pytest.fixture

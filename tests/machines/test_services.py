@@ -13,18 +13,11 @@ from machines import services
 from machines.models import Machine
 from machines.states import Status
 from tests.factories import HypervisorFactory, UserFactory, tenant_network_entry, tenant_nic
-from tests.fakes import FakeDriver, FakeHost
+from tests.fakes import FakeDriver
 
 pytestmark = pytest.mark.django_db
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGcmrUPZ3pFJmjK8bXB3GB+oBd8rD8bh2l6t5BRpHAyD tester@portal"
-
-
-@pytest.fixture
-def host():
-    host = FakeHost()
-    with mock.patch("machines.services.get_driver", lambda uri: FakeDriver(uri, host)):
-        yield host
 
 
 @pytest.fixture
