@@ -160,7 +160,7 @@ def network_create_run(hypervisor_id: int, spec: dict) -> str:
     network = NetworkSpec(**spec)
     try:
         with get_driver(hv.uri) as driver:
-            guard = network.guard(host_addresses=_management_addresses(hv))
+            guard = network.guard(host_addresses=host_addresses(hv))
             if guard:  # first: a NIC on the network must never start without its filter
                 driver.define_guard(guard)
             driver.define_network(network.xml())
@@ -190,13 +190,16 @@ def network_delete(*, hypervisor: Hypervisor, name: str) -> None:
     transaction.on_commit(lambda: network_delete_task(hypervisor.pk, name))
 
 
-def _management_addresses(hv: Hypervisor) -> tuple[str, ...]:
-    """The hypervisor's addresses the portal knows besides its bridges: the console address and the
-    address of its URI, when they are IPv4 and not loopback (a NAT network's guard drops them too)."""
+def host_addresses(hv: Hypervisor) -> tuple[str, ...]:
+    """The hypervisor's own IPv4 addresses as the portal knows them: the console address, the address of
+    its URI, and the addresses its last sync found on its interfaces (a local hypervisor's; libvirt
+    reports none for a remote one), without loopback (guards drop them all)."""
     from urllib.parse import urlsplit
 
+    candidates = [hv.console_address, urlsplit(hv.uri).hostname or ""]
+    candidates += [a for i in hv.interfaces for a in i.get("addresses", [])]
     found = []
-    for candidate in (hv.console_address, urlsplit(hv.uri).hostname or ""):
+    for candidate in candidates:
         try:
             address = ipaddress.ip_address(candidate)
         except ValueError:

@@ -118,11 +118,18 @@ def no_network_message(hypervisor: Hypervisor | None) -> str:
             f"(Admin → Published networks).")  # fmt: skip
 
 
+def follows_rules(user, project=None) -> bool:
+    """Whether a machine of `user` (in `project`) follows the rules for those who are not staff: every
+    machine but a staff member's own outside projects. A machine in a project follows them even when
+    staff create it: its members operate it (consoles included), so a staff-only NIC would hand them what
+    staff keep to themselves. Such machines' NICs on host bridges also carry the host guard."""
+    return not user.is_staff or project is not None
+
+
 def refusal(user, nic, *, index: int, hypervisor: Hypervisor, project=None) -> str | None:
-    """Why this user's machine (in `project`) may not have this NIC on this hypervisor, or None. A machine
-    in a project follows the rules for those who are not staff even when staff create it: its members
-    operate it (consoles included), so a staff-only NIC would hand them what staff keep to themselves."""
-    if user.is_staff and project is None:
+    """Why this user's machine (in `project`) may not have this NIC on this hypervisor, or None (see
+    follows_rules for whose machines the rules bind)."""
+    if not follows_rules(user, project):
         return None
     reason = _refusal(user, nic, index=index, hypervisor=hypervisor, project=project)
     if reason and user.is_staff:

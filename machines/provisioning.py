@@ -16,26 +16,59 @@ from django.conf import settings
 from huey.contrib.djhuey import HUEY
 from huey.exceptions import TaskLockedException
 
-from hypervisors.drivers.base import DiskSpec, DomainSpec, HypervisorDriver, HypervisorUnavailable, NicSpec
-from hypervisors.drivers.domxml import guard_name
+from hypervisors.drivers.base import (
+    DiskSpec,
+    DomainSpec,
+    HypervisorDriver,
+    HypervisorFatalError,
+    HypervisorUnavailable,
+    NicSpec,
+)
+from hypervisors.drivers.domxml import guard_name, host_guard_name, host_guard_xml
 from hypervisors.images import ensure_image_copy
 from hypervisors.models import Image
-from machines import cloudinit
+from hypervisors.networks import host_addresses
+from machines import cloudinit, nic_policy
 from machines.models import Machine
 from machines.states import DeployType
 
 GIB = 1 << 30
 
 
-def nic_guard(hv, nic_type: str, source: str) -> str:
+def nic_guard(hv, nic_type: str, source: str, *, host_guard: bool = False) -> str:
     """The traffic filter a NIC carries: the network's guard where the hypervisor has one, and always
     on the tenant network (if its filter went missing, libvirt then refuses to start the domain rather
-    than start it unguarded)."""
+    than start it unguarded); on a host bridge, with `host_guard` (the machine follows the rules for those
+    who are not staff), the bridge's host guard (see ensure_host_guards)."""
+    if nic_type == "bridge":
+        return host_guard_name(source) if host_guard else ""
     if nic_type != "network":
         return ""
     if source == settings.PORTAL_TENANT_NETWORK:
         return guard_name(source)
     return next((n.get("guard", "") for n in hv.networks if n["name"] == source), "")
+
+
+def wants_host_guard(machine: Machine) -> bool:
+    return nic_policy.follows_rules(machine.owner, machine.project)
+
+
+def ensure_host_guards(machine: Machine, driver: HypervisorDriver) -> None:
+    """Write the host guard of every host bridge the machine's NICs are on (when it follows the rules),
+    from the bridge's MAC and the hypervisor's addresses as the last sync saw them: before the domain is
+    defined and before each start, so a bridge whose MAC changed gets a current filter. No MAC known:
+    the machine is not defined or started (HypervisorFatalError) rather than run unguarded."""
+    if not wants_host_guard(machine):
+        return
+    hv = machine.hypervisor
+    for bridge in sorted({n.source for n in machine.nics.all() if n.type == "bridge"}):
+        mac = next((i.get("mac", "") for i in hv.interfaces if i["name"] == bridge), "")
+        if not mac:
+            raise HypervisorFatalError(
+                f"host bridge {bridge} on {hv.name}: its MAC is not known (the last sync did not report it), so its "
+                f"guard cannot be written and the machine is not started without it; sync {hv.name} and retry."
+            )
+        driver.define_guard(host_guard_xml(bridge=bridge, host_mac=mac, host_addresses=host_addresses(hv)))
 
 
 def _timed(machine: Machine, step: str, fn: Callable[[], str]) -> None:
@@ -112,8 +145,9 @@ def domain_spec(machine: Machine, *, disks: tuple[DiskSpec, ...], serial_log: st
     if not cpu_mode and defaults.get("cpu_model"):
         cpu_mode, cpu_model = "custom", defaults["cpu_model"]
     firmware = "efi" if machine.firmware == "uefi" else defaults.get("firmware", "")
+    host_guard = wants_host_guard(machine)
     nics = tuple(NicSpec(type=n.type, source=n.source, mac=n.mac, model=n.model, mode=n.mode, vlan=n.vlan,
-                         guard=nic_guard(hv, n.type, n.source))
+                         guard=nic_guard(hv, n.type, n.source, host_guard=host_guard))
                  for n in machine.nics.all())  # fmt: skip
     return DomainSpec(
         uuid=str(machine.uuid),
@@ -273,6 +307,7 @@ def ensure_domain(machine: Machine, driver: HypervisorDriver, disks: tuple[DiskS
                   boot_devices: tuple[str, ...] = ()) -> None:  # fmt: skip
     def step() -> str:
         spec = domain_spec(machine, disks=disks, serial_log=serial_log_path(machine, driver), boot_devices=boot_devices)
+        ensure_host_guards(machine, driver)  # first: a NIC on a host bridge must never start without its filter
         created = driver.define_domain(spec)
         driver.set_autostart(spec.uuid, machine.autostart)
         kind = spec.domain_type

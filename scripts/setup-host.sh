@@ -136,4 +136,9 @@ for knob in bridge-nf-call-iptables bridge-nf-call-ip6tables; do
         exit 1
     fi
 done
+# A unicast packet inside a broadcast or multicast frame is dropped, not taken: the host guard of a
+# published bridge filters frames by MAC, and a packet for the hypervisor must not slip in under a group MAC.
+if [ -w /proc/sys/net/ipv4/conf/all/drop_unicast_in_l2_multicast ]; then
+    echo 1 >/proc/sys/net/ipv4/conf/all/drop_unicast_in_l2_multicast
+fi
 say "libvirtd ready on qemu:///system"

@@ -6,6 +6,7 @@ has to keep the same contract (idempotent calls, errors as HypervisorError).
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
 from hypervisors.drivers.base import HypervisorDriver, HypervisorFatalError, PowerState, VolumeInfo
@@ -16,6 +17,7 @@ from hypervisors.drivers.domxml import new_vnc_password
 class FakeHost:
     pools: dict[str, dict[str, dict]] = field(default_factory=lambda: {"default": {}})
     domains: dict[str, dict] = field(default_factory=dict)
+    guards: dict[str, str] = field(default_factory=dict)  # nwfilter name -> XML
     fail: dict[str, Exception] = field(default_factory=dict)  # method name -> error to raise once
     calls: list[str] = field(default_factory=list)
 
@@ -78,6 +80,10 @@ class FakeDriver(HypervisorDriver):
 
     def refresh_pool(self, pool):
         self._pool(pool)
+
+    def define_guard(self, xml):
+        self._hit("define_guard")
+        self.host.guards[ET.fromstring(xml).get("name")] = xml
 
     def define_domain(self, spec):
         self._hit("define_domain")

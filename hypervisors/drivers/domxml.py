@@ -379,6 +379,53 @@ def _tftp_rules(gateway: str) -> tuple[tuple[str, str, dict[str, str]], ...]:
     )
 
 
+HOST_GUARD_PREFIX = "portal-hostguard-"
+# Multicast frames as IPv4 and IPv6 address them (RFC 1112, RFC 2464): MAC prefix and mask, IP prefix.
+IPV4_MULTICAST = {"dstmacaddr": "01:00:5e:00:00:00", "dstmacmask": "ff:ff:ff:80:00:00"}
+IPV6_MULTICAST = {"dstmacaddr": "33:33:00:00:00:00", "dstmacmask": "ff:ff:00:00:00:00"}
+
+
+def host_guard_name(bridge: str) -> str:
+    """The name of the traffic filter that keeps guests on host bridge `bridge` away from their hypervisor."""
+    return HOST_GUARD_PREFIX + bridge
+
+
+def host_guard_xml(*, bridge: str, host_mac: str, host_addresses: tuple[str, ...] = ()) -> str:
+    """A libvirt nwfilter for NICs on a host bridge the hypervisor may have its own address on (a LAN that
+    staff publish): the guest is one more machine on that LAN, and the hypervisor is not on it for the guest.
+
+    Frame by frame (ebtables), to the bridge's own MAC (see below): DHCP (its server may be the hypervisor) and ARP
+    pass, IPv4 passes only when it is for one of `host_addresses` (the hypervisor's addresses as the portal
+    knows them), and everything else is dropped: any other protocol, IPv6, a packet the hypervisor would
+    route on, a directed broadcast, loopback. IPv4 in broadcast frames is dropped except DHCP (a UDP socket
+    on 0.0.0.0 receives broadcasts); a multicast frame must carry a multicast address (Linux takes a
+    unicast packet in a multicast frame by default). Packet by packet (iptables, with connection state):
+    to `host_addresses`, only replies to what the hypervisor began (so it can still reach its guests,
+    e.g. SSH from the worker), which also covers them when the guest goes through the LAN's router.
+    Other machines on the LAN stay reachable, multicast too. Without known addresses no IPv4 reaches the
+    hypervisor's MAC at all, replies included."""
+    root = ET.Element("filter", name=host_guard_name(bridge), chain="root")
+    # The bridge's MAC as the sync saw it, and any MAC libvirt gives its tap devices (fe:...): a bridge
+    # with no port of its own (no MAC set by hand) takes its lowest port's MAC, a guest's tap, which
+    # changes as guests come and go. No guest is addressed by its tap's MAC (guests have 52:54:00:...).
+    hypervisor = ({"dstmacaddr": host_mac}, {"dstmacaddr": "fe:00:00:00:00:00", "dstmacmask": "ff:00:00:00:00:00"})
+    rules: list[tuple[str, str, dict[str, str]]] = [
+        ("accept", "ip", {"protocol": "udp", "srcportstart": "68", "dstportstart": "67"}),
+        *(("accept", "mac", {**m, "protocolid": "arp"}) for m in hypervisor),
+        *(("accept", "ip", {**m, "dstipaddr": a}) for a in host_addresses for m in hypervisor),
+        *(("drop", "mac", m) for m in hypervisor),
+        ("drop", "ip", {"dstmacaddr": "ff:ff:ff:ff:ff:ff"}),
+        ("accept", "ip", {**IPV4_MULTICAST, "dstipaddr": "224.0.0.0", "dstipmask": "4"}),
+        ("drop", "ip", IPV4_MULTICAST),
+        ("accept", "ipv6", {**IPV6_MULTICAST, "dstipaddr": "ff00::", "dstipmask": "8"}),
+        ("drop", "ipv6", IPV6_MULTICAST),
+    ]
+    for a in host_addresses:
+        rules += [("accept", "all", {"dstipaddr": a, "state": "ESTABLISHED"}), ("drop", "all", {"dstipaddr": a})]
+    _rules(root, rules)
+    return ET.tostring(root, encoding="unicode")
+
+
 def guard_xml(*, network: str, gateway: str, prefix: int, nat: bool, host_addresses: tuple[str, ...] = (),
               tftp: bool = False) -> str:  # fmt: skip
     """A libvirt nwfilter for the NICs on a portal network: the guest reaches its own subnet (other guests),
@@ -410,10 +457,15 @@ def guard_xml(*, network: str, gateway: str, prefix: int, nat: bool, host_addres
     else:
         rules.append(("drop", "all", {}))
     rules.append(("drop", "all-ipv6", {}))
+    _rules(root, rules)
+    return ET.tostring(root, encoding="unicode")
+
+
+def _rules(root: ET.Element, rules: list[tuple[str, str, dict[str, str]]]) -> None:
+    """The rules of a guard, in order, each for traffic from the guest."""
     for priority, (action, protocol, match) in enumerate(rules, start=1):
         rule = _sub(root, "rule", action=action, direction="out", priority=str(100 + 10 * priority))
         match = dict(match)
         if "statematch" in match:  # an attribute of the rule, not of its match
             rule.set("statematch", match.pop("statematch"))
         _sub(rule, protocol, **match)
-    return ET.tostring(root, encoding="unicode")

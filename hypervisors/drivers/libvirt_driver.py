@@ -8,9 +8,11 @@ into a HypervisorUnavailable (retry later) or HypervisorFatalError.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import queue
 import socket
+import subprocess
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -278,8 +280,9 @@ def parse_domain_capabilities(xml: str) -> dict:
     return {"cpu_modes": modes, "cpu_models": models, "firmwares": ["bios", *[f for f in firmwares if f != "bios"]]}
 
 
-def _interfaces(conn: libvirt.virConnect) -> list[dict]:
-    """The host's network interfaces and bridges, for NICs on a bridge or macvtap."""
+def _interfaces(conn: libvirt.virConnect, addresses: dict[str, list[str]]) -> list[dict]:
+    """The host's network interfaces and bridges, for NICs on a bridge or macvtap: name, type, whether
+    up, MAC (a host bridge's guard drops frames to it) and, where known, the IPv4 addresses on it."""
     try:
         found = conn.listAllInterfaces(0)
     except libvirt.libvirtError:
@@ -288,10 +291,27 @@ def _interfaces(conn: libvirt.virConnect) -> list[dict]:
     for iface in found:
         try:
             kind = ET.fromstring(iface.XMLDesc(0)).get("type", "")
-            result.append({"name": iface.name(), "type": kind, "active": bool(iface.isActive())})
+            # MACString, not the XML: the udev backend leaves a bridge's MAC out of its XML.
+            result.append({"name": iface.name(), "type": kind, "active": bool(iface.isActive()),
+                           "mac": iface.MACString() or "", "addresses": addresses.get(iface.name(), [])})  # fmt: skip
         except libvirt.libvirtError:
             continue
     return sorted(result, key=lambda i: i["name"])
+
+
+def local_addresses(uri: str) -> dict[str, list[str]]:
+    """The IPv4 addresses of each interface, read on this machine, when `uri` is a libvirtd on this very
+    machine (qemu:///system, no host, no socket of another): libvirt's udev interface backend reports no
+    addresses, and a remote host's are for its own transport to find (empty here)."""
+    parts = urlsplit(uri)
+    if parts.hostname or parts.query or parts.scheme.partition("+")[2] not in ("", "unix"):
+        return {}
+    try:
+        out = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, timeout=5).stdout
+        links = json.loads(out or "[]")
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return {}
+    return {link["ifname"]: [a["local"] for a in link.get("addr_info", []) if a.get("local")] for link in links}
 
 
 def _devices(conn: libvirt.virConnect) -> list[dict]:
@@ -389,10 +409,11 @@ class LibvirtDriver(HypervisorDriver):
             raise err from None
 
     def host_info(self) -> HostInfo:
-        return self._call(self._host_info)
+        addresses = local_addresses(self.uri)
+        return self._call(lambda conn: self._host_info(conn, addresses))
 
     @staticmethod
-    def _host_info(conn: libvirt.virConnect) -> HostInfo:
+    def _host_info(conn: libvirt.virConnect, addresses: dict[str, list[str]]) -> HostInfo:
         caps = parse_capabilities(conn.getCapabilities())
         _model, memory_mib, cpus, *_ = conn.getInfo()
         try:
@@ -425,7 +446,7 @@ class LibvirtDriver(HypervisorDriver):
             cpu_modes=domcaps["cpu_modes"],
             cpu_models=domcaps["cpu_models"],
             firmwares=domcaps["firmwares"],
-            interfaces=_interfaces(conn),
+            interfaces=_interfaces(conn, addresses),
             devices=_devices(conn),
             pools=sorted((_pool_info(p) for p in conn.listAllStoragePools(0)), key=lambda p: p.name),
             networks=sorted((_network_info(n, guards) for n in conn.listAllNetworks(0)), key=lambda n: n.name),

@@ -162,7 +162,14 @@ def test_the_guard_is_defined_before_its_network(monkeypatch):
     hv = HypervisorFactory(name="lab", console_address="192.0.2.9")
     assert networks.network_create_run(hv.pk, networks.tenant_spec().__dict__) == "defined"
     assert calls == [("guard", "portal-guard-portal-tenants"), ("network", "portal-tenants")]
-    assert networks._management_addresses(hv) == ("192.0.2.9",)
+    assert networks.host_addresses(hv) == ("192.0.2.9",)
+
+
+def test_the_hypervisors_own_addresses_are_the_console_the_uri_and_what_its_interfaces_have():
+    hv = HypervisorFactory(name="lab", uri="qemu+ssh://root@192.0.2.7/system", console_address="127.0.0.1",
+                           interfaces=[{"name": "eth0", "addresses": ["203.0.113.5", "192.0.2.7"]},
+                                       {"name": "lo", "addresses": ["127.0.0.1"]}, {"name": "br0"}])  # fmt: skip
+    assert networks.host_addresses(hv) == ("192.0.2.7", "203.0.113.5")  # no loopback, each once
 
 
 def test_nics_on_the_tenant_network_always_carry_its_guard():
@@ -172,7 +179,45 @@ def test_nics_on_the_tenant_network_always_carry_its_guard():
     assert nic_guard(hv, "network", "portal-tenants") == "portal-guard-portal-tenants"  # even before a sync saw it
     assert nic_guard(hv, "network", "pxe") == "portal-guard-pxe"
     assert nic_guard(hv, "network", "default") == ""  # a network the portal did not make
-    assert nic_guard(hv, "bridge", "portal-tenants") == ""
+    assert nic_guard(hv, "bridge", "portal-tenants") == ""  # a staff machine's bridge NIC
+    assert nic_guard(hv, "bridge", "br0", host_guard=True) == "portal-hostguard-br0"
+    assert nic_guard(hv, "direct", "eth0", host_guard=True) == ""  # macvtap: libvirt filters no direct NIC
+
+
+def test_the_host_guard_of_a_bridge_keeps_the_guest_off_the_hypervisor_only():
+    from hypervisors.drivers.domxml import host_guard_xml
+
+    mac = "02:aa:bb:cc:dd:01"
+    rules = guard_rules(host_guard_xml(bridge="br0", host_mac=mac, host_addresses=("203.0.113.5",)))
+    dhcp = ("accept", "ip", {"protocol": "udp", "srcportstart": "68", "dstportstart": "67"})
+    arp = ("accept", "mac", {"dstmacaddr": mac, "protocolid": "arp"})
+    to_own = ("accept", "ip", {"dstmacaddr": mac, "dstipaddr": "203.0.113.5"})  # judged by state below
+    to_host = ("drop", "mac", {"dstmacaddr": mac})  # every other frame for the hypervisor itself
+    broadcast = ("drop", "ip", {"dstmacaddr": "ff:ff:ff:ff:ff:ff"})
+    assert rules.index(dhcp) < rules.index(to_host) < rules.index(broadcast)  # DHCP's server may be the hypervisor
+    assert rules.index(arp) < rules.index(to_host) and rules.index(to_own) < rules.index(to_host)
+    # To its addresses (on the bridge, or behind the LAN's router): replies to what the hypervisor began, only.
+    replies = ("accept", "all", {"dstipaddr": "203.0.113.5", "state": "ESTABLISHED"})
+    assert rules.index(replies) + 1 == rules.index(("drop", "all", {"dstipaddr": "203.0.113.5"}))
+    # A multicast frame passes only with a multicast address in it, for IPv4 and IPv6.
+    v4 = {"dstmacaddr": "01:00:5e:00:00:00", "dstmacmask": "ff:ff:ff:80:00:00"}
+    v6 = {"dstmacaddr": "33:33:00:00:00:00", "dstmacmask": "ff:ff:00:00:00:00"}
+    assert rules.index(("accept", "ip", {**v4, "dstipaddr": "224.0.0.0", "dstipmask": "4"})) + 1 == rules.index(
+        ("drop", "ip", v4)
+    )
+    assert rules.index(("accept", "ipv6", {**v6, "dstipaddr": "ff00::", "dstipmask": "8"})) + 1 == rules.index(
+        ("drop", "ipv6", v6)
+    )
+    # A bridge without a port of its own takes a guest's tap MAC (fe:...): those are the hypervisor's too.
+    taps = {"dstmacaddr": "fe:00:00:00:00:00", "dstmacmask": "ff:00:00:00:00:00"}
+    assert rules.index(("drop", "mac", taps)) < rules.index(broadcast)
+    assert rules.index(("accept", "ip", {**taps, "dstipaddr": "203.0.113.5"})) < rules.index(("drop", "mac", taps))
+    # Addresses unknown (a remote hypervisor): nothing but DHCP and ARP reaches its MAC.
+    strict = guard_rules(host_guard_xml(bridge="br0", host_mac=mac))
+    assert [r for r in strict if r[2].get("dstmacaddr") in (mac, taps["dstmacaddr"]) and r[0] == "accept"] == [
+        arp,
+        ("accept", "mac", {**taps, "protocolid": "arp"}),
+    ]
 
 
 def test_the_guard_of_a_pxe_network_lets_tftp_through():

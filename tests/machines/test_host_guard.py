@@ -1,0 +1,67 @@
+"""Machines on host bridges carry the host guard (hypervisors.drivers.domxml.host_guard_xml), written from
+the bridge's MAC before the domain is defined and before each start."""
+
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from hypervisors.drivers.base import HypervisorFatalError
+from hypervisors.drivers.domxml import build_domain_xml
+from machines import provisioning
+from machines.models import Machine, Project
+from tests.factories import HypervisorFactory, UserFactory
+from tests.fakes import FakeDriver, FakeHost
+
+pytestmark = pytest.mark.django_db
+
+BRIDGE = {"name": "br-lab", "type": "bridge", "active": True, "mac": "02:aa:00:00:00:01", "addresses": ["198.51.100.1"]}
+
+
+def machine_on_bridge(*, staff=False, project=None, interfaces=(BRIDGE,), name="m"):
+    hv = HypervisorFactory(name=f"lab-{name}", console_address="127.0.0.1", interfaces=list(interfaces))
+    owner = UserFactory(username=f"owner-{name}", is_staff=staff)
+    machine = Machine.objects.create(name=name, owner=owner, hypervisor=hv, deploy_type="network", project=project)
+    machine.nics.create(index=0, type="bridge", source="br-lab", mac=f"52:54:00:00:00:{len(name):02x}")
+    return machine
+
+
+def filters(machine):
+    spec = provisioning.domain_spec(machine, disks=(), serial_log="")
+    return [f.get("filter") for f in ET.fromstring(build_domain_xml(spec)).iter("filterref")]
+
+
+def test_a_users_bridge_nic_is_guarded_with_the_bridges_mac_and_the_hypervisors_addresses():
+    machine = machine_on_bridge()
+    assert filters(machine) == ["portal-hostguard-br-lab"]
+    host = FakeHost()
+    provisioning.ensure_host_guards(machine, FakeDriver("test:///", host))
+    xml = host.guards["portal-hostguard-br-lab"]
+    assert "02:aa:00:00:00:01" in xml and "198.51.100.1" in xml
+
+
+def test_a_staff_machine_in_a_project_is_guarded_and_one_of_their_own_is_not():
+    in_project = machine_on_bridge(staff=True, project=Project.objects.create(name="team"), name="shared")
+    assert filters(in_project) == ["portal-hostguard-br-lab"]
+    own = machine_on_bridge(staff=True, name="own")
+    assert filters(own) == []
+    host = FakeHost()
+    provisioning.ensure_host_guards(own, FakeDriver("test:///", host))
+    assert host.guards == {}
+
+
+def test_no_mac_known_means_no_define_and_no_start():
+    machine = machine_on_bridge(interfaces=[{**BRIDGE, "mac": ""}])
+    host = FakeHost()
+    with pytest.raises(HypervisorFatalError, match="br-lab on lab-m: its MAC is not known"):
+        provisioning.ensure_host_guards(machine, FakeDriver("test:///", host))
+    assert host.guards == {}
+
+
+def test_local_addresses_are_read_only_for_a_libvirtd_on_this_machine():
+    from hypervisors.drivers.libvirt_driver import local_addresses
+
+    assert local_addresses("qemu+ssh://root@192.0.2.7/system") == {}
+    assert local_addresses("qemu+unix:///system?socket=/tmp/other/libvirt-sock") == {}  # another namespace's
+    assert local_addresses("qemu+tls://hv1/system") == {}
+    found = local_addresses("qemu:///system")
+    assert "127.0.0.1" in found.get("lo", [])  # read from this machine (ip -j addr)
