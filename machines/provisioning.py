@@ -53,15 +53,18 @@ def wants_host_guard(machine: Machine) -> bool:
     return nic_policy.follows_rules(machine.owner, machine.project)
 
 
-def ensure_host_guards(machine: Machine, driver: HypervisorDriver) -> None:
+def ensure_host_guards(machine: Machine, driver: HypervisorDriver, *, defined: bool = False) -> None:
     """Write the host guard of every host bridge the machine's NICs are on (when it follows the rules),
     from the bridge's MAC and the hypervisor's addresses as the last sync saw them: before the domain is
-    defined and before each start, so a bridge whose MAC changed gets a current filter. No MAC known:
-    the machine is not defined or started (HypervisorFatalError) rather than run unguarded."""
+    defined and before each start, so a bridge whose MAC changed gets a current filter. With `defined`
+    (before a start) the domain's NICs are made to name it too, for domains defined before they did
+    (e.g. a bridge published after the machine was made). No MAC known: the machine is not defined or
+    started (HypervisorFatalError) rather than run unguarded."""
     if not wants_host_guard(machine):
         return
     hv = machine.hypervisor
-    for bridge in sorted({n.source for n in machine.nics.all() if n.type == "bridge"}):
+    bridges = sorted({n.source for n in machine.nics.all() if n.type == "bridge"})
+    for bridge in bridges:
         mac = next((i.get("mac", "") for i in hv.interfaces if i["name"] == bridge), "")
         if not mac:
             raise HypervisorFatalError(
@@ -69,6 +72,8 @@ def ensure_host_guards(machine: Machine, driver: HypervisorDriver) -> None:
                 f"guard cannot be written and the machine is not started without it; sync {hv.name} and retry."
             )
         driver.define_guard(host_guard_xml(bridge=bridge, host_mac=mac, host_addresses=host_addresses(hv)))
+    if defined and bridges and driver.filter_bridge_nics(str(machine.uuid), {b: host_guard_name(b) for b in bridges}):
+        machine.log("start", f"host guard added to the NICs on {', '.join(bridges)} (defined before they had it)")
 
 
 def _timed(machine: Machine, step: str, fn: Callable[[], str]) -> None:

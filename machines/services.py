@@ -529,7 +529,7 @@ def machine_power_run(machine_id: int, action: str) -> None:
     try:
         with get_driver(machine.hypervisor.uri) as driver:
             if action == PowerAction.START:
-                provisioning.ensure_host_guards(machine, driver)  # current: the bridge's MAC may have changed
+                provisioning.ensure_host_guards(machine, driver, defined=True)  # current: the MAC may have changed
             {
                 PowerAction.START: driver.start,
                 PowerAction.SHUTDOWN: driver.shutdown,

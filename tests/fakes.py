@@ -7,7 +7,7 @@ has to keep the same contract (idempotent calls, errors as HypervisorError).
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from hypervisors.drivers.base import HypervisorDriver, HypervisorFatalError, PowerState, VolumeInfo
 from hypervisors.drivers.domxml import new_vnc_password
@@ -84,6 +84,16 @@ class FakeDriver(HypervisorDriver):
     def define_guard(self, xml):
         self._hit("define_guard")
         self.host.guards[ET.fromstring(xml).get("name")] = xml
+
+    def filter_bridge_nics(self, uuid, filters):
+        self._hit("filter_bridge_nics")
+        dom = self._dom(uuid)
+        nics = tuple(replace(n, guard=filters[n.source]) if n.type == "bridge" and n.source in filters else n
+                     for n in dom["spec"].nics)  # fmt: skip
+        if nics == dom["spec"].nics:
+            return False
+        dom["spec"] = replace(dom["spec"], nics=nics)
+        return True
 
     def define_domain(self, spec):
         self._hit("define_domain")

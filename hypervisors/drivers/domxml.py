@@ -304,6 +304,24 @@ def with_vnc_password(xml: str, password: str, valid_to: str, *, whole: bool = F
     return ET.tostring(graphics, encoding="unicode")
 
 
+def with_bridge_filters(xml: str, filters: dict[str, str]) -> str | None:
+    """The whole domain with each NIC on a host bridge named in `filters` (bridge -> nwfilter) carrying
+    that filter (for a domain defined before its NICs had one), or None when all already do."""
+    root = ET.fromstring(xml)
+    changed = False
+    for nic in root.findall("devices/interface[@type='bridge']"):
+        source = nic.find("source")
+        wanted = filters.get(source.get("bridge", "") if source is not None else "")
+        ref = nic.find("filterref")
+        if not wanted or (ref is not None and ref.get("filter") == wanted):
+            continue
+        if ref is None:
+            ref = _sub(nic, "filterref")
+        ref.attrib = {"filter": wanted}
+        changed = True
+    return ET.tostring(root, encoding="unicode") if changed else None
+
+
 def parse_vnc(xml: str) -> tuple[str, int] | None:
     """The live VNC listen address and port of a running domain's XML, if any."""
     graphics = ET.fromstring(xml).find("devices/graphics[@type='vnc']")

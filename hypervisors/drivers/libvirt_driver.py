@@ -51,6 +51,7 @@ from hypervisors.drivers.domxml import (
     vnc_protected,
     volume_xml,
     with_boot_first,
+    with_bridge_filters,
     with_vnc_password,
 )
 
@@ -834,6 +835,22 @@ class LibvirtDriver(HypervisorDriver):
             dom.connect().defineXML(with_vnc_password(xml, password, VNC_EXPIRED_AT, whole=True))
         log.info("domain %s: VNC password added to its persistent config", dom.UUIDString())
         return True
+
+    def filter_bridge_nics(self, uuid: str, filters: dict[str, str]) -> bool:
+        """Make the domain's persistent config name `filters` (host bridge -> nwfilter) on its NICs on those
+        bridges, for domains defined before they had one; True if it was redefined. Read and written with
+        VIR_DOMAIN_XML_SECURE, so the VNC password stays. A running domain keeps its NICs until it restarts."""
+
+        def run(dom: libvirt.virDomain) -> bool:
+            xml = with_bridge_filters(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE),
+                                      filters)  # fmt: skip
+            if xml is None:
+                return False
+            dom.connect().defineXML(xml)
+            log.info("domain %s: host guard added to its NICs on %s", dom.UUIDString(), ", ".join(sorted(filters)))
+            return True
+
+        return self._with_dom(uuid, run)
 
     def vnc_unprotected(self) -> set[str]:
         """UUIDs of the running domains whose VNC server accepts clients without a password."""

@@ -65,3 +65,37 @@ def test_local_addresses_are_read_only_for_a_libvirtd_on_this_machine():
     assert local_addresses("qemu+tls://hv1/system") == {}
     found = local_addresses("qemu:///system")
     assert "127.0.0.1" in found.get("lo", [])  # read from this machine (ip -j addr)
+
+
+def test_a_start_gives_a_domain_defined_without_the_guard_its_filter(host):
+    from hypervisors.drivers.base import DomainSpec, NicSpec
+    from machines import services
+
+    machine = machine_on_bridge(name="legacy")
+    # Defined before its bridge NIC carried the guard (e.g. the bridge was published afterwards).
+    unguarded = NicSpec(type="bridge", source="br-lab", mac="52:54:00:00:00:06")
+    spec = DomainSpec(
+        uuid=str(machine.uuid), name="legacy", domain_type="qemu", vcpus=1, memory_mib=64, nics=(unguarded,)
+    )
+    FakeDriver("test:///", host).define_domain(spec)
+    services.machine_power_run(machine.pk, "start")
+    assert [n.guard for n in host.domains[str(machine.uuid)]["spec"].nics] == ["portal-hostguard-br-lab"]
+    assert "portal-hostguard-br-lab" in host.guards
+    assert host.calls.index("define_guard") < host.calls.index("filter_bridge_nics") < host.calls.index("start")
+    assert machine.events.filter(step="start", message__contains="host guard added").exists()
+    host.calls.clear()
+    services.machine_power_run(machine.pk, "start")  # the second time: nothing to add
+    assert machine.events.filter(message__contains="host guard added").count() == 1
+
+
+def test_with_bridge_filters_names_the_filter_on_bridge_nics_only():
+    from hypervisors.drivers.domxml import with_bridge_filters
+
+    xml = ("<domain><devices><interface type='bridge'><source bridge='br-lab'/></interface>"
+           "<interface type='bridge'><source bridge='br-other'/></interface>"
+           "<interface type='network'><source network='br-lab'/></interface></devices></domain>")  # fmt: skip
+    changed = ET.fromstring(with_bridge_filters(xml, {"br-lab": "portal-hostguard-br-lab"}))
+    refs = [(i.find("source").attrib, i.find("filterref")) for i in changed.iter("interface")]
+    assert refs[0][1].attrib == {"filter": "portal-hostguard-br-lab"}
+    assert refs[1][1] is None and refs[2][1] is None
+    assert with_bridge_filters(ET.tostring(changed, encoding="unicode"), {"br-lab": "portal-hostguard-br-lab"}) is None

@@ -1,14 +1,15 @@
 #!/usr/bin/python3
 """Run inside a test guest at first boot: try to reach services of the hypervisor, print what answered.
 
-Connects over TCP and sends UDP to every (address, port) in TARGETS (filled in by the test), and
-sends hand-made TCP SYNs through a raw socket to the hypervisor's loopback via the default gateway's
-MAC (what an attacker with root in the guest would try when the kernel will not route 127/8).
-Each result is one line "REACH <proto> <address>:<port> <open|closed>" on the serial console.
+Through each NIC in turn, connects over TCP and sends UDP to every (address, port) the test names, and
+sends hand-made TCP SYNs through a raw socket to the hypervisor's loopback via its MAC on that NIC's
+network (what an attacker with root in the guest would try when the kernel will not route 127/8).
+Each result is one line "REACH <nic> <proto> <address>:<port> <open|closed>" on the serial console.
 The test appends the call to main() with its targets and passes the whole file as the machine's
 first-boot script.
 """
 
+import os
 import socket
 import struct
 import subprocess
@@ -26,7 +27,7 @@ def say(line: str) -> None:
         out.write(line + "\n")
 
 
-def tcp(address: str, port: int) -> None:
+def tcp(tag: str, address: str, port: int) -> None:
     s = socket.socket()
     s.settimeout(TIMEOUT)
     try:
@@ -36,10 +37,10 @@ def tcp(address: str, port: int) -> None:
         result = "closed"
     finally:
         s.close()
-    say(f"REACH tcp {address}:{port} {result}")
+    say(f"REACH {tag} tcp {address}:{port} {result}")
 
 
-def udp(address: str, port: int) -> None:
+def udp(tag: str, address: str, port: int) -> None:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
     s.settimeout(TIMEOUT)
@@ -51,7 +52,7 @@ def udp(address: str, port: int) -> None:
         result = "closed"
     finally:
         s.close()
-    say(f"REACH udp {address}:{port} {result}")
+    say(f"REACH {tag} udp {address}:{port} {result}")
 
 
 def checksum(data: bytes) -> int:
@@ -63,17 +64,12 @@ def checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def raw_syn_to_loopback(gateway: str, ports: list[int]) -> None:
+def raw_syn_to_loopback(tag: str, gateway: str, dev: str, ports: list[int]) -> None:
     """SYNs to 127.0.0.1 framed for the hypervisor's MAC; a SYN-ACK back would mean the host answered."""
-    route = subprocess.run(["ip", "-4", "route", "get", gateway], capture_output=True, text=True).stdout.split()
-    if "dev" not in route:
-        say(f"REACH raw no-route {gateway}")
-        return
-    dev = route[route.index("dev") + 1]
-    subprocess.run(["ping", "-c", "1", "-W", "1", gateway], capture_output=True)  # resolves its MAC (ARP)
-    neigh = subprocess.run(["ip", "neigh", "show", gateway], capture_output=True, text=True).stdout.split()
+    subprocess.run(["ping", "-c", "1", "-W", "1", "-I", dev, gateway], capture_output=True)  # resolves its MAC (ARP)
+    neigh = subprocess.run(["ip", "neigh", "show", gateway, "dev", dev], capture_output=True, text=True).stdout.split()
     if "lladdr" not in neigh:
-        say(f"REACH raw no-arp {gateway}")
+        say(f"REACH {tag} raw no-arp {gateway}")
         return
     dst_mac = bytes.fromhex(neigh[neigh.index("lladdr") + 1].replace(":", ""))
     src_mac = bytes.fromhex(open(f"/sys/class/net/{dev}/address").read().strip().replace(":", ""))
@@ -105,29 +101,51 @@ def raw_syn_to_loopback(gateway: str, ports: list[int]) -> None:
             if flags & 0x12 == 0x12:  # SYN-ACK
                 answered.add(sport)
     for port in ports:
-        say(f"REACH raw 127.0.0.1:{port} {'open' if port in answered else 'closed'}")
+        say(f"REACH {tag} raw 127.0.0.1:{port} {'open' if port in answered else 'closed'}")
 
 
-def main(*, addresses: list[str], ports: list[int], control: tuple[str, int], raw_via: str) -> None:
-    """Probe every address and port; `control` must answer (it proves an open port is seen as open);
-    `raw_via` is the hypervisor's address on the guest's network, whose MAC the raw frames go to."""
-    global out
-    out = open("/dev/ttyS0", "w", buffering=1)  # noqa: SIM115 - the serial console, for the whole run
-    mine = subprocess.run(["ip", "-4", "-br", "addr"], capture_output=True, text=True).stdout
-    say("REACH addresses " + " ".join(mine.split()))
-    for address in addresses:  # as root would: a route to each address through the hypervisor (none is offered)
-        if address != raw_via and not address.endswith(".255"):
-            subprocess.run(["ip", "route", "replace", f"{address}/32", "via", raw_via], capture_output=True)
-    threads = [threading.Thread(target=f, args=(a, p)) for a in addresses for p in ports for f in (tcp, udp)]
-    threads.append(threading.Thread(target=tcp, args=control))
-    threads.append(threading.Thread(target=raw_syn_to_loopback, args=(raw_via, ports)))
+def device_of(mac: str) -> str:
+    for dev in os.listdir("/sys/class/net"):
+        with open(f"/sys/class/net/{dev}/address") as f:
+            if f.read().strip() == mac:
+                return dev
+    raise SystemExit(f"no NIC with MAC {mac}")
+
+
+def probe(tag: str, *, mac: str, address: str, gateway: str, targets: list[str], routed: list[str],
+          ports: list[int], control: tuple[str, int]) -> None:  # fmt: skip
+    """One NIC: bring it up (with `address`, when its network has no DHCP), route the `routed` targets (those
+    not on its subnet) through `gateway` (the hypervisor's address there), as root in the guest would, and
+    try every target and port, the `control` (which must answer: an open port is seen as open), and raw
+    SYNs to the hypervisor's loopback framed for `gateway`'s MAC."""
+    dev = device_of(mac)
+    subprocess.run(["ip", "link", "set", dev, "up"], capture_output=True)
+    if address:
+        subprocess.run(["ip", "addr", "replace", address, "dev", dev], capture_output=True)
+    mine = subprocess.run(["ip", "-4", "-br", "addr", "show", "dev", dev], capture_output=True, text=True).stdout
+    say(f"REACH {tag} addresses " + " ".join(mine.split()))
+    for target in routed:
+        subprocess.run(["ip", "route", "replace", f"{target}/32", "via", gateway, "dev", dev], capture_output=True)
+    threads = [threading.Thread(target=f, args=(tag, a, p)) for a in targets for p in ports for f in (tcp, udp)]
+    threads.append(threading.Thread(target=tcp, args=(tag, *control)))
+    threads.append(threading.Thread(target=raw_syn_to_loopback, args=(tag, gateway, dev, ports)))
     for i, t in enumerate(threads):
         t.start()
         if i % 32 == 31:
             time.sleep(0.05)  # a little spread: the guest runs under emulation
     for t in threads:
         t.join()
+    for target in routed:  # the next NIC's pass routes these its own way
+        subprocess.run(["ip", "route", "del", f"{target}/32", "via", gateway, "dev", dev], capture_output=True)
+
+
+def main(*, passes: list[dict], ports: list[int]) -> None:
+    """Probe through each NIC in turn (`passes`: keyword arguments of probe, with a `tag`)."""
+    global out
+    out = open("/dev/ttyS0", "w", buffering=1)  # noqa: SIM115 - the serial console, for the whole run
+    for p in passes:
+        probe(p.pop("tag"), ports=ports, **p)
     say("REACH done")
 
 
-# The test appends the call: main(addresses=[...], ports=[...], control=(...), raw_via="...")
+# The test appends the call: main(passes=[...], ports=[...])
