@@ -1,3 +1,7 @@
+import ipaddress
+from urllib.parse import urlsplit
+
+from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models
 from django.urls import reverse
@@ -8,6 +12,25 @@ name_validator = RegexValidator(
     r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
     "Use 1 to 63 lower-case letters, digits and hyphens, not starting or ending with a hyphen.",
 )
+
+
+class ConsoleAddressRefused(Exception):
+    """A console the proxy will not dial: a loopback address of a remote hypervisor."""
+
+
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def remote_loopback_message(hv: "Hypervisor", address: str = "") -> str:
+    address = address or hv.console_address
+    return (f"{address} is {hv.remote_host}'s own loopback: the console proxy runs on the portal's machine, where that "
+            f"address is the portal's own loopback, so it would reach another machine's console, never {hv.name}'s. "
+            f"Give an address of {hv.remote_host} that the portal's machine reaches (its management address; consoles "
+            f"listen there and ask for the proxy's password).")  # fmt: skip
 
 
 class HypervisorStatus(models.TextChoices):
@@ -95,6 +118,27 @@ class Hypervisor(models.Model):
 
     def get_absolute_url(self) -> str:
         return reverse("hypervisors:detail", args=[self.pk])
+
+    def clean(self) -> None:
+        if self.remote_host and _loopback(self.console_address):
+            raise ValidationError({"console_address": remote_loopback_message(self)})
+
+    @property
+    def remote_host(self) -> str:
+        """The host of the URI when it is another machine than the portal's; "" for this one (no host,
+        localhost, a loopback address: qemu:///system, a local socket)."""
+        host = urlsplit(self.uri).hostname or ""
+        return "" if not host or host == "localhost" or _loopback(host) else host
+
+    def console_dial_host(self, listen: str) -> str:
+        """Where the console proxy (on the portal's machine) reaches a VNC server listening on `listen` on this
+        hypervisor: the listen address itself, or the console address when it listens everywhere. A loopback
+        address of a remote hypervisor means that host itself and nothing here (dialled, it would reach the
+        portal's own loopback, another machine's console): ConsoleAddressRefused."""
+        host = self.console_address if listen in ("0.0.0.0", "::", "") else listen  # noqa: S104 - everywhere
+        if self.remote_host and _loopback(host):
+            raise ConsoleAddressRefused(remote_loopback_message(self, host))
+        return host
 
     @property
     def domain_type(self) -> str:

@@ -70,6 +70,8 @@ def test_staff_creates_and_the_sync_runs(staff_api, test_hv_state, django_captur
         ({"name": "lab", "uri": "esx://host/"}, "uri", "Scheme 'esx' is not supported"),
         ({"name": "-lab", "uri": "qemu:///system"}, "name", "lower-case letters"),
         ({"name": "lab", "uri": "qemu:///system", "console_address": "any"}, "console_address", "not an IP address"),
+        # the default console address (127.0.0.1) for a remote host: the proxy would dial its own loopback
+        ({"name": "lab", "uri": "qemu+ssh://root@hv2/system"}, "console_address", "is hv2's own loopback"),
         (
             {"name": "lab", "uri": "qemu:///system", "domain_type_override": "xen"},
             "domain_type_override",

@@ -117,3 +117,49 @@ def test_periodic_task_schedules_syncs_across_the_minute(settings, test_hv_state
         tasks.hypervisor_sync_all_task.call_local()
     assert [c.kwargs["delay"] for c in schedule.call_args_list] == [20, 40]
     assert Hypervisor.objects.get(pk=hv.pk).status == HypervisorStatus.ONLINE  # the immediate one ran
+
+
+@pytest.mark.parametrize("uri", ["qemu+ssh://root@hv2.example.org/system", "qemu+tls://192.0.2.20/system",
+                                 "qemu+tcp://[2001:db8::20]/system"])  # fmt: skip
+@pytest.mark.parametrize("console", ["127.0.0.1", "127.0.1.1", "::1"])
+def test_a_remote_hypervisor_with_a_loopback_console_address_is_refused(django_capture_on_commit_callbacks, uri,
+                                                                        console):  # fmt: skip
+    # The proxy runs here: dialling that loopback would reach this machine's consoles, not the remote host's.
+    with pytest.raises(ValidationError) as e:
+        create(django_capture_on_commit_callbacks, name="remote", uri=uri, console_address=console)
+    assert "own loopback" in e.value.message_dict["console_address"][0]
+    assert not Hypervisor.objects.exists()
+
+
+def test_a_loopback_console_address_stays_fine_for_this_machine_and_an_edit_cannot_bring_it_back(
+    django_capture_on_commit_callbacks,
+):
+    for i, uri in enumerate(["qemu:///system", "qemu+tcp://127.0.0.1:1/system", "qemu+tcp://localhost:1/system",
+                             "qemu:///system?socket=/run/other/libvirt-sock"]):  # fmt: skip
+        create(django_capture_on_commit_callbacks, name=f"here{i}", uri=uri, console_address="127.0.0.1", enabled=False)
+    remote = create(django_capture_on_commit_callbacks, name="remote", uri="qemu+ssh://hv2/system",
+                    console_address="192.0.2.20", enabled=False)  # fmt: skip
+    with pytest.raises(ValidationError, match="own loopback"):
+        services.hypervisor_update(hypervisor=remote, console_address="127.0.0.1")
+    assert Hypervisor.objects.get(pk=remote.pk).console_address == "192.0.2.20"
+    here = Hypervisor.objects.get(name="here0")
+    with pytest.raises(ValidationError, match="own loopback"):
+        services.hypervisor_update(hypervisor=here, uri="qemu+ssh://hv3/system")  # moving the URI away counts too
+
+
+def test_the_proxy_never_dials_a_remote_hypervisors_loopback():
+    from hypervisors.models import ConsoleAddressRefused
+
+    remote = Hypervisor(name="remote", uri="qemu+ssh://hv2/system", console_address="192.0.2.20")
+    assert remote.console_dial_host("192.0.2.20") == "192.0.2.20"
+    assert remote.console_dial_host("0.0.0.0") == "192.0.2.20"  # noqa: S104 - listening everywhere: its console address
+    for listen in ("127.0.0.1", "::1", "127.5.5.5"):  # e.g. a domain defined by hand, or before the rule
+        with pytest.raises(ConsoleAddressRefused, match="own loopback"):
+            remote.console_dial_host(listen)
+    legacy = Hypervisor(
+        name="legacy", uri="qemu+ssh://hv2/system", console_address="127.0.0.1"
+    )  # saved before the rule
+    with pytest.raises(ConsoleAddressRefused):
+        legacy.console_dial_host("0.0.0.0")  # noqa: S104
+    here = Hypervisor(name="here", uri="qemu:///system", console_address="127.0.0.1")
+    assert here.console_dial_host("127.0.0.1") == "127.0.0.1"

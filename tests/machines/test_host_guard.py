@@ -61,7 +61,7 @@ def test_local_addresses_are_read_only_for_a_libvirtd_on_this_machine():
     from hypervisors.drivers.libvirt_driver import local_addresses
 
     assert local_addresses("qemu+ssh://root@192.0.2.7/system") == {}
-    assert local_addresses("qemu+unix:///system?socket=/tmp/other/libvirt-sock") == {}  # another namespace's
+    assert local_addresses("qemu:///system?socket=/tmp/other/libvirt-sock") == {}  # another namespace's
     assert local_addresses("qemu+tls://hv1/system") == {}
     found = local_addresses("qemu:///system")
     assert "127.0.0.1" in found.get("lo", [])  # read from this machine (ip -j addr)
