@@ -8,6 +8,18 @@ and for VNC asks the hypervisor where the machine's VNC server listens *now*
 (ports are reused, so never trust an old answer). A serial session is a
 libvirt console stream on its own connection to the hypervisor. The token is
 removed from the path before anything is logged.
+
+Latency (issue 18). Once the token is spent (which names the machine), the two
+things that do not depend on each other run at the same time: recording the
+session under the caps (the database) and reaching the console (the hypervisor
+visit, the TCP connection and the RFB authentication; for serial, the libvirt
+console stream). A refusal of either closes what the other made. The proxy's
+libvirt calls for VNC run on a few long-lived threads per hypervisor URI, so
+the driver's per-thread connection cache (hypervisors/drivers) keeps their
+connections open from one console to the next, with libvirt keepalive; the
+driver reopens a connection that died, and a changed URI gets threads (and a
+connection) of its own. Nothing about the machine is cached: the address and
+the password come from the hypervisor at every connect.
 """
 
 from __future__ import annotations
@@ -17,6 +29,8 @@ import os
 import re
 import socket
 import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from http.server import HTTPServer
 from socketserver import ThreadingMixIn
 from urllib.parse import parse_qs, urlsplit
@@ -44,6 +58,39 @@ def _dial_host(host: str, machine) -> str:
     return host
 
 
+# What a connection does beside its own thread (reaching the console while the session is recorded).
+_beside = ThreadPoolExecutor(max_workers=32, thread_name_prefix="console-open")
+# The proxy's libvirt calls, per hypervisor URI: on these threads the driver's per-thread connection stays open.
+HYPERVISOR_THREADS = 2
+_hypervisor_pools: dict[str, ThreadPoolExecutor] = {}
+_hypervisor_pools_lock = threading.Lock()
+
+
+def on_hypervisor(uri: str, fn, *args):
+    """fn(driver, *args) with a driver for `uri`, run on one of the proxy's long-lived threads for that URI (so
+    its libvirt connection is already open); returns what fn returns, raises what it raises."""
+    with _hypervisor_pools_lock:
+        pool = _hypervisor_pools.get(uri)
+        if pool is None:
+            pool = _hypervisor_pools[uri] = ThreadPoolExecutor(HYPERVISOR_THREADS, thread_name_prefix="console-hv")
+
+    def call():
+        with get_driver(uri) as driver:
+            return fn(driver, *args)
+
+    return pool.submit(call).result()
+
+
+def _discard(future: Future) -> None:
+    """Close whatever socket `future` brings, now or when it comes: its connection was refused meanwhile."""
+
+    def close(done: Future) -> None:
+        if not done.cancelled() and done.exception() is None:
+            done.result().close()
+
+    future.add_done_callback(close)
+
+
 _vnc_locks: dict[int, threading.Lock] = {}
 _vnc_locks_lock = threading.Lock()
 
@@ -61,8 +108,7 @@ def vnc_connect(machine) -> socket.socket:
     listens now: ports are reused), and the proxy answers the server's challenge with it. The password is
     never stored, logged or sent to the browser."""
     with _vnc_lock(machine.pk):
-        with get_driver(machine.hypervisor.uri) as driver:
-            opened = driver.vnc_open(str(machine.uuid))
+        opened = on_hypervisor(machine.hypervisor.uri, lambda driver: driver.vnc_open(str(machine.uuid)))
         if opened is None:
             raise ConsoleDenied("the machine is not running (no VNC server)")
         host, port, password = opened
@@ -83,6 +129,7 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
     def __init__(self, *args, **kwargs):
         self.session_id: int | None = None
         self.vnc_sock: socket.socket | None = None  # authenticated to the VNC server before the upgrade
+        self.serial: Future | None = None  # the serial console's socket, being opened beside the handshake
         self.kind = "vnc"
         self.machine = None
         self.view_only = False
@@ -125,6 +172,8 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
                 consoles.console_session_close(self.session_id)
                 if self.vnc_sock is not None:
                     self.vnc_sock.close()
+                if self.serial is not None:
+                    _discard(self.serial)
 
     def _authorise(self, client: str, path: str, raw_token: str) -> None:
         origin = self.headers.get("Origin", "")
@@ -136,30 +185,54 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
         self.kind = KINDS[match.group(1)]
         # A reconnect within the grace needs the token's reconnect secret, offered as a websocket subprotocol.
         reconnect = consoles.reconnect_from_protocols(self.headers.get("Sec-WebSocket-Protocol", ""))
+        started = time.perf_counter()
         token = consoles.console_token_consume(raw=raw_token, machine_id=int(match.group(2)), client=client,
                                                kind=self.kind, reconnect=reconnect)  # fmt: skip
         self.view_only = token.view_only
         self.machine = token.machine
-        self.session_id = consoles.console_session_open(token=token, client=client, proxy_pid=os.getpid()).pk
+        spent = time.perf_counter()
+        # The token named the machine: reach its console while the session is recorded under the caps. VNC: one
+        # visit to the hypervisor, before the upgrade (a stopped machine is refused with a 403), says where the
+        # server listens now and sets the password the proxy then answers with. Serial: the console stream, whose
+        # failure (another client has the port) the page hears after the upgrade; a take-over disconnects
+        # someone, so it waits until this session has passed the caps.
+        reaching = None
         if self.kind == "vnc":
-            # One visit to the hypervisor, before the upgrade (a stopped machine is refused with a 403): it
-            # says where the VNC server listens now and sets the password the proxy then answers with.
+            reaching = _beside.submit(vnc_connect, token.machine)
+        elif not self.take_over:
+            reaching = self.serial = _beside.submit(self._open_serial)
+        try:
+            self.session_id = consoles.console_session_open(token=token, client=client, proxy_pid=os.getpid()).pk
+        except BaseException:
+            if reaching is not None:
+                _discard(reaching)
+            raise
+        recorded = time.perf_counter()
+        if self.kind == "serial" and self.take_over:
+            self.serial = _beside.submit(self._open_serial)
+        if self.kind == "vnc":
             try:
-                self.vnc_sock = vnc_connect(token.machine)
+                self.vnc_sock = reaching.result()
             except (ConsoleDenied, HypervisorError):
                 consoles.console_session_close(self.session_id)
                 raise
             except Exception as e:  # OSError, RFB errors: the server is there but will not have us
                 consoles.console_session_close(self.session_id)
                 raise HypervisorError(f"cannot reach the VNC server: {getattr(e, 'strerror', None) or e}") from e
+        ready = time.perf_counter()
         where = "%s:%s" % self.vnc_sock.getpeername()[:2] if self.vnc_sock else "its serial port"  # noqa: UP031
-        log.info("%s %s console of machine %s for user %s%s -> %s", client, "graphical" if self.kind == "vnc" else "serial",
-                 token.machine_id, token.user_id, " (view only)" if self.view_only else "", where)  # fmt: skip
+        log.info("%s %s console of machine %s for user %s%s -> %s; ready in %.1f ms (token %.1f, session %.1f, "
+                 "console beside it %.1f)", client, "graphical" if self.kind == "vnc" else "serial", token.machine_id,
+                 token.user_id, " (view only)" if self.view_only else "", where, 1000 * (ready - started),
+                 1000 * (spent - started), 1000 * (recorded - spent), 1000 * (ready - spent))  # fmt: skip
+
+    def _open_serial(self) -> socket.socket:
+        with get_driver(self.machine.hypervisor.uri) as driver:
+            return driver.serial_console(str(self.machine.uuid), take_over=self.take_over)
 
     def _connect_target(self) -> socket.socket:
         if self.kind == "serial":
-            with get_driver(self.machine.hypervisor.uri) as driver:
-                return driver.serial_console(str(self.machine.uuid), take_over=self.take_over)
+            return self.serial.result()
         return self.vnc_sock
 
     def _accept_vnc_client(self) -> None:

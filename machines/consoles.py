@@ -94,7 +94,7 @@ def console_token_consume(
     """Spend a token for a connection to machine_id's `kind` of console from `client`, or raise ConsoleDenied.
     A spent token connects again within the grace only with its reconnect secret (`reconnect`)."""
     now = timezone.now()
-    token = ConsoleToken.objects.select_related("machine", "user").filter(key_hash=_hash(raw or "")).first()
+    token = ConsoleToken.objects.select_related("machine__hypervisor", "user").filter(key_hash=_hash(raw or "")).first()
     if token is None:
         raise ConsoleDenied("unknown token")
     if token.machine_id != machine_id:

@@ -1,6 +1,12 @@
+import functools
+import posixpath
+import re
+from pathlib import Path
+
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.contrib.staticfiles import finders
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.db.models import Q
@@ -243,20 +249,71 @@ def machine_delete(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 # --- consoles and screenshots -----------------------------------------------------------
 
 
-def console_config(request, machine_id: int | None, token_url: str = "") -> dict:
-    """What the console page's script needs; never a token."""
+def console_config(request, machine_id: int | None, token_url: str = "", kind: str = "vnc") -> dict:
+    """What the console page's script needs. Never a token: console_page_key() adds one where it may."""
     return {
         "machineId": machine_id,
+        "kind": kind,
         "tokenUrl": token_url,
         "consoleUrl": settings.PORTAL_CONSOLE_URL,
         "consolePort": settings.PORTAL_CONSOLE_PORT,
     }
 
 
+def console_page_key(request, machine: Machine, kind: str) -> dict | None:
+    """A console token issued with the page itself (issue 18: no separate request before the websocket opens), for
+    a top-level navigation from the portal itself or typed by the user (Sec-Fetch-Site same-origin or none): the
+    same single-use, bound, short-lived token the page would have asked for by POST at once. Anything else gets no
+    token with the page and asks by POST (CSRF-checked), as before: a request from another site (its response is
+    unreadable there anyway, but it would still mint a token and an audit row), a frame, a prefetch or prerender
+    (nobody would spend it), a browser that sends no Sec-Fetch headers. None also when the user may not have this
+    kind of console (a viewer's serial): the page's POST then shows why."""
+    headers = request.headers
+    if (headers.get("Sec-Fetch-Mode") != "navigate" or headers.get("Sec-Fetch-Dest") != "document"
+            or headers.get("Sec-Fetch-Site") not in ("same-origin", "none")
+            or headers.get("Sec-Purpose") or headers.get("Purpose")):  # fmt: skip
+        return None
+    try:
+        raw, expires = consoles.console_token_issue(machine=machine, user=request.user, kind=kind,
+                                                    session_key=request.session.session_key or "")  # fmt: skip
+    except consoles.ConsoleDenied:
+        return None
+    return {"token": raw, "reconnect": consoles.console_reconnect_secret(raw), "expires_at": expires.isoformat(),
+            "view_only": not access.can(request.user, machine, access.OPERATE)}  # fmt: skip
+
+
+@functools.cache
+def console_modules(entry: str) -> tuple[str, ...]:
+    """URLs of every ES module that static file `entry` imports, directly or not, as the browser will ask for them
+    (the entry is hashed by the manifest, its imports are not: they are relative paths). The console pages preload
+    them all at once (modulepreload) instead of discovering them one import level after another."""
+    found: list[str] = []
+    todo = [entry]
+    while todo:
+        name = todo.pop()
+        path = finders.find(name)
+        if not path:
+            continue
+        for spec in _IMPORT_RE.findall(Path(path).read_text(errors="replace")):
+            target = posixpath.normpath(posixpath.join(posixpath.dirname(name), spec))
+            if spec.startswith(".") and target not in found and finders.find(target):
+                found.append(target)
+                todo.append(target)
+    return tuple(settings.STATIC_URL + name for name in found)
+
+
+_IMPORT_RE = re.compile(r"""^\s*(?:import|export)\s(?:[^'";]*?\sfrom\s*)?["']([^"']+)["']""", re.MULTILINE)
+CONSOLE_SCRIPTS = {"machines/console.html": ("vnc", "console.js"), "machines/serial.html": ("serial", "serial.js")}
+
+
 def _console_page(request, pk: int, template: str) -> HttpResponse:
     machine = _get_machine_for_user(request, pk)
-    config = console_config(request, machine.pk, reverse("machines:console-token", args=[machine.pk]))
-    return render(request, template, {"machine": machine, "config": config})
+    kind, script = CONSOLE_SCRIPTS[template]
+    config = console_config(request, machine.pk, reverse("machines:console-token", args=[machine.pk]), kind=kind)
+    config["key"] = console_page_key(request, machine, kind)
+    response = render(request, template, {"machine": machine, "config": config, "modules": console_modules(script)})
+    response["Cache-Control"] = "no-store"  # it may carry a token: never kept, a reload or Back asks for a new one
+    return response
 
 
 @login_required
@@ -301,7 +358,8 @@ def machine_console_token(request: HtmxHttpRequest, pk: int) -> JsonResponse:
 def console_standalone(request) -> HttpResponse:
     """The console page for a one-time URL from the API: the credential is in the URL's fragment,
     which browsers never send to the server, so it reaches no log."""
-    response = render(request, "machines/console.html", {"machine": None, "config": console_config(request, None)})
+    context = {"machine": None, "config": console_config(request, None), "modules": console_modules("console.js")}
+    response = render(request, "machines/console.html", context)
     response["Referrer-Policy"] = "no-referrer"
     return response
 

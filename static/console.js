@@ -20,13 +20,16 @@ function setStatus(state, text, colour) {
   controls.forEach((b) => { b.disabled = state !== "connected"; });
 }
 
-// The one-time URL from the API carries the machine, the token and its reconnect secret in the fragment,
-// which never reaches a server; drop it from the address bar and history at once. The page keeps both in
-// memory: Reconnect spends the same token again, which the proxy allows within its grace with the secret.
-const fragment = new URLSearchParams(location.hash.slice(1));
-let machineId = config.machineId ?? Number(fragment.get("m"));
-const fragmentKey = { token: fragment.get("t"), reconnect: fragment.get("r") };
-if (location.hash) history.replaceState(null, "", location.pathname);
+// The page's early script (templates/machines/_console_early.html) read the key that came with the page, or
+// the one-time URL's fragment (machine, token, reconnect secret: it never reaches a server, and is out of the
+// address bar and history already), and opened the websocket while this module loaded. The page keeps the key
+// in memory: on its own pages Reconnect asks the portal for a fresh one; on a one-time URL it spends the same
+// token again, which the proxy allows within its grace with the secret.
+// (Were this module first, the early script would stand aside: this sets window.portalConsoleEarly.)
+const early = window.portalConsoleEarly || (window.portalConsoleEarly = { config, key: null, channel: null });
+const machineId = early.config.machineId;
+const firstKey = early.key;
+if (firstKey && firstKey.view_only !== undefined) viewOnly = firstKey.view_only;
 
 // {token, reconnect}: a fresh pair from the portal on its own pages, else the one-time URL's.
 async function getToken() {
@@ -35,21 +38,26 @@ async function getToken() {
     viewOnly = body.view_only;
     return body;
   }
-  if (!fragmentKey.token) throw new Error("this console link has no key; ask for a new console URL");
-  return fragmentKey;
+  if (!firstKey?.token) throw new Error("this console link has no key; ask for a new console URL");
+  return firstKey;
 }
 
 async function connect() {
   if (rfb) { rfb.disconnect(); rfb = null; }
   setStatus("connecting", "Connecting…", "warning");
-  let key;
-  try {
-    key = await getToken();
-  } catch (e) {
-    setStatus("failed", e.message, "danger");
-    return;
+  let target, protocols;
+  if (early.channel) {
+    [target, early.channel] = [early.channel, null]; // opened with the page's key, once
+  } else {
+    try {
+      const key = await getToken();
+      [target, protocols] = [proxyUrl(config, "console", machineId, key.token), proxyProtocols(key.reconnect)];
+    } catch (e) {
+      setStatus("failed", e.message, "danger");
+      return;
+    }
   }
-  rfb = new RFB(screen, proxyUrl(config, "console", machineId, key.token), { wsProtocols: proxyProtocols(key.reconnect) });
+  rfb = new RFB(screen, target, protocols ? { wsProtocols: protocols } : {});
   rfb.scaleViewport = scale;
   rfb.viewOnly = viewOnly; // the proxy drops input anyway; this keeps the page honest about it
   rfb.focusOnClick = true;

@@ -36,6 +36,10 @@ term.onData((data) => {
   if (ws?.readyState === WebSocket.OPEN) ws.send(encoder.encode(data));
 });
 
+// The page's early script (templates/machines/_console_early.html) opened the first websocket with the key
+// that came with the page, while this module loaded; what the guest sent meanwhile waits in it, in order.
+const early = window.portalConsoleEarly || (window.portalConsoleEarly = { config, key: null, channel: null });
+
 // takeOver: disconnect whoever has the serial port (libvirt lends it to one client); only the
 // "Take over" button, which the page shows when another session has the port, asks for it.
 async function connect(takeOver = false) {
@@ -49,16 +53,21 @@ async function connect(takeOver = false) {
   }
   takeOverButton.hidden = true;
   setStatus("connecting", "Connecting…", "warning");
-  let body;
-  try {
-    body = await issueToken(config.tokenUrl, "serial");
-  } catch (e) {
-    setStatus("failed", e.message, "danger");
-    return;
+  let socket;
+  if (early.channel && !takeOver) {
+    [socket, early.channel] = [early.channel, null]; // opened with the page's key, once
+  } else {
+    let body;
+    try {
+      body = await issueToken(config.tokenUrl, "serial");
+    } catch (e) {
+      setStatus("failed", e.message, "danger");
+      return;
+    }
+    const url = proxyUrl(config, "serial", config.machineId, body.token) + (takeOver ? "&take_over=1" : "");
+    socket = new WebSocket(url, proxyProtocols(body.reconnect));
+    socket.binaryType = "arraybuffer";
   }
-  const url = proxyUrl(config, "serial", config.machineId, body.token) + (takeOver ? "&take_over=1" : "");
-  const socket = new WebSocket(url, proxyProtocols(body.reconnect));
-  socket.binaryType = "arraybuffer";
   socket.onopen = () => {
     setStatus("connected", "Connected", "success");
     term.focus(); // nothing is sent for the user: Enter could answer an installer's question
