@@ -1,6 +1,22 @@
-"""Console open time: from opening the console page to the first frame drawn, through the portal
-(page, token POST, proxy with its checks, live VNC lookup) next to noVNC on a plain websockify
-in the same run. Prints p50 and p95; asserts nothing.
+"""Console open times through the portal, each next to its plain baseline, in one run (issue 18):
+
+- page: the machine's console page (logged in) from the navigation to the first frame drawn on noVNC's
+  canvas; plain: noVNC on a static page to a plain websockify in front of the same VNC server (which
+  asks a password: the baseline gets one of its own for the run, and noVNC answers QEMU's challenge).
+- one-time URL: from the start of `POST /api/v1/machines/{id}/console/` (API token, no session) to the
+  first frame of the URL it returns, opened in a browser with no portal session; plain: the same noVNC
+  page as above, from the navigation (a plain websockify has no API to ask).
+- serial: the machine's serial page (logged in) from the navigation to the first byte of guest output
+  in the page's terminal; plain: xterm.js on a static page to a plain websockify in front of a TCP bridge
+  in this process that opens the domain's serial port as a libvirt console stream, on one libvirt
+  connection kept open for the whole run, and copies both ways: the least any proxy that reaches serial
+  ports through libvirt (as the portal does, so remote hypervisors work) must do, with no checks. In both,
+  the bench's page script sends Enter the moment the websocket opens and the tiny guest's shell answers.
+
+Every open is timed from the same clock (the wall clock before the request, against the page's
+performance.timeOrigin); the paths are interleaved so that load on the machine hits all of them alike.
+Prints p50 / p95 / max and the ratios, the medians of the phases in the page (HTML in, websocket
+created, upgraded, first message) and of the proxy's steps from its log. Asserts nothing.
 
 Run: `.venv/bin/python bench/console.py [N]` (libvirtd must run; `make` targets start it).
 Uses its own data directory and processes, and removes the machine it made.
@@ -10,17 +26,95 @@ import functools
 import http.server
 import json
 import os
+import re
 import socket
+import socketserver
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+VERBOSE = os.environ.get("BENCH_VERBOSE") == "1"  # also print where each page's time goes
+
+
+class SerialBridge(socketserver.ThreadingTCPServer):
+    """The plain serial baseline's target: each TCP connection gets the domain's serial console, opened as a
+    libvirt console stream (taking it over, as nothing else may hold it) on one connection kept open for the
+    run, and both directions copied; the stream's output arrives on libvirt's event loop."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, port: int, uuid: str) -> None:
+        import libvirt
+
+        libvirt.virEventRegisterDefaultImpl()  # stream events and keepalive need libvirt's event loop
+        threading.Thread(target=lambda: [libvirt.virEventRunDefaultImpl() for _ in iter(int, 1)], daemon=True).start()
+        self.libvirt = libvirt
+        self.conn = libvirt.open("qemu:///system")
+        self.conn.setKeepAlive(5, 3)
+        self.dom = self.conn.lookupByUUIDString(uuid)
+        super().__init__(("127.0.0.1", port), functools.partial(_BridgeHandler, bridge=self))
+
+
+class _BridgeHandler(socketserver.BaseRequestHandler):
+    def __init__(self, *args, bridge: SerialBridge, **kwargs) -> None:
+        self.bridge = bridge
+        super().__init__(*args, **kwargs)
+
+    def handle(self) -> None:
+        lv, sock = self.bridge.libvirt, self.request
+        stream = self.bridge.conn.newStream(lv.VIR_STREAM_NONBLOCK)
+        self.bridge.dom.openConsole(None, stream, lv.VIR_DOMAIN_CONSOLE_FORCE)
+
+        t0 = time.perf_counter()
+        first = []
+
+        def on_output(s, events, _opaque):
+            try:
+                while (data := s.recv(16384)) not in (-2, b""):
+                    if not first:
+                        first.append(1)
+                        if VERBOSE:
+                            print(f"bridge: first output {1000 * (time.perf_counter() - t0):.1f} ms after connect",
+                                  flush=True)  # fmt: skip
+                    sock.sendall(data)
+            except (lv.libvirtError, OSError):
+                pass
+
+        stream.eventAddCallback(lv.VIR_STREAM_EVENT_READABLE | lv.VIR_STREAM_EVENT_ERROR | lv.VIR_STREAM_EVENT_HANGUP,
+                                on_output, None)  # fmt: skip
+        try:
+            while data := sock.recv(4096):
+                if VERBOSE:
+                    print(
+                        f"bridge: input {data!r} {1000 * (time.perf_counter() - t0):.1f} ms after connect", flush=True
+                    )
+                while data:
+                    sent = stream.send(data)
+                    data = data[sent:] if sent != -2 else data
+        except (lv.libvirtError, OSError):
+            pass
+        finally:
+            for step in (stream.eventRemoveCallback, stream.abort):
+                try:
+                    step()
+                except lv.libvirtError:
+                    pass
+
+
+if sys.argv[1:2] == ["--serial-bridge"]:  # the plain serial baseline's target, in a process of its own
+    with SerialBridge(int(sys.argv[2]), sys.argv[3]) as bridge_server:
+        bridge_server.serve_forever()
+    sys.exit()
+
 DATA = tempfile.mkdtemp(prefix="portal-bench-console-")
 
 
@@ -30,7 +124,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-WEB, PROXY, PLAIN, PAGE = free_port(), free_port(), free_port(), free_port()
+WEB, PROXY, PLAIN, PLAIN_SERIAL, BRIDGE, PAGE = (free_port() for _ in range(6))
 os.environ.update({"PORTAL_DATA_DIR": DATA, "DJANGO_SETTINGS_MODULE": "portal.settings", "PORTAL_CONSOLE_PORT": str(PROXY),
                    "PORTAL_CONSOLE_ALLOWED_ORIGINS": f"http://127.0.0.1:{WEB}", "DJANGO_ALLOW_ASYNC_UNSAFE": "true"})  # fmt: skip
 
@@ -47,29 +141,67 @@ from django.core.management import call_command  # noqa: E402
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 10
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]  # fmt: skip
-# Runs in every page before its scripts: time the first frame with real pixels on the noVNC canvas.
-FIRST_FRAME = """
-window.__firstFrame = null;
+# Runs in every page before its scripts. Marks (ms since the navigation): the first websocket created, upgraded
+# and its first message; `done`: the first frame with real pixels on the noVNC canvas, or for a serial page
+# (window.__serial) the first byte of guest output in its terminal, after the page sent Enter on open.
+PROBE = """
+window.__marks = {};
+const marks = window.__marks;
+const NativeWebSocket = window.WebSocket;
+// (A native WebSocket, not a subclass: noVNC checks the methods on the object's own prototype.)
+function ProbedWebSocket(url, protocols) {
+  const ws = new NativeWebSocket(url, protocols);
+  marks.wsCreated ??= performance.now();
+  ws.addEventListener('open', () => {
+    marks.wsOpen ??= performance.now();
+    if (window.__serial) ws.send(new Uint8Array([13]));
+  });
+  ws.addEventListener('message', () => { marks.firstMessage ??= performance.now(); });
+  return ws;
+}
+ProbedWebSocket.prototype = NativeWebSocket.prototype;
+Object.assign(ProbedWebSocket, { CONNECTING: 0, OPEN: 1, CLOSING: 2, CLOSED: 3 });
+window.WebSocket = ProbedWebSocket;
+document.addEventListener('DOMContentLoaded', () => { marks.html = performance.now(); });
 (function poll() {
-  const c = document.querySelector('canvas');
-  if (c && c.width > 1) {
-    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-    for (let i = 0; i < d.length; i += 4 * 31) if (d[i] + d[i + 1] + d[i + 2] > 60) { window.__firstFrame = performance.now(); return; }
+  if (window.__serial) {
+    if (window.portalConsole && window.portalConsole.received > 0) { marks.done = performance.now(); return; }
+  } else {
+    const c = document.querySelector('canvas');
+    if (c && c.width > 1) {
+      const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+      for (let i = 0; i < d.length; i += 4 * 31) if (d[i] + d[i + 1] + d[i + 2] > 60) { marks.done = performance.now(); return; }
+    }
   }
   requestAnimationFrame(poll);
 })();
 """
+SERIAL_FLAG = "window.__serial = true;"
 PLAIN_PAGE = """<!doctype html><meta charset="utf-8"><body style="margin:0"><div id="s" style="height:100vh"></div>
 <script type="module">
-import RFB from "/core/rfb.js";
-new RFB(document.getElementById("s"), "ws://127.0.0.1:%d/", {credentials: {password: %s}});
+import RFB from "/novnc/core/rfb.js";
+const password = decodeURIComponent(location.hash.slice(1));
+new RFB(document.getElementById("s"), "ws://127.0.0.1:%d/", {credentials: {password}});
 </script>"""
+# The same terminal as the portal's serial page, on a plain websocket; `received` as the portal page counts it.
+PLAIN_SERIAL_PAGE = """<!doctype html><meta charset="utf-8"><link rel="stylesheet" href="/xterm/css/xterm.css">
+<body style="margin:0"><div id="s" style="height:100vh"></div>
+<script type="module">
+import { Terminal } from "/xterm/lib/xterm.mjs";
+const term = new Terminal();
+term.open(document.getElementById("s"));
+window.portalConsole = { received: 0 };
+const ws = new WebSocket("ws://127.0.0.1:%d/", ["binary"]);
+ws.binaryType = "arraybuffer";
+ws.onmessage = (e) => { const d = new Uint8Array(e.data); window.portalConsole.received += d.length; term.write(d); };
+term.onData((d) => ws.send(new TextEncoder().encode(d)));
+</script>"""
+PROXY_STEPS = re.compile(r"(graphical|serial) console of .* ready in ([\d.]+) ms \(([^)]*)\)")
 
 
-def start(argv, **kw):
-    return subprocess.Popen(
-        argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, **kw
-    )
+def start(argv, log=None, **kw):
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child keeps it
+    return subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=out, start_new_session=True, **kw)
 
 
 def wait_port(port):
@@ -98,37 +230,57 @@ def setup_machine():
     machine = services.machine_create(owner=user, hypervisor=Hypervisor.objects.get(pk=hv.pk), name="bench-console",
                                       deploy_type="iso", image=Image.objects.get(pk=image.pk), memory_mib=256, disk_gib=1)  # fmt: skip
     wait(lambda: Machine.objects.get(pk=machine.pk).status == "active")
-    time.sleep(8)  # let the guest draw its shell prompt
+
+    def shell_up():  # the guest's serial log, through the worker
+        services.machine_serial_log_request(machine=Machine.objects.get(pk=machine.pk), max_age=0)
+        time.sleep(0.5)
+        return "TINY-GUEST ready" in Machine.objects.get(pk=machine.pk).serial_log
+
+    wait(shell_up, 120)
+    time.sleep(3)  # let the guest draw its shell prompt on the screen too
     return Machine.objects.get(pk=machine.pk)
 
 
-def measure(browser, url, login=None) -> list[float]:
-    times = []
-    context = browser.new_context(viewport={"width": 1024, "height": 768})
-    context.add_init_script(FIRST_FRAME)
-    page = context.new_page()
-    if login:
-        login(page)
-    for _ in range(N):
-        page.goto(url)
-        page.wait_for_function("window.__firstFrame !== null", timeout=30_000)
-        times.append(page.evaluate("window.__firstFrame") / 1000)
-        page.goto("about:blank")
-    context.close()
-    return times
+def serve_static(directory: str, port: int):
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), functools.partial(Quiet, directory=directory))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def open_once(page, url: str, before=None) -> dict:
+    """Open url (after calling `before`, timed too); the page's marks in seconds from the start, with `total`."""
+    started = time.time()
+    if before:
+        url = before()
+    page.goto(url)
+    page.wait_for_function("window.__marks && window.__marks.done !== undefined", timeout=30_000)
+    origin, marks = page.evaluate("[performance.timeOrigin, window.__marks]")
+    offset = origin / 1000 - started  # the navigation's start, from the moment the open was asked for
+    out = {k: offset + v / 1000 for k, v in marks.items()}
+    out["navigation"] = offset
+    out["total"] = out.pop("done")
+    page.goto("about:blank")
+    return out
 
 
 def main():
     from playwright.sync_api import sync_playwright
 
     from machines import services
+    from machines.models import ConsoleSession, Machine
+    from portal.models import ApiToken
 
     call_command("migrate", verbosity=0)
     call_command("collectstatic", "--noinput", verbosity=0)
+    proxy_log = Path(DATA) / "console-proxy.log"
     procs = [start([sys.executable, "manage.py", "run_huey", "--workers", "2"]),
              start([sys.executable, "-m", "gunicorn", "portal.wsgi", "-b", f"127.0.0.1:{WEB}", "-w", "2", "--threads", "4"]),
-             start([sys.executable, "manage.py", "console_proxy", "--port", str(PROXY)])]  # fmt: skip
-    server = None
+             start([sys.executable, "manage.py", "console_proxy", "--port", str(PROXY)], log=proxy_log)]  # fmt: skip
+    servers, machine = [], None
     try:
         wait_port(WEB)
         wait_port(PROXY)
@@ -136,47 +288,127 @@ def main():
         from hypervisors.drivers import get_driver
 
         vnc_host, vnc_port = get_driver("qemu:///system").vnc_address(str(machine.uuid))
+        procs.append(start([sys.executable, __file__, "--serial-bridge", str(BRIDGE), str(machine.uuid)],
+                           log=Path(DATA) / "serial-bridge.log"))  # fmt: skip
+        wait_port(BRIDGE)
         procs.append(start([sys.executable, "-m", "websockify", f"127.0.0.1:{PLAIN}", f"{vnc_host}:{vnc_port}"]))
+        procs.append(start([sys.executable, "-m", "websockify", f"127.0.0.1:{PLAIN_SERIAL}", f"127.0.0.1:{BRIDGE}"]))
         wait_port(PLAIN)
-        novnc = ROOT / "node_modules/@novnc/novnc"
-        for sub in ("core", "vendor"):
-            target = Path(DATA) / sub
-            if not target.exists():
-                target.symlink_to(novnc / sub)
-        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=DATA)
-        handler.log_message = lambda *a: None
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", PAGE), handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        wait_port(PLAIN_SERIAL)
+        modules = ROOT / "node_modules"
+        for name, target in (("novnc", "@novnc/novnc"), ("xterm", "@xterm/xterm")):
+            link = Path(DATA) / name
+            if not link.exists():
+                link.symlink_to(modules / target)
+        servers.append(serve_static(DATA, PAGE))
+        _, api_key = ApiToken.issue(user=machine.owner)
 
-        def login(page):
-            page.goto(f"http://127.0.0.1:{WEB}/login/")
-            page.fill("#id_username", "bench")
-            page.fill("#id_password", "bench-password-1")
-            page.click("button[type=submit]")
-            page.wait_for_url(f"http://127.0.0.1:{WEB}/")
+        def one_time_url() -> str:
+            request = urllib.request.Request(f"http://127.0.0.1:{WEB}/api/v1/machines/{machine.pk}/console/",
+                                             method="POST", headers={"Authorization": f"Token {api_key}"})  # fmt: skip
+            with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - the bench's own portal
+                return json.load(response)["url"]
+
+        def plain_password() -> str:
+            """VNC asks a password that only the proxy sets, and each portal open sets a new one: before each plain
+            open (outside its time), give the baseline one of its own, which its noVNC answers."""
+            _, _, password = get_driver("qemu:///system").vnc_open(str(machine.uuid), valid_for=60)
+            return urllib.parse.quote(password)
+
+        def serial_free() -> bool:  # libvirt lends the port to one client: let the last one go first
+            time.sleep(0.5)  # the plain bridge lets go when websockify closes its connection
+            return not ConsoleSession.objects.filter(kind="serial", ended__isnull=True).exists()
 
         home = tempfile.mkdtemp(prefix="bench-chromium-")
         os.environ["XDG_CONFIG_HOME"] = os.environ["XDG_CACHE_HOME"] = home
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
-            # Warm both paths once (module caches, the first libvirt connection).
-            measure_once = N
-            portal = measure(browser, f"http://127.0.0.1:{WEB}/machines/{machine.pk}/console/", login)
-            # VNC asks a password that only the proxy sets: give the plain baseline one of its own for the run.
-            _, _, password = get_driver("qemu:///system").vnc_open(str(machine.uuid), valid_for=3600)
-            (Path(DATA) / "plain.html").write_text(PLAIN_PAGE % (PLAIN, json.dumps(password)))
-            plain = measure(browser, f"http://127.0.0.1:{PAGE}/plain.html")
-            browser.close()
-        print(f"console open to first frame drawn, {measure_once} opens each; seconds")
-        print(f"{'path':<34}{'p50':>8}{'p95':>8}{'max':>8}")
-        for label, values in (("portal (page, token, proxy checks)", portal), ("plain websockify + noVNC", plain)):
-            print(f"{label:<34}{statistics.median(values):>8.3f}{pct(values, 95):>8.3f}{max(values):>8.3f}")
-        services.machine_delete(machine=machine)
-        from machines.models import Machine
 
-        wait(lambda: not Machine.objects.filter(pk=machine.pk).exists())
+            def context(serial=False, login=False):
+                ctx = browser.new_context(viewport={"width": 1024, "height": 768})
+                ctx.add_init_script((SERIAL_FLAG if serial else "") + PROBE)
+                page = ctx.new_page()
+                if login:
+                    page.goto(f"http://127.0.0.1:{WEB}/login/")
+                    page.fill("#id_username", "bench")
+                    page.fill("#id_password", "bench-password-1")
+                    page.click("button[type=submit]")
+                    page.wait_for_url(f"http://127.0.0.1:{WEB}/")
+                return page
+
+            pages = {"portal": context(login=True), "plain": context(), "api": context(),
+                     "serial": context(serial=True, login=True), "plain serial": context(serial=True)}  # fmt: skip
+            (Path(DATA) / "plain.html").write_text(PLAIN_PAGE % PLAIN)
+            (Path(DATA) / "plain-serial.html").write_text(PLAIN_SERIAL_PAGE % PLAIN_SERIAL)
+            opens = {
+                "portal": lambda: open_once(pages["portal"], f"http://127.0.0.1:{WEB}/machines/{machine.pk}/console/"),
+                "plain": lambda: open_once(pages["plain"], f"http://127.0.0.1:{PAGE}/plain.html#{plain_password()}"),
+                "api": lambda: open_once(pages["api"], "", before=one_time_url),
+                "serial": lambda: open_once(pages["serial"], f"http://127.0.0.1:{WEB}/machines/{machine.pk}/serial/"),
+                "plain serial": lambda: open_once(pages["plain serial"], f"http://127.0.0.1:{PAGE}/plain-serial.html"),
+            }
+            results: dict[str, list[dict]] = {name: [] for name in opens}
+            for i in range(N + 1):  # the first round warms every path (module caches, first connections)
+                order = list(opens) if i % 2 else list(reversed(opens))
+                for name in order:
+                    if "serial" in name:
+                        wait(serial_free, 15)
+                    sample = opens[name]()
+                    if i:
+                        results[name].append(sample)
+            if VERBOSE:
+                for name in ("portal", "plain"):
+                    page = pages[name]
+                    page.goto(f"http://127.0.0.1:{WEB}/machines/{machine.pk}/console/" if name == "portal"
+                              else f"http://127.0.0.1:{PAGE}/plain.html#{plain_password()}")  # fmt: skip
+                    page.wait_for_function("window.__marks && window.__marks.done !== undefined", timeout=30_000)
+                    entries = page.evaluate("""performance.getEntriesByType('navigation').concat(
+                        performance.getEntriesByType('resource')).map(e => [e.name, e.startTime, e.responseEnd,
+                        e.transferSize, e.initiatorType]).concat(performance.getEntriesByType('mark').concat(
+                        performance.getEntriesByType('paint')).map(e => [e.name, e.startTime, e.startTime, 0, 'mark'])
+                        ).concat(Object.entries(window.__marks).map(([k, v]) => [k, v, v, 0, 'probe']))""")
+                    print(f"\n{name}: resources (start, end ms, bytes over the wire)")
+                    for url, begin, end, size, kind in sorted(entries, key=lambda e: e[1]):
+                        print(f"  {begin:8.1f} {end:8.1f} {size:>8} {kind:<10} {url[-70:]}")
+                    page.goto("about:blank")
+            pages.clear()
+            browser.close()
+
+        def row(label, samples, base=None):
+            totals = [s["total"] for s in samples]
+            p50, p95 = statistics.median(totals), pct(totals, 95)
+            ratio = f"{p50 / base[0]:>7.2f}x{p95 / base[1]:>6.2f}x" if base else ""
+            print(f"{label:<40}{p50:>8.3f}{p95:>8.3f}{max(totals):>8.3f}{ratio}")
+            return p50, p95
+
+        print(f"console open, {N} opens of each path (after one warm-up round); seconds; ratio = portal / plain")
+        print(f"{'path':<40}{'p50':>8}{'p95':>8}{'max':>8}{'p50 ×':>8}{'p95 ×':>7}")
+        plain = row("plain websockify + noVNC, first frame", results["plain"])
+        row("portal console page, first frame", results["portal"], plain)
+        row("portal one-time API URL, first frame", results["api"], plain)
+        plain_serial = row("plain websockify + xterm.js, first byte", results["plain serial"])
+        row("portal serial page, first byte", results["serial"], plain_serial)
+        print("\nphases, medians in seconds from the start of each open (navigation: the page's own start)")
+        phases = ("navigation", "html", "wsCreated", "wsOpen", "firstMessage", "total")
+        print(f"{'path':<16}" + "".join(f"{p:>13}" for p in phases))
+        for name, samples in results.items():
+            cells = [statistics.median(v) if (v := [s[p] for s in samples if p in s]) else float("nan") for p in phases]
+            print(f"{name:<16}" + "".join(f"{c:>13.3f}" for c in cells))
+        steps: dict[tuple[str, str], list[float]] = {}
+        for match in PROXY_STEPS.finditer(proxy_log.read_text(errors="replace")):
+            steps.setdefault((match[1], "ready"), []).append(float(match[2]))
+            for part in match[3].split(", "):
+                step, _, ms = part.rpartition(" ")
+                steps.setdefault((match[1], step), []).append(float(ms))
+        if steps:
+            print("\nthe proxy's steps before the upgrade, ms (every connection, warm-up included): median / p95")
+            for (kind, step), values in steps.items():
+                print(f"  {kind:<10}{step:<24}{statistics.median(values):>8.1f}{pct(values, 95):>8.1f}")
     finally:
-        if server:
+        if machine is not None:  # after a failure too: no guest left running
+            services.machine_delete(machine=machine)
+            wait(lambda: not Machine.objects.filter(pk=machine.pk).exists())
+        for server in servers:
             server.shutdown()
         stop_groups(procs)
 
