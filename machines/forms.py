@@ -244,6 +244,11 @@ class MachineForm(forms.ModelForm):
         modes = {m for c in mine if c.kind == "direct" for m in c.modes} or set(nic_policy.PUBLISHABLE_MODES)
         self.fields["nic_mode"].choices = [(m, label) for m, label in MACVTAP_MODES if m in modes]
         self.fields["nic_mode"].initial = self.fields["nic_mode"].choices[0][0]
+        # Fields nothing offered here needs stay out of sight (what is posted is still checked).
+        if not any(c.kind == "direct" for c in mine):
+            self.fields["nic_mode"].widget = forms.HiddenInput()
+        if not any(c.vlans for c in mine):
+            self.fields["nic_vlan"].widget = forms.HiddenInput()
         self.fields["nic"].choices = groups
 
     def _chosen_project(self) -> Project | None:

@@ -259,6 +259,7 @@ def test_the_form_offers_a_plain_user_the_tenant_network_and_what_was_published(
     form = MachineForm(initial={"hypervisor": lab.pk}, user=UserFactory(username="plain"))
     assert values(form) == ["", f"network:{TENANT}", "bridge:br-trunk", "direct:eno1"]
     assert values(form, "nic_mode") == ["bridge", "private"]  # never passthrough
+    assert not form["nic_mode"].is_hidden and not form["nic_vlan"].is_hidden  # eno1 and br-trunk need them
     assert form["nic"].value() == f"network:{TENANT}" and not form.no_network
     labels = dict(c for _, group in form.fields["nic"].choices if isinstance(group, list) for c in group)
     assert (
@@ -274,6 +275,16 @@ def test_the_form_offers_a_plain_user_the_tenant_network_and_what_was_published(
         "isolated from the hypervisor)"
     )
     assert values(staff, "nic_mode") == ["bridge", "vepa", "private", "passthrough"]
+
+
+def test_a_plain_user_with_only_the_tenant_network_sees_no_macvtap_or_vlan_field(lab):
+    client = Client()
+    client.force_login(UserFactory(username="alone"))
+    page = client.get(reverse("machines:create")).content.decode()
+    assert f'value="network:{TENANT}"' in page
+    # Nothing offered needs them; what is posted is still checked (test_the_form_refuses_a_plain_user_naming_the_rule).
+    assert 'type="hidden" name="nic_vlan"' in page and 'type="hidden" name="nic_mode"' in page
+    assert "VLAN tag" not in page and "macvtap mode" not in page
 
 
 def test_the_form_default_follows_the_hypervisor(lab, bare):
