@@ -1,7 +1,7 @@
 from django import forms
 from django.contrib import admin, messages
 
-from hypervisors import services
+from hypervisors import networks, services
 from hypervisors.models import PUBLISHABLE_MODES, Hypervisor, Image, PublishedNetwork
 from portal import audit
 
@@ -132,11 +132,25 @@ class PublishedNetworkAdmin(admin.ModelAdmin):
     def delete_model(self, request, obj):
         audit.record("network.unpublish", obj, request=request, detail=str(obj))
         super().delete_model(request, obj)
+        self._warn_stranded(request, [obj])
 
     def delete_queryset(self, request, queryset):
-        for obj in queryset:
+        rows = list(queryset)
+        for obj in rows:
             audit.record("network.unpublish", obj, request=request, detail=str(obj))
         super().delete_queryset(request, queryset)
+        self._warn_stranded(request, rows)
+
+    def _warn_stranded(self, request, rows) -> None:
+        """Say which machines the policy now refuses: they keep running, but are not started or rebuilt."""
+        for kind, source in sorted({(r.kind, r.source) for r in rows}):
+            stranded = networks.stranded_by_unpublishing(kind, source)
+            if stranded:
+                shown = ", ".join(stranded[:10]) + (f" and {len(stranded) - 10} more" if len(stranded) > 10 else "")
+                self.message_user(request, f"Unpublished {source}: the network policy now refuses it to {len(stranded)} "
+                                           f"machine(s) on it: {shown}. They keep running but will not be started or rebuilt until it is "
+                                           f"published again or their NIC changes (manage.py nic_policy_report).",
+                                  level=messages.WARNING)  # fmt: skip
 
 
 def _shown(value) -> str:

@@ -176,6 +176,14 @@ def network_create_run(hypervisor_id: int, spec: dict) -> str:
 # its NICs), so this app needs to know nothing of them. Each takes (hypervisor, network name) and returns
 # why the network is in use, or "".
 NETWORK_USERS: list[Callable[[Hypervisor, str], str]] = []
+# Who the policy refuses once a publication is gone (asked after staff unpublish, to warn them): higher
+# apps register a check that takes (kind, source) and returns the names of what now breaks the policy.
+UNPUBLISHED_USERS: list[Callable[[str, str], list[str]]] = []
+
+
+def stranded_by_unpublishing(kind: str, source: str) -> list[str]:
+    """What the NIC policy refuses now that no publication of (kind, source) is left for it."""
+    return [name for check in UNPUBLISHED_USERS for name in check(kind, source)]
 
 
 @audited("hypervisor.network_delete", obj_kwarg="hypervisor")

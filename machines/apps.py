@@ -9,6 +9,7 @@ class MachinesConfig(AppConfig):
         from machines import consoles  # noqa: F401 - connects the logout receiver
 
         networks.NETWORK_USERS.append(_machines_on_network)
+        networks.UNPUBLISHED_USERS.append(_machines_refused_on)
 
 
 def _machines_on_network(hypervisor, name: str) -> str:
@@ -18,3 +19,12 @@ def _machines_on_network(hypervisor, name: str) -> str:
     if MachineNic.objects.filter(machine__hypervisor=hypervisor, type="network", source=name).exists():
         return f"Machines on {hypervisor.name} still use network {name}."
     return ""
+
+
+def _machines_refused_on(kind: str, source: str) -> list[str]:
+    """Machines whose NIC of this kind on this source the network policy now refuses."""
+    from machines.nic_policy import machines_against_policy
+
+    found = {(m.hypervisor.name, m.name) for m, _ in machines_against_policy()
+             if any((n.type, n.source) == (kind, source) for n in m.nics.all())}  # fmt: skip
+    return [f"{name} on {hv}" for hv, name in sorted(found)]

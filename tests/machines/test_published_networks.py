@@ -399,9 +399,17 @@ def test_staff_publish_in_the_admin_and_it_is_audited(admin_client, lab):
         reverse("admin:hypervisors_publishednetwork_changelist"), {"q": "eno1", "kind__exact": "direct"}
     )
     assert listing.status_code == 200 and "eno1" in listing.content.decode()
-    r = admin_client.post(reverse("admin:hypervisors_publishednetwork_delete", args=[row.pk]), {"post": "yes"})
-    assert r.status_code == 302 and not PublishedNetwork.objects.exists()
+    # A plain user's machine is on it: unpublishing says so (it keeps running, but will not be started).
+    machine = Machine.objects.create(name="on-eno1", owner=UserFactory(username="plain-eno1"), hypervisor=lab)
+    machine.nics.create(index=0, type="direct", source="eno1", mode="bridge", mac="52:54:00:00:e0:01")
+    r = admin_client.post(reverse("admin:hypervisors_publishednetwork_delete", args=[row.pk]), {"post": "yes"},
+                          follow=True)  # fmt: skip
+    assert r.status_code == 200 and not PublishedNetwork.objects.exists()
     assert AuditEvent.objects.filter(action="network.unpublish", object_id=str(row.pk)).exists()
+    assert (
+        "Unpublished eno1: the network policy now refuses it to 1 machine(s) on it: on-eno1 on lab."
+        in r.content.decode()
+    )
 
 
 @pytest.mark.parametrize(
