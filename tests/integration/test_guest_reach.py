@@ -55,6 +55,7 @@ POOL = "reach-pool"
 # What a portal hypervisor listens on: VNC, console proxy, web, BMCs, IPMI, libvirtd (TCP, TLS), SSH, Redis, PostgreSQL.
 PORTS = [5900, 5901, 5902, 5903, 5904, 5905, 6080, 8000, 6230, 6231, 6232, 623, 16509, 16514, 22, 6379, 5432]
 ECHO = 7  # what the LAN peer answers on
+NEIGHBOUR = "192.168.213.9"  # the peer's address on the tenant network: as another tenant's guest would be
 PROBE = Path(__file__).parent / "guest" / "reach_probe.py"
 
 LISTENER = textwrap.dedent("""\
@@ -85,6 +86,7 @@ def reach_lab():
             # The LAN peer: a network namespace of its own (a process holds it), a listener on ECHO.
             peer = subprocess.Popen(["unshare", "--net", "sleep", "infinity"], start_new_session=True)
             procs.append(peer)
+            lv.peer_pid = peer.pid
             wait_for(lambda: os.readlink(f"/proc/{peer.pid}/ns/net") != os.readlink("/proc/self/ns/net"), 10)
             for argv in (
                 # Another address of the hypervisor, as its management address would be (on lo: no dummy module here).
@@ -131,7 +133,7 @@ def broadcast(address: str) -> str:
 # network, the guest's own address where no DHCP gives one, and what must answer).
 NICS = [
     {"tag": "tenant", "nic": {"type": "network", "source": settings.PORTAL_TENANT_NETWORK}, "gateway": GATEWAY, "address": "",
-     "control": (GATEWAY, 53)},
+     "control": (GATEWAY, 53), "neighbours": [(NEIGHBOUR, ECHO)]},
     {"tag": "nat", "nic": {"type": "network", "source": NAT.name}, "gateway": HOST_ADDRESSES[1], "address": "",
      "control": (HOST_ADDRESSES[1], 53)},
     {"tag": "bridge", "nic": {"type": "bridge", "source": BRIDGE, "dhcp4": False, "addresses": [f"{BRIDGE_GUEST}/24"]},
@@ -154,7 +156,8 @@ def probe_script(macs: dict[str, str]) -> str:
         subnet = n["gateway"].rsplit(".", 1)[0] + "."
         routed = [t for t in targets(n) if not t.startswith(subnet)]
         passes.append({"tag": n["tag"], "mac": macs[n["tag"]], "address": n["address"], "gateway": n["gateway"],
-                       "targets": targets(n), "routed": routed, "control": list(n["control"])})  # fmt: skip
+                       "targets": targets(n), "routed": routed, "control": list(n["control"]),
+                       "neighbours": n.get("neighbours", [])})  # fmt: skip
     return PROBE.read_text() + f"main(**{json.dumps({'passes': passes, 'ports': PORTS})})\n"
 
 
@@ -187,6 +190,22 @@ def test_a_tenant_guest_reaches_nothing_of_its_hypervisor(reach_lab, worker, con
         return h if {tenant, NAT.name} <= guarded and bridge.get("mac") else None
 
     hv = wait_for(ready, 60, message="the networks with their guards, or the bridge's MAC, never appeared")
+    # Another tenant's guest on the tenant network, as far as the prober can tell: a port of the tenant
+    # bridge, isolated as libvirt isolates each guest's port there, with the LAN peer behind it.
+    tenant_bridge = next(n["bridge"] for n in hv.networks if n["name"] == tenant)
+    for argv in (["ip", "link", "add", "tnport", "type", "veth", "peer", "name", "tn0", "netns", str(lv.peer_pid)],
+                 ["ip", "link", "set", "tnport", "master", tenant_bridge], ["bridge", "link", "set", "dev", "tnport", "isolated", "on"],
+                 ["ip", "link", "set", "tnport", "up"]):  # fmt: skip
+        r = lv.run_inside(*argv)
+        assert r.returncode == 0, (argv, r.stderr)
+    for argv in (["ip", "addr", "add", f"{NEIGHBOUR}/24", "dev", "tn0"], ["ip", "link", "set", "tn0", "up"]):
+        r = subprocess.run(["nsenter", "-t", str(lv.peer_pid), "--net", *argv], capture_output=True, text=True)
+        assert r.returncode == 0, (argv, r.stderr)
+    # The neighbour answers the hypervisor (whose port on the bridge is not isolated), once the new port
+    # has passed STP's listening and learning states.
+    hello = f"import socket; socket.create_connection(('{NEIGHBOUR}', {ECHO}), 2).recv(5)"
+    wait_for(lambda: lv.run_inside(sys.executable, "-c", hello).returncode == 0, 30,
+             message="the neighbour on the tenant bridge never answered the hypervisor")  # fmt: skip
 
     # A plain user, through the API, with a NIC of each kind.
     user = UserFactory(username="tenant")
@@ -205,6 +224,10 @@ def test_a_tenant_guest_reaches_nothing_of_its_hypervisor(reach_lab, worker, con
     for guard in (guard_name(tenant), guard_name(NAT.name), host_guard_name(BRIDGE)):
         assert f"<filterref filter='{guard}'/>" in xml, xml
     assert lv.virsh("nwfilter-list").count("portal-") >= 3
+    # libvirt isolates the guest's port on the tenant bridge (the portal's <port isolated='yes'/>).
+    ports = json.loads(lv.run_inside("bridge", "-j", "-d", "link", "show").stdout)
+    mine = [p for p in ports if p.get("master") == tenant_bridge and p["ifname"].startswith("vnet")]
+    assert [p.get("isolated") for p in mine] == [True], ports
 
     text = serial_log(machine.pk, "REACH done", timeout=480)
     (ARTIFACTS / "guest-reach-serial.log").write_text(text)
@@ -219,6 +242,9 @@ def test_a_tenant_guest_reaches_nothing_of_its_hypervisor(reach_lab, worker, con
         assert results.pop(control) == "open", f"{control}: the one thing this NIC may reach must answer"
         expected = {f"{tag} {proto} {address}:{port}" for proto in ("tcp", "udp") for address in targets(n)
                     for port in PORTS} | {f"{tag} raw 127.0.0.1:{port}" for port in PORTS}  # fmt: skip
+        neighbours = {f"{tag} {proto} {a}:{p}" for a, p in n.get("neighbours", []) for proto in ("tcp", "udp")}
+        assert neighbours <= set(results), sorted(neighbours - set(results))
+        expected |= neighbours  # another tenant's guest: out of reach too (port isolation)
         missing = expected - set(results)
         if missing:  # the raw probe could not even address the hypervisor's MAC: nothing went out at all
             assert f"REACH {tag} raw no-arp {n['gateway']}" in text, sorted(missing)[:5]

@@ -113,11 +113,12 @@ def device_of(mac: str) -> str:
 
 
 def probe(tag: str, *, mac: str, address: str, gateway: str, targets: list[str], routed: list[str],
-          ports: list[int], control: tuple[str, int]) -> None:  # fmt: skip
+          ports: list[int], control: tuple[str, int], neighbours: list[tuple[str, int]] = ()) -> None:  # fmt: skip
     """One NIC: bring it up (with `address`, when its network has no DHCP), route the `routed` targets (those
     not on its subnet) through `gateway` (the hypervisor's address there), as root in the guest would, and
     try every target and port, the `control` (which must answer: an open port is seen as open), and raw
-    SYNs to the hypervisor's loopback framed for `gateway`'s MAC."""
+    SYNs to the hypervisor's loopback framed for `gateway`'s MAC; and `neighbours`, (address, port) of
+    other machines on its network, over TCP and UDP."""
     dev = device_of(mac)
     subprocess.run(["ip", "link", "set", dev, "up"], capture_output=True)
     if address:
@@ -128,6 +129,7 @@ def probe(tag: str, *, mac: str, address: str, gateway: str, targets: list[str],
         subprocess.run(["ip", "route", "replace", f"{target}/32", "via", gateway, "dev", dev], capture_output=True)
     threads = [threading.Thread(target=f, args=(tag, a, p)) for a in targets for p in ports for f in (tcp, udp)]
     threads.append(threading.Thread(target=tcp, args=(tag, *control)))
+    threads += [threading.Thread(target=f, args=(tag, a, p)) for a, p in neighbours for f in (tcp, udp)]
     threads.append(threading.Thread(target=raw_syn_to_loopback, args=(tag, gateway, dev, ports)))
     for i, t in enumerate(threads):
         t.start()
