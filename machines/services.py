@@ -493,8 +493,6 @@ def machine_delete_run(machine_id: int) -> None:
     machine.delete()  # its console tokens and sessions go with it
 
 
-@audited("machine.power", obj_kwarg="machine")
-@transaction.atomic
 def _refuse_against_policy(machine: Machine, doing: str) -> None:
     """A machine whose NICs the network policy refuses (made before it, or left on a network since
     unpublished) is not started or rebuilt until staff publish its network or change its NIC."""
@@ -505,6 +503,8 @@ def _refuse_against_policy(machine: Machine, doing: str) -> None:
             raise MachineError(f"{machine.name} cannot be {doing}: {reason}")
 
 
+@audited("machine.power", obj_kwarg="machine")
+@transaction.atomic
 def machine_power(*, machine: Machine, action: str) -> None:
     """Queue a power action; one operation at a time per machine. A start (of a machine that is off) is
     refused while its NICs break the network policy."""
@@ -807,12 +807,12 @@ def _claim_operation(machine: Machine, operation: str) -> None:
     machine.operation = operation
 
 
-@audited("machine.media", obj_kwarg="machine")
 def _release_operation(machine: Machine) -> None:
     """The other half of _claim_operation: the machine takes the next operation."""
     Machine.objects.filter(pk=machine.pk).update(operation="", operation_started=None)
 
 
+@audited("machine.media", obj_kwarg="machine")
 @transaction.atomic
 def machine_change_media(*, machine: Machine, slot: int, image: Image | None) -> None:
     """Insert an ISO into a CD-ROM drive of an ISO machine, or eject it (image None)."""

@@ -8,6 +8,7 @@ admin are all recorded the same way.
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Callable
 
 from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
 from django.dispatch import receiver
@@ -79,10 +80,17 @@ def _login_failed(sender, credentials, request=None, **kwargs) -> None:
            username=str(credentials.get("username", ""))[:150])  # fmt: skip
 
 
+# Every audited service: (action, obj_kwarg, the undecorated function), for the test that checks each is
+# a public service that names its object by keyword.
+AUDITED: list[tuple[str, str | None, Callable]] = []
+
+
 def audited(action: str, *, obj_kwarg: str | None = None):
     """Record a service call: success (with the object it acted on or returned), or refused with the reason."""
 
     def wrap(fn):
+        AUDITED.append((action, obj_kwarg, fn))
+
         def inner(*args, **kwargs):
             obj = kwargs.get(obj_kwarg) if obj_kwarg else None
             try:

@@ -68,3 +68,47 @@ def test_no_secret_lands_in_the_trail(staff_client, staff):
     UserFactory(username="x")
     staff_client.post("/login/", {"username": "x", "password": "hunter2-secret"})
     assert not AuditEvent.objects.filter(detail__contains="hunter2").exists()
+
+
+def test_every_audited_call_is_a_public_service_naming_its_object_by_keyword():
+    """The class of the misplaced decorator (it sat on a private helper called positionally, so every
+    finished operation wrote an anonymous "machine.media" row and media changes wrote none)."""
+    import inspect
+
+    from hypervisors import images, networks  # noqa: F401 - import every module with audited services
+    from machines import (
+        consoles,  # noqa: F401
+        services,  # noqa: F401
+    )
+    from portal.audit import AUDITED
+
+    actions = [action for action, _kwarg, _fn in AUDITED]
+    assert len(actions) == len(set(actions)), sorted(a for a in actions if actions.count(a) > 1)  # one service each
+    for action, obj_kwarg, fn in AUDITED:
+        assert not fn.__name__.startswith("_"), f"{action} is on a private helper: {fn.__name__}"
+        if obj_kwarg:
+            param = inspect.signature(fn).parameters.get(obj_kwarg)
+            assert param is not None and param.kind is inspect.Parameter.KEYWORD_ONLY, (action, fn.__name__)
+
+
+def test_a_media_change_records_machine_media_and_other_operations_do_not(django_capture_on_commit_callbacks):
+    from hypervisors.models import Image
+    from machines import services
+    from machines.models import Machine
+
+    hv = HypervisorFactory(name="lab", console_address="127.0.0.1")
+    owner = UserFactory(username="media")
+    iso = Image.objects.create(name="installer", kind="iso", format="raw", status="ready")
+    machine = Machine.objects.create(name="m", owner=owner, hypervisor=hv, deploy_type="iso", status="active",
+                                     image=iso)  # fmt: skip
+    machine.cdroms.create(slot=0)
+    with django_capture_on_commit_callbacks(execute=False):
+        services.machine_change_media(machine=machine, slot=0, image=None)
+    media = AuditEvent.objects.get(action="machine.media")
+    assert (media.object_repr, media.outcome, "slot=0" in media.detail) == ("m", "success", True)
+    services._release_operation(machine)  # what every finished operation does
+    with django_capture_on_commit_callbacks(execute=False):
+        services.machine_power(machine=Machine.objects.get(pk=machine.pk), action="poweroff")
+    assert AuditEvent.objects.filter(action="machine.media").count() == 1
+    power = AuditEvent.objects.get(action="machine.power")  # recorded again (its decorator had wandered too)
+    assert (power.object_repr, "action=poweroff" in power.detail) == ("m", True)
