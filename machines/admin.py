@@ -79,6 +79,14 @@ class MachineAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request, obj=None):
         return False
 
+    def save_model(self, request, obj, form, change):
+        """The two editable fields go through the services, like the portal's own pages: recorded in the
+        audit trail and the machine's events, and autostart set in libvirt by the worker."""
+        if "deletion_protection" in form.changed_data:
+            services.machine_set_protection(machine=obj, protected=obj.deletion_protection)
+        if "autostart" in form.changed_data:
+            services.machine_set_autostart(machine=obj, enabled=obj.autostart)
+
     @admin.action(description="Sync power state from the hypervisor")
     def sync(self, request, queryset):
         from django.db import transaction

@@ -792,7 +792,31 @@ def console_auth_upgrade_run(hypervisor_id: int) -> dict[str, int]:
 @audited("machine.protection", obj_kwarg="machine")
 def machine_set_protection(*, machine: Machine, protected: bool) -> None:
     Machine.objects.filter(pk=machine.pk).update(deletion_protection=protected)
+    machine.deletion_protection = protected
     machine.log("protection", "deletion protection on" if protected else "deletion protection off")
+
+
+@audited("machine.autostart", obj_kwarg="machine")
+@transaction.atomic
+def machine_set_autostart(*, machine: Machine, enabled: bool) -> None:
+    """Whether the hypervisor starts the machine when it boots: recorded here, then set in libvirt by the
+    worker (a machine not defined yet gets it at its define)."""
+    Machine.objects.filter(pk=machine.pk).update(autostart=enabled)
+    machine.autostart = enabled
+    machine.log("autostart", f"autostart {'on' if enabled else 'off'} requested")
+    _enqueue("machine_autostart_task", machine.pk)
+
+
+def machine_set_autostart_run(machine_id: int) -> None:
+    machine = Machine.objects.select_related("hypervisor").get(pk=machine_id)
+    try:
+        with get_driver(machine.hypervisor.uri) as driver:
+            driver.set_autostart(str(machine.uuid), machine.autostart)  # the value now, if it changed meanwhile
+        machine.log("autostart", f"autostart {'on' if machine.autostart else 'off'} on {machine.hypervisor.name}")
+    except HypervisorFatalError as e:  # no domain (yet, or any more): its define sets it
+        machine.log("autostart", f"autostart not set on the hypervisor: {e}", level="warning")
+    except HypervisorError as e:
+        machine.log("autostart", f"autostart not set on the hypervisor: {e}", level="error")
 
 
 def _claim_operation(machine: Machine, operation: str) -> None:

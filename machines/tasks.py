@@ -33,6 +33,13 @@ def machine_grow_disk_task(machine_id: int) -> None:
 
 
 @db_task()
+def machine_autostart_task(machine_id: int) -> None:
+    from machines.services import machine_set_autostart_run
+
+    machine_set_autostart_run(machine_id)
+
+
+@db_task()
 def machine_power_task(machine_id: int, action: str) -> None:
     from machines.services import machine_power_run
 

@@ -63,3 +63,28 @@ def test_sync_action_refreshes_power_state(staff_client, machine, django_capture
         with django_capture_on_commit_callbacks(execute=True):
             act(staff_client, "sync", machine)
     assert Machine.objects.get(pk=machine.pk).power_state == "running"
+
+
+def test_the_two_editable_fields_go_through_the_services(
+    staff_client, machine, host, django_capture_on_commit_callbacks
+):
+    from hypervisors.drivers.base import DomainSpec
+    from portal.models import AuditEvent
+
+    FakeDriver("qemu:///system", host).define_domain(
+        DomainSpec(uuid=str(machine.uuid), name=machine.domain_name, domain_type="qemu", vcpus=1, memory_mib=64)
+    )
+    page = staff_client.get(f"/admin/machines/machine/{machine.pk}/change/")
+    assert page.status_code == 200
+    with django_capture_on_commit_callbacks(execute=True):
+        r = staff_client.post(f"/admin/machines/machine/{machine.pk}/change/",
+                              {"deletion_protection": "on", "autostart": "", "nics-TOTAL_FORMS": "0",
+                               "nics-INITIAL_FORMS": "0", "events-TOTAL_FORMS": "0", "events-INITIAL_FORMS": "0"})  # fmt: skip
+    assert r.status_code == 302, r.content.decode()[:3000]
+    machine.refresh_from_db()
+    assert machine.deletion_protection and not machine.autostart
+    assert host.domains[str(machine.uuid)]["autostart"] is False  # reached libvirt, through the worker's task
+    actions = set(AuditEvent.objects.values_list("action", "outcome"))
+    assert {("machine.protection", "success"), ("machine.autostart", "success")} <= actions
+    steps = list(machine.events.values_list("step", flat=True))
+    assert "protection" in steps and steps.count("autostart") == 2  # requested, then set on the hypervisor
