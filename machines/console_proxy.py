@@ -41,6 +41,7 @@ from websockify import websocketproxy, websocketserver
 
 from hypervisors.drivers import get_driver
 from hypervisors.drivers.base import HypervisorError
+from hypervisors.models import ConsoleAddressRefused
 from machines import consoles, rfb
 from machines.consoles import ConsoleDenied
 from machines.rfb_filter import FilteredSocket, ViolatedProtocol
@@ -53,9 +54,12 @@ WATCH_INTERVAL = 2.0  # seconds between checks that an open session is still all
 
 
 def _dial_host(host: str, machine) -> str:
-    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - listening everywhere: reach it at the console address
-        return machine.hypervisor.console_address
-    return host
+    """Where to reach the VNC server that listens on `host` (Hypervisor.console_dial_host: never a remote
+    hypervisor's loopback, which here would be the portal's own and another machine's console)."""
+    try:
+        return machine.hypervisor.console_dial_host(host)
+    except ConsoleAddressRefused as e:
+        raise ConsoleDenied(str(e)) from None
 
 
 # What a connection does beside its own thread (reaching the console while the session is recorded).

@@ -9,7 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from hypervisors.models import Hypervisor
 from machines import console_proxy, rfb
+from machines.consoles import ConsoleDenied
 from tests.fakes import FakeDriver, FakeHost
 
 # Computed independently of the portal's code, with OpenSSL 3.0 (legacy provider):
@@ -254,7 +256,9 @@ def test_sessions_starting_together_each_authenticate(monkeypatch):
     server = RotatingVncServer(host, uuid)
     host.domains[uuid]["vnc_address"] = ("127.0.0.1", server.port)
     monkeypatch.setattr(console_proxy, "get_driver", lambda uri: FakeDriver(uri, host))
-    machine = SimpleNamespace(pk=7, uuid=uuid, hypervisor=SimpleNamespace(uri="fake://", console_address="127.0.0.1"))
+    machine = SimpleNamespace(
+        pk=7, uuid=uuid, hypervisor=Hypervisor(name="fake", uri="fake://", console_address="127.0.0.1")
+    )
     socks, errors = [], []
 
     def connect():
@@ -273,3 +277,19 @@ def test_sessions_starting_together_each_authenticate(monkeypatch):
         s.close()
     assert not errors and len(socks) == 4 and server.results == [True] * 4
     assert host.calls.count("vnc_open") == 4  # a fresh password for every session
+
+
+def test_the_proxy_refuses_a_remote_hypervisors_loopback_and_dials_nothing(monkeypatch):
+    """The console of a remote hypervisor whose domain listens on loopback (defined by hand, or saved before the
+    rule): dialled from here, 127.0.0.1 would be the portal's own loopback, another machine's console."""
+    host = FakeHost()
+    uuid = "5c7a4f40-0d6f-4d8e-9d1c-3b1f0e5a7c12"
+    host.domains[uuid] = {"state": "running", "vnc_protected": True, "vnc_address": ("127.0.0.1", 5900)}
+    monkeypatch.setattr(console_proxy, "get_driver", lambda uri: FakeDriver(uri, host))
+    dialled = []
+    monkeypatch.setattr(console_proxy.socket, "create_connection", lambda *a, **k: dialled.append(a) or 1 / 0)
+    remote = Hypervisor(name="hv2", uri="qemu+ssh://hv2.example.org/system", console_address="127.0.0.1")
+    machine = SimpleNamespace(pk=8, uuid=uuid, hypervisor=remote)
+    with pytest.raises(ConsoleDenied, match="own loopback"):
+        console_proxy.vnc_connect(machine)
+    assert dialled == []
