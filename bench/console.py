@@ -359,6 +359,9 @@ def main():
             if VERBOSE:
                 for name in ("portal", "plain"):
                     page = pages[name]
+                    cdp = page.context.new_cdp_session(page)
+                    cdp.send("Performance.enable")
+                    before = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
                     page.goto(f"http://127.0.0.1:{WEB}/machines/{machine.pk}/console/" if name == "portal"
                               else f"http://127.0.0.1:{PAGE}/plain.html#{plain_password()}")  # fmt: skip
                     page.wait_for_function("window.__marks && window.__marks.done !== undefined", timeout=30_000)
@@ -367,6 +370,10 @@ def main():
                         e.transferSize, e.initiatorType]).concat(performance.getEntriesByType('mark').concat(
                         performance.getEntriesByType('paint')).map(e => [e.name, e.startTime, e.startTime, 0, 'mark'])
                         ).concat(Object.entries(window.__marks).map(([k, v]) => [k, v, v, 0, 'probe']))""")
+                    after = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
+                    busy = ("TaskDuration", "ScriptDuration", "LayoutDuration", "RecalcStyleDuration")
+                    print(f"\n{name}: renderer main thread, ms: " + ", ".join(
+                        f"{k} {1000 * (after.get(k, 0) - before.get(k, 0)):.0f}" for k in busy))  # fmt: skip
                     print(f"\n{name}: resources (start, end ms, bytes over the wire)")
                     for url, begin, end, size, kind in sorted(entries, key=lambda e: e[1]):
                         print(f"  {begin:8.1f} {end:8.1f} {size:>8} {kind:<10} {url[-70:]}")

@@ -1,16 +1,11 @@
-import functools
-import posixpath
-import re
-from pathlib import Path
-
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.contrib.staticfiles import finders
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.db.models import Q
 from django.http import FileResponse, Http404, HttpResponse, JsonResponse
+from django.http.response import HttpResponseBase
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.html import format_html
@@ -134,6 +129,7 @@ def _form_context(request, form: MachineForm) -> dict:
 @login_required
 @require_http_methods(["GET", "POST"])
 def machine_create(request: HtmxHttpRequest) -> HttpResponse:
+    assert request.user.is_authenticated  # login_required
     saved_keys = "\n".join(request.user.ssh_keys.values_list("public_key", flat=True))
     form = MachineForm(request.POST or None, initial={"ssh_authorized_keys": saved_keys}, user=request.user)
     if request.method == "POST" and form.is_valid():
@@ -153,7 +149,7 @@ def machine_form_fields(request: HtmxHttpRequest) -> HttpResponse:
     """The create form again, its choices following the hypervisor just picked, with what was typed
     kept (htmx fragment; nothing is validated yet)."""
     multi = {"extra_isos", "hostdevs"}
-    initial = {
+    initial: dict[str, object] = {
         k: (request.POST.getlist(k) if k in multi else request.POST.get(k))
         for k in request.POST
         if k != "csrfmiddlewaretoken"
@@ -282,36 +278,15 @@ def console_page_key(request, machine: Machine, kind: str) -> dict | None:
             "view_only": not access.can(request.user, machine, access.OPERATE)}  # fmt: skip
 
 
-@functools.cache
-def console_modules(entry: str) -> tuple[str, ...]:
-    """URLs of every ES module that static file `entry` imports, directly or not, as the browser will ask for them
-    (the entry is hashed by the manifest, its imports are not: they are relative paths). The console pages preload
-    them all at once (modulepreload) instead of discovering them one import level after another."""
-    found: list[str] = []
-    todo = [entry]
-    while todo:
-        name = todo.pop()
-        path = finders.find(name)
-        if not path:
-            continue
-        for spec in _IMPORT_RE.findall(Path(path).read_text(errors="replace")):
-            target = posixpath.normpath(posixpath.join(posixpath.dirname(name), spec))
-            if spec.startswith(".") and target not in found and finders.find(target):
-                found.append(target)
-                todo.append(target)
-    return tuple(settings.STATIC_URL + name for name in found)
-
-
-_IMPORT_RE = re.compile(r"""^\s*(?:import|export)\s(?:[^'";]*?\sfrom\s*)?["']([^"']+)["']""", re.MULTILINE)
-CONSOLE_SCRIPTS = {"machines/console.html": ("vnc", "console.js"), "machines/serial.html": ("serial", "serial.js")}
+CONSOLE_KINDS = {"machines/console.html": "vnc", "machines/serial.html": "serial"}
 
 
 def _console_page(request, pk: int, template: str) -> HttpResponse:
     machine = _get_machine_for_user(request, pk)
-    kind, script = CONSOLE_SCRIPTS[template]
+    kind = CONSOLE_KINDS[template]
     config = console_config(request, machine.pk, reverse("machines:console-token", args=[machine.pk]), kind=kind)
     config["key"] = console_page_key(request, machine, kind)
-    response = render(request, template, {"machine": machine, "config": config, "modules": console_modules(script)})
+    response = render(request, template, {"machine": machine, "config": config})
     response["Cache-Control"] = "no-store"  # it may carry a token: never kept, a reload or Back asks for a new one
     return response
 
@@ -358,15 +333,14 @@ def machine_console_token(request: HtmxHttpRequest, pk: int) -> JsonResponse:
 def console_standalone(request) -> HttpResponse:
     """The console page for a one-time URL from the API: the credential is in the URL's fragment,
     which browsers never send to the server, so it reaches no log."""
-    context = {"machine": None, "config": console_config(request, None), "modules": console_modules("console.js")}
-    response = render(request, "machines/console.html", context)
+    response = render(request, "machines/console.html", {"machine": None, "config": console_config(request, None)})
     response["Referrer-Policy"] = "no-referrer"
     return response
 
 
 @login_required
 @require_GET
-def machine_screenshot(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+def machine_screenshot(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
     machine = _get_machine_for_user(request, pk)
     if machine.power_state == PowerState.RUNNING:
         services.machine_screenshot_request(machine=machine)

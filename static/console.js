@@ -2,6 +2,7 @@
 import RFB from "./vendor/novnc/core/rfb.js";
 import { issueToken, proxyProtocols, proxyUrl } from "./console-link.js";
 
+performance.mark("console-script"); // noVNC is in: from here on the page drives the connection
 const config = JSON.parse(document.getElementById("console-config").textContent);
 const screen = document.getElementById("console-screen");
 const statusEl = document.getElementById("console-status");
@@ -62,6 +63,7 @@ async function connect() {
   rfb.viewOnly = viewOnly; // the proxy drops input anyway; this keeps the page honest about it
   rfb.focusOnClick = true;
   rfb.addEventListener("connect", () => {
+    performance.mark("console-connected");
     setStatus("connected", viewOnly ? "Connected (view only)" : "Connected", "success");
     rfb.focus();
   });
