@@ -16,6 +16,7 @@ from huey.contrib.djhuey import HUEY
 from hypervisors.drivers import libvirt_driver
 from portal.processes import stop_groups
 from tests.factories import UserFactory
+from tests.fakes import FakeHost
 from tests.images import test_images
 
 
@@ -46,6 +47,20 @@ def test_hv_state():
     libvirt_driver.drop_connection("test:///default")
     yield
     libvirt_driver.drop_connection("test:///default")
+
+
+# Where the portal asks for a driver (each imports get_driver by name, so each is patched).
+FAKE_DRIVER_SEAMS = ("machines.services", "machines.console_proxy")
+
+
+@pytest.fixture
+def host(monkeypatch):
+    """An in-memory hypervisor (tests/fakes.py) behind get_driver for the whole test: arrange and read its
+    pools and domains; every driver the portal gets shares it."""
+    fake = FakeHost()
+    for module in FAKE_DRIVER_SEAMS:
+        monkeypatch.setattr(f"{module}.get_driver", fake.get_driver)
+    return fake
 
 
 @pytest.fixture

@@ -1,16 +1,34 @@
 """An in-memory hypervisor at the driver seam, for fast unit tests of the pipeline.
 
-The real driver is tested against libvirtd in tests/integration; this fake only
-has to keep the same contract (idempotent calls, errors as HypervisorError).
+FakeDriver implements the whole HypervisorDriver interface (hypervisors/drivers/base.py).
+tests/hypervisors/test_driver_contract.py runs one suite against it and against
+LibvirtDriver("test:///default"), so the two cannot drift apart; tests/integration
+tests the real driver against libvirtd. Tests reach it through the `host` fixture
+(tests/conftest.py), which puts it behind get_driver.
 """
 
 from __future__ import annotations
 
+import re
+import socket
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field, replace
 
-from hypervisors.drivers.base import HypervisorDriver, HypervisorFatalError, PowerState, VolumeInfo
-from hypervisors.drivers.domxml import new_vnc_password
+from hypervisors.drivers.base import (
+    DomainInfo,
+    HostInfo,
+    HypervisorDriver,
+    HypervisorFatalError,
+    NetworkInfo,
+    PoolInfo,
+    PowerState,
+    VolumeInfo,
+)
+from hypervisors.drivers.domxml import build_domain_xml, guard_name, new_vnc_password
+
+# What the fake's screenshot() returns for a running domain: a 1x1 black PPM, as QEMU sends it.
+SCREEN = b"P6\n1 1\n255\n\x00\x00\x00"
+POOL_BYTES = 100 << 30  # what each fake pool holds
 
 
 @dataclass
@@ -18,8 +36,13 @@ class FakeHost:
     pools: dict[str, dict[str, dict]] = field(default_factory=lambda: {"default": {}})
     domains: dict[str, dict] = field(default_factory=dict)
     guards: dict[str, str] = field(default_factory=dict)  # nwfilter name -> XML
+    networks: dict[str, str] = field(default_factory=dict)  # network name -> XML
     fail: dict[str, Exception] = field(default_factory=dict)  # method name -> error to raise once
     calls: list[str] = field(default_factory=list)
+
+    def get_driver(self, uri: str, driver: str = "libvirt") -> FakeDriver:
+        """Stands in for hypervisors.drivers.get_driver: every driver it gives shares this host."""
+        return FakeDriver(uri, self)
 
 
 class FakeDriver(HypervisorDriver):
@@ -37,11 +60,36 @@ class FakeDriver(HypervisorDriver):
             raise HypervisorFatalError(f"storage pool {pool!r} does not exist on this hypervisor")
         return self.host.pools[pool]
 
+    def _vol(self, pool: str, name: str) -> dict:
+        vol = self._pool(pool).get(name)
+        if vol is None:
+            raise HypervisorFatalError(f"volume {name!r} does not exist")
+        return vol
+
     def host_info(self):
-        raise NotImplementedError
+        self._hit("host_info")
+        pools = []
+        for name, vols in sorted(self.host.pools.items()):
+            used = sum(v["capacity"] for v in vols.values())
+            pools.append(PoolInfo(name=name, active=True, type="dir", path=f"/fake/{name}", capacity_bytes=POOL_BYTES,
+                                  allocation_bytes=used, available_bytes=POOL_BYTES - used))  # fmt: skip
+        networks = []
+        for name, xml in sorted(self.host.networks.items()):
+            root = ET.fromstring(xml)
+            forward, bridge = root.find("forward"), root.find("bridge")
+            networks.append(NetworkInfo(name=name, active=True,
+                                        forward_mode="isolated" if forward is None else forward.get("mode", "nat"),
+                                        bridge="" if bridge is None else bridge.get("name", ""),
+                                        guard=guard_name(name) if guard_name(name) in self.host.guards else ""))  # fmt: skip
+        return HostInfo(hostname="fake", arch="x86_64", cpus=4, memory_mib=8192, cpu_model="qemu64",
+                        libvirt_version="9.0.0", hypervisor_version="7.2.0", domain_type="qemu", domain_types=["qemu"],
+                        guest_arches=["x86_64"], machine_types=["pc", "q35"], cpu_modes=["host-model", "custom"],
+                        cpu_models=["qemu64"], firmwares=["bios"], pools=pools, networks=networks,
+                        domains=sorted(self.list_domains(), key=lambda d: d.name))  # fmt: skip
 
     def list_domains(self):
-        return []
+        return [DomainInfo(uuid=u, name=d["spec"].name if d.get("spec") else u, state=d["state"], managed=True)
+                for u, d in self.host.domains.items()]  # fmt: skip
 
     def pool_path(self, pool: str) -> str:
         self._pool(pool)
@@ -63,11 +111,11 @@ class FakeDriver(HypervisorDriver):
 
     def upload_volume(self, *, pool, name, source, length):
         self._hit("upload_volume")
-        self._pool(pool)[name]["data"] = source.read(length)
+        self._vol(pool, name)["data"] = source.read(length)
 
     def download_volume(self, *, pool, name, sink, offset=0, length=0):
         self._hit("download_volume")
-        data = self._pool(pool)[name]["data"][offset:]
+        data = self._vol(pool, name)["data"][offset:]
         sink(data[:length] if length else data)
 
     def delete_volume(self, *, pool, name):
@@ -75,7 +123,7 @@ class FakeDriver(HypervisorDriver):
         return self._pool(pool).pop(name, None) is not None
 
     def resize_volume(self, *, pool, name, capacity_bytes):
-        vol = self._pool(pool)[name]
+        vol = self._vol(pool, name)
         vol["capacity"] = max(vol["capacity"], capacity_bytes)
 
     def refresh_pool(self, pool):
@@ -84,6 +132,22 @@ class FakeDriver(HypervisorDriver):
     def define_guard(self, xml):
         self._hit("define_guard")
         self.host.guards[ET.fromstring(xml).get("name")] = xml
+
+    def remove_guard(self, network):
+        self._hit("remove_guard")
+        return self.host.guards.pop(guard_name(network), None) is not None
+
+    def define_network(self, xml):
+        self._hit("define_network")
+        name = ET.fromstring(xml).findtext("name")
+        if name in self.host.networks:
+            return False
+        self.host.networks[name] = xml
+        return True
+
+    def remove_network(self, name):
+        self._hit("remove_network")
+        return self.host.networks.pop(name, None) is not None
 
     def filter_bridge_nics(self, uuid, filters):
         self._hit("filter_bridge_nics")
@@ -108,6 +172,56 @@ class FakeDriver(HypervisorDriver):
             raise HypervisorFatalError(f"domain {uuid} does not exist on this hypervisor")
         return self.host.domains[uuid]
 
+    def _running(self, uuid):
+        dom = self.host.domains.get(uuid)
+        return dom if dom and dom["state"] == PowerState.RUNNING else None
+
+    def _cold_start(self, uuid):
+        """Start unless running; like the real driver, a cold start protects VNC first."""
+        dom = self._dom(uuid)
+        if dom["state"] != PowerState.RUNNING:
+            self.vnc_protect(uuid)
+            dom["vnc_protected"] = dom["vnc_config_protected"]
+        dom["state"] = PowerState.RUNNING
+
+    def domain_xml(self, uuid, *, inactive=False, secure=False):
+        # The XML as libvirt would give it back: the password only with `secure`, none once it has none.
+        dom = self._dom(uuid)
+        password = dom["spec"].vnc_password or dom.setdefault("vnc_config_password", new_vnc_password())
+        xml = build_domain_xml(replace(dom["spec"], vnc_password=password))
+        if not secure or not dom.get("vnc_config_protected", True):
+            xml = re.sub(r" passwd=(['\"])[^'\"]*\1", "", xml)
+        return xml
+
+    def change_media(self, uuid, *, target, path):
+        self._hit("change_media")
+        self._dom(uuid).setdefault("media", {})[target] = path
+
+    def boot_once(self, uuid, *, target):
+        self._hit("boot_once")
+        dom = self._dom(uuid)
+        dom["state"] = PowerState.OFF  # a cold start: destroyed first if it ran
+        self._cold_start(uuid)
+        dom["booted_from"] = target
+
+    def serial_console(self, uuid, *, take_over=False):
+        # libvirt lends a serial port to one client at a time; the fake's "guest" end is kept in the domain.
+        self._hit("serial_console")
+        dom = self._running(uuid)
+        if dom is None:
+            raise HypervisorFatalError("the machine is not running")
+        held = dom.get("serial")
+        if held is not None and held.fileno() != -1:
+            if not take_over:
+                raise HypervisorFatalError("Active console session exists for this domain")
+            held.close()
+        dom["serial"], theirs = socket.socketpair()
+        return theirs
+
+    def screenshot(self, uuid):
+        self._hit("screenshot")
+        return SCREEN if self._running(uuid) else None
+
     def domain_state(self, uuid):
         dom = self.host.domains.get(uuid)
         return None if dom is None else dom["state"]
@@ -128,11 +242,7 @@ class FakeDriver(HypervisorDriver):
 
     def start(self, uuid):
         self._hit("start")
-        dom = self._dom(uuid)
-        if dom["state"] != PowerState.RUNNING:  # a cold start: like the real driver, it protects VNC first
-            self.vnc_protect(uuid)
-            dom["vnc_protected"] = dom["vnc_config_protected"]
-        dom["state"] = PowerState.RUNNING
+        self._cold_start(uuid)
 
     # VNC, as the libvirt driver does it: a domain carries "vnc_config_protected" (its persistent config has a
     # password), "vnc_protected" (the running server asks for one), "vnc_address" and the live "vnc_password".
@@ -170,15 +280,13 @@ class FakeDriver(HypervisorDriver):
     power_off = shutdown
 
     def reboot(self, uuid):
-        dom = self._dom(uuid)
-        if dom["state"] != PowerState.RUNNING:  # off: a cold start, as in start()
-            self.vnc_protect(uuid)
-            dom["vnc_protected"] = dom["vnc_config_protected"]
-        dom["state"] = PowerState.RUNNING
+        self._cold_start(uuid)  # off: a cold start, as in start(); running: stays running
 
     reset = reboot
 
     def block_resize(self, uuid, *, path, capacity_bytes):
+        if self._dom(uuid)["state"] != PowerState.RUNNING:
+            raise HypervisorFatalError("Requested operation is not valid: domain is not running")
         name = path.rsplit("/", 1)[1]
         self.resize_volume(pool=path.split("/")[2], name=name, capacity_bytes=capacity_bytes)
 

@@ -17,7 +17,6 @@ from machines.models import Machine, Membership, Project
 from machines.states import Status
 from portal.models import ApiToken, SshKey
 from tests.factories import HypervisorFactory, UserFactory
-from tests.fakes import FakeDriver, FakeHost
 
 pytestmark = pytest.mark.django_db
 
@@ -173,14 +172,12 @@ def fresh(objects, kind):
 
 
 @pytest.mark.parametrize("name", sorted(MATRIX))
-def test_route(name, settings):
+def test_route(name, settings, host):
     settings.PORTAL_BMC_PORT_RANGE = "17900-17909"
     method, kind, data, expected = MATRIX[name]
     users, objects = make_world()
-    host = FakeHost()
     actual = {}
-    with mock.patch("machines.services.get_driver", lambda uri: FakeDriver(uri, host)), \
-         mock.patch("hypervisors.networks.network_create_run"), mock.patch("hypervisors.networks.network_delete_run"), \
+    with mock.patch("hypervisors.networks.network_create_run"), mock.patch("hypervisors.networks.network_delete_run"), \
          mock.patch("machines.bmc._ipmitool", return_value="Chassis Power is off"):  # fmt: skip
         for role in ROLES:
             fresh(objects, kind)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
+from typing import BinaryIO
 
 
 class PowerState(StrEnum):
@@ -81,27 +84,6 @@ class HostInfo:
         return asdict(self)
 
 
-class HypervisorDriver(ABC):
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
-
-    @abstractmethod
-    def host_info(self) -> HostInfo:
-        """Everything a sync records: capabilities, pools, networks, domains."""
-
-    @abstractmethod
-    def list_domains(self) -> list[DomainInfo]: ...
-
-    def close(self) -> None:
-        """Release this driver's hold on the connection."""
-
-    def __enter__(self) -> HypervisorDriver:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
 # Domains the portal defines carry an element in this namespace in <metadata>.
 PORTAL_METADATA_NS = "https://ansistack-portal.invalid/xmlns/machine/1"
 
@@ -170,3 +152,189 @@ class VolumeInfo:
     capacity_bytes: int
     allocation_bytes: int
     backing_path: str = ""
+
+
+class HypervisorDriver(ABC):
+    """Everything the portal asks of a hypervisor, as plain data in and out (never Django models).
+
+    Contract for every method: a hypervisor that cannot be reached, or a connection that broke, raises
+    HypervisorUnavailable (retry later); anything else that goes wrong raises HypervisorFatalError, and no
+    other exception (no libvirtError) leaves a driver. A missing storage pool is HypervisorFatalError. Steps
+    that create or remove look before they act, so calling one twice is harmless. A driver is a cheap handle
+    on the hypervisor at `uri`: it holds nothing that needs releasing (the libvirt driver's connections
+    belong to a per-thread cache, see libvirt_driver.connect and drop_connection). Held for both drivers by
+    tests/hypervisors/test_driver_contract.py.
+    """
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    def __enter__(self) -> HypervisorDriver:
+        """A `with` block only scopes the name: nothing is released at its end (there is nothing to release)."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    # --- the host ----------------------------------------------------------------
+
+    @abstractmethod
+    def host_info(self) -> HostInfo:
+        """Everything a sync records: capabilities, interfaces, devices, pools, networks, domains."""
+
+    @abstractmethod
+    def list_domains(self) -> list[DomainInfo]:
+        """Every domain on the hypervisor, the portal's and others'."""
+
+    # --- storage: volumes by pool and name -----------------------------------------
+
+    @abstractmethod
+    def pool_path(self, pool: str) -> str:
+        """The pool's target directory (where its volumes' files are)."""
+
+    @abstractmethod
+    def volume_info(self, *, pool: str, name: str) -> VolumeInfo | None:
+        """The volume, or None if absent."""
+
+    @abstractmethod
+    def create_volume(
+        self, *, pool: str, name: str, fmt: str, capacity_bytes: int, backing_path: str = "", backing_format: str = ""
+    ) -> VolumeInfo:
+        """Create the volume (a qcow2 overlay when backing_path is given) unless it exists; the existing one
+        is returned unchanged."""
+
+    @abstractmethod
+    def upload_volume(self, *, pool: str, name: str, source: BinaryIO, length: int) -> None:
+        """Write `length` bytes read from `source` into an existing volume; HypervisorFatalError if absent."""
+
+    @abstractmethod
+    def download_volume(
+        self, *, pool: str, name: str, sink: Callable[[bytes], None], offset: int = 0, length: int = 0
+    ) -> None:
+        """Pass the volume's bytes from `offset` (length 0: to its end) to sink(); HypervisorFatalError if absent."""
+
+    @abstractmethod
+    def delete_volume(self, *, pool: str, name: str) -> bool:
+        """Delete the volume; no-op (False) if absent."""
+
+    @abstractmethod
+    def resize_volume(self, *, pool: str, name: str, capacity_bytes: int) -> None:
+        """Grow the volume to capacity_bytes; never shrinks; HypervisorFatalError if absent."""
+
+    @abstractmethod
+    def refresh_pool(self, pool: str) -> None:
+        """Rescan the pool, so files written by others (the serial log) show as volumes."""
+
+    # --- domains, by UUID (the machine's) --------------------------------------------
+    # Unless a docstring says otherwise, a domain that does not exist is HypervisorFatalError.
+
+    @abstractmethod
+    def define_domain(self, spec: DomainSpec) -> bool:
+        """Define the domain unless one with spec.uuid exists (then leave it as it is). True if defined now."""
+
+    @abstractmethod
+    def domain_state(self, uuid: str) -> PowerState | None:
+        """The power state, or None if the domain does not exist."""
+
+    @abstractmethod
+    def domain_states(self) -> dict[str, PowerState]:
+        """UUID -> power state of every domain on the hypervisor."""
+
+    @abstractmethod
+    def domain_xml(self, uuid: str, *, inactive: bool = False, secure: bool = False) -> str:
+        """The domain's XML (inactive: its persistent config); `secure` includes secrets: never show or log it."""
+
+    @abstractmethod
+    def start(self, uuid: str) -> None:
+        """Start the domain; no-op if it runs. A cold start gives a console without a password one first."""
+
+    @abstractmethod
+    def shutdown(self, uuid: str) -> None:
+        """Ask the guest to shut down (ACPI); no-op if off."""
+
+    @abstractmethod
+    def power_off(self, uuid: str) -> None:
+        """Pull the plug; no-op if off."""
+
+    @abstractmethod
+    def reboot(self, uuid: str) -> None:
+        """Ask the guest to reboot (ACPI); a domain that is off is cold-started instead."""
+
+    @abstractmethod
+    def reset(self, uuid: str) -> None:
+        """Press the reset button; a domain that is off is cold-started instead."""
+
+    @abstractmethod
+    def set_autostart(self, uuid: str, enabled: bool) -> None:
+        """Start the domain with the hypervisor, or not; idempotent."""
+
+    @abstractmethod
+    def block_resize(self, uuid: str, *, path: str, capacity_bytes: int) -> None:
+        """Grow the disk at `path` of a running domain, so the guest sees the new size at once."""
+
+    @abstractmethod
+    def undefine(self, uuid: str) -> bool:
+        """Stop and undefine the domain; no-op (False) if absent. Its volumes are left to the caller."""
+
+    @abstractmethod
+    def change_media(self, uuid: str, *, target: str, path: str) -> None:
+        """Insert `path` into the CD-ROM drive `target` (path empty: eject), live and in the persistent config."""
+
+    @abstractmethod
+    def boot_once(self, uuid: str, *, target: str) -> None:
+        """Cold-start the domain from disk `target` once; later starts use the saved boot order again."""
+
+    # --- networks and traffic filters --------------------------------------------------
+
+    @abstractmethod
+    def define_network(self, xml: str) -> bool:
+        """Define, start and autostart the network unless one of its name exists. True if made now."""
+
+    @abstractmethod
+    def remove_network(self, name: str) -> bool:
+        """Stop and undefine the network; no-op (False) if absent."""
+
+    @abstractmethod
+    def define_guard(self, xml: str) -> None:
+        """Define the traffic filter (nwfilter), or update it in place; NICs that use it get the change live."""
+
+    @abstractmethod
+    def remove_guard(self, network: str) -> bool:
+        """Undefine the traffic filter of `network`; no-op (False) if absent."""
+
+    @abstractmethod
+    def filter_bridge_nics(self, uuid: str, filters: dict[str, str]) -> bool:
+        """Make the domain's NICs on the host bridges in `filters` (bridge -> filter) name their filter, in its
+        persistent config and keeping its VNC password; True if it was changed now."""
+
+    # --- consoles and what a running guest shows -------------------------------------------
+
+    @abstractmethod
+    def vnc_address(self, uuid: str) -> tuple[str, int] | None:
+        """Where the running domain's VNC server listens now; None when absent, off, or without VNC."""
+
+    @abstractmethod
+    def vnc_open(self, uuid: str, *, valid_for: float = 15.0) -> tuple[str, int, str] | None:
+        """Give the running VNC server a fresh password valid for `valid_for` s: (host, port, password); the
+        password is empty for a server that has none; None when absent, off, or without VNC."""
+
+    @abstractmethod
+    def vnc_protect(self, uuid: str) -> bool:
+        """Give the persistent config an (expired) VNC password if it has none; True if added now."""
+
+    @abstractmethod
+    def vnc_unprotected(self) -> set[str]:
+        """UUIDs of the running domains whose VNC server lets clients in without a password."""
+
+    @abstractmethod
+    def serial_console(self, uuid: str, *, take_over: bool = False) -> socket.socket:
+        """A socket joined to the running domain's first serial port until either end closes;
+        HypervisorFatalError when it is not running or another client has the port (unless take_over)."""
+
+    @abstractmethod
+    def domain_addresses(self, uuid: str) -> dict[str, list[str]]:
+        """MAC -> addresses of the running guest, as far as the hypervisor can tell; empty when absent or off."""
+
+    @abstractmethod
+    def screenshot(self, uuid: str) -> bytes | None:
+        """The running domain's screen as an image file's bytes; None when absent or off."""

@@ -1,11 +1,9 @@
-from unittest import mock
-
 import pytest
 
 from machines.models import Machine
 from machines.states import Status
 from tests.factories import HypervisorFactory, UserFactory
-from tests.fakes import FakeDriver, FakeHost
+from tests.fakes import FakeDriver
 
 pytestmark = pytest.mark.django_db
 
@@ -29,12 +27,10 @@ def test_power_action_queues_the_operation(staff_client, machine):
     assert Machine.objects.get(pk=machine.pk).operation == "shutdown"
 
 
-def test_grow_disk_action(staff_client, machine, django_capture_on_commit_callbacks):
-    host = FakeHost()
+def test_grow_disk_action(staff_client, machine, host, django_capture_on_commit_callbacks):
     host.pools["default"][machine.disk_volume] = {"format": "qcow2", "capacity": 5 << 30, "backing": "", "data": b""}
-    with mock.patch("machines.services.get_driver", lambda uri: FakeDriver(uri, host)):
-        with django_capture_on_commit_callbacks(execute=True):
-            act(staff_client, "grow_disk", machine)
+    with django_capture_on_commit_callbacks(execute=True):
+        act(staff_client, "grow_disk", machine)
     assert Machine.objects.get(pk=machine.pk).disk_gib == 15
     assert host.pools["default"][machine.disk_volume]["capacity"] == 15 << 30
 
@@ -54,14 +50,12 @@ def test_the_admin_lists_machines_with_events(staff_client, machine):
     assert b"192.0.2.77/24" in r.content  # the addresses the guest was last seen with
 
 
-def test_sync_action_refreshes_power_state(staff_client, machine, django_capture_on_commit_callbacks):
-    host = FakeHost()
+def test_sync_action_refreshes_power_state(staff_client, machine, host, django_capture_on_commit_callbacks):
     from hypervisors.drivers.base import PowerState
 
     host.domains[str(machine.uuid)] = {"spec": None, "state": PowerState.RUNNING, "autostart": True}
-    with mock.patch("machines.services.get_driver", lambda uri: FakeDriver(uri, host)):
-        with django_capture_on_commit_callbacks(execute=True):
-            act(staff_client, "sync", machine)
+    with django_capture_on_commit_callbacks(execute=True):
+        act(staff_client, "sync", machine)
     assert Machine.objects.get(pk=machine.pk).power_state == "running"
 
 

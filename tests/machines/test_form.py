@@ -1,7 +1,5 @@
 """The create form offers what the chosen hypervisor has, and carries every hardware option to the service."""
 
-from unittest import mock
-
 import pytest
 from django.urls import reverse
 
@@ -9,7 +7,6 @@ from hypervisors.models import Image, ImageStatus
 from machines.forms import MachineForm, Offer
 from machines.models import Machine
 from tests.factories import HypervisorFactory, UserFactory
-from tests.fakes import FakeDriver, FakeHost
 
 pytestmark = pytest.mark.django_db
 
@@ -105,19 +102,19 @@ def test_picking_a_hypervisor_brings_its_choices_and_keeps_what_was_typed(staff_
     assert "pci_0000_03_00_0 · Intel I210 (8086:1533)" in html and 'value="uefi"' in html
 
 
-def test_the_form_carries_every_hardware_option(lab, images, client, django_capture_on_commit_callbacks, settings):
+def test_the_form_carries_every_hardware_option(
+    lab, images, client, host, django_capture_on_commit_callbacks, settings
+):
     settings.PORTAL_BMC_PORT_RANGE = "17340-17349"
     staff = UserFactory(username="root", is_staff=True)
     client.force_login(staff)
-    host = FakeHost()
     data = {"deploy_type": "image", "name": "full", "hypervisor": lab.pk, "image": images[0].pk, "vcpus": 4,
             "memory_mib": 512, "disk_gib": 2, "pool": "fast", "nic": "direct:eno1", "nic_mode": "vepa", "nic_vlan": 7,
             "nic_model": "e1000e", "machine_type": "q35", "cpu_mode": "custom", "cpu_model": "Haswell", "cpu_sockets": 1,
             "cpu_cores": 2, "cpu_threads": 2, "firmware": "uefi", "secure_boot": "on", "disk_bus": "virtio",
             "disk_cache": "none", "extra_disks_text": "3 5", "smbios_text": "manufacturer=Acme\nserial=SN-1",
             "hostdevs": ["pci_0000_03_00_0"], "hostdev_match": "1234:5678", "qemu_args_text": "-device pvpanic", "watchdog": "on", "autostart": "on"}  # fmt: skip
-    with mock.patch("machines.services.get_driver", lambda uri: FakeDriver(uri, host)), \
-            django_capture_on_commit_callbacks(execute=True):  # fmt: skip
+    with django_capture_on_commit_callbacks(execute=True):
         r = client.post(reverse("machines:create"), data)
     assert r.status_code == 302, r.content.decode()[:3000]
     m = Machine.objects.get(name="full")
@@ -150,21 +147,19 @@ def test_the_form_carries_every_hardware_option(lab, images, client, django_capt
         ({"nic": "user:", "nic_vlan": 5}, "nic_vlan", "goes with a host bridge"),
     ],
 )
-def test_bad_hardware_input_lands_on_its_field(lab, user_client, change, field, message):
+def test_bad_hardware_input_lands_on_its_field(lab, user_client, host, change, field, message):
     data = {"deploy_type": "network", "name": "bad1", "hypervisor": lab.pk, "vcpus": 2, "memory_mib": 256, "disk_gib": 1,
             "pool": "default", "nic": "network:default", "firmware": "bios", "disk_bus": "virtio", **change}  # fmt: skip
-    with mock.patch("machines.services.get_driver", lambda uri: FakeDriver(uri, FakeHost())):
-        r = user_client.post(reverse("machines:create"), data)
+    r = user_client.post(reverse("machines:create"), data)
     assert r.status_code == 200 and not Machine.objects.filter(name="bad1").exists()
     errors = r.context["form"].errors
     assert field in errors and message in " ".join(errors[field]), errors
 
 
-def test_a_pattern_no_free_device_matches_is_refused_on_its_field(lab, staff_client):
+def test_a_pattern_no_free_device_matches_is_refused_on_its_field(lab, staff_client, host):
     data = {"deploy_type": "network", "name": "bad2", "hypervisor": lab.pk, "vcpus": 1, "memory_mib": 256, "disk_gib": 1,
             "pool": "default", "nic": "user:", "firmware": "bios", "disk_bus": "virtio", "hostdev_match": "dead:beef"}  # fmt: skip
-    with mock.patch("machines.services.get_driver", lambda uri: FakeDriver(uri, FakeHost())):
-        r = staff_client.post(reverse("machines:create"), data)
+    r = staff_client.post(reverse("machines:create"), data)
     assert "No free device on lab" in " ".join(r.context["form"].errors["hostdev_match"])
 
 

@@ -1,11 +1,8 @@
-from unittest import mock
-
 import pytest
 from django.core.exceptions import ValidationError
 
 from machines import services
 from tests.factories import HypervisorFactory, UserFactory, tenant_network_entry, tenant_nic
-from tests.fakes import FakeDriver, FakeHost
 
 pytestmark = pytest.mark.django_db
 
@@ -47,15 +44,13 @@ def test_hardware_the_hypervisor_lacks_is_refused(hv, hw, field, message):
     assert message in " ".join(e.value.message_dict[field])
 
 
-def test_hardware_reaches_the_domain(hv, django_capture_on_commit_callbacks, settings):
+def test_hardware_reaches_the_domain(hv, host, django_capture_on_commit_callbacks, settings):
     settings.PORTAL_BMC_PORT_RANGE = "17300-17309"
-    host = FakeHost()
     staff = UserFactory(username="root", is_staff=True)
-    with mock.patch("machines.services.get_driver", lambda uri: FakeDriver(uri, host)):
-        with django_capture_on_commit_callbacks(execute=True):
-            machine = create(hv, owner=staff, machine_type="q35", cpu_mode="custom", cpu_model="qemu64",
-                             cpu_topology=[1, 2, 1], smbios={"serial": "SN-9"}, watchdog=True, rng=True,
-                             disk_bus="sata", disk_cache="none", extra_disks=[2, 3], qemu_args=["-no-user-config"])  # fmt: skip
+    with django_capture_on_commit_callbacks(execute=True):
+        machine = create(hv, owner=staff, machine_type="q35", cpu_mode="custom", cpu_model="qemu64",
+                         cpu_topology=[1, 2, 1], smbios={"serial": "SN-9"}, watchdog=True, rng=True,
+                         disk_bus="sata", disk_cache="none", extra_disks=[2, 3], qemu_args=["-no-user-config"])  # fmt: skip
     machine.refresh_from_db()
     assert machine.status == "active", machine.status_message
     spec = host.domains[str(machine.uuid)]["spec"]
@@ -99,7 +94,7 @@ def test_an_image_of_an_architecture_the_host_cannot_run_is_refused(hv):
                                 nics=[tenant_nic()])  # fmt: skip
 
 
-def test_an_arm64_machine_gets_emulation_defaults(hv, django_capture_on_commit_callbacks, tmp_path, settings):
+def test_an_arm64_machine_gets_emulation_defaults(hv, host, django_capture_on_commit_callbacks, tmp_path, settings):
     import subprocess
 
     from hypervisors.models import Image, ImageStatus
@@ -113,11 +108,9 @@ def test_an_arm64_machine_gets_emulation_defaults(hv, django_capture_on_commit_c
     image = Image.objects.create(name="arm", status=ImageStatus.READY, arch="aarch64", file_name="1.qcow2",
                                  sha256="cd" * 32, file_size_bytes=(tmp_path / "1.qcow2").stat().st_size,
                                  virtual_size_bytes=16 << 20)  # fmt: skip
-    host = FakeHost()
-    with mock.patch("machines.services.get_driver", lambda uri: FakeDriver(uri, host)):
-        with django_capture_on_commit_callbacks(execute=True):
-            machine = services.machine_create(owner=UserFactory(username="b"), hypervisor=hv, name="arm1", image=image,
-                                              disk_gib=1, nics=[tenant_nic()])  # fmt: skip
+    with django_capture_on_commit_callbacks(execute=True):
+        machine = services.machine_create(owner=UserFactory(username="b"), hypervisor=hv, name="arm1", image=image,
+                                          disk_gib=1, nics=[tenant_nic()])  # fmt: skip
     spec = host.domains[str(machine.uuid)]["spec"]
     assert (spec.arch, spec.machine, spec.domain_type, spec.cpu_model, spec.firmware, spec.video) == (
         "aarch64",
@@ -172,18 +165,16 @@ DEVICES = [
 ]  # fmt: skip
 
 
-def test_host_devices_by_name_or_pattern_and_never_twice(hv, settings, django_capture_on_commit_callbacks):
+def test_host_devices_by_name_or_pattern_and_never_twice(hv, host, settings, django_capture_on_commit_callbacks):
     settings.PORTAL_BMC_PORT_RANGE = "17330-17339"
     hv.devices = DEVICES
     hv.save()
-    host = FakeHost()
     owner = UserFactory(username="d", is_staff=True)
-    with mock.patch("machines.services.get_driver", lambda uri: FakeDriver(uri, host)):
-        with django_capture_on_commit_callbacks(execute=True):
-            first = services.machine_create(owner=owner, hypervisor=hv, name="d1", deploy_type="network", vcpus=2,
-                                            nics=[tenant_nic()], hostdevs=["pci_0000_03_00_0"])  # fmt: skip
-            second = services.machine_create(owner=owner, hypervisor=hv, name="d2", deploy_type="network", vcpus=2,
-                                             nics=[tenant_nic()], hostdev_match=r"8086:1533")  # fmt: skip
+    with django_capture_on_commit_callbacks(execute=True):
+        first = services.machine_create(owner=owner, hypervisor=hv, name="d1", deploy_type="network", vcpus=2,
+                                        nics=[tenant_nic()], hostdevs=["pci_0000_03_00_0"])  # fmt: skip
+        second = services.machine_create(owner=owner, hypervisor=hv, name="d2", deploy_type="network", vcpus=2,
+                                         nics=[tenant_nic()], hostdev_match=r"8086:1533")  # fmt: skip
     assert second.hostdevs == ["pci_0000_04_00_0"]  # the first match was taken
     spec = host.domains[str(first.uuid)]["spec"]
     assert [d["bus"] for d in spec.hostdevs] == [3]
@@ -227,11 +218,10 @@ def test_boot_orders_of_extra_disks_are_distinct():
     ]
 
 
-def test_host_devices_are_for_staff_unless_everyone_may(hv, settings):
+def test_host_devices_are_for_staff_unless_everyone_may(hv, host, settings):
     hv.devices = DEVICES
     hv.save()
     with pytest.raises(ValidationError, match="Only staff may pass host devices through"):
         create(hv, owner=UserFactory(username="plain"), hostdev_match="8086")
     settings.PORTAL_HOST_DEVICES_FOR = "everyone"
-    with mock.patch("machines.services.get_driver", lambda uri: FakeDriver(uri, FakeHost())):
-        assert create(hv, owner=UserFactory(username="trusted"), hostdev_match="8086").hostdevs == ["pci_0000_03_00_0"]
+    assert create(hv, owner=UserFactory(username="trusted"), hostdev_match="8086").hostdevs == ["pci_0000_03_00_0"]

@@ -12,7 +12,7 @@ import pytest
 from hypervisors.models import Hypervisor
 from machines import console_proxy, rfb
 from machines.consoles import ConsoleDenied
-from tests.fakes import FakeDriver, FakeHost
+from tests.fakes import FakeHost
 
 # Computed independently of the portal's code, with OpenSSL 3.0 (legacy provider):
 #   key = each byte of "Pa55w0rd" with its bits reversed = 0a86acacee0c4e26 (worked out with bc and rev)
@@ -249,13 +249,11 @@ class RotatingVncServer:
         sock.recv(1)
 
 
-def test_sessions_starting_together_each_authenticate(monkeypatch):
-    host = FakeHost()
+def test_sessions_starting_together_each_authenticate(host):
     uuid = "5c7a4f40-0d6f-4d8e-9d1c-3b1f0e5a7c11"
     host.domains[uuid] = {"state": "running", "vnc_protected": True}
     server = RotatingVncServer(host, uuid)
     host.domains[uuid]["vnc_address"] = ("127.0.0.1", server.port)
-    monkeypatch.setattr(console_proxy, "get_driver", lambda uri: FakeDriver(uri, host))
     machine = SimpleNamespace(
         pk=7, uuid=uuid, hypervisor=Hypervisor(name="fake", uri="fake://", console_address="127.0.0.1")
     )
@@ -279,13 +277,11 @@ def test_sessions_starting_together_each_authenticate(monkeypatch):
     assert host.calls.count("vnc_open") == 4  # a fresh password for every session
 
 
-def test_the_proxy_refuses_a_remote_hypervisors_loopback_and_dials_nothing(monkeypatch):
+def test_the_proxy_refuses_a_remote_hypervisors_loopback_and_dials_nothing(host, monkeypatch):
     """The console of a remote hypervisor whose domain listens on loopback (defined by hand, or saved before the
     rule): dialled from here, 127.0.0.1 would be the portal's own loopback, another machine's console."""
-    host = FakeHost()
     uuid = "5c7a4f40-0d6f-4d8e-9d1c-3b1f0e5a7c12"
     host.domains[uuid] = {"state": "running", "vnc_protected": True, "vnc_address": ("127.0.0.1", 5900)}
-    monkeypatch.setattr(console_proxy, "get_driver", lambda uri: FakeDriver(uri, host))
     dialled = []
     monkeypatch.setattr(console_proxy.socket, "create_connection", lambda *a, **k: dialled.append(a) or 1 / 0)
     remote = Hypervisor(name="hv2", uri="qemu+ssh://hv2.example.org/system", console_address="127.0.0.1")
