@@ -24,7 +24,7 @@ from hypervisors.drivers.base import (
     PowerState,
     VolumeInfo,
 )
-from hypervisors.drivers.domxml import build_domain_xml, guard_name, new_vnc_password
+from hypervisors.drivers.domxml import _target_names, build_domain_xml, guard_name, new_vnc_password
 
 # What the fake's screenshot() returns for a running domain: a 1x1 black PPM, as QEMU sends it.
 SCREEN = b"P6\n1 1\n255\n\x00\x00\x00"
@@ -195,7 +195,14 @@ class FakeDriver(HypervisorDriver):
 
     def change_media(self, uuid, *, target, path):
         self._hit("change_media")
-        self._dom(uuid).setdefault("media", {})[target] = path
+        dom = self._dom(uuid)
+        disks = list(dom["spec"].disks)
+        for i, (disk, name) in enumerate(zip(disks, _target_names(dom["spec"].disks), strict=True)):
+            if name == target and disk.device == "cdrom":
+                disks[i] = replace(disk, path=path)
+                dom["spec"] = replace(dom["spec"], disks=tuple(disks))
+                return
+        raise HypervisorFatalError(f"no CD-ROM drive {target} in domain {uuid}")  # libvirt: "target not found"
 
     def boot_once(self, uuid, *, target):
         self._hit("boot_once")

@@ -717,7 +717,22 @@ class LibvirtDriver(HypervisorDriver):
 
     def define_guard(self, xml: str) -> None:
         """Define (or update in place) a portal traffic filter; NICs that use it get the change live."""
-        self._call(lambda conn: conn.nwfilterDefineXML(xml))
+
+        def run(conn):
+            root = ET.fromstring(xml)
+            try:
+                existing = conn.nwfilterLookupByName(root.get("name"))
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_NO_NWFILTER:
+                    raise
+            else:
+                # libvirt refuses a filter of an existing name under another UUID, and XML without one gets a
+                # random UUID: an update must carry the existing filter's.
+                if root.find("uuid") is None:
+                    ET.SubElement(root, "uuid").text = existing.UUIDString()
+            conn.nwfilterDefineXML(ET.tostring(root, encoding="unicode"))
+
+        self._call(run)
 
     def remove_guard(self, network: str) -> bool:
         """Undefine the traffic filter of `network`; no-op (False) if absent."""
