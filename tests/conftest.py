@@ -14,7 +14,9 @@ from django.test import Client
 from huey.contrib.djhuey import HUEY
 
 from hypervisors.drivers import libvirt_driver
+from portal.models import Heartbeat
 from portal.processes import stop_groups
+from portal.queue import WORKER
 from tests.factories import UserFactory
 from tests.fakes import FakeHost
 from tests.images import test_images
@@ -135,6 +137,29 @@ def _wait_listening(proc: subprocess.Popen, port: int, name: str, timeout: float
             time.sleep(0.2)
 
 
+def _log_size(name: str) -> int:
+    """Where this start's output will begin in test-artifacts/<name>.log (the logs are appended to)."""
+    path = ARTIFACTS / f"{name}.log"
+    return path.stat().st_size if path.exists() else 0
+
+
+def _log_since(name: str, offset: int) -> bytes:
+    with open(ARTIFACTS / f"{name}.log", "rb") as f:
+        f.seek(offset)
+        return f.read()
+
+
+def _wait_ready(proc: subprocess.Popen, name: str, log_start: int, ready, what: str, timeout: float = 60) -> None:
+    """Poll ready() until it holds; fail at once if the process exits, or after `timeout` s, with its output."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            state = f"exited with {proc.returncode}" if proc.poll() is not None else f"{what} within {timeout:g} s"
+            tail = _log_since(name, log_start).decode(errors="replace")[-2000:]
+            pytest.fail(f"{name} {state}; see {ARTIFACTS / (name + '.log')}:\n{tail}")
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="session")
 def libvirtd():
     """The host's libvirtd, started by scripts/setup-host.sh (make test runs it)."""
@@ -151,9 +176,13 @@ def huey_worker(django_db_setup, django_db_blocker):
     HUEY.immediate = False  # reach the real queue, left over from an earlier run, and empty it
     HUEY.flush()
     HUEY.immediate = True
+    log_start = _log_size("worker")
     proc = _start("worker", [sys.executable, "manage.py", "run_huey", "--workers", "2", "--flush-locks"])
-    time.sleep(1.5)
-    assert proc.poll() is None, f"the Huey consumer exited; see {ARTIFACTS / 'worker.log'}"
+    # Ready when its worker threads have started: each records the heartbeat as it does (portal/tasks.py).
+    with django_db_blocker.unblock():
+        _wait_ready(proc, "worker", log_start,
+                    lambda: Heartbeat.objects.filter(name=WORKER, detail__endswith=f" pid {proc.pid}").exists(),
+                    "recorded no heartbeat")  # fmt: skip
     yield proc
     _stop(proc)
 
@@ -209,9 +238,11 @@ def console_proxy(django_db_setup):
 @pytest.fixture(scope="session")
 def bmc_server(django_db_setup):
     """`manage.py bmc_server` as `make run` starts it, following the test database."""
+    log_start = _log_size("bmc")
     proc = _start("bmc", [sys.executable, "manage.py", "bmc_server", "--interval", "0.5"])
-    time.sleep(1)
-    assert proc.poll() is None, f"the BMC server exited; see {ARTIFACTS / 'bmc.log'}"
+    # Ready when it has set itself up and enters its loop, which it announces just before (its command).
+    _wait_ready(proc, "bmc", log_start, lambda: b"BMC server: ports" in _log_since("bmc", log_start),
+                "did not start its loop")  # fmt: skip
     yield proc
     _stop(proc)
 
