@@ -98,7 +98,8 @@ class PublishedNetworkForm(forms.ModelForm):
         return [int(w) for w in words]
 
     def clean(self):
-        data = super().clean()
+        super().clean()
+        data = self.cleaned_data  # what Form.clean() returns, typed as never None
         if data.get("everyone") and data.get("projects"):
             self.add_error("projects", "Published to everyone already includes every project; choose one of the two.")
         elif not data.get("everyone") and not data.get("projects"):

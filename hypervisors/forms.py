@@ -37,7 +37,8 @@ class ImageForm(forms.Form):
     volume = forms.CharField(required=False)
 
     def clean(self):
-        data = super().clean()
+        super().clean()
+        data = self.cleaned_data  # what Form.clean() returns, typed as never None
         source = data.get("source")
         if source == "upload" and not data.get("file"):
             self.add_error("file", "Choose a file to upload.")

@@ -196,8 +196,10 @@ def image_fetch_volume(image_id: int) -> None:
     final = image_dir() / image.file_name
     part = final.with_name(final.name + ".part")
     h = hashlib.sha256()
+    source = image.source_hypervisor
+    assert source is not None  # a volume import always names its hypervisor
     try:
-        with get_driver(image.source_hypervisor.uri) as driver, open(part, "wb") as out:
+        with get_driver(source.uri) as driver, open(part, "wb") as out:
             info = driver.volume_info(pool=image.source_pool, name=image.source_volume)
             if info is None:
                 raise HypervisorFatalError(f"volume {image.source_volume!r} is not in pool {image.source_pool!r}")

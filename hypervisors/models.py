@@ -306,7 +306,7 @@ class PublishedNetwork(models.Model):
         verbose_name = "published network"
 
     def __str__(self) -> str:
-        where = self.hypervisor.name if self.hypervisor_id else "any hypervisor"
+        where = self.hypervisor.name if self.hypervisor is not None else "any hypervisor"
         return f"{self.get_kind_display()} {self.source} on {where}"
 
     def clean(self) -> None:
@@ -337,5 +337,6 @@ class PublishedNetwork(models.Model):
             errors["source"] = f"The tenant network {self.source} is already for everyone; it needs no publishing."
         if errors:
             raise ValidationError(errors)
+        assert modes is not None and vlans is not None  # else errors had them
         self.modes = [m for m in PUBLISHABLE_MODES if m in modes]
         self.vlans = sorted(set(vlans))

@@ -124,7 +124,13 @@ def _validate_ip(spec: NetworkSpec) -> dict[str, str]:
     elif spec.dhcp_start:
         try:
             start, end = ipaddress.ip_address(spec.dhcp_start), ipaddress.ip_address(spec.dhcp_end)
-            if start not in iface.network or end not in iface.network or start > end or iface.ip in (start, end):
+            # Both in the (IPv4) network by the time they are compared, so comparing as numbers is the same.
+            if (
+                start not in iface.network
+                or end not in iface.network
+                or int(start) > int(end)
+                or iface.ip in (start, end)
+            ):
                 errors["dhcp_end"] = (
                     f"The range must lie in {iface.network}, start before it ends, and leave out the router."
                 )

@@ -185,7 +185,8 @@ def network_create(request: HtmxHttpRequest, pk: int) -> HttpResponse:
         except ValidationError as e:
             add_errors(form, e)
     messages.error(
-        request, "The network was not defined: " + "; ".join(f"{k}: {' '.join(v)}" for k, v in form.errors.items())
+        request,
+        "The network was not defined: " + "; ".join(f"{k}: {' '.join(map(str, v))}" for k, v in form.errors.items()),
     )
     return redirect(hv)
 

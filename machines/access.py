@@ -14,7 +14,7 @@ from django.db.models import Q
 from machines.models import Machine, Membership, Role
 
 VIEW, OPERATE, ADMIN = "view", "operate", "admin"
-_RANK = {Role.VIEWER: 1, Role.OPERATOR: 2, Role.ADMIN: 3}
+_RANK: dict[str | None, int] = {Role.VIEWER: 1, Role.OPERATOR: 2, Role.ADMIN: 3}
 _NEEDED = {VIEW: 1, OPERATE: 2, ADMIN: 3}
 
 

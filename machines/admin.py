@@ -9,8 +9,8 @@ from portal import audit
 class NicInline(admin.TabularInline):
     model = MachineNic
     extra = 0
-    fields = ["index", "type", "source", "mac", "dhcp4", "addresses", "gateway4", "nameservers"]
-    readonly_fields = fields
+    readonly_fields = ("index", "type", "source", "mac", "dhcp4", "addresses", "gateway4", "nameservers")
+    fields = readonly_fields
     can_delete = False
 
     def has_add_permission(self, request, obj=None):
@@ -20,8 +20,8 @@ class NicInline(admin.TabularInline):
 class EventInline(admin.TabularInline):
     model = MachineEvent
     extra = 0
-    fields = ["created", "step", "level", "message"]
-    readonly_fields = fields
+    readonly_fields = ("created", "step", "level", "message")
+    fields = readonly_fields
     can_delete = False
     ordering = ["-created", "-pk"]
 
@@ -49,8 +49,7 @@ def _power_action(action: str):
               PowerAction(action).label)  # fmt: skip
 
     run.__name__ = f"power_{action}"
-    run.short_description = f"Power: {PowerAction(action).label.lower()}"
-    return run
+    return admin.action(description=f"Power: {PowerAction(action).label.lower()}")(run)
 
 
 @admin.register(Machine)

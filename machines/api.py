@@ -1,3 +1,5 @@
+from typing import Any, cast
+
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.urls import reverse
 from drf_spectacular.utils import OpenApiParameter, extend_schema
@@ -17,6 +19,7 @@ class NameOrIdField(serializers.RelatedField):
 
     def to_internal_value(self, data):
         qs = self.get_queryset()
+        assert qs is not None  # declared with a queryset
         try:
             return qs.get(pk=int(data)) if str(data).isdigit() else qs.get(name=data)
         except (Hypervisor.DoesNotExist, ValueError, TypeError):
@@ -36,7 +39,7 @@ class NicSerializer(serializers.ModelSerializer):
         model = MachineNic
         fields = ["type", "source", "mac", "dhcp4", "dhcp6", "addresses", "gateway4", "gateway6", "nameservers", "search",
                   "model", "mode", "vlan"]  # fmt: skip
-        extra_kwargs = {"mac": {"validators": []}}
+        extra_kwargs: dict[str, dict[str, Any]] = {"mac": {"validators": []}}
 
 
 class EventSerializer(serializers.ModelSerializer):
@@ -97,7 +100,7 @@ class MachineSerializer(serializers.ModelSerializer):
                   "override_capacity"]  # fmt: skip
         read_only_fields = ["uuid", "status", "status_message", "power_state", "operation", "domain_name", "created",
                             "guest_addresses"]  # fmt: skip
-        validators = []  # the service validates (with the owner, which the request supplies)
+        validators: list[Any] = []  # the service validates (with the owner, which the request supplies)
 
     def get_bmc(self, machine) -> dict | None:
         """Where the BMC listens (the credentials: GET .../bmc/)."""
@@ -111,7 +114,7 @@ class MachineSerializer(serializers.ModelSerializer):
 
     def get_events(self, machine) -> list[dict]:
         events = machine.events.order_by("-created", "-pk")[:50]
-        return EventSerializer(reversed(list(events)), many=True).data
+        return cast(list[dict], EventSerializer(reversed(list(events)), many=True).data)  # many: a ReturnList
 
     def create(self, validated):
         # Left out: the default NIC (the tenant network where the hypervisor has it); [] means none.

@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import signal
 import time
+from multiprocessing.process import BaseProcess
 
 from django.db import close_old_connections, connections
 from django.utils import timezone
@@ -62,7 +63,7 @@ def _serve(spec: dict) -> None:
 
 class BmcManager:
     def __init__(self) -> None:
-        self.children: dict[int, tuple[tuple, multiprocessing.Process, float]] = {}
+        self.children: dict[int, tuple[tuple, BaseProcess, float]] = {}
         self.ctx = multiprocessing.get_context("fork")
 
     def desired(self) -> dict[int, tuple]:

@@ -7,9 +7,10 @@ quota row, then the hypervisor row(s). check_quota() takes the first two, claim_
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.db.models import Count, QuerySet, Sum
@@ -61,7 +62,9 @@ def _totals(machines: QuerySet[Machine], key: str | None) -> dict:
     machines = machines.order_by()
     in_db = [(f"t{i}", resource, column) for i, (resource, column, count) in enumerate(TERMS) if count is None]
     sums = {"machines": Count("pk"), **{name: Sum(column) for name, _, column in in_db}}
-    rows = machines.values(key).annotate(**sums) if key else [{None: None, **machines.aggregate(**sums)}]
+    rows: Iterable[dict[Any, Any]] = (
+        machines.values(key).annotate(**sums) if key else [{None: None, **machines.aggregate(**sums)}]
+    )
     out: dict = {}
     for row in rows:
         total = out[row[key]] = {"machines": row["machines"], "vcpus": 0, "memory_mib": 0, "disk_gib": 0}
@@ -102,9 +105,12 @@ def quota_of(user, *, lock: bool = False) -> Quota:
 
 def _report(used: dict[str, int], limits: Mapping[str, int | None] | None) -> list[dict]:
     titles = {"machines": "Machines", "vcpus": "vCPUs", "memory_mib": "Memory (MiB)", "disk_gib": "Disk (GiB)"}
-    return [{"key": k, "label": label, "title": titles[k], "used": used[k], "limit": limits[k] if limits else None,
-             "percent": min(100, round(100 * used[k] / limits[k])) if limits and limits[k] else 0}
-            for k, label in RESOURCES.items()]  # fmt: skip
+    rows = []
+    for k, label in RESOURCES.items():
+        limit = limits[k] if limits else None
+        rows.append({"key": k, "label": label, "title": titles[k], "used": used[k], "limit": limit,
+                     "percent": min(100, round(100 * used[k] / limit)) if limit else 0})  # fmt: skip
+    return rows
 
 
 def usage_report(user) -> list[dict]:
@@ -133,7 +139,7 @@ def lock_quotas(user, project: Project | None) -> None:
 
 def _over(used: dict[str, int], wanted: Mapping[str, int], limits: Mapping[str, int | None]) -> list[str]:
     return [f"{used[k] + wanted[k]} {RESOURCES[k]} of {limits[k]} allowed (using {used[k]})"
-            for k in RESOURCES if limits[k] is not None and wanted.get(k) and used[k] + wanted[k] > limits[k]]  # fmt: skip
+            for k in RESOURCES if (limit := limits[k]) is not None and wanted.get(k) and used[k] + wanted[k] > limit]  # fmt: skip
 
 
 def check_quota(user, *, machines: int = 0, vcpus: int = 0, memory_mib: int = 0, disk_gib: int = 0,
@@ -235,7 +241,8 @@ def claim_room(hypervisor: Hypervisor | None, *, need: Mapping[str, int], pool: 
     room; anyone else gets the reason."""
     if override and not user.is_staff:
         raise ValidationError({"override_capacity": "Only staff may create a machine on a hypervisor without room."})
-    wanted = {"vcpus": need["vcpus"], "memory_mib": need["memory_mib"], "disk_gib": need["disk_gib"], "pool": pool}
+    wanted: dict[str, Any] = {"vcpus": need["vcpus"], "memory_mib": need["memory_mib"], "disk_gib": need["disk_gib"],
+                              "pool": pool}  # fmt: skip
     if hypervisor is None:
         if override:
             raise ValidationError({"override_capacity": "Name the hypervisor to create a machine over its capacity."})

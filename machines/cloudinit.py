@@ -356,7 +356,8 @@ _ReadableDumper.add_representer(str, _represent_str)
 
 def _dump(data: dict) -> str:
     """YAML for `data`, guaranteed to load back equal to it."""
-    options = {"sort_keys": False, "default_flow_style": False, "width": 1 << 16}  # keeps SSH keys on one line
+    # A wide width keeps SSH keys on one line.
+    options: dict[str, Any] = {"sort_keys": False, "default_flow_style": False, "width": 1 << 16}
     text = yaml.dump(data, Dumper=_ReadableDumper, allow_unicode=True, **options)
     try:
         text.encode("utf-8")

@@ -1,7 +1,9 @@
 import shlex
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from django import forms
+from django.db.models import QuerySet
 from django.urls import reverse
 
 from hypervisors.models import Hypervisor, HypervisorStatus, Image, ImageKind, ImageStatus
@@ -171,7 +173,7 @@ class MachineForm(forms.ModelForm):
         super().__init__(*args, **kwargs)
         self.user = user
         online = Hypervisor.objects.filter(enabled=True, status=HypervisorStatus.ONLINE)
-        self.fields["hypervisor"].queryset = online
+        self._model_choice("hypervisor").queryset = online
         # Picking another hypervisor brings back the form with its choices (machines:form-fields).
         redraw = {"hx-post": reverse("machines:form-fields"), "hx-trigger": "change", "hx-include": "#machine-form",
                   "hx-target": "#form-body", "hx-swap": "outerHTML"}  # fmt: skip
@@ -180,27 +182,43 @@ class MachineForm(forms.ModelForm):
         chosen = self._chosen(online)
         self.offer = offer = Offer.of(chosen)
         ready = Image.objects.filter(status=ImageStatus.READY)
-        self.fields["image"].queryset = ready.filter(arch__in=offer.arches) if offer.arches else ready
-        self.fields["image"].label_from_instance = lambda i: f"{i.name} ({'ISO' if i.kind == ImageKind.ISO else 'disk image'}" + (
-            f", {i.arch})" if i.arch != (chosen.arch if chosen else "x86_64") else ")")  # fmt: skip
-        self.fields["extra_isos"].queryset = ready.filter(kind=ImageKind.ISO)
-        self.fields["pool"].choices = [(p, p) for p in offer.pools] or [("default", "default")]
+        self._model_choice("image").queryset = ready.filter(arch__in=offer.arches) if offer.arches else ready
+        # Per form, as the label depends on the hypervisor chosen; mypy forbids assigning to a method.
+        self._model_choice("image").label_from_instance = lambda obj: f"{obj.name} ({'ISO' if obj.kind == ImageKind.ISO else 'disk image'}" + (  # type: ignore[method-assign]
+            f", {obj.arch})" if obj.arch != (chosen.arch if chosen else "x86_64") else ")")  # fmt: skip
+        self._model_choice("extra_isos").queryset = ready.filter(kind=ImageKind.ISO)
+        self._choice("pool").choices = [(p, p) for p in offer.pools] or [("default", "default")]
         if user is not None:
-            self.fields["project"].queryset = project_choices(user)
+            self._model_choice("project").queryset = project_choices(user)
         self._network_choices(user, [chosen] if chosen else list(online), self._chosen_project())
-        self.fields["machine_type"].choices = [("", "Default (pc on x86, virt on Arm)")] + [
+        self._choice("machine_type").choices = [("", "Default (pc on x86, virt on Arm)")] + [
             (t, t) for t in offer.machine_types
         ]
-        self.fields["cpu_mode"].choices = [("", "Default (QEMU's)")] + [(m, CPU_MODES[m]) for m in offer.cpu_modes]
-        self.fields["cpu_model"].choices = [("", "–")] + [(m, m) for m in offer.cpu_models]
-        self.fields["firmware"].choices = [("bios", "BIOS"), *([("uefi", "UEFI (OVMF)")] if offer.uefi else [])]
-        self.fields["hostdevs"].choices = [(d["name"], _device_label(d)) for d in offer.devices]
+        self._choice("cpu_mode").choices = [("", "Default (QEMU's)")] + [(m, CPU_MODES[m]) for m in offer.cpu_modes]
+        self._choice("cpu_model").choices = [("", "–")] + [(m, m) for m in offer.cpu_models]
+        self._choice("firmware").choices = [("bios", "BIOS"), *([("uefi", "UEFI (OVMF)")] if offer.uefi else [])]
+        self._choice("hostdevs").choices = [(d["name"], _device_label(d)) for d in offer.devices]
         if user is None or not user.is_staff:
             del self.fields["qemu_args_text"]
             del self.fields["override_capacity"]
         if user is None or not may_take_host_devices(user):
             del self.fields["hostdevs"], self.fields["hostdev_match"]
         self.dropped = self._drop_unoffered(chosen) if not self.is_bound else []
+
+    # self.fields types every field as a plain Field; these say which kind a declared one is.
+    def _choice(self, name: str) -> forms.ChoiceField:
+        return cast(forms.ChoiceField, self.fields[name])
+
+    def _model_choice(self, name: str) -> forms.ModelChoiceField:
+        return cast(forms.ModelChoiceField, self.fields[name])
+
+    def _host_choice(self, name: str) -> HostChoiceField:
+        return cast(HostChoiceField, self.fields[name])
+
+    def _queryset(self, name: str) -> QuerySet:
+        queryset = self._model_choice(name).queryset
+        assert queryset is not None  # every model choice field here is declared with one
+        return queryset
 
     HOST_GROUPS = (("Libvirt networks", "network", "networks"), ("Host bridges", "bridge", "bridges"),
                    ("Host interfaces (macvtap)", "direct", "interfaces"))  # fmt: skip
@@ -212,11 +230,11 @@ class MachineForm(forms.ModelForm):
         offer, tenant = self.offer, nic_policy.tenant_network()
         host = [(label, kind, getattr(offer, attr)) for label, kind, attr in self.HOST_GROUPS]
         accepted = ["user:", ""] + [f"{kind}:{n}" for _, kind, names in host for n in names]
-        self.fields["nic"].accepted = frozenset(accepted)
-        self.fields["nic_mode"].accepted = frozenset(m for m, _ in MACVTAP_MODES)
+        self._host_choice("nic").accepted = frozenset(accepted)
+        self._host_choice("nic_mode").accepted = frozenset(m for m, _ in MACVTAP_MODES)
         self.no_network = ""
         if user is None or user.is_staff:
-            groups = [("user:", "User-mode NAT (QEMU; staff only: the guest reaches the hypervisor's loopback as 10.0.2.2)"),
+            groups: list[tuple[str, Any]] = [("user:", "User-mode NAT (QEMU; staff only: the guest reaches the hypervisor's loopback as 10.0.2.2)"),
                       ("", "No network")]  # fmt: skip
             for label, kind, names in host:
                 if names:
@@ -227,7 +245,7 @@ class MachineForm(forms.ModelForm):
             self.fields["nic"].initial = f"network:{tenant}" if tenant_here else "user:"
             self.fields["nic"].help_text = (f"The tenant network {tenant} keeps guests away from the hypervisor; user-mode "
                                             "NAT maps its loopback into the guest.")  # fmt: skip
-            self.fields["nic"].choices = groups
+            self._choice("nic").choices = groups
             return
         mine = nic_policy.choices_for(user, hvs, project)
         groups = [("", "No network")]
@@ -242,21 +260,22 @@ class MachineForm(forms.ModelForm):
         if not mine:
             self.no_network = nic_policy.no_network_message(self.offer.hypervisor)
         modes = {m for c in mine if c.kind == "direct" for m in c.modes} or set(nic_policy.PUBLISHABLE_MODES)
-        self.fields["nic_mode"].choices = [(m, label) for m, label in MACVTAP_MODES if m in modes]
-        self.fields["nic_mode"].initial = self.fields["nic_mode"].choices[0][0]
+        nic_modes = [(m, label) for m, label in MACVTAP_MODES if m in modes]
+        self._choice("nic_mode").choices = nic_modes
+        self.fields["nic_mode"].initial = nic_modes[0][0]
         # Fields nothing offered here needs stay out of sight (what is posted is still checked).
         if not any(c.kind == "direct" for c in mine):
             self.fields["nic_mode"].widget = forms.HiddenInput()
         if not any(c.vlans for c in mine):
             self.fields["nic_vlan"].widget = forms.HiddenInput()
-        self.fields["nic"].choices = groups
+        self._choice("nic").choices = groups
 
     def _chosen_project(self) -> Project | None:
         value = self.data.get("project") if self.is_bound else self.initial.get("project")
         if isinstance(value, Project):
             return value
         try:
-            return self.fields["project"].queryset.filter(pk=int(value)).first() if value else None
+            return self._queryset("project").filter(pk=int(value)).first() if value else None
         except (TypeError, ValueError):
             return None
 
@@ -269,10 +288,10 @@ class MachineForm(forms.ModelForm):
             value = self.initial.get(name)
             if value in (None, ""):
                 continue
-            field = self.fields[name]
+            field = self._choice(name)
             digits = str(value).isdigit()
             if name == "image":
-                ok = digits and field.queryset.filter(pk=value).exists()
+                ok = digits and self._queryset(name).filter(pk=value).exists()
             else:
                 offered = [str(v) for v, _ in self._flat(field.choices)]
                 ok = str(value) in offered
@@ -292,11 +311,11 @@ class MachineForm(forms.ModelForm):
                                f"it is back to {back}.")  # fmt: skip
                 self.initial[name] = default
         if "hostdevs" in self.fields and self.initial.get("hostdevs"):
-            offered = {str(v) for v, _ in self.fields["hostdevs"].choices}
-            gone = [d for d in self.initial["hostdevs"] if d not in offered]
+            free = {str(v) for v, _ in self._flat(self._choice("hostdevs").choices)}
+            gone = [d for d in self.initial["hostdevs"] if d not in free]
             if gone:
                 dropped.append(f"Host devices {', '.join(gone)} are not free on {where}; they are left out.")
-                self.initial["hostdevs"] = [d for d in self.initial["hostdevs"] if d in offered]
+                self.initial["hostdevs"] = [d for d in self.initial["hostdevs"] if d in free]
         return dropped
 
     @staticmethod
@@ -340,7 +359,8 @@ class MachineForm(forms.ModelForm):
             raise forms.ValidationError(f"Unbalanced quotes: {e}.") from None
 
     def clean(self):
-        data = super().clean()
+        super().clean()
+        data = self.cleaned_data  # what Form.clean() returns, typed as never None
         topology = [data.get(k) for k in ("cpu_sockets", "cpu_cores", "cpu_threads")]
         if any(topology) and not all(topology):
             self.add_error("cpu_sockets", "Give sockets, cores and threads, or none of them.")

@@ -143,6 +143,7 @@ class Machine(models.Model):
             raise ValidationError({"image": "Choose an image."})
         if self.image_id is not None:
             image = self.image
+            assert image is not None  # image_id is set
             wanted = "iso" if self.deploy_type == DeployType.ISO else "disk"
             if image.kind != wanted:
                 raise ValidationError({"image": f"A {self.get_deploy_type_display()} machine needs a {wanted} image."})

@@ -6,6 +6,7 @@ machine's status (services do that) so a retry can run them all again.
 
 from __future__ import annotations
 
+import functools
 import io
 import time
 from collections.abc import Callable
@@ -212,6 +213,7 @@ def _waiting_lock(name: str, timeout: float):
 def ensure_image(machine: Machine, driver: HypervisorDriver, image: Image | None = None) -> str:
     """The image's path in the machine's pool, copied there through libvirt the first time."""
     image = image or machine.image
+    assert image is not None  # only machines with an image (or ISO) get here
     lock = f"image-copy-{image.pk}-{machine.hypervisor_id}-{machine.pool}"
     result: dict = {}
 
@@ -230,9 +232,11 @@ def ensure_disk(machine: Machine, driver: HypervisorDriver, base_path: str) -> s
     result: dict = {}
 
     def step() -> str:
+        image = machine.image
+        assert image is not None  # an overlay is only made for an image machine
         vol = driver.create_volume(pool=machine.pool, name=machine.disk_volume, fmt="qcow2",
                                    capacity_bytes=machine.disk_gib * GIB, backing_path=base_path,
-                                   backing_format=machine.image.format)  # fmt: skip
+                                   backing_format=image.format)  # fmt: skip
         result["path"] = vol.path
         return f"disk {machine.disk_gib} GiB, copy-on-write over the image"
 
@@ -264,7 +268,7 @@ def ensure_extra_disks(machine: Machine, driver: HypervisorDriver) -> list[DiskS
     disks: list[DiskSpec] = []
 
     def step(i: int, entry: dict) -> str:
-        image = Image.objects.filter(pk=entry.get("image")).first() if entry.get("image") else None
+        image = Image.objects.filter(pk=entry["image"]).first() if entry.get("image") else None
         backing = ensure_image(machine, driver, image) if image else ""
         vol = driver.create_volume(pool=machine.pool, name=machine.extra_disk_volume(i), fmt="qcow2",
                                    capacity_bytes=entry["size_gib"] * GIB, backing_path=backing,
@@ -274,14 +278,14 @@ def ensure_extra_disks(machine: Machine, driver: HypervisorDriver) -> list[DiskS
         return f"extra disk {i + 1}: {entry['size_gib']} GiB" + (f" over image {image.name}" if image else " blank")
 
     for i, entry in enumerate(extra_disk_entries(machine)):
-        _timed(machine, "disk", lambda i=i, entry=entry: step(i, entry))
+        _timed(machine, "disk", functools.partial(step, i, entry))
     return disks
 
 
 def boot_order(disks: list[DiskSpec], *defaults: DiskSpec) -> tuple[DiskSpec, ...]:
     """Disks that asked for a boot order come first, in that order; then the defaults (main disk,
     installer CD-ROM) as they are listed. The orders are renumbered from 1."""
-    asked = sorted((d for d in disks if d.boot_order), key=lambda d: d.boot_order)
+    asked = sorted((d for d in disks if d.boot_order), key=lambda d: d.boot_order or 0)
     rank = {id(d): n for n, d in enumerate([*asked, *defaults], start=1)}
     return tuple(replace(d, boot_order=rank.get(id(d))) for d in disks)
 

@@ -8,6 +8,7 @@ import secrets
 import socket
 import uuid as uuidlib
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
@@ -536,7 +537,7 @@ def machine_power_run(machine_id: int, action: str) -> None:
                 PowerAction.POWEROFF: driver.power_off,
                 PowerAction.REBOOT: driver.reboot,
                 PowerAction.RESET: driver.reset,
-            }[action](uuid)
+            }[PowerAction(action)](uuid)
             state = driver.domain_state(uuid)
         machine.log("power", f"{PowerAction(action).label} done; the domain is {state or 'missing'}")
     except HypervisorError as e:
@@ -632,7 +633,9 @@ def machine_grow_disk_run(machine_id: int) -> None:
     try:
         with get_driver(machine.hypervisor.uri) as driver:
             if driver.domain_state(str(machine.uuid)) == PowerState.RUNNING:
-                path = driver.volume_info(pool=machine.pool, name=machine.disk_volume).path
+                info = driver.volume_info(pool=machine.pool, name=machine.disk_volume)
+                assert info is not None  # the running domain uses it
+                path = info.path
                 driver.block_resize(str(machine.uuid), path=path, capacity_bytes=size)
             else:
                 driver.resize_volume(pool=machine.pool, name=machine.disk_volume, capacity_bytes=size)
@@ -672,14 +675,14 @@ def machine_serial_log_run(machine_id: int) -> None:
 def machines_reconcile() -> None:
     """Periodic: fail machines stuck busy past the deadline; make power states true to the hypervisors."""
     now = timezone.now()
-    deadline = now - timezone.timedelta(seconds=settings.PORTAL_PROVISION_TIMEOUT)
+    deadline = now - timedelta(seconds=settings.PORTAL_PROVISION_TIMEOUT)
     for machine in Machine.objects.filter(status__in=BUSY, status_changed__lt=deadline):
         try:
             machine.transition(Status.ERROR, f"timed out after {settings.PORTAL_PROVISION_TIMEOUT} s "
                                              f"({machine.get_status_display().lower()}); the worker may have stopped")  # fmt: skip
         except InvalidTransition:
             continue  # it moved on meanwhile: nothing to fail
-    Machine.objects.filter(operation_started__lt=now - timezone.timedelta(minutes=5)).update(
+    Machine.objects.filter(operation_started__lt=now - timedelta(minutes=5)).update(
         operation="", operation_started=None
     )
     for hv in Hypervisor.objects.filter(enabled=True, status="online", machines__isnull=False).distinct():
@@ -966,6 +969,7 @@ def bmc_assign(machine: Machine) -> None:
 
 
 def bmc_target(machine: Machine) -> bmc.BmcTarget:
+    assert machine.bmc_address is not None and machine.bmc_port is not None  # only machines with a BMC get here
     return bmc.BmcTarget(address=machine.bmc_address, port=machine.bmc_port, username=machine.bmc_username,
                          password=crypto.decrypt(machine.bmc_password_encrypted))  # fmt: skip
 
@@ -983,7 +987,7 @@ def machine_bmc_reveal(*, machine: Machine, user) -> dict:
 def _power_through_bmc(machine: Machine, action: str) -> None:
     """Power a network-boot machine exactly as an outside tool would: IPMI to its own BMC."""
     try:
-        state = bmc.power(bmc_target(machine), IPMI_ACTIONS[action])
+        state = bmc.power(bmc_target(machine), IPMI_ACTIONS[PowerAction(action)])
         machine.log("power", f"{PowerAction(action).label} through the BMC done; power is {state}")
         Machine.objects.filter(pk=machine.pk).update(power_state=PowerState.RUNNING if state == "on" else PowerState.OFF,
                                                      power_checked=timezone.now())  # fmt: skip

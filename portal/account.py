@@ -113,13 +113,14 @@ class SignupForm(forms.Form):
         return name
 
     def clean(self):
-        data = super().clean()
+        super().clean()
+        data = self.cleaned_data  # what Form.clean() returns, typed as never None
         if data.get("password1") != data.get("password2"):
             self.add_error("password2", "The two passwords differ.")
         elif data.get("password1"):
             try:
                 password_validation.validate_password(
-                    data["password1"], get_user_model()(username=data.get("username"))
+                    data["password1"], get_user_model()(username=data.get("username") or "")
                 )
             except ValidationError as e:
                 self.add_error("password1", e)

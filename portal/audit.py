@@ -8,6 +8,7 @@ admin are all recorded the same way.
 from __future__ import annotations
 
 import contextvars
+import functools
 from collections.abc import Callable
 
 from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
@@ -103,7 +104,7 @@ def audited(action: str, *, obj_kwarg: str | None = None):
             record(action, obj if obj is not None else (result if hasattr(result, "_meta") else None), detail=detail)
             return result
 
-        inner.__name__, inner.__doc__, inner.__wrapped__ = fn.__name__, fn.__doc__, fn
+        functools.update_wrapper(inner, fn, assigned=("__name__", "__doc__"), updated=())  # and __wrapped__
         return inner
 
     return wrap

@@ -26,7 +26,8 @@ def home(request) -> HttpResponse:
     placed = usage_by(Machine.objects.all(), "hypervisor")  # what placement counts as taken (capacity.held)
     for h in hypervisors:
         taken = placed.get(h.pk, {})
-        h.placed_memory, h.placed_vcpus = taken.get("memory_mib", 0), taken.get("vcpus", 0)
+        # Two attributes for the template only, like an annotate() would add; the model does not declare them.
+        h.placed_memory, h.placed_vcpus = taken.get("memory_mib", 0), taken.get("vcpus", 0)  # type: ignore[attr-defined]
     counts = {s: sum(1 for h in hypervisors if h.status == s) for s in HypervisorStatus.values}
     mine = machines_for(request.user).filter(owner=request.user)
     by_status = {row["status"]: row["n"] for row in mine.values("status").annotate(n=Count("pk"))}

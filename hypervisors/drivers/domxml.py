@@ -89,7 +89,7 @@ def parse_node_device(xml: str) -> dict | None:
     if cap is None or cap.get("type") not in ("pci", "usb_device"):
         return None
     vendor, product = cap.find("vendor"), cap.find("product")
-    dev = {"name": root.findtext("name", default=""), "type": "pci" if cap.get("type") == "pci" else "usb",
+    dev: dict[str, str | int] = {"name": root.findtext("name", default=""), "type": "pci" if cap.get("type") == "pci" else "usb",
            "vendor": vendor.get("id", "") if vendor is not None else "", "product": product.get("id", "") if product is not None else "",
            "description": " ".join(t for t in ((vendor.text if vendor is not None else "") or "", (product.text if product is not None else "") or "") if t),
            "driver": root.findtext("driver/name", default="")}  # fmt: skip
@@ -180,8 +180,8 @@ def build_domain_xml(spec: DomainSpec) -> str:
     if spec.arch not in ("x86_64", "i686"):
         _sub(devices, "controller", type="usb", model="qemu-xhci")  # libvirt adds none there; the tablet needs one
     _sub(devices, "input", type="tablet", bus="usb")
-    for dev in spec.hostdevs:
-        _hostdev(devices, dev)
+    for hostdev in spec.hostdevs:
+        _hostdev(devices, hostdev)
     if spec.watchdog:
         _sub(devices, "watchdog", model="i6300esb", action="reset")
     if spec.rng:
@@ -226,14 +226,20 @@ def cdrom_xml(*, target: str, path: str) -> str:
     return ET.tostring(el, encoding="unicode")
 
 
+def _attr(el: ET.Element, child: str, name: str) -> str:
+    """Attribute `name` of the first `child` of `el`, or "" when either is missing."""
+    found = el.find(child)
+    return "" if found is None else found.get(name, "")
+
+
 def with_boot_first(xml: str, target: str) -> str:
     """The domain XML with the disk `target` first in the boot order and the rest after it."""
     root = ET.fromstring(xml)
     booted = [d for d in root.findall("devices/disk") + root.findall("devices/interface") if d.find("boot") is not None]
-    first = next((d for d in root.findall("devices/disk") if d.find("target").get("dev") == target), None)
+    first = next((d for d in root.findall("devices/disk") if _attr(d, "target", "dev") == target), None)
     if first is None:
         raise ValueError(f"no disk {target} in the domain")
-    ordered = [first] + sorted((d for d in booted if d is not first), key=lambda d: int(d.find("boot").get("order")))
+    ordered = [first] + sorted((d for d in booted if d is not first), key=lambda d: int(_attr(d, "boot", "order")))
     for order, dev in enumerate(ordered, start=1):
         boot = dev.find("boot")
         if boot is None:

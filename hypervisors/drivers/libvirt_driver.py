@@ -941,9 +941,14 @@ class LibvirtDriver(HypervisorDriver):
                 return None
             stream = conn.newStream(0)
             chunks: list[bytes] = []
+
+            def receive(_s, data: bytes, _opaque) -> int:
+                chunks.append(data)
+                return len(data)
+
             try:
                 dom.screenshot(stream, 0, 0)
-                stream.recvAll(lambda _s, data, _o: chunks.append(data) or len(data), None)
+                stream.recvAll(receive, None)
                 stream.finish()
             except BaseException:
                 _abort_quietly(stream)
