@@ -1,12 +1,14 @@
 # Two commands, both as root on a fresh Debian 12 machine:
 #   make run    install everything, then serve the portal on its embedded defaults
 #   make test   install everything, then run the whole test suite (unit, integration, browser)
+# Then, for the edit-test loop (no root, no daemons, no installs):
+#   make unit   the unit layer alone (pytest -m "not integration and not browser")
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip --disable-pip-version-check -q
 
-.PHONY: run test host host-test deps deps-test assets prepare lint bench clean
+.PHONY: run test unit host host-test deps deps-test assets prepare lint bench clean
 
 run: host deps assets prepare
 	$(PY) manage.py bootstrap
@@ -14,6 +16,11 @@ run: host deps assets prepare
 
 test: host-test deps-test assets
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Uses the .venv and node_modules that `make test` left; installs nothing and needs no daemon.
+unit:
+	@test -f $(VENV)/.deps-test || { echo "make unit: run 'make test' (or 'make deps-test assets') once first" >&2; exit 1; }
+	$(PY) -m pytest -m "not integration and not browser" $(PYTEST_ARGS)
 
 host:
 	scripts/setup-host.sh
@@ -48,6 +55,7 @@ prepare:
 lint: deps-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 bench: host deps-test assets
 	$(PY) bench/bench_sync.py
