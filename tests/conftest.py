@@ -1,4 +1,5 @@
 import functools
+import gc
 import http.server
 import os
 import socket
@@ -43,12 +44,25 @@ def plain_static_storage(settings):
 def test_hv_state():
     """Keep libvirt's test:///default state for one test, then reset it.
 
-    The test driver's state lives while one connection stays open; the driver
-    caches one per thread, and closing it here gives the next test a fresh host.
+    The test driver's state lives while any connection to it stays open. The driver caches one per thread:
+    this thread's is closed here, and so are those of the console proxy's long-lived threads for the URI
+    (tests/machines/test_console_latency.py opens them), whose connections would otherwise keep one test's
+    domains for the next.
     """
-    libvirt_driver.drop_connection("test:///default")
+    _close_test_host()
     yield
-    libvirt_driver.drop_connection("test:///default")
+    _close_test_host()
+
+
+def _close_test_host(uri: str = "test:///default") -> None:
+    from machines import console_proxy
+
+    with console_proxy._hypervisor_pools_lock:
+        pool = console_proxy._hypervisor_pools.pop(uri, None)
+    if pool is not None:
+        pool.shutdown(wait=True)  # its threads end, and with them their cached connections
+        gc.collect()  # a virConnect closes when it is collected
+    libvirt_driver.drop_connection(uri)
 
 
 # Where the portal asks for a driver (each imports get_driver by name, so each is patched).
