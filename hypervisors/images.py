@@ -199,7 +199,8 @@ def image_fetch_volume(image_id: int) -> None:
     source = image.source_hypervisor
     assert source is not None  # a volume import always names its hypervisor
     try:
-        with get_driver(source.uri) as driver, open(part, "wb") as out:
+        driver = get_driver(source.uri)
+        with open(part, "wb") as out:
             info = driver.volume_info(pool=image.source_pool, name=image.source_volume)
             if info is None:
                 raise HypervisorFatalError(f"volume {image.source_volume!r} is not in pool {image.source_pool!r}")

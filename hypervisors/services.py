@@ -145,8 +145,8 @@ def hypervisor_sync(hypervisor_id: int) -> str:
         rows.update(status=HypervisorStatus.DISABLED, status_error="", last_checked=now)
         return HypervisorStatus.DISABLED
     try:
-        with get_driver(hv.uri) as driver:
-            info = driver.host_info()
+        driver = get_driver(hv.uri)
+        info = driver.host_info()
     except HypervisorError as e:
         log.info("hypervisor %s is down: %s", hv.name, e)
         rows.update(status=HypervisorStatus.DOWN, status_error=str(e) or type(e).__name__, last_checked=now)

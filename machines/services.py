@@ -481,8 +481,8 @@ def machine_delete_run(machine_id: int) -> None:
     if machine is None or machine.status != Status.DELETING:
         return
     try:
-        with get_driver(machine.hypervisor.uri) as driver:
-            removed = provisioning.deprovision(machine, driver)
+        driver = get_driver(machine.hypervisor.uri)
+        removed = provisioning.deprovision(machine, driver)
     except HypervisorUnavailable as e:
         machine.log("delete", f"{e}; trying again", level="warning")
         raise RetryTask(delay=15) from None
@@ -528,17 +528,17 @@ def machine_power_run(machine_id: int, action: str) -> None:
         return _power_through_bmc(machine, action)
     uuid = str(machine.uuid)
     try:
-        with get_driver(machine.hypervisor.uri) as driver:
-            if action == PowerAction.START:
-                provisioning.ensure_host_guards(machine, driver, defined=True)  # current: the MAC may have changed
-            {
-                PowerAction.START: driver.start,
-                PowerAction.SHUTDOWN: driver.shutdown,
-                PowerAction.POWEROFF: driver.power_off,
-                PowerAction.REBOOT: driver.reboot,
-                PowerAction.RESET: driver.reset,
-            }[PowerAction(action)](uuid)
-            state = driver.domain_state(uuid)
+        driver = get_driver(machine.hypervisor.uri)
+        if action == PowerAction.START:
+            provisioning.ensure_host_guards(machine, driver, defined=True)  # current: the MAC may have changed
+        {
+            PowerAction.START: driver.start,
+            PowerAction.SHUTDOWN: driver.shutdown,
+            PowerAction.POWEROFF: driver.power_off,
+            PowerAction.REBOOT: driver.reboot,
+            PowerAction.RESET: driver.reset,
+        }[PowerAction(action)](uuid)
+        state = driver.domain_state(uuid)
         machine.log("power", f"{PowerAction(action).label} done; the domain is {state or 'missing'}")
     except HypervisorError as e:
         state = None
@@ -575,8 +575,8 @@ def machine_rebuild_run(machine_id: int) -> None:
     if machine.status != Status.REBUILDING or machine.attempts:
         return machine_provision_run(machine_id)  # a retry only needs the pipeline
     try:
-        with get_driver(machine.hypervisor.uri) as driver:
-            removed = provisioning.deprovision(machine, driver)
+        driver = get_driver(machine.hypervisor.uri)
+        removed = provisioning.deprovision(machine, driver)
         machine.log("rebuild", "removed " + ", ".join(removed or ["nothing"]))
     except HypervisorError as e:
         machine.transition(Status.ERROR, f"rebuild failed: {e}")
@@ -631,14 +631,14 @@ def machine_grow_disk_run(machine_id: int) -> None:
         return
     size = machine.disk_gib << 30
     try:
-        with get_driver(machine.hypervisor.uri) as driver:
-            if driver.domain_state(str(machine.uuid)) == PowerState.RUNNING:
-                info = driver.volume_info(pool=machine.pool, name=machine.disk_volume)
-                assert info is not None  # the running domain uses it
-                path = info.path
-                driver.block_resize(str(machine.uuid), path=path, capacity_bytes=size)
-            else:
-                driver.resize_volume(pool=machine.pool, name=machine.disk_volume, capacity_bytes=size)
+        driver = get_driver(machine.hypervisor.uri)
+        if driver.domain_state(str(machine.uuid)) == PowerState.RUNNING:
+            info = driver.volume_info(pool=machine.pool, name=machine.disk_volume)
+            assert info is not None  # the running domain uses it
+            path = info.path
+            driver.block_resize(str(machine.uuid), path=path, capacity_bytes=size)
+        else:
+            driver.resize_volume(pool=machine.pool, name=machine.disk_volume, capacity_bytes=size)
     except HypervisorUnavailable as e:
         machine.log("resize", f"{e}; trying again", level="warning")
         raise RetryTask(delay=15) from None
@@ -664,8 +664,8 @@ def machine_serial_log_run(machine_id: int) -> None:
     if machine is None:
         return
     try:
-        with get_driver(machine.hypervisor.uri) as driver:
-            text = provisioning.fetch_serial_log(machine, driver)
+        driver = get_driver(machine.hypervisor.uri)
+        text = provisioning.fetch_serial_log(machine, driver)
     except HypervisorError as e:
         log.info("serial log of machine %s: %s", machine_id, e)
         return
@@ -715,24 +715,24 @@ def _reconcile_power(hv: Hypervisor) -> None:
     machines = list(hv.machines.exclude(status__in=[Status.NEW, Status.PROVISIONING, Status.DELETING]))
     addresses = {}
     try:
-        with get_driver(hv.uri) as driver:
-            states = driver.domain_states()
-            unprotected = driver.vnc_unprotected()
-            for machine in machines:
-                if str(machine.uuid) in unprotected:
-                    # Its config gets a password now, so the next start asks for one whoever starts it
-                    # (the portal, the machine's BMC, libvirt's autostart); a no-op once it has one.
-                    try:
-                        driver.vnc_protect(str(machine.uuid))
-                    except HypervisorFatalError as e:
-                        log.info("VNC password of %s: %s", machine.name, e)
-                if states.get(str(machine.uuid)) != PowerState.RUNNING:
-                    continue
+        driver = get_driver(hv.uri)
+        states = driver.domain_states()
+        unprotected = driver.vnc_unprotected()
+        for machine in machines:
+            if str(machine.uuid) in unprotected:
+                # Its config gets a password now, so the next start asks for one whoever starts it
+                # (the portal, the machine's BMC, libvirt's autostart); a no-op once it has one.
                 try:
-                    addresses[machine.pk] = driver.domain_addresses(str(machine.uuid))
-                except HypervisorFatalError as e:  # e.g. undefined meanwhile: the others still count
-                    log.info("addresses of %s: %s", machine.name, e)
-                    addresses[machine.pk] = machine.guest_addresses  # what was known stays until the next try
+                    driver.vnc_protect(str(machine.uuid))
+                except HypervisorFatalError as e:
+                    log.info("VNC password of %s: %s", machine.name, e)
+            if states.get(str(machine.uuid)) != PowerState.RUNNING:
+                continue
+            try:
+                addresses[machine.pk] = driver.domain_addresses(str(machine.uuid))
+            except HypervisorFatalError as e:  # e.g. undefined meanwhile: the others still count
+                log.info("addresses of %s: %s", machine.name, e)
+                addresses[machine.pk] = machine.guest_addresses  # what was known stays until the next try
     except HypervisorError as e:
         log.info("reconcile %s: %s", hv.name, e)
         return
@@ -772,21 +772,19 @@ def console_auth_upgrade_run(hypervisor_id: int) -> dict[str, int]:
     hv = Hypervisor.objects.get(pk=hypervisor_id)
     counts = {"added": 0, "had": 0, "missing": 0, "running_unprotected": 0}
     machines = list(hv.machines.exclude(status__in=[Status.NEW, Status.PROVISIONING, Status.DELETING]))
-    with get_driver(hv.uri) as driver:
-        unprotected = driver.vnc_unprotected()
-        for machine in machines:
-            try:
-                added = driver.vnc_protect(str(machine.uuid))
-            except HypervisorFatalError:  # no domain (vanished, or a failed machine)
-                counts["missing"] += 1
-                continue
-            counts["added" if added else "had"] += 1
-            if added:
-                machine.log(
-                    "console", "VNC password added to the domain's config; it takes effect at the next cold start"
-                )
-            if str(machine.uuid) in unprotected:
-                counts["running_unprotected"] += 1
+    driver = get_driver(hv.uri)
+    unprotected = driver.vnc_unprotected()
+    for machine in machines:
+        try:
+            added = driver.vnc_protect(str(machine.uuid))
+        except HypervisorFatalError:  # no domain (vanished, or a failed machine)
+            counts["missing"] += 1
+            continue
+        counts["added" if added else "had"] += 1
+        if added:
+            machine.log("console", "VNC password added to the domain's config; it takes effect at the next cold start")
+        if str(machine.uuid) in unprotected:
+            counts["running_unprotected"] += 1
     log.info("console auth upgrade on %s: %s", hv.name, ", ".join(f"{k} {v}" for k, v in counts.items()))
     _reconcile_power(hv)
     return counts
@@ -813,8 +811,8 @@ def machine_set_autostart(*, machine: Machine, enabled: bool) -> None:
 def machine_set_autostart_run(machine_id: int) -> None:
     machine = Machine.objects.select_related("hypervisor").get(pk=machine_id)
     try:
-        with get_driver(machine.hypervisor.uri) as driver:
-            driver.set_autostart(str(machine.uuid), machine.autostart)  # the value now, if it changed meanwhile
+        driver = get_driver(machine.hypervisor.uri)
+        driver.set_autostart(str(machine.uuid), machine.autostart)  # the value now, if it changed meanwhile
         machine.log("autostart", f"autostart {'on' if machine.autostart else 'off'} on {machine.hypervisor.name}")
     except HypervisorFatalError as e:  # no domain (yet, or any more): its define sets it
         machine.log("autostart", f"autostart not set on the hypervisor: {e}", level="warning")
@@ -857,9 +855,9 @@ def machine_change_media_run(machine_id: int, slot: int, image_id: int | None) -
     machine = Machine.objects.select_related("hypervisor").get(pk=machine_id)
     image = Image.objects.filter(pk=image_id).first() if image_id else None
     try:
-        with get_driver(machine.hypervisor.uri) as driver:
-            path = provisioning.ensure_image(machine, driver, image) if image else ""
-            driver.change_media(str(machine.uuid), target=provisioning.cdrom_target(machine, slot), path=path)
+        driver = get_driver(machine.hypervisor.uri)
+        path = provisioning.ensure_image(machine, driver, image) if image else ""
+        driver.change_media(str(machine.uuid), target=provisioning.cdrom_target(machine, slot), path=path)
         MachineCdrom.objects.filter(machine=machine, slot=slot).update(image=image)
         machine.log("media", f"drive {slot}: {'inserted ' + image.name if image else 'ejected'}")
     except HypervisorError as e:
@@ -882,9 +880,9 @@ def machine_boot_cdrom_once(*, machine: Machine) -> None:
 def machine_boot_cdrom_run(machine_id: int) -> None:
     machine = Machine.objects.select_related("hypervisor").get(pk=machine_id)
     try:
-        with get_driver(machine.hypervisor.uri) as driver:
-            driver.boot_once(str(machine.uuid), target=provisioning.cdrom_target(machine, 0))
-            state = driver.domain_state(str(machine.uuid))
+        driver = get_driver(machine.hypervisor.uri)
+        driver.boot_once(str(machine.uuid), target=provisioning.cdrom_target(machine, 0))
+        state = driver.domain_state(str(machine.uuid))
         machine.log("power", "started from the CD-ROM; later starts boot from disk first")
         Machine.objects.filter(pk=machine.pk).update(power_state=str(state), power_checked=timezone.now())
     except HypervisorError as e:
@@ -913,8 +911,8 @@ def machine_screenshot_run(machine_id: int) -> None:
     if machine is None:
         return
     try:
-        with get_driver(machine.hypervisor.uri) as driver:
-            data = driver.screenshot(str(machine.uuid))
+        driver = get_driver(machine.hypervisor.uri)
+        data = driver.screenshot(str(machine.uuid))
         if data is None:
             return
         png = screenshots.to_png(data)

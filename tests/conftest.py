@@ -219,8 +219,8 @@ def _remove_leftover_machines() -> None:
 
     for machine in Machine.objects.select_related("hypervisor"):
         try:
-            with get_driver(machine.hypervisor.uri) as driver:
-                deprovision(machine, driver)
+            driver = get_driver(machine.hypervisor.uri)
+            deprovision(machine, driver)
         except Exception as e:  # noqa: BLE001 - best effort, reported
             print(f"could not remove leftover machine {machine.name}: {e}")
 

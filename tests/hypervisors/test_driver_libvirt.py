@@ -6,8 +6,8 @@ from hypervisors.drivers.libvirt_driver import LibvirtDriver, check_reachable
 
 @pytest.fixture
 def driver(test_hv_state):
-    with LibvirtDriver("test:///default") as d:
-        yield d
+    d = LibvirtDriver("test:///default")
+    yield d
 
 
 def test_host_info_reports_the_test_hosts_facts(driver):
@@ -75,25 +75,25 @@ def test_node_devices_of_the_test_driver_are_listed_and_passed_through(tmp_path)
 
     path = tmp_path / "node.xml"
     path.write_text(NODE_XML)
-    with LibvirtDriver(f"test://{path}") as d:
-        info = d.host_info()
-        pci, usb = info.devices
-        assert (pci["name"], pci["type"], pci["vendor"], pci["product"], pci["bus"]) == (
-            "pci_0000_03_00_0",
-            "pci",
-            "0x8086",
-            "0x1533",
-            3,
-        )
-        assert (usb["name"], usb["type"], usb["bus"], usb["device"]) == ("usb_1_2", "usb", 1, 2)
-        br0 = next(i for i in info.interfaces if i["name"] == "br0")
-        # No addresses from a libvirtd that is not this machine's qemu:///system; the test driver keeps no
-        # bridge MAC (a real one does: tests/integration/test_guest_reach.py uses it).
-        assert br0 == {"name": "br0", "type": "bridge", "active": True, "mac": "", "addresses": []}
-        spec = DomainSpec(uuid="5d1a3f60-0d55-4a37-8a4c-2d7c9b1e0f11", name="passthrough", domain_type="test", vcpus=1,
-                          memory_mib=128, hostdevs=(pci, usb))  # fmt: skip
-        assert d.define_domain(spec)
-        xml = d.domain_xml(spec.uuid)
+    d = LibvirtDriver(f"test://{path}")
+    info = d.host_info()
+    pci, usb = info.devices
+    assert (pci["name"], pci["type"], pci["vendor"], pci["product"], pci["bus"]) == (
+        "pci_0000_03_00_0",
+        "pci",
+        "0x8086",
+        "0x1533",
+        3,
+    )
+    assert (usb["name"], usb["type"], usb["bus"], usb["device"]) == ("usb_1_2", "usb", 1, 2)
+    br0 = next(i for i in info.interfaces if i["name"] == "br0")
+    # No addresses from a libvirtd that is not this machine's qemu:///system; the test driver keeps no
+    # bridge MAC (a real one does: tests/integration/test_guest_reach.py uses it).
+    assert br0 == {"name": "br0", "type": "bridge", "active": True, "mac": "", "addresses": []}
+    spec = DomainSpec(uuid="5d1a3f60-0d55-4a37-8a4c-2d7c9b1e0f11", name="passthrough", domain_type="test", vcpus=1,
+                      memory_mib=128, hostdevs=(pci, usb))  # fmt: skip
+    assert d.define_domain(spec)
+    xml = d.domain_xml(spec.uuid)
     assert "<hostdev mode='subsystem' type='pci' managed='yes'>" in xml
     assert "<address domain='0x0000' bus='0x03' slot='0x00' function='0x0'/>" in xml
     assert "<hostdev mode='subsystem' type='usb' managed='yes'>" in xml and "<vendor id='0x1234'/>" in xml

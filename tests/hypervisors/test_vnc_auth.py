@@ -55,8 +55,8 @@ LEGACY = f"""<domain type='test'><name>legacy</name><uuid>{UUID}</uuid><memory u
 
 @pytest.fixture
 def driver(test_hv_state):
-    with LibvirtDriver("test:///default") as d:
-        yield d
+    d = LibvirtDriver("test:///default")
+    yield d
 
 
 def test_a_domain_defined_without_a_password_gets_one_at_its_next_cold_start(driver):

@@ -79,8 +79,8 @@ def rfb_session(port: int, machine: Machine, token: str, minor: int) -> tuple[Rf
 def raw_vnc(machine: Machine) -> tuple[socket.socket, bytes]:
     """A plain TCP connection to the machine's VNC server (as a guest on 10.0.2.2 would open one), after
     the version exchange: (socket, the security types offered)."""
-    with get_driver(machine.hypervisor.uri) as driver:
-        host, port = driver.vnc_address(str(machine.uuid))
+    driver = get_driver(machine.hypervisor.uri)
+    host, port = driver.vnc_address(str(machine.uuid))
     sock = socket.create_connection((host, port), timeout=10)
     channel = rfb.SocketChannel(sock)
     assert channel.read(12) == b"RFB 003.008\n"
@@ -91,8 +91,8 @@ def raw_vnc(machine: Machine) -> tuple[socket.socket, bytes]:
 
 def try_password(machine: Machine, password: str) -> bool:
     """Whether QEMU accepts VNC authentication with this password."""
-    with get_driver(machine.hypervisor.uri) as driver:
-        host, port = driver.vnc_address(str(machine.uuid))
+    driver = get_driver(machine.hypervisor.uri)
+    host, port = driver.vnc_address(str(machine.uuid))
     with socket.create_connection((host, port), timeout=10) as sock:
         try:
             rfb.authenticate_to_server(rfb.SocketChannel(sock), password)
@@ -102,8 +102,8 @@ def try_password(machine: Machine, password: str) -> bool:
 
 
 def graphics(machine: Machine, *, inactive: bool) -> ET.Element:
-    with get_driver(machine.hypervisor.uri) as driver:
-        xml = driver.domain_xml(str(machine.uuid), inactive=inactive, secure=True)
+    driver = get_driver(machine.hypervisor.uri)
+    xml = driver.domain_xml(str(machine.uuid), inactive=inactive, secure=True)
     return ET.fromstring(xml).find("devices/graphics[@type='vnc']")
 
 
@@ -122,14 +122,14 @@ def test_a_vnc_server_answers_only_the_password_the_proxy_just_set(iso_machine):
     assert not try_password(iso_machine, graphics(iso_machine, inactive=False).get("passwd"))
 
     # The proxy's way: a fresh password, which QEMU accepts (so the proxy's DES is QEMU's), once rotated...
-    with get_driver(iso_machine.hypervisor.uri) as driver:
-        started = time.monotonic()
-        _, _, first = driver.vnc_open(str(iso_machine.uuid))
-        print(f"rotation {1000 * (time.monotonic() - started):.0f} ms")
-        host, port = driver.vnc_address(str(iso_machine.uuid))
-        session = socket.create_connection((host, port), timeout=10)
-        assert rfb.authenticate_to_server(rfb.SocketChannel(session), first) == rfb.SEC_VNC
-        _, _, second = driver.vnc_open(str(iso_machine.uuid), valid_for=3)
+    driver = get_driver(iso_machine.hypervisor.uri)
+    started = time.monotonic()
+    _, _, first = driver.vnc_open(str(iso_machine.uuid))
+    print(f"rotation {1000 * (time.monotonic() - started):.0f} ms")
+    host, port = driver.vnc_address(str(iso_machine.uuid))
+    session = socket.create_connection((host, port), timeout=10)
+    assert rfb.authenticate_to_server(rfb.SocketChannel(session), first) == rfb.SEC_VNC
+    _, _, second = driver.vnc_open(str(iso_machine.uuid), valid_for=3)
     assert first != second and not try_password(iso_machine, first)  # ...the old one fails at once
     assert try_password(iso_machine, second)
     session.sendall(b"\x01")  # ...and the session it opened goes on: ClientInit, ServerInit
@@ -291,5 +291,5 @@ def test_the_password_survives_every_redefine(iso_machine, console_proxy):
 
 
 def _inactive_xml(machine: Machine) -> str:
-    with get_driver(machine.hypervisor.uri) as driver:
-        return driver.domain_xml(str(machine.uuid), inactive=True)
+    driver = get_driver(machine.hypervisor.uri)
+    return driver.domain_xml(str(machine.uuid), inactive=True)

@@ -107,11 +107,11 @@ def test_creates_with_extra_disks_and_grows_racing_never_overshoot_the_disk_quot
     wait_for(lambda: not Machine.objects.filter(owner=user).exclude(status="active").exists(), 90)
 
     # What the portal counts is what the hypervisor holds: every disk volume at its size.
-    with get_driver(local.uri) as driver:
-        on_host = 0
-        for m in Machine.objects.filter(owner=user):
-            for name in [m.disk_volume, *(m.extra_disk_volume(i) for i in range(len(m.extra_disks)))]:
-                on_host += driver.volume_info(pool=m.pool, name=name).capacity_bytes
+    driver = get_driver(local.uri)
+    on_host = 0
+    for m in Machine.objects.filter(owner=user):
+        for name in [m.disk_volume, *(m.extra_disk_volume(i) for i in range(len(m.extra_disks)))]:
+            on_host += driver.volume_info(pool=m.pool, name=name).capacity_bytes
     assert on_host == quota.disk_gib << 30
     assert capacity.usage(user)["disk_gib"] == quota.disk_gib
 
