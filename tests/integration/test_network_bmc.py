@@ -129,3 +129,29 @@ def test_a_host_device_lands_in_the_defined_domain(owner_api, local, bmc_server)
     with pytest.raises(Exception, match="already given to another machine"):
         services.machine_create(owner=owner_api.owner, hypervisor=local, name="passthru2", deploy_type="network",
                                 nics=[services.NicInput(type="user")], hostdevs=[device["name"]])  # fmt: skip
+
+
+def boot_order(machine: Machine) -> list[str]:
+    """The <os><boot dev> list of the domain's persistent config, as libvirt has it."""
+    import xml.etree.ElementTree as ET
+
+    xml = subprocess.run(["virsh", "-c", "qemu:///system", "dumpxml", "--inactive", str(machine.uuid)],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    return [b.get("dev", "") for b in ET.fromstring(xml).findall("os/boot")]
+
+
+def test_the_boot_device_action_reaches_the_domain_through_its_bmc(owner_api, local, bmc_server):
+    """The portal's boot-device action (tested on the fake in the unit layer) goes through the machine's own
+    BMC, as an outside tool's would, and changes the real domain's boot order."""
+    api = owner_api
+    machine = create_network_machine(api, "metal3")
+    wait_for(lambda: Machine.objects.get(pk=machine.pk).bmc_listening, 15, message="the BMC never listened")
+    assert boot_order(machine) == ["network", "hd"]
+    for device, expected in (("disk", "hd"), ("pxe", "network")):
+        r = api.post(f"/api/v1/machines/{machine.pk}/boot-device/", {"device": device, "persistent": True},
+                     format="json")  # fmt: skip
+        assert r.status_code == 202, r.content
+        wait_for(lambda: not Machine.objects.get(pk=machine.pk).operation, 30, message="the action never finished")
+        assert machine.events.filter(step="bmc", message__startswith=f"boot device {device} (persistent)").exists()
+        assert boot_order(machine)[0] == expected
+    assert domstate(machine) == "shut off"  # it takes effect at the next cold start; nothing was started
