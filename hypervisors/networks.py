@@ -165,11 +165,11 @@ def network_create_run(hypervisor_id: int, spec: dict) -> str:
     hv = Hypervisor.objects.get(pk=hypervisor_id)
     network = NetworkSpec(**spec)
     try:
-        with get_driver(hv.uri) as driver:
-            guard = network.guard(host_addresses=host_addresses(hv))
-            if guard:  # first: a NIC on the network must never start without its filter
-                driver.define_guard(guard)
-            driver.define_network(network.xml())
+        driver = get_driver(hv.uri)
+        guard = network.guard(host_addresses=host_addresses(hv))
+        if guard:  # first: a NIC on the network must never start without its filter
+            driver.define_guard(guard)
+        driver.define_network(network.xml())
         result = "defined"
     except HypervisorError as e:
         result = f"failed: {e}"
@@ -227,7 +227,7 @@ def network_delete_run(hypervisor_id: int, name: str) -> None:
     from hypervisors.services import hypervisor_sync
 
     hv = Hypervisor.objects.get(pk=hypervisor_id)
-    with get_driver(hv.uri) as driver:
-        driver.remove_network(name)
-        driver.remove_guard(name)
+    driver = get_driver(hv.uri)
+    driver.remove_network(name)
+    driver.remove_guard(name)
     hypervisor_sync(hv.pk)

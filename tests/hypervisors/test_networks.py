@@ -142,12 +142,6 @@ class RecordingDriver:
     def __init__(self, calls):
         self.calls = calls
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
     def define_guard(self, xml):
         self.calls.append(("guard", ET.fromstring(xml).get("name")))
 
