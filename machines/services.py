@@ -20,6 +20,7 @@ from huey.exceptions import RetryTask
 
 from hypervisors.drivers import get_driver
 from hypervisors.drivers.base import HypervisorError, HypervisorFatalError, HypervisorUnavailable
+from hypervisors.drivers.base import PowerState as DomainState  # what the driver reports, not the model's field
 from hypervisors.models import Hypervisor, Image
 from machines import bmc, cloudinit, crypto, nic_policy, provisioning, screenshots
 from machines.access import project_choices
@@ -632,7 +633,7 @@ def machine_grow_disk_run(machine_id: int) -> None:
     size = machine.disk_gib << 30
     try:
         driver = get_driver(machine.hypervisor.uri)
-        if driver.domain_state(str(machine.uuid)) == PowerState.RUNNING:
+        if driver.domain_state(str(machine.uuid)) == DomainState.RUNNING:
             info = driver.volume_info(pool=machine.pool, name=machine.disk_volume)
             assert info is not None  # the running domain uses it
             path = info.path
@@ -726,7 +727,7 @@ def _reconcile_power(hv: Hypervisor) -> None:
                     driver.vnc_protect(str(machine.uuid))
                 except HypervisorFatalError as e:
                     log.info("VNC password of %s: %s", machine.name, e)
-            if states.get(str(machine.uuid)) != PowerState.RUNNING:
+            if states.get(str(machine.uuid)) != DomainState.RUNNING:
                 continue
             try:
                 addresses[machine.pk] = driver.domain_addresses(str(machine.uuid))
@@ -750,7 +751,7 @@ def _reconcile_power(hv: Hypervisor) -> None:
             machine.log("reconcile", "its VNC server asks no password (the machine was started before the portal "
                         "set them); it gets one at its next cold start", level="warning")  # fmt: skip
         mine.update(power_checked=now, guest_addresses=addresses.get(machine.pk, {}), console_unprotected=open_console)
-    running = sum(states.get(str(m.uuid)) == PowerState.RUNNING for m in machines)
+    running = sum(states.get(str(m.uuid)) == DomainState.RUNNING for m in machines)
     without = sum(str(m.uuid) in unprotected for m in machines)
     (log.warning if without else log.info)("reconcile %s: %d machines, %d running, %d with a console that asks no "
                                            "password", hv.name, len(machines), running, without)  # fmt: skip
