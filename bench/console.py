@@ -1,17 +1,20 @@
 """Console open times through the portal, each next to its plain baseline, in one run (issue 18):
 
-- page: the machine's console page (logged in) from the navigation to the first frame drawn on noVNC's
-  canvas; plain: noVNC on a static page to a plain websockify in front of the same VNC server (which
-  asks a password: the baseline gets one of its own for the run, and noVNC answers QEMU's challenge).
+- page: click on Console to the first frame drawn on noVNC's canvas: from the machine's page (logged in) to
+  its console page; plain: noVNC on a static page to a plain websockify in front of the same VNC server
+  (which asks a password: the baseline gets one of its own before each open, and noVNC answers QEMU's
+  challenge), from a blank page of the same static server.
 - one-time URL: from the start of `POST /api/v1/machines/{id}/console/` (API token, no session) to the
-  first frame of the URL it returns, opened in a browser with no portal session; plain: the same noVNC
-  page as above, from the navigation (a plain websockify has no API to ask).
-- serial: the machine's serial page (logged in) from the navigation to the first byte of guest output
-  in the page's terminal; plain: xterm.js on a static page to a plain websockify in front of a TCP bridge
-  in this process that opens the domain's serial port as a libvirt console stream, on one libvirt
-  connection kept open for the whole run, and copies both ways: the least any proxy that reaches serial
-  ports through libvirt (as the portal does, so remote hypervisors work) must do, with no checks. In both,
-  the bench's page script sends Enter the moment the websocket opens and the tiny guest's shell answers.
+  first frame of the URL it returns, opened in a blank tab of a browser with no portal session; plain:
+  the same noVNC page opened in a blank tab, served with the Cross-Origin-Opener-Policy the portal's pages
+  carry (Django's default), since that header alone gives a page a fresh renderer (cold memory cache).
+- serial: click on Serial to the first byte of guest output in the page's terminal, from the machine's
+  page; plain: xterm.js on a static page to a plain websockify in front of a TCP bridge (a process of its
+  own) that opens the domain's serial port as a libvirt console stream, on one libvirt connection kept
+  open for the whole run, and copies both ways: the least any proxy that reaches serial ports through
+  libvirt (as the portal does, so remote hypervisors work) must do, with no checks; from a blank page.
+  In both, the bench's page script sends Enter the moment the websocket opens and the tiny guest's shell
+  answers.
 
 Every open is timed from the same clock (the wall clock before the request, against the page's
 performance.timeOrigin); the paths are interleaved so that load on the machine hits all of them alike.
@@ -124,7 +127,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-WEB, PROXY, PLAIN, PLAIN_SERIAL, BRIDGE, PAGE = (free_port() for _ in range(6))
+WEB, PROXY, PLAIN, PLAIN_SERIAL, BRIDGE, PAGE, PAGE_COOP = (free_port() for _ in range(7))
 os.environ.update({"PORTAL_DATA_DIR": DATA, "DJANGO_SETTINGS_MODULE": "portal.settings", "PORTAL_CONSOLE_PORT": str(PROXY),
                    "PORTAL_CONSOLE_ALLOWED_ORIGINS": f"http://127.0.0.1:{WEB}", "DJANGO_ALLOW_ASYNC_UNSAFE": "true"})  # fmt: skip
 
@@ -241,18 +244,31 @@ def setup_machine():
     return Machine.objects.get(pk=machine.pk)
 
 
-def serve_static(directory: str, port: int):
+def serve_static(directory: str, port: int, coop: bool = False):
+    """The plain pages; with `coop`, sent with Cross-Origin-Opener-Policy: same-origin, as the portal's pages are."""
+
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
             pass
+
+        def end_headers(self):
+            if coop:
+                self.send_header("Cross-Origin-Opener-Policy", "same-origin")
+            super().end_headers()
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), functools.partial(Quiet, directory=directory))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
 
-def open_once(page, url: str, before=None) -> dict:
-    """Open url (after calling `before`, timed too); the page's marks in seconds from the start, with `total`."""
+def open_once(page, url: str, before=None, origin_page: str = "about:blank") -> dict:
+    """Open url from `origin_page` (after calling `before`, timed too); the page's marks in seconds from the start,
+    with `total`. The in-portal paths start from the machine's page, where the click on Console or Serial is, and
+    their plain baselines from a blank page of their own server: each a navigation within one origin, as a click
+    is. (From about:blank the portal's pages, which send Cross-Origin-Opener-Policy, get a fresh renderer each
+    time and load every module from the disk cache, while a page without it keeps its renderer's memory cache.)"""
+    if page.url != origin_page:
+        page.goto(origin_page)
     started = time.time()
     if before:
         url = before()
@@ -263,7 +279,7 @@ def open_once(page, url: str, before=None) -> dict:
     out = {k: offset + v / 1000 for k, v in marks.items()}
     out["navigation"] = offset
     out["total"] = out.pop("done")
-    page.goto("about:blank")
+    page.goto(origin_page)
     return out
 
 
@@ -301,6 +317,7 @@ def main():
             if not link.exists():
                 link.symlink_to(modules / target)
         servers.append(serve_static(DATA, PAGE))
+        servers.append(serve_static(DATA, PAGE_COOP, coop=True))
         _, api_key = ApiToken.issue(user=machine.owner)
 
         def one_time_url() -> str:
@@ -336,16 +353,30 @@ def main():
                     page.wait_for_url(f"http://127.0.0.1:{WEB}/")
                 return page
 
-            pages = {"portal": context(login=True), "plain": context(), "api": context(),
+            pages = {"portal": context(login=True), "plain": context(), "api": context(), "plain tab": context(),
                      "serial": context(serial=True, login=True), "plain serial": context(serial=True)}  # fmt: skip
             (Path(DATA) / "plain.html").write_text(PLAIN_PAGE % PLAIN)
             (Path(DATA) / "plain-serial.html").write_text(PLAIN_SERIAL_PAGE % PLAIN_SERIAL)
+            (Path(DATA) / "blank.html").write_text("<!doctype html><title>blank</title>")
+            machine_page, plain_blank = (
+                f"http://127.0.0.1:{WEB}/machines/{machine.pk}/",
+                f"http://127.0.0.1:{PAGE}/blank.html",
+            )
             opens = {
-                "portal": lambda: open_once(pages["portal"], f"http://127.0.0.1:{WEB}/machines/{machine.pk}/console/"),
-                "plain": lambda: open_once(pages["plain"], f"http://127.0.0.1:{PAGE}/plain.html#{plain_password()}"),
+                "portal": lambda: open_once(pages["portal"], f"{machine_page}console/", origin_page=machine_page),
+                "plain": lambda: open_once(
+                    pages["plain"], f"http://127.0.0.1:{PAGE}/plain.html#{plain_password()}", origin_page=plain_blank
+                ),
+                # A one-time URL is opened from outside the portal (a terminal, a chat): from a blank tab; its plain
+                # baseline too, with the portal's COOP header, which gives both a fresh renderer (cold memory cache).
                 "api": lambda: open_once(pages["api"], "", before=one_time_url),
-                "serial": lambda: open_once(pages["serial"], f"http://127.0.0.1:{WEB}/machines/{machine.pk}/serial/"),
-                "plain serial": lambda: open_once(pages["plain serial"], f"http://127.0.0.1:{PAGE}/plain-serial.html"),
+                "plain tab": lambda: open_once(
+                    pages["plain tab"], f"http://127.0.0.1:{PAGE_COOP}/plain.html#{plain_password()}"
+                ),
+                "serial": lambda: open_once(pages["serial"], f"{machine_page}serial/", origin_page=machine_page),
+                "plain serial": lambda: open_once(
+                    pages["plain serial"], f"http://127.0.0.1:{PAGE}/plain-serial.html", origin_page=plain_blank
+                ),
             }
             results: dict[str, list[dict]] = {name: [] for name in opens}
             for i in range(N + 1):  # the first round warms every path (module caches, first connections)
@@ -392,7 +423,8 @@ def main():
         print(f"{'path':<40}{'p50':>8}{'p95':>8}{'max':>8}{'p50 ×':>8}{'p95 ×':>7}")
         plain = row("plain websockify + noVNC, first frame", results["plain"])
         row("portal console page, first frame", results["portal"], plain)
-        row("portal one-time API URL, first frame", results["api"], plain)
+        plain_tab = row("plain, from a blank tab, page with COOP", results["plain tab"])
+        row("portal one-time API URL, first frame", results["api"], plain_tab)
         plain_serial = row("plain websockify + xterm.js, first byte", results["plain serial"])
         row("portal serial page, first byte", results["serial"], plain_serial)
         print("\nphases, medians in seconds from the start of each open (navigation: the page's own start)")
