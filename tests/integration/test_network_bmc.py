@@ -16,8 +16,11 @@ pytestmark = pytest.mark.integration
 
 
 def ipmi(creds: dict, *command: str, password: str | None = None) -> subprocess.CompletedProcess:
+    """ipmitool as an operator runs it. The BMC answers "power on" once libvirt has started the domain, which
+    on a loaded two-core machine (guards instantiated, QEMU launched) took longer than a 3 s timeout: ipmitool
+    then reported a failure for a start that happened. 10 s, as BMC clients such as Ironic allow."""
     argv = ["ipmitool", "-I", "lanplus", "-C", "3", "-H", creds["address"], "-p", str(creds["port"]),
-            "-U", creds["username"], "-P", password or creds["password"], "-R", "1", "-N", "3", *command]  # fmt: skip
+            "-U", creds["username"], "-P", password or creds["password"], "-R", "1", "-N", "10", *command]  # fmt: skip
     return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
 

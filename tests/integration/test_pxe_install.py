@@ -26,6 +26,7 @@ from machines.models import Machine
 from tests.conftest import ARTIFACTS, serial_log, wait_for
 from tests.factories import UserFactory
 from tests.images import test_images
+from tests.integration.test_network_bmc import ipmi
 from tests.private_libvirtd import PrivateLibvirtd
 
 pytestmark = pytest.mark.integration
@@ -48,12 +49,6 @@ boot
 
 def pool_xml(path: str) -> str:
     return f"<pool type='dir'><name>{POOL}</name><target><path>{path}</path></target></pool>"
-
-
-def ipmi(creds: dict, *command: str) -> subprocess.CompletedProcess:
-    argv = ["ipmitool", "-I", "lanplus", "-C", "3", "-H", creds["address"], "-p", str(creds["port"]),
-            "-U", creds["username"], "-P", creds["password"], "-R", "1", "-N", "3", *command]  # fmt: skip
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
 
 @pytest.fixture
