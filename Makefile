@@ -17,10 +17,14 @@ run: host deps assets prepare
 test: host-test deps-test assets
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Uses the .venv and node_modules that `make test` left; installs nothing and needs no daemon.
+# Uses the .venv and node_modules that `make test` left; installs nothing and needs no daemon. Spread over
+# the CPUs by pytest-xdist (UNIT_JOBS=0: in one process).
+UNIT_JOBS ?= auto
 unit:
 	@test -f $(VENV)/.deps-test || { echo "make unit: run 'make test' (or 'make deps-test assets') once first" >&2; exit 1; }
-	$(PY) -m pytest -m "not integration and not browser" $(PYTEST_ARGS)
+	@test $(VENV)/.deps-test -nt requirements-dev.txt || { echo "make unit: run 'make deps-test' first" \
+		"(no root needed): requirements-dev.txt changed since .venv was made" >&2; exit 1; }
+	$(PY) -m pytest -m "not integration and not browser" -n $(UNIT_JOBS) $(PYTEST_ARGS)
 
 host:
 	scripts/setup-host.sh
