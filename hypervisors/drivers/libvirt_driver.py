@@ -209,6 +209,43 @@ def _close_quietly(conn: libvirt.virConnect) -> None:
         pass
 
 
+# One spare connection per URI for the next serial console (each console stream needs a connection of
+# its own, closed with it): opening one costs a handshake (SSH or TLS on a remote host) on the console's
+# critical path, so a spare is opened beside each console that takes one. Spares keep keepalive on and
+# are checked alive when taken; a dead one is closed and a new connection opened as before.
+_spares: dict[str, libvirt.virConnect] = {}
+_spares_lock = threading.Lock()
+
+
+def take_connection(uri: str, timeout: float = CONNECT_TIMEOUT) -> libvirt.virConnect:
+    """A connection of its own, like new_connection: the spare for `uri` when it is alive, else a new one;
+    either way a new spare is opened in the background for the next caller."""
+    with _spares_lock:
+        spare = _spares.pop(uri, None)
+    threading.Thread(target=_open_spare, args=(uri, timeout), daemon=True, name="libvirt-spare").start()
+    if spare is not None:
+        try:
+            if spare.isAlive():
+                return spare
+        except libvirt.libvirtError:
+            pass
+        _close_quietly(spare)
+    return new_connection(uri, timeout)
+
+
+def _open_spare(uri: str, timeout: float) -> None:
+    try:
+        conn = new_connection(uri, timeout)
+    except (libvirt.libvirtError, HypervisorUnavailable, HypervisorFatalError, OSError) as e:
+        log.debug("no spare connection to %s: %s", uri, e)
+        return
+    with _spares_lock:
+        if uri not in _spares:
+            _spares[uri] = conn
+            return
+    _close_quietly(conn)  # another one got there first
+
+
 def drop_connection(uri: str) -> None:
     """Close this thread's connection to `uri` (the next call reopens it)."""
     conn = _connections().pop(uri, None)
@@ -888,7 +925,7 @@ class LibvirtDriver(HypervisorDriver):
         connection to the hypervisor (with keepalive), closed with it. libvirt gives a console to one client
         at a time: a second one (another tab, `virsh console`) is refused with HypervisorFatalError, unless
         `take_over`, which disconnects the one that has it."""
-        conn = new_connection(self.uri, self.connect_timeout)  # the stream's callbacks run on the event loop too
+        conn = take_connection(self.uri, self.connect_timeout)  # the stream's callbacks run on the event loop too
         stream = None
         try:
             dom = self._dom(conn, uuid)

@@ -97,3 +97,44 @@ def test_node_devices_of_the_test_driver_are_listed_and_passed_through(tmp_path)
     assert "<hostdev mode='subsystem' type='pci' managed='yes'>" in xml
     assert "<address domain='0x0000' bus='0x03' slot='0x00' function='0x0'/>" in xml
     assert "<hostdev mode='subsystem' type='usb' managed='yes'>" in xml and "<vendor id='0x1234'/>" in xml
+
+
+def test_a_serial_console_takes_the_spare_connection_and_leaves_a_new_one(monkeypatch):
+    """Each serial console needs a connection of its own; the spare saves the handshake on its critical path."""
+    import threading
+
+    from hypervisors.drivers import libvirt_driver
+
+    opened = []
+
+    class Conn:
+        def __init__(self, alive=True):
+            self.alive, self.closed = alive, False
+            opened.append(self)
+
+        def isAlive(self):
+            return self.alive
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(libvirt_driver, "new_connection", lambda uri, timeout=0: Conn())
+    monkeypatch.setattr(libvirt_driver, "_spares", {})
+
+    def settle():
+        for t in threading.enumerate():
+            if t.name == "libvirt-spare":
+                t.join(5)
+
+    first = libvirt_driver.take_connection("qemu+ssh://hv/system")  # no spare yet: a new one, and a spare opened
+    settle()
+    spare = libvirt_driver._spares["qemu+ssh://hv/system"]
+    assert first is not spare and len(opened) == 2
+    assert libvirt_driver.take_connection("qemu+ssh://hv/system") is spare  # the next console gets it
+    settle()
+    assert libvirt_driver._spares["qemu+ssh://hv/system"] is not spare  # and a new spare is there
+    libvirt_driver._spares["qemu+ssh://hv/system"].alive = False  # e.g. the host restarted meanwhile
+    dead = libvirt_driver._spares["qemu+ssh://hv/system"]
+    fresh = libvirt_driver.take_connection("qemu+ssh://hv/system")
+    settle()
+    assert fresh is not dead and dead.closed and fresh.alive
