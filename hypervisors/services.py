@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from decimal import Decimal
+from typing import Any
 
 from django.db import transaction
 from django.db.models import ProtectedError
@@ -60,7 +61,7 @@ def hypervisor_create(
 
 @audited("hypervisor.update", obj_kwarg="hypervisor")
 @transaction.atomic
-def hypervisor_update(*, hypervisor: Hypervisor, **changes) -> Hypervisor:
+def hypervisor_update(*, hypervisor: Hypervisor, **changes: Any) -> Hypervisor:
     """Change editable fields; a new URI or a re-enabled hypervisor is checked again."""
     unknown = set(changes) - set(EDITABLE_FIELDS)
     if unknown:

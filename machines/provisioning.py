@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import io
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -27,7 +27,7 @@ from hypervisors.drivers.base import (
 )
 from hypervisors.drivers.domxml import guard_name, host_guard_name, host_guard_xml
 from hypervisors.images import ensure_image_copy
-from hypervisors.models import Image
+from hypervisors.models import Hypervisor, Image
 from hypervisors.networks import host_addresses
 from machines import cloudinit, nic_policy
 from machines.models import Machine
@@ -36,7 +36,7 @@ from machines.states import DeployType
 GIB = 1 << 30
 
 
-def nic_guard(hv, nic_type: str, source: str, *, host_guard: bool = False) -> str:
+def nic_guard(hv: Hypervisor, nic_type: str, source: str, *, host_guard: bool = False) -> str:
     """The traffic filter a NIC carries: the network's guard where the hypervisor has one, and always
     on the tenant network (if its filter went missing, libvirt then refuses to start the domain rather
     than start it unguarded); on a host bridge, with `host_guard` (the machine follows the rules for those
@@ -190,7 +190,7 @@ IMAGE_LOCK_WAIT = 600  # seconds to wait for another task copying the same image
 
 
 @contextmanager
-def _waiting_lock(name: str, timeout: float):
+def _waiting_lock(name: str, timeout: float) -> Iterator[None]:
     """Huey's task lock, waited for: machines created together share one image upload."""
     deadline = time.monotonic() + timeout
     lock = HUEY.lock_task(name)
