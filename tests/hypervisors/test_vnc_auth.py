@@ -8,7 +8,7 @@ import pytest
 
 from hypervisors.drivers.base import DomainSpec
 from hypervisors.drivers.domxml import VNC_EXPIRED_AT, build_domain_xml, vnc_protected, with_vnc_password
-from hypervisors.drivers.libvirt_driver import LibvirtDriver
+from hypervisors.drivers.libvirt_driver import LibvirtDriver, drop_connection
 
 UUID = "7e0d5b4a-3c2f-4e1d-9a8b-6c5d4e3f2a10"
 
@@ -54,9 +54,15 @@ LEGACY = f"""<domain type='test'><name>legacy</name><uuid>{UUID}</uuid><memory u
 
 
 @pytest.fixture
-def driver(test_hv_state):
-    d = LibvirtDriver("test:///default")
+def driver(tmp_path):
+    """A test-driver host of this test's own (test://<file>): test:///default's state lives as long as any
+    connection to it, anywhere in the process, and other suites' tests keep some."""
+    node = tmp_path / "node.xml"
+    node.write_text("<node><cpu><nodes>1</nodes><sockets>1</sockets><cores>2</cores><threads>1</threads></cpu>"
+                    "<memory>2097152</memory></node>")  # fmt: skip
+    d = LibvirtDriver(f"test://{node}")
     yield d
+    drop_connection(d.uri)
 
 
 def test_a_domain_defined_without_a_password_gets_one_at_its_next_cold_start(driver):
