@@ -19,10 +19,13 @@ class ConsoleAddressRefused(Exception):
 
 
 def _loopback(address: str) -> bool:
+    """Loopback, also written as an IPv4-mapped IPv6 address (::ffff:127.0.0.1)."""
     try:
-        return ipaddress.ip_address(address).is_loopback
+        ip = ipaddress.ip_address(address)
     except ValueError:
         return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
 
 
 def remote_loopback_message(hv: "Hypervisor", address: str = "") -> str:
@@ -136,6 +139,8 @@ class Hypervisor(models.Model):
         address of a remote hypervisor means that host itself and nothing here (dialled, it would reach the
         portal's own loopback, another machine's console): ConsoleAddressRefused."""
         host = self.console_address if listen in ("0.0.0.0", "::", "") else listen  # noqa: S104 - everywhere
+        if self.remote_host and host in ("0.0.0.0", "::", ""):  # noqa: S104 - everywhere there: at its URI's host
+            return self.remote_host
         if self.remote_host and _loopback(host):
             raise ConsoleAddressRefused(remote_loopback_message(self, host))
         return host

@@ -21,6 +21,7 @@ from huey.exceptions import RetryTask
 from hypervisors.drivers import get_driver
 from hypervisors.drivers.base import HypervisorError, HypervisorFatalError, HypervisorUnavailable
 from hypervisors.drivers.base import PowerState as DomainState  # what the driver reports, not the model's field
+from hypervisors.drivers.domxml import host_guard_name
 from hypervisors.models import Hypervisor, Image
 from machines import bmc, cloudinit, crypto, nic_policy, provisioning, screenshots
 from machines.access import project_choices
@@ -709,6 +710,19 @@ def hypervisor_reconcile_run(hypervisor_id: int) -> None:
         _reconcile_power(hv)
 
 
+def _guard_bridge_nics(machine: Machine, driver) -> None:
+    """A domain defined before its NICs on host bridges named the host guard gets it in its config, so its
+    next start carries it whoever starts it (the portal, its BMC, libvirt's autostart)."""
+    bridges = sorted({n.source for n in machine.nics.all() if n.type == "bridge"})
+    if not bridges or not provisioning.wants_host_guard(machine):
+        return
+    try:
+        if driver.filter_bridge_nics(str(machine.uuid), {b: host_guard_name(b) for b in bridges}):
+            machine.log("reconcile", f"host guard added to the NICs on {', '.join(bridges)} for its next start")
+    except HypervisorFatalError as e:  # no domain (vanished, or a failed machine)
+        log.info("host guard of %s: %s", machine.name, e)
+
+
 def _reconcile_power(hv: Hypervisor) -> None:
     """Power states of the hypervisor's machines, the addresses of those that run, and which run a VNC
     server that asks no password (defined before the portal set them): those get one in their config,
@@ -727,6 +741,7 @@ def _reconcile_power(hv: Hypervisor) -> None:
                     driver.vnc_protect(str(machine.uuid))
                 except HypervisorFatalError as e:
                     log.info("VNC password of %s: %s", machine.name, e)
+            _guard_bridge_nics(machine, driver)
             if states.get(str(machine.uuid)) != DomainState.RUNNING:
                 continue
             try:
@@ -984,13 +999,16 @@ def machine_bmc_reveal(*, machine: Machine, user) -> dict:
 
 
 def _power_through_bmc(machine: Machine, action: str) -> None:
-    """Power a network-boot machine exactly as an outside tool would: IPMI to its own BMC."""
+    """Power a network-boot machine exactly as an outside tool would: IPMI to its own BMC (after a current
+    host guard, for a start)."""
     try:
+        if action == PowerAction.START:
+            provisioning.ensure_host_guards(machine, get_driver(machine.hypervisor.uri), defined=True)
         state = bmc.power(bmc_target(machine), IPMI_ACTIONS[PowerAction(action)])
         machine.log("power", f"{PowerAction(action).label} through the BMC done; power is {state}")
         Machine.objects.filter(pk=machine.pk).update(power_state=PowerState.RUNNING if state == "on" else PowerState.OFF,
                                                      power_checked=timezone.now())  # fmt: skip
-    except bmc.BmcError as e:
+    except (bmc.BmcError, HypervisorError) as e:
         machine.log("power", f"{PowerAction(action).label} through the BMC failed: {e}", level="error")
     finally:
         _release_operation(machine)

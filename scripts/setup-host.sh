@@ -138,7 +138,8 @@ for knob in bridge-nf-call-iptables bridge-nf-call-ip6tables; do
 done
 # A unicast packet inside a broadcast or multicast frame is dropped, not taken: the host guard of a
 # published bridge filters frames by MAC, and a packet for the hypervisor must not slip in under a group MAC.
-if [ -w /proc/sys/net/ipv4/conf/all/drop_unicast_in_l2_multicast ]; then
-    echo 1 >/proc/sys/net/ipv4/conf/all/drop_unicast_in_l2_multicast
-fi
+for knob in /proc/sys/net/ipv4/conf/all/drop_unicast_in_l2_multicast \
+    /proc/sys/net/ipv6/conf/{all,default}/drop_unicast_in_l2_multicast; do
+    if [ -w "$knob" ]; then echo 1 >"$knob"; fi
+done
 say "libvirtd ready on qemu:///system"

@@ -418,34 +418,54 @@ def host_guard_xml(*, bridge: str, host_mac: str, host_addresses: tuple[str, ...
     """A libvirt nwfilter for NICs on a host bridge the hypervisor may have its own address on (a LAN that
     staff publish): the guest is one more machine on that LAN, and the hypervisor is not on it for the guest.
 
-    Frame by frame (ebtables), to the bridge's own MAC (see below): DHCP (its server may be the hypervisor) and ARP
-    pass, IPv4 passes only when it is for one of `host_addresses` (the hypervisor's addresses as the portal
-    knows them), and everything else is dropped: any other protocol, IPv6, a packet the hypervisor would
-    route on, a directed broadcast, loopback. IPv4 in broadcast frames is dropped except DHCP (a UDP socket
-    on 0.0.0.0 receives broadcasts); a multicast frame must carry a multicast address (Linux takes a
-    unicast packet in a multicast frame by default). Packet by packet (iptables, with connection state):
-    to `host_addresses`, only replies to what the hypervisor began (so it can still reach its guests,
-    e.g. SSH from the worker), which also covers them when the guest goes through the LAN's router.
-    Other machines on the LAN stay reachable, multicast too. Without known addresses no IPv4 reaches the
-    hypervisor's MAC at all, replies included."""
+    The guest sends under its own MAC only, no VLAN-tagged frame, and never
+    claims an address of the hypervisor (ARP or a packet's source). To the bridge's own MAC (see below):
+    DHCP (its server may be the hypervisor) and ARP pass, IPv4 passes only when it is for one of
+    `host_addresses` (the hypervisor's addresses as the portal knows them), and everything else is
+    dropped: IPv6, any other protocol, a packet the hypervisor would route on, a directed broadcast,
+    loopback. Broadcast frames carry ARP and DHCP only (a UDP socket on 0.0.0.0 receives broadcasts); a
+    multicast frame must be its family's and carry a multicast address (Linux takes a unicast packet in a
+    multicast frame by default), and not the all-hosts groups. Packet by packet (iptables, with
+    connection state): to `host_addresses`, DHCP renewals and replies to what the hypervisor began (so
+    it can still reach its guests, e.g. SSH from the worker), which also covers them when the guest goes
+    through the LAN's router. Other machines on the LAN stay reachable, multicast too. Without known
+    addresses no IPv4 reaches the hypervisor's MAC at all, replies included."""
     root = ET.Element("filter", name=host_guard_name(bridge), chain="root")
     # The bridge's MAC as the sync saw it, and any MAC libvirt gives its tap devices (fe:...): a bridge
     # with no port of its own (no MAC set by hand) takes its lowest port's MAC, a guest's tap, which
     # changes as guests come and go. No guest is addressed by its tap's MAC (guests have 52:54:00:...).
     hypervisor = ({"dstmacaddr": host_mac}, {"dstmacaddr": "fe:00:00:00:00:00", "dstmacmask": "ff:00:00:00:00:00"})
+    broadcast = {"dstmacaddr": "ff:ff:ff:ff:ff:ff"}
+    dhcp = {"protocol": "udp", "srcportstart": "68", "dstportstart": "67"}
     rules: list[tuple[str, str, dict[str, str]]] = [
-        ("accept", "ip", {"protocol": "udp", "srcportstart": "68", "dstportstart": "67"}),
+        # The guest's own MAC only (libvirt fills in $MAC, the NIC's): no frame under another's.
+        ("drop", "mac", {"match": "no", "srcmacaddr": "$MAC"}),
+        *(("drop", "mac", {"protocolid": tag}) for tag in ("0x8100", "0x88a8", "0x9100")),  # no VLAN of its own
+        # Never claiming an address of the hypervisor: not in ARP, not as a packet's source (which would also
+        # make conntrack take a forged flow for one the hypervisor began, and let its "reply" in).
+        *(("drop", "arp", {"arpsrcipaddr": a}) for a in host_addresses),
+        *(("drop", "all", {"srcipaddr": a}) for a in host_addresses),
+        ("accept", "ip", dhcp),
         *(("accept", "mac", {**m, "protocolid": "arp"}) for m in hypervisor),
         *(("accept", "ip", {**m, "dstipaddr": a}) for a in host_addresses for m in hypervisor),
         *(("drop", "mac", m) for m in hypervisor),
-        ("drop", "ip", {"dstmacaddr": "ff:ff:ff:ff:ff:ff"}),
+        # Broadcast frames: ARP and DHCP only. Multicast frames: each family's own, with a multicast address
+        # in them, and not the all-hosts groups every host (the hypervisor too) is in.
+        ("drop", "ip", broadcast),
+        ("drop", "ipv6", broadcast),
+        ("drop", "ip", {"dstipaddr": "224.0.0.1"}),
+        ("drop", "ipv6", {"dstipaddr": "ff02::1"}),
         ("accept", "ip", {**IPV4_MULTICAST, "dstipaddr": "224.0.0.0", "dstipmask": "4"}),
         ("drop", "ip", IPV4_MULTICAST),
+        ("drop", "ip", IPV6_MULTICAST),
         ("accept", "ipv6", {**IPV6_MULTICAST, "dstipaddr": "ff00::", "dstipmask": "8"}),
         ("drop", "ipv6", IPV6_MULTICAST),
+        ("drop", "ipv6", IPV4_MULTICAST),
     ]
-    for a in host_addresses:
-        rules += [("accept", "all", {"dstipaddr": a, "state": "ESTABLISHED"}), ("drop", "all", {"dstipaddr": a})]
+    for a in host_addresses:  # DHCP renewals to it, then only replies to what it began (ICMP errors too)
+        rules += [("accept", "udp", {"dstipaddr": a, "srcportstart": "68", "dstportstart": "67"}),
+                  ("accept", "all", {"dstipaddr": a, "state": "ESTABLISHED,RELATED"}),
+                  ("drop", "all", {"dstipaddr": a})]  # fmt: skip
     _rules(root, rules)
     return ET.tostring(root, encoding="unicode")
 

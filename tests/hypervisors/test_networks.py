@@ -191,14 +191,27 @@ def test_the_host_guard_of_a_bridge_keeps_the_guest_off_the_hypervisor_only():
     assert rules.index(dhcp) < rules.index(to_host) < rules.index(broadcast)  # DHCP's server may be the hypervisor
     assert rules.index(arp) < rules.index(to_host) and rules.index(to_own) < rules.index(to_host)
     # To its addresses (on the bridge, or behind the LAN's router): replies to what the hypervisor began, only.
-    replies = ("accept", "all", {"dstipaddr": "203.0.113.5", "state": "ESTABLISHED"})
+    replies = ("accept", "all", {"dstipaddr": "203.0.113.5", "state": "ESTABLISHED,RELATED"})
+    renewals = ("accept", "udp", {"dstipaddr": "203.0.113.5", "srcportstart": "68", "dstportstart": "67"})
+    assert rules.index(renewals) + 1 == rules.index(replies)
     assert rules.index(replies) + 1 == rules.index(("drop", "all", {"dstipaddr": "203.0.113.5"}))
+    # No forged flow makes a "reply": the guest never sends as the hypervisor, in IP or ARP, nor tags a VLAN.
+    first_accept = next(i for i, r in enumerate(rules) if r[0] == "accept")
+    for spoof in (("drop", "all", {"srcipaddr": "203.0.113.5"}), ("drop", "arp", {"arpsrcipaddr": "203.0.113.5"}),
+                  ("drop", "mac", {"protocolid": "0x8100"}), ("drop", "mac", {"protocolid": "0x88a8"})):  # fmt: skip
+        assert rules.index(spoof) < first_accept, spoof
+    assert rules[0] == ("drop", "mac", {"match": "no", "srcmacaddr": "$MAC"})  # its own MAC only, first
+    # IPv6 and the all-hosts groups in group frames; each family in the other's multicast frames.
+    for dropped in (("drop", "ipv6", {"dstmacaddr": "ff:ff:ff:ff:ff:ff"}), ("drop", "ip", {"dstipaddr": "224.0.0.1"}),
+                    ("drop", "ipv6", {"dstipaddr": "ff02::1"})):  # fmt: skip
+        assert dropped in rules, dropped
     # A multicast frame passes only with a multicast address in it, for IPv4 and IPv6.
     v4 = {"dstmacaddr": "01:00:5e:00:00:00", "dstmacmask": "ff:ff:ff:80:00:00"}
     v6 = {"dstmacaddr": "33:33:00:00:00:00", "dstmacmask": "ff:ff:00:00:00:00"}
     assert rules.index(("accept", "ip", {**v4, "dstipaddr": "224.0.0.0", "dstipmask": "4"})) + 1 == rules.index(
         ("drop", "ip", v4)
     )
+    assert ("drop", "ip", v6) in rules and ("drop", "ipv6", v4) in rules
     assert rules.index(("accept", "ipv6", {**v6, "dstipaddr": "ff00::", "dstipmask": "8"})) + 1 == rules.index(
         ("drop", "ipv6", v6)
     )

@@ -161,5 +161,9 @@ def test_the_proxy_never_dials_a_remote_hypervisors_loopback():
     )  # saved before the rule
     with pytest.raises(ConsoleAddressRefused):
         legacy.console_dial_host("0.0.0.0")  # noqa: S104
+    with pytest.raises(ConsoleAddressRefused):
+        remote.console_dial_host("::ffff:127.0.0.1")  # loopback in IPv6 clothing
+    everywhere = Hypervisor(name="wild", uri="qemu+ssh://hv2/system", console_address="0.0.0.0")  # noqa: S104
+    assert everywhere.console_dial_host("0.0.0.0") == "hv2"  # noqa: S104 - never this machine's 0.0.0.0
     here = Hypervisor(name="here", uri="qemu:///system", console_address="127.0.0.1")
     assert here.console_dial_host("127.0.0.1") == "127.0.0.1"

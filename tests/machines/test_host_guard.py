@@ -99,3 +99,20 @@ def test_with_bridge_filters_names_the_filter_on_bridge_nics_only():
     assert refs[0][1].attrib == {"filter": "portal-hostguard-br-lab"}
     assert refs[1][1] is None and refs[2][1] is None
     assert with_bridge_filters(ET.tostring(changed, encoding="unicode"), {"br-lab": "portal-hostguard-br-lab"}) is None
+
+
+def test_the_reconcile_gives_an_old_domain_the_guard_for_whoever_starts_it_next(host):
+    from hypervisors.drivers.base import DomainSpec, NicSpec
+    from machines import services
+
+    machine = machine_on_bridge(name="old-bmc")
+    machine.status = "active"
+    machine.save(update_fields=["status"])
+    unguarded = NicSpec(type="bridge", source="br-lab", mac="52:54:00:00:00:07")
+    FakeDriver("test:///", host).define_domain(DomainSpec(uuid=str(machine.uuid), name="old-bmc", domain_type="qemu",
+                                                          vcpus=1, memory_mib=64, nics=(unguarded,)))  # fmt: skip
+    services.hypervisor_reconcile_run(machine.hypervisor.pk)  # e.g. its BMC or libvirt's autostart starts it next
+    assert [n.guard for n in host.domains[str(machine.uuid)]["spec"].nics] == ["portal-hostguard-br-lab"]
+    assert machine.events.filter(step="reconcile", message__contains="host guard added").count() == 1
+    services.hypervisor_reconcile_run(machine.hypervisor.pk)
+    assert machine.events.filter(step="reconcile", message__contains="host guard added").count() == 1
