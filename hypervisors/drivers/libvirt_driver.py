@@ -758,7 +758,7 @@ class LibvirtDriver(HypervisorDriver):
     def define_guard(self, xml: str) -> None:
         """Define (or update in place) a portal traffic filter; NICs that use it get the change live."""
 
-        def run(conn):
+        def define(conn):
             root = ET.fromstring(xml)
             try:
                 existing = conn.nwfilterLookupByName(root.get("name"))
@@ -771,6 +771,14 @@ class LibvirtDriver(HypervisorDriver):
                 if root.find("uuid") is None:
                     ET.SubElement(root, "uuid").text = existing.UUIDString()
             conn.nwfilterDefineXML(ET.tostring(root, encoding="unicode"))
+
+        def run(conn):
+            try:
+                define(conn)
+            except libvirt.libvirtError as e:
+                if "already exists" not in str(e):
+                    raise
+                define(conn)  # another worker defined it meanwhile (two machines on one bridge): now an update
 
         self._call(run)
 

@@ -138,3 +138,38 @@ def test_a_serial_console_takes_the_spare_connection_and_leaves_a_new_one(monkey
     fresh = libvirt_driver.take_connection("qemu+ssh://hv/system")
     settle()
     assert fresh is not dead and dead.closed and fresh.alive
+
+
+def test_define_guard_turns_a_lost_race_into_an_update(monkeypatch):
+    """Two workers defining the same new host guard (two machines on one bridge): the second's define fails
+    with "already exists"; it looks the filter up again and updates it under its UUID."""
+    import libvirt
+
+    from hypervisors.drivers.libvirt_driver import LibvirtDriver
+
+    defined = []
+
+    class Filter:
+        def UUIDString(self):
+            return "11111111-2222-3333-4444-555555555555"
+
+    class Conn:
+        lookups = 0
+
+        def nwfilterLookupByName(self, name):
+            Conn.lookups += 1
+            if Conn.lookups == 1:  # not there yet when this worker looked
+                err = libvirt.libvirtError("no filter")
+                err.err = (libvirt.VIR_ERR_NO_NWFILTER, 0, "no filter", 0, "", "", "", 0, 0)
+                raise err
+            return Filter()
+
+        def nwfilterDefineXML(self, xml):
+            if "<uuid>" not in xml:
+                raise libvirt.libvirtError("operation failed: filter 'portal-hostguard-br0' already exists with uuid x")
+            defined.append(xml)
+
+    driver = LibvirtDriver("qemu:///system")
+    monkeypatch.setattr(LibvirtDriver, "conn", property(lambda self: Conn()))
+    driver.define_guard("<filter name='portal-hostguard-br0' chain='root'/>")
+    assert len(defined) == 1 and "11111111-2222-3333-4444-555555555555" in defined[0]
