@@ -204,10 +204,10 @@ def network_delete(*, hypervisor: Hypervisor, name: str) -> None:
     transaction.on_commit(lambda: network_delete_task(hypervisor.pk, name))
 
 
-def host_addresses(hv: Hypervisor) -> tuple[str, ...]:
-    """The hypervisor's own IPv4 addresses as the portal knows them: the console address, the address of
-    its URI, and the addresses its last sync found on its interfaces (a local hypervisor's; libvirt
-    reports none for a remote one), without loopback (guards drop them all)."""
+def host_addresses(hv: Hypervisor, version: int = 4) -> tuple[str, ...]:
+    """The hypervisor's own addresses of one IP version as the portal knows them: the console address, the
+    address of its URI, and the addresses its last sync found on its interfaces (a local hypervisor's;
+    libvirt reports none for a remote one), without loopback (guards drop them all)."""
     from urllib.parse import urlsplit
 
     candidates = [hv.console_address, urlsplit(hv.uri).hostname or ""]
@@ -215,10 +215,10 @@ def host_addresses(hv: Hypervisor) -> tuple[str, ...]:
     found = []
     for candidate in candidates:
         try:
-            address = ipaddress.ip_address(candidate)
+            address = ipaddress.ip_address(candidate.split("%")[0])
         except ValueError:
             continue
-        if address.version == 4 and not address.is_loopback and not address.is_unspecified:
+        if address.version == version and not address.is_loopback and not address.is_unspecified:
             found.append(str(address))
     return tuple(dict.fromkeys(found))
 

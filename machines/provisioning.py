@@ -72,7 +72,8 @@ def ensure_host_guards(machine: Machine, driver: HypervisorDriver, *, defined: b
                 f"host bridge {bridge} on {hv.name}: its MAC is not known (the last sync did not report it), so its "
                 f"guard cannot be written and the machine is not started without it; sync {hv.name} and retry."
             )
-        driver.define_guard(host_guard_xml(bridge=bridge, host_mac=mac, host_addresses=host_addresses(hv)))
+        driver.define_guard(host_guard_xml(bridge=bridge, host_mac=mac, host_addresses=host_addresses(hv),
+                                           host_addresses6=host_addresses(hv, version=6)))  # fmt: skip
     if defined and bridges and driver.filter_bridge_nics(str(machine.uuid), {b: host_guard_name(b) for b in bridges}):
         machine.log("start", f"host guard added to the NICs on {', '.join(bridges)} (defined before they had it)")
 

@@ -414,7 +414,8 @@ def host_guard_name(bridge: str) -> str:
     return HOST_GUARD_PREFIX + bridge
 
 
-def host_guard_xml(*, bridge: str, host_mac: str, host_addresses: tuple[str, ...] = ()) -> str:
+def host_guard_xml(*, bridge: str, host_mac: str, host_addresses: tuple[str, ...] = (),
+                   host_addresses6: tuple[str, ...] = ()) -> str:  # fmt: skip
     """A libvirt nwfilter for NICs on a host bridge the hypervisor may have its own address on (a LAN that
     staff publish): the guest is one more machine on that LAN, and the hypervisor is not on it for the guest.
 
@@ -428,8 +429,9 @@ def host_guard_xml(*, bridge: str, host_mac: str, host_addresses: tuple[str, ...
     multicast frame by default), and not the all-hosts groups. Packet by packet (iptables, with
     connection state): to `host_addresses`, DHCP renewals and replies to what the hypervisor began (so
     it can still reach its guests, e.g. SSH from the worker), which also covers them when the guest goes
-    through the LAN's router. Other machines on the LAN stay reachable, multicast too. Without known
-    addresses no IPv4 reaches the hypervisor's MAC at all, replies included."""
+    through the LAN's router; the same for its IPv6 addresses (`host_addresses6`). Other machines on the
+    LAN stay reachable, multicast too. Without known addresses no IPv4 reaches the hypervisor's MAC at
+    all, replies included."""
     root = ET.Element("filter", name=host_guard_name(bridge), chain="root")
     # The bridge's MAC as the sync saw it, and any MAC libvirt gives its tap devices (fe:...): a bridge
     # with no port of its own (no MAC set by hand) takes its lowest port's MAC, a guest's tap, which
@@ -466,6 +468,10 @@ def host_guard_xml(*, bridge: str, host_mac: str, host_addresses: tuple[str, ...
         rules += [("accept", "udp", {"dstipaddr": a, "srcportstart": "68", "dstportstart": "67"}),
                   ("accept", "all", {"dstipaddr": a, "state": "ESTABLISHED,RELATED"}),
                   ("drop", "all", {"dstipaddr": a})]  # fmt: skip
+    for a in host_addresses6:  # its IPv6 addresses, reached through the LAN's router: the same, as source too
+        rules += [("drop", "all-ipv6", {"srcipaddr": a}),
+                  ("accept", "all-ipv6", {"dstipaddr": a, "state": "ESTABLISHED,RELATED"}),
+                  ("drop", "all-ipv6", {"dstipaddr": a})]  # fmt: skip
     _rules(root, rules)
     return ET.tostring(root, encoding="unicode")
 

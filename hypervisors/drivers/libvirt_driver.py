@@ -341,14 +341,14 @@ def _interfaces(conn: libvirt.virConnect, addresses: dict[str, list[str]]) -> li
 
 
 def local_addresses(uri: str) -> dict[str, list[str]]:
-    """The IPv4 addresses of each interface, read on this machine, when `uri` is a libvirtd on this very
+    """The IPv4 and IPv6 addresses of each interface, read on this machine, when `uri` is a libvirtd on this very
     machine (qemu:///system, no host, no socket of another): libvirt's udev interface backend reports no
     addresses, and a remote host's are for its own transport to find (empty here)."""
     parts = urlsplit(uri)
     if parts.hostname or parts.query or parts.scheme.partition("+")[2] not in ("", "unix"):
         return {}
     try:
-        out = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, timeout=5).stdout
+        out = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True, timeout=5).stdout
         links = json.loads(out or "[]")
     except (OSError, subprocess.SubprocessError, ValueError):
         return {}

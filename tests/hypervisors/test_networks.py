@@ -164,6 +164,19 @@ def test_the_hypervisors_own_addresses_are_the_console_the_uri_and_what_its_inte
                            interfaces=[{"name": "eth0", "addresses": ["203.0.113.5", "192.0.2.7"]},
                                        {"name": "lo", "addresses": ["127.0.0.1"]}, {"name": "br0"}])  # fmt: skip
     assert networks.host_addresses(hv) == ("192.0.2.7", "203.0.113.5")  # no loopback, each once
+    hv.interfaces[0]["addresses"] += ["2001:db8::5", "fe80::1"]
+    hv.interfaces[1]["addresses"] += ["::1"]
+    assert networks.host_addresses(hv, version=6) == ("2001:db8::5", "fe80::1")
+
+
+def test_the_host_guard_keeps_the_guest_off_the_hypervisors_ipv6_addresses_too():
+    from hypervisors.drivers.domxml import host_guard_xml
+
+    rules = guard_rules(host_guard_xml(bridge="br0", host_mac="02:aa:bb:cc:dd:01", host_addresses6=("2001:db8::5",)))
+    v6 = [r for r in rules if r[1] == "all-ipv6"]
+    assert v6 == [("drop", "all-ipv6", {"srcipaddr": "2001:db8::5"}),
+                  ("accept", "all-ipv6", {"dstipaddr": "2001:db8::5", "state": "ESTABLISHED,RELATED"}),
+                  ("drop", "all-ipv6", {"dstipaddr": "2001:db8::5"})]  # fmt: skip
 
 
 def test_nics_on_the_tenant_network_always_carry_its_guard():
