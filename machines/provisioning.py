@@ -74,8 +74,18 @@ def ensure_host_guards(machine: Machine, driver: HypervisorDriver, *, defined: b
             )
         driver.define_guard(host_guard_xml(bridge=bridge, host_mac=mac, host_addresses=host_addresses(hv),
                                            host_addresses6=host_addresses(hv, version=6)))  # fmt: skip
-    if defined and bridges and driver.filter_bridge_nics(str(machine.uuid), {b: host_guard_name(b) for b in bridges}):
-        machine.log("start", f"host guard added to the NICs on {', '.join(bridges)} (defined before they had it)")
+    if defined:
+        name_host_guards(machine, driver, step="start")
+
+
+def name_host_guards(machine: Machine, driver: HypervisorDriver, *, step: str) -> None:
+    """Make the domain's persistent config name the host guard on its NICs on host bridges (when the
+    machine follows the rules), for domains defined before they did; recorded under `step` when it did."""
+    bridges = sorted({n.source for n in machine.nics.all() if n.type == "bridge"})
+    if not bridges or not wants_host_guard(machine):
+        return
+    if driver.filter_bridge_nics(str(machine.uuid), {b: host_guard_name(b) for b in bridges}):
+        machine.log(step, f"host guard added to the NICs on {', '.join(bridges)} (defined before they had it)")
 
 
 def _timed(machine: Machine, step: str, fn: Callable[[], str]) -> None:

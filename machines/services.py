@@ -21,7 +21,6 @@ from huey.exceptions import RetryTask
 from hypervisors.drivers import get_driver
 from hypervisors.drivers.base import HypervisorError, HypervisorFatalError, HypervisorUnavailable
 from hypervisors.drivers.base import PowerState as DomainState  # what the driver reports, not the model's field
-from hypervisors.drivers.domxml import host_guard_name
 from hypervisors.models import Hypervisor, Image
 from machines import bmc, cloudinit, crypto, nic_policy, provisioning, screenshots
 from machines.access import project_choices
@@ -713,12 +712,8 @@ def hypervisor_reconcile_run(hypervisor_id: int) -> None:
 def _guard_bridge_nics(machine: Machine, driver) -> None:
     """A domain defined before its NICs on host bridges named the host guard gets it in its config, so its
     next start carries it whoever starts it (the portal, its BMC, libvirt's autostart)."""
-    bridges = sorted({n.source for n in machine.nics.all() if n.type == "bridge"})
-    if not bridges or not provisioning.wants_host_guard(machine):
-        return
     try:
-        if driver.filter_bridge_nics(str(machine.uuid), {b: host_guard_name(b) for b in bridges}):
-            machine.log("reconcile", f"host guard added to the NICs on {', '.join(bridges)} for its next start")
+        provisioning.name_host_guards(machine, driver, step="reconcile")
     except HypervisorFatalError as e:  # no domain (vanished, or a failed machine)
         log.info("host guard of %s: %s", machine.name, e)
 
