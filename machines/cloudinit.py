@@ -25,8 +25,6 @@ user-data sets ``package_update`` itself. The portal never generates a password.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import ipaddress
 import re
@@ -36,22 +34,14 @@ from typing import Any
 import pycdlib
 import yaml
 
+from portal import sshkeys
+
 USER_DATA_MAX_BYTES = 64 * 1024
 SEED_ISO_MAX_BYTES = 1024 * 1024
 SCRIPT_PATH = "/var/lib/cloud/scripts/portal-first-boot"
 
 _LIST_KEYS = ("packages", "runcmd", "write_files", "bootcmd")
 _OWNED_KEYS = ("hostname", "fqdn")
-# Number of length-prefixed fields in each key type's blob (RFC 4253 §6.6, PROTOCOL.u2f).
-_KEY_FIELDS = {
-    "ssh-ed25519": 2,
-    "ssh-rsa": 3,
-    "ecdsa-sha2-nistp256": 3,
-    "ecdsa-sha2-nistp384": 3,
-    "ecdsa-sha2-nistp521": 3,
-    "sk-ssh-ed25519@openssh.com": 3,
-    "sk-ecdsa-sha2-nistp256@openssh.com": 4,
-}
 _LABEL_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _INSTANCE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -164,53 +154,11 @@ def _check_key_item(key: Any) -> None:
 
 
 def validate_ssh_key(line: str) -> str:
-    """One OpenSSH public key line ("type base64 [comment]"); returns it normalised."""
-    line = line.strip()
-    if line.startswith("-----BEGIN"):
-        raise CloudInitError("This is a private key: paste the public key (the .pub file) instead.")
-    if any((ord(c) < 32 and c != "\t") or c == "\x7f" for c in line):
-        raise CloudInitError(f"SSH key {_abbrev(line)!r}: one key per line, without control characters.")
-    parts = line.split(None, 2)
-    if len(parts) < 2:
-        raise CloudInitError(f"SSH key {_abbrev(line)!r}: expected 'type base64-data [comment]'.")
-    ktype, body = parts[0], parts[1]
-    if ktype not in _KEY_FIELDS:
-        raise CloudInitError(f"SSH key type {ktype[:40]!r} is not supported; use one of: {', '.join(_KEY_FIELDS)}.")
+    """One OpenSSH public key line ("type base64 [comment]"); returns it normalised (portal.sshkeys)."""
     try:
-        blob = base64.b64decode(body, validate=True)
-    except binascii.Error:
-        raise CloudInitError(f"SSH key {_abbrev(line)!r}: the key data is not valid base64.") from None
-    if not _fields_match(ktype, _ssh_fields(blob)):
-        raise CloudInitError(f"SSH key {_abbrev(line)!r}: the key data is not a valid {ktype} key.")
-    comment = parts[2].strip() if len(parts) > 2 else ""
-    return " ".join(p for p in (ktype, base64.b64encode(blob).decode("ascii"), comment) if p)
-
-
-def _abbrev(line: str) -> str:
-    return line if len(line) <= 24 else line[:20] + "…"
-
-
-def _ssh_fields(blob: bytes) -> list[bytes]:
-    """Split a key blob into its length-prefixed strings; [] if it does not split exactly."""
-    fields: list[bytes] = []
-    pos = 0
-    while pos < len(blob):
-        size = int.from_bytes(blob[pos : pos + 4], "big")
-        if pos + 4 + size > len(blob):
-            return []
-        fields.append(blob[pos + 4 : pos + 4 + size])
-        pos += 4 + size
-    return fields
-
-
-def _fields_match(ktype: str, fields: list[bytes]) -> bool:
-    if len(fields) != _KEY_FIELDS[ktype] or fields[0] != ktype.encode("ascii"):
-        return False
-    if "ed25519" in ktype:
-        return len(fields[1]) == 32
-    if "ecdsa" in ktype:  # the curve is named twice: in the type and in the blob
-        return fields[1] == re.search(r"nistp\d+", ktype).group().encode("ascii")  # type: ignore[union-attr]
-    return True
+        return sshkeys.validate_ssh_key(line)
+    except sshkeys.InvalidSSHKey as e:
+        raise CloudInitError(str(e)) from None
 
 
 def validate_hostname(hostname: str) -> str:

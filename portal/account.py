@@ -11,8 +11,7 @@ from django.http import Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
-from machines import cloudinit
-from portal import audit
+from portal import audit, sshkeys
 from portal.models import ApiToken, SshKey
 
 
@@ -22,8 +21,8 @@ class SshKeyForm(forms.Form):
 
     def clean_public_key(self) -> str:
         try:
-            return cloudinit.validate_ssh_key(self.cleaned_data["public_key"].strip())
-        except cloudinit.CloudInitError as e:
+            return sshkeys.validate_ssh_key(self.cleaned_data["public_key"].strip())
+        except sshkeys.InvalidSSHKey as e:
             raise ValidationError(str(e)) from None
 
 
