@@ -21,6 +21,7 @@ from hypervisors.drivers.base import HypervisorDriver, HypervisorError, Hypervis
 from hypervisors.drivers.qemu_img import ImageRejected, inspect
 from hypervisors.models import Hypervisor, Image, ImageCopy, ImageFormat, ImageKind, ImageStatus
 from portal.audit import audited
+from portal.refusals import Refusal
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ CHUNK = 1 << 20
 PROGRESS_EVERY = 0.5  # seconds between progress updates in the database
 
 
-class ImageInUse(Exception):
+class ImageInUse(Refusal):
     """Machines still use the image."""
 
 

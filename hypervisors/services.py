@@ -14,13 +14,14 @@ from hypervisors.drivers import get_driver
 from hypervisors.drivers.base import HostInfo, HypervisorError
 from hypervisors.models import Hypervisor, HypervisorStatus
 from portal.audit import audited
+from portal.refusals import Refusal
 
 log = logging.getLogger(__name__)
 
 EDITABLE_FIELDS = ("name", "uri", "console_address", "domain_type_override", "enabled", "cpu_allocation_ratio")
 
 
-class HypervisorInUse(Exception):
+class HypervisorInUse(Refusal):
     """The hypervisor still carries machines."""
 
 

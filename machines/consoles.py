@@ -34,9 +34,10 @@ from machines.access import OPERATE, can, can_use
 from machines.models import ConsoleSession, ConsoleToken, Machine
 from portal.audit import audited
 from portal.models import credentials_changed
+from portal.refusals import Refusal
 
 
-class ConsoleDenied(Exception):
+class ConsoleDenied(Refusal):
     """Why a console connection is refused (for the proxy's log; never contains the token)."""
 
 
@@ -130,7 +131,7 @@ def console_session_open(*, token: ConsoleToken, client: str, proxy_pid: int) ->
     Counting and inserting happen under one lock, so simultaneous connections cannot all pass."""
     # PostgreSQL: the machine's row lock, then the user's (always in this order, so openers never deadlock),
     # held to the commit. SQLite ignores FOR UPDATE, but its transactions here are BEGIN IMMEDIATE
-    # (portal/settings.py): the database's write lock is taken before the count.
+    # (config/settings.py): the database's write lock is taken before the count.
     list(Machine.objects.select_for_update().filter(pk=token.machine_id).values_list("pk", flat=True))
     list(get_user_model().objects.select_for_update().filter(pk=token.user_id).values_list("pk", flat=True))
     live = ConsoleSession.objects.filter(ended__isnull=True, proxy_pid=proxy_pid)

@@ -7,6 +7,7 @@ import re
 import secrets
 import socket
 import uuid as uuidlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -22,18 +23,20 @@ from hypervisors.drivers import get_driver
 from hypervisors.drivers.base import HypervisorError, HypervisorFatalError, HypervisorUnavailable
 from hypervisors.drivers.base import PowerState as DomainState  # what the driver reports, not the model's field
 from hypervisors.models import Hypervisor, Image
-from machines import bmc, cloudinit, crypto, nic_policy, provisioning, screenshots
+from machines import bmc, cloudinit, crypto, nic_policy, provisioning, screenshots, tasks
 from machines.access import project_choices
 from machines.capacity import check_quota, claim_room, held, held_by, lock_quotas
 from machines.models import Machine, MachineCdrom, MachineNic, Project
+from machines.policy import RULES, has_ready_image, statuses_text
 from machines.states import BUSY, DeployType, InvalidTransition, PowerAction, PowerState, Status
 from portal import audit
 from portal.audit import audited
+from portal.refusals import Refusal
 
 log = logging.getLogger(__name__)
 
 
-class MachineError(Exception):
+class MachineError(Refusal):
     """The request cannot be done now; the message is for the user."""
 
 
@@ -411,14 +414,12 @@ def machine_create(*, owner, hypervisor: Hypervisor | None, name: str, deploy_ty
         machine.log("placement", note, level="warning")
         audit.record("machine.capacity_override", machine, user=owner, detail=note)
     machine.transition(Status.PROVISIONING)
-    _enqueue("machine_provision_task", machine.pk)
+    _enqueue(tasks.machine_provision_task, machine.pk)
     return machine
 
 
-def _enqueue(task_name: str, *args) -> None:
-    from machines import tasks
-
-    task = getattr(tasks, task_name)
+def _enqueue(task: Callable, *args) -> None:
+    """Queue the task once the transaction that asked for it commits (a rolled-back request queues nothing)."""
     transaction.on_commit(lambda: task(*args))
 
 
@@ -468,12 +469,12 @@ def machine_delete(*, machine: Machine) -> None:
     machine = Machine.objects.select_for_update().get(pk=machine.pk)
     if machine.deletion_protection:
         raise MachineError(f"{machine.name} is protected from deletion; clear the protection first.")
-    if machine.status in BUSY:
+    if machine.status not in RULES["delete"].statuses:
         raise MachineError(
             f"{machine.name} is busy ({machine.get_status_display().lower()}); try again when it is done."
         )
     machine.transition(Status.DELETING)
-    _enqueue("machine_delete_task", machine.pk)
+    _enqueue(tasks.machine_delete_task, machine.pk)
 
 
 def machine_delete_run(machine_id: int) -> None:
@@ -516,7 +517,7 @@ def machine_power(*, machine: Machine, action: str) -> None:
         _refuse_against_policy(machine, "started")
     _claim_operation(machine, action)
     machine.log("power", f"{PowerAction(action).label} requested")
-    _enqueue("machine_power_task", machine.pk, action)
+    _enqueue(tasks.machine_power_task, machine.pk, action)
 
 
 IPMI_ACTIONS = {PowerAction.START: "on", PowerAction.SHUTDOWN: "soft", PowerAction.POWEROFF: "off",
@@ -559,16 +560,16 @@ def machine_rebuild(*, machine: Machine) -> None:
     machine = _lock_for_allocation(machine)
     if machine.deletion_protection:
         raise MachineError(f"{machine.name} is protected; clear the protection to rebuild it (its disk is replaced).")
-    if machine.status not in (Status.ACTIVE, Status.ERROR):
+    if machine.status not in RULES["rebuild"].statuses:
         raise MachineError(
             f"{machine.name} is {machine.get_status_display().lower()}; rebuild needs it active or failed."
         )
-    if machine.image is None or not machine.image.is_ready:
+    if not has_ready_image(machine):
         raise MachineError("The machine's image is not available any more.")
     _refuse_against_policy(machine, "rebuilt")
     Machine.objects.filter(pk=machine.pk).update(instance_id=f"i-{uuidlib.uuid4().hex}", attempts=0)
     machine.transition(Status.REBUILDING)
-    _enqueue("machine_rebuild_task", machine.pk)
+    _enqueue(tasks.machine_rebuild_task, machine.pk)
 
 
 def machine_rebuild_run(machine_id: int) -> None:
@@ -601,9 +602,10 @@ def _lock_for_allocation(machine: Machine) -> Machine:
 def machine_grow_disk(*, machine: Machine, disk_gib: int) -> None:
     """Grow the disk (never shrink). A running guest sees the new size at once."""
     machine = _lock_for_allocation(machine)
-    if machine.status != Status.ACTIVE:
+    if machine.status not in RULES["grow_disk"].statuses:
         raise MachineError(
-            f"{machine.name} is {machine.get_status_display().lower()}; growing the disk needs it active."
+            f"{machine.name} is {machine.get_status_display().lower()}; growing the disk needs it "
+            f"{statuses_text('grow_disk')}."
         )
     if disk_gib <= machine.disk_gib:
         raise ValidationError(
@@ -623,7 +625,7 @@ def machine_grow_disk(*, machine: Machine, disk_gib: int) -> None:
     old = machine.disk_gib
     machine.transition(Status.RESIZING, f"{old} GiB to {disk_gib} GiB")
     Machine.objects.filter(pk=machine.pk).update(disk_gib=disk_gib)
-    _enqueue("machine_grow_disk_task", machine.pk)
+    _enqueue(tasks.machine_grow_disk_task, machine.pk)
 
 
 def machine_grow_disk_run(machine_id: int) -> None:
@@ -700,7 +702,7 @@ def machines_reconcile() -> None:
 def machines_sync(*, machines) -> None:
     """Refresh the power state of these machines from their hypervisors now (queued)."""
     for hv_id in {m.hypervisor_id for m in machines}:
-        _enqueue("hypervisor_reconcile_task", hv_id)
+        _enqueue(tasks.hypervisor_reconcile_task, hv_id)
 
 
 def hypervisor_reconcile_run(hypervisor_id: int) -> None:
@@ -772,7 +774,7 @@ def console_auth_upgrade() -> list[Hypervisor]:
     the portal set them). Running ones keep what they started with until their next cold start."""
     hypervisors = list(Hypervisor.objects.filter(machines__isnull=False).distinct())
     for hv in hypervisors:
-        _enqueue("console_auth_upgrade_task", hv.pk)
+        _enqueue(tasks.console_auth_upgrade_task, hv.pk)
     return hypervisors
 
 
@@ -816,7 +818,7 @@ def machine_set_autostart(*, machine: Machine, enabled: bool) -> None:
     Machine.objects.filter(pk=machine.pk).update(autostart=enabled)
     machine.autostart = enabled
     machine.log("autostart", f"autostart {'on' if enabled else 'off'} requested")
-    _enqueue("machine_autostart_task", machine.pk)
+    _enqueue(tasks.machine_autostart_task, machine.pk)
 
 
 def machine_set_autostart_run(machine_id: int) -> None:
@@ -831,11 +833,15 @@ def machine_set_autostart_run(machine_id: int) -> None:
         machine.log("autostart", f"autostart not set on the hypervisor: {e}", level="error")
 
 
-def _claim_operation(machine: Machine, operation: str) -> None:
-    """One operation at a time per machine: claim it or raise."""
-    if machine.status != Status.ACTIVE:
-        raise MachineError(f"{machine.name} is {machine.get_status_display().lower()}; this needs it active.")
-    n = Machine.objects.filter(pk=machine.pk, operation="", status=Status.ACTIVE).update(
+def _claim_operation(machine: Machine, operation: str, action: str = "") -> None:
+    """One operation at a time per machine: claim it or raise. `action` names its rule in machines.policy
+    (left out: the operation's name is the action's)."""
+    action = action or operation
+    if machine.status not in RULES[action].statuses:
+        raise MachineError(
+            f"{machine.name} is {machine.get_status_display().lower()}; this needs it {statuses_text(action)}."
+        )
+    n = Machine.objects.filter(pk=machine.pk, operation="", status__in=RULES[action].statuses).update(
         operation=operation, operation_started=timezone.now()
     )
     if n != 1:
@@ -859,7 +865,7 @@ def machine_change_media(*, machine: Machine, slot: int, image: Image | None) ->
         raise MachineError(f"{image.name} is not a ready ISO.")
     _claim_operation(machine, "media")
     machine.log("media", f"drive {slot}: {'insert ' + image.name if image else 'eject'} requested")
-    _enqueue("machine_change_media_task", machine.pk, slot, image.pk if image else None)
+    _enqueue(tasks.machine_change_media_task, machine.pk, slot, image.pk if image else None)
 
 
 def machine_change_media_run(machine_id: int, slot: int, image_id: int | None) -> None:
@@ -883,9 +889,9 @@ def machine_boot_cdrom_once(*, machine: Machine) -> None:
     """Cold-start from the installer CD-ROM once (the disk stays first for later starts)."""
     if machine.deploy_type != DeployType.ISO:
         raise MachineError("Booting from CD-ROM is for ISO machines.")
-    _claim_operation(machine, "boot-cdrom")
+    _claim_operation(machine, "boot-cdrom", action="boot_cdrom")
     machine.log("power", "boot once from CD-ROM requested")
-    _enqueue("machine_boot_cdrom_task", machine.pk)
+    _enqueue(tasks.machine_boot_cdrom_task, machine.pk)
 
 
 def machine_boot_cdrom_run(machine_id: int) -> None:
@@ -1017,8 +1023,8 @@ def machine_set_boot_device(*, machine: Machine, device: str, persistent: bool) 
         raise MachineError("Boot devices are set through the BMC of network-boot machines.")
     if device not in bmc.BOOT_DEVICES:
         raise MachineError(f"Unknown boot device {device!r}; use {', '.join(bmc.BOOT_DEVICES)}.")
-    _claim_operation(machine, "boot-device")
-    _enqueue("machine_boot_device_task", machine.pk, device, persistent)
+    _claim_operation(machine, "boot-device", action="boot_device")
+    _enqueue(tasks.machine_boot_device_task, machine.pk, device, persistent)
 
 
 def machine_set_boot_device_run(machine_id: int, device: str, persistent: bool) -> None:

@@ -12,7 +12,10 @@ import functools
 from collections.abc import Callable
 
 from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
+from django.core.exceptions import ValidationError
 from django.dispatch import receiver
+
+from portal.refusals import Refusal
 
 # The request being served: its user is resolved when a record is made, after DRF's
 # authentication (which sets the user on the underlying Django request) has run.
@@ -116,7 +119,4 @@ _DETAIL_KEYS = {"action", "disk_gib", "slot", "device", "persistent", "protected
 
 
 def _is_refusal(e: Exception) -> bool:
-    from django.core.exceptions import ValidationError
-
-    return isinstance(e, ValidationError) or type(e).__name__ in {"MachineError", "HypervisorInUse", "ImageInUse",
-                                                                  "ConsoleDenied", "QuotaExceeded"}  # fmt: skip
+    return isinstance(e, Refusal | ValidationError)

@@ -112,3 +112,18 @@ def test_a_media_change_records_machine_media_and_other_operations_do_not(django
     assert AuditEvent.objects.filter(action="machine.media").count() == 1
     power = AuditEvent.objects.get(action="machine.power")  # recorded again (its decorator had wandered too)
     assert (power.object_repr, "action=poweroff" in power.detail) == ("m", True)
+
+
+def test_every_service_refusal_is_recorded_as_refused_and_a_breakdown_as_failed():
+    from hypervisors.drivers.base import HypervisorError
+    from hypervisors.images import ImageInUse
+    from hypervisors.services import HypervisorInUse
+    from machines.capacity import QuotaExceeded
+    from machines.consoles import ConsoleDenied
+    from machines.services import MachineError
+    from portal import audit
+
+    for error in (MachineError, HypervisorInUse, ImageInUse, ConsoleDenied, QuotaExceeded):
+        assert audit._is_refusal(error("no")), error
+    for error in (HypervisorError, RuntimeError, OSError):
+        assert not audit._is_refusal(error("broke")), error
