@@ -60,6 +60,7 @@ lint: host-test deps-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 bench: host deps-test assets
 	$(PY) bench/bench_sync.py

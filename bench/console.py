@@ -128,7 +128,7 @@ def free_port() -> int:
 
 
 WEB, PROXY, PLAIN, PLAIN_SERIAL, BRIDGE, PAGE, PAGE_COOP = (free_port() for _ in range(7))
-os.environ.update({"PORTAL_DATA_DIR": DATA, "DJANGO_SETTINGS_MODULE": "portal.settings", "PORTAL_CONSOLE_PORT": str(PROXY),
+os.environ.update({"PORTAL_DATA_DIR": DATA, "DJANGO_SETTINGS_MODULE": "config.settings", "PORTAL_CONSOLE_PORT": str(PROXY),
                    "PORTAL_CONSOLE_ALLOWED_ORIGINS": f"http://127.0.0.1:{WEB}", "DJANGO_ALLOW_ASYNC_UNSAFE": "true"})  # fmt: skip
 
 import django  # noqa: E402
@@ -294,7 +294,7 @@ def main():
     call_command("collectstatic", "--noinput", verbosity=0)
     proxy_log = Path(DATA) / "console-proxy.log"
     procs = [start([sys.executable, "manage.py", "run_huey", "--workers", "2"]),
-             start([sys.executable, "-m", "gunicorn", "portal.wsgi", "-b", f"127.0.0.1:{WEB}", "-w", "2", "--threads", "4"]),
+             start([sys.executable, "-m", "gunicorn", "config.wsgi", "-b", f"127.0.0.1:{WEB}", "-w", "2", "--threads", "4"]),
              start([sys.executable, "manage.py", "console_proxy", "--port", str(PROXY)], log=proxy_log)]  # fmt: skip
     servers, machine = [], None
     try:

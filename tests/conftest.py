@@ -232,7 +232,7 @@ def web_server(django_db_setup):
                              env=_stack_env(), capture_output=True, text=True)  # fmt: skip
     assert collect.returncode == 0, collect.stderr
     port = STACK_PORTS["web"]
-    proc = _start("web", [sys.executable, "-m", "gunicorn", "portal.wsgi", "--bind", f"127.0.0.1:{port}",
+    proc = _start("web", [sys.executable, "-m", "gunicorn", "config.wsgi", "--bind", f"127.0.0.1:{port}",
                           "--workers", "1", "--threads", "4"])  # fmt: skip
     _wait_listening(proc, port, "web")
     yield f"http://127.0.0.1:{port}"

@@ -2,7 +2,7 @@
 
 The reads are found in the source rather than by running the settings: every call of `os.getenv`,
 `os.environ.get`, `os.environ[...]` and the `portal/env.py` helpers in the portal's packages, so a new
-setting (in `portal/settings.py`, a management command or an app) fails here until it is in the example.
+setting (in `config/settings.py`, a management command or an app) fails here until it is in the example.
 """
 
 import ast
@@ -11,7 +11,7 @@ from pathlib import Path
 from portal.env import _FALSE, _TRUE
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("portal", "hypervisors", "machines")
+PACKAGES = ("config", "portal", "hypervisors", "machines")
 HELPERS = {"envbool", "envint", "envlist", "envsecret"}  # portal/env.py; envsecret also reads NAME_FILE
 NO_DEFAULT = object()  # a read whose default is not a literal string (computed, or none at all)
 

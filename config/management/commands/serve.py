@@ -26,7 +26,7 @@ def portal_processes() -> dict[str, list[str]]:
         bind = f"[{settings.PORTAL_HOST}]:{settings.PORTAL_PORT}"
     return {
         "web": [
-            py, "-m", "gunicorn", "portal.wsgi", "--bind", bind,
+            py, "-m", "gunicorn", "config.wsgi", "--bind", bind,
             "--workers", os.getenv("PORTAL_WEB_WORKERS", "2"), "--threads", "4",
             "--access-logfile", "-", "--forwarded-allow-ips", os.getenv("PORTAL_FORWARDED_ALLOW_IPS", "127.0.0.1"),
         ],

@@ -5,10 +5,11 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView
 from rest_framework.routers import DefaultRouter
 
+from config import views
 from hypervisors.api import HypervisorViewSet, ImageViewSet
 from machines import views as machine_views
 from machines.api import MachineViewSet
-from portal import account, views
+from portal import account
 from portal.api import AuditEventViewSet
 
 router = DefaultRouter()

@@ -59,6 +59,7 @@ INSTALLED_APPS = [
     "portal",
     "hypervisors",
     "machines",
+    "config",
 ]
 
 MIDDLEWARE = [
@@ -74,8 +75,8 @@ MIDDLEWARE = [
     "portal.audit.AuditMiddleware",
 ]
 
-ROOT_URLCONF = "portal.urls"
-WSGI_APPLICATION = "portal.wsgi.application"
+ROOT_URLCONF = "config.urls"
+WSGI_APPLICATION = "config.wsgi.application"
 
 TEMPLATES = [
     {
