@@ -16,7 +16,8 @@ import django  # noqa: E402
 
 django.setup()
 
-from hypervisors.drivers.libvirt_driver import LibvirtDriver, drop_connection  # noqa: E402
+from hypervisors.drivers.connections import drop_connection  # noqa: E402
+from hypervisors.drivers.libvirt_driver import LibvirtDriver  # noqa: E402
 
 RUNS = int(os.getenv("BENCH_RUNS", "50"))
 

@@ -14,7 +14,7 @@ from django.conf import settings
 from django.test import Client
 from huey.contrib.djhuey import HUEY
 
-from hypervisors.drivers import libvirt_driver
+from hypervisors.drivers import connections
 from portal.models import Heartbeat
 from portal.processes import stop_groups
 from portal.queue import WORKER
@@ -62,7 +62,7 @@ def _close_test_host(uri: str = "test:///default") -> None:
     if pool is not None:
         pool.shutdown(wait=True)  # its threads end, and with them their cached connections
         gc.collect()  # a virConnect closes when it is collected
-    libvirt_driver.drop_connection(uri)
+    connections.drop_connection(uri)
 
 
 # Where the portal asks for a driver (each imports get_driver by name, so each is patched).

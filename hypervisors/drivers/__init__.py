@@ -1,4 +1,4 @@
-"""Hypervisor drivers. Only libvirt_driver imports libvirt."""
+"""Hypervisor drivers. Only libvirt_driver and its connections and serial_stream modules import libvirt."""
 
 from django.conf import settings
 from django.utils.module_loading import import_string

@@ -162,7 +162,7 @@ class HypervisorDriver(ABC):
     other exception (no libvirtError) leaves a driver. A missing storage pool is HypervisorFatalError. Steps
     that create or remove look before they act, so calling one twice is harmless. A driver is a cheap handle
     on the hypervisor at `uri`: it holds nothing that needs releasing (the libvirt driver's connections
-    belong to a per-thread cache, see libvirt_driver.connect and drop_connection). Held for both drivers by
+    belong to a per-thread cache, see connections.connect and drop_connection). Held for both drivers by
     tests/hypervisors/test_driver_contract.py.
     """
 

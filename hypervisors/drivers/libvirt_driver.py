@@ -1,20 +1,16 @@
-"""The libvirt driver: the only module in the portal that imports libvirt.
+"""The libvirt driver: HypervisorDriver on libvirt-python. With connections.py (the connections) and
+serial_stream.py (the serial console's pump), the only modules in the portal that import libvirt.
 
-Connections are kept per thread and per URI, with libvirt keepalive so a dead
-peer is noticed, and reopened after a failure. Every libvirtError is turned
-into a HypervisorUnavailable (retry later) or HypervisorFatalError.
+Every libvirtError is turned into a HypervisorUnavailable (retry later) or HypervisorFatalError
+(connections.translate); what a host offers is parsed in capabilities.py, XML is built in domxml.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import queue
 import socket
 import subprocess
-import threading
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -36,6 +32,16 @@ from hypervisors.drivers.base import (
     PowerState,
     VolumeInfo,
 )
+from hypervisors.drivers.capabilities import parse_capabilities, parse_domain_capabilities
+from hypervisors.drivers.connections import (
+    CONNECT_TIMEOUT,
+    abort_quietly,
+    close_quietly,
+    connect,
+    drop_connection,
+    take_connection,
+    translate,
+)
 from hypervisors.drivers.domxml import (
     GUARD_PREFIX,
     VNC_EXPIRED_AT,
@@ -54,27 +60,11 @@ from hypervisors.drivers.domxml import (
     with_bridge_filters,
     with_vnc_password,
 )
+from hypervisors.drivers.serial_stream import ConsoleBridge
 
 log = logging.getLogger(__name__)
 
-KEEPALIVE_INTERVAL = 5  # seconds between keepalive probes
-KEEPALIVE_COUNT = 3  # unanswered probes before libvirt closes the connection
-CONNECT_TIMEOUT = 8.0  # seconds to reach a remote hypervisor's port
 VNC_PASSWORD_VALID_FOR = 15.0  # seconds a console session's VNC password works (the proxy uses it at once)
-
-# Default ports per transport, for the reachability check before libvirt.open().
-TRANSPORT_PORTS = {"ssh": 22, "tcp": 16509, "tls": 16514, "libssh": 22, "libssh2": 22}
-
-_UNAVAILABLE_CODES = {
-    libvirt.VIR_ERR_SYSTEM_ERROR,
-    libvirt.VIR_ERR_RPC,
-    libvirt.VIR_ERR_NO_CONNECT,
-    libvirt.VIR_ERR_INVALID_CONN,
-    libvirt.VIR_ERR_OPERATION_TIMEOUT,
-    libvirt.VIR_ERR_AUTH_FAILED,
-    libvirt.VIR_ERR_AUTH_UNAVAILABLE,
-    libvirt.VIR_ERR_AUTH_CANCELLED,
-}
 
 _STATES = {
     libvirt.VIR_DOMAIN_RUNNING: PowerState.RUNNING,
@@ -86,239 +76,11 @@ _STATES = {
     libvirt.VIR_DOMAIN_CRASHED: PowerState.CRASHED,
 }
 
-# Per-thread connection cache: {uri: virConnect}.
-_local = threading.local()
-_event_loop_lock = threading.Lock()
-_event_loop_started = False
-
-
-def _ignore_libvirt_errors(_ctx, _err) -> None:
-    """libvirt prints every error to stderr by default; we raise them instead."""
-
-
-libvirt.registerErrorHandler(_ignore_libvirt_errors, None)
-
-
-def _ensure_event_loop() -> None:
-    """Keepalive needs libvirt's event loop running in this process."""
-    global _event_loop_started
-    with _event_loop_lock:
-        if _event_loop_started:
-            return
-        libvirt.virEventRegisterDefaultImpl()
-
-        def run() -> None:
-            while True:
-                libvirt.virEventRunDefaultImpl()
-
-        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
-        _event_loop_started = True
-
-
-def translate(e: libvirt.libvirtError) -> HypervisorUnavailable | HypervisorFatalError:
-    """Sort a libvirtError into retryable and fatal."""
-    message = e.get_error_message() or str(e)
-    if e.get_error_code() in _UNAVAILABLE_CODES:
-        return HypervisorUnavailable(message)
-    return HypervisorFatalError(message)
-
-
-def check_reachable(uri: str, timeout: float = CONNECT_TIMEOUT) -> None:
-    """Fail fast, within `timeout`, when a remote hypervisor's port does not answer.
-
-    libvirt itself can wait minutes on a host that drops packets.
-    """
-    parts = urlsplit(uri)
-    transport = parts.scheme.partition("+")[2]
-    if not parts.hostname or transport not in TRANSPORT_PORTS:
-        return
-    port = parts.port or TRANSPORT_PORTS[transport]
-    try:
-        with socket.create_connection((parts.hostname, port), timeout=timeout):
-            pass
-    except OSError as e:
-        reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
-        raise HypervisorUnavailable(f"cannot reach {parts.hostname}:{port}: {reason}") from None
-
-
-def _connections() -> dict:
-    if not hasattr(_local, "conns"):
-        _local.conns = {}
-    return _local.conns
-
-
-def _open(uri: str, timeout: float) -> libvirt.virConnect:
-    """libvirt.open() bounded by `timeout`: a peer that accepts but never answers would block for ever."""
-    result: dict = {}
-    done = threading.Event()
-    abandoned = threading.Event()
-
-    def target() -> None:
-        try:
-            conn = libvirt.open(uri)
-        except libvirt.libvirtError as e:
-            result["error"] = e
-        else:
-            if abandoned.is_set():
-                _close_quietly(conn)
-            result["conn"] = conn
-        done.set()
-
-    threading.Thread(target=target, name="libvirt-open", daemon=True).start()
-    if not done.wait(timeout):
-        abandoned.set()
-        raise HypervisorUnavailable(f"libvirt did not answer within {timeout:g} s")
-    if "error" in result:
-        e = result["error"]
-        raise HypervisorUnavailable(e.get_error_message() or str(e))
-    return result["conn"]
-
-
-def connect(uri: str, timeout: float = CONNECT_TIMEOUT) -> libvirt.virConnect:
-    """This thread's open connection to `uri`, reopened if it died."""
-    conns = _connections()
-    conn = conns.get(uri)
-    if conn is not None:
-        try:
-            if conn.isAlive():
-                return conn
-        except libvirt.libvirtError:
-            pass
-        conns.pop(uri, None)
-        _close_quietly(conn)
-    conn = conns[uri] = new_connection(uri, timeout)
-    return conn
-
-
-def new_connection(uri: str, timeout: float = CONNECT_TIMEOUT) -> libvirt.virConnect:
-    """A connection of its own (the caller closes it), with keepalive on libvirt's event loop."""
-    _ensure_event_loop()
-    check_reachable(uri, timeout)
-    conn = _open(uri, timeout)
-    try:
-        conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
-    except libvirt.libvirtError:
-        pass  # drivers without a network connection (test://) have no keepalive
-    return conn
-
-
-def _close_quietly(conn: libvirt.virConnect) -> None:
-    try:
-        conn.close()
-    except libvirt.libvirtError:
-        pass
-
-
-# One spare connection per URI for the next serial console (each console stream needs a connection of
-# its own, closed with it): opening one costs a handshake (SSH or TLS on a remote host) on the console's
-# critical path, so a spare is opened beside each console that takes one. Spares keep keepalive on and
-# are checked alive when taken; a dead one is closed and a new connection opened as before.
-_spares: dict[str, libvirt.virConnect] = {}
-_spares_lock = threading.Lock()
-
-
-def take_connection(uri: str, timeout: float = CONNECT_TIMEOUT) -> libvirt.virConnect:
-    """A connection of its own, like new_connection: the spare for `uri` when it is alive, else a new one;
-    either way a new spare is opened in the background for the next caller. Not for libvirt's test driver,
-    which opens in-process and whose state lives as long as any connection to it (a spare would keep it)."""
-    if uri.startswith("test:"):
-        return new_connection(uri, timeout)
-    with _spares_lock:
-        spare = _spares.pop(uri, None)
-    threading.Thread(target=_open_spare, args=(uri, timeout), daemon=True, name="libvirt-spare").start()
-    if spare is not None:
-        try:
-            if spare.isAlive():
-                return spare
-        except libvirt.libvirtError:
-            pass
-        _close_quietly(spare)
-    return new_connection(uri, timeout)
-
-
-def _open_spare(uri: str, timeout: float) -> None:
-    try:
-        conn = new_connection(uri, timeout)
-    except (libvirt.libvirtError, HypervisorUnavailable, HypervisorFatalError, OSError) as e:
-        log.debug("no spare connection to %s: %s", uri, e)
-        return
-    with _spares_lock:
-        if uri not in _spares:
-            _spares[uri] = conn
-            return
-    _close_quietly(conn)  # another one got there first
-
-
-def drop_connection(uri: str) -> None:
-    """Close this thread's connection to `uri` (the next call reopens it)."""
-    conn = _connections().pop(uri, None)
-    if conn is not None:
-        _close_quietly(conn)
-
 
 def _version(number: int) -> str:
     major, rest = divmod(number, 1_000_000)
     minor, release = divmod(rest, 1_000)
     return f"{major}.{minor}.{release}"
-
-
-def parse_capabilities(xml: str) -> dict:
-    """Host arch, CPU model, the domain types offered per guest arch, and the usable one."""
-    root = ET.fromstring(xml)
-    host_arch = root.findtext("host/cpu/arch", default="")
-    features = {f.get("name") for f in root.findall("host/cpu/feature")}
-    types_by_arch: dict[str, list[str]] = {}
-    for guest in root.findall("guest"):
-        arch = guest.find("arch")
-        if arch is None:
-            continue
-        types = types_by_arch.setdefault(arch.get("name", ""), [])
-        for dom in arch.findall("domain"):
-            if dom.get("type") not in types:
-                types.append(dom.get("type", ""))
-    host_types = types_by_arch.get(host_arch, [])
-    machines: list[str] = []
-    for guest in root.findall("guest"):
-        arch = guest.find("arch")
-        if arch is not None and arch.get("name") == host_arch:
-            for m in arch.findall("machine"):
-                for name in (m.text, m.get("canonical")):
-                    if name and name not in machines:
-                        machines.append(name)
-    return {
-        "machine_types": sorted(machines),
-        "arch": host_arch,
-        "cpu_model": root.findtext("host/cpu/model", default=""),
-        "domain_types": host_types,
-        "guest_arches": sorted(a for a in types_by_arch if a),
-        "domain_type": usable_domain_type(host_arch, host_types, features),
-    }
-
-
-def usable_domain_type(arch: str, types: list[str], cpu_features: set) -> str:
-    """`kvm` only where it can run guests, else `qemu` (software emulation).
-
-    /dev/kvm alone is not proof: a paravirtual (PVM) host offers it to libvirt but
-    its guests die with "KVM internal error". On x86 real KVM needs the vmx or svm
-    CPU feature, which the host CPU description lists.
-    """
-    x86 = arch in ("x86_64", "i686")
-    if "kvm" in types and (not x86 or cpu_features & {"vmx", "svm"}):
-        return "kvm"
-    if "qemu" in types:
-        return "qemu"
-    return types[0] if types else ""
-
-
-def parse_domain_capabilities(xml: str) -> dict:
-    """The CPU modes a domain type supports and its usable named CPU models."""
-    root = ET.fromstring(xml)
-    modes = [m.get("name", "") for m in root.findall("cpu/mode") if m.get("supported") == "yes"]
-    models = sorted(
-        {m.text for m in root.findall("cpu/mode[@name='custom']/model") if m.get("usable") == "yes" and m.text}
-    )
-    firmwares = [v.text for v in root.findall("os[@supported='yes']/enum[@name='firmware']/value") if v.text]
-    return {"cpu_modes": modes, "cpu_models": models, "firmwares": ["bios", *[f for f in firmwares if f != "bios"]]}
 
 
 def _interfaces(conn: libvirt.virConnect, addresses: dict[str, list[str]]) -> list[dict]:
@@ -577,7 +339,7 @@ class LibvirtDriver(HypervisorDriver):
                 stream.sendAll(lambda _s, nbytes, fh: fh.read(nbytes), source)
                 stream.finish()
             except BaseException:
-                _abort_quietly(stream)
+                abort_quietly(stream)
                 raise
 
         self._call(run)
@@ -601,7 +363,7 @@ class LibvirtDriver(HypervisorDriver):
                 stream.recvAll(receive, None)
                 stream.finish()
             except BaseException:
-                _abort_quietly(stream)
+                abort_quietly(stream)
                 raise
 
         self._call(run)
@@ -945,11 +707,11 @@ class LibvirtDriver(HypervisorDriver):
             stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
             dom.openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE if take_over else 0)
             ours, theirs = socket.socketpair()
-            _ConsoleBridge(conn, stream, ours).start()
+            ConsoleBridge(conn, stream, ours).start()
         except BaseException as e:
             if stream is not None:
-                _abort_quietly(stream)
-            _close_quietly(conn)
+                abort_quietly(stream)
+            close_quietly(conn)
             if isinstance(e, libvirt.libvirtError):
                 raise translate(e) from None
             raise
@@ -999,113 +761,8 @@ class LibvirtDriver(HypervisorDriver):
                 stream.recvAll(receive, None)
                 stream.finish()
             except BaseException:
-                _abort_quietly(stream)
+                abort_quietly(stream)
                 raise
             return b"".join(chunks)
 
         return self._call(run)
-
-
-class _ConsoleBridge:
-    """Copies between a libvirt console stream and one end of a socket pair.
-
-    Guest output: the stream's callback (on libvirt's event loop, shared by every connection of the
-    process) only takes what is there and queues it; a thread of its own writes it to the socket, so a
-    reader that stops reading never stalls the loop: when the queue is full the session ends. Keyboard
-    input: a thread from the socket to the stream. The first end of either side, or the connection's
-    death (keepalive), ends both and closes the session's connection, never on the event loop."""
-
-    QUEUE_CHUNKS = 256  # up to 4 MiB of output waiting for a slow reader
-
-    def __init__(self, conn: libvirt.virConnect, stream: libvirt.virStream, sock: socket.socket) -> None:
-        self.conn, self.stream, self.sock = conn, stream, sock
-        self.output: queue.Queue = queue.Queue(self.QUEUE_CHUNKS)
-        self._closed = False
-        self._ending = False
-        self._lock = threading.Lock()
-
-    def start(self) -> None:
-        events = libvirt.VIR_STREAM_EVENT_READABLE | libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP
-        self.stream.eventAddCallback(events, self._on_stream, None)
-        self.conn.registerCloseCallback(lambda _conn, _reason, _opaque: self._end(), None)
-        threading.Thread(target=self._pump_output, name="serial-console-output", daemon=True).start()
-        threading.Thread(target=self._pump_input, name="serial-console-input", daemon=True).start()
-
-    def _end(self) -> None:
-        """From any thread, once: have the output thread close everything (after what is queued)."""
-        with self._lock:
-            if self._ending:
-                return
-            self._ending = True
-        try:
-            self.output.put_nowait(None)
-        except queue.Full:
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_RDWR)  # the output thread's send fails: it closes
-
-    def _on_stream(self, stream: libvirt.virStream, events: int, _opaque) -> None:
-        if self._ending:
-            return
-        try:
-            if events & libvirt.VIR_STREAM_EVENT_READABLE:
-                while True:
-                    data = stream.recv(16384)
-                    if data == -2:  # nothing more for now
-                        return
-                    if not data:
-                        break  # the console closed (another client took it, or the guest stopped)
-                    self.output.put_nowait(data)
-        except queue.Full:
-            log.info("serial console: the reader fell %d chunks behind; closing", self.QUEUE_CHUNKS)
-        except libvirt.libvirtError as e:
-            log.debug("serial console output: %s", e)
-        # At the end of the stream libvirt would call back on every turn of its loop: stop that here.
-        with contextlib.suppress(libvirt.libvirtError):
-            stream.eventRemoveCallback()
-        self._end()
-
-    def _pump_output(self) -> None:
-        try:
-            while (data := self.output.get()) is not None:
-                self.sock.sendall(data)
-        except OSError as e:
-            log.debug("serial console output: %s", e)
-        self.close()
-
-    def _pump_input(self) -> None:
-        try:
-            while data := self.sock.recv(4096):
-                while data and not self._closed:
-                    sent = self.stream.send(data)
-                    if sent == -2:  # the guest's port is full: wait a little
-                        time.sleep(0.01)
-                        continue
-                    data = data[sent:]
-        except (libvirt.libvirtError, OSError) as e:
-            log.debug("serial console input: %s", e)
-        self._end()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        for step in (self.stream.eventRemoveCallback, self.stream.abort, self.conn.unregisterCloseCallback):
-            try:
-                step()
-            except libvirt.libvirtError:
-                pass
-        self.stream.cb = self.stream.cbOpaque = None  # libvirt-python keeps the callback: a cycle through us
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        _close_quietly(self.conn)
-
-
-def _abort_quietly(stream: libvirt.virStream) -> None:
-    try:
-        stream.abort()
-    except libvirt.libvirtError:
-        pass

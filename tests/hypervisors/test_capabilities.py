@@ -1,4 +1,4 @@
-from hypervisors.drivers.libvirt_driver import parse_capabilities, usable_domain_type
+from hypervisors.drivers.capabilities import parse_capabilities, usable_domain_type
 
 # Shaped like `virsh capabilities` on a PVM cloud host: libvirt offers kvm, but
 # the CPU has no vmx/svm, so guests could not run under it.

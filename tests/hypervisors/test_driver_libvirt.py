@@ -1,7 +1,8 @@
 import pytest
 
 from hypervisors.drivers.base import HypervisorUnavailable, PowerState
-from hypervisors.drivers.libvirt_driver import LibvirtDriver, check_reachable
+from hypervisors.drivers.connections import check_reachable
+from hypervisors.drivers.libvirt_driver import LibvirtDriver
 
 
 @pytest.fixture
@@ -103,7 +104,7 @@ def test_a_serial_console_takes_the_spare_connection_and_leaves_a_new_one(monkey
     """Each serial console needs a connection of its own; the spare saves the handshake on its critical path."""
     import threading
 
-    from hypervisors.drivers import libvirt_driver
+    from hypervisors.drivers import connections
 
     opened = []
 
@@ -118,24 +119,24 @@ def test_a_serial_console_takes_the_spare_connection_and_leaves_a_new_one(monkey
         def close(self):
             self.closed = True
 
-    monkeypatch.setattr(libvirt_driver, "new_connection", lambda uri, timeout=0: Conn())
-    monkeypatch.setattr(libvirt_driver, "_spares", {})
+    monkeypatch.setattr(connections, "new_connection", lambda uri, timeout=0: Conn())
+    monkeypatch.setattr(connections, "_spares", {})
 
     def settle():
         for t in threading.enumerate():
             if t.name == "libvirt-spare":
                 t.join(5)
 
-    first = libvirt_driver.take_connection("qemu+ssh://hv/system")  # no spare yet: a new one, and a spare opened
+    first = connections.take_connection("qemu+ssh://hv/system")  # no spare yet: a new one, and a spare opened
     settle()
-    spare = libvirt_driver._spares["qemu+ssh://hv/system"]
+    spare = connections._spares["qemu+ssh://hv/system"]
     assert first is not spare and len(opened) == 2
-    assert libvirt_driver.take_connection("qemu+ssh://hv/system") is spare  # the next console gets it
+    assert connections.take_connection("qemu+ssh://hv/system") is spare  # the next console gets it
     settle()
-    assert libvirt_driver._spares["qemu+ssh://hv/system"] is not spare  # and a new spare is there
-    libvirt_driver._spares["qemu+ssh://hv/system"].alive = False  # e.g. the host restarted meanwhile
-    dead = libvirt_driver._spares["qemu+ssh://hv/system"]
-    fresh = libvirt_driver.take_connection("qemu+ssh://hv/system")
+    assert connections._spares["qemu+ssh://hv/system"] is not spare  # and a new spare is there
+    connections._spares["qemu+ssh://hv/system"].alive = False  # e.g. the host restarted meanwhile
+    dead = connections._spares["qemu+ssh://hv/system"]
+    fresh = connections.take_connection("qemu+ssh://hv/system")
     settle()
     assert fresh is not dead and dead.closed and fresh.alive
 

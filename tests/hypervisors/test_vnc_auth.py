@@ -7,8 +7,9 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from hypervisors.drivers.base import DomainSpec
+from hypervisors.drivers.connections import drop_connection
 from hypervisors.drivers.domxml import VNC_EXPIRED_AT, build_domain_xml, vnc_protected, with_vnc_password
-from hypervisors.drivers.libvirt_driver import LibvirtDriver, drop_connection
+from hypervisors.drivers.libvirt_driver import LibvirtDriver
 
 UUID = "7e0d5b4a-3c2f-4e1d-9a8b-6c5d4e3f2a10"
 

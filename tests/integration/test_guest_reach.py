@@ -31,7 +31,7 @@ from rest_framework.test import APIClient
 
 from hypervisors import networks
 from hypervisors import services as hv_services
-from hypervisors.drivers import libvirt_driver
+from hypervisors.drivers import connections
 from hypervisors.drivers.domxml import guard_name, host_guard_name
 from hypervisors.models import Hypervisor, HypervisorStatus, PublishedNetwork
 from machines import consoles
@@ -122,7 +122,7 @@ def reach_lab():
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
-            libvirt_driver.drop_connection(lv.uri)
+            connections.drop_connection(lv.uri)
 
 
 def broadcast(address: str) -> str:

@@ -4,7 +4,7 @@ a bridge with a DHCP server, and a veth whose peer is on that bridge as the macv
 import pytest
 
 from hypervisors import services as hv_services
-from hypervisors.drivers import libvirt_driver
+from hypervisors.drivers import connections
 from hypervisors.models import Hypervisor, HypervisorStatus, PublishedNetwork
 from machines import services
 from machines.models import Machine
@@ -42,7 +42,7 @@ def lan():
         try:
             yield lv
         finally:
-            libvirt_driver.drop_connection(lv.uri)
+            connections.drop_connection(lv.uri)
 
 
 def test_bridge_and_macvtap_nics_get_addresses(lan, worker, tiny_image):

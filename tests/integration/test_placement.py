@@ -3,7 +3,7 @@
 import pytest
 
 from hypervisors import services as hv_services
-from hypervisors.drivers import libvirt_driver
+from hypervisors.drivers import connections
 from hypervisors.models import Hypervisor, HypervisorStatus
 from machines import services
 from machines.models import Machine
@@ -23,7 +23,7 @@ def second_host(tmp_path):
         try:
             yield lv
         finally:
-            libvirt_driver.drop_connection(lv.uri)
+            connections.drop_connection(lv.uri)
 
 
 def test_any_hypervisor_fills_the_roomiest_first_then_refuses(second_host, worker, local, bmc_server):

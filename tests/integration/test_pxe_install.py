@@ -19,7 +19,7 @@ import pytest
 
 from hypervisors import networks
 from hypervisors import services as hv_services
-from hypervisors.drivers import libvirt_driver
+from hypervisors.drivers import connections
 from hypervisors.models import Hypervisor, HypervisorStatus, PublishedNetwork
 from machines import services
 from machines.models import Machine
@@ -72,7 +72,7 @@ def pxe_lab():
         try:
             yield lv
         finally:
-            libvirt_driver.drop_connection(lv.uri)
+            connections.drop_connection(lv.uri)
 
 
 def domstate(lv: PrivateLibvirtd, machine: Machine) -> str:

@@ -11,7 +11,7 @@ from unittest import mock
 import pytest
 from django.urls import reverse
 
-from hypervisors.drivers import libvirt_driver
+from hypervisors.drivers import connections
 from machines import console_proxy, consoles
 from machines.consoles import ConsoleDenied
 from machines.models import ConsoleSession, ConsoleToken, Machine, Membership, Project
@@ -285,7 +285,7 @@ def test_the_proxys_libvirt_calls_reuse_one_open_connection_per_hypervisor():
     assert len({id(conn) for conn, _ in seen}) == 1 and len({ident for _, ident in seen}) == 1
     assert all(conn.isAlive() for conn, _ in seen)
     # A connection that died is reopened by the driver at the next call, on the same thread.
-    console_proxy.on_hypervisor("test:///default", lambda driver: libvirt_driver.drop_connection(driver.uri))
+    console_proxy.on_hypervisor("test:///default", lambda driver: connections.drop_connection(driver.uri))
     conn, _ = console_proxy.on_hypervisor("test:///default", lambda driver: (driver.conn, None))
     assert conn is not seen[0][0] and conn.isAlive()
     # Errors come back to the caller as they were raised.
