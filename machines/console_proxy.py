@@ -51,6 +51,9 @@ log = logging.getLogger("portal.console")
 PATH_RE = re.compile(r"^/(console|serial)/(\d+)/?$")
 KINDS = {"console": "vnc", "serial": "serial"}
 WATCH_INTERVAL = 2.0  # seconds between checks that an open session is still allowed
+# The longest a connection waits for its console to be reached (a hypervisor visit, the VNC handshake, a
+# serial stream): past it the session is refused, and the shared threads are not held by a dead host.
+REACH_TIMEOUT = settings.PORTAL_CONNECT_TIMEOUT + 10.0
 
 
 def _dial_host(host: str, machine) -> str:
@@ -78,11 +81,7 @@ def on_hypervisor(uri: str, fn, *args):
         if pool is None:
             pool = _hypervisor_pools[uri] = ThreadPoolExecutor(HYPERVISOR_THREADS, thread_name_prefix="console-hv")
 
-    def call():
-        with get_driver(uri) as driver:
-            return fn(driver, *args)
-
-    return pool.submit(call).result()
+    return pool.submit(lambda: fn(get_driver(uri), *args)).result(timeout=REACH_TIMEOUT)
 
 
 def _discard(future: Future) -> None:
@@ -130,19 +129,20 @@ def vnc_connect(machine) -> socket.socket:
 
 
 class ConsoleHandler(websocketproxy.ProxyRequestHandler):
+    path: str  # the request's path, as http.server sets it (the query string is dropped from it on upgrade)
+
     def __init__(self, *args, **kwargs):
         self.session_id: int | None = None
         self.vnc_sock: socket.socket | None = None  # authenticated to the VNC server before the upgrade
-        self.serial: Future | None = None  # the serial console's socket, being opened beside the handshake
+        self.serial: Future[socket.socket] | None = None  # the serial console's socket, opened beside the handshake
         self.kind = "vnc"
-        self.machine = None
         self.view_only = False
         self.take_over = False  # serial: disconnect whoever has the port (the page's Reconnect, Take over)
         self.proxied = False
         # A graphical session's socket to the VNC server as websockify writes to it: a FilteredSocket
         # (machines/rfb_filter.py). Setting its `view_only` from another thread takes effect at the client's
         # next message.
-        self.filter_socket = None
+        self.filter_socket: FilteredSocket | None = None
         super().__init__(*args, **kwargs)
 
     # Logging: never the query string (it holds the token).
@@ -193,18 +193,17 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
         token = consoles.console_token_consume(raw=raw_token, machine_id=int(match.group(2)), client=client,
                                                kind=self.kind, reconnect=reconnect)  # fmt: skip
         self.view_only = token.view_only
-        self.machine = token.machine
         spent = time.perf_counter()
         # The token named the machine: reach its console while the session is recorded under the caps. VNC: one
         # visit to the hypervisor, before the upgrade (a stopped machine is refused with a 403), says where the
         # server listens now and sets the password the proxy then answers with. Serial: the console stream, whose
         # failure (another client has the port) the page hears after the upgrade; a take-over disconnects
         # someone, so it waits until this session has passed the caps.
-        reaching = None
+        reaching: Future[socket.socket] | None = None
         if self.kind == "vnc":
             reaching = _beside.submit(vnc_connect, token.machine)
         elif not self.take_over:
-            reaching = self.serial = _beside.submit(self._open_serial)
+            reaching = self.serial = _beside.submit(self._open_serial, token.machine)
         try:
             self.session_id = consoles.console_session_open(token=token, client=client, proxy_pid=os.getpid()).pk
         except BaseException:
@@ -213,10 +212,10 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
             raise
         recorded = time.perf_counter()
         if self.kind == "serial" and self.take_over:
-            self.serial = _beside.submit(self._open_serial)
-        if self.kind == "vnc":
+            self.serial = _beside.submit(self._open_serial, token.machine)
+        if reaching is not None and self.kind == "vnc":
             try:
-                self.vnc_sock = reaching.result()
+                self.vnc_sock = reaching.result(timeout=REACH_TIMEOUT)
             except (ConsoleDenied, HypervisorError):
                 consoles.console_session_close(self.session_id)
                 raise
@@ -230,22 +229,22 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
                  token.user_id, " (view only)" if self.view_only else "", where, 1000 * (ready - started),
                  1000 * (spent - started), 1000 * (recorded - spent), 1000 * (ready - spent))  # fmt: skip
 
-    def _open_serial(self) -> socket.socket:
-        with get_driver(self.machine.hypervisor.uri) as driver:
-            return driver.serial_console(str(self.machine.uuid), take_over=self.take_over)
+    def _open_serial(self, machine) -> socket.socket:
+        return get_driver(machine.hypervisor.uri).serial_console(str(machine.uuid), take_over=self.take_over)
 
     def _connect_target(self) -> socket.socket:
-        if self.kind == "serial":
-            return self.serial.result()
-        return self.vnc_sock
+        target = self.serial.result(timeout=REACH_TIMEOUT) if self.serial is not None else self.vnc_sock
+        if target is None:  # not reached: _authorise raised before it had a console
+            raise HypervisorError("the console was not reached")
+        return target
 
-    def _accept_vnc_client(self) -> None:
+    def _accept_vnc_client(self, target: FilteredSocket) -> None:
         """The browser's side of the RFB handshake (security None; the proxy authenticated to the server);
         what the browser sent beyond it is the start of its messages, and goes through the filter."""
         channel = rfb.FramesChannel(self)
         rfb.accept_client(channel)
         if channel.leftover:
-            self.filter_socket.send(channel.leftover)
+            target.send(channel.leftover)
 
     def new_websocket_client(self):
         self.proxied = True
@@ -259,12 +258,13 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
         # Every graphical session's client messages go through the filter, from the client's ClientInit on;
         # the session watcher flips its view_only when the user's role is lowered. (Serial: never view-only.)
         target = FilteredSocket(tsock, view_only=self.view_only) if self.kind == "vnc" else tsock
-        self.filter_socket = target
+        if isinstance(target, FilteredSocket):
+            self.filter_socket = target
         stop = threading.Event()
         threading.Thread(target=self._watch, args=(tsock, stop), daemon=True).start()
         try:
-            if self.kind == "vnc":
-                self._accept_vnc_client()
+            if isinstance(target, FilteredSocket):
+                self._accept_vnc_client(target)
             self.do_proxy(target)
         except rfb.PeerClosed as e:
             log.info("console session %s ended: %s", self.session_id, e)
@@ -277,7 +277,7 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
             except OSError:
                 pass
             tsock.close()
-            if getattr(target, "dropped", 0):
+            if isinstance(target, FilteredSocket) and target.dropped:
                 log.info("console session %s: %d input messages dropped (view only)", self.session_id, target.dropped)
             consoles.console_session_close(self.session_id)
             close_old_connections()
@@ -295,8 +295,8 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
             finally:
                 close_old_connections()
             if mode == consoles.VIEW_NOW and not self.view_only:
-                target = getattr(self, "filter_socket", None)
-                if hasattr(target, "view_only"):
+                target = self.filter_socket
+                if target is not None and hasattr(target, "view_only"):  # a graphical session's filter (serial: none)
                     target.view_only = True
                     self.view_only = True
                     log.info("console session %s now view-only: %s", self.session_id, why)

@@ -150,7 +150,9 @@ def console_session_mode(session_id: int | None) -> tuple[str, str]:
     """What an open session may do now, and why: OPERATE_NOW, VIEW_NOW (a lowered role: recorded on the
     session, which stays view-only) or END_NOW (logout, lost access, deletion, maximum lifetime; a serial
     session also ends when its user may no longer operate)."""
-    session = ConsoleSession.objects.select_related("machine", "user").filter(pk=session_id).first()
+    session = None
+    if session_id is not None:
+        session = ConsoleSession.objects.select_related("machine", "user").filter(pk=session_id).first()
     if session is None or session.revoked or session.ended is not None:
         return END_NOW, "revoked"
     if not can_use(session.user, session.machine):
@@ -168,7 +170,9 @@ def console_session_mode(session_id: int | None) -> tuple[str, str]:
 
 
 def console_session_close(session_id: int | None) -> None:
-    ConsoleSession.objects.filter(pk=session_id, ended__isnull=True).update(ended=timezone.now())
+    """End the session (None: none was opened, nothing to end)."""
+    if session_id is not None:
+        ConsoleSession.objects.filter(pk=session_id, ended__isnull=True).update(ended=timezone.now())
 
 
 @receiver(user_logged_out)

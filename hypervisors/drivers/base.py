@@ -169,14 +169,6 @@ class HypervisorDriver(ABC):
     def __init__(self, uri: str) -> None:
         self.uri = uri
 
-    def __enter__(self) -> HypervisorDriver:
-        """A `with` block only scopes the name: nothing is released at its end (there is nothing to release).
-        Kept while hypervisors/networks.py and machines/console_proxy.py still use one; new code does not."""
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
     # --- the host ----------------------------------------------------------------
 
     @abstractmethod

@@ -253,7 +253,7 @@ def test_the_serial_port_opens_while_the_session_is_recorded(machine):
     near, far = socket.socketpair()
     started = threading.Event()
 
-    def open_serial(self):
+    def open_serial(self, machine):
         started.set()
         return near
 
