@@ -40,8 +40,13 @@ def level(user, machine: Machine) -> int:
     return _RANK.get(role, 0)
 
 
+def allows(have: int, need: str) -> bool:
+    """Whether a level (level()) is enough for what `need` names (VIEW, OPERATE, ADMIN)."""
+    return have >= _NEEDED[need]
+
+
 def can(user, machine: Machine, need: str) -> bool:
-    return level(user, machine) >= _NEEDED[need]
+    return allows(level(user, machine), need)
 
 
 def require(user, machine: Machine, need: str) -> None:

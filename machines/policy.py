@@ -1,0 +1,138 @@
+"""What a user may do to a machine now: one table for the pages, the API and the services.
+
+allowed_actions(user, machine) joins the role a user has on a machine (machines/access.py: view, operate,
+admin) with the machine's state rules in RULES. The services (machines/services.py) refuse an action in a
+wrong state by the same table, the views and the API refuse a role by it, and the pages and the API's
+`allowed_actions` field show what it allows, so a button, the field and the refusal cannot disagree.
+
+What only a request carries stays with the service that gets it: which drive and which ISO, which boot
+device, how large a disk, the quotas, and the network policy over the NICs that a start or a rebuild checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from machines import access
+from machines.models import Machine
+from machines.states import DeployType, PowerAction, PowerState, Status
+
+ANY = frozenset(Status.values)
+ACTIVE = frozenset({Status.ACTIVE})
+
+
+def is_iso(machine: Machine) -> bool:
+    """Installer-ISO machines have CD-ROM drives to change and to boot from."""
+    return machine.deploy_type == DeployType.ISO
+
+
+def has_bmc(machine: Machine) -> bool:
+    return machine.has_bmc
+
+
+def has_ready_image(machine: Machine) -> bool:
+    """A rebuild starts over from the machine's image, so it needs one that is still there."""
+    return machine.image is not None and machine.image.is_ready
+
+
+@dataclass(frozen=True)
+class Rule:
+    need: str  # the role: access.VIEW, OPERATE or ADMIN
+    statuses: frozenset[str] = ANY  # the lifecycle statuses in which the service accepts it
+    exclusive: bool = False  # it claims the machine's one operation: refused while another runs
+    unprotected: bool = False  # refused while deletion protection is on
+    applies: Callable[[Machine], bool] | None = None  # the machine has what it acts on (a drive, a BMC, an image)
+
+
+RULES: dict[str, Rule] = {
+    **{action: Rule(access.OPERATE, ACTIVE, exclusive=True) for action in PowerAction.values},
+    "media": Rule(access.OPERATE, ACTIVE, exclusive=True, applies=is_iso),
+    "boot_cdrom": Rule(access.OPERATE, ACTIVE, exclusive=True, applies=is_iso),
+    "boot_device": Rule(access.OPERATE, ACTIVE, exclusive=True, applies=has_bmc),
+    "rebuild": Rule(access.ADMIN, frozenset({Status.ACTIVE, Status.ERROR}), unprotected=True, applies=has_ready_image),
+    "grow_disk": Rule(access.ADMIN, ACTIVE),
+    "delete": Rule(access.ADMIN, frozenset({Status.ACTIVE, Status.ERROR}), unprotected=True),
+    "protect": Rule(access.ADMIN),
+    "reveal_bmc": Rule(access.ADMIN, applies=has_bmc),
+    "console": Rule(access.VIEW),  # viewers get view-only sessions
+    "console_input": Rule(access.OPERATE),  # typing and clicking on the graphical console
+    "serial": Rule(access.OPERATE),  # libvirt lends the serial port to one client: not to watchers
+}
+ACTIONS = frozenset(RULES)
+
+# Why an action is refused (refusal()): the first of these that holds.
+ROLE, ELSEWHERE, STATE, BUSY, PROTECTED = "role", "elsewhere", "state", "busy", "protected"
+# Refusals that pass by themselves or by one click (the operation ends, protection is turned off): pages
+# show those buttons disabled instead of leaving them out.
+PASSING = frozenset({BUSY, PROTECTED})
+
+# What the power state last observed makes pointless (the services accept it: the observation may be stale,
+# and the worker reports what the hypervisor answers). Pages show these buttons disabled.
+_IDLE_WHEN_RUNNING = frozenset({PowerAction.START})
+_IDLE_UNLESS_RUNNING = frozenset({PowerAction.SHUTDOWN, PowerAction.REBOOT, "console", "serial"})
+
+
+def need(action: str) -> str:
+    """The role an action needs (KeyError for an action that does not exist)."""
+    return RULES[action].need
+
+
+def statuses_text(action: str) -> str:
+    """The statuses an action needs, for a refusal's message: "active", "active or error"."""
+    return " or ".join(Status(s).label.lower() for s in Status.values if s in RULES[action].statuses)
+
+
+def state_refusal(machine: Machine, action: str) -> str:
+    """Why the machine's state refuses the action ("" if it does not): ELSEWHERE, STATE, BUSY or PROTECTED."""
+    rule = RULES[action]
+    if rule.applies is not None and not rule.applies(machine):
+        return ELSEWHERE
+    if machine.status not in rule.statuses:
+        return STATE
+    if rule.unprotected and machine.deletion_protection:
+        return PROTECTED
+    if rule.exclusive and machine.operation:
+        return BUSY
+    return ""
+
+
+def refusal(user, machine: Machine, action: str, *, level: int | None = None) -> str:
+    """Why `user` may not do `action` to `machine` now ("" if they may): ROLE, then the state's reason."""
+    have = access.level(user, machine) if level is None else level
+    if not access.allows(have, RULES[action].need):
+        return ROLE
+    return state_refusal(machine, action)
+
+
+def refusals(user, machine: Machine) -> dict[str, str]:
+    """Every action with its refusal ("" for those allowed); the user's role is looked up once."""
+    have = access.level(user, machine)
+    return {action: refusal(user, machine, action, level=have) for action in RULES}
+
+
+def allowed_actions(user, machine: Machine) -> frozenset[str]:
+    """What `user` may do to `machine` now: their role allows it, and so does the machine's state."""
+    return frozenset(action for action, why in refusals(user, machine).items() if not why)
+
+
+def require(user, machine: Machine, action: str) -> None:
+    """PermissionDenied (403) when the user's role does not allow the action; the state is the service's to refuse
+    (with its own message), by the same table."""
+    access.require(user, machine, need(action))
+
+
+def idle_actions(machine: Machine) -> frozenset[str]:
+    """Actions the power state last observed makes pointless (a start of a running machine)."""
+    return _IDLE_WHEN_RUNNING if machine.power_state == PowerState.RUNNING else _IDLE_UNLESS_RUNNING
+
+
+def page_context(user, machine: Machine) -> dict[str, frozenset[str]]:
+    """For templates: `allowed` (what the services accept now), `shown` (also those refused for a passing
+    reason, shown disabled) and `idle` (allowed, but pointless in the power state observed: disabled)."""
+    why = refusals(user, machine)
+    return {
+        "allowed": frozenset(a for a, w in why.items() if not w),
+        "shown": frozenset(a for a, w in why.items() if not w or w in PASSING),
+        "idle": idle_actions(machine),
+    }
