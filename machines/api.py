@@ -8,7 +8,7 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from hypervisors.models import Hypervisor, Image
-from machines import access, consoles, services
+from machines import access, consoles, policy, services
 from machines.access import machines_for
 from machines.models import Machine, MachineEvent, MachineNic, Project
 from machines.states import PowerAction
@@ -88,6 +88,10 @@ class MachineSerializer(serializers.ModelSerializer):
     ssh_authorized_keys = StringOrList(required=False)
     packages = StringOrList(required=False)
     events = serializers.SerializerMethodField()
+    allowed_actions = serializers.SerializerMethodField(
+        help_text="What you may do to the machine now (your role and its state), e.g. start, console, delete: "
+        "what the portal's buttons offer, and what the actions here accept (machines/policy.py)."
+    )
 
     class Meta:
         model = Machine
@@ -97,9 +101,9 @@ class MachineSerializer(serializers.ModelSerializer):
                   "domain_name", "created", "events", "extra_isos", "cdroms", "power_on", "bmc", "project",
                   "machine_type", "cpu_mode", "cpu_model", "cpu_topology", "smbios", "watchdog", "rng", "disk_bus",
                   "disk_cache", "extra_disks", "qemu_args", "firmware", "secure_boot", "hostdevs", "hostdev_match", "guest_addresses",
-                  "override_capacity"]  # fmt: skip
+                  "override_capacity", "allowed_actions"]  # fmt: skip
         read_only_fields = ["uuid", "status", "status_message", "power_state", "operation", "domain_name", "created",
-                            "guest_addresses"]  # fmt: skip
+                            "guest_addresses", "allowed_actions"]  # fmt: skip
         validators: list[Any] = []  # the service validates (with the owner, which the request supplies)
 
     def get_bmc(self, machine) -> dict | None:
@@ -108,6 +112,10 @@ class MachineSerializer(serializers.ModelSerializer):
             return None
         return {"address": machine.bmc_address, "port": machine.bmc_port, "username": machine.bmc_username,
                 "listening": machine.bmc_listening}  # fmt: skip
+
+    def get_allowed_actions(self, machine) -> list[str]:
+        request = self.context.get("request")
+        return sorted(policy.allowed_actions(request.user, machine)) if request is not None else []
 
     def get_cdroms(self, machine) -> list[dict]:
         return [{"slot": c.slot, "image": c.image_id} for c in machine.cdroms.all()]
@@ -171,36 +179,42 @@ class MachineViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixins.Retr
     def get_queryset(self):
         return machines_for(self.request.user).prefetch_related("nics")
 
-    def _machine(self, need: str) -> Machine:
-        """The machine (404 if not visible), checked for the role the action needs (403)."""
+    def _machine(self, action: str) -> Machine:
+        """The machine (404 if not visible), checked for the role the action needs (403; machines.policy)."""
         machine = self.get_object()
-        access.require(self.request.user, machine, need)
+        policy.require(self.request.user, machine, action)
         return machine
 
+    def _data(self, machine: Machine) -> dict:
+        """The machine as it is now, with what the requesting user may do to it now."""
+        return self.get_serializer(Machine.objects.get(pk=machine.pk)).data
+
     def destroy(self, request, *args, **kwargs):
-        machine = self._machine(access.ADMIN)
+        machine = self._machine("delete")
         try:
             services.machine_delete(machine=machine)
         except services.MachineError as e:
             return Response({"detail": str(e)}, status=status.HTTP_409_CONFLICT)
         return Response({"detail": "deleting"}, status=status.HTTP_202_ACCEPTED)
 
-    def _act(self, fn, need: str = access.OPERATE, **kwargs) -> Response:
-        machine = self._machine(need)
+    def _act(self, fn, rule: str, **kwargs) -> Response:
+        """Call the service for the action `rule` names in machines.policy: its refusal answers 409."""
+        machine = self._machine(rule)
         try:
             fn(machine=machine, **kwargs)
         except services.MachineError as e:
             return Response({"detail": str(e)}, status=status.HTTP_409_CONFLICT)
         except DjangoValidationError as e:
             return Response(e.message_dict if hasattr(e, "error_dict") else {"detail": e.messages}, status=400)
-        return Response(MachineSerializer(Machine.objects.get(pk=machine.pk)).data, status=status.HTTP_202_ACCEPTED)
+        return Response(self._data(machine), status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=PowerSerializer)
     @action(detail=True, methods=["post"])
     def power(self, request, pk=None):
         s = PowerSerializer(data=request.data)
         s.is_valid(raise_exception=True)
-        return self._act(services.machine_power, action=s.validated_data["action"])
+        action = s.validated_data["action"]
+        return self._act(services.machine_power, action, action=action)
 
     @extend_schema(request=MediaSerializer)
     @action(detail=True, methods=["post"])
@@ -208,25 +222,27 @@ class MachineViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixins.Retr
         """Insert an ISO (`image`) into CD-ROM `slot`, or eject it (`image` null)."""
         s = MediaSerializer(data=request.data)
         s.is_valid(raise_exception=True)
-        return self._act(services.machine_change_media, slot=s.validated_data["slot"], image=s.validated_data["image"])
+        return self._act(
+            services.machine_change_media, "media", slot=s.validated_data["slot"], image=s.validated_data["image"]
+        )
 
     @extend_schema(request=None)
     @action(detail=True, methods=["post"], url_path="boot-cdrom")
     def boot_cdrom(self, request, pk=None):
         """Cold-start once from the installer CD-ROM."""
-        return self._act(services.machine_boot_cdrom_once)
+        return self._act(services.machine_boot_cdrom_once, "boot_cdrom")
 
     @extend_schema(request=None)
     @action(detail=True, methods=["post"])
     def rebuild(self, request, pk=None):
-        return self._act(services.machine_rebuild, need=access.ADMIN)
+        return self._act(services.machine_rebuild, "rebuild")
 
     @extend_schema(request=GrowSerializer)
     @action(detail=True, methods=["post"], url_path="grow-disk")
     def grow_disk(self, request, pk=None):
         s = GrowSerializer(data=request.data)
         s.is_valid(raise_exception=True)
-        return self._act(services.machine_grow_disk, need=access.ADMIN, disk_gib=s.validated_data["disk_gib"])
+        return self._act(services.machine_grow_disk, "grow_disk", disk_gib=s.validated_data["disk_gib"])
 
     @extend_schema(request=None, responses={200: ConsoleUrlSerializer})
     @action(detail=True, methods=["post"])
@@ -235,7 +251,7 @@ class MachineViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixins.Retr
         `openstack console url show`). The credential is in the URL's fragment; it works once and
         expires unused within PORTAL_CONSOLE_TOKEN_TTL seconds (the fragment's `r`, the reconnect secret,
         lets the page that opened it reconnect within PORTAL_CONSOLE_RECONNECT_GRACE seconds)."""
-        machine = self._machine(access.VIEW)
+        machine = self._machine("console")
         raw, expires = consoles.console_token_issue(machine=machine, user=request.user)
         fragment = f"#m={machine.pk}&t={raw}&r={consoles.console_reconnect_secret(raw)}"
         url = request.build_absolute_uri(reverse("console-standalone")) + fragment
@@ -247,7 +263,7 @@ class MachineViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixins.Retr
     @action(detail=True, methods=["get"])
     def bmc(self, request, pk=None):
         """The BMC's address, port and credentials. Every call is recorded in the machine's events."""
-        machine = self._machine(access.ADMIN)
+        machine = self._machine("reveal_bmc")
         try:
             data = services.machine_bmc_reveal(machine=machine, user=request.user)
         except services.MachineError as e:
@@ -262,7 +278,7 @@ class MachineViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixins.Retr
         """Through the BMC: `pxe`, `disk` or `cdrom`, once or persistent; takes effect at the next cold start."""
         s = BootDeviceSerializer(data=request.data)
         s.is_valid(raise_exception=True)
-        return self._act(services.machine_set_boot_device, **s.validated_data)
+        return self._act(services.machine_set_boot_device, "boot_device", **s.validated_data)
 
     @extend_schema(request=None, parameters=[OpenApiParameter("ids", str, description="comma-separated machine ids")])
     @action(detail=False, methods=["get"])
@@ -276,7 +292,7 @@ class MachineViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixins.Retr
                 machines = machines.filter(pk__in=[int(i) for i in ids.split(",") if i.strip()])
             except ValueError:
                 return Response({"ids": "Give machine ids separated by commas."}, status=400)
-        machines = [m for m in machines if access.can(request.user, m, access.ADMIN)]  # they hold BMC passwords
+        machines = [m for m in machines if access.can(request.user, m, policy.need("reveal_bmc"))]  # BMC passwords
         response = Response(services.instackenv(machines, user=request.user))
         response["Cache-Control"] = "no-store"
         return response
@@ -286,6 +302,6 @@ class MachineViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixins.Retr
     def protection(self, request, pk=None):
         s = ProtectionSerializer(data=request.data)
         s.is_valid(raise_exception=True)
-        machine = self._machine(access.ADMIN)
+        machine = self._machine("protect")
         services.machine_set_protection(machine=machine, protected=s.validated_data["deletion_protection"])
-        return Response(MachineSerializer(Machine.objects.get(pk=machine.pk)).data)
+        return Response(self._data(machine))
