@@ -13,7 +13,7 @@ from django.views.decorators.clickjacking import xframe_options_deny
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from hypervisors.models import Hypervisor, Image
-from machines import access, cloudinit, consoles, provisioning, services
+from machines import access, cloudinit, consoles, policy, provisioning, services
 from machines.access import machines_for
 from machines.capacity import usage_report
 from machines.forms import GrowDiskForm, MachineForm
@@ -66,6 +66,8 @@ def machine_list(request: HtmxHttpRequest) -> HttpResponse:
         template += "#machine-table"
     return render(request, template, {
         "page": page, "machines": page.object_list, "q": q, "busy": any(m.is_busy for m in page.object_list),
+        # Everyone who sees a machine may open its console (machines.policy); it is offered while it runs.
+        "console_ready": {m.pk for m in page.object_list if "console" not in policy.idle_actions(m)},
         "statuses": Status.choices, "types": DeployType.choices, "bulk_actions": BULK_ACTIONS,
         "hypervisors": Hypervisor.objects.values_list("name", flat=True),
     })  # fmt: skip
@@ -82,7 +84,7 @@ def machine_bulk(request: HtmxHttpRequest) -> HttpResponse:
         return redirect("machines:list")
     done, failed = [], []
     for machine in machines_for(request.user).filter(pk__in=ids):
-        if not access.can(request.user, machine, access.ADMIN if action == "delete" else access.OPERATE):
+        if not access.can(request.user, machine, policy.need(action)):
             failed.append(f"{machine.name}: your role does not allow this")
             continue
         try:
@@ -119,7 +121,8 @@ def machine_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
         services.machine_screenshot_request(machine=machine, max_age=60)
     worker_down = machine.is_busy and not queue_report().worker_ok
     return render(request, template, {"machine": machine, "events": events, "grow_form": GrowDiskForm(),
-                                      "power_actions": PowerAction.choices, "isos": isos, "worker_down": worker_down})  # fmt: skip
+                                      "power_actions": PowerAction.choices, "isos": isos, "worker_down": worker_down,
+                                      **policy.page_context(request.user, machine)})  # fmt: skip
 
 
 def _form_context(request, form: MachineForm) -> dict:
@@ -192,16 +195,16 @@ def _act(request, machine: Machine, call, done: str = "") -> HttpResponse:
 @login_required
 @require_POST
 def machine_power(request: HtmxHttpRequest, pk: int) -> HttpResponse:
-    machine = _get_machine_for_user(request, pk, access.OPERATE)
-    return _act(
-        request, machine, lambda: services.machine_power(machine=machine, action=request.POST.get("action", ""))
-    )
+    action = request.POST.get("action", "")
+    # An action that does not exist: the operators hear so from the service.
+    machine = _get_machine_for_user(request, pk, policy.need(action if action in PowerAction.values else "start"))
+    return _act(request, machine, lambda: services.machine_power(machine=machine, action=action))
 
 
 @login_required
 @require_POST
 def machine_rebuild(request: HtmxHttpRequest, pk: int) -> HttpResponse:
-    machine = _get_machine_for_user(request, pk, access.ADMIN)
+    machine = _get_machine_for_user(request, pk, policy.need("rebuild"))
     return _act(request, machine, lambda: services.machine_rebuild(machine=machine),
                 f"Rebuilding {machine.name} from {machine.image}.")  # fmt: skip
 
@@ -209,7 +212,7 @@ def machine_rebuild(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 @login_required
 @require_POST
 def machine_grow_disk(request: HtmxHttpRequest, pk: int) -> HttpResponse:
-    machine = _get_machine_for_user(request, pk, access.ADMIN)
+    machine = _get_machine_for_user(request, pk, policy.need("grow_disk"))
     form = GrowDiskForm(request.POST)
     if not form.is_valid():
         messages.error(request, form.errors.as_text())
@@ -222,7 +225,7 @@ def machine_grow_disk(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 @login_required
 @require_POST
 def machine_protect(request: HtmxHttpRequest, pk: int) -> HttpResponse:
-    machine = _get_machine_for_user(request, pk, access.ADMIN)
+    machine = _get_machine_for_user(request, pk, policy.need("protect"))
     services.machine_set_protection(machine=machine, protected=request.POST.get("protected") == "1")
     return redirect(machine)
 
@@ -230,7 +233,7 @@ def machine_protect(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 @login_required
 @require_http_methods(["GET", "POST"])
 def machine_delete(request: HtmxHttpRequest, pk: int) -> HttpResponse:
-    machine = _get_machine_for_user(request, pk, access.ADMIN)
+    machine = _get_machine_for_user(request, pk, policy.need("delete"))
     if request.method == "POST":
         try:
             services.machine_delete(machine=machine)
@@ -239,7 +242,7 @@ def machine_delete(request: HtmxHttpRequest, pk: int) -> HttpResponse:
             return redirect(machine)
         messages.success(request, f"Deleting {machine.name}: its domain and disks are being removed.")
         return redirect("machines:list")
-    return render(request, "machines/delete.html", {"machine": machine})
+    return render(request, "machines/delete.html", {"machine": machine, **policy.page_context(request.user, machine)})
 
 
 # --- consoles and screenshots -----------------------------------------------------------
@@ -275,7 +278,7 @@ def console_page_key(request, machine: Machine, kind: str) -> dict | None:
     except consoles.ConsoleDenied:
         return None
     return {"token": raw, "reconnect": consoles.console_reconnect_secret(raw), "expires_at": expires.isoformat(),
-            "view_only": not access.can(request.user, machine, access.OPERATE)}  # fmt: skip
+            "view_only": not access.can(request.user, machine, policy.need("console_input"))}  # fmt: skip
 
 
 CONSOLE_KINDS = {"machines/console.html": "vnc", "machines/serial.html": "serial"}
@@ -318,7 +321,7 @@ def machine_console_token(request: HtmxHttpRequest, pk: int) -> JsonResponse:
                                                     session_key=request.session.session_key or "")  # fmt: skip
     except consoles.ConsoleDenied as e:
         return JsonResponse({"error": str(e)}, status=403)
-    view_only = not access.can(request.user, machine, access.OPERATE)
+    view_only = not access.can(request.user, machine, policy.need("console_input"))
     # reconnect: the page keeps it in memory and offers it as a websocket subprotocol (never in a URL);
     # within the reconnect grace a spent token connects again only with it.
     body = {"token": raw, "reconnect": consoles.console_reconnect_secret(raw), "expires_at": expires.isoformat(),
@@ -356,7 +359,7 @@ def machine_screenshot(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
 @require_POST
 def machine_media(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     """Insert an ISO into a CD-ROM drive, or eject it (empty image)."""
-    machine = _get_machine_for_user(request, pk, access.OPERATE)
+    machine = _get_machine_for_user(request, pk, policy.need("media"))
     image_id = request.POST.get("image") or None
     image = Image.objects.filter(pk=image_id).first() if image_id else None
     if image_id and image is None:
@@ -372,7 +375,7 @@ def machine_media(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 @login_required
 @require_POST
 def machine_boot_cdrom(request: HtmxHttpRequest, pk: int) -> HttpResponse:
-    machine = _get_machine_for_user(request, pk, access.OPERATE)
+    machine = _get_machine_for_user(request, pk, policy.need("boot_cdrom"))
     return _act(request, machine, lambda: services.machine_boot_cdrom_once(machine=machine),
                 f"{machine.name} is restarting from its CD-ROM.")  # fmt: skip
 
@@ -381,7 +384,7 @@ def machine_boot_cdrom(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 @require_POST
 def machine_bmc_reveal(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     """The BMC password, shown once in the page (htmx); the reveal is recorded."""
-    machine = _get_machine_for_user(request, pk, access.ADMIN)
+    machine = _get_machine_for_user(request, pk, policy.need("reveal_bmc"))
     try:
         data = services.machine_bmc_reveal(machine=machine, user=request.user)
     except services.MachineError as e:
@@ -394,7 +397,7 @@ def machine_bmc_reveal(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 @login_required
 @require_POST
 def machine_boot_device(request: HtmxHttpRequest, pk: int) -> HttpResponse:
-    machine = _get_machine_for_user(request, pk, access.OPERATE)
+    machine = _get_machine_for_user(request, pk, policy.need("boot_device"))
     return _act(request, machine, lambda: services.machine_set_boot_device(
         machine=machine, device=request.POST.get("device", ""), persistent=request.POST.get("persistent") == "1"),
         "Boot device set through the BMC; it takes effect at the next cold start.")  # fmt: skip
@@ -407,7 +410,7 @@ def machines_instackenv(request: HtmxHttpRequest) -> HttpResponse:
     machines = [
         m
         for m in machines_for(request.user).filter(bmc_port__isnull=False)
-        if access.can(request.user, m, access.ADMIN)
+        if access.can(request.user, m, policy.need("reveal_bmc"))
     ]  # they hold BMC passwords
     response = JsonResponse(services.instackenv(machines, user=request.user), json_dumps_params={"indent": 2})
     response["Content-Disposition"] = 'attachment; filename="instackenv.json"'
