@@ -1005,7 +1005,7 @@ def _power_through_bmc(machine: Machine, action: str) -> None:
     try:
         if action == PowerAction.START:
             provisioning.ensure_host_guards(machine, get_driver(machine.hypervisor.uri), defined=True)
-        state = bmc.power(bmc_target(machine), IPMI_ACTIONS[PowerAction(action)])
+        state = bmc.get_client().power(bmc_target(machine), IPMI_ACTIONS[PowerAction(action)])
         machine.log("power", f"{PowerAction(action).label} through the BMC done; power is {state}")
         Machine.objects.filter(pk=machine.pk).update(power_state=PowerState.RUNNING if state == "on" else PowerState.OFF,
                                                      power_checked=timezone.now())  # fmt: skip
@@ -1030,7 +1030,7 @@ def machine_set_boot_device(*, machine: Machine, device: str, persistent: bool) 
 def machine_set_boot_device_run(machine_id: int, device: str, persistent: bool) -> None:
     machine = Machine.objects.get(pk=machine_id)
     try:
-        bmc.set_boot_device(bmc_target(machine), device, persistent=persistent)
+        bmc.get_client().set_boot_device(bmc_target(machine), device, persistent=persistent)
         machine.log("bmc", f"boot device {device} ({'persistent' if persistent else 'next boot only'}); "
                            "takes effect at the next cold start")  # fmt: skip
     except bmc.BmcError as e:

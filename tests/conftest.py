@@ -19,7 +19,7 @@ from portal.models import Heartbeat
 from portal.processes import stop_groups
 from portal.queue import WORKER
 from tests.factories import UserFactory
-from tests.fakes import FakeHost
+from tests.fakes import FakeBmc, FakeHost
 from tests.images import test_images
 
 
@@ -72,10 +72,11 @@ FAKE_DRIVER_SEAMS = ("machines.services", "machines.console_proxy")
 @pytest.fixture
 def host(monkeypatch):
     """An in-memory hypervisor (tests/fakes.py) behind get_driver for the whole test: arrange and read its
-    pools and domains; every driver the portal gets shares it."""
+    pools and domains; every driver the portal gets shares it, and so does the BMC client (FakeBmc)."""
     fake = FakeHost()
     for module in FAKE_DRIVER_SEAMS:
         monkeypatch.setattr(f"{module}.get_driver", fake.get_driver)
+    monkeypatch.setattr("machines.bmc.get_client", lambda: FakeBmc(fake))  # BMCs on the same domains
     return fake
 
 

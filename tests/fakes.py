@@ -25,6 +25,7 @@ from hypervisors.drivers.base import (
     VolumeInfo,
 )
 from hypervisors.drivers.domxml import _target_names, build_domain_xml, guard_name, new_vnc_password
+from machines.bmc import BmcClient, BmcError, BmcFatalError, BmcTarget
 
 # What the fake's screenshot() returns for a running domain: a 1x1 black PPM, as QEMU sends it.
 SCREEN = b"P6\n1 1\n255\n\x00\x00\x00"
@@ -39,6 +40,9 @@ class FakeHost:
     networks: dict[str, str] = field(default_factory=dict)  # network name -> XML
     fail: dict[str, Exception] = field(default_factory=dict)  # method name -> error to raise once
     calls: list[str] = field(default_factory=list)
+    # The virtual BMCs listening: (address, port) -> (username, password, domain name), as the BMC server
+    # runs them; FakeBmc also finds those of the machines in the database, as the BMC server does.
+    bmcs: dict[tuple[str, int], tuple[str, str, str]] = field(default_factory=dict)
 
     def get_driver(self, uri: str, driver: str = "libvirt") -> FakeDriver:
         """Stands in for hypervisors.drivers.get_driver: every driver it gives shares this host."""
@@ -300,3 +304,71 @@ class FakeDriver(HypervisorDriver):
     def undefine(self, uuid):
         self._hit("undefine")
         return self.host.domains.pop(uuid, None) is not None
+
+
+class FakeBmc(BmcClient):
+    """The BMC client on FakeHost's domains, as the portal's BMC server (machines/bmc_server.py) and
+    ipmitool would have it: power and boot devices of the domain behind each listening BMC, with its
+    next-boot-only device put back after the cold start that used it."""
+
+    BOOT = {"pxe": "network", "disk": "hd", "cdrom": "cdrom"}  # the client's names -> the domain's boot devices
+
+    def __init__(self, host: FakeHost) -> None:
+        self.host = host
+
+    def _domain(self, target: BmcTarget) -> tuple[FakeDriver, str, dict]:
+        key = (target.address, target.port)
+        if key not in self.host.bmcs:
+            from machines.bmc_server import BmcManager  # the BMCs the server would run now, from the database
+            from machines.crypto import decrypt
+
+            for address, port, username, encrypted, domain_name, _uri in BmcManager().desired().values():
+                self.host.bmcs[(address, port)] = (username, decrypt(encrypted), domain_name)
+        if key not in self.host.bmcs:
+            raise BmcError(f"the BMC at {target.address}:{target.port}: no answer")
+        username, password, name = self.host.bmcs[key]
+        if (target.username, target.password) != (username, password):
+            raise BmcFatalError("the BMC refused the credentials: RAKP 2 HMAC is invalid")
+        for uuid, dom in self.host.domains.items():
+            if dom.get("spec") is not None and dom["spec"].name == name:
+                return FakeDriver("fake:///bmc", self.host), uuid, dom
+        raise BmcError(f"the BMC at {target.address}:{target.port}: its domain {name} is gone")
+
+    def power_state(self, target: BmcTarget) -> str:
+        _, _, dom = self._domain(target)
+        return "on" if dom["state"] == PowerState.RUNNING else "off"
+
+    def power(self, target: BmcTarget, action: str, *, wait: float = 30) -> str:
+        driver, uuid, dom = self._domain(target)
+        if action == "cycle":
+            self.power(target, "off")
+            return self.power(target, "on")
+        if action not in ("on", "off", "soft", "reset"):
+            raise BmcFatalError(f"unknown power action {action!r}")
+        if action == "on" and dom["state"] != PowerState.RUNNING:
+            driver.start(uuid)
+            if "restore_boot" in dom:
+                dom["boot_device"] = dom.pop("restore_boot")
+        elif action in ("off", "soft"):
+            driver.power_off(uuid)
+        elif action == "reset" and dom["state"] == PowerState.RUNNING:
+            driver.reset(uuid)
+        return self.power_state(target)
+
+    def set_boot_device(self, target: BmcTarget, device: str, *, persistent: bool) -> None:
+        _, _, dom = self._domain(target)
+        if device not in self.BOOT:
+            raise BmcFatalError(f"unknown boot device {device!r}; use {', '.join(self.BOOT)}")
+        current = self.boot_device(target)
+        if persistent:
+            dom.pop("restore_boot", None)
+        else:
+            dom.setdefault("restore_boot", current)
+        dom["boot_device"] = device
+
+    def boot_device(self, target: BmcTarget) -> str:
+        _, _, dom = self._domain(target)
+        if "boot_device" in dom:
+            return dom["boot_device"]
+        first = (dom["spec"].boot_devices or ("hd",))[0]
+        return {v: k for k, v in self.BOOT.items()}.get(first, "disk")

@@ -3,9 +3,11 @@ import socket
 import pytest
 from django.core.exceptions import ValidationError
 
+from hypervisors.drivers.base import PowerState
 from machines import crypto, services
 from machines.models import Machine
 from tests.factories import HypervisorFactory, UserFactory, tenant_network_entry, tenant_nic
+from tests.fakes import FakeBmc
 
 pytestmark = pytest.mark.django_db
 
@@ -66,6 +68,24 @@ def test_power_on_after_create_when_asked(django_capture_on_commit_callbacks, ho
     settings.PORTAL_BMC_PORT_RANGE = "17250-17259"
     machine = create(django_capture_on_commit_callbacks, hv, power_on=True)
     assert machine.power_state == "running"
+
+
+def test_power_and_the_boot_device_go_through_the_machines_own_bmc(django_capture_on_commit_callbacks, host, hv,
+                                                                    settings):  # fmt: skip
+    """As an outside tool would: IPMI to the machine's BMC (FakeBmc here, on the same domains; the real client is
+    held to the same by tests/machines/test_bmc_contract.py)."""
+    settings.PORTAL_BMC_PORT_RANGE = "17240-17249"
+    machine = create(django_capture_on_commit_callbacks, hv)
+    bmc = FakeBmc(host)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.machine_set_boot_device(machine=machine, device="disk", persistent=True)
+    assert bmc.boot_device(services.bmc_target(machine)) == "disk"
+    with django_capture_on_commit_callbacks(execute=True):
+        services.machine_power(machine=Machine.objects.get(pk=machine.pk), action="start")
+    machine.refresh_from_db()
+    assert host.domains[str(machine.uuid)]["state"] == PowerState.RUNNING
+    assert machine.power_state == "running" and machine.operation == ""
+    assert machine.events.filter(message__contains="through the BMC done; power is on").exists()
 
 
 def test_reveal_is_recorded_and_instackenv_lists_the_nodes(django_capture_on_commit_callbacks, host, hv, settings):
