@@ -1,7 +1,7 @@
 """What a user may do to a machine now: one table for the pages, the API and the services.
 
 allowed_actions(user, machine) joins the role a user has on a machine (machines/access.py: view, operate,
-admin) with the machine's state rules in RULES. The services (machines/services.py) refuse an action in a
+admin) with the machine's state rules in RULES. The services (machines/services/) refuse an action in a
 wrong state by the same table, the views and the API refuse a role by it, and the pages and the API's
 `allowed_actions` field show what it allows, so a button, the field and the refusal cannot disagree.
 

@@ -66,7 +66,13 @@ def _close_test_host(uri: str = "test:///default") -> None:
 
 
 # Where the portal asks for a driver (each imports get_driver by name, so each is patched).
-FAKE_DRIVER_SEAMS = ("machines.services", "machines.console_proxy")
+FAKE_DRIVER_SEAMS = (
+    "machines.services.bmcs",
+    "machines.services.lifecycle",
+    "machines.services.observation",
+    "machines.services.operations",
+    "machines.console_proxy",
+)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@ import pytest
 from django.core.exceptions import ValidationError
 
 from machines import services
+from machines.services import validation
 from tests.factories import HypervisorFactory, UserFactory, tenant_network_entry, tenant_nic
 
 pytestmark = pytest.mark.django_db
@@ -211,8 +212,8 @@ def test_bad_extra_disks_are_refused(hv, extra, message):
 
 def test_boot_orders_of_extra_disks_are_distinct():
     with pytest.raises(ValidationError, match="distinct positive"):
-        services._normalise_extra_disks([{"size_gib": 1, "boot_order": 1}, {"size_gib": 1, "boot_order": 1}], "iso")
-    assert services._normalise_extra_disks([3, {"size_gib": 1, "boot_order": 2}], "iso") == [
+        validation._normalise_extra_disks([{"size_gib": 1, "boot_order": 1}, {"size_gib": 1, "boot_order": 1}], "iso")
+    assert validation._normalise_extra_disks([3, {"size_gib": 1, "boot_order": 2}], "iso") == [
         {"size_gib": 3, "image": None, "boot_order": None},
         {"size_gib": 1, "image": None, "boot_order": 2},
     ]

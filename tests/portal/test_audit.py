@@ -95,6 +95,7 @@ def test_a_media_change_records_machine_media_and_other_operations_do_not(django
     from hypervisors.models import Image
     from machines import services
     from machines.models import Machine
+    from machines.services import common
 
     hv = HypervisorFactory(name="lab", console_address="127.0.0.1")
     owner = UserFactory(username="media")
@@ -106,7 +107,7 @@ def test_a_media_change_records_machine_media_and_other_operations_do_not(django
         services.machine_change_media(machine=machine, slot=0, image=None)
     media = AuditEvent.objects.get(action="machine.media")
     assert (media.object_repr, media.outcome, "slot=0" in media.detail) == ("m", "success", True)
-    services._release_operation(machine)  # what every finished operation does
+    common._release_operation(machine)  # what every finished operation does
     with django_capture_on_commit_callbacks(execute=False):
         services.machine_power(machine=Machine.objects.get(pk=machine.pk), action="poweroff")
     assert AuditEvent.objects.filter(action="machine.media").count() == 1

@@ -1,0 +1,299 @@
+"""A machine's life: create (validate, place, claim quota, queue the provisioning), provision, rebuild,
+grow its disk, delete."""
+
+from __future__ import annotations
+
+import logging
+import uuid as uuidlib
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+from huey.exceptions import RetryTask
+
+from hypervisors.drivers import get_driver
+from hypervisors.drivers.base import HypervisorError, HypervisorFatalError, HypervisorUnavailable
+from hypervisors.drivers.base import PowerState as DomainState  # what the driver reports, not the model's field
+from hypervisors.models import Hypervisor, Image
+from machines import cloudinit, provisioning, tasks
+from machines.access import project_choices
+from machines.capacity import check_quota, claim_room, held, held_by, lock_quotas
+from machines.models import Machine, MachineCdrom, MachineNic, Project
+from machines.policy import RULES, has_ready_image, statuses_text
+from machines.services.bmcs import bmc_assign
+from machines.services.common import MachineError, _enqueue
+from machines.services.observation import screenshot_path
+from machines.services.validation import (
+    NicInput,
+    _check_named_hypervisor,
+    _claim_hostdevs,
+    _default_nics,
+    _refuse_against_policy,
+    _validate_cloud_init,
+    _validate_hardware_against,
+    _validate_hardware_input,
+    _validate_iso_request,
+    _validate_network_request,
+    _validate_nics,
+    generate_mac,
+)
+from machines.states import DeployType, PowerState, Status
+from portal import audit
+from portal.audit import audited
+
+log = logging.getLogger(__name__)
+
+
+@audited("machine.create")
+@transaction.atomic
+def machine_create(*, owner, hypervisor: Hypervisor | None, name: str, deploy_type: str = DeployType.IMAGE,
+                   image: Image | None = None, vcpus: int = 1, memory_mib: int = 1024, disk_gib: int = 10,
+                   nics: list[NicInput] | None = None, ssh_authorized_keys: str = "", packages: str = "",
+                   script: str = "", user_data: str = "", pool: str = "default", deletion_protection: bool = False,
+                   autostart: bool = True, extra_isos: list[Image] | None = None,
+                   power_on: bool | None = None, project: Project | None = None, override_capacity: bool = False,
+                   **hardware) -> Machine:  # fmt: skip
+    """Validate, save, and queue provisioning. Raises ValidationError with a message per field.
+    override_capacity (staff, with a named hypervisor): create it even where the host has no room."""
+    if deploy_type not in DeployType.values:
+        raise ValidationError({"deploy_type": f"Choose one of {', '.join(DeployType.values)}."})
+    extra_isos = extra_isos or []
+    if deploy_type == DeployType.ISO:
+        _validate_iso_request(extra_isos, ssh_authorized_keys, packages, script, user_data)
+    elif deploy_type == DeployType.NETWORK:
+        _validate_network_request(image, nics, extra_isos, ssh_authorized_keys, packages, script, user_data)
+        power_on = bool(power_on)
+    elif extra_isos:
+        raise ValidationError({"extra_isos": "Extra ISOs are for ISO machines."})
+    if project is not None and not project_choices(owner).filter(pk=project.pk).exists():
+        raise ValidationError({"project": f"You are not an admin of project {project.name}."})
+    hardware = _validate_hardware_input(owner, deploy_type, vcpus, hardware, project)
+    # What the machine will hold (capacity.held: main disk, extra disks, ...), checked against the quotas and
+    # the host under the locks every allocating path takes in this order: project, user's quota, hypervisor.
+    need = held({"vcpus": vcpus, "memory_mib": memory_mib, "disk_gib": disk_gib,
+                 "extra_disks": hardware.get("extra_disks")})  # fmt: skip
+    check_quota(owner, **need, project=project)
+    if hypervisor is not None:
+        _check_named_hypervisor(hypervisor, pool)
+    # "Any hypervisor" places where the NICs' networks exist, preferring the tenant network for default NICs.
+    networks = tuple(dict.fromkeys(n.source for n in nics or [] if n.type == MachineNic.Type.NETWORK))
+    prefer = settings.PORTAL_TENANT_NETWORK if nics is None else ""
+    room = claim_room(hypervisor, need=need, pool=pool, image=image, user=owner, override=override_capacity,
+                      networks=networks, prefer_network=prefer)  # fmt: skip
+    hypervisor = room.hypervisor
+    nics = _default_nics(owner, hypervisor, project, deploy_type) if nics is None else nics
+    _validate_nics(hypervisor, nics, owner=owner, project=project)
+    _validate_hardware_against(hypervisor, hardware, image)
+    hardware = _claim_hostdevs(hypervisor, hardware)
+    script, user_data = script.replace("\r\n", "\n"), user_data.replace("\r\n", "\n")  # browsers send CRLF
+    if len(script.encode()) > cloudinit.USER_DATA_MAX_BYTES:
+        raise ValidationError({"script": "The script is over 64 KiB."})
+    machine = Machine(owner=owner, project=project, hypervisor=hypervisor, name=name, deploy_type=deploy_type, image=image, vcpus=vcpus,
+                      memory_mib=memory_mib, disk_gib=disk_gib, ssh_authorized_keys=ssh_authorized_keys.strip(),
+                      packages=packages.strip(), script=script, user_data=user_data, pool=pool,
+                      deletion_protection=deletion_protection, autostart=autostart,
+                      power_on_after_create=True if power_on is None else power_on, **hardware,
+                      instance_id=f"i-{uuidlib.uuid4().hex}")  # fmt: skip
+    machine.full_clean()
+    machine.save()
+    if deploy_type == DeployType.NETWORK:
+        bmc_assign(machine)
+    try:
+        for i, nic in enumerate(nics):
+            MachineNic.objects.create(machine=machine, index=i, type=nic.type, source=nic.source,
+                                      mac=(nic.mac or generate_mac()).lower(), dhcp4=nic.dhcp4, dhcp6=nic.dhcp6,
+                                      addresses=nic.addresses, gateway4=nic.gateway4, gateway6=nic.gateway6,
+                                      nameservers=nic.nameservers, search=nic.search, model=nic.model,
+                                      mode=nic.mode, vlan=nic.vlan)  # fmt: skip
+    except IntegrityError:
+        raise ValidationError({"nics": "That MAC address is already used by another machine."}) from None
+    if deploy_type == DeployType.ISO:
+        for slot, iso in enumerate([image, *extra_isos]):
+            MachineCdrom.objects.create(machine=machine, slot=slot, image=iso)
+    elif deploy_type == DeployType.IMAGE:
+        _validate_cloud_init(machine)
+    machine.log("create", f"requested by {owner.get_username()} on {hypervisor.name}")
+    if room.placement is not None:
+        machine.log("placement", room.placement.reason())
+    if room.over_capacity:
+        note = f"created over capacity on {hypervisor.name} by staff ({owner.get_username()}): {room.over_capacity}"
+        machine.log("placement", note, level="warning")
+        audit.record("machine.capacity_override", machine, user=owner, detail=note)
+    machine.transition(Status.PROVISIONING)
+    _enqueue(tasks.machine_provision_task, machine.pk)
+    return machine
+
+
+def _cleanup(machine: Machine, driver) -> None:
+    """Remove what a failed attempt made; failures here are recorded, not raised."""
+    try:
+        removed = provisioning.deprovision(machine, driver)
+        machine.log("cleanup", "removed " + (", ".join(removed) if removed else "nothing (nothing was made)"))
+    except HypervisorError as e:
+        machine.log("cleanup", f"could not clean up: {e}", level="error")
+
+
+def machine_provision_run(machine_id: int) -> None:
+    """Worker: run the pipeline for a machine in PROVISIONING or REBUILDING."""
+    machine = Machine.objects.select_related("hypervisor", "image", "owner").get(pk=machine_id)
+    if machine.status not in (Status.PROVISIONING, Status.REBUILDING):
+        return  # a duplicate or stale delivery
+    Machine.objects.filter(pk=machine.pk).update(attempts=machine.attempts + 1)
+    driver = get_driver(machine.hypervisor.uri)
+    try:
+        provisioning.provision(machine, driver)
+    except HypervisorUnavailable as e:
+        if machine.attempts < settings.PORTAL_PROVISION_RETRIES:
+            delay = 5 * 2**machine.attempts
+            machine.log("retry", f"{e}; trying again in {delay} s", level="warning")
+            raise RetryTask(delay=delay) from None
+        _cleanup(machine, driver)
+        machine.transition(Status.ERROR, f"hypervisor unavailable: {e}")
+        return
+    except (HypervisorFatalError, cloudinit.CloudInitError, NotImplementedError) as e:
+        _cleanup(machine, driver)
+        machine.transition(Status.ERROR, str(e))
+        return
+    try:
+        state = driver.domain_state(str(machine.uuid))
+    except HypervisorError:
+        state = None
+    Machine.objects.filter(pk=machine.pk).update(attempts=0, power_state=str(state or PowerState.UNKNOWN),
+                                                 power_checked=timezone.now())  # fmt: skip
+    machine.transition(Status.ACTIVE)
+
+
+@audited("machine.delete", obj_kwarg="machine")
+@transaction.atomic
+def machine_delete(*, machine: Machine) -> None:
+    """Queue the removal of the domain and its volumes. Refused with protection, touching nothing."""
+    machine = Machine.objects.select_for_update().get(pk=machine.pk)
+    if machine.deletion_protection:
+        raise MachineError(f"{machine.name} is protected from deletion; clear the protection first.")
+    if machine.status not in RULES["delete"].statuses:
+        raise MachineError(
+            f"{machine.name} is busy ({machine.get_status_display().lower()}); try again when it is done."
+        )
+    machine.transition(Status.DELETING)
+    _enqueue(tasks.machine_delete_task, machine.pk)
+
+
+def machine_delete_run(machine_id: int) -> None:
+    """Worker: destroy, undefine, remove volumes, then forget the machine."""
+    machine = Machine.objects.select_related("hypervisor").filter(pk=machine_id).first()
+    if machine is None or machine.status != Status.DELETING:
+        return
+    try:
+        driver = get_driver(machine.hypervisor.uri)
+        removed = provisioning.deprovision(machine, driver)
+    except HypervisorUnavailable as e:
+        machine.log("delete", f"{e}; trying again", level="warning")
+        raise RetryTask(delay=15) from None
+    except HypervisorFatalError as e:
+        machine.transition(Status.ERROR, f"delete failed: {e}")
+        return
+    log.info("machine %s deleted: %s", machine.pk, ", ".join(removed))
+    screenshot_path(machine).unlink(missing_ok=True)
+    machine.delete()  # its console tokens and sessions go with it
+
+
+@audited("machine.rebuild", obj_kwarg="machine")
+@transaction.atomic
+def machine_rebuild(*, machine: Machine) -> None:
+    """Recreate the disk from the image and a fresh seed (new instance-id): the guest starts over.
+    It allocates nothing new: the disks come back at the sizes the machine holds (capacity.held), so no
+    quota or capacity check is needed, and the locks are taken in the allocating paths' order all the same."""
+    machine = _lock_for_allocation(machine)
+    if machine.deletion_protection:
+        raise MachineError(f"{machine.name} is protected; clear the protection to rebuild it (its disk is replaced).")
+    if machine.status not in RULES["rebuild"].statuses:
+        raise MachineError(
+            f"{machine.name} is {machine.get_status_display().lower()}; rebuild needs it active or failed."
+        )
+    if not has_ready_image(machine):
+        raise MachineError("The machine's image is not available any more.")
+    _refuse_against_policy(machine, "rebuilt")
+    Machine.objects.filter(pk=machine.pk).update(instance_id=f"i-{uuidlib.uuid4().hex}", attempts=0)
+    machine.transition(Status.REBUILDING)
+    _enqueue(tasks.machine_rebuild_task, machine.pk)
+
+
+def machine_rebuild_run(machine_id: int) -> None:
+    machine = Machine.objects.select_related("hypervisor").get(pk=machine_id)
+    if machine.status != Status.REBUILDING or machine.attempts:
+        return machine_provision_run(machine_id)  # a retry only needs the pipeline
+    try:
+        driver = get_driver(machine.hypervisor.uri)
+        removed = provisioning.deprovision(machine, driver)
+        machine.log("rebuild", "removed " + ", ".join(removed or ["nothing"]))
+    except HypervisorError as e:
+        machine.transition(Status.ERROR, f"rebuild failed: {e}")
+        return
+    return machine_provision_run(machine_id)
+
+
+def _lock_for_allocation(machine: Machine) -> Machine:
+    """The machine's row locked after its project's and owner's quota rows (lock_quotas: the order every
+    allocating path takes). Refused if the machine changed hands between reading and locking."""
+    current = Machine.objects.select_related("owner", "project").get(pk=machine.pk)
+    lock_quotas(current.owner, current.project)
+    locked = Machine.objects.select_for_update().get(pk=machine.pk)
+    if (locked.owner_id, locked.project_id) != (current.owner_id, current.project_id):
+        raise MachineError(f"{machine.name} changed owner or project meanwhile; try again.")
+    return locked
+
+
+@audited("machine.grow_disk", obj_kwarg="machine")
+@transaction.atomic
+def machine_grow_disk(*, machine: Machine, disk_gib: int) -> None:
+    """Grow the disk (never shrink). A running guest sees the new size at once."""
+    machine = _lock_for_allocation(machine)
+    if machine.status not in RULES["grow_disk"].statuses:
+        raise MachineError(
+            f"{machine.name} is {machine.get_status_display().lower()}; growing the disk needs it "
+            f"{statuses_text('grow_disk')}."
+        )
+    if disk_gib <= machine.disk_gib:
+        raise ValidationError(
+            {"disk_gib": f"The disk is {machine.disk_gib} GiB; give a larger size (disks only grow)."}
+        )
+    if disk_gib > 16384:
+        raise ValidationError({"disk_gib": "At most 16384 GiB."})
+    before, after = held_by(machine), held_by(machine, disk_gib=disk_gib)
+    check_quota(machine.owner, **{k: after[k] - before[k] for k in after}, project=machine.project)
+    # The host's pool must hold the larger disk, as a create's would (the disk is thin, but so is a create's).
+    hv = Hypervisor.objects.select_for_update().get(pk=machine.hypervisor_id)
+    pool = next((p for p in hv.pools if p["name"] == machine.pool and p.get("active")), None)
+    free = (pool.get("available_bytes") or 0) >> 30 if pool else None
+    if free is not None and disk_gib - machine.disk_gib > free:
+        raise ValidationError({"disk_gib": f"Hypervisor {hv.name} has {free} GiB free in pool {machine.pool}; growing by "
+                                           f"{disk_gib - machine.disk_gib} GiB does not fit."})  # fmt: skip
+    old = machine.disk_gib
+    machine.transition(Status.RESIZING, f"{old} GiB to {disk_gib} GiB")
+    Machine.objects.filter(pk=machine.pk).update(disk_gib=disk_gib)
+    _enqueue(tasks.machine_grow_disk_task, machine.pk)
+
+
+def machine_grow_disk_run(machine_id: int) -> None:
+    machine = Machine.objects.select_related("hypervisor").get(pk=machine_id)
+    if machine.status != Status.RESIZING:
+        return
+    size = machine.disk_gib << 30
+    try:
+        driver = get_driver(machine.hypervisor.uri)
+        if driver.domain_state(str(machine.uuid)) == DomainState.RUNNING:
+            info = driver.volume_info(pool=machine.pool, name=machine.disk_volume)
+            assert info is not None  # the running domain uses it
+            path = info.path
+            driver.block_resize(str(machine.uuid), path=path, capacity_bytes=size)
+        else:
+            driver.resize_volume(pool=machine.pool, name=machine.disk_volume, capacity_bytes=size)
+    except HypervisorUnavailable as e:
+        machine.log("resize", f"{e}; trying again", level="warning")
+        raise RetryTask(delay=15) from None
+    except HypervisorFatalError as e:
+        machine.transition(Status.ERROR, f"growing the disk failed: {e}")
+        return
+    machine.log("resize", f"disk is now {machine.disk_gib} GiB")
+    machine.transition(Status.ACTIVE)

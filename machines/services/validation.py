@@ -1,0 +1,329 @@
+"""Checking a machine request before anything is made: NICs (and who may put one where), hardware
+against what the hypervisor offers, host devices, extra disks, ISOs, cloud-init, the named hypervisor."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass, field
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+
+from hypervisors.models import Hypervisor, Image
+from machines import cloudinit, nic_policy, provisioning
+from machines.models import Machine, MachineNic, Project
+from machines.services.common import MachineError
+from machines.states import DeployType
+
+
+@dataclass
+class NicInput:
+    type: str = MachineNic.Type.NETWORK
+    source: str = ""
+    mac: str = ""
+    dhcp4: bool = True
+    dhcp6: bool = False
+    addresses: list[str] = field(default_factory=list)
+    gateway4: str = ""
+    gateway6: str = ""
+    nameservers: list[str] = field(default_factory=list)
+    search: list[str] = field(default_factory=list)
+    model: str = "virtio"
+    mode: str = "bridge"
+    vlan: int | None = None
+
+
+def generate_mac() -> str:
+    """A random MAC under PORTAL_MAC_PREFIX, unused in the portal."""
+    prefix = settings.PORTAL_MAC_PREFIX.lower().strip(":")
+    for _ in range(50):
+        tail = ":".join(f"{b:02x}" for b in secrets.token_bytes(6 - len(prefix.split(":"))))
+        mac = f"{prefix}:{tail}"
+        if not MachineNic.objects.filter(mac=mac).exists():
+            return mac
+    raise MachineError("could not find a free MAC address under the configured prefix")
+
+
+def _validate_nics(hypervisor: Hypervisor, nics: list[NicInput], *, owner, project: Project | None = None) -> None:
+    """NIC sources must exist on the hypervisor, and the owner may use them there (machines.nic_policy:
+    staff anything; others the tenant network and what was published to them or to the machine's
+    project). Addresses are checked by the cloud-init builder."""
+    networks = {n["name"] for n in hypervisor.networks}
+    if len(nics) > MAX_NICS:
+        raise ValidationError({"nics": f"At most {MAX_NICS} NICs."})
+    for i, nic in enumerate(nics, start=1):
+        if nic.type not in MachineNic.Type.values:
+            raise ValidationError({"nics": f"NIC {i}: type must be one of {', '.join(MachineNic.Type.values)}."})
+        # The policy first: someone who may not use the host's networks is not told which it has.
+        refused = nic_policy.refusal(owner, nic, index=i, hypervisor=hypervisor, project=project)
+        if refused:
+            raise ValidationError({"nics": refused})
+        if nic.type == MachineNic.Type.NETWORK and nic.source not in networks:
+            have = ", ".join(sorted(networks)) or "none"
+            raise ValidationError(
+                {"nics": f"NIC {i}: network {nic.source!r} does not exist on {hypervisor.name} (it has: {have})."}
+            )
+        if nic.type == MachineNic.Type.BRIDGE and not nic.source:
+            raise ValidationError({"nics": f"NIC {i}: name the host bridge."})
+        known = {x["name"]: x["type"] for x in hypervisor.interfaces}
+        if nic.type == MachineNic.Type.BRIDGE and known and known.get(nic.source) != "bridge":
+            have = ", ".join(n for n, t in known.items() if t == "bridge") or "none"
+            raise ValidationError(
+                {"nics": f"NIC {i}: {hypervisor.name} has no bridge {nic.source!r} (bridges: {have})."}
+            )
+        if nic.type == MachineNic.Type.DIRECT and (not nic.source or (known and nic.source not in known)):
+            raise ValidationError({"nics": f"NIC {i}: name a host interface of {hypervisor.name} for macvtap"
+                                           f"{' (' + ', '.join(known) + ')' if known else ''}."})  # fmt: skip
+        if nic.mode not in ("bridge", "vepa", "private", "passthrough"):
+            raise ValidationError({"nics": f"NIC {i}: macvtap mode is bridge, vepa, private or passthrough."})
+        if nic.model not in ("virtio", "e1000", "e1000e", "rtl8139"):
+            raise ValidationError({"nics": f"NIC {i}: model is virtio, e1000, e1000e or rtl8139."})
+        if nic.vlan is not None and not (1 <= nic.vlan <= 4094 and nic.type in ("bridge", "direct")):
+            raise ValidationError(
+                {"nics": f"NIC {i}: a VLAN tag is 1 to 4094, on a bridge (Open vSwitch) or macvtap NIC."}
+            )
+
+
+MAX_NICS = 8  # PCI slots are finite, and so is the guest's patience at boot
+
+
+def _default_nics(owner, hypervisor: Hypervisor, project: Project | None, deploy_type: str) -> list[NicInput]:
+    """NICs left out (the API without `nics`): the tenant network where the hypervisor has it, else for
+    those who are not staff the first network published to them, else none (refused for network boot)."""
+    choice = nic_policy.default_choice(owner, [hypervisor], project)
+    if choice is None:
+        if deploy_type == DeployType.NETWORK:
+            why = "" if owner.is_staff else " " + nic_policy.no_network_message(hypervisor)
+            raise ValidationError({"nics": f"A network-boot machine needs at least one NIC to boot from.{why}"})
+        return []
+    return [NicInput(type=choice.kind, source=choice.source, mode=choice.modes[0] if choice.modes else "bridge",
+                     vlan=None if choice.untagged or not choice.vlans else choice.vlans[0])]  # fmt: skip
+
+
+MAX_CDROMS = 4  # IDE has four places; the disk is virtio
+
+
+HARDWARE_FIELDS = {"machine_type", "cpu_mode", "cpu_model", "cpu_topology", "smbios", "watchdog", "rng", "disk_bus",
+                   "disk_cache", "extra_disks", "qemu_args", "firmware", "secure_boot", "hostdevs", "hostdev_match"}  # fmt: skip
+
+
+SMBIOS_KEYS = {"manufacturer", "product", "version", "serial", "sku", "family", "uuid"}
+
+
+def _validate_hardware_input(owner, deploy_type: str, vcpus: int, hardware: dict, project=None) -> dict:
+    """Checks that need no hypervisor: shapes, limits, and who may pass raw QEMU arguments. A machine in a
+    project is operated by its members, so it gets only what they may have, whoever creates it."""
+    unknown = set(hardware) - HARDWARE_FIELDS
+    if unknown:
+        raise TypeError(f"unknown machine options: {', '.join(sorted(unknown))}")
+    hw = {k: v for k, v in hardware.items() if v not in (None, "")}
+    topology = hw.get("cpu_topology") or []
+    if topology:
+        if len(topology) != 3 or not all(isinstance(n, int) and n > 0 for n in topology):
+            raise ValidationError({"cpu_topology": "Give [sockets, cores, threads], three positive whole numbers."})
+        if topology[0] * topology[1] * topology[2] != vcpus:
+            raise ValidationError({"cpu_topology": f"Sockets × cores × threads must equal the {vcpus} vCPUs."})
+    smbios = hw.get("smbios") or {}
+    if (
+        not isinstance(smbios, dict)
+        or set(smbios) - SMBIOS_KEYS
+        or any(not isinstance(v, str) or len(v) > 64 for v in smbios.values())
+    ):
+        raise ValidationError(
+            {"smbios": f"Use the keys {', '.join(sorted(SMBIOS_KEYS))}, with text of at most 64 characters."}
+        )
+    if "extra_disks" in hw:
+        hw["extra_disks"] = _normalise_extra_disks(hw["extra_disks"], deploy_type)
+    if hw.get("disk_bus", "virtio") not in ("virtio", "sata", "scsi", "ide"):
+        raise ValidationError({"disk_bus": "Choose virtio, sata, scsi or ide."})
+    if deploy_type == DeployType.ISO and hw.get("disk_bus", "virtio") != "virtio":
+        raise ValidationError({"disk_bus": "ISO machines keep the IDE or SATA places for their CD-ROMs; use virtio."})
+    if hw.get("disk_cache", "") not in ("", "none", "writeback", "writethrough", "directsync", "unsafe"):
+        raise ValidationError({"disk_cache": "Choose none, writeback, writethrough, directsync or unsafe."})
+    if hw.get("firmware", "bios") not in ("bios", "uefi"):
+        raise ValidationError({"firmware": "Choose bios or uefi."})
+    if hw.get("secure_boot") and hw.get("firmware") != "uefi":
+        raise ValidationError({"secure_boot": "Secure Boot needs UEFI firmware."})
+    if hw.get("secure_boot") and not str(hw.get("machine_type", "")).startswith(("q35", "pc-q35")):
+        raise ValidationError({"secure_boot": "Secure Boot needs machine type q35 (it keeps its variables in SMM)."})
+    if (
+        (hw.get("hostdevs") or hw.get("hostdev_match"))
+        and project is not None
+        and settings.PORTAL_HOST_DEVICES_FOR != "everyone"
+    ):
+        raise ValidationError({"hostdevs": f"A machine in project {project.name} is operated by its members: host devices "
+                                           "are for machines that only staff operate (PORTAL_HOST_DEVICES_FOR)."})  # fmt: skip
+    if (hw.get("hostdevs") or hw.get("hostdev_match")) and not may_take_host_devices(owner):
+        raise ValidationError({"hostdevs": "Only staff may pass host devices through: a device taken from the host can "
+                                           "cut it off its network or disks. Ask an administrator."})  # fmt: skip
+    args = hw.get("qemu_args") or []
+    if args and not owner.is_staff:
+        raise ValidationError({"qemu_args": "Only staff may pass extra QEMU arguments: they bypass every check."})
+    if args and project is not None:
+        raise ValidationError({"qemu_args": f"A machine in project {project.name} is operated by its members: extra QEMU "
+                                            "arguments bypass every check, so they are for machines only staff operate."})  # fmt: skip
+    if not isinstance(args, list) or not all(isinstance(a, str) and a for a in args):
+        raise ValidationError({"qemu_args": 'Give a list of arguments, e.g. ["-device", "pvpanic"].'})
+    return hw
+
+
+def _hexid(value: str) -> str:
+    """0x8086 -> 8086, as lspci -n shows vendor and product ids."""
+    return value[2:] if value.startswith("0x") else value
+
+
+def may_take_host_devices(user) -> bool:
+    return user.is_staff or settings.PORTAL_HOST_DEVICES_FOR == "everyone"
+
+
+def taken_hostdevs(hypervisor: Hypervisor) -> set[str]:
+    """Node devices of the hypervisor already given to a machine."""
+    return {n for m in Machine.objects.filter(hypervisor=hypervisor).only("hostdevs") for n in (m.hostdevs or [])}
+
+
+def _claim_hostdevs(hypervisor: Hypervisor, hw: dict) -> dict:
+    """Resolve host devices (by name, or the first free one matching `hostdev_match`) and make sure none is
+    already given to another machine. Runs in the create transaction with the hypervisor row locked."""
+    names = list(hw.get("hostdevs") or [])
+    pattern = hw.pop("hostdev_match", "")
+    if not names and not pattern:
+        return hw
+    Hypervisor.objects.select_for_update().filter(pk=hypervisor.pk).first()
+    taken = taken_hostdevs(hypervisor)
+    devices = {d["name"]: d for d in hypervisor.devices}
+    if pattern:
+        try:
+            regex = re.compile(pattern)
+        except re.error as e:
+            raise ValidationError({"hostdev_match": f"Not a regular expression: {e}."}) from None
+        free = [n for n, d in devices.items() if n not in taken and n not in names
+                and regex.search(f"{n} {_hexid(d['vendor'])}:{_hexid(d['product'])} {d['description']}")]  # fmt: skip
+        if not free:
+            raise ValidationError({"hostdev_match": f"No free device on {hypervisor.name} matches {pattern!r}."})
+        names.append(free[0])
+    for name in names:
+        if name not in devices:
+            raise ValidationError({"hostdevs": f"{hypervisor.name} has no PCI or USB device {name!r}."})
+        if name in taken:
+            raise ValidationError({"hostdevs": f"{name} is already given to another machine."})
+    if len(set(names)) != len(names):
+        raise ValidationError({"hostdevs": "A device can be given once."})
+    return {**hw, "hostdevs": names}
+
+
+def _normalise_extra_disks(entries, deploy_type: str) -> list[dict]:
+    """Each extra disk as {"size_gib", "image", "boot_order"}: a number is a blank disk of that size;
+    an image makes it a copy-on-write overlay of that image; a boot order puts it before the main disk."""
+    if not isinstance(entries, list) or len(entries) > 4:
+        raise ValidationError({"extra_disks": "Up to four extra disks."})
+    disks, orders = [], []
+    for n, entry in enumerate(entries, start=1):
+        entry = {"size_gib": entry} if isinstance(entry, int) else entry
+        if not isinstance(entry, dict) or set(entry) - {"size_gib", "image", "boot_order"}:
+            raise ValidationError({"extra_disks": f"Disk {n}: a size in GiB, or {{size_gib, image, boot_order}}."})
+        size, image_id, order = entry.get("size_gib"), entry.get("image"), entry.get("boot_order")
+        if not isinstance(size, int) or not 1 <= size <= 16384:
+            raise ValidationError({"extra_disks": f"Disk {n}: a size of 1 to 16384 GiB."})
+        if image_id is not None:
+            image = (
+                Image.objects.filter(pk=image_id, kind="disk", status="ready").first()
+                if isinstance(image_id, int)
+                else None
+            )
+            if image is None:
+                raise ValidationError({"extra_disks": f"Disk {n}: {image_id!r} is not a ready disk image."})
+            if image.virtual_size_bytes > size << 30:
+                raise ValidationError({"extra_disks": f"Disk {n}: image {image.name} needs at least "
+                                                      f"{-(-image.virtual_size_bytes // (1 << 30))} GiB."})  # fmt: skip
+        if order is not None:
+            if deploy_type == DeployType.NETWORK:
+                raise ValidationError(
+                    {"extra_disks": "Network-boot machines boot from the network, then their first disk."}
+                )
+            if not isinstance(order, int) or order < 1 or order in orders:
+                raise ValidationError({"extra_disks": f"Disk {n}: boot orders are distinct positive numbers."})
+            orders.append(order)
+        disks.append({"size_gib": size, "image": image_id, "boot_order": order})
+    return disks
+
+
+def _validate_hardware_against(hypervisor: Hypervisor, hw: dict, image: Image | None = None) -> None:
+    """What the hypervisor really offers: architectures, firmware, machine types, CPU modes and models."""
+    arch = image.arch if image is not None and image.arch else hypervisor.arch
+    if image is not None and hypervisor.guest_arches and arch not in hypervisor.guest_arches:
+        raise ValidationError({"image": f"{hypervisor.name} cannot run {arch} guests (it offers "
+                                        f"{', '.join(hypervisor.guest_arches)})."})  # fmt: skip
+    if arch != hypervisor.arch:
+        return  # the host's capabilities describe its own architecture; emulated ones take their defaults
+    if hw.get("firmware") == "uefi" and hypervisor.firmwares and "efi" not in hypervisor.firmwares:
+        raise ValidationError({"firmware": f"{hypervisor.name} has no UEFI firmware (install OVMF there)."})
+    machine_type = hw.get("machine_type")
+    if machine_type and hypervisor.machine_types and machine_type not in hypervisor.machine_types:
+        some = ", ".join(t for t in hypervisor.machine_types if "." not in t or t.endswith(("7.2", "8.0")))[:200]
+        raise ValidationError(
+            {"machine_type": f"{hypervisor.name} has no machine type {machine_type!r} (it has e.g. {some})."}
+        )
+    mode = hw.get("cpu_mode")
+    if mode and hypervisor.cpu_modes and mode not in hypervisor.cpu_modes:
+        raise ValidationError(
+            {"cpu_mode": f"{hypervisor.name} supports CPU modes {', '.join(hypervisor.cpu_modes)}, not {mode}."}
+        )
+    if mode == "custom":
+        model = hw.get("cpu_model", "")
+        if not model:
+            raise ValidationError({"cpu_model": "Name the CPU model for CPU mode custom."})
+        if hypervisor.cpu_models and model not in hypervisor.cpu_models:
+            raise ValidationError({"cpu_model": f"{model!r} is not a usable CPU model on {hypervisor.name}."})
+    elif hw.get("cpu_model"):
+        raise ValidationError({"cpu_model": "A CPU model goes with CPU mode custom."})
+
+
+def _validate_iso_request(extra_isos: list[Image], *cloud_init_fields: str) -> None:
+    if any(f.strip() for f in cloud_init_fields):
+        raise ValidationError({"deploy_type": "SSH keys, packages, a script and user-data apply to image machines; "
+                                              "an ISO machine is installed through its console."})  # fmt: skip
+    if len(extra_isos) > MAX_CDROMS - 1:
+        raise ValidationError({"extra_isos": f"At most {MAX_CDROMS - 1} extra ISOs."})
+    for iso in extra_isos:
+        if iso.kind != "iso" or not iso.is_ready:
+            raise ValidationError({"extra_isos": f"{iso.name} is not a ready ISO."})
+
+
+def _validate_network_request(image, nics, extra_isos, *cloud_init_fields: str) -> None:
+    if image is not None or extra_isos:
+        raise ValidationError({"image": "A network-boot machine has no image: it boots from the network."})
+    if any(f.strip() for f in cloud_init_fields):
+        raise ValidationError({"deploy_type": "SSH keys, packages, a script and user-data apply to image machines; "
+                                              "a network-boot machine gets its OS from the network."})  # fmt: skip
+    if nics is not None and not nics:  # None: the default NIC, resolved once the hypervisor is known
+        raise ValidationError({"nics": "A network-boot machine needs at least one NIC to boot from."})
+
+
+def _validate_cloud_init(machine: Machine) -> None:
+    try:
+        for key in machine.key_list:
+            cloudinit.validate_ssh_key(key)
+        cloudinit.validate_user_data(machine.user_data)
+        cloudinit.build_seed_iso(provisioning.seed_spec(machine))
+    except cloudinit.CloudInitError as e:
+        raise ValidationError(str(e)) from None
+
+
+def _check_named_hypervisor(hypervisor: Hypervisor, pool: str) -> None:
+    if not hypervisor.enabled or not hypervisor.is_online:
+        raise ValidationError(
+            {"hypervisor": f"Hypervisor {hypervisor.name} is {hypervisor.get_status_display().lower()}."}
+        )
+    if pool not in {p["name"] for p in hypervisor.pools if p.get("active")}:
+        raise ValidationError({"pool": f"Storage pool {pool!r} is not active on {hypervisor.name}."})
+
+
+def _refuse_against_policy(machine: Machine, doing: str) -> None:
+    """A machine whose NICs the network policy refuses (made before it, or left on a network since
+    unpublished) is not started or rebuilt until staff publish its network or change its NIC."""
+    for index, nic in enumerate(machine.nics.all(), start=1):
+        reason = nic_policy.refusal(machine.owner, nic, index=index, hypervisor=machine.hypervisor,
+                                    project=machine.project)  # fmt: skip
+        if reason:
+            raise MachineError(f"{machine.name} cannot be {doing}: {reason}")
