@@ -1,7 +1,8 @@
 import factory
 from django.contrib.auth import get_user_model
 
-from hypervisors.models import Hypervisor, HypervisorStatus
+from hypervisors.models import Hypervisor, HypervisorStatus, Image, ImageStatus
+from machines.models import Machine, Project
 
 
 class UserFactory(factory.django.DjangoModelFactory):
@@ -51,3 +52,35 @@ class PublishedNetworkFactory(factory.django.DjangoModelFactory):
     kind = "bridge"
     source = "br0"
     everyone = True
+
+
+class ImageFactory(factory.django.DjangoModelFactory):
+    """A catalogue image; the model's defaults otherwise (a qcow2 disk image, still importing)."""
+
+    class Meta:
+        model = Image
+
+    name = factory.Sequence(lambda n: f"image{n}")
+
+    class Params:
+        ready = factory.Trait(status=ImageStatus.READY)
+        iso = factory.Trait(kind="iso", format="iso", status=ImageStatus.READY)
+
+
+class ProjectFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Project
+
+    name = factory.Sequence(lambda n: f"project{n}")
+
+
+class MachineFactory(factory.django.DjangoModelFactory):
+    """A machine row as the database holds it (nothing on a hypervisor): the model's defaults, with an owner
+    and a hypervisor of its own unless given. Machines a test wants made for real go through the services."""
+
+    class Meta:
+        model = Machine
+
+    name = factory.Sequence(lambda n: f"machine{n}")
+    owner = factory.SubFactory(UserFactory)
+    hypervisor = factory.SubFactory(HypervisorFactory)

@@ -11,12 +11,12 @@ from django.test import Client
 from django.urls import URLResolver, get_resolver, reverse
 from rest_framework.test import APIClient
 
-from hypervisors.models import Image, ImageStatus
+from hypervisors.models import ImageStatus
 from machines import crypto
 from machines.models import Machine, Membership, Project
 from machines.states import Status
 from portal.models import ApiToken, SshKey
-from tests.factories import HypervisorFactory, UserFactory
+from tests.factories import HypervisorFactory, ImageFactory, MachineFactory, ProjectFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -139,18 +139,18 @@ def test_every_route_has_an_entry():
 def make_world():
     owner, other = UserFactory(username="owner"), UserFactory(username="other")
     staff = UserFactory(username="boss", is_staff=True, is_superuser=True)
-    project = Project.objects.create(name="team")
+    project = ProjectFactory(name="team")
     members = {role: UserFactory(username=role) for role in PROJECT_ROLES}
     for role, user in members.items():
         Membership.objects.create(project=project, user=user, role={"padmin": "admin"}.get(role, role))
     hv = HypervisorFactory(name="lab", uri="qemu:///system")
-    iso = Image.objects.create(name="inst", kind="iso", format="iso", status=ImageStatus.READY)
-    vm = Machine.objects.create(name="vm", owner=owner, project=project, hypervisor=hv, deploy_type="image",
+    iso = ImageFactory(name="inst", kind="iso", format="iso", status=ImageStatus.READY)
+    vm = MachineFactory(name="vm", owner=owner, project=project, hypervisor=hv, deploy_type="image",
                                 status=Status.ACTIVE)  # fmt: skip
-    iso_machine = Machine.objects.create(name="inst", owner=owner, project=project, hypervisor=hv, deploy_type="iso", image=iso,
+    iso_machine = MachineFactory(name="inst", owner=owner, project=project, hypervisor=hv, deploy_type="iso", image=iso,
                                          status=Status.ACTIVE)  # fmt: skip
     iso_machine.cdroms.create(slot=0, image=iso)
-    metal = Machine.objects.create(name="metal", owner=owner, project=project, hypervisor=hv, deploy_type="network", status=Status.ACTIVE,
+    metal = MachineFactory(name="metal", owner=owner, project=project, hypervisor=hv, deploy_type="network", status=Status.ACTIVE,
                                    bmc_address="127.0.0.1", bmc_port=17999, bmc_username="bmc-x",
                                    bmc_password_encrypted=crypto.encrypt("p" * 20))  # fmt: skip
     token, _ = ApiToken.issue(user=owner)

@@ -6,11 +6,11 @@ import re
 import pytest
 
 from machines import consoles, services
-from machines.models import Machine, Membership, Project
+from machines.models import Machine, Membership
 from tests.browser.test_console import open_console, type_into_console
 from tests.browser.test_hypervisors import login
 from tests.conftest import ARTIFACTS, serial_log, wait_for
-from tests.factories import UserFactory
+from tests.factories import ProjectFactory, UserFactory
 from tests.integration.test_console_auth import console_log_since, console_log_size, rfb_session
 from tests.rfb_client import key_events
 
@@ -27,7 +27,7 @@ def test_a_viewer_types_in_the_console_and_nothing_reaches_the_guest(
                                       memory_mib=256, disk_gib=1)  # fmt: skip
     wait_for(lambda: Machine.objects.get(pk=machine.pk).status == "active", 120)
     serial_log(machine.pk, "TINY-GUEST ready")
-    project = Project.objects.create(name="vo-project")
+    project = ProjectFactory(name="vo-project")
     Machine.objects.filter(pk=machine.pk).update(project=project)
     viewer = UserFactory(username="vo-viewer", password="correct-horse-battery")
     Membership.objects.create(project=project, user=viewer, role="viewer")

@@ -5,7 +5,7 @@ from django.core.exceptions import ValidationError
 
 from hypervisors import networks
 from hypervisors.networks import NetworkSpec, validate
-from tests.factories import HypervisorFactory
+from tests.factories import HypervisorFactory, MachineFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -253,13 +253,12 @@ def test_the_guard_of_a_pxe_network_lets_tftp_through():
 
 
 def test_a_network_portal_machines_use_is_not_removed(monkeypatch, django_capture_on_commit_callbacks):
-    from machines.models import Machine
     from tests.factories import UserFactory
 
     removed = []
     monkeypatch.setattr("hypervisors.networks.network_delete_run", lambda pk, name: removed.append(name))
     hv = HypervisorFactory(name="lab", networks=[{"name": "pxe"}, {"name": "spare"}])
-    machine = Machine.objects.create(name="m", owner=UserFactory(username="o"), hypervisor=hv, deploy_type="network")
+    machine = MachineFactory(name="m", owner=UserFactory(username="o"), hypervisor=hv, deploy_type="network")
     machine.nics.create(index=0, type="network", source="pxe", mac="52:54:00:00:00:42")
     with pytest.raises(ValidationError, match="Machines on lab still use network pxe"):
         networks.network_delete(hypervisor=hv, name="pxe")

@@ -14,9 +14,9 @@ from django.core.management import call_command
 
 from hypervisors.drivers import get_driver
 from machines import rfb, services
-from machines.models import Machine, Membership, Project
+from machines.models import Machine, Membership
 from tests.conftest import ARTIFACTS, serial_log, wait_for
-from tests.factories import UserFactory
+from tests.factories import ProjectFactory, UserFactory
 from tests.integration.test_iso_console import WsClient, token_for, virsh
 from tests.rfb_client import key_events, shifted_key_stream, update_request
 
@@ -168,7 +168,7 @@ def test_rfb_33_37_and_38_clients_get_the_screen_through_the_proxy(iso_machine, 
 
 def test_a_viewers_keys_never_reach_the_guest_and_an_operators_do(iso_machine, console_proxy):
     serial_log(iso_machine.pk, "TINY-GUEST ready")
-    project = Project.objects.create(name="onlookers")
+    project = ProjectFactory(name="onlookers")
     Machine.objects.filter(pk=iso_machine.pk).update(project=project)
     viewer = UserFactory(username="onlooker")
     Membership.objects.create(project=project, user=viewer, role="viewer")

@@ -17,7 +17,7 @@ from machines import services
 from machines.models import Machine
 from portal.models import ApiToken
 from tests.conftest import serial_log, wait_for
-from tests.factories import UserFactory
+from tests.factories import MachineFactory, UserFactory
 
 pytestmark = pytest.mark.integration
 
@@ -122,7 +122,7 @@ def test_image_machine_lifecycle(api, local, tiny_image):
 
 def test_a_hypervisor_with_machines_cannot_be_deleted(worker, local):
     user = UserFactory(username="owner1")
-    Machine.objects.create(name="held", owner=user, hypervisor=local, deploy_type="network")
+    MachineFactory(name="held", owner=user, hypervisor=local, deploy_type="network")
     with pytest.raises(hv_services.HypervisorInUse, match="still has 1 machine"):
         hv_services.hypervisor_delete(hypervisor=local)
     assert Hypervisor.objects.filter(pk=local.pk).exists()

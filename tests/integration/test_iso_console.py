@@ -20,7 +20,7 @@ from machines import consoles, services
 from machines.models import ConsoleSession, ConsoleToken, Machine
 from tests import rfb_client
 from tests.conftest import ARTIFACTS, STACK_PORTS, serial_log, wait_for
-from tests.factories import UserFactory
+from tests.factories import ProjectFactory, UserFactory
 from tests.images import test_images as built_images
 
 pytestmark = pytest.mark.integration
@@ -237,9 +237,9 @@ def test_screenshot_of_a_running_machine(iso_machine):
 
 
 def test_a_project_viewer_gets_a_view_only_console(iso_machine, console_proxy):
-    from machines.models import Membership, Project
+    from machines.models import Membership
 
-    project = Project.objects.create(name="watchers")
+    project = ProjectFactory(name="watchers")
     Machine.objects.filter(pk=iso_machine.pk).update(project=project)
     viewer = UserFactory(username="watcher")
     Membership.objects.create(project=project, user=viewer, role="viewer")
@@ -380,10 +380,10 @@ def _connect_all_at_once(port: int, paths: list[str]) -> list[WsClient]:
 def test_parallel_connections_get_exactly_the_cap_and_viewers_leave_room_for_operators(iso_machine, console_proxy):
     """The proxy's defaults: 2 operating and 4 view-only sessions per machine (PORTAL_CONSOLE_MAX_PER_MACHINE,
     PORTAL_CONSOLE_MAX_VIEWERS_PER_MACHINE), 4 per user."""
-    from machines.models import Membership, Project
+    from machines.models import Membership
 
     port, path = console_proxy, f"/console/{iso_machine.pk}"
-    project = Project.objects.create(name="crowd")
+    project = ProjectFactory(name="crowd")
     Machine.objects.filter(pk=iso_machine.pk).update(project=project)
     viewers = [UserFactory(username=f"crowd{i}") for i in range(10)]
     Membership.objects.bulk_create([Membership(project=project, user=v, role="viewer") for v in viewers])
@@ -426,9 +426,9 @@ def rfb_type(ws: WsClient, text: str) -> None:
 
 
 def test_an_operator_demoted_to_viewer_types_no_more_within_seconds(iso_machine, console_proxy):
-    from machines.models import Membership, Project
+    from machines.models import Membership
 
-    project = Project.objects.create(name="demotions")
+    project = ProjectFactory(name="demotions")
     Machine.objects.filter(pk=iso_machine.pk).update(project=project)
     machine = Machine.objects.get(pk=iso_machine.pk)
     operator = UserFactory(username="demoted-operator")

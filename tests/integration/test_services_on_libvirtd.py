@@ -23,7 +23,7 @@ from hypervisors.models import Hypervisor
 from machines import services
 from machines.models import Machine
 from machines.states import Status
-from tests.factories import HypervisorFactory, UserFactory
+from tests.factories import HypervisorFactory, MachineFactory, UserFactory
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db]
 
@@ -45,7 +45,7 @@ def real(libvirtd):
 def machine_on(real, name: str, *, running: bool, **fields) -> Machine:
     """A machine row and its domain on the real host (a blank 1 GiB disk), as a finished create leaves them."""
     hv, driver, made = real
-    machine = Machine.objects.create(name=name, owner=UserFactory(username=f"o-{name}"), hypervisor=hv,
+    machine = MachineFactory(name=name, owner=UserFactory(username=f"o-{name}"), hypervisor=hv,
                                      deploy_type="network", status=Status.ACTIVE, disk_gib=1, **fields)  # fmt: skip
     made.append(machine)
     disk = driver.create_volume(pool="default", name=machine.disk_volume, fmt="qcow2", capacity_bytes=1 << 30)

@@ -2,7 +2,7 @@ import pytest
 
 from machines.models import Machine
 from machines.states import Status
-from tests.factories import HypervisorFactory, UserFactory
+from tests.factories import HypervisorFactory, MachineFactory, UserFactory
 from tests.fakes import FakeDriver
 
 pytestmark = pytest.mark.django_db
@@ -11,7 +11,7 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def machine(db):
     hv = HypervisorFactory(name="lab", uri="qemu:///system")
-    return Machine.objects.create(name="web1", owner=UserFactory(username="o"), hypervisor=hv, deploy_type="network",
+    return MachineFactory(name="web1", owner=UserFactory(username="o"), hypervisor=hv, deploy_type="network",
                                   status=Status.ACTIVE, disk_gib=5)  # fmt: skip
 
 

@@ -10,11 +10,11 @@ from django.test import Client
 from django.urls import reverse
 from rest_framework.test import APIClient
 
-from hypervisors.models import Image, ImageStatus
+from hypervisors.models import ImageStatus
 from machines import access, consoles, crypto, policy, services
-from machines.models import ConsoleToken, Machine, Membership, Project
+from machines.models import ConsoleToken, Machine, Membership
 from machines.states import TRANSITIONS, InvalidTransition, PowerAction, PowerState, Status
-from tests.factories import HypervisorFactory, UserFactory
+from tests.factories import HypervisorFactory, ImageFactory, MachineFactory, ProjectFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -28,15 +28,15 @@ CONSOLES = {"console", "console_input", "serial"}
 def world(db, host):
     """Users in every role on one project's machines, a hypervisor (behind the fake driver) and images."""
     owner = UserFactory(username="owner")
-    project = Project.objects.create(name="team")
+    project = ProjectFactory(name="team")
     users = {"owner": owner, "staff": UserFactory(username="boss", is_staff=True),
              "stranger": UserFactory(username="stranger")}  # fmt: skip
     for role, name in (("viewer", "viewer"), ("operator", "operator"), ("padmin", "admin")):
         users[role] = UserFactory(username=role)
         Membership.objects.create(project=project, user=users[role], role=name)
     hv = HypervisorFactory(name="lab", uri="qemu:///system")
-    disk = Image.objects.create(name="tiny", status=ImageStatus.READY)
-    iso = Image.objects.create(name="inst", kind="iso", format="iso", status=ImageStatus.READY)
+    disk = ImageFactory(name="tiny", status=ImageStatus.READY)
+    iso = ImageFactory(name="inst", kind="iso", format="iso", status=ImageStatus.READY)
     return {"users": users, "project": project, "hv": hv, "disk": disk, "iso": iso}
 
 
@@ -44,10 +44,10 @@ def make(world, kind="image", *, status=Status.ACTIVE, protected=False, operatio
          image_ready=True) -> Machine:  # fmt: skip
     image = {"image": world["disk"], "iso": world["iso"], "network": None}[kind]
     if image is not None and not image_ready:
-        image = Image.objects.create(name=f"gone-{Machine.objects.count()}", kind=image.kind, status=ImageStatus.ERROR)
+        image = ImageFactory(name=f"gone-{Machine.objects.count()}", kind=image.kind, status=ImageStatus.ERROR)
     bmc = {"bmc_address": "127.0.0.1", "bmc_port": 17800 + Machine.objects.count(), "bmc_username": "bmc-x",
            "bmc_password_encrypted": crypto.encrypt("p" * 20)} if kind == "network" else {}  # fmt: skip
-    machine = Machine.objects.create(name=f"m{Machine.objects.count()}", owner=world["users"]["owner"], project=world["project"],
+    machine = MachineFactory(name=f"m{Machine.objects.count()}", owner=world["users"]["owner"], project=world["project"],
                                      hypervisor=world["hv"], deploy_type=kind, image=image, status=status,
                                      deletion_protection=protected, operation=operation, power_state=power, **bmc)  # fmt: skip
     if kind == "iso":

@@ -3,10 +3,10 @@ from unittest import mock
 import pytest
 from django.core.exceptions import ValidationError
 
-from hypervisors.models import Image, ImageStatus
+from hypervisors.models import ImageStatus
 from machines import capacity
 from machines.models import Machine, Quota
-from tests.factories import HypervisorFactory, UserFactory
+from tests.factories import HypervisorFactory, ImageFactory, MachineFactory, ProjectFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -37,7 +37,7 @@ def test_quota_defaults_and_overrides(settings):
 def test_quota_refuses_with_a_clear_message(settings):
     settings.PORTAL_QUOTA_VCPUS = 4
     user = UserFactory(username="q")
-    Machine.objects.create(name="a", owner=user, hypervisor=hv("h1"), deploy_type="network", vcpus=3)
+    MachineFactory(name="a", owner=user, hypervisor=hv("h1"), deploy_type="network", vcpus=3)
     with pytest.raises(capacity.QuotaExceeded, match=r"5 vCPUs of 4 allowed \(using 3\)"):
         capacity.check_quota(user, machines=1, vcpus=2)
     capacity.check_quota(user, machines=1, vcpus=1)
@@ -51,7 +51,7 @@ def test_staff_have_no_quota(settings):
 def test_usage_report_for_the_pages(settings):
     settings.PORTAL_QUOTA_MACHINES = 4
     user = UserFactory(username="q")
-    Machine.objects.create(name="a", owner=user, hypervisor=hv("h1"), deploy_type="network", memory_mib=512)
+    MachineFactory(name="a", owner=user, hypervisor=hv("h1"), deploy_type="network", memory_mib=512)
     report = {r["key"]: r for r in capacity.usage_report(user)}
     assert report["machines"] == {"key": "machines", "label": "machines", "title": "Machines", "used": 1, "limit": 4,
                                   "percent": 25}  # fmt: skip
@@ -62,9 +62,7 @@ def test_placement_picks_the_roomiest_and_says_why():
     small, big = hv("small", memory_mib=2048), hv("big", memory_mib=16384)
     fit = capacity.place(vcpus=1, memory_mib=1024, disk_gib=10, pool="default", image=None)
     assert fit.hypervisor == big and "placed on big: 16384 MiB memory" in fit.reason()
-    Machine.objects.create(
-        name="x", owner=UserFactory(username="o"), hypervisor=big, deploy_type="network", memory_mib=15000
-    )
+    MachineFactory(name="x", owner=UserFactory(username="o"), hypervisor=big, deploy_type="network", memory_mib=15000)
     assert capacity.place(vcpus=1, memory_mib=1024, disk_gib=10, pool="default", image=None).hypervisor == small
 
 
@@ -96,7 +94,7 @@ def test_placement_respects_vcpu_overcommit_arch_pool_and_status():
     hv("arm", arch="aarch64")
     hv("nopool", pools=[])
     hv("down", status="down")
-    image = Image.objects.create(name="img", status=ImageStatus.READY, arch="x86_64")
+    image = ImageFactory(name="img", status=ImageStatus.READY, arch="x86_64")
     with pytest.raises(ValidationError) as e:
         capacity.place(vcpus=3, memory_mib=512, disk_gib=10, pool="default", image=image)
     message = e.value.message_dict["hypervisor"][0]
@@ -114,7 +112,7 @@ def test_placement_with_no_online_hypervisor():
 
 def test_placement_may_emulate_another_architecture():
     hv("x86", guest_arches=["i686", "x86_64", "aarch64"])
-    image = Image.objects.create(name="arm", status=ImageStatus.READY, arch="aarch64")
+    image = ImageFactory(name="arm", status=ImageStatus.READY, arch="aarch64")
     assert capacity.place(vcpus=1, memory_mib=512, disk_gib=1, pool="default", image=image).hypervisor.name == "x86"
 
 
@@ -159,16 +157,16 @@ def test_the_issue_case_extra_disks_count_for_good(lab):
 def test_held_counts_the_main_disk_and_every_extra_disk_of_either_shape(lab):
     user = UserFactory(username="plain")
     shapes = [{"size_gib": 10, "image": None, "boot_order": None}, 5]  # 5: a row from before the dict shape
-    machine = Machine.objects.create(name="a", owner=user, hypervisor=lab, deploy_type="network", disk_gib=3,
+    machine = MachineFactory(name="a", owner=user, hypervisor=lab, deploy_type="network", disk_gib=3,
                                      vcpus=2, memory_mib=256, extra_disks=shapes)  # fmt: skip
-    Machine.objects.create(name="b", owner=user, hypervisor=lab, deploy_type="network", disk_gib=7)
+    MachineFactory(name="b", owner=user, hypervisor=lab, deploy_type="network", disk_gib=7)
     assert capacity.held_by(machine) == {"machines": 1, "vcpus": 2, "memory_mib": 256, "disk_gib": 18}
     assert capacity.held_by(machine, disk_gib=10)["disk_gib"] == 25
     assert capacity.usage(user) == {"machines": 2, "vcpus": 3, "memory_mib": 1280, "disk_gib": 25}
     assert capacity.usage_by(Machine.objects.all(), "owner") == {user.pk: capacity.usage(user)}
     assert {r["key"]: r["used"] for r in capacity.usage_report(user)}["disk_gib"] == 25
     # The database's sums and held() of each machine agree, whatever the grouping.
-    Machine.objects.create(name="c", owner=UserFactory(username="other"), hypervisor=lab, extra_disks=[{"size_gib": 2}])
+    MachineFactory(name="c", owner=UserFactory(username="other"), hypervisor=lab, extra_disks=[{"size_gib": 2}])
     each = [capacity.held_by(m) for m in Machine.objects.all()]
     assert capacity.usage_of(Machine.objects.all()) == {k: sum(h[k] for h in each) for k in each[0]}
     assert sum(u["disk_gib"] for u in capacity.usage_by(Machine.objects.all(), "owner").values()) == 25 + 10 + 2
@@ -185,11 +183,11 @@ def test_the_dashboard_shows_what_the_machines_hold(client, lab):
 
 
 def test_the_admin_shows_a_users_and_a_projects_usage(staff_client, lab):
-    from machines.models import Membership, Project
+    from machines.models import Membership
 
     user = UserFactory(username="plain")
     quota = Quota.objects.create(user=user, disk_gib=500)
-    project = Project.objects.create(name="lab-team", disk_gib_quota=2000)
+    project = ProjectFactory(name="lab-team", disk_gib_quota=2000)
     Membership.objects.create(project=project, user=user, role="admin")
     network_machine(user, lab, "big1", extra_disks=[124, 124, 124, 124], project=project)
     shown = "1 machines of 10, 1 vCPUs of 20, 128 MiB of memory of 32768, 497 GiB of disk of 500"
@@ -201,10 +199,10 @@ def test_the_admin_shows_a_users_and_a_projects_usage(staff_client, lab):
 
 
 def test_a_project_quota_counts_extra_disks_too(lab):
-    from machines.models import Membership, Project
+    from machines.models import Membership
 
     user = UserFactory(username="plain")
-    project = Project.objects.create(name="lab-team", disk_gib_quota=600)
+    project = ProjectFactory(name="lab-team", disk_gib_quota=600)
     Membership.objects.create(project=project, user=user, role="admin")
     Quota.objects.create(user=user, disk_gib=5000)
     network_machine(user, lab, "p1", extra_disks=[124, 124, 124, 124], project=project)
@@ -251,8 +249,8 @@ def test_rebuild_allocates_nothing_so_a_full_quota_does_not_stop_it(lab):
 
     user = UserFactory(username="plain")
     Quota.objects.create(user=user, disk_gib=10)
-    image = Image.objects.create(name="img", kind=ImageKind.DISK, status=ImageStatus.READY, arch="x86_64")
-    machine = Machine.objects.create(name="a", owner=user, hypervisor=lab, image=image, disk_gib=6, extra_disks=[4],
+    image = ImageFactory(name="img", kind=ImageKind.DISK, status=ImageStatus.READY, arch="x86_64")
+    machine = MachineFactory(name="a", owner=user, hypervisor=lab, image=image, disk_gib=6, extra_disks=[4],
                                      status="active")  # fmt: skip
     before = capacity.usage(user)
     services.machine_rebuild(machine=machine)
@@ -350,10 +348,10 @@ def test_every_allocating_path_locks_in_one_order(lab):
     from django.db.models.query import QuerySet
 
     from machines import services
-    from machines.models import Membership, Project
+    from machines.models import Membership
 
     user = UserFactory(username="plain")
-    project = Project.objects.create(name="lab-team")
+    project = ProjectFactory(name="lab-team")
     Membership.objects.create(project=project, user=user, role="admin")
     locked: list[str] = []
     real = QuerySet.select_for_update

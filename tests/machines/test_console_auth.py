@@ -13,7 +13,7 @@ from hypervisors.drivers.base import PowerState
 from machines import services
 from machines.models import Machine
 from machines.states import Status
-from tests.factories import HypervisorFactory, UserFactory
+from tests.factories import HypervisorFactory, MachineFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -24,7 +24,7 @@ def hv(db):
 
 
 def machine_with_domain(host, hv, name, *, running: bool, legacy: bool) -> Machine:
-    machine = Machine.objects.create(name=name, owner=UserFactory(username=f"o-{name}"), hypervisor=hv,
+    machine = MachineFactory(name=name, owner=UserFactory(username=f"o-{name}"), hypervisor=hv,
                                      deploy_type="network", status=Status.ACTIVE)  # fmt: skip
     host.domains[str(machine.uuid)] = {"state": PowerState.RUNNING if running else PowerState.OFF,
                                        "vnc_config_protected": not legacy, "vnc_protected": running and not legacy}  # fmt: skip

@@ -14,10 +14,10 @@ from django.urls import reverse
 from hypervisors.drivers import connections
 from machines import console_proxy, consoles
 from machines.consoles import ConsoleDenied
-from machines.models import ConsoleSession, ConsoleToken, Machine, Membership, Project
+from machines.models import ConsoleSession, ConsoleToken, Membership
 from machines.states import Status
 from portal.models import AuditEvent
-from tests.factories import HypervisorFactory, UserFactory
+from tests.factories import HypervisorFactory, MachineFactory, ProjectFactory, UserFactory
 
 # What Chromium sends for a click on a link of the portal's own pages, and for a URL typed or reloaded.
 SAME_ORIGIN = {
@@ -30,8 +30,8 @@ TYPED = {**SAME_ORIGIN, "HTTP_SEC_FETCH_SITE": "none"}
 
 @pytest.fixture
 def machine(db):
-    return Machine.objects.create(name="lat1", owner=UserFactory(username="lat-owner"), hypervisor=HypervisorFactory(),
-                                  project=Project.objects.create(name="lat-team"), deploy_type="network",
+    return MachineFactory(name="lat1", owner=UserFactory(username="lat-owner"), hypervisor=HypervisorFactory(),
+                                  project=ProjectFactory(name="lat-team"), deploy_type="network",
                                   status=Status.ACTIVE)  # fmt: skip
 
 

@@ -19,10 +19,10 @@ from rest_framework.test import APIClient
 
 from machines import console_proxy, consoles
 from machines.consoles import ConsoleDenied
-from machines.models import ConsoleSession, ConsoleToken, Machine, Membership, Project
+from machines.models import ConsoleSession, ConsoleToken, Machine, Membership
 from machines.states import Status
 from portal.models import ApiToken
-from tests.factories import HypervisorFactory, UserFactory
+from tests.factories import HypervisorFactory, MachineFactory, ProjectFactory, UserFactory
 
 LOCAL = "127.0.0.1"  # what the proxy sees for every client behind a reverse proxy
 
@@ -30,8 +30,8 @@ LOCAL = "127.0.0.1"  # what the proxy sees for every client behind a reverse pro
 @pytest.fixture
 def machine(db):
     owner = UserFactory(username="console-owner")
-    project = Project.objects.create(name="console-team")
-    return Machine.objects.create(name="con1", owner=owner, hypervisor=HypervisorFactory(), project=project,
+    project = ProjectFactory(name="console-team")
+    return MachineFactory(name="con1", owner=owner, hypervisor=HypervisorFactory(), project=project,
                                   deploy_type="network", status=Status.ACTIVE)  # fmt: skip
 
 
@@ -136,7 +136,7 @@ def test_viewers_cannot_lock_an_operator_out(machine, settings):
 @pytest.mark.django_db
 def test_the_per_user_cap_counts_all_of_a_users_sessions(machine, settings):
     settings.PORTAL_CONSOLE_MAX_PER_USER = 2
-    other = Machine.objects.create(name="con2", owner=machine.owner, hypervisor=machine.hypervisor,
+    other = MachineFactory(name="con2", owner=machine.owner, hypervisor=machine.hypervisor,
                                    deploy_type="network", status=Status.ACTIVE)  # fmt: skip
     open_session(machine, machine.owner)
     open_session(other, machine.owner)

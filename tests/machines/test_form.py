@@ -3,10 +3,10 @@
 import pytest
 from django.urls import reverse
 
-from hypervisors.models import Image, ImageStatus
+from hypervisors.models import ImageStatus
 from machines.forms import MachineForm, Offer
 from machines.models import Machine
-from tests.factories import HypervisorFactory, UserFactory
+from tests.factories import HypervisorFactory, ImageFactory, MachineFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -40,9 +40,9 @@ def small(db):
 @pytest.fixture
 def images(db):
     common = {"status": ImageStatus.READY, "virtual_size_bytes": 1 << 30}
-    return [Image.objects.create(name="debian", arch="x86_64", **common),
-            Image.objects.create(name="debian-arm", arch="aarch64", **common),
-            Image.objects.create(name="fedora-s390", arch="s390x", **common)]  # fmt: skip
+    return [ImageFactory(name="debian", arch="x86_64", **common),
+            ImageFactory(name="debian-arm", arch="aarch64", **common),
+            ImageFactory(name="fedora-s390", arch="s390x", **common)]  # fmt: skip
 
 
 def values(form, name):
@@ -53,7 +53,7 @@ def values(form, name):
 
 
 def test_one_hypervisor_offers_what_it_has(lab, images):
-    Machine.objects.create(name="has-nic", owner=UserFactory(), hypervisor=lab, deploy_type="network",
+    MachineFactory(name="has-nic", owner=UserFactory(), hypervisor=lab, deploy_type="network",
                            hostdevs=["usb_1_2"])  # fmt: skip
     form = MachineForm(initial={"hypervisor": lab.pk}, user=UserFactory(username="u", is_staff=True))
     assert values(form, "machine_type") == ["pc", "pc-q35-7.2", "q35"]
@@ -184,7 +184,7 @@ def test_any_hypervisor_ignores_lists_a_hypervisor_never_reported(lab, images):
 
 
 def test_redraw_with_odd_values_never_fails_and_says_what_was_left_out(staff_client, lab, small):
-    Machine.objects.create(name="holder", owner=UserFactory(username="h"), hypervisor=lab, deploy_type="network",
+    MachineFactory(name="holder", owner=UserFactory(username="h"), hypervisor=lab, deploy_type="network",
                            hostdevs=["usb_1_2"])  # fmt: skip
     r = staff_client.post(reverse("machines:form-fields"), {"hypervisor": lab.pk, "image": "abc", "pool": "nowhere",
                                                            "hostdevs": ["pci_0000_03_00_0", "usb_1_2"]})  # fmt: skip

@@ -3,7 +3,7 @@ from django.core.exceptions import ValidationError
 
 from machines import services
 from machines.services import validation
-from tests.factories import HypervisorFactory, UserFactory, tenant_network_entry, tenant_nic
+from tests.factories import HypervisorFactory, ImageFactory, UserFactory, tenant_network_entry, tenant_nic
 
 pytestmark = pytest.mark.django_db
 
@@ -85,11 +85,11 @@ def test_firmware_choices_are_checked(hv, hw, field, message):
 
 
 def test_an_image_of_an_architecture_the_host_cannot_run_is_refused(hv):
-    from hypervisors.models import Image, ImageStatus
+    from hypervisors.models import ImageStatus
 
     hv.guest_arches = ["i686", "x86_64"]
     hv.save()
-    image = Image.objects.create(name="ppc", status=ImageStatus.READY, arch="ppc64le", virtual_size_bytes=1)
+    image = ImageFactory(name="ppc", status=ImageStatus.READY, arch="ppc64le", virtual_size_bytes=1)
     with pytest.raises(ValidationError, match="cannot run ppc64le guests"):
         services.machine_create(owner=UserFactory(username="a"), hypervisor=hv, name="p", image=image,
                                 nics=[tenant_nic()])  # fmt: skip
@@ -98,7 +98,7 @@ def test_an_image_of_an_architecture_the_host_cannot_run_is_refused(hv):
 def test_an_arm64_machine_gets_emulation_defaults(hv, host, django_capture_on_commit_callbacks, tmp_path, settings):
     import subprocess
 
-    from hypervisors.models import Image, ImageStatus
+    from hypervisors.models import ImageStatus
 
     settings.PORTAL_IMAGE_DIR = tmp_path
     subprocess.run(
@@ -106,7 +106,7 @@ def test_an_arm64_machine_gets_emulation_defaults(hv, host, django_capture_on_co
     )
     hv.guest_arches = ["i686", "x86_64", "aarch64"]
     hv.save()
-    image = Image.objects.create(name="arm", status=ImageStatus.READY, arch="aarch64", file_name="1.qcow2",
+    image = ImageFactory(name="arm", status=ImageStatus.READY, arch="aarch64", file_name="1.qcow2",
                                  sha256="cd" * 32, file_size_bytes=(tmp_path / "1.qcow2").stat().st_size,
                                  virtual_size_bytes=16 << 20)  # fmt: skip
     with django_capture_on_commit_callbacks(execute=True):

@@ -8,8 +8,7 @@ import pytest
 from hypervisors.drivers.base import HypervisorFatalError
 from hypervisors.drivers.domxml import build_domain_xml
 from machines import provisioning
-from machines.models import Machine, Project
-from tests.factories import HypervisorFactory, UserFactory
+from tests.factories import HypervisorFactory, MachineFactory, ProjectFactory, UserFactory
 from tests.fakes import FakeDriver, FakeHost
 
 pytestmark = pytest.mark.django_db
@@ -20,7 +19,7 @@ BRIDGE = {"name": "br-lab", "type": "bridge", "active": True, "mac": "02:aa:00:0
 def machine_on_bridge(*, staff=False, project=None, interfaces=(BRIDGE,), name="m"):
     hv = HypervisorFactory(name=f"lab-{name}", console_address="127.0.0.1", interfaces=list(interfaces))
     owner = UserFactory(username=f"owner-{name}", is_staff=staff)
-    machine = Machine.objects.create(name=name, owner=owner, hypervisor=hv, deploy_type="network", project=project)
+    machine = MachineFactory(name=name, owner=owner, hypervisor=hv, deploy_type="network", project=project)
     machine.nics.create(index=0, type="bridge", source="br-lab", mac=f"52:54:00:00:00:{len(name):02x}")
     return machine
 
@@ -40,7 +39,7 @@ def test_a_users_bridge_nic_is_guarded_with_the_bridges_mac_and_the_hypervisors_
 
 
 def test_a_staff_machine_in_a_project_is_guarded_and_one_of_their_own_is_not():
-    in_project = machine_on_bridge(staff=True, project=Project.objects.create(name="team"), name="shared")
+    in_project = machine_on_bridge(staff=True, project=ProjectFactory(name="team"), name="shared")
     assert filters(in_project) == ["portal-hostguard-br-lab"]
     own = machine_on_bridge(staff=True, name="own")
     assert filters(own) == []

@@ -13,11 +13,19 @@ from django.test import Client
 from django.urls import reverse
 from rest_framework.test import APIClient
 
-from hypervisors.models import Image, ImageStatus, PublishedNetwork
+from hypervisors.models import ImageStatus, PublishedNetwork
 from machines.forms import MachineForm
-from machines.models import Machine, Membership, Project
+from machines.models import Machine, Membership
 from portal.models import AuditEvent
-from tests.factories import HypervisorFactory, PublishedNetworkFactory, UserFactory, tenant_network_entry
+from tests.factories import (
+    HypervisorFactory,
+    ImageFactory,
+    MachineFactory,
+    ProjectFactory,
+    PublishedNetworkFactory,
+    UserFactory,
+    tenant_network_entry,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -54,7 +62,7 @@ def bare(db):
 
 @pytest.fixture
 def iso(db):
-    return Image.objects.create(name="installer", kind="iso", format="iso", status=ImageStatus.READY)
+    return ImageFactory(name="installer", kind="iso", format="iso", status=ImageStatus.READY)
 
 
 def api(user) -> APIClient:
@@ -168,7 +176,7 @@ def test_a_network_published_on_one_hypervisor_is_not_published_on_another(lab):
 
 
 def test_a_network_published_to_a_project_is_for_the_machines_made_in_it(lab):
-    team = Project.objects.create(name="team")
+    team = ProjectFactory(name="team")
     chief, member, stranger = (
         UserFactory(username="chief"),
         UserFactory(username="member"),
@@ -255,7 +263,7 @@ def test_the_form_offers_a_plain_user_the_tenant_network_and_what_was_published(
     PublishedNetworkFactory(kind="bridge", source="br-trunk", vlans=[10, 20])
     PublishedNetworkFactory(kind="direct", source="eno1", modes=["bridge", "private"])
     PublishedNetworkFactory(kind="bridge", source="br-gone")  # published, but lab has no such bridge
-    PublishedNetworkFactory(kind="network", source="lan", everyone=False).projects.add(Project.objects.create(name="x"))
+    PublishedNetworkFactory(kind="network", source="lan", everyone=False).projects.add(ProjectFactory(name="x"))
     form = MachineForm(initial={"hypervisor": lab.pk}, user=UserFactory(username="plain"))
     assert values(form) == ["", f"network:{TENANT}", "bridge:br-trunk", "direct:eno1"]
     assert values(form, "nic_mode") == ["bridge", "private"]  # never passthrough
@@ -350,7 +358,7 @@ def test_the_form_creates_on_a_published_network_and_on_the_tenant_network(lab):
 
 
 def test_the_form_redraws_for_the_project_with_its_networks(lab):
-    team = Project.objects.create(name="team")
+    team = ProjectFactory(name="team")
     chief = UserFactory(username="chief")
     Membership.objects.create(project=team, user=chief, role="admin")
     PublishedNetworkFactory(kind="bridge", source="br0", everyone=False).projects.add(team)
@@ -373,7 +381,7 @@ def admin_client(db):
 
 
 def test_staff_publish_in_the_admin_and_it_is_audited(admin_client, lab):
-    team = Project.objects.create(name="team")
+    team = ProjectFactory(name="team")
     add = reverse("admin:hypervisors_publishednetwork_add")
     r = admin_client.post(add, {"hypervisor": lab.pk, "kind": "direct", "source": "eno1", "modes": ["bridge", "vepa"],
                                 "vlans": "101, 100", "untagged": "on", "projects": [team.pk], "note": "lab VLANs"})  # fmt: skip
@@ -400,7 +408,7 @@ def test_staff_publish_in_the_admin_and_it_is_audited(admin_client, lab):
     )
     assert listing.status_code == 200 and "eno1" in listing.content.decode()
     # A plain user's machine is on it: unpublishing says so (it keeps running, but will not be started).
-    machine = Machine.objects.create(name="on-eno1", owner=UserFactory(username="plain-eno1"), hypervisor=lab)
+    machine = MachineFactory(name="on-eno1", owner=UserFactory(username="plain-eno1"), hypervisor=lab)
     machine.nics.create(index=0, type="direct", source="eno1", mode="bridge", mac="52:54:00:00:e0:01")
     r = admin_client.post(reverse("admin:hypervisors_publishednetwork_delete", args=[row.pk]), {"post": "yes"},
                           follow=True)  # fmt: skip
@@ -447,12 +455,12 @@ def test_the_report_lists_machines_made_before_the_policy(lab):
     from django.core.management import CommandError, call_command
 
     plain = UserFactory(username="plain")
-    old = Machine.objects.create(name="old", owner=plain, hypervisor=lab, deploy_type="network")
+    old = MachineFactory(name="old", owner=plain, hypervisor=lab, deploy_type="network")
     old.nics.create(index=0, type="user", mac="52:54:00:00:00:11")
     old.nics.create(index=1, type="network", source=TENANT, mac="52:54:00:00:00:12")
-    trunk = Machine.objects.create(name="trunk", owner=plain, hypervisor=lab, deploy_type="network")
+    trunk = MachineFactory(name="trunk", owner=plain, hypervisor=lab, deploy_type="network")
     trunk.nics.create(index=0, type="direct", source="eno1", mode="passthrough", mac="52:54:00:00:00:13")
-    mine = Machine.objects.create(name="staffs", owner=UserFactory(username="boss", is_staff=True), hypervisor=lab)
+    mine = MachineFactory(name="staffs", owner=UserFactory(username="boss", is_staff=True), hypervisor=lab)
     mine.nics.create(index=0, type="user", mac="52:54:00:00:00:14")
     out = io.StringIO()
     with pytest.raises(CommandError, match=r"2 NIC\(s\) against the network policy"):
@@ -479,7 +487,7 @@ def test_staff_machines_in_a_project_follow_the_rules_of_its_members(lab):
     """Members operate a project's machines (consoles included): a staff-only NIC, QEMU argument or host
     device on one would hand them what staff keep to themselves."""
     staff = UserFactory(username="boss", is_staff=True)
-    project = Project.objects.create(name="team")
+    project = ProjectFactory(name="team")
     r = post_machine(staff, lab, project=project.name, nics=[{"type": "user"}])
     refused(r, "user-mode networking is for staff only")
     assert "The machine is in project team, whose members operate it" in " ".join(r.json()["nics"])
@@ -497,8 +505,8 @@ def test_the_policy_report_lists_project_machines_of_staff_too(lab):
     from machines.nic_policy import machines_against_policy
 
     staff = UserFactory(username="boss", is_staff=True)
-    machine = Machine.objects.create(name="old", owner=staff, hypervisor=lab, deploy_type="network",
-                                     project=Project.objects.create(name="team"))  # fmt: skip
+    machine = MachineFactory(name="old", owner=staff, hypervisor=lab, deploy_type="network",
+                                     project=ProjectFactory(name="team"))  # fmt: skip
     machine.nics.create(index=0, type="user", mac="52:54:00:00:00:99")
     assert [(m.name, "user-mode" in why) for m, why in machines_against_policy()] == [("old", True)]
 
@@ -526,13 +534,13 @@ def test_a_machine_against_the_policy_is_neither_started_nor_rebuilt(lab):
     from machines import services
 
     owner = UserFactory(username="legacy")
-    machine = Machine.objects.create(name="old", owner=owner, hypervisor=lab, deploy_type="network", status="active",
+    machine = MachineFactory(name="old", owner=owner, hypervisor=lab, deploy_type="network", status="active",
                                      power_state="off")  # fmt: skip
     machine.nics.create(index=0, type="user", mac="52:54:00:00:00:98")
     with pytest.raises(services.MachineError, match="old cannot be started: NIC 1: user-mode networking is for staff"):
         services.machine_power(machine=machine, action="start")
     with pytest.raises(services.MachineError, match="old cannot be rebuilt"):
-        disk = Image.objects.create(name="disk", kind="disk", format="qcow2", status=ImageStatus.READY)
+        disk = ImageFactory(name="disk", kind="disk", format="qcow2", status=ImageStatus.READY)
         Machine.objects.filter(pk=machine.pk).update(deploy_type="image", image=disk)
         services.machine_rebuild(machine=Machine.objects.get(pk=machine.pk))
     services.machine_power(machine=Machine.objects.get(pk=machine.pk), action="poweroff")  # stopping is always fine

@@ -12,7 +12,14 @@ from hypervisors.models import Image, ImageStatus
 from machines import services
 from machines.models import Machine
 from machines.states import Status
-from tests.factories import HypervisorFactory, UserFactory, tenant_network_entry, tenant_nic
+from tests.factories import (
+    HypervisorFactory,
+    ImageFactory,
+    MachineFactory,
+    UserFactory,
+    tenant_network_entry,
+    tenant_nic,
+)
 from tests.fakes import FakeDriver
 
 pytestmark = pytest.mark.django_db
@@ -33,7 +40,7 @@ def image(settings, tmp_path):
     settings.PORTAL_IMAGE_DIR = tmp_path
     path = tmp_path / "1.qcow2"
     subprocess.run(["qemu-img", "create", "-f", "qcow2", str(path), "64M"], check=True, capture_output=True)
-    return Image.objects.create(name="tiny", status=ImageStatus.READY, file_name=path.name, sha256="ab" * 32,
+    return ImageFactory(name="tiny", status=ImageStatus.READY, file_name=path.name, sha256="ab" * 32,
                                 file_size_bytes=path.stat().st_size, virtual_size_bytes=64 << 20, default_user="tiny")  # fmt: skip
 
 
@@ -258,7 +265,7 @@ def test_reconcile_fails_stuck_machines_and_notices_vanished_domains(
     host, owner, hv, image, django_capture_on_commit_callbacks, settings
 ):
     machine = create(django_capture_on_commit_callbacks, **base_kwargs(owner, hv, image))
-    stuck = Machine.objects.create(name="stuck", owner=owner, hypervisor=hv, image=image, status=Status.PROVISIONING,
+    stuck = MachineFactory(name="stuck", owner=owner, hypervisor=hv, image=image, status=Status.PROVISIONING,
                                    status_changed=timezone.now() - timedelta(seconds=settings.PORTAL_PROVISION_TIMEOUT + 5))  # fmt: skip
     host.domains.clear()
     services.machines_reconcile()
@@ -291,15 +298,15 @@ def test_reconcile_takes_screenshots_in_batches_in_turn(host, owner, hv, setting
     asked_at = {"never": None, "old": now - timedelta(hours=1), "recent": now - timedelta(minutes=2),
                 "fresh": now - timedelta(seconds=55)}  # fmt: skip
     for name, when in asked_at.items():
-        m = Machine.objects.create(name=name, owner=owner, hypervisor=hv, deploy_type="network", status=Status.ACTIVE,
+        m = MachineFactory(name=name, owner=owner, hypervisor=hv, deploy_type="network", status=Status.ACTIVE,
                                    power_state="running", screenshot_requested=when)  # fmt: skip
         host.domains[str(m.uuid)] = {"state": PowerState.RUNNING}
-    Machine.objects.create(
+    MachineFactory(
         name="off", owner=owner, hypervisor=hv, deploy_type="network", status=Status.ACTIVE, power_state="off"
     )
     # A machine whose hypervisor is down keeps its last state; it must not take a place in every batch.
     down = HypervisorFactory(name="gone", uri="qemu+tcp://gone/system", status="down")
-    Machine.objects.create(name="stranded", owner=owner, hypervisor=down, deploy_type="network", status=Status.ACTIVE,
+    MachineFactory(name="stranded", owner=owner, hypervisor=down, deploy_type="network", status=Status.ACTIVE,
                            power_state="running")  # fmt: skip
 
     def batch():

@@ -3,10 +3,10 @@ from unittest import mock
 import pytest
 from django.urls import reverse
 
-from hypervisors.models import Image, ImageStatus
+from hypervisors.models import ImageStatus
 from machines.models import Machine
 from machines.states import Status
-from tests.factories import HypervisorFactory, UserFactory
+from tests.factories import HypervisorFactory, ImageFactory, MachineFactory, ProjectFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def machine(user):
     hv = HypervisorFactory(name="lab", uri="qemu:///system")
-    return Machine.objects.create(name="web1", owner=user, hypervisor=hv, deploy_type="network", status=Status.ACTIVE)
+    return MachineFactory(name="web1", owner=user, hypervisor=hv, deploy_type="network", status=Status.ACTIVE)
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ def test_protection_toggle(user_client, machine):
 
 def test_create_form_explains_itself(user_client):
     HypervisorFactory(name="lab")
-    Image.objects.create(name="debian-12", status=ImageStatus.READY, virtual_size_bytes=2 << 30)
+    ImageFactory(name="debian-12", status=ImageStatus.READY, virtual_size_bytes=2 << 30)
     r = user_client.get(reverse("machines:create"))
     assert r.status_code == 200 and b"debian-12" in r.content and b"copy-on-write" in r.content
 
@@ -94,7 +94,7 @@ def test_preview_reports_bad_user_data(user_client):
 def test_search_filter_sort_and_paginate(user_client, user):
     hv = HypervisorFactory(name="lab2", uri="qemu:///system")
     for i in range(30):
-        Machine.objects.create(name=f"web{i:02d}", owner=user, hypervisor=hv, deploy_type="network",
+        MachineFactory(name=f"web{i:02d}", owner=user, hypervisor=hv, deploy_type="network",
                                status=Status.ERROR if i % 10 == 0 else Status.ACTIVE)  # fmt: skip
     body = user_client.get(reverse("machines:list") + "?q=web1&sort=name").content.decode()
     assert "web10" in body and "web19" in body and "web20" not in body
@@ -105,7 +105,7 @@ def test_search_filter_sort_and_paginate(user_client, user):
 
 
 def test_bulk_actions_only_touch_your_machines(user_client, machine, other_client):
-    other_machine = Machine.objects.create(name="theirs", owner=UserFactory(username="bob"), hypervisor=machine.hypervisor,
+    other_machine = MachineFactory(name="theirs", owner=UserFactory(username="bob"), hypervisor=machine.hypervisor,
                                            deploy_type="network", status=Status.ACTIVE)  # fmt: skip
     r = user_client.post(
         reverse("machines:bulk"), {"action": "poweroff", "ids": [machine.pk, other_machine.pk]}, follow=True
@@ -139,9 +139,9 @@ def test_detail_and_list_show_the_addresses_the_guest_has(user_client, machine):
 def test_viewers_get_the_screen_but_not_the_serial_console(machine, client):
     """libvirt lends the serial port to one client: a watcher holding it would lock out the people who
     work on the machine, so viewers read the serial log instead."""
-    from machines.models import Membership, Project
+    from machines.models import Membership
 
-    project = Project.objects.create(name="serial-watchers")
+    project = ProjectFactory(name="serial-watchers")
     Machine.objects.filter(pk=machine.pk).update(project=project)
     viewer = UserFactory(username="serial-watcher")
     Membership.objects.create(project=project, user=viewer, role="viewer")
@@ -163,9 +163,9 @@ def test_a_running_machine_without_a_screenshot_asks_for_one(user_client, machin
 def test_a_serial_token_dies_with_the_right_to_operate(machine):
     """Checked when the proxy spends it too: a role lowered between issue and connect is refused."""
     from machines import consoles
-    from machines.models import Membership, Project
+    from machines.models import Membership
 
-    project = Project.objects.create(name="operators")
+    project = ProjectFactory(name="operators")
     Machine.objects.filter(pk=machine.pk).update(project=project)
     machine.refresh_from_db()
     member = UserFactory(username="ops-then-not")

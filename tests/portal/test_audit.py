@@ -4,7 +4,7 @@ from rest_framework.test import APIClient
 
 from hypervisors import services as hv_services
 from portal.models import ApiToken, AuditEvent
-from tests.factories import HypervisorFactory, UserFactory
+from tests.factories import HypervisorFactory, ImageFactory, MachineFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -36,9 +36,8 @@ def test_api_changes_are_recorded_with_the_token_user(staff, django_capture_on_c
 
 def test_refused_deletes_are_recorded(staff):
     hv = HypervisorFactory(name="lab")
-    from machines.models import Machine
 
-    Machine.objects.create(name="m", owner=staff, hypervisor=hv, deploy_type="network")
+    MachineFactory(name="m", owner=staff, hypervisor=hv, deploy_type="network")
     with pytest.raises(hv_services.HypervisorInUse):
         hv_services.hypervisor_delete(hypervisor=hv)
     event = AuditEvent.objects.get(action="hypervisor.delete")
@@ -92,15 +91,14 @@ def test_every_audited_call_is_a_public_service_naming_its_object_by_keyword():
 
 
 def test_a_media_change_records_machine_media_and_other_operations_do_not(django_capture_on_commit_callbacks):
-    from hypervisors.models import Image
     from machines import services
     from machines.models import Machine
     from machines.services import common
 
     hv = HypervisorFactory(name="lab", console_address="127.0.0.1")
     owner = UserFactory(username="media")
-    iso = Image.objects.create(name="installer", kind="iso", format="raw", status="ready")
-    machine = Machine.objects.create(name="m", owner=owner, hypervisor=hv, deploy_type="iso", status="active",
+    iso = ImageFactory(name="installer", kind="iso", format="raw", status="ready")
+    machine = MachineFactory(name="m", owner=owner, hypervisor=hv, deploy_type="iso", status="active",
                                      image=iso)  # fmt: skip
     machine.cdroms.create(slot=0)
     with django_capture_on_commit_callbacks(execute=False):

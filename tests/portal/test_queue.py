@@ -8,12 +8,11 @@ import pytest
 from django.utils import timezone
 from huey.api import Task
 
-from machines.models import Machine
 from machines.states import Status
 from portal.models import Heartbeat
 from portal.queue import beat, queue_report
 from portal.tasks import _beat_forever, worker_started
-from tests.factories import HypervisorFactory
+from tests.factories import HypervisorFactory, MachineFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -56,7 +55,7 @@ def test_dashboard_says_when_the_worker_stopped(user_client, user, settings):
 
 
 def test_a_busy_machine_says_it_waits_for_the_worker(user_client, user):
-    machine = Machine.objects.create(name="waiting", owner=user, hypervisor=HypervisorFactory(), deploy_type="network",
+    machine = MachineFactory(name="waiting", owner=user, hypervisor=HypervisorFactory(), deploy_type="network",
                                      status=Status.PROVISIONING)  # fmt: skip
     assert b'id="worker-down"' in user_client.get(machine.get_absolute_url()).content
     r = user_client.get("/")

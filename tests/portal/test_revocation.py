@@ -6,9 +6,9 @@ import pytest
 from django.utils import timezone
 
 from machines import consoles
-from machines.models import ConsoleSession, ConsoleToken, Machine
+from machines.models import ConsoleSession, ConsoleToken
 from portal.models import ApiToken
-from tests.factories import HypervisorFactory, UserFactory
+from tests.factories import HypervisorFactory, MachineFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -16,9 +16,7 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def held(db):
     user = UserFactory(username="holder", password="old-password-123")
-    machine = Machine.objects.create(
-        name="m", owner=user, hypervisor=HypervisorFactory(name="h"), deploy_type="network"
-    )
+    machine = MachineFactory(name="m", owner=user, hypervisor=HypervisorFactory(name="h"), deploy_type="network")
     unused = ConsoleToken.objects.create(key_hash="x" * 64, machine=machine, user=user,
                                          expires_at=timezone.now() + timedelta(minutes=1))  # fmt: skip
     session = ConsoleSession.objects.create(machine=machine, user=user, token=unused, client="127.0.0.1", proxy_pid=1)
