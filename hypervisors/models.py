@@ -1,11 +1,9 @@
-import ipaddress
-from urllib.parse import urlsplit
-
 from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models
 from django.urls import reverse
 
+from hypervisors.drivers.base import is_loopback, remote_host
 from hypervisors.validators import validate_libvirt_uri, validate_listen_address
 
 name_validator = RegexValidator(
@@ -16,16 +14,6 @@ name_validator = RegexValidator(
 
 class ConsoleAddressRefused(Exception):
     """A console the proxy will not dial: a loopback address of a remote hypervisor."""
-
-
-def _loopback(address: str) -> bool:
-    """Loopback, also written as an IPv4-mapped IPv6 address (::ffff:127.0.0.1)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return (mapped or ip).is_loopback
 
 
 def remote_loopback_message(hv: "Hypervisor", address: str = "") -> str:
@@ -123,15 +111,14 @@ class Hypervisor(models.Model):
         return reverse("hypervisors:detail", args=[self.pk])
 
     def clean(self) -> None:
-        if self.remote_host and _loopback(self.console_address):
+        if self.remote_host and is_loopback(self.console_address):
             raise ValidationError({"console_address": remote_loopback_message(self)})
 
     @property
     def remote_host(self) -> str:
         """The host of the URI when it is another machine than the portal's; "" for this one (no host,
         localhost, a loopback address: qemu:///system, a local socket)."""
-        host = urlsplit(self.uri).hostname or ""
-        return "" if not host or host == "localhost" or _loopback(host) else host
+        return remote_host(self.uri)
 
     def console_dial_host(self, listen: str) -> str:
         """Where the console proxy (on the portal's machine) reaches a VNC server listening on `listen` on this
@@ -141,7 +128,7 @@ class Hypervisor(models.Model):
         host = self.console_address if listen in ("0.0.0.0", "::", "") else listen  # noqa: S104 - everywhere
         if self.remote_host and host in ("0.0.0.0", "::", ""):  # noqa: S104 - everywhere there: at its URI's host
             return self.remote_host
-        if self.remote_host and _loopback(host):
+        if self.remote_host and is_loopback(host):
             raise ConsoleAddressRefused(remote_loopback_message(self, host))
         return host
 

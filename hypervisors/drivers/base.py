@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import BinaryIO
+from urllib.parse import urlsplit
+
+
+def is_loopback(address: str) -> bool:
+    """Loopback, also written as an IPv4-mapped IPv6 address (::ffff:127.0.0.1)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+def remote_host(uri: str) -> str:
+    """The host of a libvirt URI when it names another machine than the portal's; "" for this one (no host,
+    localhost, a loopback address: qemu:///system, qemu+ssh://localhost/system, a local socket). The one
+    answer to "is this hypervisor this machine", for the console proxy and for reading host addresses."""
+    host = urlsplit(uri).hostname or ""
+    return "" if not host or host == "localhost" or is_loopback(host) else host
 
 
 class PowerState(StrEnum):

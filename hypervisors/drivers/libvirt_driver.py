@@ -31,6 +31,7 @@ from hypervisors.drivers.base import (
     PoolInfo,
     PowerState,
     VolumeInfo,
+    remote_host,
 )
 from hypervisors.drivers.capabilities import parse_capabilities, parse_domain_capabilities
 from hypervisors.drivers.connections import (
@@ -104,10 +105,9 @@ def _interfaces(conn: libvirt.virConnect, addresses: dict[str, list[str]]) -> li
 
 def local_addresses(uri: str) -> dict[str, list[str]]:
     """The IPv4 and IPv6 addresses of each interface, read on this machine, when `uri` is a libvirtd on this very
-    machine (qemu:///system, no host, no socket of another): libvirt's udev interface backend reports no
+    machine (base.remote_host: no host of another machine; and no socket, which may be another namespace's): libvirt's udev interface backend reports no
     addresses, and a remote host's are for its own transport to find (empty here)."""
-    parts = urlsplit(uri)
-    if parts.hostname or parts.query or parts.scheme.partition("+")[2] not in ("", "unix"):
+    if remote_host(uri) or urlsplit(uri).query:  # another machine, or a socket that may be another namespace's
         return {}
     try:
         out = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True, timeout=5).stdout
