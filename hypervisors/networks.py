@@ -13,7 +13,7 @@ from django.db import transaction
 
 from hypervisors.drivers import get_driver
 from hypervisors.drivers.base import HypervisorError
-from hypervisors.drivers.domxml import guard_xml, network_xml
+from hypervisors.drivers.domxml import guard_name, guard_xml, network_xml
 from hypervisors.models import Hypervisor
 from portal import audit
 from portal.audit import audited
@@ -229,5 +229,5 @@ def network_delete_run(hypervisor_id: int, name: str) -> None:
     hv = Hypervisor.objects.get(pk=hypervisor_id)
     driver = get_driver(hv.uri)
     driver.remove_network(name)
-    driver.remove_guard(name)
+    driver.remove_guard(guard_name(name))
     hypervisor_sync(hv.pk)

@@ -30,7 +30,7 @@ from hypervisors.images import ensure_image_copy
 from hypervisors.models import Hypervisor, Image
 from hypervisors.networks import host_addresses
 from machines import cloudinit, nic_policy
-from machines.models import Machine
+from machines.models import Machine, MachineNic
 from machines.states import DeployType
 
 GIB = 1 << 30
@@ -400,10 +400,15 @@ def cdrom_target(machine: Machine, slot: int) -> str:
 
 
 def deprovision(machine: Machine, driver: HypervisorDriver) -> list[str]:
-    """Remove the domain and every volume the machine owns. No-op for what is absent. Returns what went."""
+    """Remove the domain and every volume the machine owns, and the host guard of each host bridge no other
+    machine here has a NIC on. No-op for what is absent. Returns what went."""
     removed = []
     if driver.undefine(str(machine.uuid)):
         removed.append(f"domain {machine.domain_name}")
+    for bridge in sorted({n.source for n in machine.nics.all() if n.type == "bridge"}):
+        others = MachineNic.objects.filter(machine__hypervisor_id=machine.hypervisor_id, type="bridge", source=bridge)
+        if not others.exclude(machine=machine).exists() and driver.remove_guard(host_guard_name(bridge)):
+            removed.append(f"host guard {host_guard_name(bridge)}")
     driver.refresh_pool(machine.pool)  # the serial log file appears as a volume only after a refresh
     for name in machine.volumes:
         if driver.delete_volume(pool=machine.pool, name=name):

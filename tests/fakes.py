@@ -137,9 +137,9 @@ class FakeDriver(HypervisorDriver):
         self._hit("define_guard")
         self.host.guards[ET.fromstring(xml).get("name")] = xml
 
-    def remove_guard(self, network):
+    def remove_guard(self, name):
         self._hit("remove_guard")
-        return self.host.guards.pop(guard_name(network), None) is not None
+        return self.host.guards.pop(name, None) is not None
 
     def define_network(self, xml):
         self._hit("define_network")

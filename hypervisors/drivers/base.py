@@ -312,8 +312,9 @@ class HypervisorDriver(ABC):
         """Define the traffic filter (nwfilter), or update it in place; NICs that use it get the change live."""
 
     @abstractmethod
-    def remove_guard(self, network: str) -> bool:
-        """Undefine the traffic filter of `network`; no-op (False) if absent."""
+    def remove_guard(self, name: str) -> bool:
+        """Undefine the traffic filter `name` (a network's guard_name, a host bridge's host_guard_name); no-op
+        (False) if absent, or while a running domain still uses it."""
 
     @abstractmethod
     def filter_bridge_nics(self, uuid: str, filters: dict[str, str]) -> bool:

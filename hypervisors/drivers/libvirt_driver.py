@@ -544,15 +544,18 @@ class LibvirtDriver(HypervisorDriver):
 
         self._call(run)
 
-    def remove_guard(self, network: str) -> bool:
-        """Undefine the traffic filter of `network`; no-op (False) if absent."""
+    def remove_guard(self, name: str) -> bool:
+        """Undefine the traffic filter `name` (a network's guard_name, a host bridge's host_guard_name); no-op
+        (False) if absent, or while a running domain still uses it."""
 
         def run(conn):
             try:
-                conn.nwfilterLookupByName(guard_name(network)).undefine()
+                conn.nwfilterLookupByName(name).undefine()
             except libvirt.libvirtError as e:
                 if e.get_error_code() == libvirt.VIR_ERR_NO_NWFILTER:
                     return False
+                if e.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID and "in use" in str(e):
+                    return False  # a running domain's NIC still names it: it stays
                 raise
             return True
 

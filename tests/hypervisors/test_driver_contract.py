@@ -79,7 +79,7 @@ class Kit:
         for name in self.networks:
             d.remove_network(name)
         for network in self.guards:
-            d.remove_guard(network)
+            d.remove_guard(guard_name(network))
 
 
 def _fake() -> Kit:
@@ -441,8 +441,8 @@ def test_define_guard_defines_or_updates_and_remove_guard_says_whether_there_was
     rule = "<rule action='{}' direction='out' priority='500'><all/></rule>"
     d.define_guard(f"<filter name='{guard_name(network)}' chain='root'>{rule.format('drop')}</filter>")
     d.define_guard(f"<filter name='{guard_name(network)}' chain='root'>{rule.format('accept')}</filter>")  # update
-    assert d.remove_guard(network) is True
-    assert d.remove_guard(network) is False
+    assert d.remove_guard(guard_name(network)) is True
+    assert d.remove_guard(guard_name(network)) is False
 
 
 @every_driver

@@ -115,3 +115,17 @@ def test_the_reconcile_gives_an_old_domain_the_guard_for_whoever_starts_it_next(
     assert machine.events.filter(step="reconcile", message__contains="host guard added").count() == 1
     services.hypervisor_reconcile_run(machine.hypervisor.pk)
     assert machine.events.filter(step="reconcile", message__contains="host guard added").count() == 1
+
+
+def test_the_host_guard_goes_with_the_last_machine_on_its_bridge():
+    first = machine_on_bridge(name="first")
+    second = MachineFactory(name="second", owner=first.owner, hypervisor=first.hypervisor, deploy_type="network")
+    second.nics.create(index=0, type="bridge", source="br-lab", mac="52:54:00:00:01:01")
+    host = FakeHost()
+    driver = FakeDriver("test:///", host)
+    provisioning.ensure_host_guards(first, driver)
+    assert "portal-hostguard-br-lab" not in " ".join(provisioning.deprovision(first, driver))  # second still uses it
+    assert "portal-hostguard-br-lab" in host.guards
+    first.delete()
+    assert "host guard portal-hostguard-br-lab" in provisioning.deprovision(second, driver)
+    assert host.guards == {}
