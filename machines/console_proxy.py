@@ -41,7 +41,7 @@ from websockify import websocketproxy, websocketserver
 
 from hypervisors.drivers import get_driver
 from hypervisors.drivers.base import HypervisorError
-from hypervisors.models import ConsoleAddressRefused
+from hypervisors.models import ConsoleAddressRefused, Hypervisor
 from machines import consoles, rfb
 from machines.consoles import ConsoleDenied
 from machines.rfb_filter import FilteredSocket, ViolatedProtocol
@@ -73,15 +73,32 @@ _hypervisor_pools: dict[str, ThreadPoolExecutor] = {}
 _hypervisor_pools_lock = threading.Lock()
 
 
+PRUNE_EVERY = 300.0  # seconds between looks for pools whose hypervisor was deleted or moved to another URI
+_pruned = [time.monotonic()]
+
+
 def on_hypervisor(uri: str, fn, *args):
     """fn(driver, *args) with a driver for `uri`, run on one of the proxy's long-lived threads for that URI (so
     its libvirt connection is already open); returns what fn returns, raises what it raises."""
+    if time.monotonic() - _pruned[0] > PRUNE_EVERY:
+        prune_hypervisor_pools()
     with _hypervisor_pools_lock:
         pool = _hypervisor_pools.get(uri)
         if pool is None:
             pool = _hypervisor_pools[uri] = ThreadPoolExecutor(HYPERVISOR_THREADS, thread_name_prefix="console-hv")
 
     return pool.submit(lambda: fn(get_driver(uri), *args)).result(timeout=REACH_TIMEOUT)
+
+
+def prune_hypervisor_pools() -> list[str]:
+    """Stop the threads (and so close the connections) kept for URIs no hypervisor has any more; returns them."""
+    _pruned[0] = time.monotonic()
+    known = set(Hypervisor.objects.values_list("uri", flat=True))
+    with _hypervisor_pools_lock:
+        gone = {uri: _hypervisor_pools.pop(uri) for uri in list(_hypervisor_pools) if uri not in known}
+    for pool in gone.values():
+        pool.shutdown(wait=False)  # its threads end once idle; their cached connections close as they are collected
+    return sorted(gone)
 
 
 def _discard(future: Future) -> None:

@@ -291,3 +291,19 @@ def test_the_proxys_libvirt_calls_reuse_one_open_connection_per_hypervisor():
     # Errors come back to the caller as they were raised.
     with pytest.raises(ZeroDivisionError):
         console_proxy.on_hypervisor("test:///default", lambda driver: 1 / 0)
+
+
+@pytest.mark.django_db
+def test_the_threads_kept_for_a_hypervisor_that_is_gone_are_stopped():
+    HypervisorFactory(uri="test:///default")
+    console_proxy.on_hypervisor("test:///default", lambda driver: None)
+    console_proxy.on_hypervisor("test:///gone", lambda driver: None)
+    try:
+        assert console_proxy.prune_hypervisor_pools() == ["test:///gone"]
+        assert set(console_proxy._hypervisor_pools) >= {"test:///default"}
+        assert "test:///gone" not in console_proxy._hypervisor_pools
+    finally:
+        with console_proxy._hypervisor_pools_lock:
+            pool = console_proxy._hypervisor_pools.pop("test:///gone", None)
+        if pool is not None:
+            pool.shutdown()
