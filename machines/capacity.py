@@ -16,6 +16,7 @@ from django.core.exceptions import ValidationError
 from django.db.models import Count, QuerySet, Sum
 
 from hypervisors.models import Hypervisor, HypervisorStatus, Image
+from hypervisors.offers import offers_for
 from machines.models import Machine, Project, Quota
 
 RESOURCES = {"machines": "machines", "vcpus": "vCPUs", "memory_mib": "MiB of memory", "disk_gib": "GiB of disk"}
@@ -178,14 +179,16 @@ def _fit(hv: Hypervisor, *, vcpus: int, memory_mib: int, disk_gib: int, pool: st
 
     Memory and vCPUs: the host's, less what its machines hold (usage_of). Pool space: what libvirt last
     reported free, which already reflects what the existing (thin) disks really use; counting their full
-    sizes again would refuse hosts with room. The asked size must fit in it."""
-    if arch and hv.arch != arch and arch not in (hv.guest_arches or []):
-        return f"{hv.arch or 'unknown'} host that cannot emulate {arch}"
+    sizes again would refuse hosts with room. The asked size must fit in it. What the host offers (its
+    architectures, its pools) is hypervisors.offers' to say."""
+    offer = offers_for(hv)
+    if why := offer.refuse_placed_arch(arch):
+        return why
     placed = usage_of(hv.machines.all())
     free_memory = (hv.memory_mib or 0) - placed["memory_mib"]
     free_vcpus = int((hv.cpus or 0) * Decimal(hv.cpu_allocation_ratio)) - placed["vcpus"]
-    pools = {p["name"]: p for p in hv.pools if p.get("active")}
-    free_disk = (pools[pool].get("available_bytes") or 0) >> 30 if pool in pools else -1
+    free_pool = offer.pool_free_gib(pool)
+    free_disk = -1 if free_pool is None else free_pool
     if free_memory < memory_mib:
         return f"{max(free_memory, 0)} MiB memory free, needs {memory_mib}"
     if free_vcpus < vcpus:
@@ -207,8 +210,7 @@ def place(*, vcpus: int, memory_mib: int, disk_gib: int, pool: str, image: Image
         candidates = candidates.select_for_update()
     fits, reasons = [], []
     for hv in candidates:
-        have = {n["name"] for n in hv.networks}
-        missing = [n for n in networks if n not in have]
+        missing = offers_for(hv).missing_networks(networks)
         if missing:
             reasons.append(f"{hv.name}: no network {', '.join(missing)}")
             continue
@@ -220,7 +222,7 @@ def place(*, vcpus: int, memory_mib: int, disk_gib: int, pool: str, image: Image
     if not fits:
         why = "; ".join(reasons) if reasons else "no hypervisor is online"
         raise ValidationError({"hypervisor": f"No hypervisor has room for this machine ({why})."})
-    preferred = {f.hypervisor.pk for f in fits if any(n["name"] == prefer_network for n in f.hypervisor.networks)}
+    preferred = {f.hypervisor.pk for f in fits if prefer_network in offers_for(f.hypervisor).network_names}
     return max(fits, key=lambda f: (f.hypervisor.pk in preferred, f.free_memory_mib, f.free_vcpus, f.hypervisor.name))
 
 

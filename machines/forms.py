@@ -1,77 +1,35 @@
 import shlex
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 from django import forms
 from django.db.models import QuerySet
 from django.urls import reverse
 
+from hypervisors import offers
 from hypervisors.models import Hypervisor, HypervisorStatus, Image, ImageKind, ImageStatus
+from hypervisors.offers import CPU_MODES, FIRMWARE_LABELS
 from machines import nic_policy
 from machines.access import project_choices
 from machines.models import Machine, Project
-from machines.services import may_take_host_devices
+from machines.services import may_take_host_devices, taken_hostdevs
 from machines.states import DeployType
 
-CPU_MODES = {"host-passthrough": "host-passthrough (the host's CPU as it is)",
-             "host-model": "host-model (the closest named model, migratable)", "custom": "custom (a named model)"}  # fmt: skip
-NIC_MODELS = [("virtio", "virtio (fastest; Linux, or Windows with drivers)"), ("e1000", "e1000"), ("e1000e", "e1000e"),
-              ("rtl8139", "rtl8139")]  # fmt: skip
-MACVTAP_MODES = [("bridge", "bridge"), ("vepa", "vepa"), ("private", "private"), ("passthrough", "passthrough")]
+NIC_MODELS = [(m, offers.NIC_MODEL_LABELS.get(m, m)) for m in offers.NIC_MODELS]
+MACVTAP_MODES = [(m, m) for m in offers.MACVTAP_MODES]
 
 
-@dataclass
-class Offer:
-    """What the create form offers. For one hypervisor: what its last sync found. For "any hypervisor":
-    the hardware every online one has (placement may pick any of them), and the networks, bridges,
-    interfaces and pools some one has (the service then checks the one placement picks)."""
-
-    hypervisor: Hypervisor | None = None
-    arches: list[str] = field(default_factory=list)
-    machine_types: list[str] = field(default_factory=list)
-    cpu_modes: list[str] = field(default_factory=list)
-    cpu_models: list[str] = field(default_factory=list)
-    uefi: bool = False
-    networks: list[str] = field(default_factory=list)
-    bridges: list[str] = field(default_factory=list)
-    interfaces: list[str] = field(default_factory=list)
-    pools: list[str] = field(default_factory=list)
-    devices: list[dict] = field(default_factory=list)  # free ones, one hypervisor only
+class Offer(offers.Menu):
+    """What the create form offers (hypervisors.offers.Menu) for one hypervisor, with its free devices, or
+    for "any hypervisor" (None), over every online one."""
 
     @classmethod
     def of(cls, hypervisor: Hypervisor | None) -> "Offer":
-        from machines.services import taken_hostdevs
-
         hvs = (
             [hypervisor]
             if hypervisor
             else list(Hypervisor.objects.filter(enabled=True, status=HypervisorStatus.ONLINE))
         )
-
-        def every(attr: str) -> list[str]:
-            # A hypervisor whose sync did not report the list is not asked (the service accepts there too).
-            sets = [set(getattr(h, attr)) for h in hvs if getattr(h, attr)]
-            return sorted(set.intersection(*sets)) if sets else []
-
-        def some(values) -> list[str]:
-            return sorted({v for h in hvs for v in values(h)})
-
-        taken = taken_hostdevs(hypervisor) if hypervisor else set()
-        return cls(
-            hypervisor=hypervisor,
-            arches=some(lambda h: [a for a in (h.guest_arches or [h.arch]) if a]),  # none known: no filter
-            machine_types=every("machine_types"),
-            cpu_modes=[m for m in CPU_MODES if m in every("cpu_modes")],
-            cpu_models=every("cpu_models"),
-            uefi=all("efi" in h.firmwares for h in hvs if h.firmwares),
-            networks=some(lambda h: [n["name"] for n in h.networks if n.get("active", True)]),
-            bridges=some(lambda h: [i["name"] for i in h.interfaces if i.get("type") == "bridge"]),
-            interfaces=some(
-                lambda h: [i["name"] for i in h.interfaces if i.get("type") != "bridge" and i["name"] != "lo"]
-            ),
-            pools=some(lambda h: [p["name"] for p in h.pools if p.get("active")]),
-            devices=[d for d in (hypervisor.devices if hypervisor else []) if d["name"] not in taken],
-        )
+        return cls.over(hvs, hypervisor=hypervisor, taken=taken_hostdevs(hypervisor) if hypervisor else set())
 
 
 _NIC_NAMES = {"user:": "user-mode NAT", "": "no network"}
@@ -124,7 +82,7 @@ class MachineForm(forms.ModelForm):
     machine_type = forms.ChoiceField(label="Machine type", required=False)
     cpu_mode = forms.ChoiceField(label="CPU mode", required=False)
     cpu_model = forms.ChoiceField(label="CPU model", required=False, help_text="With CPU mode custom.")
-    firmware = forms.ChoiceField(choices=[("bios", "BIOS")], initial="bios")
+    firmware = forms.ChoiceField(choices=[("bios", FIRMWARE_LABELS["bios"])], initial="bios")
     cpu_sockets = forms.IntegerField(label="Sockets", required=False, min_value=1, max_value=64)
     cpu_cores = forms.IntegerField(label="Cores", required=False, min_value=1, max_value=256)
     cpu_threads = forms.IntegerField(label="Threads", required=False, min_value=1, max_value=8)
@@ -196,7 +154,8 @@ class MachineForm(forms.ModelForm):
         ]
         self._choice("cpu_mode").choices = [("", "Default (QEMU's)")] + [(m, CPU_MODES[m]) for m in offer.cpu_modes]
         self._choice("cpu_model").choices = [("", "–")] + [(m, m) for m in offer.cpu_models]
-        self._choice("firmware").choices = [("bios", "BIOS"), *([("uefi", "UEFI (OVMF)")] if offer.uefi else [])]
+        self._choice("firmware").choices = [("bios", FIRMWARE_LABELS["bios"]),
+                                            *([("uefi", f"{FIRMWARE_LABELS['uefi']} (OVMF)")] if offer.uefi else [])]  # fmt: skip
         self._choice("hostdevs").choices = [(d["name"], _device_label(d)) for d in offer.devices]
         if user is None or not user.is_staff:
             del self.fields["qemu_args_text"]

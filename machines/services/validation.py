@@ -3,7 +3,6 @@ against what the hypervisor offers, host devices, extra disks, ISOs, cloud-init,
 
 from __future__ import annotations
 
-import re
 import secrets
 from dataclasses import dataclass, field
 
@@ -11,6 +10,16 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 
 from hypervisors.models import Hypervisor, Image
+from hypervisors.offers import (
+    DISK_BUSES,
+    DISK_CACHES,
+    FIRMWARES,
+    MACVTAP_MODES,
+    NIC_MODELS,
+    SMBIOS_KEYS,
+    either,
+    offers_for,
+)
 from machines import cloudinit, nic_policy, provisioning
 from machines.models import Machine, MachineNic, Project
 from machines.services.common import MachineError
@@ -49,7 +58,7 @@ def _validate_nics(hypervisor: Hypervisor, nics: list[NicInput], *, owner, proje
     """NIC sources must exist on the hypervisor, and the owner may use them there (machines.nic_policy:
     staff anything; others the tenant network and what was published to them or to the machine's
     project). Addresses are checked by the cloud-init builder."""
-    networks = {n["name"] for n in hypervisor.networks}
+    offer = offers_for(hypervisor)
     if len(nics) > MAX_NICS:
         raise ValidationError({"nics": f"At most {MAX_NICS} NICs."})
     for i, nic in enumerate(nics, start=1):
@@ -59,26 +68,18 @@ def _validate_nics(hypervisor: Hypervisor, nics: list[NicInput], *, owner, proje
         refused = nic_policy.refusal(owner, nic, index=i, hypervisor=hypervisor, project=project)
         if refused:
             raise ValidationError({"nics": refused})
-        if nic.type == MachineNic.Type.NETWORK and nic.source not in networks:
-            have = ", ".join(sorted(networks)) or "none"
-            raise ValidationError(
-                {"nics": f"NIC {i}: network {nic.source!r} does not exist on {hypervisor.name} (it has: {have})."}
-            )
+        if nic.type == MachineNic.Type.NETWORK and (why := offer.refuse_network(nic.source)):
+            raise ValidationError({"nics": f"NIC {i}: {why}"})
         if nic.type == MachineNic.Type.BRIDGE and not nic.source:
             raise ValidationError({"nics": f"NIC {i}: name the host bridge."})
-        known = {x["name"]: x["type"] for x in hypervisor.interfaces}
-        if nic.type == MachineNic.Type.BRIDGE and known and known.get(nic.source) != "bridge":
-            have = ", ".join(n for n, t in known.items() if t == "bridge") or "none"
-            raise ValidationError(
-                {"nics": f"NIC {i}: {hypervisor.name} has no bridge {nic.source!r} (bridges: {have})."}
-            )
-        if nic.type == MachineNic.Type.DIRECT and (not nic.source or (known and nic.source not in known)):
-            raise ValidationError({"nics": f"NIC {i}: name a host interface of {hypervisor.name} for macvtap"
-                                           f"{' (' + ', '.join(known) + ')' if known else ''}."})  # fmt: skip
-        if nic.mode not in ("bridge", "vepa", "private", "passthrough"):
-            raise ValidationError({"nics": f"NIC {i}: macvtap mode is bridge, vepa, private or passthrough."})
-        if nic.model not in ("virtio", "e1000", "e1000e", "rtl8139"):
-            raise ValidationError({"nics": f"NIC {i}: model is virtio, e1000, e1000e or rtl8139."})
+        if nic.type == MachineNic.Type.BRIDGE and (why := offer.refuse_bridge(nic.source)):
+            raise ValidationError({"nics": f"NIC {i}: {why}"})
+        if nic.type == MachineNic.Type.DIRECT and (why := offer.refuse_macvtap(nic.source)):
+            raise ValidationError({"nics": f"NIC {i}: {why}"})
+        if nic.mode not in MACVTAP_MODES:
+            raise ValidationError({"nics": f"NIC {i}: macvtap mode is {either(MACVTAP_MODES)}."})
+        if nic.model not in NIC_MODELS:
+            raise ValidationError({"nics": f"NIC {i}: model is {either(NIC_MODELS)}."})
         if nic.vlan is not None and not (1 <= nic.vlan <= 4094 and nic.type in ("bridge", "direct")):
             raise ValidationError(
                 {"nics": f"NIC {i}: a VLAN tag is 1 to 4094, on a bridge (Open vSwitch) or macvtap NIC."}
@@ -108,9 +109,6 @@ HARDWARE_FIELDS = {"machine_type", "cpu_mode", "cpu_model", "cpu_topology", "smb
                    "disk_cache", "extra_disks", "qemu_args", "firmware", "secure_boot", "hostdevs", "hostdev_match"}  # fmt: skip
 
 
-SMBIOS_KEYS = {"manufacturer", "product", "version", "serial", "sku", "family", "uuid"}
-
-
 def _validate_hardware_input(owner, deploy_type: str, vcpus: int, hardware: dict, project=None) -> dict:
     """Checks that need no hypervisor: shapes, limits, and who may pass raw QEMU arguments. A machine in a
     project is operated by its members, so it gets only what they may have, whoever creates it."""
@@ -135,14 +133,14 @@ def _validate_hardware_input(owner, deploy_type: str, vcpus: int, hardware: dict
         )
     if "extra_disks" in hw:
         hw["extra_disks"] = _normalise_extra_disks(hw["extra_disks"], deploy_type)
-    if hw.get("disk_bus", "virtio") not in ("virtio", "sata", "scsi", "ide"):
-        raise ValidationError({"disk_bus": "Choose virtio, sata, scsi or ide."})
+    if hw.get("disk_bus", "virtio") not in DISK_BUSES:
+        raise ValidationError({"disk_bus": f"Choose {either(DISK_BUSES)}."})
     if deploy_type == DeployType.ISO and hw.get("disk_bus", "virtio") != "virtio":
         raise ValidationError({"disk_bus": "ISO machines keep the IDE or SATA places for their CD-ROMs; use virtio."})
-    if hw.get("disk_cache", "") not in ("", "none", "writeback", "writethrough", "directsync", "unsafe"):
-        raise ValidationError({"disk_cache": "Choose none, writeback, writethrough, directsync or unsafe."})
-    if hw.get("firmware", "bios") not in ("bios", "uefi"):
-        raise ValidationError({"firmware": "Choose bios or uefi."})
+    if hw.get("disk_cache", "") not in ("", *DISK_CACHES):
+        raise ValidationError({"disk_cache": f"Choose {either(DISK_CACHES)}."})
+    if hw.get("firmware", "bios") not in FIRMWARES:
+        raise ValidationError({"firmware": f"Choose {either(FIRMWARES)}."})
     if hw.get("secure_boot") and hw.get("firmware") != "uefi":
         raise ValidationError({"secure_boot": "Secure Boot needs UEFI firmware."})
     if hw.get("secure_boot") and not str(hw.get("machine_type", "")).startswith(("q35", "pc-q35")):
@@ -168,11 +166,6 @@ def _validate_hardware_input(owner, deploy_type: str, vcpus: int, hardware: dict
     return hw
 
 
-def _hexid(value: str) -> str:
-    """0x8086 -> 8086, as lspci -n shows vendor and product ids."""
-    return value[2:] if value.startswith("0x") else value
-
-
 def may_take_host_devices(user) -> bool:
     return user.is_staff or settings.PORTAL_HOST_DEVICES_FOR == "everyone"
 
@@ -191,22 +184,15 @@ def _claim_hostdevs(hypervisor: Hypervisor, hw: dict) -> dict:
         return hw
     Hypervisor.objects.select_for_update().filter(pk=hypervisor.pk).first()
     taken = taken_hostdevs(hypervisor)
-    devices = {d["name"]: d for d in hypervisor.devices}
+    offer = offers_for(hypervisor)
     if pattern:
-        try:
-            regex = re.compile(pattern)
-        except re.error as e:
-            raise ValidationError({"hostdev_match": f"Not a regular expression: {e}."}) from None
-        free = [n for n, d in devices.items() if n not in taken and n not in names
-                and regex.search(f"{n} {_hexid(d['vendor'])}:{_hexid(d['product'])} {d['description']}")]  # fmt: skip
-        if not free:
-            raise ValidationError({"hostdev_match": f"No free device on {hypervisor.name} matches {pattern!r}."})
-        names.append(free[0])
+        found, why = offer.match_device(pattern, taken | set(names))
+        if why:
+            raise ValidationError({"hostdev_match": why})
+        names.append(found)
     for name in names:
-        if name not in devices:
-            raise ValidationError({"hostdevs": f"{hypervisor.name} has no PCI or USB device {name!r}."})
-        if name in taken:
-            raise ValidationError({"hostdevs": f"{name} is already given to another machine."})
+        if why := offer.refuse_device(name, taken):
+            raise ValidationError({"hostdevs": why})
     if len(set(names)) != len(names):
         raise ValidationError({"hostdevs": "A device can be given once."})
     return {**hw, "hostdevs": names}
@@ -250,31 +236,26 @@ def _normalise_extra_disks(entries, deploy_type: str) -> list[dict]:
 
 def _validate_hardware_against(hypervisor: Hypervisor, hw: dict, image: Image | None = None) -> None:
     """What the hypervisor really offers: architectures, firmware, machine types, CPU modes and models."""
+    offer = offers_for(hypervisor)
     arch = image.arch if image is not None and image.arch else hypervisor.arch
-    if image is not None and hypervisor.guest_arches and arch not in hypervisor.guest_arches:
-        raise ValidationError({"image": f"{hypervisor.name} cannot run {arch} guests (it offers "
-                                        f"{', '.join(hypervisor.guest_arches)})."})  # fmt: skip
+    if image is not None and (why := offer.refuse_guest_arch(arch)):
+        raise ValidationError({"image": why})
     if arch != hypervisor.arch:
         return  # the host's capabilities describe its own architecture; emulated ones take their defaults
-    if hw.get("firmware") == "uefi" and hypervisor.firmwares and "efi" not in hypervisor.firmwares:
-        raise ValidationError({"firmware": f"{hypervisor.name} has no UEFI firmware (install OVMF there)."})
+    if why := offer.refuse_firmware(hw.get("firmware", "")):
+        raise ValidationError({"firmware": why})
     machine_type = hw.get("machine_type")
-    if machine_type and hypervisor.machine_types and machine_type not in hypervisor.machine_types:
-        some = ", ".join(t for t in hypervisor.machine_types if "." not in t or t.endswith(("7.2", "8.0")))[:200]
-        raise ValidationError(
-            {"machine_type": f"{hypervisor.name} has no machine type {machine_type!r} (it has e.g. {some})."}
-        )
+    if machine_type and (why := offer.refuse_machine_type(machine_type)):
+        raise ValidationError({"machine_type": why})
     mode = hw.get("cpu_mode")
-    if mode and hypervisor.cpu_modes and mode not in hypervisor.cpu_modes:
-        raise ValidationError(
-            {"cpu_mode": f"{hypervisor.name} supports CPU modes {', '.join(hypervisor.cpu_modes)}, not {mode}."}
-        )
+    if mode and (why := offer.refuse_cpu_mode(mode)):
+        raise ValidationError({"cpu_mode": why})
     if mode == "custom":
         model = hw.get("cpu_model", "")
         if not model:
             raise ValidationError({"cpu_model": "Name the CPU model for CPU mode custom."})
-        if hypervisor.cpu_models and model not in hypervisor.cpu_models:
-            raise ValidationError({"cpu_model": f"{model!r} is not a usable CPU model on {hypervisor.name}."})
+        if why := offer.refuse_cpu_model(model):
+            raise ValidationError({"cpu_model": why})
     elif hw.get("cpu_model"):
         raise ValidationError({"cpu_model": "A CPU model goes with CPU mode custom."})
 
@@ -315,8 +296,8 @@ def _check_named_hypervisor(hypervisor: Hypervisor, pool: str) -> None:
         raise ValidationError(
             {"hypervisor": f"Hypervisor {hypervisor.name} is {hypervisor.get_status_display().lower()}."}
         )
-    if pool not in {p["name"] for p in hypervisor.pools if p.get("active")}:
-        raise ValidationError({"pool": f"Storage pool {pool!r} is not active on {hypervisor.name}."})
+    if why := offers_for(hypervisor).refuse_pool(pool):
+        raise ValidationError({"pool": why})
 
 
 def _refuse_against_policy(machine: Machine, doing: str) -> None:
