@@ -4,6 +4,7 @@ from django.db import models
 from django.urls import reverse
 
 from hypervisors.drivers.base import is_loopback, remote_host
+from hypervisors.offers import PUBLISHABLE_MODES
 from hypervisors.validators import validate_libvirt_uri, validate_listen_address
 
 name_validator = RegexValidator(
@@ -258,8 +259,6 @@ class NicKind(models.TextChoices):
     DIRECT = "direct", "host interface (macvtap)"
 
 
-# macvtap modes staff may open to users. "passthrough" hands the host's interface to the guest: staff only.
-PUBLISHABLE_MODES = ("bridge", "vepa", "private")
 SOURCE_NAME = RegexValidator(
     r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$", "A network or interface name: letters, digits, '_', '.', ':' and '-'."
 )

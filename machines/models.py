@@ -9,6 +9,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from hypervisors.models import Hypervisor, Image
+from hypervisors.offers import DISK_BUSES, DISK_CACHES, FIRMWARE_LABELS, FIRMWARES, MACVTAP_MODES, NIC_MODELS
 from machines.states import BUSY, TRANSITIONS, DeployType, InvalidTransition, PowerState, Status
 
 hostname_validator = RegexValidator(
@@ -81,17 +82,17 @@ class Machine(models.Model):
     watchdog = models.BooleanField(default=False, help_text="An i6300esb watchdog that resets a hung guest.")
     rng = models.BooleanField("RNG", default=False, help_text="A virtio RNG fed from the hypervisor's /dev/urandom.")
     disk_bus = models.CharField(
-        max_length=8, default="virtio", choices=[(b, b) for b in ("virtio", "sata", "scsi", "ide")]
+        max_length=8, default="virtio", choices=[(b, b) for b in DISK_BUSES]
     )
     disk_cache = models.CharField(
         max_length=12,
         blank=True,
-        choices=[("", "default")] + [(c, c) for c in ("none", "writeback", "writethrough", "directsync", "unsafe")],
+        choices=[("", "default")] + [(c, c) for c in DISK_CACHES],
     )
     extra_disks = models.JSONField(default=list, blank=True, help_text="Sizes in GiB of extra blank disks.")
     hostdevs = models.JSONField("host devices", default=list, blank=True,
                                 help_text="Node device names (e.g. pci_0000_03_00_0) passed through to the guest.")  # fmt: skip
-    firmware = models.CharField(max_length=4, default="bios", choices=[("bios", "BIOS"), ("uefi", "UEFI")])
+    firmware = models.CharField(max_length=4, default="bios", choices=[(f, FIRMWARE_LABELS[f]) for f in FIRMWARES])
     secure_boot = models.BooleanField(default=False, help_text="UEFI with Secure Boot (needs machine type q35 on x86).")
     qemu_args = models.JSONField(
         "extra QEMU arguments", default=list, blank=True, help_text="Staff only: they bypass every check."
@@ -235,10 +236,10 @@ class MachineNic(models.Model):
     source = models.CharField(max_length=100, blank=True, help_text="Network or bridge name.")
     mac = models.CharField("MAC", max_length=17, unique=True, validators=[mac_validator])
     model = models.CharField(
-        max_length=8, default="virtio", choices=[(m, m) for m in ("virtio", "e1000", "e1000e", "rtl8139")]
+        max_length=8, default="virtio", choices=[(m, m) for m in NIC_MODELS]
     )
     mode = models.CharField("macvtap mode", max_length=12, default="bridge",
-                            choices=[(m, m) for m in ("bridge", "vepa", "private", "passthrough")])  # fmt: skip
+                            choices=[(m, m) for m in MACVTAP_MODES])  # fmt: skip
     vlan = models.PositiveSmallIntegerField("VLAN", null=True, blank=True)
     dhcp4 = models.BooleanField(default=True)
     dhcp6 = models.BooleanField(default=False)
