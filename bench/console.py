@@ -237,7 +237,7 @@ def setup_machine():
     def shell_up():  # the guest's serial log, through the worker
         services.machine_serial_log_request(machine=Machine.objects.get(pk=machine.pk), max_age=0)
         time.sleep(0.5)
-        return "TINY-GUEST ready" in Machine.objects.get(pk=machine.pk).serial_log
+        return "TINY-GUEST ready" in Machine.objects.get(pk=machine.pk).last_observed.serial_log
 
     wait(shell_up, 120)
     time.sleep(3)  # let the guest draw its shell prompt on the screen too

@@ -20,7 +20,10 @@ _NEEDED = {VIEW: 1, OPERATE: 2, ADMIN: 3}
 
 def machines_for(user):
     """The machines a user may see: their own and their projects'; staff see all."""
-    qs = Machine.objects.select_related("hypervisor", "image", "owner", "project")
+    # What was observed of each comes along for the lists' addresses, not its serial log (up to 256 KiB),
+    # which only the machine page reads.
+    qs = Machine.objects.select_related("hypervisor", "image", "owner", "project", "observed")
+    qs = qs.defer("observed__serial_log")
     if not user.is_authenticated or not user.is_active:
         return qs.none()
     if user.is_staff:

@@ -70,6 +70,10 @@ class MachineAdmin(admin.ModelAdmin):
     def has_add_permission(self, request):
         return False  # machines are created through the portal or the API, which run the pipeline
 
+    @admin.display(description="guest addresses")
+    def guest_addresses(self, obj: Machine) -> dict:
+        return obj.last_observed.guest_addresses
+
     def get_actions(self, request):
         actions = super().get_actions(request)
         actions.pop("delete_selected", None)  # deleting rows would orphan domains and disks

@@ -88,6 +88,8 @@ class MachineSerializer(serializers.ModelSerializer):
     ssh_authorized_keys = StringOrList(required=False)
     packages = StringOrList(required=False)
     events = serializers.SerializerMethodField()
+    guest_addresses = serializers.JSONField(source="last_observed.guest_addresses", read_only=True,
+                                            help_text="MAC -> the addresses the running guest was last seen with.")  # fmt: skip
     allowed_actions = serializers.SerializerMethodField(
         help_text="What you may do to the machine now (your role and its state), e.g. start, console, delete: "
         "what the portal's buttons offer, and what the actions here accept (machines/policy.py)."

@@ -103,18 +103,10 @@ class Machine(models.Model):
     status_changed = models.DateTimeField(default=timezone.now)
     power_state = models.CharField(max_length=8, choices=PowerState.choices, default=PowerState.UNKNOWN)
     power_checked = models.DateTimeField(null=True, blank=True)
-    guest_addresses = models.JSONField(default=dict, blank=True, editable=False,
-                                       help_text="MAC -> the addresses the running guest was last seen with.")  # fmt: skip
-    console_unprotected = models.BooleanField(default=False, editable=False,
-                                              help_text="Its running VNC server asks no password (defined before the "
-                                                        "portal set them): fixed at its next cold start.")  # fmt: skip
     operation = models.CharField(max_length=16, blank=True, help_text="The power action in progress, if any.")
     operation_started = models.DateTimeField(null=True, blank=True)
     attempts = models.PositiveSmallIntegerField(default=0)
     instance_id = models.CharField(max_length=64, blank=True)
-    serial_log = models.TextField(blank=True)
-    serial_log_fetched = models.DateTimeField(null=True, blank=True)
-    screenshot_taken = models.DateTimeField(null=True, blank=True)
     # The virtual BMC of a network-boot machine.
     bmc_address = models.GenericIPAddressField("BMC address", null=True, blank=True)
     bmc_port = models.PositiveIntegerField("BMC port", null=True, blank=True)
@@ -122,7 +114,6 @@ class Machine(models.Model):
     bmc_password_encrypted = models.TextField(blank=True, editable=False)
     bmc_listening = models.BooleanField(default=False)
     bmc_checked = models.DateTimeField(null=True, blank=True)
-    screenshot_requested = models.DateTimeField(null=True, blank=True)
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
 
@@ -155,15 +146,12 @@ class Machine(models.Model):
                 raise ValidationError({"disk_gib": f"The image needs at least {need} GiB."})
 
     @property
-    def serial_log_text(self) -> str:
-        """The serial log as a page shows it: without terminal control sequences (colours, cursor moves,
-        the shell's cursor-position queries), which a <pre> would print as litter."""
-        return _TERMINAL_CONTROL.sub("", self.serial_log or "")
-
-    @property
-    def address_list(self) -> list[str]:
-        """Every address the running guest was last seen with, without prefixes, for lists."""
-        return [a.split("/")[0] for addrs in (self.guest_addresses or {}).values() for a in addrs]
+    def last_observed(self) -> "MachineObserved":
+        """What the portal last learned from the hypervisor: a blank, unsaved record before the first time."""
+        try:
+            return self.observed
+        except MachineObserved.DoesNotExist:
+            return MachineObserved(machine_id=self.pk)
 
     # Names of what the machine owns on its hypervisor, all derived from the UUID.
     @property
@@ -223,6 +211,40 @@ class Machine(models.Model):
         return MachineEvent.objects.create(machine=self, step=step, message=message, level=level)
 
 
+class MachineObserved(models.Model):
+    """What the portal last learned from the hypervisor about a machine: written by the reconcile and the
+    serial log and screenshot fetches (machines.services.observation), made by the first of them. Kept off
+    the machine's row, which every list and the BMC server's poll read: the serial log alone may be 256 KiB."""
+
+    machine = models.OneToOneField(Machine, on_delete=models.CASCADE, primary_key=True, related_name="observed")
+    guest_addresses = models.JSONField(default=dict, blank=True, editable=False,
+                                       help_text="MAC -> the addresses the running guest was last seen with.")  # fmt: skip
+    console_unprotected = models.BooleanField(default=False, editable=False,
+                                              help_text="Its running VNC server asks no password (defined before the "
+                                                        "portal set them): fixed at its next cold start.")  # fmt: skip
+    serial_log = models.TextField(blank=True, editable=False)
+    serial_log_fetched = models.DateTimeField(null=True, blank=True, editable=False)
+    screenshot_requested = models.DateTimeField(null=True, blank=True, editable=False)
+    screenshot_taken = models.DateTimeField(null=True, blank=True, editable=False)
+
+    class Meta:
+        verbose_name = "observed state"
+
+    def __str__(self) -> str:
+        return f"observed state of machine {self.machine_id}"
+
+    @property
+    def serial_log_text(self) -> str:
+        """The serial log as a page shows it: without terminal control sequences (colours, cursor moves,
+        the shell's cursor-position queries), which a <pre> would print as litter."""
+        return _TERMINAL_CONTROL.sub("", self.serial_log or "")
+
+    @property
+    def address_list(self) -> list[str]:
+        """Every address the running guest was last seen with, without prefixes, for lists."""
+        return [a.split("/")[0] for addrs in (self.guest_addresses or {}).values() for a in addrs]
+
+
 class MachineNic(models.Model):
     class Type(models.TextChoices):
         NETWORK = "network", "libvirt network"
@@ -261,7 +283,7 @@ class MachineNic(models.Model):
     @property
     def seen_addresses(self) -> list[str]:
         """What the running guest has on this NIC, as the last reconcile saw it."""
-        return self.machine.guest_addresses.get(self.mac.lower(), [])
+        return self.machine.last_observed.guest_addresses.get(self.mac.lower(), [])
 
 
 class MachineEvent(models.Model):

@@ -108,7 +108,7 @@ def machine_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     machine = _get_machine_for_user(request, pk)
     fragment = request.GET.get("fragment")
     if fragment == "serial":
-        if machine.power_state == PowerState.RUNNING or not machine.serial_log:
+        if machine.power_state == PowerState.RUNNING or not machine.last_observed.serial_log:
             services.machine_serial_log_request(machine=machine)
         return render(request, "machines/detail.html#serial-log", {"machine": machine})
     template = "machines/detail.html"
@@ -116,7 +116,7 @@ def machine_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
         template += "#machine-state"
     events = machine.events.order_by("-created", "-pk")[:100]
     isos = Image.objects.filter(kind="iso", status="ready") if machine.deploy_type == "iso" else []
-    if machine.power_state == PowerState.RUNNING and machine.screenshot_taken is None:
+    if machine.power_state == PowerState.RUNNING and machine.last_observed.screenshot_taken is None:
         # The page shows the screen once there is one; asked at most once a minute while none comes.
         services.machine_screenshot_request(machine=machine, max_age=60)
     worker_down = machine.is_busy and not queue_report().worker_ok

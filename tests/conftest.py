@@ -338,7 +338,7 @@ def serial_log(machine_id: int, *needles: str, timeout: float = 90) -> str:
         machine = Machine.objects.get(pk=machine_id)
         services.machine_serial_log_request(machine=machine, max_age=0)
         time.sleep(0.5)
-        text = Machine.objects.get(pk=machine_id).serial_log
+        text = Machine.objects.get(pk=machine_id).last_observed.serial_log
         return text if all(n in text for n in needles) else None
 
     return wait_for(check, timeout, interval=1, message=f"serial log never showed {needles}")

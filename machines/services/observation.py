@@ -8,6 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
+from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -16,18 +17,32 @@ from hypervisors.drivers.base import HypervisorError, HypervisorFatalError
 from hypervisors.drivers.base import PowerState as DomainState  # what the driver reports, not the model's field
 from hypervisors.models import Hypervisor
 from machines import provisioning, screenshots, tasks
-from machines.models import Machine
+from machines.models import Machine, MachineObserved
 from machines.services.common import _enqueue
 from machines.states import BUSY, InvalidTransition, PowerState, Status
 
 log = logging.getLogger(__name__)
 
 
+def _observe(machine_id: int, **fields) -> None:
+    """Record what was learned of a machine in its MachineObserved row, which the first observation makes;
+    nothing when the machine is gone."""
+    if MachineObserved.objects.filter(machine_id=machine_id).update(**fields):
+        return
+    if not Machine.objects.filter(pk=machine_id).exists():
+        return
+    try:
+        with transaction.atomic():
+            MachineObserved.objects.create(machine_id=machine_id, **fields)
+    except IntegrityError:  # another writer made it meanwhile
+        MachineObserved.objects.filter(machine_id=machine_id).update(**fields)
+
+
 def machine_serial_log_request(*, machine: Machine, max_age: float = 3.0) -> None:
     """Queue a fetch of the serial log unless a recent one is on file (pages poll this)."""
-    fetched = machine.serial_log_fetched
+    fetched = machine.last_observed.serial_log_fetched
     if fetched is None or (timezone.now() - fetched).total_seconds() > max_age:
-        Machine.objects.filter(pk=machine.pk).update(serial_log_fetched=timezone.now())
+        _observe(machine.pk, serial_log_fetched=timezone.now())
         from machines.tasks import machine_serial_log_task
 
         machine_serial_log_task(machine.pk)
@@ -43,7 +58,7 @@ def machine_serial_log_run(machine_id: int) -> None:
     except HypervisorError as e:
         log.info("serial log of machine %s: %s", machine_id, e)
         return
-    Machine.objects.filter(pk=machine.pk).update(serial_log=text, serial_log_fetched=timezone.now())
+    _observe(machine.pk, serial_log=text, serial_log_fetched=timezone.now())
 
 
 def machines_reconcile() -> None:
@@ -65,7 +80,8 @@ def machines_reconcile() -> None:
     # the stalest first, so a large installation takes its screenshots in turn instead of all at once.
     # (By when they were last asked for: one that fails is not asked again and again ahead of the rest.)
     stalest = Machine.objects.filter(power_state=PowerState.RUNNING, hypervisor__enabled=True,
-                                     hypervisor__status="online").order_by(F("screenshot_requested").asc(nulls_first=True), "pk")  # fmt: skip
+                                     hypervisor__status="online").order_by(F("observed__screenshot_requested").asc(nulls_first=True), "pk")  # fmt: skip
+    stalest = stalest.select_related("observed").defer("observed__serial_log")
     for machine in stalest[: settings.PORTAL_SCREENSHOTS_PER_MINUTE]:
         machine_screenshot_request(machine=machine, max_age=50)
 
@@ -95,7 +111,8 @@ def _reconcile_power(hv: Hypervisor) -> None:
     """Power states of the hypervisor's machines, the addresses of those that run, and which run a VNC
     server that asks no password (defined before the portal set them): those get one in their config,
     which takes effect at their next cold start, however they are started."""
-    machines = list(hv.machines.exclude(status__in=[Status.NEW, Status.PROVISIONING, Status.DELETING]))
+    machines = list(hv.machines.exclude(status__in=[Status.NEW, Status.PROVISIONING, Status.DELETING])
+                    .select_related("observed").defer("observed__serial_log"))  # fmt: skip
     addresses = {}
     try:
         driver = get_driver(hv.uri)
@@ -116,7 +133,7 @@ def _reconcile_power(hv: Hypervisor) -> None:
                 addresses[machine.pk] = driver.domain_addresses(str(machine.uuid))
             except HypervisorFatalError as e:  # e.g. undefined meanwhile: the others still count
                 log.info("addresses of %s: %s", machine.name, e)
-                addresses[machine.pk] = machine.guest_addresses  # what was known stays until the next try
+                addresses[machine.pk] = machine.last_observed.guest_addresses  # what was known stays until the next try
     except HypervisorError as e:
         log.info("reconcile %s: %s", hv.name, e)
         return
@@ -130,10 +147,11 @@ def _reconcile_power(hv: Hypervisor) -> None:
             if mine.filter(power_state=machine.power_state).update(power_state=new) and new == PowerState.MISSING:
                 machine.log("reconcile", "the domain vanished from the hypervisor", level="warning")
         open_console = str(machine.uuid) in unprotected
-        if open_console and not machine.console_unprotected:
+        if open_console and not machine.last_observed.console_unprotected:
             machine.log("reconcile", "its VNC server asks no password (the machine was started before the portal "
                         "set them); it gets one at its next cold start", level="warning")  # fmt: skip
-        mine.update(power_checked=now, guest_addresses=addresses.get(machine.pk, {}), console_unprotected=open_console)
+        mine.update(power_checked=now)
+        _observe(machine.pk, guest_addresses=addresses.get(machine.pk, {}), console_unprotected=open_console)
     running = sum(states.get(str(m.uuid)) == DomainState.RUNNING for m in machines)
     without = sum(str(m.uuid) in unprotected for m in machines)
     (log.warning if without else log.info)("reconcile %s: %d machines, %d running, %d with a console that asks no "
@@ -180,9 +198,9 @@ def screenshot_path(machine: Machine) -> Path:
 
 def machine_screenshot_request(*, machine: Machine, max_age: float = 5.0) -> None:
     """Queue a new screenshot unless one was asked for moments ago (pages poll this)."""
-    asked = machine.screenshot_requested
+    asked = machine.last_observed.screenshot_requested
     if asked is None or (timezone.now() - asked).total_seconds() > max_age:
-        Machine.objects.filter(pk=machine.pk).update(screenshot_requested=timezone.now())
+        _observe(machine.pk, screenshot_requested=timezone.now())
         from machines.tasks import machine_screenshot_task
 
         machine_screenshot_task(machine.pk)
@@ -207,4 +225,4 @@ def machine_screenshot_run(machine_id: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(png)
     tmp.replace(path)
-    Machine.objects.filter(pk=machine.pk).update(screenshot_taken=timezone.now())
+    _observe(machine.pk, screenshot_taken=timezone.now())

@@ -234,11 +234,12 @@ def test_machines_defined_without_a_password_are_reported_and_fixed_by_a_cold_st
     counts = re.search(r"password added to (\d+), already there on (\d+)", out.getvalue())
     assert counts and int(counts[1]) + int(counts[2]) == 1 and "not enough): 1 as last seen" in out.getvalue()
     assert graphics(iso_machine, inactive=True).get("passwd")
-    assert Machine.objects.get(pk=iso_machine.pk).console_unprotected  # recorded by the command's reconcile
+    # Recorded by the command's reconcile.
+    assert Machine.objects.get(pk=iso_machine.pk).last_observed.console_unprotected
     # The reconcile does the same by itself for a machine it finds so (its BMC or autostart may start it).
     virsh("define", str(legacy))
     services.hypervisor_reconcile_run(iso_machine.hypervisor_id)
-    assert Machine.objects.get(pk=iso_machine.pk).console_unprotected
+    assert Machine.objects.get(pk=iso_machine.pk).last_observed.console_unprotected
     assert graphics(iso_machine, inactive=True).get("passwd")
     assert raw_vnc(iso_machine)[1] == b"\x01"
     # ...the portal stops and starts it.
@@ -248,7 +249,7 @@ def test_machines_defined_without_a_password_are_reported_and_fixed_by_a_cold_st
     wait_for(lambda: (m := Machine.objects.get(pk=iso_machine.pk)).power_state == "running" and not m.operation, 30)
     assert raw_vnc(iso_machine)[1] == b"\x02"
     services.hypervisor_reconcile_run(iso_machine.hypervisor_id)
-    assert not Machine.objects.get(pk=iso_machine.pk).console_unprotected
+    assert not Machine.objects.get(pk=iso_machine.pk).last_observed.console_unprotected
     ws, width, _, _ = rfb_session(console_proxy, iso_machine, token_for(iso_machine), 8)
     ws.close()
 

@@ -224,7 +224,7 @@ def test_media_and_boot_once_from_cdrom(iso_machine):
 def test_screenshot_of_a_running_machine(iso_machine):
     serial_log(iso_machine.pk, "TINY-GUEST ready")
     services.machine_screenshot_request(machine=iso_machine, max_age=0)
-    wait_for(lambda: Machine.objects.get(pk=iso_machine.pk).screenshot_taken, 30)
+    wait_for(lambda: Machine.objects.get(pk=iso_machine.pk).last_observed.screenshot_taken, 30)
     png = services.screenshot_path(iso_machine).read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
     owner = Client()

@@ -1,6 +1,6 @@
 import pytest
 
-from machines.models import Machine
+from machines.models import Machine, MachineObserved
 from machines.states import Status
 from tests.factories import HypervisorFactory, MachineFactory, UserFactory
 from tests.fakes import FakeDriver
@@ -44,7 +44,7 @@ def test_protected_machines_are_not_deleted_by_the_action(staff_client, machine)
 
 def test_the_admin_lists_machines_with_events(staff_client, machine):
     machine.log("create", "hello <b>world</b>")
-    Machine.objects.filter(pk=machine.pk).update(guest_addresses={"52:54:00:12:34:56": ["192.0.2.77/24"]})
+    MachineObserved.objects.create(machine=machine, guest_addresses={"52:54:00:12:34:56": ["192.0.2.77/24"]})
     r = staff_client.get(f"/admin/machines/machine/{machine.pk}/change/")
     assert r.status_code == 200 and b"hello &lt;b&gt;world&lt;/b&gt;" in r.content
     assert b"192.0.2.77/24" in r.content  # the addresses the guest was last seen with

@@ -37,7 +37,7 @@ def test_the_reconcile_records_and_counts_machines_whose_console_asks_no_passwor
     off = machine_with_domain(host, hv, "off", running=False, legacy=True)
     with caplog.at_level(logging.INFO, logger="machines.services"):
         services.hypervisor_reconcile_run(hv.pk)
-    assert list(Machine.objects.filter(console_unprotected=True)) == [old]
+    assert list(Machine.objects.filter(observed__console_unprotected=True)) == [old]
     assert "reconcile lab: 3 machines, 2 running, 1 with a console that asks no password" in caplog.text
     # Its config got a password, so its next start asks for one whoever starts it (its BMC, autostart).
     assert host.domains[str(old.uuid)]["vnc_config_protected"] and not host.domains[str(old.uuid)]["vnc_protected"]
@@ -61,7 +61,7 @@ def test_a_cold_start_gives_the_console_a_password(host, hv):
     services.hypervisor_reconcile_run(hv.pk)
     dom = host.domains[str(old.uuid)]
     assert dom["vnc_config_protected"] and dom["vnc_protected"]
-    assert not Machine.objects.get(pk=old.pk).console_unprotected
+    assert not Machine.objects.get(pk=old.pk).last_observed.console_unprotected
 
 
 def test_console_auth_upgrade_fixes_the_config_and_says_running_ones_wait(host, hv, django_capture_on_commit_callbacks):
@@ -76,7 +76,7 @@ def test_console_auth_upgrade_fixes_the_config_and_says_running_ones_wait(host, 
     for machine in (running, stopped, fine):
         assert host.domains[str(machine.uuid)]["vnc_config_protected"]
     assert host.domains[str(running.uuid)]["vnc_protected"] is False  # QEMU cannot add a password live
-    assert Machine.objects.get(pk=running.pk).console_unprotected
+    assert Machine.objects.get(pk=running.pk).last_observed.console_unprotected
     assert running.events.filter(step="console", message__contains="next cold start").exists()
     assert not fine.events.filter(step="console").exists()
 

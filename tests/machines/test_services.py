@@ -10,7 +10,7 @@ from huey.exceptions import RetryTask
 from hypervisors.drivers.base import HypervisorFatalError, HypervisorUnavailable, PowerState
 from hypervisors.models import Image, ImageStatus
 from machines import services
-from machines.models import Machine
+from machines.models import Machine, MachineObserved
 from machines.states import Status
 from tests.factories import (
     HypervisorFactory,
@@ -284,12 +284,12 @@ def test_reconcile_records_the_addresses_of_running_guests(host, owner, hv, imag
     dom["addresses"] = {mac: ["192.0.2.10/24"]}
     services.machines_reconcile()
     machine.refresh_from_db()
-    assert machine.guest_addresses == {mac: ["192.0.2.10/24"]}
+    assert machine.last_observed.guest_addresses == {mac: ["192.0.2.10/24"]}
     assert machine.nics.get().seen_addresses == ["192.0.2.10/24"]
     dom["state"] = PowerState.OFF  # an address it had while running is not shown once it is off
     services.machines_reconcile()
     machine.refresh_from_db()
-    assert machine.guest_addresses == {} and machine.nics.get().seen_addresses == []
+    assert machine.last_observed.guest_addresses == {} and machine.nics.get().seen_addresses == []
 
 
 def test_reconcile_takes_screenshots_in_batches_in_turn(host, owner, hv, settings):
@@ -299,7 +299,8 @@ def test_reconcile_takes_screenshots_in_batches_in_turn(host, owner, hv, setting
                 "fresh": now - timedelta(seconds=55)}  # fmt: skip
     for name, when in asked_at.items():
         m = MachineFactory(name=name, owner=owner, hypervisor=hv, deploy_type="network", status=Status.ACTIVE,
-                                   power_state="running", screenshot_requested=when)  # fmt: skip
+                                   power_state="running")  # fmt: skip
+        MachineObserved.objects.create(machine=m, screenshot_requested=when)
         host.domains[str(m.uuid)] = {"state": PowerState.RUNNING}
     MachineFactory(
         name="off", owner=owner, hypervisor=hv, deploy_type="network", status=Status.ACTIVE, power_state="off"
@@ -329,7 +330,8 @@ def test_one_machines_address_error_does_not_stop_the_reconcile(
     first.refresh_from_db()
     second.refresh_from_db()
     assert first.power_state == second.power_state == "running"
-    assert first.guest_addresses == {} and second.guest_addresses == {second.nics.get().mac: ["192.0.2.7/24"]}
+    assert first.last_observed.guest_addresses == {}
+    assert second.last_observed.guest_addresses == {second.nics.get().mac: ["192.0.2.7/24"]}
 
 
 def test_reconcile_does_not_undo_a_power_change_made_meanwhile(

@@ -4,7 +4,7 @@ import pytest
 from django.urls import reverse
 
 from hypervisors.models import ImageStatus
-from machines.models import Machine
+from machines.models import Machine, MachineObserved
 from machines.states import Status
 from tests.factories import HypervisorFactory, ImageFactory, MachineFactory, ProjectFactory, UserFactory
 
@@ -123,9 +123,8 @@ def test_bulk_delete_refuses_protected_machines(user_client, machine):
 
 def test_detail_and_list_show_the_addresses_the_guest_has(user_client, machine):
     nic = machine.nics.create(index=0, type="network", source="default", mac="52:54:00:12:34:56")
-    Machine.objects.filter(pk=machine.pk).update(
-        power_state="running", guest_addresses={nic.mac: ["192.0.2.10/24", "2001:db8::10/64"]}
-    )
+    Machine.objects.filter(pk=machine.pk).update(power_state="running")
+    MachineObserved.objects.create(machine=machine, guest_addresses={nic.mac: ["192.0.2.10/24", "2001:db8::10/64"]})
     detail = user_client.get(
         reverse("machines:detail", args=[machine.pk]), headers={"HX-Request": "true"}
     ).content.decode()
@@ -178,7 +177,7 @@ def test_a_serial_token_dies_with_the_right_to_operate(machine):
 
 def test_the_serial_log_is_shown_without_terminal_control_sequences(user_client, machine):
     raw = "\x1b[0;32mOK\x1b[0m booted\r\ntiny:~# \x1b[6n\x1b]0;title\x07echo hi\r\nhi\n"
-    Machine.objects.filter(pk=machine.pk).update(serial_log=raw)
+    MachineObserved.objects.create(machine=machine, serial_log=raw)
     html = user_client.get(reverse("machines:detail", args=[machine.pk]) + "?fragment=serial").content.decode()
     assert "OK booted\ntiny:~# echo hi\nhi\n" in html and "\x1b" not in html
-    assert Machine.objects.get(pk=machine.pk).serial_log == raw  # what is stored stays as the guest wrote it
+    assert MachineObserved.objects.get(machine=machine).serial_log == raw  # what is stored stays as the guest wrote it

@@ -22,7 +22,7 @@ class Command(BaseCommand):
                 c = services.console_auth_upgrade_run(hv.pk)
                 self.stdout.write(f"{hv.name}: password added to {c['added']}, already there on {c['had']}, "
                                   f"{c['missing']} without a domain.")  # fmt: skip
-        running = Machine.objects.filter(console_unprotected=True).count()
+        running = Machine.objects.filter(observed__console_unprotected=True).count()
         self.stdout.write("Machines that run now keep a VNC server without a password until their next cold start "
                           "(shut down, then start; a reboot from inside is not enough)"
                           + (f": {running} as last seen by the reconcile." if now or running else "."))  # fmt: skip
