@@ -81,9 +81,7 @@ class Machine(models.Model):
     )
     watchdog = models.BooleanField(default=False, help_text="An i6300esb watchdog that resets a hung guest.")
     rng = models.BooleanField("RNG", default=False, help_text="A virtio RNG fed from the hypervisor's /dev/urandom.")
-    disk_bus = models.CharField(
-        max_length=8, default="virtio", choices=[(b, b) for b in DISK_BUSES]
-    )
+    disk_bus = models.CharField(max_length=8, default="virtio", choices=[(b, b) for b in DISK_BUSES])
     disk_cache = models.CharField(
         max_length=12,
         blank=True,
@@ -257,9 +255,7 @@ class MachineNic(models.Model):
     type = models.CharField(max_length=8, choices=Type.choices, default=Type.NETWORK)
     source = models.CharField(max_length=100, blank=True, help_text="Network or bridge name.")
     mac = models.CharField("MAC", max_length=17, unique=True, validators=[mac_validator])
-    model = models.CharField(
-        max_length=8, default="virtio", choices=[(m, m) for m in NIC_MODELS]
-    )
+    model = models.CharField(max_length=8, default="virtio", choices=[(m, m) for m in NIC_MODELS])
     mode = models.CharField("macvtap mode", max_length=12, default="bridge",
                             choices=[(m, m) for m in MACVTAP_MODES])  # fmt: skip
     vlan = models.PositiveSmallIntegerField("VLAN", null=True, blank=True)

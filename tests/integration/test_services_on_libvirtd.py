@@ -113,7 +113,9 @@ def test_a_network_the_portal_defined_is_deleted_with_its_guard(real, django_cap
             networks.network_delete(hypervisor=Hypervisor.objects.get(pk=hv.pk), name=name)
         assert name not in {n["name"] for n in Hypervisor.objects.get(pk=hv.pk).networks}
         assert guard_name(name) not in {n.guard for n in driver.host_info().networks}
-        assert driver.remove_guard(guard_name(name)) is False and driver.remove_network(name) is False  # both already gone
+        assert (
+            driver.remove_guard(guard_name(name)) is False and driver.remove_network(name) is False
+        )  # both already gone
     finally:
         driver.remove_network(name)
         driver.remove_guard(guard_name(name))
