@@ -80,8 +80,6 @@ _pruned = [time.monotonic()]
 def on_hypervisor(uri: str, fn, *args):
     """fn(driver, *args) with a driver for `uri`, run on one of the proxy's long-lived threads for that URI (so
     its libvirt connection is already open); returns what fn returns, raises what it raises."""
-    if time.monotonic() - _pruned[0] > PRUNE_EVERY:
-        prune_hypervisor_pools()
     with _hypervisor_pools_lock:
         pool = _hypervisor_pools.get(uri)
         if pool is None:
@@ -351,3 +349,10 @@ class ConsoleProxyServer(ThreadingMixIn, HTTPServer):
     def __init__(self, host: str, port: int) -> None:
         self.logger = log
         super().__init__((host, port), ConsoleHandler)
+
+    def service_actions(self) -> None:
+        """Between requests (serve_forever's loop, every half second): drop the pools of URIs that are gone,
+        every PRUNE_EVERY seconds. Here, not in on_hypervisor, so a console's libvirt call never waits on the
+        database and the driver seam stays free of it."""
+        if time.monotonic() - _pruned[0] > PRUNE_EVERY:
+            prune_hypervisor_pools()

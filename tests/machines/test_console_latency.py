@@ -307,3 +307,18 @@ def test_the_threads_kept_for_a_hypervisor_that_is_gone_are_stopped():
             pool = console_proxy._hypervisor_pools.pop("test:///gone", None)
         if pool is not None:
             pool.shutdown()
+
+
+def test_the_proxy_server_prunes_between_requests_and_a_console_call_never_does(monkeypatch):
+    pruned = []
+    monkeypatch.setattr(console_proxy, "prune_hypervisor_pools", lambda: pruned.append(1))
+    monkeypatch.setattr(console_proxy, "_pruned", [time.monotonic() - console_proxy.PRUNE_EVERY - 1])
+    # A console's libvirt call, however long after the last prune, does not touch the database.
+    assert console_proxy.on_hypervisor("test:///default", lambda driver: 42) == 42
+    assert pruned == []
+    server = console_proxy.ConsoleProxyServer("127.0.0.1", 0)
+    try:
+        server.service_actions()
+        assert pruned == [1]
+    finally:
+        server.server_close()
