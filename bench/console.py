@@ -86,14 +86,17 @@ class _BridgeHandler(socketserver.BaseRequestHandler):
                     if not first:
                         first.append(1)
                         if VERBOSE:
-                            print(f"bridge: first output {1000 * (time.perf_counter() - t0):.1f} ms after connect",
-                                  flush=True)  # fmt: skip
+                            print(
+                                f"bridge: first output {1000 * (time.perf_counter() - t0):.1f} ms after connect",
+                                flush=True,
+                            )
                     sock.sendall(data)
             except (lv.libvirtError, OSError):
                 pass
 
-        stream.eventAddCallback(lv.VIR_STREAM_EVENT_READABLE | lv.VIR_STREAM_EVENT_ERROR | lv.VIR_STREAM_EVENT_HANGUP,
-                                on_output, None)  # fmt: skip
+        stream.eventAddCallback(
+            lv.VIR_STREAM_EVENT_READABLE | lv.VIR_STREAM_EVENT_ERROR | lv.VIR_STREAM_EVENT_HANGUP, on_output, None
+        )
         try:
             while data := sock.recv(4096):
                 if VERBOSE:
@@ -128,8 +131,15 @@ def free_port() -> int:
 
 
 WEB, PROXY, PLAIN, PLAIN_SERIAL, BRIDGE, PAGE, PAGE_COOP = (free_port() for _ in range(7))
-os.environ.update({"PORTAL_DATA_DIR": DATA, "DJANGO_SETTINGS_MODULE": "config.settings", "PORTAL_CONSOLE_PORT": str(PROXY),
-                   "PORTAL_CONSOLE_ALLOWED_ORIGINS": f"http://127.0.0.1:{WEB}", "DJANGO_ALLOW_ASYNC_UNSAFE": "true"})  # fmt: skip
+os.environ.update(
+    {
+        "PORTAL_DATA_DIR": DATA,
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        "PORTAL_CONSOLE_PORT": str(PROXY),
+        "PORTAL_CONSOLE_ALLOWED_ORIGINS": f"http://127.0.0.1:{WEB}",
+        "DJANGO_ALLOW_ASYNC_UNSAFE": "true",
+    }
+)
 
 import django  # noqa: E402
 
@@ -142,8 +152,15 @@ from django.core.files.uploadedfile import SimpleUploadedFile  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 10
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]  # fmt: skip
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 # Runs in every page before its scripts. Marks (ms since the navigation): the first websocket created, upgraded
 # and its first message; `done`: the first frame with real pixels on the noVNC canvas, or for a serial page
 # (window.__serial) the first byte of guest output in its terminal, after the page sent Enter on open.
@@ -226,12 +243,20 @@ def setup_machine():
     iso = dict(line.split("=", 1) for line in out.split())["tiny_iso"]
     user = get_user_model().objects.create_user("bench", password="bench-password-1")
     hv = hv_services.hypervisor_create(name="local", uri="qemu:///system")
-    image = images.image_create_from_upload(name="tiny-iso", kind="iso", fmt="iso",
-                                            uploaded=SimpleUploadedFile("t.iso", Path(iso).read_bytes()))  # fmt: skip
+    image = images.image_create_from_upload(
+        name="tiny-iso", kind="iso", fmt="iso", uploaded=SimpleUploadedFile("t.iso", Path(iso).read_bytes())
+    )
     wait(lambda: Hypervisor.objects.get(pk=hv.pk).status == "online")
     wait(lambda: Image.objects.get(pk=image.pk).status == "ready")
-    machine = services.machine_create(owner=user, hypervisor=Hypervisor.objects.get(pk=hv.pk), name="bench-console",
-                                      deploy_type="iso", image=Image.objects.get(pk=image.pk), memory_mib=256, disk_gib=1)  # fmt: skip
+    machine = services.machine_create(
+        owner=user,
+        hypervisor=Hypervisor.objects.get(pk=hv.pk),
+        name="bench-console",
+        deploy_type="iso",
+        image=Image.objects.get(pk=image.pk),
+        memory_mib=256,
+        disk_gib=1,
+    )
     wait(lambda: Machine.objects.get(pk=machine.pk).status == "active")
 
     def shell_up():  # the guest's serial log, through the worker
@@ -293,9 +318,11 @@ def main():
     call_command("migrate", verbosity=0)
     call_command("collectstatic", "--noinput", verbosity=0)
     proxy_log = Path(DATA) / "console-proxy.log"
-    procs = [start([sys.executable, "manage.py", "run_huey", "--workers", "2"]),
-             start([sys.executable, "-m", "gunicorn", "config.wsgi", "-b", f"127.0.0.1:{WEB}", "-w", "2", "--threads", "4"]),
-             start([sys.executable, "manage.py", "console_proxy", "--port", str(PROXY)], log=proxy_log)]  # fmt: skip
+    procs = [
+        start([sys.executable, "manage.py", "run_huey", "--workers", "2"]),
+        start([sys.executable, "-m", "gunicorn", "config.wsgi", "-b", f"127.0.0.1:{WEB}", "-w", "2", "--threads", "4"]),
+        start([sys.executable, "manage.py", "console_proxy", "--port", str(PROXY)], log=proxy_log),
+    ]
     servers, machine = [], None
     try:
         wait_port(WEB)
@@ -304,8 +331,12 @@ def main():
         from hypervisors.drivers import get_driver
 
         vnc_host, vnc_port = get_driver("qemu:///system").vnc_address(str(machine.uuid))
-        procs.append(start([sys.executable, __file__, "--serial-bridge", str(BRIDGE), str(machine.uuid)],
-                           log=Path(DATA) / "serial-bridge.log"))  # fmt: skip
+        procs.append(
+            start(
+                [sys.executable, __file__, "--serial-bridge", str(BRIDGE), str(machine.uuid)],
+                log=Path(DATA) / "serial-bridge.log",
+            )
+        )
         wait_port(BRIDGE)
         procs.append(start([sys.executable, "-m", "websockify", f"127.0.0.1:{PLAIN}", f"{vnc_host}:{vnc_port}"]))
         procs.append(start([sys.executable, "-m", "websockify", f"127.0.0.1:{PLAIN_SERIAL}", f"127.0.0.1:{BRIDGE}"]))
@@ -321,8 +352,11 @@ def main():
         _, api_key = ApiToken.issue(user=machine.owner)
 
         def one_time_url() -> str:
-            request = urllib.request.Request(f"http://127.0.0.1:{WEB}/api/v1/machines/{machine.pk}/console/",
-                                             method="POST", headers={"Authorization": f"Token {api_key}"})  # fmt: skip
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{WEB}/api/v1/machines/{machine.pk}/console/",
+                method="POST",
+                headers={"Authorization": f"Token {api_key}"},
+            )
             with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - the bench's own portal
                 return json.load(response)["url"]
 
@@ -353,8 +387,14 @@ def main():
                     page.wait_for_url(f"http://127.0.0.1:{WEB}/")
                 return page
 
-            pages = {"portal": context(login=True), "plain": context(), "api": context(), "plain tab": context(),
-                     "serial": context(serial=True, login=True), "plain serial": context(serial=True)}  # fmt: skip
+            pages = {
+                "portal": context(login=True),
+                "plain": context(),
+                "api": context(),
+                "plain tab": context(),
+                "serial": context(serial=True, login=True),
+                "plain serial": context(serial=True),
+            }
             (Path(DATA) / "plain.html").write_text(PLAIN_PAGE % PLAIN)
             (Path(DATA) / "plain-serial.html").write_text(PLAIN_SERIAL_PAGE % PLAIN_SERIAL)
             (Path(DATA) / "blank.html").write_text("<!doctype html><title>blank</title>")
@@ -393,8 +433,11 @@ def main():
                     cdp = page.context.new_cdp_session(page)
                     cdp.send("Performance.enable")
                     before = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
-                    page.goto(f"http://127.0.0.1:{WEB}/machines/{machine.pk}/console/" if name == "portal"
-                              else f"http://127.0.0.1:{PAGE}/plain.html#{plain_password()}")  # fmt: skip
+                    page.goto(
+                        f"http://127.0.0.1:{WEB}/machines/{machine.pk}/console/"
+                        if name == "portal"
+                        else f"http://127.0.0.1:{PAGE}/plain.html#{plain_password()}"
+                    )
                     page.wait_for_function("window.__marks && window.__marks.done !== undefined", timeout=30_000)
                     entries = page.evaluate("""performance.getEntriesByType('navigation').concat(
                         performance.getEntriesByType('resource')).map(e => [e.name, e.startTime, e.responseEnd,
@@ -403,8 +446,10 @@ def main():
                         ).concat(Object.entries(window.__marks).map(([k, v]) => [k, v, v, 0, 'probe']))""")
                     after = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
                     busy = ("TaskDuration", "ScriptDuration", "LayoutDuration", "RecalcStyleDuration")
-                    print(f"\n{name}: renderer main thread, ms: " + ", ".join(
-                        f"{k} {1000 * (after.get(k, 0) - before.get(k, 0)):.0f}" for k in busy))  # fmt: skip
+                    print(
+                        f"\n{name}: renderer main thread, ms: "
+                        + ", ".join(f"{k} {1000 * (after.get(k, 0) - before.get(k, 0)):.0f}" for k in busy)
+                    )
                     print(f"\n{name}: resources (start, end ms, bytes over the wire)")
                     for url, begin, end, size, kind in sorted(entries, key=lambda e: e[1]):
                         print(f"  {begin:8.1f} {end:8.1f} {size:>8} {kind:<10} {url[-70:]}")

@@ -51,8 +51,13 @@ def setup():
     disk = dict(line.split("=", 1) for line in tiny.stdout.split())["tiny_disk"]
     user = get_user_model().objects.create_user("bench")
     hv = services.hypervisor_create(name="local", uri=URI)
-    image = images.image_create_from_upload(name="tiny", kind="disk", fmt="qcow2", default_user="tiny",
-                                            uploaded=SimpleUploadedFile("t.qcow2", Path(disk).read_bytes()))  # fmt: skip
+    image = images.image_create_from_upload(
+        name="tiny",
+        kind="disk",
+        fmt="qcow2",
+        default_user="tiny",
+        uploaded=SimpleUploadedFile("t.qcow2", Path(disk).read_bytes()),
+    )
     wait(lambda: Hypervisor.objects.get(pk=hv.pk).status == "online")
     wait(lambda: Image.objects.get(pk=image.pk).status != "importing")
     assert Image.objects.get(pk=image.pk).status == "ready", Image.objects.get(pk=image.pk).status_message
@@ -65,8 +70,15 @@ def portal_create(user, hv, image, name: str) -> tuple[float, float]:
     from machines.models import Machine
 
     start = time.monotonic()
-    machine = services.machine_create(owner=user, hypervisor=hv, name=name, image=image, memory_mib=128, disk_gib=1,
-                                      nics=[services.NicInput(type="user")])  # fmt: skip
+    machine = services.machine_create(
+        owner=user,
+        hypervisor=hv,
+        name=name,
+        image=image,
+        memory_mib=128,
+        disk_gib=1,
+        nics=[services.NicInput(type="user")],
+    )
     wait(lambda: Machine.objects.filter(pk=machine.pk, status__in=["active", "error"]).exists())
     total = time.monotonic() - start
     events = {e.step: e for e in machine.events.all()}
@@ -87,8 +99,16 @@ def plain_create(image_path: str, name: str) -> float:
     start = time.monotonic()
     conn = libvirt.open(URI)
     pool = conn.storagePoolLookupByName("default")
-    disk = pool.createXML(volume_xml(name=f"{name}-disk.qcow2", capacity_bytes=1 << 30, fmt="qcow2",
-                                     backing_path=image_path, backing_format="qcow2"), 0)  # fmt: skip
+    disk = pool.createXML(
+        volume_xml(
+            name=f"{name}-disk.qcow2",
+            capacity_bytes=1 << 30,
+            fmt="qcow2",
+            backing_path=image_path,
+            backing_format="qcow2",
+        ),
+        0,
+    )
     seed_bytes = cloudinit.build_seed_iso(
         cloudinit.SeedSpec(instance_id=f"i-{name}", hostname=name, default_user="tiny")
     )
@@ -97,9 +117,24 @@ def plain_create(image_path: str, name: str) -> float:
     seed.upload(stream, 0, len(seed_bytes), 0)
     stream.sendAll(lambda _s, n, f: f.read(n), io.BytesIO(seed_bytes))
     stream.finish()
-    spec = DomainSpec(uuid=str(uuid.uuid4()), name=name, domain_type="qemu", vcpus=1, memory_mib=128,
-                      disks=(DiskSpec(path=disk.path(), boot_order=1), DiskSpec(path=seed.path(), device="cdrom", format="raw", bus="ide")),
-                      nics=(NicSpec(type="user", source="", mac=f"52:54:00:{uuid.uuid4().hex[:2]}:{uuid.uuid4().hex[:2]}:{uuid.uuid4().hex[:2]}"),))  # fmt: skip
+    spec = DomainSpec(
+        uuid=str(uuid.uuid4()),
+        name=name,
+        domain_type="qemu",
+        vcpus=1,
+        memory_mib=128,
+        disks=(
+            DiskSpec(path=disk.path(), boot_order=1),
+            DiskSpec(path=seed.path(), device="cdrom", format="raw", bus="ide"),
+        ),
+        nics=(
+            NicSpec(
+                type="user",
+                source="",
+                mac=f"52:54:00:{uuid.uuid4().hex[:2]}:{uuid.uuid4().hex[:2]}:{uuid.uuid4().hex[:2]}",
+            ),
+        ),
+    )
     conn.defineXML(build_domain_xml(spec)).create()
     elapsed = time.monotonic() - start
     conn.close()
@@ -139,8 +174,13 @@ def main() -> None:
 
     call_command("migrate", verbosity=0)  # before the consumer starts, so it finds its tables
     worker_log = Path(DATA) / "worker.log"
-    worker = subprocess.Popen([sys.executable, "manage.py", "run_huey", "--workers", "4"], cwd=ROOT,
-                              stdout=worker_log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    worker = subprocess.Popen(
+        [sys.executable, "manage.py", "run_huey", "--workers", "4"],
+        cwd=ROOT,
+        stdout=worker_log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         user, hv, image = setup()
         # Warm the image copy so both sides start from an image already in the pool.
@@ -177,9 +217,11 @@ def main() -> None:
             f"{'mode':<11}{'portal p50':>11}{'p95':>8}{'plain p50':>11}{'p95':>8}{'ratio p50':>11}{'pickup p50':>12}{'p95':>8}"
         )
         for mode, totals, plain, pickups in rows:
-            print(f"{mode:<11}{statistics.median(totals):>11.3f}{pct(totals, 95):>8.3f}{statistics.median(plain):>11.3f}"
-                  f"{pct(plain, 95):>8.3f}{statistics.median(totals) / statistics.median(plain):>11.2f}"
-                  f"{statistics.median(pickups):>12.3f}{pct(pickups, 95):>8.3f}")  # fmt: skip
+            print(
+                f"{mode:<11}{statistics.median(totals):>11.3f}{pct(totals, 95):>8.3f}{statistics.median(plain):>11.3f}"
+                f"{pct(plain, 95):>8.3f}{statistics.median(totals) / statistics.median(plain):>11.2f}"
+                f"{statistics.median(pickups):>12.3f}{pct(pickups, 95):>8.3f}"
+            )
     except BaseException:
         print(f"failed; the worker's log is {worker_log}", file=sys.stderr)
         raise

@@ -270,9 +270,10 @@ PORTAL_PORT = envint("PORTAL_PORT", "8000")
 if not PORTAL_CONSOLE_ALLOWED_ORIGINS:
     PORTAL_CONSOLE_ALLOWED_ORIGINS = [
         f"{scheme}://{host}{'' if port in ('80', '443') else ':' + port}"
-        for host in ALLOWED_HOSTS if host not in ("*",) and not host.startswith(".")
+        for host in ALLOWED_HOSTS
+        if host not in ("*",) and not host.startswith(".")
         for scheme, port in (("http", str(PORTAL_PORT)), ("https", str(PORTAL_PORT)))
-    ]  # fmt: skip
+    ]
 
 if PORTAL_SYNC_INTERVAL < 5:
     raise ImproperlyConfigured("PORTAL_SYNC_INTERVAL must be at least 5 seconds")

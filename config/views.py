@@ -32,12 +32,23 @@ def home(request) -> HttpResponse:
     mine = machines_for(request.user).filter(owner=request.user)
     by_status = {row["status"]: row["n"] for row in mine.values("status").annotate(n=Count("pk"))}
     events = MachineEvent.objects.filter(machine__in=machines_for(request.user)).select_related("machine")
-    return render(request, "home.html", {
-        "hypervisors": hypervisors, "counts": counts, "usage": usage_report(request.user),
-        "by_status": [(Status(k).label, v) for k, v in sorted(by_status.items())], "machine_count": mine.count(),
-        "events": events.order_by("-created", "-pk")[:12], "queue": queue_report(limit=10 if request.user.is_staff else 0),
-        "busy": machines_for(request.user).filter(status__in=BUSY).select_related("hypervisor").order_by("status_changed")[:10],
-    })  # fmt: skip
+    return render(
+        request,
+        "home.html",
+        {
+            "hypervisors": hypervisors,
+            "counts": counts,
+            "usage": usage_report(request.user),
+            "by_status": [(Status(k).label, v) for k, v in sorted(by_status.items())],
+            "machine_count": mine.count(),
+            "events": events.order_by("-created", "-pk")[:12],
+            "queue": queue_report(limit=10 if request.user.is_staff else 0),
+            "busy": machines_for(request.user)
+            .filter(status__in=BUSY)
+            .select_related("hypervisor")
+            .order_by("status_changed")[:10],
+        },
+    )
 
 
 @require_GET
@@ -47,9 +58,15 @@ def healthz(request) -> JsonResponse:
         cursor.execute("SELECT 1")
     queue = queue_report()
     # Still 200: the web process is alive. "degraded" says the worker (or its queue) is not, so nothing gets done.
-    return JsonResponse({"status": "ok" if queue.worker_ok and not queue.error else "degraded", "worker_ok": queue.worker_ok,
-                         "worker_seen": queue.worker_seen.isoformat() if queue.worker_seen else None,
-                         "queue_waiting": queue.waiting, "queue_error": queue.error})  # fmt: skip
+    return JsonResponse(
+        {
+            "status": "ok" if queue.worker_ok and not queue.error else "degraded",
+            "worker_ok": queue.worker_ok,
+            "worker_seen": queue.worker_seen.isoformat() if queue.worker_seen else None,
+            "queue_waiting": queue.waiting,
+            "queue_error": queue.error,
+        }
+    )
 
 
 @staff_required
@@ -72,8 +89,17 @@ def audit_list(request) -> HttpResponse:
         except ValueError:
             messages.error(request, "Give the date as YYYY-MM-DD.")
     page = Paginator(events, 50).get_page(request.GET.get("page"))
-    return render(request, "portal/audit.html", {
-        "page": page, "filters": filters, "outcomes": AuditEvent.Outcome.choices,
-        "actions": AuditEvent.objects.order_by("action").values_list("action", flat=True).distinct(),
-        "object_types": AuditEvent.objects.exclude(object_type="").order_by("object_type").values_list("object_type", flat=True).distinct(),
-    })  # fmt: skip
+    return render(
+        request,
+        "portal/audit.html",
+        {
+            "page": page,
+            "filters": filters,
+            "outcomes": AuditEvent.Outcome.choices,
+            "actions": AuditEvent.objects.order_by("action").values_list("action", flat=True).distinct(),
+            "object_types": AuditEvent.objects.exclude(object_type="")
+            .order_by("object_type")
+            .values_list("object_type", flat=True)
+            .distinct(),
+        },
+    )

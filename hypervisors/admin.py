@@ -23,20 +23,34 @@ class HypervisorAdmin(admin.ModelAdmin):
     search_fields = ["name", "uri", "hostname"]
     actions = ["sync_now"]
     fieldsets = [
-        (None, {"fields": ["name", "uri", "console_address", "domain_type_override", "cpu_allocation_ratio", "enabled"]}),
+        (
+            None,
+            {"fields": ["name", "uri", "console_address", "domain_type_override", "cpu_allocation_ratio", "enabled"]},
+        ),
         ("Status", {"fields": ["status", "status_error", "last_seen", "last_checked"]}),
         (
             "Capabilities (from the last sync)",
             {
                 "classes": ["collapse"],
                 "fields": [
-                    "hostname", "arch", "cpu_model", "cpus", "memory_mib", "libvirt_version", "hypervisor_version",
-                    "detected_domain_type", "domain_types", "guest_arches", "pools", "networks",
-                    "unmanaged_domains", "managed_domain_count",
+                    "hostname",
+                    "arch",
+                    "cpu_model",
+                    "cpus",
+                    "memory_mib",
+                    "libvirt_version",
+                    "hypervisor_version",
+                    "detected_domain_type",
+                    "domain_types",
+                    "guest_arches",
+                    "pools",
+                    "networks",
+                    "unmanaged_domains",
+                    "managed_domain_count",
                 ],
             },
         ),
-    ]  # fmt: skip
+    ]
 
     def get_readonly_fields(self, request, obj=None):
         return [f.name for f in Hypervisor._meta.fields if f.name not in services.EDITABLE_FIELDS]
@@ -63,9 +77,22 @@ class ImageAdmin(admin.ModelAdmin):
     list_display = ["name", "kind", "format", "os_name", "arch", "status", "virtual_size_bytes", "created"]
     list_filter = ["kind", "format", "status", "arch"]
     search_fields = ["name", "os_name", "sha256"]
-    readonly_fields = ["status", "status_message", "file_name", "file_size_bytes", "virtual_size_bytes", "sha256",
-                       "progress_bytes", "total_bytes", "source_url", "source_hypervisor", "source_pool",
-                       "source_volume", "owner", "created"]  # fmt: skip
+    readonly_fields = [
+        "status",
+        "status_message",
+        "file_name",
+        "file_size_bytes",
+        "virtual_size_bytes",
+        "sha256",
+        "progress_bytes",
+        "total_bytes",
+        "source_url",
+        "source_hypervisor",
+        "source_pool",
+        "source_volume",
+        "owner",
+        "created",
+    ]
 
     def has_add_permission(self, request):
         return False  # uploads and imports go through the portal's image page or the API
@@ -74,13 +101,20 @@ class ImageAdmin(admin.ModelAdmin):
 class PublishedNetworkForm(forms.ModelForm):
     """macvtap modes as boxes (passthrough is not among them) and VLAN tags as a list of numbers."""
 
-    modes = forms.MultipleChoiceField(label="macvtap modes", required=False, widget=forms.CheckboxSelectMultiple,
-                                      choices=[(m, m) for m in PUBLISHABLE_MODES],
-                                      help_text="Host interfaces only. passthrough hands the host's interface to one "
-                                                "guest: it stays staff-only and cannot be published.")  # fmt: skip
-    vlans = forms.CharField(label="VLAN tags", required=False,
-                            help_text="Host bridges and interfaces only: tags users may set, separated by spaces or "
-                                      "commas (e.g. 100 101). Empty: none.")  # fmt: skip
+    modes = forms.MultipleChoiceField(
+        label="macvtap modes",
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        choices=[(m, m) for m in PUBLISHABLE_MODES],
+        help_text="Host interfaces only. passthrough hands the host's interface to one "
+        "guest: it stays staff-only and cannot be published.",
+    )
+    vlans = forms.CharField(
+        label="VLAN tags",
+        required=False,
+        help_text="Host bridges and interfaces only: tags users may set, separated by spaces or "
+        "commas (e.g. 100 101). Empty: none.",
+    )
 
     class Meta:
         model = PublishedNetwork
@@ -112,7 +146,17 @@ class PublishedNetworkAdmin(admin.ModelAdmin):
     """Host networks opened to users who are not staff (machines.nic_policy applies them)."""
 
     form = PublishedNetworkForm
-    list_display = ["source", "kind", "hypervisor", "modes", "vlans", "untagged", "everyone", "project_names", "updated"]  # fmt: skip
+    list_display = [
+        "source",
+        "kind",
+        "hypervisor",
+        "modes",
+        "vlans",
+        "untagged",
+        "everyone",
+        "project_names",
+        "updated",
+    ]
     list_filter = ["kind", "hypervisor", "everyone", "projects"]
     search_fields = ["source", "note", "hypervisor__name", "projects__name"]
     filter_horizontal = ["projects"]
@@ -148,10 +192,13 @@ class PublishedNetworkAdmin(admin.ModelAdmin):
             stranded = networks.stranded_by_unpublishing(kind, source)
             if stranded:
                 shown = ", ".join(stranded[:10]) + (f" and {len(stranded) - 10} more" if len(stranded) > 10 else "")
-                self.message_user(request, f"Unpublished {source}: the network policy now refuses it to {len(stranded)} "
-                                           f"machine(s) on it: {shown}. They keep running but will not be started or rebuilt until it is "
-                                           f"published again or their NIC changes (manage.py nic_policy_report).",
-                                  level=messages.WARNING)  # fmt: skip
+                self.message_user(
+                    request,
+                    f"Unpublished {source}: the network policy now refuses it to {len(stranded)} "
+                    f"machine(s) on it: {shown}. They keep running but will not be started or rebuilt until it is "
+                    f"published again or their NIC changes (manage.py nic_policy_report).",
+                    level=messages.WARNING,
+                )
 
 
 def _shown(value) -> str:

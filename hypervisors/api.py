@@ -15,12 +15,35 @@ class HypervisorSerializer(serializers.ModelSerializer):
     class Meta:
         model = Hypervisor
         fields = [
-            "id", "name", "uri", "console_address", "domain_type_override", "cpu_allocation_ratio", "enabled",
-            "status", "status_error", "last_seen", "last_checked",
-            "hostname", "arch", "cpu_model", "cpus", "memory_mib", "libvirt_version", "qemu_version",
-            "domain_type", "detected_domain_type", "domain_types", "guest_arches",
-            "pools", "networks", "unmanaged_domains", "managed_domain_count", "created", "updated",
-        ]  # fmt: skip
+            "id",
+            "name",
+            "uri",
+            "console_address",
+            "domain_type_override",
+            "cpu_allocation_ratio",
+            "enabled",
+            "status",
+            "status_error",
+            "last_seen",
+            "last_checked",
+            "hostname",
+            "arch",
+            "cpu_model",
+            "cpus",
+            "memory_mib",
+            "libvirt_version",
+            "qemu_version",
+            "domain_type",
+            "detected_domain_type",
+            "domain_types",
+            "guest_arches",
+            "pools",
+            "networks",
+            "unmanaged_domains",
+            "managed_domain_count",
+            "created",
+            "updated",
+        ]
         read_only_fields = [f for f in fields if f not in services.EDITABLE_FIELDS]
 
     def create(self, validated_data):
@@ -38,8 +61,13 @@ def _from_django_errors(fn):
 
 
 class NetworkSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=50, required=False, allow_blank=True, default="",
-                                 help_text="Not for mode tenant, which is named by PORTAL_TENANT_NETWORK.")  # fmt: skip
+    name = serializers.CharField(
+        max_length=50,
+        required=False,
+        allow_blank=True,
+        default="",
+        help_text="Not for mode tenant, which is named by PORTAL_TENANT_NETWORK.",
+    )
     mode = serializers.ChoiceField(choices=["tenant", "nat", "isolated", "bridge", "macvtap"])
     bridge = serializers.CharField(required=False, allow_blank=True, default="")
     interface = serializers.CharField(required=False, allow_blank=True, default="")
@@ -112,11 +140,37 @@ class ImageSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Image
-        fields = ["id", "name", "kind", "format", "os_name", "default_user", "arch", "status", "status_message",
-                  "source_url", "expected_sha256", "file", "file_size_bytes", "virtual_size_bytes", "sha256",
-                  "progress_bytes", "total_bytes", "progress_percent", "created"]  # fmt: skip
-        read_only_fields = ["status", "status_message", "file_size_bytes", "virtual_size_bytes", "sha256",
-                            "progress_bytes", "total_bytes", "created"]  # fmt: skip
+        fields = [
+            "id",
+            "name",
+            "kind",
+            "format",
+            "os_name",
+            "default_user",
+            "arch",
+            "status",
+            "status_message",
+            "source_url",
+            "expected_sha256",
+            "file",
+            "file_size_bytes",
+            "virtual_size_bytes",
+            "sha256",
+            "progress_bytes",
+            "total_bytes",
+            "progress_percent",
+            "created",
+        ]
+        read_only_fields = [
+            "status",
+            "status_message",
+            "file_size_bytes",
+            "virtual_size_bytes",
+            "sha256",
+            "progress_bytes",
+            "total_bytes",
+            "created",
+        ]
 
     def validate(self, data):
         if bool(data.get("file")) == bool(data.get("source_url")):
@@ -126,9 +180,15 @@ class ImageSerializer(serializers.ModelSerializer):
     def create(self, validated):
         from hypervisors import images
 
-        common = {"name": validated["name"], "kind": validated.get("kind", "disk"), "fmt": validated.get("format", "qcow2"),
-                  "owner": self.context["request"].user, "os_name": validated.get("os_name", ""),
-                  "default_user": validated.get("default_user", "debian"), "arch": validated.get("arch", "x86_64")}  # fmt: skip
+        common = {
+            "name": validated["name"],
+            "kind": validated.get("kind", "disk"),
+            "fmt": validated.get("format", "qcow2"),
+            "owner": self.context["request"].user,
+            "os_name": validated.get("os_name", ""),
+            "default_user": validated.get("default_user", "debian"),
+            "arch": validated.get("arch", "x86_64"),
+        }
         if validated.get("file"):
             return _from_django_errors(lambda: images.image_create_from_upload(uploaded=validated["file"], **common))
         return _from_django_errors(

@@ -26,8 +26,11 @@ class ImageForm(forms.Form):
     format = forms.ChoiceField(choices=[("qcow2", "qcow2"), ("raw", "raw")], help_text="Ignored for ISOs.")
     os_name = forms.CharField(label="OS", max_length=100, required=False)
     default_user = forms.CharField(max_length=32, required=False, initial="debian")
-    arch = forms.ChoiceField(label="Architecture", initial="x86_64",
-                             choices=[(a, a) for a in ("x86_64", "aarch64", "ppc64le", "s390x", "riscv64", "i686")])  # fmt: skip
+    arch = forms.ChoiceField(
+        label="Architecture",
+        initial="x86_64",
+        choices=[(a, a) for a in ("x86_64", "aarch64", "ppc64le", "s390x", "riscv64", "i686")],
+    )
     source = forms.ChoiceField(choices=SOURCES, widget=forms.RadioSelect, initial="upload")
     file = forms.FileField(required=False)
     source_url = forms.URLField(label="URL", required=False, assume_scheme="https")
@@ -53,9 +56,15 @@ class NetworkForm(forms.Form):
     name = forms.CharField(
         max_length=50, required=False, help_text="The tenant network's name is fixed (PORTAL_TENANT_NETWORK)."
     )
-    mode = forms.ChoiceField(choices=[("tenant", "Tenant network (for everyone; guests reach nothing of the host)"),
-                                      ("isolated", "Isolated (host-only, DHCP)"), ("nat", "NAT (DHCP, outbound through the host)"),
-                                      ("bridge", "Host bridge"), ("macvtap", "macvtap on a host interface")])  # fmt: skip
+    mode = forms.ChoiceField(
+        choices=[
+            ("tenant", "Tenant network (for everyone; guests reach nothing of the host)"),
+            ("isolated", "Isolated (host-only, DHCP)"),
+            ("nat", "NAT (DHCP, outbound through the host)"),
+            ("bridge", "Host bridge"),
+            ("macvtap", "macvtap on a host interface"),
+        ]
+    )
     bridge = forms.CharField(
         required=False, max_length=15, help_text="Bridge to create (NAT/isolated) or to use (host bridge)."
     )

@@ -46,8 +46,9 @@ def _declared_format(kind: str, fmt: str) -> str:
 
 
 def _new_image(*, name: str, kind: str, fmt: str, owner=None, **fields) -> Image:
-    image = Image(name=name, kind=kind, format=_declared_format(kind, fmt), owner=owner, status=ImageStatus.IMPORTING,
-                  **fields)  # fmt: skip
+    image = Image(
+        name=name, kind=kind, format=_declared_format(kind, fmt), owner=owner, status=ImageStatus.IMPORTING, **fields
+    )
     image.full_clean()
     image.save()
     image.file_name = f"{image.pk}.{'iso' if kind == ImageKind.ISO else image.format}"
@@ -66,16 +67,25 @@ def _sha256_of(path: Path) -> str:
 def _finish(image: Image, path: Path, sha256: str) -> None:
     """Validate the file at its final path and mark the image ready, or error (and remove the file)."""
     try:
-        facts = inspect(str(path), image.format, max_virtual_bytes=settings.PORTAL_IMAGE_MAX_VIRTUAL_GIB << 30,
-                        cpu_seconds=settings.PORTAL_QEMU_IMG_CPU_SECONDS, memory_mib=settings.PORTAL_QEMU_IMG_MEMORY_MIB)  # fmt: skip
+        facts = inspect(
+            str(path),
+            image.format,
+            max_virtual_bytes=settings.PORTAL_IMAGE_MAX_VIRTUAL_GIB << 30,
+            cpu_seconds=settings.PORTAL_QEMU_IMG_CPU_SECONDS,
+            memory_mib=settings.PORTAL_QEMU_IMG_MEMORY_MIB,
+        )
     except ImageRejected as e:
         path.unlink(missing_ok=True)
         _fail(image, f"Refused: {e}")
         return
     Image.objects.filter(pk=image.pk).update(
-        status=ImageStatus.READY, status_message="", sha256=sha256, file_size_bytes=path.stat().st_size,
-        virtual_size_bytes=facts.virtual_size_bytes, progress_bytes=path.stat().st_size,
-    )  # fmt: skip
+        status=ImageStatus.READY,
+        status_message="",
+        sha256=sha256,
+        file_size_bytes=path.stat().st_size,
+        virtual_size_bytes=facts.virtual_size_bytes,
+        progress_bytes=path.stat().st_size,
+    )
 
 
 def _fail(image: Image, message: str) -> None:
@@ -123,15 +133,17 @@ def validate_source_url(url: str) -> None:
 
 @audited("image.import")
 @transaction.atomic
-def image_create_from_url(*, name: str, kind: str, fmt: str, source_url: str, expected_sha256: str = "", owner=None,
-                          **fields) -> Image:  # fmt: skip
+def image_create_from_url(
+    *, name: str, kind: str, fmt: str, source_url: str, expected_sha256: str = "", owner=None, **fields
+) -> Image:
     """Register the image and queue its download."""
     validate_source_url(source_url)
     expected = expected_sha256.strip().lower()
     if expected and (len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected)):
         raise ValidationError({"expected_sha256": "A SHA-256 checksum is 64 hexadecimal characters."})
-    image = _new_image(name=name, kind=kind, fmt=fmt, owner=owner, source_url=source_url, expected_sha256=expected,
-                       **fields)  # fmt: skip
+    image = _new_image(
+        name=name, kind=kind, fmt=fmt, owner=owner, source_url=source_url, expected_sha256=expected, **fields
+    )
     from hypervisors.tasks import image_import_task
 
     transaction.on_commit(lambda: image_import_task(image.pk))
@@ -178,13 +190,22 @@ def image_import(image_id: int) -> None:
 
 @audited("image.register")
 @transaction.atomic
-def image_register_volume(*, name: str, kind: str, fmt: str, hypervisor: Hypervisor, pool: str, volume: str,
-                          owner=None, **fields) -> Image:  # fmt: skip
+def image_register_volume(
+    *, name: str, kind: str, fmt: str, hypervisor: Hypervisor, pool: str, volume: str, owner=None, **fields
+) -> Image:
     """Register a volume already in a hypervisor's pool; the worker copies it into the catalogue."""
     if not pool or not volume:
         raise ValidationError({"source_volume": "Name the pool and the volume."})
-    image = _new_image(name=name, kind=kind, fmt=fmt, owner=owner, source_hypervisor=hypervisor, source_pool=pool,
-                       source_volume=volume, **fields)  # fmt: skip
+    image = _new_image(
+        name=name,
+        kind=kind,
+        fmt=fmt,
+        owner=owner,
+        source_hypervisor=hypervisor,
+        source_pool=pool,
+        source_volume=volume,
+        **fields,
+    )
     from hypervisors.tasks import image_register_task
 
     transaction.on_commit(lambda: image_register_task(image.pk))
@@ -266,5 +287,9 @@ def _volume_sha256(driver: HypervisorDriver, pool: str, name: str) -> str:
 
 
 def _record_copy(image: Image, hypervisor: Hypervisor, pool: str, path: str) -> None:
-    ImageCopy.objects.update_or_create(image=image, hypervisor=hypervisor, pool=pool,
-                                       defaults={"volume": image.volume_name, "path": path, "sha256": image.sha256})  # fmt: skip
+    ImageCopy.objects.update_or_create(
+        image=image,
+        hypervisor=hypervisor,
+        pool=pool,
+        defaults={"volume": image.volume_name, "path": path, "sha256": image.sha256},
+    )

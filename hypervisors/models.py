@@ -19,10 +19,12 @@ class ConsoleAddressRefused(Exception):
 
 def remote_loopback_message(hv: "Hypervisor", address: str = "") -> str:
     address = address or hv.console_address
-    return (f"{address} is {hv.remote_host}'s own loopback: the console proxy runs on the portal's machine, where that "
-            f"address is the portal's own loopback, so it would reach another machine's console, never {hv.name}'s. "
-            f"Give an address of {hv.remote_host} that the portal's machine reaches (its management address; consoles "
-            f"listen there and ask for the proxy's password).")  # fmt: skip
+    return (
+        f"{address} is {hv.remote_host}'s own loopback: the console proxy runs on the portal's machine, where that "
+        f"address is the portal's own loopback, so it would reach another machine's console, never {hv.name}'s. "
+        f"Give an address of {hv.remote_host} that the portal's machine reaches (its management address; consoles "
+        f"listen there and ask for the proxy's password)."
+    )
 
 
 class HypervisorStatus(models.TextChoices):
@@ -68,9 +70,12 @@ class Hypervisor(models.Model):
         default=True, help_text="Disabled hypervisors are not contacted and get no new machines."
     )
     cpu_allocation_ratio = models.DecimalField(
-        "vCPU overcommit", max_digits=4, decimal_places=1, default=4,
+        "vCPU overcommit",
+        max_digits=4,
+        decimal_places=1,
+        default=4,
         help_text="vCPUs placed per host CPU when the portal picks a hypervisor.",
-    )  # fmt: skip
+    )
 
     status = models.CharField(max_length=10, choices=HypervisorStatus.choices, default=HypervisorStatus.PENDING)
     status_error = models.TextField(blank=True)
@@ -273,21 +278,42 @@ class PublishedNetwork(models.Model):
     network (PORTAL_TENANT_NETWORK) needs no row: it is for everyone on every hypervisor that has it.
     """
 
-    hypervisor = models.ForeignKey(Hypervisor, null=True, blank=True, on_delete=models.CASCADE,
-                                   related_name="published_networks",
-                                   help_text="Empty: every hypervisor that has a network or interface of this name.")  # fmt: skip
+    hypervisor = models.ForeignKey(
+        Hypervisor,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="published_networks",
+        help_text="Empty: every hypervisor that has a network or interface of this name.",
+    )
     kind = models.CharField(max_length=8, choices=NicKind.choices)
-    source = models.CharField(max_length=100, validators=[SOURCE_NAME],
-                              help_text="The libvirt network, host bridge or host interface, as the hypervisor names it.")  # fmt: skip
-    modes = models.JSONField("macvtap modes", default=list, blank=True,
-                             help_text="Host interfaces only: bridge, vepa, private. passthrough is never published.")  # fmt: skip
-    vlans = models.JSONField("VLAN tags", default=list, blank=True,
-                             help_text="Tags users may set (host bridges and interfaces only); empty: none.")  # fmt: skip
-    untagged = models.BooleanField("also untagged", default=True,
-                                   help_text="Users may also attach without a VLAN tag (the native network).")  # fmt: skip
+    source = models.CharField(
+        max_length=100,
+        validators=[SOURCE_NAME],
+        help_text="The libvirt network, host bridge or host interface, as the hypervisor names it.",
+    )
+    modes = models.JSONField(
+        "macvtap modes",
+        default=list,
+        blank=True,
+        help_text="Host interfaces only: bridge, vepa, private. passthrough is never published.",
+    )
+    vlans = models.JSONField(
+        "VLAN tags",
+        default=list,
+        blank=True,
+        help_text="Tags users may set (host bridges and interfaces only); empty: none.",
+    )
+    untagged = models.BooleanField(
+        "also untagged", default=True, help_text="Users may also attach without a VLAN tag (the native network)."
+    )
     everyone = models.BooleanField("to everyone", default=False, help_text="Every user's machines may use it.")
-    projects = models.ManyToManyField("machines.Project", blank=True, related_name="published_networks",
-                                      help_text="Or only machines created in these projects.")  # fmt: skip
+    projects = models.ManyToManyField(
+        "machines.Project",
+        blank=True,
+        related_name="published_networks",
+        help_text="Or only machines created in these projects.",
+    )
     note = models.CharField(max_length=200, blank=True, help_text="What it is, for staff (e.g. the lab VLAN).")
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
@@ -309,8 +335,9 @@ class PublishedNetwork(models.Model):
         if modes is None or not all(isinstance(m, str) for m in modes):
             errors["modes"] = 'A list of macvtap modes, e.g. ["bridge"].'
         elif "passthrough" in modes:
-            errors["modes"] = ("passthrough hands the host's interface over to one guest; it stays staff-only and "
-                               "cannot be published.")  # fmt: skip
+            errors["modes"] = (
+                "passthrough hands the host's interface over to one guest; it stays staff-only and cannot be published."
+            )
         elif set(modes) - set(PUBLISHABLE_MODES):
             errors["modes"] = f"macvtap modes are {', '.join(PUBLISHABLE_MODES)}."
         elif self.kind == NicKind.DIRECT and not modes:

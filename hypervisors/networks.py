@@ -44,12 +44,21 @@ class NetworkSpec:
         iface = ipaddress.ip_interface(self.cidr) if self.cidr else None
         v6 = ipaddress.ip_interface(self.ipv6_cidr) if self.ipv6_cidr else None
         mode = "isolated" if self.mode == "tenant" else self.mode
-        return network_xml(name=self.name, mode=mode, bridge=self.bridge, interface=self.interface,
-                           address=str(iface.ip) if iface else "", prefix=iface.network.prefixlen if iface else None,
-                           dhcp_start=self.dhcp_start, dhcp_end=self.dhcp_end, tftp_root=self.tftp_root,
-                           boot_file=self.boot_file, ipv6_address=str(v6.ip) if v6 else "",
-                           ipv6_prefix=v6.network.prefixlen if v6 else None,
-                           isolated_ports=self.mode == "tenant")  # fmt: skip
+        return network_xml(
+            name=self.name,
+            mode=mode,
+            bridge=self.bridge,
+            interface=self.interface,
+            address=str(iface.ip) if iface else "",
+            prefix=iface.network.prefixlen if iface else None,
+            dhcp_start=self.dhcp_start,
+            dhcp_end=self.dhcp_end,
+            tftp_root=self.tftp_root,
+            boot_file=self.boot_file,
+            ipv6_address=str(v6.ip) if v6 else "",
+            ipv6_prefix=v6.network.prefixlen if v6 else None,
+            isolated_ports=self.mode == "tenant",
+        )
 
     def guard(self, host_addresses: tuple[str, ...] = ()) -> str:
         """The traffic filter of the network's NICs (see domxml.guard_xml), or "" when it has no address
@@ -57,8 +66,14 @@ class NetworkSpec:
         if self.mode not in GUARDED_MODES or not self.cidr:
             return ""
         iface = ipaddress.ip_interface(self.cidr)
-        return guard_xml(network=self.name, gateway=str(iface.ip), prefix=iface.network.prefixlen,
-                         nat=self.mode == "nat", host_addresses=host_addresses, tftp=bool(self.tftp_root))  # fmt: skip
+        return guard_xml(
+            network=self.name,
+            gateway=str(iface.ip),
+            prefix=iface.network.prefixlen,
+            nat=self.mode == "nat",
+            host_addresses=host_addresses,
+            tftp=bool(self.tftp_root),
+        )
 
 
 def spec_from(data: dict) -> NetworkSpec:
@@ -109,14 +124,20 @@ def validate(spec: NetworkSpec, hypervisor: Hypervisor) -> None:
 
 def _validate_ip(spec: NetworkSpec) -> dict[str, str]:
     if not spec.cidr:
-        return {"cidr": "Give the network's router address with its prefix, e.g. 192.168.77.1/24."} if (
-            spec.dhcp_start or spec.tftp_root) else {}  # fmt: skip
+        return (
+            {"cidr": "Give the network's router address with its prefix, e.g. 192.168.77.1/24."}
+            if (spec.dhcp_start or spec.tftp_root)
+            else {}
+        )
     try:
         iface = ipaddress.ip_interface(spec.cidr)
     except ValueError:
         return {"cidr": f"{spec.cidr!r} is not an address with a prefix."}
-    if iface.version != 4 or iface.network.prefixlen > 30 or iface.ip in (iface.network.network_address,
-                                                                          iface.network.broadcast_address):  # fmt: skip
+    if (
+        iface.version != 4
+        or iface.network.prefixlen > 30
+        or iface.ip in (iface.network.network_address, iface.network.broadcast_address)
+    ):
         return {"cidr": "Give an IPv4 host address in a /30 or larger network, e.g. 192.168.77.1/24."}
     errors = {}
     if bool(spec.dhcp_start) != bool(spec.dhcp_end):

@@ -29,8 +29,11 @@ DISK_CACHES = ("none", "writeback", "writethrough", "directsync", "unsafe")  # e
 FIRMWARES = ("bios", "uefi")
 FIRMWARE_LABELS = {"bios": "BIOS", "uefi": "UEFI"}
 LIBVIRT_FIRMWARE = {"uefi": "efi"}  # the portal's firmware names as the sync reports them (libvirt's)
-CPU_MODES = {"host-passthrough": "host-passthrough (the host's CPU as it is)",
-             "host-model": "host-model (the closest named model, migratable)", "custom": "custom (a named model)"}  # fmt: skip
+CPU_MODES = {
+    "host-passthrough": "host-passthrough (the host's CPU as it is)",
+    "host-model": "host-model (the closest named model, migratable)",
+    "custom": "custom (a named model)",
+}
 NIC_MODELS = ("virtio", "e1000", "e1000e", "rtl8139")
 NIC_MODEL_LABELS = {"virtio": "virtio (fastest; Linux, or Windows with drivers)"}  # the others: their names
 MACVTAP_MODES = ("bridge", "vepa", "private", "passthrough")
@@ -175,8 +178,11 @@ class Offer:
         except re.error as e:
             return "", f"Not a regular expression: {e}."
         devices = {d["name"]: d for d in self.devices}
-        free = [n for n, d in devices.items() if n not in taken
-                and regex.search(f"{n} {_hexid(d['vendor'])}:{_hexid(d['product'])} {d['description']}")]  # fmt: skip
+        free = [
+            n
+            for n, d in devices.items()
+            if n not in taken and regex.search(f"{n} {_hexid(d['vendor'])}:{_hexid(d['product'])} {d['description']}")
+        ]
         if not free:
             return "", f"No free device on {self.name} matches {pattern!r}."
         return free[0], None
@@ -200,12 +206,19 @@ class Offer:
 
 def offers_for(hypervisor: Hypervisor) -> Offer:
     """What the hypervisor offers, as its last sync found it."""
-    return Offer(name=hypervisor.name, arch=hypervisor.arch or "",
-                 guest_arches=tuple(hypervisor.guest_arches or ()), machine_types=tuple(hypervisor.machine_types or ()),
-                 cpu_modes=tuple(hypervisor.cpu_modes or ()), cpu_models=tuple(hypervisor.cpu_models or ()),
-                 firmwares=tuple(hypervisor.firmwares or ()), pools=tuple(hypervisor.pools or ()),
-                 networks=tuple(hypervisor.networks or ()), interfaces=tuple(hypervisor.interfaces or ()),
-                 devices=tuple(hypervisor.devices or ()))  # fmt: skip
+    return Offer(
+        name=hypervisor.name,
+        arch=hypervisor.arch or "",
+        guest_arches=tuple(hypervisor.guest_arches or ()),
+        machine_types=tuple(hypervisor.machine_types or ()),
+        cpu_modes=tuple(hypervisor.cpu_modes or ()),
+        cpu_models=tuple(hypervisor.cpu_models or ()),
+        firmwares=tuple(hypervisor.firmwares or ()),
+        pools=tuple(hypervisor.pools or ()),
+        networks=tuple(hypervisor.networks or ()),
+        interfaces=tuple(hypervisor.interfaces or ()),
+        devices=tuple(hypervisor.devices or ()),
+    )
 
 
 # --- Menu: what the create form offers ---
@@ -230,8 +243,9 @@ class Menu:
     devices: list[dict] = field(default_factory=list)  # free ones, one hypervisor only
 
     @classmethod
-    def over(cls, hypervisors: Sequence[Hypervisor], *, hypervisor: Hypervisor | None = None,
-             taken: Collection[str] = ()) -> Self:  # fmt: skip
+    def over(
+        cls, hypervisors: Sequence[Hypervisor], *, hypervisor: Hypervisor | None = None, taken: Collection[str] = ()
+    ) -> Self:
         """The menu over these hypervisors (one, `hypervisor`, whose free devices it lists; or the online
         ones, for "any hypervisor"). `taken`: the devices machines hold on `hypervisor`."""
         offers = [offers_for(h) for h in hypervisors]

@@ -35,8 +35,11 @@ def hypervisor_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
         template += "#hypervisor-facts"
     tenant = settings.PORTAL_TENANT_NETWORK
     has_tenant = any(n["name"] == tenant for n in hv.networks)
-    return render(request, template, {"hv": hv, "network_form": NetworkForm(), "tenant_network": tenant,
-                                      "has_tenant_network": has_tenant})  # fmt: skip
+    return render(
+        request,
+        template,
+        {"hv": hv, "network_form": NetworkForm(), "tenant_network": tenant, "has_tenant_network": has_tenant},
+    )
 
 
 def _save_form(form: HypervisorForm, save) -> Hypervisor | None:
@@ -125,8 +128,15 @@ def image_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 
 def _create_image(request, form: ImageForm) -> Image:
     data = form.cleaned_data
-    common = {"name": data["name"], "kind": data["kind"], "fmt": data["format"], "owner": request.user,
-              "os_name": data["os_name"], "default_user": data["default_user"], "arch": data["arch"]}  # fmt: skip
+    common = {
+        "name": data["name"],
+        "kind": data["kind"],
+        "fmt": data["format"],
+        "owner": request.user,
+        "os_name": data["os_name"],
+        "default_user": data["default_user"],
+        "arch": data["arch"],
+    }
     if data["source"] == "upload":
         return images.image_create_from_upload(uploaded=data["file"], **common)
     if data["source"] == "url":

@@ -45,8 +45,13 @@ def _each(modeladmin, request, queryset, fn, label: str) -> None:
 
 def _power_action(action: str):
     def run(modeladmin, request, queryset):
-        _each(modeladmin, request, queryset, lambda m: services.machine_power(machine=m, action=action),
-              PowerAction(action).label)  # fmt: skip
+        _each(
+            modeladmin,
+            request,
+            queryset,
+            lambda m: services.machine_power(machine=m, action=action),
+            PowerAction(action).label,
+        )
 
     run.__name__ = f"power_{action}"
     return admin.action(description=f"Power: {PowerAction(action).label.lower()}")(run)
@@ -54,15 +59,56 @@ def _power_action(action: str):
 
 @admin.register(Machine)
 class MachineAdmin(admin.ModelAdmin):
-    list_display = ["name", "owner", "project", "hypervisor", "deploy_type", "status", "power_state", "vcpus", "memory_mib",
-                    "disk_gib", "deletion_protection", "created"]  # fmt: skip
+    list_display = [
+        "name",
+        "owner",
+        "project",
+        "hypervisor",
+        "deploy_type",
+        "status",
+        "power_state",
+        "vcpus",
+        "memory_mib",
+        "disk_gib",
+        "deletion_protection",
+        "created",
+    ]
     list_filter = ["status", "power_state", "deploy_type", "hypervisor", "project", "deletion_protection"]
     search_fields = ["name", "uuid", "owner__username", "nics__mac"]
-    readonly_fields = ["uuid", "owner", "hypervisor", "pool", "deploy_type", "image", "vcpus", "memory_mib",
-                       "disk_gib", "status", "status_message", "status_changed", "power_state", "power_checked",
-                       "guest_addresses", "operation", "instance_id", "machine_type", "cpu_mode", "cpu_model", "cpu_topology", "smbios",
-                       "watchdog", "rng", "disk_bus", "disk_cache", "extra_disks", "qemu_args", "firmware", "secure_boot",
-                       "created", "updated"]  # fmt: skip
+    readonly_fields = [
+        "uuid",
+        "owner",
+        "hypervisor",
+        "pool",
+        "deploy_type",
+        "image",
+        "vcpus",
+        "memory_mib",
+        "disk_gib",
+        "status",
+        "status_message",
+        "status_changed",
+        "power_state",
+        "power_checked",
+        "guest_addresses",
+        "operation",
+        "instance_id",
+        "machine_type",
+        "cpu_mode",
+        "cpu_model",
+        "cpu_topology",
+        "smbios",
+        "watchdog",
+        "rng",
+        "disk_bus",
+        "disk_cache",
+        "extra_disks",
+        "qemu_args",
+        "firmware",
+        "secure_boot",
+        "created",
+        "updated",
+    ]
     fields = [*readonly_fields[:10], "deletion_protection", "autostart", *readonly_fields[10:]]
     inlines = [NicInline, EventInline]
     actions = [*(_power_action(a) for a in PowerAction.values), "grow_disk", "rebuild", "delete_machines", "sync"]

@@ -37,8 +37,21 @@ class NicSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = MachineNic
-        fields = ["type", "source", "mac", "dhcp4", "dhcp6", "addresses", "gateway4", "gateway6", "nameservers", "search",
-                  "model", "mode", "vlan"]  # fmt: skip
+        fields = [
+            "type",
+            "source",
+            "mac",
+            "dhcp4",
+            "dhcp6",
+            "addresses",
+            "gateway4",
+            "gateway6",
+            "nameservers",
+            "search",
+            "model",
+            "mode",
+            "vlan",
+        ]
         extra_kwargs: dict[str, dict[str, Any]] = {"mac": {"validators": []}}
 
 
@@ -59,37 +72,69 @@ class StringOrList(serializers.Field):
         raise serializers.ValidationError("Give a list of strings.")
 
     def to_representation(self, value):
-        return [line for line in value.split() if line] if self.field_name == "packages" else \
-            [line.strip() for line in value.splitlines() if line.strip()]  # fmt: skip
+        return (
+            [line for line in value.split() if line]
+            if self.field_name == "packages"
+            else [line.strip() for line in value.splitlines() if line.strip()]
+        )
 
 
 class MachineSerializer(serializers.ModelSerializer):
     owner = serializers.CharField(source="owner.username", read_only=True)
-    hypervisor = NameOrIdField(queryset=Hypervisor.objects.all(), required=False, allow_null=True,
-                               help_text="Id or name; leave out for any hypervisor with room.")  # fmt: skip
+    hypervisor = NameOrIdField(
+        queryset=Hypervisor.objects.all(),
+        required=False,
+        allow_null=True,
+        help_text="Id or name; leave out for any hypervisor with room.",
+    )
     image = serializers.PrimaryKeyRelatedField(queryset=Image.objects.all(), required=False, allow_null=True)
-    extra_isos = serializers.PrimaryKeyRelatedField(queryset=Image.objects.filter(kind="iso"), many=True, required=False,
-                                                    write_only=True)  # fmt: skip
+    extra_isos = serializers.PrimaryKeyRelatedField(
+        queryset=Image.objects.filter(kind="iso"), many=True, required=False, write_only=True
+    )
     cdroms = serializers.SerializerMethodField()
-    power_on = serializers.BooleanField(write_only=True, required=False, allow_null=True, default=None,
-                                        help_text="Network-boot machines stay off unless true.")  # fmt: skip
+    power_on = serializers.BooleanField(
+        write_only=True,
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="Network-boot machines stay off unless true.",
+    )
     bmc = serializers.SerializerMethodField()
-    hostdev_match = serializers.CharField(write_only=True, required=False, allow_blank=True,
-                                          help_text="A regular expression: the first free matching host device.")  # fmt: skip
-    project = serializers.SlugRelatedField(slug_field="name", queryset=Project.objects.all(), required=False,
-                                           allow_null=True, help_text="Project name; you must be its admin.")  # fmt: skip
-    nics = NicSerializer(many=True, required=False,
-                         help_text="Left out: the tenant network (PORTAL_TENANT_NETWORK) where the hypervisor has it, "
-                                   "else for users who are not staff the first network published to them, else none. "
-                                   "Users who are not staff may use only the tenant network and published networks.")  # fmt: skip
-    override_capacity = serializers.BooleanField(write_only=True, required=False, default=False,
-                                                 help_text="Staff, with a named hypervisor: create it even where the "
-                                                           "host has no room (recorded in the audit trail).")  # fmt: skip
+    hostdev_match = serializers.CharField(
+        write_only=True,
+        required=False,
+        allow_blank=True,
+        help_text="A regular expression: the first free matching host device.",
+    )
+    project = serializers.SlugRelatedField(
+        slug_field="name",
+        queryset=Project.objects.all(),
+        required=False,
+        allow_null=True,
+        help_text="Project name; you must be its admin.",
+    )
+    nics = NicSerializer(
+        many=True,
+        required=False,
+        help_text="Left out: the tenant network (PORTAL_TENANT_NETWORK) where the hypervisor has it, "
+        "else for users who are not staff the first network published to them, else none. "
+        "Users who are not staff may use only the tenant network and published networks.",
+    )
+    override_capacity = serializers.BooleanField(
+        write_only=True,
+        required=False,
+        default=False,
+        help_text="Staff, with a named hypervisor: create it even where the "
+        "host has no room (recorded in the audit trail).",
+    )
     ssh_authorized_keys = StringOrList(required=False)
     packages = StringOrList(required=False)
     events = serializers.SerializerMethodField()
-    guest_addresses = serializers.JSONField(source="last_observed.guest_addresses", read_only=True,
-                                            help_text="MAC -> the addresses the running guest was last seen with.")  # fmt: skip
+    guest_addresses = serializers.JSONField(
+        source="last_observed.guest_addresses",
+        read_only=True,
+        help_text="MAC -> the addresses the running guest was last seen with.",
+    )
     allowed_actions = serializers.SerializerMethodField(
         help_text="What you may do to the machine now (your role and its state), e.g. start, console, delete: "
         "what the portal's buttons offer, and what the actions here accept (machines/policy.py)."
@@ -97,23 +142,79 @@ class MachineSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Machine
-        fields = ["id", "uuid", "name", "owner", "hypervisor", "pool", "deploy_type", "image", "vcpus", "memory_mib",
-                  "disk_gib", "nics", "ssh_authorized_keys", "packages", "script", "user_data",
-                  "deletion_protection", "autostart", "status", "status_message", "power_state", "operation",
-                  "domain_name", "created", "events", "extra_isos", "cdroms", "power_on", "bmc", "project",
-                  "machine_type", "cpu_mode", "cpu_model", "cpu_topology", "smbios", "watchdog", "rng", "disk_bus",
-                  "disk_cache", "extra_disks", "qemu_args", "firmware", "secure_boot", "hostdevs", "hostdev_match", "guest_addresses",
-                  "override_capacity", "allowed_actions"]  # fmt: skip
-        read_only_fields = ["uuid", "status", "status_message", "power_state", "operation", "domain_name", "created",
-                            "guest_addresses", "allowed_actions"]  # fmt: skip
+        fields = [
+            "id",
+            "uuid",
+            "name",
+            "owner",
+            "hypervisor",
+            "pool",
+            "deploy_type",
+            "image",
+            "vcpus",
+            "memory_mib",
+            "disk_gib",
+            "nics",
+            "ssh_authorized_keys",
+            "packages",
+            "script",
+            "user_data",
+            "deletion_protection",
+            "autostart",
+            "status",
+            "status_message",
+            "power_state",
+            "operation",
+            "domain_name",
+            "created",
+            "events",
+            "extra_isos",
+            "cdroms",
+            "power_on",
+            "bmc",
+            "project",
+            "machine_type",
+            "cpu_mode",
+            "cpu_model",
+            "cpu_topology",
+            "smbios",
+            "watchdog",
+            "rng",
+            "disk_bus",
+            "disk_cache",
+            "extra_disks",
+            "qemu_args",
+            "firmware",
+            "secure_boot",
+            "hostdevs",
+            "hostdev_match",
+            "guest_addresses",
+            "override_capacity",
+            "allowed_actions",
+        ]
+        read_only_fields = [
+            "uuid",
+            "status",
+            "status_message",
+            "power_state",
+            "operation",
+            "domain_name",
+            "created",
+            "guest_addresses",
+            "allowed_actions",
+        ]
         validators: list[Any] = []  # the service validates (with the owner, which the request supplies)
 
     def get_bmc(self, machine) -> dict | None:
         """Where the BMC listens (the credentials: GET .../bmc/)."""
         if not machine.has_bmc:
             return None
-        return {"address": machine.bmc_address, "port": machine.bmc_port, "username": machine.bmc_username,
-                "listening": machine.bmc_listening}  # fmt: skip
+        return {
+            "address": machine.bmc_address,
+            "port": machine.bmc_port,
+            "username": machine.bmc_username,
+            "listening": machine.bmc_listening,
+        }
 
     def get_allowed_actions(self, machine) -> list[str]:
         request = self.context.get("request")
@@ -172,8 +273,13 @@ class ProtectionSerializer(serializers.Serializer):
     deletion_protection = serializers.BooleanField()
 
 
-class MachineViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin,
-                     mixins.DestroyModelMixin, viewsets.GenericViewSet):  # fmt: skip
+class MachineViewSet(
+    mixins.CreateModelMixin,
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.DestroyModelMixin,
+    viewsets.GenericViewSet,
+):
     """Machines you own (staff: all). Work happens in the background: poll `status` and `events`."""
 
     serializer_class = MachineSerializer

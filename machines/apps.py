@@ -25,6 +25,9 @@ def _machines_refused_on(kind: str, source: str) -> list[str]:
     """Machines whose NIC of this kind on this source the network policy now refuses."""
     from machines.nic_policy import machines_against_policy
 
-    found = {(m.hypervisor.name, m.name) for m, _ in machines_against_policy()
-             if any((n.type, n.source) == (kind, source) for n in m.nics.all())}  # fmt: skip
+    found = {
+        (m.hypervisor.name, m.name)
+        for m, _ in machines_against_policy()
+        if any((n.type, n.source) == (kind, source) for n in m.nics.all())
+    }
     return [f"{name} on {hv}" for hv, name in sorted(found)]

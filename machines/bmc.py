@@ -86,8 +86,26 @@ class IpmitoolClient(BmcClient):
     def _run(self, target: BmcTarget, *command: str) -> str:
         # -v: a wrong password is told apart from a BMC that is not there ("RAKP 2 HMAC is invalid" on stderr);
         # without it both end in "Unable to establish IPMI v2 / RMCP+ session". stdout is the same either way.
-        argv = ["ipmitool", "-I", "lanplus", "-C", "3", "-H", target.address, "-p", str(target.port),
-                "-U", target.username, "-E", "-R", "2", "-N", "2", "-v", *command]  # fmt: skip
+        argv = [
+            "ipmitool",
+            "-I",
+            "lanplus",
+            "-C",
+            "3",
+            "-H",
+            target.address,
+            "-p",
+            str(target.port),
+            "-U",
+            target.username,
+            "-E",
+            "-R",
+            "2",
+            "-N",
+            "2",
+            "-v",
+            *command,
+        ]
         env = {**os.environ, "IPMI_PASSWORD": target.password}
         try:
             r = subprocess.run(argv, capture_output=True, text=True, timeout=IPMITOOL_TIMEOUT, env=env)

@@ -56,8 +56,14 @@ def _serve(spec: dict) -> None:
     """Child process: one BMC until SIGTERM."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    bmc = PortalVirtualBMC(username=spec["username"], password=spec["password"], port=spec["port"],
-                           address=spec["address"], domain_name=spec["domain_name"], libvirt_uri=spec["uri"])  # fmt: skip
+    bmc = PortalVirtualBMC(
+        username=spec["username"],
+        password=spec["password"],
+        port=spec["port"],
+        address=spec["address"],
+        domain_name=spec["domain_name"],
+        libvirt_uri=spec["uri"],
+    )
     bmc.listen(timeout=60)
 
 
@@ -69,10 +75,13 @@ class BmcManager:
     def desired(self) -> dict[int, tuple]:
         # Every two seconds: only what a BMC is made of (domain_name comes from the name and the UUID).
         rows = Machine.objects.filter(bmc_port__isnull=False, status__in=LIVE).select_related("hypervisor")
-        rows = rows.only("bmc_address", "bmc_port", "bmc_username", "bmc_password_encrypted", "name", "uuid",
-                         "hypervisor__uri")  # fmt: skip
-        return {m.pk: (m.bmc_address, m.bmc_port, m.bmc_username, m.bmc_password_encrypted, m.domain_name,
-                       m.hypervisor.uri) for m in rows}  # fmt: skip
+        rows = rows.only(
+            "bmc_address", "bmc_port", "bmc_username", "bmc_password_encrypted", "name", "uuid", "hypervisor__uri"
+        )
+        return {
+            m.pk: (m.bmc_address, m.bmc_port, m.bmc_username, m.bmc_password_encrypted, m.domain_name, m.hypervisor.uri)
+            for m in rows
+        }
 
     def reconcile(self) -> None:
         want = self.desired()
@@ -92,8 +101,14 @@ class BmcManager:
         except ValueError as e:
             log.error("BMC of machine %s: %s", pk, e)
             return
-        spec = {"address": address, "port": port, "username": username, "password": password,
-                "domain_name": domain_name, "uri": uri}  # fmt: skip
+        spec = {
+            "address": address,
+            "port": port,
+            "username": username,
+            "password": password,
+            "domain_name": domain_name,
+            "uri": uri,
+        }
         connections.close_all()  # the child must not share the parent's database connections
         proc = self.ctx.Process(target=_serve, args=(spec,), name=f"bmc-{pk}", daemon=True)
         proc.start()

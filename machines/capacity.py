@@ -109,8 +109,16 @@ def _report(used: dict[str, int], limits: Mapping[str, int | None] | None) -> li
     rows = []
     for k, label in RESOURCES.items():
         limit = limits[k] if limits else None
-        rows.append({"key": k, "label": label, "title": titles[k], "used": used[k], "limit": limit,
-                     "percent": min(100, round(100 * used[k] / limit)) if limit else 0})  # fmt: skip
+        rows.append(
+            {
+                "key": k,
+                "label": label,
+                "title": titles[k],
+                "used": used[k],
+                "limit": limit,
+                "percent": min(100, round(100 * used[k] / limit)) if limit else 0,
+            }
+        )
     return rows
 
 
@@ -125,8 +133,10 @@ def project_usage_report(project: Project) -> list[dict]:
 
 def usage_text(used: Mapping[str, int], limits: Mapping[str, int | None] | None) -> str:
     """One line for the admin: '3 machines of 10, 6 vCPUs of 20, …' (no limit: just the figure)."""
-    return ", ".join(f"{used[k]} {label}" + (f" of {limits[k]}" if limits and limits[k] is not None else "")
-                     for k, label in RESOURCES.items())  # fmt: skip
+    return ", ".join(
+        f"{used[k]} {label}" + (f" of {limits[k]}" if limits and limits[k] is not None else "")
+        for k, label in RESOURCES.items()
+    )
 
 
 def lock_quotas(user, project: Project | None) -> None:
@@ -139,12 +149,16 @@ def lock_quotas(user, project: Project | None) -> None:
 
 
 def _over(used: dict[str, int], wanted: Mapping[str, int], limits: Mapping[str, int | None]) -> list[str]:
-    return [f"{used[k] + wanted[k]} {RESOURCES[k]} of {limits[k]} allowed (using {used[k]})"
-            for k in RESOURCES if (limit := limits[k]) is not None and wanted.get(k) and used[k] + wanted[k] > limit]  # fmt: skip
+    return [
+        f"{used[k] + wanted[k]} {RESOURCES[k]} of {limits[k]} allowed (using {used[k]})"
+        for k in RESOURCES
+        if (limit := limits[k]) is not None and wanted.get(k) and used[k] + wanted[k] > limit
+    ]
 
 
-def check_quota(user, *, machines: int = 0, vcpus: int = 0, memory_mib: int = 0, disk_gib: int = 0,
-                project=None) -> None:  # fmt: skip
+def check_quota(
+    user, *, machines: int = 0, vcpus: int = 0, memory_mib: int = 0, disk_gib: int = 0, project=None
+) -> None:
     """Raise QuotaExceeded unless the user (and the project, if any) can add this much on top of what their
     machines hold (usage_of). Call inside the transaction that saves it: the rows are locked (lock_quotas),
     so concurrent requests are checked in turn."""
@@ -170,8 +184,10 @@ class Fit:
     free_disk_gib: int
 
     def reason(self) -> str:
-        return (f"placed on {self.hypervisor.name}: {self.free_memory_mib} MiB memory, {self.free_vcpus} vCPUs "
-                f"and {self.free_disk_gib} GiB of pool space free before this machine")  # fmt: skip
+        return (
+            f"placed on {self.hypervisor.name}: {self.free_memory_mib} MiB memory, {self.free_vcpus} vCPUs "
+            f"and {self.free_disk_gib} GiB of pool space free before this machine"
+        )
 
 
 def _fit(hv: Hypervisor, *, vcpus: int, memory_mib: int, disk_gib: int, pool: str, arch: str) -> Fit | str:
@@ -198,8 +214,17 @@ def _fit(hv: Hypervisor, *, vcpus: int, memory_mib: int, disk_gib: int, pool: st
     return Fit(hv, free_memory, free_vcpus, free_disk)
 
 
-def place(*, vcpus: int, memory_mib: int, disk_gib: int, pool: str, image: Image | None, lock: bool = False,
-          networks: tuple[str, ...] = (), prefer_network: str = "") -> Fit:  # fmt: skip
+def place(
+    *,
+    vcpus: int,
+    memory_mib: int,
+    disk_gib: int,
+    pool: str,
+    image: Image | None,
+    lock: bool = False,
+    networks: tuple[str, ...] = (),
+    prefer_network: str = "",
+) -> Fit:
     """The online hypervisor with the most free memory that fits the machine, or a clear refusal. With lock,
     every candidate row is locked (in id order) until the transaction ends, so concurrent placements queue.
     Hosts without each of `networks` (the libvirt networks the NICs name) do not fit; hosts with
@@ -236,15 +261,28 @@ class Room:
     over_capacity: str = ""
 
 
-def claim_room(hypervisor: Hypervisor | None, *, need: Mapping[str, int], pool: str, image: Image | None,
-               user, override: bool = False, networks: tuple[str, ...] = (), prefer_network: str = "") -> Room:  # fmt: skip
+def claim_room(
+    hypervisor: Hypervisor | None,
+    *,
+    need: Mapping[str, int],
+    pool: str,
+    image: Image | None,
+    user,
+    override: bool = False,
+    networks: tuple[str, ...] = (),
+    prefer_network: str = "",
+) -> Room:
     """The hypervisor for a new machine, checked for room under its row lock (after lock_quotas): placed
     ("any hypervisor") or the one asked for, by the same rules. Staff may override a named host's lack of
     room; anyone else gets the reason."""
     if override and not user.is_staff:
         raise ValidationError({"override_capacity": "Only staff may create a machine on a hypervisor without room."})
-    wanted: dict[str, Any] = {"vcpus": need["vcpus"], "memory_mib": need["memory_mib"], "disk_gib": need["disk_gib"],
-                              "pool": pool}  # fmt: skip
+    wanted: dict[str, Any] = {
+        "vcpus": need["vcpus"],
+        "memory_mib": need["memory_mib"],
+        "disk_gib": need["disk_gib"],
+        "pool": pool,
+    }
     if hypervisor is None:
         if override:
             raise ValidationError({"override_capacity": "Name the hypervisor to create a machine over its capacity."})

@@ -138,8 +138,12 @@ def vnc_connect(machine) -> socket.socket:
             tsock.close()
             raise
     if security != rfb.SEC_VNC:
-        log.warning("machine %s (%s): its VNC server accepts clients without a password (defined before the "
-                    "portal set them); it gets one at its next cold start", machine.pk, machine.domain_name)  # fmt: skip
+        log.warning(
+            "machine %s (%s): its VNC server accepts clients without a password (defined before the "
+            "portal set them); it gets one at its next cold start",
+            machine.pk,
+            machine.domain_name,
+        )
     return tsock
 
 
@@ -205,8 +209,9 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
         # A reconnect within the grace needs the token's reconnect secret, offered as a websocket subprotocol.
         reconnect = consoles.reconnect_from_protocols(self.headers.get("Sec-WebSocket-Protocol", ""))
         started = time.perf_counter()
-        token = consoles.console_token_consume(raw=raw_token, machine_id=int(match.group(2)), client=client,
-                                               kind=self.kind, reconnect=reconnect)  # fmt: skip
+        token = consoles.console_token_consume(
+            raw=raw_token, machine_id=int(match.group(2)), client=client, kind=self.kind, reconnect=reconnect
+        )
         self.view_only = token.view_only
         spent = time.perf_counter()
         # The token named the machine: reach its console while the session is recorded under the caps. VNC: one
@@ -239,10 +244,20 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
                 raise HypervisorError(f"cannot reach the VNC server: {getattr(e, 'strerror', None) or e}") from e
         ready = time.perf_counter()
         where = "%s:%s" % self.vnc_sock.getpeername()[:2] if self.vnc_sock else "its serial port"  # noqa: UP031
-        log.info("%s %s console of machine %s for user %s%s -> %s; ready in %.1f ms (token %.1f, session %.1f, "
-                 "console beside it %.1f)", client, "graphical" if self.kind == "vnc" else "serial", token.machine_id,
-                 token.user_id, " (view only)" if self.view_only else "", where, 1000 * (ready - started),
-                 1000 * (spent - started), 1000 * (recorded - spent), 1000 * (ready - spent))  # fmt: skip
+        log.info(
+            "%s %s console of machine %s for user %s%s -> %s; ready in %.1f ms (token %.1f, session %.1f, "
+            "console beside it %.1f)",
+            client,
+            "graphical" if self.kind == "vnc" else "serial",
+            token.machine_id,
+            token.user_id,
+            " (view only)" if self.view_only else "",
+            where,
+            1000 * (ready - started),
+            1000 * (spent - started),
+            1000 * (recorded - spent),
+            1000 * (ready - spent),
+        )
 
     def _open_serial(self, machine) -> socket.socket:
         return get_driver(machine.hypervisor.uri).serial_console(str(machine.uuid), take_over=self.take_over)

@@ -82,8 +82,15 @@ def console_token_issue(*, machine: Machine, user, session_key: str = "", kind: 
         raise ConsoleDenied(SERIAL_NEEDS_OPERATE)
     raw = secrets.token_urlsafe(32)
     expires = timezone.now() + timedelta(seconds=settings.PORTAL_CONSOLE_TOKEN_TTL)
-    ConsoleToken.objects.create(key_hash=_hash(raw), machine=machine, user=user, session_key=session_key or "",
-                                expires_at=expires, view_only=not can(user, machine, OPERATE), kind=kind)  # fmt: skip
+    ConsoleToken.objects.create(
+        key_hash=_hash(raw),
+        machine=machine,
+        user=user,
+        session_key=session_key or "",
+        expires_at=expires,
+        view_only=not can(user, machine, OPERATE),
+        kind=kind,
+    )
     # Old tokens are useless after their minute; keep the table small.
     ConsoleToken.objects.filter(expires_at__lt=timezone.now() - timedelta(hours=1)).delete()
     return raw, expires
@@ -142,8 +149,15 @@ def console_session_open(*, token: ConsoleToken, client: str, proxy_pid: int) ->
         raise ConsoleDenied(f"machine {token.machine_id} already has {cap} {what} console sessions")
     if live.filter(user_id=token.user_id).count() >= settings.PORTAL_CONSOLE_MAX_PER_USER:
         raise ConsoleDenied(f"user {token.user_id} already has {settings.PORTAL_CONSOLE_MAX_PER_USER} console sessions")
-    return ConsoleSession.objects.create(machine_id=token.machine_id, user_id=token.user_id, token=token, client=client,
-                                         proxy_pid=proxy_pid, kind=token.kind, view_only=view_only)  # fmt: skip
+    return ConsoleSession.objects.create(
+        machine_id=token.machine_id,
+        user_id=token.user_id,
+        token=token,
+        client=client,
+        proxy_pid=proxy_pid,
+        kind=token.kind,
+        view_only=view_only,
+    )
 
 
 def console_session_mode(session_id: int | None) -> tuple[str, str]:

@@ -55,28 +55,57 @@ class MachineForm(forms.ModelForm):
     hypervisor has (or, for "any", what every online one has): architectures, machine types, CPU modes
     and models, firmware, networks, bridges, interfaces, pools and free host devices."""
 
-    hypervisor = forms.ModelChoiceField(queryset=Hypervisor.objects.none(), required=False,
-                                        empty_label="Any hypervisor (the one with most room)",
-                                        help_text="The choices below follow the hypervisor.")  # fmt: skip
-    deploy_type = forms.ChoiceField(label="Deployment", choices=DeployType.choices, initial=DeployType.IMAGE,
-                                    widget=forms.RadioSelect)  # fmt: skip
-    power_on = forms.BooleanField(label="Power on after create", required=False, initial=False,
-                                  help_text="Network-boot machines only; others always start.")  # fmt: skip
-    image = forms.ModelChoiceField(queryset=Image.objects.none(), empty_label="(none: network boot)", required=False,
-                                   help_text="A cloud image (its login user gets the SSH keys) or, for an ISO machine, "
-                                             "the installer ISO; only architectures the hypervisor runs.")  # fmt: skip
-    extra_isos = forms.ModelMultipleChoiceField(queryset=Image.objects.none(), required=False, label="Extra ISOs",
-                                                help_text="ISO machines only: more CD-ROMs, e.g. drivers (up to 3).")  # fmt: skip
+    hypervisor = forms.ModelChoiceField(
+        queryset=Hypervisor.objects.none(),
+        required=False,
+        empty_label="Any hypervisor (the one with most room)",
+        help_text="The choices below follow the hypervisor.",
+    )
+    deploy_type = forms.ChoiceField(
+        label="Deployment", choices=DeployType.choices, initial=DeployType.IMAGE, widget=forms.RadioSelect
+    )
+    power_on = forms.BooleanField(
+        label="Power on after create",
+        required=False,
+        initial=False,
+        help_text="Network-boot machines only; others always start.",
+    )
+    image = forms.ModelChoiceField(
+        queryset=Image.objects.none(),
+        empty_label="(none: network boot)",
+        required=False,
+        help_text="A cloud image (its login user gets the SSH keys) or, for an ISO machine, "
+        "the installer ISO; only architectures the hypervisor runs.",
+    )
+    extra_isos = forms.ModelMultipleChoiceField(
+        queryset=Image.objects.none(),
+        required=False,
+        label="Extra ISOs",
+        help_text="ISO machines only: more CD-ROMs, e.g. drivers (up to 3).",
+    )
     pool = forms.ChoiceField(label="Storage pool", initial="default")
     nic = HostChoiceField(label="Network", required=False, widget=forms.Select(attrs={"class": "form-select"}))
     nic_model = forms.ChoiceField(label="NIC model", choices=NIC_MODELS, initial="virtio", required=False)
-    nic_mode = HostChoiceField(label="macvtap mode", choices=MACVTAP_MODES, initial="bridge", required=False,
-                               help_text="Host interfaces only. In bridge mode guests reach each other, not the host.")  # fmt: skip
-    nic_vlan = forms.IntegerField(label="VLAN tag", required=False, min_value=1, max_value=4094,
-                                  help_text="Host bridges (Open vSwitch) and interfaces only.")  # fmt: skip
+    nic_mode = HostChoiceField(
+        label="macvtap mode",
+        choices=MACVTAP_MODES,
+        initial="bridge",
+        required=False,
+        help_text="Host interfaces only. In bridge mode guests reach each other, not the host.",
+    )
+    nic_vlan = forms.IntegerField(
+        label="VLAN tag",
+        required=False,
+        min_value=1,
+        max_value=4094,
+        help_text="Host bridges (Open vSwitch) and interfaces only.",
+    )
     nic_mac = forms.CharField(label="MAC address", required=False, help_text="Leave empty to generate one.")
-    nic_address = forms.CharField(label="Static address", required=False,
-                                  help_text="With prefix, e.g. 192.0.2.10/24 or 2001:db8::10/64; empty for DHCP.")  # fmt: skip
+    nic_address = forms.CharField(
+        label="Static address",
+        required=False,
+        help_text="With prefix, e.g. 192.0.2.10/24 or 2001:db8::10/64; empty for DHCP.",
+    )
     nic_gateway = forms.CharField(label="Gateway", required=False)
     nic_dns = forms.CharField(label="DNS servers", required=False, help_text="Separated by spaces or commas.")
     machine_type = forms.ChoiceField(label="Machine type", required=False)
@@ -86,28 +115,60 @@ class MachineForm(forms.ModelForm):
     cpu_sockets = forms.IntegerField(label="Sockets", required=False, min_value=1, max_value=64)
     cpu_cores = forms.IntegerField(label="Cores", required=False, min_value=1, max_value=256)
     cpu_threads = forms.IntegerField(label="Threads", required=False, min_value=1, max_value=8)
-    smbios_text = forms.CharField(label="SMBIOS strings", required=False,
-                                  widget=forms.Textarea(attrs={"rows": 2, "placeholder": "manufacturer=Acme\nserial=SN-0042"}),
-                                  help_text="One key=value per line: manufacturer, product, version, serial, sku, family.")  # fmt: skip
-    extra_disks_text = forms.CharField(label="Extra disks (GiB)", required=False,
-                                       widget=forms.TextInput(attrs={"placeholder": "20 100"}),
-                                       help_text="Sizes of blank extra disks, separated by spaces (up to four; disks "
-                                                 "from an image or with a boot order: through the API).")  # fmt: skip
-    hostdevs = forms.MultipleChoiceField(label="Host devices", required=False,
-                                         widget=forms.SelectMultiple(attrs={"class": "form-select", "size": 3}),
-                                         help_text="PCI and USB devices of this hypervisor that no machine has.")  # fmt: skip
-    hostdev_match = forms.CharField(label="Or the first free device matching", required=False,
-                                    widget=forms.TextInput(attrs={"placeholder": "8086:1533"}),
-                                    help_text="A regular expression over \"name vendor:product description\".")  # fmt: skip
-    qemu_args_text = forms.CharField(label="Extra QEMU arguments", required=False,
-                                     widget=forms.TextInput(attrs={"placeholder": "-device pvpanic"}),
-                                     help_text="Staff only: they bypass every check. Quoted like a shell.")  # fmt: skip
+    smbios_text = forms.CharField(
+        label="SMBIOS strings",
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 2, "placeholder": "manufacturer=Acme\nserial=SN-0042"}),
+        help_text="One key=value per line: manufacturer, product, version, serial, sku, family.",
+    )
+    extra_disks_text = forms.CharField(
+        label="Extra disks (GiB)",
+        required=False,
+        widget=forms.TextInput(attrs={"placeholder": "20 100"}),
+        help_text="Sizes of blank extra disks, separated by spaces (up to four; disks "
+        "from an image or with a boot order: through the API).",
+    )
+    hostdevs = forms.MultipleChoiceField(
+        label="Host devices",
+        required=False,
+        widget=forms.SelectMultiple(attrs={"class": "form-select", "size": 3}),
+        help_text="PCI and USB devices of this hypervisor that no machine has.",
+    )
+    hostdev_match = forms.CharField(
+        label="Or the first free device matching",
+        required=False,
+        widget=forms.TextInput(attrs={"placeholder": "8086:1533"}),
+        help_text='A regular expression over "name vendor:product description".',
+    )
+    qemu_args_text = forms.CharField(
+        label="Extra QEMU arguments",
+        required=False,
+        widget=forms.TextInput(attrs={"placeholder": "-device pvpanic"}),
+        help_text="Staff only: they bypass every check. Quoted like a shell.",
+    )
 
     class Meta:
         model = Machine
-        fields = ["deploy_type", "name", "hypervisor", "image", "vcpus", "memory_mib", "disk_gib", "ssh_authorized_keys",
-                  "packages", "script", "user_data", "deletion_protection", "autostart", "watchdog", "rng", "disk_bus",
-                  "disk_cache", "secure_boot"]  # fmt: skip
+        fields = [
+            "deploy_type",
+            "name",
+            "hypervisor",
+            "image",
+            "vcpus",
+            "memory_mib",
+            "disk_gib",
+            "ssh_authorized_keys",
+            "packages",
+            "script",
+            "user_data",
+            "deletion_protection",
+            "autostart",
+            "watchdog",
+            "rng",
+            "disk_bus",
+            "disk_cache",
+            "secure_boot",
+        ]
         labels = {"vcpus": "vCPUs"}  # Django would capitalise it to "VCPUs"
         widgets = {
             "ssh_authorized_keys": forms.Textarea(attrs={"rows": 3, "placeholder": "ssh-ed25519 AAAA… you@laptop"}),
@@ -117,15 +178,27 @@ class MachineForm(forms.ModelForm):
         }
 
     # The service's names for what this form calls otherwise, so its refusals land on the right field.
-    SERVICE_FIELDS = {"nics": "nic", "cpu_topology": "cpu_sockets", "smbios": "smbios_text",
-                      "extra_disks": "extra_disks_text", "qemu_args": "qemu_args_text"}  # fmt: skip
+    SERVICE_FIELDS = {
+        "nics": "nic",
+        "cpu_topology": "cpu_sockets",
+        "smbios": "smbios_text",
+        "extra_disks": "extra_disks_text",
+        "qemu_args": "qemu_args_text",
+    }
 
-    override_capacity = forms.BooleanField(label="Create even if the hypervisor has no room", required=False,
-                                           help_text="Staff only, with a named hypervisor: its memory, vCPUs or pool "
-                                                     "space may be overcommitted. Recorded in the audit trail.")  # fmt: skip
+    override_capacity = forms.BooleanField(
+        label="Create even if the hypervisor has no room",
+        required=False,
+        help_text="Staff only, with a named hypervisor: its memory, vCPUs or pool "
+        "space may be overcommitted. Recorded in the audit trail.",
+    )
 
-    project = forms.ModelChoiceField(queryset=Project.objects.none(), required=False, empty_label="(none: just me)",
-                                     help_text="Members of the project share the machine by their role.")  # fmt: skip
+    project = forms.ModelChoiceField(
+        queryset=Project.objects.none(),
+        required=False,
+        empty_label="(none: just me)",
+        help_text="Members of the project share the machine by their role.",
+    )
 
     def __init__(self, *args, user=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -133,8 +206,13 @@ class MachineForm(forms.ModelForm):
         online = Hypervisor.objects.filter(enabled=True, status=HypervisorStatus.ONLINE)
         self._model_choice("hypervisor").queryset = online
         # Picking another hypervisor brings back the form with its choices (machines:form-fields).
-        redraw = {"hx-post": reverse("machines:form-fields"), "hx-trigger": "change", "hx-include": "#machine-form",
-                  "hx-target": "#form-body", "hx-swap": "outerHTML"}  # fmt: skip
+        redraw = {
+            "hx-post": reverse("machines:form-fields"),
+            "hx-trigger": "change",
+            "hx-include": "#machine-form",
+            "hx-target": "#form-body",
+            "hx-swap": "outerHTML",
+        }
         self.fields["hypervisor"].widget.attrs.update({"class": "form-select", **redraw})
         self.fields["project"].widget.attrs.update(redraw)  # networks published to a project follow it
         chosen = self._chosen(online)
@@ -142,8 +220,13 @@ class MachineForm(forms.ModelForm):
         ready = Image.objects.filter(status=ImageStatus.READY)
         self._model_choice("image").queryset = ready.filter(arch__in=offer.arches) if offer.arches else ready
         # Per form, as the label depends on the hypervisor chosen; mypy forbids assigning to a method.
-        self._model_choice("image").label_from_instance = lambda obj: f"{obj.name} ({'ISO' if obj.kind == ImageKind.ISO else 'disk image'}" + (  # type: ignore[method-assign]
-            f", {obj.arch})" if obj.arch != (chosen.arch if chosen else "x86_64") else ")")  # fmt: skip
+        default_arch = chosen.arch if chosen else "x86_64"
+
+        def label(obj) -> str:
+            kind = "ISO" if obj.kind == ImageKind.ISO else "disk image"
+            return f"{obj.name} ({kind}, {obj.arch})" if obj.arch != default_arch else f"{obj.name} ({kind})"
+
+        self._model_choice("image").label_from_instance = label  # type: ignore[method-assign]
         self._model_choice("extra_isos").queryset = ready.filter(kind=ImageKind.ISO)
         self._choice("pool").choices = [(p, p) for p in offer.pools] or [("default", "default")]
         if user is not None:
@@ -154,8 +237,10 @@ class MachineForm(forms.ModelForm):
         ]
         self._choice("cpu_mode").choices = [("", "Default (QEMU's)")] + [(m, CPU_MODES[m]) for m in offer.cpu_modes]
         self._choice("cpu_model").choices = [("", "–")] + [(m, m) for m in offer.cpu_models]
-        self._choice("firmware").choices = [("bios", FIRMWARE_LABELS["bios"]),
-                                            *([("uefi", f"{FIRMWARE_LABELS['uefi']} (OVMF)")] if offer.uefi else [])]  # fmt: skip
+        self._choice("firmware").choices = [
+            ("bios", FIRMWARE_LABELS["bios"]),
+            *([("uefi", f"{FIRMWARE_LABELS['uefi']} (OVMF)")] if offer.uefi else []),
+        ]
         self._choice("hostdevs").choices = [(d["name"], _device_label(d)) for d in offer.devices]
         if user is None or not user.is_staff:
             del self.fields["qemu_args_text"]
@@ -179,8 +264,11 @@ class MachineForm(forms.ModelForm):
         assert queryset is not None  # every model choice field here is declared with one
         return queryset
 
-    HOST_GROUPS = (("Libvirt networks", "network", "networks"), ("Host bridges", "bridge", "bridges"),
-                   ("Host interfaces (macvtap)", "direct", "interfaces"))  # fmt: skip
+    HOST_GROUPS = (
+        ("Libvirt networks", "network", "networks"),
+        ("Host bridges", "bridge", "bridges"),
+        ("Host interfaces (macvtap)", "direct", "interfaces"),
+    )
 
     def _network_choices(self, user, hvs: list[Hypervisor], project: Project | None) -> None:
         """The "Network" list. Staff: user-mode NAT and everything the hypervisor has. Others: the tenant
@@ -193,17 +281,25 @@ class MachineForm(forms.ModelForm):
         self._host_choice("nic_mode").accepted = frozenset(m for m, _ in MACVTAP_MODES)
         self.no_network = ""
         if user is None or user.is_staff:
-            groups: list[tuple[str, Any]] = [("user:", "User-mode NAT (QEMU; staff only: the guest reaches the hypervisor's loopback as 10.0.2.2)"),
-                      ("", "No network")]  # fmt: skip
+            groups: list[tuple[str, Any]] = [
+                ("user:", "User-mode NAT (QEMU; staff only: the guest reaches the hypervisor's loopback as 10.0.2.2)"),
+                ("", "No network"),
+            ]
             for label, kind, names in host:
                 if names:
                     tenant_label = nic_policy.Choice("network", tenant, tenant=True).label
-                    groups.append((label, [(f"{kind}:{n}", tenant_label if (kind, n) == ("network", tenant) else n)
-                                           for n in names]))  # fmt: skip
+                    groups.append(
+                        (
+                            label,
+                            [(f"{kind}:{n}", tenant_label if (kind, n) == ("network", tenant) else n) for n in names],
+                        )
+                    )
             tenant_here = any(map(nic_policy.has_tenant_network, hvs))
             self.fields["nic"].initial = f"network:{tenant}" if tenant_here else "user:"
-            self.fields["nic"].help_text = (f"The tenant network {tenant} keeps guests away from the hypervisor; user-mode "
-                                            "NAT maps its loopback into the guest.")  # fmt: skip
+            self.fields["nic"].help_text = (
+                f"The tenant network {tenant} keeps guests away from the hypervisor; user-mode "
+                "NAT maps its loopback into the guest."
+            )
             self._choice("nic").choices = groups
             return
         mine = nic_policy.choices_for(user, hvs, project)
@@ -214,8 +310,10 @@ class MachineForm(forms.ModelForm):
                 groups.append((label, items))
         default = nic_policy.default_choice(user, hvs, project)
         self.fields["nic"].initial = default.value if default else ""
-        self.fields["nic"].help_text = (f"The tenant network {tenant} (isolated from the hypervisor) and the networks "
-                                        "staff published to you or to the project.")  # fmt: skip
+        self.fields["nic"].help_text = (
+            f"The tenant network {tenant} (isolated from the hypervisor) and the networks "
+            "staff published to you or to the project."
+        )
         if not mine:
             self.no_network = nic_policy.no_network_message(self.offer.hypervisor)
         modes = {m for c in mine if c.kind == "direct" for m in c.modes} or set(nic_policy.PUBLISHABLE_MODES)
@@ -264,10 +362,17 @@ class MachineForm(forms.ModelForm):
                     shown or str(value).partition(":")[2] or _NIC_NAMES.get(str(value), str(value))
                 )  # network:lan -> lan
                 default = field.initial if name == "image" or str(field.initial or "") in offered else offered[0]
-                back = (_NIC_NAMES[default] if name == "nic" and default in _NIC_NAMES else "the default" if not default
-                        else str(default).partition(":")[2] or default)  # fmt: skip
-                dropped.append(f"{field.label or name.replace('_', ' ').capitalize()} {shown} is not offered on {where}; "
-                               f"it is back to {back}.")  # fmt: skip
+                back = (
+                    _NIC_NAMES[default]
+                    if name == "nic" and default in _NIC_NAMES
+                    else "the default"
+                    if not default
+                    else str(default).partition(":")[2] or default
+                )
+                dropped.append(
+                    f"{field.label or name.replace('_', ' ').capitalize()} {shown} is not offered on {where}; "
+                    f"it is back to {back}."
+                )
                 self.initial[name] = default
         if "hostdevs" in self.fields and self.initial.get("hostdevs"):
             free = {str(v) for v, _ in self._flat(self._choice("hostdevs").choices)}
@@ -340,16 +445,28 @@ class MachineForm(forms.ModelForm):
         address = data.get("nic_address", "").strip()
         gateway = data.get("nic_gateway", "").strip()
         v6 = ":" in address
-        return [NicInput(type=kind, source=source, mac=data.get("nic_mac", "").strip(),
-                         dhcp4=not address or v6, addresses=[address] if address else [],
-                         gateway4="" if v6 else gateway, gateway6=gateway if v6 else "",
-                         nameservers=data.get("nic_dns", "").replace(",", " ").split(),
-                         model=data.get("nic_model") or "virtio", mode=data.get("nic_mode") or "bridge",
-                         vlan=data.get("nic_vlan"))]  # fmt: skip
+        return [
+            NicInput(
+                type=kind,
+                source=source,
+                mac=data.get("nic_mac", "").strip(),
+                dhcp4=not address or v6,
+                addresses=[address] if address else [],
+                gateway4="" if v6 else gateway,
+                gateway6=gateway if v6 else "",
+                nameservers=data.get("nic_dns", "").replace(",", " ").split(),
+                model=data.get("nic_model") or "virtio",
+                mode=data.get("nic_mode") or "bridge",
+                vlan=data.get("nic_vlan"),
+            )
+        ]
 
     def service_kwargs(self) -> dict:
-        data = {k: v for k, v in self.cleaned_data.items() if not k.startswith(("nic", "cpu_sockets", "cpu_cores", "cpu_threads"))
-                and not k.endswith("_text")}  # fmt: skip
+        data = {
+            k: v
+            for k, v in self.cleaned_data.items()
+            if not k.startswith(("nic", "cpu_sockets", "cpu_cores", "cpu_threads")) and not k.endswith("_text")
+        }
         data["extra_isos"] = list(data.get("extra_isos") or [])
         topology = [self.cleaned_data.get(k) for k in ("cpu_sockets", "cpu_cores", "cpu_threads")]
         if all(topology):

@@ -27,12 +27,19 @@ _TERMINAL_CONTROL = re.compile(
 
 
 class Machine(models.Model):
-    uuid = models.UUIDField("UUID", default=uuidlib.uuid4, unique=True, editable=False,
-                            help_text="Also the libvirt domain's UUID.")  # fmt: skip
+    uuid = models.UUIDField(
+        "UUID", default=uuidlib.uuid4, unique=True, editable=False, help_text="Also the libvirt domain's UUID."
+    )
     name = models.CharField(max_length=63, validators=[hostname_validator], help_text="The guest's host name.")
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="machines")
-    project = models.ForeignKey("Project", null=True, blank=True, on_delete=models.PROTECT, related_name="machines",
-                                help_text="Members of the project share the machine by their role.")  # fmt: skip
+    project = models.ForeignKey(
+        "Project",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="machines",
+        help_text="Members of the project share the machine by their role.",
+    )
     hypervisor = models.ForeignKey(Hypervisor, on_delete=models.PROTECT, related_name="machines")
     pool = models.CharField("storage pool", max_length=100, default="default")
     deploy_type = models.CharField(max_length=8, choices=DeployType.choices, default=DeployType.IMAGE)
@@ -40,8 +47,9 @@ class Machine(models.Model):
     vcpus = models.PositiveSmallIntegerField(
         "vCPUs", default=1, validators=[MinValueValidator(1), MaxValueValidator(64)]
     )
-    memory_mib = models.PositiveIntegerField("memory (MiB)", default=1024,
-                                             validators=[MinValueValidator(128), MaxValueValidator(1 << 20)])  # fmt: skip
+    memory_mib = models.PositiveIntegerField(
+        "memory (MiB)", default=1024, validators=[MinValueValidator(128), MaxValueValidator(1 << 20)]
+    )
     disk_gib = models.PositiveIntegerField(
         "disk (GiB)", default=10, validators=[MinValueValidator(1), MaxValueValidator(16384)]
     )
@@ -52,8 +60,9 @@ class Machine(models.Model):
     script = models.TextField(
         "first-boot script", blank=True, help_text="Runs once, as root, at the end of first boot."
     )
-    user_data = models.TextField("extra #cloud-config", blank=True,
-                                 help_text="Merged with what the portal generates; at most 64 KiB.")  # fmt: skip
+    user_data = models.TextField(
+        "extra #cloud-config", blank=True, help_text="Merged with what the portal generates; at most 64 KiB."
+    )
     deletion_protection = models.BooleanField(default=False, help_text="Refuse deletion and rebuild until cleared.")
     autostart = models.BooleanField(default=True, help_text="Start with the hypervisor.")
     power_on_after_create = models.BooleanField(default=True, help_text="Network-boot machines stay off unless asked.")
@@ -88,8 +97,12 @@ class Machine(models.Model):
         choices=[("", "default")] + [(c, c) for c in DISK_CACHES],
     )
     extra_disks = models.JSONField(default=list, blank=True, help_text="Sizes in GiB of extra blank disks.")
-    hostdevs = models.JSONField("host devices", default=list, blank=True,
-                                help_text="Node device names (e.g. pci_0000_03_00_0) passed through to the guest.")  # fmt: skip
+    hostdevs = models.JSONField(
+        "host devices",
+        default=list,
+        blank=True,
+        help_text="Node device names (e.g. pci_0000_03_00_0) passed through to the guest.",
+    )
     firmware = models.CharField(max_length=4, default="bios", choices=[(f, FIRMWARE_LABELS[f]) for f in FIRMWARES])
     secure_boot = models.BooleanField(default=False, help_text="UEFI with Secure Boot (needs machine type q35 on x86).")
     qemu_args = models.JSONField(
@@ -197,13 +210,17 @@ class Machine(models.Model):
         if new not in TRANSITIONS.get(self.status, set()):
             raise InvalidTransition(f"{self.get_status_display()} machines cannot become {Status(new).label}")
         now = timezone.now()
-        n = Machine.objects.filter(pk=self.pk, status=self.status).update(status=new, status_message=message,
-                                                                          status_changed=now)  # fmt: skip
+        n = Machine.objects.filter(pk=self.pk, status=self.status).update(
+            status=new, status_message=message, status_changed=now
+        )
         if n != 1:
             raise InvalidTransition(f"machine {self.pk} changed status concurrently")
         self.status, self.status_message, self.status_changed = new, message, now
-        self.log("status", f"{Status(new).label}{': ' + message if message else ''}",
-                 level=MachineEvent.Level.ERROR if new == Status.ERROR else MachineEvent.Level.INFO)  # fmt: skip
+        self.log(
+            "status",
+            f"{Status(new).label}{': ' + message if message else ''}",
+            level=MachineEvent.Level.ERROR if new == Status.ERROR else MachineEvent.Level.INFO,
+        )
 
     def log(self, step: str, message: str, level: str = "info") -> "MachineEvent":
         return MachineEvent.objects.create(machine=self, step=step, message=message, level=level)
@@ -215,11 +232,15 @@ class MachineObserved(models.Model):
     the machine's row, which every list and the BMC server's poll read: the serial log alone may be 256 KiB."""
 
     machine = models.OneToOneField(Machine, on_delete=models.CASCADE, primary_key=True, related_name="observed")
-    guest_addresses = models.JSONField(default=dict, blank=True, editable=False,
-                                       help_text="MAC -> the addresses the running guest was last seen with.")  # fmt: skip
-    console_unprotected = models.BooleanField(default=False, editable=False,
-                                              help_text="Its running VNC server asks no password (defined before the "
-                                                        "portal set them): fixed at its next cold start.")  # fmt: skip
+    guest_addresses = models.JSONField(
+        default=dict, blank=True, editable=False, help_text="MAC -> the addresses the running guest was last seen with."
+    )
+    console_unprotected = models.BooleanField(
+        default=False,
+        editable=False,
+        help_text="Its running VNC server asks no password (defined before the "
+        "portal set them): fixed at its next cold start.",
+    )
     serial_log = models.TextField(blank=True, editable=False)
     serial_log_fetched = models.DateTimeField(null=True, blank=True, editable=False)
     screenshot_requested = models.DateTimeField(null=True, blank=True, editable=False)
@@ -256,8 +277,7 @@ class MachineNic(models.Model):
     source = models.CharField(max_length=100, blank=True, help_text="Network or bridge name.")
     mac = models.CharField("MAC", max_length=17, unique=True, validators=[mac_validator])
     model = models.CharField(max_length=8, default="virtio", choices=[(m, m) for m in NIC_MODELS])
-    mode = models.CharField("macvtap mode", max_length=12, default="bridge",
-                            choices=[(m, m) for m in MACVTAP_MODES])  # fmt: skip
+    mode = models.CharField("macvtap mode", max_length=12, default="bridge", choices=[(m, m) for m in MACVTAP_MODES])
     vlan = models.PositiveSmallIntegerField("VLAN", null=True, blank=True)
     dhcp4 = models.BooleanField(default=True)
     dhcp6 = models.BooleanField(default=False)
@@ -397,8 +417,12 @@ class Project(models.Model):
         return self.name
 
     def limits(self) -> dict[str, int | None]:
-        return {"machines": self.machines_quota, "vcpus": self.vcpus_quota, "memory_mib": self.memory_mib_quota,
-                "disk_gib": self.disk_gib_quota}  # fmt: skip
+        return {
+            "machines": self.machines_quota,
+            "vcpus": self.vcpus_quota,
+            "memory_mib": self.memory_mib_quota,
+            "disk_gib": self.disk_gib_quota,
+        }
 
 
 class Role(models.TextChoices):

@@ -91,8 +91,13 @@ def choices_for(user, hypervisors: list[Hypervisor], project=None) -> list[Choic
         seen = out.get(value)
         modes = set(row.modes) | set(seen.modes if seen else ())
         vlans = set(row.vlans) | set(seen.vlans if seen else ())
-        out[value] = Choice(row.kind, row.source, tuple(m for m in PUBLISHABLE_MODES if m in modes),
-                            tuple(sorted(vlans)), row.untagged or bool(seen and seen.untagged))  # fmt: skip
+        out[value] = Choice(
+            row.kind,
+            row.source,
+            tuple(m for m in PUBLISHABLE_MODES if m in modes),
+            tuple(sorted(vlans)),
+            row.untagged or bool(seen and seen.untagged),
+        )
     return list(out.values())
 
 
@@ -110,12 +115,18 @@ def default_choice(user, hypervisors: list[Hypervisor], project=None) -> Choice 
 def no_network_message(hypervisor: Hypervisor | None) -> str:
     """What a user with nothing to plug into is told, and which staff action fixes it."""
     where = hypervisor.name if hypervisor else "any online hypervisor"
-    define = (f"define the tenant network on {hypervisor.name} (Hypervisors → {hypervisor.name} → Define a network "
-              f"→ Tenant network)" if hypervisor else "define the tenant network on a hypervisor (Hypervisors → "
-              "a hypervisor → Define a network → Tenant network)")  # fmt: skip
-    return (f"No network is available to you on {where}: there is no tenant network ({tenant_network()}) and staff "
-            f"have published none to you. Staff fix this: {define}, or publish a network to you or your project "
-            f"(Admin → Published networks).")  # fmt: skip
+    define = (
+        f"define the tenant network on {hypervisor.name} (Hypervisors → {hypervisor.name} → Define a network "
+        f"→ Tenant network)"
+        if hypervisor
+        else "define the tenant network on a hypervisor (Hypervisors → "
+        "a hypervisor → Define a network → Tenant network)"
+    )
+    return (
+        f"No network is available to you on {where}: there is no tenant network ({tenant_network()}) and staff "
+        f"have published none to you. Staff fix this: {define}, or publish a network to you or your project "
+        f"(Admin → Published networks)."
+    )
 
 
 def follows_rules(user, project=None) -> bool:
@@ -133,28 +144,36 @@ def refusal(user, nic, *, index: int, hypervisor: Hypervisor, project=None) -> s
         return None
     reason = _refusal(user, nic, index=index, hypervisor=hypervisor, project=project)
     if reason and user.is_staff:
-        reason += (f" (The machine is in project {project.name}, whose members operate it, so it follows their rules;"
-                   f" publish the network to the project to allow it.)")  # fmt: skip
+        reason += (
+            f" (The machine is in project {project.name}, whose members operate it, so it follows their rules;"
+            f" publish the network to the project to allow it.)"
+        )
     return reason
 
 
 def _refusal(user, nic, *, index: int, hypervisor: Hypervisor, project=None) -> str | None:
     where = hypervisor.name
     if nic.type == "user":
-        return (f"NIC {index}: user-mode networking is for staff only: QEMU maps {where}'s own loopback into the "
-                f"guest (10.0.2.2), where consoles and other services listen. Use the tenant network "
-                f"{tenant_network()} or a network published to you.")  # fmt: skip
+        return (
+            f"NIC {index}: user-mode networking is for staff only: QEMU maps {where}'s own loopback into the "
+            f"guest (10.0.2.2), where consoles and other services listen. Use the tenant network "
+            f"{tenant_network()} or a network published to you."
+        )
     if nic.type == NicKind.NETWORK and nic.source == tenant_network():
         return None
     label = KIND_LABEL.get(nic.type, nic.type)
     owning = next((n["name"] for n in hypervisor.networks if n.get("bridge") and n["bridge"] == nic.source), "")
     if nic.type in (NicKind.BRIDGE, NicKind.DIRECT) and owning:
         # Its guard is on the network's NICs only: straight onto its bridge, a guest would pass it by.
-        return (f"NIC {index}: {nic.source} is the bridge of libvirt network {owning} on {where}; put the NIC on "
-                f"that network instead, where its traffic filter applies.")  # fmt: skip
+        return (
+            f"NIC {index}: {nic.source} is the bridge of libvirt network {owning} on {where}; put the NIC on "
+            f"that network instead, where its traffic filter applies."
+        )
     if nic.type == NicKind.DIRECT and nic.mode == "passthrough":
-        return (f"NIC {index}: macvtap passthrough hands {where}'s interface {nic.source} over to the guest; it is "
-                f"for staff only and is never published. Use mode bridge, vepa or private on a published interface.")  # fmt: skip
+        return (
+            f"NIC {index}: macvtap passthrough hands {where}'s interface {nic.source} over to the guest; it is "
+            f"for staff only and is never published. Use mode bridge, vepa or private on a published interface."
+        )
     rows = [
         r
         for r in published_to(user, hypervisor=hypervisor, project=project)
@@ -166,15 +185,19 @@ def _refusal(user, nic, *, index: int, hypervisor: Hypervisor, project=None) -> 
     if nic.type == NicKind.NETWORK and not next(
         (n.get("guard") for n in hypervisor.networks if n["name"] == nic.source), ""
     ):
-        return (f"NIC {index}: network {nic.source} on {where} has no portal guard (the portal did not define it), so "
-                f"its guests could reach {where} itself; staff: define networks through the portal (Hypervisors → "
-                f"{where} → Define a network) to publish them.")  # fmt: skip
+        return (
+            f"NIC {index}: network {nic.source} on {where} has no portal guard (the portal did not define it), so "
+            f"its guests could reach {where} itself; staff: define networks through the portal (Hypervisors → "
+            f"{where} → Define a network) to publish them."
+        )
     if nic.type == NicKind.DIRECT:
         allowed = sorted({m for r in rows for m in r.modes})
         rows = [r for r in rows if nic.mode in r.modes]
         if not rows:
-            return (f"NIC {index}: macvtap mode {nic.mode} is not published on host interface {nic.source} on {where} "
-                    f"(allowed: {', '.join(allowed) or 'none'}); choose one of those or {WHERE_TO_ASK}.")  # fmt: skip
+            return (
+                f"NIC {index}: macvtap mode {nic.mode} is not published on host interface {nic.source} on {where} "
+                f"(allowed: {', '.join(allowed) or 'none'}); choose one of those or {WHERE_TO_ASK}."
+            )
     if nic.vlan is None:
         if not any(r.untagged for r in rows):
             tags = ", ".join(str(v) for v in sorted({v for r in rows for v in r.vlans}))
@@ -182,8 +205,10 @@ def _refusal(user, nic, *, index: int, hypervisor: Hypervisor, project=None) -> 
         return None
     if not any(nic.vlan in r.vlans for r in rows):
         tags = ", ".join(str(v) for v in sorted({v for r in rows for v in r.vlans})) or "none"
-        return (f"NIC {index}: VLAN {nic.vlan} is not published on {label} {nic.source} on {where} (allowed: {tags}); "
-                f"{WHERE_TO_ASK}.")  # fmt: skip
+        return (
+            f"NIC {index}: VLAN {nic.vlan} is not published on {label} {nic.source} on {where} (allowed: {tags}); "
+            f"{WHERE_TO_ASK}."
+        )
     return None
 
 
@@ -191,9 +216,14 @@ def _project_hint(user, nic, hypervisor: Hypervisor, project) -> str:
     """When the network is published to a project the user may create machines in, say so."""
     from machines.access import project_choices
 
-    names = list(project_choices(user).filter(published_networks__kind=nic.type, published_networks__source=nic.source)
-                 .filter(Q(published_networks__hypervisor__isnull=True) | Q(published_networks__hypervisor=hypervisor))
-                 .exclude(pk=getattr(project, "pk", None)).values_list("name", flat=True).distinct()[:3])  # fmt: skip
+    names = list(
+        project_choices(user)
+        .filter(published_networks__kind=nic.type, published_networks__source=nic.source)
+        .filter(Q(published_networks__hypervisor__isnull=True) | Q(published_networks__hypervisor=hypervisor))
+        .exclude(pk=getattr(project, "pk", None))
+        .values_list("name", flat=True)
+        .distinct()[:3]
+    )
     return f" (it is published to project {', '.join(names)}: create the machine in that project)" if names else ""
 
 

@@ -72,8 +72,14 @@ def ensure_host_guards(machine: Machine, driver: HypervisorDriver, *, defined: b
                 f"host bridge {bridge} on {hv.name}: its MAC is not known (the last sync did not report it), so its "
                 f"guard cannot be written and the machine is not started without it; sync {hv.name} and retry."
             )
-        driver.define_guard(host_guard_xml(bridge=bridge, host_mac=mac, host_addresses=host_addresses(hv),
-                                           host_addresses6=host_addresses(hv, version=6)))  # fmt: skip
+        driver.define_guard(
+            host_guard_xml(
+                bridge=bridge,
+                host_mac=mac,
+                host_addresses=host_addresses(hv),
+                host_addresses6=host_addresses(hv, version=6),
+            )
+        )
     if defined:
         name_host_guards(machine, driver, step="start")
 
@@ -111,7 +117,7 @@ def seed_spec_from(machine: Machine, nics: list) -> cloudinit.SeedSpec:
             gateway6=n.gateway6,
             nameservers=tuple(n.nameservers),
             search=tuple(n.search),
-        )  # fmt: skip
+        )
         for n in nics
     )
     return cloudinit.SeedSpec(
@@ -152,8 +158,9 @@ def cdrom_bus(machine: Machine) -> str:
     return "sata" if "q35" in (machine.machine_type or "") else "ide"
 
 
-def domain_spec(machine: Machine, *, disks: tuple[DiskSpec, ...], serial_log: str,
-                boot_devices: tuple[str, ...] = ()) -> DomainSpec:  # fmt: skip
+def domain_spec(
+    machine: Machine, *, disks: tuple[DiskSpec, ...], serial_log: str, boot_devices: tuple[str, ...] = ()
+) -> DomainSpec:
     hv = machine.hypervisor
     arch = machine_arch(machine)
     foreign = arch != hv.arch and not (arch == "i686" and hv.arch == "x86_64")
@@ -163,9 +170,18 @@ def domain_spec(machine: Machine, *, disks: tuple[DiskSpec, ...], serial_log: st
         cpu_mode, cpu_model = "custom", defaults["cpu_model"]
     firmware = "efi" if machine.firmware == "uefi" else defaults.get("firmware", "")
     host_guard = wants_host_guard(machine)
-    nics = tuple(NicSpec(type=n.type, source=n.source, mac=n.mac, model=n.model, mode=n.mode, vlan=n.vlan,
-                         guard=nic_guard(hv, n.type, n.source, host_guard=host_guard))
-                 for n in machine.nics.all())  # fmt: skip
+    nics = tuple(
+        NicSpec(
+            type=n.type,
+            source=n.source,
+            mac=n.mac,
+            model=n.model,
+            mode=n.mode,
+            vlan=n.vlan,
+            guard=nic_guard(hv, n.type, n.source, host_guard=host_guard),
+        )
+        for n in machine.nics.all()
+    )
     return DomainSpec(
         uuid=str(machine.uuid),
         name=machine.domain_name,
@@ -245,9 +261,14 @@ def ensure_disk(machine: Machine, driver: HypervisorDriver, base_path: str) -> s
     def step() -> str:
         image = machine.image
         assert image is not None  # an overlay is only made for an image machine
-        vol = driver.create_volume(pool=machine.pool, name=machine.disk_volume, fmt="qcow2",
-                                   capacity_bytes=machine.disk_gib * GIB, backing_path=base_path,
-                                   backing_format=image.format)  # fmt: skip
+        vol = driver.create_volume(
+            pool=machine.pool,
+            name=machine.disk_volume,
+            fmt="qcow2",
+            capacity_bytes=machine.disk_gib * GIB,
+            backing_path=base_path,
+            backing_format=image.format,
+        )
         result["path"] = vol.path
         return f"disk {machine.disk_gib} GiB, copy-on-write over the image"
 
@@ -260,8 +281,9 @@ def ensure_blank_disk(machine: Machine, driver: HypervisorDriver) -> str:
     result: dict = {}
 
     def step() -> str:
-        vol = driver.create_volume(pool=machine.pool, name=machine.disk_volume, fmt="qcow2",
-                                   capacity_bytes=machine.disk_gib * GIB)  # fmt: skip
+        vol = driver.create_volume(
+            pool=machine.pool, name=machine.disk_volume, fmt="qcow2", capacity_bytes=machine.disk_gib * GIB
+        )
         result["path"] = vol.path
         return f"blank disk {machine.disk_gib} GiB (thin qcow2)"
 
@@ -281,11 +303,17 @@ def ensure_extra_disks(machine: Machine, driver: HypervisorDriver) -> list[DiskS
     def step(i: int, entry: dict) -> str:
         image = Image.objects.filter(pk=entry["image"]).first() if entry.get("image") else None
         backing = ensure_image(machine, driver, image) if image else ""
-        vol = driver.create_volume(pool=machine.pool, name=machine.extra_disk_volume(i), fmt="qcow2",
-                                   capacity_bytes=entry["size_gib"] * GIB, backing_path=backing,
-                                   backing_format=image.format if image else "")  # fmt: skip
-        disks.append(DiskSpec(path=vol.path, bus=machine.disk_bus, cache=machine.disk_cache,
-                              boot_order=entry.get("boot_order")))  # fmt: skip
+        vol = driver.create_volume(
+            pool=machine.pool,
+            name=machine.extra_disk_volume(i),
+            fmt="qcow2",
+            capacity_bytes=entry["size_gib"] * GIB,
+            backing_path=backing,
+            backing_format=image.format if image else "",
+        )
+        disks.append(
+            DiskSpec(path=vol.path, bus=machine.disk_bus, cache=machine.disk_cache, boot_order=entry.get("boot_order"))
+        )
         return f"extra disk {i + 1}: {entry['size_gib']} GiB" + (f" over image {image.name}" if image else " blank")
 
     for i, entry in enumerate(extra_disk_entries(machine)):
@@ -323,8 +351,9 @@ def serial_log_path(machine: Machine, driver: HypervisorDriver) -> str:
     return f"{pool_dir}/{machine.serial_volume}" if pool_dir.startswith("/") else ""
 
 
-def ensure_domain(machine: Machine, driver: HypervisorDriver, disks: tuple[DiskSpec, ...],
-                  boot_devices: tuple[str, ...] = ()) -> None:  # fmt: skip
+def ensure_domain(
+    machine: Machine, driver: HypervisorDriver, disks: tuple[DiskSpec, ...], boot_devices: tuple[str, ...] = ()
+) -> None:
     def step() -> str:
         spec = domain_spec(machine, disks=disks, serial_log=serial_log_path(machine, driver), boot_devices=boot_devices)
         ensure_host_guards(machine, driver)  # first: a NIC on a host bridge must never start without its filter

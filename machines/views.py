@@ -33,8 +33,15 @@ def _get_machine_for_user(request, pk: int, need: str = access.VIEW) -> Machine:
     return machine
 
 
-SORTS = {"name": "name", "-name": "-name", "created": "created", "-created": "-created", "status": "status",
-         "hypervisor": "hypervisor__name", "owner": "owner__username"}  # fmt: skip
+SORTS = {
+    "name": "name",
+    "-name": "-name",
+    "created": "created",
+    "-created": "-created",
+    "status": "status",
+    "hypervisor": "hypervisor__name",
+    "owner": "owner__username",
+}
 BULK_ACTIONS = {"start": "Start", "shutdown": "Shut down", "poweroff": "Power off", "delete": "Delete"}
 
 
@@ -64,13 +71,22 @@ def machine_list(request: HtmxHttpRequest) -> HttpResponse:
     template = "machines/list.html"
     if is_partial(request):
         template += "#machine-table"
-    return render(request, template, {
-        "page": page, "machines": page.object_list, "q": q, "busy": any(m.is_busy for m in page.object_list),
-        # Everyone who sees a machine may open its console (machines.policy); it is offered while it runs.
-        "console_ready": {m.pk for m in page.object_list if "console" not in policy.idle_actions(m)},
-        "statuses": Status.choices, "types": DeployType.choices, "bulk_actions": BULK_ACTIONS,
-        "hypervisors": Hypervisor.objects.values_list("name", flat=True),
-    })  # fmt: skip
+    return render(
+        request,
+        template,
+        {
+            "page": page,
+            "machines": page.object_list,
+            "q": q,
+            "busy": any(m.is_busy for m in page.object_list),
+            # Everyone who sees a machine may open its console (machines.policy); it is offered while it runs.
+            "console_ready": {m.pk for m in page.object_list if "console" not in policy.idle_actions(m)},
+            "statuses": Status.choices,
+            "types": DeployType.choices,
+            "bulk_actions": BULK_ACTIONS,
+            "hypervisors": Hypervisor.objects.values_list("name", flat=True),
+        },
+    )
 
 
 @login_required
@@ -120,9 +136,19 @@ def machine_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
         # The page shows the screen once there is one; asked at most once a minute while none comes.
         services.machine_screenshot_request(machine=machine, max_age=60)
     worker_down = machine.is_busy and not queue_report().worker_ok
-    return render(request, template, {"machine": machine, "events": events, "grow_form": GrowDiskForm(),
-                                      "power_actions": PowerAction.choices, "isos": isos, "worker_down": worker_down,
-                                      **policy.page_context(request.user, machine)})  # fmt: skip
+    return render(
+        request,
+        template,
+        {
+            "machine": machine,
+            "events": events,
+            "grow_form": GrowDiskForm(),
+            "power_actions": PowerAction.choices,
+            "isos": isos,
+            "worker_down": worker_down,
+            **policy.page_context(request.user, machine),
+        },
+    )
 
 
 def _form_context(request, form: MachineForm) -> dict:
@@ -170,9 +196,15 @@ def machine_preview(request: HtmxHttpRequest) -> HttpResponse:
     form = MachineForm(request.POST)
     form.is_valid()  # partial data is fine for a preview
     data = form.cleaned_data
-    machine = Machine(name=data.get("name") or "new-machine", image=data.get("image"),
-                      ssh_authorized_keys=data.get("ssh_authorized_keys", ""), packages=data.get("packages", ""),
-                      script=data.get("script", ""), user_data=data.get("user_data", ""), instance_id="i-preview")  # fmt: skip
+    machine = Machine(
+        name=data.get("name") or "new-machine",
+        image=data.get("image"),
+        ssh_authorized_keys=data.get("ssh_authorized_keys", ""),
+        packages=data.get("packages", ""),
+        script=data.get("script", ""),
+        user_data=data.get("user_data", ""),
+        instance_id="i-preview",
+    )
     try:
         spec = provisioning.seed_spec_from(machine, form.nic_inputs() if "nic" in data else [])
         documents, error = cloudinit.preview(spec), ""
@@ -205,8 +237,12 @@ def machine_power(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 @require_POST
 def machine_rebuild(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     machine = _get_machine_for_user(request, pk, policy.need("rebuild"))
-    return _act(request, machine, lambda: services.machine_rebuild(machine=machine),
-                f"Rebuilding {machine.name} from {machine.image}.")  # fmt: skip
+    return _act(
+        request,
+        machine,
+        lambda: services.machine_rebuild(machine=machine),
+        f"Rebuilding {machine.name} from {machine.image}.",
+    )
 
 
 @login_required
@@ -218,8 +254,12 @@ def machine_grow_disk(request: HtmxHttpRequest, pk: int) -> HttpResponse:
         messages.error(request, form.errors.as_text())
         return redirect(machine)
     size = form.cleaned_data["disk_gib"]
-    return _act(request, machine, lambda: services.machine_grow_disk(machine=machine, disk_gib=size),
-                f"Growing the disk of {machine.name} to {size} GiB.")  # fmt: skip
+    return _act(
+        request,
+        machine,
+        lambda: services.machine_grow_disk(machine=machine, disk_gib=size),
+        f"Growing the disk of {machine.name} to {size} GiB.",
+    )
 
 
 @login_required
@@ -268,17 +308,26 @@ def console_page_key(request, machine: Machine, kind: str) -> dict | None:
     (nobody would spend it), a browser that sends no Sec-Fetch headers. None also when the user may not have this
     kind of console (a viewer's serial): the page's POST then shows why."""
     headers = request.headers
-    if (headers.get("Sec-Fetch-Mode") != "navigate" or headers.get("Sec-Fetch-Dest") != "document"
-            or headers.get("Sec-Fetch-Site") not in ("same-origin", "none")
-            or headers.get("Sec-Purpose") or headers.get("Purpose")):  # fmt: skip
+    if (
+        headers.get("Sec-Fetch-Mode") != "navigate"
+        or headers.get("Sec-Fetch-Dest") != "document"
+        or headers.get("Sec-Fetch-Site") not in ("same-origin", "none")
+        or headers.get("Sec-Purpose")
+        or headers.get("Purpose")
+    ):
         return None
     try:
-        raw, expires = consoles.console_token_issue(machine=machine, user=request.user, kind=kind,
-                                                    session_key=request.session.session_key or "")  # fmt: skip
+        raw, expires = consoles.console_token_issue(
+            machine=machine, user=request.user, kind=kind, session_key=request.session.session_key or ""
+        )
     except consoles.ConsoleDenied:
         return None
-    return {"token": raw, "reconnect": consoles.console_reconnect_secret(raw), "expires_at": expires.isoformat(),
-            "view_only": not access.can(request.user, machine, policy.need("console_input"))}  # fmt: skip
+    return {
+        "token": raw,
+        "reconnect": consoles.console_reconnect_secret(raw),
+        "expires_at": expires.isoformat(),
+        "view_only": not access.can(request.user, machine, policy.need("console_input")),
+    }
 
 
 CONSOLE_KINDS = {"machines/console.html": "vnc", "machines/serial.html": "serial"}
@@ -317,15 +366,20 @@ def machine_console_token(request: HtmxHttpRequest, pk: int) -> JsonResponse:
     if kind not in consoles.KINDS:
         return JsonResponse({"error": f"kind is one of {', '.join(consoles.KINDS)}"}, status=400)
     try:
-        raw, expires = consoles.console_token_issue(machine=machine, user=request.user, kind=kind,
-                                                    session_key=request.session.session_key or "")  # fmt: skip
+        raw, expires = consoles.console_token_issue(
+            machine=machine, user=request.user, kind=kind, session_key=request.session.session_key or ""
+        )
     except consoles.ConsoleDenied as e:
         return JsonResponse({"error": str(e)}, status=403)
     view_only = not access.can(request.user, machine, policy.need("console_input"))
     # reconnect: the page keeps it in memory and offers it as a websocket subprotocol (never in a URL);
     # within the reconnect grace a spent token connects again only with it.
-    body = {"token": raw, "reconnect": consoles.console_reconnect_secret(raw), "expires_at": expires.isoformat(),
-            "view_only": view_only}  # fmt: skip
+    body = {
+        "token": raw,
+        "reconnect": consoles.console_reconnect_secret(raw),
+        "expires_at": expires.isoformat(),
+        "view_only": view_only,
+    }
     response = JsonResponse(body)
     response["Cache-Control"] = "no-store"
     return response
@@ -376,8 +430,12 @@ def machine_media(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 @require_POST
 def machine_boot_cdrom(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     machine = _get_machine_for_user(request, pk, policy.need("boot_cdrom"))
-    return _act(request, machine, lambda: services.machine_boot_cdrom_once(machine=machine),
-                f"{machine.name} is restarting from its CD-ROM.")  # fmt: skip
+    return _act(
+        request,
+        machine,
+        lambda: services.machine_boot_cdrom_once(machine=machine),
+        f"{machine.name} is restarting from its CD-ROM.",
+    )
 
 
 @login_required
@@ -398,9 +456,14 @@ def machine_bmc_reveal(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 @require_POST
 def machine_boot_device(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     machine = _get_machine_for_user(request, pk, policy.need("boot_device"))
-    return _act(request, machine, lambda: services.machine_set_boot_device(
-        machine=machine, device=request.POST.get("device", ""), persistent=request.POST.get("persistent") == "1"),
-        "Boot device set through the BMC; it takes effect at the next cold start.")  # fmt: skip
+    return _act(
+        request,
+        machine,
+        lambda: services.machine_set_boot_device(
+            machine=machine, device=request.POST.get("device", ""), persistent=request.POST.get("persistent") == "1"
+        ),
+        "Boot device set through the BMC; it takes effect at the next cold start.",
+    )
 
 
 @login_required

@@ -6,8 +6,18 @@ from portal.models import AuditEvent
 class AuditEventSerializer(serializers.ModelSerializer):
     class Meta:
         model = AuditEvent
-        fields = ["id", "created", "username", "address", "action", "object_type", "object_id", "object_repr",
-                  "outcome", "detail"]  # fmt: skip
+        fields = [
+            "id",
+            "created",
+            "username",
+            "address",
+            "action",
+            "object_type",
+            "object_id",
+            "object_repr",
+            "outcome",
+            "detail",
+        ]
 
 
 class AuditEventViewSet(viewsets.ReadOnlyModelViewSet):

@@ -48,8 +48,9 @@ def _actor(request, user) -> tuple[int | None, str, str | None]:
     return None, "", client_address(request)
 
 
-def record(action: str, obj=None, *, outcome: str = "success", detail: str = "", request=None, user=None,
-           username: str = "") -> None:  # fmt: skip
+def record(
+    action: str, obj=None, *, outcome: str = "success", detail: str = "", request=None, user=None, username: str = ""
+) -> None:
     """Append an audit event. `obj` is any model instance (or None)."""
     from portal.models import AuditEvent
 
@@ -80,8 +81,13 @@ def _logged_out(sender, request, user, **kwargs) -> None:
 
 @receiver(user_login_failed)
 def _login_failed(sender, credentials, request=None, **kwargs) -> None:
-    record("login", outcome="refused", detail="wrong user name or password", request=request,
-           username=str(credentials.get("username", ""))[:150])  # fmt: skip
+    record(
+        "login",
+        outcome="refused",
+        detail="wrong user name or password",
+        request=request,
+        username=str(credentials.get("username", ""))[:150],
+    )
 
 
 # Every audited service: (action, obj_kwarg, the undecorated function), for the test that checks each is
@@ -114,8 +120,20 @@ def audited(action: str, *, obj_kwarg: str | None = None):
 
 
 # Arguments worth keeping in an audit record (never secrets).
-_DETAIL_KEYS = {"action", "disk_gib", "slot", "device", "persistent", "protected", "name", "uri", "enabled",
-                "deploy_type", "vcpus", "memory_mib"}  # fmt: skip
+_DETAIL_KEYS = {
+    "action",
+    "disk_gib",
+    "slot",
+    "device",
+    "persistent",
+    "protected",
+    "name",
+    "uri",
+    "enabled",
+    "deploy_type",
+    "vcpus",
+    "memory_mib",
+}
 
 
 def _is_refusal(e: Exception) -> bool:

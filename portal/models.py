@@ -63,8 +63,9 @@ class AuditEvent(models.Model):
         FAILED = "failed", "Failed"
 
     created = models.DateTimeField(auto_now_add=True, db_index=True)
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
-                             related_name="+")  # fmt: skip
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     username = models.CharField(max_length=150, blank=True)  # kept when the user is deleted
     address = models.GenericIPAddressField(null=True, blank=True)
     action = models.CharField(max_length=40, db_index=True)

@@ -18,8 +18,9 @@ WORKER = "worker"
 
 def beat(name: str = WORKER) -> None:
     """Record that this process runs now (the worker does when it starts, then every PORTAL_WORKER_HEARTBEAT s)."""
-    Heartbeat.objects.update_or_create(name=name, defaults={"seen": timezone.now(),
-                                                            "detail": f"{socket.gethostname()} pid {os.getpid()}"})  # fmt: skip
+    Heartbeat.objects.update_or_create(
+        name=name, defaults={"seen": timezone.now(), "detail": f"{socket.gethostname()} pid {os.getpid()}"}
+    )
 
 
 @dataclass
@@ -56,5 +57,10 @@ def queue_report(limit: int = 0) -> QueueReport:
             tasks.append({"name": name, "machine_id": machine_id})
     except Exception as e:  # noqa: BLE001 - whatever the queue's backend raises
         error = f"the queue cannot be read: {e}"
-    return QueueReport(worker_seen=hb.seen if hb else None, worker_detail=hb.detail if hb else "",
-                       waiting=waiting, tasks=tasks, error=error)  # fmt: skip
+    return QueueReport(
+        worker_seen=hb.seen if hb else None,
+        worker_detail=hb.detail if hb else "",
+        waiting=waiting,
+        tasks=tasks,
+        error=error,
+    )

@@ -133,16 +133,21 @@ def _stack_env() -> dict:
     """The environment for portal processes that must share the test database."""
     name = settings.DATABASES["default"]["NAME"]
     assert settings.DATABASES["default"]["ENGINE"].endswith("sqlite3"), "the stack tests use the embedded SQLite"
-    return {**os.environ, "DATABASE_URL": f"sqlite:///{name}", "PORTAL_CONSOLE_PORT": str(STACK_PORTS["console"]),
-            "PORTAL_CONSOLE_ALLOWED_ORIGINS": f"http://127.0.0.1:{STACK_PORTS['web']}",
-            "PORTAL_WORKER_HEARTBEAT": "1"}  # fmt: skip
+    return {
+        **os.environ,
+        "DATABASE_URL": f"sqlite:///{name}",
+        "PORTAL_CONSOLE_PORT": str(STACK_PORTS["console"]),
+        "PORTAL_CONSOLE_ALLOWED_ORIGINS": f"http://127.0.0.1:{STACK_PORTS['web']}",
+        "PORTAL_WORKER_HEARTBEAT": "1",
+    }
 
 
 def _start(name: str, argv: list[str]) -> subprocess.Popen:
     ARTIFACTS.mkdir(exist_ok=True)
     log = open(ARTIFACTS / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
-    return subprocess.Popen(argv, cwd=settings.BASE_DIR, env=_stack_env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        argv, cwd=settings.BASE_DIR, env=_stack_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def _wait_listening(proc: subprocess.Popen, port: int, name: str, timeout: float = 30) -> None:
@@ -201,9 +206,13 @@ def huey_worker(django_db_setup, django_db_blocker):
     proc = _start("worker", [sys.executable, "manage.py", "run_huey", "--workers", "2", "--flush-locks"])
     # Ready when its worker threads have started: each records the heartbeat as it does (portal/tasks.py).
     with django_db_blocker.unblock():
-        _wait_ready(proc, "worker", log_start,
-                    lambda: Heartbeat.objects.filter(name=WORKER, detail__endswith=f" pid {proc.pid}").exists(),
-                    "recorded no heartbeat")  # fmt: skip
+        _wait_ready(
+            proc,
+            "worker",
+            log_start,
+            lambda: Heartbeat.objects.filter(name=WORKER, detail__endswith=f" pid {proc.pid}").exists(),
+            "recorded no heartbeat",
+        )
     yield proc
     _stop(proc)
 
@@ -235,12 +244,30 @@ def _remove_leftover_machines() -> None:
 @pytest.fixture(scope="session")
 def web_server(django_db_setup):
     """The portal under gunicorn, as `make run` serves it (static files by WhiteNoise)."""
-    collect = subprocess.run([sys.executable, "manage.py", "collectstatic", "--noinput", "-v0"], cwd=settings.BASE_DIR,
-                             env=_stack_env(), capture_output=True, text=True)  # fmt: skip
+    collect = subprocess.run(
+        [sys.executable, "manage.py", "collectstatic", "--noinput", "-v0"],
+        cwd=settings.BASE_DIR,
+        env=_stack_env(),
+        capture_output=True,
+        text=True,
+    )
     assert collect.returncode == 0, collect.stderr
     port = STACK_PORTS["web"]
-    proc = _start("web", [sys.executable, "-m", "gunicorn", "config.wsgi", "--bind", f"127.0.0.1:{port}",
-                          "--workers", "1", "--threads", "4"])  # fmt: skip
+    proc = _start(
+        "web",
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "config.wsgi",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "1",
+            "--threads",
+            "4",
+        ],
+    )
     _wait_listening(proc, port, "web")
     yield f"http://127.0.0.1:{port}"
     _stop(proc)
@@ -262,8 +289,9 @@ def bmc_server(django_db_setup):
     log_start = _log_size("bmc")
     proc = _start("bmc", [sys.executable, "manage.py", "bmc_server", "--interval", "0.5"])
     # Ready when it has set itself up and enters its loop, which it announces just before (its command).
-    _wait_ready(proc, "bmc", log_start, lambda: b"BMC server: ports" in _log_since("bmc", log_start),
-                "did not start its loop")  # fmt: skip
+    _wait_ready(
+        proc, "bmc", log_start, lambda: b"BMC server: ports" in _log_since("bmc", log_start), "did not start its loop"
+    )
     yield proc
     _stop(proc)
 
@@ -308,8 +336,14 @@ def tiny_image(worker, file_server):
     from hypervisors.models import Image, ImageStatus
 
     name = Path(test_images()["tiny_disk"]).name
-    image = images.image_create_from_url(name="tiny", kind="disk", fmt="qcow2", default_user="tiny", os_name="Tiny Linux",
-                                         source_url=f"{file_server}/{name}")  # fmt: skip
+    image = images.image_create_from_url(
+        name="tiny",
+        kind="disk",
+        fmt="qcow2",
+        default_user="tiny",
+        os_name="Tiny Linux",
+        source_url=f"{file_server}/{name}",
+    )
     image = wait_for(lambda: (i := Image.objects.get(pk=image.pk)).status != ImageStatus.IMPORTING and i, 60)
     assert image.status == ImageStatus.READY, image.status_message
     return image
@@ -322,8 +356,14 @@ def tiny_iso(worker, file_server):
     from hypervisors.models import Image, ImageStatus
 
     name = Path(test_images()["tiny_iso"]).name
-    image = images.image_create_from_url(name="tiny-installer", kind="iso", fmt="iso", default_user="",
-                                         os_name="Tiny Linux installer", source_url=f"{file_server}/{name}")  # fmt: skip
+    image = images.image_create_from_url(
+        name="tiny-installer",
+        kind="iso",
+        fmt="iso",
+        default_user="",
+        os_name="Tiny Linux installer",
+        source_url=f"{file_server}/{name}",
+    )
     image = wait_for(lambda: (i := Image.objects.get(pk=image.pk)).status != ImageStatus.IMPORTING and i, 60)
     assert image.status == ImageStatus.READY, image.status_message
     return image

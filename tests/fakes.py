@@ -75,25 +75,55 @@ class FakeDriver(HypervisorDriver):
         pools = []
         for name, vols in sorted(self.host.pools.items()):
             used = sum(v["capacity"] for v in vols.values())
-            pools.append(PoolInfo(name=name, active=True, type="dir", path=f"/fake/{name}", capacity_bytes=POOL_BYTES,
-                                  allocation_bytes=used, available_bytes=POOL_BYTES - used))  # fmt: skip
+            pools.append(
+                PoolInfo(
+                    name=name,
+                    active=True,
+                    type="dir",
+                    path=f"/fake/{name}",
+                    capacity_bytes=POOL_BYTES,
+                    allocation_bytes=used,
+                    available_bytes=POOL_BYTES - used,
+                )
+            )
         networks = []
         for name, xml in sorted(self.host.networks.items()):
             root = ET.fromstring(xml)
             forward, bridge = root.find("forward"), root.find("bridge")
-            networks.append(NetworkInfo(name=name, active=True,
-                                        forward_mode="isolated" if forward is None else forward.get("mode", "nat"),
-                                        bridge="" if bridge is None else bridge.get("name", ""),
-                                        guard=guard_name(name) if guard_name(name) in self.host.guards else ""))  # fmt: skip
-        return HostInfo(hostname="fake", arch="x86_64", cpus=4, memory_mib=8192, cpu_model="qemu64",
-                        libvirt_version="9.0.0", hypervisor_version="7.2.0", domain_type="qemu", domain_types=["qemu"],
-                        guest_arches=["x86_64"], machine_types=["pc", "q35"], cpu_modes=["host-model", "custom"],
-                        cpu_models=["qemu64"], firmwares=["bios"], pools=pools, networks=networks,
-                        domains=sorted(self.list_domains(), key=lambda d: d.name))  # fmt: skip
+            networks.append(
+                NetworkInfo(
+                    name=name,
+                    active=True,
+                    forward_mode="isolated" if forward is None else forward.get("mode", "nat"),
+                    bridge="" if bridge is None else bridge.get("name", ""),
+                    guard=guard_name(name) if guard_name(name) in self.host.guards else "",
+                )
+            )
+        return HostInfo(
+            hostname="fake",
+            arch="x86_64",
+            cpus=4,
+            memory_mib=8192,
+            cpu_model="qemu64",
+            libvirt_version="9.0.0",
+            hypervisor_version="7.2.0",
+            domain_type="qemu",
+            domain_types=["qemu"],
+            guest_arches=["x86_64"],
+            machine_types=["pc", "q35"],
+            cpu_modes=["host-model", "custom"],
+            cpu_models=["qemu64"],
+            firmwares=["bios"],
+            pools=pools,
+            networks=networks,
+            domains=sorted(self.list_domains(), key=lambda d: d.name),
+        )
 
     def list_domains(self):
-        return [DomainInfo(uuid=u, name=d["spec"].name if d.get("spec") else u, state=d["state"], managed=True)
-                for u, d in self.host.domains.items()]  # fmt: skip
+        return [
+            DomainInfo(uuid=u, name=d["spec"].name if d.get("spec") else u, state=d["state"], managed=True)
+            for u, d in self.host.domains.items()
+        ]
 
     def pool_path(self, pool: str) -> str:
         self._pool(pool)
@@ -102,9 +132,18 @@ class FakeDriver(HypervisorDriver):
     def volume_info(self, *, pool, name):
         self._hit("volume_info")
         vol = self._pool(pool).get(name)
-        return None if vol is None else VolumeInfo(name=name, path=f"/fake/{pool}/{name}", format=vol["format"],
-                                                   capacity_bytes=vol["capacity"], allocation_bytes=len(vol["data"]),
-                                                   backing_path=vol["backing"])  # fmt: skip
+        return (
+            None
+            if vol is None
+            else VolumeInfo(
+                name=name,
+                path=f"/fake/{pool}/{name}",
+                format=vol["format"],
+                capacity_bytes=vol["capacity"],
+                allocation_bytes=len(vol["data"]),
+                backing_path=vol["backing"],
+            )
+        )
 
     def create_volume(self, *, pool, name, fmt, capacity_bytes, backing_path="", backing_format=""):
         self._hit("create_volume")
@@ -156,8 +195,10 @@ class FakeDriver(HypervisorDriver):
     def filter_bridge_nics(self, uuid, filters):
         self._hit("filter_bridge_nics")
         dom = self._dom(uuid)
-        nics = tuple(replace(n, guard=filters[n.source]) if n.type == "bridge" and n.source in filters else n
-                     for n in dom["spec"].nics)  # fmt: skip
+        nics = tuple(
+            replace(n, guard=filters[n.source]) if n.type == "bridge" and n.source in filters else n
+            for n in dom["spec"].nics
+        )
         if nics == dom["spec"].nics:
             return False
         dom["spec"] = replace(dom["spec"], nics=nics)
@@ -167,8 +208,13 @@ class FakeDriver(HypervisorDriver):
         self._hit("define_domain")
         if spec.uuid in self.host.domains:
             return False
-        self.host.domains[spec.uuid] = {"spec": spec, "state": PowerState.OFF, "autostart": False,
-                                        "vnc_config_protected": True, "vnc_protected": False}  # fmt: skip
+        self.host.domains[spec.uuid] = {
+            "spec": spec,
+            "state": PowerState.OFF,
+            "autostart": False,
+            "vnc_config_protected": True,
+            "vnc_protected": False,
+        }
         return True
 
     def _dom(self, uuid):
@@ -282,8 +328,11 @@ class FakeDriver(HypervisorDriver):
         return True
 
     def vnc_unprotected(self):
-        return {u for u, d in self.host.domains.items()
-                if d["state"] == PowerState.RUNNING and not d.get("vnc_protected", True)}  # fmt: skip
+        return {
+            u
+            for u, d in self.host.domains.items()
+            if d["state"] == PowerState.RUNNING and not d.get("vnc_protected", True)
+        }
 
     def shutdown(self, uuid):
         self._dom(uuid)["state"] = PowerState.OFF

@@ -112,8 +112,10 @@ class PrivateLibvirtd:
         """Start one, yield it when it answers, and always tear it down (even if starting fails)."""
         missing = missing_commands()
         if missing:
-            raise RuntimeError(f"a private libvirtd needs {', '.join(missing)} (Debian: dnsmasq-base, iptables, "
-                               "iproute2, util-linux, libvirt-daemon); run scripts/setup-host.sh --test")  # fmt: skip
+            raise RuntimeError(
+                f"a private libvirtd needs {', '.join(missing)} (Debian: dnsmasq-base, iptables, "
+                "iproute2, util-linux, libvirt-daemon); run scripts/setup-host.sh --test"
+            )
         # Short: a UNIX socket path must fit in 108 bytes.
         workdir = Path(tempfile.mkdtemp(prefix=f"plv-{name}-", dir="/tmp"))
         log_dir = log_dir or workdir  # by default the log goes with the directory
@@ -132,29 +134,53 @@ class PrivateLibvirtd:
         for sub in ("etc", "etc/qemu", "etc/qemu/networks", "etc/storage", "lib", "cache", "log", "sock"):
             (w / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(w, 0o755)  # dnsmasq drops privileges and must reach TFTP roots placed under here
-        (w / "etc" / "libvirtd.conf").write_text(textwrap.dedent(f"""\
-            unix_sock_dir = "{w / 'sock'}"
+        (w / "etc" / "libvirtd.conf").write_text(
+            textwrap.dedent(f"""\
+            unix_sock_dir = "{w / "sock"}"
             unix_sock_ro_perms = "0777"
             unix_sock_rw_perms = "0700"
             auth_unix_ro = "none"
             auth_unix_rw = "none"
             log_outputs = "3:stderr"
-            """))  # fmt: skip
+            """)
+        )
         (w / "etc" / "virtlogd.conf").write_text('log_outputs = "3:stderr"\n')
         # Root QEMU in the caller's cgroup, as on the host (scripts/setup-host.sh), without a security driver.
-        (w / "etc" / "qemu.conf").write_text(textwrap.dedent("""\
+        (w / "etc" / "qemu.conf").write_text(
+            textwrap.dedent("""\
             user = "root"
             group = "root"
             cgroup_controllers = [ ]
             security_driver = "none"
-            """))  # fmt: skip
+            """)
+        )
 
     def _launch(self) -> None:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        argv = ["unshare", "--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc", "--propagation", "private",
-                "sh", "-c", _INIT, "private-libvirtd-init", str(self.workdir)]  # fmt: skip
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
+        argv = [
+            "unshare",
+            "--net",
+            "--mount",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "--mount-proc",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            _INIT,
+            "private-libvirtd-init",
+            str(self.workdir),
+        ]
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
         deadline = time.monotonic() + 10
         while not self.init_pid:
             self.init_pid = next(iter(_children(self.proc.pid)), 0)
@@ -252,8 +278,9 @@ class PrivateLibvirtd:
 
     def run_inside(self, *argv: str) -> subprocess.CompletedProcess:
         """A command in its network and mount namespaces (e.g. `ip -br addr`), for checks and debugging."""
-        return subprocess.run(["nsenter", "-t", str(self.init_pid), "--net", "--mount", *argv],
-                              capture_output=True, text=True, timeout=30)  # fmt: skip
+        return subprocess.run(
+            ["nsenter", "-t", str(self.init_pid), "--net", "--mount", *argv], capture_output=True, text=True, timeout=30
+        )
 
     def log_tail(self, lines: int = 40) -> str:
         try:

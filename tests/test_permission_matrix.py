@@ -145,21 +145,40 @@ def make_world():
         Membership.objects.create(project=project, user=user, role={"padmin": "admin"}.get(role, role))
     hv = HypervisorFactory(name="lab", uri="qemu:///system")
     iso = ImageFactory(name="inst", kind="iso", format="iso", status=ImageStatus.READY)
-    vm = MachineFactory(name="vm", owner=owner, project=project, hypervisor=hv, deploy_type="image",
-                                status=Status.ACTIVE)  # fmt: skip
-    iso_machine = MachineFactory(name="inst", owner=owner, project=project, hypervisor=hv, deploy_type="iso", image=iso,
-                                         status=Status.ACTIVE)  # fmt: skip
+    vm = MachineFactory(
+        name="vm", owner=owner, project=project, hypervisor=hv, deploy_type="image", status=Status.ACTIVE
+    )
+    iso_machine = MachineFactory(
+        name="inst", owner=owner, project=project, hypervisor=hv, deploy_type="iso", image=iso, status=Status.ACTIVE
+    )
     iso_machine.cdroms.create(slot=0, image=iso)
-    metal = MachineFactory(name="metal", owner=owner, project=project, hypervisor=hv, deploy_type="network", status=Status.ACTIVE,
-                                   bmc_address="127.0.0.1", bmc_port=17999, bmc_username="bmc-x",
-                                   bmc_password_encrypted=crypto.encrypt("p" * 20))  # fmt: skip
+    metal = MachineFactory(
+        name="metal",
+        owner=owner,
+        project=project,
+        hypervisor=hv,
+        deploy_type="network",
+        status=Status.ACTIVE,
+        bmc_address="127.0.0.1",
+        bmc_port=17999,
+        bmc_username="bmc-x",
+        bmc_password_encrypted=crypto.encrypt("p" * 20),
+    )
     token, _ = ApiToken.issue(user=owner)
     key = SshKey.objects.create(user=owner, name="k", public_key="ssh-ed25519 AAAA")
     from portal.models import AuditEvent
 
     event = AuditEvent.objects.create(action="test")
-    objects = {"vm": vm, "iso": iso_machine, "metal": metal, "hv": hv, "img": iso, "token": token, "key": key,
-               "audit": event}  # fmt: skip
+    objects = {
+        "vm": vm,
+        "iso": iso_machine,
+        "metal": metal,
+        "hv": hv,
+        "img": iso,
+        "token": token,
+        "key": key,
+        "audit": event,
+    }
     return {"owner": owner, "other": other, "staff": staff, **members}, objects
 
 
@@ -196,9 +215,18 @@ def test_route(name, settings, host):
 # staff published are for everyone (a project's only for machines created in it, which its admins make);
 # user-mode networking, host networks nobody published, a VLAN tag not published and macvtap passthrough
 # are for staff. (The service decides, so the form, the admin and scripts are held to the same.)
-NIC_HOST = {"networks": [{"name": "lan", "active": True, "guard": "portal-guard-lan"}, {"name": "portal-tenants", "active": True}],
-            "interfaces": [{"name": "br0", "type": "bridge"}, {"name": "br-open", "type": "bridge"},
-                           {"name": "br-team", "type": "bridge"}, {"name": "eno1", "type": "ethernet"}]}  # fmt: skip
+NIC_HOST = {
+    "networks": [
+        {"name": "lan", "active": True, "guard": "portal-guard-lan"},
+        {"name": "portal-tenants", "active": True},
+    ],
+    "interfaces": [
+        {"name": "br0", "type": "bridge"},
+        {"name": "br-open", "type": "bridge"},
+        {"name": "br-team", "type": "bridge"},
+        {"name": "eno1", "type": "ethernet"},
+    ],
+}
 STAFF_NIC = ok(400, anon=401, staff=201)
 NIC_MATRIX = {
     "tenant network": ({"type": "network", "source": "portal-tenants"}, {}, ok(201, anon=401)),
@@ -206,15 +234,22 @@ NIC_MATRIX = {
     "unpublished libvirt network": ({"type": "network", "source": "lan"}, {}, STAFF_NIC),
     "unpublished host bridge": ({"type": "bridge", "source": "br0"}, {}, STAFF_NIC),
     "unpublished macvtap bridge": ({"type": "direct", "source": "eno1", "mode": "bridge"}, {}, STAFF_NIC),
-    "macvtap passthrough (published interface)": ({"type": "direct", "source": "eno1", "mode": "passthrough"}, {}, STAFF_NIC),
+    "macvtap passthrough (published interface)": (
+        {"type": "direct", "source": "eno1", "mode": "passthrough"},
+        {},
+        STAFF_NIC,
+    ),
     "published macvtap vepa": ({"type": "direct", "source": "eno1", "mode": "vepa"}, {}, ok(201, anon=401)),
     "published bridge": ({"type": "bridge", "source": "br-open"}, {}, ok(201, anon=401)),
     "published VLAN tag": ({"type": "bridge", "source": "br-open", "vlan": 100}, {}, ok(201, anon=401)),
     "unpublished VLAN tag": ({"type": "bridge", "source": "br-open", "vlan": 7}, {}, STAFF_NIC),
-    "project's bridge, in the project": ({"type": "bridge", "source": "br-team"}, {"project": "team"},
-                                         ok(400, anon=401, padmin=201, staff=201)),  # only its admins create there
+    "project's bridge, in the project": (
+        {"type": "bridge", "source": "br-team"},
+        {"project": "team"},
+        ok(400, anon=401, padmin=201, staff=201),
+    ),  # only its admins create there
     "project's bridge, outside it": ({"type": "bridge", "source": "br-team"}, {}, STAFF_NIC),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", sorted(NIC_MATRIX))
@@ -225,7 +260,15 @@ def test_nic_kind(case, settings):
     settings.PORTAL_TENANT_NETWORK = "portal-tenants"
     nic, extra, expected = NIC_MATRIX[case]
     users, _ = make_world()
-    pools = [{"name": "default", "active": True, "capacity_bytes": 1 << 42, "allocation_bytes": 0, "available_bytes": 1 << 42}]  # fmt: skip
+    pools = [
+        {
+            "name": "default",
+            "active": True,
+            "capacity_bytes": 1 << 42,
+            "allocation_bytes": 0,
+            "available_bytes": 1 << 42,
+        }
+    ]
     hv = HypervisorFactory(name="nets", uri="qemu:///system", cpus=64, memory_mib=1 << 20, pools=pools, **NIC_HOST)
     PublishedNetwork.objects.create(hypervisor=hv, kind="direct", source="eno1", modes=["vepa"], everyone=True)
     PublishedNetwork.objects.create(kind="bridge", source="br-open", vlans=[100], everyone=True)
@@ -235,8 +278,15 @@ def test_nic_kind(case, settings):
         client = APIClient()
         if role != "anon":
             client.force_login(users[role])
-        body = {"name": f"nic-{role}", "deploy_type": "network", "hypervisor": "nets", "memory_mib": 128, "disk_gib": 1,
-                "nics": [nic], **extra}  # fmt: skip
+        body = {
+            "name": f"nic-{role}",
+            "deploy_type": "network",
+            "hypervisor": "nets",
+            "memory_mib": 128,
+            "disk_gib": 1,
+            "nics": [nic],
+            **extra,
+        }
         r = client.post(reverse("machine-list"), body, format="json")
         actual[role] = r.status_code
         if r.status_code == 400 and role != "staff" and not extra:

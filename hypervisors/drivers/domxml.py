@@ -73,8 +73,14 @@ def _hostdev(devices: ET.Element, dev: dict) -> None:
     """A PCI device by its address, or a USB device by vendor and product."""
     if dev["type"] == "pci":
         el = _sub(devices, "hostdev", mode="subsystem", type="pci", managed="yes")
-        _sub(_sub(el, "source"), "address", domain=f"0x{dev['domain']:04x}", bus=f"0x{dev['bus']:02x}",
-             slot=f"0x{dev['slot']:02x}", function=f"0x{dev['function']:x}")  # fmt: skip
+        _sub(
+            _sub(el, "source"),
+            "address",
+            domain=f"0x{dev['domain']:04x}",
+            bus=f"0x{dev['bus']:02x}",
+            slot=f"0x{dev['slot']:02x}",
+            function=f"0x{dev['function']:x}",
+        )
     else:
         el = _sub(devices, "hostdev", mode="subsystem", type="usb", managed="yes")
         source = _sub(el, "source")
@@ -89,10 +95,21 @@ def parse_node_device(xml: str) -> dict | None:
     if cap is None or cap.get("type") not in ("pci", "usb_device"):
         return None
     vendor, product = cap.find("vendor"), cap.find("product")
-    dev: dict[str, str | int] = {"name": root.findtext("name", default=""), "type": "pci" if cap.get("type") == "pci" else "usb",
-           "vendor": vendor.get("id", "") if vendor is not None else "", "product": product.get("id", "") if product is not None else "",
-           "description": " ".join(t for t in ((vendor.text if vendor is not None else "") or "", (product.text if product is not None else "") or "") if t),
-           "driver": root.findtext("driver/name", default="")}  # fmt: skip
+    dev: dict[str, str | int] = {
+        "name": root.findtext("name", default=""),
+        "type": "pci" if cap.get("type") == "pci" else "usb",
+        "vendor": vendor.get("id", "") if vendor is not None else "",
+        "product": product.get("id", "") if product is not None else "",
+        "description": " ".join(
+            t
+            for t in (
+                (vendor.text if vendor is not None else "") or "",
+                (product.text if product is not None else "") or "",
+            )
+            if t
+        ),
+        "driver": root.findtext("driver/name", default=""),
+    }
     if dev["type"] == "pci":
         dev.update({k: int(cap.findtext(k, default="0"), 0) for k in ("domain", "bus", "slot", "function")})
     else:  # where it is plugged now; the guest gets it by vendor and product, which survive re-plugging
@@ -172,8 +189,16 @@ def build_domain_xml(spec: DomainSpec) -> str:
     _sub(agent, "target", type="virtio", name=GUEST_AGENT_CHANNEL)
     # VNC always asks for a password, expired from the start: the console proxy sets a fresh one for a few
     # seconds when a session starts (machines/console_proxy.py), so nobody else can ever pass it.
-    graphics = _sub(devices, "graphics", type="vnc", port="-1", autoport="yes", listen=spec.vnc_listen,
-                    passwd=spec.vnc_password or new_vnc_password(), passwdValidTo=VNC_EXPIRED_AT)  # fmt: skip
+    graphics = _sub(
+        devices,
+        "graphics",
+        type="vnc",
+        port="-1",
+        autoport="yes",
+        listen=spec.vnc_listen,
+        passwd=spec.vnc_password or new_vnc_password(),
+        passwdValidTo=VNC_EXPIRED_AT,
+    )
     _sub(graphics, "listen", type="address", address=spec.vnc_listen)
     video = _sub(devices, "video")
     _sub(video, "model", type=spec.video)
@@ -340,10 +365,22 @@ ET.register_namespace("portal", PORTAL_METADATA_NS)
 ET.register_namespace("qemu", "http://libvirt.org/schemas/domain/qemu/1.0")
 
 
-def network_xml(*, name: str, mode: str, bridge: str = "", interface: str = "", address: str = "",
-                prefix: int | None = None, dhcp_start: str = "", dhcp_end: str = "", tftp_root: str = "",
-                boot_file: str = "", ipv6_address: str = "", ipv6_prefix: int | None = None,
-                isolated_ports: bool = False) -> str:  # fmt: skip
+def network_xml(
+    *,
+    name: str,
+    mode: str,
+    bridge: str = "",
+    interface: str = "",
+    address: str = "",
+    prefix: int | None = None,
+    dhcp_start: str = "",
+    dhcp_end: str = "",
+    tftp_root: str = "",
+    boot_file: str = "",
+    ipv6_address: str = "",
+    ipv6_prefix: int | None = None,
+    isolated_ports: bool = False,
+) -> str:
     """A libvirt network: `nat` or `isolated` (a bridge libvirt makes, with DHCP and optional TFTP),
     `bridge` (an existing host bridge) or `macvtap` (direct on a host interface)."""
     root = ET.Element("network")
@@ -380,8 +417,17 @@ def network_xml(*, name: str, mode: str, bridge: str = "", interface: str = "", 
 GUARD_PREFIX = "portal-guard-"
 # Destinations a guest on a NAT network is kept from (besides its own subnet, which it may reach): the
 # private, shared, loopback and link-local ranges, where a hypervisor's management addresses live.
-GUARDED_RANGES = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16", "127.0.0.0/8",
-                  "0.0.0.0/8", "224.0.0.0/4", "240.0.0.0/4")  # fmt: skip
+GUARDED_RANGES = (
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "169.254.0.0/16",
+    "127.0.0.0/8",
+    "0.0.0.0/8",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+)
 
 
 def guard_name(network: str) -> str:
@@ -414,8 +460,9 @@ def host_guard_name(bridge: str) -> str:
     return HOST_GUARD_PREFIX + bridge
 
 
-def host_guard_xml(*, bridge: str, host_mac: str, host_addresses: tuple[str, ...] = (),
-                   host_addresses6: tuple[str, ...] = ()) -> str:  # fmt: skip
+def host_guard_xml(
+    *, bridge: str, host_mac: str, host_addresses: tuple[str, ...] = (), host_addresses6: tuple[str, ...] = ()
+) -> str:
     """A libvirt nwfilter for NICs on a host bridge the hypervisor may have its own address on (a LAN that
     staff publish): the guest is one more machine on that LAN, and the hypervisor is not on it for the guest.
 
@@ -465,19 +512,24 @@ def host_guard_xml(*, bridge: str, host_mac: str, host_addresses: tuple[str, ...
         ("drop", "ipv6", IPV4_MULTICAST),
     ]
     for a in host_addresses:  # DHCP renewals to it, then only replies to what it began (ICMP errors too)
-        rules += [("accept", "udp", {"dstipaddr": a, "srcportstart": "68", "dstportstart": "67"}),
-                  ("accept", "all", {"dstipaddr": a, "state": "ESTABLISHED,RELATED"}),
-                  ("drop", "all", {"dstipaddr": a})]  # fmt: skip
+        rules += [
+            ("accept", "udp", {"dstipaddr": a, "srcportstart": "68", "dstportstart": "67"}),
+            ("accept", "all", {"dstipaddr": a, "state": "ESTABLISHED,RELATED"}),
+            ("drop", "all", {"dstipaddr": a}),
+        ]
     for a in host_addresses6:  # its IPv6 addresses, reached through the LAN's router: the same, as source too
-        rules += [("drop", "all-ipv6", {"srcipaddr": a}),
-                  ("accept", "all-ipv6", {"dstipaddr": a, "state": "ESTABLISHED,RELATED"}),
-                  ("drop", "all-ipv6", {"dstipaddr": a})]  # fmt: skip
+        rules += [
+            ("drop", "all-ipv6", {"srcipaddr": a}),
+            ("accept", "all-ipv6", {"dstipaddr": a, "state": "ESTABLISHED,RELATED"}),
+            ("drop", "all-ipv6", {"dstipaddr": a}),
+        ]
     _rules(root, rules)
     return ET.tostring(root, encoding="unicode")
 
 
-def guard_xml(*, network: str, gateway: str, prefix: int, nat: bool, host_addresses: tuple[str, ...] = (),
-              tftp: bool = False) -> str:  # fmt: skip
+def guard_xml(
+    *, network: str, gateway: str, prefix: int, nat: bool, host_addresses: tuple[str, ...] = (), tftp: bool = False
+) -> str:
     """A libvirt nwfilter for the NICs on a portal network: the guest reaches its own subnet (other guests),
     DHCP and DNS on the hypervisor's address there, and (NAT only) public destinations; nothing else of
     the hypervisor: not its address on the bridge, not the subnet broadcast, not its other addresses.

@@ -96,8 +96,15 @@ def _interfaces(conn: libvirt.virConnect, addresses: dict[str, list[str]]) -> li
         try:
             kind = ET.fromstring(iface.XMLDesc(0)).get("type", "")
             # MACString, not the XML: the udev backend leaves a bridge's MAC out of its XML.
-            result.append({"name": iface.name(), "type": kind, "active": bool(iface.isActive()),
-                           "mac": iface.MACString() or "", "addresses": addresses.get(iface.name(), [])})  # fmt: skip
+            result.append(
+                {
+                    "name": iface.name(),
+                    "type": kind,
+                    "active": bool(iface.isActive()),
+                    "mac": iface.MACString() or "",
+                    "addresses": addresses.get(iface.name(), []),
+                }
+            )
         except libvirt.libvirtError:
             continue
     return sorted(result, key=lambda i: i["name"])
@@ -319,8 +326,13 @@ class LibvirtDriver(HypervisorDriver):
             p = self._pool(conn, pool)
             vol = self._vol(p, name)
             if vol is None:
-                xml = volume_xml(name=name, capacity_bytes=capacity_bytes, fmt=fmt, backing_path=backing_path,
-                                 backing_format=backing_format)  # fmt: skip
+                xml = volume_xml(
+                    name=name,
+                    capacity_bytes=capacity_bytes,
+                    fmt=fmt,
+                    backing_path=backing_path,
+                    backing_format=backing_format,
+                )
                 vol = p.createXML(xml, 0)
             return self._vol_info(vol)
 
@@ -344,8 +356,9 @@ class LibvirtDriver(HypervisorDriver):
 
         self._call(run)
 
-    def download_volume(self, *, pool: str, name: str, sink: Callable[[bytes], None], offset: int = 0,
-                        length: int = 0) -> None:  # fmt: skip
+    def download_volume(
+        self, *, pool: str, name: str, sink: Callable[[bytes], None], offset: int = 0, length: int = 0
+    ) -> None:
         """Stream a volume's bytes (length 0: to its end) to sink()."""
 
         def run(conn):
@@ -437,8 +450,9 @@ class LibvirtDriver(HypervisorDriver):
 
     def domain_states(self) -> dict[str, PowerState]:
         """uuid -> power state of every domain on the hypervisor."""
-        return self._call(lambda conn: {d.UUIDString(): _STATES.get(d.state()[0], PowerState.UNKNOWN)
-                                        for d in conn.listAllDomains(0)})  # fmt: skip
+        return self._call(
+            lambda conn: {d.UUIDString(): _STATES.get(d.state()[0], PowerState.UNKNOWN) for d in conn.listAllDomains(0)}
+        )
 
     def domain_xml(self, uuid: str, *, inactive: bool = False, secure: bool = False) -> str:
         """The domain's XML; `secure` includes secrets such as the VNC password (never show or log it)."""
@@ -670,8 +684,9 @@ class LibvirtDriver(HypervisorDriver):
         VIR_DOMAIN_XML_SECURE, so the VNC password stays. A running domain keeps its NICs until it restarts."""
 
         def run(dom: libvirt.virDomain) -> bool:
-            xml = with_bridge_filters(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE),
-                                      filters)  # fmt: skip
+            xml = with_bridge_filters(
+                dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE), filters
+            )
             if xml is None:
                 return False
             dom.connect().defineXML(xml)

@@ -52,8 +52,12 @@ def qemu_img_info(path: str, fmt: str, *, cpu_seconds: int = 30, memory_mib: int
     # fork and exec, which deadlocks in the worker's threads (seen: a child stuck on a lock for ever).
     limits = ["prlimit", f"--cpu={cpu_seconds}", f"--as={memory_mib << 20}", "--"]
     try:
-        r = subprocess.run([*limits, "qemu-img", "info", "-f", fmt, "--output=json", path],
-                           capture_output=True, text=True, timeout=cpu_seconds * 2)  # fmt: skip
+        r = subprocess.run(
+            [*limits, "qemu-img", "info", "-f", fmt, "--output=json", path],
+            capture_output=True,
+            text=True,
+            timeout=cpu_seconds * 2,
+        )
     except subprocess.TimeoutExpired:
         raise ImageRejected("qemu-img took too long to read the image") from None
     if r.returncode != 0:

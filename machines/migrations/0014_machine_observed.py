@@ -5,7 +5,7 @@ from django.db import migrations, models
 
 # What the reconcile and the serial log and screenshot fetches learn moves off the machine's row.
 OBSERVED = ["guest_addresses", "console_unprotected", "serial_log", "serial_log_fetched", "screenshot_requested",
-            "screenshot_taken"]  # fmt: skip
+            "screenshot_taken"]
 
 
 def copy_to_observed(apps, schema_editor):

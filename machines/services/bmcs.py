@@ -20,8 +20,13 @@ from machines.states import PowerAction, PowerState
 from portal import audit
 from portal.audit import audited
 
-IPMI_ACTIONS = {PowerAction.START: "on", PowerAction.SHUTDOWN: "soft", PowerAction.POWEROFF: "off",
-                PowerAction.REBOOT: "cycle", PowerAction.RESET: "reset"}  # fmt: skip
+IPMI_ACTIONS = {
+    PowerAction.START: "on",
+    PowerAction.SHUTDOWN: "soft",
+    PowerAction.POWEROFF: "off",
+    PowerAction.REBOOT: "cycle",
+    PowerAction.RESET: "reset",
+}
 
 
 def _port_range() -> range:
@@ -49,9 +54,12 @@ def bmc_assign(machine: Machine) -> None:
         try:
             with transaction.atomic():
                 Machine.objects.filter(pk=machine.pk).update(
-                    bmc_address=address, bmc_port=port, bmc_username=f"bmc-{secrets.token_hex(3)}",
+                    bmc_address=address,
+                    bmc_port=port,
+                    bmc_username=f"bmc-{secrets.token_hex(3)}",
                     # IPMI 2.0 passwords are at most 20 bytes: 20 random URL-safe characters.
-                    bmc_password_encrypted=crypto.encrypt(secrets.token_urlsafe(15)))  # fmt: skip
+                    bmc_password_encrypted=crypto.encrypt(secrets.token_urlsafe(15)),
+                )
         except IntegrityError:
             continue  # taken by a concurrent create
         machine.refresh_from_db()
@@ -62,8 +70,12 @@ def bmc_assign(machine: Machine) -> None:
 
 def bmc_target(machine: Machine) -> bmc.BmcTarget:
     assert machine.bmc_address is not None and machine.bmc_port is not None  # only machines with a BMC get here
-    return bmc.BmcTarget(address=machine.bmc_address, port=machine.bmc_port, username=machine.bmc_username,
-                         password=crypto.decrypt(machine.bmc_password_encrypted))  # fmt: skip
+    return bmc.BmcTarget(
+        address=machine.bmc_address,
+        port=machine.bmc_port,
+        username=machine.bmc_username,
+        password=crypto.decrypt(machine.bmc_password_encrypted),
+    )
 
 
 @audited("machine.bmc_reveal", obj_kwarg="machine")
@@ -84,8 +96,9 @@ def _power_through_bmc(machine: Machine, action: str) -> None:
             provisioning.ensure_host_guards(machine, get_driver(machine.hypervisor.uri), defined=True)
         state = bmc.get_client().power(bmc_target(machine), IPMI_ACTIONS[PowerAction(action)])
         machine.log("power", f"{PowerAction(action).label} through the BMC done; power is {state}")
-        Machine.objects.filter(pk=machine.pk).update(power_state=PowerState.RUNNING if state == "on" else PowerState.OFF,
-                                                     power_checked=timezone.now())  # fmt: skip
+        Machine.objects.filter(pk=machine.pk).update(
+            power_state=PowerState.RUNNING if state == "on" else PowerState.OFF, power_checked=timezone.now()
+        )
     except (bmc.BmcError, HypervisorError) as e:
         machine.log("power", f"{PowerAction(action).label} through the BMC failed: {e}", level="error")
     finally:
@@ -108,8 +121,11 @@ def machine_set_boot_device_run(machine_id: int, device: str, persistent: bool) 
     machine = Machine.objects.get(pk=machine_id)
     try:
         bmc.get_client().set_boot_device(bmc_target(machine), device, persistent=persistent)
-        machine.log("bmc", f"boot device {device} ({'persistent' if persistent else 'next boot only'}); "
-                           "takes effect at the next cold start")  # fmt: skip
+        machine.log(
+            "bmc",
+            f"boot device {device} ({'persistent' if persistent else 'next boot only'}); "
+            "takes effect at the next cold start",
+        )
     except bmc.BmcError as e:
         machine.log("bmc", f"setting the boot device failed: {e}", level="error")
     finally:
@@ -126,17 +142,19 @@ def instackenv(machines, *, user) -> dict:
         target = bmc_target(machine)
         machine.log("bmc", f"credentials exported to instackenv by {user.get_username()}")
         audit.record("machine.bmc_export", machine, user=user)
-        nodes.append({
-            "name": machine.name,
-            "pm_type": "ipmi",
-            "pm_addr": target.address,
-            "pm_port": str(target.port),
-            "pm_user": target.username,
-            "pm_password": target.password,
-            "mac": [n.mac for n in machine.nics.all()],
-            "cpu": str(machine.vcpus),
-            "memory": str(machine.memory_mib),
-            "disk": str(machine.disk_gib),
-            "arch": machine.hypervisor.arch or "x86_64",
-        })  # fmt: skip
+        nodes.append(
+            {
+                "name": machine.name,
+                "pm_type": "ipmi",
+                "pm_addr": target.address,
+                "pm_port": str(target.port),
+                "pm_user": target.username,
+                "pm_password": target.password,
+                "mac": [n.mac for n in machine.nics.all()],
+                "cpu": str(machine.vcpus),
+                "memory": str(machine.memory_mib),
+                "disk": str(machine.disk_gib),
+                "arch": machine.hypervisor.arch or "x86_64",
+            }
+        )
     return {"nodes": nodes}

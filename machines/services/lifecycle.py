@@ -47,13 +47,30 @@ log = logging.getLogger(__name__)
 
 @audited("machine.create")
 @transaction.atomic
-def machine_create(*, owner, hypervisor: Hypervisor | None, name: str, deploy_type: str = DeployType.IMAGE,
-                   image: Image | None = None, vcpus: int = 1, memory_mib: int = 1024, disk_gib: int = 10,
-                   nics: list[NicInput] | None = None, ssh_authorized_keys: str = "", packages: str = "",
-                   script: str = "", user_data: str = "", pool: str = "default", deletion_protection: bool = False,
-                   autostart: bool = True, extra_isos: list[Image] | None = None,
-                   power_on: bool | None = None, project: Project | None = None, override_capacity: bool = False,
-                   **hardware) -> Machine:  # fmt: skip
+def machine_create(
+    *,
+    owner,
+    hypervisor: Hypervisor | None,
+    name: str,
+    deploy_type: str = DeployType.IMAGE,
+    image: Image | None = None,
+    vcpus: int = 1,
+    memory_mib: int = 1024,
+    disk_gib: int = 10,
+    nics: list[NicInput] | None = None,
+    ssh_authorized_keys: str = "",
+    packages: str = "",
+    script: str = "",
+    user_data: str = "",
+    pool: str = "default",
+    deletion_protection: bool = False,
+    autostart: bool = True,
+    extra_isos: list[Image] | None = None,
+    power_on: bool | None = None,
+    project: Project | None = None,
+    override_capacity: bool = False,
+    **hardware,
+) -> Machine:
     """Validate, save, and queue provisioning. Raises ValidationError with a message per field.
     override_capacity (staff, with a named hypervisor): create it even where the host has no room."""
     if deploy_type not in DeployType.values:
@@ -71,16 +88,25 @@ def machine_create(*, owner, hypervisor: Hypervisor | None, name: str, deploy_ty
     hardware = _validate_hardware_input(owner, deploy_type, vcpus, hardware, project)
     # What the machine will hold (capacity.held: main disk, extra disks, ...), checked against the quotas and
     # the host under the locks every allocating path takes in this order: project, user's quota, hypervisor.
-    need = held({"vcpus": vcpus, "memory_mib": memory_mib, "disk_gib": disk_gib,
-                 "extra_disks": hardware.get("extra_disks")})  # fmt: skip
+    need = held(
+        {"vcpus": vcpus, "memory_mib": memory_mib, "disk_gib": disk_gib, "extra_disks": hardware.get("extra_disks")}
+    )
     check_quota(owner, **need, project=project)
     if hypervisor is not None:
         _check_named_hypervisor(hypervisor, pool)
     # "Any hypervisor" places where the NICs' networks exist, preferring the tenant network for default NICs.
     networks = tuple(dict.fromkeys(n.source for n in nics or [] if n.type == MachineNic.Type.NETWORK))
     prefer = settings.PORTAL_TENANT_NETWORK if nics is None else ""
-    room = claim_room(hypervisor, need=need, pool=pool, image=image, user=owner, override=override_capacity,
-                      networks=networks, prefer_network=prefer)  # fmt: skip
+    room = claim_room(
+        hypervisor,
+        need=need,
+        pool=pool,
+        image=image,
+        user=owner,
+        override=override_capacity,
+        networks=networks,
+        prefer_network=prefer,
+    )
     hypervisor = room.hypervisor
     nics = _default_nics(owner, hypervisor, project, deploy_type) if nics is None else nics
     _validate_nics(hypervisor, nics, owner=owner, project=project)
@@ -89,23 +115,50 @@ def machine_create(*, owner, hypervisor: Hypervisor | None, name: str, deploy_ty
     script, user_data = script.replace("\r\n", "\n"), user_data.replace("\r\n", "\n")  # browsers send CRLF
     if len(script.encode()) > cloudinit.USER_DATA_MAX_BYTES:
         raise ValidationError({"script": "The script is over 64 KiB."})
-    machine = Machine(owner=owner, project=project, hypervisor=hypervisor, name=name, deploy_type=deploy_type, image=image, vcpus=vcpus,
-                      memory_mib=memory_mib, disk_gib=disk_gib, ssh_authorized_keys=ssh_authorized_keys.strip(),
-                      packages=packages.strip(), script=script, user_data=user_data, pool=pool,
-                      deletion_protection=deletion_protection, autostart=autostart,
-                      power_on_after_create=True if power_on is None else power_on, **hardware,
-                      instance_id=f"i-{uuidlib.uuid4().hex}")  # fmt: skip
+    machine = Machine(
+        owner=owner,
+        project=project,
+        hypervisor=hypervisor,
+        name=name,
+        deploy_type=deploy_type,
+        image=image,
+        vcpus=vcpus,
+        memory_mib=memory_mib,
+        disk_gib=disk_gib,
+        ssh_authorized_keys=ssh_authorized_keys.strip(),
+        packages=packages.strip(),
+        script=script,
+        user_data=user_data,
+        pool=pool,
+        deletion_protection=deletion_protection,
+        autostart=autostart,
+        power_on_after_create=True if power_on is None else power_on,
+        **hardware,
+        instance_id=f"i-{uuidlib.uuid4().hex}",
+    )
     machine.full_clean()
     machine.save()
     if deploy_type == DeployType.NETWORK:
         bmc_assign(machine)
     try:
         for i, nic in enumerate(nics):
-            MachineNic.objects.create(machine=machine, index=i, type=nic.type, source=nic.source,
-                                      mac=(nic.mac or generate_mac()).lower(), dhcp4=nic.dhcp4, dhcp6=nic.dhcp6,
-                                      addresses=nic.addresses, gateway4=nic.gateway4, gateway6=nic.gateway6,
-                                      nameservers=nic.nameservers, search=nic.search, model=nic.model,
-                                      mode=nic.mode, vlan=nic.vlan)  # fmt: skip
+            MachineNic.objects.create(
+                machine=machine,
+                index=i,
+                type=nic.type,
+                source=nic.source,
+                mac=(nic.mac or generate_mac()).lower(),
+                dhcp4=nic.dhcp4,
+                dhcp6=nic.dhcp6,
+                addresses=nic.addresses,
+                gateway4=nic.gateway4,
+                gateway6=nic.gateway6,
+                nameservers=nic.nameservers,
+                search=nic.search,
+                model=nic.model,
+                mode=nic.mode,
+                vlan=nic.vlan,
+            )
     except IntegrityError:
         raise ValidationError({"nics": "That MAC address is already used by another machine."}) from None
     if deploy_type == DeployType.ISO:
@@ -159,8 +212,9 @@ def machine_provision_run(machine_id: int) -> None:
         state = driver.domain_state(str(machine.uuid))
     except HypervisorError:
         state = None
-    Machine.objects.filter(pk=machine.pk).update(attempts=0, power_state=str(state or PowerState.UNKNOWN),
-                                                 power_checked=timezone.now())  # fmt: skip
+    Machine.objects.filter(pk=machine.pk).update(
+        attempts=0, power_state=str(state or PowerState.UNKNOWN), power_checked=timezone.now()
+    )
     machine.transition(Status.ACTIVE)
 
 
@@ -267,8 +321,12 @@ def machine_grow_disk(*, machine: Machine, disk_gib: int) -> None:
     pool = next((p for p in hv.pools if p["name"] == machine.pool and p.get("active")), None)
     free = (pool.get("available_bytes") or 0) >> 30 if pool else None
     if free is not None and disk_gib - machine.disk_gib > free:
-        raise ValidationError({"disk_gib": f"Hypervisor {hv.name} has {free} GiB free in pool {machine.pool}; growing by "
-                                           f"{disk_gib - machine.disk_gib} GiB does not fit."})  # fmt: skip
+        raise ValidationError(
+            {
+                "disk_gib": f"Hypervisor {hv.name} has {free} GiB free in pool {machine.pool}; growing by "
+                f"{disk_gib - machine.disk_gib} GiB does not fit."
+            }
+        )
     old = machine.disk_gib
     machine.transition(Status.RESIZING, f"{old} GiB to {disk_gib} GiB")
     Machine.objects.filter(pk=machine.pk).update(disk_gib=disk_gib)

@@ -67,8 +67,11 @@ def machines_reconcile() -> None:
     deadline = now - timedelta(seconds=settings.PORTAL_PROVISION_TIMEOUT)
     for machine in Machine.objects.filter(status__in=BUSY, status_changed__lt=deadline):
         try:
-            machine.transition(Status.ERROR, f"timed out after {settings.PORTAL_PROVISION_TIMEOUT} s "
-                                             f"({machine.get_status_display().lower()}); the worker may have stopped")  # fmt: skip
+            machine.transition(
+                Status.ERROR,
+                f"timed out after {settings.PORTAL_PROVISION_TIMEOUT} s "
+                f"({machine.get_status_display().lower()}); the worker may have stopped",
+            )
         except InvalidTransition:
             continue  # it moved on meanwhile: nothing to fail
     Machine.objects.filter(operation_started__lt=now - timedelta(minutes=5)).update(
@@ -79,8 +82,9 @@ def machines_reconcile() -> None:
     # Keep the screens on machine pages current even when nobody has the page open: a batch a minute,
     # the stalest first, so a large installation takes its screenshots in turn instead of all at once.
     # (By when they were last asked for: one that fails is not asked again and again ahead of the rest.)
-    stalest = Machine.objects.filter(power_state=PowerState.RUNNING, hypervisor__enabled=True,
-                                     hypervisor__status="online").order_by(F("observed__screenshot_requested").asc(nulls_first=True), "pk")  # fmt: skip
+    stalest = Machine.objects.filter(
+        power_state=PowerState.RUNNING, hypervisor__enabled=True, hypervisor__status="online"
+    ).order_by(F("observed__screenshot_requested").asc(nulls_first=True), "pk")
     stalest = stalest.select_related("observed").defer("observed__serial_log")
     for machine in stalest[: settings.PORTAL_SCREENSHOTS_PER_MINUTE]:
         machine_screenshot_request(machine=machine, max_age=50)
@@ -111,8 +115,11 @@ def _reconcile_power(hv: Hypervisor) -> None:
     """Power states of the hypervisor's machines, the addresses of those that run, and which run a VNC
     server that asks no password (defined before the portal set them): those get one in their config,
     which takes effect at their next cold start, however they are started."""
-    machines = list(hv.machines.exclude(status__in=[Status.NEW, Status.PROVISIONING, Status.DELETING])
-                    .select_related("observed").defer("observed__serial_log"))  # fmt: skip
+    machines = list(
+        hv.machines.exclude(status__in=[Status.NEW, Status.PROVISIONING, Status.DELETING])
+        .select_related("observed")
+        .defer("observed__serial_log")
+    )
     addresses = {}
     try:
         driver = get_driver(hv.uri)
@@ -148,14 +155,23 @@ def _reconcile_power(hv: Hypervisor) -> None:
                 machine.log("reconcile", "the domain vanished from the hypervisor", level="warning")
         open_console = str(machine.uuid) in unprotected
         if open_console and not machine.last_observed.console_unprotected:
-            machine.log("reconcile", "its VNC server asks no password (the machine was started before the portal "
-                        "set them); it gets one at its next cold start", level="warning")  # fmt: skip
+            machine.log(
+                "reconcile",
+                "its VNC server asks no password (the machine was started before the portal "
+                "set them); it gets one at its next cold start",
+                level="warning",
+            )
         mine.update(power_checked=now)
         _observe(machine.pk, guest_addresses=addresses.get(machine.pk, {}), console_unprotected=open_console)
     running = sum(states.get(str(m.uuid)) == DomainState.RUNNING for m in machines)
     without = sum(str(m.uuid) in unprotected for m in machines)
-    (log.warning if without else log.info)("reconcile %s: %d machines, %d running, %d with a console that asks no "
-                                           "password", hv.name, len(machines), running, without)  # fmt: skip
+    (log.warning if without else log.info)(
+        "reconcile %s: %d machines, %d running, %d with a console that asks no password",
+        hv.name,
+        len(machines),
+        running,
+        without,
+    )
 
 
 def console_auth_upgrade() -> list[Hypervisor]:

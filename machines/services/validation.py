@@ -98,15 +98,36 @@ def _default_nics(owner, hypervisor: Hypervisor, project: Project | None, deploy
             why = "" if owner.is_staff else " " + nic_policy.no_network_message(hypervisor)
             raise ValidationError({"nics": f"A network-boot machine needs at least one NIC to boot from.{why}"})
         return []
-    return [NicInput(type=choice.kind, source=choice.source, mode=choice.modes[0] if choice.modes else "bridge",
-                     vlan=None if choice.untagged or not choice.vlans else choice.vlans[0])]  # fmt: skip
+    return [
+        NicInput(
+            type=choice.kind,
+            source=choice.source,
+            mode=choice.modes[0] if choice.modes else "bridge",
+            vlan=None if choice.untagged or not choice.vlans else choice.vlans[0],
+        )
+    ]
 
 
 MAX_CDROMS = 4  # IDE has four places; the disk is virtio
 
 
-HARDWARE_FIELDS = {"machine_type", "cpu_mode", "cpu_model", "cpu_topology", "smbios", "watchdog", "rng", "disk_bus",
-                   "disk_cache", "extra_disks", "qemu_args", "firmware", "secure_boot", "hostdevs", "hostdev_match"}  # fmt: skip
+HARDWARE_FIELDS = {
+    "machine_type",
+    "cpu_mode",
+    "cpu_model",
+    "cpu_topology",
+    "smbios",
+    "watchdog",
+    "rng",
+    "disk_bus",
+    "disk_cache",
+    "extra_disks",
+    "qemu_args",
+    "firmware",
+    "secure_boot",
+    "hostdevs",
+    "hostdev_match",
+}
 
 
 def _validate_hardware_input(owner, deploy_type: str, vcpus: int, hardware: dict, project=None) -> dict:
@@ -150,17 +171,29 @@ def _validate_hardware_input(owner, deploy_type: str, vcpus: int, hardware: dict
         and project is not None
         and settings.PORTAL_HOST_DEVICES_FOR != "everyone"
     ):
-        raise ValidationError({"hostdevs": f"A machine in project {project.name} is operated by its members: host devices "
-                                           "are for machines that only staff operate (PORTAL_HOST_DEVICES_FOR)."})  # fmt: skip
+        raise ValidationError(
+            {
+                "hostdevs": f"A machine in project {project.name} is operated by its members: host devices "
+                "are for machines that only staff operate (PORTAL_HOST_DEVICES_FOR)."
+            }
+        )
     if (hw.get("hostdevs") or hw.get("hostdev_match")) and not may_take_host_devices(owner):
-        raise ValidationError({"hostdevs": "Only staff may pass host devices through: a device taken from the host can "
-                                           "cut it off its network or disks. Ask an administrator."})  # fmt: skip
+        raise ValidationError(
+            {
+                "hostdevs": "Only staff may pass host devices through: a device taken from the host can "
+                "cut it off its network or disks. Ask an administrator."
+            }
+        )
     args = hw.get("qemu_args") or []
     if args and not owner.is_staff:
         raise ValidationError({"qemu_args": "Only staff may pass extra QEMU arguments: they bypass every check."})
     if args and project is not None:
-        raise ValidationError({"qemu_args": f"A machine in project {project.name} is operated by its members: extra QEMU "
-                                            "arguments bypass every check, so they are for machines only staff operate."})  # fmt: skip
+        raise ValidationError(
+            {
+                "qemu_args": f"A machine in project {project.name} is operated by its members: extra QEMU "
+                "arguments bypass every check, so they are for machines only staff operate."
+            }
+        )
     if not isinstance(args, list) or not all(isinstance(a, str) and a for a in args):
         raise ValidationError({"qemu_args": 'Give a list of arguments, e.g. ["-device", "pvpanic"].'})
     return hw
@@ -220,8 +253,12 @@ def _normalise_extra_disks(entries, deploy_type: str) -> list[dict]:
             if image is None:
                 raise ValidationError({"extra_disks": f"Disk {n}: {image_id!r} is not a ready disk image."})
             if image.virtual_size_bytes > size << 30:
-                raise ValidationError({"extra_disks": f"Disk {n}: image {image.name} needs at least "
-                                                      f"{-(-image.virtual_size_bytes // (1 << 30))} GiB."})  # fmt: skip
+                raise ValidationError(
+                    {
+                        "extra_disks": f"Disk {n}: image {image.name} needs at least "
+                        f"{-(-image.virtual_size_bytes // (1 << 30))} GiB."
+                    }
+                )
         if order is not None:
             if deploy_type == DeployType.NETWORK:
                 raise ValidationError(
@@ -262,8 +299,12 @@ def _validate_hardware_against(hypervisor: Hypervisor, hw: dict, image: Image | 
 
 def _validate_iso_request(extra_isos: list[Image], *cloud_init_fields: str) -> None:
     if any(f.strip() for f in cloud_init_fields):
-        raise ValidationError({"deploy_type": "SSH keys, packages, a script and user-data apply to image machines; "
-                                              "an ISO machine is installed through its console."})  # fmt: skip
+        raise ValidationError(
+            {
+                "deploy_type": "SSH keys, packages, a script and user-data apply to image machines; "
+                "an ISO machine is installed through its console."
+            }
+        )
     if len(extra_isos) > MAX_CDROMS - 1:
         raise ValidationError({"extra_isos": f"At most {MAX_CDROMS - 1} extra ISOs."})
     for iso in extra_isos:
@@ -275,8 +316,12 @@ def _validate_network_request(image, nics, extra_isos, *cloud_init_fields: str) 
     if image is not None or extra_isos:
         raise ValidationError({"image": "A network-boot machine has no image: it boots from the network."})
     if any(f.strip() for f in cloud_init_fields):
-        raise ValidationError({"deploy_type": "SSH keys, packages, a script and user-data apply to image machines; "
-                                              "a network-boot machine gets its OS from the network."})  # fmt: skip
+        raise ValidationError(
+            {
+                "deploy_type": "SSH keys, packages, a script and user-data apply to image machines; "
+                "a network-boot machine gets its OS from the network."
+            }
+        )
     if nics is not None and not nics:  # None: the default NIC, resolved once the hypervisor is known
         raise ValidationError({"nics": "A network-boot machine needs at least one NIC to boot from."})
 
@@ -304,7 +349,8 @@ def _refuse_against_policy(machine: Machine, doing: str) -> None:
     """A machine whose NICs the network policy refuses (made before it, or left on a network since
     unpublished) is not started or rebuilt until staff publish its network or change its NIC."""
     for index, nic in enumerate(machine.nics.all(), start=1):
-        reason = nic_policy.refusal(machine.owner, nic, index=index, hypervisor=machine.hypervisor,
-                                    project=machine.project)  # fmt: skip
+        reason = nic_policy.refusal(
+            machine.owner, nic, index=index, hypervisor=machine.hypervisor, project=machine.project
+        )
         if reason:
             raise MachineError(f"{machine.name} cannot be {doing}: {reason}")

@@ -14,8 +14,17 @@ from tests.factories import UserFactory
 pytestmark = pytest.mark.browser
 
 # Playwright's keyboard.type() loses Shift on noVNC (QEMU takes scancodes): press shifted keys explicitly.
-SHIFTED = {">": "Shift+Period", "|": "Shift+Backslash", "$": "Shift+Digit4", "(": "Shift+Digit9", ")": "Shift+Digit0",
-           "*": "Shift+Digit8", "_": "Shift+Minus", ":": "Shift+Semicolon", '"': "Shift+Quote"}  # fmt: skip
+SHIFTED = {
+    ">": "Shift+Period",
+    "|": "Shift+Backslash",
+    "$": "Shift+Digit4",
+    "(": "Shift+Digit9",
+    ")": "Shift+Digit0",
+    "*": "Shift+Digit8",
+    "_": "Shift+Minus",
+    ":": "Shift+Semicolon",
+    '"': "Shift+Quote",
+}
 
 
 def type_into_console(page, text: str) -> None:
@@ -60,8 +69,9 @@ def open_console(page, status: str = "Connected") -> None:
 @pytest.fixture
 def running_iso(worker, local, tiny_iso):
     owner = UserFactory(username="consoler", password="correct-horse-battery")
-    machine = services.machine_create(owner=owner, hypervisor=local, name="console1", deploy_type="iso", image=tiny_iso,
-                                      memory_mib=256, disk_gib=1)  # fmt: skip
+    machine = services.machine_create(
+        owner=owner, hypervisor=local, name="console1", deploy_type="iso", image=tiny_iso, memory_mib=256, disk_gib=1
+    )
     wait_for(lambda: Machine.objects.get(pk=machine.pk).status == "active", 120)
     serial_log(machine.pk, "TINY-GUEST ready")
     return Machine.objects.get(pk=machine.pk)

@@ -23,8 +23,9 @@ def test_a_viewer_types_in_the_console_and_nothing_reaches_the_guest(
     page, web_server, console_proxy, worker, local, tiny_iso
 ):
     owner = UserFactory(username="vo-owner", password="correct-horse-battery")
-    machine = services.machine_create(owner=owner, hypervisor=local, name="vo1", deploy_type="iso", image=tiny_iso,
-                                      memory_mib=256, disk_gib=1)  # fmt: skip
+    machine = services.machine_create(
+        owner=owner, hypervisor=local, name="vo1", deploy_type="iso", image=tiny_iso, memory_mib=256, disk_gib=1
+    )
     wait_for(lambda: Machine.objects.get(pk=machine.pk).status == "active", 120)
     serial_log(machine.pk, "TINY-GUEST ready")
     project = ProjectFactory(name="vo-project")
@@ -51,8 +52,10 @@ def test_a_viewer_types_in_the_console_and_nothing_reaches_the_guest(
     # noVNC did send the keys (the proxy counted them), and the guest never saw them: the owner's typing,
     # which comes after, reaches its shell alone.
     session = wait_for(lambda: machine.console_sessions.filter(user=viewer, ended__isnull=False).first(), 15)
-    dropped = wait_for(lambda: re.search(rf"console session {session.pk}: (\d+) input messages dropped",
-                                         console_log_since(log_start)), 15)  # fmt: skip
+    dropped = wait_for(
+        lambda: re.search(rf"console session {session.pk}: (\d+) input messages dropped", console_log_since(log_start)),
+        15,
+    )
     assert int(dropped.group(1)) >= 2 * len("echo viewer-typed-in-chromium >/dev/console\n")  # each key down and up
     raw, _ = consoles.console_token_issue(machine=Machine.objects.get(pk=machine.pk), user=owner)
     ws, *_ = rfb_session(console_proxy, machine, raw, 8)

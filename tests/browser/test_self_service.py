@@ -19,8 +19,15 @@ def test_new_user_self_service(browser, page, web_server, console_proxy, local, 
     UserFactory(username="newbie", password="correct-horse-battery")
     stranger = UserFactory(username="stranger")
     Quota.objects.create(user=stranger, machines=5)
-    theirs = services.machine_create(owner=stranger, hypervisor=local, name="secret-box", deploy_type="iso",
-                                     image=tiny_iso, memory_mib=256, disk_gib=1)  # fmt: skip
+    theirs = services.machine_create(
+        owner=stranger,
+        hypervisor=local,
+        name="secret-box",
+        deploy_type="iso",
+        image=tiny_iso,
+        memory_mib=256,
+        disk_gib=1,
+    )
 
     login(page, web_server, "newbie", "correct-horse-battery")
     expect(page.locator("#quota-usage")).to_contain_text("0 / 10")

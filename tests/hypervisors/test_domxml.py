@@ -8,13 +8,26 @@ NASTY = "x'\"<b>&amp; ]]> \u00e9"
 
 def spec(**kw) -> DomainSpec:
     base = dict(
-        uuid="0b8c1c86-6f34-4d3b-9d59-0c3c1b5d2f10", name="web1-0b8c1c86", domain_type="qemu", vcpus=2, memory_mib=512,
-        title="web1", description=NASTY, vnc_listen="127.0.0.1", serial_log="/pool/m-serial.log",
-        disks=(DiskSpec(path="/pool/disk.qcow2", boot_order=1), DiskSpec(path="/pool/seed.iso", device="cdrom", format="raw", bus="ide")),
-        nics=(NicSpec(type="network", source="default", mac="52:54:00:aa:bb:01"), NicSpec(type="bridge", source="br0", mac="52:54:00:aa:bb:02"),
-              NicSpec(type="user", source="", mac="52:54:00:aa:bb:03")),
+        uuid="0b8c1c86-6f34-4d3b-9d59-0c3c1b5d2f10",
+        name="web1-0b8c1c86",
+        domain_type="qemu",
+        vcpus=2,
+        memory_mib=512,
+        title="web1",
+        description=NASTY,
+        vnc_listen="127.0.0.1",
+        serial_log="/pool/m-serial.log",
+        disks=(
+            DiskSpec(path="/pool/disk.qcow2", boot_order=1),
+            DiskSpec(path="/pool/seed.iso", device="cdrom", format="raw", bus="ide"),
+        ),
+        nics=(
+            NicSpec(type="network", source="default", mac="52:54:00:aa:bb:01"),
+            NicSpec(type="bridge", source="br0", mac="52:54:00:aa:bb:02"),
+            NicSpec(type="user", source="", mac="52:54:00:aa:bb:03"),
+        ),
         metadata={"id": 7, "owner": 3},
-    )  # fmt: skip
+    )
     base.update(kw)
     return DomainSpec(**base)
 
@@ -42,7 +55,9 @@ def test_user_text_lands_escaped_and_comes_back_intact():
 def test_disks_get_targets_per_bus_and_boot_order():
     disks = parse(spec()).findall("devices/disk")
     assert [(d.get("device"), d.find("target").get("dev"), d.find("target").get("bus")) for d in disks] == [
-        ("disk", "vda", "virtio"), ("cdrom", "hda", "ide")]  # fmt: skip
+        ("disk", "vda", "virtio"),
+        ("cdrom", "hda", "ide"),
+    ]
     assert disks[0].find("boot").get("order") == "1"
     assert disks[0].find("driver").get("type") == "qcow2" and disks[1].find("driver").get("type") == "raw"
     assert disks[1].find("readonly") is not None
@@ -83,8 +98,11 @@ def test_parse_vnc_of_a_running_domain():
 
 
 def test_overlay_volume_xml():
-    root = ET.fromstring(volume_xml(name="d.qcow2", capacity_bytes=10 << 30, fmt="qcow2", backing_path="/p/base.qcow2",
-                                    backing_format="qcow2"))  # fmt: skip
+    root = ET.fromstring(
+        volume_xml(
+            name="d.qcow2", capacity_bytes=10 << 30, fmt="qcow2", backing_path="/p/base.qcow2", backing_format="qcow2"
+        )
+    )
     assert root.findtext("capacity") == str(10 << 30)
     assert root.find("target/format").get("type") == "qcow2"
     assert root.findtext("backingStore/path") == "/p/base.qcow2"
@@ -92,10 +110,19 @@ def test_overlay_volume_xml():
 
 
 def test_hardware_options_land_in_the_xml():
-    root = parse(spec(cpu_mode="custom", cpu_model="Haswell-noTSX", topology=(1, 2, 1), watchdog=True, rng=True,
-                      smbios={"manufacturer": "ACME <&>", "serial": "SN-1"}, machine="q35",
-                      qemu_args=("-device", "pvpanic"),
-                      disks=(DiskSpec(path="/p/d.qcow2", bus="sata", cache="none", boot_order=1),)))  # fmt: skip
+    root = parse(
+        spec(
+            cpu_mode="custom",
+            cpu_model="Haswell-noTSX",
+            topology=(1, 2, 1),
+            watchdog=True,
+            rng=True,
+            smbios={"manufacturer": "ACME <&>", "serial": "SN-1"},
+            machine="q35",
+            qemu_args=("-device", "pvpanic"),
+            disks=(DiskSpec(path="/p/d.qcow2", bus="sata", cache="none", boot_order=1),),
+        )
+    )
     cpu = root.find("cpu")
     assert cpu.get("mode") == "custom" and cpu.findtext("model") == "Haswell-noTSX"
     assert cpu.find("topology").attrib == {"sockets": "1", "dies": "1", "cores": "2", "threads": "1"}
@@ -126,8 +153,9 @@ def test_uefi_with_secure_boot():
 
 
 def test_an_emulated_arm64_guest():
-    root = parse(spec(arch="aarch64", machine="virt", cpu_mode="custom", cpu_model="cortex-a57", firmware="efi",
-                      video="virtio"))  # fmt: skip
+    root = parse(
+        spec(arch="aarch64", machine="virt", cpu_mode="custom", cpu_model="cortex-a57", firmware="efi", video="virtio")
+    )
     assert root.find("os/type").attrib == {"arch": "aarch64", "machine": "virt"}
     assert root.find("features/apic") is None  # an x86 feature
     assert root.find("devices/video/model").get("type") == "virtio"
@@ -135,8 +163,14 @@ def test_an_emulated_arm64_guest():
 
 
 def test_macvtap_and_vlan_nics():
-    root = parse(spec(nics=(NicSpec(type="direct", source="eno1", mac="52:54:00:aa:bb:04", mode="passthrough", vlan=42),
-                            NicSpec(type="bridge", source="ovsbr0", mac="52:54:00:aa:bb:05", model="e1000e"))))  # fmt: skip
+    root = parse(
+        spec(
+            nics=(
+                NicSpec(type="direct", source="eno1", mac="52:54:00:aa:bb:04", mode="passthrough", vlan=42),
+                NicSpec(type="bridge", source="ovsbr0", mac="52:54:00:aa:bb:05", model="e1000e"),
+            )
+        )
+    )
     direct, bridged = root.findall("devices/interface")
     assert direct.get("type") == "direct" and direct.find("source").attrib == {"dev": "eno1", "mode": "passthrough"}
     assert direct.find("vlan/tag").get("id") == "42"
@@ -144,9 +178,19 @@ def test_macvtap_and_vlan_nics():
 
 
 def test_a_guarded_nic_references_its_traffic_filter():
-    root = parse(spec(nics=(NicSpec(type="network", source="portal-tenants", mac="52:54:00:aa:bb:06",
-                                    guard="portal-guard-portal-tenants"),
-                            NicSpec(type="network", source="default", mac="52:54:00:aa:bb:07"))))  # fmt: skip
+    root = parse(
+        spec(
+            nics=(
+                NicSpec(
+                    type="network",
+                    source="portal-tenants",
+                    mac="52:54:00:aa:bb:06",
+                    guard="portal-guard-portal-tenants",
+                ),
+                NicSpec(type="network", source="default", mac="52:54:00:aa:bb:07"),
+            )
+        )
+    )
     guarded, plain = root.findall("devices/interface")
     assert guarded.find("filterref").attrib == {"filter": "portal-guard-portal-tenants"}
     assert plain.find("filterref") is None
@@ -163,8 +207,18 @@ def test_node_devices_parse_and_pass_through():
     from hypervisors.drivers.domxml import parse_node_device
 
     pci, usb = parse_node_device(PCI_XML), parse_node_device(USB_XML)
-    assert pci == {"name": "pci_0000_03_00_0", "type": "pci", "vendor": "0x8086", "product": "0x1533",
-                   "description": "Intel Corporation I210", "driver": "igb", "domain": 0, "bus": 3, "slot": 0, "function": 0}  # fmt: skip
+    assert pci == {
+        "name": "pci_0000_03_00_0",
+        "type": "pci",
+        "vendor": "0x8086",
+        "product": "0x1533",
+        "description": "Intel Corporation I210",
+        "driver": "igb",
+        "domain": 0,
+        "bus": 3,
+        "slot": 0,
+        "function": 0,
+    }
     assert parse_node_device("<device><name>computer</name><capability type='system'/></device>") is None
     root = parse(spec(hostdevs=(pci, usb)))
     first, second = root.findall("devices/hostdev")
@@ -195,13 +249,20 @@ def test_addresses_merge_from_leases_agent_and_arp():
     lease = {"vnet0": {"hwaddr": "52:54:00:AA:00:01", "addrs": [{"type": V4, "addr": "192.168.122.50", "prefix": 24}]}}
     agent = {
         "lo": {"hwaddr": "00:00:00:00:00:00", "addrs": [{"type": V4, "addr": "127.0.0.1", "prefix": 8}]},
-        "eth0": {"hwaddr": "52:54:00:aa:00:01", "addrs": [{"type": V4, "addr": "192.168.122.50", "prefix": 24},
-                                                         {"type": V6, "addr": "fe80::5054:ff:feaa:1", "prefix": 64},
-                                                         {"type": V6, "addr": "2001:db8::50", "prefix": 64}]},
+        "eth0": {
+            "hwaddr": "52:54:00:aa:00:01",
+            "addrs": [
+                {"type": V4, "addr": "192.168.122.50", "prefix": 24},
+                {"type": V6, "addr": "fe80::5054:ff:feaa:1", "prefix": 64},
+                {"type": V6, "addr": "2001:db8::50", "prefix": 64},
+            ],
+        },
         "eth1": {"hwaddr": "52:54:00:aa:00:02", "addrs": None},
-    }  # fmt: skip
-    arp = {"vnet1": {"hwaddr": "52:54:00:aa:00:03", "addrs": [{"type": V4, "addr": "10.0.0.7", "prefix": 0}]},
-           "vnet0": {"hwaddr": "52:54:00:aa:00:01", "addrs": [{"type": V4, "addr": "192.168.122.50", "prefix": 0}]}}  # fmt: skip
+    }
+    arp = {
+        "vnet1": {"hwaddr": "52:54:00:aa:00:03", "addrs": [{"type": V4, "addr": "10.0.0.7", "prefix": 0}]},
+        "vnet0": {"hwaddr": "52:54:00:aa:00:01", "addrs": [{"type": V4, "addr": "192.168.122.50", "prefix": 0}]},
+    }
     assert merge_addresses(lease, agent, arp) == {
         "52:54:00:aa:00:01": ["192.168.122.50/24", "2001:db8::50/64"],  # loopback, link-local and repeats left out
         "52:54:00:aa:00:03": ["10.0.0.7"],  # ARP knows no prefix

@@ -59,15 +59,24 @@ class Kit:
     def spec(self, **kw) -> DomainSpec:
         uuid = kw.pop("uuid", None) or str(uuidlib.uuid4())
         self.domains.append(uuid)
-        values = {"uuid": uuid, "name": f"{self.prefix}-{uuid[:4]}", "domain_type": self.domain_type, "vcpus": 1,
-                  "memory_mib": 64, "metadata": {"machine": "1"}, **kw}  # fmt: skip
+        values = {
+            "uuid": uuid,
+            "name": f"{self.prefix}-{uuid[:4]}",
+            "domain_type": self.domain_type,
+            "vcpus": 1,
+            "memory_mib": 64,
+            "metadata": {"machine": "1"},
+            **kw,
+        }
         return DomainSpec(**values)
 
     def disk_spec(self, **kw) -> DomainSpec:
         """A domain with a disk (boot order 1) and an empty CD-ROM drive (order 2), as ISO machines have."""
         disk = self.driver.create_volume(pool=self.pool, name=self.vol("disk.qcow2"), fmt="qcow2", capacity_bytes=MIB)
-        drives = (DiskSpec(path=disk.path, boot_order=1), DiskSpec(path="", device="cdrom", format="raw", bus="sata",
-                                                                   boot_order=2))  # fmt: skip
+        drives = (
+            DiskSpec(path=disk.path, boot_order=1),
+            DiskSpec(path="", device="cdrom", format="raw", bus="sata", boot_order=2),
+        )
         return self.spec(disks=drives, **kw)
 
     def cleanup(self) -> None:
@@ -145,8 +154,14 @@ def test_create_volume_makes_it_once_and_then_returns_the_existing_one(kit):
 def test_an_overlay_names_its_backing_volume(kit):
     d = kit.driver
     base = d.create_volume(pool=kit.pool, name=kit.vol("base.qcow2"), fmt="qcow2", capacity_bytes=MIB)
-    overlay = d.create_volume(pool=kit.pool, name=kit.vol("overlay.qcow2"), fmt="qcow2", capacity_bytes=4 * MIB,
-                              backing_path=base.path, backing_format="qcow2")  # fmt: skip
+    overlay = d.create_volume(
+        pool=kit.pool,
+        name=kit.vol("overlay.qcow2"),
+        fmt="qcow2",
+        capacity_bytes=4 * MIB,
+        backing_path=base.path,
+        backing_format="qcow2",
+    )
     assert (overlay.backing_path, overlay.capacity_bytes) == (base.path, 4 * MIB)
 
 

@@ -91,8 +91,14 @@ def test_node_devices_of_the_test_driver_are_listed_and_passed_through(tmp_path)
     # No addresses from a libvirtd that is not this machine's qemu:///system; the test driver keeps no
     # bridge MAC (a real one does: tests/integration/test_guest_reach.py uses it).
     assert br0 == {"name": "br0", "type": "bridge", "active": True, "mac": "", "addresses": []}
-    spec = DomainSpec(uuid="5d1a3f60-0d55-4a37-8a4c-2d7c9b1e0f11", name="passthrough", domain_type="test", vcpus=1,
-                      memory_mib=128, hostdevs=(pci, usb))  # fmt: skip
+    spec = DomainSpec(
+        uuid="5d1a3f60-0d55-4a37-8a4c-2d7c9b1e0f11",
+        name="passthrough",
+        domain_type="test",
+        vcpus=1,
+        memory_mib=128,
+        hostdevs=(pci, usb),
+    )
     assert d.define_domain(spec)
     xml = d.domain_xml(spec.uuid)
     assert "<hostdev mode='subsystem' type='pci' managed='yes'>" in xml

@@ -20,8 +20,17 @@ from hypervisors.management.commands.lab_certs import make_lab_certs
 def lab(tmp_path_factory):
     directory = tmp_path_factory.mktemp("certs") / "lab"
     out = StringIO()
-    call_command("lab_certs", str(directory), "--server-ip", "10.231.7.2", "--server-name", "kvm07.lab.example",
-                 "--client-name", "portal-worker", stdout=out)  # fmt: skip
+    call_command(
+        "lab_certs",
+        str(directory),
+        "--server-ip",
+        "10.231.7.2",
+        "--server-name",
+        "kvm07.lab.example",
+        "--client-name",
+        "portal-worker",
+        stdout=out,
+    )
     return directory, out.getvalue()
 
 

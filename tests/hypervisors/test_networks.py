@@ -15,9 +15,19 @@ def parse(spec: NetworkSpec) -> ET.Element:
 
 
 def test_isolated_pxe_network():
-    root = parse(NetworkSpec(name="pxe", mode="isolated", bridge="virbr-pxe", cidr="192.168.77.1/24",
-                             dhcp_start="192.168.77.100", dhcp_end="192.168.77.200", tftp_root="/srv/tftp",
-                             boot_file="boot.ipxe", ipv6_cidr="fd77::1/64"))  # fmt: skip
+    root = parse(
+        NetworkSpec(
+            name="pxe",
+            mode="isolated",
+            bridge="virbr-pxe",
+            cidr="192.168.77.1/24",
+            dhcp_start="192.168.77.100",
+            dhcp_end="192.168.77.200",
+            tftp_root="/srv/tftp",
+            boot_file="boot.ipxe",
+            ipv6_cidr="fd77::1/64",
+        )
+    )
     assert root.find("forward") is None
     assert root.find("bridge").get("name") == "virbr-pxe"
     ip = root.find("ip[@address='192.168.77.1']")
@@ -76,8 +86,14 @@ def guard_rules(xml: str) -> list[tuple[str, str, dict]]:
     root = ET.fromstring(xml)
     rules = sorted(root.findall("rule"), key=lambda r: int(r.get("priority")))
     assert all(r.get("direction") == "out" for r in rules)  # traffic from the guest
-    return [(r.get("action"), r[0].tag, {**r[0].attrib, **({"statematch": r.get("statematch")} if r.get("statematch") else {})})
-            for r in rules]  # fmt: skip
+    return [
+        (
+            r.get("action"),
+            r[0].tag,
+            {**r[0].attrib, **({"statematch": r.get("statematch")} if r.get("statematch") else {})},
+        )
+        for r in rules
+    ]
 
 
 def test_tenant_spec_is_an_isolated_network_with_dhcp_named_by_the_settings(settings):
@@ -117,8 +133,11 @@ def test_guard_of_an_isolated_network_lets_the_guest_reach_its_subnet_dhcp_and_d
     assert ("drop", "all", {"dstipaddr": "192.168.213.1"}) in drops_first
     assert ("drop", "all", {"dstipaddr": "192.168.213.255"}) in drops_first  # the broadcast reaches the host too
     assert ("drop", "all", {"dstipaddr": "192.168.213.0"}) in rules  # and the network address, on some kernels
-    assert rules[-3:] == [("accept", "all", {"dstipaddr": "192.168.213.0", "dstipmask": "24"}), ("drop", "all", {}),
-                          ("drop", "all-ipv6", {})]  # fmt: skip
+    assert rules[-3:] == [
+        ("accept", "all", {"dstipaddr": "192.168.213.0", "dstipmask": "24"}),
+        ("drop", "all", {}),
+        ("drop", "all-ipv6", {}),
+    ]
 
 
 def test_guard_of_a_nat_network_drops_private_ranges_and_the_hypervisors_addresses():
@@ -160,9 +179,16 @@ def test_the_guard_is_defined_before_its_network(monkeypatch):
 
 
 def test_the_hypervisors_own_addresses_are_the_console_the_uri_and_what_its_interfaces_have():
-    hv = HypervisorFactory(name="lab", uri="qemu+ssh://root@192.0.2.7/system", console_address="127.0.0.1",
-                           interfaces=[{"name": "eth0", "addresses": ["203.0.113.5", "192.0.2.7"]},
-                                       {"name": "lo", "addresses": ["127.0.0.1"]}, {"name": "br0"}])  # fmt: skip
+    hv = HypervisorFactory(
+        name="lab",
+        uri="qemu+ssh://root@192.0.2.7/system",
+        console_address="127.0.0.1",
+        interfaces=[
+            {"name": "eth0", "addresses": ["203.0.113.5", "192.0.2.7"]},
+            {"name": "lo", "addresses": ["127.0.0.1"]},
+            {"name": "br0"},
+        ],
+    )
     assert networks.host_addresses(hv) == ("192.0.2.7", "203.0.113.5")  # no loopback, each once
     hv.interfaces[0]["addresses"] += ["2001:db8::5", "fe80::1"]
     hv.interfaces[1]["addresses"] += ["::1"]
@@ -174,9 +200,11 @@ def test_the_host_guard_keeps_the_guest_off_the_hypervisors_ipv6_addresses_too()
 
     rules = guard_rules(host_guard_xml(bridge="br0", host_mac="02:aa:bb:cc:dd:01", host_addresses6=("2001:db8::5",)))
     v6 = [r for r in rules if r[1] == "all-ipv6"]
-    assert v6 == [("drop", "all-ipv6", {"srcipaddr": "2001:db8::5"}),
-                  ("accept", "all-ipv6", {"dstipaddr": "2001:db8::5", "state": "ESTABLISHED,RELATED"}),
-                  ("drop", "all-ipv6", {"dstipaddr": "2001:db8::5"})]  # fmt: skip
+    assert v6 == [
+        ("drop", "all-ipv6", {"srcipaddr": "2001:db8::5"}),
+        ("accept", "all-ipv6", {"dstipaddr": "2001:db8::5", "state": "ESTABLISHED,RELATED"}),
+        ("drop", "all-ipv6", {"dstipaddr": "2001:db8::5"}),
+    ]
 
 
 def test_nics_on_the_tenant_network_always_carry_its_guard():
@@ -210,13 +238,20 @@ def test_the_host_guard_of_a_bridge_keeps_the_guest_off_the_hypervisor_only():
     assert rules.index(replies) + 1 == rules.index(("drop", "all", {"dstipaddr": "203.0.113.5"}))
     # No forged flow makes a "reply": the guest never sends as the hypervisor, in IP or ARP, nor tags a VLAN.
     first_accept = next(i for i, r in enumerate(rules) if r[0] == "accept")
-    for spoof in (("drop", "all", {"srcipaddr": "203.0.113.5"}), ("drop", "arp", {"arpsrcipaddr": "203.0.113.5"}),
-                  ("drop", "mac", {"protocolid": "0x8100"}), ("drop", "mac", {"protocolid": "0x88a8"})):  # fmt: skip
+    for spoof in (
+        ("drop", "all", {"srcipaddr": "203.0.113.5"}),
+        ("drop", "arp", {"arpsrcipaddr": "203.0.113.5"}),
+        ("drop", "mac", {"protocolid": "0x8100"}),
+        ("drop", "mac", {"protocolid": "0x88a8"}),
+    ):
         assert rules.index(spoof) < first_accept, spoof
     assert rules[0] == ("drop", "mac", {"match": "no", "srcmacaddr": "$MAC"})  # its own MAC only, first
     # IPv6 and the all-hosts groups in group frames; each family in the other's multicast frames.
-    for dropped in (("drop", "ipv6", {"dstmacaddr": "ff:ff:ff:ff:ff:ff"}), ("drop", "ip", {"dstipaddr": "224.0.0.1"}),
-                    ("drop", "ipv6", {"dstipaddr": "ff02::1"})):  # fmt: skip
+    for dropped in (
+        ("drop", "ipv6", {"dstmacaddr": "ff:ff:ff:ff:ff:ff"}),
+        ("drop", "ip", {"dstipaddr": "224.0.0.1"}),
+        ("drop", "ipv6", {"dstipaddr": "ff02::1"}),
+    ):
         assert dropped in rules, dropped
     # A multicast frame passes only with a multicast address in it, for IPv4 and IPv6.
     v4 = {"dstmacaddr": "01:00:5e:00:00:00", "dstmacmask": "ff:ff:ff:80:00:00"}
@@ -241,13 +276,25 @@ def test_the_host_guard_of_a_bridge_keeps_the_guest_off_the_hypervisor_only():
 
 
 def test_the_guard_of_a_pxe_network_lets_tftp_through():
-    spec = NetworkSpec(name="pxe", mode="isolated", cidr="192.168.77.1/24", dhcp_start="192.168.77.100",
-                       dhcp_end="192.168.77.200", tftp_root="/srv/tftp", boot_file="boot.ipxe")  # fmt: skip
+    spec = NetworkSpec(
+        name="pxe",
+        mode="isolated",
+        cidr="192.168.77.1/24",
+        dhcp_start="192.168.77.100",
+        dhcp_end="192.168.77.200",
+        tftp_root="/srv/tftp",
+        boot_file="boot.ipxe",
+    )
     rules = guard_rules(spec.guard())
-    tftp = [("accept", "udp", {"dstipaddr": "192.168.77.1", "dstportstart": "69"}),
-            # transfer ports: only flows dnsmasq began (replies), never one the guest starts
-            ("accept", "udp", {"dstipaddr": "192.168.77.1", "dstportstart": "32768", "dstportend": "60999",
-                               "state": "ESTABLISHED"})]  # fmt: skip
+    tftp = [
+        ("accept", "udp", {"dstipaddr": "192.168.77.1", "dstportstart": "69"}),
+        # transfer ports: only flows dnsmasq began (replies), never one the guest starts
+        (
+            "accept",
+            "udp",
+            {"dstipaddr": "192.168.77.1", "dstportstart": "32768", "dstportend": "60999", "state": "ESTABLISHED"},
+        ),
+    ]
     assert all(rules.index(r) < rules.index(("drop", "all", {"dstipaddr": "192.168.77.1"})) for r in tftp)
     assert not set(map(str, tftp)) & set(map(str, guard_rules(networks.tenant_spec().guard())))  # only PXE networks
 

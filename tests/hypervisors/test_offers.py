@@ -10,20 +10,34 @@ from hypervisors.offers import Menu, either, offers_for
 from machines.forms import MACVTAP_MODES, NIC_MODELS
 from machines.models import Machine, MachineNic
 
-POOLS = [{"name": "default", "active": True, "capacity_bytes": 1 << 40, "allocation_bytes": 0, "available_bytes": 5 << 30},
-         {"name": "broken", "active": False, "capacity_bytes": 0, "allocation_bytes": 0, "available_bytes": 0}]  # fmt: skip
-DEVICES = [{"name": "pci_0000_03_00_0", "type": "pci", "vendor": "0x8086", "product": "0x1533", "description": "Intel I210"},
-           {"name": "usb_1_2", "type": "usb", "vendor": "0x1234", "product": "0x5678", "description": ""}]  # fmt: skip
+POOLS = [
+    {"name": "default", "active": True, "capacity_bytes": 1 << 40, "allocation_bytes": 0, "available_bytes": 5 << 30},
+    {"name": "broken", "active": False, "capacity_bytes": 0, "allocation_bytes": 0, "available_bytes": 0},
+]
+DEVICES = [
+    {"name": "pci_0000_03_00_0", "type": "pci", "vendor": "0x8086", "product": "0x1533", "description": "Intel I210"},
+    {"name": "usb_1_2", "type": "usb", "vendor": "0x1234", "product": "0x5678", "description": ""},
+]
 
 
 def synced(**kw) -> Hypervisor:
-    fields = dict(name="lab", arch="x86_64", guest_arches=["x86_64", "aarch64"],
-                  machine_types=["pc", "q35", "pc-q35-7.2", "pc-i440fx-2.0"],
-                  cpu_modes=["host-model", "custom", "maximum"], cpu_models=["qemu64", "Haswell"],
-                  firmwares=["bios", "efi"], pools=POOLS, devices=DEVICES,
-                  networks=[{"name": "default", "active": True}, {"name": "down", "active": False}],
-                  interfaces=[{"name": "br0", "type": "bridge"}, {"name": "eno1", "type": "ethernet"},
-                              {"name": "lo", "type": "ethernet"}])  # fmt: skip
+    fields = dict(
+        name="lab",
+        arch="x86_64",
+        guest_arches=["x86_64", "aarch64"],
+        machine_types=["pc", "q35", "pc-q35-7.2", "pc-i440fx-2.0"],
+        cpu_modes=["host-model", "custom", "maximum"],
+        cpu_models=["qemu64", "Haswell"],
+        firmwares=["bios", "efi"],
+        pools=POOLS,
+        devices=DEVICES,
+        networks=[{"name": "default", "active": True}, {"name": "down", "active": False}],
+        interfaces=[
+            {"name": "br0", "type": "bridge"},
+            {"name": "eno1", "type": "ethernet"},
+            {"name": "lo", "type": "ethernet"},
+        ],
+    )
     return Hypervisor(**{**fields, **kw})
 
 
@@ -35,8 +49,9 @@ def lab():
 @pytest.fixture
 def unreported():
     """A hypervisor whose sync reported none of the lists."""
-    return offers_for(synced(guest_arches=[], machine_types=[], cpu_modes=[], cpu_models=[], firmwares=[],
-                             interfaces=[], devices=[]))  # fmt: skip
+    return offers_for(
+        synced(guest_arches=[], machine_types=[], cpu_modes=[], cpu_models=[], firmwares=[], interfaces=[], devices=[])
+    )
 
 
 def test_what_a_synced_hypervisor_offers(lab):
@@ -51,11 +66,20 @@ def test_what_a_synced_hypervisor_offers(lab):
 
 
 def test_what_it_offers_is_not_refused(lab):
-    for ask, value in [(lab.refuse_guest_arch, "aarch64"), (lab.refuse_firmware, "uefi"),
-                       (lab.refuse_firmware, "bios"), (lab.refuse_machine_type, "pc-q35-7.2"),
-                       (lab.refuse_cpu_mode, "maximum"), (lab.refuse_cpu_model, "Haswell"), (lab.refuse_pool, "default"),
-                       (lab.refuse_network, "down"), (lab.refuse_bridge, "br0"), (lab.refuse_macvtap, "lo"),
-                       (lab.refuse_placed_arch, "aarch64"), (lab.refuse_placed_arch, "")]:  # fmt: skip
+    for ask, value in [
+        (lab.refuse_guest_arch, "aarch64"),
+        (lab.refuse_firmware, "uefi"),
+        (lab.refuse_firmware, "bios"),
+        (lab.refuse_machine_type, "pc-q35-7.2"),
+        (lab.refuse_cpu_mode, "maximum"),
+        (lab.refuse_cpu_model, "Haswell"),
+        (lab.refuse_pool, "default"),
+        (lab.refuse_network, "down"),
+        (lab.refuse_bridge, "br0"),
+        (lab.refuse_macvtap, "lo"),
+        (lab.refuse_placed_arch, "aarch64"),
+        (lab.refuse_placed_arch, ""),
+    ]:
         assert ask(value) is None, (ask, value)
     assert lab.refuse_device("usb_1_2", taken=()) is None
 
@@ -97,10 +121,15 @@ def test_firmware_refusals():
 
 
 def test_what_the_sync_did_not_report_is_not_refused(unreported):
-    for ask, value in [(unreported.refuse_guest_arch, "ppc64le"), (unreported.refuse_firmware, "uefi"),
-                       (unreported.refuse_machine_type, "virt"), (unreported.refuse_cpu_mode, "host-passthrough"),
-                       (unreported.refuse_cpu_model, "anything"), (unreported.refuse_bridge, "br9"),
-                       (unreported.refuse_macvtap, "eth9")]:  # fmt: skip
+    for ask, value in [
+        (unreported.refuse_guest_arch, "ppc64le"),
+        (unreported.refuse_firmware, "uefi"),
+        (unreported.refuse_machine_type, "virt"),
+        (unreported.refuse_cpu_mode, "host-passthrough"),
+        (unreported.refuse_cpu_model, "anything"),
+        (unreported.refuse_bridge, "br9"),
+        (unreported.refuse_macvtap, "eth9"),
+    ]:
         assert ask(value) is None, (ask, value)
     assert unreported.refuse_macvtap("") == "name a host interface of lab for macvtap."  # still a name is needed
     # Placement is stricter: another architecture only where the host lists it.
@@ -133,9 +162,17 @@ def test_what_placement_asks(lab):
 
 
 def test_the_menu_over_several_hypervisors_offers_what_every_one_has():
-    small = synced(name="small", guest_arches=["x86_64"], machine_types=["pc", "q35"], cpu_modes=["host-model"],
-                   cpu_models=[], firmwares=["bios"], networks=[{"name": "lan"}], interfaces=[{"name": "br1", "type": "bridge"}],
-                   pools=[{"name": "fast", "active": True}])  # fmt: skip
+    small = synced(
+        name="small",
+        guest_arches=["x86_64"],
+        machine_types=["pc", "q35"],
+        cpu_modes=["host-model"],
+        cpu_models=[],
+        firmwares=["bios"],
+        networks=[{"name": "lan"}],
+        interfaces=[{"name": "br1", "type": "bridge"}],
+        pools=[{"name": "fast", "active": True}],
+    )
     menu = Menu.over([synced(), small])
     assert menu.hypervisor is None and menu.devices == []
     assert menu.machine_types == ["pc", "q35"] and menu.cpu_modes == ["host-model"]

@@ -119,11 +119,14 @@ def test_periodic_task_schedules_syncs_across_the_minute(settings, test_hv_state
     assert Hypervisor.objects.get(pk=hv.pk).status == HypervisorStatus.ONLINE  # the immediate one ran
 
 
-@pytest.mark.parametrize("uri", ["qemu+ssh://root@hv2.example.org/system", "qemu+tls://192.0.2.20/system",
-                                 "qemu+tcp://[2001:db8::20]/system"])  # fmt: skip
+@pytest.mark.parametrize(
+    "uri",
+    ["qemu+ssh://root@hv2.example.org/system", "qemu+tls://192.0.2.20/system", "qemu+tcp://[2001:db8::20]/system"],
+)
 @pytest.mark.parametrize("console", ["127.0.0.1", "127.0.1.1", "::1"])
-def test_a_remote_hypervisor_with_a_loopback_console_address_is_refused(django_capture_on_commit_callbacks, uri,
-                                                                        console):  # fmt: skip
+def test_a_remote_hypervisor_with_a_loopback_console_address_is_refused(
+    django_capture_on_commit_callbacks, uri, console
+):
     # The proxy runs here: dialling that loopback would reach this machine's consoles, not the remote host's.
     with pytest.raises(ValidationError) as e:
         create(django_capture_on_commit_callbacks, name="remote", uri=uri, console_address=console)
@@ -134,11 +137,22 @@ def test_a_remote_hypervisor_with_a_loopback_console_address_is_refused(django_c
 def test_a_loopback_console_address_stays_fine_for_this_machine_and_an_edit_cannot_bring_it_back(
     django_capture_on_commit_callbacks,
 ):
-    for i, uri in enumerate(["qemu:///system", "qemu+tcp://127.0.0.1:1/system", "qemu+tcp://localhost:1/system",
-                             "qemu:///system?socket=/run/other/libvirt-sock"]):  # fmt: skip
+    for i, uri in enumerate(
+        [
+            "qemu:///system",
+            "qemu+tcp://127.0.0.1:1/system",
+            "qemu+tcp://localhost:1/system",
+            "qemu:///system?socket=/run/other/libvirt-sock",
+        ]
+    ):
         create(django_capture_on_commit_callbacks, name=f"here{i}", uri=uri, console_address="127.0.0.1", enabled=False)
-    remote = create(django_capture_on_commit_callbacks, name="remote", uri="qemu+ssh://hv2/system",
-                    console_address="192.0.2.20", enabled=False)  # fmt: skip
+    remote = create(
+        django_capture_on_commit_callbacks,
+        name="remote",
+        uri="qemu+ssh://hv2/system",
+        console_address="192.0.2.20",
+        enabled=False,
+    )
     with pytest.raises(ValidationError, match="own loopback"):
         services.hypervisor_update(hypervisor=remote, console_address="127.0.0.1")
     assert Hypervisor.objects.get(pk=remote.pk).console_address == "192.0.2.20"

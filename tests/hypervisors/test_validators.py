@@ -60,11 +60,17 @@ def test_listen_address_refuses_the_rest(value):
 
 @pytest.mark.parametrize(
     ("uri", "host"),
-    [("qemu:///system", ""), ("qemu+ssh://localhost/system", ""), ("qemu+tcp://127.0.0.1/system", ""),
-     ("qemu+tls://[::1]/system", ""), ("qemu+tcp://[::ffff:127.0.0.1]/system", ""),
-     ("qemu:///system?socket=/run/other/libvirt-sock", ""), ("qemu+ssh://root@hv1.lab/system", "hv1.lab"),
-     ("qemu+tls://10.0.0.5/system", "10.0.0.5")],
-)  # fmt: skip
+    [
+        ("qemu:///system", ""),
+        ("qemu+ssh://localhost/system", ""),
+        ("qemu+tcp://127.0.0.1/system", ""),
+        ("qemu+tls://[::1]/system", ""),
+        ("qemu+tcp://[::ffff:127.0.0.1]/system", ""),
+        ("qemu:///system?socket=/run/other/libvirt-sock", ""),
+        ("qemu+ssh://root@hv1.lab/system", "hv1.lab"),
+        ("qemu+tls://10.0.0.5/system", "10.0.0.5"),
+    ],
+)
 def test_one_answer_to_whether_a_uri_is_this_machine(uri, host):
     from hypervisors.drivers.base import remote_host
     from hypervisors.drivers.libvirt_driver import local_addresses

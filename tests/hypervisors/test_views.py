@@ -9,10 +9,25 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def hv(db):
-    return HypervisorFactory(name="lab", arch="x86_64", cpus=8, memory_mib=16384, detected_domain_type="qemu",
-                             pools=[{"name": "default", "active": True, "type": "dir", "path": "/var/lib/libvirt/images",
-                                     "capacity_bytes": 100 << 30, "allocation_bytes": 40 << 30, "available_bytes": 60 << 30}],
-                             unmanaged_domains=[{"uuid": "u-1", "name": "handmade", "state": "off"}])  # fmt: skip
+    return HypervisorFactory(
+        name="lab",
+        arch="x86_64",
+        cpus=8,
+        memory_mib=16384,
+        detected_domain_type="qemu",
+        pools=[
+            {
+                "name": "default",
+                "active": True,
+                "type": "dir",
+                "path": "/var/lib/libvirt/images",
+                "capacity_bytes": 100 << 30,
+                "allocation_bytes": 40 << 30,
+                "available_bytes": 60 << 30,
+            }
+        ],
+        unmanaged_domains=[{"uuid": "u-1", "name": "handmade", "state": "off"}],
+    )
 
 
 def test_pages_need_login(client, hv):
@@ -96,8 +111,16 @@ def test_bad_input_is_explained_and_nothing_is_saved(staff_client, hv, data, mes
 
 def test_staff_edits_a_hypervisor(staff_client, hv, django_capture_on_commit_callbacks):
     with django_capture_on_commit_callbacks(execute=True):
-        r = staff_client.post(reverse("hypervisors:edit", args=[hv.pk]), {
-            "name": "lab", "uri": "qemu+tcp://127.0.0.1:1/system", "console_address": "127.0.0.1", "enabled": "on", "cpu_allocation_ratio": "4"})  # fmt: skip
+        r = staff_client.post(
+            reverse("hypervisors:edit", args=[hv.pk]),
+            {
+                "name": "lab",
+                "uri": "qemu+tcp://127.0.0.1:1/system",
+                "console_address": "127.0.0.1",
+                "enabled": "on",
+                "cpu_allocation_ratio": "4",
+            },
+        )
     assert r.status_code == 302
     hv.refresh_from_db()
     assert hv.uri == "qemu+tcp://127.0.0.1:1/system" and hv.status == HypervisorStatus.DOWN
@@ -131,9 +154,17 @@ def test_home_summarises_hypervisors(user_client, hv):
 def test_staff_see_whether_the_hypervisor_has_the_guarded_tenant_network(staff_client, hv):
     url = reverse("hypervisors:detail", args=[hv.pk])
     assert b'id="no-tenant-network"' in staff_client.get(url).content
-    Hypervisor.objects.filter(pk=hv.pk).update(networks=[
-        {"name": "portal-tenants", "active": True, "forward_mode": "isolated", "bridge": "virbr1",
-         "guard": "portal-guard-portal-tenants"}])  # fmt: skip
+    Hypervisor.objects.filter(pk=hv.pk).update(
+        networks=[
+            {
+                "name": "portal-tenants",
+                "active": True,
+                "forward_mode": "isolated",
+                "bridge": "virbr1",
+                "guard": "portal-guard-portal-tenants",
+            }
+        ]
+    )
     body = staff_client.get(url).content.decode()
     assert 'id="no-tenant-network"' not in body and ">guarded<" in body and ">tenant network<" in body
 
@@ -143,5 +174,6 @@ def test_staff_define_the_tenant_network_from_the_page(staff_client, hv, monkeyp
     monkeypatch.setattr("hypervisors.networks.network_create", lambda *, hypervisor, spec: queued.append(spec))
     r = staff_client.post(reverse("hypervisors:network-create", args=[hv.pk]), {"mode": "tenant"})
     assert r.status_code == 302
-    assert [(s.name, s.mode, s.cidr, s.dhcp_start) for s in queued] == [("portal-tenants", "tenant", "192.168.213.1/24",
-                                                                          "192.168.213.10")]  # fmt: skip
+    assert [(s.name, s.mode, s.cidr, s.dhcp_start) for s in queued] == [
+        ("portal-tenants", "tenant", "192.168.213.1/24", "192.168.213.10")
+    ]

@@ -59,8 +59,10 @@ def driver(tmp_path):
     """A test-driver host of this test's own (test://<file>): test:///default's state lives as long as any
     connection to it, anywhere in the process, and other suites' tests keep some."""
     node = tmp_path / "node.xml"
-    node.write_text("<node><cpu><nodes>1</nodes><sockets>1</sockets><cores>2</cores><threads>1</threads></cpu>"
-                    "<memory>2097152</memory></node>")  # fmt: skip
+    node.write_text(
+        "<node><cpu><nodes>1</nodes><sockets>1</sockets><cores>2</cores><threads>1</threads></cpu>"
+        "<memory>2097152</memory></node>"
+    )
     d = LibvirtDriver(f"test://{node}")
     yield d
     drop_connection(d.uri)

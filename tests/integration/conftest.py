@@ -93,8 +93,9 @@ def silent_port():
 def iso_machine(worker, local, tiny_iso):
     """The tiny installer ISO running on `local`: the console tests' machine."""
     owner = UserFactory(username="installer", password="correct-horse-battery")
-    machine = services.machine_create(owner=owner, hypervisor=local, name="iso1", deploy_type="iso", image=tiny_iso,
-                                      memory_mib=256, disk_gib=1)  # fmt: skip
+    machine = services.machine_create(
+        owner=owner, hypervisor=local, name="iso1", deploy_type="iso", image=tiny_iso, memory_mib=256, disk_gib=1
+    )
     machine = wait_for(lambda: (m := Machine.objects.get(pk=machine.pk)).status in ("active", "error") and m, 120)
     assert machine.status == "active", machine.status_message
     return machine

@@ -24,8 +24,14 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGcmrUPZ3pFJmjK8bXB3GB+oBd8rD8bh2l6t5
 @pytest.fixture
 def debian_image(worker, file_server):
     path = Path(debian_cloud_image())
-    image = images.image_create_from_url(name="debian-12", kind="disk", fmt="qcow2", default_user="debian",
-                                         os_name="Debian 12", source_url=f"{file_server}/{path.name}")  # fmt: skip
+    image = images.image_create_from_url(
+        name="debian-12",
+        kind="disk",
+        fmt="qcow2",
+        default_user="debian",
+        os_name="Debian 12",
+        source_url=f"{file_server}/{path.name}",
+    )
     image = wait_for(lambda: (i := Image.objects.get(pk=image.pk)).status != ImageStatus.IMPORTING and i, 120)
     assert image.status == ImageStatus.READY, image.status_message
     return image
@@ -33,13 +39,22 @@ def debian_image(worker, file_server):
 
 def test_cloud_init_applies_hostname_key_static_address_and_script(local, debian_image):
     owner = UserFactory(username="cloud-owner", is_staff=True)  # staff: the user-mode NIC (the point is cloud-init)
-    nic = services.NicInput(type="user", dhcp4=False, addresses=["192.0.2.10/24"], gateway4="192.0.2.1",
-                            nameservers=["192.0.2.53"])  # fmt: skip
+    nic = services.NicInput(
+        type="user", dhcp4=False, addresses=["192.0.2.10/24"], gateway4="192.0.2.1", nameservers=["192.0.2.53"]
+    )
     machine = services.machine_create(
-        owner=owner, hypervisor=local, name="cloudy", image=debian_image, vcpus=2, memory_mib=1024, disk_gib=4,
-        nics=[nic], ssh_authorized_keys=KEY, script="#!/bin/sh\necho PORTAL-SCRIPT-RAN $(hostname)\n",
+        owner=owner,
+        hypervisor=local,
+        name="cloudy",
+        image=debian_image,
+        vcpus=2,
+        memory_mib=1024,
+        disk_gib=4,
+        nics=[nic],
+        ssh_authorized_keys=KEY,
+        script="#!/bin/sh\necho PORTAL-SCRIPT-RAN $(hostname)\n",
         user_data="#cloud-config\nruncmd:\n- [sh, -c, 'echo USER-DATA-MERGED > /dev/console']\n",
-    )  # fmt: skip
+    )
     wait_for(lambda: Machine.objects.get(pk=machine.pk).status in ("active", "error"), 120)
     machine.refresh_from_db()
     assert machine.status == "active", machine.status_message

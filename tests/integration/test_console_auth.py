@@ -225,8 +225,13 @@ def test_machines_defined_without_a_password_are_reported_and_fixed_by_a_cold_st
     ws, width, _, _ = rfb_session(console_proxy, iso_machine, token_for(iso_machine), 8)
     ws.close()
     assert width >= 640
-    wait_for(lambda: f"({iso_machine.domain_name}): its VNC server accepts clients without a password"
-             in (ARTIFACTS / "console.log").read_text(errors="replace"), 10)  # fmt: skip
+    wait_for(
+        lambda: (
+            f"({iso_machine.domain_name}): its VNC server accepts clients without a password"
+            in (ARTIFACTS / "console.log").read_text(errors="replace")
+        ),
+        10,
+    )
     # The one-off command writes the password into the config; the running server keeps none until...
     out = StringIO()
     call_command("console_auth_upgrade", "--now", stdout=out)
@@ -272,8 +277,14 @@ def test_the_password_survives_every_redefine(iso_machine, console_proxy):
     wait_for(lambda: Machine.objects.get(pk=iso_machine.pk).status == "active", 60)
     services.machine_boot_cdrom_once(machine=Machine.objects.get(pk=iso_machine.pk))
     operation_done()
-    bmc = PortalVirtualBMC(username="bmc-test", password="a-long-test-password", port=0, address="127.0.0.1",
-                           domain_name=iso_machine.domain_name, libvirt_uri=iso_machine.hypervisor.uri)  # fmt: skip
+    bmc = PortalVirtualBMC(
+        username="bmc-test",
+        password="a-long-test-password",
+        port=0,
+        address="127.0.0.1",
+        domain_name=iso_machine.domain_name,
+        libvirt_uri=iso_machine.hypervisor.uri,
+    )
     assert bmc.set_boot_device("network") is None  # None: done (virtualbmc returns an IPMI code on failure)
     for inactive in (True, False):
         g = graphics(iso_machine, inactive=inactive)

@@ -19,16 +19,24 @@ pytestmark = pytest.mark.integration
 
 def import_image(file_server, key: str, name: str, arch: str) -> Image:
     path = Path(firmware_images()[key])
-    image = images.image_create_from_url(name=name, kind="disk", fmt="qcow2", default_user="tiny", arch=arch,
-                                         source_url=f"{file_server}/{path.name}")  # fmt: skip
+    image = images.image_create_from_url(
+        name=name, kind="disk", fmt="qcow2", default_user="tiny", arch=arch, source_url=f"{file_server}/{path.name}"
+    )
     image = wait_for(lambda: (i := Image.objects.get(pk=image.pk)).status != ImageStatus.IMPORTING and i, 60)
     assert image.status == ImageStatus.READY, image.status_message
     return image
 
 
 def boot(local, image, name, **hw) -> Machine:
-    machine = services.machine_create(owner=UserFactory(username=f"o-{name}"), hypervisor=local, name=name, image=image,
-                                      memory_mib=512, disk_gib=1, **hw)  # fmt: skip
+    machine = services.machine_create(
+        owner=UserFactory(username=f"o-{name}"),
+        hypervisor=local,
+        name=name,
+        image=image,
+        memory_mib=512,
+        disk_gib=1,
+        **hw,
+    )
     machine = wait_for(lambda: (m := Machine.objects.get(pk=machine.pk)).status in ("active", "error") and m, 120)
     assert machine.status == "active", machine.status_message
     return machine

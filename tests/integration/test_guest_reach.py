@@ -45,8 +45,9 @@ from tests.private_libvirtd import PrivateLibvirtd
 pytestmark = pytest.mark.integration
 
 GATEWAY = networks.TENANT_CIDR.split("/")[0]  # the hypervisor's address on the tenant network
-NAT = networks.NetworkSpec(name="reach-nat", mode="nat", cidr="192.168.218.1/24", dhcp_start="192.168.218.100",
-                           dhcp_end="192.168.218.200")  # fmt: skip
+NAT = networks.NetworkSpec(
+    name="reach-nat", mode="nat", cidr="192.168.218.1/24", dhcp_start="192.168.218.100", dhcp_end="192.168.218.200"
+)
 BRIDGE, BRIDGE_HOST, BRIDGE_GUEST, BRIDGE_PEER = "pubbr0", "192.168.216.1", "192.168.216.50", "192.168.216.9"
 PARENT, PARENT_HOST, PARENT_GUEST, PARENT_PEER = "mvlow", "192.168.217.1", "192.168.217.50", "192.168.217.9"
 MANAGEMENT = "10.99.0.1"  # another address of the hypervisor
@@ -93,23 +94,34 @@ def reach_lab():
                 ["ip", "addr", "add", f"{MANAGEMENT}/32", "dev", "lo"],
                 # A host bridge the hypervisor has an address on, with the peer's end of a veth on it.
                 ["ip", "link", "add", BRIDGE, "type", "bridge", "forward_delay", "0"],
-                ["ip", "addr", "add", f"{BRIDGE_HOST}/24", "dev", BRIDGE], ["ip", "link", "set", BRIDGE, "up"],
+                ["ip", "addr", "add", f"{BRIDGE_HOST}/24", "dev", BRIDGE],
+                ["ip", "link", "set", BRIDGE, "up"],
                 ["ip", "link", "add", "lanport", "type", "veth", "peer", "name", "lan0", "netns", str(peer.pid)],
-                ["ip", "link", "set", "lanport", "master", BRIDGE], ["ip", "link", "set", "lanport", "up"],
+                ["ip", "link", "set", "lanport", "master", BRIDGE],
+                ["ip", "link", "set", "lanport", "up"],
                 # A host interface with an address of the hypervisor, for macvtap; the peer on its far end.
                 ["ip", "link", "add", PARENT, "type", "veth", "peer", "name", "lan1", "netns", str(peer.pid)],
-                ["ip", "addr", "add", f"{PARENT_HOST}/24", "dev", PARENT], ["ip", "link", "set", PARENT, "up"],
-            ):  # fmt: skip
+                ["ip", "addr", "add", f"{PARENT_HOST}/24", "dev", PARENT],
+                ["ip", "link", "set", PARENT, "up"],
+            ):
                 r = lv.run_inside(*argv)
                 assert r.returncode == 0, (argv, r.stderr)
-            for argv in (["ip", "addr", "add", f"{BRIDGE_PEER}/24", "dev", "lan0"], ["ip", "link", "set", "lan0", "up"],
-                         ["ip", "addr", "add", f"{PARENT_PEER}/24", "dev", "lan1"], ["ip", "link", "set", "lan1", "up"],
-                         ["ip", "link", "set", "lo", "up"]):  # fmt: skip
+            for argv in (
+                ["ip", "addr", "add", f"{BRIDGE_PEER}/24", "dev", "lan0"],
+                ["ip", "link", "set", "lan0", "up"],
+                ["ip", "addr", "add", f"{PARENT_PEER}/24", "dev", "lan1"],
+                ["ip", "link", "set", "lan1", "up"],
+                ["ip", "link", "set", "lo", "up"],
+            ):
                 r = subprocess.run(["nsenter", "-t", str(peer.pid), "--net", *argv], capture_output=True, text=True)
                 assert r.returncode == 0, (argv, r.stderr)
             for pid, ports in ((lv.init_pid, PORTS), (peer.pid, [ECHO])):
-                listener = subprocess.Popen(["nsenter", "-t", str(pid), "--net", sys.executable, "-c", LISTENER,
-                                             *map(str, ports)], stdout=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+                listener = subprocess.Popen(
+                    ["nsenter", "-t", str(pid), "--net", sys.executable, "-c", LISTENER, *map(str, ports)],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    start_new_session=True,
+                )
                 procs.append(listener)
                 assert listener.stdout.readline().strip() == "listening"
             lv.define_xml(
@@ -132,16 +144,42 @@ def broadcast(address: str) -> str:
 # Each NIC the plain user's machine has: the probe's pass through it (tag, the hypervisor's address on its
 # network, the guest's own address where no DHCP gives one, and what must answer).
 NICS = [
-    {"tag": "tenant", "nic": {"type": "network", "source": settings.PORTAL_TENANT_NETWORK}, "gateway": GATEWAY, "address": "",
-     "control": (GATEWAY, 53), "neighbours": [(NEIGHBOUR, ECHO)]},
-    {"tag": "nat", "nic": {"type": "network", "source": NAT.name}, "gateway": HOST_ADDRESSES[1], "address": "",
-     "control": (HOST_ADDRESSES[1], 53)},
-    {"tag": "bridge", "nic": {"type": "bridge", "source": BRIDGE, "dhcp4": False, "addresses": [f"{BRIDGE_GUEST}/24"]},
-     "gateway": BRIDGE_HOST, "address": f"{BRIDGE_GUEST}/24", "control": (BRIDGE_PEER, ECHO)},
-    {"tag": "macvtap", "nic": {"type": "direct", "source": PARENT, "mode": "bridge", "dhcp4": False,
-                               "addresses": [f"{PARENT_GUEST}/24"]},
-     "gateway": PARENT_HOST, "address": f"{PARENT_GUEST}/24", "control": (PARENT_PEER, ECHO)},
-]  # fmt: skip
+    {
+        "tag": "tenant",
+        "nic": {"type": "network", "source": settings.PORTAL_TENANT_NETWORK},
+        "gateway": GATEWAY,
+        "address": "",
+        "control": (GATEWAY, 53),
+        "neighbours": [(NEIGHBOUR, ECHO)],
+    },
+    {
+        "tag": "nat",
+        "nic": {"type": "network", "source": NAT.name},
+        "gateway": HOST_ADDRESSES[1],
+        "address": "",
+        "control": (HOST_ADDRESSES[1], 53),
+    },
+    {
+        "tag": "bridge",
+        "nic": {"type": "bridge", "source": BRIDGE, "dhcp4": False, "addresses": [f"{BRIDGE_GUEST}/24"]},
+        "gateway": BRIDGE_HOST,
+        "address": f"{BRIDGE_GUEST}/24",
+        "control": (BRIDGE_PEER, ECHO),
+    },
+    {
+        "tag": "macvtap",
+        "nic": {
+            "type": "direct",
+            "source": PARENT,
+            "mode": "bridge",
+            "dhcp4": False,
+            "addresses": [f"{PARENT_GUEST}/24"],
+        },
+        "gateway": PARENT_HOST,
+        "address": f"{PARENT_GUEST}/24",
+        "control": (PARENT_PEER, ECHO),
+    },
+]
 
 
 def targets(n: dict) -> list[str]:
@@ -155,9 +193,18 @@ def probe_script(macs: dict[str, str]) -> str:
     for n in NICS:
         subnet = n["gateway"].rsplit(".", 1)[0] + "."
         routed = [t for t in targets(n) if not t.startswith(subnet)]
-        passes.append({"tag": n["tag"], "mac": macs[n["tag"]], "address": n["address"], "gateway": n["gateway"],
-                       "targets": targets(n), "routed": routed, "control": list(n["control"]),
-                       "neighbours": n.get("neighbours", [])})  # fmt: skip
+        passes.append(
+            {
+                "tag": n["tag"],
+                "mac": macs[n["tag"]],
+                "address": n["address"],
+                "gateway": n["gateway"],
+                "targets": targets(n),
+                "routed": routed,
+                "control": list(n["control"]),
+                "neighbours": n.get("neighbours", []),
+            }
+        )
     return PROBE.read_text() + f"main(**{json.dumps({'passes': passes, 'ports': PORTS})})\n"
 
 
@@ -193,9 +240,12 @@ def test_a_tenant_guest_reaches_nothing_of_its_hypervisor(reach_lab, worker, con
     # Another tenant's guest on the tenant network, as far as the prober can tell: a port of the tenant
     # bridge, isolated as libvirt isolates each guest's port there, with the LAN peer behind it.
     tenant_bridge = next(n["bridge"] for n in hv.networks if n["name"] == tenant)
-    for argv in (["ip", "link", "add", "tnport", "type", "veth", "peer", "name", "tn0", "netns", str(lv.peer_pid)],
-                 ["ip", "link", "set", "tnport", "master", tenant_bridge], ["bridge", "link", "set", "dev", "tnport", "isolated", "on"],
-                 ["ip", "link", "set", "tnport", "up"]):  # fmt: skip
+    for argv in (
+        ["ip", "link", "add", "tnport", "type", "veth", "peer", "name", "tn0", "netns", str(lv.peer_pid)],
+        ["ip", "link", "set", "tnport", "master", tenant_bridge],
+        ["bridge", "link", "set", "dev", "tnport", "isolated", "on"],
+        ["ip", "link", "set", "tnport", "up"],
+    ):
         r = lv.run_inside(*argv)
         assert r.returncode == 0, (argv, r.stderr)
     for argv in (["ip", "addr", "add", f"{NEIGHBOUR}/24", "dev", "tn0"], ["ip", "link", "set", "tn0", "up"]):
@@ -204,8 +254,11 @@ def test_a_tenant_guest_reaches_nothing_of_its_hypervisor(reach_lab, worker, con
     # The neighbour answers the hypervisor (whose port on the bridge is not isolated), once the new port
     # has passed STP's listening and learning states.
     hello = f"import socket; socket.create_connection(('{NEIGHBOUR}', {ECHO}), 2).recv(5)"
-    wait_for(lambda: lv.run_inside(sys.executable, "-c", hello).returncode == 0, 30,
-             message="the neighbour on the tenant bridge never answered the hypervisor")  # fmt: skip
+    wait_for(
+        lambda: lv.run_inside(sys.executable, "-c", hello).returncode == 0,
+        30,
+        message="the neighbour on the tenant bridge never answered the hypervisor",
+    )
 
     # A plain user, through the API, with a NIC of each kind.
     user = UserFactory(username="tenant")
@@ -213,9 +266,21 @@ def test_a_tenant_guest_reaches_nothing_of_its_hypervisor(reach_lab, worker, con
     api.force_authenticate(user)
     macs = {n["tag"]: f"52:54:00:7e:00:{i:02x}" for i, n in enumerate(NICS, start=1)}
     nics = [{**n["nic"], "mac": macs[n["tag"]]} for n in NICS]
-    r = api.post("/api/v1/machines/", {"name": "prober", "hypervisor": hv.name, "image": image.pk, "vcpus": 1,
-                                       "memory_mib": 768, "disk_gib": 4, "pool": POOL, "nics": nics,
-                                       "script": probe_script(macs)}, format="json")  # fmt: skip
+    r = api.post(
+        "/api/v1/machines/",
+        {
+            "name": "prober",
+            "hypervisor": hv.name,
+            "image": image.pk,
+            "vcpus": 1,
+            "memory_mib": 768,
+            "disk_gib": 4,
+            "pool": POOL,
+            "nics": nics,
+            "script": probe_script(macs),
+        },
+        format="json",
+    )
     assert r.status_code == 201, r.content
     machine = Machine.objects.get(pk=r.json()["id"])
     machine = wait_for(lambda: (m := Machine.objects.get(pk=machine.pk)).status in ("active", "error") and m, 180)
@@ -240,8 +305,9 @@ def test_a_tenant_guest_reaches_nothing_of_its_hypervisor(reach_lab, worker, con
         assert (n["address"].split("/")[0] or n["gateway"].rsplit(".", 1)[0] + ".") in addresses, (tag, addresses)
         control = f"{tag} tcp {n['control'][0]}:{n['control'][1]}"
         assert results.pop(control) == "open", f"{control}: the one thing this NIC may reach must answer"
-        expected = {f"{tag} {proto} {address}:{port}" for proto in ("tcp", "udp") for address in targets(n)
-                    for port in PORTS} | {f"{tag} raw 127.0.0.1:{port}" for port in PORTS}  # fmt: skip
+        expected = {
+            f"{tag} {proto} {address}:{port}" for proto in ("tcp", "udp") for address in targets(n) for port in PORTS
+        } | {f"{tag} raw 127.0.0.1:{port}" for port in PORTS}
         neighbours = {f"{tag} {proto} {a}:{p}" for a, p in n.get("neighbours", []) for proto in ("tcp", "udp")}
         assert neighbours <= set(results), sorted(neighbours - set(results))
         expected |= neighbours  # another tenant's guest: out of reach too (port isolation)

@@ -41,12 +41,24 @@ def api(worker):
 def test_image_machine_lifecycle(api, local, tiny_image):
     image = tiny_image
     started = time.monotonic()
-    r = api.post("/api/v1/machines/", {
-        "name": "tiny1", "deploy_type": "image", "hypervisor": "local", "image": image.pk, "vcpus": 1,
-        "memory_mib": 256, "disk_gib": 1, "nics": [{"type": "user"}], "ssh_authorized_keys": [KEY],
-        "packages": ["htop"], "user_data": "#cloud-config\nwrite_files:\n- path: /etc/portal-marker\n  content: marker-4711\n",
-        "script": "#!/bin/sh\necho hello from the portal\n",
-    }, format="json")  # fmt: skip
+    r = api.post(
+        "/api/v1/machines/",
+        {
+            "name": "tiny1",
+            "deploy_type": "image",
+            "hypervisor": "local",
+            "image": image.pk,
+            "vcpus": 1,
+            "memory_mib": 256,
+            "disk_gib": 1,
+            "nics": [{"type": "user"}],
+            "ssh_authorized_keys": [KEY],
+            "packages": ["htop"],
+            "user_data": "#cloud-config\nwrite_files:\n- path: /etc/portal-marker\n  content: marker-4711\n",
+            "script": "#!/bin/sh\necho hello from the portal\n",
+        },
+        format="json",
+    )
     assert r.status_code == 201, r.content
     mid = r.json()["id"]
     body = wait_for(
@@ -130,8 +142,11 @@ def test_a_hypervisor_with_machines_cannot_be_deleted(worker, local):
 
 def test_a_malicious_qcow2_is_refused_at_upload(api, tmp_path):
     evil = tmp_path / "evil.qcow2"
-    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-F", "raw", "-b", "/etc/shadow", str(evil), "1M"],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        ["qemu-img", "create", "-f", "qcow2", "-F", "raw", "-b", "/etc/shadow", str(evil), "1M"],
+        check=True,
+        capture_output=True,
+    )
     with open(evil, "rb") as f:
         r = api.post(
             "/api/v1/images/", {"name": "evil", "kind": "disk", "format": "qcow2", "file": f}, format="multipart"
@@ -151,8 +166,15 @@ def test_a_hypervisor_lost_during_provisioning_is_retried_without_orphans(worker
     owner = UserFactory(username="flaky-owner", is_staff=True)  # staff: the user-mode NIC (the point is the retry)
 
     libvirt_tcp_proxy.stop()
-    machine = services.machine_create(owner=owner, hypervisor=hv, name="flaky1", image=tiny_image, memory_mib=256,
-                                      disk_gib=1, nics=[services.NicInput(type="user")])  # fmt: skip
+    machine = services.machine_create(
+        owner=owner,
+        hypervisor=hv,
+        name="flaky1",
+        image=tiny_image,
+        memory_mib=256,
+        disk_gib=1,
+        nics=[services.NicInput(type="user")],
+    )
     wait_for(lambda: machine.events.filter(step="retry").exists(), 30, message="no retry was scheduled")
     assert Machine.objects.get(pk=machine.pk).status == "provisioning"
     libvirt_tcp_proxy.start()
@@ -176,17 +198,39 @@ def test_hardware_options_boot_on_the_real_hypervisor(worker, local, tiny_image)
     owner = UserFactory(username="hw-owner", is_staff=True)
     assert "qemu64" in local.cpu_models and "pc-i440fx-7.2" in local.machine_types  # from the real sync
     machine = services.machine_create(
-        owner=owner, hypervisor=local, name="hw1", image=tiny_image, vcpus=2, memory_mib=256, disk_gib=1,
-        nics=[services.NicInput(type="user")], machine_type="pc-i440fx-7.2", cpu_mode="custom", cpu_model="qemu64",
-        cpu_topology=[1, 2, 1], smbios={"manufacturer": "AnsiStack", "serial": "HW-0001"}, watchdog=True, rng=True,
-        disk_cache="writeback", extra_disks=[1], qemu_args=["-no-user-config"],
-    )  # fmt: skip
+        owner=owner,
+        hypervisor=local,
+        name="hw1",
+        image=tiny_image,
+        vcpus=2,
+        memory_mib=256,
+        disk_gib=1,
+        nics=[services.NicInput(type="user")],
+        machine_type="pc-i440fx-7.2",
+        cpu_mode="custom",
+        cpu_model="qemu64",
+        cpu_topology=[1, 2, 1],
+        smbios={"manufacturer": "AnsiStack", "serial": "HW-0001"},
+        watchdog=True,
+        rng=True,
+        disk_cache="writeback",
+        extra_disks=[1],
+        qemu_args=["-no-user-config"],
+    )
     machine = wait_for(lambda: (m := Machine.objects.get(pk=machine.pk)).status in ("active", "error") and m, 120)
     assert machine.status == "active", machine.status_message
     xml = virsh("dumpxml", str(machine.uuid)).stdout
-    for fragment in ("<model fallback='forbid'>qemu64</model>", "cores='2'", "<entry name='serial'>HW-0001</entry>",
-                     "<watchdog model='i6300esb' action='reset'>", "<rng model='virtio'>", "cache='writeback'",
-                     "machine='pc-i440fx-7.2'", machine.extra_disk_volume(0), "<qemu:arg value='-no-user-config'/>"):  # fmt: skip
+    for fragment in (
+        "<model fallback='forbid'>qemu64</model>",
+        "cores='2'",
+        "<entry name='serial'>HW-0001</entry>",
+        "<watchdog model='i6300esb' action='reset'>",
+        "<rng model='virtio'>",
+        "cache='writeback'",
+        "machine='pc-i440fx-7.2'",
+        machine.extra_disk_volume(0),
+        "<qemu:arg value='-no-user-config'/>",
+    ):
         assert fragment in xml, fragment
     serial_log(machine.pk, "TINY-GUEST ready")
     services.machine_delete(machine=machine)

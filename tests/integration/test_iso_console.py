@@ -40,9 +40,14 @@ class WsClient:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=15)
         key = base64.b64encode(os.urandom(16)).decode()
         protocols = "binary" + (f", {consoles.RECONNECT_PROTOCOL}{reconnect}" if reconnect else "")
-        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {protocols}\r\n"
-                           + (f"Origin: {origin}\r\n" if origin else "") + "\r\n").encode())  # fmt: skip
+        self.sock.sendall(
+            (
+                f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {protocols}\r\n"
+                + (f"Origin: {origin}\r\n" if origin else "")
+                + "\r\n"
+            ).encode()
+        )
         head = b""
         while b"\r\n\r\n" not in head:
             chunk = self.sock.recv(4096)
@@ -195,8 +200,11 @@ def test_media_and_boot_once_from_cdrom(iso_machine):
     tiny_disk = built_images()["tiny_disk"]
     raw = Path(ARTIFACTS / "installed.raw")
     subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", tiny_disk, str(raw)], check=True)
-    subprocess.run(["virsh", "-c", "qemu:///system", "vol-upload", "--pool", "default", iso_machine.disk_volume, str(raw)],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        ["virsh", "-c", "qemu:///system", "vol-upload", "--pool", "default", iso_machine.disk_volume, str(raw)],
+        check=True,
+        capture_output=True,
+    )
     raw.unlink()
     machine = Machine.objects.get(pk=iso_machine.pk)
     services.machine_power(machine=machine, action="start")
@@ -261,9 +269,16 @@ def test_a_project_viewer_gets_a_view_only_console(iso_machine, console_proxy):
 
 def test_an_extra_disk_from_an_image_with_boot_order_one_boots_first(worker, local, tiny_iso, tiny_image):
     owner = UserFactory(username="multi-disk")
-    machine = services.machine_create(owner=owner, hypervisor=local, name="multi1", deploy_type="iso", image=tiny_iso,
-                                      memory_mib=256, disk_gib=1,
-                                      extra_disks=[{"size_gib": 1, "image": tiny_image.pk, "boot_order": 1}, 2])  # fmt: skip
+    machine = services.machine_create(
+        owner=owner,
+        hypervisor=local,
+        name="multi1",
+        deploy_type="iso",
+        image=tiny_iso,
+        memory_mib=256,
+        disk_gib=1,
+        extra_disks=[{"size_gib": 1, "image": tiny_image.pk, "boot_order": 1}, 2],
+    )
     machine = wait_for(lambda: (m := Machine.objects.get(pk=machine.pk)).status in ("active", "error") and m, 120)
     assert machine.status == "active", machine.status_message
     xml = virsh("dumpxml", "--inactive", str(machine.uuid))
@@ -317,8 +332,14 @@ def test_the_serial_console_is_a_shell_through_the_proxy(iso_machine, console_pr
     finally:
         ws.close()
     # Closing the page frees the console for the next one (the bridge closes its libvirt connection).
-    again = wait_for(lambda: (c := WsClient(port, f"{path}?token={serial_token(iso_machine)}")).status == 101
-                     and (c.send(b"\r") or b"# " in c.read_until(b"# ", timeout=5)) and c, 20)  # fmt: skip
+    again = wait_for(
+        lambda: (
+            (c := WsClient(port, f"{path}?token={serial_token(iso_machine)}")).status == 101
+            and (c.send(b"\r") or b"# " in c.read_until(b"# ", timeout=5))
+            and c
+        ),
+        20,
+    )
     again.close()
     # No session is left open in the proxy's books.
     wait_for(lambda: not ConsoleSession.objects.filter(machine=iso_machine, ended__isnull=True).exists(), 15)
@@ -478,9 +499,14 @@ def short_lived_console_proxy(django_db_setup):
 
     port, log_path = _free_port(), ARTIFACTS / "console-short-lived.log"
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "manage.py", "console_proxy", "--port", str(port)], cwd=settings.BASE_DIR,
-                                env={**_stack_env(), "PORTAL_CONSOLE_MAX_SESSION": "3"}, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "manage.py", "console_proxy", "--port", str(port)],
+            cwd=settings.BASE_DIR,
+            env={**_stack_env(), "PORTAL_CONSOLE_MAX_SESSION": "3"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         _wait_listening(proc, port, "console-short-lived")
         yield port, log_path

@@ -51,8 +51,10 @@ def outside_objects(libvirtd):
         ("ours", '<metadata><p:machine xmlns:p="https://ansistack-portal.invalid/xmlns/machine/1" id="1"/></metadata>'),
     ]:
         with open("/tmp/itest-dom.xml", "w") as f:
-            f.write(f"<domain type='qemu'><name>{names[key]}</name><memory unit='MiB'>32</memory>{metadata}"
-                    "<os><type arch='x86_64' machine='pc'>hvm</type></os></domain>")  # fmt: skip
+            f.write(
+                f"<domain type='qemu'><name>{names[key]}</name><memory unit='MiB'>32</memory>{metadata}"
+                "<os><type arch='x86_64' machine='pc'>hvm</type></os></domain>"
+            )
         virsh("define", "/tmp/itest-dom.xml")
     yield names
     virsh("net-undefine", names["net"])
@@ -136,8 +138,11 @@ def test_the_real_worker_beats_and_the_dashboard_says_it_runs(worker, client):
     # The consumer's own thread beats again and again (every second in the tests, PORTAL_WORKER_HEARTBEAT),
     # busy or not: two beats in a row, not just the one each worker thread writes when it starts.
     first = wait_for(lambda: Heartbeat.objects.filter(name="worker").first(), 15, message="the worker never beat")
-    later = wait_for(lambda: (h := Heartbeat.objects.get(name="worker")).seen > first.seen + timedelta(seconds=0.5) and h, 10,
-                     message="the worker beat once, then stopped")  # fmt: skip
+    later = wait_for(
+        lambda: (h := Heartbeat.objects.get(name="worker")).seen > first.seen + timedelta(seconds=0.5) and h,
+        10,
+        message="the worker beat once, then stopped",
+    )
     assert f"pid {worker.pid}" in later.detail  # the consumer process, not this one
     assert b"worker running" in client.get("/").content
     assert client.get("/healthz").json()["worker_ok"] is True

@@ -19,14 +19,33 @@ def ipmi(creds: dict, *command: str, password: str | None = None) -> subprocess.
     """ipmitool as an operator runs it. The BMC answers "power on" once libvirt has started the domain, which
     on a loaded two-core machine (guards instantiated, QEMU launched) took longer than a 3 s timeout: ipmitool
     then reported a failure for a start that happened. 10 s, as BMC clients such as Ironic allow."""
-    argv = ["ipmitool", "-I", "lanplus", "-C", "3", "-H", creds["address"], "-p", str(creds["port"]),
-            "-U", creds["username"], "-P", password or creds["password"], "-R", "1", "-N", "10", *command]  # fmt: skip
+    argv = [
+        "ipmitool",
+        "-I",
+        "lanplus",
+        "-C",
+        "3",
+        "-H",
+        creds["address"],
+        "-p",
+        str(creds["port"]),
+        "-U",
+        creds["username"],
+        "-P",
+        password or creds["password"],
+        "-R",
+        "1",
+        "-N",
+        "10",
+        *command,
+    ]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
 
 def domstate(machine: Machine) -> str:
-    return subprocess.run(["virsh", "-c", "qemu:///system", "domstate", str(machine.uuid)], capture_output=True,
-                          text=True).stdout.strip()  # fmt: skip
+    return subprocess.run(
+        ["virsh", "-c", "qemu:///system", "domstate", str(machine.uuid)], capture_output=True, text=True
+    ).stdout.strip()
 
 
 def udp_port_free(address: str, port: int) -> bool:
@@ -49,8 +68,19 @@ def owner_api(worker):
 
 
 def create_network_machine(api, name: str) -> Machine:
-    r = api.post("/api/v1/machines/", {"name": name, "deploy_type": "network", "hypervisor": "local", "vcpus": 1,
-                                       "memory_mib": 256, "disk_gib": 1, "nics": [{"type": "user"}]}, format="json")  # fmt: skip
+    r = api.post(
+        "/api/v1/machines/",
+        {
+            "name": name,
+            "deploy_type": "network",
+            "hypervisor": "local",
+            "vcpus": 1,
+            "memory_mib": 256,
+            "disk_gib": 1,
+            "nics": [{"type": "user"}],
+        },
+        format="json",
+    )
     assert r.status_code == 201, r.content
     machine = wait_for(lambda: (m := Machine.objects.get(pk=r.json()["id"])).status in ("active", "error") and m, 60)
     assert machine.status == "active", machine.status_message
@@ -121,25 +151,42 @@ def test_a_host_device_lands_in_the_defined_domain(owner_api, local, bmc_server)
     # The owner is staff (for its user-mode NIC); PORTAL_HOST_DEVICES_FOR=everyone for other users is
     # tests/machines/test_hardware.py::test_host_devices_are_for_staff_unless_everyone_may.
     device = next(d for d in local.devices if d["type"] == "pci")
-    machine = services.machine_create(owner=owner_api.owner, hypervisor=local, name="passthru", deploy_type="network",
-                                      nics=[services.NicInput(type="user")], hostdevs=[device["name"]])  # fmt: skip
+    machine = services.machine_create(
+        owner=owner_api.owner,
+        hypervisor=local,
+        name="passthru",
+        deploy_type="network",
+        nics=[services.NicInput(type="user")],
+        hostdevs=[device["name"]],
+    )
     machine = wait_for(lambda: (m := Machine.objects.get(pk=machine.pk)).status in ("active", "error") and m, 60)
     assert machine.status == "active" and domstate(machine) == "shut off"
-    xml = subprocess.run(["virsh", "-c", "qemu:///system", "dumpxml", "--inactive", str(machine.uuid)],
-                         capture_output=True, text=True).stdout  # fmt: skip
+    xml = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "dumpxml", "--inactive", str(machine.uuid)], capture_output=True, text=True
+    ).stdout
     assert "<hostdev mode='subsystem' type='pci' managed='yes'>" in xml
     assert f"bus='0x{device['bus']:02x}' slot='0x{device['slot']:02x}'" in xml
     with pytest.raises(Exception, match="already given to another machine"):
-        services.machine_create(owner=owner_api.owner, hypervisor=local, name="passthru2", deploy_type="network",
-                                nics=[services.NicInput(type="user")], hostdevs=[device["name"]])  # fmt: skip
+        services.machine_create(
+            owner=owner_api.owner,
+            hypervisor=local,
+            name="passthru2",
+            deploy_type="network",
+            nics=[services.NicInput(type="user")],
+            hostdevs=[device["name"]],
+        )
 
 
 def boot_order(machine: Machine) -> list[str]:
     """The <os><boot dev> list of the domain's persistent config, as libvirt has it."""
     import xml.etree.ElementTree as ET
 
-    xml = subprocess.run(["virsh", "-c", "qemu:///system", "dumpxml", "--inactive", str(machine.uuid)],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    xml = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "dumpxml", "--inactive", str(machine.uuid)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return [b.get("dev", "") for b in ET.fromstring(xml).findall("os/boot")]
 
 
@@ -151,8 +198,9 @@ def test_the_boot_device_action_reaches_the_domain_through_its_bmc(owner_api, lo
     wait_for(lambda: Machine.objects.get(pk=machine.pk).bmc_listening, 15, message="the BMC never listened")
     assert boot_order(machine) == ["network", "hd"]
     for device, expected in (("disk", "hd"), ("pxe", "network")):
-        r = api.post(f"/api/v1/machines/{machine.pk}/boot-device/", {"device": device, "persistent": True},
-                     format="json")  # fmt: skip
+        r = api.post(
+            f"/api/v1/machines/{machine.pk}/boot-device/", {"device": device, "persistent": True}, format="json"
+        )
         assert r.status_code == 202, r.content
         wait_for(lambda: not Machine.objects.get(pk=machine.pk).operation, 30, message="the action never finished")
         assert machine.events.filter(step="bmc", message__startswith=f"boot device {device} (persistent)").exists()

@@ -23,17 +23,31 @@ def lan():
         # tiny guest's DHCP client waits.
         commands = []
         for bridge, subnet in (("br-lan", "10.77.0"), ("br-mv", "10.78.0")):
-            commands += [["ip", "link", "add", bridge, "type", "bridge", "forward_delay", "0"],
-                         ["ip", "addr", "add", f"{subnet}.1/24", "dev", bridge], ["ip", "link", "set", bridge, "up"],
-                         ["dnsmasq", "--conf-file=/dev/null", "--except-interface=lo", f"--interface={bridge}", "--bind-interfaces",
-                          f"--dhcp-range={subnet}.50,{subnet}.99,1h", "--leasefile-ro", "--no-ping", "--log-dhcp",
-                          f"--pid-file={lv.workdir}/{bridge}-dnsmasq.pid", f"--log-facility={ARTIFACTS}/{bridge}-dnsmasq.log"]]  # fmt: skip
+            commands += [
+                ["ip", "link", "add", bridge, "type", "bridge", "forward_delay", "0"],
+                ["ip", "addr", "add", f"{subnet}.1/24", "dev", bridge],
+                ["ip", "link", "set", bridge, "up"],
+                [
+                    "dnsmasq",
+                    "--conf-file=/dev/null",
+                    "--except-interface=lo",
+                    f"--interface={bridge}",
+                    "--bind-interfaces",
+                    f"--dhcp-range={subnet}.50,{subnet}.99,1h",
+                    "--leasefile-ro",
+                    "--no-ping",
+                    "--log-dhcp",
+                    f"--pid-file={lv.workdir}/{bridge}-dnsmasq.pid",
+                    f"--log-facility={ARTIFACTS}/{bridge}-dnsmasq.log",
+                ],
+            ]
         commands += [
             # The macvtap parent: a veth whose peer sits on the second bridge.
             ["ip", "link", "add", "veth-a", "type", "veth", "peer", "name", "veth-b"],
-            ["ip", "link", "set", "veth-b", "master", "br-mv"], ["ip", "link", "set", "veth-b", "up"],
+            ["ip", "link", "set", "veth-b", "master", "br-mv"],
+            ["ip", "link", "set", "veth-b", "up"],
             ["ip", "link", "set", "veth-a", "up"],
-        ]  # fmt: skip
+        ]
         for argv in commands:
             r = lv.run_inside(*argv)
             assert r.returncode == 0, (argv, r.stderr)
@@ -59,8 +73,15 @@ def test_bridge_and_macvtap_nics_get_addresses(lan, worker, tiny_image):
         services.NicInput(type="bridge", source="br-lan"),
         services.NicInput(type="direct", source="veth-a", mode="bridge"),
     ]
-    machine = services.machine_create(owner=UserFactory(username="lan"), hypervisor=hv, name="lan1", image=tiny_image,
-                                      memory_mib=256, disk_gib=1, nics=nics)  # fmt: skip
+    machine = services.machine_create(
+        owner=UserFactory(username="lan"),
+        hypervisor=hv,
+        name="lan1",
+        image=tiny_image,
+        memory_mib=256,
+        disk_gib=1,
+        nics=nics,
+    )
     machine = wait_for(lambda: (m := Machine.objects.get(pk=machine.pk)).status in ("active", "error") and m, 120)
     assert machine.status == "active", machine.status_message
     xml = lan.virsh("dumpxml", str(machine.uuid))

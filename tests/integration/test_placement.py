@@ -34,8 +34,15 @@ def test_any_hypervisor_fills_the_roomiest_first_then_refuses(second_host, worke
     owner = UserFactory(username="placer", is_staff=True)  # no quota in the way
 
     def create(name: str) -> Machine:
-        machine = services.machine_create(owner=owner, hypervisor=None, name=name, deploy_type="network",
-                                          memory_mib=size, disk_gib=1, nics=[services.NicInput(type="user")])  # fmt: skip
+        machine = services.machine_create(
+            owner=owner,
+            hypervisor=None,
+            name=name,
+            deploy_type="network",
+            memory_mib=size,
+            disk_gib=1,
+            nics=[services.NicInput(type="user")],
+        )
         return wait_for(lambda: (m := Machine.objects.get(pk=machine.pk)).status in ("active", "error") and m, 60)
 
     first, second = create("p1"), create("p2")

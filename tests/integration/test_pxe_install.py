@@ -85,13 +85,29 @@ def test_pxe_install_over_ipmi_in_a_private_network(pxe_lab, worker, bmc_server)
 
     assert BRIDGE not in lv.run_inside("ip", "-br", "addr").stdout  # the portal defines it below
     hv = hv_services.hypervisor_create(name="pxe-lab", uri=lv.uri)
-    hv = wait_for(lambda: (h := Hypervisor.objects.get(pk=hv.pk)).status in (HypervisorStatus.ONLINE, HypervisorStatus.DOWN) and h, 60)  # fmt: skip
+    hv = wait_for(
+        lambda: (
+            (h := Hypervisor.objects.get(pk=hv.pk)).status in (HypervisorStatus.ONLINE, HypervisorStatus.DOWN) and h
+        ),
+        60,
+    )
     assert hv.status == HypervisorStatus.ONLINE, hv.status_error
 
     # Staff define the PXE network from the portal: DHCP, a TFTP root and the boot file.
-    networks.network_create(hypervisor=hv, spec=networks.NetworkSpec(
-        name=NETWORK, mode="isolated", bridge=BRIDGE, cidr=f"{ROUTER}/24", dhcp_start=f"{SUBNET}.100",
-        dhcp_end=f"{SUBNET}.200", tftp_root=str(lv.workdir / "tftp"), boot_file="boot.ipxe", ipv6_cidr="fd77::1/64"))  # fmt: skip
+    networks.network_create(
+        hypervisor=hv,
+        spec=networks.NetworkSpec(
+            name=NETWORK,
+            mode="isolated",
+            bridge=BRIDGE,
+            cidr=f"{ROUTER}/24",
+            dhcp_start=f"{SUBNET}.100",
+            dhcp_end=f"{SUBNET}.200",
+            tftp_root=str(lv.workdir / "tftp"),
+            boot_file="boot.ipxe",
+            ipv6_cidr="fd77::1/64",
+        ),
+    )
     pk = hv.pk
 
     def with_network():
@@ -107,8 +123,13 @@ def test_pxe_install_over_ipmi_in_a_private_network(pxe_lab, worker, bmc_server)
     )
     net = next(n for n in hv.networks if n["name"] == NETWORK)
     # Defined by the portal, so guarded: its guests reach DHCP, DNS and TFTP of the hypervisor, nothing else of it.
-    assert net == {"name": NETWORK, "active": True, "forward_mode": "isolated", "bridge": BRIDGE,
-                   "guard": f"portal-guard-{NETWORK}"}  # fmt: skip
+    assert net == {
+        "name": NETWORK,
+        "active": True,
+        "forward_mode": "isolated",
+        "bridge": BRIDGE,
+        "guard": f"portal-guard-{NETWORK}",
+    }
     pool = next(p for p in hv.pools if p["name"] == POOL)
     assert pool["active"] and pool["path"] == str(lv.workdir / "pool")
     print(f"private hypervisor online after {time.monotonic() - started:.1f} s")
@@ -116,8 +137,16 @@ def test_pxe_install_over_ipmi_in_a_private_network(pxe_lab, worker, bmc_server)
     owner = UserFactory(username="installer")
     # A libvirt network is staff's unless published: staff open the PXE network to everyone on this host.
     PublishedNetwork.objects.create(hypervisor=hv, kind="network", source=NETWORK, everyone=True)
-    machine = services.machine_create(owner=owner, hypervisor=hv, name="pxe1", deploy_type="network", memory_mib=256,
-                                      disk_gib=1, pool=POOL, nics=[services.NicInput(type="network", source=NETWORK)])  # fmt: skip
+    machine = services.machine_create(
+        owner=owner,
+        hypervisor=hv,
+        name="pxe1",
+        deploy_type="network",
+        memory_mib=256,
+        disk_gib=1,
+        pool=POOL,
+        nics=[services.NicInput(type="network", source=NETWORK)],
+    )
     machine = wait_for(lambda: (m := Machine.objects.get(pk=machine.pk)).status in ("active", "error") and m, 60)
     assert machine.status == "active", machine.status_message
     assert machine.power_state == "off" and domstate(lv, machine) == "shut off"

@@ -42,8 +42,12 @@ def _fire(web_server: str, raw: str, requests: list[tuple[str, dict]]) -> list[t
     barrier = threading.Barrier(len(requests))
 
     def post(i: int, path: str, body: dict) -> None:
-        request = urllib.request.Request(f"{web_server}{path}", data=json.dumps(body).encode(), method="POST",
-                                         headers={"Authorization": f"Token {raw}", "Content-Type": "application/json"})  # fmt: skip
+        request = urllib.request.Request(
+            f"{web_server}{path}",
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Authorization": f"Token {raw}", "Content-Type": "application/json"},
+        )
         barrier.wait()
         try:
             with urllib.request.urlopen(request, timeout=90) as r:
@@ -64,8 +68,15 @@ def _messages(body: dict) -> str:
 
 
 def _network_machine(name: str, **kw) -> dict:
-    return {"name": name, "deploy_type": "network", "hypervisor": "local", "memory_mib": 128, "disk_gib": 1,
-            "nics": NICS, **kw}  # fmt: skip
+    return {
+        "name": name,
+        "deploy_type": "network",
+        "hypervisor": "local",
+        "memory_mib": 128,
+        "disk_gib": 1,
+        "nics": NICS,
+        **kw,
+    }
 
 
 def test_concurrent_creates_never_overshoot_the_quota(web_server, local, bmc_server):
@@ -123,8 +134,9 @@ def test_concurrent_creates_on_a_named_hypervisor_cannot_share_its_last_room(web
     Quota.objects.create(user=user, memory_mib=local.memory_mib * 4, vcpus=100)
     size = local.memory_mib * 4 // 10
     _, raw = ApiToken.issue(user=user)
-    results = _fire(web_server, raw, [("/api/v1/machines/", _network_machine(f"wide{i}", memory_mib=size))
-                                      for i in range(4)])  # fmt: skip
+    results = _fire(
+        web_server, raw, [("/api/v1/machines/", _network_machine(f"wide{i}", memory_mib=size)) for i in range(4)]
+    )
 
     assert sorted(status for status, _ in results) == [201, 201, 400, 400], results
     refused = [_messages(b) for s, b in results if s == 400]

@@ -45,13 +45,28 @@ def real(libvirtd):
 def machine_on(real, name: str, *, running: bool, **fields) -> Machine:
     """A machine row and its domain on the real host (a blank 1 GiB disk), as a finished create leaves them."""
     hv, driver, made = real
-    machine = MachineFactory(name=name, owner=UserFactory(username=f"o-{name}"), hypervisor=hv,
-                                     deploy_type="network", status=Status.ACTIVE, disk_gib=1, **fields)  # fmt: skip
+    machine = MachineFactory(
+        name=name,
+        owner=UserFactory(username=f"o-{name}"),
+        hypervisor=hv,
+        deploy_type="network",
+        status=Status.ACTIVE,
+        disk_gib=1,
+        **fields,
+    )
     made.append(machine)
     disk = driver.create_volume(pool="default", name=machine.disk_volume, fmt="qcow2", capacity_bytes=1 << 30)
-    driver.define_domain(DomainSpec(uuid=str(machine.uuid), name=machine.domain_name, domain_type="qemu", vcpus=1,
-                                    memory_mib=64, disks=(DiskSpec(path=disk.path, boot_order=1),),
-                                    metadata={"machine": machine.pk}))  # fmt: skip
+    driver.define_domain(
+        DomainSpec(
+            uuid=str(machine.uuid),
+            name=machine.domain_name,
+            domain_type="qemu",
+            vcpus=1,
+            memory_mib=64,
+            disks=(DiskSpec(path=disk.path, boot_order=1),),
+            metadata={"machine": machine.pk},
+        )
+    )
     if running:
         driver.start(str(machine.uuid))
     return machine
@@ -101,8 +116,14 @@ def test_growing_the_disk_of_a_machine_that_is_off_grows_its_volume(real, django
 def test_a_network_the_portal_defined_is_deleted_with_its_guard(real, django_capture_on_commit_callbacks):
     hv, driver, _ = real
     name = f"del-{uuidlib.uuid4().hex[:6]}"
-    spec = networks.NetworkSpec(name=name, mode="isolated", bridge=f"vb{name[-6:]}", cidr="10.213.77.1/24",
-                                dhcp_start="10.213.77.10", dhcp_end="10.213.77.20")  # fmt: skip
+    spec = networks.NetworkSpec(
+        name=name,
+        mode="isolated",
+        bridge=f"vb{name[-6:]}",
+        cidr="10.213.77.1/24",
+        dhcp_start="10.213.77.10",
+        dhcp_end="10.213.77.20",
+    )
     try:
         with django_capture_on_commit_callbacks(execute=True):
             networks.network_create(hypervisor=hv, spec=spec)

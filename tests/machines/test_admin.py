@@ -11,8 +11,14 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def machine(db):
     hv = HypervisorFactory(name="lab", uri="qemu:///system")
-    return MachineFactory(name="web1", owner=UserFactory(username="o"), hypervisor=hv, deploy_type="network",
-                                  status=Status.ACTIVE, disk_gib=5)  # fmt: skip
+    return MachineFactory(
+        name="web1",
+        owner=UserFactory(username="o"),
+        hypervisor=hv,
+        deploy_type="network",
+        status=Status.ACTIVE,
+        disk_gib=5,
+    )
 
 
 def act(staff_client, action, machine):
@@ -71,9 +77,17 @@ def test_the_two_editable_fields_go_through_the_services(
     page = staff_client.get(f"/admin/machines/machine/{machine.pk}/change/")
     assert page.status_code == 200
     with django_capture_on_commit_callbacks(execute=True):
-        r = staff_client.post(f"/admin/machines/machine/{machine.pk}/change/",
-                              {"deletion_protection": "on", "autostart": "", "nics-TOTAL_FORMS": "0",
-                               "nics-INITIAL_FORMS": "0", "events-TOTAL_FORMS": "0", "events-INITIAL_FORMS": "0"})  # fmt: skip
+        r = staff_client.post(
+            f"/admin/machines/machine/{machine.pk}/change/",
+            {
+                "deletion_protection": "on",
+                "autostart": "",
+                "nics-TOTAL_FORMS": "0",
+                "nics-INITIAL_FORMS": "0",
+                "events-TOTAL_FORMS": "0",
+                "events-INITIAL_FORMS": "0",
+            },
+        )
     assert r.status_code == 302, r.content.decode()[:3000]
     machine.refresh_from_db()
     assert machine.deletion_protection and not machine.autostart

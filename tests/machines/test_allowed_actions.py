@@ -29,8 +29,11 @@ def world(db, host):
     """Users in every role on one project's machines, a hypervisor (behind the fake driver) and images."""
     owner = UserFactory(username="owner")
     project = ProjectFactory(name="team")
-    users = {"owner": owner, "staff": UserFactory(username="boss", is_staff=True),
-             "stranger": UserFactory(username="stranger")}  # fmt: skip
+    users = {
+        "owner": owner,
+        "staff": UserFactory(username="boss", is_staff=True),
+        "stranger": UserFactory(username="stranger"),
+    }
     for role, name in (("viewer", "viewer"), ("operator", "operator"), ("padmin", "admin")):
         users[role] = UserFactory(username=role)
         Membership.objects.create(project=project, user=users[role], role=name)
@@ -40,16 +43,42 @@ def world(db, host):
     return {"users": users, "project": project, "hv": hv, "disk": disk, "iso": iso}
 
 
-def make(world, kind="image", *, status=Status.ACTIVE, protected=False, operation="", power=PowerState.UNKNOWN,
-         image_ready=True) -> Machine:  # fmt: skip
+def make(
+    world,
+    kind="image",
+    *,
+    status=Status.ACTIVE,
+    protected=False,
+    operation="",
+    power=PowerState.UNKNOWN,
+    image_ready=True,
+) -> Machine:
     image = {"image": world["disk"], "iso": world["iso"], "network": None}[kind]
     if image is not None and not image_ready:
         image = ImageFactory(name=f"gone-{Machine.objects.count()}", kind=image.kind, status=ImageStatus.ERROR)
-    bmc = {"bmc_address": "127.0.0.1", "bmc_port": 17800 + Machine.objects.count(), "bmc_username": "bmc-x",
-           "bmc_password_encrypted": crypto.encrypt("p" * 20)} if kind == "network" else {}  # fmt: skip
-    machine = MachineFactory(name=f"m{Machine.objects.count()}", owner=world["users"]["owner"], project=world["project"],
-                                     hypervisor=world["hv"], deploy_type=kind, image=image, status=status,
-                                     deletion_protection=protected, operation=operation, power_state=power, **bmc)  # fmt: skip
+    bmc = (
+        {
+            "bmc_address": "127.0.0.1",
+            "bmc_port": 17800 + Machine.objects.count(),
+            "bmc_username": "bmc-x",
+            "bmc_password_encrypted": crypto.encrypt("p" * 20),
+        }
+        if kind == "network"
+        else {}
+    )
+    machine = MachineFactory(
+        name=f"m{Machine.objects.count()}",
+        owner=world["users"]["owner"],
+        project=world["project"],
+        hypervisor=world["hv"],
+        deploy_type=kind,
+        image=image,
+        status=status,
+        deletion_protection=protected,
+        operation=operation,
+        power_state=power,
+        **bmc,
+    )
     if kind == "iso":
         machine.cdroms.create(slot=0, image=world["iso"])
     return machine
@@ -252,8 +281,14 @@ def test_the_api_refuses_a_role_with_403_and_a_state_with_409(world, role, actio
 # --- the machine page -------------------------------------------------------------------------------------
 
 CONTROL_IDS = {"btn-console": "console", "btn-serial": "serial", "btn-delete": "delete"}
-FORM_ACTIONS = {"rebuild": "rebuild", "grow-disk": "grow_disk", "protection": "protect", "media": "media",
-                "boot-cdrom": "boot_cdrom", "boot-device": "boot_device"}  # fmt: skip
+FORM_ACTIONS = {
+    "rebuild": "rebuild",
+    "grow-disk": "grow_disk",
+    "protection": "protect",
+    "media": "media",
+    "boot-cdrom": "boot_cdrom",
+    "boot-device": "boot_device",
+}
 
 
 class Controls(HTMLParser):

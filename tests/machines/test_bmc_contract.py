@@ -59,8 +59,15 @@ def _udp_port() -> int:
 
 def _spec(domain_type: str) -> DomainSpec:
     uuid = str(uuidlib.uuid4())
-    return DomainSpec(uuid=uuid, name=f"bmc-contract-{uuid[:8]}", domain_type=domain_type, vcpus=1, memory_mib=64,
-                      boot_devices=("network", "hd"), metadata={"machine": "1"})  # fmt: skip
+    return DomainSpec(
+        uuid=uuid,
+        name=f"bmc-contract-{uuid[:8]}",
+        domain_type=domain_type,
+        vcpus=1,
+        memory_mib=64,
+        boot_devices=("network", "hd"),
+        metadata={"machine": "1"},
+    )
 
 
 def _target(port: int) -> BmcTarget:
@@ -84,17 +91,27 @@ def _ipmitool(uri: str) -> Iterator[Kit]:
     spec = _spec("qemu")
     driver.define_domain(spec)
     target = _target(_udp_port())
-    served = {"address": target.address, "port": target.port, "username": target.username,
-              "password": target.password, "domain_name": spec.name, "uri": uri}  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-c", SERVE], stdin=subprocess.PIPE, text=True, start_new_session=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # fmt: skip
+    served = {
+        "address": target.address,
+        "port": target.port,
+        "username": target.username,
+        "password": target.password,
+        "domain_name": spec.name,
+        "uri": uri,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVE],
+        stdin=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
     try:
         assert proc.stdin is not None
         proc.stdin.write(json.dumps(served) + "\n")
         proc.stdin.close()
         client = IpmitoolClient()
-        wait_for(lambda: proc.poll() is not None or client.answers(target), 60,
-                 message="the BMC never answered")  # fmt: skip
+        wait_for(lambda: proc.poll() is not None or client.answers(target), 60, message="the BMC never answered")
         assert proc.poll() is None, "the BMC process ended"
         yield Kit(client, driver, spec.uuid, target)
     finally:

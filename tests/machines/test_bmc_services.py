@@ -14,16 +14,33 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def hv(db):
-    return HypervisorFactory(name="lab", uri="qemu:///system", arch="x86_64",
-                             networks=[tenant_network_entry()],  # the NIC a plain owner may use (not user-mode)
-                             pools=[{"name": "default", "active": True, "capacity_bytes": 1 << 40, "allocation_bytes": 0,
-                                     "available_bytes": 1 << 40}])  # fmt: skip
+    return HypervisorFactory(
+        name="lab",
+        uri="qemu:///system",
+        arch="x86_64",
+        networks=[tenant_network_entry()],  # the NIC a plain owner may use (not user-mode)
+        pools=[
+            {
+                "name": "default",
+                "active": True,
+                "capacity_bytes": 1 << 40,
+                "allocation_bytes": 0,
+                "available_bytes": 1 << 40,
+            }
+        ],
+    )
 
 
 def create(django_capture_on_commit_callbacks, hv, name="metal", **kw) -> Machine:
     with django_capture_on_commit_callbacks(execute=True):
-        machine = services.machine_create(owner=UserFactory(username=f"o-{name}"), hypervisor=hv, name=name,
-                                          deploy_type="network", nics=[tenant_nic()], **kw)  # fmt: skip
+        machine = services.machine_create(
+            owner=UserFactory(username=f"o-{name}"),
+            hypervisor=hv,
+            name=name,
+            deploy_type="network",
+            nics=[tenant_nic()],
+            **kw,
+        )
     machine.refresh_from_db()
     return machine
 
@@ -60,8 +77,9 @@ def test_network_machines_take_no_image_and_need_a_nic(host, hv, db):
         # nics=[]: no NIC at all (left out, the machine would get the default NIC, the tenant network here)
         services.machine_create(owner=owner, hypervisor=hv, name="x", deploy_type="network", nics=[])
     with pytest.raises(ValidationError, match="gets its OS from the network"):
-        services.machine_create(owner=owner, hypervisor=hv, name="x", deploy_type="network", script="echo",
-                                nics=[tenant_nic()])  # fmt: skip
+        services.machine_create(
+            owner=owner, hypervisor=hv, name="x", deploy_type="network", script="echo", nics=[tenant_nic()]
+        )
 
 
 def test_power_on_after_create_when_asked(django_capture_on_commit_callbacks, host, hv, settings):
@@ -70,8 +88,9 @@ def test_power_on_after_create_when_asked(django_capture_on_commit_callbacks, ho
     assert machine.power_state == "running"
 
 
-def test_power_and_the_boot_device_go_through_the_machines_own_bmc(django_capture_on_commit_callbacks, host, hv,
-                                                                    settings):  # fmt: skip
+def test_power_and_the_boot_device_go_through_the_machines_own_bmc(
+    django_capture_on_commit_callbacks, host, hv, settings
+):
     """As an outside tool would: IPMI to the machine's BMC (FakeBmc here, on the same domains; the real client is
     held to the same by tests/machines/test_bmc_contract.py)."""
     settings.PORTAL_BMC_PORT_RANGE = "17240-17249"
@@ -94,9 +113,19 @@ def test_reveal_is_recorded_and_instackenv_lists_the_nodes(django_capture_on_com
     creds = services.machine_bmc_reveal(machine=machine, user=machine.owner)
     assert creds["port"] == machine.bmc_port and machine.events.filter(message__contains="revealed to o-metal").exists()
     node = services.instackenv([machine], user=machine.owner)["nodes"][0]
-    assert node == {"name": "metal", "pm_type": "ipmi", "pm_addr": "127.0.0.1", "pm_port": str(machine.bmc_port),
-                    "pm_user": machine.bmc_username, "pm_password": creds["password"], "mac": [machine.nics.get().mac],
-                    "cpu": "1", "memory": "1024", "disk": "10", "arch": "x86_64"}  # fmt: skip
+    assert node == {
+        "name": "metal",
+        "pm_type": "ipmi",
+        "pm_addr": "127.0.0.1",
+        "pm_port": str(machine.bmc_port),
+        "pm_user": machine.bmc_username,
+        "pm_password": creds["password"],
+        "mac": [machine.nics.get().mac],
+        "cpu": "1",
+        "memory": "1024",
+        "disk": "10",
+        "arch": "x86_64",
+    }
 
 
 def test_secrets_do_not_survive_a_new_secret_key(settings):

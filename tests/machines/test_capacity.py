@@ -22,8 +22,14 @@ POOLS = [
 
 
 def hv(name, **kw):
-    return HypervisorFactory(name=name, arch=kw.pop("arch", "x86_64"), cpus=kw.pop("cpus", 4), memory_mib=kw.pop("memory_mib", 8192),
-                             pools=kw.pop("pools", POOLS), **kw)  # fmt: skip
+    return HypervisorFactory(
+        name=name,
+        arch=kw.pop("arch", "x86_64"),
+        cpus=kw.pop("cpus", 4),
+        memory_mib=kw.pop("memory_mib", 8192),
+        pools=kw.pop("pools", POOLS),
+        **kw,
+    )
 
 
 def test_quota_defaults_and_overrides(settings):
@@ -53,8 +59,14 @@ def test_usage_report_for_the_pages(settings):
     user = UserFactory(username="q")
     MachineFactory(name="a", owner=user, hypervisor=hv("h1"), deploy_type="network", memory_mib=512)
     report = {r["key"]: r for r in capacity.usage_report(user)}
-    assert report["machines"] == {"key": "machines", "label": "machines", "title": "Machines", "used": 1, "limit": 4,
-                                  "percent": 25}  # fmt: skip
+    assert report["machines"] == {
+        "key": "machines",
+        "label": "machines",
+        "title": "Machines",
+        "used": 1,
+        "limit": 4,
+        "percent": 25,
+    }
     assert report["memory_mib"]["used"] == 512
 
 
@@ -83,8 +95,14 @@ def test_any_hypervisor_gives_a_plain_users_default_nic_the_tenant_network(setti
     tenant = [{"name": "portal-tenants", "active": True, "forward_mode": "isolated", "bridge": "virbr1"}]
     hv("roomy", memory_mib=16384)
     hv("tenanted", memory_mib=4096, networks=tenant)
-    machine = services.machine_create(owner=UserFactory(username="plain"), hypervisor=None, name="n1",
-                                      deploy_type="network", memory_mib=512, disk_gib=1)  # fmt: skip
+    machine = services.machine_create(
+        owner=UserFactory(username="plain"),
+        hypervisor=None,
+        name="n1",
+        deploy_type="network",
+        memory_mib=512,
+        disk_gib=1,
+    )
     assert machine.hypervisor.name == "tenanted"
     assert [(n.type, n.source) for n in machine.nics.all()] == [("network", "portal-tenants")]
 
@@ -118,8 +136,9 @@ def test_placement_may_emulate_another_architecture():
 
 # --- What a machine holds (capacity.held), and every path that allocates checking it -----------------------
 
-TENANT_POOLS = [{"name": "default", "active": True, "capacity_bytes": 4 << 40, "allocation_bytes": 0,
-                 "available_bytes": 4 << 40}]  # fmt: skip
+TENANT_POOLS = [
+    {"name": "default", "active": True, "capacity_bytes": 4 << 40, "allocation_bytes": 0, "available_bytes": 4 << 40}
+]
 
 
 @pytest.fixture
@@ -136,8 +155,9 @@ def network_machine(owner, lab, name, *, override=False, **kw):
 
     nic = services.NicInput(type="network", source=settings.PORTAL_TENANT_NETWORK)
     kw = {"memory_mib": 128, "disk_gib": 1, **kw}
-    return services.machine_create(owner=owner, hypervisor=lab, name=name, deploy_type="network", nics=[nic],
-                                   override_capacity=override, **kw)  # fmt: skip
+    return services.machine_create(
+        owner=owner, hypervisor=lab, name=name, deploy_type="network", nics=[nic], override_capacity=override, **kw
+    )
 
 
 def test_the_issue_case_extra_disks_count_for_good(lab):
@@ -157,8 +177,16 @@ def test_the_issue_case_extra_disks_count_for_good(lab):
 def test_held_counts_the_main_disk_and_every_extra_disk_of_either_shape(lab):
     user = UserFactory(username="plain")
     shapes = [{"size_gib": 10, "image": None, "boot_order": None}, 5]  # 5: a row from before the dict shape
-    machine = MachineFactory(name="a", owner=user, hypervisor=lab, deploy_type="network", disk_gib=3,
-                                     vcpus=2, memory_mib=256, extra_disks=shapes)  # fmt: skip
+    machine = MachineFactory(
+        name="a",
+        owner=user,
+        hypervisor=lab,
+        deploy_type="network",
+        disk_gib=3,
+        vcpus=2,
+        memory_mib=256,
+        extra_disks=shapes,
+    )
     MachineFactory(name="b", owner=user, hypervisor=lab, deploy_type="network", disk_gib=7)
     assert capacity.held_by(machine) == {"machines": 1, "vcpus": 2, "memory_mib": 256, "disk_gib": 18}
     assert capacity.held_by(machine, disk_gib=10)["disk_gib"] == 25
@@ -250,8 +278,9 @@ def test_rebuild_allocates_nothing_so_a_full_quota_does_not_stop_it(lab):
     user = UserFactory(username="plain")
     Quota.objects.create(user=user, disk_gib=10)
     image = ImageFactory(name="img", kind=ImageKind.DISK, status=ImageStatus.READY, arch="x86_64")
-    machine = MachineFactory(name="a", owner=user, hypervisor=lab, image=image, disk_gib=6, extra_disks=[4],
-                                     status="active")  # fmt: skip
+    machine = MachineFactory(
+        name="a", owner=user, hypervisor=lab, image=image, disk_gib=6, extra_disks=[4], status="active"
+    )
     before = capacity.usage(user)
     services.machine_rebuild(machine=machine)
     assert capacity.usage(user) == before and before["disk_gib"] == 10
@@ -264,8 +293,9 @@ def test_a_named_hypervisor_is_checked_for_room_like_a_placed_one(lab):
     network_machine(user, small, "first", memory_mib=2048)
     with pytest.raises(ValidationError) as e:
         network_machine(user, small, "second", memory_mib=4096)
-    assert e.value.message_dict["hypervisor"] == ["Hypervisor hv1 has no room for this machine "
-                                                  "(2048 MiB memory free, needs 4096)."]  # fmt: skip
+    assert e.value.message_dict["hypervisor"] == [
+        "Hypervisor hv1 has no room for this machine (2048 MiB memory free, needs 4096)."
+    ]
     small.cpus = 1  # 1 CPU x 4 overcommit = 4 vCPUs
     small.save()
     with pytest.raises(ValidationError, match=r"Hypervisor hv1 has no room for this machine \(3 vCPUs free, needs 5\)"):
@@ -306,8 +336,15 @@ def test_the_api_takes_override_capacity_from_staff_only(client, lab, settings):
     from portal.models import ApiToken
 
     small = hv("hv1", memory_mib=1024, pools=TENANT_POOLS, networks=lab.networks)
-    body = {"name": "m1", "deploy_type": "network", "hypervisor": "hv1", "memory_mib": 2048, "disk_gib": 1,
-            "nics": [{"type": "network", "source": settings.PORTAL_TENANT_NETWORK}], "override_capacity": True}  # fmt: skip
+    body = {
+        "name": "m1",
+        "deploy_type": "network",
+        "hypervisor": "hv1",
+        "memory_mib": 2048,
+        "disk_gib": 1,
+        "nics": [{"type": "network", "source": settings.PORTAL_TENANT_NETWORK}],
+        "override_capacity": True,
+    }
     for name, staff, status, answer in (("plain", False, 400, "Only staff"), ("boss", True, 201, "m1")):
         _, raw = ApiToken.issue(user=UserFactory(username=name, is_staff=staff))
         r = client.post("/api/v1/machines/", body, content_type="application/json", HTTP_AUTHORIZATION=f"Token {raw}")
@@ -332,9 +369,21 @@ def test_the_create_form_passes_the_staff_override(client, lab):
     staff = UserFactory(username="boss", is_staff=True)
     small = hv("hv1", memory_mib=1024, pools=TENANT_POOLS, networks=lab.networks)
     client.force_login(staff)
-    form = {"deploy_type": "network", "name": "m1", "hypervisor": small.pk, "pool": "default", "vcpus": 1,
-            "memory_mib": 2048, "disk_gib": 1, "nic": f"network:{lab.networks[0]['name']}", "nic_model": "virtio",
-            "nic_mode": "bridge", "firmware": "bios", "disk_bus": "virtio", "autostart": "on"}  # fmt: skip
+    form = {
+        "deploy_type": "network",
+        "name": "m1",
+        "hypervisor": small.pk,
+        "pool": "default",
+        "vcpus": 1,
+        "memory_mib": 2048,
+        "disk_gib": 1,
+        "nic": f"network:{lab.networks[0]['name']}",
+        "nic_model": "virtio",
+        "nic_mode": "bridge",
+        "firmware": "bios",
+        "disk_bus": "virtio",
+        "autostart": "on",
+    }
     page = client.post("/machines/new/", form).content.decode()
     assert "Hypervisor hv1 has no room for this machine (1024 MiB memory free, needs 2048)." in page
     r = client.post("/machines/new/", {**form, "override_capacity": "on"})

@@ -24,10 +24,14 @@ def hv(db):
 
 
 def machine_with_domain(host, hv, name, *, running: bool, legacy: bool) -> Machine:
-    machine = MachineFactory(name=name, owner=UserFactory(username=f"o-{name}"), hypervisor=hv,
-                                     deploy_type="network", status=Status.ACTIVE)  # fmt: skip
-    host.domains[str(machine.uuid)] = {"state": PowerState.RUNNING if running else PowerState.OFF,
-                                       "vnc_config_protected": not legacy, "vnc_protected": running and not legacy}  # fmt: skip
+    machine = MachineFactory(
+        name=name, owner=UserFactory(username=f"o-{name}"), hypervisor=hv, deploy_type="network", status=Status.ACTIVE
+    )
+    host.domains[str(machine.uuid)] = {
+        "state": PowerState.RUNNING if running else PowerState.OFF,
+        "vnc_config_protected": not legacy,
+        "vnc_protected": running and not legacy,
+    }
     return machine
 
 

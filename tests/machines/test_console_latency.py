@@ -30,9 +30,14 @@ TYPED = {**SAME_ORIGIN, "HTTP_SEC_FETCH_SITE": "none"}
 
 @pytest.fixture
 def machine(db):
-    return MachineFactory(name="lat1", owner=UserFactory(username="lat-owner"), hypervisor=HypervisorFactory(),
-                                  project=ProjectFactory(name="lat-team"), deploy_type="network",
-                                  status=Status.ACTIVE)  # fmt: skip
+    return MachineFactory(
+        name="lat1",
+        owner=UserFactory(username="lat-owner"),
+        hypervisor=HypervisorFactory(),
+        project=ProjectFactory(name="lat-team"),
+        deploy_type="network",
+        status=Status.ACTIVE,
+    )
 
 
 def page_key(client, machine, view="console", **headers) -> tuple[dict | None, object]:
@@ -183,8 +188,10 @@ def test_the_proxy_reaches_the_vnc_server_while_it_records_the_session(machine):
         return near
 
     handler = handler_for()
-    with (mock.patch.object(console_proxy, "vnc_connect", slow_vnc),
-          mock.patch.object(consoles, "console_session_open", slow_session)):  # fmt: skip
+    with (
+        mock.patch.object(console_proxy, "vnc_connect", slow_vnc),
+        mock.patch.object(consoles, "console_session_open", slow_session),
+    ):
         started = time.monotonic()
         handler._authorise("127.0.0.1", f"/console/{machine.pk}", raw)
         took = time.monotonic() - started
@@ -198,9 +205,11 @@ def test_the_proxy_reaches_the_vnc_server_while_it_records_the_session(machine):
 def test_a_session_refused_by_the_caps_closes_the_vnc_connection_made_beside_it(machine, settings):
     settings.PORTAL_CONSOLE_MAX_PER_MACHINE = 1
     first, _ = consoles.console_token_issue(machine=machine, user=machine.owner)
-    consoles.console_session_open(token=consoles.console_token_consume(raw=first, machine_id=machine.pk,
-                                                                       client="127.0.0.1"),
-                                  client="127.0.0.1", proxy_pid=console_proxy.os.getpid())  # fmt: skip
+    consoles.console_session_open(
+        token=consoles.console_token_consume(raw=first, machine_id=machine.pk, client="127.0.0.1"),
+        client="127.0.0.1",
+        proxy_pid=console_proxy.os.getpid(),
+    )
     raw, _ = consoles.console_token_issue(machine=machine, user=machine.owner)
     near, far = tcp_pair()
     made = threading.Event()

@@ -31,8 +31,14 @@ LOCAL = "127.0.0.1"  # what the proxy sees for every client behind a reverse pro
 def machine(db):
     owner = UserFactory(username="console-owner")
     project = ProjectFactory(name="console-team")
-    return MachineFactory(name="con1", owner=owner, hypervisor=HypervisorFactory(), project=project,
-                                  deploy_type="network", status=Status.ACTIVE)  # fmt: skip
+    return MachineFactory(
+        name="con1",
+        owner=owner,
+        hypervisor=HypervisorFactory(),
+        project=project,
+        deploy_type="network",
+        status=Status.ACTIVE,
+    )
 
 
 def member(machine: Machine, name: str, role: str):
@@ -136,8 +142,9 @@ def test_viewers_cannot_lock_an_operator_out(machine, settings):
 @pytest.mark.django_db
 def test_the_per_user_cap_counts_all_of_a_users_sessions(machine, settings):
     settings.PORTAL_CONSOLE_MAX_PER_USER = 2
-    other = MachineFactory(name="con2", owner=machine.owner, hypervisor=machine.hypervisor,
-                                   deploy_type="network", status=Status.ACTIVE)  # fmt: skip
+    other = MachineFactory(
+        name="con2", owner=machine.owner, hypervisor=machine.hypervisor, deploy_type="network", status=Status.ACTIVE
+    )
     open_session(machine, machine.owner)
     open_session(other, machine.owner)
     with pytest.raises(ConsoleDenied, match="user .* already has 2 console sessions"):

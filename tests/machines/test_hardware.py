@@ -10,17 +10,38 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def hv(db):
-    return HypervisorFactory(name="lab", uri="qemu:///system", arch="x86_64", cpus=8, memory_mib=16384,
-                             machine_types=["pc", "pc-i440fx-7.2", "q35", "pc-q35-7.2"],
-                             cpu_modes=["host-model", "custom"], cpu_models=["qemu64", "Haswell-noTSX"],
-                             networks=[tenant_network_entry()],  # the NIC a plain owner may use (not user-mode)
-                             pools=[{"name": "default", "active": True, "capacity_bytes": 1 << 40,
-                                     "allocation_bytes": 0, "available_bytes": 1 << 40}])  # fmt: skip
+    return HypervisorFactory(
+        name="lab",
+        uri="qemu:///system",
+        arch="x86_64",
+        cpus=8,
+        memory_mib=16384,
+        machine_types=["pc", "pc-i440fx-7.2", "q35", "pc-q35-7.2"],
+        cpu_modes=["host-model", "custom"],
+        cpu_models=["qemu64", "Haswell-noTSX"],
+        networks=[tenant_network_entry()],  # the NIC a plain owner may use (not user-mode)
+        pools=[
+            {
+                "name": "default",
+                "active": True,
+                "capacity_bytes": 1 << 40,
+                "allocation_bytes": 0,
+                "available_bytes": 1 << 40,
+            }
+        ],
+    )
 
 
 def create(hv, owner=None, **hw):
-    return services.machine_create(owner=owner or UserFactory(username="hw", is_staff=bool(hw.get("hostdevs") or hw.get("hostdev_match"))), hypervisor=hv, name="metal",
-                                   deploy_type="network", vcpus=2, nics=[tenant_nic()], **hw)  # fmt: skip
+    return services.machine_create(
+        owner=owner or UserFactory(username="hw", is_staff=bool(hw.get("hostdevs") or hw.get("hostdev_match"))),
+        hypervisor=hv,
+        name="metal",
+        deploy_type="network",
+        vcpus=2,
+        nics=[tenant_nic()],
+        **hw,
+    )
 
 
 @pytest.mark.parametrize(
@@ -49,9 +70,21 @@ def test_hardware_reaches_the_domain(hv, host, django_capture_on_commit_callback
     settings.PORTAL_BMC_PORT_RANGE = "17300-17309"
     staff = UserFactory(username="root", is_staff=True)
     with django_capture_on_commit_callbacks(execute=True):
-        machine = create(hv, owner=staff, machine_type="q35", cpu_mode="custom", cpu_model="qemu64",
-                         cpu_topology=[1, 2, 1], smbios={"serial": "SN-9"}, watchdog=True, rng=True,
-                         disk_bus="sata", disk_cache="none", extra_disks=[2, 3], qemu_args=["-no-user-config"])  # fmt: skip
+        machine = create(
+            hv,
+            owner=staff,
+            machine_type="q35",
+            cpu_mode="custom",
+            cpu_model="qemu64",
+            cpu_topology=[1, 2, 1],
+            smbios={"serial": "SN-9"},
+            watchdog=True,
+            rng=True,
+            disk_bus="sata",
+            disk_cache="none",
+            extra_disks=[2, 3],
+            qemu_args=["-no-user-config"],
+        )
     machine.refresh_from_db()
     assert machine.status == "active", machine.status_message
     spec = host.domains[str(machine.uuid)]["spec"]
@@ -91,8 +124,9 @@ def test_an_image_of_an_architecture_the_host_cannot_run_is_refused(hv):
     hv.save()
     image = ImageFactory(name="ppc", status=ImageStatus.READY, arch="ppc64le", virtual_size_bytes=1)
     with pytest.raises(ValidationError, match="cannot run ppc64le guests"):
-        services.machine_create(owner=UserFactory(username="a"), hypervisor=hv, name="p", image=image,
-                                nics=[tenant_nic()])  # fmt: skip
+        services.machine_create(
+            owner=UserFactory(username="a"), hypervisor=hv, name="p", image=image, nics=[tenant_nic()]
+        )
 
 
 def test_an_arm64_machine_gets_emulation_defaults(hv, host, django_capture_on_commit_callbacks, tmp_path, settings):
@@ -106,12 +140,19 @@ def test_an_arm64_machine_gets_emulation_defaults(hv, host, django_capture_on_co
     )
     hv.guest_arches = ["i686", "x86_64", "aarch64"]
     hv.save()
-    image = ImageFactory(name="arm", status=ImageStatus.READY, arch="aarch64", file_name="1.qcow2",
-                                 sha256="cd" * 32, file_size_bytes=(tmp_path / "1.qcow2").stat().st_size,
-                                 virtual_size_bytes=16 << 20)  # fmt: skip
+    image = ImageFactory(
+        name="arm",
+        status=ImageStatus.READY,
+        arch="aarch64",
+        file_name="1.qcow2",
+        sha256="cd" * 32,
+        file_size_bytes=(tmp_path / "1.qcow2").stat().st_size,
+        virtual_size_bytes=16 << 20,
+    )
     with django_capture_on_commit_callbacks(execute=True):
-        machine = services.machine_create(owner=UserFactory(username="b"), hypervisor=hv, name="arm1", image=image,
-                                          disk_gib=1, nics=[tenant_nic()])  # fmt: skip
+        machine = services.machine_create(
+            owner=UserFactory(username="b"), hypervisor=hv, name="arm1", image=image, disk_gib=1, nics=[tenant_nic()]
+        )
     spec = host.domains[str(machine.uuid)]["spec"]
     assert (spec.arch, spec.machine, spec.domain_type, spec.cpu_model, spec.firmware, spec.video) == (
         "aarch64",
@@ -143,8 +184,9 @@ def test_nics_must_match_the_hosts_interfaces(hv, nic, message):
     hv.save()
     with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
         # Staff: for others the network policy answers first and tells nothing of the host's interfaces.
-        services.machine_create(owner=UserFactory(username="n", is_staff=True), hypervisor=hv, name="m",
-                                deploy_type="network", nics=[nic])  # fmt: skip
+        services.machine_create(
+            owner=UserFactory(username="n", is_staff=True), hypervisor=hv, name="m", deploy_type="network", nics=[nic]
+        )
 
 
 def test_a_macvtap_nic_with_a_vlan_is_accepted(hv, settings):
@@ -152,18 +194,43 @@ def test_a_macvtap_nic_with_a_vlan_is_accepted(hv, settings):
     hv.interfaces = [{"name": "eno1", "type": "ethernet", "active": True}]
     hv.save()
     # Staff: passthrough and VLAN tags are host resources (tests/machines/test_published_networks.py refuses others).
-    machine = services.machine_create(owner=UserFactory(username="v", is_staff=True), hypervisor=hv, name="m", deploy_type="network",
-                                      nics=[services.NicInput(type="direct", source="eno1", mode="passthrough", vlan=42)])  # fmt: skip
+    machine = services.machine_create(
+        owner=UserFactory(username="v", is_staff=True),
+        hypervisor=hv,
+        name="m",
+        deploy_type="network",
+        nics=[services.NicInput(type="direct", source="eno1", mode="passthrough", vlan=42)],
+    )
     nic = machine.nics.get()
     assert (nic.type, nic.source, nic.mode, nic.vlan) == ("direct", "eno1", "passthrough", 42)
 
 
 DEVICES = [
-    {"name": "pci_0000_03_00_0", "type": "pci", "vendor": "0x8086", "product": "0x1533", "description": "Intel I210",
-     "driver": "igb", "domain": 0, "bus": 3, "slot": 0, "function": 0},
-    {"name": "pci_0000_04_00_0", "type": "pci", "vendor": "0x8086", "product": "0x1533", "description": "Intel I210",
-     "driver": "igb", "domain": 0, "bus": 4, "slot": 0, "function": 0},
-]  # fmt: skip
+    {
+        "name": "pci_0000_03_00_0",
+        "type": "pci",
+        "vendor": "0x8086",
+        "product": "0x1533",
+        "description": "Intel I210",
+        "driver": "igb",
+        "domain": 0,
+        "bus": 3,
+        "slot": 0,
+        "function": 0,
+    },
+    {
+        "name": "pci_0000_04_00_0",
+        "type": "pci",
+        "vendor": "0x8086",
+        "product": "0x1533",
+        "description": "Intel I210",
+        "driver": "igb",
+        "domain": 0,
+        "bus": 4,
+        "slot": 0,
+        "function": 0,
+    },
+]
 
 
 def test_host_devices_by_name_or_pattern_and_never_twice(hv, host, settings, django_capture_on_commit_callbacks):
@@ -172,10 +239,24 @@ def test_host_devices_by_name_or_pattern_and_never_twice(hv, host, settings, dja
     hv.save()
     owner = UserFactory(username="d", is_staff=True)
     with django_capture_on_commit_callbacks(execute=True):
-        first = services.machine_create(owner=owner, hypervisor=hv, name="d1", deploy_type="network", vcpus=2,
-                                        nics=[tenant_nic()], hostdevs=["pci_0000_03_00_0"])  # fmt: skip
-        second = services.machine_create(owner=owner, hypervisor=hv, name="d2", deploy_type="network", vcpus=2,
-                                         nics=[tenant_nic()], hostdev_match=r"8086:1533")  # fmt: skip
+        first = services.machine_create(
+            owner=owner,
+            hypervisor=hv,
+            name="d1",
+            deploy_type="network",
+            vcpus=2,
+            nics=[tenant_nic()],
+            hostdevs=["pci_0000_03_00_0"],
+        )
+        second = services.machine_create(
+            owner=owner,
+            hypervisor=hv,
+            name="d2",
+            deploy_type="network",
+            vcpus=2,
+            nics=[tenant_nic()],
+            hostdev_match=r"8086:1533",
+        )
     assert second.hostdevs == ["pci_0000_04_00_0"]  # the first match was taken
     spec = host.domains[str(first.uuid)]["spec"]
     assert [d["bus"] for d in spec.hostdevs] == [3]

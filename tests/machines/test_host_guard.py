@@ -90,9 +90,11 @@ def test_a_start_gives_a_domain_defined_without_the_guard_its_filter(host):
 def test_with_bridge_filters_names_the_filter_on_bridge_nics_only():
     from hypervisors.drivers.domxml import with_bridge_filters
 
-    xml = ("<domain><devices><interface type='bridge'><source bridge='br-lab'/></interface>"
-           "<interface type='bridge'><source bridge='br-other'/></interface>"
-           "<interface type='network'><source network='br-lab'/></interface></devices></domain>")  # fmt: skip
+    xml = (
+        "<domain><devices><interface type='bridge'><source bridge='br-lab'/></interface>"
+        "<interface type='bridge'><source bridge='br-other'/></interface>"
+        "<interface type='network'><source network='br-lab'/></interface></devices></domain>"
+    )
     changed = ET.fromstring(with_bridge_filters(xml, {"br-lab": "portal-hostguard-br-lab"}))
     refs = [(i.find("source").attrib, i.find("filterref")) for i in changed.iter("interface")]
     assert refs[0][1].attrib == {"filter": "portal-hostguard-br-lab"}
@@ -108,8 +110,11 @@ def test_the_reconcile_gives_an_old_domain_the_guard_for_whoever_starts_it_next(
     machine.status = "active"
     machine.save(update_fields=["status"])
     unguarded = NicSpec(type="bridge", source="br-lab", mac="52:54:00:00:00:07")
-    FakeDriver("test:///", host).define_domain(DomainSpec(uuid=str(machine.uuid), name="old-bmc", domain_type="qemu",
-                                                          vcpus=1, memory_mib=64, nics=(unguarded,)))  # fmt: skip
+    FakeDriver("test:///", host).define_domain(
+        DomainSpec(
+            uuid=str(machine.uuid), name="old-bmc", domain_type="qemu", vcpus=1, memory_mib=64, nics=(unguarded,)
+        )
+    )
     services.hypervisor_reconcile_run(machine.hypervisor.pk)  # e.g. its BMC or libvirt's autostart starts it next
     assert [n.guard for n in host.domains[str(machine.uuid)]["spec"].nics] == ["portal-hostguard-br-lab"]
     assert machine.events.filter(step="reconcile", message__contains="host guard added").count() == 1

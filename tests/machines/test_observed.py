@@ -97,8 +97,11 @@ def test_the_reconcile_writes_observations_of_machines_without_a_row(host, machi
     assert observed.guest_addresses == {} and not observed.console_unprotected
 
 
-OBSERVED_VALUES = {"guest_addresses": {"52:54:00:aa:bb:cc": ["192.0.2.5/24"]}, "console_unprotected": True,
-                   "serial_log": "TINY-GUEST ready\n" * 100}  # fmt: skip
+OBSERVED_VALUES = {
+    "guest_addresses": {"52:54:00:aa:bb:cc": ["192.0.2.5/24"]},
+    "console_unprotected": True,
+    "serial_log": "TINY-GUEST ready\n" * 100,
+}
 
 
 @pytest.mark.django_db(transaction=True)
@@ -115,8 +118,15 @@ def test_the_migration_moves_observed_values_off_the_machine_row_and_back(user):
         hv = apps.get_model("hypervisors", "Hypervisor").objects.create(name="old", uri="qemu:///system")
         OldMachine = apps.get_model("machines", "Machine")
         when = timezone.now() - timedelta(minutes=3)
-        seen = OldMachine.objects.create(name="seen", owner_id=user.pk, hypervisor_id=hv.pk, serial_log_fetched=when,
-                                         screenshot_requested=when, screenshot_taken=when, **OBSERVED_VALUES)  # fmt: skip
+        seen = OldMachine.objects.create(
+            name="seen",
+            owner_id=user.pk,
+            hypervisor_id=hv.pk,
+            serial_log_fetched=when,
+            screenshot_requested=when,
+            screenshot_taken=when,
+            **OBSERVED_VALUES,
+        )
         blank = OldMachine.objects.create(name="blank", owner_id=user.pk, hypervisor_id=hv.pk)
 
         executor = MigrationExecutor(connection)
@@ -129,8 +139,9 @@ def test_the_migration_moves_observed_values_off_the_machine_row_and_back(user):
         assert row.serial_log_fetched == row.screenshot_requested == row.screenshot_taken == when
         empty = Observed.objects.get(machine_id=blank.pk)
         assert (empty.serial_log, empty.guest_addresses, empty.serial_log_fetched) == ("", {}, None)
-        columns = {c.name for c in connection.introspection.get_table_description(connection.cursor(),
-                                                                                  "machines_machine")}  # fmt: skip
+        columns = {
+            c.name for c in connection.introspection.get_table_description(connection.cursor(), "machines_machine")
+        }
         assert not columns & {"serial_log", "guest_addresses", "screenshot_taken", "console_unprotected"}
 
         executor = MigrationExecutor(connection)

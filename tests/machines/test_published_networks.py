@@ -33,15 +33,27 @@ TENANT = settings.PORTAL_TENANT_NETWORK
 POOLS = [
     {"name": "default", "active": True, "capacity_bytes": 1 << 42, "allocation_bytes": 0, "available_bytes": 1 << 42}
 ]
-INTERFACES = [{"name": "br0", "type": "bridge"}, {"name": "br-trunk", "type": "bridge"},
-              {"name": "eno1", "type": "ethernet"}, {"name": "lo", "type": "ethernet"}]  # fmt: skip
+INTERFACES = [
+    {"name": "br0", "type": "bridge"},
+    {"name": "br-trunk", "type": "bridge"},
+    {"name": "eno1", "type": "ethernet"},
+    {"name": "lo", "type": "ethernet"},
+]
 
 
 def host(name, *, tenant=True, **kw):
     networks = [{"name": "default", "active": True}, {"name": "lan", "active": True, "guard": "portal-guard-lan"}]
-    return HypervisorFactory(name=name, uri="qemu:///system", arch="x86_64", cpus=16, memory_mib=65536, pools=POOLS,
-                             interfaces=INTERFACES, networks=networks + ([tenant_network_entry()] if tenant else []),
-                             **kw)  # fmt: skip
+    return HypervisorFactory(
+        name=name,
+        uri="qemu:///system",
+        arch="x86_64",
+        cpus=16,
+        memory_mib=65536,
+        pools=POOLS,
+        interfaces=INTERFACES,
+        networks=networks + ([tenant_network_entry()] if tenant else []),
+        **kw,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -72,8 +84,14 @@ def api(user) -> APIClient:
 
 
 def post_machine(user, hypervisor, name="m1", **body):
-    body = {"name": name, "deploy_type": "network", "hypervisor": hypervisor.name if hypervisor else None,
-            "memory_mib": 256, "disk_gib": 1, **body}  # fmt: skip
+    body = {
+        "name": name,
+        "deploy_type": "network",
+        "hypervisor": hypervisor.name if hypervisor else None,
+        "memory_mib": 256,
+        "disk_gib": 1,
+        **body,
+    }
     return api(user).post("/api/v1/machines/", body, format="json")
 
 
@@ -127,24 +145,44 @@ def test_a_published_network_allows_only_its_modes_and_vlan_tags(lab):
     PublishedNetworkFactory(kind="bridge", source="br-trunk", vlans=[20, 10], untagged=False)
     PublishedNetworkFactory(kind="bridge", source="br0")
     cases = [
-        ({"type": "direct", "source": "eno1", "mode": "vepa"},
-         "NIC 1: macvtap mode vepa is not published on host interface eno1 on lab (allowed: bridge)"),
-        ({"type": "direct", "source": "eno1", "mode": "bridge", "vlan": 7},
-         "NIC 1: VLAN 7 is not published on host interface eno1 on lab (allowed: 100); ask staff"),
-        ({"type": "bridge", "source": "br0", "vlan": 10},
-         "NIC 1: VLAN 10 is not published on host bridge br0 on lab (allowed: none)"),
-        ({"type": "bridge", "source": "br-trunk"}, "NIC 1: host bridge br-trunk is published on lab only with a VLAN tag (10, 20); give one."),
-        ({"type": "bridge", "source": "br-trunk", "vlan": 30}, "VLAN 30 is not published on host bridge br-trunk on lab (allowed: 10, 20)"),
-    ]  # fmt: skip
+        (
+            {"type": "direct", "source": "eno1", "mode": "vepa"},
+            "NIC 1: macvtap mode vepa is not published on host interface eno1 on lab (allowed: bridge)",
+        ),
+        (
+            {"type": "direct", "source": "eno1", "mode": "bridge", "vlan": 7},
+            "NIC 1: VLAN 7 is not published on host interface eno1 on lab (allowed: 100); ask staff",
+        ),
+        (
+            {"type": "bridge", "source": "br0", "vlan": 10},
+            "NIC 1: VLAN 10 is not published on host bridge br0 on lab (allowed: none)",
+        ),
+        (
+            {"type": "bridge", "source": "br-trunk"},
+            "NIC 1: host bridge br-trunk is published on lab only with a VLAN tag (10, 20); give one.",
+        ),
+        (
+            {"type": "bridge", "source": "br-trunk", "vlan": 30},
+            "VLAN 30 is not published on host bridge br-trunk on lab (allowed: 10, 20)",
+        ),
+    ]
     for nic, message in cases:
         refused(post_machine(user, lab, nics=[nic]), message)
-    ok = [{"type": "direct", "source": "eno1", "mode": "bridge"}, {"type": "direct", "source": "eno1", "mode": "bridge", "vlan": 100},
-          {"type": "bridge", "source": "br-trunk", "vlan": 20}, {"type": "bridge", "source": "br0"}]  # fmt: skip
+    ok = [
+        {"type": "direct", "source": "eno1", "mode": "bridge"},
+        {"type": "direct", "source": "eno1", "mode": "bridge", "vlan": 100},
+        {"type": "bridge", "source": "br-trunk", "vlan": 20},
+        {"type": "bridge", "source": "br0"},
+    ]
     r = post_machine(user, lab, nics=ok)
     assert r.status_code == 201, r.content
     nics = list(Machine.objects.get().nics.values_list("type", "source", "mode", "vlan"))
-    assert nics == [("direct", "eno1", "bridge", None), ("direct", "eno1", "bridge", 100), ("bridge", "br-trunk", "bridge", 20),
-                    ("bridge", "br0", "bridge", None)]  # fmt: skip
+    assert nics == [
+        ("direct", "eno1", "bridge", None),
+        ("direct", "eno1", "bridge", 100),
+        ("bridge", "br-trunk", "bridge", 20),
+        ("bridge", "br0", "bridge", None),
+    ]
 
 
 def test_the_modes_and_tags_of_one_publication_are_not_mixed_with_another(lab):
@@ -152,8 +190,10 @@ def test_the_modes_and_tags_of_one_publication_are_not_mixed_with_another(lab):
     PublishedNetworkFactory(kind="direct", source="eno1", modes=["vepa"], vlans=[10], untagged=False)
     PublishedNetworkFactory(kind="direct", source="eno1", modes=["bridge"], vlans=[20], untagged=False)
     user = UserFactory(username="plain")
-    refused(post_machine(user, lab, nics=[{"type": "direct", "source": "eno1", "mode": "vepa", "vlan": 20}]),
-            "VLAN 20 is not published on host interface eno1 on lab (allowed: 10)")  # fmt: skip
+    refused(
+        post_machine(user, lab, nics=[{"type": "direct", "source": "eno1", "mode": "vepa", "vlan": 20}]),
+        "VLAN 20 is not published on host interface eno1 on lab (allowed: 10)",
+    )
     assert (
         post_machine(user, lab, nics=[{"type": "direct", "source": "eno1", "mode": "bridge", "vlan": 20}]).status_code
         == 201
@@ -188,16 +228,22 @@ def test_a_network_published_to_a_project_is_for_the_machines_made_in_it(lab):
     nic = [{"type": "bridge", "source": "br0"}]
     assert post_machine(chief, lab, project="team", nics=nic).status_code == 201
     # Outside the project the network is not theirs; the project's admin is told where it is.
-    refused(post_machine(chief, lab, name="mine", nics=nic),
-            "host bridge br0 is not published to you on lab (it is published to project team: create the machine in that project)")  # fmt: skip
+    refused(
+        post_machine(chief, lab, name="mine", nics=nic),
+        "host bridge br0 is not published to you on lab (it is published to project team: create the machine in that project)",
+    )
     refused(post_machine(member, lab, nics=nic), f"host bridge br0 {NOT_PUBLISHED}")  # members make no project machines
     refused(post_machine(stranger, lab, nics=nic), f"host bridge br0 {NOT_PUBLISHED}")
     assert Machine.objects.get().project == team
 
 
 def test_staff_may_use_every_nic_kind(lab):
-    nics = [{"type": "user"}, {"type": "bridge", "source": "br0", "vlan": 10}, {"type": "network", "source": "lan"},
-            {"type": "direct", "source": "eno1", "mode": "passthrough", "vlan": 5}]  # fmt: skip
+    nics = [
+        {"type": "user"},
+        {"type": "bridge", "source": "br0", "vlan": 10},
+        {"type": "network", "source": "lan"},
+        {"type": "direct", "source": "eno1", "mode": "passthrough", "vlan": 5},
+    ]
     r = post_machine(UserFactory(username="boss", is_staff=True), lab, nics=nics)
     assert r.status_code == 201, r.content
     assert [n.type for n in Machine.objects.get().nics.all()] == ["user", "bridge", "network", "direct"]
@@ -208,8 +254,13 @@ def test_a_plain_user_is_refused_in_the_service_too(lab):
     from machines import services
 
     with pytest.raises(ValidationError) as e:
-        services.machine_create(owner=UserFactory(username="plain"), hypervisor=lab, name="m", deploy_type="network",
-                                nics=[services.NicInput(type="bridge", source="br0")])  # fmt: skip
+        services.machine_create(
+            owner=UserFactory(username="plain"),
+            hypervisor=lab,
+            name="m",
+            deploy_type="network",
+            nics=[services.NicInput(type="bridge", source="br0")],
+        )
     assert e.value.message_dict["nics"] == [f"NIC 1: host bridge br0 {NOT_PUBLISHED}"]
     refusal = AuditEvent.objects.get(action="machine.create")  # the audit trail keeps the refusal and its rule
     assert refusal.outcome == "refused" and f"host bridge br0 {NOT_PUBLISHED}" in refusal.detail
@@ -275,8 +326,16 @@ def test_the_form_offers_a_plain_user_the_tenant_network_and_what_was_published(
         and labels["direct:eno1"] == "eno1 (macvtap bridge/private)"
     )
     staff = MachineForm(initial={"hypervisor": lab.pk}, user=UserFactory(username="boss", is_staff=True))
-    assert values(staff) == ["user:", "", "network:default", "network:lan", f"network:{TENANT}", "bridge:br-trunk", "bridge:br0",
-                             "direct:eno1"]  # fmt: skip
+    assert values(staff) == [
+        "user:",
+        "",
+        "network:default",
+        "network:lan",
+        f"network:{TENANT}",
+        "bridge:br-trunk",
+        "bridge:br0",
+        "direct:eno1",
+    ]
     assert staff["nic"].value() == f"network:{TENANT}"  # the default for staff too, where there is one
     staff_labels = dict(c for _, group in staff.fields["nic"].choices if isinstance(group, list) for c in group)
     assert staff_labels["direct:eno1"] == "eno1" and staff_labels[f"network:{TENANT}"].endswith(
@@ -311,8 +370,18 @@ def test_the_page_says_when_no_network_is_available_and_network_boot_is_refused(
     client.force_login(UserFactory(username="plain"))
     html = client.post(reverse("machines:form-fields"), {"hypervisor": bare.pk}).content.decode()
     assert 'id="no-network"' in html and "Staff fix this: define the tenant network on bare" in html
-    data = {"deploy_type": "network", "name": "pxe1", "hypervisor": bare.pk, "vcpus": 1, "memory_mib": 256, "disk_gib": 1,
-            "pool": "default", "nic": "", "firmware": "bios", "disk_bus": "virtio"}  # fmt: skip
+    data = {
+        "deploy_type": "network",
+        "name": "pxe1",
+        "hypervisor": bare.pk,
+        "vcpus": 1,
+        "memory_mib": 256,
+        "disk_gib": 1,
+        "pool": "default",
+        "nic": "",
+        "firmware": "bios",
+        "disk_bus": "virtio",
+    }
     r = client.post(reverse("machines:create"), data)
     errors = " ".join(r.context["form"].errors["nic"])
     assert r.status_code == 200 and "A network-boot machine needs a NIC to boot from. No network is available" in errors
@@ -334,8 +403,19 @@ def test_the_page_says_when_no_network_is_available_and_network_boot_is_refused(
 def test_the_form_refuses_a_plain_user_naming_the_rule(lab, change, message):
     client = Client()
     client.force_login(UserFactory(username="plain"))
-    data = {"deploy_type": "network", "name": "sneaky", "hypervisor": lab.pk, "vcpus": 1, "memory_mib": 256, "disk_gib": 1,
-            "pool": "default", "firmware": "bios", "disk_bus": "virtio", "nic_model": "virtio", **change}  # fmt: skip
+    data = {
+        "deploy_type": "network",
+        "name": "sneaky",
+        "hypervisor": lab.pk,
+        "vcpus": 1,
+        "memory_mib": 256,
+        "disk_gib": 1,
+        "pool": "default",
+        "firmware": "bios",
+        "disk_bus": "virtio",
+        "nic_model": "virtio",
+        **change,
+    }
     r = client.post(reverse("machines:create"), data)
     assert r.status_code == 200 and not Machine.objects.exists()
     assert message in " ".join(r.context["form"].errors["nic"]), r.context["form"].errors
@@ -345,8 +425,17 @@ def test_the_form_creates_on_a_published_network_and_on_the_tenant_network(lab):
     PublishedNetworkFactory(kind="direct", source="eno1", modes=["private"], vlans=[7])
     client = Client()
     client.force_login(UserFactory(username="plain"))
-    data = {"deploy_type": "network", "hypervisor": lab.pk, "vcpus": 1, "memory_mib": 256, "disk_gib": 1,
-            "pool": "default", "firmware": "bios", "disk_bus": "virtio", "nic_model": "virtio"}  # fmt: skip
+    data = {
+        "deploy_type": "network",
+        "hypervisor": lab.pk,
+        "vcpus": 1,
+        "memory_mib": 256,
+        "disk_gib": 1,
+        "pool": "default",
+        "firmware": "bios",
+        "disk_bus": "virtio",
+        "nic_model": "virtio",
+    }
     r = client.post(
         reverse("machines:create"), {**data, "name": "a", "nic": "direct:eno1", "nic_mode": "private", "nic_vlan": 7}
     )
@@ -354,7 +443,9 @@ def test_the_form_creates_on_a_published_network_and_on_the_tenant_network(lab):
     r = client.post(reverse("machines:create"), {**data, "name": "b", "nic": f"network:{TENANT}"})
     assert r.status_code == 302, r.context["form"].errors
     assert sorted(Machine.objects.values_list("name", "nics__type", "nics__source", "nics__mode", "nics__vlan")) == [
-        ("a", "direct", "eno1", "private", 7), ("b", "network", TENANT, "bridge", None)]  # fmt: skip
+        ("a", "direct", "eno1", "private", 7),
+        ("b", "network", TENANT, "bridge", None),
+    ]
 
 
 def test_the_form_redraws_for_the_project_with_its_networks(lab):
@@ -383,8 +474,19 @@ def admin_client(db):
 def test_staff_publish_in_the_admin_and_it_is_audited(admin_client, lab):
     team = ProjectFactory(name="team")
     add = reverse("admin:hypervisors_publishednetwork_add")
-    r = admin_client.post(add, {"hypervisor": lab.pk, "kind": "direct", "source": "eno1", "modes": ["bridge", "vepa"],
-                                "vlans": "101, 100", "untagged": "on", "projects": [team.pk], "note": "lab VLANs"})  # fmt: skip
+    r = admin_client.post(
+        add,
+        {
+            "hypervisor": lab.pk,
+            "kind": "direct",
+            "source": "eno1",
+            "modes": ["bridge", "vepa"],
+            "vlans": "101, 100",
+            "untagged": "on",
+            "projects": [team.pk],
+            "note": "lab VLANs",
+        },
+    )
     assert r.status_code == 302, r.content.decode()[:2000]
     row = PublishedNetwork.objects.get()
     assert (row.modes, row.vlans, list(row.projects.all()), row.everyone) == (
@@ -397,8 +499,19 @@ def test_staff_publish_in_the_admin_and_it_is_audited(admin_client, lab):
     assert event.user_id is not None and event.object_repr == "host interface (macvtap) eno1 on lab"
     assert "projects=[team]" in event.detail and "vlans=[101, 100]" in event.detail
     change = reverse("admin:hypervisors_publishednetwork_change", args=[row.pk])
-    r = admin_client.post(change, {"hypervisor": lab.pk, "kind": "direct", "source": "eno1", "modes": ["bridge"],
-                                   "vlans": "100 101", "untagged": "on", "everyone": "on", "note": "lab VLANs"})  # fmt: skip
+    r = admin_client.post(
+        change,
+        {
+            "hypervisor": lab.pk,
+            "kind": "direct",
+            "source": "eno1",
+            "modes": ["bridge"],
+            "vlans": "100 101",
+            "untagged": "on",
+            "everyone": "on",
+            "note": "lab VLANs",
+        },
+    )
     assert (
         r.status_code == 302
         and AuditEvent.objects.filter(action="network.publish_update", detail__contains="modes").exists()
@@ -410,8 +523,9 @@ def test_staff_publish_in_the_admin_and_it_is_audited(admin_client, lab):
     # A plain user's machine is on it: unpublishing says so (it keeps running, but will not be started).
     machine = MachineFactory(name="on-eno1", owner=UserFactory(username="plain-eno1"), hypervisor=lab)
     machine.nics.create(index=0, type="direct", source="eno1", mode="bridge", mac="52:54:00:00:e0:01")
-    r = admin_client.post(reverse("admin:hypervisors_publishednetwork_delete", args=[row.pk]), {"post": "yes"},
-                          follow=True)  # fmt: skip
+    r = admin_client.post(
+        reverse("admin:hypervisors_publishednetwork_delete", args=[row.pk]), {"post": "yes"}, follow=True
+    )
     assert r.status_code == 200 and not PublishedNetwork.objects.exists()
     assert AuditEvent.objects.filter(action="network.unpublish", object_id=str(row.pk)).exists()
     assert (
@@ -435,8 +549,16 @@ def test_staff_publish_in_the_admin_and_it_is_audited(admin_client, lab):
     ],
 )
 def test_the_admin_refuses_what_cannot_be_published(admin_client, lab, change, field, message):
-    data = {"hypervisor": lab.pk, "kind": "direct", "source": "eno1", "modes": ["bridge"], "vlans": "", "untagged": "on",
-            "everyone": "on", **change}  # fmt: skip
+    data = {
+        "hypervisor": lab.pk,
+        "kind": "direct",
+        "source": "eno1",
+        "modes": ["bridge"],
+        "vlans": "",
+        "untagged": "on",
+        "everyone": "on",
+        **change,
+    }
     data = {k: v for k, v in data.items() if v != ""}
     r = admin_client.post(reverse("admin:hypervisors_publishednetwork_add"), data)
     assert r.status_code == 200 and not PublishedNetwork.objects.exists()
@@ -505,8 +627,9 @@ def test_the_policy_report_lists_project_machines_of_staff_too(lab):
     from machines.nic_policy import machines_against_policy
 
     staff = UserFactory(username="boss", is_staff=True)
-    machine = MachineFactory(name="old", owner=staff, hypervisor=lab, deploy_type="network",
-                                     project=ProjectFactory(name="team"))  # fmt: skip
+    machine = MachineFactory(
+        name="old", owner=staff, hypervisor=lab, deploy_type="network", project=ProjectFactory(name="team")
+    )
     machine.nics.create(index=0, type="user", mac="52:54:00:00:00:99")
     assert [(m.name, "user-mode" in why) for m, why in machines_against_policy()] == [("old", True)]
 
@@ -534,8 +657,9 @@ def test_a_machine_against_the_policy_is_neither_started_nor_rebuilt(lab):
     from machines import services
 
     owner = UserFactory(username="legacy")
-    machine = MachineFactory(name="old", owner=owner, hypervisor=lab, deploy_type="network", status="active",
-                                     power_state="off")  # fmt: skip
+    machine = MachineFactory(
+        name="old", owner=owner, hypervisor=lab, deploy_type="network", status="active", power_state="off"
+    )
     machine.nics.create(index=0, type="user", mac="52:54:00:00:00:98")
     with pytest.raises(services.MachineError, match="old cannot be started: NIC 1: user-mode networking is for staff"):
         services.machine_power(machine=machine, action="start")

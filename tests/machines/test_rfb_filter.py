@@ -138,13 +138,21 @@ def _u16(n):
 
 
 MESSAGES = st.one_of(
-    st.just(UPDATE), st.just(PIXEL_FORMAT), st.just(KEY), st.just(POINTER), st.just(QEMU_KEY), st.just(QEMU_AUDIO),
-    st.just(XVP), st.just(FENCE), st.just(DESKTOP_SIZE), st.just(CONTINUOUS),
+    st.just(UPDATE),
+    st.just(PIXEL_FORMAT),
+    st.just(KEY),
+    st.just(POINTER),
+    st.just(QEMU_KEY),
+    st.just(QEMU_AUDIO),
+    st.just(XVP),
+    st.just(FENCE),
+    st.just(DESKTOP_SIZE),
+    st.just(CONTINUOUS),
     st.integers(0, 70).map(lambda n: bytes([2, 0]) + _u16(n) + bytes(4 * n)),
     st.binary(max_size=40).map(lambda t: bytes([6, 0, 0, 0]) + struct.pack(">i", len(t)) + t),
     st.binary(max_size=40).map(lambda t: bytes([6, 0, 0, 0]) + struct.pack(">i", -len(t)) + t),
     st.tuples(st.integers(0, 255), st.binary(max_size=12)).map(lambda t: bytes([t[0]]) + t[1]),  # any type at all
-)  # fmt: skip
+)
 
 
 def _mutate(stream: bytes, edits) -> bytes:
@@ -176,9 +184,12 @@ def _run_viewer(stream: bytes, cuts: list[int]) -> tuple[bytes, bool]:
 
 
 @settings(max_examples=2000, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-@given(init=st.integers(0, 255), messages=st.lists(MESSAGES, max_size=30),
-       edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 2), st.integers(0, 255)), max_size=6),
-       cuts=st.lists(st.integers(0, 10_000), max_size=8))  # fmt: skip
+@given(
+    init=st.integers(0, 255),
+    messages=st.lists(MESSAGES, max_size=30),
+    edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 2), st.integers(0, 255)), max_size=6),
+    cuts=st.lists(st.integers(0, 10_000), max_size=8),
+)
 def test_no_input_ever_reaches_the_server_from_a_viewer(init, messages, edits, cuts):
     stream = _mutate(bytes([init]) + b"".join(messages), edits)
     out, _closed = _run_viewer(stream, cuts)

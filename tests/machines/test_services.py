@@ -30,9 +30,20 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGcmrUPZ3pFJmjK8bXB3GB+oBd8rD8bh2l6t5
 @pytest.fixture
 def hv(db):
     # The tenant network: the NIC the (non-staff) owner's machines get; user-mode networking is staff-only.
-    return HypervisorFactory(name="lab", uri="qemu:///system", networks=[{"name": "default", "active": True}, tenant_network_entry()],
-                             pools=[{"name": "default", "active": True, "capacity_bytes": 1 << 40,
-                                     "allocation_bytes": 0, "available_bytes": 1 << 40}])  # fmt: skip
+    return HypervisorFactory(
+        name="lab",
+        uri="qemu:///system",
+        networks=[{"name": "default", "active": True}, tenant_network_entry()],
+        pools=[
+            {
+                "name": "default",
+                "active": True,
+                "capacity_bytes": 1 << 40,
+                "allocation_bytes": 0,
+                "available_bytes": 1 << 40,
+            }
+        ],
+    )
 
 
 @pytest.fixture
@@ -40,8 +51,15 @@ def image(settings, tmp_path):
     settings.PORTAL_IMAGE_DIR = tmp_path
     path = tmp_path / "1.qcow2"
     subprocess.run(["qemu-img", "create", "-f", "qcow2", str(path), "64M"], check=True, capture_output=True)
-    return ImageFactory(name="tiny", status=ImageStatus.READY, file_name=path.name, sha256="ab" * 32,
-                                file_size_bytes=path.stat().st_size, virtual_size_bytes=64 << 20, default_user="tiny")  # fmt: skip
+    return ImageFactory(
+        name="tiny",
+        status=ImageStatus.READY,
+        file_name=path.name,
+        sha256="ab" * 32,
+        file_size_bytes=path.stat().st_size,
+        virtual_size_bytes=64 << 20,
+        default_user="tiny",
+    )
 
 
 @pytest.fixture
@@ -57,8 +75,17 @@ def create(django_capture_on_commit_callbacks, **kw) -> Machine:
 
 
 def base_kwargs(owner, hv, image, **kw):
-    return {"owner": owner, "hypervisor": hv, "name": "web1", "image": image, "memory_mib": 256, "disk_gib": 1,
-            "nics": [tenant_nic()], "ssh_authorized_keys": KEY, **kw}  # fmt: skip
+    return {
+        "owner": owner,
+        "hypervisor": hv,
+        "name": "web1",
+        "image": image,
+        "memory_mib": 256,
+        "disk_gib": 1,
+        "nics": [tenant_nic()],
+        "ssh_authorized_keys": KEY,
+        **kw,
+    }
 
 
 def test_create_runs_the_pipeline_to_active(django_capture_on_commit_callbacks, host, owner, hv, image):
@@ -265,8 +292,14 @@ def test_reconcile_fails_stuck_machines_and_notices_vanished_domains(
     host, owner, hv, image, django_capture_on_commit_callbacks, settings
 ):
     machine = create(django_capture_on_commit_callbacks, **base_kwargs(owner, hv, image))
-    stuck = MachineFactory(name="stuck", owner=owner, hypervisor=hv, image=image, status=Status.PROVISIONING,
-                                   status_changed=timezone.now() - timedelta(seconds=settings.PORTAL_PROVISION_TIMEOUT + 5))  # fmt: skip
+    stuck = MachineFactory(
+        name="stuck",
+        owner=owner,
+        hypervisor=hv,
+        image=image,
+        status=Status.PROVISIONING,
+        status_changed=timezone.now() - timedelta(seconds=settings.PORTAL_PROVISION_TIMEOUT + 5),
+    )
     host.domains.clear()
     services.machines_reconcile()
     stuck.refresh_from_db()
@@ -295,11 +328,16 @@ def test_reconcile_records_the_addresses_of_running_guests(host, owner, hv, imag
 def test_reconcile_takes_screenshots_in_batches_in_turn(host, owner, hv, settings):
     settings.PORTAL_SCREENSHOTS_PER_MINUTE = 2
     now = timezone.now()
-    asked_at = {"never": None, "old": now - timedelta(hours=1), "recent": now - timedelta(minutes=2),
-                "fresh": now - timedelta(seconds=55)}  # fmt: skip
+    asked_at = {
+        "never": None,
+        "old": now - timedelta(hours=1),
+        "recent": now - timedelta(minutes=2),
+        "fresh": now - timedelta(seconds=55),
+    }
     for name, when in asked_at.items():
-        m = MachineFactory(name=name, owner=owner, hypervisor=hv, deploy_type="network", status=Status.ACTIVE,
-                                   power_state="running")  # fmt: skip
+        m = MachineFactory(
+            name=name, owner=owner, hypervisor=hv, deploy_type="network", status=Status.ACTIVE, power_state="running"
+        )
         MachineObserved.objects.create(machine=m, screenshot_requested=when)
         host.domains[str(m.uuid)] = {"state": PowerState.RUNNING}
     MachineFactory(
@@ -307,8 +345,14 @@ def test_reconcile_takes_screenshots_in_batches_in_turn(host, owner, hv, setting
     )
     # A machine whose hypervisor is down keeps its last state; it must not take a place in every batch.
     down = HypervisorFactory(name="gone", uri="qemu+tcp://gone/system", status="down")
-    MachineFactory(name="stranded", owner=owner, hypervisor=down, deploy_type="network", status=Status.ACTIVE,
-                           power_state="running")  # fmt: skip
+    MachineFactory(
+        name="stranded",
+        owner=owner,
+        hypervisor=down,
+        deploy_type="network",
+        status=Status.ACTIVE,
+        power_state="running",
+    )
 
     def batch():
         with mock.patch("machines.tasks.machine_screenshot_task") as task:

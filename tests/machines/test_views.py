@@ -80,8 +80,11 @@ def test_create_form_explains_itself(user_client):
 
 
 def test_preview_shows_the_documents(user_client):
-    r = user_client.post(reverse("machines:preview"), {"name": "web9", "script": "echo <hi>", "nic": "user:"},
-                         headers={"HX-Request": "true"})  # fmt: skip
+    r = user_client.post(
+        reverse("machines:preview"),
+        {"name": "web9", "script": "echo <hi>", "nic": "user:"},
+        headers={"HX-Request": "true"},
+    )
     body = r.content.decode()
     assert "local-hostname: web9" in body and "echo &lt;hi&gt;" in body and "network-config" in body
 
@@ -94,8 +97,13 @@ def test_preview_reports_bad_user_data(user_client):
 def test_search_filter_sort_and_paginate(user_client, user):
     hv = HypervisorFactory(name="lab2", uri="qemu:///system")
     for i in range(30):
-        MachineFactory(name=f"web{i:02d}", owner=user, hypervisor=hv, deploy_type="network",
-                               status=Status.ERROR if i % 10 == 0 else Status.ACTIVE)  # fmt: skip
+        MachineFactory(
+            name=f"web{i:02d}",
+            owner=user,
+            hypervisor=hv,
+            deploy_type="network",
+            status=Status.ERROR if i % 10 == 0 else Status.ACTIVE,
+        )
     body = user_client.get(reverse("machines:list") + "?q=web1&sort=name").content.decode()
     assert "web10" in body and "web19" in body and "web20" not in body
     body = user_client.get(reverse("machines:list") + "?status=error").content.decode()
@@ -105,8 +113,13 @@ def test_search_filter_sort_and_paginate(user_client, user):
 
 
 def test_bulk_actions_only_touch_your_machines(user_client, machine, other_client):
-    other_machine = MachineFactory(name="theirs", owner=UserFactory(username="bob"), hypervisor=machine.hypervisor,
-                                           deploy_type="network", status=Status.ACTIVE)  # fmt: skip
+    other_machine = MachineFactory(
+        name="theirs",
+        owner=UserFactory(username="bob"),
+        hypervisor=machine.hypervisor,
+        deploy_type="network",
+        status=Status.ACTIVE,
+    )
     r = user_client.post(
         reverse("machines:bulk"), {"action": "poweroff", "ids": [machine.pk, other_machine.pk]}, follow=True
     )

@@ -40,8 +40,14 @@ def test_ssh_keys_are_validated_kept_and_offered_on_create(user_client, user):
 
 
 def test_password_change(user_client, user):
-    r = user_client.post("/account/password/", {"old_password": "correct-horse-battery", "new_password1": "an-even-longer-one-42",
-                                                 "new_password2": "an-even-longer-one-42"})  # fmt: skip
+    r = user_client.post(
+        "/account/password/",
+        {
+            "old_password": "correct-horse-battery",
+            "new_password1": "an-even-longer-one-42",
+            "new_password2": "an-even-longer-one-42",
+        },
+    )
     assert r.status_code == 302
     user.refresh_from_db()
     assert user.check_password("an-even-longer-one-42")

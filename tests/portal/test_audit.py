@@ -15,8 +15,11 @@ def test_logins_and_failed_logins_are_recorded(user):
     client.post("/login/", {"username": "alice", "password": "correct-horse-battery"})
     client.post("/logout/")
     events = list(AuditEvent.objects.order_by("pk").values_list("action", "outcome", "username", "address"))
-    assert events == [("login", "refused", "alice", "192.0.2.7"), ("login", "success", "alice", "192.0.2.7"),
-                      ("logout", "success", "alice", "192.0.2.7")]  # fmt: skip
+    assert events == [
+        ("login", "refused", "alice", "192.0.2.7"),
+        ("login", "success", "alice", "192.0.2.7"),
+        ("logout", "success", "alice", "192.0.2.7"),
+    ]
 
 
 def test_api_changes_are_recorded_with_the_token_user(staff, django_capture_on_commit_callbacks):
@@ -98,8 +101,7 @@ def test_a_media_change_records_machine_media_and_other_operations_do_not(django
     hv = HypervisorFactory(name="lab", console_address="127.0.0.1")
     owner = UserFactory(username="media")
     iso = ImageFactory(name="installer", kind="iso", format="raw", status="ready")
-    machine = MachineFactory(name="m", owner=owner, hypervisor=hv, deploy_type="iso", status="active",
-                                     image=iso)  # fmt: skip
+    machine = MachineFactory(name="m", owner=owner, hypervisor=hv, deploy_type="iso", status="active", image=iso)
     machine.cdroms.create(slot=0)
     with django_capture_on_commit_callbacks(execute=False):
         services.machine_change_media(machine=machine, slot=0, image=None)

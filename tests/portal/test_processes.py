@@ -9,10 +9,12 @@ from portal.processes import stop_groups
 def test_a_group_member_that_ignores_sigterm_does_not_outlive_its_group(tmp_path):
     pidfile = tmp_path / "child.pid"
     # The leader exits on SIGTERM; its child ignores it, like a child stuck between fork and exec.
-    script = (f"import os, signal, subprocess, sys, time\n"
-              f"child = subprocess.Popen([sys.executable, '-c', 'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'])\n"
-              f"open({str(pidfile)!r}, 'w').write(str(child.pid))\n"
-              f"time.sleep(600)\n")  # fmt: skip
+    script = (
+        f"import os, signal, subprocess, sys, time\n"
+        f"child = subprocess.Popen([sys.executable, '-c', 'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'])\n"
+        f"open({str(pidfile)!r}, 'w').write(str(child.pid))\n"
+        f"time.sleep(600)\n"
+    )
     leader = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
     deadline = time.monotonic() + 10
     while not (pidfile.exists() and pidfile.read_text()):

@@ -55,8 +55,9 @@ def test_dashboard_says_when_the_worker_stopped(user_client, user, settings):
 
 
 def test_a_busy_machine_says_it_waits_for_the_worker(user_client, user):
-    machine = MachineFactory(name="waiting", owner=user, hypervisor=HypervisorFactory(), deploy_type="network",
-                                     status=Status.PROVISIONING)  # fmt: skip
+    machine = MachineFactory(
+        name="waiting", owner=user, hypervisor=HypervisorFactory(), deploy_type="network", status=Status.PROVISIONING
+    )
     assert b'id="worker-down"' in user_client.get(machine.get_absolute_url()).content
     r = user_client.get("/")
     assert b"waiting</a> \xc2\xb7 provisioning for" in r.content  # in progress, on the dashboard

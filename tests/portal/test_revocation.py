@@ -17,8 +17,9 @@ pytestmark = pytest.mark.django_db
 def held(db):
     user = UserFactory(username="holder", password="old-password-123")
     machine = MachineFactory(name="m", owner=user, hypervisor=HypervisorFactory(name="h"), deploy_type="network")
-    unused = ConsoleToken.objects.create(key_hash="x" * 64, machine=machine, user=user,
-                                         expires_at=timezone.now() + timedelta(minutes=1))  # fmt: skip
+    unused = ConsoleToken.objects.create(
+        key_hash="x" * 64, machine=machine, user=user, expires_at=timezone.now() + timedelta(minutes=1)
+    )
     session = ConsoleSession.objects.create(machine=machine, user=user, token=unused, client="127.0.0.1", proxy_pid=1)
     ApiToken.issue(user=user, name="laptop")
     return user, session
@@ -27,8 +28,14 @@ def held(db):
 def test_a_password_change_revokes_consoles_and_api_tokens(held, client):
     user, session = held
     client.force_login(user)
-    r = client.post("/account/password/", {"old_password": "old-password-123", "new_password1": "n3w-Passw0rd-long",
-                                           "new_password2": "n3w-Passw0rd-long"})  # fmt: skip
+    r = client.post(
+        "/account/password/",
+        {
+            "old_password": "old-password-123",
+            "new_password1": "n3w-Passw0rd-long",
+            "new_password2": "n3w-Passw0rd-long",
+        },
+    )
     assert r.status_code in (200, 302)
     user.refresh_from_db()
     assert user.check_password("n3w-Passw0rd-long")

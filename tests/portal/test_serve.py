@@ -33,13 +33,20 @@ def alive(pid: int) -> bool:
 
 def test_one_dead_process_stops_them_all_and_nothing_is_left(tmp_path):
     data = tmp_path / "data"
-    env = {**os.environ, "PORTAL_DATA_DIR": str(data), "PORTAL_PORT": str(free_port()),
-           "PORTAL_CONSOLE_PORT": str(free_port()), "PORTAL_BMC_PORT_RANGE": "17390-17399", "PORTAL_WEB_WORKERS": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PORTAL_DATA_DIR": str(data),
+        "PORTAL_PORT": str(free_port()),
+        "PORTAL_CONSOLE_PORT": str(free_port()),
+        "PORTAL_BMC_PORT_RANGE": "17390-17399",
+        "PORTAL_WEB_WORKERS": "1",
+    }
     env.pop("PYTEST_VERSION", None)  # a real data directory, not the tests' one
     manage = [sys.executable, str(settings.BASE_DIR / "manage.py")]
     subprocess.run([*manage, "migrate", "-v0"], env=env, check=True, timeout=120)
-    serve = subprocess.Popen([*manage, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)  # fmt: skip
+    serve = subprocess.Popen(
+        [*manage, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         pids, lines = {}, []
         deadline = time.monotonic() + 60
@@ -58,8 +65,10 @@ def test_one_dead_process_stops_them_all_and_nothing_is_left(tmp_path):
             except OSError:
                 assert time.monotonic() < deadline, "the web server never listened"
                 time.sleep(0.2)
-        gunicorn_workers = [int(p) for p in subprocess.run(["pgrep", "-g", str(pids["web"])], capture_output=True,
-                                                             text=True).stdout.split()]  # fmt: skip
+        gunicorn_workers = [
+            int(p)
+            for p in subprocess.run(["pgrep", "-g", str(pids["web"])], capture_output=True, text=True).stdout.split()
+        ]
         os.kill(pids["console"], signal.SIGKILL)
         assert serve.wait(timeout=30) != 0
         rest = serve.stdout.read()

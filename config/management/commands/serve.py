@@ -26,14 +26,25 @@ def portal_processes() -> dict[str, list[str]]:
         bind = f"[{settings.PORTAL_HOST}]:{settings.PORTAL_PORT}"
     return {
         "web": [
-            py, "-m", "gunicorn", "config.wsgi", "--bind", bind,
-            "--workers", os.getenv("PORTAL_WEB_WORKERS", "2"), "--threads", "4",
-            "--access-logfile", "-", "--forwarded-allow-ips", os.getenv("PORTAL_FORWARDED_ALLOW_IPS", "127.0.0.1"),
+            py,
+            "-m",
+            "gunicorn",
+            "config.wsgi",
+            "--bind",
+            bind,
+            "--workers",
+            os.getenv("PORTAL_WEB_WORKERS", "2"),
+            "--threads",
+            "4",
+            "--access-logfile",
+            "-",
+            "--forwarded-allow-ips",
+            os.getenv("PORTAL_FORWARDED_ALLOW_IPS", "127.0.0.1"),
         ],
         "worker": [py, manage, "run_huey", "--flush-locks"],
         "console": [py, manage, "console_proxy"],
         "bmc": [py, manage, "bmc_server"],
-    }  # fmt: skip
+    }
 
 
 class Command(BaseCommand):

@@ -45,8 +45,9 @@ def files_of(directory: Path) -> LabCerts:
     return LabCerts(ca_dir=directory / "ca", server_dir=directory / "server", client_dir=directory / "client")
 
 
-def make_lab_certs(directory: Path, *, server_ip: str, server_name: str = "", client_name: str = "portal",
-                   days: int = 825) -> LabCerts:  # fmt: skip
+def make_lab_certs(
+    directory: Path, *, server_ip: str, server_name: str = "", client_name: str = "portal", days: int = 825
+) -> LabCerts:
     """Write the CA, server and client files under `directory`. Raises ValueError on bad input or when
     a file would be overwritten; nothing is written then."""
     try:
@@ -62,40 +63,69 @@ def make_lab_certs(directory: Path, *, server_ip: str, server_name: str = "", cl
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{directory} exists and is not a directory")
     out = files_of(directory)
-    targets = [out.ca_dir / "cacert.pem", out.ca_dir / "cakey.pem",
-               out.server_dir / "cacert.pem", out.server_dir / "servercert.pem", out.server_dir / "serverkey.pem",
-               out.client_dir / "cacert.pem", out.client_dir / "clientcert.pem", out.client_dir / "clientkey.pem"]  # fmt: skip
+    targets = [
+        out.ca_dir / "cacert.pem",
+        out.ca_dir / "cakey.pem",
+        out.server_dir / "cacert.pem",
+        out.server_dir / "servercert.pem",
+        out.server_dir / "serverkey.pem",
+        out.client_dir / "cacert.pem",
+        out.client_dir / "clientcert.pem",
+        out.client_dir / "clientkey.pem",
+    ]
     existing = [str(t) for t in targets if t.exists() or t.is_symlink()]
     if existing:
         raise ValueError(f"refusing to overwrite {', '.join(existing)}; choose an empty directory")
 
     now = datetime.datetime.now(datetime.UTC)
-    not_before, ca_until, leaf_until = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=MAX_DAYS), now + datetime.timedelta(days=days)  # fmt: skip
+    not_before, ca_until, leaf_until = (
+        now - datetime.timedelta(minutes=5),
+        now + datetime.timedelta(days=MAX_DAYS),
+        now + datetime.timedelta(days=days),
+    )
     ca_key = _key()
-    ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "AnsiStack Portal lab"),
-                         x509.NameAttribute(NameOID.COMMON_NAME, "AnsiStack Portal lab CA")])  # fmt: skip
+    ca_name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "AnsiStack Portal lab"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "AnsiStack Portal lab CA"),
+        ]
+    )
     ca_cert = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(not_before).not_valid_after(ca_until)
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(ca_until)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_usage(cert_sign=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
-    )  # fmt: skip
+    )
 
     def leaf(cn: str, purpose: x509.ObjectIdentifier, san: list[x509.GeneralName] | None):
         key = _key()
         builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "AnsiStack Portal lab"),
-                                     x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(not_before).not_valid_after(min(leaf_until, ca_until))
+            .subject_name(
+                x509.Name(
+                    [
+                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "AnsiStack Portal lab"),
+                        x509.NameAttribute(NameOID.COMMON_NAME, cn),
+                    ]
+                )
+            )
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before)
+            .not_valid_after(min(leaf_until, ca_until))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_usage(cert_sign=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage([purpose]), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        )  # fmt: skip
+        )
         if san:
             builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
         return key, builder.sign(ca_key, hashes.SHA256())
@@ -126,9 +156,17 @@ def _key() -> rsa.RSAPrivateKey:
 
 def _usage(*, cert_sign: bool) -> x509.KeyUsage:
     # libvirt checks these bits: keyCertSign on the CA; digitalSignature and keyEncipherment on the others.
-    return x509.KeyUsage(digital_signature=not cert_sign, content_commitment=False, key_encipherment=not cert_sign,
-                         data_encipherment=False, key_agreement=False, key_cert_sign=cert_sign, crl_sign=cert_sign,
-                         encipher_only=False, decipher_only=False)  # fmt: skip
+    return x509.KeyUsage(
+        digital_signature=not cert_sign,
+        content_commitment=False,
+        key_encipherment=not cert_sign,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
 def _pem(cert: x509.Certificate) -> bytes:
@@ -136,8 +174,9 @@ def _pem(cert: x509.Certificate) -> bytes:
 
 
 def _key_pem(key: rsa.RSAPrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                             serialization.NoEncryption())  # fmt: skip
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
@@ -151,8 +190,10 @@ def _write(path: Path, data: bytes, mode: int) -> None:
 
 
 class Command(BaseCommand):
-    help = ("Make a small CA, a server and a client certificate for a lab hypervisor reached over qemu+tls://, "
-            "laid out as libvirt expects (DIR/ca, DIR/server, DIR/client).")  # fmt: skip
+    help = (
+        "Make a small CA, a server and a client certificate for a lab hypervisor reached over qemu+tls://, "
+        "laid out as libvirt expects (DIR/ca, DIR/server, DIR/client)."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("directory", metavar="DIR", help="an empty or new directory")
@@ -163,8 +204,9 @@ class Command(BaseCommand):
 
     def handle(self, *args, directory: str, server_ip: str, server_name: str, client_name: str, days: int, **options):
         try:
-            out = make_lab_certs(Path(directory), server_ip=server_ip, server_name=server_name,
-                                 client_name=client_name, days=days)  # fmt: skip
+            out = make_lab_certs(
+                Path(directory), server_ip=server_ip, server_name=server_name, client_name=client_name, days=days
+            )
         except ValueError as e:
             raise CommandError(str(e)) from None
         except OSError as e:

@@ -115,8 +115,18 @@ def device_of(mac: str) -> str:
     raise SystemExit(f"no NIC with MAC {mac}")
 
 
-def probe(tag: str, *, mac: str, address: str, gateway: str, targets: list[str], routed: list[str],
-          ports: list[int], control: tuple[str, int], neighbours: list[tuple[str, int]] = ()) -> None:  # fmt: skip
+def probe(
+    tag: str,
+    *,
+    mac: str,
+    address: str,
+    gateway: str,
+    targets: list[str],
+    routed: list[str],
+    ports: list[int],
+    control: tuple[str, int],
+    neighbours: list[tuple[str, int]] = (),
+) -> None:
     """One NIC: bring it up (with `address`, when its network has no DHCP), route the `routed` targets (those
     not on its subnet) through `gateway` (the hypervisor's address there), as root in the guest would, and
     try every target and port, the `control` (which must answer: an open port is seen as open), and raw
