@@ -49,7 +49,7 @@ def _power_action(action: str):
             modeladmin,
             request,
             queryset,
-            lambda m: services.machine_power(machine=m, action=action),
+            lambda m: services.machine_power(machine=m, action=action, actor=request.user),
             PowerAction(action).label,
         )
 
@@ -132,9 +132,9 @@ class MachineAdmin(admin.ModelAdmin):
         """The two editable fields go through the services, like the portal's own pages: recorded in the
         audit trail and the machine's events, and autostart set in libvirt by the worker."""
         if "deletion_protection" in form.changed_data:
-            services.machine_set_protection(machine=obj, protected=obj.deletion_protection)
+            services.machine_set_protection(machine=obj, protected=obj.deletion_protection, actor=request.user)
         if "autostart" in form.changed_data:
-            services.machine_set_autostart(machine=obj, enabled=obj.autostart)
+            services.machine_set_autostart(machine=obj, enabled=obj.autostart, actor=request.user)
 
     @admin.action(description="Sync power state from the hypervisor")
     def sync(self, request, queryset):
@@ -150,17 +150,17 @@ class MachineAdmin(admin.ModelAdmin):
             self,
             request,
             queryset,
-            lambda m: services.machine_grow_disk(machine=m, disk_gib=m.disk_gib + 10),
+            lambda m: services.machine_grow_disk(machine=m, disk_gib=m.disk_gib + 10, actor=request.user),
             "Grow disk",
         )
 
     @admin.action(description="Rebuild from the image")
     def rebuild(self, request, queryset):
-        _each(self, request, queryset, lambda m: services.machine_rebuild(machine=m), "Rebuild")
+        _each(self, request, queryset, lambda m: services.machine_rebuild(machine=m, actor=request.user), "Rebuild")
 
     @admin.action(description="Delete (domain, disks and seed)")
     def delete_machines(self, request, queryset):
-        _each(self, request, queryset, lambda m: services.machine_delete(machine=m), "Delete")
+        _each(self, request, queryset, lambda m: services.machine_delete(machine=m, actor=request.user), "Delete")
 
 
 @admin.register(Quota)

@@ -273,6 +273,10 @@ class ProtectionSerializer(serializers.Serializer):
     deletion_protection = serializers.BooleanField()
 
 
+class AutostartSerializer(serializers.Serializer):
+    autostart = serializers.BooleanField()
+
+
 class MachineViewSet(
     mixins.CreateModelMixin,
     mixins.ListModelMixin,
@@ -298,18 +302,19 @@ class MachineViewSet(
         return self.get_serializer(Machine.objects.get(pk=machine.pk)).data
 
     def destroy(self, request, *args, **kwargs):
-        machine = self._machine("delete")
+        machine = self.get_object()
         try:
-            services.machine_delete(machine=machine)
+            services.machine_delete(machine=machine, actor=request.user)
         except services.MachineError as e:
             return Response({"detail": str(e)}, status=status.HTTP_409_CONFLICT)
         return Response({"detail": "deleting"}, status=status.HTTP_202_ACCEPTED)
 
-    def _act(self, fn, rule: str, **kwargs) -> Response:
-        """Call the service for the action `rule` names in machines.policy: its refusal answers 409."""
-        machine = self._machine(rule)
+    def _act(self, fn, **kwargs) -> Response:
+        """Call the service for an action on the machine (404 if not visible). It decides by machines.policy:
+        the user's role refused answers 403, the machine's state 409."""
+        machine = self.get_object()
         try:
-            fn(machine=machine, **kwargs)
+            fn(machine=machine, actor=self.request.user, **kwargs)
         except services.MachineError as e:
             return Response({"detail": str(e)}, status=status.HTTP_409_CONFLICT)
         except DjangoValidationError as e:
@@ -322,7 +327,7 @@ class MachineViewSet(
         s = PowerSerializer(data=request.data)
         s.is_valid(raise_exception=True)
         action = s.validated_data["action"]
-        return self._act(services.machine_power, action, action=action)
+        return self._act(services.machine_power, action=action)
 
     @extend_schema(request=MediaSerializer)
     @action(detail=True, methods=["post"])
@@ -330,27 +335,25 @@ class MachineViewSet(
         """Insert an ISO (`image`) into CD-ROM `slot`, or eject it (`image` null)."""
         s = MediaSerializer(data=request.data)
         s.is_valid(raise_exception=True)
-        return self._act(
-            services.machine_change_media, "media", slot=s.validated_data["slot"], image=s.validated_data["image"]
-        )
+        return self._act(services.machine_change_media, slot=s.validated_data["slot"], image=s.validated_data["image"])
 
     @extend_schema(request=None)
     @action(detail=True, methods=["post"], url_path="boot-cdrom")
     def boot_cdrom(self, request, pk=None):
         """Cold-start once from the installer CD-ROM."""
-        return self._act(services.machine_boot_cdrom_once, "boot_cdrom")
+        return self._act(services.machine_boot_cdrom_once)
 
     @extend_schema(request=None)
     @action(detail=True, methods=["post"])
     def rebuild(self, request, pk=None):
-        return self._act(services.machine_rebuild, "rebuild")
+        return self._act(services.machine_rebuild)
 
     @extend_schema(request=GrowSerializer)
     @action(detail=True, methods=["post"], url_path="grow-disk")
     def grow_disk(self, request, pk=None):
         s = GrowSerializer(data=request.data)
         s.is_valid(raise_exception=True)
-        return self._act(services.machine_grow_disk, "grow_disk", disk_gib=s.validated_data["disk_gib"])
+        return self._act(services.machine_grow_disk, disk_gib=s.validated_data["disk_gib"])
 
     @extend_schema(request=None, responses={200: ConsoleUrlSerializer})
     @action(detail=True, methods=["post"])
@@ -371,9 +374,9 @@ class MachineViewSet(
     @action(detail=True, methods=["get"])
     def bmc(self, request, pk=None):
         """The BMC's address, port and credentials. Every call is recorded in the machine's events."""
-        machine = self._machine("reveal_bmc")
+        machine = self.get_object()
         try:
-            data = services.machine_bmc_reveal(machine=machine, user=request.user)
+            data = services.machine_bmc_reveal(machine=machine, actor=request.user)
         except services.MachineError as e:
             return Response({"detail": str(e)}, status=status.HTTP_404_NOT_FOUND)
         response = Response(data)
@@ -386,7 +389,7 @@ class MachineViewSet(
         """Through the BMC: `pxe`, `disk` or `cdrom`, once or persistent; takes effect at the next cold start."""
         s = BootDeviceSerializer(data=request.data)
         s.is_valid(raise_exception=True)
-        return self._act(services.machine_set_boot_device, "boot_device", **s.validated_data)
+        return self._act(services.machine_set_boot_device, **s.validated_data)
 
     @extend_schema(request=None, parameters=[OpenApiParameter("ids", str, description="comma-separated machine ids")])
     @action(detail=False, methods=["get"])
@@ -410,6 +413,18 @@ class MachineViewSet(
     def protection(self, request, pk=None):
         s = ProtectionSerializer(data=request.data)
         s.is_valid(raise_exception=True)
-        machine = self._machine("protect")
-        services.machine_set_protection(machine=machine, protected=s.validated_data["deletion_protection"])
+        machine = self.get_object()
+        services.machine_set_protection(
+            machine=machine, protected=s.validated_data["deletion_protection"], actor=request.user
+        )
+        return Response(self._data(machine))
+
+    @extend_schema(request=AutostartSerializer)
+    @action(detail=True, methods=["post"])
+    def autostart(self, request, pk=None):
+        """Whether the hypervisor starts the machine when it boots (set in libvirt by the worker)."""
+        s = AutostartSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        machine = self.get_object()
+        services.machine_set_autostart(machine=machine, enabled=s.validated_data["autostart"], actor=request.user)
         return Response(self._data(machine))

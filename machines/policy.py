@@ -54,6 +54,7 @@ RULES: dict[str, Rule] = {
     "grow_disk": Rule(access.ADMIN, ACTIVE),
     "delete": Rule(access.ADMIN, frozenset({Status.ACTIVE, Status.ERROR}), unprotected=True),
     "protect": Rule(access.ADMIN),
+    "autostart": Rule(access.ADMIN),  # the hypervisor starts it when it boots
     "reveal_bmc": Rule(access.ADMIN, applies=has_bmc),
     "console": Rule(access.VIEW),  # viewers get view-only sessions
     "console_input": Rule(access.OPERATE),  # typing and clicking on the graphical console

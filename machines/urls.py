@@ -14,6 +14,7 @@ urlpatterns = [
     path("<int:pk>/rebuild/", views.machine_rebuild, name="rebuild"),
     path("<int:pk>/grow-disk/", views.machine_grow_disk, name="grow-disk"),
     path("<int:pk>/protection/", views.machine_protect, name="protect"),
+    path("<int:pk>/autostart/", views.machine_autostart, name="autostart"),
     path("<int:pk>/delete/", views.machine_delete, name="delete"),
     path("<int:pk>/console/", views.machine_console, name="console"),
     path("<int:pk>/console/token/", views.machine_console_token, name="console-token"),

@@ -1,7 +1,7 @@
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
 from django.db.models import Q
 from django.http import FileResponse, Http404, HttpResponse, JsonResponse
@@ -25,7 +25,8 @@ from portal.queue import queue_report
 
 
 def _get_machine_for_user(request, pk: int, need: str = access.VIEW) -> Machine:
-    """The machine if the user may see it (else 404) and act on it as `need` says (else 403)."""
+    """The machine if the user may see it (else 404) and act on it as `need` says (else 403). Views that call
+    a machine service ask only for visibility: the service decides by machines.policy (PermissionDenied: 403)."""
     machine = machines_for(request.user).filter(pk=pk).first()
     if machine is None:
         raise Http404("No such machine.")
@@ -100,15 +101,14 @@ def machine_bulk(request: HtmxHttpRequest) -> HttpResponse:
         return redirect("machines:list")
     done, failed = [], []
     for machine in machines_for(request.user).filter(pk__in=ids):
-        if not access.can(request.user, machine, policy.need(action)):
-            failed.append(f"{machine.name}: your role does not allow this")
-            continue
         try:
             if action == "delete":
-                services.machine_delete(machine=machine)
+                services.machine_delete(machine=machine, actor=request.user)
             else:
-                services.machine_power(machine=machine, action=action)
+                services.machine_power(machine=machine, action=action, actor=request.user)
             done.append(machine.name)
+        except PermissionDenied:
+            failed.append(f"{machine.name}: your role does not allow this")
         except (services.MachineError, ValidationError) as e:
             failed.append(f"{machine.name}: {' '.join(getattr(e, 'messages', [str(e)]))}")
     if done:
@@ -228,19 +228,18 @@ def _act(request, machine: Machine, call, done: str = "") -> HttpResponse:
 @require_POST
 def machine_power(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     action = request.POST.get("action", "")
-    # An action that does not exist: the operators hear so from the service.
-    machine = _get_machine_for_user(request, pk, policy.need(action if action in PowerAction.values else "start"))
-    return _act(request, machine, lambda: services.machine_power(machine=machine, action=action))
+    machine = _get_machine_for_user(request, pk)
+    return _act(request, machine, lambda: services.machine_power(machine=machine, action=action, actor=request.user))
 
 
 @login_required
 @require_POST
 def machine_rebuild(request: HtmxHttpRequest, pk: int) -> HttpResponse:
-    machine = _get_machine_for_user(request, pk, policy.need("rebuild"))
+    machine = _get_machine_for_user(request, pk)
     return _act(
         request,
         machine,
-        lambda: services.machine_rebuild(machine=machine),
+        lambda: services.machine_rebuild(machine=machine, actor=request.user),
         f"Rebuilding {machine.name} from {machine.image}.",
     )
 
@@ -248,7 +247,7 @@ def machine_rebuild(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 @login_required
 @require_POST
 def machine_grow_disk(request: HtmxHttpRequest, pk: int) -> HttpResponse:
-    machine = _get_machine_for_user(request, pk, policy.need("grow_disk"))
+    machine = _get_machine_for_user(request, pk)
     form = GrowDiskForm(request.POST)
     if not form.is_valid():
         messages.error(request, form.errors.as_text())
@@ -257,7 +256,7 @@ def machine_grow_disk(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     return _act(
         request,
         machine,
-        lambda: services.machine_grow_disk(machine=machine, disk_gib=size),
+        lambda: services.machine_grow_disk(machine=machine, disk_gib=size, actor=request.user),
         f"Growing the disk of {machine.name} to {size} GiB.",
     )
 
@@ -265,23 +264,33 @@ def machine_grow_disk(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 @login_required
 @require_POST
 def machine_protect(request: HtmxHttpRequest, pk: int) -> HttpResponse:
-    machine = _get_machine_for_user(request, pk, policy.need("protect"))
-    services.machine_set_protection(machine=machine, protected=request.POST.get("protected") == "1")
+    machine = _get_machine_for_user(request, pk)
+    services.machine_set_protection(machine=machine, protected=request.POST.get("protected") == "1", actor=request.user)
+    return redirect(machine)
+
+
+@login_required
+@require_POST
+def machine_autostart(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    """Whether the hypervisor starts the machine when it boots (set in libvirt by the worker)."""
+    machine = _get_machine_for_user(request, pk)
+    services.machine_set_autostart(machine=machine, enabled=request.POST.get("enabled") == "1", actor=request.user)
     return redirect(machine)
 
 
 @login_required
 @require_http_methods(["GET", "POST"])
 def machine_delete(request: HtmxHttpRequest, pk: int) -> HttpResponse:
-    machine = _get_machine_for_user(request, pk, policy.need("delete"))
+    machine = _get_machine_for_user(request, pk)
     if request.method == "POST":
         try:
-            services.machine_delete(machine=machine)
+            services.machine_delete(machine=machine, actor=request.user)
         except services.MachineError as e:
             messages.error(request, str(e))
             return redirect(machine)
         messages.success(request, f"Deleting {machine.name}: its domain and disks are being removed.")
         return redirect("machines:list")
+    policy.require(request.user, machine, "delete")  # the confirmation is for those who may delete
     return render(request, "machines/delete.html", {"machine": machine, **policy.page_context(request.user, machine)})
 
 
@@ -413,7 +422,7 @@ def machine_screenshot(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
 @require_POST
 def machine_media(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     """Insert an ISO into a CD-ROM drive, or eject it (empty image)."""
-    machine = _get_machine_for_user(request, pk, policy.need("media"))
+    machine = _get_machine_for_user(request, pk)
     image_id = request.POST.get("image") or None
     image = Image.objects.filter(pk=image_id).first() if image_id else None
     if image_id and image is None:
@@ -422,18 +431,20 @@ def machine_media(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     return _act(
         request,
         machine,
-        lambda: services.machine_change_media(machine=machine, slot=int(request.POST.get("slot", "0")), image=image),
+        lambda: services.machine_change_media(
+            machine=machine, slot=int(request.POST.get("slot", "0")), image=image, actor=request.user
+        ),
     )
 
 
 @login_required
 @require_POST
 def machine_boot_cdrom(request: HtmxHttpRequest, pk: int) -> HttpResponse:
-    machine = _get_machine_for_user(request, pk, policy.need("boot_cdrom"))
+    machine = _get_machine_for_user(request, pk)
     return _act(
         request,
         machine,
-        lambda: services.machine_boot_cdrom_once(machine=machine),
+        lambda: services.machine_boot_cdrom_once(machine=machine, actor=request.user),
         f"{machine.name} is restarting from its CD-ROM.",
     )
 
@@ -442,9 +453,9 @@ def machine_boot_cdrom(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 @require_POST
 def machine_bmc_reveal(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     """The BMC password, shown once in the page (htmx); the reveal is recorded."""
-    machine = _get_machine_for_user(request, pk, policy.need("reveal_bmc"))
+    machine = _get_machine_for_user(request, pk)
     try:
-        data = services.machine_bmc_reveal(machine=machine, user=request.user)
+        data = services.machine_bmc_reveal(machine=machine, actor=request.user)
     except services.MachineError as e:
         raise Http404(str(e)) from None
     response = HttpResponse(format_html("<code>{}</code>", data["password"]))
@@ -455,12 +466,15 @@ def machine_bmc_reveal(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 @login_required
 @require_POST
 def machine_boot_device(request: HtmxHttpRequest, pk: int) -> HttpResponse:
-    machine = _get_machine_for_user(request, pk, policy.need("boot_device"))
+    machine = _get_machine_for_user(request, pk)
     return _act(
         request,
         machine,
         lambda: services.machine_set_boot_device(
-            machine=machine, device=request.POST.get("device", ""), persistent=request.POST.get("persistent") == "1"
+            machine=machine,
+            device=request.POST.get("device", ""),
+            persistent=request.POST.get("persistent") == "1",
+            actor=request.user,
         ),
         "Boot device set through the BMC; it takes effect at the next cold start.",
     )

@@ -12,7 +12,7 @@ import functools
 from collections.abc import Callable
 
 from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.dispatch import receiver
 
 from portal.refusals import Refusal
@@ -103,14 +103,17 @@ def audited(action: str, *, obj_kwarg: str | None = None):
 
         def inner(*args, **kwargs):
             obj = kwargs.get(obj_kwarg) if obj_kwarg else None
+            actor = kwargs.get("actor")  # the services that decide for a user are told who (else: the request's)
             try:
                 result = fn(*args, **kwargs)
             except Exception as e:
                 messages = getattr(e, "messages", None) or [str(e)]
-                record(action, obj, outcome="refused" if _is_refusal(e) else "failed", detail="; ".join(messages))
+                outcome = "refused" if _is_refusal(e) else "failed"
+                record(action, obj, outcome=outcome, detail="; ".join(messages), user=actor)
                 raise
             detail = ", ".join(f"{k}={v}" for k, v in kwargs.items() if k in _DETAIL_KEYS)
-            record(action, obj if obj is not None else (result if hasattr(result, "_meta") else None), detail=detail)
+            done = obj if obj is not None else (result if hasattr(result, "_meta") else None)
+            record(action, done, detail=detail, user=actor)
             return result
 
         functools.update_wrapper(inner, fn, assigned=("__name__", "__doc__"), updated=())  # and __wrapped__
@@ -137,4 +140,4 @@ _DETAIL_KEYS = {
 
 
 def _is_refusal(e: Exception) -> bool:
-    return isinstance(e, Refusal | ValidationError)
+    return isinstance(e, Refusal | ValidationError | PermissionDenied)

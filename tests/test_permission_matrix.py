@@ -90,6 +90,7 @@ MATRIX = {
     "machines:rebuild": ("post", "vm", None, on_machine(302, "admin")),
     "machines:grow-disk": ("post", "vm", {"disk_gib": 99}, on_machine(302, "admin")),
     "machines:protect": ("post", "vm", {"protected": "0"}, on_machine(302, "admin")),
+    "machines:autostart": ("post", "vm", {"enabled": "0"}, on_machine(302, "admin")),
     "machines:delete": ("get", "vm", None, on_machine(200, "admin")),
     "machines:media": ("post", "iso", {"slot": "0", "image": ""}, on_machine(302, "operate")),
     "machines:boot-cdrom": ("post", "iso", None, on_machine(302, "operate")),
@@ -115,6 +116,7 @@ MATRIX = {
     "machine-rebuild": ("post", "vm", None, on_machine(409, "admin", api=True)),  # its image is gone: refused
     "machine-grow-disk": ("post", "vm", {"disk_gib": 99}, on_machine(202, "admin", api=True)),
     "machine-protection": ("post", "vm", {"deletion_protection": False}, on_machine(200, "admin", api=True)),
+    "machine-autostart": ("post", "vm", {"autostart": False}, on_machine(200, "admin", api=True)),
     "machine-media": ("post", "iso", {"slot": 0, "image": None}, on_machine(202, "operate", api=True)),
     "machine-boot-cdrom": ("post", "iso", None, on_machine(202, "operate", api=True)),
     "machine-bmc": ("get", "metal", None, on_machine(200, "admin", api=True)),

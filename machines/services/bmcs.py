@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from hypervisors.drivers import get_driver
 from hypervisors.drivers.base import HypervisorError
-from machines import bmc, crypto, provisioning, tasks
+from machines import bmc, crypto, policy, provisioning, tasks
 from machines.models import Machine
 from machines.services.common import MachineError, _claim_operation, _enqueue, _release_operation
 from machines.states import PowerAction, PowerState
@@ -79,12 +79,13 @@ def bmc_target(machine: Machine) -> bmc.BmcTarget:
 
 
 @audited("machine.bmc_reveal", obj_kwarg="machine")
-def machine_bmc_reveal(*, machine: Machine, user) -> dict:
+def machine_bmc_reveal(*, machine: Machine, actor) -> dict:
     """The BMC credentials, for the owner (or staff); every reveal is recorded."""
+    policy.require(actor, machine, "reveal_bmc")
     if not machine.has_bmc:
         raise MachineError(f"{machine.name} has no virtual BMC.")
     target = bmc_target(machine)
-    machine.log("bmc", f"credentials revealed to {user.get_username()}")
+    machine.log("bmc", f"credentials revealed to {actor.get_username()}")
     return {"address": target.address, "port": target.port, "username": target.username, "password": target.password}
 
 
@@ -107,8 +108,9 @@ def _power_through_bmc(machine: Machine, action: str) -> None:
 
 @audited("machine.boot_device", obj_kwarg="machine")
 @transaction.atomic
-def machine_set_boot_device(*, machine: Machine, device: str, persistent: bool) -> None:
+def machine_set_boot_device(*, machine: Machine, device: str, persistent: bool, actor) -> None:
     """PXE, disk or CD-ROM through the BMC; it takes effect at the next cold start (off, then on)."""
+    policy.require(actor, machine, "boot_device")
     if not machine.has_bmc:
         raise MachineError("Boot devices are set through the BMC of network-boot machines.")
     if device not in bmc.BOOT_DEVICES:

@@ -16,7 +16,7 @@ from hypervisors.drivers import get_driver
 from hypervisors.drivers.base import HypervisorError, HypervisorFatalError, HypervisorUnavailable
 from hypervisors.drivers.base import PowerState as DomainState  # what the driver reports, not the model's field
 from hypervisors.models import Hypervisor, Image
-from machines import cloudinit, provisioning, tasks
+from machines import cloudinit, policy, provisioning, tasks
 from machines.access import project_choices
 from machines.capacity import check_quota, claim_room, held, held_by, lock_quotas
 from machines.models import Machine, MachineCdrom, MachineNic, Project
@@ -220,8 +220,9 @@ def machine_provision_run(machine_id: int) -> None:
 
 @audited("machine.delete", obj_kwarg="machine")
 @transaction.atomic
-def machine_delete(*, machine: Machine) -> None:
+def machine_delete(*, machine: Machine, actor) -> None:
     """Queue the removal of the domain and its volumes. Refused with protection, touching nothing."""
+    policy.require(actor, machine, "delete")
     machine = Machine.objects.select_for_update().get(pk=machine.pk)
     if machine.deletion_protection:
         raise MachineError(f"{machine.name} is protected from deletion; clear the protection first.")
@@ -254,10 +255,11 @@ def machine_delete_run(machine_id: int) -> None:
 
 @audited("machine.rebuild", obj_kwarg="machine")
 @transaction.atomic
-def machine_rebuild(*, machine: Machine) -> None:
+def machine_rebuild(*, machine: Machine, actor) -> None:
     """Recreate the disk from the image and a fresh seed (new instance-id): the guest starts over.
     It allocates nothing new: the disks come back at the sizes the machine holds (capacity.held), so no
     quota or capacity check is needed, and the locks are taken in the allocating paths' order all the same."""
+    policy.require(actor, machine, "rebuild")
     machine = _lock_for_allocation(machine)
     if machine.deletion_protection:
         raise MachineError(f"{machine.name} is protected; clear the protection to rebuild it (its disk is replaced).")
@@ -300,8 +302,9 @@ def _lock_for_allocation(machine: Machine) -> Machine:
 
 @audited("machine.grow_disk", obj_kwarg="machine")
 @transaction.atomic
-def machine_grow_disk(*, machine: Machine, disk_gib: int) -> None:
+def machine_grow_disk(*, machine: Machine, disk_gib: int, actor) -> None:
     """Grow the disk (never shrink). A running guest sees the new size at once."""
+    policy.require(actor, machine, "grow_disk")
     machine = _lock_for_allocation(machine)
     if machine.status not in RULES["grow_disk"].statuses:
         raise MachineError(

@@ -8,7 +8,7 @@ from django.utils import timezone
 from hypervisors.drivers import get_driver
 from hypervisors.drivers.base import HypervisorError, HypervisorFatalError
 from hypervisors.models import Image
-from machines import provisioning, tasks
+from machines import policy, provisioning, tasks
 from machines.models import Machine, MachineCdrom
 from machines.services.bmcs import _power_through_bmc
 from machines.services.common import MachineError, _claim_operation, _enqueue, _release_operation
@@ -19,9 +19,10 @@ from portal.audit import audited
 
 @audited("machine.power", obj_kwarg="machine")
 @transaction.atomic
-def machine_power(*, machine: Machine, action: str) -> None:
+def machine_power(*, machine: Machine, action: str, actor) -> None:
     """Queue a power action; one operation at a time per machine. A start (of a machine that is off) is
     refused while its NICs break the network policy."""
+    policy.require(actor, machine, action if action in PowerAction.values else PowerAction.START)
     if action not in PowerAction.values:
         raise MachineError(f"Unknown action {action!r}; use one of {', '.join(PowerAction.values)}.")
     if action == PowerAction.START:
@@ -59,7 +60,8 @@ def machine_power_run(machine_id: int, action: str) -> None:
 
 
 @audited("machine.protection", obj_kwarg="machine")
-def machine_set_protection(*, machine: Machine, protected: bool) -> None:
+def machine_set_protection(*, machine: Machine, protected: bool, actor) -> None:
+    policy.require(actor, machine, "protect")
     Machine.objects.filter(pk=machine.pk).update(deletion_protection=protected)
     machine.deletion_protection = protected
     machine.log("protection", "deletion protection on" if protected else "deletion protection off")
@@ -67,9 +69,10 @@ def machine_set_protection(*, machine: Machine, protected: bool) -> None:
 
 @audited("machine.autostart", obj_kwarg="machine")
 @transaction.atomic
-def machine_set_autostart(*, machine: Machine, enabled: bool) -> None:
+def machine_set_autostart(*, machine: Machine, enabled: bool, actor) -> None:
     """Whether the hypervisor starts the machine when it boots: recorded here, then set in libvirt by the
     worker (a machine not defined yet gets it at its define)."""
+    policy.require(actor, machine, "autostart")
     Machine.objects.filter(pk=machine.pk).update(autostart=enabled)
     machine.autostart = enabled
     machine.log("autostart", f"autostart {'on' if enabled else 'off'} requested")
@@ -90,8 +93,9 @@ def machine_set_autostart_run(machine_id: int) -> None:
 
 @audited("machine.media", obj_kwarg="machine")
 @transaction.atomic
-def machine_change_media(*, machine: Machine, slot: int, image: Image | None) -> None:
+def machine_change_media(*, machine: Machine, slot: int, image: Image | None, actor) -> None:
     """Insert an ISO into a CD-ROM drive of an ISO machine, or eject it (image None)."""
+    policy.require(actor, machine, "media")
     cdrom = machine.cdroms.filter(slot=slot).first()
     if machine.deploy_type != DeployType.ISO or cdrom is None:
         raise MachineError(f"{machine.name} has no CD-ROM drive {slot}.")
@@ -119,8 +123,9 @@ def machine_change_media_run(machine_id: int, slot: int, image_id: int | None) -
 
 @audited("machine.boot_cdrom", obj_kwarg="machine")
 @transaction.atomic
-def machine_boot_cdrom_once(*, machine: Machine) -> None:
+def machine_boot_cdrom_once(*, machine: Machine, actor) -> None:
     """Cold-start from the installer CD-ROM once (the disk stays first for later starts)."""
+    policy.require(actor, machine, "boot_cdrom")
     if machine.deploy_type != DeployType.ISO:
         raise MachineError("Booting from CD-ROM is for ISO machines.")
     _claim_operation(machine, "boot-cdrom", action="boot_cdrom")

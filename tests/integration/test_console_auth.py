@@ -248,9 +248,9 @@ def test_machines_defined_without_a_password_are_reported_and_fixed_by_a_cold_st
     assert graphics(iso_machine, inactive=True).get("passwd")
     assert raw_vnc(iso_machine)[1] == b"\x01"
     # ...the portal stops and starts it.
-    services.machine_power(machine=Machine.objects.get(pk=iso_machine.pk), action="poweroff")
+    services.machine_power(machine=Machine.objects.get(pk=iso_machine.pk), action="poweroff", actor=iso_machine.owner)
     wait_for(lambda: (m := Machine.objects.get(pk=iso_machine.pk)).power_state == "off" and not m.operation, 30)
-    services.machine_power(machine=Machine.objects.get(pk=iso_machine.pk), action="start")
+    services.machine_power(machine=Machine.objects.get(pk=iso_machine.pk), action="start", actor=iso_machine.owner)
     wait_for(lambda: (m := Machine.objects.get(pk=iso_machine.pk)).power_state == "running" and not m.operation, 30)
     assert raw_vnc(iso_machine)[1] == b"\x02"
     services.hypervisor_reconcile_run(iso_machine.hypervisor_id)
@@ -269,13 +269,17 @@ def test_the_password_survives_every_redefine(iso_machine, console_proxy):
     def operation_done():
         return wait_for(lambda: not Machine.objects.get(pk=iso_machine.pk).operation, 60)
 
-    services.machine_change_media(machine=Machine.objects.get(pk=iso_machine.pk), slot=0, image=None)
+    services.machine_change_media(
+        machine=Machine.objects.get(pk=iso_machine.pk), slot=0, image=None, actor=iso_machine.owner
+    )
     operation_done()
-    services.machine_change_media(machine=Machine.objects.get(pk=iso_machine.pk), slot=0, image=iso_machine.image)
+    services.machine_change_media(
+        machine=Machine.objects.get(pk=iso_machine.pk), slot=0, image=iso_machine.image, actor=iso_machine.owner
+    )
     operation_done()
-    services.machine_grow_disk(machine=Machine.objects.get(pk=iso_machine.pk), disk_gib=2)
+    services.machine_grow_disk(machine=Machine.objects.get(pk=iso_machine.pk), disk_gib=2, actor=iso_machine.owner)
     wait_for(lambda: Machine.objects.get(pk=iso_machine.pk).status == "active", 60)
-    services.machine_boot_cdrom_once(machine=Machine.objects.get(pk=iso_machine.pk))
+    services.machine_boot_cdrom_once(machine=Machine.objects.get(pk=iso_machine.pk), actor=iso_machine.owner)
     operation_done()
     bmc = PortalVirtualBMC(
         username="bmc-test",
@@ -292,9 +296,9 @@ def test_the_password_survives_every_redefine(iso_machine, console_proxy):
     assert ET.fromstring(_inactive_xml(iso_machine)).find("os/boot").get("dev") == "network"
 
     # A cold start after all that: still only VNC authentication, and the proxy still gets in.
-    services.machine_power(machine=Machine.objects.get(pk=iso_machine.pk), action="poweroff")
+    services.machine_power(machine=Machine.objects.get(pk=iso_machine.pk), action="poweroff", actor=iso_machine.owner)
     wait_for(lambda: (m := Machine.objects.get(pk=iso_machine.pk)).power_state == "off" and not m.operation, 30)
-    services.machine_power(machine=Machine.objects.get(pk=iso_machine.pk), action="start")
+    services.machine_power(machine=Machine.objects.get(pk=iso_machine.pk), action="start", actor=iso_machine.owner)
     wait_for(lambda: (m := Machine.objects.get(pk=iso_machine.pk)).power_state == "running" and not m.operation, 30)
     assert raw_vnc(iso_machine)[1] == b"\x02"
     ws, width, _, _ = rfb_session(console_proxy, iso_machine, token_for(iso_machine), 8)

@@ -48,7 +48,7 @@ def test_a_uefi_machine_boots(worker, local, file_server):
     machine = boot(local, image, "uefi1", firmware="uefi", machine_type="q35")
     log = serial_log(machine.pk, "TINY-GRUB x86_64-efi", "TINY-GUEST ready", timeout=120)
     assert "BdsDxe" in log  # the UEFI boot manager, not SeaBIOS
-    services.machine_delete(machine=machine)
+    services.machine_delete(machine=machine, actor=machine.owner)
     wait_for(lambda: not Machine.objects.filter(pk=machine.pk).exists(), 60)
 
 
@@ -64,5 +64,5 @@ def test_an_arm64_machine_boots_under_emulation(worker, local, file_server):
     # The portal chose what an emulated arm64 guest needs: TCG, virt, a 64-bit CPU, UEFI.
     for fragment in ("type='qemu'", "arch='aarch64'", "machine='virt", ">cortex-a57</model>", "AAVMF"):
         assert fragment in xml, fragment
-    services.machine_delete(machine=machine)
+    services.machine_delete(machine=machine, actor=machine.owner)
     wait_for(lambda: not Machine.objects.filter(pk=machine.pk).exists(), 60)

@@ -188,7 +188,7 @@ def test_a_hypervisor_lost_during_provisioning_is_retried_without_orphans(worker
     volumes = [line.split()[0] for line in virsh("vol-list", "default").stdout.splitlines()[2:] if line.strip()]
     assert volumes.count(machine.disk_volume) == 1 and volumes.count(machine.seed_volume) == 1
 
-    services.machine_delete(machine=machine)
+    services.machine_delete(machine=machine, actor=machine.owner)
     wait_for(lambda: not Machine.objects.filter(pk=machine.pk).exists(), 60)
     assert virsh("dominfo", str(machine.uuid)).returncode != 0
     assert machine.disk_volume not in virsh("vol-list", "default").stdout
@@ -233,6 +233,6 @@ def test_hardware_options_boot_on_the_real_hypervisor(worker, local, tiny_image)
     ):
         assert fragment in xml, fragment
     serial_log(machine.pk, "TINY-GUEST ready")
-    services.machine_delete(machine=machine)
+    services.machine_delete(machine=machine, actor=machine.owner)
     wait_for(lambda: not Machine.objects.filter(pk=machine.pk).exists(), 60)
     assert machine.extra_disk_volume(0) not in virsh("vol-list", "default").stdout

@@ -195,7 +195,7 @@ def test_media_and_boot_once_from_cdrom(iso_machine):
     serial_log(iso_machine.pk, "ISOLINUX", "TINY-GUEST ready")
 
     # "Install": power off and put a bootable system on the disk; the next start boots from it.
-    services.machine_power(machine=iso_machine, action="poweroff")
+    services.machine_power(machine=iso_machine, action="poweroff", actor=iso_machine.owner)
     wait_for(lambda: (m := Machine.objects.get(pk=iso_machine.pk)).power_state == "off" and not m.operation and m, 30)
     tiny_disk = built_images()["tiny_disk"]
     raw = Path(ARTIFACTS / "installed.raw")
@@ -207,22 +207,24 @@ def test_media_and_boot_once_from_cdrom(iso_machine):
     )
     raw.unlink()
     machine = Machine.objects.get(pk=iso_machine.pk)
-    services.machine_power(machine=machine, action="start")
+    services.machine_power(machine=machine, action="start", actor=machine.owner)
     wait_for(lambda: Machine.objects.get(pk=machine.pk).power_state == "running", 30)
     log = serial_log(machine.pk, "SYSLINUX", "TINY-GUEST ready")
     assert "ISOLINUX" not in log  # the log restarts with each boot: this one came from the disk
 
     # Eject the installer, then put it back.
-    services.machine_change_media(machine=Machine.objects.get(pk=machine.pk), slot=0, image=None)
+    services.machine_change_media(machine=Machine.objects.get(pk=machine.pk), slot=0, image=None, actor=machine.owner)
     wait_for(lambda: not Machine.objects.get(pk=machine.pk).operation, 30)
     cdrom = virsh("dumpxml", uuid).split("device='cdrom'")[1].split("</disk>")[0]
     assert "<source file" not in cdrom
-    services.machine_change_media(machine=Machine.objects.get(pk=machine.pk), slot=0, image=iso_machine.image)
+    services.machine_change_media(
+        machine=Machine.objects.get(pk=machine.pk), slot=0, image=iso_machine.image, actor=machine.owner
+    )
     wait_for(lambda: not Machine.objects.get(pk=machine.pk).operation, 30)
     assert "portal-image-" in virsh("dumpxml", uuid).split("device='cdrom'")[1].split("</disk>")[0]
 
     # Boot once from the CD-ROM: the installer runs, and the saved boot order keeps the disk first.
-    services.machine_boot_cdrom_once(machine=Machine.objects.get(pk=machine.pk))
+    services.machine_boot_cdrom_once(machine=Machine.objects.get(pk=machine.pk), actor=machine.owner)
     wait_for(lambda: not Machine.objects.get(pk=machine.pk).operation, 30)
     log = serial_log(machine.pk, "ISOLINUX", "TINY-GUEST ready")
     inactive = virsh("dumpxml", "--inactive", uuid)

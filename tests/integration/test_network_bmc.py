@@ -113,9 +113,9 @@ def test_ipmitool_drives_a_network_boot_machine(owner_api, local, bmc_server):
     wait_for(lambda: domstate(machine) == "shut off", 15)
 
     # The portal's own buttons go through the same BMC and change the real domain.
-    services.machine_power(machine=Machine.objects.get(pk=machine.pk), action="start")
+    services.machine_power(machine=Machine.objects.get(pk=machine.pk), action="start", actor=machine.owner)
     wait_for(lambda: domstate(machine) == "running" and Machine.objects.get(pk=machine.pk).power_state == "running", 30)
-    services.machine_power(machine=Machine.objects.get(pk=machine.pk), action="poweroff")
+    services.machine_power(machine=Machine.objects.get(pk=machine.pk), action="poweroff", actor=machine.owner)
     wait_for(lambda: domstate(machine) == "shut off" and not Machine.objects.get(pk=machine.pk).operation, 30)
     assert Machine.objects.get(pk=machine.pk).power_state == "off"
 

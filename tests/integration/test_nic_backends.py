@@ -103,5 +103,5 @@ def test_bridge_and_macvtap_nics_get_addresses(lan, worker, tiny_image):
         r = lan.run_inside("ping", "-c", "1", "-W", "5", address.split("/")[0])
         answered = address.startswith("10.78.0.")
         assert (r.returncode == 0) == answered, r.stdout + r.stderr
-    services.machine_delete(machine=machine)
+    services.machine_delete(machine=machine, actor=machine.owner)
     wait_for(lambda: not Machine.objects.filter(pk=machine.pk).exists(), 60)

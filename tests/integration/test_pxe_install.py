@@ -152,7 +152,7 @@ def test_pxe_install_over_ipmi_in_a_private_network(pxe_lab, worker, bmc_server)
     assert machine.power_state == "off" and domstate(lv, machine) == "shut off"
     mac = machine.nics.get().mac
 
-    creds = services.machine_bmc_reveal(machine=machine, user=owner)
+    creds = services.machine_bmc_reveal(machine=machine, actor=owner)
     wait_for(lambda: Machine.objects.get(pk=machine.pk).bmc_listening, 15, message="the BMC never listened")
     assert "Chassis Power is off" in ipmi(creds, "power", "status").stdout
     try:
@@ -183,7 +183,7 @@ def test_pxe_install_over_ipmi_in_a_private_network(pxe_lab, worker, bmc_server)
         ipmi(creds, "power", "off")
     wait_for(lambda: domstate(lv, machine) == "shut off", 30)
 
-    services.machine_delete(machine=Machine.objects.get(pk=machine.pk))
+    services.machine_delete(machine=Machine.objects.get(pk=machine.pk), actor=machine.owner)
     wait_for(lambda: not Machine.objects.filter(pk=machine.pk).exists(), 60, message="the machine was never deleted")
     assert lv.virsh("list", "--all", "--name").strip() == ""
     assert not [v for v in lv.virsh("vol-list", POOL).split() if str(machine.uuid) in v]

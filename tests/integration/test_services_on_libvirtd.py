@@ -106,7 +106,7 @@ def test_growing_the_disk_of_a_machine_that_is_off_grows_its_volume(real, django
     _, driver, _ = real
     machine = machine_on(real, "grow", running=False)
     with django_capture_on_commit_callbacks(execute=True):
-        services.machine_grow_disk(machine=machine, disk_gib=3)
+        services.machine_grow_disk(machine=machine, disk_gib=3, actor=machine.owner)
     machine = Machine.objects.get(pk=machine.pk)
     assert machine.status == Status.ACTIVE and machine.disk_gib == 3, machine.status_message
     assert driver.volume_info(pool="default", name=machine.disk_volume).capacity_bytes == 3 << 30

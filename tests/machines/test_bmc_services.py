@@ -97,10 +97,10 @@ def test_power_and_the_boot_device_go_through_the_machines_own_bmc(
     machine = create(django_capture_on_commit_callbacks, hv)
     bmc = FakeBmc(host)
     with django_capture_on_commit_callbacks(execute=True):
-        services.machine_set_boot_device(machine=machine, device="disk", persistent=True)
+        services.machine_set_boot_device(machine=machine, device="disk", persistent=True, actor=machine.owner)
     assert bmc.boot_device(services.bmc_target(machine)) == "disk"
     with django_capture_on_commit_callbacks(execute=True):
-        services.machine_power(machine=Machine.objects.get(pk=machine.pk), action="start")
+        services.machine_power(machine=Machine.objects.get(pk=machine.pk), action="start", actor=machine.owner)
     machine.refresh_from_db()
     assert host.domains[str(machine.uuid)]["state"] == PowerState.RUNNING
     assert machine.power_state == "running" and machine.operation == ""
@@ -110,7 +110,7 @@ def test_power_and_the_boot_device_go_through_the_machines_own_bmc(
 def test_reveal_is_recorded_and_instackenv_lists_the_nodes(django_capture_on_commit_callbacks, host, hv, settings):
     settings.PORTAL_BMC_PORT_RANGE = "17260-17269"
     machine = create(django_capture_on_commit_callbacks, hv)
-    creds = services.machine_bmc_reveal(machine=machine, user=machine.owner)
+    creds = services.machine_bmc_reveal(machine=machine, actor=machine.owner)
     assert creds["port"] == machine.bmc_port and machine.events.filter(message__contains="revealed to o-metal").exists()
     node = services.instackenv([machine], user=machine.owner)["nodes"][0]
     assert node == {

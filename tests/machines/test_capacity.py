@@ -253,9 +253,9 @@ def test_growing_a_disk_counts_the_extra_disks(lab):
     Quota.objects.create(user=user, disk_gib=500)
     machine = _active(network_machine(user, lab, "big1", extra_disks=[124, 124, 124, 124]))  # holds 497
     with pytest.raises(ValidationError, match=r"501 GiB of disk of 500 allowed \(using 497\)"):
-        services.machine_grow_disk(machine=machine, disk_gib=5)
+        services.machine_grow_disk(machine=machine, disk_gib=5, actor=machine.owner)
     assert Machine.objects.get(pk=machine.pk).disk_gib == 1
-    services.machine_grow_disk(machine=machine, disk_gib=4)
+    services.machine_grow_disk(machine=machine, disk_gib=4, actor=machine.owner)
     assert capacity.usage(user)["disk_gib"] == 500
 
 
@@ -266,9 +266,9 @@ def test_growing_a_disk_must_fit_in_the_hypervisors_pool(lab):
     machine = _active(network_machine(staff, lab, "grow1"))
     free = next(p for p in lab.pools if p["name"] == "default")["available_bytes"] >> 30
     with pytest.raises(ValidationError, match=rf"Hypervisor lab has {free} GiB free in pool default; growing by"):
-        services.machine_grow_disk(machine=machine, disk_gib=free + 2)
+        services.machine_grow_disk(machine=machine, disk_gib=free + 2, actor=machine.owner)
     assert Machine.objects.get(pk=machine.pk).disk_gib == 1
-    services.machine_grow_disk(machine=machine, disk_gib=free)
+    services.machine_grow_disk(machine=machine, disk_gib=free, actor=machine.owner)
 
 
 def test_rebuild_allocates_nothing_so_a_full_quota_does_not_stop_it(lab):
@@ -282,7 +282,7 @@ def test_rebuild_allocates_nothing_so_a_full_quota_does_not_stop_it(lab):
         name="a", owner=user, hypervisor=lab, image=image, disk_gib=6, extra_disks=[4], status="active"
     )
     before = capacity.usage(user)
-    services.machine_rebuild(machine=machine)
+    services.machine_rebuild(machine=machine, actor=machine.owner)
     assert capacity.usage(user) == before and before["disk_gib"] == 10
 
 
@@ -416,7 +416,7 @@ def test_every_allocating_path_locks_in_one_order(lab):
         machine = network_machine(user, lab, "m1", project=project)
         assert order(locked) == ["Project", "Quota", "Hypervisor"]
         locked.clear()
-        services.machine_grow_disk(machine=_active(machine), disk_gib=2)
+        services.machine_grow_disk(machine=_active(machine), disk_gib=2, actor=machine.owner)
         assert order(locked) == ["Project", "Quota", "Machine", "Hypervisor"]  # the pool's room, last
         locked.clear()
         Machine.objects.filter(pk=machine.pk).update(status="active")

@@ -662,9 +662,11 @@ def test_a_machine_against_the_policy_is_neither_started_nor_rebuilt(lab):
     )
     machine.nics.create(index=0, type="user", mac="52:54:00:00:00:98")
     with pytest.raises(services.MachineError, match="old cannot be started: NIC 1: user-mode networking is for staff"):
-        services.machine_power(machine=machine, action="start")
+        services.machine_power(machine=machine, action="start", actor=machine.owner)
     with pytest.raises(services.MachineError, match="old cannot be rebuilt"):
         disk = ImageFactory(name="disk", kind="disk", format="qcow2", status=ImageStatus.READY)
         Machine.objects.filter(pk=machine.pk).update(deploy_type="image", image=disk)
-        services.machine_rebuild(machine=Machine.objects.get(pk=machine.pk))
-    services.machine_power(machine=Machine.objects.get(pk=machine.pk), action="poweroff")  # stopping is always fine
+        services.machine_rebuild(machine=Machine.objects.get(pk=machine.pk), actor=machine.owner)
+    services.machine_power(
+        machine=Machine.objects.get(pk=machine.pk), action="poweroff", actor=machine.owner
+    )  # stopping is always fine

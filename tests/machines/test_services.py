@@ -241,29 +241,31 @@ def test_delete_removes_everything_but_protection_touches_nothing(
 ):
     machine = create(django_capture_on_commit_callbacks, **base_kwargs(owner, hv, image, deletion_protection=True))
     with pytest.raises(services.MachineError, match="protected"):
-        services.machine_delete(machine=machine)
+        services.machine_delete(machine=machine, actor=machine.owner)
     assert len(host.domains) == 1 and Machine.objects.get(pk=machine.pk).status == Status.ACTIVE
     Machine.objects.filter(pk=machine.pk).update(deletion_protection=False)
     machine.refresh_from_db()
     with django_capture_on_commit_callbacks(execute=True):
-        services.machine_delete(machine=machine)
+        services.machine_delete(machine=machine, actor=machine.owner)
     assert not Machine.objects.filter(pk=machine.pk).exists()
     assert host.domains == {} and set(host.pools["default"]) == {image.volume_name}
 
 
 def test_one_power_operation_at_a_time(host, owner, hv, image, django_capture_on_commit_callbacks):
     machine = create(django_capture_on_commit_callbacks, **base_kwargs(owner, hv, image))
-    services.machine_power(machine=machine, action="poweroff")  # not executed: no on_commit capture
+    services.machine_power(
+        machine=machine, action="poweroff", actor=machine.owner
+    )  # not executed: no on_commit capture
     with pytest.raises(services.MachineError, match="busy with another operation"):
-        services.machine_power(machine=machine, action="start")
+        services.machine_power(machine=machine, action="start", actor=machine.owner)
     with pytest.raises(services.MachineError, match="Unknown action"):
-        services.machine_power(machine=machine, action="explode")
+        services.machine_power(machine=machine, action="explode", actor=machine.owner)
 
 
 def test_power_action_updates_the_observed_state(host, owner, hv, image, django_capture_on_commit_callbacks):
     machine = create(django_capture_on_commit_callbacks, **base_kwargs(owner, hv, image))
     with django_capture_on_commit_callbacks(execute=True):
-        services.machine_power(machine=machine, action="poweroff")
+        services.machine_power(machine=machine, action="poweroff", actor=machine.owner)
     machine.refresh_from_db()
     assert machine.power_state == PowerState.OFF and machine.operation == ""
 
@@ -271,9 +273,9 @@ def test_power_action_updates_the_observed_state(host, owner, hv, image, django_
 def test_grow_disk_only_grows(host, owner, hv, image, django_capture_on_commit_callbacks):
     machine = create(django_capture_on_commit_callbacks, **base_kwargs(owner, hv, image))
     with pytest.raises(ValidationError, match="only grow"):
-        services.machine_grow_disk(machine=machine, disk_gib=1)
+        services.machine_grow_disk(machine=machine, disk_gib=1, actor=machine.owner)
     with django_capture_on_commit_callbacks(execute=True):
-        services.machine_grow_disk(machine=machine, disk_gib=3)
+        services.machine_grow_disk(machine=machine, disk_gib=3, actor=machine.owner)
     machine.refresh_from_db()
     assert machine.status == Status.ACTIVE and host.pools["default"][machine.disk_volume]["capacity"] == 3 << 30
 
@@ -282,7 +284,7 @@ def test_rebuild_gives_a_fresh_instance_id(host, owner, hv, image, django_captur
     machine = create(django_capture_on_commit_callbacks, **base_kwargs(owner, hv, image))
     first = machine.instance_id
     with django_capture_on_commit_callbacks(execute=True):
-        services.machine_rebuild(machine=machine)
+        services.machine_rebuild(machine=machine, actor=machine.owner)
     machine.refresh_from_db()
     assert machine.status == Status.ACTIVE and machine.instance_id != first
     assert len(host.domains) == 1

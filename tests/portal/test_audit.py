@@ -104,12 +104,12 @@ def test_a_media_change_records_machine_media_and_other_operations_do_not(django
     machine = MachineFactory(name="m", owner=owner, hypervisor=hv, deploy_type="iso", status="active", image=iso)
     machine.cdroms.create(slot=0)
     with django_capture_on_commit_callbacks(execute=False):
-        services.machine_change_media(machine=machine, slot=0, image=None)
+        services.machine_change_media(machine=machine, slot=0, image=None, actor=machine.owner)
     media = AuditEvent.objects.get(action="machine.media")
     assert (media.object_repr, media.outcome, "slot=0" in media.detail) == ("m", "success", True)
     common._release_operation(machine)  # what every finished operation does
     with django_capture_on_commit_callbacks(execute=False):
-        services.machine_power(machine=Machine.objects.get(pk=machine.pk), action="poweroff")
+        services.machine_power(machine=Machine.objects.get(pk=machine.pk), action="poweroff", actor=machine.owner)
     assert AuditEvent.objects.filter(action="machine.media").count() == 1
     power = AuditEvent.objects.get(action="machine.power")  # recorded again (its decorator had wandered too)
     assert (power.object_repr, "action=poweroff" in power.detail) == ("m", True)
@@ -128,3 +128,34 @@ def test_every_service_refusal_is_recorded_as_refused_and_a_breakdown_as_failed(
         assert audit._is_refusal(error("no")), error
     for error in (HypervisorError, RuntimeError, OSError):
         assert not audit._is_refusal(error("broke")), error
+
+
+def test_a_service_refuses_a_role_itself_and_records_who_was_refused(django_capture_on_commit_callbacks):
+    """No view in between: the service is told the actor and decides by machines.policy; the refusal is
+    recorded against that actor, and the machine is untouched."""
+    from django.core.exceptions import PermissionDenied
+
+    from machines import services
+    from machines.models import Machine, Membership, Project, Role
+
+    owner, viewer = UserFactory(username="owner"), UserFactory(username="peeker")
+    project = Project.objects.create(name="lab")
+    Membership.objects.create(project=project, user=viewer, role=Role.VIEWER)
+    machine = MachineFactory(name="m", owner=owner, project=project, status="active")
+    with django_capture_on_commit_callbacks(execute=False) as queued:
+        for call in (
+            lambda: services.machine_delete(machine=machine, actor=viewer),
+            lambda: services.machine_power(machine=machine, action="poweroff", actor=viewer),
+            lambda: services.machine_set_autostart(machine=machine, enabled=not machine.autostart, actor=viewer),
+        ):
+            with pytest.raises(PermissionDenied):
+                call()
+    assert queued == []
+    refused = AuditEvent.objects.filter(outcome="refused").order_by("pk")
+    assert [(e.action, e.username) for e in refused] == [
+        ("machine.delete", "peeker"),
+        ("machine.power", "peeker"),
+        ("machine.autostart", "peeker"),
+    ]
+    fresh = Machine.objects.get(pk=machine.pk)
+    assert (fresh.status, fresh.operation, fresh.autostart) == ("active", "", machine.autostart)
