@@ -14,8 +14,11 @@ run: host deps assets prepare
 	$(PY) manage.py bootstrap
 	exec $(PY) manage.py serve
 
+# The whole suite on the embedded SQLite and Huey's SQLite queue; then the tests marked `engines` (quota
+# races, parallel creates, console and BMC services) again on a private PostgreSQL and Redis with two consumers.
 test: host-test deps-test assets
 	$(PY) -m pytest $(PYTEST_ARGS)
+	scripts/engines.sh $(PY) -m pytest -m "engines or engines_only" $(PYTEST_ARGS)
 
 # Uses the .venv and node_modules that `make test` left; installs nothing and needs no daemon. Spread over
 # the CPUs by pytest-xdist (UNIT_JOBS=0: in one process).

@@ -52,6 +52,28 @@ else
     say "Debian packages already installed"
 fi
 
+# The test suite's second run (scripts/engines.sh) uses PostgreSQL and Redis on private ports. Installed
+# without starting the distribution's own instances: no cluster made on install, no init script run.
+if [ "$want_test" = 1 ]; then
+    engines=()
+    for p in postgresql redis-server; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || engines+=("$p")
+    done
+    if [ ${#engines[@]} -gt 0 ]; then
+        say "installing (not started): ${engines[*]}"
+        mkdir -p /etc/postgresql-common
+        [ -e /etc/postgresql-common/createcluster.conf ] || echo 'create_main_cluster = false' >/etc/postgresql-common/createcluster.conf
+        made_policy=0
+        if [ ! -e /usr/sbin/policy-rc.d ]; then
+            printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && made_policy=1
+        fi
+        export DEBIAN_FRONTEND=noninteractive
+        [ "$installed_now" = 1 ] || apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${engines[@]}" >/dev/null
+        [ "$made_policy" = 0 ] || rm -f /usr/sbin/policy-rc.d
+    fi
+fi
+
 # libvirt looks these up before reading qemu.conf, even when QEMU runs as root.
 getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu
 getent passwd libvirt-qemu >/dev/null || useradd --system -g libvirt-qemu -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu

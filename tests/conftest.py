@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -129,13 +130,41 @@ def _free_port() -> int:
 STACK_PORTS = {"web": _free_port(), "console": _free_port()}
 
 
+def _database_url() -> str:
+    """The test database (pytest-django's, made at session start) as a URL for the processes the tests start:
+    the embedded SQLite file, or PostgreSQL's test_ database where DATABASE_URL named a server
+    (scripts/engines.sh)."""
+    db = settings.DATABASES["default"]
+    if db["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{db['NAME']}"
+    assert db["ENGINE"].endswith("postgresql"), f"no stack tests on {db['ENGINE']}"
+    password = urllib.parse.quote(db["PASSWORD"], safe="")
+    return f"postgres://{db['USER']}:{password}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+
+
+# With Huey on Redis (PORTAL_REDIS_URL, scripts/engines.sh) the stack runs two consumer processes on the one
+# queue, as a scaled-out deployment does; the embedded SQLite queue has one.
+WORKER_PROCESSES = 2 if settings.HUEY.get("huey_class") == "huey.RedisHuey" else 1
+
+
+class WorkerProcesses:
+    """The Huey consumer processes of the session: `pid` is the first's (the one that schedules periodic
+    tasks), poll() the first exit code among them (None while all run)."""
+
+    def __init__(self, procs: list[subprocess.Popen]) -> None:
+        self.procs = procs
+        self.pid = procs[0].pid
+        self.pids = [p.pid for p in procs]
+
+    def poll(self) -> int | None:
+        return next((code for code in (p.poll() for p in self.procs) if code is not None), None)
+
+
 def _stack_env() -> dict:
     """The environment for portal processes that must share the test database."""
-    name = settings.DATABASES["default"]["NAME"]
-    assert settings.DATABASES["default"]["ENGINE"].endswith("sqlite3"), "the stack tests use the embedded SQLite"
     return {
         **os.environ,
-        "DATABASE_URL": f"sqlite:///{name}",
+        "DATABASE_URL": _database_url(),
         "PORTAL_CONSOLE_PORT": str(STACK_PORTS["console"]),
         "PORTAL_CONSOLE_ALLOWED_ORIGINS": f"http://127.0.0.1:{STACK_PORTS['web']}",
         "PORTAL_WORKER_HEARTBEAT": "1",
@@ -202,19 +231,25 @@ def huey_worker(django_db_setup, django_db_blocker):
     HUEY.immediate = False  # reach the real queue, left over from an earlier run, and empty it
     HUEY.flush()
     HUEY.immediate = True
-    log_start = _log_size("worker")
-    proc = _start("worker", [sys.executable, "manage.py", "run_huey", "--workers", "2", "--flush-locks"])
-    # Ready when its worker threads have started: each records the heartbeat as it does (portal/tasks.py).
-    with django_db_blocker.unblock():
-        _wait_ready(
-            proc,
-            "worker",
-            log_start,
-            lambda: Heartbeat.objects.filter(name=WORKER, detail__endswith=f" pid {proc.pid}").exists(),
-            "recorded no heartbeat",
-        )
-    yield proc
-    _stop(proc)
+    procs = []
+    for n in range(WORKER_PROCESSES):
+        name = "worker" if n == 0 else f"worker{n + 1}"
+        log_start = _log_size(name)
+        # One schedules the periodic tasks; the others only consume (as the README says to run more).
+        extra = [] if n == 0 else ["--no-periodic"]
+        proc = _start(name, [sys.executable, "manage.py", "run_huey", "--workers", "2", "--flush-locks", *extra])
+        procs.append(proc)
+        # Ready when its worker threads have started: each records the heartbeat as it does (portal/tasks.py).
+        with django_db_blocker.unblock():
+            _wait_ready(
+                proc,
+                name,
+                log_start,
+                lambda proc=proc: Heartbeat.objects.filter(name=WORKER, detail__endswith=f" pid {proc.pid}").exists(),
+                "recorded no heartbeat",
+            )
+    yield WorkerProcesses(procs)
+    stop_groups(procs)
 
 
 @pytest.fixture
@@ -224,7 +259,7 @@ def worker(huey_worker, transactional_db):
     yield huey_worker
     HUEY.immediate = True
     _remove_leftover_machines()
-    assert huey_worker.poll() is None, "the Huey consumer died during the test"
+    assert huey_worker.poll() is None, "a Huey consumer died during the test"
 
 
 def _remove_leftover_machines() -> None:

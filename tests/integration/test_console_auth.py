@@ -140,6 +140,7 @@ def test_a_vnc_server_answers_only_the_password_the_proxy_just_set(iso_machine):
     assert not try_password(iso_machine, second)
 
 
+@pytest.mark.engines
 def test_rfb_33_37_and_38_clients_get_the_screen_through_the_proxy(iso_machine, console_proxy):
     serial_log(iso_machine.pk, "TINY-GUEST ready")
     sizes = set()

@@ -87,6 +87,7 @@ def create_network_machine(api, name: str) -> Machine:
     return machine
 
 
+@pytest.mark.engines
 def test_ipmitool_drives_a_network_boot_machine(owner_api, local, bmc_server):
     api = owner_api
     machine = create_network_machine(api, "metal1")

@@ -16,7 +16,7 @@ from portal.models import ApiToken
 from tests.conftest import wait_for
 from tests.factories import UserFactory
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.engines]
 
 N, LIMIT = 6, 3
 NICS: list[dict] = []  # a NIC a plain user may choose (published_nic); network-boot machines stay off, so none starts

@@ -176,6 +176,7 @@ def _open_at_once(tokens: list[ConsoleToken], pid: int) -> tuple[int, list[str]]
     return len(opened), refused
 
 
+@pytest.mark.engines
 @pytest.mark.django_db(transaction=True)
 def test_simultaneous_connections_get_exactly_the_cap(machine, settings):
     """Real threads on the real database file (SQLite in WAL mode, as the proxy runs), each with its own
