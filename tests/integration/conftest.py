@@ -99,3 +99,14 @@ def iso_machine(worker, local, tiny_iso):
     machine = wait_for(lambda: (m := Machine.objects.get(pk=machine.pk)).status in ("active", "error") and m, 120)
     assert machine.status == "active", machine.status_message
     return machine
+
+
+@pytest.fixture(scope="session")
+def remote_tls_host():
+    """A second hypervisor host reached only over qemu+tls:// (tests/integration/remote_host.py): a libvirtd
+    in its own network, mount, UTS and PID namespaces, with certificates from `manage.py lab_certs`."""
+    from tests.conftest import ARTIFACTS
+    from tests.integration.remote_host import RemoteTlsHost
+
+    with RemoteTlsHost.start(log_dir=ARTIFACTS) as host:
+        yield host
