@@ -186,6 +186,7 @@ class RemoteTlsHost:
     proc: subprocess.Popen | None = None
     init_pid: int = 0  # PID 1 of the inner namespaces, as the host sees it
     started_in: float = 0.0  # seconds from nothing to a libvirtd answering over TLS
+    certs_in: float = 0.0  # of which `manage.py lab_certs`
     lab_certs_output: str = ""
     _log: IO[bytes] | None = field(default=None, repr=False)
 
@@ -262,6 +263,7 @@ class RemoteTlsHost:
         )
         try:
             host._make_certs()
+            host.certs_in = time.monotonic() - started
             host._write_config()
             host._make_network()
             host._launch()

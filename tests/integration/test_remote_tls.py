@@ -76,7 +76,10 @@ def test_lab_certs_prints_the_uri_the_portal_dials_and_the_hosts_libvirtd_is_unt
     # The namespace's libvirtd runs beside the host's, which still answers on its own socket as itself.
     host = subprocess.run(["virsh", "-c", libvirtd, "hostname"], capture_output=True, text=True, timeout=60)
     assert host.returncode == 0 and host.stdout.strip() == socket.gethostname(), host.stderr
-    print(f"namespace libvirtd answering over TLS {remote_tls_host.started_in:.2f} s after the start")
+    print(
+        f"namespace libvirtd answering over TLS {remote_tls_host.started_in:.2f} s after the start "
+        f"(lab_certs {remote_tls_host.certs_in:.2f} s)"
+    )
 
 
 def test_the_remote_host_comes_online_over_tls_with_its_own_name_and_pool(worker, remote_tls_host):
@@ -132,6 +135,8 @@ def test_an_image_machine_is_provisioned_on_the_remote_host(worker, remote_tls_h
 
     # On the hypervisor itself: the domain runs, and the image came over the TLS stream byte for byte.
     assert remote_tls_host.virsh_local("domstate", str(machine.uuid)).strip() == "running"
+    # Its console listens on the hypervisor's address on the link, where the console proxy reaches it.
+    assert remote_tls_host.virsh_local("domdisplay", str(machine.uuid)).startswith(f"vnc://{remote_tls_host.ip}:")
     copy = ImageCopy.objects.get(image=tiny_image, hypervisor=hv)
     assert copy.pool == "default" and copy.path.startswith(f"{remote_tls_host.pool_path}/")
     with open(copy.path, "rb") as f:
