@@ -10,7 +10,7 @@ from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
 from hypervisors.models import Hypervisor, HypervisorStatus
-from machines.access import machines_for
+from machines.access import HYPERVISOR_CAPABILITIES, for_lists, machines_for
 from machines.capacity import usage_by, usage_report
 from machines.models import Machine, MachineEvent
 from machines.states import BUSY, Status
@@ -22,7 +22,7 @@ from portal.queue import queue_report
 @login_required
 @require_GET
 def home(request) -> HttpResponse:
-    hypervisors = list(Hypervisor.objects.all())
+    hypervisors = list(Hypervisor.objects.defer(*HYPERVISOR_CAPABILITIES))  # the cards show no capability
     placed = usage_by(Machine.objects.all(), "hypervisor")  # what placement counts as taken (capacity.held)
     for h in hypervisors:
         taken = placed.get(h.pk, {})
@@ -32,6 +32,7 @@ def home(request) -> HttpResponse:
     mine = machines_for(request.user).filter(owner=request.user)
     by_status = {row["status"]: row["n"] for row in mine.values("status").annotate(n=Count("pk"))}
     events = MachineEvent.objects.filter(machine__in=machines_for(request.user)).select_related("machine")
+    events = events.only("created", "step", "message", "level", "machine__name")  # a link to each machine
     return render(
         request,
         "home.html",
@@ -43,10 +44,7 @@ def home(request) -> HttpResponse:
             "machine_count": mine.count(),
             "events": events.order_by("-created", "-pk")[:12],
             "queue": queue_report(limit=10 if request.user.is_staff else 0),
-            "busy": machines_for(request.user)
-            .filter(status__in=BUSY)
-            .select_related("hypervisor")
-            .order_by("status_changed")[:10],
+            "busy": for_lists(machines_for(request.user)).filter(status__in=BUSY).order_by("status_changed")[:10],
         },
     )
 

@@ -96,6 +96,13 @@ class HypervisorViewSet(viewsets.ModelViewSet):
     permission_classes = [StaffWritePermission]
     http_method_names = ["get", "post", "patch", "delete", "head", "options"]
 
+    def get_queryset(self):
+        hypervisors = super().get_queryset()
+        if self.action != "list":
+            return hypervisors  # a change or a sync needs the row whole
+        # Capabilities the serializer does not show (kilobytes of JSON per host) stay in the database.
+        return hypervisors.defer("machine_types", "cpu_modes", "cpu_models", "firmwares", "interfaces", "devices")
+
     def perform_destroy(self, instance):
         try:
             services.hypervisor_delete(hypervisor=instance)

@@ -1,6 +1,7 @@
-from typing import Any, cast
+from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db.models import Prefetch
 from django.urls import reverse
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, serializers, status, viewsets
@@ -77,6 +78,9 @@ class StringOrList(serializers.Field):
             if self.field_name == "packages"
             else [line.strip() for line in value.splitlines() if line.strip()]
         )
+
+
+RECENT_EVENTS, RECENT_EVENTS_ORDER = 50, ("-created", "-pk")  # the events a machine's JSON carries, newest first
 
 
 class MachineSerializer(serializers.ModelSerializer):
@@ -205,6 +209,9 @@ class MachineSerializer(serializers.ModelSerializer):
         ]
         validators: list[Any] = []  # the service validates (with the owner, which the request supplies)
 
+    _events: EventSerializer | None = None
+    _roles: dict[int, str] | None = None
+
     def get_bmc(self, machine) -> dict | None:
         """Where the BMC listens (the credentials: GET .../bmc/)."""
         if not machine.has_bmc:
@@ -218,14 +225,26 @@ class MachineSerializer(serializers.ModelSerializer):
 
     def get_allowed_actions(self, machine) -> list[str]:
         request = self.context.get("request")
-        return sorted(policy.allowed_actions(request.user, machine)) if request is not None else []
+        if request is None:
+            return []
+        # The user's project roles are read once for the whole response (a list's every row asks them): a list
+        # serializes every row with this one serializer.
+        if self._roles is None:
+            self._roles = access.project_roles(request.user)
+        return sorted(policy.allowed_actions(request.user, machine, roles=self._roles))
 
     def get_cdroms(self, machine) -> list[dict]:
         return [{"slot": c.slot, "image": c.image_id} for c in machine.cdroms.all()]
 
     def get_events(self, machine) -> list[dict]:
-        events = machine.events.order_by("-created", "-pk")[:50]
-        return cast(list[dict], EventSerializer(reversed(list(events)), many=True).data)  # many: a ReturnList
+        # Prefetched for the list and the detail (MachineViewSet.get_queryset); else asked here.
+        events = getattr(machine, "recent_events", None)
+        if events is None:
+            events = machine.events.order_by(*RECENT_EVENTS_ORDER)[:RECENT_EVENTS]
+        # One EventSerializer for every row of a list: building its fields costs more than the events.
+        if self._events is None:
+            self._events = EventSerializer(context=self.context)
+        return [self._events.to_representation(event) for event in reversed(list(events))]
 
     def create(self, validated):
         # Left out: the default NIC (the tenant network where the hypervisor has it); [] means none.
@@ -289,7 +308,14 @@ class MachineViewSet(
     serializer_class = MachineSerializer
 
     def get_queryset(self):
-        return machines_for(self.request.user).prefetch_related("nics")
+        machines = machines_for(self.request.user)
+        if self.action not in ("list", "retrieve"):
+            return machines  # the actions hand the machine to a service: whole, with its hypervisor
+        recent = MachineEvent.objects.order_by(*RECENT_EVENTS_ORDER)[:RECENT_EVENTS]  # a window per machine
+        # Each of these is one query for the whole page, whatever its size.
+        return access.for_lists(machines).prefetch_related(
+            "nics", "cdroms", Prefetch("events", queryset=recent, to_attr="recent_events")
+        )
 
     def _machine(self, action: str) -> Machine:
         """The machine (404 if not visible), checked for the role the action needs (403; machines.policy)."""
@@ -403,7 +429,8 @@ class MachineViewSet(
                 machines = machines.filter(pk__in=[int(i) for i in ids.split(",") if i.strip()])
             except ValueError:
                 return Response({"ids": "Give machine ids separated by commas."}, status=400)
-        machines = [m for m in machines if access.can(request.user, m, policy.need("reveal_bmc"))]  # BMC passwords
+        roles, need = access.project_roles(request.user), policy.need("reveal_bmc")
+        machines = [m for m in machines if access.can(request.user, m, need, roles)]  # BMC passwords
         response = Response(services.instackenv(machines, user=request.user))
         response["Cache-Control"] = "no-store"
         return response

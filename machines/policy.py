@@ -11,7 +11,7 @@ device, how large a disk, the quotas, and the network policy over the NICs that 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from machines import access
@@ -106,15 +106,16 @@ def refusal(user, machine: Machine, action: str, *, level: int | None = None) ->
     return state_refusal(machine, action)
 
 
-def refusals(user, machine: Machine) -> dict[str, str]:
-    """Every action with its refusal ("" for those allowed); the user's role is looked up once."""
-    have = access.level(user, machine)
+def refusals(user, machine: Machine, *, roles: Mapping[int, str] | None = None) -> dict[str, str]:
+    """Every action with its refusal ("" for those allowed); the user's role is looked up once (in `roles`,
+    access.project_roles(user) read once for a whole list, when given)."""
+    have = access.level(user, machine, roles)
     return {action: refusal(user, machine, action, level=have) for action in RULES}
 
 
-def allowed_actions(user, machine: Machine) -> frozenset[str]:
+def allowed_actions(user, machine: Machine, *, roles: Mapping[int, str] | None = None) -> frozenset[str]:
     """What `user` may do to `machine` now: their role allows it, and so does the machine's state."""
-    return frozenset(action for action, why in refusals(user, machine).items() if not why)
+    return frozenset(action for action, why in refusals(user, machine, roles=roles).items() if not why)
 
 
 def require(user, machine: Machine, action: str) -> None:
