@@ -16,7 +16,10 @@ from dataclasses import dataclass, field, replace
 
 from hypervisors.drivers.base import (
     DomainInfo,
+    DomainInspected,
+    DomainObserved,
     HostInfo,
+    HostObserved,
     HypervisorDriver,
     HypervisorFatalError,
     NetworkInfo,
@@ -40,6 +43,8 @@ class FakeHost:
     networks: dict[str, str] = field(default_factory=dict)  # network name -> XML
     fail: dict[str, Exception] = field(default_factory=dict)  # method name -> error to raise once
     calls: list[str] = field(default_factory=list)
+    runs: int = 0  # the last domain id given to a start (libvirt numbers each run)
+    leases: dict[str, list[str]] = field(default_factory=dict)  # MAC -> addresses the networks' DHCP leased
     # The virtual BMCs listening: (address, port) -> (username, password, domain name), as the BMC server
     # runs them; FakeBmc also finds those of the machines in the database, as the BMC server does.
     bmcs: dict[tuple[str, int], tuple[str, str, str]] = field(default_factory=dict)
@@ -227,11 +232,14 @@ class FakeDriver(HypervisorDriver):
         return dom if dom and dom["state"] == PowerState.RUNNING else None
 
     def _cold_start(self, uuid):
-        """Start unless running; like the real driver, a cold start protects VNC first."""
+        """Start unless running; like the real driver, a cold start protects VNC first (and the domain gets a new
+        run: libvirt's domain id)."""
         dom = self._dom(uuid)
         if dom["state"] != PowerState.RUNNING:
             self.vnc_protect(uuid)
             dom["vnc_protected"] = dom["vnc_config_protected"]
+            self.host.runs += 1
+            dom["run"] = self.host.runs
         dom["state"] = PowerState.RUNNING
 
     def domain_xml(self, uuid, *, inactive=False, secure=False):
@@ -285,6 +293,32 @@ class FakeDriver(HypervisorDriver):
 
     def domain_states(self):
         return {u: d["state"] for u, d in self.host.domains.items()}
+
+    def domains_observed(self):
+        # From domain_states, so a test that patches that sees the bulk read through it too. A domain made
+        # running by a test (not started) counts as run 0; "leases" on the host stand for the networks' DHCP.
+        self._hit("domains_observed")
+        states = self.domain_states()
+        return HostObserved(
+            domains={
+                u: DomainObserved(state=s, run=self.host.domains[u].get("run", 0) if s == PowerState.RUNNING else -1)
+                for u, s in states.items()
+            },
+            leases={mac.lower(): list(a) for mac, a in self.host.leases.items()},
+        )
+
+    def domain_inspect(self, uuid, *, leases=None):
+        self._hit("domain_inspect")
+        dom = self.host.domains.get(uuid)
+        if not dom:
+            return None
+        if dom["state"] != PowerState.RUNNING:
+            return DomainInspected(console_unprotected=False, addresses={})
+        addresses = self.domain_addresses(uuid)
+        if leases is not None:
+            macs = [n.mac.lower() for n in dom["spec"].nics] if dom.get("spec") else []
+            addresses = {**{m: list(leases[m]) for m in macs if m in leases}, **addresses}
+        return DomainInspected(console_unprotected=not dom.get("vnc_protected", True), addresses=addresses)
 
     def domain_addresses(self, uuid):
         dom = self.host.domains.get(uuid)

@@ -79,6 +79,31 @@ class DomainInfo:
 
 
 @dataclass(frozen=True)
+class DomainObserved:
+    """A domain as one bulk read of its hypervisor sees it."""
+
+    state: PowerState
+    run: int  # libvirt's domain id: a new one at every start, -1 while it is not running
+
+
+@dataclass(frozen=True)
+class HostObserved:
+    """Every domain of a hypervisor and its networks' DHCP leases, read in a number of calls that does not grow
+    with the domains (domains_observed)."""
+
+    domains: dict[str, DomainObserved]  # UUID -> what was seen
+    leases: dict[str, list[str]]  # MAC (lower case) -> addresses ("a.b.c.d/prefix") the host's DHCP leased
+
+
+@dataclass(frozen=True)
+class DomainInspected:
+    """One running domain looked at closely (domain_inspect): what its live XML and the guest tell."""
+
+    console_unprotected: bool  # its VNC server lets clients in without a password
+    addresses: dict[str, list[str]]  # MAC -> addresses, as domain_addresses gives them
+
+
+@dataclass(frozen=True)
 class HostInfo:
     hostname: str
     arch: str
@@ -252,6 +277,17 @@ class HypervisorDriver(ABC):
     @abstractmethod
     def domain_states(self) -> dict[str, PowerState]:
         """UUID -> power state of every domain on the hypervisor."""
+
+    @abstractmethod
+    def domains_observed(self) -> HostObserved:
+        """State and run of every domain and the DHCP leases of the host's networks, in a number of calls that
+        does not grow with the domains (the reconcile's bulk read); no leases where the host cannot list them."""
+
+    @abstractmethod
+    def domain_inspect(self, uuid: str, *, leases: dict[str, list[str]] | None = None) -> DomainInspected | None:
+        """A closer look at one domain: whether its running VNC server asks no password, and its guest's addresses
+        (with `leases` from domains_observed, those instead of asking for the domain's own). None when absent;
+        nothing unprotected and no addresses when off."""
 
     @abstractmethod
     def domain_xml(self, uuid: str, *, inactive: bool = False, secure: bool = False) -> str:

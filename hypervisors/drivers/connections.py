@@ -6,8 +6,12 @@ after a failure; a spare per URI for the next serial console; every libvirtError
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import ssl
+import struct
 import threading
+import time
 from urllib.parse import urlsplit
 
 import libvirt
@@ -71,22 +75,102 @@ def translate(e: libvirt.libvirtError) -> HypervisorUnavailable | HypervisorFata
     return HypervisorFatalError(message)
 
 
-def check_reachable(uri: str, timeout: float = CONNECT_TIMEOUT) -> None:
-    """Fail fast, within `timeout`, when a remote hypervisor's port does not answer.
-
-    libvirt itself can wait minutes on a host that drops packets.
-    """
+def _peer(uri: str) -> tuple[str, int, str] | None:
+    """(host, port, transport) of a remote hypervisor's libvirt port; None for local and other transports."""
     parts = urlsplit(uri)
     transport = parts.scheme.partition("+")[2]
     if not parts.hostname or transport not in TRANSPORT_PORTS:
+        return None
+    return parts.hostname, parts.port or TRANSPORT_PORTS[transport], transport
+
+
+# libvirt's RPC: a call of REMOTE_PROC_AUTH_LIST (66) of the remote program (0x20008086, version 1), serial 0,
+# no arguments: the first thing every client asks, answered before any open, so a daemon that answers it
+# is one that talks; the answer is read and the socket closed, nothing else is said.
+_AUTH_LIST_CALL = struct.pack(">IIIIIII", 28, 0x20008086, 1, 66, 0, 0, 0)
+
+
+def _answers(sock: socket.socket, host: str, transport: str) -> None:
+    """Wait (on the socket's timeout) for the peer to say something in its own protocol: an SSH banner, a
+    TLS handshake's answer (an alert for a missing client certificate is an answer), libvirt's RPC reply."""
+    if transport == "tcp":
+        sock.sendall(_AUTH_LIST_CALL)
+        if not sock.recv(4):
+            raise ConnectionResetError("closed without an answer")
+    elif transport == "tls":
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        try:
+            with context.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False) as tls:
+                tls.do_handshake()
+        except ssl.SSLError:
+            pass  # it answered (refusing us is an answer)
+    elif not sock.recv(4):  # ssh: the server speaks first
+        raise ConnectionResetError("closed without an answer")
+
+
+def check_reachable(uri: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """Fail fast, within `timeout`, when a remote hypervisor's port does not answer: neither a TCP connect nor
+    the first words of its protocol (a host that accepts and never answers would otherwise hold libvirt's
+    open for ever). Runs in the calling thread on a socket timeout: nothing is left behind.
+
+    libvirt itself can wait minutes on a host that drops packets.
+    """
+    peer = _peer(uri)
+    if peer is None:
         return
-    port = parts.port or TRANSPORT_PORTS[transport]
+    host, port, transport = peer
+    deadline = time.monotonic() + timeout
     try:
-        with socket.create_connection((parts.hostname, port), timeout=timeout):
-            pass
+        sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as e:
         reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
-        raise HypervisorUnavailable(f"cannot reach {parts.hostname}:{port}: {reason}") from None
+        raise HypervisorUnavailable(f"cannot reach {host}:{port}: {reason}") from None
+    try:
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        _answers(sock, host, transport)
+    except OSError as e:
+        reason = "accepted the connection but did not answer" if isinstance(e, TimeoutError) else str(e)
+        raise HypervisorUnavailable(f"cannot reach {host}:{port}: {reason}") from None
+    finally:
+        sock.close()
+
+
+def _sockets_to(host: str, port: int) -> set[int]:
+    """This process's file descriptors of TCP sockets connected to host:port (Linux: /proc/self/fd)."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+    except OSError:
+        return set()
+    found = set()
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return set()
+    for name in names:
+        fd = int(name)
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                continue
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    peer = sock.getpeername()
+                    if peer[1] == port and peer[0] in addresses:
+                        found.add(fd)
+        except OSError:
+            continue
+    return found
+
+
+def _cut(fds: set[int]) -> None:
+    """Shut these sockets down (not close: their owner, libvirt, closes them), so a call waiting on one ends."""
+    for fd in fds:
+        try:
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            continue
 
 
 def _connections() -> dict:
@@ -95,8 +179,21 @@ def _connections() -> dict:
     return _local.conns
 
 
+# URIs whose abandoned open (past its timeout) still runs: no other one is started meanwhile, so at most one
+# thread per URI waits on a peer that went silent after the reachability check (for TCP and TLS the sockets
+# are shut down and it ends at once; over SSH libvirt talks to the ssh process, which keeps it waiting).
+_opening: set[str] = set()
+_opening_lock = threading.Lock()
+
+
 def _open(uri: str, timeout: float) -> libvirt.virConnect:
-    """libvirt.open() bounded by `timeout`: a peer that accepts but never answers would block for ever."""
+    """libvirt.open() bounded by `timeout`: a peer that accepts but never answers would block for ever. On
+    timeout the sockets this open made to the peer are shut down, which ends libvirt's wait and its thread."""
+    peer = _peer(uri)
+    with _opening_lock:
+        if uri in _opening:
+            raise HypervisorUnavailable("an earlier connection attempt is still waiting for an answer")
+    before = _sockets_to(peer[0], peer[1]) if peer else set()
     result: dict = {}
     done = threading.Event()
     abandoned = threading.Event()
@@ -110,11 +207,21 @@ def _open(uri: str, timeout: float) -> libvirt.virConnect:
             if abandoned.is_set():
                 close_quietly(conn)
             result["conn"] = conn
-        done.set()
+        finally:
+            with _opening_lock:
+                if abandoned.is_set():
+                    _opening.discard(uri)
+                done.set()
 
     threading.Thread(target=target, name="libvirt-open", daemon=True).start()
     if not done.wait(timeout):
-        abandoned.set()
+        with _opening_lock:
+            abandoned.set()
+            if not done.is_set():
+                _opening.add(uri)
+        if peer:
+            _cut(_sockets_to(peer[0], peer[1]) - before)
+            done.wait(1.0)
         raise HypervisorUnavailable(f"libvirt did not answer within {timeout:g} s")
     if "error" in result:
         e = result["error"]

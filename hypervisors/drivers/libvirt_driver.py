@@ -22,8 +22,11 @@ import libvirt
 from hypervisors.drivers.base import (
     PORTAL_METADATA_NS,
     DomainInfo,
+    DomainInspected,
+    DomainObserved,
     DomainSpec,
     HostInfo,
+    HostObserved,
     HypervisorDriver,
     HypervisorFatalError,
     HypervisorUnavailable,
@@ -453,6 +456,96 @@ class LibvirtDriver(HypervisorDriver):
         return self._call(
             lambda conn: {d.UUIDString(): _STATES.get(d.state()[0], PowerState.UNKNOWN) for d in conn.listAllDomains(0)}
         )
+
+    def domains_observed(self) -> HostObserved:
+        """State and run (domain id) of every domain from one getAllDomainStats, and the DHCP leases of the active
+        networks: 2 + (networks) calls however many domains there are."""
+
+        def run(conn):
+            domains = {
+                dom.UUIDString(): DomainObserved(
+                    state=_STATES.get(stats.get("state.state", -1), PowerState.UNKNOWN), run=dom.ID()
+                )
+                for dom, stats in conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE)
+            }
+            return HostObserved(domains=domains, leases=self._leases(conn))
+
+        return self._call(run)
+
+    @staticmethod
+    def _leases(conn: libvirt.virConnect) -> dict[str, list[str]]:
+        """MAC -> addresses from the DHCP leases of every active network (none where the driver has none)."""
+        report: dict[str, dict] = {}
+        for net in conn.listAllNetworks(libvirt.VIR_CONNECT_LIST_NETWORKS_ACTIVE):
+            try:
+                leases = net.DHCPLeases()
+            except libvirt.libvirtError as e:
+                if isinstance(translate(e), HypervisorUnavailable):
+                    raise
+                continue  # e.g. the test driver: not supported
+            for i, lease in enumerate(leases or []):
+                mac = (lease.get("mac") or "").lower()
+                entry = {"addr": lease.get("ipaddr", ""), "prefix": lease.get("prefix") or 0}
+                report[f"{net.name()}-{i}"] = {"hwaddr": mac, "addrs": [entry]}
+        return merge_addresses(report)
+
+    def domain_inspect(self, uuid: str, *, leases: dict[str, list[str]] | None = None) -> DomainInspected | None:
+        """One lookup and the live XML (read with VIR_DOMAIN_XML_SECURE, for the VNC password and whether the
+        guest agent is connected); then the guest agent when it is, and the ARP table. The leases come from
+        `leases` when given (domains_observed read them for all domains), else from the domain's own call.
+        A domain without NICs costs no address call."""
+
+        def run(conn):
+            dom = self._dom(conn, uuid)
+            if dom is None:
+                return None
+            if dom.ID() < 0:  # not running (the id comes with the lookup: no call)
+                return DomainInspected(console_unprotected=False, addresses={})
+            try:
+                xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return None
+                raise
+            macs = [m.get("address", "").lower() for m in ET.fromstring(xml).findall("devices/interface/mac")]
+            return DomainInspected(
+                console_unprotected=not vnc_protected(xml), addresses=self._inspect_addresses(dom, xml, macs, leases)
+            )
+
+        return self._call(run)
+
+    @staticmethod
+    def _inspect_addresses(
+        dom: libvirt.virDomain, xml: str, macs: list[str], leases: dict[str, list[str]] | None
+    ) -> dict[str, list[str]]:
+        if not macs:
+            return {}
+        reports: list[dict] = []
+        sources = []
+        if leases is None:
+            sources.append(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE)
+        else:
+            reports.append(
+                {
+                    f"lease-{mac}": {
+                        "hwaddr": mac,
+                        "addrs": [{"addr": a.split("/")[0], "prefix": int(a.partition("/")[2] or 0)} for a in found],
+                    }
+                    for mac in macs
+                    if (found := leases.get(mac))
+                }
+            )
+        if agent_connected(xml):
+            sources.append(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT)
+        sources.append(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP)
+        for source in sources:
+            try:
+                reports.append(dom.interfaceAddresses(source, 0) or {})
+            except libvirt.libvirtError as e:
+                if isinstance(translate(e), HypervisorUnavailable):
+                    raise
+                log.debug("addresses of %s from source %s: %s", dom.UUIDString(), source, e)  # e.g. no lease file
+        return merge_addresses(*reports)
 
     def domain_xml(self, uuid: str, *, inactive: bool = False, secure: bool = False) -> str:
         """The domain's XML; `secure` includes secrets such as the VNC password (never show or log it)."""

@@ -4,18 +4,29 @@ addresses, console authentication on domains defined before it."""
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from hypervisors.drivers import get_driver
-from hypervisors.drivers.base import HypervisorError, HypervisorFatalError
+from hypervisors.drivers.base import (
+    DomainInspected,
+    HostObserved,
+    HypervisorError,
+    HypervisorFatalError,
+    HypervisorUnavailable,
+)
 from hypervisors.drivers.base import PowerState as DomainState  # what the driver reports, not the model's field
-from hypervisors.models import Hypervisor
+from hypervisors.drivers.domxml import host_guard_name
+from hypervisors.models import Hypervisor, HypervisorStatus
 from machines import provisioning, screenshots, tasks
 from machines.models import Machine, MachineObserved
 from machines.services.common import _enqueue
@@ -62,7 +73,8 @@ def machine_serial_log_run(machine_id: int) -> None:
 
 
 def machines_reconcile() -> None:
-    """Periodic: fail machines stuck busy past the deadline; make power states true to the hypervisors."""
+    """Periodic: fail machines stuck busy past the deadline; make power states true to the hypervisors (all of
+    them at once, RECONCILE_THREADS at a time, each within its deadline)."""
     now = timezone.now()
     deadline = now - timedelta(seconds=settings.PORTAL_PROVISION_TIMEOUT)
     for machine in Machine.objects.filter(status__in=BUSY, status_changed__lt=deadline):
@@ -77,8 +89,8 @@ def machines_reconcile() -> None:
     Machine.objects.filter(operation_started__lt=now - timedelta(minutes=5)).update(
         operation="", operation_started=None
     )
-    for hv in Hypervisor.objects.filter(enabled=True, status="online", machines__isnull=False).distinct():
-        _reconcile_power(hv)
+    hypervisors = Hypervisor.objects.filter(enabled=True, status="online", machines__isnull=False).distinct()
+    _reconcile_many(list(hypervisors))
     # Keep the screens on machine pages current even when nobody has the page open: a batch a minute,
     # the stalest first, so a large installation takes its screenshots in turn instead of all at once.
     # (By when they were last asked for: one that fails is not asked again and again ahead of the rest.)
@@ -102,73 +114,261 @@ def hypervisor_reconcile_run(hypervisor_id: int) -> None:
         _reconcile_power(hv)
 
 
-def _guard_bridge_nics(machine: Machine, driver) -> None:
-    """A domain defined before its NICs on host bridges named the host guard gets it in its config, so its
-    next start carries it whoever starts it (the portal, its BMC, libvirt's autostart)."""
-    try:
-        provisioning.name_host_guards(machine, driver, step="reconcile")
-    except HypervisorFatalError as e:  # no domain (vanished, or a failed machine)
-        log.info("host guard of %s: %s", machine.name, e)
+# --- the reconcile ---------------------------------------------------------------------------------------
+#
+# Per hypervisor, one bulk read (driver.domains_observed: every domain's state and run, and the networks' DHCP
+# leases, in a constant number of calls), then a closer look (driver.domain_inspect) only at the domains that
+# changed: a run not seen before by this process (started, restarted, or first seen), a power state that
+# differs from the database's, a console still recorded as unprotected; plus a few running ones a cycle, those
+# with a NIC without a known address first, then the longest not looked at, so addresses the guest agent or
+# the ARP table give stay fresh in turn. The hypervisors are read in parallel by a bounded pool of threads
+# that touch no database; the main thread writes, and only the rows that changed.
+
+RECONCILE_THREADS = 16  # hypervisors read at once
+ADDRESS_REFRESH_PER_CYCLE = 5  # running domains per hypervisor looked at again a cycle, beyond those that changed
+POWER_CHECKED_EVERY = timedelta(minutes=10)  # power_checked of an unchanged machine is refreshed this often
+
+_runs: dict[str, int] = {}  # domain UUID -> the run this process last looked at closely
+_looked: dict[str, float] = {}  # domain UUID -> monotonic time of that look
+_guarded: set[str] = set()  # domain UUIDs whose host guards this process made sure of
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _reconcile_deadline() -> float:
+    """Seconds a hypervisor's reads may take once begun: its connect timeout (the reachability check and the
+    open are bounded by it) and as much again for the reads."""
+    return 2.0 * settings.PORTAL_CONNECT_TIMEOUT
+
+
+@dataclass
+class _Plan:
+    """What the reads of one hypervisor need, as plain data (the reading thread touches no model)."""
+
+    hv: Hypervisor
+    machines: list[Machine]
+    known: dict[str, tuple[str, bool, dict]]  # uuid -> (power_state, console_unprotected, guest_addresses)
+    macs: dict[str, list[str]]  # uuid -> its NICs' MACs
+    guards: dict[str, dict[str, str]]  # uuid -> host bridge -> guard, for machines that want them
+    started: float = 0.0
+
+
+@dataclass
+class _Looked:
+    host: HostObserved
+    inspected: dict[str, DomainInspected | None] = field(default_factory=dict)
+    failed: set[str] = field(default_factory=set)  # inspected with a fatal error: what was known stays
+    guarded: list[str] = field(default_factory=list)  # host guard added now
+    bridges: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _plan(hv: Hypervisor) -> _Plan:
+    machines = list(
+        hv.machines.exclude(status__in=[Status.NEW, Status.PROVISIONING, Status.DELETING])
+        .select_related("observed", "owner", "project")
+        .defer("observed__serial_log")
+        .prefetch_related("nics")
+    )
+    known, macs, guards = {}, {}, {}
+    for m in machines:
+        uuid = str(m.uuid)
+        seen = m.last_observed
+        known[uuid] = (m.power_state, seen.console_unprotected, seen.guest_addresses or {})
+        nics = list(m.nics.all())
+        macs[uuid] = [n.mac.lower() for n in nics if n.mac]
+        bridges = sorted({n.source for n in nics if n.type == "bridge"})
+        if bridges and uuid not in _guarded and provisioning.wants_host_guard(m):
+            guards[uuid] = {b: host_guard_name(b) for b in bridges}
+    return _Plan(hv=hv, machines=machines, known=known, macs=macs, guards=guards)
+
+
+def _to_inspect(plan: _Plan, host: HostObserved) -> list[str]:
+    """The domains to look at closely this cycle (see above)."""
+    changed, wanted, others = [], [], []
+    for uuid, (power, unprotected, addresses) in plan.known.items():
+        seen = host.domains.get(uuid)
+        if seen is None or seen.state != DomainState.RUNNING:
+            continue
+        if _runs.get(uuid) != seen.run or power != PowerState.RUNNING or unprotected:
+            changed.append(uuid)
+        elif any(not (addresses.get(mac) or host.leases.get(mac)) for mac in plan.macs[uuid]):
+            wanted.append(uuid)
+        else:
+            others.append(uuid)
+    others.sort(key=lambda u: _looked.get(u, 0.0))
+    return changed + (wanted + others)[:ADDRESS_REFRESH_PER_CYCLE]
+
+
+def _read(plan: _Plan) -> _Looked:
+    """Reading thread: the hypervisor's side of the reconcile, driver calls only."""
+    plan.started = time.monotonic()
+    driver = get_driver(plan.hv.uri)
+    looked = _Looked(host=driver.domains_observed())
+    for uuid in _to_inspect(plan, looked.host):
+        try:
+            looked.inspected[uuid] = found = driver.domain_inspect(uuid, leases=looked.host.leases)
+        except HypervisorFatalError as e:  # e.g. undefined meanwhile: the others still count
+            log.info("addresses of %s: %s", uuid, e)
+            looked.failed.add(uuid)
+            continue
+        if found is not None and found.console_unprotected:
+            # Its config gets a password now, so the next start asks for one whoever starts it
+            # (the portal, the machine's BMC, libvirt's autostart); a no-op once it has one.
+            try:
+                driver.vnc_protect(uuid)
+            except HypervisorFatalError as e:
+                log.info("VNC password of %s: %s", uuid, e)
+    for uuid, filters in plan.guards.items():
+        # A domain defined before its NICs on host bridges named the host guard gets it in its config, so its
+        # next start carries it whoever starts it (the portal, its BMC, libvirt's autostart).
+        if uuid not in looked.host.domains:
+            continue
+        try:
+            if driver.filter_bridge_nics(uuid, filters):
+                looked.guarded.append(uuid)
+                looked.bridges[uuid] = sorted(filters)
+        except HypervisorFatalError as e:  # no domain (vanished, or a failed machine)
+            log.info("host guard of %s: %s", uuid, e)
+    return looked
 
 
 def _reconcile_power(hv: Hypervisor) -> None:
     """Power states of the hypervisor's machines, the addresses of those that run, and which run a VNC
     server that asks no password (defined before the portal set them): those get one in their config,
-    which takes effect at their next cold start, however they are started."""
-    machines = list(
-        hv.machines.exclude(status__in=[Status.NEW, Status.PROVISIONING, Status.DELETING])
-        .select_related("observed")
-        .defer("observed__serial_log")
-    )
-    addresses = {}
+    which takes effect at their next cold start, however they are started. In the calling thread."""
+    plan = _plan(hv)
     try:
-        driver = get_driver(hv.uri)
-        states = driver.domain_states()
-        unprotected = driver.vnc_unprotected()
-        for machine in machines:
-            if str(machine.uuid) in unprotected:
-                # Its config gets a password now, so the next start asks for one whoever starts it
-                # (the portal, the machine's BMC, libvirt's autostart); a no-op once it has one.
-                try:
-                    driver.vnc_protect(str(machine.uuid))
-                except HypervisorFatalError as e:
-                    log.info("VNC password of %s: %s", machine.name, e)
-            _guard_bridge_nics(machine, driver)
-            if states.get(str(machine.uuid)) != DomainState.RUNNING:
-                continue
-            try:
-                addresses[machine.pk] = driver.domain_addresses(str(machine.uuid))
-            except HypervisorFatalError as e:  # e.g. undefined meanwhile: the others still count
-                log.info("addresses of %s: %s", machine.name, e)
-                addresses[machine.pk] = machine.last_observed.guest_addresses  # what was known stays until the next try
+        looked = _read(plan)
     except HypervisorError as e:
-        log.info("reconcile %s: %s", hv.name, e)
+        _unreachable(plan, e)
         return
+    _apply(plan, looked)
+
+
+def _reconcile_many(hypervisors: list[Hypervisor]) -> None:
+    """Read the hypervisors in parallel (RECONCILE_THREADS at a time), write each one's changes as its reads
+    come back. A hypervisor whose reads pass their deadline is given up (and marked down): its thread ends
+    on its own, every libvirt wait being bounded (connects and opens by the connect timeout, calls on an
+    open connection by libvirt's keepalive)."""
+    if len(hypervisors) <= 1:  # nobody to wait for: in this thread
+        for hv in hypervisors:
+            _reconcile_power(hv)
+        return
+    pool = _reconcile_pool()
+    plans = [_plan(hv) for hv in hypervisors]
+    pending = {pool.submit(_read, plan): plan for plan in plans}
+    limit = _reconcile_deadline()
+    while pending:
+        done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+        for future in done:
+            plan = pending.pop(future)
+            try:
+                looked = future.result()
+            except HypervisorError as e:
+                _unreachable(plan, e)
+                continue
+            except Exception:
+                log.exception("reconcile %s", plan.hv.name)
+                continue
+            _apply(plan, looked)
+        now = time.monotonic()
+        for future, plan in list(pending.items()):
+            if plan.started and now - plan.started > limit:
+                pending.pop(future)
+                _unreachable(plan, HypervisorUnavailable(f"no answer within {limit:g} s"))
+
+
+def _reconcile_pool() -> ThreadPoolExecutor:
+    """The reading threads, kept for the life of the process (with their connections, one per hypervisor)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=RECONCILE_THREADS, thread_name_prefix="reconcile")
+        return _pool
+
+
+def _unreachable(plan: _Plan, e: HypervisorError) -> None:
+    """A hypervisor that did not answer is marked down (the next sync brings it back); a fatal error is logged."""
+    log.info("reconcile %s: %s", plan.hv.name, e)
+    if isinstance(e, HypervisorUnavailable):
+        Hypervisor.objects.filter(pk=plan.hv.pk, uri=plan.hv.uri, status=HypervisorStatus.ONLINE).update(
+            status=HypervisorStatus.DOWN, status_error=str(e) or type(e).__name__, last_checked=timezone.now()
+        )
+
+
+def _apply(plan: _Plan, looked: _Looked) -> None:
+    """Write what changed: power states (each over the state read, so a power action that ended meanwhile
+    keeps its newer one), observations that differ from what was known, events; power_checked of the others
+    at most every POWER_CHECKED_EVERY, in one statement."""
     now = timezone.now()
-    for machine in machines:
-        state = states.get(str(machine.uuid))
-        new = PowerState.MISSING if state is None else str(state)
+    clock = time.monotonic()
+    states, leases = looked.host.domains, looked.host.leases
+    changed_observed: list[MachineObserved] = []
+    unchanged: list[int] = []
+    running = without = 0
+    for machine in plan.machines:
+        uuid = str(machine.uuid)
+        seen = states.get(uuid)
+        new = PowerState.MISSING if seen is None else str(seen.state)
         mine = Machine.objects.filter(pk=machine.pk)
         if new != machine.power_state:
             # Only over the state read above: a power action that ended meanwhile wrote a newer one.
-            if mine.filter(power_state=machine.power_state).update(power_state=new) and new == PowerState.MISSING:
-                machine.log("reconcile", "the domain vanished from the hypervisor", level="warning")
-        open_console = str(machine.uuid) in unprotected
-        if open_console and not machine.last_observed.console_unprotected:
+            if mine.filter(power_state=machine.power_state).update(power_state=new, power_checked=now):
+                if new == PowerState.MISSING:
+                    machine.log("reconcile", "the domain vanished from the hypervisor", level="warning")
+            else:
+                mine.update(power_checked=now)
+        else:
+            unchanged.append(machine.pk)
+        _, was_open, was_addresses = plan.known[uuid]
+        is_running = seen is not None and seen.state == DomainState.RUNNING
+        inspected = looked.inspected.get(uuid)
+        if inspected is not None:
+            addresses, open_console = inspected.addresses, inspected.console_unprotected
+            if seen is not None:
+                _runs[uuid], _looked[uuid] = seen.run, clock
+        elif uuid in looked.failed:
+            addresses, open_console = was_addresses, was_open  # what was known stays until the next try
+        elif is_running and uuid not in looked.inspected:
+            # Not looked at closely this cycle: the leases are fresh, the rest stays as last seen.
+            addresses = {**was_addresses, **{m: leases[m] for m in plan.macs[uuid] if m in leases}}
+            open_console = was_open
+        else:
+            addresses, open_console = {}, False  # off, vanished, or gone while looked at
+        running += is_running
+        without += open_console
+        if open_console and not was_open:
             machine.log(
                 "reconcile",
                 "its VNC server asks no password (the machine was started before the portal "
                 "set them); it gets one at its next cold start",
                 level="warning",
             )
-        mine.update(power_checked=now)
-        _observe(machine.pk, guest_addresses=addresses.get(machine.pk, {}), console_unprotected=open_console)
-    running = sum(states.get(str(m.uuid)) == DomainState.RUNNING for m in machines)
-    without = sum(str(m.uuid) in unprotected for m in machines)
+        if uuid in looked.guarded:
+            machine.log(
+                "reconcile",
+                f"host guard added to the NICs on {', '.join(looked.bridges[uuid])} (defined before they had it)",
+            )
+        if uuid in states:
+            _guarded.add(uuid)
+        if addresses == was_addresses and open_console == was_open and hasattr(machine, "observed"):
+            continue
+        if hasattr(machine, "observed"):
+            machine.observed.guest_addresses, machine.observed.console_unprotected = addresses, open_console
+            changed_observed.append(machine.observed)
+        else:
+            _observe(machine.pk, guest_addresses=addresses, console_unprotected=open_console)
+    if changed_observed:
+        MachineObserved.objects.bulk_update(
+            changed_observed, ["guest_addresses", "console_unprotected"], batch_size=500
+        )
+    stale = Q(power_checked__isnull=True) | Q(power_checked__lt=now - POWER_CHECKED_EVERY)
+    for i in range(0, len(unchanged), 500):
+        Machine.objects.filter(stale, pk__in=unchanged[i : i + 500]).update(power_checked=now)
     (log.warning if without else log.info)(
         "reconcile %s: %d machines, %d running, %d with a console that asks no password",
-        hv.name,
-        len(machines),
+        plan.hv.name,
+        len(plan.machines),
         running,
         without,
     )

@@ -517,3 +517,36 @@ def test_the_test_driver_has_no_live_vnc_port(kit):
     d.start(spec.uuid)
     assert d.domain_state(spec.uuid) == PowerState.RUNNING
     assert d.vnc_address(spec.uuid) is None and d.vnc_open(spec.uuid) is None
+
+
+@every_driver
+def test_domains_observed_gives_every_domains_state_and_a_new_run_at_each_start(kit):
+    d, spec = kit.driver, kit.disk_spec(nics=(NicSpec(type="user", source="", mac="52:54:00:c0:ff:e1"),))
+    d.define_domain(spec)
+    seen = d.domains_observed()
+    assert seen.domains[spec.uuid].state == PowerState.OFF and seen.domains[spec.uuid].run == -1
+    assert all(isinstance(a, list) for a in seen.leases.values())
+    d.start(spec.uuid)
+    first = d.domains_observed().domains[spec.uuid]
+    assert first.state == PowerState.RUNNING and first.run >= 0
+    d.power_off(spec.uuid)
+    d.start(spec.uuid)
+    assert d.domains_observed().domains[spec.uuid].run not in (first.run, -1)  # a restart is a new run
+    d.undefine(spec.uuid)
+    assert spec.uuid not in d.domains_observed().domains
+
+
+@every_driver
+def test_domain_inspect_tells_the_console_and_the_addresses_of_a_running_domain_only(kit):
+    d, spec = kit.driver, kit.disk_spec(nics=(NicSpec(type="user", source="", mac="52:54:00:c0:ff:e2"),))
+    assert d.domain_inspect(str(uuidlib.uuid4())) is None
+    d.define_domain(spec)
+    off = d.domain_inspect(spec.uuid)
+    assert off is not None and off.addresses == {} and off.console_unprotected is False
+    d.start(spec.uuid)
+    for leases in (None, {}, {"52:54:00:c0:ff:e2": ["192.0.2.44/24"]}):
+        found = d.domain_inspect(spec.uuid, leases=leases)
+        assert found is not None and found.console_unprotected is False  # a portal domain asks a password
+        assert set(found.addresses) <= {"52:54:00:c0:ff:e2"}
+        if leases:
+            assert "192.0.2.44/24" in found.addresses["52:54:00:c0:ff:e2"]  # given leases count as its own
