@@ -2,12 +2,26 @@
 
 import ipaddress
 import re
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
 
 REMOTE_SCHEMES = ("qemu+ssh", "qemu+tls", "qemu+tcp")
+
+# The query parameters of libvirt's remote driver a hypervisor's URI may carry, by scheme: where to find this
+# side's credentials and the far side's socket. Every other one is refused: `no_verify` (skips the server's
+# certificate check), `known_hosts_verify` (skips the SSH host key), `command` and `netcat` (programs the
+# worker would run, here or on the hypervisor), `proxy`, `no_tty`, `name`.
+URI_PARAMETERS = {
+    "qemu+tls": {"pkipath", "socket", "mode"},
+    "qemu+ssh": {"keyfile", "known_hosts", "sshauth", "socket", "mode"},
+    "qemu+tcp": {"socket", "mode"},
+    "qemu": {"socket"},  # a libvirtd of its own on this machine (the tests' private ones)
+}
+_PATH_PARAMETERS = {"pkipath", "keyfile", "known_hosts", "socket"}
+_SAFE_PATH = re.compile(r"/[A-Za-z0-9._/+-]*")
+_CHOICES = {"mode": {"auto", "legacy", "direct"}, "sshauth": {"privkey", "agent", "password", "keyboard-interactive"}}
 ALLOWED_SCHEMES = ("qemu", *REMOTE_SCHEMES)
 _HOST_RE = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
@@ -49,6 +63,32 @@ def validate_libvirt_uri(uri: str) -> None:
         )
     if port == 0:
         raise ValidationError("The port in the URI is not a number between 1 and 65535.")
+    _validate_parameters(parts.scheme, parts.query, parts.fragment)
+
+
+def _validate_parameters(scheme: str, query: str, fragment: str) -> None:
+    """Only the parameters of URI_PARAMETERS, each once, paths absolute and plain, choices from their list."""
+    if fragment:
+        raise ValidationError("A libvirt URI has no #fragment.")
+    if not query:
+        return
+    allowed = URI_PARAMETERS.get(scheme, set())
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        raise ValidationError("The URI's query string is not name=value pairs joined by &.") from None
+    seen: set[str] = set()
+    for name, value in pairs:
+        if name not in allowed:
+            offer = f"; a {scheme} URI may carry {', '.join(sorted(allowed))}" if allowed else ""
+            raise ValidationError(f"The URI parameter {name!r} is not allowed{offer}.")
+        if name in seen:
+            raise ValidationError(f"The URI parameter {name!r} is given twice.")
+        seen.add(name)
+        if name in _PATH_PARAMETERS and (not _SAFE_PATH.fullmatch(value) or "/../" in f"{value}/"):
+            raise ValidationError(f"{name} must be an absolute path of letters, digits and . _ - + /.")
+        if name in _CHOICES and value not in _CHOICES[name]:
+            raise ValidationError(f"{name} is one of {', '.join(sorted(_CHOICES[name]))}.")
 
 
 def _is_host(host: str) -> bool:

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 from django.core.exceptions import ValidationError
 
@@ -80,3 +82,44 @@ def test_one_answer_to_whether_a_uri_is_this_machine(uri, host):
         assert local_addresses(uri) == {}
     else:
         assert "lo" in local_addresses(uri)
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "qemu+tls://10.0.0.7/system?pkipath=/etc/ansistack-portal/tls/kvm07/client",
+        "qemu+ssh://root@kvm03/system?keyfile=/var/lib/portal/.ssh/id_ed25519&known_hosts=/var/lib/portal/known_hosts",
+        "qemu+ssh://root@kvm03/system?sshauth=privkey&mode=direct",
+        "qemu+tcp://10.0.0.8/system?socket=/run/libvirt/libvirt-sock",
+    ],
+)
+def test_the_uri_parameters_for_credentials_and_sockets_pass(uri):
+    validate_libvirt_uri(uri)
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        (
+            "qemu+tls://10.0.0.7/system?no_verify=1",
+            "'no_verify' is not allowed; a qemu+tls URI may carry mode, pkipath",
+        ),
+        ("qemu+ssh://root@h/system?known_hosts_verify=ignore", "'known_hosts_verify' is not allowed"),
+        ("qemu+ssh://root@h/system?command=/tmp/evil", "'command' is not allowed"),
+        ("qemu+ssh://root@h/system?netcat=/tmp/evil", "'netcat' is not allowed"),
+        ("qemu+ssh://root@h/system?proxy=native", "'proxy' is not allowed"),
+        ("qemu+ssh://root@h/system?pkipath=/etc/pki", "'pkipath' is not allowed; a qemu+ssh URI"),
+        ("qemu+tcp://h/system?keyfile=/root/.ssh/id_rsa", "'keyfile' is not allowed"),
+        ("qemu:///system?mode=direct", "'mode' is not allowed"),
+        ("qemu+tls://h/system?pkipath=/a&pkipath=/b", "given twice"),
+        ("qemu+tls://h/system?pkipath=relative/dir", "absolute path"),
+        ("qemu+tls://h/system?pkipath=/etc/../root", "absolute path"),
+        ("qemu+tls://h/system?pkipath=/etc/pki;rm", "absolute path"),
+        ("qemu+ssh://root@h/system?sshauth=none", "sshauth is one of"),
+        ("qemu+tls://h/system?pkipath", "name=value pairs"),
+        ("qemu+tls://h/system#frag", "no #fragment"),
+    ],
+)
+def test_uri_parameters_that_weaken_checks_or_run_programs_are_refused(uri, message):
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        validate_libvirt_uri(uri)
