@@ -69,6 +69,7 @@ bench: host deps-test assets
 	$(PY) bench/bench_sync.py
 	$(PY) bench/provision.py
 	$(PY) bench/console.py
+	$(PY) bench/list_queries.py
 
 clean:
 	rm -rf $(VENV) node_modules var
