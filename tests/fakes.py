@@ -316,7 +316,7 @@ class FakeDriver(HypervisorDriver):
             return DomainInspected(console_unprotected=False, addresses={})
         addresses = self.domain_addresses(uuid)
         if leases is not None:
-            macs = [n.mac.lower() for n in dom["spec"].nics] if dom.get("spec") else []
+            macs = [n.mac.lower() for n in dom["spec"].nics] if dom.get("spec") else dom.get("macs", [])
             addresses = {**{m: list(leases[m]) for m in macs if m in leases}, **addresses}
         return DomainInspected(console_unprotected=not dom.get("vnc_protected", True), addresses=addresses)
 

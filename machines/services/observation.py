@@ -13,7 +13,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F, Q
+from django.db.models import F
 from django.utils import timezone
 
 from hypervisors.drivers import get_driver
@@ -304,7 +304,7 @@ def _apply(plan: _Plan, looked: _Looked) -> None:
     clock = time.monotonic()
     states, leases = looked.host.domains, looked.host.leases
     changed_observed: list[MachineObserved] = []
-    unchanged: list[int] = []
+    stale: list[int] = []  # unchanged, with a power_checked older than POWER_CHECKED_EVERY
     running = without = 0
     for machine in plan.machines:
         uuid = str(machine.uuid)
@@ -318,8 +318,8 @@ def _apply(plan: _Plan, looked: _Looked) -> None:
                     machine.log("reconcile", "the domain vanished from the hypervisor", level="warning")
             else:
                 mine.update(power_checked=now)
-        else:
-            unchanged.append(machine.pk)
+        elif machine.power_checked is None or machine.power_checked < now - POWER_CHECKED_EVERY:
+            stale.append(machine.pk)
         _, was_open, was_addresses = plan.known[uuid]
         is_running = seen is not None and seen.state == DomainState.RUNNING
         inspected = looked.inspected.get(uuid)
@@ -362,9 +362,8 @@ def _apply(plan: _Plan, looked: _Looked) -> None:
         MachineObserved.objects.bulk_update(
             changed_observed, ["guest_addresses", "console_unprotected"], batch_size=500
         )
-    stale = Q(power_checked__isnull=True) | Q(power_checked__lt=now - POWER_CHECKED_EVERY)
-    for i in range(0, len(unchanged), 500):
-        Machine.objects.filter(stale, pk__in=unchanged[i : i + 500]).update(power_checked=now)
+    for i in range(0, len(stale), 500):
+        Machine.objects.filter(pk__in=stale[i : i + 500]).update(power_checked=now)
     (log.warning if without else log.info)(
         "reconcile %s: %d machines, %d running, %d with a console that asks no password",
         plan.hv.name,
