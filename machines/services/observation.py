@@ -255,8 +255,10 @@ def _reconcile_many(hypervisors: list[Hypervisor]) -> None:
             _reconcile_power(hv)
         return
     pool = _reconcile_pool()
-    plans = [_plan(hv) for hv in hypervisors]
-    pending = {pool.submit(_read, plan): plan for plan in plans}
+    pending = {}
+    for hv in hypervisors:  # each one's reads begin while the next one's machines are loaded
+        plan = _plan(hv)
+        pending[pool.submit(_read, plan)] = plan
     limit = _reconcile_deadline()
     while pending:
         done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
