@@ -8,7 +8,7 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from django.conf import settings
@@ -28,7 +28,7 @@ from hypervisors.drivers.base import PowerState as DomainState  # what the drive
 from hypervisors.drivers.domxml import host_guard_name
 from hypervisors.models import Hypervisor, HypervisorStatus
 from machines import provisioning, screenshots, tasks
-from machines.models import Machine, MachineObserved
+from machines.models import Machine, MachineEvent, MachineNic, MachineObserved
 from machines.services.common import _enqueue
 from machines.states import BUSY, InvalidTransition, PowerState, Status
 
@@ -141,12 +141,23 @@ def _reconcile_deadline() -> float:
     return 2.0 * settings.PORTAL_CONNECT_TIMEOUT
 
 
+@dataclass(frozen=True)
+class _Row:
+    """A machine as the reconcile reads it: the columns it compares, not the model (10,000 models cost seconds)."""
+
+    pk: int
+    uuid: str
+    power_state: str
+    power_checked: datetime | None
+    observed: bool  # it has a MachineObserved row
+
+
 @dataclass
 class _Plan:
     """What the reads of one hypervisor need, as plain data (the reading thread touches no model)."""
 
     hv: Hypervisor
-    machines: list[Machine]
+    machines: list[_Row]
     known: dict[str, tuple[str, bool, dict]]  # uuid -> (power_state, console_unprotected, guest_addresses)
     macs: dict[str, list[str]]  # uuid -> its NICs' MACs
     guards: dict[str, dict[str, str]]  # uuid -> host bridge -> guard, for machines that want them
@@ -163,23 +174,41 @@ class _Looked:
 
 
 def _plan(hv: Hypervisor) -> _Plan:
-    machines = list(
-        hv.machines.exclude(status__in=[Status.NEW, Status.PROVISIONING, Status.DELETING])
-        .select_related("observed", "owner", "project")
-        .defer("observed__serial_log")
-        .prefetch_related("nics")
+    rows = hv.machines.exclude(status__in=[Status.NEW, Status.PROVISIONING, Status.DELETING]).values_list(
+        "pk",
+        "uuid",
+        "power_state",
+        "power_checked",
+        "observed__machine_id",
+        "observed__console_unprotected",
+        "observed__guest_addresses",
     )
-    known, macs, guards = {}, {}, {}
-    for m in machines:
-        uuid = str(m.uuid)
-        seen = m.last_observed
-        known[uuid] = (m.power_state, seen.console_unprotected, seen.guest_addresses or {})
-        nics = list(m.nics.all())
-        macs[uuid] = [n.mac.lower() for n in nics if n.mac]
-        bridges = sorted({n.source for n in nics if n.type == "bridge"})
-        if bridges and uuid not in _guarded and provisioning.wants_host_guard(m):
-            guards[uuid] = {b: host_guard_name(b) for b in bridges}
+    machines, known, by_pk = [], {}, {}
+    for pk, uuid, power, checked, observed, unprotected, addresses in rows:
+        row = _Row(pk=pk, uuid=str(uuid), power_state=power, power_checked=checked, observed=observed is not None)
+        machines.append(row)
+        by_pk[pk] = row.uuid
+        known[row.uuid] = (power, bool(unprotected), addresses or {})
+    macs: dict[str, list[str]] = {u: [] for u in known}
+    bridges: dict[int, set[str]] = {}
+    nics = MachineNic.objects.filter(machine__hypervisor=hv).values_list("machine_id", "mac", "type", "source")
+    for machine_id, mac, kind, source in nics:
+        if machine_id not in by_pk:
+            continue
+        if mac:
+            macs[by_pk[machine_id]].append(mac.lower())
+        if kind == "bridge" and by_pk[machine_id] not in _guarded:
+            bridges.setdefault(machine_id, set()).add(source)
+    guards = {}
+    if bridges:  # those not made sure of yet: whether they follow the rules (their owner's, their project's)
+        for m in Machine.objects.select_related("owner", "project").filter(pk__in=bridges):
+            if provisioning.wants_host_guard(m):
+                guards[str(m.uuid)] = {b: host_guard_name(b) for b in sorted(bridges[m.pk])}
     return _Plan(hv=hv, machines=machines, known=known, macs=macs, guards=guards)
+
+
+def _log(machine_id: int, message: str, level: str = "info") -> None:
+    MachineEvent.objects.create(machine_id=machine_id, step="reconcile", message=message, level=level)
 
 
 def _to_inspect(plan: _Plan, host: HostObserved) -> list[str]:
@@ -309,15 +338,15 @@ def _apply(plan: _Plan, looked: _Looked) -> None:
     stale: list[int] = []  # unchanged, with a power_checked older than POWER_CHECKED_EVERY
     running = without = 0
     for machine in plan.machines:
-        uuid = str(machine.uuid)
+        uuid = machine.uuid
         seen = states.get(uuid)
         new = PowerState.MISSING if seen is None else str(seen.state)
-        mine = Machine.objects.filter(pk=machine.pk)
         if new != machine.power_state:
+            mine = Machine.objects.filter(pk=machine.pk)
             # Only over the state read above: a power action that ended meanwhile wrote a newer one.
             if mine.filter(power_state=machine.power_state).update(power_state=new, power_checked=now):
                 if new == PowerState.MISSING:
-                    machine.log("reconcile", "the domain vanished from the hypervisor", level="warning")
+                    _log(machine.pk, "the domain vanished from the hypervisor", level="warning")
             else:
                 mine.update(power_checked=now)
         elif machine.power_checked is None or machine.power_checked < now - POWER_CHECKED_EVERY:
@@ -340,24 +369,25 @@ def _apply(plan: _Plan, looked: _Looked) -> None:
         running += is_running
         without += open_console
         if open_console and not was_open:
-            machine.log(
-                "reconcile",
+            _log(
+                machine.pk,
                 "its VNC server asks no password (the machine was started before the portal "
                 "set them); it gets one at its next cold start",
                 level="warning",
             )
         if uuid in looked.guarded:
-            machine.log(
-                "reconcile",
+            _log(
+                machine.pk,
                 f"host guard added to the NICs on {', '.join(looked.bridges[uuid])} (defined before they had it)",
             )
         if uuid in states:
             _guarded.add(uuid)
-        if addresses == was_addresses and open_console == was_open and hasattr(machine, "observed"):
+        if addresses == was_addresses and open_console == was_open and machine.observed:
             continue
-        if hasattr(machine, "observed"):
-            machine.observed.guest_addresses, machine.observed.console_unprotected = addresses, open_console
-            changed_observed.append(machine.observed)
+        if machine.observed:
+            changed_observed.append(
+                MachineObserved(machine_id=machine.pk, guest_addresses=addresses, console_unprotected=open_console)
+            )
         else:
             _observe(machine.pk, guest_addresses=addresses, console_unprotected=open_console)
     if changed_observed:
