@@ -252,6 +252,10 @@ if PORTAL_CONSOLE_MAX_SESSION < 1 or PORTAL_CONSOLE_RECONNECT_GRACE < 0:
 PORTAL_HOST_DEVICES_FOR = os.getenv("PORTAL_HOST_DEVICES_FOR", "staff")
 if PORTAL_HOST_DEVICES_FOR not in ("staff", "everyone"):
     raise ImproperlyConfigured("PORTAL_HOST_DEVICES_FOR is staff or everyone")
+# Who may move a machine to another hypervisor: staff only, or also its owner and project admins.
+PORTAL_MIGRATION_FOR = os.getenv("PORTAL_MIGRATION_FOR", "staff")
+if PORTAL_MIGRATION_FOR not in ("staff", "owners"):
+    raise ImproperlyConfigured("PORTAL_MIGRATION_FOR is staff or owners")
 # The worker records a heartbeat this often (s); the dashboard and /healthz call it stopped when the
 # last one is older than PORTAL_WORKER_STALE_AFTER (s).
 PORTAL_WORKER_HEARTBEAT = envint("PORTAL_WORKER_HEARTBEAT", "30")

@@ -111,7 +111,14 @@ class MachineAdmin(admin.ModelAdmin):
     ]
     fields = [*readonly_fields[:10], "deletion_protection", "autostart", *readonly_fields[10:]]
     inlines = [NicInline, EventInline]
-    actions = [*(_power_action(a) for a in PowerAction.values), "grow_disk", "rebuild", "delete_machines", "sync"]
+    actions = [
+        *(_power_action(a) for a in PowerAction.values),
+        "grow_disk",
+        "rebuild",
+        "migrate",
+        "delete_machines",
+        "sync",
+    ]
 
     def has_add_permission(self, request):
         return False  # machines are created through the portal or the API, which run the pipeline
@@ -153,6 +160,10 @@ class MachineAdmin(admin.ModelAdmin):
             lambda m: services.machine_grow_disk(machine=m, disk_gib=m.disk_gib + 10, actor=request.user),
             "Grow disk",
         )
+
+    @admin.action(description="Move to another hypervisor (cold; placement picks)")
+    def migrate(self, request, queryset):
+        _each(self, request, queryset, lambda m: services.machine_migrate(machine=m, actor=request.user), "Move")
 
     @admin.action(description="Rebuild from the image")
     def rebuild(self, request, queryset):

@@ -271,6 +271,13 @@ class GrowSerializer(serializers.Serializer):
     disk_gib = serializers.IntegerField(min_value=1, max_value=16384)
 
 
+class MigrateSerializer(serializers.Serializer):
+    hypervisor = NameOrIdField(
+        queryset=Hypervisor.objects.all(), required=False, allow_null=True, help_text="Left out: placement picks."
+    )
+    live = serializers.BooleanField(default=False, help_text="Not available yet: moves are cold.")
+
+
 class ConsoleUrlSerializer(serializers.Serializer):
     url = serializers.URLField()
     expires_at = serializers.DateTimeField()
@@ -380,6 +387,17 @@ class MachineViewSet(
         s = GrowSerializer(data=request.data)
         s.is_valid(raise_exception=True)
         return self._act(services.machine_grow_disk, disk_gib=s.validated_data["disk_gib"])
+
+    @extend_schema(request=MigrateSerializer)
+    @action(detail=True, methods=["post"])
+    def migrate(self, request, pk=None):
+        """Move the stopped machine to another hypervisor (by id or name; left out: placement picks), cold:
+        its disks are copied, it is defined there, then removed here. Progress in `events`."""
+        s = MigrateSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        return self._act(
+            services.machine_migrate, hypervisor=s.validated_data.get("hypervisor"), live=s.validated_data["live"]
+        )
 
     @extend_schema(request=None, responses={200: ConsoleUrlSerializer})
     @action(detail=True, methods=["post"])

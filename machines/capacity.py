@@ -224,13 +224,18 @@ def place(
     lock: bool = False,
     networks: tuple[str, ...] = (),
     prefer_network: str = "",
+    exclude: int | None = None,
 ) -> Fit:
     """The online hypervisor with the most free memory that fits the machine, or a clear refusal. With lock,
     every candidate row is locked (in id order) until the transaction ends, so concurrent placements queue.
     Hosts without each of `networks` (the libvirt networks the NICs name) do not fit; hosts with
     `prefer_network` (the tenant network, for NICs left to their default) come first."""
     arch = image.arch if image is not None else ""
-    candidates = Hypervisor.objects.filter(enabled=True, status=HypervisorStatus.ONLINE).order_by("pk")
+    # `exclude`: a host that is no candidate (the one a machine moves away from).
+    candidates = Hypervisor.objects.filter(enabled=True, status=HypervisorStatus.ONLINE)
+    if exclude is not None:
+        candidates = candidates.exclude(pk=exclude)
+    candidates = candidates.order_by("pk")
     if lock:
         candidates = candidates.select_for_update()
     fits, reasons = [], []
@@ -271,6 +276,7 @@ def claim_room(
     override: bool = False,
     networks: tuple[str, ...] = (),
     prefer_network: str = "",
+    exclude: int | None = None,
 ) -> Room:
     """The hypervisor for a new machine, checked for room under its row lock (after lock_quotas): placed
     ("any hypervisor") or the one asked for, by the same rules. Staff may override a named host's lack of
@@ -286,7 +292,7 @@ def claim_room(
     if hypervisor is None:
         if override:
             raise ValidationError({"override_capacity": "Name the hypervisor to create a machine over its capacity."})
-        fit = place(**wanted, image=image, lock=True, networks=networks, prefer_network=prefer_network)
+        fit = place(**wanted, image=image, lock=True, networks=networks, prefer_network=prefer_network, exclude=exclude)
         return Room(fit.hypervisor, placement=fit)
     hv = Hypervisor.objects.select_for_update().get(pk=hypervisor.pk)
     # Room only: whether a named host runs the image's architecture is the hardware check's to say.

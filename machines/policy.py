@@ -14,6 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from django.conf import settings
+from django.core.exceptions import PermissionDenied
+
 from machines import access
 from machines.models import Machine
 from machines.states import DeployType, PowerAction, PowerState, Status
@@ -31,6 +34,11 @@ def has_bmc(machine: Machine) -> bool:
     return machine.has_bmc
 
 
+def may_migrate(user) -> bool:
+    """Moving machines between hypervisors is staff's unless PORTAL_MIGRATION_FOR lets owners do it."""
+    return bool(getattr(user, "is_staff", False)) or settings.PORTAL_MIGRATION_FOR == "owners"
+
+
 def has_ready_image(machine: Machine) -> bool:
     """A rebuild starts over from the machine's image, so it needs one that is still there."""
     return machine.image is not None and machine.image.is_ready
@@ -43,6 +51,7 @@ class Rule:
     exclusive: bool = False  # it claims the machine's one operation: refused while another runs
     unprotected: bool = False  # refused while deletion protection is on
     applies: Callable[[Machine], bool] | None = None  # the machine has what it acts on (a drive, a BMC, an image)
+    who: Callable[[object], bool] | None = None  # beyond the role: who the portal's settings let do it
 
 
 RULES: dict[str, Rule] = {
@@ -54,6 +63,7 @@ RULES: dict[str, Rule] = {
     "grow_disk": Rule(access.ADMIN, ACTIVE),
     "delete": Rule(access.ADMIN, frozenset({Status.ACTIVE, Status.ERROR}), unprotected=True),
     "protect": Rule(access.ADMIN),
+    "migrate": Rule(access.ADMIN, ACTIVE, exclusive=True, unprotected=False, who=may_migrate),
     "autostart": Rule(access.ADMIN),  # the hypervisor starts it when it boots
     "reveal_bmc": Rule(access.ADMIN, applies=has_bmc),
     "console": Rule(access.VIEW),  # viewers get view-only sessions
@@ -70,7 +80,7 @@ PASSING = frozenset({BUSY, PROTECTED})
 
 # What the power state last observed makes pointless (the services accept it: the observation may be stale,
 # and the worker reports what the hypervisor answers). Pages show these buttons disabled.
-_IDLE_WHEN_RUNNING = frozenset({PowerAction.START})
+_IDLE_WHEN_RUNNING = frozenset({PowerAction.START, "migrate"})  # a move is cold: the machine must be off
 _IDLE_UNLESS_RUNNING = frozenset({PowerAction.SHUTDOWN, PowerAction.REBOOT, "console", "serial"})
 
 
@@ -101,7 +111,8 @@ def state_refusal(machine: Machine, action: str) -> str:
 def refusal(user, machine: Machine, action: str, *, level: int | None = None) -> str:
     """Why `user` may not do `action` to `machine` now ("" if they may): ROLE, then the state's reason."""
     have = access.level(user, machine) if level is None else level
-    if not access.allows(have, RULES[action].need):
+    rule = RULES[action]
+    if not access.allows(have, rule.need) or (rule.who is not None and not rule.who(user)):
         return ROLE
     return state_refusal(machine, action)
 
@@ -122,6 +133,9 @@ def require(user, machine: Machine, action: str) -> None:
     """PermissionDenied (403) when the user's role does not allow the action; the state is the service's to refuse
     (with its own message), by the same table."""
     access.require(user, machine, need(action))
+    who = RULES[action].who
+    if who is not None and not who(user):
+        raise PermissionDenied(f"Only staff may do this to {machine.name} here.")
 
 
 def idle_actions(machine: Machine) -> frozenset[str]:

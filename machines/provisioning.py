@@ -373,12 +373,13 @@ def ensure_running(machine: Machine, driver: HypervisorDriver) -> None:
     _timed(machine, "start", step)
 
 
-def provision(machine: Machine, driver: HypervisorDriver) -> None:
-    """Bring the machine to running. Safe to re-run after any failure."""
+def provision(machine: Machine, driver: HypervisorDriver, *, start: bool = True) -> None:
+    """Bring the machine to running (start False: defined and left off, as a cold migration's target). Safe to
+    re-run after any failure; volumes already there are used as they are."""
     if machine.deploy_type == DeployType.ISO:
-        return provision_iso(machine, driver)
+        return provision_iso(machine, driver, start=start)
     if machine.deploy_type == DeployType.NETWORK:
-        return provision_network(machine, driver)
+        return provision_network(machine, driver, start=start)
     base = ensure_image(machine, driver)
     disk = ensure_disk(machine, driver, base)
     extra = ensure_extra_disks(machine, driver)
@@ -386,7 +387,8 @@ def provision(machine: Machine, driver: HypervisorDriver) -> None:
     main = DiskSpec(path=disk, format="qcow2", bus=machine.disk_bus, cache=machine.disk_cache)
     seed_disk = DiskSpec(path=seed, device="cdrom", format="raw", bus=cdrom_bus(machine))
     ensure_domain(machine, driver, boot_order([main, *extra, seed_disk], main))
-    ensure_running(machine, driver)
+    if start:
+        ensure_running(machine, driver)
 
 
 def cdrom_disks(machine: Machine, driver: HypervisorDriver) -> list[DiskSpec]:
@@ -398,7 +400,7 @@ def cdrom_disks(machine: Machine, driver: HypervisorDriver) -> list[DiskSpec]:
     return disks  # by slot: the installer first
 
 
-def provision_iso(machine: Machine, driver: HypervisorDriver) -> None:
+def provision_iso(machine: Machine, driver: HypervisorDriver, *, start: bool = True) -> None:
     """A blank disk first in the boot order, the installer CD-ROM second: a blank disk falls
     through to the installer, and the installed system wins from then on."""
     cdroms = cdrom_disks(machine, driver)
@@ -406,17 +408,18 @@ def provision_iso(machine: Machine, driver: HypervisorDriver) -> None:
     extra = ensure_extra_disks(machine, driver)
     main = DiskSpec(path=disk, format="qcow2", bus=machine.disk_bus, cache=machine.disk_cache)
     ensure_domain(machine, driver, boot_order([main, *extra, *cdroms], main, *cdroms[:1]))
-    ensure_running(machine, driver)
+    if start:
+        ensure_running(machine, driver)
 
 
-def provision_network(machine: Machine, driver: HypervisorDriver) -> None:
+def provision_network(machine: Machine, driver: HypervisorDriver, *, start: bool = True) -> None:
     """No OS: a blank disk, network boot first, then disk; defined and left off unless asked.
     Its virtual BMC (manage.py bmc_server) drives it from then on."""
     disk = ensure_blank_disk(machine, driver)
     extra = ensure_extra_disks(machine, driver)
     main = DiskSpec(path=disk, format="qcow2", bus=machine.disk_bus, cache=machine.disk_cache)
     ensure_domain(machine, driver, (main, *extra), boot_devices=("network", "hd"))
-    if machine.power_on_after_create:
+    if start and machine.power_on_after_create:
         ensure_running(machine, driver)
     else:
         machine.log("start", "left powered off; power it on through its BMC")

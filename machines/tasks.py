@@ -100,3 +100,10 @@ def console_auth_upgrade_task(hypervisor_id: int) -> None:
     from machines.services import console_auth_upgrade_run
 
     console_auth_upgrade_run(hypervisor_id)
+
+
+@db_task()
+def machine_migrate_task(machine_id: int, target_id: int) -> None:
+    from machines.services import machine_migrate_run
+
+    machine_migrate_run(machine_id, target_id)

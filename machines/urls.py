@@ -15,6 +15,7 @@ urlpatterns = [
     path("<int:pk>/grow-disk/", views.machine_grow_disk, name="grow-disk"),
     path("<int:pk>/protection/", views.machine_protect, name="protect"),
     path("<int:pk>/autostart/", views.machine_autostart, name="autostart"),
+    path("<int:pk>/migrate/", views.machine_migrate, name="migrate"),
     path("<int:pk>/delete/", views.machine_delete, name="delete"),
     path("<int:pk>/console/", views.machine_console, name="console"),
     path("<int:pk>/console/token/", views.machine_console_token, name="console-token"),

@@ -12,7 +12,7 @@ from django.utils.html import format_html
 from django.views.decorators.clickjacking import xframe_options_deny
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from hypervisors.models import Hypervisor, Image
+from hypervisors.models import Hypervisor, HypervisorStatus, Image
 from machines import access, cloudinit, consoles, policy, provisioning, services
 from machines.access import machines_for
 from machines.capacity import usage_report
@@ -139,17 +139,28 @@ def machine_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
         # The page shows the screen once there is one; asked at most once a minute while none comes.
         services.machine_screenshot_request(machine=machine, max_age=60)
     worker_down = machine.is_busy and not queue_report().worker_ok
+    actions = policy.page_context(request.user, machine)
+    # Where it may move: the other hypervisors that take machines (placement or the one named re-checks room).
+    targets = (
+        Hypervisor.objects.filter(enabled=True, status=HypervisorStatus.ONLINE)
+        .exclude(pk=machine.hypervisor_id)
+        .order_by("name")
+        .only("pk", "name")
+        if "migrate" in actions["shown"]
+        else []
+    )
     return render(
         request,
         template,
         {
             "machine": machine,
+            "migrate_targets": targets,
             "events": events,
             "grow_form": GrowDiskForm(),
             "power_actions": PowerAction.choices,
             "isos": isos,
             "worker_down": worker_down,
-            **policy.page_context(request.user, machine),
+            **actions,
         },
     )
 
@@ -270,6 +281,29 @@ def machine_protect(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     machine = _get_machine_for_user(request, pk)
     services.machine_set_protection(machine=machine, protected=request.POST.get("protected") == "1", actor=request.user)
     return redirect(machine)
+
+
+@login_required
+@require_POST
+def machine_migrate(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    """Move the stopped machine to the hypervisor chosen (empty: placement picks), cold."""
+    machine = _get_machine_for_user(request, pk)
+    target_id = request.POST.get("hypervisor", "")
+    target = Hypervisor.objects.filter(pk=int(target_id)).first() if target_id.isdigit() else None
+    if target_id and target is None:
+        messages.error(request, "No such hypervisor.")
+        return redirect(machine)
+    moved_to: list[str] = []
+
+    def move() -> None:
+        moved_to.append(services.machine_migrate(machine=machine, actor=request.user, hypervisor=target).name)
+
+    response = _act(request, machine, move)
+    if moved_to:
+        messages.info(
+            request, f"Moving {machine.name} to {moved_to[0]}: its disks are copied, then it is defined there."
+        )
+    return response
 
 
 @login_required

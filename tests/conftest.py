@@ -72,6 +72,7 @@ FAKE_DRIVER_SEAMS = (
     "machines.services.lifecycle",
     "machines.services.observation",
     "machines.services.operations",
+    "machines.services.migration",
     "machines.console_proxy",
 )
 

@@ -27,6 +27,7 @@ OWNED = {"anon": 302, "other": 404}  # someone else's machine does not exist for
 STAFF_ONLY = {"anon": 302, "other": 403, "owner": 403}
 API_OWNED = {"anon": 401, "other": 404}
 API_STAFF = {"anon": 401, "other": 403, "owner": 403}
+MOVES = {"viewer": 403, "operator": 403, "padmin": 403, "owner": 403}  # PORTAL_MIGRATION_FOR=staff
 
 
 def ok(code, **over):
@@ -91,6 +92,7 @@ MATRIX = {
     "machines:grow-disk": ("post", "vm", {"disk_gib": 99}, on_machine(302, "admin")),
     "machines:protect": ("post", "vm", {"protected": "0"}, on_machine(302, "admin")),
     "machines:autostart": ("post", "vm", {"enabled": "0"}, on_machine(302, "admin")),
+    "machines:migrate": ("post", "vm", {"hypervisor": ""}, {**on_machine(302, "admin"), **MOVES}),
     "machines:delete": ("get", "vm", None, on_machine(200, "admin")),
     "machines:media": ("post", "iso", {"slot": "0", "image": ""}, on_machine(302, "operate")),
     "machines:boot-cdrom": ("post", "iso", None, on_machine(302, "operate")),
@@ -117,6 +119,7 @@ MATRIX = {
     "machine-grow-disk": ("post", "vm", {"disk_gib": 99}, on_machine(202, "admin", api=True)),
     "machine-protection": ("post", "vm", {"deletion_protection": False}, on_machine(200, "admin", api=True)),
     "machine-autostart": ("post", "vm", {"autostart": False}, on_machine(200, "admin", api=True)),
+    "machine-migrate": ("post", "vm", {}, {**on_machine(400, "admin", api=True), **MOVES}),  # no other host
     "machine-media": ("post", "iso", {"slot": 0, "image": None}, on_machine(202, "operate", api=True)),
     "machine-boot-cdrom": ("post", "iso", None, on_machine(202, "operate", api=True)),
     "machine-bmc": ("get", "metal", None, on_machine(200, "admin", api=True)),

@@ -99,3 +99,24 @@ def _check_iso(path: str) -> int:
         except PyCdlibException:
             pass
     return os.path.getsize(path)
+
+
+def rebase_header(path: str, *, backing_path: str, backing_format: str, timeout: float = 60) -> None:
+    """Point a qcow2 overlay at another copy of its backing image (`qemu-img rebase -u`: the header only, no
+    data read or written), as a cold migration does with an overlay on its way to another host; then check
+    that the header says exactly that and names no external data file."""
+    try:
+        r = subprocess.run(
+            ["qemu-img", "rebase", "-u", "-f", "qcow2", "-F", backing_format, "-b", backing_path, path],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise ImageRejected("qemu-img took too long to rebase the overlay") from None
+    if r.returncode != 0:
+        raise ImageRejected(f"qemu-img cannot rebase the overlay: {r.stderr.strip()[:300]}")
+    info = qemu_img_info(path, "qcow2")
+    data_file = ((info.get("format-specific") or {}).get("data") or {}).get("data-file")
+    if info.get("backing-filename") != backing_path or data_file:
+        raise ImageRejected("the overlay's header is not what the rebase wrote")

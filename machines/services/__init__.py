@@ -20,6 +20,7 @@ from machines.services.lifecycle import (
     machine_rebuild,
     machine_rebuild_run,
 )
+from machines.services.migration import machine_migrate, machine_migrate_run
 from machines.services.observation import (
     console_auth_upgrade,
     console_auth_upgrade_run,
@@ -79,6 +80,8 @@ __all__ = [
     "machine_delete_run",
     "machine_grow_disk",
     "machine_grow_disk_run",
+    "machine_migrate",
+    "machine_migrate_run",
     "machine_power",
     "machine_power_run",
     "machine_provision_run",

@@ -4,6 +4,7 @@ against what the hypervisor offers, host devices, extra disks, ISOs, cloud-init,
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from django.conf import settings
@@ -54,7 +55,9 @@ def generate_mac() -> str:
     raise MachineError("could not find a free MAC address under the configured prefix")
 
 
-def _validate_nics(hypervisor: Hypervisor, nics: list[NicInput], *, owner, project: Project | None = None) -> None:
+def _validate_nics(
+    hypervisor: Hypervisor, nics: Sequence[NicInput | MachineNic], *, owner, project: Project | None = None
+) -> None:
     """NIC sources must exist on the hypervisor, and the owner may use them there (machines.nic_policy:
     staff anything; others the tenant network and what was published to them or to the machine's
     project). Addresses are checked by the cloud-init builder."""

@@ -78,3 +78,20 @@ def test_qemu_img_runs_under_the_limits(qcow2):
     with pytest.raises(ImageRejected, match="qemu-img cannot read it"):
         inspect(str(qcow2), "qcow2", max_virtual_bytes=LIMIT, memory_mib=4)
     assert inspect(str(qcow2), "qcow2", max_virtual_bytes=LIMIT).format == "qcow2"
+
+
+def test_an_overlay_is_re_pointed_at_another_copy_of_its_base_without_touching_its_data(tmp_path, qcow2):
+    """A cold move's rebase: the header names the target's copy of the image (which need not exist here: it is
+    on the other host), and the guest's data stays where it was."""
+    from hypervisors.drivers.qemu_img import qemu_img_info, rebase_header
+
+    overlay = tmp_path / "disk.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", str(qcow2), "-F", "qcow2", str(overlay))
+    subprocess.run(["qemu-io", "-c", "write -P 0x5a 0 64k", str(overlay)], check=True, capture_output=True)
+    data = overlay.read_bytes()
+    rebase_header(str(overlay), backing_path="/var/lib/elsewhere/base.qcow2", backing_format="qcow2")
+    info = qemu_img_info(str(overlay), "qcow2")
+    assert info["backing-filename"] == "/var/lib/elsewhere/base.qcow2" and info["backing-filename-format"] == "qcow2"
+    assert overlay.stat().st_size == len(data)
+    with pytest.raises(ImageRejected, match="cannot rebase the overlay"):
+        rebase_header(str(tmp_path / "missing.qcow2"), backing_path="/x.qcow2", backing_format="qcow2")

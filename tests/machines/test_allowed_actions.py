@@ -19,6 +19,7 @@ from tests.factories import HypervisorFactory, ImageFactory, MachineFactory, Pro
 
 pytestmark = pytest.mark.django_db
 
+POOL = {"name": "default", "active": True, "capacity_bytes": 1 << 40, "allocation_bytes": 0, "available_bytes": 1 << 40}
 ROLES = ("owner", "staff", "viewer", "operator", "padmin", "stranger")
 KINDS = ("image", "iso", "network")
 POWER = set(PowerAction.values)
@@ -39,6 +40,8 @@ def world(db, host):
         users[role] = UserFactory(username=role)
         Membership.objects.create(project=project, user=users[role], role=name)
     hv = HypervisorFactory(name="lab", uri="qemu:///system")
+    # Where a move may go: room, the pool the machines use, no networks needed (the machines have no NICs).
+    HypervisorFactory(name="lab2", uri="qemu+tcp://lab2/system", arch="x86_64", pools=[POOL])
     disk = ImageFactory(name="tiny", status=ImageStatus.READY)
     iso = ImageFactory(name="inst", kind="iso", format="iso", status=ImageStatus.READY)
     return {"users": users, "project": project, "hv": hv, "disk": disk, "iso": iso}
@@ -101,6 +104,7 @@ def accepts(action: str, machine: Machine, user) -> bool:
         "delete": lambda: services.machine_delete(machine=m, actor=user),
         "protect": lambda: services.machine_set_protection(machine=m, protected=not m.deletion_protection, actor=user),
         "autostart": lambda: services.machine_set_autostart(machine=m, enabled=not m.autostart, actor=user),
+        "migrate": lambda: services.machine_migrate(machine=m, actor=user),
         "reveal_bmc": lambda: services.machine_bmc_reveal(machine=m, actor=user),
         "console": lambda: consoles.console_token_issue(machine=m, user=user, kind="vnc"),
         "serial": lambda: consoles.console_token_issue(machine=m, user=user, kind="serial"),
@@ -154,7 +158,9 @@ def test_roles_cut_the_owners_actions_by_the_level_each_needs(world, role, kind)
     have = access.level(user, machine)
     owners = policy.allowed_actions(world["users"]["owner"], machine)
     allowed = policy.allowed_actions(user, machine)
-    assert allowed == {a for a in owners if access.allows(have, policy.need(a))}
+    # Moves are staff's (PORTAL_MIGRATION_FOR=staff): beyond the role, the rule's `who`.
+    assert allowed - {"migrate"} == {a for a in owners if access.allows(have, policy.need(a))}
+    assert ("migrate" in allowed) == (role == "staff")
     for action in policy.ACTIONS:  # every service decides by the actor's role, as the consoles always did
         assert accepts(action, machine, user) == (action in allowed), action
 
@@ -167,7 +173,7 @@ TABLE = {
     ("image", "operator"): OPERATE_IMAGE,
     ("image", "padmin"): ADMIN_IMAGE,
     ("image", "owner"): ADMIN_IMAGE,
-    ("image", "staff"): ADMIN_IMAGE,
+    ("image", "staff"): ADMIN_IMAGE | {"migrate"},
     ("image", "stranger"): set(),
     ("iso", "operator"): OPERATE_IMAGE | {"media", "boot_cdrom"},
     ("iso", "padmin"): ADMIN_IMAGE | {"media", "boot_cdrom"},
@@ -227,6 +233,7 @@ API_CALLS = {  # action: (method, url suffix, body)
     "autostart": ("post", "autostart/", {"autostart": True}),
     "reveal_bmc": ("get", "bmc/", None),
     "console": ("post", "console/", None),
+    "migrate": ("post", "migrate/", {}),
     "delete": ("delete", "", None),
 }
 KIND_OF = {"media": "iso", "boot_cdrom": "iso", "boot_device": "network", "reveal_bmc": "network"}
@@ -295,6 +302,7 @@ FORM_ACTIONS = {
     "media": "media",
     "boot-cdrom": "boot_cdrom",
     "boot-device": "boot_device",
+    "migrate": "migrate",
 }
 
 

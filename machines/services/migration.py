@@ -1,0 +1,148 @@
+"""Moving a machine to another hypervisor: the request (who, where to, whether it fits) and the worker's step
+(machines/moves.py copies the disks). Cold only: the machine is off for the move."""
+
+from __future__ import annotations
+
+import logging
+
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.utils import timezone
+
+from hypervisors.drivers import get_driver
+from hypervisors.drivers.base import HypervisorError
+from hypervisors.drivers.base import PowerState as DomainState
+from hypervisors.models import Hypervisor
+from hypervisors.offers import offers_for
+from machines import moves, policy, provisioning, tasks
+from machines.capacity import claim_room, held_by
+from machines.models import Machine, MachineNic
+from machines.services.common import MachineError, _claim_operation, _enqueue, _release_operation
+from machines.services.lifecycle import _lock_for_allocation
+from machines.services.validation import (
+    _check_named_hypervisor,
+    _validate_hardware_against,
+    _validate_nics,
+)
+from machines.states import PowerState
+from portal.audit import audited
+
+log = logging.getLogger(__name__)
+
+# What a host may not offer that the machine's definition names (machines.services.validation checks them).
+_CHECKED_HARDWARE = ("firmware", "machine_type", "cpu_mode", "cpu_model")
+
+
+@audited("machine.migrate", obj_kwarg="machine")
+@transaction.atomic
+def machine_migrate(*, machine: Machine, actor, hypervisor: Hypervisor | None = None, live: bool = False) -> Hypervisor:
+    """Queue a cold move of a stopped machine to `hypervisor` (None: the one placement picks, never its own),
+    checked for room and architecture under the same locks as a create. Returns the target."""
+    policy.require(actor, machine, "migrate")
+    if live:
+        raise MachineError("Live migration is not available yet: shut the machine down and move it cold.")
+    machine = _lock_for_allocation(machine)
+    if machine.power_state == PowerState.RUNNING:
+        raise MachineError(f"{machine.name} is running; shut it down first (a move is cold).")
+    if hypervisor is not None and hypervisor.pk == machine.hypervisor_id:
+        raise ValidationError({"hypervisor": f"{machine.name} is already on {hypervisor.name}."})
+    if machine.hostdevs:
+        raise MachineError(
+            f"{machine.name} passes devices of {machine.hypervisor.name} through; remove them before moving it."
+        )
+    nics = list(machine.nics.all())
+    networks = tuple(dict.fromkeys(n.source for n in nics if n.type == MachineNic.Type.NETWORK))
+    if hypervisor is not None:
+        _check_named_hypervisor(hypervisor, machine.pool)
+    # Room on the target, by placement's rules (the machine's quota does not change: it is the same machine).
+    room = claim_room(
+        hypervisor,
+        need=held_by(machine),
+        pool=machine.pool,
+        image=machine.image,
+        user=actor,
+        networks=networks,
+        exclude=machine.hypervisor_id,
+    )
+    target = room.hypervisor
+    # What a create there would check: the architecture, the NICs' sources and who may use them, the hardware.
+    if why := offers_for(target).refuse_placed_arch(provisioning.machine_arch(machine)):
+        raise ValidationError({"hypervisor": f"{target.name} cannot run this machine: {why}."})
+    try:
+        _validate_nics(target, nics, owner=machine.owner, project=machine.project)
+        _validate_hardware_against(target, {f: getattr(machine, f) for f in _CHECKED_HARDWARE}, machine.image)
+    except ValidationError as e:
+        raise ValidationError(
+            {"hypervisor": f"{target.name} cannot take {machine.name}: {' '.join(e.messages)}"}
+        ) from None
+    _claim_operation(machine, "migrate")
+    machine.log("migrate", f"move to {target.name} requested (cold)")
+    _enqueue(tasks.machine_migrate_task, machine.pk, target.pk)
+    return target
+
+
+def machine_migrate_run(machine_id: int, target_id: int) -> None:
+    """Worker: copy the disks, define the machine on the target (off), switch the row, then remove it from the
+    source. Until the switch the source is untouched; a failure before it removes what the target got."""
+    machine = Machine.objects.select_related("hypervisor", "image").get(pk=machine_id)
+    target_hv = Hypervisor.objects.get(pk=target_id)
+    source_hv = machine.hypervisor
+    moved = Machine.objects.select_related("image").get(pk=machine_id)
+    moved.hypervisor = target_hv
+    started = timezone.now()
+    try:
+        source, target = get_driver(source_hv.uri), get_driver(target_hv.uri)
+        if source.domain_state(str(machine.uuid)) == DomainState.RUNNING:
+            machine.log("migrate", "not moved: the machine is running; shut it down first", level="error")
+            return
+        if target.domain_state(str(machine.uuid)) is not None:
+            # The same libvirtd under another name, or a stale copy: copying would overwrite the machine's disks.
+            machine.log(
+                "migrate", f"not moved: {target_hv.name} already has a domain with this machine's UUID", level="error"
+            )
+            return
+        if moves.shares_storage(source, target, pool=machine.pool, target_pool=moved.pool):
+            # Copying onto itself would first delete the machine's own disks.
+            machine.log(
+                "migrate",
+                f"not moved: pool {moved.pool} on {target_hv.name} is the same storage as {machine.pool} on"
+                f" {source_hv.name}; a move copies disks between separate pools",
+                level="error",
+            )
+            return
+        try:
+            copied = moves.copy_disks(machine, moved, source, target)
+            machine.log("migrate", f"copied to {target_hv.name}: " + (", ".join(copied) or "no disks"))
+            provisioning.provision(moved, target, start=False)
+            if source.domain_state(str(machine.uuid)) == DomainState.RUNNING:
+                # Started behind the portal's back (its BMC, virsh) while its disks were read: the copy is stale.
+                raise HypervisorError(f"{source_hv.name} started the machine while it was copied")
+        except HypervisorError as e:
+            removed = _clean_target(moved, target)
+            machine.log(
+                "migrate",
+                f"move to {target_hv.name} failed: {e}; {source_hv.name} keeps it"
+                + (f" (removed from {target_hv.name}: {', '.join(removed)})" if removed else ""),
+                level="error",
+            )
+            return
+        Machine.objects.filter(pk=machine.pk).update(hypervisor=target_hv, power_state=PowerState.OFF)
+        seconds = (timezone.now() - started).total_seconds()
+        machine.log("migrate", f"now on {target_hv.name} ({seconds:.1f} s)")
+        try:
+            removed = provisioning.deprovision(machine, source)
+            machine.log("migrate", f"removed from {source_hv.name}: " + ", ".join(removed or ["nothing"]))
+        except HypervisorError as e:  # the machine lives on the target; the source keeps a stale copy to remove
+            machine.log("migrate", f"could not remove it from {source_hv.name}: {e}", level="warning")
+    except HypervisorError as e:
+        machine.log("migrate", f"move to {target_hv.name} failed: {e}", level="error")
+    finally:
+        _release_operation(machine)
+
+
+def _clean_target(moved: Machine, target) -> list[str]:
+    try:
+        return provisioning.deprovision(moved, target)
+    except HypervisorError as e:
+        log.warning("machine %s: could not clean the target after a failed move: %s", moved.pk, e)
+        return []

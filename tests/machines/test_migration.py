@@ -1,0 +1,207 @@
+"""Cold migration (machines/services/migration.py, machines/moves.py) between two in-memory hypervisors: what is
+refused before anything moves, and the worker's step: disks copied byte for byte, the domain defined off on the
+target, the source removed only after the switch, and a failure that leaves the source as it was."""
+
+import pytest
+from django.core.exceptions import PermissionDenied, ValidationError
+
+from hypervisors.drivers.base import HypervisorFatalError
+from machines import moves, services
+from machines.models import Machine, Membership
+from machines.states import PowerState
+from tests.factories import HypervisorFactory, ProjectFactory, UserFactory, tenant_network_entry, tenant_nic
+from tests.fakes import FakeHost
+
+pytestmark = pytest.mark.django_db
+
+POOL = {"name": "default", "active": True, "capacity_bytes": 1 << 40, "allocation_bytes": 0, "available_bytes": 1 << 40}
+
+
+def hypervisor(name: str, uri: str, **kw):
+    return HypervisorFactory(name=name, uri=uri, arch="x86_64", networks=[tenant_network_entry()], pools=[POOL], **kw)
+
+
+@pytest.fixture
+def hosts(host, monkeypatch):
+    """`lab` is the fake every module reaches (host); `lab2` is a second, separate one the move reaches too."""
+    other = FakeHost()
+    lab, lab2 = hypervisor("lab", "qemu:///system"), hypervisor("lab2", "qemu+tcp://lab2/system")
+
+    def get_driver(uri, driver="libvirt"):
+        return (other if uri == lab2.uri else host).get_driver(uri)
+
+    monkeypatch.setattr("machines.services.migration.get_driver", get_driver)
+    return {"lab": lab, "lab2": lab2, "source": host, "target": other}
+
+
+@pytest.fixture
+def staff(db):
+    return UserFactory(username="boss", is_staff=True)
+
+
+def network_machine(capture, hosts, name="metal", owner=None) -> Machine:
+    with capture(execute=True):
+        machine = services.machine_create(
+            owner=owner or UserFactory(username=f"o-{name}"),
+            hypervisor=hosts["lab"],
+            name=name,
+            deploy_type="network",
+            extra_disks=[{"size_gib": 2}],
+            nics=[tenant_nic()],
+        )
+    machine.refresh_from_db()
+    # What an installed system would have written: bytes to find again on the target.
+    disks = hosts["source"].pools["default"]
+    disks[machine.disk_volume]["data"] = b"installed system " * 100
+    disks[machine.extra_disk_volume(0)]["data"] = b"data disk"
+    return machine
+
+
+def migrate(capture, machine, actor, **kw):
+    with capture(execute=True):
+        return services.machine_migrate(machine=Machine.objects.get(pk=machine.pk), actor=actor, **kw)
+
+
+def test_a_stopped_machine_moves_with_its_disks_and_leaves_nothing_behind(
+    django_capture_on_commit_callbacks, hosts, staff, settings
+):
+    settings.PORTAL_BMC_PORT_RANGE = "17330-17339"
+    machine = network_machine(django_capture_on_commit_callbacks, hosts)
+    uuid, source, target = str(machine.uuid), hosts["source"], hosts["target"]
+    volumes = {n: source.pools["default"][n]["data"] for n in (machine.disk_volume, machine.extra_disk_volume(0))}
+
+    assert migrate(django_capture_on_commit_callbacks, machine, staff) == hosts["lab2"]
+
+    moved = Machine.objects.get(pk=machine.pk)
+    assert moved.hypervisor == hosts["lab2"] and moved.power_state == PowerState.OFF and not moved.operation
+    assert target.domains[uuid]["state"] == PowerState.OFF  # defined there, left off
+    assert {n: target.pools["default"][n]["data"] for n in volumes} == volumes  # byte for byte
+    assert uuid not in source.domains and not set(volumes) & set(source.pools["default"])
+    assert not [n for n in target.pools["default"] if "probe" in n]  # the shared-storage probe went
+    # The BMC keeps its port and credentials; the BMC server follows the machine's hypervisor URI.
+    assert (moved.bmc_port, moved.bmc_username) == (machine.bmc_port, machine.bmc_username)
+    steps = list(moved.events.filter(step="migrate").values_list("message", flat=True))
+    assert steps[0] == "move to lab2 requested (cold)"
+    assert any(m.startswith("copied to lab2: ") and machine.disk_volume in m for m in steps)
+    assert any(m.startswith("now on lab2 (") for m in steps) and any(m.startswith("removed from lab: ") for m in steps)
+
+
+def test_a_failed_copy_leaves_the_source_whole_and_the_target_clean(django_capture_on_commit_callbacks, hosts, staff):
+    machine = network_machine(django_capture_on_commit_callbacks, hosts)
+    uuid, source, target = str(machine.uuid), hosts["source"], hosts["target"]
+    before = {n: dict(v) for n, v in source.pools["default"].items()}
+    target.fail["upload_volume"] = HypervisorFatalError("the target's pool is full")
+
+    migrate(django_capture_on_commit_callbacks, machine, staff)
+
+    stayed = Machine.objects.get(pk=machine.pk)
+    assert stayed.hypervisor == hosts["lab"] and not stayed.operation
+    assert uuid in source.domains and source.pools["default"] == before
+    assert uuid not in target.domains and target.pools["default"] == {}
+    failed = stayed.events.filter(step="migrate", level="error").get().message
+    assert failed.startswith("move to lab2 failed: ") and "the target's pool is full" in failed
+    assert "lab keeps it" in failed
+
+
+def test_a_machine_started_behind_the_portals_back_during_the_copy_is_not_switched(
+    django_capture_on_commit_callbacks, hosts, staff, monkeypatch
+):
+    machine = network_machine(django_capture_on_commit_callbacks, hosts)
+    uuid, source, target = str(machine.uuid), hosts["source"], hosts["target"]
+    copy = moves.copy_disks
+
+    def copy_then_started(*args):
+        done = copy(*args)
+        source.domains[uuid]["state"] = PowerState.RUNNING  # its BMC, or virsh, started it meanwhile
+        return done
+
+    monkeypatch.setattr(moves, "copy_disks", copy_then_started)
+    migrate(django_capture_on_commit_callbacks, machine, staff)
+    assert Machine.objects.get(pk=machine.pk).hypervisor == hosts["lab"]
+    assert uuid in source.domains and uuid not in target.domains and target.pools["default"] == {}
+
+
+def test_the_same_libvirtd_under_another_name_is_never_copied_onto(django_capture_on_commit_callbacks, hosts, staff):
+    machine = network_machine(django_capture_on_commit_callbacks, hosts)
+    uuid, source, target = str(machine.uuid), hosts["source"], hosts["target"]
+    target.domains[uuid] = dict(source.domains[uuid])  # lab2 answers with lab's own domains
+    before = {n: dict(v) for n, v in source.pools["default"].items()}
+    migrate(django_capture_on_commit_callbacks, machine, staff)
+    stayed = Machine.objects.get(pk=machine.pk)
+    assert stayed.hypervisor == hosts["lab"] and source.pools["default"] == before
+    assert "already has a domain with this machine's UUID" in stayed.events.get(step="migrate", level="error").message
+
+
+def test_a_pool_shared_by_both_hosts_is_refused_before_any_copy(
+    django_capture_on_commit_callbacks, host, hosts, staff, monkeypatch
+):
+    machine = network_machine(django_capture_on_commit_callbacks, hosts)
+    shared = FakeHost(pools=host.pools)  # another libvirtd on the same directory (NFS, say)
+    lab2 = hosts["lab2"]
+    monkeypatch.setattr(
+        "machines.services.migration.get_driver",
+        lambda uri, driver="libvirt": (shared if uri == lab2.uri else host).get_driver(uri),
+    )
+    before = {n: dict(v) for n, v in host.pools["default"].items()}
+    migrate(django_capture_on_commit_callbacks, machine, staff)
+    stayed = Machine.objects.get(pk=machine.pk)
+    assert stayed.hypervisor == hosts["lab"] and host.pools["default"] == before
+    assert "is the same storage" in stayed.events.get(step="migrate", level="error").message
+    assert str(machine.uuid) not in shared.domains
+
+
+# --- refused before anything moves -----------------------------------------------------------------------
+
+
+def test_what_is_refused_at_the_request(django_capture_on_commit_callbacks, hosts, staff):
+    machine = network_machine(django_capture_on_commit_callbacks, hosts)
+    with pytest.raises(services.MachineError, match="Live migration is not available yet"):
+        services.machine_migrate(machine=machine, actor=staff, live=True)
+    with pytest.raises(ValidationError, match="metal is already on lab"):
+        services.machine_migrate(machine=machine, actor=staff, hypervisor=hosts["lab"])
+    Machine.objects.filter(pk=machine.pk).update(power_state=PowerState.RUNNING)
+    with pytest.raises(services.MachineError, match="metal is running; shut it down first"):
+        services.machine_migrate(machine=Machine.objects.get(pk=machine.pk), actor=staff)
+    Machine.objects.filter(pk=machine.pk).update(power_state=PowerState.OFF, operation="reboot")
+    with pytest.raises(services.MachineError, match="busy with another operation"):
+        services.machine_migrate(machine=Machine.objects.get(pk=machine.pk), actor=staff)
+    Machine.objects.filter(pk=machine.pk).update(operation="", hostdevs=[{"type": "pci", "address": "0000:01:00.0"}])
+    with pytest.raises(services.MachineError, match="passes devices of lab through"):
+        services.machine_migrate(machine=Machine.objects.get(pk=machine.pk), actor=staff)
+    assert not Machine.objects.get(pk=machine.pk).events.filter(step="migrate").exists()
+
+
+def test_the_target_is_checked_as_a_create_there_would_be(django_capture_on_commit_callbacks, hosts, staff):
+    machine = network_machine(django_capture_on_commit_callbacks, hosts)
+    lab2 = hosts["lab2"]
+    lab2.networks = []
+    lab2.save()
+    with pytest.raises(ValidationError, match="No hypervisor has room.*lab2: no network portal-tenants"):
+        services.machine_migrate(machine=machine, actor=staff)  # placement: nowhere else has its network
+    with pytest.raises(ValidationError, match="lab2 cannot take metal: NIC 1: network 'portal-tenants' does not"):
+        services.machine_migrate(machine=machine, actor=staff, hypervisor=lab2)
+    lab2.networks, lab2.memory_mib = [tenant_network_entry()], 512
+    lab2.save()
+    with pytest.raises(ValidationError, match="Hypervisor lab2 has no room for this machine"):
+        services.machine_migrate(machine=machine, actor=staff, hypervisor=lab2)
+    lab2.memory_mib, lab2.status = 16384, "down"
+    lab2.save()
+    with pytest.raises(ValidationError, match="Hypervisor lab2 is down"):
+        services.machine_migrate(machine=machine, actor=staff, hypervisor=lab2)
+
+
+def test_owners_move_their_machines_only_where_staff_allow_it(django_capture_on_commit_callbacks, hosts, settings):
+    owner = UserFactory(username="owner")
+    project = ProjectFactory(name="team")
+    operator = UserFactory(username="op")
+    Membership.objects.create(project=project, user=operator, role="operator")
+    machine = network_machine(django_capture_on_commit_callbacks, hosts, owner=owner)
+    Machine.objects.filter(pk=machine.pk).update(project=project)
+    machine = Machine.objects.get(pk=machine.pk)
+    with pytest.raises(PermissionDenied, match="Only staff"):
+        services.machine_migrate(machine=machine, actor=owner)
+    settings.PORTAL_MIGRATION_FOR = "owners"
+    with pytest.raises(PermissionDenied):
+        services.machine_migrate(machine=machine, actor=operator)  # below the machine's admin role
+    assert migrate(django_capture_on_commit_callbacks, machine, owner) == hosts["lab2"]
+    assert Machine.objects.get(pk=machine.pk).hypervisor == hosts["lab2"]
