@@ -6,8 +6,17 @@ from hypervisors.models import Hypervisor, ImageKind
 class HypervisorForm(forms.ModelForm):
     class Meta:
         model = Hypervisor
-        fields = ["name", "uri", "console_address", "domain_type_override", "cpu_allocation_ratio", "enabled"]
+        fields = [
+            "name",
+            "uri",
+            "console_address",
+            "domain_type_override",
+            "cpu_allocation_ratio",
+            "enabled",
+            "ssh_host_keys",
+        ]
         widgets = {
+            "ssh_host_keys": forms.Textarea(attrs={"rows": 3, "placeholder": "ssh-ed25519 AAAA... (qemu+ssh only)"}),
             "name": forms.TextInput(attrs={"placeholder": "e.g. rack1-kvm03", "autofocus": True}),
             "uri": forms.TextInput(attrs={"placeholder": "qemu+ssh://root@kvm03.example.org/system"}),
         }

@@ -1,9 +1,12 @@
+from urllib.parse import urlsplit
+
 from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models
 from django.urls import reverse
 
 from hypervisors.drivers.base import is_loopback, remote_host
+from hypervisors.drivers.ssh import HostKey, HostKeyError, parse_host_keys, ssh_peer
 from hypervisors.offers import PUBLISHABLE_MODES
 from hypervisors.validators import validate_libvirt_uri, validate_listen_address
 
@@ -104,6 +107,15 @@ class Hypervisor(models.Model):
     unmanaged_domains = models.JSONField(default=list, blank=True)
     managed_domain_count = models.PositiveIntegerField(default=0)
 
+    # qemu+ssh: the host keys staff trusted (the only ones the worker's ssh accepts, via the portal's
+    # known_hosts), and the ones the host offered when a connection was refused for its key.
+    ssh_host_keys = models.TextField(
+        "SSH host keys",
+        blank=True,
+        help_text="The host's public keys (lines of /etc/ssh/ssh_host_*_key.pub), pinned: no other key is accepted.",
+    )
+    ssh_host_keys_offered = models.TextField(blank=True, editable=False)
+
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
 
@@ -119,6 +131,36 @@ class Hypervisor(models.Model):
     def clean(self) -> None:
         if self.remote_host and is_loopback(self.console_address):
             raise ValidationError({"console_address": remote_loopback_message(self)})
+        if self.ssh_host_keys:
+            try:
+                parse_host_keys(self.ssh_host_keys)
+            except HostKeyError as e:
+                raise ValidationError({"ssh_host_keys": str(e)}) from None
+
+    @property
+    def uses_ssh(self) -> bool:
+        return ssh_peer(self.uri) is not None
+
+    @property
+    def ssh_login(self) -> str:
+        """The user the worker logs in as on a qemu+ssh host ("" when the URI names none: the worker's own)."""
+        return urlsplit(self.uri).username or ""
+
+    @property
+    def pinned_host_keys(self) -> list[HostKey]:
+        try:
+            return parse_host_keys(self.ssh_host_keys)
+        except HostKeyError:
+            return []
+
+    @property
+    def offered_host_keys(self) -> list[HostKey]:
+        """What the host offered last time its key was refused, when that is not what is pinned."""
+        try:
+            offered = parse_host_keys(self.ssh_host_keys_offered)
+        except HostKeyError:
+            return []
+        return offered if set(offered) - set(self.pinned_host_keys) else []
 
     @property
     def remote_host(self) -> str:

@@ -10,7 +10,7 @@ from django.db import transaction
 from django.db.models import ProtectedError
 from django.utils import timezone
 
-from hypervisors.drivers import get_driver
+from hypervisors.drivers import get_driver, ssh
 from hypervisors.drivers.base import HostInfo, HypervisorError
 from hypervisors.models import Hypervisor, HypervisorStatus
 from portal.audit import audited
@@ -18,7 +18,15 @@ from portal.refusals import Refusal
 
 log = logging.getLogger(__name__)
 
-EDITABLE_FIELDS = ("name", "uri", "console_address", "domain_type_override", "enabled", "cpu_allocation_ratio")
+EDITABLE_FIELDS = (
+    "name",
+    "uri",
+    "console_address",
+    "domain_type_override",
+    "enabled",
+    "cpu_allocation_ratio",
+    "ssh_host_keys",
+)
 
 
 class HypervisorInUse(Refusal):
@@ -43,6 +51,7 @@ def hypervisor_create(
     domain_type_override: str = "",
     enabled: bool = True,
     cpu_allocation_ratio: float | Decimal = 4,
+    ssh_host_keys: str = "",
 ) -> Hypervisor:
     """Register a hypervisor and queue its first check. Raises ValidationError on bad input."""
     hv = Hypervisor(
@@ -53,9 +62,13 @@ def hypervisor_create(
         enabled=enabled,
         cpu_allocation_ratio=Decimal(str(cpu_allocation_ratio)),
         status=HypervisorStatus.PENDING if enabled else HypervisorStatus.DISABLED,
+        ssh_host_keys=ssh_host_keys,
     )
     hv.full_clean()
+    hv.ssh_host_keys = ssh.format_host_keys(hv.pinned_host_keys)
     hv.save()
+    if hv.ssh_host_keys:
+        transaction.on_commit(ssh_known_hosts_write)
     _enqueue_sync(hv.pk, follow_up=True)
     return hv
 
@@ -70,12 +83,24 @@ def hypervisor_update(*, hypervisor: Hypervisor, **changes: Any) -> Hypervisor:
     before = Hypervisor.objects.select_for_update().get(pk=hypervisor.pk)
     for field, value in changes.items():
         setattr(hypervisor, field, value)
+    if ssh.ssh_peer(hypervisor.uri) != ssh.ssh_peer(before.uri) and "ssh_host_keys" not in changes:
+        # Keys pinned for one host:port say nothing about another: the new one is trusted afresh.
+        hypervisor.ssh_host_keys = ""
+    if ssh.ssh_peer(hypervisor.uri) != ssh.ssh_peer(before.uri):
+        hypervisor.ssh_host_keys_offered = ""
     hypervisor.full_clean()
-    recheck = hypervisor.uri != before.uri or hypervisor.enabled != before.enabled
+    hypervisor.ssh_host_keys = ssh.format_host_keys(hypervisor.pinned_host_keys)
+    recheck = (
+        hypervisor.uri != before.uri
+        or hypervisor.enabled != before.enabled
+        or hypervisor.ssh_host_keys != before.ssh_host_keys
+    )
     if recheck:
         hypervisor.status = HypervisorStatus.PENDING if hypervisor.enabled else HypervisorStatus.DISABLED
         hypervisor.status_error = ""
     hypervisor.save()
+    if hypervisor.ssh_host_keys != before.ssh_host_keys:
+        transaction.on_commit(ssh_known_hosts_write)
     if recheck:
         _enqueue_sync(hypervisor.pk, follow_up=True)
     return hypervisor
@@ -102,6 +127,70 @@ def hypervisor_request_sync(*, hypervisor: Hypervisor) -> None:
         Hypervisor.objects.filter(pk=hypervisor.pk).update(status=HypervisorStatus.PENDING)
         hypervisor.status = HypervisorStatus.PENDING
     _enqueue_sync(hypervisor.pk)
+
+
+class HostKeyNotOffered(Refusal):
+    """Nothing to trust, or not the key staff were shown."""
+
+
+@audited("hypervisor.trust_host_key", obj_kwarg="hypervisor")
+@transaction.atomic
+def hypervisor_trust_host_keys(*, hypervisor: Hypervisor, fingerprints: list[str]) -> Hypervisor:
+    """Pin the host keys the host offered when it was refused, exactly those whose fingerprints staff were
+    shown (`fingerprints`); the previous pins go. Then the known_hosts file is rewritten and a check queued."""
+    hv = Hypervisor.objects.select_for_update().get(pk=hypervisor.pk)
+    offered = hv.offered_host_keys
+    if not offered:
+        raise HostKeyNotOffered(f"{hv.name} has offered no new SSH host key; nothing to trust.")
+    if sorted(k.fingerprint for k in offered) != sorted(fingerprints):
+        raise HostKeyNotOffered(
+            f"{hv.name}'s offered host key is not the one shown ({', '.join(k.label for k in offered)} now): "
+            "reload the page and compare again."
+        )
+    hv.ssh_host_keys = ssh.format_host_keys(offered)
+    hv.ssh_host_keys_offered = ""
+    if hv.enabled:
+        hv.status = HypervisorStatus.PENDING
+    hv.save(update_fields=["ssh_host_keys", "ssh_host_keys_offered", "status", "updated"])
+    transaction.on_commit(ssh_known_hosts_write)
+    _enqueue_sync(hv.pk)
+    return hv
+
+
+def worker_ssh_public_key() -> str:
+    """The worker's SSH public key, to install in ~/.ssh/authorized_keys on qemu+ssh hosts (made on first need)."""
+    return ssh.ensure_identity()
+
+
+def ssh_known_hosts_write() -> None:
+    """The portal's known_hosts, from the keys pinned on every qemu+ssh hypervisor (and nothing else)."""
+    entries = []
+    for hv in Hypervisor.objects.exclude(ssh_host_keys="").only("uri", "ssh_host_keys"):
+        peer = ssh.ssh_peer(hv.uri)
+        if peer:
+            entries += [(peer[0], peer[1], key) for key in hv.pinned_host_keys]
+    ssh.write_known_hosts(entries)
+
+
+def _host_key_refused(hv: Hypervisor, error: str) -> str:
+    """After the worker's ssh refused the host's key: record what the host offers now, and say so."""
+    peer = ssh.ssh_peer(hv.uri)
+    assert peer is not None
+    offered = ssh.scan_host_keys(*peer)
+    Hypervisor.objects.filter(pk=hv.pk, uri=hv.uri).update(ssh_host_keys_offered=ssh.format_host_keys(offered))
+    shown = ", ".join(k.label for k in offered) or "no key the worker could read"
+    pinned = hv.pinned_host_keys
+    if not pinned:
+        return (
+            f"The SSH host key of {peer[0]} is not trusted yet, so the worker did not log in. It offers {shown}. "
+            "Compare it with `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` run on the host, then trust it "
+            "on this hypervisor's page (or paste the host's key under Edit)."
+        )
+    return (
+        f"The SSH host key of {peer[0]} has CHANGED: it offers {shown}, not the trusted "
+        f"{', '.join(k.label for k in pinned)}. The worker refuses to connect (another machine may be answering "
+        "at that address). If the host was reinstalled, compare its new key and trust it on this page."
+    )
 
 
 def _capability_fields(info: HostInfo) -> dict:
@@ -147,11 +236,16 @@ def hypervisor_sync(hypervisor_id: int) -> str:
         rows.update(status=HypervisorStatus.DISABLED, status_error="", last_checked=now)
         return HypervisorStatus.DISABLED
     try:
+        if hv.uses_ssh:
+            ssh_known_hosts_write()  # this worker's copy, as pinned now (the web may run elsewhere)
         driver = get_driver(hv.uri)
         info = driver.host_info()
     except HypervisorError as e:
         log.info("hypervisor %s is down: %s", hv.name, e)
-        rows.update(status=HypervisorStatus.DOWN, status_error=str(e) or type(e).__name__, last_checked=now)
+        error = str(e) or type(e).__name__
+        if hv.uses_ssh and ssh.host_key_refused(error):
+            error = _host_key_refused(hv, error)
+        rows.update(status=HypervisorStatus.DOWN, status_error=error, last_checked=now)
         return HypervisorStatus.DOWN
     rows.update(
         status=HypervisorStatus.ONLINE,

@@ -10,6 +10,7 @@ urlpatterns = [
     path("<int:pk>/edit/", views.hypervisor_edit, name="edit"),
     path("<int:pk>/delete/", views.hypervisor_delete, name="delete"),
     path("<int:pk>/sync/", views.hypervisor_sync, name="sync"),
+    path("<int:pk>/trust-host-key/", views.hypervisor_trust_host_key, name="trust-host-key"),
     path("<int:pk>/networks/", views.network_create, name="network-create"),
     path("<int:pk>/networks/<str:name>/delete/", views.network_delete, name="network-delete"),
     path("images/", views.image_list, name="image-list"),

@@ -22,6 +22,18 @@ URI_PARAMETERS = {
 _PATH_PARAMETERS = {"pkipath", "keyfile", "known_hosts", "socket"}
 _SAFE_PATH = re.compile(r"/[A-Za-z0-9._/+-]*")
 _CHOICES = {"mode": {"auto", "legacy", "direct"}, "sshauth": {"privkey", "agent", "password", "keyboard-interactive"}}
+# Why the most tempting refused parameters are refused, said with the refusal. libvirt reads parameter names
+# in any case, so they are matched in lower case.
+_REFUSED_BECAUSE = {
+    "no_verify": (
+        "no_verify=1 makes libvirt accept any SSH host key (qemu+ssh) or server certificate (qemu+tls), so "
+        "a machine impersonating the host would be trusted; the portal pins the host key instead "
+        "(trust it on the hypervisor's page)"
+    ),
+    "known_hosts_verify": "it would let the worker skip or auto-add the host key; the portal pins host keys",
+    "command": "it names a program the worker would run; the portal runs its own ssh client",
+    "netcat": "it names a program run on the hypervisor",
+}
 ALLOWED_SCHEMES = ("qemu", *REMOTE_SCHEMES)
 _HOST_RE = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
@@ -81,7 +93,11 @@ def _validate_parameters(scheme: str, query: str, fragment: str) -> None:
     for name, value in pairs:
         if name not in allowed:
             offer = f"; a {scheme} URI may carry {', '.join(sorted(allowed))}" if allowed else ""
-            raise ValidationError(f"The URI parameter {name!r} is not allowed{offer}.")
+            because = _REFUSED_BECAUSE.get(name.lower())
+            raise ValidationError(
+                f"The URI parameter {name!r} is not allowed{offer}."
+                + (f" Refused because {because}." if because else "")
+            )
         if name in seen:
             raise ValidationError(f"The URI parameter {name!r} is given twice.")
         seen.add(name)

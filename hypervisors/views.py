@@ -49,11 +49,10 @@ def hypervisor_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
         template += "#hypervisor-facts"
     tenant = settings.PORTAL_TENANT_NETWORK
     has_tenant = any(n["name"] == tenant for n in hv.networks)
-    return render(
-        request,
-        template,
-        {"hv": hv, "network_form": NetworkForm(), "tenant_network": tenant, "has_tenant_network": has_tenant},
-    )
+    context = {"hv": hv, "network_form": NetworkForm(), "tenant_network": tenant, "has_tenant_network": has_tenant}
+    if hv.uses_ssh and request.user.is_staff:
+        context["worker_ssh_key"] = services.worker_ssh_public_key()  # a local file, made on first need
+    return render(request, template, context)
 
 
 def _save_form(form: HypervisorForm, save) -> Hypervisor | None:
@@ -98,6 +97,19 @@ def hypervisor_sync(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     hv = get_object_or_404(Hypervisor, pk=pk)
     services.hypervisor_request_sync(hypervisor=hv)
     messages.info(request, f"Checking {hv.name} now; the page updates when the answer arrives.")
+    return redirect(hv)
+
+
+@staff_required
+@require_POST
+def hypervisor_trust_host_key(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    hv = get_object_or_404(Hypervisor, pk=pk)
+    try:
+        services.hypervisor_trust_host_keys(hypervisor=hv, fingerprints=request.POST.getlist("fingerprint"))
+    except services.HostKeyNotOffered as e:
+        messages.error(request, str(e))
+        return redirect(hv)
+    messages.success(request, f"{hv.name}'s SSH host key is trusted; checking it now.")
     return redirect(hv)
 
 

@@ -26,7 +26,7 @@ packages=(
     libvirt-dev pkg-config gcc python3-dev
     qemu-system-x86 qemu-utils seabios ipxe-qemu ipmitool
     ovmf qemu-system-arm qemu-efi-aarch64
-    python3-venv ca-certificates
+    python3-venv ca-certificates openssh-client
 )
 command -v npm >/dev/null || packages+=(nodejs npm)
 # Without systemd, libvirt-daemon-system would pull systemd in and replace init.

@@ -70,6 +70,7 @@ MATRIX = {
     "hypervisors:edit": ("get", "hv", None, ok(200, **STAFF_ONLY)),
     "hypervisors:delete": ("get", "hv", None, ok(200, **STAFF_ONLY)),
     "hypervisors:sync": ("post", "hv", None, ok(302, **STAFF_ONLY)),
+    "hypervisors:trust-host-key": ("post", "hv", None, ok(302, **STAFF_ONLY)),
     "hypervisors:network-create": ("post", "hv", {"name": "n1", "mode": "isolated"}, ok(302, **STAFF_ONLY)),
     "hypervisors:network-delete": ("post", "hvnet", None, ok(302, **STAFF_ONLY)),
     "hypervisors:image-list": ("get", None, None, ok(200, **PAGE_LOGIN)),

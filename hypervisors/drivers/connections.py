@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import libvirt
 
 from hypervisors.drivers.base import HypervisorFatalError, HypervisorUnavailable
+from hypervisors.drivers.ssh import libvirt_uri
 
 log = logging.getLogger(__name__)
 
@@ -194,13 +195,14 @@ def _open(uri: str, timeout: float) -> libvirt.virConnect:
         if uri in _opening:
             raise HypervisorUnavailable("an earlier connection attempt is still waiting for an answer")
     before = _sockets_to(peer[0], peer[1]) if peer else set()
+    opened = libvirt_uri(uri)  # qemu+ssh: the portal's own ssh client, key and known_hosts
     result: dict = {}
     done = threading.Event()
     abandoned = threading.Event()
 
     def target() -> None:
         try:
-            conn = libvirt.open(uri)
+            conn = libvirt.open(opened)
         except libvirt.libvirtError as e:
             result["error"] = e
         else:
