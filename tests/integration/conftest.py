@@ -110,3 +110,17 @@ def remote_tls_host():
 
     with RemoteTlsHost.start(log_dir=ARTIFACTS) as host:
         yield host
+
+
+@pytest.fixture(scope="session")
+def remote_ssh_host():
+    """A hypervisor host reached only over qemu+ssh:// (tests/integration/remote_ssh.py): a libvirtd and an sshd
+    in their own network, mount, UTS and PID namespaces; its sshd lets the worker's key in (the portal's own,
+    from its data directory, which the test run shares with the worker)."""
+    from hypervisors.drivers.ssh import ensure_identity
+    from tests.conftest import ARTIFACTS
+    from tests.integration.remote_ssh import RemoteSshHost
+
+    with RemoteSshHost.start(log_dir=ARTIFACTS) as host:
+        host.authorize(ensure_identity())
+        yield host
