@@ -9,8 +9,9 @@ certificates made by the portal's own `manage.py lab_certs`.
 How it is kept apart from the host:
 
 - Network: `ip netns add ptls-<pid>`, a veth pair (`ptls<pid>h` on the host, `ptls<pid>n` inside) on the
-  first free /30 of 10.213.0.0/24 (host side .1, namespace side .2). No route, forwarding or NAT
-  leads further: the namespace reaches the host's end of the pair and nothing else.
+  first free /30 of 10.213.0.0/24 (host side .1, namespace side .2). A second host in the same run passes
+  `instance="b"` (up to "z"): namespace `ptls-<pid>b`, its own pair and the next free /30. No route,
+  forwarding or NAT leads further: the namespace reaches the host's end of the pair and nothing else.
 - Mounts: inside the namespace, `unshare --mount --uts --pid --fork --kill-child --mount-proc` runs a small
   shell as PID 1 of new namespaces. It mounts a tmpfs over /run (so also /var/run) before anything else
   (a libvirtd that shares the host's /run unlinks the host daemon's sockets), binds private directories
@@ -65,6 +66,7 @@ SUBNETS = ipaddress.IPv4Network("10.213.0.0/24")  # carved into /30s: one per li
 TLS_PORT = 16514
 WORK_ROOT = Path("/tmp")  # short: a UNIX socket path under it must fit in 108 bytes
 PREFIX = "ptls-"
+NAME_RE = re.compile(rf"{PREFIX}(\d+)([b-z]?)")  # ptls-<pid of the run>, and a letter for its further hosts
 _ROUTE_TYPES = {"unicast", "unreachable", "blackhole", "prohibit", "local", "broadcast", "multicast", "throw"}
 
 # PID 1 of the new mount, UTS and PID namespaces (already inside the network namespace).
@@ -77,7 +79,8 @@ mount --bind "$W/etc" /etc/libvirt
 mount --bind "$W/lib" /var/lib/libvirt
 mount --bind "$W/cache" /var/cache/libvirt
 mount --bind "$W/log" /var/log/libvirt
-mkdir -p /var/lib/libvirt/qemu /var/cache/libvirt/qemu /var/log/libvirt/qemu /run/libvirt
+# /var/lock is /run/lock: libvirt locks a guest's pty there when a client opens its serial console.
+mkdir -p /var/lib/libvirt/qemu /var/cache/libvirt/qemu /var/log/libvirt/qemu /run/libvirt /run/lock
 hostname "$2"
 virtlogd -f "$W/etc/virtlogd.conf" -p /run/virtlogd.pid &
 vl=$!
@@ -148,12 +151,12 @@ def our_namespaces() -> list[str]:
     r = _run("ip", "-j", "netns", "list", check=False)
     if r.returncode != 0 or not r.stdout.strip():
         return []
-    return [n["name"] for n in json.loads(r.stdout) if re.fullmatch(rf"{PREFIX}\d+", n["name"])]
+    return [n["name"] for n in json.loads(r.stdout) if NAME_RE.fullmatch(n["name"])]
 
 
 def remove_stale() -> list[str]:
     """Remove the namespaces of runs that died without tearing down (their pid is gone)."""
-    stale = [n for n in our_namespaces() if not _pid_alive(int(n.removeprefix(PREFIX)))]
+    stale = [n for n in our_namespaces() if not _pid_alive(int(NAME_RE.fullmatch(n)[1]))]  # type: ignore[index]
     for name in stale:
         delete_netns(name)
         for workdir in WORK_ROOT.glob(f"{name}-*"):
@@ -178,7 +181,7 @@ def _free_subnet() -> ipaddress.IPv4Network:
 
 @dataclass
 class RemoteTlsHost:
-    name: str  # network namespace, ptls-<pid of the test run>
+    name: str  # network namespace, ptls-<pid of the test run>[instance letter]
     workdir: Path
     subnet: ipaddress.IPv4Network
     hostname: str
@@ -239,18 +242,20 @@ class RemoteTlsHost:
     @classmethod
     @contextlib.contextmanager
     def start(
-        cls, hostname: str = "remote-tls", log_dir: Path | None = None, timeout: float = 60
+        cls, hostname: str = "remote-tls", log_dir: Path | None = None, timeout: float = 60, instance: str = ""
     ) -> Iterator[RemoteTlsHost]:
         """Start one, yield it once it answers over TLS with a started `default` pool, and always tear
-        it down (even when starting fails)."""
+        it down (even when starting fails). `instance` ("b".."z") names a further host of the same run."""
         missing = missing_commands()
         if missing:
             raise RuntimeError(f"a remote TLS host needs {', '.join(missing)}; run scripts/setup-host.sh --test")
         remove_stale()
         started = time.monotonic()
-        name = f"{PREFIX}{os.getpid()}"
+        name = f"{PREFIX}{os.getpid()}{instance}"
+        if not NAME_RE.fullmatch(name):
+            raise ValueError(f"instance {instance!r}: one letter from b to z, or none")
         if name in our_namespaces():
-            raise RuntimeError(f"network namespace {name} exists already (one RemoteTlsHost per test run)")
+            raise RuntimeError(f"network namespace {name} exists already (one RemoteTlsHost per instance and run)")
         workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=WORK_ROOT))
         log_dir = log_dir or workdir
         log_dir.mkdir(parents=True, exist_ok=True)
