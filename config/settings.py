@@ -256,6 +256,9 @@ if PORTAL_HOST_DEVICES_FOR not in ("staff", "everyone"):
 PORTAL_MIGRATION_FOR = os.getenv("PORTAL_MIGRATION_FOR", "staff")
 if PORTAL_MIGRATION_FOR not in ("staff", "owners"):
     raise ImproperlyConfigured("PORTAL_MIGRATION_FOR is staff or owners")
+# Seconds a move that restarts a running machine (or an evacuation) waits for its guest to shut down before it
+# powers it off.
+PORTAL_MOVE_SHUTDOWN_TIMEOUT = envint("PORTAL_MOVE_SHUTDOWN_TIMEOUT", "120")
 # The worker records a heartbeat this often (s); the dashboard and /healthz call it stopped when the
 # last one is older than PORTAL_WORKER_STALE_AFTER (s).
 PORTAL_WORKER_HEARTBEAT = envint("PORTAL_WORKER_HEARTBEAT", "30")

@@ -8,12 +8,13 @@ from rest_framework.routers import DefaultRouter
 from config import views
 from hypervisors.api import HypervisorViewSet, ImageViewSet
 from machines import views as machine_views
-from machines.api import MachineViewSet
+from machines.api import HypervisorMaintenanceViewSet, MachineViewSet
 from portal import account
 from portal.api import AuditEventViewSet
 
 router = DefaultRouter()
 router.register("hypervisors", HypervisorViewSet, basename="hypervisor")
+router.register("hypervisors", HypervisorMaintenanceViewSet, basename="hypervisor-moves")  # machines' side of a host
 router.register("images", ImageViewSet, basename="image")
 router.register("machines", MachineViewSet, basename="machine")
 router.register("audit", AuditEventViewSet, basename="audit")

@@ -17,9 +17,10 @@ class HypervisorAdmin(admin.ModelAdmin):
         "memory_mib",
         "detected_domain_type",
         "enabled",
+        "maintenance",
         "last_seen",
     ]
-    list_filter = ["status", "enabled", "arch", "detected_domain_type"]
+    list_filter = ["status", "enabled", "maintenance", "arch", "detected_domain_type"]
     search_fields = ["name", "uri", "hostname"]
     actions = ["sync_now"]
     fieldsets = [
@@ -27,7 +28,7 @@ class HypervisorAdmin(admin.ModelAdmin):
             None,
             {"fields": ["name", "uri", "console_address", "domain_type_override", "cpu_allocation_ratio", "enabled"]},
         ),
-        ("Status", {"fields": ["status", "status_error", "last_seen", "last_checked"]}),
+        ("Status", {"fields": ["status", "status_error", "maintenance", "last_seen", "last_checked"]}),
         (
             "Capabilities (from the last sync)",
             {

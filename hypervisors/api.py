@@ -22,6 +22,7 @@ class HypervisorSerializer(serializers.ModelSerializer):
             "domain_type_override",
             "cpu_allocation_ratio",
             "enabled",
+            "maintenance",
             "status",
             "status_error",
             "last_seen",

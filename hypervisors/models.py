@@ -72,6 +72,11 @@ class Hypervisor(models.Model):
     enabled = models.BooleanField(
         default=True, help_text="Disabled hypervisors are not contacted and get no new machines."
     )
+    maintenance = models.BooleanField(
+        "in maintenance",
+        default=False,
+        help_text="Drained: no machine is created or moved here; the machines it has run on and are still watched.",
+    )
     cpu_allocation_ratio = models.DecimalField(
         "vCPU overcommit",
         max_digits=4,

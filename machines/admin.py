@@ -1,5 +1,6 @@
 from django.contrib import admin, messages
 
+from hypervisors.admin import HypervisorAdmin
 from machines import capacity, services
 from machines.models import Machine, MachineEvent, MachineNic, Membership, Project, Quota
 from machines.states import PowerAction
@@ -214,3 +215,31 @@ class ProjectAdmin(admin.ModelAdmin):
         super().save_model(request, obj, form, change)
         changes = ", ".join(f"{f}={form.cleaned_data[f]}" for f in form.changed_data)
         audit.record("project.update" if change else "project.create", obj, request=request, detail=changes)
+
+
+# The hypervisor's admin gets its maintenance actions from here: they move machines, which the hypervisors app
+# does not know (it may not import machines).
+@admin.action(description="Drain: in maintenance (nothing new is placed or moved there)")
+def drain(modeladmin, request, queryset):
+    for hv in queryset:
+        services.hypervisor_set_maintenance(hypervisor=hv, enabled=True, actor=request.user)
+        modeladmin.message_user(request, f"{hv.name} is in maintenance.", messages.SUCCESS)
+
+
+@admin.action(description="Return to service")
+def return_to_service(modeladmin, request, queryset):
+    for hv in queryset:
+        services.hypervisor_set_maintenance(hypervisor=hv, enabled=False, actor=request.user)
+        modeladmin.message_user(request, f"{hv.name} is back in service.", messages.SUCCESS)
+
+
+@admin.action(description="Evacuate: drain, then move each stopped machine where placement finds room")
+def evacuate(modeladmin, request, queryset):
+    for hv in queryset:
+        report = services.hypervisor_evacuate(hypervisor=hv, actor=request.user)
+        modeladmin.message_user(
+            request, f"Evacuating {hv.name}: " + ("; ".join(report) or "it has no machines."), messages.INFO
+        )
+
+
+HypervisorAdmin.actions = [*HypervisorAdmin.actions, drain, return_to_service, evacuate]

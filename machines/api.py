@@ -4,10 +4,11 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import Prefetch
 from django.urls import reverse
 from drf_spectacular.utils import OpenApiParameter, extend_schema
-from rest_framework import mixins, serializers, status, viewsets
+from rest_framework import mixins, permissions, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
+from hypervisors.api import HypervisorSerializer
 from hypervisors.models import Hypervisor, Image
 from machines import access, consoles, policy, services
 from machines.access import machines_for
@@ -276,6 +277,9 @@ class MigrateSerializer(serializers.Serializer):
         queryset=Hypervisor.objects.all(), required=False, allow_null=True, help_text="Left out: placement picks."
     )
     live = serializers.BooleanField(default=False, help_text="Not available yet: moves are cold.")
+    restart = serializers.BooleanField(
+        default=False, help_text="A running machine: shut it down, move it, start it on the target."
+    )
 
 
 class ConsoleUrlSerializer(serializers.Serializer):
@@ -396,7 +400,10 @@ class MachineViewSet(
         s = MigrateSerializer(data=request.data)
         s.is_valid(raise_exception=True)
         return self._act(
-            services.machine_migrate, hypervisor=s.validated_data.get("hypervisor"), live=s.validated_data["live"]
+            services.machine_migrate,
+            hypervisor=s.validated_data.get("hypervisor"),
+            live=s.validated_data["live"],
+            restart=s.validated_data["restart"],
         )
 
     @extend_schema(request=None, responses={200: ConsoleUrlSerializer})
@@ -473,3 +480,47 @@ class MachineViewSet(
         machine = self.get_object()
         services.machine_set_autostart(machine=machine, enabled=s.validated_data["autostart"], actor=request.user)
         return Response(self._data(machine))
+
+
+class MaintenanceSerializer(serializers.Serializer):
+    maintenance = serializers.BooleanField(help_text="True: drained (nothing new lands there); false: in service.")
+
+
+class EvacuateSerializer(serializers.Serializer):
+    restart = serializers.BooleanField(
+        default=False, help_text="Also running machines: shut each down, move it, start it on its target."
+    )
+
+
+class EvacuationSerializer(serializers.Serializer):
+    hypervisor = HypervisorSerializer()
+    machines = serializers.ListField(child=serializers.CharField(), help_text="What happens to each machine.")
+
+
+class HypervisorMaintenanceViewSet(viewsets.GenericViewSet):
+    """A hypervisor's maintenance (staff): drain it, return it to service, evacuate it (machines/services/migration.py)."""
+
+    queryset = Hypervisor.objects.all()
+    permission_classes = [permissions.IsAdminUser]
+
+    @extend_schema(request=MaintenanceSerializer, responses={200: HypervisorSerializer})
+    @action(detail=True, methods=["post"])
+    def maintenance(self, request, pk=None):
+        s = MaintenanceSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        hv = services.hypervisor_set_maintenance(
+            hypervisor=self.get_object(), enabled=s.validated_data["maintenance"], actor=request.user
+        )
+        return Response(HypervisorSerializer(hv).data)
+
+    @extend_schema(request=EvacuateSerializer, responses={202: EvacuationSerializer})
+    @action(detail=True, methods=["post"])
+    def evacuate(self, request, pk=None):
+        """Drain the hypervisor and queue a move for each of its machines (placement picks each target);
+        `machines` says what happens to each. Progress in each machine's events."""
+        s = EvacuateSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        hv = self.get_object()
+        report = services.hypervisor_evacuate(hypervisor=hv, actor=request.user, restart=s.validated_data["restart"])
+        hv.refresh_from_db()
+        return Response({"hypervisor": HypervisorSerializer(hv).data, "machines": report}, status=202)

@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.core.exceptions import ValidationError
-from django.db.models import Count, QuerySet, Sum
+from django.db.models import Count, Q, QuerySet, Sum
 
 from hypervisors.models import Hypervisor, HypervisorStatus, Image
 from hypervisors.offers import offers_for
@@ -200,7 +200,7 @@ def _fit(hv: Hypervisor, *, vcpus: int, memory_mib: int, disk_gib: int, pool: st
     offer = offers_for(hv)
     if why := offer.refuse_placed_arch(arch):
         return why
-    placed = usage_of(hv.machines.all())
+    placed = usage_of(Machine.objects.filter(Q(hypervisor=hv) | Q(moving_to=hv)))  # and what is on its way there
     free_memory = (hv.memory_mib or 0) - placed["memory_mib"]
     free_vcpus = int((hv.cpus or 0) * Decimal(hv.cpu_allocation_ratio)) - placed["vcpus"]
     free_pool = offer.pool_free_gib(pool)
@@ -232,7 +232,7 @@ def place(
     `prefer_network` (the tenant network, for NICs left to their default) come first."""
     arch = image.arch if image is not None else ""
     # `exclude`: a host that is no candidate (the one a machine moves away from).
-    candidates = Hypervisor.objects.filter(enabled=True, status=HypervisorStatus.ONLINE)
+    candidates = Hypervisor.objects.filter(enabled=True, maintenance=False, status=HypervisorStatus.ONLINE)
     if exclude is not None:
         candidates = candidates.exclude(pk=exclude)
     candidates = candidates.order_by("pk")
@@ -250,6 +250,10 @@ def place(
         else:
             reasons.append(f"{hv.name}: {result}")
     if not fits:
+        drained = Hypervisor.objects.filter(enabled=True, maintenance=True, status=HypervisorStatus.ONLINE)
+        if exclude is not None:
+            drained = drained.exclude(pk=exclude)
+        reasons += [f"{name}: in maintenance" for name in drained.order_by("pk").values_list("name", flat=True)]
         why = "; ".join(reasons) if reasons else "no hypervisor is online"
         raise ValidationError({"hypervisor": f"No hypervisor has room for this machine ({why})."})
     preferred = {f.hypervisor.pk for f in fits if prefer_network in offers_for(f.hypervisor).network_names}
@@ -295,6 +299,8 @@ def claim_room(
         fit = place(**wanted, image=image, lock=True, networks=networks, prefer_network=prefer_network, exclude=exclude)
         return Room(fit.hypervisor, placement=fit)
     hv = Hypervisor.objects.select_for_update().get(pk=hypervisor.pk)
+    if hv.maintenance:  # read under the lock: a drain that commits first is seen
+        raise ValidationError({"hypervisor": f"Hypervisor {hv.name} is in maintenance: it takes no new machines."})
     # Room only: whether a named host runs the image's architecture is the hardware check's to say.
     result = _fit(hv, **wanted, arch="")
     if isinstance(result, Fit):

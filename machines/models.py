@@ -116,6 +116,15 @@ class Machine(models.Model):
     power_checked = models.DateTimeField(null=True, blank=True)
     operation = models.CharField(max_length=16, blank=True, help_text="The power action in progress, if any.")
     operation_started = models.DateTimeField(null=True, blank=True)
+    # While a move runs: the hypervisor it goes to, whose room it already holds (machines.capacity counts it there).
+    moving_to = models.ForeignKey(
+        "hypervisors.Hypervisor",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="incoming",
+        editable=False,
+    )
     attempts = models.PositiveSmallIntegerField(default=0)
     instance_id = models.CharField(max_length=64, blank=True)
     # The virtual BMC of a network-boot machine.

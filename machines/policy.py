@@ -80,7 +80,7 @@ PASSING = frozenset({BUSY, PROTECTED})
 
 # What the power state last observed makes pointless (the services accept it: the observation may be stale,
 # and the worker reports what the hypervisor answers). Pages show these buttons disabled.
-_IDLE_WHEN_RUNNING = frozenset({PowerAction.START, "migrate"})  # a move is cold: the machine must be off
+_IDLE_WHEN_RUNNING = frozenset({PowerAction.START})
 _IDLE_UNLESS_RUNNING = frozenset({PowerAction.SHUTDOWN, PowerAction.REBOOT, "console", "serial"})
 
 

@@ -6,7 +6,7 @@ from django.core.paginator import Paginator
 from django.db.models import Q
 from django.http import FileResponse, Http404, HttpResponse, JsonResponse
 from django.http.response import HttpResponseBase
-from django.shortcuts import redirect, render
+from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils.html import format_html
 from django.views.decorators.clickjacking import xframe_options_deny
@@ -19,6 +19,7 @@ from machines.capacity import usage_report
 from machines.forms import GrowDiskForm, MachineForm
 from machines.models import Machine
 from machines.states import DeployType, PowerAction, PowerState, Status
+from portal.decorators import staff_required
 from portal.forms import add_errors
 from portal.htmx import HtmxHttpRequest, is_partial
 from portal.queue import queue_report
@@ -142,7 +143,7 @@ def machine_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     actions = policy.page_context(request.user, machine)
     # Where it may move: the other hypervisors that take machines (placement or the one named re-checks room).
     targets = (
-        Hypervisor.objects.filter(enabled=True, status=HypervisorStatus.ONLINE)
+        Hypervisor.objects.filter(enabled=True, maintenance=False, status=HypervisorStatus.ONLINE)
         .exclude(pk=machine.hypervisor_id)
         .order_by("name")
         .only("pk", "name")
@@ -293,10 +294,12 @@ def machine_migrate(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     if target_id and target is None:
         messages.error(request, "No such hypervisor.")
         return redirect(machine)
+    restart = request.POST.get("restart") == "1"
     moved_to: list[str] = []
 
     def move() -> None:
-        moved_to.append(services.machine_migrate(machine=machine, actor=request.user, hypervisor=target).name)
+        target_hv = services.machine_migrate(machine=machine, actor=request.user, hypervisor=target, restart=restart)
+        moved_to.append(target_hv.name)
 
     response = _act(request, machine, move)
     if moved_to:
@@ -304,6 +307,33 @@ def machine_migrate(request: HtmxHttpRequest, pk: int) -> HttpResponse:
             request, f"Moving {machine.name} to {moved_to[0]}: its disks are copied, then it is defined there."
         )
     return response
+
+
+@staff_required
+@require_POST
+def hypervisor_maintenance(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    """Drain the hypervisor (no new machines or moves land there) or return it to service."""
+    hv = get_object_or_404(Hypervisor, pk=pk)
+    enabled = request.POST.get("maintenance") == "1"
+    services.hypervisor_set_maintenance(hypervisor=hv, enabled=enabled, actor=request.user)
+    messages.info(
+        request,
+        f"{hv.name} is in maintenance: nothing new is placed or moved there."
+        if enabled
+        else f"{hv.name} is back in service.",
+    )
+    return redirect(hv)
+
+
+@staff_required
+@require_POST
+def hypervisor_evacuate(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    """Drain the hypervisor and move each of its machines where placement finds room (running ones only when
+    asked to restart them: shut down, moved, started there)."""
+    hv = get_object_or_404(Hypervisor, pk=pk)
+    report = services.hypervisor_evacuate(hypervisor=hv, actor=request.user, restart=request.POST.get("restart") == "1")
+    messages.info(request, f"Evacuating {hv.name}: " + ("; ".join(report) if report else "it has no machines."))
+    return redirect(hv)
 
 
 @login_required

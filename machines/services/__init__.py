@@ -20,7 +20,12 @@ from machines.services.lifecycle import (
     machine_rebuild,
     machine_rebuild_run,
 )
-from machines.services.migration import machine_migrate, machine_migrate_run
+from machines.services.migration import (
+    hypervisor_evacuate,
+    hypervisor_set_maintenance,
+    machine_migrate,
+    machine_migrate_run,
+)
 from machines.services.observation import (
     console_auth_upgrade,
     console_auth_upgrade_run,
@@ -68,6 +73,8 @@ __all__ = [
     "console_auth_upgrade",
     "console_auth_upgrade_run",
     "generate_mac",
+    "hypervisor_evacuate",
+    "hypervisor_set_maintenance",
     "hypervisor_reconcile_run",
     "instackenv",
     "machine_bmc_reveal",

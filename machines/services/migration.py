@@ -1,16 +1,20 @@
-"""Moving a machine to another hypervisor: the request (who, where to, whether it fits) and the worker's step
-(machines/moves.py copies the disks). Cold only: the machine is off for the move."""
+"""Moving machines between hypervisors: a move's request (who, where to, whether it fits), the worker's step
+(machines/moves.py copies the disks), and a hypervisor's maintenance (drained: nothing new lands there;
+evacuated: each of its machines moved by placement). Cold: the machine is off while its disks travel; a
+running one is shut down first and started again on the target when asked (`restart`)."""
 
 from __future__ import annotations
 
 import logging
+import time
 
-from django.core.exceptions import ValidationError
+from django.conf import settings
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.utils import timezone
 
 from hypervisors.drivers import get_driver
-from hypervisors.drivers.base import HypervisorError
+from hypervisors.drivers.base import HypervisorDriver, HypervisorError
 from hypervisors.drivers.base import PowerState as DomainState
 from hypervisors.models import Hypervisor
 from hypervisors.offers import offers_for
@@ -24,7 +28,7 @@ from machines.services.validation import (
     _validate_hardware_against,
     _validate_nics,
 )
-from machines.states import PowerState
+from machines.states import PowerState, Status
 from portal.audit import audited
 
 log = logging.getLogger(__name__)
@@ -35,15 +39,21 @@ _CHECKED_HARDWARE = ("firmware", "machine_type", "cpu_mode", "cpu_model")
 
 @audited("machine.migrate", obj_kwarg="machine")
 @transaction.atomic
-def machine_migrate(*, machine: Machine, actor, hypervisor: Hypervisor | None = None, live: bool = False) -> Hypervisor:
-    """Queue a cold move of a stopped machine to `hypervisor` (None: the one placement picks, never its own),
-    checked for room and architecture under the same locks as a create. Returns the target."""
+def machine_migrate(
+    *, machine: Machine, actor, hypervisor: Hypervisor | None = None, live: bool = False, restart: bool = False
+) -> Hypervisor:
+    """Queue a cold move of the machine to `hypervisor` (None: the one placement picks, never its own), checked
+    for room and architecture under the same locks as a create, its room held there until the move ends.
+    A running machine is refused unless `restart`: then it is shut down, moved and started on the target.
+    Returns the target."""
     policy.require(actor, machine, "migrate")
     if live:
-        raise MachineError("Live migration is not available yet: shut the machine down and move it cold.")
+        raise MachineError("Live migration is not available yet: move it cold (restart: shut down, move, start).")
     machine = _lock_for_allocation(machine)
-    if machine.power_state == PowerState.RUNNING:
-        raise MachineError(f"{machine.name} is running; shut it down first (a move is cold).")
+    if machine.power_state == PowerState.RUNNING and not restart:
+        raise MachineError(
+            f"{machine.name} is running; shut it down first, or ask for a restart (shut down, moved, started there)."
+        )
     if hypervisor is not None and hypervisor.pk == machine.hypervisor_id:
         raise ValidationError({"hypervisor": f"{machine.name} is already on {hypervisor.name}."})
     if machine.hostdevs:
@@ -76,25 +86,32 @@ def machine_migrate(*, machine: Machine, actor, hypervisor: Hypervisor | None = 
             {"hypervisor": f"{target.name} cannot take {machine.name}: {' '.join(e.messages)}"}
         ) from None
     _claim_operation(machine, "migrate")
-    machine.log("migrate", f"move to {target.name} requested (cold)")
-    _enqueue(tasks.machine_migrate_task, machine.pk, target.pk)
+    Machine.objects.filter(pk=machine.pk).update(moving_to=target)
+    machine.log("migrate", f"move to {target.name} requested (cold{', restarted there' if restart else ''})")
+    _enqueue(tasks.machine_migrate_task, machine.pk, target.pk, restart)
     return target
 
 
-def machine_migrate_run(machine_id: int, target_id: int) -> None:
-    """Worker: copy the disks, define the machine on the target (off), switch the row, then remove it from the
-    source. Until the switch the source is untouched; a failure before it removes what the target got."""
+def machine_migrate_run(machine_id: int, target_id: int, restart: bool = False) -> None:
+    """Worker: (shut it down if `restart`,) copy the disks, define the machine on the target (off), switch the
+    row, remove it from the source, (start it on the target). Until the switch the source is untouched; a
+    failure before it removes what the target got, and a machine shut down for the move is started again."""
     machine = Machine.objects.select_related("hypervisor", "image").get(pk=machine_id)
     target_hv = Hypervisor.objects.get(pk=target_id)
     source_hv = machine.hypervisor
     moved = Machine.objects.select_related("image").get(pk=machine_id)
     moved.hypervisor = target_hv
     started = timezone.now()
+    uuid = str(machine.uuid)
+    was_running = False
     try:
         source, target = get_driver(source_hv.uri), get_driver(target_hv.uri)
-        if source.domain_state(str(machine.uuid)) == DomainState.RUNNING:
-            machine.log("migrate", "not moved: the machine is running; shut it down first", level="error")
-            return
+        if source.domain_state(uuid) == DomainState.RUNNING:
+            if not restart:
+                machine.log("migrate", "not moved: the machine is running; shut it down first", level="error")
+                return
+            was_running = True
+            _stop_for_move(machine, source)
         if target.domain_state(str(machine.uuid)) is not None:
             # The same libvirtd under another name, or a stale copy: copying would overwrite the machine's disks.
             machine.log(
@@ -114,7 +131,7 @@ def machine_migrate_run(machine_id: int, target_id: int) -> None:
             copied = moves.copy_disks(machine, moved, source, target)
             machine.log("migrate", f"copied to {target_hv.name}: " + (", ".join(copied) or "no disks"))
             provisioning.provision(moved, target, start=False)
-            if source.domain_state(str(machine.uuid)) == DomainState.RUNNING:
+            if source.domain_state(uuid) == DomainState.RUNNING:
                 # Started behind the portal's back (its BMC, virsh) while its disks were read: the copy is stale.
                 raise HypervisorError(f"{source_hv.name} started the machine while it was copied")
         except HypervisorError as e:
@@ -125,6 +142,8 @@ def machine_migrate_run(machine_id: int, target_id: int) -> None:
                 + (f" (removed from {target_hv.name}: {', '.join(removed)})" if removed else ""),
                 level="error",
             )
+            if was_running:
+                _start_again(machine, source, f"on {source_hv.name}")
             return
         Machine.objects.filter(pk=machine.pk).update(hypervisor=target_hv, power_state=PowerState.OFF)
         seconds = (timezone.now() - started).total_seconds()
@@ -134,10 +153,40 @@ def machine_migrate_run(machine_id: int, target_id: int) -> None:
             machine.log("migrate", f"removed from {source_hv.name}: " + ", ".join(removed or ["nothing"]))
         except HypervisorError as e:  # the machine lives on the target; the source keeps a stale copy to remove
             machine.log("migrate", f"could not remove it from {source_hv.name}: {e}", level="warning")
+        if was_running:
+            _start_again(
+                Machine.objects.select_related("hypervisor").get(pk=machine.pk), target, f"on {target_hv.name}"
+            )
     except HypervisorError as e:
         machine.log("migrate", f"move to {target_hv.name} failed: {e}", level="error")
     finally:
+        Machine.objects.filter(pk=machine.pk).update(moving_to=None)
         _release_operation(machine)
+
+
+def _stop_for_move(machine: Machine, driver: HypervisorDriver) -> None:
+    """Shut the guest down (ACPI) for a restart move, waiting PORTAL_MOVE_SHUTDOWN_TIMEOUT; then power it off."""
+    uuid, wait = str(machine.uuid), settings.PORTAL_MOVE_SHUTDOWN_TIMEOUT
+    machine.log("migrate", f"shutting down for the move (up to {wait} s)")
+    driver.shutdown(uuid)
+    deadline = time.monotonic() + wait
+    while driver.domain_state(uuid) == DomainState.RUNNING and time.monotonic() < deadline:
+        time.sleep(1)
+    if driver.domain_state(uuid) == DomainState.RUNNING:
+        machine.log("migrate", f"it did not shut down within {wait} s: powered off", level="warning")
+        driver.power_off(uuid)
+    Machine.objects.filter(pk=machine.pk).update(power_state=PowerState.OFF, power_checked=timezone.now())
+
+
+def _start_again(machine: Machine, driver: HypervisorDriver, where: str) -> None:
+    """A machine that ran before its move runs after it, wherever it ended up."""
+    try:
+        provisioning.ensure_running(machine, driver)
+    except HypervisorError as e:
+        machine.log("migrate", f"could not start it again {where}: {e}", level="error")
+        return
+    Machine.objects.filter(pk=machine.pk).update(power_state=PowerState.RUNNING, power_checked=timezone.now())
+    machine.log("migrate", f"started again {where}")
 
 
 def _clean_target(moved: Machine, target) -> list[str]:
@@ -146,3 +195,46 @@ def _clean_target(moved: Machine, target) -> list[str]:
     except HypervisorError as e:
         log.warning("machine %s: could not clean the target after a failed move: %s", moved.pk, e)
         return []
+
+
+# --- maintenance --------------------------------------------------------------------------------------------
+
+
+def _staff_only(actor, doing: str) -> None:
+    if not getattr(actor, "is_staff", False):
+        raise PermissionDenied(f"Only staff {doing}.")
+
+
+@audited("hypervisor.maintenance", obj_kwarg="hypervisor")
+@transaction.atomic
+def hypervisor_set_maintenance(*, hypervisor: Hypervisor, enabled: bool, actor) -> Hypervisor:
+    """Drain a hypervisor (enabled: no create or move lands there; its machines run on and are watched) or
+    return it to service."""
+    _staff_only(actor, "put a hypervisor in maintenance")
+    Hypervisor.objects.filter(pk=hypervisor.pk).update(maintenance=enabled)
+    hypervisor.maintenance = enabled
+    return hypervisor
+
+
+@audited("hypervisor.evacuate", obj_kwarg="hypervisor")
+@transaction.atomic
+def hypervisor_evacuate(*, hypervisor: Hypervisor, actor, restart: bool = False) -> list[str]:
+    """Drain the hypervisor, then queue a move for each of its machines to where placement finds room (each
+    checked and recorded like a move of its own; running ones only with `restart`: shut down, moved, started
+    there). What happens to each, one line per machine: moves that were refused leave the machine here."""
+    _staff_only(actor, "evacuate a hypervisor")
+    Hypervisor.objects.filter(pk=hypervisor.pk).update(maintenance=True)  # first: nothing new lands meanwhile
+    hypervisor.maintenance = True
+    report = []
+    machines = Machine.objects.filter(hypervisor=hypervisor).select_related("hypervisor", "image", "owner", "project")
+    for machine in machines.order_by("pk"):
+        if machine.status != Status.ACTIVE:
+            report.append(f"{machine.name}: stays ({machine.get_status_display().lower()})")
+            continue
+        try:
+            target = machine_migrate(machine=machine, actor=actor, restart=restart)
+        except (MachineError, ValidationError, PermissionDenied) as e:
+            report.append(f"{machine.name}: stays ({' '.join(getattr(e, 'messages', [str(e)]))})")
+        else:
+            report.append(f"{machine.name}: to {target.name}")
+    return report

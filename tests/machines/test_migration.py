@@ -205,3 +205,119 @@ def test_owners_move_their_machines_only_where_staff_allow_it(django_capture_on_
         services.machine_migrate(machine=machine, actor=operator)  # below the machine's admin role
     assert migrate(django_capture_on_commit_callbacks, machine, owner) == hosts["lab2"]
     assert Machine.objects.get(pk=machine.pk).hypervisor == hosts["lab2"]
+
+
+# --- restart moves, held room, maintenance -----------------------------------------------------------------
+
+
+def running(machine: Machine, host: FakeHost) -> Machine:
+    host.domains[str(machine.uuid)]["state"] = PowerState.RUNNING
+    Machine.objects.filter(pk=machine.pk).update(power_state=PowerState.RUNNING)
+    return Machine.objects.get(pk=machine.pk)
+
+
+def test_a_running_machine_moves_only_when_asked_to_restart_and_runs_there(
+    django_capture_on_commit_callbacks, hosts, staff
+):
+    machine = running(network_machine(django_capture_on_commit_callbacks, hosts), hosts["source"])
+    with pytest.raises(services.MachineError, match="ask for a restart"):
+        services.machine_migrate(machine=machine, actor=staff)
+    migrate(django_capture_on_commit_callbacks, machine, staff, restart=True)
+    moved = Machine.objects.get(pk=machine.pk)
+    assert moved.hypervisor == hosts["lab2"] and moved.power_state == PowerState.RUNNING and moved.moving_to is None
+    assert hosts["target"].domains[str(machine.uuid)]["state"] == PowerState.RUNNING
+    assert str(machine.uuid) not in hosts["source"].domains
+    steps = list(moved.events.filter(step="migrate").values_list("message", flat=True))
+    assert steps[0] == "move to lab2 requested (cold, restarted there)" and steps[-1] == "started again on lab2"
+    assert any(m.startswith("shutting down for the move") for m in steps)
+
+
+def test_a_failed_restart_move_starts_the_machine_again_where_it_was(django_capture_on_commit_callbacks, hosts, staff):
+    machine = running(network_machine(django_capture_on_commit_callbacks, hosts), hosts["source"])
+    hosts["target"].fail["upload_volume"] = HypervisorFatalError("no space")
+    migrate(django_capture_on_commit_callbacks, machine, staff, restart=True)
+    stayed = Machine.objects.get(pk=machine.pk)
+    assert stayed.hypervisor == hosts["lab"] and stayed.power_state == PowerState.RUNNING
+    assert hosts["source"].domains[str(machine.uuid)]["state"] == PowerState.RUNNING
+    assert stayed.events.filter(step="migrate", message="started again on lab").exists()
+
+
+def test_a_moves_room_is_held_on_the_target_until_it_ends(django_capture_on_commit_callbacks, hosts, staff):
+    a = network_machine(django_capture_on_commit_callbacks, hosts, "a")
+    b = network_machine(django_capture_on_commit_callbacks, hosts, "b")
+    lab2 = hosts["lab2"]
+    lab2.memory_mib = a.memory_mib + a.memory_mib // 2  # room for one of them
+    lab2.save()
+    services.machine_migrate(machine=a, actor=staff, hypervisor=lab2)  # queued, not yet run (no commit here)
+    assert Machine.objects.get(pk=a.pk).moving_to == lab2
+    with pytest.raises(ValidationError, match="Hypervisor lab2 has no room"):
+        services.machine_migrate(machine=b, actor=staff, hypervisor=lab2)
+
+
+def test_a_drained_hypervisor_takes_no_new_machine_and_no_move(django_capture_on_commit_callbacks, hosts, staff):
+    machine = network_machine(django_capture_on_commit_callbacks, hosts)
+    lab2 = hosts["lab2"]
+    with pytest.raises(PermissionDenied, match="Only staff"):
+        services.hypervisor_set_maintenance(hypervisor=lab2, enabled=True, actor=machine.owner)
+    services.hypervisor_set_maintenance(hypervisor=lab2, enabled=True, actor=staff)
+    with pytest.raises(ValidationError, match="Hypervisor lab2 is in maintenance"):
+        services.machine_migrate(machine=machine, actor=staff, hypervisor=lab2)
+    with pytest.raises(ValidationError, match=r"No hypervisor has room for this machine \(lab2: in maintenance\)"):
+        services.machine_migrate(machine=machine, actor=staff)
+    with pytest.raises(ValidationError, match="Hypervisor lab2 is in maintenance"):
+        services.machine_create(owner=staff, hypervisor=lab2, name="new", deploy_type="network", nics=[tenant_nic()])
+    services.hypervisor_set_maintenance(hypervisor=lab2, enabled=False, actor=staff)
+    assert migrate(django_capture_on_commit_callbacks, machine, staff) == lab2
+
+
+def test_evacuate_drains_and_moves_what_may_move(django_capture_on_commit_callbacks, hosts, staff):
+    capture = django_capture_on_commit_callbacks
+    stopped = network_machine(capture, hosts, "stopped")
+    live = running(network_machine(capture, hosts, "live"), hosts["source"])
+    Machine.objects.filter(pk=network_machine(capture, hosts, "broken").pk).update(status="error")
+    lab = hosts["lab"]
+    with pytest.raises(PermissionDenied):
+        services.hypervisor_evacuate(hypervisor=lab, actor=stopped.owner)
+    with capture(execute=True):
+        report = services.hypervisor_evacuate(hypervisor=lab, actor=staff)
+    assert report[0] == "stopped: to lab2" and report[2] == "broken: stays (error)"
+    assert report[1].startswith("live: stays (live is running; shut it down first, or ask for a restart")
+    assert Machine.objects.get(pk=stopped.pk).hypervisor == hosts["lab2"]
+    assert Machine.objects.get(pk=live.pk).hypervisor == lab
+    lab.refresh_from_db()
+    assert lab.maintenance
+    with capture(execute=True):  # again, running ones too
+        report = services.hypervisor_evacuate(hypervisor=lab, actor=staff, restart=True)
+    assert report == ["live: to lab2", "broken: stays (error)"]
+    moved = Machine.objects.get(pk=live.pk)
+    assert moved.hypervisor == hosts["lab2"] and moved.power_state == PowerState.RUNNING
+
+
+def test_maintenance_and_evacuation_through_the_api_and_the_pages(django_capture_on_commit_callbacks, hosts, staff):
+    from django.test import Client
+    from rest_framework.test import APIClient
+
+    machine = network_machine(django_capture_on_commit_callbacks, hosts)
+    lab = hosts["lab"]
+    api = APIClient()
+    api.force_login(staff)
+    r = api.post(f"/api/v1/hypervisors/{lab.pk}/maintenance/", {"maintenance": True}, format="json")
+    assert r.status_code == 200 and r.json()["maintenance"] is True
+    assert (
+        api.post(f"/api/v1/hypervisors/{lab.pk}/maintenance/", {"maintenance": "x"}, format="json").status_code == 400
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        r = api.post(f"/api/v1/hypervisors/{lab.pk}/evacuate/", {}, format="json")
+    assert r.status_code == 202 and r.json()["machines"] == ["metal: to lab2"], r.content
+    assert Machine.objects.get(pk=machine.pk).hypervisor == hosts["lab2"]
+
+    page = Client()
+    page.force_login(staff)
+    body = page.get(f"/hypervisors/{lab.pk}/").content.decode()
+    assert 'id="hv-maintenance"' in body and "Return to service" in body and "in maintenance" in body
+    r = page.post(f"/machines/hypervisors/{lab.pk}/maintenance/", {"maintenance": "0"}, follow=True)
+    assert "lab is back in service." in r.content.decode()
+    lab.refresh_from_db()
+    assert not lab.maintenance
+    r = page.post(f"/machines/hypervisors/{hosts['lab2'].pk}/evacuate/", follow=True)
+    assert "Evacuating lab2: metal: to lab" in r.content.decode()
