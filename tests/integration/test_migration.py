@@ -135,3 +135,33 @@ def test_a_network_machine_moves_and_its_bmc_follows(api, other_host, bmc_server
     assert "Chassis Power is on" in ipmi(creds, "power", "status").stdout
     assert ipmi(creds, "power", "off").returncode == 0
     wait_for(lambda: other_host.virsh("domstate", uuid).strip() == "shut off", 30)
+
+
+def test_evacuating_a_host_moves_its_machines_and_a_running_one_runs_on(api, other_host, tiny_image, local):
+    runner = create(api, name="runner", deploy_type="image", image=tiny_image.pk)
+    idle = create(api, name="idle", deploy_type="network")
+    serial_log(runner.pk, "TINY-GUEST ready")
+
+    started = time.monotonic()
+    r = api.post(f"/api/v1/hypervisors/{local.pk}/evacuate/", {"restart": True}, format="json")
+    assert r.status_code == 202, r.content
+    assert r.json()["hypervisor"]["maintenance"] is True
+    assert sorted(r.json()["machines"]) == ["idle: to other", "runner: to other"]
+    # Nothing new lands on the drained host meanwhile.
+    refused = api.post(
+        "/api/v1/machines/",
+        {"name": "late", "deploy_type": "network", "hypervisor": "local", "nics": [{"type": "user"}]},
+        format="json",
+    )
+    assert refused.status_code == 400 and "in maintenance" in refused.content.decode()
+    for machine in (runner, idle):
+        after = moved(machine.pk)
+        assert after.hypervisor == api.target, list(after.events.values_list("message", flat=True))
+    print(f"evacuation of 2 machines (one shut down and started again): {time.monotonic() - started:.1f} s")
+    assert not {str(runner.uuid), str(idle.uuid)} & set(virsh_local("list", "--all", "--uuid").split())
+    assert other_host.virsh("domstate", str(runner.uuid)).strip() == "running"
+    assert other_host.virsh("domstate", str(idle.uuid)).strip() == "shut off"
+    steps = list(Machine.objects.get(pk=runner.pk).events.filter(step="migrate").values_list("message", flat=True))
+    assert any(s.startswith("shutting down for the move") for s in steps) and steps[-1] == "started again on other"
+    assert not any("did not shut down" in s for s in steps), steps  # the guest's ACPI power button worked
+    serial_log(runner.pk, f"instance-id: {runner.instance_id}", "TINY-GUEST ready", timeout=120)
