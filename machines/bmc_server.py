@@ -19,6 +19,7 @@ from django.db import close_old_connections, connections
 from django.utils import timezone
 from virtualbmc.vbmc import VirtualBMC
 
+from hypervisors.drivers import ssh
 from machines import crypto
 from machines.models import Machine
 from machines.states import Status
@@ -107,7 +108,7 @@ class BmcManager:
             "username": username,
             "password": password,
             "domain_name": domain_name,
-            "uri": uri,
+            "uri": ssh.libvirt_uri(uri),  # qemu+ssh: the portal's ssh client, key and pinned host keys, as the worker
         }
         connections.close_all()  # the child must not share the parent's database connections
         proc = self.ctx.Process(target=_serve, args=(spec,), name=f"bmc-{pk}", daemon=True)

@@ -201,3 +201,35 @@ def test_an_outage_of_the_link_is_noticed_and_the_host_comes_back(worker, remote
     print(f"recovered {recovered:.1f} s after the link came back")
     assert recovered <= UP_BOUND
     assert hv.status_error == "" and hv.hostname == "remote-ssh"
+
+
+def test_a_network_machine_on_the_ssh_host_is_powered_through_its_bmc(worker, remote_ssh_host, bmc_server):
+    """virtualbmc opens the machine's qemu+ssh URI itself: with the portal's ssh client, key and pinned host key
+    (the BMC server gives it the same URI the worker opens), never the user's own ssh set-up."""
+    from tests.integration.test_network_bmc import ipmi
+
+    remote = remote_ssh_host
+    hv = register(remote)
+    owner = UserFactory(username="ssh-metal", is_staff=True)
+    machine = services.machine_create(
+        owner=owner,
+        hypervisor=hv,
+        name="sshmetal",
+        deploy_type="network",
+        memory_mib=256,
+        disk_gib=1,
+        nics=[services.NicInput(type="user")],
+    )
+    machine = wait_for(lambda: (m := Machine.objects.get(pk=machine.pk)).status in ("active", "error") and m, 60)
+    assert machine.status == "active", machine.status_message
+    creds = services.machine_bmc_reveal(machine=machine, actor=owner)
+    wait_for(lambda: Machine.objects.get(pk=machine.pk).bmc_listening, 15, message="the BMC never listened")
+    uuid = str(machine.uuid)
+    assert "Chassis Power is off" in ipmi(creds, "power", "status").stdout
+    started = time.monotonic()
+    assert ipmi(creds, "power", "on").returncode == 0
+    wait_for(lambda: remote.virsh_local("domstate", uuid).strip() == "running", 30)
+    print(f"IPMI power on over qemu+ssh: running after {time.monotonic() - started:.1f} s")
+    assert ipmi(creds, "chassis", "bootdev", "pxe").returncode == 0
+    assert ipmi(creds, "power", "off").returncode == 0
+    wait_for(lambda: remote.virsh_local("domstate", uuid).strip() == "shut off", 30)
