@@ -181,6 +181,17 @@ def test_with_equal_vnc_ports_on_two_hosts_each_token_opens_its_own_machine(
     assert not password_opens((host_b, port_b), password)
     assert password_opens((host_a, port_a), password)
 
+    # Ports are reused on one host too: A stops, C starts on A's host and gets A's old port. A's token then
+    # opens nothing (the proxy asks A's hypervisor where A listens now: nowhere), C's opens C.
+    services.machine_power(machine=a, action="poweroff", actor=owner)
+    wait_for(lambda: (m := Machine.objects.get(pk=a.pk)).power_state == "off" and not m.operation, 30)
+    c = create(a.hypervisor, owner, "eq-c", "iso", tiny_iso)
+    assert vnc_port(c) == (host_a, port_a)
+    assert handshake(console_proxy, f"/console/{a.pk}?token={token_for(a)}") == (403, b"")
+    ws, _, _, name = rfb_session(console_proxy, c, token_for(c), 8)
+    assert name == f"QEMU ({c.domain_name})".encode()
+    ws.close()
+
 
 def boot_order(remote: RemoteTlsHost, machine: Machine) -> list[str]:
     xml = remote.virsh_local("dumpxml", "--inactive", str(machine.uuid))
@@ -232,6 +243,22 @@ def test_ipmitool_drives_a_network_boot_machine_on_the_remote_host(worker, remot
     wait_for(lambda: state() == "shut off", 30, message="the remote domain did not stop")
     print(f"power off over IPMI: shut off on the remote host after {time.monotonic() - started:.2f} s")
     assert "Chassis Power is off" in ipmi(creds, "power", "status").stdout
+
+    # The host vanishes: its BMC (on the portal's machine) answers with an error, not a state; back, it works.
+    remote.link_down()
+    try:
+        started = time.monotonic()
+        lost = ipmi(creds, "power", "status")
+        print(
+            f"power status with the host's link down: {lost.returncode} after {time.monotonic() - started:.2f} s: "
+            f"{(lost.stdout + lost.stderr).strip()!r}"
+        )
+        assert lost.returncode != 0 or "Chassis Power" not in lost.stdout
+    finally:
+        remote.link_up()
+    started = time.monotonic()
+    wait_for(lambda: "Chassis Power is off" in ipmi(creds, "power", "status").stdout, 60, interval=1)
+    print(f"the BMC answers again {time.monotonic() - started:.2f} s after the link came back")
 
     # Deleting the machine stops its BMC and removes the remote domain.
     services.machine_delete(machine=machine, actor=owner)
