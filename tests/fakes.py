@@ -22,6 +22,9 @@ from hypervisors.drivers.base import (
     HostObserved,
     HypervisorDriver,
     HypervisorFatalError,
+    MigrationAborted,
+    MigrationProgress,
+    MigrationResult,
     NetworkInfo,
     PoolInfo,
     PowerState,
@@ -387,6 +390,95 @@ class FakeDriver(HypervisorDriver):
     def undefine(self, uuid):
         self._hit("undefine")
         return self.host.domains.pop(uuid, None) is not None
+
+    def _volume_at(self, path):
+        """The volume dict at a fake path (/fake/<pool>/<name>), or None."""
+        _, _, pool, name = (path.split("/", 3) + ["", "", "", ""])[:4]
+        return self.host.pools.get(pool, {}).get(name)
+
+    def migrate_live(
+        self,
+        uuid,
+        *,
+        target,
+        address,
+        paths,
+        vnc_listen,
+        max_downtime_ms=300,
+        bandwidth_mib_s=0,
+        timeout=600.0,
+        progress=None,
+        cancelled=None,
+    ):
+        """As the libvirt driver does it, in memory: refusals first; then the writable disks' own data into the
+        volumes the caller made on the target, two progress reports, a cancel asked before the switch, and the
+        domain running there (at the new paths, VNC on vnc_listen) and gone from here. `host.fail["migrate_live"]`
+        raises at the switch, the domain left here."""
+        if not isinstance(target, FakeDriver):
+            raise HypervisorFatalError("a live migration runs between two libvirt hypervisors")
+        if target.uri == self.uri:
+            raise HypervisorFatalError("the machine is on that hypervisor already")
+        if max_downtime_ms <= 0 or bandwidth_mib_s < 0 or timeout <= 0:
+            raise HypervisorFatalError(
+                "the downtime bound and the timeout must be positive, the bandwidth not negative"
+            )
+        dom = self._dom(uuid)
+        if dom["state"] != PowerState.RUNNING:
+            raise HypervisorFatalError("the machine is not running: a live migration moves a running one")
+        spec = dom["spec"]
+        named = [d.path for d in spec.disks if d.path] + ([spec.serial_log] if spec.serial_log else [])
+        missing = sorted({p for p in named if p not in paths})
+        if missing:
+            raise HypervisorFatalError(
+                "no path on the target for " + ", ".join(missing) + ": every file the domain names needs one"
+            )
+        if uuid in target.host.domains:
+            raise HypervisorFatalError("the target has a domain with this UUID already")
+        copied = [(d, self._volume_at(d.path), target._volume_at(paths[d.path])) for d in spec.disks if d.path]
+        for disk, _mine, theirs in copied:
+            if theirs is None:  # libvirt: the target's QEMU cannot open it
+                raise HypervisorFatalError(
+                    f"Cannot access storage file '{paths[disk.path]}': No such file or directory"
+                )
+        writable = [(d, mine, theirs) for d, mine, theirs in copied if d.device != "cdrom"]
+        disk_total = sum(len(mine["data"]) for _d, mine, _t in writable if mine is not None)
+        memory = spec.memory_mib << 20
+        reports = 0
+        for done in (0, 1):
+            if cancelled is not None and cancelled():
+                raise MigrationAborted("the live migration was cancelled", reason="cancelled")
+            if progress is not None:
+                progress(
+                    MigrationProgress(
+                        elapsed_s=0.0,
+                        memory_total=memory,
+                        memory_processed=memory * done,
+                        memory_remaining=memory * (1 - done),
+                        disk_total=disk_total,
+                        disk_processed=disk_total * done,
+                        disk_remaining=disk_total * (1 - done),
+                        max_downtime_ms=max_downtime_ms,
+                    )
+                )
+                reports += 1
+        self._hit("migrate_live")
+        for _disk, mine, theirs in writable:
+            theirs["data"] = b"" if mine is None else mine["data"]  # the overlay's own data; its base is theirs
+        disks = tuple(replace(d, path=paths[d.path]) if d.path else d for d in spec.disks)
+        moved = replace(spec, disks=disks, serial_log=paths.get(spec.serial_log, ""), vnc_listen=vnc_listen)
+        target.host.domains[uuid] = {**dom, "spec": moved, "vnc_address": (vnc_listen, 5900)}
+        del self.host.domains[uuid]
+        return MigrationResult(
+            seconds=0.0,
+            memory_bytes=memory,
+            disk_bytes=disk_total,
+            downtime_ms=min(50, max_downtime_ms),
+            max_downtime_ms=max_downtime_ms,
+            disks=tuple(
+                t for d, t in zip(spec.disks, _target_names(spec.disks), strict=True) if d.path and d.device != "cdrom"
+            ),
+            progress_reports=reports,
+        )
 
 
 class FakeBmc(BmcClient):

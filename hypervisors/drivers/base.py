@@ -50,6 +50,14 @@ class HypervisorFatalError(HypervisorError):
     """Bad spec, missing object, no permission: retrying will not help."""
 
 
+class MigrationAborted(HypervisorFatalError):
+    """A live migration stopped before the switch, by cancel or at its timeout: the domain runs on the source."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason  # "cancelled" or "timeout"
+
+
 @dataclass(frozen=True)
 class PoolInfo:
     name: str
@@ -197,6 +205,33 @@ class VolumeInfo:
     capacity_bytes: int
     allocation_bytes: int
     backing_path: str = ""
+
+
+@dataclass(frozen=True)
+class MigrationProgress:
+    """One look at a live migration under way (the source's job statistics)."""
+
+    elapsed_s: float  # since the call began
+    memory_total: int  # bytes of guest memory
+    memory_processed: int  # bytes of memory sent so far (pages sent again count again)
+    memory_remaining: int
+    disk_total: int  # bytes of disk the storage copy has to send (only the disks' own allocated data)
+    disk_processed: int
+    disk_remaining: int
+    max_downtime_ms: int  # the pause allowed at the switch, as the source's QEMU has it now; 0 until set
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    """A live migration that ended with the domain running on the target."""
+
+    seconds: float  # the whole call
+    memory_bytes: int  # memory sent
+    disk_bytes: int  # disk data sent by the storage copy
+    downtime_ms: int | None  # the guest's pause at the switch as libvirt measured it (None: not reported)
+    max_downtime_ms: int  # the bound that was in force
+    disks: tuple[str, ...]  # the disk targets (vda, ...) copied
+    progress_reports: int  # how often `progress` was called
 
 
 class HypervisorDriver(ABC):
@@ -388,3 +423,38 @@ class HypervisorDriver(ABC):
     @abstractmethod
     def screenshot(self, uuid: str) -> bytes | None:
         """The running domain's screen as an image file's bytes; None when absent or off."""
+
+    # --- moving a running domain ---------------------------------------------------------------
+
+    @abstractmethod
+    def migrate_live(
+        self,
+        uuid: str,
+        *,
+        target: HypervisorDriver,
+        address: str,
+        paths: dict[str, str],
+        vnc_listen: str,
+        max_downtime_ms: int = 300,
+        bandwidth_mib_s: int = 0,
+        timeout: float = 600.0,
+        progress: Callable[[MigrationProgress], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> MigrationResult:
+        """Move the running domain to `target` (a driver of the same kind, on another hypervisor) while it runs.
+
+        Before: the target holds, at the paths in `paths`, every disk the domain writes (each created empty at its
+        virtual size and format; an overlay over the target's own copy of its base image) and every read-only file
+        it names (seed ISO, CD-ROM media: copied whole), and `paths` maps each file path in the domain's XML (disks,
+        serial log) to its place on the target: one left out is refused before anything moves. The writable disks'
+        own data (an overlay's clusters, not its base) is copied while the guest runs; `address` is the target's
+        address that the source reaches (the memory and disk streams go there); the domain's VNC server listens on
+        `vnc_listen` there. The pause at the switch is bounded by `max_downtime_ms` (the migration goes on until
+        the rest fits in it), the streams by `bandwidth_mib_s` (0: no limit).
+
+        While it runs, `progress` is called about twice a second, in the calling thread, and `cancelled` is asked
+        as often: True aborts the migration, as does `timeout` seconds passing; both raise MigrationAborted with
+        the domain still running on the source and nothing defined on the target (the files the caller made
+        there stay for it to remove). Any other failure raises HypervisorError, the domain likewise on the
+        source. On success the domain runs on the target, defined there persistently (its config at the new
+        paths), and is undefined on the source; the source's files stay for the caller to remove."""

@@ -11,6 +11,8 @@ import json
 import logging
 import socket
 import subprocess
+import threading
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -30,6 +32,9 @@ from hypervisors.drivers.base import (
     HypervisorDriver,
     HypervisorFatalError,
     HypervisorUnavailable,
+    MigrationAborted,
+    MigrationProgress,
+    MigrationResult,
     NetworkInfo,
     PoolInfo,
     PowerState,
@@ -64,11 +69,25 @@ from hypervisors.drivers.domxml import (
     with_bridge_filters,
     with_vnc_password,
 )
+from hypervisors.drivers.migration_xml import copied_disks, retarget
 from hypervisors.drivers.serial_stream import ConsoleBridge
 
 log = logging.getLogger(__name__)
 
 VNC_PASSWORD_VALID_FOR = 15.0  # seconds a console session's VNC password works (the proxy uses it at once)
+
+# A live migration as the portal makes it: the worker holds both connections and drives the phases (managed,
+# not peer-to-peer: no credentials between the hosts); the writable disks' own data copied over NBD while the
+# guest runs (not their backing images, which the target holds); defined on the target, undefined on the source
+# only once the target runs it; soft I/O errors abort it.
+MIGRATE_FLAGS = (
+    libvirt.VIR_MIGRATE_LIVE
+    | libvirt.VIR_MIGRATE_PERSIST_DEST
+    | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+    | libvirt.VIR_MIGRATE_ABORT_ON_ERROR
+)  # change protection is implied (QEMU's migration protocol 3)
+MIGRATION_POLL = 0.5  # seconds between looks at a migration's progress
+MIGRATION_ABORT_WAIT = 60.0  # seconds libvirt gets to wind a migration down after an abort
 
 _STATES = {
     libvirt.VIR_DOMAIN_RUNNING: PowerState.RUNNING,
@@ -877,3 +896,165 @@ class LibvirtDriver(HypervisorDriver):
             return b"".join(chunks)
 
         return self._call(run)
+
+    # --- live migration ---------------------------------------------------------------------------------
+
+    def migrate_live(
+        self,
+        uuid: str,
+        *,
+        target: HypervisorDriver,
+        address: str,
+        paths: dict[str, str],
+        vnc_listen: str,
+        max_downtime_ms: int = 300,
+        bandwidth_mib_s: int = 0,
+        timeout: float = 600.0,
+        progress: Callable[[MigrationProgress], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> MigrationResult:
+        """virDomainMigrate3 from this connection to the target's (managed direct migration: the memory and the
+        NBD disk streams go from the source's QEMU to `address`, where the target's QEMU listens, on a port of
+        its libvirtd's migration range, 49152-49215 by default), in a thread of its own; this thread polls the
+        job's statistics, sets the downtime bound once the job runs (libvirt 9.0 takes it only on a running
+        job), reports progress, and aborts the job (virDomainAbortJob) on cancel or timeout."""
+        started = time.monotonic()
+        if not isinstance(target, LibvirtDriver):
+            raise HypervisorFatalError("a live migration runs between two libvirt hypervisors")
+        if target.uri == self.uri:
+            raise HypervisorFatalError("the machine is on that hypervisor already")
+        if max_downtime_ms <= 0 or bandwidth_mib_s < 0 or timeout <= 0:
+            raise HypervisorFatalError(
+                "the downtime bound and the timeout must be positive, the bandwidth not negative"
+            )
+
+        def prepare(conn):
+            dom = self._dom(conn, uuid)
+            if dom is None:
+                raise HypervisorFatalError(f"domain {uuid} does not exist on this hypervisor")
+            if not dom.isActive():
+                raise HypervisorFatalError("the machine is not running: a live migration moves a running one")
+            flags = libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE
+            return dom, dom.XMLDesc(flags), dom.XMLDesc(flags | libvirt.VIR_DOMAIN_XML_INACTIVE)
+
+        dom, live, config = self._call(prepare)
+        params: dict = {
+            libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://[{address}]" if ":" in address else f"tcp://{address}",
+            libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS: address,  # the target's QEMU listens there only
+            libvirt.VIR_MIGRATE_PARAM_DEST_XML: retarget(live, paths=paths, vnc_listen=vnc_listen),
+            libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: retarget(config, paths=paths, vnc_listen=vnc_listen),
+        }
+        disks = copied_disks(live)
+        flags = MIGRATE_FLAGS
+        if disks:
+            params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = disks
+            flags |= libvirt.VIR_MIGRATE_NON_SHARED_INC
+        if bandwidth_mib_s:
+            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = bandwidth_mib_s
+        if target.domain_state(uuid) is not None:  # the same libvirtd under another URI, or a stale copy
+            raise HypervisorFatalError("the target has a domain with this UUID already")
+        dconn = target.conn
+
+        outcome: dict = {}
+
+        def run() -> None:
+            try:
+                outcome["domain"] = dom.migrate3(dconn, params, flags)
+            except libvirt.libvirtError as e:
+                outcome["error"] = e
+
+        worker = threading.Thread(target=run, name=f"migrate-{uuid[:8]}", daemon=True)
+        worker.start()
+        applied, reports, last = 0, 0, {}
+        aborting: tuple[str, str] | None = None
+        abort_sent = False
+        failure: BaseException | None = None
+        while True:
+            worker.join(MIGRATION_POLL)
+            if not worker.is_alive():
+                break
+            stats = _job_stats(dom)
+            running = stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_NONE
+            if running:
+                last = stats
+                if not applied:
+                    applied = _set_max_downtime(dom, max_downtime_ms)
+            try:
+                if aborting is None and cancelled is not None and cancelled():
+                    aborting = ("cancelled", "the live migration was cancelled")
+                if aborting is None and progress is not None and running:
+                    progress(_progress(stats, time.monotonic() - started, applied))
+                    reports += 1
+            except Exception as e:  # noqa: BLE001 - the caller's callback: stop the migration, then re-raise
+                failure, aborting = e, aborting or ("cancelled", f"the progress callback failed: {e}")
+            if aborting is None and time.monotonic() - started > timeout:
+                aborting = ("timeout", f"the live migration did not finish within {timeout:g} s")
+            if aborting is not None and not abort_sent:
+                abort_sent = _abort(dom)  # refused until the job has begun: tried again at the next look
+            if aborting is not None and time.monotonic() - started > timeout + MIGRATION_ABORT_WAIT:
+                raise HypervisorUnavailable(
+                    f"libvirt did not end the migration {MIGRATION_ABORT_WAIT:g} s after it was aborted"
+                )
+        if failure is not None and "domain" not in outcome:
+            raise failure
+        if "error" in outcome:
+            error: libvirt.libvirtError = outcome["error"]
+            if aborting is not None and error.get_error_code() == libvirt.VIR_ERR_OPERATION_ABORTED:
+                raise MigrationAborted(aborting[1], reason=aborting[0]) from None
+            err = translate(error)
+            if isinstance(err, HypervisorUnavailable):
+                drop_connection(self.uri)
+                drop_connection(target.uri)
+            raise err from None
+        # Done: the source's domain is gone (undefined); the target keeps the completed job's statistics.
+        done = _job_stats(outcome["domain"], libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED) or last
+        return MigrationResult(
+            seconds=time.monotonic() - started,
+            memory_bytes=done.get("memory_processed", 0),
+            disk_bytes=done.get("disk_processed", 0),
+            downtime_ms=done.get("downtime"),
+            max_downtime_ms=applied,
+            disks=tuple(disks),
+            progress_reports=reports,
+        )
+
+
+def _job_stats(dom: libvirt.virDomain, flags: int = 0) -> dict:
+    """The domain's job statistics; empty when there are none (the domain is gone, or it has no job)."""
+    try:
+        return dom.jobStats(flags) or {}
+    except libvirt.libvirtError as e:
+        log.debug("job statistics of %s: %s", dom.UUIDString(), e)
+        return {}
+
+
+def _set_max_downtime(dom: libvirt.virDomain, ms: int) -> int:
+    """Bound the migration's pause at the switch; the bound QEMU reports back, 0 when it could not be set yet."""
+    try:
+        dom.migrateSetMaxDowntime(ms, 0)
+        return dom.migrateGetMaxDowntime(0)
+    except libvirt.libvirtError as e:
+        log.debug("max downtime of %s not set yet: %s", dom.UUIDString(), e)
+        return 0
+
+
+def _abort(dom: libvirt.virDomain) -> bool:
+    try:
+        dom.abortJob()
+    except libvirt.libvirtError as e:
+        log.debug("abort of the migration of %s: %s", dom.UUIDString(), e)
+        return False
+    return True
+
+
+def _progress(stats: dict, elapsed: float, max_downtime_ms: int) -> MigrationProgress:
+    return MigrationProgress(
+        elapsed_s=elapsed,
+        memory_total=stats.get("memory_total", 0),
+        memory_processed=stats.get("memory_processed", 0),
+        memory_remaining=stats.get("memory_remaining", 0),
+        disk_total=stats.get("disk_total", 0),
+        disk_processed=stats.get("disk_processed", 0),
+        disk_remaining=stats.get("disk_remaining", 0),
+        max_downtime_ms=max_downtime_ms,
+    )

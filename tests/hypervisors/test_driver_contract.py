@@ -26,6 +26,7 @@ from hypervisors.drivers.base import (
     DomainSpec,
     HypervisorDriver,
     HypervisorFatalError,
+    MigrationAborted,
     NicSpec,
     PowerState,
 )
@@ -550,3 +551,122 @@ def test_domain_inspect_tells_the_console_and_the_addresses_of_a_running_domain_
         assert set(found.addresses) <= {"52:54:00:c0:ff:e2"}
         if leases:
             assert "192.0.2.44/24" in found.addresses["52:54:00:c0:ff:e2"]  # given leases count as its own
+
+
+# --- live migration ----------------------------------------------------------------------------------------
+# A migration needs two hypervisors that run QEMU: here only its refusals are held on every driver (they come
+# before anything moves, and leave the domain running where it was). The migration itself is held on two real
+# libvirtds by tests/integration/test_live_migration.py (a running guest's counter goes on, progress, the
+# downtime bound, cancel); the fake's test below does what that test asserts, in memory.
+
+
+def _other(kit, tmp_path) -> HypervisorDriver:
+    """A second hypervisor of the kit's kind: another fake host, or a libvirt test driver of its own."""
+    if isinstance(kit.driver, FakeDriver):
+        return FakeHost().get_driver("fake:///other")
+    node = tmp_path / "node.xml"
+    node.write_text("<node/>")
+    return LibvirtDriver(f"test://{node}")
+
+
+@every_driver
+def test_migrate_live_refuses_before_anything_moves(kit, tmp_path):
+    d, spec, other = kit.driver, kit.disk_spec(), _other(kit, tmp_path)
+    disk = spec.disks[0].path
+    paths = {disk: "/elsewhere/disk.qcow2"}
+
+    def migrate(uuid=spec.uuid, target=other, **kw):
+        return d.migrate_live(
+            uuid, target=target, address="192.0.2.7", vnc_listen="192.0.2.7", **{"paths": paths, **kw}
+        )
+
+    with pytest.raises(HypervisorFatalError, match="does not exist"):
+        migrate(str(uuidlib.uuid4()))
+    d.define_domain(spec)
+    with pytest.raises(HypervisorFatalError, match="not running"):
+        migrate()
+    d.start(spec.uuid)
+    with pytest.raises(HypervisorFatalError, match=f"no path on the target for {disk}"):
+        migrate(paths={})
+    with pytest.raises(HypervisorFatalError, match="on that hypervisor already"):
+        migrate(target=type(d)(d.uri, *([d.host] if isinstance(d, FakeDriver) else [])))
+    for bad in ({"max_downtime_ms": 0}, {"timeout": 0}, {"bandwidth_mib_s": -1}):
+        with pytest.raises(HypervisorFatalError, match="must be positive"):
+            migrate(**bad)
+    assert d.domain_state(spec.uuid) == PowerState.RUNNING and other.domain_state(spec.uuid) is None
+
+
+@beyond_the_test_driver
+def test_migrate_live_refuses_a_target_that_has_the_domain_already(kit):
+    """The same hypervisor under another URI (a fake sharing the host; the host's libvirtd by its socket)."""
+    d, spec = kit.driver, kit.disk_spec()
+    d.define_domain(spec)
+    d.start(spec.uuid)
+    same = FakeDriver("fake:///alias", d.host) if isinstance(d, FakeDriver) else LibvirtDriver(f"{d.uri}?socket={SOCK}")
+    with pytest.raises(HypervisorFatalError, match="has a domain with this UUID already"):
+        d.migrate_live(
+            spec.uuid, target=same, address="192.0.2.7", paths={spec.disks[0].path: "/x"}, vnc_listen="192.0.2.7"
+        )
+    assert d.domain_state(spec.uuid) == PowerState.RUNNING
+
+
+SOCK = "/var/run/libvirt/libvirt-sock"
+
+
+@pytest.mark.parametrize("kit", [TEST], indirect=True)
+def test_the_test_driver_cannot_migrate(kit, tmp_path):
+    """A well-formed call reaches libvirt, whose test driver has no migration: the real one is held by
+    tests/integration/test_live_migration.py. When the test driver learns it, this fails and says so."""
+    d, spec, other = kit.driver, kit.disk_spec(), _other(kit, tmp_path)
+    d.define_domain(spec)
+    d.start(spec.uuid)
+    with pytest.raises(HypervisorFatalError, match="not supported"):
+        d.migrate_live(
+            spec.uuid, target=other, address="192.0.2.7", paths={spec.disks[0].path: "/x"}, vnc_listen="192.0.2.7"
+        )
+        pytest.fail("the test driver now migrates: hold the migration on every driver")
+    assert d.domain_state(spec.uuid) == PowerState.RUNNING and other.domain_state(spec.uuid) is None
+
+
+@pytest.mark.parametrize("kit", [FAKE], indirect=True)
+def test_the_fake_migrates_live_as_libvirt_does_in_the_integration_test(kit):
+    d, other = kit.driver, FakeHost().get_driver("fake:///other")
+    base = other.create_volume(pool="default", name="base.qcow2", fmt="qcow2", capacity_bytes=MIB)
+    spec = kit.disk_spec(serial_log="/fake/default/serial.log")
+    disk, d.host.pools["default"][spec.disks[0].path.rsplit("/", 1)[1]]["data"] = spec.disks[0].path, b"written"
+    made = other.create_volume(
+        pool="default",
+        name="disk.qcow2",
+        fmt="qcow2",
+        capacity_bytes=MIB,
+        backing_path=base.path,
+        backing_format="qcow2",
+    )
+    paths = {disk: made.path, spec.serial_log: "/fake/default/serial-there.log"}
+    d.define_domain(spec)
+    d.start(spec.uuid)
+
+    def migrate(**kw):
+        return d.migrate_live(
+            spec.uuid, target=other, address="192.0.2.7", vnc_listen="192.0.2.7", **{"paths": paths, **kw}
+        )
+
+    # Cancelled: still running here, nothing there (the caller's volumes stay for it to remove).
+    with pytest.raises(MigrationAborted) as aborted:
+        migrate(cancelled=lambda: True)
+    assert aborted.value.reason == "cancelled"
+    assert d.domain_state(spec.uuid) == PowerState.RUNNING and other.domain_state(spec.uuid) is None
+    assert other.volume_info(pool="default", name="disk.qcow2").allocation_bytes == 0
+    # A target volume the caller did not make: refused, as the target's QEMU would.
+    with pytest.raises(HypervisorFatalError, match="Cannot access storage file"):
+        migrate(paths={**paths, disk: "/fake/default/never-made.qcow2"})
+
+    seen = []
+    result = migrate(progress=seen.append, max_downtime_ms=200)
+    assert other.domain_state(spec.uuid) == PowerState.RUNNING and d.domain_state(spec.uuid) is None
+    assert made.path in other.domain_xml(spec.uuid) and "serial-there.log" in other.domain_xml(spec.uuid)
+    assert other.vnc_address(spec.uuid)[0] == "192.0.2.7"
+    assert other.volume_info(pool="default", name="disk.qcow2").backing_path == base.path  # its base stays theirs
+    assert other.host.pools["default"]["disk.qcow2"]["data"] == b"written"  # the overlay's own data came
+    assert result.disks == ("vda",) and result.disk_bytes == len(b"written") and result.max_downtime_ms == 200
+    assert len(seen) == result.progress_reports == 2 and seen[-1].memory_remaining == 0
