@@ -37,6 +37,8 @@ urlpatterns = [
     path("api/v1/", include(router.urls)),
     path("healthz", views.healthz, name="healthz"),
     path("audit/", views.audit_list, name="audit"),
+    path("audit/export.csv", views.audit_export_csv, name="audit_export_csv"),
+    path("audit/export.json", views.audit_export_json, name="audit_export_json"),
     path("account/", account.account, name="account"),
     path("signup/", account.signup, name="signup"),
     path(

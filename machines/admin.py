@@ -211,10 +211,7 @@ class ProjectAdmin(admin.ModelAdmin):
     def usage(self, obj) -> str:
         return capacity.usage_text(capacity.project_usage(obj), obj.limits()) if obj.pk is not None else "–"
 
-    def save_model(self, request, obj, form, change):
-        super().save_model(request, obj, form, change)
-        changes = ", ".join(f"{f}={form.cleaned_data[f]}" for f in form.changed_data)
-        audit.record("project.update" if change else "project.create", obj, request=request, detail=changes)
+    # Projects and memberships are recorded from their models (machines.apps: audit.track), whatever saves them.
 
 
 # The hypervisor's admin gets its maintenance actions from here: they move machines, which the hypervisors app

@@ -7,6 +7,16 @@ class MachinesConfig(AppConfig):
     def ready(self) -> None:
         from hypervisors import networks
         from machines import consoles  # noqa: F401 - connects the logout receiver
+        from machines.models import Membership, Project
+        from portal import audit
+
+        # Projects, their quotas and members: edited in the admin (forms, inlines, bulk deletes), recorded here.
+        audit.track(
+            Project,
+            prefix="project",
+            fields=["name", "description", "machines_quota", "vcpus_quota", "memory_mib_quota", "disk_gib_quota"],
+        )
+        audit.track(Membership, prefix="membership", fields=["project", "user", "role"])
 
         networks.NETWORK_USERS.append(_machines_on_network)
         networks.UNPUBLISHED_USERS.append(_machines_refused_on)

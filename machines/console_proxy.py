@@ -155,6 +155,7 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
         self.vnc_sock: socket.socket | None = None  # authenticated to the VNC server before the upgrade
         self.serial: Future[socket.socket] | None = None  # the serial console's socket, opened beside the handshake
         self.kind = "vnc"
+        self.token = None  # the spent token, once _authorise has it: whose connection the audit records
         self.view_only = False
         self.take_over = False  # serial: disconnect whoever has the port (the page's Reconnect, Take over)
         self.proxied = False
@@ -182,12 +183,16 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
             self._authorise(client, parts.path, query.get("token", [""])[0])
         except ConsoleDenied as e:
             log.warning("%s refused console %s: %s", client, parts.path, e)
+            self._record(client, parts.path, "refused", str(e), e.token)
             self.send_error(403, "Console refused")
             return
         except HypervisorError as e:
             log.warning("%s console %s: hypervisor error: %s", client, parts.path, e)
+            self._record(client, parts.path, "failed", f"hypervisor error: {e}")
             self.send_error(503, "Hypervisor unavailable")
             return
+        mode = " (view only)" if self.view_only else ""
+        self._record(client, parts.path, "success", f"session {self.session_id} opened{mode}")
         try:
             websocketserver.WebSocketRequestHandlerMixIn.handle_upgrade(self)
         finally:
@@ -197,6 +202,22 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
                     self.vnc_sock.close()
                 if self.serial is not None:
                     _discard(self.serial)
+
+    def _record(self, client: str, path: str, outcome: str, detail: str, token=None) -> None:
+        """The audit record of this connection (consoles.console_connection_record); the audit is not the
+        console: a database error here is logged, and the connection goes on as decided."""
+        match = PATH_RE.match(path)
+        try:
+            consoles.console_connection_record(
+                machine_id=int(match.group(2)) if match else None,
+                token=token or self.token,
+                client=client,
+                kind=KINDS[match.group(1)] if match else self.kind,
+                outcome=outcome,
+                detail=detail,
+            )
+        except Exception:
+            log.exception("%s console %s: cannot record it in the audit trail", client, path)
 
     def _authorise(self, client: str, path: str, raw_token: str) -> None:
         origin = self.headers.get("Origin", "")
@@ -209,7 +230,7 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
         # A reconnect within the grace needs the token's reconnect secret, offered as a websocket subprotocol.
         reconnect = consoles.reconnect_from_protocols(self.headers.get("Sec-WebSocket-Protocol", ""))
         started = time.perf_counter()
-        token = consoles.console_token_consume(
+        token = self.token = consoles.console_token_consume(
             raw=raw_token, machine_id=int(match.group(2)), client=client, kind=self.kind, reconnect=reconnect
         )
         self.view_only = token.view_only
@@ -283,6 +304,9 @@ class ConsoleHandler(websocketproxy.ProxyRequestHandler):
         except Exception as e:  # OSError, HypervisorError, RFB errors, or anything the driver did not expect
             consoles.console_session_close(self.session_id)
             log.warning("console session %s: cannot reach the %s console: %s", self.session_id, self.kind, e)
+            self._record(
+                self.client_address[0], self.path, "failed", f"session {self.session_id}: cannot reach it: {e}"
+            )
             raise self.CClose(1011, f"cannot reach the console: {getattr(e, 'strerror', None) or e}"[:120]) from None
         tsock.settimeout(None)
         # Every graphical session's client messages go through the filter, from the client's ClientInit on;

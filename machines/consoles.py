@@ -32,13 +32,18 @@ from django.utils.crypto import salted_hmac
 
 from machines.access import OPERATE, can, can_use
 from machines.models import ConsoleSession, ConsoleToken, Machine
-from portal.audit import audited
+from portal.audit import audited, record
 from portal.models import credentials_changed
 from portal.refusals import Refusal
 
 
 class ConsoleDenied(Refusal):
-    """Why a console connection is refused (for the proxy's log; never contains the token)."""
+    """Why a console connection is refused (for the proxy's log and the audit; never contains the token).
+    `token`: the token row when the refusal knows it (expired, spent, another machine), for whose it was."""
+
+    def __init__(self, message: str, *, token: ConsoleToken | None = None) -> None:
+        super().__init__(message)
+        self.token = token
 
 
 KINDS = ("vnc", "serial")
@@ -106,30 +111,45 @@ def console_token_consume(
     if token is None:
         raise ConsoleDenied("unknown token")
     if token.machine_id != machine_id:
-        raise ConsoleDenied(f"token is for machine {token.machine_id}, not {machine_id}")
+        raise ConsoleDenied(f"token is for machine {token.machine_id}, not {machine_id}", token=token)
     if token.kind != kind:
-        raise ConsoleDenied(f"token is for the {token.kind} console, not the {kind} one")
+        raise ConsoleDenied(f"token is for the {token.kind} console, not the {kind} one", token=token)
     if reconnect and not hmac.compare_digest(reconnect, console_reconnect_secret(raw)):
-        raise ConsoleDenied("wrong reconnect secret")
+        raise ConsoleDenied("wrong reconnect secret", token=token)
     claimed = ConsoleToken.objects.filter(pk=token.pk, used_at__isnull=True, expires_at__gt=now).update(
         used_at=now, used_by=client
     )
     if not claimed:
         token.refresh_from_db()
         if token.used_at is None:
-            raise ConsoleDenied("token expired unused")
+            raise ConsoleDenied("token expired unused", token=token)
         if not reconnect:
-            raise ConsoleDenied("token already used (a reconnect needs its reconnect secret)")
+            raise ConsoleDenied("token already used (a reconnect needs its reconnect secret)", token=token)
         if now - token.used_at > timedelta(seconds=settings.PORTAL_CONSOLE_RECONNECT_GRACE):
-            raise ConsoleDenied("token already used (the reconnect grace is over)")
+            raise ConsoleDenied("token already used (the reconnect grace is over)", token=token)
         # A reconnect replaces the token's earlier connection: one token never holds two sessions at once.
         ConsoleSession.objects.filter(token=token, ended__isnull=True).update(revoked=True)
     if not can_use(token.user, token.machine):
-        raise ConsoleDenied("the user no longer has access to the machine")
+        raise ConsoleDenied("the user no longer has access to the machine", token=token)
     token.view_only = token.view_only or not can(token.user, token.machine, OPERATE)  # a role lowered since
     if token.kind == "serial" and token.view_only:
-        raise ConsoleDenied(SERIAL_NEEDS_OPERATE)
+        raise ConsoleDenied(SERIAL_NEEDS_OPERATE, token=token)
     return token
+
+
+def console_connection_record(
+    *, machine_id: int | None, token: ConsoleToken | None, client: str, kind: str, outcome: str, detail: str
+) -> None:
+    """The audit record of a connection to the proxy (`console.connect`): opened, refused with the reason, or
+    failed. The proxy serves no Django request: the user is the token's (none for an unknown token) and the
+    address the client's as the proxy sees it. Never the token itself."""
+    # The machine asked for (a token for another one is refused against the one it was tried on).
+    machine = token.machine if token is not None and token.machine_id == machine_id else None
+    if machine is None and machine_id is not None:
+        machine = Machine.objects.filter(pk=machine_id).only("pk", "name").first()
+    what = "serial console" if kind == "serial" else "graphical console"
+    user = token.user if token is not None else None
+    record("console.connect", machine, outcome=outcome, detail=f"{what}: {detail}", user=user, address=client)
 
 
 @transaction.atomic

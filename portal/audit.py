@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextvars
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
 from django.core.exceptions import PermissionDenied, ValidationError
+from django.db.models.signals import post_delete, post_save, pre_save
 from django.dispatch import receiver
 
 from portal.refusals import Refusal
@@ -49,16 +50,25 @@ def _actor(request, user) -> tuple[int | None, str, str | None]:
 
 
 def record(
-    action: str, obj=None, *, outcome: str = "success", detail: str = "", request=None, user=None, username: str = ""
+    action: str,
+    obj=None,
+    *,
+    outcome: str = "success",
+    detail: str = "",
+    request=None,
+    user=None,
+    username: str = "",
+    address: str | None = None,
 ) -> None:
-    """Append an audit event. `obj` is any model instance (or None)."""
+    """Append an audit event. `obj` is any model instance (or None). A process that serves no Django request
+    (the console proxy) names the `user` and the client's `address` itself."""
     from portal.models import AuditEvent
 
-    user_id, name, address = _actor(request, user)
+    user_id, name, seen_from = _actor(request, user)
     AuditEvent.objects.create(
         user_id=user_id,
         username=username or name,
-        address=address,
+        address=address or seen_from,
         action=action,
         object_type=obj._meta.label_lower if obj is not None else "",
         object_id=str(obj.pk) if obj is not None and obj.pk is not None else "",
@@ -88,6 +98,12 @@ def _login_failed(sender, credentials, request=None, **kwargs) -> None:
         request=request,
         username=str(credentials.get("username", ""))[:150],
     )
+
+
+@receiver(post_delete, sender="portal.ApiToken")
+def _token_deleted(sender, instance, **kwargs) -> None:
+    """Every token deletion: revoked on the account page or in the admin, or with a new password."""
+    record("api_token.revoke", instance)
 
 
 # Every audited service: (action, obj_kwarg, the undecorated function), for the test that checks each is
@@ -141,3 +157,53 @@ _DETAIL_KEYS = {
 
 def _is_refusal(e: Exception) -> bool:
     return isinstance(e, Refusal | ValidationError | PermissionDenied)
+
+
+# Changes to rows that no service makes (users, staff flags, projects and their members, token deletions: the
+# admin's forms, the inlines, bulk deletes, any later caller): recorded from the model signals, so every path
+# that saves through the ORM is recorded, with the acting request's user and address where there is one.
+_BEFORE = "_audit_before"
+
+
+def track(model, *, prefix: str, fields: Sequence[str], flags: Sequence[str] = (), secret: Sequence[str] = ()) -> None:
+    """Record creates (`<prefix>.create`), changes of `fields` (`<prefix>.update`; a change of a `flags` field
+    is `<prefix>.flags`, so privilege changes can be found on their own) and deletes (`<prefix>.delete`).
+    A `secret` field is recorded as changed, never with its value."""
+    watched = [*fields, *flags, *secret]
+
+    def before(sender, instance, raw=False, update_fields=None, **kwargs) -> None:
+        if raw or instance.pk is None or (update_fields is not None and not set(update_fields) & set(watched)):
+            setattr(instance, _BEFORE, None)
+            return
+        setattr(instance, _BEFORE, sender._base_manager.filter(pk=instance.pk).values(*watched).first())
+
+    def after(sender, instance, created, raw=False, **kwargs) -> None:
+        if raw:
+            return
+        if created:
+            shown = [f"{f}={getattr(instance, f)}" for f in flags if getattr(instance, f)]
+            record(f"{prefix}.create", instance, detail=", ".join(shown))
+            return
+        old = getattr(instance, _BEFORE, None)
+        if not old:
+            return
+        changed = [f for f in watched if old[f] != _value(instance, f)]
+        if not changed:
+            return
+        said = [f"{f} changed" if f in secret else f"{f}: {old[f]} -> {_value(instance, f)}" for f in changed]
+        action = "flags" if set(changed) & set(flags) else "update"
+        record(f"{prefix}.{action}", instance, detail="; ".join(said))
+
+    def deleted(sender, instance, **kwargs) -> None:
+        record(f"{prefix}.delete", instance)
+
+    # weak=False: the receivers are closures, kept alive by the signal itself.
+    pre_save.connect(before, sender=model, weak=False, dispatch_uid=f"audit-before-{prefix}")
+    post_save.connect(after, sender=model, weak=False, dispatch_uid=f"audit-after-{prefix}")
+    post_delete.connect(deleted, sender=model, weak=False, dispatch_uid=f"audit-delete-{prefix}")
+
+
+def _value(instance, field: str):
+    """A field as values() reads it: a foreign key by its id."""
+    f = instance._meta.get_field(field)
+    return getattr(instance, f.attname)

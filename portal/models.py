@@ -54,8 +54,25 @@ def _revoke_api_tokens_on_new_credentials(sender, instance, raw=False, update_fi
         ApiToken.objects.filter(user=instance).delete()
 
 
+class AuditRowImmutable(Exception):
+    """An audit row was to be changed or deleted: the trail is append-only, for code as for people."""
+
+
+class AuditEventQuerySet(models.QuerySet):
+    """Bulk changes refused like a row's own: no update(), no delete() through the model's manager. (A user's
+    deletion still empties `user` on their rows: Django does that through the base manager, and `username`
+    keeps the name.)"""
+
+    def update(self, **kwargs):
+        raise AuditRowImmutable("audit rows cannot be changed")
+
+    def delete(self):
+        raise AuditRowImmutable("audit rows cannot be deleted")
+
+
 class AuditEvent(models.Model):
-    """Append-only: every change, login and reveal, with who, from where and the outcome."""
+    """Append-only: every change, login and reveal, with who, from where and the outcome. A row is written
+    once: saving it again or deleting it raises AuditRowImmutable."""
 
     class Outcome(models.TextChoices):
         SUCCESS = "success", "Success"
@@ -75,6 +92,8 @@ class AuditEvent(models.Model):
     outcome = models.CharField(max_length=8, choices=Outcome.choices, default=Outcome.SUCCESS)
     detail = models.TextField(blank=True)
 
+    objects = AuditEventQuerySet.as_manager()
+
     class Meta:
         ordering = ["-created", "-pk"]
 
@@ -82,6 +101,14 @@ class AuditEvent(models.Model):
         return (
             f"{self.created:%Y-%m-%d %H:%M:%S} {self.username or '-'} {self.action} {self.object_repr} {self.outcome}"
         )
+
+    def save(self, *args, **kwargs):
+        if not self._state.adding:
+            raise AuditRowImmutable("audit rows cannot be changed")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise AuditRowImmutable("audit rows cannot be deleted")
 
 
 class SshKey(models.Model):

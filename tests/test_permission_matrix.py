@@ -57,6 +57,8 @@ MATRIX = {
     "signup": ("get", None, None, ok(404)),  # self-registration is off by default
     "console-standalone": ("get", None, None, ok(200)),  # the credential is in the URL's fragment
     "audit": ("get", None, None, ok(200, **STAFF_ONLY)),
+    "audit_export_csv": ("get", None, None, ok(200, **STAFF_ONLY)),
+    "audit_export_json": ("get", None, None, ok(200, **STAFF_ONLY)),
     "account": ("get", None, None, ok(200, **PAGE_LOGIN)),
     "password_change": ("get", None, None, ok(200, **PAGE_LOGIN)),
     "password_change_done": ("get", None, None, ok(200, **PAGE_LOGIN)),
@@ -106,6 +108,8 @@ MATRIX = {
     "api-schema": ("get", None, None, ok(200)),  # the OpenAPI schema is public, like the README
     "audit-list": ("get", None, None, ok(200, **API_STAFF)),
     "audit-detail": ("get", "audit", None, ok(200, **API_STAFF)),
+    "audit-export-csv": ("get", None, None, ok(200, **API_STAFF)),
+    "audit-export-json": ("get", None, None, ok(200, **API_STAFF)),
     "hypervisor-list": ("get", None, None, ok(200, anon=401)),
     "hypervisor-detail": ("get", "hv", None, ok(200, anon=401)),
     "hypervisor-sync": ("post", "hv", None, ok(202, **API_STAFF)),

@@ -14,7 +14,8 @@ def test_logins_and_failed_logins_are_recorded(user):
     client.post("/login/", {"username": "alice", "password": "nope"})
     client.post("/login/", {"username": "alice", "password": "correct-horse-battery"})
     client.post("/logout/")
-    events = list(AuditEvent.objects.order_by("pk").values_list("action", "outcome", "username", "address"))
+    events = AuditEvent.objects.filter(action__in=("login", "logout")).order_by("pk")
+    events = list(events.values_list("action", "outcome", "username", "address"))
     assert events == [
         ("login", "refused", "alice", "192.0.2.7"),
         ("login", "success", "alice", "192.0.2.7"),
