@@ -206,7 +206,9 @@ PORTAL_IMAGE_DIR.mkdir(exist_ok=True)
 FILE_UPLOAD_TEMP_DIR = str(DATA_DIR / "uploads")  # same file system as the images: a finished upload is renamed
 Path(FILE_UPLOAD_TEMP_DIR).mkdir(exist_ok=True)
 FILE_UPLOAD_PERMISSIONS = 0o600
-FILE_UPLOAD_HANDLERS = ["hypervisors.uploads.CappedTemporaryFileUploadHandler"]
+# Every request keeps Django's small in-memory limits (DATA_UPLOAD_MAX_MEMORY_SIZE, FILE_UPLOAD_MAX_MEMORY_SIZE) and
+# never writes a file to disk; only the image upload views, once they know a staff user, spool large files.
+FILE_UPLOAD_HANDLERS = ["hypervisors.uploads.SmallUploadHandler"]
 PORTAL_IMAGE_MAX_FILE_GIB = envint("PORTAL_IMAGE_MAX_FILE_GIB", "50")
 PORTAL_IMAGE_MAX_VIRTUAL_GIB = envint("PORTAL_IMAGE_MAX_VIRTUAL_GIB", "2048")
 PORTAL_QEMU_IMG_CPU_SECONDS = envint("PORTAL_QEMU_IMG_CPU_SECONDS", "30")

@@ -10,6 +10,7 @@ from django_htmx.http import HttpResponseClientRedirect
 from hypervisors import images, networks, services
 from hypervisors.forms import HypervisorForm, ImageForm, NetworkForm
 from hypervisors.models import Hypervisor, HypervisorStatus, Image, ImageStatus
+from hypervisors.uploads import spools_large_uploads
 from portal.decorators import staff_required
 from portal.forms import add_errors
 from portal.htmx import HtmxHttpRequest, is_partial
@@ -176,6 +177,7 @@ def _create_image(request, form: ImageForm) -> Image:
 
 @staff_required
 @require_http_methods(["GET", "POST"])
+@spools_large_uploads
 def image_create(request: HtmxHttpRequest) -> HttpResponse:
     form = ImageForm(request.POST or None, request.FILES or None)
     if request.method == "POST" and form.is_valid():
