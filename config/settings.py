@@ -261,6 +261,10 @@ if PORTAL_MIGRATION_FOR not in ("staff", "owners"):
 # Seconds a move that restarts a running machine (or an evacuation) waits for its guest to shut down before it
 # powers it off.
 PORTAL_MOVE_SHUTDOWN_TIMEOUT = envint("PORTAL_MOVE_SHUTDOWN_TIMEOUT", "120")
+# At most this many provisions, rebuilds, grows, deletes and moves run on one hypervisor at a time; more wait.
+PORTAL_HYPERVISOR_CONCURRENCY = envint("PORTAL_HYPERVISOR_CONCURRENCY", "4")
+if PORTAL_HYPERVISOR_CONCURRENCY < 1:
+    raise ImproperlyConfigured("PORTAL_HYPERVISOR_CONCURRENCY is at least 1")
 # The worker records a heartbeat this often (s); the dashboard and /healthz call it stopped when the
 # last one is older than PORTAL_WORKER_STALE_AFTER (s).
 PORTAL_WORKER_HEARTBEAT = envint("PORTAL_WORKER_HEARTBEAT", "30")

@@ -126,6 +126,8 @@ class Machine(models.Model):
         editable=False,
     )
     attempts = models.PositiveSmallIntegerField(default=0)
+    # The worker run that owns the machine now (machines.attempts): "" when none does.
+    attempt_id = models.CharField(max_length=120, blank=True, editable=False)
     instance_id = models.CharField(max_length=64, blank=True)
     # The virtual BMC of a network-boot machine.
     bmc_address = models.GenericIPAddressField("BMC address", null=True, blank=True)

@@ -59,9 +59,21 @@ RULES: dict[str, Rule] = {
     "media": Rule(access.OPERATE, ACTIVE, exclusive=True, applies=is_iso),
     "boot_cdrom": Rule(access.OPERATE, ACTIVE, exclusive=True, applies=is_iso),
     "boot_device": Rule(access.OPERATE, ACTIVE, exclusive=True, applies=has_bmc),
-    "rebuild": Rule(access.ADMIN, frozenset({Status.ACTIVE, Status.ERROR}), unprotected=True, applies=has_ready_image),
-    "grow_disk": Rule(access.ADMIN, ACTIVE),
-    "delete": Rule(access.ADMIN, frozenset({Status.ACTIVE, Status.ERROR}), unprotected=True),
+    "rebuild": Rule(
+        access.ADMIN,
+        frozenset({Status.ACTIVE, Status.ERROR}),
+        exclusive=True,
+        unprotected=True,
+        applies=has_ready_image,
+    ),
+    "grow_disk": Rule(access.ADMIN, ACTIVE, exclusive=True),
+    # A delete may stop a provision, rebuild or grow (fenced: machines.attempts), never a power action or move.
+    "delete": Rule(
+        access.ADMIN,
+        frozenset({Status.ACTIVE, Status.ERROR, Status.PROVISIONING, Status.REBUILDING, Status.RESIZING}),
+        exclusive=True,
+        unprotected=True,
+    ),
     "protect": Rule(access.ADMIN),
     "migrate": Rule(access.ADMIN, ACTIVE, exclusive=True, unprotected=False, who=may_migrate),
     "autostart": Rule(access.ADMIN),  # the hypervisor starts it when it boots

@@ -29,7 +29,7 @@ from hypervisors.drivers.domxml import guard_name, host_guard_name, host_guard_x
 from hypervisors.images import ensure_image_copy
 from hypervisors.models import Hypervisor, Image
 from hypervisors.networks import host_addresses
-from machines import cloudinit, nic_policy
+from machines import attempts, cloudinit, nic_policy
 from machines.models import Machine, MachineNic
 from machines.states import DeployType
 
@@ -95,7 +95,8 @@ def name_host_guards(machine: Machine, driver: HypervisorDriver, *, step: str) -
 
 
 def _timed(machine: Machine, step: str, fn: Callable[[], str]) -> None:
-    """Run one step and record it with how long it took."""
+    """Run one step and record it with how long it took; first, the attempt must still own the machine."""
+    attempts.fence()
     started = time.monotonic()
     message = fn()
     machine.log(step, f"{message} ({time.monotonic() - started:.2f} s)")

@@ -15,10 +15,10 @@ class Status(models.TextChoices):
 
 TRANSITIONS: dict[str, set[str]] = {
     Status.NEW: {Status.PROVISIONING},
-    Status.PROVISIONING: {Status.ACTIVE, Status.ERROR},
+    Status.PROVISIONING: {Status.ACTIVE, Status.ERROR, Status.DELETING},
     Status.ACTIVE: {Status.REBUILDING, Status.RESIZING, Status.DELETING},
-    Status.REBUILDING: {Status.ACTIVE, Status.ERROR},
-    Status.RESIZING: {Status.ACTIVE, Status.ERROR},
+    Status.REBUILDING: {Status.ACTIVE, Status.ERROR, Status.DELETING},
+    Status.RESIZING: {Status.ACTIVE, Status.ERROR, Status.DELETING},
     Status.ERROR: {Status.PROVISIONING, Status.REBUILDING, Status.DELETING},
     Status.DELETING: {Status.ERROR},  # success deletes the row
 }

@@ -1,7 +1,13 @@
 """Huey entry points for machines: thin wrappers that pass ids to services."""
 
+import logging
+import threading
+
 from huey import crontab
-from huey.contrib.djhuey import db_periodic_task, db_task
+from huey.contrib.djhuey import db_periodic_task, db_task, on_startup
+
+log = logging.getLogger(__name__)
+_recovered = threading.Lock()
 
 
 @db_task()
@@ -107,3 +113,16 @@ def machine_migrate_task(machine_id: int, target_id: int, restart: bool = False)
     from machines.services import machine_migrate_run
 
     machine_migrate_run(machine_id, target_id, restart)
+
+
+@on_startup()
+def resume_dead_attempts() -> None:
+    """Once per worker process, as its first thread starts: resume what a dead worker left busy."""
+    if not _recovered.acquire(blocking=False):
+        return
+    from machines.services import machines_resume_dead_attempts
+
+    try:
+        machines_resume_dead_attempts()
+    except Exception:  # the database may be away a moment: the reconcile tries again within the minute
+        log.exception("resuming dead workers' attempts")

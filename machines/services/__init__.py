@@ -49,6 +49,7 @@ from machines.services.operations import (
     machine_set_autostart_run,
     machine_set_protection,
 )
+from machines.services.recovery import machines_resume_dead_attempts
 from machines.services.validation import (
     HARDWARE_FIELDS,
     MAX_CDROMS,
@@ -88,6 +89,7 @@ __all__ = [
     "machine_grow_disk",
     "machine_grow_disk_run",
     "machine_migrate",
+    "machines_resume_dead_attempts",
     "machine_migrate_run",
     "machine_power",
     "machine_power_run",

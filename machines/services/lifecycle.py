@@ -3,6 +3,7 @@ grow its disk, delete."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid as uuidlib
 
@@ -16,13 +17,20 @@ from hypervisors.drivers import get_driver
 from hypervisors.drivers.base import HypervisorError, HypervisorFatalError, HypervisorUnavailable
 from hypervisors.drivers.base import PowerState as DomainState  # what the driver reports, not the model's field
 from hypervisors.models import Hypervisor, Image
-from machines import cloudinit, policy, provisioning, tasks
+from machines import attempts, cloudinit, policy, provisioning, tasks
 from machines.access import project_choices
 from machines.capacity import check_quota, claim_room, held, held_by, lock_quotas
 from machines.models import Machine, MachineCdrom, MachineNic, Project
 from machines.policy import RULES, has_ready_image, statuses_text
 from machines.services.bmcs import bmc_assign
-from machines.services.common import MachineError, _enqueue
+from machines.services.common import (
+    MachineError,
+    _attempt_fence,
+    _claim_attempt,
+    _enqueue,
+    _owned_by_newer,
+    _release_attempt,
+)
 from machines.services.observation import screenshot_path
 from machines.services.validation import (
     NicInput,
@@ -38,7 +46,7 @@ from machines.services.validation import (
     _validate_nics,
     generate_mac,
 )
-from machines.states import DeployType, PowerState, Status
+from machines.states import DeployType, InvalidTransition, PowerState, Status
 from portal import audit
 from portal.audit import audited
 
@@ -188,25 +196,36 @@ def _cleanup(machine: Machine, driver) -> None:
 
 
 def machine_provision_run(machine_id: int) -> None:
-    """Worker: run the pipeline for a machine in PROVISIONING or REBUILDING."""
+    """Worker: run the pipeline for a machine in PROVISIONING or REBUILDING, as one fenced attempt (see
+    machines.attempts): any failure ends it in ERROR with what was made removed; a fenced attempt stops and,
+    unless a newer one owns the machine, removes what it made."""
     machine = Machine.objects.select_related("hypervisor", "image", "owner").get(pk=machine_id)
-    if machine.status not in (Status.PROVISIONING, Status.REBUILDING):
+    if not _claim_attempt(machine, (Status.PROVISIONING, Status.REBUILDING)):
         return  # a duplicate or stale delivery
     Machine.objects.filter(pk=machine.pk).update(attempts=machine.attempts + 1)
-    driver = get_driver(machine.hypervisor.uri)
+    driver = None
     try:
-        provisioning.provision(machine, driver)
+        driver = get_driver(machine.hypervisor.uri)
+        with attempts.fenced(_attempt_fence(machine)):
+            provisioning.provision(machine, driver)
+            attempts.fence()  # the end counts too: a late attempt never makes a machine active
+    except attempts.Fenced:
+        _stale_attempt_ends(machine, driver)
+        return
     except HypervisorUnavailable as e:
         if machine.attempts < settings.PORTAL_PROVISION_RETRIES:
             delay = 5 * 2**machine.attempts
             machine.log("retry", f"{e}; trying again in {delay} s", level="warning")
+            _release_attempt(machine)
             raise RetryTask(delay=delay) from None
-        _cleanup(machine, driver)
-        machine.transition(Status.ERROR, f"hypervisor unavailable: {e}")
+        _fail_attempt(machine, driver, f"hypervisor unavailable: {e}")
         return
     except (HypervisorFatalError, cloudinit.CloudInitError, NotImplementedError) as e:
-        _cleanup(machine, driver)
-        machine.transition(Status.ERROR, str(e))
+        _fail_attempt(machine, driver, str(e))
+        return
+    except Exception as e:  # noqa: BLE001 - any failure ends the attempt: never left provisioning
+        log.exception("machine %s: provisioning failed", machine.pk)
+        _fail_attempt(machine, driver, f"{type(e).__name__}: {e}")
         return
     try:
         state = driver.domain_state(str(machine.uuid))
@@ -216,6 +235,39 @@ def machine_provision_run(machine_id: int) -> None:
         attempts=0, power_state=str(state or PowerState.UNKNOWN), power_checked=timezone.now()
     )
     machine.transition(Status.ACTIVE)
+    _release_attempt(machine)
+
+
+def _still_ours(machine: Machine) -> bool:
+    return Machine.objects.filter(pk=machine.pk, attempt_id=machine.attempt_id).exclude(attempt_id="").exists()
+
+
+def _fail_attempt(machine: Machine, driver, message: str) -> None:
+    """The attempt failed: remove what it made, then ERROR with the reason (if it still owns the machine)."""
+    if not _still_ours(machine):
+        return _stale_attempt_ends(machine, driver)  # fenced meanwhile: a newer owner's things stay
+    if driver is not None:
+        _cleanup(machine, driver)
+    try:
+        machine.transition(Status.ERROR, message)
+    except InvalidTransition:
+        pass  # deleted or taken over meanwhile
+    _release_attempt(machine)
+
+
+def _stale_attempt_ends(machine: Machine, driver) -> None:
+    """A fenced attempt (timed out, deleted, taken over): what it made goes unless a newer attempt owns it."""
+    if _owned_by_newer(machine) or driver is None:
+        log.info("machine %s: a stale attempt stopped; a newer one owns the machine", machine.pk)
+        return
+    try:
+        removed = provisioning.deprovision(machine, driver)
+    except HypervisorError as e:
+        log.warning("machine %s: a stale attempt could not remove what it made: %s", machine.pk, e)
+        return
+    log.info("machine %s: a stale attempt stopped and removed %s", machine.pk, ", ".join(removed) or "nothing")
+    if Machine.objects.filter(pk=machine.pk).exists():
+        machine.log("cleanup", "a stopped attempt removed what it made: " + (", ".join(removed) or "nothing"))
 
 
 @audited("machine.delete", obj_kwarg="machine")
@@ -230,23 +282,30 @@ def machine_delete(*, machine: Machine, actor) -> None:
         raise MachineError(
             f"{machine.name} is busy ({machine.get_status_display().lower()}); try again when it is done."
         )
+    _refuse_while_operation(machine)
     machine.transition(Status.DELETING)
+    # A provision, rebuild or grow still running is fenced: it stops at its next step and leaves the rest to this.
+    Machine.objects.filter(pk=machine.pk).update(attempt_id="")
     _enqueue(tasks.machine_delete_task, machine.pk)
 
 
 def machine_delete_run(machine_id: int) -> None:
     """Worker: destroy, undefine, remove volumes, then forget the machine."""
     machine = Machine.objects.select_related("hypervisor").filter(pk=machine_id).first()
-    if machine is None or machine.status != Status.DELETING:
+    if machine is None or not _claim_attempt(machine, (Status.DELETING,)):
         return
     try:
         driver = get_driver(machine.hypervisor.uri)
         removed = provisioning.deprovision(machine, driver)
     except HypervisorUnavailable as e:
         machine.log("delete", f"{e}; trying again", level="warning")
+        _release_attempt(machine)
         raise RetryTask(delay=15) from None
-    except HypervisorFatalError as e:
+    except Exception as e:  # noqa: BLE001 - any failure ends the attempt, with the reason
+        if not isinstance(e, HypervisorFatalError):
+            log.exception("machine %s: delete failed", machine.pk)
         machine.transition(Status.ERROR, f"delete failed: {e}")
+        _release_attempt(machine)
         return
     log.info("machine %s deleted: %s", machine.pk, ", ".join(removed))
     screenshot_path(machine).unlink(missing_ok=True)
@@ -267,6 +326,7 @@ def machine_rebuild(*, machine: Machine, actor) -> None:
         raise MachineError(
             f"{machine.name} is {machine.get_status_display().lower()}; rebuild needs it active or failed."
         )
+    _refuse_while_operation(machine)
     if not has_ready_image(machine):
         raise MachineError("The machine's image is not available any more.")
     _refuse_against_policy(machine, "rebuilt")
@@ -279,14 +339,27 @@ def machine_rebuild_run(machine_id: int) -> None:
     machine = Machine.objects.select_related("hypervisor").get(pk=machine_id)
     if machine.status != Status.REBUILDING or machine.attempts:
         return machine_provision_run(machine_id)  # a retry only needs the pipeline
+    if not _claim_attempt(machine, (Status.REBUILDING,)):
+        return
     try:
         driver = get_driver(machine.hypervisor.uri)
         removed = provisioning.deprovision(machine, driver)
         machine.log("rebuild", "removed " + ", ".join(removed or ["nothing"]))
-    except HypervisorError as e:
-        machine.transition(Status.ERROR, f"rebuild failed: {e}")
+    except Exception as e:  # noqa: BLE001 - any failure ends the attempt, with the reason
+        if not isinstance(e, HypervisorError):
+            log.exception("machine %s: rebuild failed", machine.pk)
+        if _still_ours(machine):
+            with contextlib.suppress(InvalidTransition):
+                machine.transition(Status.ERROR, f"rebuild failed: {e}")
+        _release_attempt(machine)
         return
-    return machine_provision_run(machine_id)
+    return machine_provision_run(machine_id)  # the pipeline, as an attempt of its own
+
+
+def _refuse_while_operation(machine: Machine) -> None:
+    """One operation at a time per machine: a power action, media change or move in progress comes first."""
+    if machine.operation:
+        raise MachineError(f"{machine.name} is busy with another operation; try again when it is done.")
 
 
 def _lock_for_allocation(machine: Machine) -> Machine:
@@ -311,6 +384,7 @@ def machine_grow_disk(*, machine: Machine, disk_gib: int, actor) -> None:
             f"{machine.name} is {machine.get_status_display().lower()}; growing the disk needs it "
             f"{statuses_text('grow_disk')}."
         )
+    _refuse_while_operation(machine)
     if disk_gib <= machine.disk_gib:
         raise ValidationError(
             {"disk_gib": f"The disk is {machine.disk_gib} GiB; give a larger size (disks only grow)."}
@@ -338,8 +412,22 @@ def machine_grow_disk(*, machine: Machine, disk_gib: int, actor) -> None:
 
 def machine_grow_disk_run(machine_id: int) -> None:
     machine = Machine.objects.select_related("hypervisor").get(pk=machine_id)
-    if machine.status != Status.RESIZING:
+    if not _claim_attempt(machine, (Status.RESIZING,)):
         return
+    try:
+        _grow_disk(machine)
+    except RetryTask:
+        _release_attempt(machine)
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure ends the attempt, with the reason
+        if _still_ours(machine):  # not a machine deleted meanwhile (its delete owns it now)
+            log.exception("machine %s: growing the disk failed", machine.pk)
+            with contextlib.suppress(InvalidTransition):
+                machine.transition(Status.ERROR, f"growing the disk failed: {type(e).__name__}: {e}")
+    _release_attempt(machine)
+
+
+def _grow_disk(machine: Machine) -> None:
     size = machine.disk_gib << 30
     try:
         driver = get_driver(machine.hypervisor.uri)

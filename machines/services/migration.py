@@ -21,7 +21,14 @@ from hypervisors.offers import offers_for
 from machines import moves, policy, provisioning, tasks
 from machines.capacity import claim_room, held_by
 from machines.models import Machine, MachineNic
-from machines.services.common import MachineError, _claim_operation, _enqueue, _release_operation
+from machines.services.common import (
+    MachineError,
+    _claim_attempt,
+    _claim_operation,
+    _enqueue,
+    _release_attempt,
+    _release_operation,
+)
 from machines.services.lifecycle import _lock_for_allocation
 from machines.services.validation import (
     _check_named_hypervisor,
@@ -97,6 +104,8 @@ def machine_migrate_run(machine_id: int, target_id: int, restart: bool = False) 
     row, remove it from the source, (start it on the target). Until the switch the source is untouched; a
     failure before it removes what the target got, and a machine shut down for the move is started again."""
     machine = Machine.objects.select_related("hypervisor", "image").get(pk=machine_id)
+    if machine.operation != "migrate" or not _claim_attempt(machine, (Status.ACTIVE,)):
+        return  # a stale delivery: the move was called off or ended
     target_hv = Hypervisor.objects.get(pk=target_id)
     source_hv = machine.hypervisor
     moved = Machine.objects.select_related("image").get(pk=machine_id)
@@ -159,9 +168,13 @@ def machine_migrate_run(machine_id: int, target_id: int, restart: bool = False) 
             )
     except HypervisorError as e:
         machine.log("migrate", f"move to {target_hv.name} failed: {e}", level="error")
+    except Exception as e:  # noqa: BLE001 - any failure ends the move, with the reason
+        log.exception("machine %s: the move failed", machine.pk)
+        machine.log("migrate", f"move to {target_hv.name} failed: {type(e).__name__}: {e}", level="error")
     finally:
         Machine.objects.filter(pk=machine.pk).update(moving_to=None)
         _release_operation(machine)
+        _release_attempt(machine)
 
 
 def _stop_for_move(machine: Machine, driver: HypervisorDriver) -> None:

@@ -75,6 +75,9 @@ def machine_serial_log_run(machine_id: int) -> None:
 def machines_reconcile() -> None:
     """Periodic: fail machines stuck busy past the deadline; make power states true to the hypervisors (all of
     them at once, RECONCILE_THREADS at a time, each within its deadline)."""
+    from machines.services.recovery import machines_resume_dead_attempts
+
+    machines_resume_dead_attempts()  # a worker of this host that died: its attempts resume now, not at the deadline
     now = timezone.now()
     deadline = now - timedelta(seconds=settings.PORTAL_PROVISION_TIMEOUT)
     for machine in Machine.objects.filter(status__in=BUSY, status_changed__lt=deadline):
@@ -86,6 +89,8 @@ def machines_reconcile() -> None:
             )
         except InvalidTransition:
             continue  # it moved on meanwhile: nothing to fail
+        # Fence the attempt still running, if any: it stops at its next step and removes what it made.
+        Machine.objects.filter(pk=machine.pk).update(attempt_id="")
     Machine.objects.filter(operation_started__lt=now - timedelta(minutes=5)).update(
         operation="", operation_started=None
     )

@@ -191,13 +191,12 @@ def test_the_table(world, kind, role):
 @pytest.mark.parametrize(
     ("state", "expected"),
     [
-        ({"status": Status.PROVISIONING}, {"protect", "autostart", "console", "console_input", "serial"}),
+        # A delete stops a provision (fenced: machines.attempts); nothing else runs beside one.
+        ({"status": Status.PROVISIONING}, {"delete", "protect", "autostart", "console", "console_input", "serial"}),
         ({"status": Status.ERROR}, {"rebuild", "delete", "protect", "autostart", "console", "console_input", "serial"}),
         ({"status": Status.ERROR, "protected": True}, {"protect", "autostart", "console", "console_input", "serial"}),
-        (
-            {"operation": "reboot"},
-            {"rebuild", "grow_disk", "delete", "protect", "autostart", "console", "console_input", "serial"},
-        ),
+        # One operation at a time, of every kind: a reboot in progress holds off rebuild, grow and delete too.
+        ({"operation": "reboot"}, {"protect", "autostart", "console", "console_input", "serial"}),
         ({"protected": True}, POWER | {"grow_disk", "protect", "autostart", "console", "console_input", "serial"}),
     ],
 )
@@ -391,6 +390,9 @@ def test_viewers_no_longer_see_buttons_their_role_refuses(world):
 def test_the_delete_page_says_a_busy_machine_waits(world):
     client = Client()
     client.force_login(world["users"]["owner"])
-    machine = make(world, status=Status.REBUILDING)
+    machine = make(world, operation="reboot")
     body = client.get(reverse("machines:delete", args=[machine.pk])).content.decode()
-    assert 'id="delete-wait"' in body and "is rebuilding" in body and "btn-danger" not in body
+    assert 'id="delete-wait"' in body and "is busy with another operation" in body and "btn-danger" not in body
+    deleting = make(world, status=Status.DELETING)
+    body = client.get(reverse("machines:delete", args=[deleting.pk])).content.decode()
+    assert 'id="delete-wait"' in body and "is deleting" in body and "btn-danger" not in body
