@@ -1,7 +1,7 @@
 import io
 
 import pytest
-from django.contrib.auth import get_user_model
+from django.contrib.auth import get_user_model, password_validation
 from django.core.management import CommandError, call_command
 
 from hypervisors.models import Hypervisor
@@ -50,8 +50,43 @@ def test_bootstrap_takes_the_admin_from_the_environment(monkeypatch):
     assert get_user_model().objects.get(username="ops").check_password("a-long-password")
 
 
-def test_bootstrap_refuses_a_short_password(monkeypatch):
-    monkeypatch.setenv("PORTAL_ADMIN_USER", "ops")
-    monkeypatch.setenv("PORTAL_ADMIN_PASSWORD", "short")
-    with pytest.raises(CommandError, match="at least 8"):
+@pytest.mark.parametrize(
+    "password, reason",
+    [
+        ("short", "at least 8 characters"),
+        ("password123", "too common"),
+        ("4815162342", "entirely numeric"),
+        ("operations", "too similar to the username"),
+    ],
+)
+def test_bootstrap_refuses_a_password_the_validators_refuse_and_creates_no_admin(monkeypatch, password, reason):
+    monkeypatch.setenv("PORTAL_ADMIN_USER", "operations")
+    monkeypatch.setenv("PORTAL_ADMIN_PASSWORD", password)
+    with pytest.raises(CommandError, match=f"PORTAL_ADMIN_PASSWORD is refused: .*{reason}"):
         run("bootstrap")
+    assert not get_user_model().objects.filter(username="operations").exists()
+
+
+def test_bootstrap_sets_no_refused_password_on_an_existing_admin(monkeypatch, staff):
+    monkeypatch.setenv("PORTAL_ADMIN_USER", staff.username)
+    monkeypatch.setenv("PORTAL_ADMIN_PASSWORD", "12345678")
+    with pytest.raises(CommandError, match="entirely numeric"):
+        run("bootstrap")
+    staff.refresh_from_db()
+    assert not staff.check_password("12345678")
+
+
+def test_the_generated_admin_password_passes_every_validator(monkeypatch, settings):
+    monkeypatch.delenv("PORTAL_ADMIN_USER", raising=False)
+    monkeypatch.delenv("PORTAL_ADMIN_PASSWORD", raising=False)
+    settings.PORTAL_LOCAL_HYPERVISOR_URI = "qemu+tcp://127.0.0.1:1/system"
+    password = run("bootstrap").split("with password: ")[1].split()[0]
+    admin = get_user_model().objects.get(username="admin")
+    password_validation.validate_password(password, admin)  # raises if any refuses it
+    names = {type(v).__name__ for v in password_validation.get_default_password_validators()}
+    assert names == {
+        "UserAttributeSimilarityValidator",
+        "MinimumLengthValidator",
+        "CommonPasswordValidator",
+        "NumericPasswordValidator",
+    }

@@ -2,7 +2,8 @@ import os
 import secrets
 
 from django.conf import settings
-from django.contrib.auth import get_user_model
+from django.contrib.auth import get_user_model, password_validation
+from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
@@ -33,6 +34,8 @@ class Command(BaseCommand):
         username = os.getenv("PORTAL_ADMIN_USER", "admin")
         password = os.getenv("PORTAL_ADMIN_PASSWORD", "")
         user = User.objects.filter(username=username).first()
+        if password:
+            _check(password, user if user is not None else User(username=username))
         if user is not None:
             if password and not user.check_password(password):
                 user.set_password(password)
@@ -43,9 +46,7 @@ class Command(BaseCommand):
             return
         generated = not password
         if generated:
-            password = secrets.token_urlsafe(12)
-        elif len(password) < 8:
-            raise CommandError("PORTAL_ADMIN_PASSWORD must be at least 8 characters")
+            password = _generated(User(username=username))
         User.objects.create_superuser(username=username, email="", password=password)
         if generated:
             # Printed once: it is not stored anywhere but as a hash.
@@ -53,3 +54,23 @@ class Command(BaseCommand):
             self.stdout.write("Keep it now; it is not shown again. Change it under Admin > Users.")
         else:
             self.stdout.write(f"Created admin '{username}' with the password from PORTAL_ADMIN_PASSWORD.")
+
+
+def _check(password: str, user) -> None:
+    """PORTAL_ADMIN_PASSWORD passes AUTH_PASSWORD_VALIDATORS, like any password set in the portal, or no admin."""
+    try:
+        password_validation.validate_password(password, user)
+    except ValidationError as e:
+        raise CommandError("PORTAL_ADMIN_PASSWORD is refused: " + " ".join(e.messages)) from None
+
+
+def _generated(user) -> str:
+    """A random password that the validators accept (one of 16 URL-safe characters failing them is all but
+    impossible, but the admin is never created with one that does)."""
+    while True:
+        password = secrets.token_urlsafe(12)
+        try:
+            password_validation.validate_password(password, user)
+        except ValidationError:
+            continue
+        return password
