@@ -1,5 +1,7 @@
 """The user's own account: password, API tokens, SSH keys."""
 
+from datetime import datetime, timedelta
+
 from django import forms
 from django.conf import settings
 from django.contrib import messages
@@ -9,6 +11,7 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.http import Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
 from portal import audit, sshkeys
@@ -27,7 +30,18 @@ class SshKeyForm(forms.Form):
 
 
 class TokenForm(forms.Form):
+    EXPIRY_DAYS = [("", "never"), ("1", "1 day"), ("7", "7 days"), ("30", "30 days"), ("90", "90 days")]
+    EXPIRY_DAYS += [("365", "1 year")]
+
     name = forms.CharField(max_length=100, help_text="What the token is for, e.g. terraform on my laptop.")
+    expires = forms.TypedChoiceField(
+        label="Expires after", choices=EXPIRY_DAYS, coerce=int, empty_value=None, required=False
+    )
+    read_only = forms.BooleanField(label="Read-only (GET, HEAD and OPTIONS only)", required=False)
+
+    def expires_at(self) -> datetime | None:
+        days = self.cleaned_data["expires"]
+        return timezone.now() + timedelta(days=days) if days else None
 
 
 def _page(request, **extra) -> HttpResponse:
@@ -53,8 +67,15 @@ def token_create(request) -> HttpResponse:
     form = TokenForm(request.POST)
     if not form.is_valid():
         return _page(request, token_form=form)
-    token, raw = ApiToken.issue(user=request.user, name=form.cleaned_data["name"])
-    audit.record("api_token.create", token, request=request)
+    token, raw = ApiToken.issue(
+        user=request.user,
+        name=form.cleaned_data["name"],
+        expires_at=form.expires_at(),
+        read_only=form.cleaned_data["read_only"],
+    )
+    scope = "read-only" if token.read_only else "read-write"
+    expiry = f"expires {token.expires_at:%Y-%m-%d %H:%M} UTC" if token.expires_at else "no expiry"
+    audit.record("api_token.create", token, request=request, detail=f"{scope}, {expiry}")
     # Shown once, in this response only; the page sends no-store so it is not cached.
     response = _page(request, new_token=raw)
     response["Cache-Control"] = "no-store"

@@ -1,14 +1,26 @@
 import re
 
 from django.utils import timezone
-from rest_framework import authentication, exceptions
+from rest_framework import authentication, exceptions, permissions
 
 from portal import audit
 from portal.models import TOKEN_PREFIX_LEN, ApiToken, hash_token
 
 
 class ApiTokenAuthentication(authentication.TokenAuthentication):
-    """`Authorization: Token <key>` against hashed ApiToken rows."""
+    """`Authorization: Token <key>` against hashed ApiToken rows. An expired token is refused; a read-only one
+    may only read, whatever the view (the check is here, so no viewset can forget it)."""
+
+    def authenticate(self, request):
+        result = super().authenticate(request)
+        if result is not None and result[1].read_only and request.method not in permissions.SAFE_METHODS:
+            user, token = result
+            detail = f"read-only token: {request.method} {request.path}"
+            audit.record("login.token", token, outcome="refused", detail=detail, user=user)
+            raise exceptions.PermissionDenied(
+                f"This token is read-only: it may use GET, HEAD and OPTIONS, not {request.method}."
+            )
+        return result
 
     def authenticate_credentials(self, key: str):
         try:
@@ -19,6 +31,9 @@ class ApiTokenAuthentication(authentication.TokenAuthentication):
         if not token.user.is_active:
             audit.record("login.token", token, outcome="refused", detail="user inactive", username=token.user.username)
             raise exceptions.AuthenticationFailed("User inactive or deleted.")
+        if token.expired:
+            audit.record("login.token", token, outcome="refused", detail="token expired", username=token.user.username)
+            raise exceptions.AuthenticationFailed("Token expired.")
         ApiToken.objects.filter(pk=token.pk).update(last_used=timezone.now())
         return token.user, token
 

@@ -1,10 +1,12 @@
 import hashlib
 import secrets
+from datetime import datetime
 
 from django.conf import settings
 from django.db import models
 from django.db.models.signals import pre_save
 from django.dispatch import receiver
+from django.utils import timezone
 
 TOKEN_PREFIX_LEN = 8
 
@@ -22,6 +24,9 @@ class ApiToken(models.Model):
     key_hash = models.CharField(max_length=64, unique=True, editable=False)
     created = models.DateTimeField(auto_now_add=True)
     last_used = models.DateTimeField(null=True, blank=True)
+    # Chosen at creation: when the token stops working (empty: never), and whether it may only read.
+    expires_at = models.DateTimeField(null=True, blank=True)
+    read_only = models.BooleanField(default=False, help_text="Only GET, HEAD and OPTIONS requests.")
 
     class Meta:
         ordering = ["-created"]
@@ -29,11 +34,24 @@ class ApiToken(models.Model):
     def __str__(self) -> str:
         return f"{self.user} {self.prefix}… {self.name}".strip()
 
+    @property
+    def expired(self) -> bool:
+        return self.expires_at is not None and self.expires_at <= timezone.now()
+
     @classmethod
-    def issue(cls, *, user, name: str = "") -> tuple["ApiToken", str]:
+    def issue(
+        cls, *, user, name: str = "", expires_at: datetime | None = None, read_only: bool = False
+    ) -> tuple["ApiToken", str]:
         """Create a token; return it with the raw key, which is never stored."""
         raw = secrets.token_urlsafe(32)
-        token = cls.objects.create(user=user, name=name, prefix=raw[:TOKEN_PREFIX_LEN], key_hash=hash_token(raw))
+        token = cls.objects.create(
+            user=user,
+            name=name,
+            prefix=raw[:TOKEN_PREFIX_LEN],
+            key_hash=hash_token(raw),
+            expires_at=expires_at,
+            read_only=read_only,
+        )
         return token, raw
 
 
