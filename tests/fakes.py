@@ -180,6 +180,10 @@ class FakeDriver(HypervisorDriver):
     def refresh_pool(self, pool):
         self._pool(pool)
 
+    def volume_names(self, pool):
+        self._hit("volume_names")
+        return sorted(self._pool(pool))
+
     def define_guard(self, xml):
         self._hit("define_guard")
         self.host.guards[ET.fromstring(xml).get("name")] = xml

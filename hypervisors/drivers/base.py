@@ -298,6 +298,10 @@ class HypervisorDriver(ABC):
     def refresh_pool(self, pool: str) -> None:
         """Rescan the pool, so files written by others (the serial log) show as volumes."""
 
+    @abstractmethod
+    def volume_names(self, pool: str) -> list[str]:
+        """The names of every volume in the pool, in one call (refresh_pool first to see files written by others)."""
+
     # --- domains, by UUID (the machine's) --------------------------------------------
     # Unless a docstring says otherwise, a domain that does not exist is HypervisorFatalError.
 

@@ -273,6 +273,18 @@ def with_boot_first(xml: str, target: str) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
+def portal_domain(xml: str) -> tuple[str, dict[str, str]] | None:
+    """(name, the attributes of the portal's metadata element) of a domain the portal defined: its metadata in
+    PORTAL_METADATA_NS and a name that ends in the first 8 hex digits of its UUID (`<host name>-<uuid8>`, as
+    the portal names them). None for any other domain."""
+    root = ET.fromstring(xml)
+    mark = root.find(f"metadata/{{{PORTAL_METADATA_NS}}}machine")
+    name, uuid = root.findtext("name") or "", (root.findtext("uuid") or "").replace("-", "").lower()
+    if mark is None or len(uuid) != 32 or not name.endswith(f"-{uuid[:8]}"):
+        return None
+    return name, dict(mark.attrib)
+
+
 def agent_connected(xml: str) -> bool:
     """Whether a running domain's guest agent answers on its channel (live XML), so asking it will not hang."""
     target = ET.fromstring(xml).find(f"devices/channel/target[@name='{GUEST_AGENT_CHANNEL}']")

@@ -430,6 +430,9 @@ class LibvirtDriver(HypervisorDriver):
     def refresh_pool(self, pool: str) -> None:
         self._call(lambda conn: self._pool(conn, pool).refresh(0))
 
+    def volume_names(self, pool: str) -> list[str]:
+        return self._call(lambda conn: sorted(self._pool(conn, pool).listVolumes()))
+
     # --- domains -----------------------------------------------------------------
 
     @staticmethod

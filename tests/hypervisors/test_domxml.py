@@ -1,7 +1,7 @@
 import xml.etree.ElementTree as ET
 
 from hypervisors.drivers.base import PORTAL_METADATA_NS, DiskSpec, DomainSpec, NicSpec
-from hypervisors.drivers.domxml import build_domain_xml, parse_vnc, volume_xml
+from hypervisors.drivers.domxml import build_domain_xml, parse_vnc, portal_domain, volume_xml
 
 NASTY = "x'\"<b>&amp; ]]> \u00e9"
 
@@ -89,6 +89,17 @@ def test_console_serial_log_and_vnc_on_the_console_address():
 def test_portal_ids_in_metadata():
     el = parse(spec()).find(f"metadata/{{{PORTAL_METADATA_NS}}}machine")
     assert el.get("id") == "7" and el.get("owner") == "3"
+
+
+def test_a_portal_domain_is_known_by_its_metadata_and_its_name():
+    assert portal_domain(build_domain_xml(spec())) == ("web1-0b8c1c86", {"id": "7", "owner": "3"})
+    # Someone else's domain that copies the naming, or a portal-looking metadata with another name, is not one.
+    bare = parse(spec())
+    bare.find("metadata").clear()
+    assert portal_domain(ET.tostring(bare, encoding="unicode")) is None
+    assert portal_domain(build_domain_xml(spec(name="web1-deadbeef"))) is None
+    assert portal_domain(build_domain_xml(spec(name="0b8c1c86"))) is None
+    assert portal_domain("<domain type='qemu'><name>x-0b8c1c86</name></domain>") is None
 
 
 def test_parse_vnc_of_a_running_domain():

@@ -212,6 +212,17 @@ def test_refresh_pool_is_harmless(kit):
 
 
 @every_driver
+def test_volume_names_lists_the_pools_volumes_and_no_more(kit):
+    d, a, b = kit.driver, kit.vol("listed-a.img"), kit.vol("listed-b.qcow2")
+    before = set(d.volume_names(kit.pool))
+    d.create_volume(pool=kit.pool, name=a, fmt="raw", capacity_bytes=MIB)
+    d.create_volume(pool=kit.pool, name=b, fmt="qcow2", capacity_bytes=MIB)
+    assert set(d.volume_names(kit.pool)) == before | {a, b}
+    d.delete_volume(pool=kit.pool, name=a)
+    assert set(d.volume_names(kit.pool)) == before | {b}
+
+
+@every_driver
 def test_a_missing_pool_is_fatal(kit):
     d = kit.driver
     calls = [
@@ -220,6 +231,7 @@ def test_a_missing_pool_is_fatal(kit):
         lambda: d.create_volume(pool="no-such-pool", name="x", fmt="raw", capacity_bytes=MIB),
         lambda: d.delete_volume(pool="no-such-pool", name="x"),
         lambda: d.refresh_pool("no-such-pool"),
+        lambda: d.volume_names("no-such-pool"),
     ]
     for call in calls:
         with pytest.raises(HypervisorFatalError, match="no-such-pool"):
