@@ -272,6 +272,10 @@ PORTAL_WORKER_HEARTBEAT = envint("PORTAL_WORKER_HEARTBEAT", "30")
 PORTAL_WORKER_STALE_AFTER = envint("PORTAL_WORKER_STALE_AFTER", "120")
 PORTAL_SCREENSHOTS_PER_MINUTE = envint("PORTAL_SCREENSHOTS_PER_MINUTE", "30")
 
+# The sweeper (machines/services/sweeper.py): domains and volumes the portal made that no machine row owns are
+# reported on the hypervisor page only once first seen this many seconds ago, by an earlier sweep.
+PORTAL_ORPHAN_GRACE = envint("PORTAL_ORPHAN_GRACE", "600")
+
 # Virtual BMCs of network-boot machines (served by manage.py bmc_server).
 PORTAL_BMC_ADDRESS = os.getenv("PORTAL_BMC_ADDRESS", "127.0.0.1")  # never :: or 0.0.0.0 by default
 PORTAL_BMC_PORT_RANGE = os.getenv("PORTAL_BMC_PORT_RANGE", "6230-6329")

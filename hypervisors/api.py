@@ -12,6 +12,11 @@ from hypervisors.uploads import allow_large_upload
 class HypervisorSerializer(serializers.ModelSerializer):
     domain_type = serializers.CharField(read_only=True, help_text="The type machines get: the override, else detected.")
     qemu_version = serializers.CharField(source="hypervisor_version", read_only=True)
+    orphans = serializers.JSONField(
+        read_only=True,
+        help_text="Staff only (empty for others): domains and volumes the portal left here that no machine owns, "
+        "as the sweeper last saw them; `reported` ones may be removed (POST .../orphans/remove/).",
+    )
 
     class Meta:
         model = Hypervisor
@@ -43,10 +48,19 @@ class HypervisorSerializer(serializers.ModelSerializer):
             "networks",
             "unmanaged_domains",
             "managed_domain_count",
+            "orphans",
+            "orphans_swept",
             "created",
             "updated",
         ]
         read_only_fields = [f for f in fields if f not in services.EDITABLE_FIELDS]
+
+    def to_representation(self, instance):
+        data = super().to_representation(instance)
+        request = self.context.get("request")
+        if not getattr(getattr(request, "user", None), "is_staff", False):
+            data["orphans"] = []  # what lies on a host is for staff
+        return data
 
     def create(self, validated_data):
         return _from_django_errors(lambda: services.hypervisor_create(**validated_data))

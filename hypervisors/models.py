@@ -1,3 +1,4 @@
+from datetime import datetime
 from urllib.parse import urlsplit
 
 from django.core.exceptions import ValidationError
@@ -111,6 +112,11 @@ class Hypervisor(models.Model):
     networks = models.JSONField(default=list, blank=True)
     unmanaged_domains = models.JSONField(default=list, blank=True)
     managed_domain_count = models.PositiveIntegerField(default=0)
+    # What the portal made here that no machine row owns (machines/services/sweeper.py): a domain or volume left
+    # by a worker that died between steps. Each: kind, key, name, uuid, pool, size_bytes, first_seen, sweeps and
+    # whether it is reported (past the grace period) and so may be removed.
+    orphans = models.JSONField(default=list, blank=True, editable=False)
+    orphans_swept = models.DateTimeField(null=True, blank=True, editable=False)
 
     # qemu+ssh: the host keys staff trusted (the only ones the worker's ssh accepts, via the portal's
     # known_hosts), and the ones the host offered when a connection was refused for its key.
@@ -193,6 +199,18 @@ class Hypervisor(models.Model):
     @property
     def is_online(self) -> bool:
         return self.status == HypervisorStatus.ONLINE
+
+    @property
+    def orphans_reported(self) -> list[dict]:
+        """Leftovers seen long enough to be sure no create or move in flight owns them: these may be removed."""
+        return [
+            {**o, "first_seen_at": datetime.fromisoformat(o["first_seen"])} for o in self.orphans if o.get("reported")
+        ]
+
+    @property
+    def orphans_pending(self) -> int:
+        """Leftovers seen, still within the grace period."""
+        return sum(1 for o in self.orphans if not o.get("reported"))
 
     @property
     def pool_capacity_bytes(self) -> int:

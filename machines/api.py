@@ -492,6 +492,18 @@ class EvacuateSerializer(serializers.Serializer):
     )
 
 
+class OrphansRemoveSerializer(serializers.Serializer):
+    keys = serializers.ListField(
+        child=serializers.CharField(max_length=600),
+        required=False,
+        help_text="Keys of reported leftovers (the hypervisor's `orphans`); left out: all that are reported.",
+    )
+
+
+class OrphansQueuedSerializer(serializers.Serializer):
+    queued = serializers.ListField(child=serializers.CharField(), help_text="Keys whose removal was queued.")
+
+
 class EvacuationSerializer(serializers.Serializer):
     hypervisor = HypervisorSerializer()
     machines = serializers.ListField(child=serializers.CharField(), help_text="What happens to each machine.")
@@ -524,3 +536,18 @@ class HypervisorMaintenanceViewSet(viewsets.GenericViewSet):
         report = services.hypervisor_evacuate(hypervisor=hv, actor=request.user, restart=s.validated_data["restart"])
         hv.refresh_from_db()
         return Response({"hypervisor": HypervisorSerializer(hv).data, "machines": report}, status=202)
+
+    @extend_schema(request=OrphansRemoveSerializer, responses={202: OrphansQueuedSerializer})
+    @action(detail=True, methods=["post"], url_path="orphans/remove", url_name="orphans-remove")
+    def orphans_remove(self, request, pk=None):
+        """Remove domains and volumes the portal left here that no machine owns (machines/services/sweeper.py):
+        those named, or all that are reported; the worker checks each again before it acts."""
+        s = OrphansRemoveSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        try:
+            queued = services.hypervisor_orphans_remove(
+                hypervisor=self.get_object(), actor=request.user, keys=s.validated_data.get("keys")
+            )
+        except services.MachineError as e:
+            return Response({"detail": str(e)}, status=status.HTTP_409_CONFLICT)
+        return Response({"queued": queued}, status=status.HTTP_202_ACCEPTED)

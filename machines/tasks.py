@@ -126,3 +126,24 @@ def resume_dead_attempts() -> None:
         machines_resume_dead_attempts()
     except Exception:  # the database may be away a moment: the reconcile tries again within the minute
         log.exception("resuming dead workers' attempts")
+
+
+@db_periodic_task(crontab(minute="*/5"))
+def hypervisors_sweep_task() -> None:
+    from machines.services import hypervisors_sweep
+
+    hypervisors_sweep()
+
+
+@db_task()
+def hypervisor_sweep_task(hypervisor_id: int) -> None:
+    from machines.services import hypervisor_sweep_run
+
+    hypervisor_sweep_run(hypervisor_id)
+
+
+@db_task()
+def hypervisor_orphans_remove_task(hypervisor_id: int, keys: list[str], actor_id: int | None = None) -> None:
+    from machines.services import hypervisor_orphans_remove_run
+
+    hypervisor_orphans_remove_run(hypervisor_id, keys, actor_id)

@@ -560,3 +560,23 @@ def machines_instackenv(request: HtmxHttpRequest) -> HttpResponse:
     response["Content-Disposition"] = 'attachment; filename="instackenv.json"'
     response["Cache-Control"] = "no-store"
     return response
+
+
+@staff_required
+@require_POST
+def hypervisor_orphans_remove(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    """Remove what the portal left on the hypervisor that no machine owns: the items named `key`, or all of them
+    (`all=1`). The worker checks each again before it acts."""
+    hv = get_object_or_404(Hypervisor, pk=pk)
+    keys = None if request.POST.get("all") == "1" else request.POST.getlist("key")
+    try:
+        queued = services.hypervisor_orphans_remove(hypervisor=hv, actor=request.user, keys=keys)
+    except services.MachineError as e:
+        messages.error(request, str(e))
+    else:
+        messages.info(
+            request,
+            f"Removing {len(queued)} item{'s' if len(queued) != 1 else ''} left on {hv.name}: each one only if no "
+            "machine owns it by then (the audit records each).",
+        )
+    return redirect(hv)

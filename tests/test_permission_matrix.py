@@ -99,6 +99,7 @@ MATRIX = {
     "machines:delete": ("get", "vm", None, on_machine(200, "admin")),
     "machines:hypervisor-maintenance": ("post", "hv", {"maintenance": "0"}, ok(302, **STAFF_ONLY)),
     "machines:hypervisor-evacuate": ("post", "hv", None, ok(302, **STAFF_ONLY)),
+    "machines:hypervisor-orphans-remove": ("post", "hv", {"all": "1"}, ok(302, **STAFF_ONLY)),  # nothing there: refused
     "machines:media": ("post", "iso", {"slot": "0", "image": ""}, on_machine(302, "operate")),
     "machines:boot-cdrom": ("post", "iso", None, on_machine(302, "operate")),
     "machines:bmc-reveal": ("post", "metal", None, on_machine(200, "admin")),
@@ -115,6 +116,7 @@ MATRIX = {
     "hypervisor-sync": ("post", "hv", None, ok(202, **API_STAFF)),
     "hypervisor-moves-maintenance": ("post", "hv", {"maintenance": False}, ok(200, **API_STAFF)),
     "hypervisor-moves-evacuate": ("post", "hv", {}, ok(202, **API_STAFF)),
+    "hypervisor-moves-orphans-remove": ("post", "hv", {}, ok(409, **API_STAFF)),  # nothing left there to remove
     "hypervisor-networks": ("post", "hv", {"name": "n2", "mode": "isolated"}, ok(202, **API_STAFF)),
     "hypervisor-network-delete": ("delete", "hvnet", None, ok(202, **API_STAFF)),
     "image-list": ("get", None, None, ok(200, anon=401)),

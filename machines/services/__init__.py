@@ -50,6 +50,12 @@ from machines.services.operations import (
     machine_set_protection,
 )
 from machines.services.recovery import machines_resume_dead_attempts
+from machines.services.sweeper import (
+    hypervisor_orphans_remove,
+    hypervisor_orphans_remove_run,
+    hypervisor_sweep_run,
+    hypervisors_sweep,
+)
 from machines.services.validation import (
     HARDWARE_FIELDS,
     MAX_CDROMS,
@@ -75,8 +81,12 @@ __all__ = [
     "console_auth_upgrade_run",
     "generate_mac",
     "hypervisor_evacuate",
+    "hypervisor_orphans_remove",
+    "hypervisor_orphans_remove_run",
     "hypervisor_set_maintenance",
     "hypervisor_reconcile_run",
+    "hypervisor_sweep_run",
+    "hypervisors_sweep",
     "instackenv",
     "machine_bmc_reveal",
     "machine_boot_cdrom_once",
