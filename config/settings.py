@@ -4,6 +4,7 @@ Embedded defaults: SQLite in WAL mode and SqliteHuey, both in PORTAL_DATA_DIR,
 and a secret key generated once and kept there.
 """
 
+import ipaddress
 import os
 import secrets
 from pathlib import Path
@@ -214,6 +215,19 @@ PORTAL_IMAGE_MAX_FILE_GIB = envint("PORTAL_IMAGE_MAX_FILE_GIB", "50")
 PORTAL_IMAGE_MAX_VIRTUAL_GIB = envint("PORTAL_IMAGE_MAX_VIRTUAL_GIB", "2048")
 PORTAL_QEMU_IMG_CPU_SECONDS = envint("PORTAL_QEMU_IMG_CPU_SECONDS", "30")
 PORTAL_QEMU_IMG_MEMORY_MIB = envint("PORTAL_QEMU_IMG_MEMORY_MIB", "1024")
+
+# Imports from a URL: destinations that are not public (loopback, link-local, private, multicast, unspecified,
+# reserved; checked on every redirect hop after DNS) are refused unless one of these CIDRs names them; the whole
+# import has a deadline (seconds) and a size cap (bytes, and never over PORTAL_IMAGE_MAX_FILE_GIB).
+PORTAL_IMPORT_ALLOWED_NETWORKS = envlist("PORTAL_IMPORT_ALLOWED_NETWORKS", "")
+PORTAL_IMPORT_TIMEOUT = envint("PORTAL_IMPORT_TIMEOUT", "7200")
+PORTAL_IMPORT_MAX_BYTES = envint("PORTAL_IMPORT_MAX_BYTES", str(PORTAL_IMAGE_MAX_FILE_GIB << 30))
+try:
+    _import_networks = [ipaddress.ip_network(n, strict=False) for n in PORTAL_IMPORT_ALLOWED_NETWORKS]
+except ValueError as e:
+    raise ImproperlyConfigured(f"PORTAL_IMPORT_ALLOWED_NETWORKS: {e}") from None
+if PORTAL_IMPORT_TIMEOUT < 1 or PORTAL_IMPORT_MAX_BYTES < 1:
+    raise ImproperlyConfigured("PORTAL_IMPORT_TIMEOUT and PORTAL_IMPORT_MAX_BYTES are at least 1")
 
 # Machines.
 PORTAL_PROVISION_TIMEOUT = envint("PORTAL_PROVISION_TIMEOUT", "900")  # seconds a machine may stay busy

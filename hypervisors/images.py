@@ -4,11 +4,11 @@ validation, and distribution into hypervisor pools."""
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import os
 import shutil
 import time
-import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -16,7 +16,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
-from hypervisors.drivers import get_driver
+from hypervisors.drivers import get_driver, http_fetch
 from hypervisors.drivers.base import HypervisorDriver, HypervisorError, HypervisorFatalError
 from hypervisors.drivers.qemu_img import ImageRejected, inspect
 from hypervisors.models import Hypervisor, Image, ImageCopy, ImageFormat, ImageKind, ImageStatus
@@ -54,6 +54,11 @@ def _new_image(*, name: str, kind: str, fmt: str, owner=None, **fields) -> Image
     image.file_name = f"{image.pk}.{'iso' if kind == ImageKind.ISO else image.format}"
     image.save(update_fields=["file_name"])
     return image
+
+
+def _private(path: str, flags: int) -> int:
+    """An opener for files in the catalogue: readable by the portal's user only, whatever the umask."""
+    return os.open(path, flags, 0o600)
 
 
 def _sha256_of(path: Path) -> str:
@@ -126,9 +131,21 @@ def image_validate(image_id: int) -> None:
 
 
 def validate_source_url(url: str) -> None:
+    """http(s) only, and no address literal the worker would refuse (names are checked by the worker, after DNS)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValidationError({"source_url": "Give an http:// or https:// URL."})
+    try:
+        ipaddress.ip_address(parts.hostname.split("%", 1)[0])
+    except ValueError:
+        return
+    reason = http_fetch.refusal(parts.hostname, _allowed_networks())
+    if reason:
+        raise ValidationError({"source_url": f"Refused: {reason}."})
+
+
+def _allowed_networks() -> list:
+    return http_fetch.parse_networks(settings.PORTAL_IMPORT_ALLOWED_NETWORKS)
 
 
 @audited("image.import")
@@ -151,34 +168,46 @@ def image_create_from_url(
 
 
 def image_import(image_id: int) -> None:
-    """Worker: stream the URL to a .part file with a running checksum, then rename and validate."""
+    """Worker: stream the URL to a .part file with a running checksum, then rename and validate. Every hop is
+    checked (hypervisors/drivers/http_fetch.py); the import has a deadline and a size cap; a failure leaves no file."""
     image = Image.objects.get(pk=image_id)
     final = image_dir() / image.file_name
     part = final.with_name(final.name + ".part")
     h = hashlib.sha256()
     received = 0
+    last = time.monotonic()
+
+    def sink(chunk: bytes) -> None:
+        nonlocal received, last
+        h.update(chunk)
+        out.write(chunk)
+        received += len(chunk)
+        if time.monotonic() - last > PROGRESS_EVERY:
+            Image.objects.filter(pk=image.pk).update(progress_bytes=received)
+            last = time.monotonic()
+
     try:
         validate_source_url(image.source_url)  # http(s) only, never file: or ftp:
-        request = urllib.request.Request(image.source_url, headers={"User-Agent": "ansistack-portal"})  # noqa: S310
-        with urllib.request.urlopen(request, timeout=30) as response, open(part, "wb") as out:  # noqa: S310 - scheme checked
-            total = int(response.headers.get("Content-Length") or 0)
-            if total > max_file_bytes():
-                raise ImageRejected(f"the file is over the limit of {settings.PORTAL_IMAGE_MAX_FILE_GIB} GiB")
-            Image.objects.filter(pk=image.pk).update(total_bytes=total)
-            last = time.monotonic()
-            while chunk := response.read(CHUNK):
-                received += len(chunk)
-                if received > max_file_bytes():
-                    raise ImageRejected(f"the file is over the limit of {settings.PORTAL_IMAGE_MAX_FILE_GIB} GiB")
-                h.update(chunk)
-                out.write(chunk)
-                if time.monotonic() - last > PROGRESS_EVERY:
-                    Image.objects.filter(pk=image.pk).update(progress_bytes=received)
-                    last = time.monotonic()
-    except (OSError, ValueError, ImageRejected, ValidationError) as e:
+        with open(part, "wb", opener=_private) as out:
+            http_fetch.fetch(
+                image.source_url,
+                sink,
+                allowed_networks=_allowed_networks(),
+                timeout_s=settings.PORTAL_IMPORT_TIMEOUT,
+                max_bytes=min(max_file_bytes(), settings.PORTAL_IMPORT_MAX_BYTES),
+                on_length=lambda total: Image.objects.filter(pk=image.pk).update(total_bytes=total),
+            )
+    except ValidationError as e:
+        part.unlink(missing_ok=True)
+        _fail(image, f"Import failed: {' '.join(e.messages)}")
+        return
+    except (http_fetch.FetchError, OSError, ValueError) as e:
         part.unlink(missing_ok=True)
         _fail(image, f"Import failed: {e}")
         return
+    except BaseException:
+        part.unlink(missing_ok=True)  # never a partial file, whatever stopped the import
+        raise
     sha = h.hexdigest()
     if image.expected_sha256 and sha != image.expected_sha256:
         part.unlink(missing_ok=True)
@@ -222,7 +251,7 @@ def image_fetch_volume(image_id: int) -> None:
     assert source is not None  # a volume import always names its hypervisor
     try:
         driver = get_driver(source.uri)
-        with open(part, "wb") as out:
+        with open(part, "wb", opener=_private) as out:
             info = driver.volume_info(pool=image.source_pool, name=image.source_volume)
             if info is None:
                 raise HypervisorFatalError(f"volume {image.source_volume!r} is not in pool {image.source_pool!r}")

@@ -162,6 +162,9 @@ class WorkerProcesses:
         return next((code for code in (p.poll() for p in self.procs) if code is not None), None)
 
 
+FILE_SERVER_NETWORK = "127.0.0.1/32"  # where `file_server` listens: the only import destination the stack allows
+
+
 def _stack_env() -> dict:
     """The environment for portal processes that must share the test database."""
     return {
@@ -170,6 +173,9 @@ def _stack_env() -> dict:
         "PORTAL_CONSOLE_PORT": str(STACK_PORTS["console"]),
         "PORTAL_CONSOLE_ALLOWED_ORIGINS": f"http://127.0.0.1:{STACK_PORTS['web']}",
         "PORTAL_WORKER_HEARTBEAT": "1",
+        # The stack imports test images from `file_server` on 127.0.0.1; every other address not public stays
+        # refused (tests/integration/test_image_imports.py; the unit tests keep the empty default).
+        "PORTAL_IMPORT_ALLOWED_NETWORKS": FILE_SERVER_NETWORK,
     }
 
 
@@ -346,8 +352,10 @@ def wait_for(predicate, timeout: float, interval: float = 0.25, message: str = "
 
 
 @pytest.fixture
-def file_server():
-    """Serves the test image directory over HTTP on loopback, for imports from a URL."""
+def file_server(settings):
+    """Serves the test image directory over HTTP on loopback, for imports from a URL: the one address the stack's
+    imports may reach (allowed here for the test process, whose services check a URL as it is given)."""
+    settings.PORTAL_IMPORT_ALLOWED_NETWORKS = [FILE_SERVER_NETWORK]
     directory = str(Path(test_images()["tiny_disk"]).parent)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=directory)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
