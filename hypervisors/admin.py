@@ -51,6 +51,8 @@ class HypervisorAdmin(admin.ModelAdmin):
                 ],
             },
         ),
+        # Removal is on the hypervisor's page (it checks each item again in the worker); here only what was seen.
+        ("Left behind by the portal (the sweeper)", {"classes": ["collapse"], "fields": ["orphans", "orphans_swept"]}),
     ]
 
     def get_readonly_fields(self, request, obj=None):

@@ -290,3 +290,14 @@ def test_the_api_shows_them_to_staff_and_removes_them(django_capture_on_commit_c
     assert str(machine.uuid) not in host.domains and not [n for n in host.pools["default"] if str(machine.uuid) in n]
     r = api.post(f"/api/v1/hypervisors/{lab.pk}/orphans/remove/", {}, format="json")
     assert r.status_code == 409
+
+
+def test_the_admin_shows_what_the_sweep_saw(django_capture_on_commit_callbacks, host, lab, settings, boss):
+    machine = orphaned(django_capture_on_commit_callbacks, host, lab, settings)
+    boss.is_superuser = True
+    boss.save()
+    page = Client()
+    page.force_login(boss)
+    r = page.get(reverse("admin:hypervisors_hypervisor_change", args=[lab.pk]))
+    assert r.status_code == 200
+    assert "Left behind by the portal" in r.content.decode() and machine.disk_volume in r.content.decode()
