@@ -81,7 +81,8 @@ mount --bind "$W/lib" /var/lib/libvirt
 mount --bind "$W/cache" /var/cache/libvirt
 mount --bind "$W/log" /var/log/libvirt
 mount --bind "$W/passwd" /etc/passwd
-mkdir -p /var/lib/libvirt/qemu /var/cache/libvirt/qemu /var/log/libvirt/qemu /run/libvirt /run/sshd
+# /var/lock is /run/lock: libvirt locks a guest's pty there when a client opens its serial console.
+mkdir -p /var/lib/libvirt/qemu /var/cache/libvirt/qemu /var/log/libvirt/qemu /run/libvirt /run/sshd /run/lock
 chmod 0755 /run/sshd
 hostname "$2"
 virtlogd -f "$W/etc/virtlogd.conf" -p /run/virtlogd.pid &

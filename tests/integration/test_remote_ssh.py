@@ -233,3 +233,38 @@ def test_a_network_machine_on_the_ssh_host_is_powered_through_its_bmc(worker, re
     assert ipmi(creds, "chassis", "bootdev", "pxe").returncode == 0
     assert ipmi(creds, "power", "off").returncode == 0
     wait_for(lambda: remote.virsh_local("domstate", uuid).strip() == "shut off", 30)
+
+
+def test_an_iso_machines_consoles_on_the_ssh_host_reach_the_client_through_the_proxy(
+    worker, remote_ssh_host, tiny_iso, console_proxy
+):
+    """The same console model as over TLS: the VNC server listens on the host's console address (never its
+    loopback), the proxy sets its one-time password through libvirt over SSH and dials it; the serial port is a
+    libvirt console stream over SSH."""
+    from tests.integration.test_console_auth import rfb_session
+    from tests.integration.test_iso_console import WsClient, serial_token, token_for
+    from tests.integration.test_remote_consoles import create
+
+    remote = remote_ssh_host
+    hv = register(remote)
+    machine = create(hv, UserFactory(username="ssh-installer", is_staff=True), "sshiso", "iso", tiny_iso)
+    assert remote.virsh_local("domdisplay", str(machine.uuid)).startswith(f"vnc://{remote.ip}:")
+    from tests.conftest import serial_log
+
+    serial_log(machine.pk, "TINY-GUEST ready", timeout=120)
+    started = time.monotonic()
+    ws, width, height, name = rfb_session(console_proxy, machine, token_for(machine), 8)
+    assert name == f"QEMU ({machine.domain_name})".encode() and width >= 640
+    ws.close()
+    print(f"console on the SSH host: ServerInit {time.monotonic() - started:.2f} s after the request")
+    serial = WsClient(console_proxy, f"/serial/{machine.pk}?token={serial_token(machine)}")
+    try:
+        assert serial.status == 101
+        started = time.monotonic()
+        serial.send(b"\r")
+        assert b"# " in serial.read_until(b"# "), serial.data[-300:]
+        serial.send(b"echo SSH_$((6*7))\r")
+        assert b"SSH_42" in serial.read_until(b"SSH_42"), serial.data[-300:]
+        print(f"serial over SSH: a shell round trip {time.monotonic() - started:.2f} s after the upgrade")
+    finally:
+        serial.close()
