@@ -30,7 +30,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from hypervisors.drivers import get_driver
-from hypervisors.drivers.base import HypervisorDriver, HypervisorError
+from hypervisors.drivers.base import HypervisorDriver, HypervisorError, HypervisorFatalError
 from hypervisors.drivers.domxml import portal_domain
 from hypervisors.models import Hypervisor, HypervisorStatus
 from machines import tasks
@@ -74,8 +74,13 @@ def _listed(hv: Hypervisor, driver: HypervisorDriver) -> tuple[set[str], list[tu
     domains = set(driver.domains_observed().domains) - others
     volumes = []
     for pool in sorted(p["name"] for p in hv.pools if p.get("active")):
-        driver.refresh_pool(pool)  # a serial log written by QEMU shows as a volume only after a refresh
-        for name in driver.volume_names(pool):
+        try:
+            driver.refresh_pool(pool)  # a serial log written by QEMU shows as a volume only after a refresh
+            names = driver.volume_names(pool)
+        except HypervisorFatalError as e:  # stopped or removed since the last sync: the other pools still count
+            log.info("sweep of %s: pool %s: %s", hv.name, pool, e)
+            continue
+        for name in names:
             if m := VOLUME_NAME.match(name):
                 volumes.append((pool, name, m["uuid"]))
     return domains, volumes

@@ -173,6 +173,19 @@ def test_an_unreachable_host_keeps_what_was_recorded(django_capture_on_commit_ca
     assert Hypervisor.objects.get(pk=lab.pk).orphans == before
 
 
+def test_a_pool_gone_since_the_last_sync_does_not_hide_the_others(
+    django_capture_on_commit_callbacks, host, lab, settings
+):
+    settings.PORTAL_ORPHAN_GRACE = 0
+    machine = made(django_capture_on_commit_callbacks, lab)
+    Machine.objects.filter(pk=machine.pk).delete()
+    Hypervisor.objects.filter(pk=lab.pk).update(pools=[{**POOL, "name": "a-stopped-pool"}, POOL])
+
+    found = by_key(sweep(lab))
+
+    assert f"volume:default/{machine.disk_volume}" in found and f"domain:{machine.uuid}" in found
+
+
 def test_the_periodic_sweep_visits_every_enabled_online_hypervisor(django_capture_on_commit_callbacks, host, lab):
     down = HypervisorFactory(name="down", status="down")
     off = HypervisorFactory(name="off", enabled=False)
