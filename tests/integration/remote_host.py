@@ -179,6 +179,11 @@ def _free_subnet() -> ipaddress.IPv4Network:
     raise RuntimeError(f"no free /30 left in {SUBNETS}")
 
 
+# The one client the host's libvirtd lets in, as `manage.py lab_certs` prints it: the worker's certificate. Another
+# certificate from the same CA (say, an operator's) is refused.
+ALLOWED_CLIENT_DN = "O=AnsiStack Portal lab,CN=portal"
+
+
 @dataclass
 class RemoteTlsHost:
     name: str  # network namespace, ptls-<pid of the test run>[instance letter]
@@ -308,6 +313,7 @@ class RemoteTlsHost:
             cert_file = "{server / "servercert.pem"}"
             key_file = "{server / "serverkey.pem"}"
             tls_no_verify_certificate = 0
+            tls_allowed_dn_list = ["{ALLOWED_CLIENT_DN}"]
             auth_tls = "none"
             unix_sock_dir = "{w / "sock"}"
             unix_sock_ro_perms = "0777"

@@ -20,6 +20,7 @@ from machines import services
 from machines.models import Machine
 from tests.conftest import wait_for
 from tests.factories import UserFactory
+from tests.integration.remote_host import ALLOWED_CLIENT_DN
 
 pytestmark = pytest.mark.integration
 
@@ -199,6 +200,65 @@ def test_the_port_speaks_only_tls_and_only_to_the_labs_clients(remote_tls_host, 
         assert r.returncode != 0 and expected in r.stderr, r.stderr
         print(f"{pkipath.name}: {expected}")
 
+    # A certificate from the lab's own CA for another client (an operator's, say) passes TLS but not libvirtd's
+    # tls_allowed_dn_list, which names the worker's certificate alone (as lab_certs prints it).
+    intruder = same_ca_client(remote, tmp_path / "intruder", "intruder")
+    r = subprocess.run(
+        ["virsh", "-c", f"qemu+tls://{remote.ip}/system?pkipath={intruder}", "uri"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0, r.stdout
+    wait_for(lambda: "is not on the list of allowed clients" in remote.log_tail(20), 10)
+    assert f'tls_allowed_dn_list = ["{ALLOWED_CLIENT_DN}"]' in remote.lab_certs_output
+
     # And nothing listens in the clear.
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((remote.ip, 16509), timeout=10)
+
+
+def same_ca_client(remote, directory, name: str):
+    """A client certificate signed by the lab's CA for another common name, laid out for libvirt's pkipath."""
+    import datetime
+    import shutil
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_dir = remote.certs / "ca"
+    ca_cert = x509.load_pem_x509_certificate((ca_dir / "cacert.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((ca_dir / "cakey.pem").read_bytes(), password=None)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = datetime.datetime.now(datetime.UTC)
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "AnsiStack Portal lab"),
+            x509.NameAttribute(NameOID.COMMON_NAME, name),
+        ]
+    )
+    usage = x509.KeyUsage(True, False, True, False, False, False, False, False, False)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(usage, critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True)
+    shutil.copy(ca_dir / "cacert.pem", directory / "cacert.pem")
+    (directory / "clientcert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "clientkey.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        )
+    )
+    return directory

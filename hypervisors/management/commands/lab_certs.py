@@ -41,6 +41,9 @@ class LabCerts:
     client_dir: Path
 
 
+ORGANIZATION = "AnsiStack Portal lab"  # of every name the lab signs
+
+
 def files_of(directory: Path) -> LabCerts:
     return LabCerts(ca_dir=directory / "ca", server_dir=directory / "server", client_dir=directory / "client")
 
@@ -86,7 +89,7 @@ def make_lab_certs(
     ca_key = _key()
     ca_name = x509.Name(
         [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "AnsiStack Portal lab"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
             x509.NameAttribute(NameOID.COMMON_NAME, "AnsiStack Portal lab CA"),
         ]
     )
@@ -111,7 +114,7 @@ def make_lab_certs(
             .subject_name(
                 x509.Name(
                     [
-                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "AnsiStack Portal lab"),
+                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
                         x509.NameAttribute(NameOID.COMMON_NAME, cn),
                     ]
                 )
@@ -215,6 +218,7 @@ class Command(BaseCommand):
         self.stdout.write(
             f"CA:     {out.ca_dir} (keep cakey.pem off the hypervisors)\n"
             f"server: {out.server_dir} -> libvirtd.conf ca_file, cert_file, key_file; listen_tls = 1; libvirtd --listen\n"
+            f'        and, so that only this client gets in: tls_allowed_dn_list = ["O={ORGANIZATION},CN={client_name}"]\n'
             f"client: {out.client_dir}\n"
             f"URI:    qemu+tls://{host}/system?pkipath={out.client_dir.resolve()}\n"
         )
