@@ -18,8 +18,15 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 # pytest (8.2+) sets PYTEST_VERSION for the session and every process it starts,
 # so a test run never shares a database or a queue with a portal started by `make run`.
 TESTING = "PYTEST_VERSION" in os.environ
+
+# What the portal writes (database, queue, secret key, uploads, images, keys) is readable by its own user only:
+# every portal process (manage.py and its commands, gunicorn's config.wsgi) loads this module before it
+# creates a file, and the data directory itself is closed to others, which also covers files made before.
+os.umask(0o077)
 DATA_DIR = Path(os.getenv("PORTAL_DATA_DIR", str(BASE_DIR / "var" / ("test" if TESTING else "")))).resolve()
 DATA_DIR.mkdir(parents=True, exist_ok=True)
+if DATA_DIR.stat().st_uid == os.getuid() and DATA_DIR.stat().st_mode & 0o077:
+    DATA_DIR.chmod(0o700)
 
 
 def _secret_key() -> str:
