@@ -228,7 +228,7 @@ PORTAL_QEMU_IMG_MEMORY_MIB = envint("PORTAL_QEMU_IMG_MEMORY_MIB", "1024")
 # import has a deadline (seconds) and a size cap (bytes, and never over PORTAL_IMAGE_MAX_FILE_GIB).
 PORTAL_IMPORT_ALLOWED_NETWORKS = envlist("PORTAL_IMPORT_ALLOWED_NETWORKS", "")
 PORTAL_IMPORT_TIMEOUT = envint("PORTAL_IMPORT_TIMEOUT", "7200")
-PORTAL_IMPORT_MAX_BYTES = envint("PORTAL_IMPORT_MAX_BYTES", str(PORTAL_IMAGE_MAX_FILE_GIB << 30))
+PORTAL_IMPORT_MAX_BYTES = envint("PORTAL_IMPORT_MAX_BYTES", "53687091200")  # 50 GiB
 try:
     _import_networks = [ipaddress.ip_network(n, strict=False) for n in PORTAL_IMPORT_ALLOWED_NETWORKS]
 except ValueError as e:
