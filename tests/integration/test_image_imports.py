@@ -12,6 +12,8 @@ from tests.conftest import wait_for
 from tests.fake_http import FakeHttpServer, body, redirect
 from tests.images import test_images
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def redirector(file_server):

@@ -16,6 +16,8 @@ from hypervisors.models import Image
 from portal.models import ApiToken
 from tests.factories import UserFactory
 
+pytestmark = pytest.mark.integration
+
 BOUNDARY = "portalboundary"
 BODY_BYTES = 256 << 20  # announced; far more than any small limit
 CHUNK = 1 << 20
