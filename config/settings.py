@@ -132,6 +132,24 @@ LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "login"
 
+# Log-ins and API tokens (portal/throttle.py): failed attempts within PORTAL_LOGIN_LOCKOUT_MINUTES lock out one
+# user name from one address (PORTAL_LOGIN_MAX_FAILURES), one user name from everywhere (..._PER_USER) and one
+# address, password and token failures alike (..._PER_ADDRESS), until the oldest of them is that old.
+PORTAL_LOGIN_LOCKOUT_MINUTES = envint("PORTAL_LOGIN_LOCKOUT_MINUTES", "15")
+PORTAL_LOGIN_MAX_FAILURES = envint("PORTAL_LOGIN_MAX_FAILURES", "5")
+PORTAL_LOGIN_MAX_FAILURES_PER_USER = envint("PORTAL_LOGIN_MAX_FAILURES_PER_USER", "20")
+PORTAL_LOGIN_MAX_FAILURES_PER_ADDRESS = envint("PORTAL_LOGIN_MAX_FAILURES_PER_ADDRESS", "50")
+if (
+    min(PORTAL_LOGIN_LOCKOUT_MINUTES, PORTAL_LOGIN_MAX_FAILURES) < 1
+    or min(PORTAL_LOGIN_MAX_FAILURES_PER_USER, PORTAL_LOGIN_MAX_FAILURES_PER_ADDRESS) < PORTAL_LOGIN_MAX_FAILURES
+):
+    raise ImproperlyConfigured(
+        "PORTAL_LOGIN_LOCKOUT_MINUTES and PORTAL_LOGIN_MAX_FAILURES are at least 1, and the per-user and "
+        "per-address limits at least PORTAL_LOGIN_MAX_FAILURES"
+    )
+# The throttle refuses a locked-out log-in before the password is checked; it authenticates nobody.
+AUTHENTICATION_BACKENDS = ["portal.throttle.LoginThrottleBackend", "django.contrib.auth.backends.ModelBackend"]
+
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = os.getenv("PORTAL_TIME_ZONE", "UTC")
 USE_I18N = True

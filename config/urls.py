@@ -11,6 +11,7 @@ from machines import views as machine_views
 from machines.api import HypervisorMaintenanceViewSet, MachineViewSet
 from portal import account
 from portal.api import AuditEventViewSet
+from portal.throttle import ThrottledAuthenticationForm
 
 router = DefaultRouter()
 router.register("hypervisors", HypervisorViewSet, basename="hypervisor")
@@ -24,7 +25,9 @@ urlpatterns = [
     path(
         "login/",
         auth_views.LoginView.as_view(
-            redirect_authenticated_user=True, extra_context={"self_registration": settings.PORTAL_SELF_REGISTRATION}
+            authentication_form=ThrottledAuthenticationForm,
+            redirect_authenticated_user=True,
+            extra_context={"self_registration": settings.PORTAL_SELF_REGISTRATION},
         ),
         name="login",
     ),

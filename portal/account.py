@@ -158,6 +158,6 @@ def signup(request) -> HttpResponse:
             form.cleaned_data["username"], password=form.cleaned_data["password1"]
         )
         audit.record("user.signup", user, request=request, user=user)
-        login(request, user)
+        login(request, user, backend="django.contrib.auth.backends.ModelBackend")  # the throttle is no backend
         return redirect("home")
     return render(request, "registration/signup.html", {"form": form})

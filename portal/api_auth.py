@@ -3,7 +3,7 @@ import re
 from django.utils import timezone
 from rest_framework import authentication, exceptions, permissions
 
-from portal import audit
+from portal import audit, throttle
 from portal.models import TOKEN_PREFIX_LEN, ApiToken, hash_token
 
 
@@ -12,6 +12,7 @@ class ApiTokenAuthentication(authentication.TokenAuthentication):
     may only read, whatever the view (the check is here, so no viewset can forget it)."""
 
     def authenticate(self, request):
+        self.address = audit.client_address(request)
         result = super().authenticate(request)
         if result is not None and result[1].read_only and request.method not in permissions.SAFE_METHODS:
             user, token = result
@@ -23,10 +24,18 @@ class ApiTokenAuthentication(authentication.TokenAuthentication):
         return result
 
     def authenticate_credentials(self, key: str):
+        address = getattr(self, "address", None)
+        lock = throttle.lock_for(address=address)
+        if lock is not None:  # refused before the key is looked up: a locked address learns nothing more
+            audit.record("login.token", outcome="refused", detail=f"locked out: {lock.reason}")
+            raise LockedOut(lock)
         try:
             token = ApiToken.objects.select_related("user").get(key_hash=hash_token(key))
         except ApiToken.DoesNotExist:
             audit.record("login.token", outcome="refused", detail=_unknown(key))
+            # Only a key that matches no token counts towards a lock: an expired or revoked one was not guessed,
+            # and a forgotten cron job using one must not lock its whole address out.
+            throttle.failure_record(address=address, kind="token")
             raise exceptions.AuthenticationFailed("Invalid token.") from None
         if not token.user.is_active:
             audit.record("login.token", token, outcome="refused", detail="user inactive", username=token.user.username)
@@ -36,6 +45,14 @@ class ApiTokenAuthentication(authentication.TokenAuthentication):
             raise exceptions.AuthenticationFailed("Token expired.")
         ApiToken.objects.filter(pk=token.pk).update(last_used=timezone.now())
         return token.user, token
+
+
+class LockedOut(exceptions.Throttled):
+    """429, with Retry-After, and the same words as the login page."""
+
+    def __init__(self, lock: throttle.Lock) -> None:
+        exceptions.APIException.__init__(self, lock.message(), "locked_out")
+        self.wait = lock.seconds
 
 
 def _unknown(key: str) -> str:

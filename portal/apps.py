@@ -7,8 +7,13 @@ class PortalConfig(AppConfig):
 
     def ready(self) -> None:
         from django.conf import settings
+        from django.contrib import admin
 
-        from portal import audit  # connects the login/logout and token-deletion receivers
+        # Importing these connects their receivers: audit's login, logout and token deletion; throttle's
+        # failed-login counting.
+        from portal import audit, throttle
+
+        admin.site.login_form = throttle.ThrottledAdminAuthenticationForm
 
         audit.track(
             settings.AUTH_USER_MODEL,

@@ -91,10 +91,11 @@ def _logged_out(sender, request, user, **kwargs) -> None:
 
 @receiver(user_login_failed)
 def _login_failed(sender, credentials, request=None, **kwargs) -> None:
+    lock = getattr(request, "login_lock", None)  # set by portal.throttle when a lock refused it unchecked
     record(
         "login",
         outcome="refused",
-        detail="wrong user name or password",
+        detail=f"locked out: {lock.reason}" if lock is not None else "wrong user name or password",
         request=request,
         username=str(credentials.get("username", ""))[:150],
     )

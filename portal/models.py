@@ -72,6 +72,24 @@ def _revoke_api_tokens_on_new_credentials(sender, instance, raw=False, update_fi
         ApiToken.objects.filter(user=instance).delete()
 
 
+class FailedLogin(models.Model):
+    """A failed log-in or unknown API token, kept while it counts towards a lock (portal/throttle.py)."""
+
+    created = models.DateTimeField(auto_now_add=True, db_index=True)
+    username = models.CharField(max_length=150, blank=True)  # as typed, lower case; empty for a token
+    address = models.GenericIPAddressField(null=True, blank=True)
+    kind = models.CharField(max_length=8, choices=[("password", "password"), ("token", "API token")])
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["username", "address", "created"], name="failedlogin_pair"),
+            models.Index(fields=["address", "created"], name="failedlogin_address"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.created:%Y-%m-%d %H:%M:%S} {self.kind} {self.username or '-'} from {self.address}"
+
+
 class AuditRowImmutable(Exception):
     """An audit row was to be changed or deleted: the trail is append-only, for code as for people."""
 
