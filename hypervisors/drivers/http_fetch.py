@@ -93,22 +93,37 @@ def refusal(address: str, allowed: Iterable[Network]) -> str | None:
     )
 
 
-def _resolve(host: str, port: int) -> list[str]:
-    """The addresses `host` resolves to, in the resolver's order, once."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise FetchError(f"cannot resolve {host}: {e.strerror}") from None
+def _resolve(host: str, port: int, timeout: float) -> list[str]:
+    """The addresses `host` resolves to, in the resolver's order, once. getaddrinfo has no timeout of its own: it
+    runs in a thread the import stops waiting for."""
+    found: dict[str, object] = {}
+
+    def lookup() -> None:
+        try:
+            found["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            found["error"] = e
+
+    thread = threading.Thread(target=lookup, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise FetchRefused(f"resolving {host} took too long (over {timeout:.0f} s)")
+    if "error" in found:
+        error = found["error"]
+        raise FetchError(f"cannot resolve {host}: {getattr(error, 'strerror', None) or error}")
+    infos = found["infos"]
+    assert isinstance(infos, list)
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-def _checked_address(host: str, port: int, allowed: list[Network]) -> str:
+def _checked_address(host: str, port: int, allowed: list[Network], timeout: float) -> str:
     """The first address of `host` that may be reached; refused if none may (naming the first refusal)."""
     try:
         ipaddress.ip_address(host)
         addresses = [host]
     except ValueError:
-        addresses = _resolve(host, port)
+        addresses = _resolve(host, port, timeout)
     reasons = []
     for address in addresses:
         reason = refusal(address, allowed)
@@ -129,7 +144,7 @@ class _Hop:
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
             raise FetchError(f"bad port in {url[:100]!r}") from None
-        self.address = _checked_address(parts.hostname, port, allowed)
+        self.address = _checked_address(parts.hostname, port, allowed, timeout)
         self.sock: socket.socket | None = None
         conn: http.client.HTTPConnection
         if parts.scheme == "https":

@@ -2,6 +2,9 @@
 it checked, and keeps an overall deadline and a size cap."""
 
 import socket
+import ssl
+import subprocess
+import threading
 import time
 
 import pytest
@@ -206,3 +209,68 @@ def test_a_body_shorter_than_announced_fails(server):
 def test_an_error_status_is_reported(server):
     with pytest.raises(FetchError, match="answered 404"):
         _get(f"{server.url}/missing")
+
+
+@pytest.fixture
+def tls_server(tmp_path):
+    """An https server on 127.0.0.2 with a self-signed certificate for images.example; records the SNI names."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=images.example"]
+        + ["-addext", "subjectAltName=DNS:images.example", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    names: list[str | None] = []
+    context.sni_callback = lambda sock, name, ctx: names.append(name)
+    listener = socket.create_server(("127.0.0.2", 0))
+    port = listener.getsockname()[1]
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                with context.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(65536)
+                    tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nsecret")
+            except (OSError, ssl.SSLError):
+                pass  # a client that refused the certificate
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield port, cert, names
+    listener.close()
+
+
+@pytest.fixture
+def images_example(monkeypatch):
+    def resolve(host, port, *args, **kwargs):
+        assert host == "images.example"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.2", port))]
+
+    monkeypatch.setattr(http_fetch.socket, "getaddrinfo", resolve)
+
+
+def test_https_connects_to_the_checked_address_and_verifies_the_name(tls_server, images_example, monkeypatch):
+    port, cert, names = tls_server
+    with pytest.raises(FetchError, match="CERTIFICATE_VERIFY_FAILED"):  # self-signed: the system's CAs refuse it
+        _get(f"https://images.example:{port}/img")
+    trusting = ssl.create_default_context
+    monkeypatch.setattr(http_fetch.ssl, "create_default_context", lambda: trusting(cafile=str(cert)))
+    assert _get(f"https://images.example:{port}/img") == b"secret"
+    assert names == ["images.example", "images.example"]  # SNI carries the name; TCP went to 127.0.0.2
+
+
+def test_a_resolver_that_never_answers_is_bounded_by_the_deadline(monkeypatch):
+    def hang(*args, **kwargs):
+        time.sleep(30)
+
+    monkeypatch.setattr(http_fetch.socket, "getaddrinfo", hang)
+    started = time.monotonic()
+    with pytest.raises(FetchRefused, match="resolving slow.example took too long"):
+        _get("http://slow.example/disk.raw", timeout_s=1)
+    assert time.monotonic() - started < 3
