@@ -1,4 +1,4 @@
-from django.apps import AppConfig
+from django.apps import AppConfig, apps
 
 
 class PortalConfig(AppConfig):
@@ -22,3 +22,6 @@ class PortalConfig(AppConfig):
             flags=["is_active", "is_staff", "is_superuser"],
             secret=["password"],
         )
+        user_model = apps.get_model(settings.AUTH_USER_MODEL)
+        audit.track_m2m(user_model, "groups", prefix="user")
+        audit.track_m2m(user_model, "user_permissions", prefix="user")

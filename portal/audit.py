@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db.models.signals import post_delete, post_save, pre_save
+from django.db.models.signals import m2m_changed, post_delete, post_save, pre_save
 from django.dispatch import receiver
 
 from portal.refusals import Refusal
@@ -202,6 +202,25 @@ def track(model, *, prefix: str, fields: Sequence[str], flags: Sequence[str] = (
     pre_save.connect(before, sender=model, weak=False, dispatch_uid=f"audit-before-{prefix}")
     post_save.connect(after, sender=model, weak=False, dispatch_uid=f"audit-after-{prefix}")
     post_delete.connect(deleted, sender=model, weak=False, dispatch_uid=f"audit-delete-{prefix}")
+
+
+def track_m2m(model, field: str, *, prefix: str) -> None:
+    """Record additions to and removals from a many-to-many field (a user's groups and permissions: privileges
+    too, so `<prefix>.flags`), from the model's side."""
+    through = getattr(model, field).through
+
+    def changed(sender, instance, action, reverse, pk_set, **kwargs) -> None:
+        if reverse or action not in ("post_add", "post_remove", "pre_clear"):
+            return
+        if action == "pre_clear":  # what is about to go, named before it goes
+            names = [str(o) for o in getattr(instance, field).all()]
+        else:  # kwargs["model"]: the related model (Group, Permission)
+            names = [str(o) for o in kwargs["model"]._base_manager.filter(pk__in=pk_set or ())]
+        if names:
+            verb = "added" if action == "post_add" else "removed"
+            record(f"{prefix}.flags", instance, detail=f"{field} {verb}: {', '.join(sorted(names))}")
+
+    m2m_changed.connect(changed, sender=through, weak=False, dispatch_uid=f"audit-m2m-{prefix}-{field}")
 
 
 def _value(instance, field: str):

@@ -9,6 +9,7 @@ from datetime import timedelta
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
 from django.http import StreamingHttpResponse
 from django.test import Client
 from django.utils import timezone
@@ -127,6 +128,7 @@ def test_admin_edits_of_users_are_recorded_with_the_staff_flags_called_out(staff
         "email": "newbie@example.org",
         "is_active": "on",
         "is_staff": "on",
+        "groups": [Group.objects.create(name="ops").pk],
         "date_joined_0": "2026-01-01",
         "date_joined_1": "00:00:00",
     }
@@ -141,12 +143,14 @@ def test_admin_edits_of_users_are_recorded_with_the_staff_flags_called_out(staff
     assert [(e.action, e.username, e.address) for e in rows] == [
         ("user.create", staff.username, "192.0.2.44"),
         ("user.flags", staff.username, "192.0.2.44"),
+        ("user.flags", staff.username, "192.0.2.44"),
         ("user.update", staff.username, "192.0.2.44"),
         ("user.delete", staff.username, "192.0.2.44"),
     ]
     flags = rows[1].detail
     assert "is_staff: False -> True" in flags and "email:  -> newbie@example.org" in flags
-    assert rows[2].detail == "password changed"  # never the hash
+    assert rows[2].detail == "groups added: ops"
+    assert rows[3].detail == "password changed"  # never the hash
     assert not AuditEvent.objects.filter(detail__contains="pbkdf2").exists()
 
 
