@@ -7,6 +7,7 @@ and a secret key generated once and kept there.
 import ipaddress
 import os
 import secrets
+import sys
 from pathlib import Path
 
 import dj_database_url
@@ -22,7 +23,10 @@ TESTING = "PYTEST_VERSION" in os.environ
 # What the portal writes (database, queue, secret key, uploads, images, keys) is readable by its own user only:
 # every portal process (manage.py and its commands, gunicorn's config.wsgi) loads this module before it
 # creates a file, and the data directory itself is closed to others, which also covers files made before.
-os.umask(0o077)
+# The test harness keeps its caller's umask (its fixtures make TFTP roots for dnsmasq, which drops privileges);
+# the portal processes it starts do not import pytest and get the portal's.
+if "pytest" not in sys.modules:
+    os.umask(0o077)
 DATA_DIR = Path(os.getenv("PORTAL_DATA_DIR", str(BASE_DIR / "var" / ("test" if TESTING else "")))).resolve()
 DATA_DIR.mkdir(parents=True, exist_ok=True)
 if DATA_DIR.stat().st_uid == os.getuid() and DATA_DIR.stat().st_mode & 0o077:

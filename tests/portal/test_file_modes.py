@@ -47,11 +47,11 @@ def test_each_file_a_run_creates_is_the_portals_users_only(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "PORTAL_REDIS_URL", "PORTAL_SECRET_KEY")}
     env |= {"PORTAL_DATA_DIR": str(data), "PORTAL_HUEY_IMMEDIATE": "False"}
     env.pop("PYTEST_VERSION", None)  # as a deployment runs: no test settings
-    os.umask(0o022)  # the usual umask of whoever starts the portal; the portal must not depend on it
+    before = os.umask(0o022)  # the usual umask of whoever starts the portal; the portal must not depend on it
     try:
         image_file, spooled_mode = _run(env, "shell", "-c", START_UPLOAD_AND_QUEUE).splitlines()[-1].split()
     finally:
-        os.umask(0o077)
+        os.umask(before)
     made = [data, *data.rglob("*")]
     names = {p.relative_to(data).as_posix() for p in made if p != data}
     for expected in ("secret_key", "portal.sqlite3", "huey.sqlite3", f"images/{image_file}", "uploads"):
