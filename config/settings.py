@@ -50,9 +50,17 @@ SECRET_KEY = _secret_key()
 DEBUG = envbool("PORTAL_DEBUG", "False")
 ALLOWED_HOSTS = envlist("PORTAL_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
 CSRF_TRUSTED_ORIGINS = envlist("PORTAL_CSRF_TRUSTED_ORIGINS", "")
+# Security headers (portal/security.py writes the Content-Security-Policy): no page framed, no MIME sniffing,
+# referrers sent only to the portal itself; behind TLS, cookies only over TLS and HSTS for PORTAL_HSTS_SECONDS
+# (0: none), sent by Django's SecurityMiddleware on the requests the proxy says came over https.
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+PORTAL_HSTS_SECONDS = envint("PORTAL_HSTS_SECONDS", "31536000")
 if envbool("PORTAL_BEHIND_TLS_PROXY", "False"):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = PORTAL_HSTS_SECONDS
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -76,6 +84,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "portal.security.ContentSecurityPolicyMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",

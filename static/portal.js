@@ -9,6 +9,44 @@
   document.addEventListener("DOMContentLoaded", function () { stickToBottom(document); });
   document.body && document.body.addEventListener("htmx:afterSettle", function () { stickToBottom(document); });
 
+  // What inline handlers did before the Content-Security-Policy forbade them (portal/security.py).
+  // A form or a button with data-confirm asks first; in a form's question, "{action}" is the text of its
+  // selected action. Capturing on the document runs this before any other submit handler (htmx, uploads).
+  function confirmed(question, form) {
+    var select = form && form.querySelector("select[name=action]");
+    if (select) question = question.replace("{action}", select.options[select.selectedIndex].text);
+    return window.confirm(question);
+  }
+  document.addEventListener("click", function (event) {
+    var button = event.target.closest && event.target.closest("button[data-confirm]");
+    if (button && !button.disabled && !confirmed(button.dataset.confirm, null)) {
+      event.preventDefault();
+      event.stopImmediatePropagation();
+    }
+  }, true);
+  document.addEventListener("submit", function (event) {
+    var form = event.target;
+    if (form.dataset.confirm && !confirmed(form.dataset.confirm, form)) {
+      event.preventDefault();
+      event.stopImmediatePropagation();
+    }
+  }, true);
+  // A checkbox with data-select-all="<selector>" sets every box the selector finds.
+  document.addEventListener("change", function (event) {
+    var box = event.target;
+    if (!box.matches("input[data-select-all]")) return;
+    document.querySelectorAll(box.dataset.selectAll).forEach(function (c) { c.checked = box.checked; });
+  });
+  // An image with data-hide-on-error disappears when it cannot load (error events do not bubble: captured),
+  // also when it failed before this script ran.
+  function hideIfBroken(img) { img.style.visibility = "hidden"; }
+  document.addEventListener("error", function (event) {
+    if (event.target.matches && event.target.matches("img[data-hide-on-error]")) hideIfBroken(event.target);
+  }, true);
+  document.querySelectorAll("img[data-hide-on-error]").forEach(function (img) {
+    if (img.complete && img.naturalWidth === 0) hideIfBroken(img);
+  });
+
   // Upload with a progress bar: forms marked data-upload-progress post by XHR.
   document.addEventListener("submit", function (event) {
     var form = event.target;

@@ -36,5 +36,10 @@ def page(browser):
     context = browser.new_context(viewport={"width": 1280, "height": 860})
     page = context.new_page()
     page.set_default_timeout(30_000)
+    # Chromium logs each Content-Security-Policy violation to the console: any one fails the test, so every
+    # browser test also shows that its pages run whole under the policy (portal/security.py).
+    violations: list[str] = []
+    page.on("console", lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None)
     yield page
     context.close()
+    assert not violations, f"Content-Security-Policy violations: {violations}"

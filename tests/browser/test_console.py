@@ -60,7 +60,7 @@ def open_console(page, status: str = "Connected") -> None:
     """From a machine page: open its console, wait until connected with `status` and the guest's screen
     drawn, and focus the canvas for typing."""
     page.locator("#btn-console").click()
-    page.wait_for_function("window.portalConsole && window.portalConsole.state === 'connected'", timeout=30_000)
+    page.wait_for_function("() => window.portalConsole && window.portalConsole.state === 'connected'", timeout=30_000)
     expect(page.locator("#console-status")).to_have_text(status)
     wait_for(lambda: screen_drawn(page), 20, message="the console canvas stayed blank")
     page.locator("#console-screen canvas").click()
@@ -105,7 +105,7 @@ def test_one_time_console_url_from_the_api_works_once_without_a_session(
     context = browser.new_context(viewport={"width": 1024, "height": 700})  # no portal session
     page = context.new_page()
     page.goto(body["url"])
-    page.wait_for_function("window.portalConsole && window.portalConsole.state === 'connected'", timeout=30_000)
+    page.wait_for_function("() => window.portalConsole && window.portalConsole.state === 'connected'", timeout=30_000)
     assert "#" not in page.url  # the credential left the address bar and history
     wait_for(lambda: screen_drawn(page), 20)
     page.screenshot(path=str(ARTIFACTS / "browser-console-one-time-url.png"))
@@ -115,7 +115,7 @@ def test_one_time_console_url_from_the_api_works_once_without_a_session(
 
     page.locator("#btn-reconnect").click()
     wait_for(lambda: ConsoleSession.objects.filter(machine=running_iso).count() == 2, 15, message="no reconnect")
-    page.wait_for_function("window.portalConsole.state === 'connected'", timeout=15_000)
+    page.wait_for_function("() => window.portalConsole.state === 'connected'", timeout=15_000)
     assert len({s.token_id for s in ConsoleSession.objects.filter(machine=running_iso)}) == 1
     context.close()
 
@@ -130,7 +130,7 @@ def test_one_time_console_url_from_the_api_works_once_without_a_session(
     context = browser.new_context()
     page = context.new_page()
     page.goto(body["url"])
-    page.wait_for_function("window.portalConsole && window.portalConsole.state === 'failed'", timeout=30_000)
+    page.wait_for_function("() => window.portalConsole && window.portalConsole.state === 'failed'", timeout=30_000)
     context.close()
 
 
@@ -138,22 +138,22 @@ def test_serial_console_in_xterm_is_an_interactive_shell(page, web_server, conso
     login(page, web_server, "consoler", "correct-horse-battery")
     page.goto(f"{web_server}{running_iso.get_absolute_url()}")
     page.locator("#btn-serial").click()
-    page.wait_for_function("window.portalConsole && window.portalConsole.state === 'connected'", timeout=30_000)
+    page.wait_for_function("() => window.portalConsole && window.portalConsole.state === 'connected'", timeout=30_000)
     expect(page.locator("#console-status")).to_have_text("Connected")
     page.locator("#serial-screen").click()
     page.keyboard.press("Enter")
-    page.wait_for_function("window.portalConsole.text().includes('# ')", timeout=20_000)
+    page.wait_for_function("() => window.portalConsole.text().includes('# ')", timeout=20_000)
     page.keyboard.type("echo XTERM_$((6*7)) $(hostname)\n")
-    page.wait_for_function("window.portalConsole.text().includes('XTERM_42 tiny')", timeout=20_000)
+    page.wait_for_function("() => window.portalConsole.text().includes('XTERM_42 tiny')", timeout=20_000)
     assert "XTERM_42 tiny" in serial_log(running_iso.pk, "XTERM_42")  # the guest's own serial log has it too
     page.screenshot(path=str(ARTIFACTS / "browser-serial-console.png"))
     # While this page holds the serial port, a second page is refused and says why; it can take the port over.
     other = page.context.new_page()
     other.goto(f"{web_server}/machines/{running_iso.pk}/serial/")
-    other.wait_for_function("window.portalConsole && window.portalConsole.state === 'failed'", timeout=30_000)
+    other.wait_for_function("() => window.portalConsole && window.portalConsole.state === 'failed'", timeout=30_000)
     expect(other.locator("#console-status")).to_contain_text("Active console session")
     other.get_by_role("button", name="Take over").click()
-    other.wait_for_function("window.portalConsole.state === 'connected'", timeout=30_000)
-    page.wait_for_function("window.portalConsole.state !== 'connected'", timeout=30_000)  # the first one let go
+    other.wait_for_function("() => window.portalConsole.state === 'connected'", timeout=30_000)
+    page.wait_for_function("() => window.portalConsole.state !== 'connected'", timeout=30_000)  # the first one let go
     other.screenshot(path=str(ARTIFACTS / "browser-serial-take-over.png"))
     other.close()

@@ -54,7 +54,7 @@ def test_new_user_self_service(browser, page, web_server, console_proxy, local, 
     expect(page.locator("#machine-events")).to_contain_text("placed on local")  # "any hypervisor"
 
     page.locator("#btn-console").click()
-    page.wait_for_function("window.portalConsole && window.portalConsole.state === 'connected'", timeout=30_000)
+    page.wait_for_function("() => window.portalConsole && window.portalConsole.state === 'connected'", timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "browser-self-service-console.png"))
 
     # Another user's machine does not exist for this user.
