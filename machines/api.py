@@ -276,7 +276,9 @@ class MigrateSerializer(serializers.Serializer):
     hypervisor = NameOrIdField(
         queryset=Hypervisor.objects.all(), required=False, allow_null=True, help_text="Left out: placement picks."
     )
-    live = serializers.BooleanField(default=False, help_text="Not available yet: moves are cold.")
+    live = serializers.BooleanField(
+        default=False, help_text="A running machine moves while it runs (its disks' own data and memory copied)."
+    )
     restart = serializers.BooleanField(
         default=False, help_text="A running machine: shut it down, move it, start it on the target."
     )
@@ -405,6 +407,12 @@ class MachineViewSet(
             live=s.validated_data["live"],
             restart=s.validated_data["restart"],
         )
+
+    @extend_schema(request=None)
+    @action(detail=True, methods=["post"], url_path="migrate/cancel")
+    def migrate_cancel(self, request, pk=None):
+        """Call off a live move under way: the machine runs on where it was."""
+        return self._act(services.machine_migrate_cancel)
 
     @extend_schema(request=None, responses={200: ConsoleUrlSerializer})
     @action(detail=True, methods=["post"])

@@ -16,7 +16,7 @@ from django.conf import settings
 
 from hypervisors.drivers.base import HypervisorDriver, HypervisorFatalError
 from hypervisors.drivers.qemu_img import ImageRejected, rebase_header
-from hypervisors.models import Image
+from hypervisors.models import Image, ImageCopy
 from machines import provisioning
 from machines.models import Machine
 from machines.states import DeployType
@@ -98,3 +98,32 @@ def copy_disks(machine: Machine, moved: Machine, source: HypervisorDriver, targe
         image = Image.objects.filter(pk=entry["image"]).first() if entry.get("image") else None
         copy(machine.extra_disk_volume(i), image)
     return done
+
+
+def prepare_live(
+    machine: Machine, moved: Machine, source: HypervisorDriver, target: HypervisorDriver
+) -> dict[str, str]:
+    """What a live move needs on the target before the call (HypervisorDriver.migrate_live): every disk the domain
+    writes made empty there by the same steps as a create (an overlay over the target's copy of the image, copied
+    first if needed; blank and extra disks thin, at their sizes), the read-only files made whole (the seed again,
+    same instance-id; the ISOs in the drives copied), the host guards written with the target's addresses. Returns
+    each file path of the domain on the source mapped to its place on the target."""
+    provisioning.ensure_host_guards(moved, target)
+    here, far = source.pool_path(machine.pool), target.pool_path(moved.pool)
+    names = [machine.disk_volume, machine.serial_volume]
+    if machine.deploy_type == DeployType.IMAGE:
+        provisioning.ensure_disk(moved, target, provisioning.ensure_image(moved, target))
+        provisioning.ensure_seed(moved, target)
+        names.append(machine.seed_volume)
+    else:
+        provisioning.ensure_blank_disk(moved, target)
+    provisioning.ensure_extra_disks(moved, target)
+    names += [machine.extra_disk_volume(i) for i in range(len(provisioning.extra_disk_entries(machine)))]
+    paths = {f"{here}/{name}": f"{far}/{name}" for name in names}
+    for cdrom in machine.cdroms.select_related("image"):
+        if cdrom.image is not None:
+            there = provisioning.ensure_image(moved, target, cdrom.image)
+            copy = ImageCopy.objects.filter(image=cdrom.image, hypervisor=machine.hypervisor, pool=machine.pool).first()
+            if copy is not None:
+                paths[copy.path] = there
+    return paths

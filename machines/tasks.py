@@ -109,10 +109,10 @@ def console_auth_upgrade_task(hypervisor_id: int) -> None:
 
 
 @db_task()
-def machine_migrate_task(machine_id: int, target_id: int, restart: bool = False) -> None:
+def machine_migrate_task(machine_id: int, target_id: int, restart: bool = False, live: bool = False) -> None:
     from machines.services import machine_migrate_run
 
-    machine_migrate_run(machine_id, target_id, restart)
+    machine_migrate_run(machine_id, target_id, restart, live)
 
 
 @on_startup()

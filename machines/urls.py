@@ -16,6 +16,7 @@ urlpatterns = [
     path("<int:pk>/protection/", views.machine_protect, name="protect"),
     path("<int:pk>/autostart/", views.machine_autostart, name="autostart"),
     path("<int:pk>/migrate/", views.machine_migrate, name="migrate"),
+    path("<int:pk>/migrate/cancel/", views.machine_migrate_cancel, name="migrate-cancel"),
     path("hypervisors/<int:pk>/maintenance/", views.hypervisor_maintenance, name="hypervisor-maintenance"),
     path("hypervisors/<int:pk>/evacuate/", views.hypervisor_evacuate, name="hypervisor-evacuate"),
     path("<int:pk>/delete/", views.machine_delete, name="delete"),

@@ -294,11 +294,14 @@ def machine_migrate(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     if target_id and target is None:
         messages.error(request, "No such hypervisor.")
         return redirect(machine)
-    restart = request.POST.get("restart") == "1"
+    how = request.POST.get("how", "")  # a running machine: "live", or "restart" (shut down, moved, started)
+    restart, live = how == "restart", how == "live"
     moved_to: list[str] = []
 
     def move() -> None:
-        target_hv = services.machine_migrate(machine=machine, actor=request.user, hypervisor=target, restart=restart)
+        target_hv = services.machine_migrate(
+            machine=machine, actor=request.user, hypervisor=target, restart=restart, live=live
+        )
         moved_to.append(target_hv.name)
 
     response = _act(request, machine, move)
@@ -307,6 +310,18 @@ def machine_migrate(request: HtmxHttpRequest, pk: int) -> HttpResponse:
             request, f"Moving {machine.name} to {moved_to[0]}: its disks are copied, then it is defined there."
         )
     return response
+
+
+@login_required
+@require_POST
+def machine_migrate_cancel(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    machine = _get_machine_for_user(request, pk)
+    return _act(
+        request,
+        machine,
+        lambda: services.machine_migrate_cancel(machine=machine, actor=request.user),
+        f"Cancelling the move of {machine.name}: it runs on where it is.",
+    )
 
 
 @staff_required

@@ -96,6 +96,7 @@ MATRIX = {
     "machines:protect": ("post", "vm", {"protected": "0"}, on_machine(302, "admin")),
     "machines:autostart": ("post", "vm", {"enabled": "0"}, on_machine(302, "admin")),
     "machines:migrate": ("post", "vm", {"hypervisor": ""}, {**on_machine(302, "admin"), **MOVES}),
+    "machines:migrate-cancel": ("post", "vm", None, {**on_machine(302, "admin"), **MOVES}),
     "machines:delete": ("get", "vm", None, on_machine(200, "admin")),
     "machines:hypervisor-maintenance": ("post", "hv", {"maintenance": "0"}, ok(302, **STAFF_ONLY)),
     "machines:hypervisor-evacuate": ("post", "hv", None, ok(302, **STAFF_ONLY)),
@@ -131,6 +132,7 @@ MATRIX = {
     "machine-protection": ("post", "vm", {"deletion_protection": False}, on_machine(200, "admin", api=True)),
     "machine-autostart": ("post", "vm", {"autostart": False}, on_machine(200, "admin", api=True)),
     "machine-migrate": ("post", "vm", {}, {**on_machine(400, "admin", api=True), **MOVES}),  # no other host
+    "machine-migrate-cancel": ("post", "vm", None, {**on_machine(409, "admin", api=True), **MOVES}),  # none under way
     "machine-media": ("post", "iso", {"slot": 0, "image": None}, on_machine(202, "operate", api=True)),
     "machine-boot-cdrom": ("post", "iso", None, on_machine(202, "operate", api=True)),
     "machine-bmc": ("get", "metal", None, on_machine(200, "admin", api=True)),

@@ -24,6 +24,7 @@ from machines.services.migration import (
     hypervisor_evacuate,
     hypervisor_set_maintenance,
     machine_migrate,
+    machine_migrate_cancel,
     machine_migrate_run,
 )
 from machines.services.observation import (
@@ -99,6 +100,7 @@ __all__ = [
     "machine_grow_disk",
     "machine_grow_disk_run",
     "machine_migrate",
+    "machine_migrate_cancel",
     "machines_resume_dead_attempts",
     "machine_migrate_run",
     "machine_power",

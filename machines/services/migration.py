@@ -14,7 +14,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from hypervisors.drivers import get_driver
-from hypervisors.drivers.base import HypervisorDriver, HypervisorError
+from hypervisors.drivers.base import HypervisorDriver, HypervisorError, MigrationAborted
 from hypervisors.drivers.base import PowerState as DomainState
 from hypervisors.models import Hypervisor
 from hypervisors.offers import offers_for
@@ -54,10 +54,12 @@ def machine_migrate(
     A running machine is refused unless `restart`: then it is shut down, moved and started on the target.
     Returns the target."""
     policy.require(actor, machine, "migrate")
-    if live:
-        raise MachineError("Live migration is not available yet: move it cold (restart: shut down, move, start).")
     machine = _lock_for_allocation(machine)
-    if machine.power_state == PowerState.RUNNING and not restart:
+    if live and machine.power_state != PowerState.RUNNING:
+        raise MachineError(f"{machine.name} is not running: a live move is for a running machine; move it cold.")
+    if live and machine.firmware == "uefi":
+        raise MachineError(f"{machine.name} boots UEFI, whose variables a live move does not carry: move it cold.")
+    if machine.power_state == PowerState.RUNNING and not (restart or live):
         raise MachineError(
             f"{machine.name} is running; shut it down first, or ask for a restart (shut down, moved, started there)."
         )
@@ -94,12 +96,24 @@ def machine_migrate(
         ) from None
     _claim_operation(machine, "migrate")
     Machine.objects.filter(pk=machine.pk).update(moving_to=target)
-    machine.log("migrate", f"move to {target.name} requested (cold{', restarted there' if restart else ''})")
-    _enqueue(tasks.machine_migrate_task, machine.pk, target.pk, restart)
+    how = "live" if live else f"cold{', restarted there' if restart else ''}"
+    machine.log("migrate", f"move to {target.name} requested ({how})")
+    _enqueue(tasks.machine_migrate_task, machine.pk, target.pk, restart, live)
     return target
 
 
-def machine_migrate_run(machine_id: int, target_id: int, restart: bool = False) -> None:
+@audited("machine.migrate_cancel", obj_kwarg="machine")
+@transaction.atomic
+def machine_migrate_cancel(*, machine: Machine, actor) -> None:
+    """Call off a live move under way: the worker aborts it and the machine runs on where it was. (A cold move's
+    copy is not interrupted; it ends by itself.)"""
+    policy.require(actor, machine, "migrate")
+    if not Machine.objects.filter(pk=machine.pk, operation="migrate", moving_to__isnull=False).update(moving_to=None):
+        raise MachineError(f"{machine.name} is not being moved.")
+    machine.log("migrate", f"cancel requested by {actor.get_username()}")
+
+
+def machine_migrate_run(machine_id: int, target_id: int, restart: bool = False, live: bool = False) -> None:
     """Worker: (shut it down if `restart`,) copy the disks, define the machine on the target (off), switch the
     row, remove it from the source, (start it on the target). Until the switch the source is untouched; a
     failure before it removes what the target got, and a machine shut down for the move is started again."""
@@ -108,6 +122,12 @@ def machine_migrate_run(machine_id: int, target_id: int, restart: bool = False) 
         return  # a stale delivery: the move was called off or ended
     target_hv = Hypervisor.objects.get(pk=target_id)
     source_hv = machine.hypervisor
+    if not Machine.objects.filter(pk=machine.pk, moving_to=target_hv).exists():
+        machine.log("migrate", f"move to {target_hv.name} cancelled before it began", "warning")
+        Machine.objects.filter(pk=machine.pk).update(moving_to=None)
+        _release_operation(machine)
+        _release_attempt(machine)
+        return
     moved = Machine.objects.select_related("image").get(pk=machine_id)
     moved.hypervisor = target_hv
     started = timezone.now()
@@ -115,6 +135,8 @@ def machine_migrate_run(machine_id: int, target_id: int, restart: bool = False) 
     was_running = False
     try:
         source, target = get_driver(source_hv.uri), get_driver(target_hv.uri)
+        if live:
+            return _move_live(machine, moved, source, target)
         if source.domain_state(uuid) == DomainState.RUNNING:
             if not restart:
                 machine.log("migrate", "not moved: the machine is running; shut it down first", level="error")
@@ -175,6 +197,66 @@ def machine_migrate_run(machine_id: int, target_id: int, restart: bool = False) 
         Machine.objects.filter(pk=machine.pk).update(moving_to=None)
         _release_operation(machine)
         _release_attempt(machine)
+
+
+def _move_live(machine: Machine, moved: Machine, source: HypervisorDriver, target: HypervisorDriver) -> None:
+    """The live move: the target made ready (moves.prepare_live), the domain moved while it runs (libvirt copies
+    the disks' own data and the memory, then switches within PORTAL_LIVE_MIGRATION_DOWNTIME_MS), the row
+    switched, the source's files removed. Cancel (moving_to cleared), the timeout or a failure: the machine runs
+    on the source and what the target got is removed."""
+    source_hv, target_hv, uuid = machine.hypervisor, moved.hypervisor, str(machine.uuid)
+    if source.domain_state(uuid) != DomainState.RUNNING:
+        machine.log("migrate", "not moved: a live move is for a running machine, and it is not running", "error")
+        return
+    if target.domain_state(uuid) is not None:
+        machine.log("migrate", f"not moved: {target_hv.name} already has a domain with this machine's UUID", "error")
+        return
+    last = [0.0]
+
+    def progress(report) -> None:
+        if report.elapsed_s - last[0] >= 2:
+            last[0] = report.elapsed_s
+            done = report.memory_processed / report.memory_total * 100 if report.memory_total else 0
+            machine.log("migrate", f"live: {done:.0f}% of memory sent after {report.elapsed_s:.0f} s")
+
+    try:
+        paths = moves.prepare_live(machine, moved, source, target)
+        machine.log("migrate", f"{target_hv.name} ready: {len(paths)} files; moving it live")
+        result = source.migrate_live(
+            uuid,
+            target=target,
+            address=target_hv.console_address,
+            paths=paths,
+            vnc_listen=target_hv.console_address,
+            max_downtime_ms=settings.PORTAL_LIVE_MIGRATION_DOWNTIME_MS,
+            timeout=settings.PORTAL_LIVE_MIGRATION_TIMEOUT,
+            progress=progress,
+            cancelled=lambda: not Machine.objects.filter(pk=machine.pk, moving_to=target_hv).exists(),
+        )
+    except HypervisorError as e:
+        removed = _clean_target(moved, target)
+        why = "cancelled" if isinstance(e, MigrationAborted) and e.reason == "cancelled" else f"failed: {e}"
+        machine.log(
+            "migrate",
+            f"live move to {target_hv.name} {why}; it runs on {source_hv.name}"
+            + (f" (removed from {target_hv.name}: {', '.join(removed)})" if removed else ""),
+            level="warning" if why == "cancelled" else "error",
+        )
+        return
+    Machine.objects.filter(pk=machine.pk).update(
+        hypervisor=target_hv, power_state=PowerState.RUNNING, power_checked=timezone.now()
+    )
+    downtime = f", paused {result.downtime_ms} ms" if result.downtime_ms is not None else ""
+    machine.log(
+        "migrate",
+        f"now running on {target_hv.name}: live in {result.seconds:.1f} s, {result.memory_bytes / (1 << 20):.0f} MiB"
+        f" of memory sent{downtime} (bound {result.max_downtime_ms} ms)",
+    )
+    try:
+        removed = provisioning.deprovision(machine, source)  # libvirt undefined it there; its files stay to go
+        machine.log("migrate", f"removed from {source_hv.name}: " + ", ".join(removed or ["nothing"]))
+    except HypervisorError as e:
+        machine.log("migrate", f"could not remove its files from {source_hv.name}: {e}", level="warning")
 
 
 def _stop_for_move(machine: Machine, driver: HypervisorDriver) -> None:

@@ -155,7 +155,7 @@ def test_a_pool_shared_by_both_hosts_is_refused_before_any_copy(
 
 def test_what_is_refused_at_the_request(django_capture_on_commit_callbacks, hosts, staff):
     machine = network_machine(django_capture_on_commit_callbacks, hosts)
-    with pytest.raises(services.MachineError, match="Live migration is not available yet"):
+    with pytest.raises(services.MachineError, match="metal is not running: a live move is for a running machine"):
         services.machine_migrate(machine=machine, actor=staff, live=True)
     with pytest.raises(ValidationError, match="metal is already on lab"):
         services.machine_migrate(machine=machine, actor=staff, hypervisor=hosts["lab"])
@@ -321,3 +321,52 @@ def test_maintenance_and_evacuation_through_the_api_and_the_pages(django_capture
     assert not lab.maintenance
     r = page.post(f"/machines/hypervisors/{hosts['lab2'].pk}/evacuate/", follow=True)
     assert "Evacuating lab2: metal: to lab" in r.content.decode()
+
+
+# --- live moves ----------------------------------------------------------------------------------------------
+
+
+def test_a_running_machine_moves_live_and_keeps_running(django_capture_on_commit_callbacks, hosts, staff):
+    machine = running(network_machine(django_capture_on_commit_callbacks, hosts), hosts["source"])
+    uuid, source, target = str(machine.uuid), hosts["source"], hosts["target"]
+    written = source.pools["default"][machine.disk_volume]["data"]
+    migrate(django_capture_on_commit_callbacks, machine, staff, live=True)
+    moved = Machine.objects.get(pk=machine.pk)
+    steps = list(moved.events.filter(step="migrate").values_list("message", flat=True))
+    assert moved.hypervisor == hosts["lab2"] and moved.power_state == PowerState.RUNNING, steps
+    assert target.domains[uuid]["state"] == PowerState.RUNNING and uuid not in source.domains
+    assert target.pools["default"][machine.disk_volume]["data"] == written  # the disk's own data went along
+    assert not {machine.disk_volume, machine.extra_disk_volume(0)} & set(source.pools["default"])
+    assert steps[0] == "move to lab2 requested (live)" and not [m for m in steps if "shutting down" in m]
+    assert any(m.startswith("now running on lab2: live in ") for m in steps)
+    assert moved.moving_to is None and not moved.operation and not moved.attempt_id
+
+
+def test_a_failed_live_move_leaves_it_running_where_it_was(django_capture_on_commit_callbacks, hosts, staff):
+    machine = running(network_machine(django_capture_on_commit_callbacks, hosts), hosts["source"])
+    hosts["source"].fail["migrate_live"] = HypervisorFatalError("migration job: unexpectedly failed")
+    migrate(django_capture_on_commit_callbacks, machine, staff, live=True)
+    stayed = Machine.objects.get(pk=machine.pk)
+    assert stayed.hypervisor == hosts["lab"] and hosts["source"].domains[str(machine.uuid)]["state"] == "running"
+    assert hosts["target"].pools["default"] == {} and str(machine.uuid) not in hosts["target"].domains
+    failed = stayed.events.get(step="migrate", level="error").message
+    assert failed.startswith("live move to lab2 failed: migration job: unexpectedly failed; it runs on lab")
+
+
+def test_a_move_cancelled_before_it_began_does_nothing(django_capture_on_commit_callbacks, hosts, staff):
+    machine = running(network_machine(django_capture_on_commit_callbacks, hosts), hosts["source"])
+    services.machine_migrate(machine=machine, actor=staff, live=True)  # queued: nothing commits in the test
+    services.machine_migrate_cancel(machine=Machine.objects.get(pk=machine.pk), actor=staff)
+    with pytest.raises(services.MachineError, match="is not being moved"):
+        services.machine_migrate_cancel(machine=Machine.objects.get(pk=machine.pk), actor=staff)
+    services.machine_migrate_run(machine.pk, hosts["lab2"].pk, False, True)
+    stayed = Machine.objects.get(pk=machine.pk)
+    assert stayed.hypervisor == hosts["lab"] and not stayed.operation and str(machine.uuid) in hosts["source"].domains
+    assert stayed.events.filter(message="move to lab2 cancelled before it began").exists()
+
+
+def test_a_uefi_machine_moves_only_cold(django_capture_on_commit_callbacks, hosts, staff):
+    machine = running(network_machine(django_capture_on_commit_callbacks, hosts), hosts["source"])
+    Machine.objects.filter(pk=machine.pk).update(firmware="uefi")
+    with pytest.raises(services.MachineError, match="boots UEFI"):
+        services.machine_migrate(machine=Machine.objects.get(pk=machine.pk), actor=staff, live=True)
