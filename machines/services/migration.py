@@ -14,7 +14,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from hypervisors.drivers import get_driver
-from hypervisors.drivers.base import HypervisorDriver, HypervisorError, MigrationAborted
+from hypervisors.drivers.base import HypervisorDriver, HypervisorError, MigrationAborted, is_loopback
 from hypervisors.drivers.base import PowerState as DomainState
 from hypervisors.models import Hypervisor
 from hypervisors.offers import offers_for
@@ -84,6 +84,11 @@ def machine_migrate(
         exclude=machine.hypervisor_id,
     )
     target = room.hypervisor
+    if live and is_loopback(target.console_address):
+        raise MachineError(
+            f"{target.name}'s console address {target.console_address} is a loopback address: a live move streams the"
+            " machine to the target's address on the hypervisors' network. Set it, or move the machine cold."
+        )
     # What a create there would check: the architecture, the NICs' sources and who may use them, the hardware.
     if why := offers_for(target).refuse_placed_arch(provisioning.machine_arch(machine)):
         raise ValidationError({"hypervisor": f"{target.name} cannot run this machine: {why}."})
@@ -315,8 +320,9 @@ def hypervisor_set_maintenance(*, hypervisor: Hypervisor, enabled: bool, actor) 
 @transaction.atomic
 def hypervisor_evacuate(*, hypervisor: Hypervisor, actor, restart: bool = False) -> list[str]:
     """Drain the hypervisor, then queue a move for each of its machines to where placement finds room (each
-    checked and recorded like a move of its own; running ones only with `restart`: shut down, moved, started
-    there). What happens to each, one line per machine: moves that were refused leave the machine here."""
+    checked and recorded like a move of its own): running ones live, UEFI ones only with `restart` (shut down,
+    moved, started there), stopped ones cold. What happens to each, one line per machine: moves that were
+    refused leave the machine here."""
     _staff_only(actor, "evacuate a hypervisor")
     Hypervisor.objects.filter(pk=hypervisor.pk).update(maintenance=True)  # first: nothing new lands meanwhile
     hypervisor.maintenance = True
@@ -326,10 +332,15 @@ def hypervisor_evacuate(*, hypervisor: Hypervisor, actor, restart: bool = False)
         if machine.status != Status.ACTIVE:
             report.append(f"{machine.name}: stays ({machine.get_status_display().lower()})")
             continue
-        try:
-            target = machine_migrate(machine=machine, actor=actor, restart=restart)
-        except (MachineError, ValidationError, PermissionDenied) as e:
-            report.append(f"{machine.name}: stays ({' '.join(getattr(e, 'messages', [str(e)]))})")
-        else:
-            report.append(f"{machine.name}: to {target.name}")
+        # Live where it runs and may move live; cold otherwise (a running one only when asked to restart it).
+        ways = [{"live": True}, {"restart": restart}] if machine.power_state == PowerState.RUNNING else [{}]
+        for n, way in enumerate(ways, start=1):
+            try:
+                target = machine_migrate(machine=machine, actor=actor, **way)
+            except (MachineError, ValidationError, PermissionDenied) as e:
+                if n == len(ways):
+                    report.append(f"{machine.name}: stays ({' '.join(getattr(e, 'messages', [str(e)]))})")
+                continue
+            report.append(f"{machine.name}: to {target.name}{' (live)' if way.get('live') else ''}")
+            break
     return report

@@ -6,6 +6,7 @@ import pytest
 from django.core.exceptions import PermissionDenied, ValidationError
 
 from hypervisors.drivers.base import HypervisorFatalError
+from hypervisors.models import Hypervisor
 from machines import moves, services
 from machines.models import Machine, Membership
 from machines.states import PowerState
@@ -25,7 +26,8 @@ def hypervisor(name: str, uri: str, **kw):
 def hosts(host, monkeypatch):
     """`lab` is the fake every module reaches (host); `lab2` is a second, separate one the move reaches too."""
     other = FakeHost()
-    lab, lab2 = hypervisor("lab", "qemu:///system"), hypervisor("lab2", "qemu+tcp://lab2/system")
+    lab = hypervisor("lab", "qemu:///system")
+    lab2 = hypervisor("lab2", "qemu+tcp://lab2/system", console_address="10.0.0.2")  # a remote host's address
 
     def get_driver(uri, driver="libvirt"):
         return (other if uri == lab2.uri else host).get_driver(uri)
@@ -274,6 +276,7 @@ def test_evacuate_drains_and_moves_what_may_move(django_capture_on_commit_callba
     capture = django_capture_on_commit_callbacks
     stopped = network_machine(capture, hosts, "stopped")
     live = running(network_machine(capture, hosts, "live"), hosts["source"])
+    Machine.objects.filter(pk=live.pk).update(firmware="uefi")  # runs, but may not move live
     Machine.objects.filter(pk=network_machine(capture, hosts, "broken").pk).update(status="error")
     lab = hosts["lab"]
     with pytest.raises(PermissionDenied):
@@ -282,6 +285,7 @@ def test_evacuate_drains_and_moves_what_may_move(django_capture_on_commit_callba
         report = services.hypervisor_evacuate(hypervisor=lab, actor=staff)
     assert report[0] == "stopped: to lab2" and report[2] == "broken: stays (error)"
     assert report[1].startswith("live: stays (live is running; shut it down first, or ask for a restart")
+    assert not Machine.objects.get(pk=live.pk).events.filter(step="migrate").exists()
     assert Machine.objects.get(pk=stopped.pk).hypervisor == hosts["lab2"]
     assert Machine.objects.get(pk=live.pk).hypervisor == lab
     lab.refresh_from_db()
@@ -365,8 +369,29 @@ def test_a_move_cancelled_before_it_began_does_nothing(django_capture_on_commit_
     assert stayed.events.filter(message="move to lab2 cancelled before it began").exists()
 
 
+def test_a_live_move_needs_the_targets_address_on_the_hypervisors_network(
+    django_capture_on_commit_callbacks, hosts, staff
+):
+    machine = running(network_machine(django_capture_on_commit_callbacks, hosts), hosts["source"])
+    Hypervisor.objects.filter(pk=hosts["lab2"].pk).update(console_address="127.0.0.1")
+    with pytest.raises(services.MachineError, match="lab2's console address 127.0.0.1 is a loopback address"):
+        services.machine_migrate(machine=machine, actor=staff, live=True)
+    assert migrate(django_capture_on_commit_callbacks, machine, staff, restart=True) == hosts["lab2"]  # cold: fine
+
+
 def test_a_uefi_machine_moves_only_cold(django_capture_on_commit_callbacks, hosts, staff):
     machine = running(network_machine(django_capture_on_commit_callbacks, hosts), hosts["source"])
     Machine.objects.filter(pk=machine.pk).update(firmware="uefi")
     with pytest.raises(services.MachineError, match="boots UEFI"):
         services.machine_migrate(machine=Machine.objects.get(pk=machine.pk), actor=staff, live=True)
+
+
+def test_evacuate_moves_running_machines_live(django_capture_on_commit_callbacks, hosts, staff):
+    capture = django_capture_on_commit_callbacks
+    machine = running(network_machine(capture, hosts, "runner"), hosts["source"])
+    with capture(execute=True):
+        assert services.hypervisor_evacuate(hypervisor=hosts["lab"], actor=staff) == ["runner: to lab2 (live)"]
+    moved = Machine.objects.get(pk=machine.pk)
+    assert moved.hypervisor == hosts["lab2"] and moved.power_state == PowerState.RUNNING
+    assert hosts["target"].domains[str(machine.uuid)]["state"] == PowerState.RUNNING
+    assert not moved.events.filter(message__startswith="shutting down").exists()  # it never stopped
