@@ -10,7 +10,7 @@ from rest_framework.response import Response
 
 from hypervisors.api import HypervisorSerializer
 from hypervisors.models import Hypervisor, Image
-from machines import access, consoles, policy, services
+from machines import access, consoles, macs, policy, services
 from machines.access import machines_for
 from machines.models import Machine, MachineEvent, MachineNic, Project
 from machines.states import PowerAction
@@ -55,6 +55,13 @@ class NicSerializer(serializers.ModelSerializer):
             "vlan",
         ]
         extra_kwargs: dict[str, dict[str, Any]] = {"mac": {"validators": []}}
+
+    def validate_mac(self, value: str) -> str:
+        """The one MAC rule (machines.macs); uniqueness is the service's, which sees every NIC."""
+        try:
+            return macs.normalise_mac(value) if value else value
+        except macs.InvalidMac as e:
+            raise serializers.ValidationError(f"MAC address {e}") from None
 
 
 class EventSerializer(serializers.ModelSerializer):

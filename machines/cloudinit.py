@@ -34,6 +34,7 @@ from typing import Any
 import pycdlib
 import yaml
 
+from machines import macs
 from portal import sshkeys
 
 USER_DATA_MAX_BYTES = 64 * 1024
@@ -47,7 +48,6 @@ _USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _INSTANCE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # A leading "-" would reach apt/dnf as an option, so a name starts with a letter or digit.
 _PACKAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_:~=-]{0,199}")
-_MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 
 @dataclass(frozen=True)
@@ -83,13 +83,32 @@ class CloudInitError(ValueError):
 # --- user input ---------------------------------------------------------------------------------
 
 
+# How deep user-data may nest (a mapping or a list inside another). Real cloud-config goes 5 or 6 levels deep;
+# PyYAML composes, and the merge and the dump walk, by recursion, so `a: [[[[...]]]]` thousands deep would
+# exhaust Python's stack long before the 64 KiB limit.
+USER_DATA_MAX_DEPTH = 32
+
+
 class _NoAliasLoader(yaml.SafeLoader):
-    """SafeLoader that refuses aliases: "billion laughs" user-data cannot blow up later passes."""
+    """SafeLoader that refuses aliases ("billion laughs" user-data cannot blow up later passes) and nesting
+    deeper than USER_DATA_MAX_DEPTH (checked as each node opens, before the recursion goes any deeper)."""
+
+    _depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             raise CloudInitError("user-data uses a YAML alias (*name); write the value out in full.")
-        return super().compose_node(parent, index)
+        self._depth += 1
+        try:
+            if self._depth > USER_DATA_MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise CloudInitError(
+                    f"user-data nests deeper than {USER_DATA_MAX_DEPTH} levels (line {mark.line + 1}); "
+                    "cloud-config never needs that."
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def validate_user_data(text: str) -> dict:
@@ -112,6 +131,15 @@ def validate_user_data(text: str) -> dict:
         raise CloudInitError(f"user-data is not valid YAML{where}: {detail}.") from None
     except yaml.YAMLError as e:
         raise CloudInitError(f"user-data is not valid YAML: {e}") from None
+    except CloudInitError:
+        raise
+    except (ValueError, OverflowError) as e:
+        # A scalar YAML resolves but Python cannot build: a date like 2001-13-01, an integer over Python's
+        # 4,300-digit limit.
+        why = "an integer of more than 4,300 digits" if "digits" in str(e) else str(e)[:200]
+        raise CloudInitError(f"user-data has a value that cannot be read: {why}.") from None
+    except (RecursionError, MemoryError):  # the depth check's backstop
+        raise CloudInitError("user-data is too deeply nested or too large to read.") from None
     if data is None:  # only the header and comments
         return {}
     if not isinstance(data, dict):
@@ -341,13 +369,14 @@ def build_network_config(spec: SeedSpec) -> str | None:
 
 
 def _check_mac(n: int, mac: str, seen: set[str]) -> str:
-    mac = mac.lower()
-    if not _MAC_RE.fullmatch(mac):
-        raise CloudInitError(
-            f"NIC {n}: MAC address {mac[:40]!r} is not valid; expected six pairs like 52:54:00:12:34:56."
-        )
-    if int(mac[:2], 16) & 1:
-        raise CloudInitError(f"NIC {n}: MAC address {mac} is a multicast address; the first octet must be even.")
+    """The portal's MAC rule (machines.macs), on the form it stores: what libvirt gets is what is matched."""
+    try:
+        normal = macs.normalise_mac(mac)
+    except macs.InvalidMac as e:
+        raise CloudInitError(f"NIC {n}: MAC address {e}") from None
+    if normal != mac.lower():
+        raise CloudInitError(f"NIC {n}: MAC address {mac[:40]!r} is not valid: the portal keeps it as {normal}.")
+    mac = normal
     if mac in seen:
         raise CloudInitError(f"NIC {n}: MAC address {mac} is used by another NIC.")
     seen.add(mac)

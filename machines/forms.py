@@ -1,3 +1,4 @@
+import re
 import shlex
 from typing import Any, cast
 
@@ -8,7 +9,7 @@ from django.urls import reverse
 from hypervisors import offers
 from hypervisors.models import Hypervisor, HypervisorStatus, Image, ImageKind, ImageStatus
 from hypervisors.offers import CPU_MODES, FIRMWARE_LABELS
-from machines import nic_policy
+from machines import macs, nic_policy
 from machines.access import project_choices
 from machines.models import Machine, Project
 from machines.services import may_take_host_devices, taken_hostdevs
@@ -412,9 +413,18 @@ class MachineForm(forms.ModelForm):
 
     def clean_extra_disks_text(self) -> list[int]:
         sizes = self.cleaned_data["extra_disks_text"].replace(",", " ").split()
-        if not all(s.isdigit() and int(s) > 0 for s in sizes):
+        # ASCII digits, five at most: str.isdigit() takes "²" (which int() refuses) and any length (which
+        # int() refuses past 4,300 digits).
+        if not all(re.fullmatch(r"[0-9]{1,5}", s) and int(s) > 0 for s in sizes):
             raise forms.ValidationError("Give sizes in whole GiB, e.g. 20 100.")
         return [int(s) for s in sizes]
+
+    def clean_nic_mac(self) -> str:
+        """The one MAC rule (machines.macs); the service checks it is unused."""
+        try:
+            return macs.normalise_mac(self.cleaned_data["nic_mac"]) if self.cleaned_data["nic_mac"].strip() else ""
+        except macs.InvalidMac as e:
+            raise forms.ValidationError(f"MAC address {e}") from None
 
     def clean_qemu_args_text(self) -> list[str]:
         try:

@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from hypervisors.models import Hypervisor, Image
 from hypervisors.offers import DISK_BUSES, DISK_CACHES, FIRMWARE_LABELS, FIRMWARES, MACVTAP_MODES, NIC_MODELS
+from machines import macs
 from machines.states import BUSY, TRANSITIONS, DeployType, InvalidTransition, PowerState, Status
 
 hostname_validator = RegexValidator(
@@ -306,6 +307,14 @@ class MachineNic(models.Model):
 
     def __str__(self) -> str:
         return f"{self.machine} nic{self.index} {self.mac}"
+
+    def clean(self) -> None:
+        """The MAC rule (machines.macs) for anything that checks a NIC (full_clean, the admin's forms)."""
+        if self.mac:
+            try:
+                self.mac = macs.normalise_mac(self.mac)
+            except macs.InvalidMac as e:
+                raise ValidationError({"mac": f"MAC address {e}"}) from None
 
     @property
     def seen_addresses(self) -> list[str]:

@@ -39,7 +39,7 @@ def validate_ssh_key(line: str) -> str:
         raise InvalidSSHKey(f"SSH key type {ktype[:40]!r} is not supported; use one of: {', '.join(_KEY_FIELDS)}.")
     try:
         blob = base64.b64decode(body, validate=True)
-    except binascii.Error:
+    except (binascii.Error, ValueError):  # ValueError: characters outside ASCII
         raise InvalidSSHKey(f"SSH key {_abbrev(line)!r}: the key data is not valid base64.") from None
     if not _fields_match(ktype, _ssh_fields(blob)):
         raise InvalidSSHKey(f"SSH key {_abbrev(line)!r}: the key data is not a valid {ktype} key.")

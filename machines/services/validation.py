@@ -6,6 +6,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -21,7 +22,7 @@ from hypervisors.offers import (
     either,
     offers_for,
 )
-from machines import cloudinit, nic_policy, provisioning
+from machines import cloudinit, macs, nic_policy, provisioning
 from machines.models import Machine, MachineNic, Project
 from machines.services.common import MachineError
 from machines.states import DeployType
@@ -64,6 +65,7 @@ def _validate_nics(
     offer = offers_for(hypervisor)
     if len(nics) > MAX_NICS:
         raise ValidationError({"nics": f"At most {MAX_NICS} NICs."})
+    _validate_macs(nics)
     for i, nic in enumerate(nics, start=1):
         if nic.type not in MachineNic.Type.values:
             raise ValidationError({"nics": f"NIC {i}: type must be one of {', '.join(MachineNic.Type.values)}."})
@@ -90,6 +92,28 @@ def _validate_nics(
 
 
 MAX_NICS = 8  # PCI slots are finite, and so is the guest's patience at boot
+
+
+def _validate_macs(nics: Sequence[NicInput | MachineNic]) -> None:
+    """The MAC rule (machines.macs) for every deploy type and entry point: each asked-for MAC well-formed,
+    unicast, normalised in place ("52:54:00:ab:cd:ef"), and unique in the request and in the portal.
+    (An existing machine's NICs are its own: not checked against themselves.)"""
+    asked: dict[str, int] = {}
+    for i, nic in enumerate(nics, start=1):
+        if not isinstance(nic, NicInput) or not nic.mac:
+            continue
+        if not isinstance(nic.mac, str):
+            raise ValidationError({"nics": f"NIC {i}: a MAC address is text, like 52:54:00:12:34:56."})
+        try:
+            nic.mac = macs.normalise_mac(nic.mac)
+        except macs.InvalidMac as e:
+            raise ValidationError({"nics": f"NIC {i}: MAC address {e}"}) from None
+        if nic.mac in asked:
+            raise ValidationError({"nics": f"NIC {i}: MAC address {nic.mac} is also NIC {asked[nic.mac]}'s."})
+        asked[nic.mac] = i
+    taken = MachineNic.objects.filter(mac__in=list(asked)).values_list("mac", flat=True).first()
+    if taken is not None:
+        raise ValidationError({"nics": f"NIC {asked[taken]}: MAC address {taken} is already used by another machine."})
 
 
 def _default_nics(owner, hypervisor: Hypervisor, project: Project | None, deploy_type: str) -> list[NicInput]:
@@ -140,6 +164,7 @@ def _validate_hardware_input(owner, deploy_type: str, vcpus: int, hardware: dict
     if unknown:
         raise TypeError(f"unknown machine options: {', '.join(sorted(unknown))}")
     hw = {k: v for k, v in hardware.items() if v not in (None, "")}
+    _check_hardware_shapes(hw)
     topology = hw.get("cpu_topology") or []
     if topology:
         if len(topology) != 3 or not all(isinstance(n, int) and n > 0 for n in topology):
@@ -202,6 +227,25 @@ def _validate_hardware_input(owner, deploy_type: str, vcpus: int, hardware: dict
     return hw
 
 
+# The JSON columns' shapes (the API takes any JSON for them): checked before anything walks them.
+_HARDWARE_SHAPES: dict[str, tuple[type, str]] = {
+    "cpu_topology": (list, "a list [sockets, cores, threads]"),
+    "smbios": (dict, "an object of key: text"),
+    "extra_disks": (list, "a list of sizes in GiB or {size_gib, image, boot_order}"),
+    "qemu_args": (list, 'a list of arguments, e.g. ["-device", "pvpanic"]'),
+    "hostdevs": (list, "a list of device names"),
+    "hostdev_match": (str, "a text pattern"),
+}
+
+
+def _check_hardware_shapes(hw: dict) -> None:
+    for name, (kind, what) in _HARDWARE_SHAPES.items():
+        if name in hw and not isinstance(hw[name], kind):
+            raise ValidationError({name: f"Give {what}."})
+    if not all(isinstance(d, str) and d for d in hw.get("hostdevs") or []):
+        raise ValidationError({"hostdevs": "Give a list of device names."})
+
+
 def may_take_host_devices(user) -> bool:
     return user.is_staff or settings.PORTAL_HOST_DEVICES_FOR == "everyone"
 
@@ -245,12 +289,13 @@ def _normalise_extra_disks(entries, deploy_type: str) -> list[dict]:
         if not isinstance(entry, dict) or set(entry) - {"size_gib", "image", "boot_order"}:
             raise ValidationError({"extra_disks": f"Disk {n}: a size in GiB, or {{size_gib, image, boot_order}}."})
         size, image_id, order = entry.get("size_gib"), entry.get("image"), entry.get("boot_order")
-        if not isinstance(size, int) or not 1 <= size <= 16384:
+        if not _whole(size) or not 1 <= size <= 16384:
             raise ValidationError({"extra_disks": f"Disk {n}: a size of 1 to 16384 GiB."})
         if image_id is not None:
+            # An id past the database's integer range is no image (and would not reach the query).
             image = (
                 Image.objects.filter(pk=image_id, kind="disk", status="ready").first()
-                if isinstance(image_id, int)
+                if _whole(image_id) and 0 < image_id < 2**63
                 else None
             )
             if image is None:
@@ -267,11 +312,16 @@ def _normalise_extra_disks(entries, deploy_type: str) -> list[dict]:
                 raise ValidationError(
                     {"extra_disks": "Network-boot machines boot from the network, then their first disk."}
                 )
-            if not isinstance(order, int) or order < 1 or order in orders:
+            if not _whole(order) or not 1 <= order <= 64 or order in orders:
                 raise ValidationError({"extra_disks": f"Disk {n}: boot orders are distinct positive numbers."})
             orders.append(order)
         disks.append({"size_gib": size, "image": image_id, "boot_order": order})
     return disks
+
+
+def _whole(value: object) -> TypeGuard[int]:
+    """A JSON whole number (true and false are not sizes)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _validate_hardware_against(hypervisor: Hypervisor, hw: dict, image: Image | None = None) -> None:
