@@ -204,7 +204,7 @@ REST_FRAMEWORK = {
         "rest_framework.parsers.MultiPartParser",
     ],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "DEFAULT_PAGINATION_CLASS": "portal.pagination.Pagination",  # DRF's limit/offset, limit capped at 1000
     "PAGE_SIZE": 100,
     "UNAUTHENTICATED_USER": None,
 }
@@ -213,6 +213,12 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Cloud-like virtual machines on plain libvirt hypervisors.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # The enum hook is drf-spectacular's default; the second adds the 400/401/403/404 that DRF answers for any
+    # view, which drf-spectacular leaves out (portal/api_schema.py).
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "portal.api_schema.add_error_responses",
+    ],
 }
 
 # Huey: SQLite next to the database by default, Redis when PORTAL_REDIS_URL is set.

@@ -1,7 +1,7 @@
 from django.conf import settings
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
-from django.urls import include, path
+from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView
 from rest_framework.routers import DefaultRouter
 
@@ -38,6 +38,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/v1/", include(router.urls)),
+    re_path(r"^api/", views.api_not_found),  # any other /api/ path: JSON, as the API's own 404s are
     path("healthz", views.healthz, name="healthz"),
     path("audit/", views.audit_list, name="audit"),
     path("audit/export.csv", views.audit_export_csv, name="audit_export_csv"),

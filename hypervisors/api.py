@@ -1,5 +1,5 @@
 from django.core.exceptions import ValidationError as DjangoValidationError
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view, inline_serializer
 from rest_framework import permissions, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
@@ -7,6 +7,7 @@ from rest_framework.response import Response
 from hypervisors import services
 from hypervisors.models import Hypervisor, Image
 from hypervisors.uploads import allow_large_upload
+from portal import api_schema
 
 
 class HypervisorSerializer(serializers.ModelSerializer):
@@ -95,6 +96,16 @@ class NetworkSerializer(serializers.Serializer):
     ipv6_cidr = serializers.CharField(required=False, allow_blank=True, default="")
 
 
+class DetailSerializer(serializers.Serializer):
+    detail = serializers.CharField()
+
+
+QUEUED = OpenApiResponse(DetailSerializer, description="Queued.")
+# A delete refused (still in use) answers 400 with the reason, as DRF's validation errors are written; it takes
+# no input, so the schema's generic 400 (portal/api_schema.py) does not cover it.
+IN_USE = OpenApiResponse(api_schema.COMPONENTS[api_schema.VALIDATION], description="Still in use: nothing was deleted.")
+
+
 class StaffWritePermission(permissions.BasePermission):
     """Everyone logged in may read; only staff change hypervisors."""
 
@@ -104,6 +115,7 @@ class StaffWritePermission(permissions.BasePermission):
         return request.method in permissions.SAFE_METHODS or request.user.is_staff
 
 
+@extend_schema_view(destroy=extend_schema(responses={204: None, 400: IN_USE}))
 class HypervisorViewSet(viewsets.ModelViewSet):
     """Libvirt hosts. Changes are checked against the host in the background: poll `status`."""
 
@@ -125,7 +137,7 @@ class HypervisorViewSet(viewsets.ModelViewSet):
         except services.HypervisorInUse as e:
             raise serializers.ValidationError({"detail": str(e)}) from None
 
-    @extend_schema(request=NetworkSerializer, responses={202: OpenApiResponse(description="Queued.")})
+    @extend_schema(request=NetworkSerializer, responses={202: QUEUED})
     @action(detail=True, methods=["post"], url_path="networks")
     def networks(self, request, pk=None):
         """Define a libvirt network on the hypervisor (staff): the tenant network (isolated from the
@@ -139,7 +151,7 @@ class HypervisorViewSet(viewsets.ModelViewSet):
         _from_django_errors(lambda: networks.network_create(hypervisor=hv, spec=networks.spec_from(s.validated_data)))
         return Response({"detail": "network queued"}, status=status.HTTP_202_ACCEPTED)
 
-    @extend_schema(request=None, responses={202: OpenApiResponse(description="Queued.")})
+    @extend_schema(request=None, responses={202: QUEUED, 400: IN_USE})
     @action(detail=True, methods=["delete"], url_path=r"networks/(?P<name>[^/]+)")
     def network_delete(self, request, pk=None, name=None):
         from hypervisors import networks
@@ -148,7 +160,22 @@ class HypervisorViewSet(viewsets.ModelViewSet):
         _from_django_errors(lambda: networks.network_delete(hypervisor=hv, name=name))
         return Response({"detail": "network removal queued"}, status=status.HTTP_202_ACCEPTED)
 
-    @extend_schema(request=None, responses={202: OpenApiResponse(description="A check was queued.")})
+    @extend_schema(
+        request=None,
+        responses={
+            202: OpenApiResponse(
+                inline_serializer(
+                    "SyncQueued",
+                    {
+                        "id": serializers.IntegerField(),
+                        "status": serializers.CharField(),
+                        "detail": serializers.CharField(),
+                    },
+                ),
+                description="A check was queued.",
+            )
+        },
+    )
     @action(detail=True, methods=["post"])
     def sync(self, request, pk=None):
         hv = self.get_object()
@@ -221,6 +248,7 @@ class ImageSerializer(serializers.ModelSerializer):
         )
 
 
+@extend_schema_view(destroy=extend_schema(responses={204: None, 400: IN_USE}))
 class ImageViewSet(viewsets.ModelViewSet):
     """The image catalogue. New images are checked in the background: poll `status`."""
 

@@ -3,12 +3,13 @@ from typing import Any
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import Prefetch
 from django.urls import reverse
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import mixins, permissions, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
-from hypervisors.api import HypervisorSerializer
+from hypervisors.api import DetailSerializer, HypervisorSerializer
 from hypervisors.models import Hypervisor, Image
 from machines import access, consoles, macs, policy, services
 from machines.access import machines_for
@@ -16,6 +17,7 @@ from machines.models import Machine, MachineEvent, MachineNic, Project
 from machines.states import PowerAction
 
 
+@extend_schema_field(OpenApiTypes.STR)  # given as an id or a name, answered as the name
 class NameOrIdField(serializers.RelatedField):
     """A hypervisor by id or by name."""
 
@@ -70,6 +72,12 @@ class EventSerializer(serializers.ModelSerializer):
         fields = ["created", "step", "message", "level"]
 
 
+@extend_schema_field(
+    {
+        "oneOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"}],
+        "description": "Answered as a list.",
+    }
+)
 class StringOrList(serializers.Field):
     """Accepts a list of strings or one string (lines); returns the newline-joined text."""
 
@@ -266,6 +274,10 @@ class MachineSerializer(serializers.ModelSerializer):
             ) from None
 
 
+# What the actions that queue work answer (MachineViewSet._act): the machine, or why not now.
+QUEUED = {202: MachineSerializer, 409: DetailSerializer}
+
+
 class PowerSerializer(serializers.Serializer):
     action = serializers.ChoiceField(choices=PowerAction.choices)
 
@@ -303,6 +315,24 @@ class BmcSerializer(serializers.Serializer):
     password = serializers.CharField()
 
 
+class InstackNodeSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    pm_type = serializers.CharField()
+    pm_addr = serializers.CharField()
+    pm_port = serializers.CharField()
+    pm_user = serializers.CharField()
+    pm_password = serializers.CharField()
+    mac = serializers.ListField(child=serializers.CharField())
+    cpu = serializers.CharField()
+    memory = serializers.CharField()
+    disk = serializers.CharField()
+    arch = serializers.CharField()
+
+
+class InstackenvSerializer(serializers.Serializer):
+    nodes = InstackNodeSerializer(many=True)
+
+
 class BootDeviceSerializer(serializers.Serializer):
     device = serializers.ChoiceField(choices=["pxe", "disk", "cdrom"])
     persistent = serializers.BooleanField(default=False)
@@ -328,6 +358,8 @@ class MachineViewSet(
     serializer_class = MachineSerializer
 
     def get_queryset(self):
+        if getattr(self, "swagger_fake_view", False):  # the schema's generator: no user, only the model
+            return Machine.objects.none()
         machines = machines_for(self.request.user)
         if self.action not in ("list", "retrieve"):
             return machines  # the actions hand the machine to a service: whole, with its hypervisor
@@ -347,6 +379,7 @@ class MachineViewSet(
         """The machine as it is now, with what the requesting user may do to it now."""
         return self.get_serializer(Machine.objects.get(pk=machine.pk)).data
 
+    @extend_schema(responses={202: DetailSerializer, 409: DetailSerializer})
     def destroy(self, request, *args, **kwargs):
         machine = self.get_object()
         try:
@@ -367,7 +400,7 @@ class MachineViewSet(
             return Response(e.message_dict if hasattr(e, "error_dict") else {"detail": e.messages}, status=400)
         return Response(self._data(machine), status=status.HTTP_202_ACCEPTED)
 
-    @extend_schema(request=PowerSerializer)
+    @extend_schema(request=PowerSerializer, responses=QUEUED)
     @action(detail=True, methods=["post"])
     def power(self, request, pk=None):
         s = PowerSerializer(data=request.data)
@@ -375,7 +408,7 @@ class MachineViewSet(
         action = s.validated_data["action"]
         return self._act(services.machine_power, action=action)
 
-    @extend_schema(request=MediaSerializer)
+    @extend_schema(request=MediaSerializer, responses=QUEUED)
     @action(detail=True, methods=["post"])
     def media(self, request, pk=None):
         """Insert an ISO (`image`) into CD-ROM `slot`, or eject it (`image` null)."""
@@ -383,25 +416,25 @@ class MachineViewSet(
         s.is_valid(raise_exception=True)
         return self._act(services.machine_change_media, slot=s.validated_data["slot"], image=s.validated_data["image"])
 
-    @extend_schema(request=None)
+    @extend_schema(request=None, responses=QUEUED)
     @action(detail=True, methods=["post"], url_path="boot-cdrom")
     def boot_cdrom(self, request, pk=None):
         """Cold-start once from the installer CD-ROM."""
         return self._act(services.machine_boot_cdrom_once)
 
-    @extend_schema(request=None)
+    @extend_schema(request=None, responses=QUEUED)
     @action(detail=True, methods=["post"])
     def rebuild(self, request, pk=None):
         return self._act(services.machine_rebuild)
 
-    @extend_schema(request=GrowSerializer)
+    @extend_schema(request=GrowSerializer, responses=QUEUED)
     @action(detail=True, methods=["post"], url_path="grow-disk")
     def grow_disk(self, request, pk=None):
         s = GrowSerializer(data=request.data)
         s.is_valid(raise_exception=True)
         return self._act(services.machine_grow_disk, disk_gib=s.validated_data["disk_gib"])
 
-    @extend_schema(request=MigrateSerializer)
+    @extend_schema(request=MigrateSerializer, responses=QUEUED)
     @action(detail=True, methods=["post"])
     def migrate(self, request, pk=None):
         """Move the stopped machine to another hypervisor (by id or name; left out: placement picks), cold:
@@ -415,7 +448,7 @@ class MachineViewSet(
             restart=s.validated_data["restart"],
         )
 
-    @extend_schema(request=None)
+    @extend_schema(request=None, responses=QUEUED)
     @action(detail=True, methods=["post"], url_path="migrate/cancel")
     def migrate_cancel(self, request, pk=None):
         """Call off a live move under way: the machine runs on where it was."""
@@ -449,7 +482,7 @@ class MachineViewSet(
         response["Cache-Control"] = "no-store"
         return response
 
-    @extend_schema(request=BootDeviceSerializer)
+    @extend_schema(request=BootDeviceSerializer, responses=QUEUED)
     @action(detail=True, methods=["post"], url_path="boot-device")
     def boot_device(self, request, pk=None):
         """Through the BMC: `pxe`, `disk` or `cdrom`, once or persistent; takes effect at the next cold start."""
@@ -457,7 +490,11 @@ class MachineViewSet(
         s.is_valid(raise_exception=True)
         return self._act(services.machine_set_boot_device, **s.validated_data)
 
-    @extend_schema(request=None, parameters=[OpenApiParameter("ids", str, description="comma-separated machine ids")])
+    @extend_schema(
+        request=None,
+        parameters=[OpenApiParameter("ids", str, description="comma-separated machine ids")],
+        responses={200: InstackenvSerializer},
+    )
     @action(detail=False, methods=["get"])
     def instackenv(self, request):
         """Ironic / TripleO instackenv.json of your network-boot machines (or of `ids`). Holds BMC passwords:
@@ -530,8 +567,9 @@ class HypervisorMaintenanceViewSet(viewsets.GenericViewSet):
     queryset = Hypervisor.objects.all()
     permission_classes = [permissions.IsAdminUser]
 
+    # Each action names what it reads: DRF's OPTIONS answer describes it (with none it failed with a 500).
     @extend_schema(request=MaintenanceSerializer, responses={200: HypervisorSerializer})
-    @action(detail=True, methods=["post"])
+    @action(detail=True, methods=["post"], serializer_class=MaintenanceSerializer)
     def maintenance(self, request, pk=None):
         s = MaintenanceSerializer(data=request.data)
         s.is_valid(raise_exception=True)
@@ -541,7 +579,7 @@ class HypervisorMaintenanceViewSet(viewsets.GenericViewSet):
         return Response(HypervisorSerializer(hv).data)
 
     @extend_schema(request=EvacuateSerializer, responses={202: EvacuationSerializer})
-    @action(detail=True, methods=["post"])
+    @action(detail=True, methods=["post"], serializer_class=EvacuateSerializer)
     def evacuate(self, request, pk=None):
         """Drain the hypervisor and queue a move for each of its machines (placement picks each target);
         `machines` says what happens to each. Progress in each machine's events."""
@@ -552,8 +590,14 @@ class HypervisorMaintenanceViewSet(viewsets.GenericViewSet):
         hv.refresh_from_db()
         return Response({"hypervisor": HypervisorSerializer(hv).data, "machines": report}, status=202)
 
-    @extend_schema(request=OrphansRemoveSerializer, responses={202: OrphansQueuedSerializer})
-    @action(detail=True, methods=["post"], url_path="orphans/remove", url_name="orphans-remove")
+    @extend_schema(request=OrphansRemoveSerializer, responses={202: OrphansQueuedSerializer, 409: DetailSerializer})
+    @action(
+        detail=True,
+        methods=["post"],
+        url_path="orphans/remove",
+        url_name="orphans-remove",
+        serializer_class=OrphansRemoveSerializer,
+    )
     def orphans_remove(self, request, pk=None):
         """Remove domains and volumes the portal left here that no machine owns (machines/services/sweeper.py):
         those named, or all that are reported; the worker checks each again before it acts."""
