@@ -62,3 +62,8 @@ def test_the_worker_refuses_a_redirect_off_the_allow_list(worker, redirector, el
     assert image.status == ImageStatus.ERROR and message in image.status_message, image.status_message
     assert elsewhere.requests == [] and [p for p, _ in redirector.requests] == ["/disk.qcow2"]
     assert _files() == before
+
+
+def test_the_test_iso_is_imported_and_opened_under_the_limits(tiny_iso):
+    """The worker opens an ISO with pycdlib in a child under prlimit (hypervisors/drivers/iso_probe.py)."""
+    assert tiny_iso.status == ImageStatus.READY and tiny_iso.virtual_size_bytes == tiny_iso.file_size_bytes > 0
