@@ -70,6 +70,7 @@ bench: host deps-test assets
 	$(PY) bench/provision.py
 	$(PY) bench/console.py
 	$(PY) bench/list_queries.py
+	$(PY) bench/fleet.py
 
 clean:
 	rm -rf $(VENV) node_modules var
