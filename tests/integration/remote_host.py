@@ -164,8 +164,8 @@ def remove_stale() -> list[str]:
     return stale
 
 
-def _free_subnet() -> ipaddress.IPv4Network:
-    """The first /30 of SUBNETS that no route or address on the host overlaps."""
+def free_subnet(subnets: ipaddress.IPv4Network = SUBNETS, prefix: int = 30) -> ipaddress.IPv4Network:
+    """The first /prefix of `subnets` that no route or address on the host overlaps."""
     used = []
     for line in _run("ip", "-4", "-o", "route", "show", "table", "all").stdout.splitlines():
         words = [w for w in line.split() if w not in _ROUTE_TYPES]
@@ -173,32 +173,27 @@ def _free_subnet() -> ipaddress.IPv4Network:
             used.append(ipaddress.ip_network(words[0], strict=False))  # "default" is skipped: ValueError
     for line in _run("ip", "-4", "-o", "addr").stdout.splitlines():
         used.append(ipaddress.ip_interface(line.split()[3]).network)
-    for net in SUBNETS.subnets(new_prefix=30):
+    for net in subnets.subnets(new_prefix=prefix):
         if not any(net.overlaps(u) for u in used if u.prefixlen > 0):
             return net
-    raise RuntimeError(f"no free /30 left in {SUBNETS}")
-
-
-# The one client the host's libvirtd lets in, as `manage.py lab_certs` prints it: the worker's certificate. Another
-# certificate from the same CA (say, an operator's) is refused.
-ALLOWED_CLIENT_DN = "O=AnsiStack Portal lab,CN=portal"
+    raise RuntimeError(f"no free /{prefix} left in {subnets}")
 
 
 @dataclass
-class RemoteTlsHost:
-    name: str  # network namespace, ptls-<pid of the test run>[instance letter]
+class NamespaceHost:
+    """What the test hypervisor hosts share (the TLS one here, the SSH one in tests/integration/remote_ssh.py): a
+    network namespace joined to the host by a veth /30 (the host's end .1, the namespace's .2), a work directory
+    with a pool, and a teardown by PID 1 of its namespaces and `ip netns pids`."""
+
+    name: str  # network namespace, <prefix><pid of the test run>[instance letter]
     workdir: Path
     subnet: ipaddress.IPv4Network
     hostname: str
     log_path: Path
     proc: subprocess.Popen | None = None
     init_pid: int = 0  # PID 1 of the inner namespaces, as the host sees it
-    started_in: float = 0.0  # seconds from nothing to a libvirtd answering over TLS
-    certs_in: float = 0.0  # of which `manage.py lab_certs`
-    lab_certs_output: str = ""
+    started_in: float = 0.0  # seconds from nothing to its libvirtd answering
     _log: IO[bytes] | None = field(default=None, repr=False)
-
-    # --- addresses and files ---
 
     @property
     def host_ip(self) -> str:
@@ -215,6 +210,84 @@ class RemoteTlsHost:
     @property
     def ns_if(self) -> str:
         return f"{self.name.replace('-', '')}n"
+
+    @property
+    def pool_path(self) -> Path:
+        return self.workdir / "images"
+
+    def virsh_local(self, *args: str, check: bool = True) -> str:
+        """virsh on the hypervisor itself (each kind of host reaches its own libvirtd its own way)."""
+        raise NotImplementedError
+
+    def _make_network(self) -> None:
+        prefix = self.subnet.prefixlen
+        _run("ip", "netns", "add", self.name)
+        _run("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if, "netns", self.name)
+        _run("ip", "addr", "add", f"{self.host_ip}/{prefix}", "dev", self.host_if)
+        _run("ip", "link", "set", self.host_if, "up")
+        _run("ip", "-n", self.name, "addr", "add", f"{self.ip}/{prefix}", "dev", self.ns_if)
+        _run("ip", "-n", self.name, "link", "set", self.ns_if, "up")
+        _run("ip", "-n", self.name, "link", "set", "lo", "up")
+
+    def _define_pool(self) -> None:
+        """A dir pool `default` in the namespace's private files, defined on the hypervisor itself."""
+        xml = self.workdir / "pool.xml"
+        xml.write_text(f"<pool type='dir'><name>default</name><target><path>{self.pool_path}</path></target></pool>")
+        for args in (("pool-define", str(xml)), ("pool-start", "default"), ("pool-autostart", "default")):
+            self.virsh_local(*args)
+
+    def stop(self, timeout: float = 20) -> None:
+        """Stop everything it started, delete the namespace and the files. Safe to call twice."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            if self.init_pid:  # stops its daemons; its exit makes the kernel kill the rest
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.init_pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # --kill-child: PID 1 goes with unshare
+                proc.wait(timeout=10)
+        self.proc = None
+        delete_netns(self.name)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def link_down(self) -> None:
+        """The host vanishes: packets to it are dropped in the veth (nothing leaves the machine)."""
+        _run("ip", "-n", self.name, "link", "set", self.ns_if, "down")
+        route = _run("ip", "-4", "-o", "route", "get", self.ip).stdout
+        if f"dev {self.host_if}" not in route:  # never let its address fall through to the default route
+            self.link_up()
+            raise RuntimeError(f"with the link down, {self.ip} would route elsewhere: {route.strip()}")
+
+    def link_up(self) -> None:
+        _run("ip", "-n", self.name, "link", "set", self.ns_if, "up")
+
+    def netns_pids(self) -> list[int]:
+        return netns_pids(self.name)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+# The one client the host's libvirtd lets in, as `manage.py lab_certs` prints it: the worker's certificate. Another
+# certificate from the same CA (say, an operator's) is refused.
+ALLOWED_CLIENT_DN = "O=AnsiStack Portal lab,CN=portal"
+
+
+@dataclass
+class RemoteTlsHost(NamespaceHost):
+    certs_in: float = 0.0  # of `started_in`, `manage.py lab_certs`
+    lab_certs_output: str = ""
+
+    # --- addresses and files ---
 
     @property
     def certs(self) -> Path:
@@ -237,10 +310,6 @@ class RemoteTlsHost:
     def local_uri(self) -> str:
         """The hypervisor's own local socket, for setting it up as its operator would (not for the portal)."""
         return f"qemu:///system?socket={self.socket}"
-
-    @property
-    def pool_path(self) -> Path:
-        return self.workdir / "images"
 
     # --- life cycle ---
 
@@ -267,7 +336,7 @@ class RemoteTlsHost:
         host = cls(
             name=name,
             workdir=workdir,
-            subnet=_free_subnet(),
+            subnet=free_subnet(),
             hostname=hostname,
             log_path=log_dir / f"libvirtd-{hostname}.log",
         )
@@ -334,16 +403,6 @@ class RemoteTlsHost:
             """)
         )
 
-    def _make_network(self) -> None:
-        prefix = self.subnet.prefixlen
-        _run("ip", "netns", "add", self.name)
-        _run("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if, "netns", self.name)
-        _run("ip", "addr", "add", f"{self.host_ip}/{prefix}", "dev", self.host_if)
-        _run("ip", "link", "set", self.host_if, "up")
-        _run("ip", "-n", self.name, "addr", "add", f"{self.ip}/{prefix}", "dev", self.ns_if)
-        _run("ip", "-n", self.name, "link", "set", self.ns_if, "up")
-        _run("ip", "-n", self.name, "link", "set", "lo", "up")
-
     def _launch(self) -> None:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         argv = [
@@ -398,46 +457,6 @@ class RemoteTlsHost:
                 )
             time.sleep(0.2)
 
-    def _define_pool(self) -> None:
-        """A dir pool `default` in the namespace's private files, defined on the hypervisor itself."""
-        xml = self.workdir / "pool.xml"
-        xml.write_text(f"<pool type='dir'><name>default</name><target><path>{self.pool_path}</path></target></pool>")
-        for args in (("pool-define", str(xml)), ("pool-start", "default"), ("pool-autostart", "default")):
-            self.virsh_local(*args)
-
-    def stop(self, timeout: float = 20) -> None:
-        """Stop everything it started, delete the namespace and the files. Safe to call twice."""
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            if self.init_pid:  # stops libvirtd and virtlogd; its exit makes the kernel kill the rest
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.init_pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)  # --kill-child: PID 1 goes with unshare
-                proc.wait(timeout=10)
-        self.proc = None
-        delete_netns(self.name)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
-    # --- outages ---
-
-    def link_down(self) -> None:
-        """The host vanishes: packets to it are dropped in the veth (nothing leaves the machine)."""
-        _run("ip", "-n", self.name, "link", "set", self.ns_if, "down")
-        route = _run("ip", "-4", "-o", "route", "get", self.ip).stdout
-        if f"dev {self.host_if}" not in route:  # never let its address fall through to the default route
-            self.link_up()
-            raise RuntimeError(f"with the link down, {self.ip} would route elsewhere: {route.strip()}")
-
-    def link_up(self) -> None:
-        _run("ip", "-n", self.name, "link", "set", self.ns_if, "up")
-
     # --- use ---
 
     def virsh_local(self, *args: str, check: bool = True) -> str:
@@ -445,12 +464,6 @@ class RemoteTlsHost:
         if check and r.returncode != 0:
             raise RuntimeError(f"virsh {' '.join(args)}: {r.stderr.strip()}\n{self.log_tail()}")
         return r.stdout
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
 
 
 def _die_with_parent() -> None:

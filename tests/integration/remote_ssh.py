@@ -46,20 +46,18 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from tests.integration.remote_host import (
-    _ROUTE_TYPES,
     WORK_ROOT,
+    NamespaceHost,
     _children,
     _die_with_parent,
     _pid_alive,
     _run,
     delete_netns,
-    host_end,
-    netns_pids,
+    free_subnet,
 )
 
 SUBNETS = ipaddress.IPv4Network("10.214.0.0/24")  # apart from the TLS host's 10.213.0.0/24
@@ -150,51 +148,9 @@ def sshd_binary() -> tuple[Path, str]:
     return root / "usr/sbin/sshd", libs
 
 
-def free_subnet(subnets: ipaddress.IPv4Network, prefix: int = 30) -> ipaddress.IPv4Network:
-    """The first /prefix of `subnets` that no route or address on the host overlaps (the TLS host's way, on a
-    subnet of this host's own)."""
-    used = []
-    for line in _run("ip", "-4", "-o", "route", "show", "table", "all").stdout.splitlines():
-        words = [w for w in line.split() if w not in _ROUTE_TYPES]
-        with contextlib.suppress(ValueError, IndexError):
-            used.append(ipaddress.ip_network(words[0], strict=False))
-    for line in _run("ip", "-4", "-o", "addr").stdout.splitlines():
-        used.append(ipaddress.ip_interface(line.split()[3]).network)
-    for net in subnets.subnets(new_prefix=prefix):
-        if not any(net.overlaps(u) for u in used if u.prefixlen > 0):
-            return net
-    raise RuntimeError(f"no free /{prefix} left in {subnets}")
-
-
 @dataclass
-class RemoteSshHost:
-    name: str  # network namespace, pssh-<pid of the test run>[instance letter]
-    workdir: Path
-    subnet: ipaddress.IPv4Network
-    hostname: str
-    log_path: Path
-    proc: subprocess.Popen | None = None
-    init_pid: int = 0  # PID 1 of the inner namespaces, as the host sees it
-    started_in: float = 0.0  # seconds from nothing to sshd and libvirtd answering
-    _log: IO[bytes] | None = field(default=None, repr=False)
-
+class RemoteSshHost(NamespaceHost):
     # --- addresses and files ---
-
-    @property
-    def host_ip(self) -> str:
-        return str(self.subnet.network_address + 1)
-
-    @property
-    def ip(self) -> str:
-        return str(self.subnet.network_address + 2)
-
-    @property
-    def host_if(self) -> str:
-        return host_end(self.name)
-
-    @property
-    def ns_if(self) -> str:
-        return f"{self.name.replace('-', '')}n"
 
     @property
     def uri(self) -> str:
@@ -208,10 +164,6 @@ class RemoteSshHost:
     @property
     def authorized_keys(self) -> Path:
         return self.workdir / "ssh" / "authorized_keys"
-
-    @property
-    def pool_path(self) -> Path:
-        return self.workdir / "images"
 
     def host_key(self) -> str:
         """The host's public key line (`ssh-ed25519 AAAA...`), as its operator reads it from the .pub file."""
@@ -319,16 +271,6 @@ class RemoteSshHost:
             """)
         )
 
-    def _make_network(self) -> None:
-        prefix = self.subnet.prefixlen
-        _run("ip", "netns", "add", self.name)
-        _run("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if, "netns", self.name)
-        _run("ip", "addr", "add", f"{self.host_ip}/{prefix}", "dev", self.host_if)
-        _run("ip", "link", "set", self.host_if, "up")
-        _run("ip", "-n", self.name, "addr", "add", f"{self.ip}/{prefix}", "dev", self.ns_if)
-        _run("ip", "-n", self.name, "link", "set", self.ns_if, "up")
-        _run("ip", "-n", self.name, "link", "set", "lo", "up")
-
     def _launch(self, sshd: Path, libs: str) -> None:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         argv = ["ip", "netns", "exec", self.name, "unshare", "--mount", "--uts", "--pid", "--fork", "--kill-child"]
@@ -366,32 +308,6 @@ class RemoteSshHost:
                 return s.recv(4) == b"SSH-"
         except OSError:
             return False
-
-    def _define_pool(self) -> None:
-        xml = self.workdir / "pool.xml"
-        xml.write_text(f"<pool type='dir'><name>default</name><target><path>{self.pool_path}</path></target></pool>")
-        for args in (("pool-define", str(xml)), ("pool-start", "default"), ("pool-autostart", "default")):
-            self.virsh_local(*args)
-
-    def stop(self, timeout: float = 20) -> None:
-        """Stop everything it started, delete the namespace and the files. Safe to call twice."""
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            if self.init_pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.init_pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        self.proc = None
-        delete_netns(self.name)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        shutil.rmtree(self.workdir, ignore_errors=True)
 
     # --- the host's side ---
 
@@ -439,17 +355,6 @@ class RemoteSshHost:
     def scan(self) -> str:
         return _run("ssh-keyscan", "-T", "3", "-t", "ed25519", self.ip, check=False).stdout
 
-    def link_down(self) -> None:
-        """The host vanishes: packets to it are dropped in the veth (nothing leaves the machine)."""
-        _run("ip", "-n", self.name, "link", "set", self.ns_if, "down")
-        route = _run("ip", "-4", "-o", "route", "get", self.ip).stdout
-        if f"dev {self.host_if}" not in route:
-            self.link_up()
-            raise RuntimeError(f"with the link down, {self.ip} would route elsewhere: {route.strip()}")
-
-    def link_up(self) -> None:
-        _run("ip", "-n", self.name, "link", "set", self.ns_if, "up")
-
     def virsh_local(self, *args: str, check: bool = True, timeout: float = 60) -> str:
         """virsh on the hypervisor itself: in the namespaces' mount and network namespace, on its own socket."""
         argv = ["nsenter", "-t", str(self.init_pid), "-m", "-n", "virsh", "-c", "qemu:///system", *args]
@@ -457,12 +362,3 @@ class RemoteSshHost:
         if check and r.returncode != 0:
             raise RuntimeError(f"virsh {' '.join(args)}: {r.stderr.strip()}\n{self.log_tail()}")
         return r.stdout if r.returncode == 0 else ""
-
-    def netns_pids(self) -> list[int]:
-        return netns_pids(self.name)
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
