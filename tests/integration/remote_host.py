@@ -51,6 +51,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -88,7 +89,23 @@ libvirtd -f "$W/etc/libvirtd.conf" -p /run/libvirtd.pid --listen &
 lv=$!
 echo "remote-tls: virtlogd $vl, libvirtd $lv (pids in the namespace)"
 trap 'kill -TERM $lv $vl 2>/dev/null || true; wait; exit 0' TERM INT
-wait $lv || true
+# SIGUSR1: libvirtd is stopped as its operator would stop it (its guests run on), and started again once
+# $W/start-libvirtd appears (RemoteTlsHost.stop_libvirtd, start_libvirtd).
+restart=0
+trap 'restart=1' USR1
+while :; do
+    wait $lv || true
+    [ "$restart" = 1 ] || break
+    restart=0
+    kill -TERM $lv 2>/dev/null || true
+    wait $lv 2>/dev/null || true
+    echo "remote-tls: libvirtd stopped"
+    while [ ! -e "$W/start-libvirtd" ]; do sleep 0.1; done
+    rm -f "$W/start-libvirtd"
+    libvirtd -f "$W/etc/libvirtd.conf" -p /run/libvirtd.pid --listen &
+    lv=$!
+    echo "remote-tls: libvirtd started again ($lv)"
+done
 echo "remote-tls: libvirtd exited"
 kill -TERM $vl 2>/dev/null || true
 wait
@@ -458,6 +475,36 @@ class RemoteTlsHost(NamespaceHost):
             time.sleep(0.2)
 
     # --- use ---
+
+    def _log_count(self, line: str) -> int:
+        try:
+            return self.log_path.read_text(errors="replace").count(line)
+        except OSError:
+            return 0
+
+    def _tls_answers(self) -> bool:
+        with contextlib.suppress(OSError), socket.create_connection((self.ip, TLS_PORT), timeout=1):
+            return True
+        return False
+
+    def stop_libvirtd(self, timeout: float = 20) -> None:
+        """Stop the host's libvirtd (its guests run on), by a signal to PID 1 of its namespaces; until it is gone."""
+        stops = self._log_count("libvirtd stopped")
+        os.kill(self.init_pid, signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while self._tls_answers() or self._log_count("libvirtd stopped") == stops:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"libvirtd did not stop within {timeout} s:\n{self.log_tail()}")
+            time.sleep(0.1)
+
+    def start_libvirtd(self, timeout: float = 30) -> None:
+        """Start it again, as its operator would; until it answers over TLS."""
+        (self.workdir / "start-libvirtd").touch()
+        deadline = time.monotonic() + timeout
+        while not self._tls_answers():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"libvirtd did not start again within {timeout} s:\n{self.log_tail()}")
+            time.sleep(0.1)
 
     def virsh_local(self, *args: str, check: bool = True) -> str:
         r = subprocess.run(["virsh", "-c", self.local_uri, *args], capture_output=True, text=True, timeout=60)

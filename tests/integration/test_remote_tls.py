@@ -262,3 +262,49 @@ def same_ca_client(remote, directory, name: str):
         )
     )
     return directory
+
+
+def test_a_provision_outlives_its_hypervisors_libvirtd_stopped_and_started_again(worker, remote_tls_host, tiny_image):
+    """libvirtd stopped as the image machine's provision begins: the attempt sees the hypervisor unavailable
+    and retries after its backoff; started again, the same attempt's retry finishes with exactly one domain
+    and the machine's own volumes (nothing from the interrupted try left beside them)."""
+    remote = remote_tls_host
+    hv = register(remote)
+    owner = UserFactory(username="restart-owner", is_staff=True)  # staff: the user-mode NIC
+    machine = services.machine_create(
+        owner=owner,
+        hypervisor=hv,
+        name="restarted",
+        image=tiny_image,
+        memory_mib=256,
+        disk_gib=1,
+        nics=[services.NicInput(type="user")],
+    )
+    wait_for(
+        lambda: (m := Machine.objects.get(pk=machine.pk)).attempt_id and m.status == "provisioning",
+        60,
+        interval=0.005,
+        message="the provision never began",
+    )
+    remote.stop_libvirtd()
+    stopped = time.monotonic()
+    retry = wait_for(
+        lambda: Machine.objects.get(pk=machine.pk).events.filter(step="retry").first(),
+        60,
+        message="the provision did not notice libvirtd gone",
+    )
+    print(f"provision noticed libvirtd gone {time.monotonic() - stopped:.1f} s after the stop: {retry.message}")
+    time.sleep(3)
+    remote.start_libvirtd()
+    print(f"libvirtd answered again {time.monotonic() - stopped:.1f} s after the stop")
+    done = wait_for(lambda: (m := Machine.objects.get(pk=machine.pk)).status != "provisioning" and m, 180, interval=1)
+    print(f"machine {done.status} {time.monotonic() - stopped:.1f} s after the stop")
+    assert done.status == "active", done.status_message
+    uuid = str(machine.uuid)
+    assert remote.virsh_local("domstate", uuid).strip() == "running"
+    assert remote.virsh_local("list", "--all", "--uuid").split().count(uuid) == 1
+    remote.virsh_local("pool-refresh", "default")
+    mine = {line.split()[0] for line in remote.virsh_local("vol-list", "default").splitlines()[2:] if uuid in line}
+    assert mine == set(done.volumes), mine
+    services.machine_delete(machine=done, actor=owner)
+    wait_for(lambda: not Machine.objects.filter(pk=machine.pk).exists(), 60)
