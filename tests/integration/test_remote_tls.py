@@ -18,6 +18,7 @@ from hypervisors.management.commands.lab_certs import make_lab_certs
 from hypervisors.models import Hypervisor, HypervisorStatus, ImageCopy
 from machines import services
 from machines.models import Machine
+from machines.tasks import machines_reconcile_task
 from tests.conftest import wait_for
 from tests.factories import UserFactory
 from tests.integration.remote_host import ALLOWED_CLIENT_DN
@@ -306,5 +307,9 @@ def test_a_provision_outlives_its_hypervisors_libvirtd_stopped_and_started_again
     remote.virsh_local("pool-refresh", "default")
     mine = {line.split()[0] for line in remote.virsh_local("vol-list", "default").splitlines()[2:] if uuid in line}
     assert mine == set(done.volumes), mine
+    # Powered off behind the portal's back on the host: the worker's reconcile sees it over TLS.
+    remote.virsh_local("destroy", uuid)
+    machines_reconcile_task()
+    wait_for(lambda: Machine.objects.get(pk=machine.pk).power_state == "off", 60, message="the reconcile missed it")
     services.machine_delete(machine=done, actor=owner)
     wait_for(lambda: not Machine.objects.filter(pk=machine.pk).exists(), 60)
