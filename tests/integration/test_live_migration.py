@@ -204,6 +204,9 @@ def test_a_running_machine_moves_live_and_its_counter_goes_on(running, remote_tl
         paths=move.paths,
         vnc_listen=remote.ip,
         max_downtime_ms=250,
+        # A few seconds at most on any machine (an idle one moved it in under one, between two progress looks):
+        # long enough to see the memory pass reported more than once.
+        bandwidth_mib_s=32,
         timeout=240,
         progress=reports.append,
     )
