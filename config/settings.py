@@ -329,8 +329,16 @@ PORTAL_MOVE_SHUTDOWN_TIMEOUT = envint("PORTAL_MOVE_SHUTDOWN_TIMEOUT", "120")
 # A live move: the guest's pause at the switch is bounded by this (ms); the whole move gives up after this (s).
 PORTAL_LIVE_MIGRATION_DOWNTIME_MS = envint("PORTAL_LIVE_MIGRATION_DOWNTIME_MS", "300")
 PORTAL_LIVE_MIGRATION_TIMEOUT = envint("PORTAL_LIVE_MIGRATION_TIMEOUT", "600")
-if PORTAL_LIVE_MIGRATION_DOWNTIME_MS < 1 or PORTAL_LIVE_MIGRATION_TIMEOUT < 1:
-    raise ImproperlyConfigured("PORTAL_LIVE_MIGRATION_DOWNTIME_MS and PORTAL_LIVE_MIGRATION_TIMEOUT are at least 1")
+# A live move's streams at most this many MiB/s (0: as fast as the network goes), so a move leaves room for the rest.
+PORTAL_LIVE_MIGRATION_BANDWIDTH_MIB_S = envint("PORTAL_LIVE_MIGRATION_BANDWIDTH_MIB_S", "0")
+if (
+    PORTAL_LIVE_MIGRATION_DOWNTIME_MS < 1
+    or PORTAL_LIVE_MIGRATION_TIMEOUT < 1
+    or PORTAL_LIVE_MIGRATION_BANDWIDTH_MIB_S < 0
+):
+    raise ImproperlyConfigured(
+        "PORTAL_LIVE_MIGRATION_DOWNTIME_MS and PORTAL_LIVE_MIGRATION_TIMEOUT are at least 1, the bandwidth at least 0"
+    )
 # At most this many provisions, rebuilds, grows, deletes and moves run on one hypervisor at a time; more wait.
 PORTAL_HYPERVISOR_CONCURRENCY = envint("PORTAL_HYPERVISOR_CONCURRENCY", "4")
 if PORTAL_HYPERVISOR_CONCURRENCY < 1:

@@ -173,6 +173,8 @@ def _stack_env() -> dict:
         "PORTAL_CONSOLE_PORT": str(STACK_PORTS["console"]),
         "PORTAL_CONSOLE_ALLOWED_ORIGINS": f"http://127.0.0.1:{STACK_PORTS['web']}",
         "PORTAL_WORKER_HEARTBEAT": "1",
+        # A live move lasts a second or more even on an idle machine, so one cancelled at once is cancelled.
+        "PORTAL_LIVE_MIGRATION_BANDWIDTH_MIB_S": "64",
         # The stack imports test images from `file_server` on 127.0.0.1; every other address not public stays
         # refused (tests/integration/test_image_imports.py; the unit tests keep the empty default).
         "PORTAL_IMPORT_ALLOWED_NETWORKS": FILE_SERVER_NETWORK,

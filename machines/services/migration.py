@@ -234,6 +234,7 @@ def _move_live(machine: Machine, moved: Machine, source: HypervisorDriver, targe
             paths=paths,
             vnc_listen=target_hv.console_address,
             max_downtime_ms=settings.PORTAL_LIVE_MIGRATION_DOWNTIME_MS,
+            bandwidth_mib_s=settings.PORTAL_LIVE_MIGRATION_BANDWIDTH_MIB_S,
             timeout=settings.PORTAL_LIVE_MIGRATION_TIMEOUT,
             progress=progress,
             cancelled=lambda: not Machine.objects.filter(pk=machine.pk, moving_to=target_hv).exists(),
