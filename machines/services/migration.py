@@ -127,19 +127,22 @@ def machine_migrate_run(machine_id: int, target_id: int, restart: bool = False, 
         return  # a stale delivery: the move was called off or ended
     target_hv = Hypervisor.objects.get(pk=target_id)
     source_hv = machine.hypervisor
-    if not Machine.objects.filter(pk=machine.pk, moving_to=target_hv).exists():
-        machine.log("migrate", f"move to {target_hv.name} cancelled before it began", "warning")
-        Machine.objects.filter(pk=machine.pk).update(moving_to=None)
-        _release_operation(machine)
-        _release_attempt(machine)
-        return
     moved = Machine.objects.select_related("image").get(pk=machine_id)
     moved.hypervisor = target_hv
     started = timezone.now()
     uuid = str(machine.uuid)
     was_running = False
-    try:
+    try:  # every way out below ends in the `finally`: the room, the operation and the attempt released
+        if not Machine.objects.filter(pk=machine.pk, moving_to=target_hv).exists():
+            machine.log("migrate", f"move to {target_hv.name} cancelled before it began", "warning")
+            return
         source, target = get_driver(source_hv.uri), get_driver(target_hv.uri)
+        if target.domain_state(uuid) is not None:
+            # The same libvirtd under another name, or a stale copy: copying would overwrite the machine's disks.
+            machine.log(
+                "migrate", f"not moved: {target_hv.name} already has a domain with this machine's UUID", level="error"
+            )
+            return
         if live:
             return _move_live(machine, moved, source, target)
         if source.domain_state(uuid) == DomainState.RUNNING:
@@ -148,12 +151,6 @@ def machine_migrate_run(machine_id: int, target_id: int, restart: bool = False, 
                 return
             was_running = True
             _stop_for_move(machine, source)
-        if target.domain_state(str(machine.uuid)) is not None:
-            # The same libvirtd under another name, or a stale copy: copying would overwrite the machine's disks.
-            machine.log(
-                "migrate", f"not moved: {target_hv.name} already has a domain with this machine's UUID", level="error"
-            )
-            return
         if moves.shares_storage(source, target, pool=machine.pool, target_pool=moved.pool):
             # Copying onto itself would first delete the machine's own disks.
             machine.log(
@@ -212,9 +209,6 @@ def _move_live(machine: Machine, moved: Machine, source: HypervisorDriver, targe
     source_hv, target_hv, uuid = machine.hypervisor, moved.hypervisor, str(machine.uuid)
     if source.domain_state(uuid) != DomainState.RUNNING:
         machine.log("migrate", "not moved: a live move is for a running machine, and it is not running", "error")
-        return
-    if target.domain_state(uuid) is not None:
-        machine.log("migrate", f"not moved: {target_hv.name} already has a domain with this machine's UUID", "error")
         return
     last = [0.0]
 
