@@ -79,6 +79,7 @@ INSTALLED_APPS = [
     "portal",
     "hypervisors",
     "machines",
+    "labs",
     "config",
 ]
 

@@ -67,6 +67,12 @@ class Machine(models.Model):
     deletion_protection = models.BooleanField(default=False, help_text="Refuse deletion and rebuild until cleared.")
     autostart = models.BooleanField(default=True, help_text="Start with the hypervisor.")
     power_on_after_create = models.BooleanField(default=True, help_text="Network-boot machines stay off unless asked.")
+    tags = models.JSONField(
+        default=list, blank=True, help_text="Short labels; each becomes a group in the Ansible inventory."
+    )
+    # A domain that existed on its hypervisor before the portal knew it, recorded by an adoption: its disks
+    # were not made by the portal, so a delete keeps them unless asked otherwise.
+    adopted = models.BooleanField(default=False, editable=False)
     # Hardware (defaults suit common guests; each is checked against what the hypervisor reports).
     machine_type = models.CharField(
         max_length=40, blank=True, help_text="Empty: pc (i440fx), which installers and the test guests see best."

@@ -152,7 +152,12 @@ class SshKey(models.Model):
 
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="ssh_keys")
     name = models.CharField(max_length=100)
-    public_key = models.TextField()
+    public_key = models.TextField(blank=True)  # one key, or for a `source`, every key it last gave (one per line)
+    # Where the keys are fetched from, as AnsiStack's vm_keys_links and MAAS allow: an https URL
+    # (`https://github.com/<user>.keys`) or a short name (`gh:<user>`, `lp:<user>`). Empty: a pasted key.
+    source = models.CharField(max_length=300, blank=True)
+    fetched = models.DateTimeField(null=True, blank=True, editable=False)
+    fetch_error = models.TextField(blank=True, editable=False)
     created = models.DateTimeField(auto_now_add=True)
 
     class Meta:
