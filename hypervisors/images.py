@@ -16,10 +16,11 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
-from hypervisors.drivers import get_driver, http_fetch
+from hypervisors.drivers import get_driver
 from hypervisors.drivers.base import HypervisorDriver, HypervisorError, HypervisorFatalError
 from hypervisors.drivers.qemu_img import ImageRejected, inspect
 from hypervisors.models import Hypervisor, Image, ImageCopy, ImageFormat, ImageKind, ImageStatus
+from portal import http_fetch
 from portal.audit import audited
 from portal.refusals import Refusal
 
@@ -169,7 +170,7 @@ def image_create_from_url(
 
 def image_import(image_id: int) -> None:
     """Worker: stream the URL to a .part file with a running checksum, then rename and validate. Every hop is
-    checked (hypervisors/drivers/http_fetch.py); the import has a deadline and a size cap; a failure leaves no file."""
+    checked (portal/http_fetch.py); the import has a deadline and a size cap; a failure leaves no file."""
     image = Image.objects.get(pk=image_id)
     final = image_dir() / image.file_name
     part = final.with_name(final.name + ".part")

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from hypervisors.drivers import http_fetch
-from hypervisors.drivers.http_fetch import FetchError, FetchRefused, fetch, parse_networks, refusal
+from portal import http_fetch
+from portal.http_fetch import FetchError, FetchRefused, fetch, parse_networks, refusal
 from tests.fake_http import FakeHttpServer, body, drip_body, drip_headers, redirect
 
 ALLOWED = parse_networks(["127.0.0.2/32"])  # the test server's address; 127.0.0.1 stays refused
