@@ -7,6 +7,8 @@ from rest_framework.routers import DefaultRouter
 
 from config import views
 from hypervisors.api import HypervisorViewSet, ImageViewSet
+from labs import inventory_views
+from labs.api_inventory import InventoryView
 from machines import views as machine_views
 from machines.api import HypervisorMaintenanceViewSet, MachineViewSet
 from portal import account
@@ -34,9 +36,12 @@ urlpatterns = [
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("hypervisors/", include("hypervisors.urls")),
     path("machines/", include("machines.urls")),
+    path("labs/inventory.yaml", inventory_views.inventory_yaml, name="inventory-yaml"),
+    path("labs/<int:pk>/inventory.yaml", inventory_views.lab_inventory_yaml, name="lab-inventory-yaml"),
     path("console/", machine_views.console_standalone, name="console-standalone"),
     path("admin/", admin.site.urls),
     path("api/v1/schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    path("api/v1/inventory/", InventoryView.as_view(), name="api-inventory"),
     path("api/v1/", include(router.urls)),
     re_path(r"^api/", views.api_not_found),  # any other /api/ path: JSON, as the API's own 404s are
     path("healthz", views.healthz, name="healthz"),
