@@ -280,6 +280,16 @@ except ValueError as e:
 if PORTAL_IMPORT_TIMEOUT < 1 or PORTAL_IMPORT_MAX_BYTES < 1:
     raise ImproperlyConfigured("PORTAL_IMPORT_TIMEOUT and PORTAL_IMPORT_MAX_BYTES are at least 1")
 
+# SSH keys fetched from a URL or a short name (gh:<user>, lp:<user>) by the worker, through the import client (so
+# PORTAL_IMPORT_ALLOWED_NETWORKS applies): https only unless http is allowed, a CA bundle trusted besides the
+# system's (an internal key server's CA), the whole fetch's deadline (seconds) and its size cap (bytes).
+PORTAL_SSH_KEY_ALLOW_HTTP = envbool("PORTAL_SSH_KEY_ALLOW_HTTP", "false")
+PORTAL_SSH_KEY_CA_FILE = os.environ.get("PORTAL_SSH_KEY_CA_FILE", "")
+PORTAL_SSH_KEY_TIMEOUT = envint("PORTAL_SSH_KEY_TIMEOUT", "20")
+PORTAL_SSH_KEY_MAX_BYTES = envint("PORTAL_SSH_KEY_MAX_BYTES", "65536")
+if PORTAL_SSH_KEY_TIMEOUT < 1 or PORTAL_SSH_KEY_MAX_BYTES < 1:
+    raise ImproperlyConfigured("PORTAL_SSH_KEY_TIMEOUT and PORTAL_SSH_KEY_MAX_BYTES are at least 1")
+
 # Machines.
 PORTAL_PROVISION_TIMEOUT = envint("PORTAL_PROVISION_TIMEOUT", "900")  # seconds a machine may stay busy
 PORTAL_PROVISION_RETRIES = envint("PORTAL_PROVISION_RETRIES", "4")  # retries of a transient hypervisor error

@@ -60,4 +60,5 @@ urlpatterns = [
     path("account/tokens/<int:pk>/revoke/", account.token_revoke, name="account-token-revoke"),
     path("account/keys/", account.key_add, name="account-key-add"),
     path("account/keys/<int:pk>/delete/", account.key_delete, name="account-key-delete"),
+    path("account/keys/<int:pk>/refresh/", account.key_refresh, name="account-key-refresh"),
 ]

@@ -174,7 +174,8 @@ def _form_context(request, form: MachineForm) -> dict:
 @require_http_methods(["GET", "POST"])
 def machine_create(request: HtmxHttpRequest) -> HttpResponse:
     assert request.user.is_authenticated  # login_required
-    saved_keys = "\n".join(request.user.ssh_keys.values_list("public_key", flat=True))
+    # Every saved key; a source's keys are every line it last gave (none before its first fetch).
+    saved_keys = "\n".join(k for k in request.user.ssh_keys.values_list("public_key", flat=True) if k.strip())
     form = MachineForm(request.POST or None, initial={"ssh_authorized_keys": saved_keys}, user=request.user)
     if request.method == "POST" and form.is_valid():
         try:

@@ -8,25 +8,51 @@ from django.contrib import messages
 from django.contrib.auth import get_user_model, login, password_validation
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError
 from django.http import Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
-from portal import audit, sshkeys
+from portal import audit, keysources, sshkeys
 from portal.models import ApiToken, SshKey
 
 
 class SshKeyForm(forms.Form):
     name = forms.CharField(max_length=100)
-    public_key = forms.CharField(label="Public key", widget=forms.Textarea(attrs={"rows": 3}))
+    public_key = forms.CharField(label="Public key", widget=forms.Textarea(attrs={"rows": 3}), required=False)
+    source = forms.CharField(
+        label="Or fetch the keys from",
+        required=False,
+        widget=forms.TextInput(attrs={"placeholder": "gh:<user>, lp:<user> or https://…/<user>.keys"}),
+        help_text="The worker fetches them now and again when you press Refresh.",
+    )
 
     def clean_public_key(self) -> str:
+        if not self.cleaned_data["public_key"].strip():
+            return ""
         try:
             return sshkeys.validate_ssh_key(self.cleaned_data["public_key"].strip())
         except sshkeys.InvalidSSHKey as e:
             raise ValidationError(str(e)) from None
+
+    def clean_source(self) -> str:
+        if not self.cleaned_data["source"].strip():
+            return ""
+        try:
+            return keysources.validate_source(self.cleaned_data["source"])
+        except sshkeys.InvalidKeySource as e:
+            raise ValidationError(str(e)) from None
+
+    def clean(self):
+        data = super().clean() or {}
+        if self.errors:
+            return data
+        if data.get("public_key") and data.get("source"):
+            self.add_error("source", "Paste a key or name a source, not both.")
+        elif not data.get("public_key") and not data.get("source"):
+            self.add_error("public_key", "Paste a public key, or name a source to fetch keys from.")
+        return data
 
 
 class TokenForm(forms.Form):
@@ -44,10 +70,24 @@ class TokenForm(forms.Form):
         return timezone.now() + timedelta(days=days) if days else None
 
 
+def _described(key: SshKey) -> list[sshkeys.KeyInfo]:
+    """Each key of the row as ssh-keygen -l shows it (a line that no longer validates is left out)."""
+    infos = []
+    for line in key.public_key.splitlines():
+        try:
+            infos.append(sshkeys.describe(line))
+        except sshkeys.InvalidSSHKey:
+            continue
+    return infos
+
+
 def _page(request, **extra) -> HttpResponse:
     context = {
         "tokens": request.user.api_tokens.all(),
-        "keys": request.user.ssh_keys.all(),
+        "keys": [
+            {"key": key, "infos": _described(key), "failed": keysources.last_fetch_failed(key)}
+            for key in request.user.ssh_keys.all()
+        ],
         "key_form": SshKeyForm(),
         "token_form": TokenForm(),
         **extra,
@@ -98,13 +138,28 @@ def key_add(request) -> HttpResponse:
     if not form.is_valid():
         return _page(request, key_form=form)
     try:
-        with transaction.atomic():
-            key = SshKey.objects.create(user=request.user, **form.cleaned_data)
+        key = keysources.ssh_key_add(user=request.user, **form.cleaned_data)
     except IntegrityError:
         form.add_error("name", "You already have a key with that name.")
         return _page(request, key_form=form)
-    audit.record("ssh_key.add", key, request=request)
-    messages.success(request, f"Key {key.name} added; new machines get it by default.")
+    audit.record("ssh_key.add", key, request=request, detail=f"source={key.source}" if key.source else "")
+    if key.source:
+        messages.success(request, f"Keys of {key.name} queued for fetching from {key.source}; new machines get them.")
+    else:
+        messages.success(request, f"Key {key.name} added; new machines get it by default.")
+    return redirect("account")
+
+
+@login_required
+@require_POST
+def key_refresh(request, pk: int) -> HttpResponse:
+    key = get_object_or_404(SshKey, pk=pk, user=request.user)
+    try:
+        keysources.ssh_key_refresh(key=key)
+    except keysources.KeySourceRefused as e:
+        messages.error(request, str(e))
+    else:
+        messages.success(request, f"Fetching the keys of {key.name} again from {key.source}.")
     return redirect("account")
 
 

@@ -136,10 +136,18 @@ def _checked_address(host: str, port: int, allowed: list[Network], timeout: floa
 class _Hop:
     """One request to one checked address, whose socket a deadline timer can shut."""
 
-    def __init__(self, url: str, allowed: list[Network], timeout: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        allowed: list[Network],
+        timeout: float,
+        schemes: tuple[str, ...] = ("http", "https"),
+        context: ssl.SSLContext | None = None,
+    ) -> None:
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise FetchRefused(f"only http:// and https:// URLs are imported, not {url[:100]!r}")
+        if parts.scheme not in schemes or not parts.hostname:
+            names = " and ".join(f"{scheme}://" for scheme in schemes)
+            raise FetchRefused(f"only {names} URLs are imported, not {url[:100]!r}")
         try:
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
@@ -149,7 +157,7 @@ class _Hop:
         conn: http.client.HTTPConnection
         if parts.scheme == "https":
             conn = http.client.HTTPSConnection(
-                parts.hostname, port, timeout=timeout, context=ssl.create_default_context()
+                parts.hostname, port, timeout=timeout, context=context or ssl.create_default_context()
             )
         else:
             conn = http.client.HTTPConnection(parts.hostname, port, timeout=timeout)
@@ -179,6 +187,10 @@ class _Hop:
                 pass
 
     def get(self) -> http.client.HTTPResponse:
+        self.conn.connect()
+        # Over https, the TLS socket: wrapping detached the plain one from its descriptor, so a deadline that shut
+        # only the plain one would let a dripping https body run on (the response keeps the TLS socket open).
+        self.sock = self.conn.sock
         self.conn.request("GET", self.path, headers={"User-Agent": "ansistack-portal", "Accept-Encoding": "identity"})
         return self.conn.getresponse()
 
@@ -203,9 +215,13 @@ def fetch(
     timeout_s: float,
     max_bytes: int,
     on_length: Callable[[int], object] | None = None,
+    schemes: tuple[str, ...] = ("http", "https"),
+    context: ssl.SSLContext | None = None,
 ) -> int:
     """GET `url` (following up to MAX_REDIRECTS redirects, each hop checked) into `sink`; return the byte count.
-    Raises FetchRefused past the deadline or the size cap, or for a refused destination; FetchError otherwise."""
+    Raises FetchRefused past the deadline or the size cap, or for a refused destination; FetchError otherwise.
+    `schemes` are those every hop may use (a redirect from https to http is refused where only https is);
+    `context` verifies https (default: the system's CAs)."""
     allowed = list(allowed_networks)
     deadline = time.monotonic() + timeout_s
     expired = threading.Event()
@@ -213,7 +229,7 @@ def fetch(
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise FetchRefused(f"the import took longer than its limit of {timeout_s:g} s")
-        hop = _Hop(url, allowed, timeout=min(READ_TIMEOUT, remaining))
+        hop = _Hop(url, allowed, timeout=min(READ_TIMEOUT, remaining), schemes=schemes, context=context)
         timer = threading.Timer(remaining, _expire, args=(expired, hop))
         timer.daemon = True
         timer.start()

@@ -1,5 +1,5 @@
 """The worker's heartbeat: a thread of the consumer process, not a queued task, so a worker busy with
-long tasks still shows it runs."""
+long tasks still shows it runs. And the fetch of an SSH key source (portal.keysources)."""
 
 import logging
 import threading
@@ -7,7 +7,7 @@ import time
 
 from django.conf import settings
 from django.db import close_old_connections
-from huey.contrib.djhuey import on_startup
+from huey.contrib.djhuey import db_task, on_startup
 
 log = logging.getLogger(__name__)
 _started = threading.Lock()
@@ -42,3 +42,10 @@ def _beat_forever() -> None:
             log.exception("worker heartbeat")
         finally:
             close_old_connections()
+
+
+@db_task()
+def ssh_key_fetch_task(key_id: int) -> None:
+    from portal.keysources import ssh_key_fetch
+
+    ssh_key_fetch(key_id)

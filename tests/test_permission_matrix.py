@@ -66,6 +66,7 @@ MATRIX = {
     "account-token-revoke": ("post", "token", None, ok(302, anon=302, other=404, staff=404)),
     "account-key-add": ("post", None, {"name": "k", "public_key": "x"}, ok(200, **PAGE_LOGIN)),
     "account-key-delete": ("post", "key", None, ok(302, anon=302, other=404, staff=404)),
+    "account-key-refresh": ("post", "key", None, ok(302, anon=302, other=404, staff=404)),
     "hypervisors:list": ("get", None, None, ok(200, **PAGE_LOGIN)),
     "hypervisors:detail": ("get", "hv", None, ok(200, **PAGE_LOGIN)),
     "hypervisors:create": ("get", None, None, ok(200, **STAFF_ONLY)),

@@ -274,3 +274,27 @@ def test_a_resolver_that_never_answers_is_bounded_by_the_deadline(monkeypatch):
     with pytest.raises(FetchRefused, match="resolving slow.example took too long"):
         _get("http://slow.example/disk.raw", timeout_s=1)
     assert time.monotonic() - started < 3
+
+
+def test_a_dripping_https_body_hits_the_overall_deadline(tmp_path):
+    """Over https the deadline shuts the TLS socket (the plain one was detached by the wrapping)."""
+    from tests.key_server import Answer, KeyServer, make_ca_and_cert
+
+    tls = make_ca_and_cert(tmp_path)
+    server = KeyServer(tls["cert"], tls["key"], "127.0.0.2")
+    server.routes["/slow"] = Answer(body=b"x" * 10_000, drip=0.05)
+    context = ssl.create_default_context(cafile=str(tls["ca"]))
+    started = time.monotonic()
+    try:
+        with pytest.raises(FetchRefused, match="longer than its limit of 1 s"):
+            fetch(
+                f"https://127.0.0.2:{server.port}/slow",
+                lambda c: None,
+                allowed_networks=ALLOWED,
+                timeout_s=1,
+                max_bytes=MIB,
+                context=context,
+            )
+    finally:
+        server.close()
+    assert time.monotonic() - started < 3
