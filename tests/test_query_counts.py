@@ -28,6 +28,8 @@ ENDPOINTS = [
     ("api hypervisors", "/api/v1/hypervisors/", {}, False),
     ("api images", "/api/v1/images/", {}, False),
     ("api audit", "/api/v1/audit/", {}, True),
+    ("api inventory", "/api/v1/inventory/", {}, False),
+    ("inventory yaml", "inventory-yaml", {}, False),
     ("machine list", "machines:list", {}, False),
     ("machine list partial", "machines:list", HTMX, False),
     ("hypervisor list", "hypervisors:list", {}, False),
