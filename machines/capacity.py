@@ -308,3 +308,9 @@ def claim_room(
     if not override:
         raise ValidationError({"hypervisor": f"Hypervisor {hv.name} has no room for this machine ({result})."})
     return Room(hv, over_capacity=result)
+
+
+def room_on(hv: Hypervisor, *, pool: str, arch: str = "") -> Fit | str:
+    """What hv has free now for a machine of `arch` on `pool`, before any is asked for: a Fit, else why it takes
+    none. For planners that place several machines at once (a lab) and count their room down themselves."""
+    return _fit(hv, vcpus=0, memory_mib=0, disk_gib=0, pool=pool, arch=arch)
