@@ -163,6 +163,9 @@ class WorkerProcesses:
 
 
 FILE_SERVER_NETWORK = "127.0.0.1/32"  # where `file_server` listens: the only import destination the stack allows
+# The CA bundle the stack's worker trusts for SSH key sources (PORTAL_SSH_KEY_CA_FILE, read at each fetch): a test
+# that starts an HTTPS key server writes its CA here (tests/integration/test_ssh_key_sources.py).
+SSH_KEY_CA_FILE = settings.DATA_DIR / "test-ssh-key-ca.pem"
 
 
 def _stack_env() -> dict:
@@ -178,6 +181,7 @@ def _stack_env() -> dict:
         # The stack imports test images from `file_server` on 127.0.0.1; every other address not public stays
         # refused (tests/integration/test_image_imports.py; the unit tests keep the empty default).
         "PORTAL_IMPORT_ALLOWED_NETWORKS": FILE_SERVER_NETWORK,
+        "PORTAL_SSH_KEY_CA_FILE": str(SSH_KEY_CA_FILE),
     }
 
 
