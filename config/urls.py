@@ -48,6 +48,7 @@ urlpatterns = [
     path("audit/", views.audit_list, name="audit"),
     path("audit/export.csv", views.audit_export_csv, name="audit_export_csv"),
     path("audit/export.json", views.audit_export_json, name="audit_export_json"),
+    path("imports/", include("labs.import_views")),  # AnsiStack inventory imports (staff)
     path("account/", account.account, name="account"),
     path("signup/", account.signup, name="signup"),
     path(
