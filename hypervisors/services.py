@@ -11,8 +11,9 @@ from django.db.models import ProtectedError
 from django.utils import timezone
 
 from hypervisors.drivers import get_driver, ssh
-from hypervisors.drivers.base import HostInfo, HypervisorError
+from hypervisors.drivers.base import DomainInfo, HostInfo, HypervisorError
 from hypervisors.models import Hypervisor, HypervisorStatus
+from hypervisors.offers import NIC_MODELS
 from portal.audit import audited
 from portal.refusals import Refusal
 
@@ -193,9 +194,69 @@ def _host_key_refused(hv: Hypervisor, error: str) -> str:
     )
 
 
+ADOPTABLE_NICS = ("network", "bridge", "direct", "user")  # MachineNic's types
+
+
+def adoption_problems(shape: dict) -> list[str]:
+    """Why the portal cannot manage a domain of this shape (domain_shape), each reason a sentence; [] when it can.
+    What only the portal's rows know (a UUID, a name or a MAC already the portal's, the hypervisor's maintenance)
+    is the adoption service's to check."""
+    problems = []
+    if not shape.get("persistent", True):
+        problems.append("It is a transient domain (not defined): define it first.")
+    if shape.get("domain_type") not in ("qemu", "kvm", "test"):  # test: libvirt's test:/// driver's own
+        problems.append(f"Its domain type is {shape.get('domain_type') or 'unknown'}: the portal runs qemu and kvm.")
+    if shape.get("vcpus", 0) < 1 or shape.get("memory_mib", 0) < 1:
+        problems.append("It has no vCPU or memory size the portal can read.")
+    for disk in shape.get("disks", []):
+        name = f"Disk {disk['target'] or '?'}"
+        if disk["device"] not in ("disk", "cdrom"):
+            problems.append(f"{name} is a {disk['device']}: the portal handles disks and CD-ROM drives.")
+        elif disk["type"] not in ("file", "volume"):
+            problems.append(
+                f"{name} is a {disk['type']} disk{' (' + (disk['path'] or disk['source']) + ')' if disk['path'] or disk['source'] else ''}: "
+                "the portal handles only files that are volumes of a storage pool."
+            )
+        elif (disk["path"] or disk["volume"]) and not disk["pool"]:
+            problems.append(
+                f"{name} ({disk['path'] or disk['volume']}) is outside any storage pool of this hypervisor."
+            )
+        elif disk["device"] == "disk" and disk["format"] not in ("qcow2", "raw"):
+            problems.append(f"{name} is in {disk['format']} format: the portal handles qcow2 and raw.")
+    for i, nic in enumerate(shape.get("nics", [])):
+        if nic["type"] not in ADOPTABLE_NICS:
+            problems.append(
+                f"NIC {i + 1} is of type {nic['type'] or 'unknown'}: the portal handles {', '.join(ADOPTABLE_NICS)}."
+            )
+        elif nic["model"] and nic["model"] not in NIC_MODELS:
+            problems.append(f"NIC {i + 1} is a {nic['model']}: the portal handles {', '.join(NIC_MODELS)}.")
+    if other := sorted({g for g in shape.get("graphics", []) if g != "vnc"}):
+        problems.append(f"Its graphical console is {', '.join(other)}: the portal's consoles are VNC.")
+    if shape.get("hostdevs"):
+        problems.append(f"It has {shape['hostdevs']} host device(s) passed through, which the portal cannot take over.")
+    return problems
+
+
+def _unmanaged(d: DomainInfo) -> dict:
+    """What a sync records of a domain that is not the portal's: enough for staff to decide on an adoption."""
+    entry: dict[str, Any] = {"uuid": d.uuid, "name": d.name, "state": str(d.state)}
+    if d.shape is None:
+        return entry
+    keep = ("vcpus", "memory_mib", "arch", "machine_type", "firmware", "secure_boot", "boot", "graphics", "hostdevs")
+    entry |= {k: d.shape.get(k) for k in keep}
+    entry["disks"] = [
+        {k: disk[k] for k in ("target", "device", "type", "path", "pool", "volume", "format", "capacity_bytes")}
+        for disk in d.shape.get("disks", [])
+    ]
+    entry["nics"] = [{k: nic[k] for k in ("type", "source", "mac", "model")} for nic in d.shape.get("nics", [])]
+    entry["problems"] = adoption_problems(d.shape)
+    entry["adoptable"] = not entry["problems"]
+    return entry
+
+
 def _capability_fields(info: HostInfo) -> dict:
     # The portal marks its own domains with a metadata element (see domain XML).
-    unmanaged = [{"uuid": d.uuid, "name": d.name, "state": str(d.state)} for d in info.domains if not d.managed]
+    unmanaged = [_unmanaged(d) for d in info.domains if not d.managed]
     return {
         "hostname": info.hostname,
         "arch": info.arch,

@@ -40,7 +40,7 @@ def _text(upload) -> dict:
 
 
 class ImportForm(forms.Form):
-    files = MultipleFileField(
+    inventory_files = MultipleFileField(
         widget=MultipleFileInput, label="Inventory files", help_text="inventory-phys.yaml, inventory-vms.yaml, ..."
     )
     vars_file = forms.FileField(
@@ -55,8 +55,8 @@ class ImportForm(forms.Form):
         max_length=63, required=False, label="Lab", help_text="Empty: named after the machines' inventory file."
     )
 
-    def clean_files(self) -> list[dict]:
-        files = self.cleaned_data["files"]
+    def clean_inventory_files(self) -> list[dict]:
+        files = self.cleaned_data["inventory_files"]
         if not files:
             raise ValidationError("Choose at least one inventory file.")
         if len(files) > ansistack.MAX_FILES:
@@ -68,7 +68,7 @@ class ImportForm(forms.Form):
         return _text(upload) if upload else None
 
     def clean(self):
-        data = super().clean()
+        data = super().clean() or {}
         owner, project = data.get("owner"), data.get("project")
         if owner is not None and project is not None and not project_choices(owner).filter(pk=project.pk).exists():
             self.add_error("project", f"{owner} is not an admin of project {project}.")
@@ -84,7 +84,7 @@ def import_upload(request: HtmxHttpRequest) -> HttpResponse:
         try:
             imp = inventory_import_create(
                 actor=request.user,
-                files=d["files"],
+                files=d["inventory_files"],
                 vars_file=d["vars_file"],
                 owner=d["owner"],
                 project=d["project"],

@@ -84,6 +84,9 @@ class DomainInfo:
     name: str
     state: PowerState
     managed: bool  # carries the portal's metadata element
+    # host_info only, for a domain that is not the portal's: its shape (domain_shape), for staff deciding on an
+    # adoption; None from list_domains and for the portal's own.
+    shape: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -333,6 +336,18 @@ class HypervisorDriver(ABC):
     @abstractmethod
     def domain_xml(self, uuid: str, *, inactive: bool = False, secure: bool = False) -> str:
         """The domain's XML (inactive: its persistent config); `secure` includes secrets: never show or log it."""
+
+    @abstractmethod
+    def domain_shape(self, uuid: str) -> dict | None:
+        """The shape of the domain's persistent config as domxml.foreign_domain reads it, each disk with its
+        storage pool, volume and capacity filled in where its file is a volume of a pool (pool "" where it is
+        not), plus `persistent`; None if the domain does not exist."""
+
+    @abstractmethod
+    def domain_mark(self, uuid: str, attributes: dict[str, str]) -> bool:
+        """Put the portal's metadata element (PORTAL_METADATA_NS) with these attributes in the domain's
+        persistent config (and its live one while it runs), touching nothing else; no-op (False) when it
+        carries exactly that element already."""
 
     @abstractmethod
     def start(self, uuid: str) -> None:

@@ -276,11 +276,15 @@ def with_boot_first(xml: str, target: str) -> str:
 def portal_domain(xml: str) -> tuple[str, dict[str, str]] | None:
     """(name, the attributes of the portal's metadata element) of a domain the portal defined: its metadata in
     PORTAL_METADATA_NS and a name that ends in the first 8 hex digits of its UUID (`<host name>-<uuid8>`, as
-    the portal names them). None for any other domain."""
+    the portal names them), or a domain the portal adopted, which keeps its own name: its mark says `adopted` with
+    the domain's own UUID. None for any other domain."""
     root = ET.fromstring(xml)
     mark = root.find(f"metadata/{{{PORTAL_METADATA_NS}}}machine")
     name, uuid = root.findtext("name") or "", (root.findtext("uuid") or "").replace("-", "").lower()
-    if mark is None or len(uuid) != 32 or not name.endswith(f"-{uuid[:8]}"):
+    if mark is None or len(uuid) != 32:
+        return None
+    adopted = mark.get("adopted", "").replace("-", "").lower() == uuid
+    if not adopted and not name.endswith(f"-{uuid[:8]}"):
         return None
     return name, dict(mark.attrib)
 
@@ -583,3 +587,89 @@ def _rules(root: ET.Element, rules: list[tuple[str, str, dict[str, str]]]) -> No
         if "statematch" in match:  # an attribute of the rule, not of its match
             rule.set("statematch", match.pop("statematch"))
         _sub(rule, protocol, **match)
+
+
+def _mib(el: ET.Element | None) -> int:
+    """A <memory> element in MiB, whatever its unit (libvirt gives KiB)."""
+    if el is None or not (el.text or "").strip().isdigit():
+        return 0
+    scale = {"b": 1, "bytes": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30}
+    scale |= {"gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40, "kb": 1000, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+    return int(el.text or "0") * scale.get(el.get("unit", "KiB").lower(), 1 << 10) >> 20
+
+
+def _order(el: ET.Element) -> int | None:
+    boot = el.find("boot")
+    order = boot.get("order", "") if boot is not None else ""
+    return int(order) if order.isdigit() else None
+
+
+def _foreign_disk(el: ET.Element) -> dict:
+    source, target, driver = el.find("source"), el.find("target"), el.find("driver")
+    src = source.attrib if source is not None else {}
+    kind = el.get("type", "file")
+    return {
+        "target": target.get("dev", "") if target is not None else "",
+        "bus": target.get("bus", "") if target is not None else "",
+        "device": el.get("device", "disk"),
+        "type": kind,
+        # file: its path; volume: pool/volume; block: the device; network: protocol and name
+        "path": src.get("file") or src.get("dev") or "",
+        "pool": src.get("pool", "") if kind == "volume" else "",
+        "volume": src.get("volume", "") if kind == "volume" else "",
+        "source": src.get("name", "") if kind == "network" else "",
+        "format": driver.get("type", "raw") if driver is not None else "raw",
+        "boot_order": _order(el),
+        "capacity_bytes": 0,  # filled in from the volume by the driver
+    }
+
+
+def _foreign_nic(el: ET.Element) -> dict:
+    source, mac, model, tag = el.find("source"), el.find("mac"), el.find("model"), el.find("vlan/tag")
+    src = source.attrib if source is not None else {}
+    kind = el.get("type", "")
+    return {
+        "type": kind,
+        "source": src.get("network") if kind == "network" else src.get("bridge") or src.get("dev") or "",
+        "mode": src.get("mode", "bridge") if kind == "direct" else "bridge",
+        "mac": (mac.get("address", "") if mac is not None else "").lower(),
+        "model": model.get("type", "") if model is not None else "",
+        "vlan": int(tag.get("id", "")) if tag is not None and tag.get("id", "").isdigit() else None,
+        "boot_order": _order(el),
+    }
+
+
+def foreign_domain(xml: str) -> dict:
+    """The shape of a domain the portal did not define, from its XML, as plain JSON-ready data: name, uuid,
+    domain type, vCPUs, memory, arch, machine type, firmware (bios/uefi, secure boot), boot devices (<os><boot>),
+    graphics types, disks (target, bus, device, type, path or pool/volume, format, boot order), NICs (type,
+    source, mode, MAC, model, VLAN, boot order), host devices and whether it carries the portal's metadata."""
+    root = ET.fromstring(xml)
+    os_el = root.find("os")
+    type_el = os_el.find("type") if os_el is not None else None
+    loader = os_el.find("loader") if os_el is not None else None
+    efi = os_el is not None and (
+        os_el.get("firmware") == "efi" or (loader is not None and loader.get("type") == "pflash")
+    )
+    secure = (loader is not None and loader.get("secure") == "yes") or (
+        os_el is not None and os_el.find("firmware/feature[@name='secure-boot'][@enabled='yes']") is not None
+    )
+    vcpu = (root.findtext("vcpu") or "").strip()
+    return {
+        "name": root.findtext("name") or "",
+        "uuid": root.findtext("uuid") or "",
+        "title": root.findtext("title") or "",
+        "domain_type": root.get("type", ""),
+        "vcpus": int(vcpu) if vcpu.isdigit() else 0,
+        "memory_mib": _mib(root.find("memory")),
+        "arch": type_el.get("arch", "") if type_el is not None else "",
+        "machine_type": type_el.get("machine", "") if type_el is not None else "",
+        "firmware": "uefi" if efi else "bios",
+        "secure_boot": bool(efi and secure),
+        "boot": [b.get("dev", "") for b in os_el.findall("boot")] if os_el is not None else [],
+        "graphics": [g.get("type", "") for g in root.findall("devices/graphics")],
+        "disks": [_foreign_disk(d) for d in root.findall("devices/disk")],
+        "nics": [_foreign_nic(n) for n in root.findall("devices/interface")],
+        "hostdevs": len(root.findall("devices/hostdev")),
+        "marked": root.find(f"metadata/{{{PORTAL_METADATA_NS}}}machine") is not None,
+    }

@@ -58,6 +58,7 @@ from hypervisors.drivers.domxml import (
     agent_connected,
     build_domain_xml,
     cdrom_xml,
+    foreign_domain,
     guard_name,
     merge_addresses,
     new_vnc_password,
@@ -209,14 +210,48 @@ def _is_managed(dom: libvirt.virDomain) -> bool:
     return True
 
 
-def _domain_info(dom: libvirt.virDomain) -> DomainInfo:
+def _domain_info(dom: libvirt.virDomain, *, shape: bool = False) -> DomainInfo:
     state = dom.state()[0]
+    managed = _is_managed(dom)
     return DomainInfo(
         uuid=dom.UUIDString(),
         name=dom.name(),
         state=_STATES.get(state, PowerState.UNKNOWN),
-        managed=_is_managed(dom),
+        managed=managed,
+        shape=_shape(dom) if shape and not managed else None,
     )
+
+
+def _volume_by_path(conn: libvirt.virConnect, path: str) -> libvirt.virStorageVol | None:
+    try:
+        return conn.storageVolLookupByPath(path)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() in (libvirt.VIR_ERR_NO_STORAGE_VOL, libvirt.VIR_ERR_NO_STORAGE_POOL):
+            return None
+        raise
+
+
+def _shape(dom: libvirt.virDomain) -> dict:
+    """domain_shape of a domain: its persistent XML read, each disk's file looked up as a volume of a pool."""
+    conn = dom.connect()
+    shape = foreign_domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    shape["persistent"] = bool(dom.isPersistent())
+    for disk in shape["disks"]:
+        vol = None
+        if disk["type"] == "file" and disk["path"]:
+            vol = _volume_by_path(conn, disk["path"])
+        elif disk["type"] == "volume" and disk["pool"]:
+            try:
+                vol = conn.storagePoolLookupByName(disk["pool"]).storageVolLookupByName(disk["volume"])
+            except libvirt.libvirtError as e:
+                if e.get_error_code() not in (libvirt.VIR_ERR_NO_STORAGE_VOL, libvirt.VIR_ERR_NO_STORAGE_POOL):
+                    raise
+        if vol is not None:
+            disk["pool"], disk["volume"] = vol.storagePoolLookupByVolume().name(), vol.name()
+            disk["path"], disk["capacity_bytes"] = vol.path(), vol.info()[1]
+        else:
+            disk["pool"] = ""
+    return shape
 
 
 class LibvirtDriver(HypervisorDriver):
@@ -282,7 +317,7 @@ class LibvirtDriver(HypervisorDriver):
             devices=_devices(conn),
             pools=sorted((_pool_info(p) for p in conn.listAllStoragePools(0)), key=lambda p: p.name),
             networks=sorted((_network_info(n, guards) for n in conn.listAllNetworks(0)), key=lambda n: n.name),
-            domains=sorted((_domain_info(d) for d in conn.listAllDomains(0)), key=lambda d: d.name),
+            domains=sorted((_domain_info(d, shape=True) for d in conn.listAllDomains(0)), key=lambda d: d.name),
         )
 
     def list_domains(self) -> list[DomainInfo]:
@@ -573,6 +608,39 @@ class LibvirtDriver(HypervisorDriver):
         """The domain's XML; `secure` includes secrets such as the VNC password (never show or log it)."""
         flags = (libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0) | (libvirt.VIR_DOMAIN_XML_SECURE if secure else 0)
         return self._with_dom(uuid, lambda dom: dom.XMLDesc(flags))
+
+    def domain_shape(self, uuid: str) -> dict | None:
+        """The domain's persistent shape with its disks' pools and volumes; None if absent."""
+
+        def run(conn):
+            dom = self._dom(conn, uuid)
+            return None if dom is None else _shape(dom)
+
+        return self._call(run)
+
+    def domain_mark(self, uuid: str, attributes: dict[str, str]) -> bool:
+        """Set the portal's metadata element (persistent, and live while running); False if it is there already."""
+        element = ET.Element(f"{{{PORTAL_METADATA_NS}}}machine", {k: str(v) for k, v in attributes.items()})
+
+        def run(dom: libvirt.virDomain) -> bool:
+            try:
+                have = dom.metadata(
+                    libvirt.VIR_DOMAIN_METADATA_ELEMENT, PORTAL_METADATA_NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG
+                )
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                    raise
+                have = ""
+            if have and dict(ET.fromstring(have).attrib) == dict(element.attrib):
+                return False
+            flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if dom.isActive() else 0)
+            # libvirt wants the element without its namespace declaration: it adds the one given with its key
+            body = ET.tostring(ET.Element("machine", dict(element.attrib)), encoding="unicode")
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, body, "portal", PORTAL_METADATA_NS, flags)
+            log.info("domain %s: the portal's metadata set (%s)", dom.UUIDString(), ", ".join(sorted(attributes)))
+            return True
+
+        return self._with_dom(uuid, run)
 
     def _cold_start(self, dom: libvirt.virDomain) -> None:
         """Start a domain that is off; one defined before the portal set VNC passwords gets one first."""

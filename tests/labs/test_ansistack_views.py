@@ -26,7 +26,7 @@ def owner(db):
 
 
 def post_files(client: Client, owner, *files, **extra):
-    return client.post(reverse("imports:upload"), {"files": list(files), "owner": owner.pk, **extra})
+    return client.post(reverse("imports:upload"), {"inventory_files": list(files), "owner": owner.pk, **extra})
 
 
 def test_it_is_for_staff_only(user_client, client):
@@ -75,7 +75,7 @@ def test_bad_uploads_are_form_errors(staff_client, owner):
     assert r.status_code == 200 and "This field is required" in r.content.decode()
     r = post_files(staff_client, owner, upload("a.yaml", "all: {}\n"), lab_name="Not A Name!")
     assert r.status_code == 200 and "A lab name is lower-case" in r.content.decode()
-    r = staff_client.post(reverse("imports:upload"), {"files": [upload("a.yaml", "x: 1\n")], "owner": "nope"})
+    r = staff_client.post(reverse("imports:upload"), {"inventory_files": [upload("a.yaml", "x: 1\n")], "owner": "nope"})
     assert r.status_code == 200 and not InventoryImport.objects.exists()
     assert staff_client.get(reverse("imports:detail", args=[999])).status_code == 404
     assert staff_client.get(reverse("imports:apply", args=[1])).status_code == 405
