@@ -1,5 +1,6 @@
 from typing import Any
 
+from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import Prefetch
 from django.urls import reverse
@@ -379,11 +380,25 @@ class MachineViewSet(
         """The machine as it is now, with what the requesting user may do to it now."""
         return self.get_serializer(Machine.objects.get(pk=machine.pk)).data
 
-    @extend_schema(responses={202: DetailSerializer, 409: DetailSerializer})
+    @extend_schema(
+        parameters=[
+            OpenApiParameter(
+                "keep_disks",
+                bool,
+                description="An adopted machine's disks stay on the hypervisor (its default: true); "
+                "only adopted machines may keep them.",
+            )
+        ],
+        responses={202: DetailSerializer, 400: DetailSerializer, 409: DetailSerializer},
+    )
     def destroy(self, request, *args, **kwargs):
         machine = self.get_object()
+        keep = request.query_params.get("keep_disks")
+        if keep is not None and keep.lower() not in ("true", "false", "1", "0"):
+            return Response({"detail": "keep_disks is true or false."}, status=status.HTTP_400_BAD_REQUEST)
+        keep_disks = None if keep is None else keep.lower() in ("true", "1")
         try:
-            services.machine_delete(machine=machine, actor=request.user)
+            services.machine_delete(machine=machine, actor=request.user, keep_disks=keep_disks)
         except services.MachineError as e:
             return Response({"detail": str(e)}, status=status.HTTP_409_CONFLICT)
         return Response({"detail": "deleting"}, status=status.HTTP_202_ACCEPTED)
@@ -552,6 +567,25 @@ class OrphansRemoveSerializer(serializers.Serializer):
     )
 
 
+class AdoptSerializer(serializers.Serializer):
+    domain_uuid = serializers.UUIDField(help_text="A domain among the hypervisor's `unmanaged_domains`.")
+    owner = serializers.SlugRelatedField(
+        slug_field="username", queryset=get_user_model().objects.all(), help_text="User name of the owner."
+    )
+    project = serializers.PrimaryKeyRelatedField(queryset=Project.objects.all(), required=False, allow_null=True)
+    name = serializers.CharField(
+        max_length=63, required=False, allow_blank=True, help_text="The machine's name; empty: the domain's."
+    )
+    bmc = serializers.BooleanField(default=False, help_text="Give it a virtual BMC.")
+
+    def to_internal_value(self, data):
+        # the owner by user name or by id
+        if isinstance(data, dict) and str(data.get("owner", "")).isdigit():
+            user = get_user_model().objects.filter(pk=int(data["owner"])).first()
+            data = {**data, "owner": user.get_username() if user else data["owner"]}
+        return super().to_internal_value(data)
+
+
 class OrphansQueuedSerializer(serializers.Serializer):
     queued = serializers.ListField(child=serializers.CharField(), help_text="Keys whose removal was queued.")
 
@@ -589,6 +623,29 @@ class HypervisorMaintenanceViewSet(viewsets.GenericViewSet):
         report = services.hypervisor_evacuate(hypervisor=hv, actor=request.user, restart=s.validated_data["restart"])
         hv.refresh_from_db()
         return Response({"hypervisor": HypervisorSerializer(hv).data, "machines": report}, status=202)
+
+    @extend_schema(request=AdoptSerializer, responses={202: MachineSerializer, 409: DetailSerializer})
+    @action(detail=True, methods=["post"], serializer_class=AdoptSerializer)
+    def adopt(self, request, pk=None):
+        """Adopt a domain the portal does not manage (machines/services/adoption.py): recorded as a machine of
+        `owner`, charged to their quotas; the worker takes it over (the machine's events say what it found)."""
+        s = AdoptSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        data = s.validated_data
+        try:
+            machine = services.machine_adopt(
+                hypervisor=self.get_object(),
+                domain_uuid=str(data["domain_uuid"]),
+                owner=data["owner"],
+                project=data.get("project"),
+                actor=request.user,
+                name=data.get("name") or None,
+                bmc=data["bmc"],
+            )
+        except services.MachineError as e:
+            return Response({"detail": str(e)}, status=status.HTTP_409_CONFLICT)
+        machine = Machine.objects.get(pk=machine.pk)
+        return Response(MachineSerializer(machine, context={"request": request}).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=OrphansRemoveSerializer, responses={202: OrphansQueuedSerializer, 409: DetailSerializer})
     @action(

@@ -77,7 +77,15 @@ class BmcManager:
         # Every two seconds: only what a BMC is made of (domain_name comes from the name and the UUID).
         rows = Machine.objects.filter(bmc_port__isnull=False, status__in=LIVE).select_related("hypervisor")
         rows = rows.only(
-            "bmc_address", "bmc_port", "bmc_username", "bmc_password_encrypted", "name", "uuid", "hypervisor__uri"
+            "bmc_address",
+            "bmc_port",
+            "bmc_username",
+            "bmc_password_encrypted",
+            "name",
+            "uuid",
+            "adopted",
+            "instance_id",  # an adopted domain's own name (Machine.domain_name)
+            "hypervisor__uri",
         )
         return {
             m.pk: (m.bmc_address, m.bmc_port, m.bmc_username, m.bmc_password_encrypted, m.domain_name, m.hypervisor.uri)

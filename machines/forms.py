@@ -498,3 +498,24 @@ class MachineForm(forms.ModelForm):
 
 class GrowDiskForm(forms.Form):
     disk_gib = forms.IntegerField(label="New size (GiB)", min_value=1, max_value=16384)
+
+
+class AdoptForm(forms.Form):
+    """Staff adopting a domain the portal does not manage: whose machine it becomes, and its name."""
+
+    domain_uuid = forms.UUIDField(widget=forms.HiddenInput)
+    owner: forms.ModelChoiceField = forms.ModelChoiceField(
+        queryset=None, help_text="Its quota is charged."
+    )  # set in __init__
+    project = forms.ModelChoiceField(
+        queryset=Project.objects.order_by("name"), required=False, help_text="Optional; the owner must be its admin."
+    )
+    name = forms.CharField(max_length=63, required=False, help_text="Empty: the domain's own name (a valid host name).")
+    bmc = forms.BooleanField(label="Virtual BMC", required=False, help_text="IPMI power and boot device for it.")
+
+    def __init__(self, *args, **kwargs) -> None:
+        from django.contrib.auth import get_user_model
+
+        super().__init__(*args, **kwargs)
+        owner = cast(forms.ModelChoiceField, self.fields["owner"])
+        owner.queryset = get_user_model().objects.filter(is_active=True).order_by("username")

@@ -185,6 +185,8 @@ class Machine(models.Model):
     # Names of what the machine owns on its hypervisor, all derived from the UUID.
     @property
     def domain_name(self) -> str:
+        if self.adopted and self.instance_id:
+            return self.instance_id  # an adopted domain keeps its own name (machines.services.adoption)
         return f"{self.name}-{self.uuid.hex[:8]}"
 
     @property

@@ -39,6 +39,11 @@ def may_migrate(user) -> bool:
     return bool(getattr(user, "is_staff", False)) or settings.PORTAL_MIGRATION_FOR == "owners"
 
 
+def made_here(machine: Machine) -> bool:
+    """The portal made its disks (an adopted machine's are the domain's own: not grown or moved by the portal)."""
+    return not machine.adopted
+
+
 def has_ready_image(machine: Machine) -> bool:
     """A rebuild starts over from the machine's image, so it needs one that is still there."""
     return machine.image is not None and machine.image.is_ready
@@ -66,7 +71,7 @@ RULES: dict[str, Rule] = {
         unprotected=True,
         applies=has_ready_image,
     ),
-    "grow_disk": Rule(access.ADMIN, ACTIVE, exclusive=True),
+    "grow_disk": Rule(access.ADMIN, ACTIVE, exclusive=True, applies=made_here),
     # A delete may stop a provision, rebuild or grow (fenced: machines.attempts), never a power action or move.
     "delete": Rule(
         access.ADMIN,
@@ -75,7 +80,7 @@ RULES: dict[str, Rule] = {
         unprotected=True,
     ),
     "protect": Rule(access.ADMIN),
-    "migrate": Rule(access.ADMIN, ACTIVE, exclusive=True, unprotected=False, who=may_migrate),
+    "migrate": Rule(access.ADMIN, ACTIVE, exclusive=True, unprotected=False, applies=made_here, who=may_migrate),
     "autostart": Rule(access.ADMIN),  # the hypervisor starts it when it boots
     "reveal_bmc": Rule(access.ADMIN, applies=has_bmc),
     "console": Rule(access.VIEW),  # viewers get view-only sessions

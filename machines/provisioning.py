@@ -449,6 +449,27 @@ def deprovision(machine: Machine, driver: HypervisorDriver) -> list[str]:
     return removed
 
 
+def deprovision_adopted(machine: Machine, driver: HypervisorDriver, *, keep_disks: bool) -> list[str]:
+    """An adopted machine's end: its disk volumes read from the domain's XML first (they are its own, named as
+    whoever made it named them), then the domain undefined, then those volumes deleted unless keep_disks, and
+    the host guards as deprovision does. No-op for what is absent. Returns what went."""
+    shape = driver.domain_shape(str(machine.uuid))
+    disks = [d for d in (shape or {}).get("disks", []) if d["device"] == "disk" and d.get("pool") and d.get("volume")]
+    removed = []
+    if driver.undefine(str(machine.uuid)):
+        removed.append(f"domain {machine.domain_name}")
+    for bridge in sorted({n.source for n in machine.nics.all() if n.type == "bridge"}):
+        others = MachineNic.objects.filter(machine__hypervisor_id=machine.hypervisor_id, type="bridge", source=bridge)
+        if not others.exclude(machine=machine).exists() and driver.remove_guard(host_guard_name(bridge)):
+            removed.append(f"host guard {host_guard_name(bridge)}")
+    for disk in disks:
+        if keep_disks:
+            machine.log("delete", f"kept disk {disk['target']}: {disk['pool']}/{disk['volume']}")
+        elif driver.delete_volume(pool=disk["pool"], name=disk["volume"]):
+            removed.append(f"{disk['pool']}/{disk['volume']}")
+    return removed
+
+
 SERIAL_LOG_LIMIT = 256 * 1024  # bytes of the serial log kept and shown
 
 

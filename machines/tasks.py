@@ -25,10 +25,17 @@ def machine_rebuild_task(machine_id: int) -> None:
 
 
 @db_task()
-def machine_delete_task(machine_id: int) -> None:
+def machine_delete_task(machine_id: int, keep_disks: bool | None = None) -> None:
     from machines.services import machine_delete_run
 
-    machine_delete_run(machine_id)
+    machine_delete_run(machine_id, keep_disks=keep_disks)
+
+
+@db_task()
+def machine_adopt_task(machine_id: int) -> None:
+    from machines.services import machine_adopt_run
+
+    machine_adopt_run(machine_id)
 
 
 @db_task()

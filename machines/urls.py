@@ -29,5 +29,6 @@ urlpatterns = [
     path("<int:pk>/bmc/reveal/", views.machine_bmc_reveal, name="bmc-reveal"),
     path("<int:pk>/boot-device/", views.machine_boot_device, name="boot-device"),
     path("instackenv.json", views.machines_instackenv, name="instackenv"),
+    path("hypervisors/<int:pk>/adopt/", views.hypervisor_adopt, name="adopt"),
     path("hypervisors/<int:pk>/orphans/remove/", views.hypervisor_orphans_remove, name="hypervisor-orphans-remove"),
 ]

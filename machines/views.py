@@ -16,7 +16,7 @@ from hypervisors.models import Hypervisor, HypervisorStatus, Image
 from machines import access, cloudinit, consoles, policy, provisioning, services
 from machines.access import machines_for
 from machines.capacity import usage_report
-from machines.forms import GrowDiskForm, MachineForm
+from machines.forms import AdoptForm, GrowDiskForm, MachineForm
 from machines.models import Machine
 from machines.states import DeployType, PowerAction, PowerState, Status
 from portal.decorators import staff_required
@@ -366,12 +366,15 @@ def machine_autostart(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 def machine_delete(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     machine = _get_machine_for_user(request, pk)
     if request.method == "POST":
+        # an adopted machine's form says whether its disks stay (checked: they do); the others' have no choice
+        keep_disks = request.POST.get("keep_disks") == "1" if machine.adopted else None
         try:
-            services.machine_delete(machine=machine, actor=request.user)
+            services.machine_delete(machine=machine, actor=request.user, keep_disks=keep_disks)
         except services.MachineError as e:
             messages.error(request, str(e))
             return redirect(machine)
-        messages.success(request, f"Deleting {machine.name}: its domain and disks are being removed.")
+        what = "its domain is being removed, its disks stay" if keep_disks else "its domain and disks are being removed"
+        messages.success(request, f"Deleting {machine.name}: {what}.")
         return redirect("machines:list")
     policy.require(request.user, machine, "delete")  # the confirmation is for those who may delete
     return render(request, "machines/delete.html", {"machine": machine, **policy.page_context(request.user, machine)})
@@ -576,6 +579,35 @@ def machines_instackenv(request: HtmxHttpRequest) -> HttpResponse:
     response["Content-Disposition"] = 'attachment; filename="instackenv.json"'
     response["Cache-Control"] = "no-store"
     return response
+
+
+@staff_required
+@require_http_methods(["GET", "POST"])
+def hypervisor_adopt(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    """Adopt one of the hypervisor's domains that the portal does not manage (`domain_uuid`, as the last sync
+    recorded it): the form, then the service (machines/services/adoption.py); a refusal is shown on the form."""
+    hv = get_object_or_404(Hypervisor, pk=pk)
+    form = AdoptForm(request.POST or None, initial={"domain_uuid": request.GET.get("domain", "")})
+    wanted = (form.data.get("domain_uuid") if form.is_bound else request.GET.get("domain", "")) or ""
+    domain = next((d for d in hv.unmanaged_domains if str(d.get("uuid", "")).lower() == wanted.lower()), None)
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        try:
+            machine = services.machine_adopt(
+                hypervisor=hv,
+                domain_uuid=str(data["domain_uuid"]),
+                owner=data["owner"],
+                project=data["project"],
+                actor=request.user,
+                name=data["name"] or None,
+                bmc=data["bmc"],
+            )
+        except services.MachineError as e:
+            form.add_error(None, str(e))
+        else:
+            messages.success(request, f"Adopting {domain['name'] if domain else machine.name} as {machine.name}.")
+            return redirect(machine)
+    return render(request, "machines/adopt.html", {"hv": hv, "form": form, "domain": domain})
 
 
 @staff_required

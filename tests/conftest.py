@@ -68,6 +68,7 @@ def _close_test_host(uri: str = "test:///default") -> None:
 
 # Where the portal asks for a driver (each imports get_driver by name, so each is patched).
 FAKE_DRIVER_SEAMS = (
+    "machines.services.adoption",
     "machines.services.bmcs",
     "machines.services.lifecycle",
     "machines.services.observation",

@@ -15,6 +15,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field, replace
 
 from hypervisors.drivers.base import (
+    PORTAL_METADATA_NS,
     DomainInfo,
     DomainInspected,
     DomainObserved,
@@ -30,7 +31,7 @@ from hypervisors.drivers.base import (
     PowerState,
     VolumeInfo,
 )
-from hypervisors.drivers.domxml import _target_names, build_domain_xml, guard_name, new_vnc_password
+from hypervisors.drivers.domxml import _target_names, build_domain_xml, foreign_domain, guard_name, new_vnc_password
 from machines.bmc import BmcClient, BmcError, BmcFatalError, BmcTarget
 
 # What the fake's screenshot() returns for a running domain: a 1x1 black PPM, as QEMU sends it.
@@ -51,6 +52,22 @@ class FakeHost:
     # The virtual BMCs listening: (address, port) -> (username, password, domain name), as the BMC server
     # runs them; FakeBmc also finds those of the machines in the database, as the BMC server does.
     bmcs: dict[tuple[str, int], tuple[str, str, str]] = field(default_factory=dict)
+
+    def add_foreign(self, xml: str, state: PowerState = PowerState.OFF) -> str:
+        """A domain defined by hand, not by the portal (as `virsh define` would): kept as its XML; its UUID."""
+        root = ET.fromstring(xml)
+        uuid = root.findtext("uuid") or ""
+        graphics = root.find("devices/graphics[@type='vnc']")
+        protected = graphics is None or bool(graphics.get("passwd"))
+        self.domains[uuid] = {
+            "xml": xml,
+            "state": state,
+            "autostart": False,
+            "vnc_config_protected": protected,
+            "vnc_protected": protected,
+            "macs": [m.get("address", "").lower() for m in root.findall("devices/interface/mac")],
+        }
+        return uuid
 
     def get_driver(self, uri: str, driver: str = "libvirt") -> FakeDriver:
         """Stands in for hypervisors.drivers.get_driver: every driver it gives shares this host."""
@@ -124,14 +141,61 @@ class FakeDriver(HypervisorDriver):
             firmwares=["bios"],
             pools=pools,
             networks=networks,
-            domains=sorted(self.list_domains(), key=lambda d: d.name),
+            domains=sorted(
+                (replace(d, shape=None if d.managed else self.domain_shape(d.uuid)) for d in self.list_domains()),
+                key=lambda d: d.name,
+            ),
         )
 
     def list_domains(self):
-        return [
-            DomainInfo(uuid=u, name=d["spec"].name if d.get("spec") else u, state=d["state"], managed=True)
-            for u, d in self.host.domains.items()
-        ]
+        found = []
+        for u, d in self.host.domains.items():
+            if d.get("xml"):
+                root = ET.fromstring(d["xml"])
+                name, managed = root.findtext("name") or u, root.find(f"metadata/{{{PORTAL_METADATA_NS}}}machine")
+                found.append(DomainInfo(uuid=u, name=name, state=d["state"], managed=managed is not None))
+            else:
+                found.append(
+                    DomainInfo(uuid=u, name=d["spec"].name if d.get("spec") else u, state=d["state"], managed=True)
+                )
+        return found
+
+    def domain_shape(self, uuid):
+        self._hit("domain_shape")
+        if uuid not in self.host.domains:
+            return None
+        shape = foreign_domain(self.domain_xml(uuid, inactive=True))
+        shape["persistent"] = True
+        for disk in shape["disks"]:
+            vol = self._volume_at(disk["path"]) if disk["type"] == "file" and disk["path"] else None
+            if vol is None:
+                disk["pool"] = ""
+                continue
+            disk["pool"], disk["volume"] = disk["path"].split("/")[2], disk["path"].split("/", 3)[3]
+            disk["capacity_bytes"] = vol["capacity"]
+        return shape
+
+    def domain_mark(self, uuid, attributes):
+        self._hit("domain_mark")
+        dom = self._dom(uuid)
+        wanted = {k: str(v) for k, v in attributes.items()}
+        if not dom.get("xml"):
+            if {k: str(v) for k, v in dom["spec"].metadata.items()} == wanted:
+                return False
+            dom["spec"] = replace(dom["spec"], metadata=wanted)
+            return True
+        root = ET.fromstring(dom["xml"])
+        metadata = root.find("metadata")
+        if metadata is None:
+            metadata = ET.SubElement(root, "metadata")
+        mark = metadata.find(f"{{{PORTAL_METADATA_NS}}}machine")
+        if mark is not None and dict(mark.attrib) == wanted:
+            return False
+        if mark is not None:
+            metadata.remove(mark)
+        ET.SubElement(metadata, f"{{{PORTAL_METADATA_NS}}}machine", wanted)
+        dom["xml"] = ET.tostring(root, encoding="unicode")
+        return True
 
     def pool_path(self, pool: str) -> str:
         self._pool(pool)
@@ -252,6 +316,16 @@ class FakeDriver(HypervisorDriver):
     def domain_xml(self, uuid, *, inactive=False, secure=False):
         # The XML as libvirt would give it back: the password only with `secure`, none once it has none.
         dom = self._dom(uuid)
+        if dom.get("xml"):  # a domain defined by hand: its own XML, with a password once it has one
+            root = ET.fromstring(dom["xml"])
+            graphics = root.find("devices/graphics[@type='vnc']")
+            if graphics is not None and dom.get("vnc_config_protected") and secure:
+                graphics.set(
+                    "passwd", graphics.get("passwd") or dom.setdefault("vnc_config_password", new_vnc_password())
+                )
+            elif graphics is not None:
+                graphics.attrib.pop("passwd", None)
+            return ET.tostring(root, encoding="unicode")
         password = dom["spec"].vnc_password or dom.setdefault("vnc_config_password", new_vnc_password())
         xml = build_domain_xml(replace(dom["spec"], vnc_password=password))
         if not secure or not dom.get("vnc_config_protected", True):
@@ -508,9 +582,10 @@ class FakeBmc(BmcClient):
         username, password, name = self.host.bmcs[key]
         if (target.username, target.password) != (username, password):
             raise BmcFatalError("the BMC refused the credentials: RAKP 2 HMAC is invalid")
-        for uuid, dom in self.host.domains.items():
-            if dom.get("spec") is not None and dom["spec"].name == name:
-                return FakeDriver("fake:///bmc", self.host), uuid, dom
+        driver = FakeDriver("fake:///bmc", self.host)
+        for info in driver.list_domains():  # by name, as virtualbmc finds it (an adopted domain keeps its own)
+            if info.name == name:
+                return driver, info.uuid, self.host.domains[info.uuid]
         raise BmcError(f"the BMC at {target.address}:{target.port}: its domain {name} is gone")
 
     def power_state(self, target: BmcTarget) -> str:

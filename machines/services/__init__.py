@@ -1,5 +1,6 @@
 """Everything that changes machines. Views, the API, the admin and tasks call these."""
 
+from machines.services.adoption import AdoptionRefused, machine_adopt, machine_adopt_run
 from machines.services.bmcs import (
     IPMI_ACTIONS,
     bmc_assign,
@@ -69,6 +70,9 @@ from machines.services.validation import (
 )
 
 __all__ = [
+    "AdoptionRefused",
+    "machine_adopt",
+    "machine_adopt_run",
     "HARDWARE_FIELDS",
     "IPMI_ACTIONS",
     "MAX_CDROMS",

@@ -22,6 +22,7 @@ from machines.access import project_choices
 from machines.capacity import check_quota, claim_room, held, held_by, lock_quotas
 from machines.models import Machine, MachineCdrom, MachineNic, Project
 from machines.policy import RULES, has_ready_image, statuses_text
+from machines.services.adoption import machine_adopt_run
 from machines.services.bmcs import bmc_assign
 from machines.services.common import (
     MachineError,
@@ -200,6 +201,9 @@ def machine_provision_run(machine_id: int) -> None:
     machines.attempts): any failure ends it in ERROR with what was made removed; a fenced attempt stops and,
     unless a newer one owns the machine, removes what it made."""
     machine = Machine.objects.select_related("hypervisor", "image", "owner").get(pk=machine_id)
+    if machine.adopted:  # its domain exists: the pipeline would make another machine's disks (a resumed attempt)
+        machine_adopt_run(machine_id)
+        return
     if not _claim_attempt(machine, (Status.PROVISIONING, Status.REBUILDING)):
         return  # a duplicate or stale delivery
     Machine.objects.filter(pk=machine.pk).update(attempts=machine.attempts + 1)
@@ -272,10 +276,17 @@ def _stale_attempt_ends(machine: Machine, driver) -> None:
 
 @audited("machine.delete", obj_kwarg="machine")
 @transaction.atomic
-def machine_delete(*, machine: Machine, actor) -> None:
-    """Queue the removal of the domain and its volumes. Refused with protection, touching nothing."""
+def machine_delete(*, machine: Machine, actor, keep_disks: bool | None = None) -> None:
+    """Queue the removal of the domain and its volumes. Refused with protection, touching nothing. keep_disks
+    (adopted machines only; their default): undefine the domain and leave its disk volumes where they are."""
     policy.require(actor, machine, "delete")
     machine = Machine.objects.select_for_update().get(pk=machine.pk)
+    if keep_disks is None:
+        keep_disks = machine.adopted
+    if keep_disks and not machine.adopted:
+        raise MachineError(
+            f"{machine.name}'s disks are the portal's own volumes: only an adopted machine's disks can be kept."
+        )
     if machine.deletion_protection:
         raise MachineError(f"{machine.name} is protected from deletion; clear the protection first.")
     if machine.status not in RULES["delete"].statuses:
@@ -286,17 +297,23 @@ def machine_delete(*, machine: Machine, actor) -> None:
     machine.transition(Status.DELETING)
     # A provision, rebuild or grow still running is fenced: it stops at its next step and leaves the rest to this.
     Machine.objects.filter(pk=machine.pk).update(attempt_id="")
-    _enqueue(tasks.machine_delete_task, machine.pk)
+    if machine.adopted:
+        machine.log("delete", "its disks are kept" if keep_disks else "its disks are removed too")
+    _enqueue(tasks.machine_delete_task, machine.pk, keep_disks)
 
 
-def machine_delete_run(machine_id: int) -> None:
-    """Worker: destroy, undefine, remove volumes, then forget the machine."""
+def machine_delete_run(machine_id: int, keep_disks: bool | None = None) -> None:
+    """Worker: destroy, undefine, remove volumes, then forget the machine. An adopted machine's disks are the
+    domain's own volumes, read from its XML before it goes; they stay unless keep_disks is False (None: kept)."""
     machine = Machine.objects.select_related("hypervisor").filter(pk=machine_id).first()
     if machine is None or not _claim_attempt(machine, (Status.DELETING,)):
         return
     try:
         driver = get_driver(machine.hypervisor.uri)
-        removed = provisioning.deprovision(machine, driver)
+        if machine.adopted:
+            removed = provisioning.deprovision_adopted(machine, driver, keep_disks=keep_disks is not False)
+        else:
+            removed = provisioning.deprovision(machine, driver)
     except HypervisorUnavailable as e:
         machine.log("delete", f"{e}; trying again", level="warning")
         _release_attempt(machine)

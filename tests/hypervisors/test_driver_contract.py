@@ -30,7 +30,7 @@ from hypervisors.drivers.base import (
     NicSpec,
     PowerState,
 )
-from hypervisors.drivers.domxml import guard_name
+from hypervisors.drivers.domxml import guard_name, portal_domain
 from hypervisors.drivers.libvirt_driver import LibvirtDriver
 from tests.fakes import FakeDriver, FakeHost
 
@@ -46,6 +46,7 @@ class Kit:
     pool: str
     domain_type: str
     autostart: Callable[[str], bool]  # read back what set_autostart did (no driver method reads it)
+    define_xml: Callable[[str], None]  # define a domain by hand, as `virsh define` would (not through the portal)
     prefix: str = field(default_factory=lambda: f"contract-{uuidlib.uuid4().hex[:8]}")
     domains: list[str] = field(default_factory=list)
     volumes: list[str] = field(default_factory=list)
@@ -94,12 +95,26 @@ class Kit:
 
 def _fake() -> Kit:
     host = FakeHost()
-    return Kit("fake", host.get_driver("fake:///"), "default", "qemu", lambda uuid: host.domains[uuid]["autostart"])
+    return Kit(
+        "fake",
+        host.get_driver("fake:///"),
+        "default",
+        "qemu",
+        lambda uuid: host.domains[uuid]["autostart"],
+        lambda xml: host.add_foreign(xml) and None,
+    )
 
 
 def _libvirt(uri: str, pool: str, domain_type: str) -> Kit:
     driver = LibvirtDriver(uri)
-    return Kit(uri, driver, pool, domain_type, lambda uuid: bool(driver.conn.lookupByUUIDString(uuid).autostart()))
+    return Kit(
+        uri,
+        driver,
+        pool,
+        domain_type,
+        lambda uuid: bool(driver.conn.lookupByUUIDString(uuid).autostart()),
+        lambda xml: driver.conn.defineXML(xml) and None,
+    )
 
 
 FAKE = pytest.param("fake", id="fake")
@@ -482,6 +497,47 @@ def test_host_info_reports_the_pool_and_the_domains(kit):
     assert pool.active and pool.path == d.pool_path(kit.pool) and pool.capacity_bytes > 0
     assert [(x.name, x.managed) for x in info.domains if x.uuid == spec.uuid] == [(spec.name, True)]
     assert info.arch and info.cpus > 0 and info.memory_mib > 0 and info.domain_type
+
+
+@every_driver
+def test_domain_shape_reads_a_hand_made_domain_and_domain_mark_makes_it_the_portals(kit):
+    """A domain defined outside the portal: its shape with the disk found as a volume of the pool (the other
+    disk in none), its NIC and MAC; the mark goes in once, the domain keeps its name and counts as managed."""
+    d, uuid = kit.driver, str(uuidlib.uuid4())
+    kit.domains.append(uuid)
+    disk = d.create_volume(pool=kit.pool, name=kit.vol("hand.qcow2"), fmt="qcow2", capacity_bytes=MIB)
+    name = f"{kit.prefix}-hand"
+    kit.define_xml(
+        f"<domain type='{kit.domain_type}'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>64</memory>"
+        "<vcpu>1</vcpu><os><type arch='x86_64'>hvm</type><boot dev='hd'/></os><devices>"
+        f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{disk.path}'/>"
+        "<target dev='vda' bus='virtio'/></disk>"
+        "<disk type='file' device='cdrom'><driver name='qemu' type='raw'/><target dev='hdc' bus='ide'/><readonly/></disk>"
+        "<interface type='user'><mac address='52:54:00:0a:0b:0c'/><model type='virtio'/></interface>"
+        "<graphics type='vnc' port='-1' autoport='yes' listen='127.0.0.1'/></devices></domain>"
+    )
+    assert d.domain_shape(str(uuidlib.uuid4())) is None
+    shape = d.domain_shape(uuid)
+    assert shape is not None and shape["persistent"] and not shape["marked"]
+    assert (shape["name"], shape["vcpus"], shape["memory_mib"], shape["boot"]) == (name, 1, 64, ["hd"])
+    vda, cdrom = shape["disks"]
+    assert (vda["pool"], vda["volume"], vda["path"], vda["capacity_bytes"]) == (kit.pool, disk.name, disk.path, MIB)
+    assert (cdrom["device"], cdrom["path"], cdrom["pool"]) == ("cdrom", "", "")
+    assert [(n["type"], n["mac"]) for n in shape["nics"]] == [("user", "52:54:00:0a:0b:0c")]
+    assert [x.managed for x in d.list_domains() if x.uuid == uuid] == [False]
+    assert [x.shape["name"] for x in d.host_info().domains if x.uuid == uuid and x.shape] == [name]
+    mark = {"id": "9", "adopted": uuid}
+    assert d.domain_mark(uuid, mark) is True
+    assert d.domain_mark(uuid, mark) is False
+    assert portal_domain(d.domain_xml(uuid)) == (name, mark)
+    assert [(x.name, x.managed, x.shape) for x in d.host_info().domains if x.uuid == uuid] == [(name, True, None)]
+    d.start(uuid)  # a running one takes a new mark live and in its config
+    assert d.domain_mark(uuid, {**mark, "id": "10"}) is True
+    assert (
+        portal_domain(d.domain_xml(uuid))[1]["id"] == portal_domain(d.domain_xml(uuid, inactive=True))[1]["id"] == "10"
+    )
+    with pytest.raises(HypervisorFatalError):
+        d.domain_mark(str(uuidlib.uuid4()), mark)
 
 
 # --- the gaps of libvirt's test driver, each covered by the real libvirtd instead ------------------------

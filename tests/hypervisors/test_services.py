@@ -21,7 +21,15 @@ def test_create_checks_the_connection(django_capture_on_commit_callbacks, test_h
     assert hv.detected_domain_type == "test" and hv.domain_type == "test"
     assert [p["name"] for p in hv.pools] == ["default-pool"]
     assert [n["name"] for n in hv.networks] == ["default"]
-    assert hv.unmanaged_domains == [{"uuid": hv.unmanaged_domains[0]["uuid"], "name": "test", "state": "running"}]
+    (test,) = hv.unmanaged_domains
+    assert {k: test[k] for k in ("name", "state", "vcpus", "memory_mib", "adoptable")} == {
+        "name": "test",
+        "state": "running",
+        "vcpus": 2,
+        "memory_mib": 8192,
+        "adoptable": False,  # its disk /guest/diskimage1 is in no pool
+    }
+    assert test["problems"] == ["Disk vda (/guest/diskimage1) is outside any storage pool of this hypervisor."]
 
 
 def test_an_unreachable_hypervisor_is_down_with_the_error(django_capture_on_commit_callbacks):
