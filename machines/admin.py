@@ -1,4 +1,10 @@
+from typing import cast
+
+from django import forms
 from django.contrib import admin, messages
+from django.contrib.auth import get_user_model
+from django.core.exceptions import PermissionDenied
+from django.template.response import TemplateResponse
 
 from hypervisors.admin import HypervisorAdmin
 from machines import capacity, services
@@ -239,4 +245,57 @@ def evacuate(modeladmin, request, queryset):
         )
 
 
-HypervisorAdmin.actions = [*HypervisorAdmin.actions, drain, return_to_service, evacuate]
+@admin.action(description="Adopt domains the portal does not manage…")
+def adopt_domains(modeladmin, request, queryset):
+    """An intermediate page: the selected hypervisors' adoptable domains, ticked ones adopted for one owner (and
+    project), each under its own name (machines/services/adoption.py; refusals listed, each audited)."""
+    hvs = list(queryset)
+    form = AdoptDomainsForm(request.POST if "apply" in request.POST else None, hypervisors=hvs)
+    if form.is_bound and form.is_valid():
+        data = form.cleaned_data
+        by_uuid = {d["uuid"]: hv for hv in hvs for d in hv.unmanaged_domains}
+        for uuid in data["domains"]:
+            try:
+                machine = services.machine_adopt(
+                    hypervisor=by_uuid[uuid],
+                    domain_uuid=uuid,
+                    owner=data["owner"],
+                    project=data["project"],
+                    actor=request.user,
+                    bmc=data["bmc"],
+                )
+            except (services.MachineError, PermissionDenied) as e:
+                modeladmin.message_user(request, f"{uuid}: {e}", messages.ERROR)
+            else:
+                modeladmin.message_user(request, f"Adopting {machine.domain_name} as {machine.name}.", messages.SUCCESS)
+        return None
+    context = {
+        **modeladmin.admin_site.each_context(request),
+        "title": "Adopt domains",
+        "form": form,
+        "hypervisors": hvs,
+        "selected": request.POST.getlist(admin.helpers.ACTION_CHECKBOX_NAME),
+        "action": "adopt_domains",
+        "opts": modeladmin.model._meta,
+    }
+    return TemplateResponse(request, "admin/machines/adopt_domains.html", context)
+
+
+class AdoptDomainsForm(forms.Form):
+    domains = forms.MultipleChoiceField(widget=forms.CheckboxSelectMultiple, help_text="Adoptable domains only.")
+    owner = forms.ModelChoiceField(queryset=get_user_model().objects.filter(is_active=True).order_by("username"))
+    project = forms.ModelChoiceField(queryset=Project.objects.order_by("name"), required=False)
+    bmc = forms.BooleanField(label="Virtual BMC for each", required=False)
+
+    def __init__(self, *args, hypervisors, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        choices = [
+            (d["uuid"], f"{hv.name}: {d['name']} ({d.get('vcpus', '?')} vCPUs, {d.get('memory_mib', '?')} MiB)")
+            for hv in hypervisors
+            for d in hv.unmanaged_domains
+            if d.get("adoptable")
+        ]
+        cast(forms.MultipleChoiceField, self.fields["domains"]).choices = choices
+
+
+HypervisorAdmin.actions = [*HypervisorAdmin.actions, drain, return_to_service, evacuate, adopt_domains]

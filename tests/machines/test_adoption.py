@@ -368,3 +368,21 @@ def test_the_hypervisor_page_lists_domains_with_an_adopt_form(host, lab, staff, 
     plain = Client()
     plain.force_login(UserFactory(username="plain"))
     assert plain.post(url, {"domain_uuid": uuid, "owner": staff.pk}).status_code in (403, 404)
+
+
+def test_the_admin_action_adopts_the_ticked_domains(host, lab, staff, django_capture_on_commit_callbacks):
+    staff.is_superuser = True
+    staff.save()
+    uuid = host.add_foreign(domain_xml())
+    host.add_foreign(domain_xml(name="loose", disks=(("file", "/srv/loose.img", "raw"),), nics=()))
+    sync(lab)
+    client = Client()
+    client.force_login(staff)
+    url = reverse("admin:hypervisors_hypervisor_changelist")
+    picked = {"action": "adopt_domains", "_selected_action": [lab.pk]}
+    page = client.post(url, picked).content.decode()
+    assert "lab: legacy-web (2 vCPUs, 256 MiB)" in page and "loose cannot be adopted" in page
+    with django_capture_on_commit_callbacks(execute=True):
+        r = client.post(url, {**picked, "apply": "1", "domains": [uuid], "owner": staff.pk}, follow=True)
+    assert "Adopting legacy-web as legacy-web" in r.content.decode()
+    assert Machine.objects.get(uuid=uuid).status == "active"
