@@ -142,6 +142,9 @@ def key_add(request) -> HttpResponse:
     except IntegrityError:
         form.add_error("name", "You already have a key with that name.")
         return _page(request, key_form=form)
+    except keysources.KeySourceRefused as e:
+        form.add_error("source", str(e))
+        return _page(request, key_form=form)
     audit.record("ssh_key.add", key, request=request, detail=f"source={key.source}" if key.source else "")
     if key.source:
         messages.success(request, f"Keys of {key.name} queued for fetching from {key.source}; new machines get them.")

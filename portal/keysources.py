@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import ipaddress
 import ssl
+from datetime import timedelta
 from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from portal import audit, http_fetch, sshkeys
 from portal.audit import audited
-from portal.models import SshKey
+from portal.models import AuditEvent, SshKey
 from portal.refusals import Refusal
 
 REPORTED_LINES = 3  # invalid lines named in a report; the rest are counted
+FETCHES_PER_MINUTE = 10  # fetches one user may queue (sources added, refreshes): each may hold a worker thread
 FAILED = "Fetching "  # how fetch_error begins for a failed fetch (else it notes the lines a good one skipped)
 
 
@@ -59,6 +62,8 @@ def validate_source(text: str) -> str:
 def ssh_key_add(*, user, name: str, public_key: str = "", source: str = "") -> SshKey:
     """Keep a pasted key, or a source whose keys the worker fetches once this commits. The caller has validated
     the key or the source (the account form); a duplicate name raises IntegrityError."""
+    if source:
+        _check_rate(user)
     key = SshKey.objects.create(user=user, name=name, public_key="" if source else public_key, source=source)
     if source:
         _queue_fetch(key.pk)
@@ -70,7 +75,21 @@ def ssh_key_refresh(*, key: SshKey) -> None:
     """Queue a new fetch of a source's keys."""
     if not key.source:
         raise KeySourceRefused(f"{key.name} is a pasted key; only keys from a URL or a short name are refreshed.")
+    _check_rate(key.user)
     _queue_fetch(key.pk)
+
+
+def _check_rate(user) -> None:
+    """At most FETCHES_PER_MINUTE fetches queued by one user in a minute, counted from the audit trail (which
+    every web process shares): a fetch may take PORTAL_SSH_KEY_TIMEOUT of a worker thread."""
+    queued = AuditEvent.objects.filter(
+        Q(action="ssh_key.refresh") | Q(action="ssh_key.add", detail__startswith="source="),
+        user=user,
+        outcome=AuditEvent.Outcome.SUCCESS,
+        created__gte=timezone.now() - timedelta(minutes=1),
+    ).count()
+    if queued >= FETCHES_PER_MINUTE:
+        raise KeySourceRefused(f"You queued {queued} key fetches in the last minute; try again in a minute.")
 
 
 def _queue_fetch(key_id: int) -> None:

@@ -3,8 +3,10 @@ as ssh-keygen shows them, and the fetch through the import client against a loca
 sizes, times, redirects, bad content, what the row and the audit keep."""
 
 import time
+from datetime import timedelta
 
 import pytest
+from django.utils import timezone
 from django.utils.html import escape
 
 from portal import keysources, sshkeys
@@ -317,3 +319,25 @@ def test_a_failed_fetch_is_shown_with_the_keys_kept(user_client, user, server):
     page = user_client.get("/account/").content.decode()
     assert "text-danger" in page and "holds no valid SSH key" in page and describe(ED).fingerprint in page
     assert escape(key.fetch_error) in page
+
+
+@pytest.mark.django_db
+def test_one_user_queues_at_most_ten_fetches_a_minute(
+    user_client, user, django_capture_on_commit_callbacks, monkeypatch
+):
+    with django_capture_on_commit_callbacks(execute=False) as queued:
+        for n in range(4):
+            user_client.post("/account/keys/", {"name": f"gh{n}", "source": f"gh:user{n}"})
+        key = SshKey.objects.get(name="gh0")
+        for _ in range(6):
+            assert user_client.post(f"/account/keys/{key.pk}/refresh/").status_code == 302
+        r = user_client.post(f"/account/keys/{key.pk}/refresh/", follow=True)
+        assert "You queued 10 key fetches in the last minute" in r.content.decode()
+        r = user_client.post("/account/keys/", {"name": "one-more", "source": "gh:more"})
+        assert "You queued 10 key fetches in the last minute" in r.content.decode()
+    assert len(queued) == 10 and SshKey.objects.count() == 4
+    later = timezone.now() + timedelta(minutes=1, seconds=1)  # audit rows are immutable: move the clock instead
+    monkeypatch.setattr(timezone, "now", lambda: later)
+    with django_capture_on_commit_callbacks(execute=False) as queued:
+        user_client.post(f"/account/keys/{key.pk}/refresh/")
+    assert len(queued) == 1
