@@ -531,9 +531,10 @@ def _machine_entry(plan, host, v, store, by_host, images, owner) -> dict | None:
         if hv["action"] == "conflict":
             m["action"] = "skip"
             m["reasons"].append(f"hypervisor {hv['name']} not registered")
-    _machine_media(plan, m, v, host, files, images)
-    if m["action"] == "create":
+    if m["action"] == "create":  # a machine or domain already there needs no image
         _match_existing(plan, m, owner)
+    if m["action"] == "create":
+        _machine_media(plan, m, v, host, files, images)
     return m
 
 
