@@ -37,7 +37,7 @@ urlpatterns = [
     path("hypervisors/", include("hypervisors.urls")),
     path("machines/", include("machines.urls")),
     path("labs/inventory.yaml", inventory_views.inventory_yaml, name="inventory-yaml"),
-    path("labs/<int:pk>/inventory.yaml", inventory_views.lab_inventory_yaml, name="lab-inventory-yaml"),
+    path("labs/<int:pk>/inventory.yaml", inventory_views.lab_inventory_yaml, name="inventory-yaml-lab"),
     path("console/", machine_views.console_standalone, name="console-standalone"),
     path("admin/", admin.site.urls),
     path("api/v1/schema/", SpectacularAPIView.as_view(), name="api-schema"),

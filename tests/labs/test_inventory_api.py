@@ -157,7 +157,7 @@ def test_the_yaml_download_is_ansistacks_lab_inventory(user_client, world):
 
 
 def test_one_labs_yaml(user_client, world):
-    r = user_client.get(reverse("lab-inventory-yaml", args=[world["lab"].pk]), {"bmc": "1"})
+    r = user_client.get(reverse("inventory-yaml-lab", args=[world["lab"].pk]), {"bmc": "1"})
     assert r.status_code == 200 and r["Cache-Control"] == "no-store"
     assert r["Content-Disposition"] == 'attachment; filename="vm-lab-lab-a-inventory.yaml"'
     hosts = yaml.safe_load(r.content)["vms"]["hosts"]
@@ -165,7 +165,7 @@ def test_one_labs_yaml(user_client, world):
 
 
 def test_the_yaml_of_another_users_lab_is_404(user_client, world):
-    assert user_client.get(reverse("lab-inventory-yaml", args=[world["their_lab"].pk])).status_code == 404
+    assert user_client.get(reverse("inventory-yaml-lab", args=[world["their_lab"].pk])).status_code == 404
     assert user_client.get("/labs/999999999/inventory.yaml").status_code == 404
 
 
@@ -173,7 +173,7 @@ def test_the_yaml_wants_a_login_and_a_get(client, user_client, world):
     r = client.get(reverse("inventory-yaml"))
     assert r.status_code == 302 and r["Location"].startswith("/login/")
     assert user_client.post(reverse("inventory-yaml")).status_code == 405
-    assert user_client.post(reverse("lab-inventory-yaml", args=[world["lab"].pk])).status_code == 405
+    assert user_client.post(reverse("inventory-yaml-lab", args=[world["lab"].pk])).status_code == 405
 
 
 @pytest.mark.parametrize("query", [{"bmc": "maybe"}, {"project": "nope"}, {"lab": "x" * 300}, {"lab": "99" * 20}])
