@@ -80,6 +80,7 @@ INSTALLED_APPS = [
     "hypervisors",
     "machines",
     "labs",
+    "workflows",
     "config",
 ]
 

@@ -436,6 +436,11 @@ class Project(models.Model):
     vcpus_quota = models.PositiveIntegerField("vCPUs", null=True, blank=True)
     memory_mib_quota = models.PositiveIntegerField("memory (MiB)", null=True, blank=True)
     disk_gib_quota = models.PositiveIntegerField("disk (GiB)", null=True, blank=True)
+    # The project's SSH key pair (ed25519), made by the portal: its public key goes on every image machine
+    # the project's members create, so the project's workflows reach them; the private key is kept encrypted
+    # (machines/crypto.py) and handed only to a workflow run's private data directory.
+    ssh_public_key = models.TextField("SSH public key", blank=True, editable=False)
+    ssh_private_key_encrypted = models.TextField(blank=True, editable=False)
     created = models.DateTimeField(auto_now_add=True)
 
     class Meta:
