@@ -255,6 +255,9 @@ class MachineObserved(models.Model):
     guest_addresses = models.JSONField(
         default=dict, blank=True, editable=False, help_text="MAC -> the addresses the running guest was last seen with."
     )
+    # The SSH host keys the guest printed on its serial console at first boot (cloud-init's
+    # "BEGIN SSH HOST KEY KEYS" block), as known_hosts key lines: what a workflow run checks the guest against.
+    ssh_host_keys = models.TextField(blank=True, editable=False)
     console_unprotected = models.BooleanField(
         default=False,
         editable=False,
