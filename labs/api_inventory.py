@@ -8,7 +8,7 @@ from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from labs import inventory
+from labs import inventory, services
 from labs.models import Lab
 from machines.models import Project
 
@@ -44,7 +44,7 @@ class InventoryQuerySerializer(serializers.Serializer):
     )
 
     def validate_lab(self, value: str) -> Lab:
-        return _by_id_or_name(inventory.labs_for(self.context["user"]), value, "lab")
+        return _by_id_or_name(services.labs_for(self.context["user"]), value, "lab")
 
     def validate_project(self, value: str) -> Project:
         return _by_id_or_name(inventory.projects_for(self.context["user"]), value, "project")

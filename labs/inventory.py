@@ -52,15 +52,6 @@ def _member_group(group: str) -> str:
     return name if bare else f"group_{name}"
 
 
-def labs_for(user) -> QuerySet[Lab]:
-    """The labs a user may see: their own and their projects'; staff see all."""
-    if not user.is_authenticated or not user.is_active:
-        return Lab.objects.none()
-    if user.is_staff:
-        return Lab.objects.all()
-    return Lab.objects.filter(Q(owner=user) | Q(project__memberships__user=user)).distinct()
-
-
 def projects_for(user) -> QuerySet[Project]:
     """The projects a user may ask the inventory of: those they are a member of or own a machine in; staff: all."""
     if not user.is_authenticated or not user.is_active:

@@ -10,7 +10,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import get_object_or_404
 from django.views.decorators.http import require_GET
 
-from labs import inventory
+from labs import inventory, services
 from labs.api_inventory import InventoryQuerySerializer
 
 CONTENT_TYPE = "application/yaml; charset=utf-8"
@@ -46,5 +46,5 @@ def inventory_yaml(request: HttpRequest) -> HttpResponse:
 @login_required
 @require_GET
 def lab_inventory_yaml(request: HttpRequest, pk: int) -> HttpResponse:
-    lab = get_object_or_404(inventory.labs_for(request.user), pk=pk)
+    lab = get_object_or_404(services.labs_for(request.user), pk=pk)
     return _download(request, lab=lab, filename=f"vm-lab-{lab.name}-inventory.yaml")

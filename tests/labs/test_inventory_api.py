@@ -164,6 +164,12 @@ def test_one_labs_yaml(user_client, world):
     assert set(hosts) == {"web1", "ctrl-1"} and hosts["ctrl-1"]["vm_vbmc_password"] == "pw-ctrl"
 
 
+def test_the_whole_download_takes_a_lab_by_name(user_client, world):
+    r = user_client.get(reverse("inventory-yaml"), {"lab": "lab-a"})
+    assert r.status_code == 200 and set(yaml.safe_load(r.content)["vms"]["hosts"]) == {"web1", "ctrl-1"}
+    assert user_client.get(reverse("inventory-yaml"), {"lab": "bob-lab"}).status_code == 400
+
+
 def test_the_yaml_of_another_users_lab_is_404(user_client, world):
     assert user_client.get(reverse("inventory-yaml-lab", args=[world["their_lab"].pk])).status_code == 404
     assert user_client.get("/labs/999999999/inventory.yaml").status_code == 404
