@@ -8,6 +8,7 @@ from rest_framework.routers import DefaultRouter
 from config import views
 from hypervisors.api import HypervisorViewSet, ImageViewSet
 from labs import inventory_views
+from labs.api import LabTemplateViewSet, LabViewSet
 from labs.api_inventory import InventoryView
 from machines import views as machine_views
 from machines.api import HypervisorMaintenanceViewSet, MachineViewSet
@@ -21,6 +22,8 @@ router.register("hypervisors", HypervisorMaintenanceViewSet, basename="hyperviso
 router.register("images", ImageViewSet, basename="image")
 router.register("machines", MachineViewSet, basename="machine")
 router.register("audit", AuditEventViewSet, basename="audit")
+router.register("labs", LabViewSet, basename="lab")
+router.register("lab-templates", LabTemplateViewSet, basename="lab-template")
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -38,6 +41,7 @@ urlpatterns = [
     path("machines/", include("machines.urls")),
     path("labs/inventory.yaml", inventory_views.inventory_yaml, name="inventory-yaml"),
     path("labs/<int:pk>/inventory.yaml", inventory_views.lab_inventory_yaml, name="inventory-yaml-lab"),
+    path("labs/", include("labs.urls")),
     path("console/", machine_views.console_standalone, name="console-standalone"),
     path("admin/", admin.site.urls),
     path("api/v1/schema/", SpectacularAPIView.as_view(), name="api-schema"),

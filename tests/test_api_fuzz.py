@@ -161,7 +161,9 @@ def _seed(tmp) -> dict:
             services.machine_create(name=f"iso-{suffix}", deploy_type="iso", image=iso, **common),
             services.machine_create(name=f"net-{suffix}", deploy_type="network", **common),
         ]
+    labs = _seed_labs(staff, user, project, machines[-3:])
     return {
+        **labs,
         "tokens": {who: ApiToken.issue(user=u)[1] for who, u in (("staff", staff), ("user", user))},
         "machines": [m.pk for m in machines],
         "hypervisors": [hv.pk],
@@ -169,6 +171,19 @@ def _seed(tmp) -> dict:
         "audit": list(AuditEvent.objects.values_list("pk", flat=True)[:3]),
         "networks": [django_settings.PORTAL_TENANT_NETWORK, "default"],
     }
+
+
+def _seed_labs(staff, user, project, project_machines) -> dict:
+    """A lab of the project holding its machines, and a template for everyone of two tiny network-boot machines."""
+    from labs.models import Lab, LabMachine, LabTemplate
+
+    lab = Lab.objects.create(name="fuzz-lab", owner=user, project=project)
+    for machine in project_machines:
+        LabMachine.objects.create(lab=lab, machine=machine, group="g")
+    net = django_settings.PORTAL_TENANT_NETWORK
+    spec = f"bootable_vms:\n  vars: {{vm_count: 2, vm_ram: 128, vm_disk_size: 1, vm_networks: {{{net}: {{}}}}}}\n"
+    template = LabTemplate.objects.create(name="fuzz-template", owner=staff, spec=spec)
+    return {"labs": [lab.pk], "lab-templates": [template.pk]}
 
 
 def _steer(case, world) -> None:

@@ -106,6 +106,32 @@ MATRIX = {
     "machines:boot-cdrom": ("post", "iso", None, on_machine(302, "operate")),
     "machines:bmc-reveal": ("post", "metal", None, on_machine(200, "admin")),
     "machines:boot-device": ("post", "metal", {"device": "pxe"}, on_machine(302, "operate")),
+    # Labs: a lab of the project acts like its machines (by role); templates are the project's to write.
+    "labs:list": ("get", None, None, ok(200, **PAGE_LOGIN)),
+    "labs:detail": ("get", "lab", None, on_machine(200, "view")),
+    "labs:power": ("post", "lab", {"action": "reboot"}, on_machine(302, "operate")),
+    "labs:delete": ("get", "lab", None, on_machine(200, "admin")),
+    "labs:instackenv": ("post", "lab", None, on_machine(200, "view")),  # each only their BMCs (admins)
+    "labs:template-list": ("get", None, None, ok(200, **PAGE_LOGIN)),
+    "labs:template-create": ("get", None, None, ok(403, anon=302, padmin=200, staff=200)),
+    "labs:instantiate": (
+        "get",
+        "tmpl",
+        None,
+        ok(200, anon=302, other=404, owner=404, viewer=200, operator=200, padmin=200),
+    ),  # the project's members
+    "labs:template-edit": (
+        "get",
+        "tmpl",
+        None,
+        ok(403, anon=302, other=404, owner=404, viewer=403, operator=403, padmin=200, staff=200),
+    ),
+    "labs:template-delete": (
+        "post",
+        "tmpl",
+        None,
+        ok(403, anon=302, other=404, owner=404, viewer=403, operator=403, padmin=302, staff=302),
+    ),
     # The JSON API.
     "api-root": ("get", None, None, ok(200, anon=401)),
     "api-schema": ("get", None, None, ok(200)),  # the OpenAPI schema is public, like the README
@@ -138,6 +164,17 @@ MATRIX = {
     "machine-boot-cdrom": ("post", "iso", None, on_machine(202, "operate", api=True)),
     "machine-bmc": ("get", "metal", None, on_machine(200, "admin", api=True)),
     "machine-boot-device": ("post", "metal", {"device": "pxe"}, on_machine(202, "operate", api=True)),
+    "lab-list": ("get", None, None, ok(200, anon=401)),
+    "lab-detail": ("get", "lab", None, on_machine(200, "view", api=True)),
+    "lab-power": ("post", "lab", {"action": "reboot"}, on_machine(202, "operate", api=True)),
+    "lab-instackenv": ("get", "lab", None, on_machine(200, "view", api=True)),
+    "lab-template-list": ("get", None, None, ok(200, anon=401)),
+    "lab-template-detail": (
+        "get",
+        "tmpl",
+        None,
+        ok(200, anon=401, other=404, owner=404, viewer=200, operator=200, padmin=200),
+    ),
 }
 
 
@@ -197,12 +234,25 @@ def make_world():
         "token": token,
         "key": key,
         "audit": event,
+        **_lab_world(owner, staff, project, vm),
     }
     return {"owner": owner, "other": other, "staff": staff, **members}, objects
 
 
+def _lab_world(owner, staff, project, vm) -> dict:
+    """A lab of the project holding the project's image machine, and a template of the project."""
+    from labs.models import Lab, LabMachine, LabTemplate
+
+    lab = Lab.objects.create(name="lab", owner=owner, project=project)
+    LabMachine.objects.create(lab=lab, machine=vm, group="g")
+    spec = "g:\n  vars: {vm_image_name: inst}\n"
+    return {"lab": lab, "tmpl": LabTemplate.objects.create(name="t", owner=staff, project=project, spec=spec)}
+
+
 def fresh(objects, kind):
     """Actions change state (operations, protection): reset it so every role starts alike."""
+    if kind == "tmpl":
+        objects[kind].save()  # back with its id if a role deleted it
     if kind in ("vm", "iso", "metal"):
         Machine.objects.filter(pk=objects[kind].pk).update(
             operation="", status=Status.ACTIVE, deletion_protection=False, disk_gib=10
@@ -220,7 +270,7 @@ def test_route(name, settings, host):
             fresh(objects, kind)
             args = [] if not kind else [objects["hv"].pk, "unused-net"] if kind == "hvnet" else [objects[kind].pk]
             url = reverse(name, args=args)
-            api = ":" not in name and name.startswith(("api-", "audit-", "hypervisor-", "image-", "machine-"))
+            api = ":" not in name and name.startswith(("api-", "audit-", "hypervisor-", "image-", "machine-", "lab-"))
             client = APIClient() if api else Client()
             if role != "anon":
                 client.force_login(users[role])

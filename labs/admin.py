@@ -1,0 +1,94 @@
+"""The admin of labs, lab templates and AnsiStack inventory imports. Lab machines are made and removed by the
+services (the lab pages and the API); here a lab's membership is read-only, a template's YAML is checked as the
+service checks it, and an import's plan and report are read-only records."""
+
+from django import forms
+from django.contrib import admin
+
+from labs import specs
+from labs.models import InventoryImport, Lab, LabMachine, LabTemplate
+
+
+class LabMachineInline(admin.TabularInline):
+    model = LabMachine
+    extra = 0
+    readonly_fields = ("machine", "group")
+    fields = readonly_fields
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Lab)
+class LabAdmin(admin.ModelAdmin):
+    list_display = ("name", "owner", "project", "source", "created")
+    list_filter = ("project",)
+    search_fields = ("name", "owner__username", "source")
+    readonly_fields = ("created",)
+    inlines = [LabMachineInline]
+
+    def has_delete_permission(self, request, obj=None):
+        # Deleting a lab's row would leave its machines running outside any lab: the lab page and the API
+        # delete the machines with it (labs.services.lab_delete), with protection and roles checked.
+        return bool(obj is not None and not obj.members.exists() and super().has_delete_permission(request, obj))
+
+
+class LabTemplateForm(forms.ModelForm):
+    class Meta:
+        model = LabTemplate
+        fields = ["name", "description", "owner", "project", "spec"]
+
+    def clean_spec(self):
+        spec = self.cleaned_data["spec"]
+        try:
+            specs.parse(spec)
+        except specs.SpecError as e:
+            raise forms.ValidationError(str(e)) from None
+        return spec
+
+
+@admin.register(LabTemplate)
+class LabTemplateAdmin(admin.ModelAdmin):
+    form = LabTemplateForm
+    list_display = ("name", "project", "owner", "updated")
+    list_filter = ("project",)
+    search_fields = ("name", "description")
+    readonly_fields = ("created", "updated")
+
+
+@admin.register(InventoryImport)
+class InventoryImportAdmin(admin.ModelAdmin):
+    list_display = (
+        "pk",
+        "created_by",
+        "owner",
+        "project",
+        "lab_name",
+        "status",
+        "done_steps",
+        "total_steps",
+        "created",
+    )
+    list_filter = ("status",)
+    readonly_fields = (
+        "created_by",
+        "created",
+        "files",
+        "vars_file",
+        "owner",
+        "project",
+        "lab_name",
+        "plan",
+        "status",
+        "done_steps",
+        "total_steps",
+        "report",
+        "finished",
+    )
+
+    def has_add_permission(self, request):
+        return False  # an import is planned from its upload page or `manage.py import_ansistack`
+
+    def has_change_permission(self, request, obj=None):
+        return False

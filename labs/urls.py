@@ -1,0 +1,17 @@
+from django.urls import path
+
+from labs import views
+
+app_name = "labs"
+urlpatterns = [
+    path("", views.lab_list, name="list"),
+    path("<int:pk>/", views.lab_detail, name="detail"),
+    path("<int:pk>/power/", views.lab_power, name="power"),
+    path("<int:pk>/delete/", views.lab_delete, name="delete"),
+    path("<int:pk>/instackenv.json", views.lab_instackenv, name="instackenv"),
+    path("templates/", views.template_list, name="template-list"),
+    path("templates/new/", views.template_create, name="template-create"),
+    path("templates/<int:pk>/", views.lab_instantiate, name="instantiate"),
+    path("templates/<int:pk>/edit/", views.template_edit, name="template-edit"),
+    path("templates/<int:pk>/delete/", views.template_delete, name="template-delete"),
+]
