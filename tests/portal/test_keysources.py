@@ -2,6 +2,7 @@
 as ssh-keygen shows them, and the fetch through the import client against a local HTTPS server with its own CA:
 sizes, times, redirects, bad content, what the row and the audit keep."""
 
+import subprocess
 import time
 from datetime import timedelta
 
@@ -93,6 +94,14 @@ def test_fingerprints_are_those_ssh_keygen_prints(tmp_path, kind, bits):
     line, listed = ssh_keygen(tmp_path, f"{kind}{bits or ''}", kind, bits)
     assert str(describe(line)) == listed  # e.g. "256 SHA256:… ed25519@test (ED25519)"
     assert describe(line).fingerprint.startswith("SHA256:") and "=" not in describe(line).fingerprint
+
+
+def test_a_key_without_a_comment_is_listed_as_ssh_keygen_lists_it(tmp_path):
+    line, _ = ssh_keygen(tmp_path, "bare")
+    bare = tmp_path / "bare-only.pub"
+    bare.write_text(" ".join(line.split()[:2]) + "\n")  # as GitHub's .keys serves them
+    listed = subprocess.run(["ssh-keygen", "-l", "-f", str(bare)], check=True, capture_output=True, text=True)
+    assert str(describe(bare.read_text())) == listed.stdout.strip()  # "256 SHA256:… no comment (ED25519)"
 
 
 def test_a_line_that_is_no_key_has_no_fingerprint():
