@@ -263,8 +263,10 @@ def build_inventory(
 def _ansistack_host(name: str, hostvars: dict[str, Any]) -> dict[str, Any]:
     """One host as AnsiStack's vm-inventory playbook writes it, followed by the portal's own variables."""
     member_group = hostvars.get("portal_lab_group") or ""
-    entry: dict[str, Any] = {
-        "ansible_user": hostvars.get("ansible_user"),
+    entry: dict[str, Any] = {}
+    if "ansible_user" in hostvars:  # never null: Ansible would take it for a user named "None"
+        entry["ansible_user"] = hostvars["ansible_user"]
+    entry |= {
         # The portal does not know the guest's Python; Ansible finds it ("auto" is its discovery).
         "ansible_python_interpreter": "auto",
         "vm_job_target": name,

@@ -213,6 +213,7 @@ def test_the_ansistack_shape(user, world):
         "bmc-17001",
         "secret-17001",
     )
+    assert "ansible_user" not in ctrl  # unknown: left out, not null
     assert set(inventory.ANSISTACK_CHILDREN) <= set(vms["children"])
     assert vms["children"]["provisioned_vms"] == {"hosts": {"web1": {}}}
     assert vms["children"]["lab_overcloud_lab"] == {"hosts": {"ctrl-1": {}, "web1": {}}}
