@@ -56,6 +56,10 @@ MATRIX = {
     "healthz": ("get", None, None, ok(200)),
     "signup": ("get", None, None, ok(404)),  # self-registration is off by default
     "console-standalone": ("get", None, None, ok(200)),  # the credential is in the URL's fragment
+    # The Ansible inventory: each user's own machines (a lab's by role), so everyone logged in may ask for it.
+    "inventory-yaml": ("get", None, None, ok(200, **PAGE_LOGIN)),
+    "inventory-yaml-lab": ("get", "lab", None, on_machine(200, "view")),
+    "api-inventory": ("get", None, None, ok(200, anon=401)),
     "audit": ("get", None, None, ok(200, **STAFF_ONLY)),
     "audit_export_csv": ("get", None, None, ok(200, **STAFF_ONLY)),
     "audit_export_json": ("get", None, None, ok(200, **STAFF_ONLY)),
