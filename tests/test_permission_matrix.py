@@ -63,6 +63,10 @@ MATRIX = {
     "audit": ("get", None, None, ok(200, **STAFF_ONLY)),
     "audit_export_csv": ("get", None, None, ok(200, **STAFF_ONLY)),
     "audit_export_json": ("get", None, None, ok(200, **STAFF_ONLY)),
+    # The AnsiStack inventory import: staff only (it registers hypervisors and makes machines for others).
+    "imports:upload": ("get", None, None, ok(200, **STAFF_ONLY)),
+    "imports:detail": ("get", "imp", None, ok(200, **STAFF_ONLY)),
+    "imports:apply": ("post", "imp", None, ok(302, **STAFF_ONLY)),
     "account": ("get", None, None, ok(200, **PAGE_LOGIN)),
     "password_change": ("get", None, None, ok(200, **PAGE_LOGIN)),
     "password_change_done": ("get", None, None, ok(200, **PAGE_LOGIN)),
@@ -229,6 +233,9 @@ def make_world():
     from portal.models import AuditEvent
 
     event = AuditEvent.objects.create(action="test")
+    from labs.models import InventoryImport
+
+    imp = InventoryImport.objects.create(created_by=staff, owner=owner)  # planned, nothing in it
     objects = {
         "vm": vm,
         "iso": iso_machine,
@@ -238,6 +245,7 @@ def make_world():
         "token": token,
         "key": key,
         "audit": event,
+        "imp": imp,
         **_lab_world(owner, staff, project, vm),
     }
     return {"owner": owner, "other": other, "staff": staff, **members}, objects
