@@ -110,6 +110,7 @@ MATRIX = {
     "machines:hypervisor-maintenance": ("post", "hv", {"maintenance": "0"}, ok(302, **STAFF_ONLY)),
     "machines:hypervisor-evacuate": ("post", "hv", None, ok(302, **STAFF_ONLY)),
     "machines:hypervisor-orphans-remove": ("post", "hv", {"all": "1"}, ok(302, **STAFF_ONLY)),  # nothing there: refused
+    "machines:adopt": ("get", "hv", None, ok(200, **STAFF_ONLY)),  # the form
     "machines:media": ("post", "iso", {"slot": "0", "image": ""}, on_machine(302, "operate")),
     "machines:boot-cdrom": ("post", "iso", None, on_machine(302, "operate")),
     "machines:bmc-reveal": ("post", "metal", None, on_machine(200, "admin")),
@@ -153,6 +154,7 @@ MATRIX = {
     "hypervisor-moves-maintenance": ("post", "hv", {"maintenance": False}, ok(200, **API_STAFF)),
     "hypervisor-moves-evacuate": ("post", "hv", {}, ok(202, **API_STAFF)),
     "hypervisor-moves-orphans-remove": ("post", "hv", {}, ok(409, **API_STAFF)),  # nothing left there to remove
+    "hypervisor-moves-adopt": ("post", "hv", {}, ok(400, **API_STAFF)),  # no domain named
     "hypervisor-networks": ("post", "hv", {"name": "n2", "mode": "isolated"}, ok(202, **API_STAFF)),
     "hypervisor-network-delete": ("delete", "hvnet", None, ok(202, **API_STAFF)),
     "image-list": ("get", None, None, ok(200, anon=401)),

@@ -386,3 +386,20 @@ def test_the_admin_action_adopts_the_ticked_domains(host, lab, staff, django_cap
         r = client.post(url, {**picked, "apply": "1", "domains": [uuid], "owner": staff.pk}, follow=True)
     assert "Adopting legacy-web as legacy-web" in r.content.decode()
     assert Machine.objects.get(uuid=uuid).status == "active"
+
+
+def test_the_reconcile_reports_a_running_console_without_password_until_a_cold_start(
+    host, lab, staff, django_capture_on_commit_callbacks
+):
+    uuid = host.add_foreign(domain_xml(), state=PowerState.RUNNING)
+    host.domains[uuid]["vnc_protected"] = host.domains[uuid]["vnc_config_protected"] = False
+    sync(lab)
+    machine = adopt(django_capture_on_commit_callbacks, lab, uuid, owner=staff, actor=staff)
+    services.hypervisor_reconcile_run(lab.pk)
+    assert Machine.objects.get(pk=machine.pk).last_observed.console_unprotected  # the live server has none yet
+    with django_capture_on_commit_callbacks(execute=True):
+        services.machine_power(machine=Machine.objects.get(pk=machine.pk), action="poweroff", actor=staff)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.machine_power(machine=Machine.objects.get(pk=machine.pk), action="start", actor=staff)
+    services.hypervisor_reconcile_run(lab.pk)
+    assert not Machine.objects.get(pk=machine.pk).last_observed.console_unprotected
