@@ -287,6 +287,46 @@ class MachineObserved(models.Model):
         return [a.split("/")[0] for addrs in (self.guest_addresses or {}).values() for a in addrs]
 
 
+class MachineSnapshot(models.Model):
+    """A snapshot of a machine's disks (and memory, for a running machine where its firmware allows), made
+    by the method that works for the machine: internal qcow2 snapshots for BIOS machines, external disk-only
+    overlays where libvirt refuses internal ones (UEFI). Its space is counted in the owner's disk quota."""
+
+    class Kind(models.TextChoices):
+        INTERNAL = "internal", "Internal (inside the qcow2 disks)"
+        EXTERNAL = "external", "External (disk-only overlays)"
+
+    class Status(models.TextChoices):
+        CREATING = "creating", "Being taken"
+        READY = "ready", "Ready"
+        REVERTING = "reverting", "Being reverted to"
+        DELETING = "deleting", "Being deleted"
+        ERROR = "error", "Error"
+
+    machine = models.ForeignKey(Machine, on_delete=models.CASCADE, related_name="snapshots")
+    name = models.CharField(max_length=63, validators=[hostname_validator])
+    description = models.TextField(blank=True)
+    kind = models.CharField(max_length=8, choices=Kind.choices, default=Kind.INTERNAL)
+    memory = models.BooleanField(default=False, help_text="Taken with the running machine's memory.")
+    quiesced = models.BooleanField(default=False, help_text="File systems frozen by the guest agent first.")
+    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children")
+    automatic = models.BooleanField(default=False, help_text="Taken by the portal (before a rebuild, on a schedule).")
+    status = models.CharField(max_length=9, choices=Status.choices, default=Status.CREATING)
+    status_message = models.TextField(blank=True)
+    size_bytes = models.PositiveBigIntegerField(default=0)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["machine", "created"]
+        constraints = [models.UniqueConstraint(fields=["machine", "name"], name="snapshot_name_unique_per_machine")]
+
+    def __str__(self) -> str:
+        return f"{self.machine} @ {self.name}"
+
+
 class MachineNic(models.Model):
     class Type(models.TextChoices):
         NETWORK = "network", "libvirt network"
