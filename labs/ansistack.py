@@ -538,6 +538,13 @@ def _machine_entry(plan, host, v, store, by_host, images, owner) -> dict | None:
     return m
 
 
+def _list(value: Any) -> list:
+    """A list variable, or one value given alone (vm_additional_isos: one.iso)."""
+    if value in (None, ""):
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
 def _int(value: Any, default: int) -> int:
     try:
         return int(value)
@@ -553,7 +560,7 @@ def _nics(v: dict) -> list[dict]:
     nics = []
     for name, spec in nets.items() if isinstance(nets, dict) else []:
         spec = spec if isinstance(spec, dict) else {}
-        addresses = [str(a) for a in static.get(spec.get("interface"), []) or []] if isinstance(static, dict) else []
+        addresses = [str(a) for a in _list(static.get(spec.get("interface")))] if isinstance(static, dict) else []
         dns = spec.get("dns") or []
         nics.append(
             {
@@ -577,7 +584,7 @@ def _hardware(plan, host, v, files) -> dict:
         file, line = _defined_at(host, "vm_boot_loader", files)
         plan.problem(file, line, f"{host.name}: vm_boot_loader becomes the host's UEFI firmware", "note")
     if v.get("vm_pci_passthrough_devices"):
-        hw["hostdevs"] = [str(d) for d in v["vm_pci_passthrough_devices"]]
+        hw["hostdevs"] = [str(d) for d in _list(v["vm_pci_passthrough_devices"])]
     elif v.get("vm_passthrough_lookup_regex"):
         hw["hostdev_match"] = str(v["vm_passthrough_lookup_regex"])
     if v.get("vm_qemu_commandline"):
@@ -600,7 +607,7 @@ def _machine_media(plan, m, v, host, files, images) -> None:
                 m["action"] = "skip"
                 m["reasons"].append(f"image {image['name']} missing")
     elif m["deploy_type"] == "iso":
-        names = [str(v["vm_bootable_iso"]), *[str(i) for i in v.get("vm_additional_isos") or []]]
+        names = [str(v["vm_bootable_iso"]), *[str(i) for i in _list(v.get("vm_additional_isos"))]]
         found = []
         for name in names:
             iso = _iso(name)
