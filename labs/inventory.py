@@ -10,7 +10,7 @@ portal's own, gets `group_` in front).
 
 Everything is read in a constant number of queries, whatever the number of machines. Console links and BMC
 credentials come only when asked (`bmc=True`); the credentials through the BMC reveal service, which checks the
-role and records each reveal, and one audit record says what the export gave.
+role and records each reveal (a few queries per BMC revealed), and one audit record says what the export gave.
 """
 
 from __future__ import annotations
