@@ -358,6 +358,14 @@ def _plan_hypervisors(plan, hosts, inventory, variables, store, unsupported) -> 
                 plan.problem(
                     entry["file"], line, f"host {host.name} has no ansible_host: its name is the address", "note"
                 )
+            if entry["connection"] != "local":
+                plan.problem(
+                    entry["file"],
+                    line,
+                    f"host {host.name}: the portal reaches a new qemu+ssh hypervisor once staff trust its SSH host "
+                    f"key (on its page, after the first check); import again then for its networks and machines",
+                    "note",
+                )
         entry["networks"] = _server_networks(plan, host, hv_vars, files, entry, existing)
         plan.hypervisors.append(entry)
         by_host[host.name] = entry

@@ -95,6 +95,10 @@ def test_every_problem_has_its_file_and_line():
     )
     assert any(line.startswith("warning: inventory-phys.yaml:19: server_ipmi_address (kvm-a)") for line in lines)
     assert any(line.startswith("warning: inventory-phys.yaml:6: ansible_python_interpreter") for line in lines)
+    assert any(
+        line.startswith("note: inventory-phys.yaml:17: host kvm-a: the portal reaches a new qemu+ssh hypervisor once")
+        for line in lines
+    ), text
 
 
 @pytest.mark.django_db
