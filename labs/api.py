@@ -56,6 +56,14 @@ class GroupParamsSerializer(serializers.Serializer):
     )
 
 
+class VisibleTemplateField(serializers.PrimaryKeyRelatedField):
+    """A template by id, among those the requesting user may use: any other id does not exist for them."""
+
+    def get_queryset(self):
+        request = self.context.get("request")
+        return services.templates_for(request.user) if request is not None else LabTemplate.objects.none()
+
+
 class LabSerializer(serializers.ModelSerializer):
     owner = serializers.CharField(source="owner.username", read_only=True)
     project = serializers.SlugRelatedField(
@@ -66,9 +74,7 @@ class LabSerializer(serializers.ModelSerializer):
         help_text="Project name; you must be its admin.",
     )
     machines = serializers.SerializerMethodField()
-    template = serializers.PrimaryKeyRelatedField(
-        queryset=LabTemplate.objects.all(), write_only=True, help_text="The template's id."
-    )
+    template = VisibleTemplateField(write_only=True, help_text="The template's id (one you may use).")
     placement = serializers.ChoiceField(choices=list(services.PLACEMENTS), default=services.SPREAD, write_only=True)
     first = serializers.IntegerField(min_value=0, max_value=9999, default=0, write_only=True)
     saved_keys = serializers.BooleanField(
@@ -113,8 +119,6 @@ class LabSerializer(serializers.ModelSerializer):
         groups = validated.pop("groups", {}) or {}
         user = self.context["request"].user
         template = validated.pop("template")
-        if not services.templates_for(user).filter(pk=template.pk).exists():
-            raise serializers.ValidationError({"template": f"No template {template.pk}."})
         try:
             return services.lab_instantiate(
                 template=template,
