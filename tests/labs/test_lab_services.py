@@ -209,3 +209,39 @@ def test_templates_are_written_by_staff_and_a_projects_admins(owner):
     with pytest.raises(ValidationError, match="already has a template team"):
         services.lab_template_save(actor=owner, name="team", spec=spec(), project=project)
     assert LabTemplate.objects.count() == 1
+
+
+def test_hosts_without_the_labs_network_take_none_of_it_and_image_and_iso_groups_are_made(owner, host):
+    from tests.factories import ImageFactory
+
+    hv("with-net")
+    HypervisorFactory(name="no-net", uri="qemu:///system", arch="x86_64", memory_mib=65536, cpus=32, pools=POOL)
+    ImageFactory(name="cloud", ready=True, default_user="cloud")
+    ImageFactory(name="installer", iso=True)
+    net = settings.PORTAL_TENANT_NETWORK
+    text = f"""
+provisioned_vms:
+  vars:
+    vm_networks: {{{net}: {{interface: eth0, address: 10.1.0.5/24, gateway: 10.1.0.1, dns: [10.1.0.1]}}}}
+  children:
+    apps: {{vars: {{vm_count: 2, vm_image_name: cloud, vm_ram: 512, vm_disk_size: 2}}}}
+    installs: {{vars: {{vm_count: 1, vm_bootable_iso: installer, vm_ram: 512, vm_disk_size: 2}}}}
+"""
+    staff = UserFactory(username="iso-staff", is_staff=True)
+    template = services.lab_template_save(actor=staff, name="mixed", spec=text)
+    lab = services.lab_instantiate(template=template, actor=owner, name="mix", placement="spread")
+    assert {h for _, h in hosts_of(lab)} == {"with-net"}  # spread, but only where the network is
+    apps = Machine.objects.filter(lab_membership__group="apps").order_by("name")
+    assert [m.deploy_type for m in apps] == ["image", "image"] and apps[0].image.name == "cloud"
+    nic = apps[1].nics.get()
+    assert (nic.addresses, nic.gateway4, nic.nameservers, nic.dhcp4) == (
+        ["10.1.0.6/24"],
+        "10.1.0.1",
+        ["10.1.0.1"],
+        False,
+    )
+    iso = Machine.objects.get(lab_membership__group="installs")
+    assert iso.deploy_type == "iso" and iso.cdroms.get(slot=0).image.name == "installer"
+    missing = services.lab_template_save(actor=staff, name="missing", spec=text.replace("cloud", "nowhere"))
+    with pytest.raises(ValidationError, match="no disk image nowhere"):
+        services.lab_instantiate(template=missing, actor=owner, name="mix2")
