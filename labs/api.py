@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from django.core.exceptions import PermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db.models import Prefetch
 from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
@@ -12,7 +13,8 @@ from rest_framework.response import Response
 
 from hypervisors.api import DetailSerializer
 from labs import services, specs
-from labs.models import Lab, LabTemplate
+from labs.models import Lab, LabMachine, LabTemplate
+from machines.access import machines_for
 from machines.api import InstackenvSerializer
 from machines.models import Machine, Project
 from machines.states import PowerAction
@@ -112,7 +114,11 @@ class LabSerializer(serializers.ModelSerializer):
         request = self.context.get("request")
         if request is None:
             return []
-        machines = services.lab_machines(lab, request.user).select_related("lab_membership")
+        members = getattr(lab, "visible_members", None)  # prefetched for the list and the detail
+        if members is not None:
+            machines = [m.machine for m in members]
+        else:
+            machines = list(services.lab_machines(lab, request.user).select_related("lab_membership"))
         return list(LabMachineSerializer(machines, many=True).data)
 
     def create(self, validated):
@@ -156,7 +162,13 @@ class LabViewSet(
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):
             return Lab.objects.none()
-        return services.labs_for(self.request.user).order_by("name", "pk")
+        labs = services.labs_for(self.request.user).order_by("name", "pk")
+        if self.action not in ("list", "retrieve"):
+            return labs
+        # The machines of every lab on the page that the user may see, in one query.
+        visible = LabMachine.objects.filter(machine__in=machines_for(self.request.user).values("pk"))
+        visible = visible.select_related("machine__hypervisor").order_by("group", "machine__name")
+        return labs.prefetch_related(Prefetch("members", queryset=visible, to_attr="visible_members"))
 
     @extend_schema(responses={202: DetailSerializer, 403: DetailSerializer, 409: DetailSerializer})
     def destroy(self, request, *args, **kwargs):

@@ -119,3 +119,26 @@ def test_templates_through_the_api(user, template):
     assert api.patch(f"/api/v1/lab-templates/{mine}/", {"description": "d"}, format="json").json()["description"] == "d"
     assert api.delete(f"/api/v1/lab-templates/{mine}/").status_code == 204
     assert LabTemplate.objects.count() == 1
+
+
+def test_the_labs_list_costs_the_same_queries_for_3_labs_as_for_12(user):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from labs.models import LabMachine
+    from tests.factories import MachineFactory
+
+    api = api_for(user)
+
+    def grow_to(n):
+        for i in range(Lab.objects.count(), n):
+            lab = Lab.objects.create(name=f"l{i}", owner=user)
+            for j in range(2):
+                LabMachine.objects.create(lab=lab, machine=MachineFactory(name=f"l{i}-m{j}", owner=user), group="g")
+        with CaptureQueriesContext(connection) as queries:
+            r = api.get("/api/v1/labs/?limit=100")
+        assert r.status_code == 200 and len(r.json()["results"]) == n
+        assert all(len(lab["machines"]) == 2 and lab["machines"][0]["group"] == "g" for lab in r.json()["results"])
+        return len(queries)
+
+    assert grow_to(3) == grow_to(12)

@@ -169,3 +169,33 @@ def test_a_template_saved_before_a_rule_tightened_shows_its_error(user, staff):
     broken = LabTemplate.objects.create(name="old", owner=staff, spec="g: [")
     r = client_for(user).get(reverse("labs:instantiate", args=[broken.pk]))
     assert r.status_code == 200 and b'id="spec-error"' in r.content
+
+
+@pytest.mark.parametrize("htmx", [False, True])
+def test_the_lab_page_costs_the_same_queries_for_3_machines_as_for_12(user, htmx):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from labs.models import LabMachine
+    from machines.models import MachineNic
+    from tests.factories import MachineFactory
+
+    lab = Lab.objects.create(name="big", owner=user)
+    c = client_for(user)
+    headers = {"HX-Request": "true"} if htmx else {}
+
+    def grow_to(n):
+        for i in range(lab.members.count(), n):
+            m = MachineFactory(
+                name=f"m{i}", owner=user, deploy_type="network", bmc_port=17800 + i, bmc_address="127.0.0.1"
+            )
+            MachineNic.objects.create(
+                machine=m, index=0, mac=f"52:54:00:00:01:{i:02x}", addresses=[f"10.0.0.{i + 2}/24"]
+            )
+            LabMachine.objects.create(lab=lab, machine=m, group="g")
+        with CaptureQueriesContext(connection) as queries:
+            r = c.get(reverse("labs:detail", args=[lab.pk]), headers=headers)
+        assert r.status_code == 200 and f"m{n - 1}".encode() in r.content
+        return len(queries)
+
+    assert grow_to(3) == grow_to(12)
