@@ -345,8 +345,9 @@ def lab_instantiate(
                 deletion_protection=r.protected,
                 project=project,
             )
-        except ValidationError as e:
-            raise ValidationError({"template": f"Nothing was made: {r.name}: {' '.join(e.messages)}"}) from None
+        except (ValidationError, services.MachineError) as e:
+            why = " ".join(e.messages) if isinstance(e, ValidationError) else str(e)
+            raise ValidationError({"template": f"Nothing was made: {r.name}: {why}"}) from None
         lab_add_machine(lab=lab, machine=machine, group=r.group)
     return lab
 
@@ -382,6 +383,15 @@ def lab_power(*, lab: Lab, action: str, actor) -> LabResult:
     return result
 
 
+def _why(machine: Machine, refusal: str) -> str:
+    """A policy refusal (machines.policy: ROLE, STATE, BUSY...) in words, for a lab's message."""
+    if refusal == policy.ROLE:
+        return "your role does not allow it"
+    if refusal == policy.BUSY:
+        return f"busy ({machine.operation})"
+    return f"it is {machine.get_status_display().lower()}"
+
+
 @audited("lab.delete", obj_kwarg="lab")
 @transaction.atomic
 def lab_delete(*, lab: Lab, actor) -> list[str]:
@@ -396,7 +406,7 @@ def lab_delete(*, lab: Lab, actor) -> list[str]:
     protected = [m.name for m in members if m.deletion_protection]
     if protected:
         raise LabError(f"Lab {lab.name} has machines protected from deletion: {', '.join(protected)}.")
-    refused = [f"{m.name}: {why}" for m in members if (why := policy.refusal(actor, m, "delete"))]
+    refused = [f"{m.name}: {_why(m, why)}" for m in members if (why := policy.refusal(actor, m, "delete"))]
     if refused:
         raise LabError(f"Lab {lab.name} cannot be deleted now ({'; '.join(refused)}); try again when they are done.")
     for machine in members:

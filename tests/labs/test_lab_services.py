@@ -245,3 +245,34 @@ provisioned_vms:
     missing = services.lab_template_save(actor=staff, name="missing", spec=text.replace("cloud", "nowhere"))
     with pytest.raises(ValidationError, match="no disk image nowhere"):
         services.lab_instantiate(template=missing, actor=owner, name="mix2")
+
+
+def test_a_lab_with_a_busy_machine_is_not_deleted_and_the_message_says_why(owner, template, host):
+    hv("a")
+    lab = services.lab_instantiate(template=template, actor=owner, name="busy", counts={"computes": 0})
+    Machine.objects.filter(name="busy-controllers-0").update(status="active", operation="reboot")
+    Machine.objects.filter(name="busy-controllers-1").update(status="active")
+    Machine.objects.filter(name="busy-controllers-2").update(status="deleting")
+    with pytest.raises(services.LabError) as e:
+        services.lab_delete(lab=lab, actor=owner)
+    assert "busy-controllers-0: busy (reboot)" in str(e.value) and "busy-controllers-2: it is deleting" in str(e.value)
+    assert Machine.objects.filter(status="deleting").count() == 1 and Lab.objects.filter(pk=lab.pk).exists()
+
+
+def test_a_machine_service_refusal_mid_lab_makes_nothing(owner, template, host, monkeypatch):
+    from machines.services import MachineError
+
+    hv("a")
+    calls = []
+
+    def refuse_third(**kw):
+        calls.append(kw["name"])
+        if len(calls) == 3:
+            raise MachineError("could not find a free MAC address under the configured prefix")
+        return real(**kw)
+
+    real = services.services.machine_create
+    monkeypatch.setattr(services.services, "machine_create", refuse_third)
+    with pytest.raises(ValidationError, match="Nothing was made: lab10-controllers-2: could not find a free MAC"):
+        services.lab_instantiate(template=template, actor=owner, name="lab10")
+    assert not Machine.objects.exists() and not Lab.objects.exists()
