@@ -29,7 +29,7 @@ from hypervisors.drivers.domxml import guard_name, host_guard_name, host_guard_x
 from hypervisors.images import ensure_image_copy
 from hypervisors.models import Hypervisor, Image
 from hypervisors.networks import host_addresses
-from machines import attempts, cloudinit, nic_policy
+from machines import attempts, cloudinit, nic_policy, projectkeys
 from machines.models import Machine, MachineNic
 from machines.states import DeployType
 
@@ -125,12 +125,19 @@ def seed_spec_from(machine: Machine, nics: list) -> cloudinit.SeedSpec:
         instance_id=machine.instance_id or f"i-{machine.uuid.hex}",
         hostname=machine.name,
         default_user=(machine.image.default_user if machine.image else "") or "cloud",
-        ssh_authorized_keys=tuple(machine.key_list),
+        ssh_authorized_keys=(*machine.key_list, *_project_key(machine)),
         packages=tuple(machine.package_list),
         script=machine.script,
         user_data=machine.user_data,
         nics=nic_configs,
     )
+
+
+def _project_key(machine: Machine) -> tuple[str, ...]:
+    """The project's public key (made on first need), which every image machine of a project carries so the
+    project's workflows reach it; none for a machine outside projects."""
+    project = machine.project if machine.project_id is not None else None
+    return () if project is None else (projectkeys.project_public_key(project),)
 
 
 # What a guest of another architecture needs under emulation: machine type, a 64-bit CPU,
