@@ -29,6 +29,7 @@ from hypervisors.drivers.base import (
     NetworkInfo,
     PoolInfo,
     PowerState,
+    SnapshotInfo,
     VolumeInfo,
 )
 from hypervisors.drivers.domxml import _target_names, build_domain_xml, foreign_domain, guard_name, new_vnc_password
@@ -473,6 +474,120 @@ class FakeDriver(HypervisorDriver):
         """The volume dict at a fake path (/fake/<pool>/<name>), or None."""
         _, _, pool, name = (path.split("/", 3) + ["", "", "", ""])[:4]
         return self.host.pools.get(pool, {}).get(name)
+
+    # Snapshots: a domain's "snapshots" list in creation order, each with the bytes its disks held then (restored
+    # on revert), as libvirt keeps them; an external one also makes its overlay volumes, as libvirt does.
+    def _disk_paths(self, dom):
+        spec = dom.get("spec")
+        return [d.path for d in spec.disks if d.device == "disk" and d.path] if spec else []
+
+    def snapshot_create(self, uuid, *, name, description="", memory=False, overlays=None):
+        self._hit("snapshot_create")
+        dom = self._dom(uuid)
+        snaps = dom.setdefault("snapshots", [])
+        if any(s["name"] == name for s in snaps):
+            raise HypervisorFatalError(f"domain {uuid} has a snapshot named {name!r} already")
+        running = dom["state"] == PowerState.RUNNING
+        if overlays is None and running and not memory:
+            raise HypervisorFatalError("an internal snapshot of a running domain holds its memory: ask for it")
+        if overlays is not None and memory:
+            raise HypervisorFatalError("an external disk-only snapshot holds no memory")
+        data = {p: (self._volume_at(p) or {}).get("data", b"") for p in self._disk_paths(dom)}
+        tops = dom.setdefault("tops", {})  # disk target -> the file it writes now
+        for target, path in (overlays or {}).items():
+            _, _, pool, volname = (path.split("/", 3) + ["", "", "", ""])[:4]
+            below = tops.get(target) or next(iter(self._disk_paths(dom)), "")
+            self._pool(pool)[volname] = {"format": "qcow2", "capacity": 0, "backing": below, "data": b""}
+            tops[target] = path
+        current = next((s for s in snaps if s["current"]), None)
+        for s in snaps:
+            s["current"] = False
+        snap = {
+            "name": name,
+            "parent": current["name"] if current else "",
+            "kind": "internal" if overlays is None else "external",
+            "memory": bool(memory and running and overlays is None),
+            "state": "disk-snapshot" if overlays is not None else ("running" if running else "shutoff"),
+            "created": len(snaps) + 1,
+            "current": True,
+            "description": description,
+            "overlays": tuple((overlays or {}).values()),
+            "data": data,
+            "size": 0
+            if overlays is not None
+            else (len(data) and 4096) + (dom.get("memory_state", 0) if running else 0),
+        }
+        snaps.append(snap)
+        return replace(self._snapshot_info(snap), quiesced=bool(overlays is not None and running and dom.get("agent")))
+
+    def _snapshot_info(self, snap):
+        size = sum(len((self._volume_at(p) or {}).get("data", b"")) for p in snap["overlays"])
+        return SnapshotInfo(
+            name=snap["name"],
+            parent=snap["parent"],
+            kind=snap["kind"],
+            memory=snap["memory"],
+            state=snap["state"],
+            created=snap["created"],
+            current=snap["current"],
+            description=snap["description"],
+            overlays=snap["overlays"],
+            size_bytes=size if snap["kind"] == "external" else snap["size"],
+        )
+
+    def snapshot_list(self, uuid):
+        self._hit("snapshot_list")
+        return [self._snapshot_info(s) for s in self._dom(uuid).get("snapshots", [])]
+
+    def _find_snapshot(self, uuid, name):
+        snaps = self._dom(uuid).get("snapshots", [])
+        return snaps, next((s for s in snaps if s["name"] == name), None)
+
+    def snapshot_revert(self, uuid, name):
+        self._hit("snapshot_revert")
+        snaps, snap = self._find_snapshot(uuid, name)
+        if snap is None:
+            raise HypervisorFatalError(f"domain {uuid} has no snapshot named {name!r}")
+        dom = self._dom(uuid)
+        if snap["kind"] == "external" and any(s["parent"] == name for s in snaps):
+            raise HypervisorFatalError(f"snapshot {name!r} has later snapshots; revert to the newest, or delete those")
+        for path, data in snap["data"].items():
+            if (vol := self._volume_at(path)) is not None:
+                vol["data"] = data
+        for path in snap["overlays"]:
+            if (vol := self._volume_at(path)) is not None:
+                vol["data"] = b""
+        for s in snaps:
+            s["current"] = s is snap
+        if snap["memory"] and dom["state"] != PowerState.RUNNING:
+            self._cold_start(uuid)
+        elif not snap["memory"]:
+            dom["state"] = PowerState.OFF
+        return dom["state"]
+
+    def snapshot_delete(self, uuid, name):
+        self._hit("snapshot_delete")
+        snaps, snap = self._find_snapshot(uuid, name)
+        if snap is None:
+            return False
+        for s in snaps:
+            if s["parent"] == name:
+                s["parent"] = snap["parent"]
+        if snap["current"] and snap["parent"]:
+            next(s for s in snaps if s["name"] == snap["parent"])["current"] = True
+        tops = self._dom(uuid).setdefault("tops", {})
+        for path in snap["overlays"]:  # merged into the file below it; what was above it now rests on that
+            _, _, pool, volname = (path.split("/", 3) + ["", "", "", ""])[:4]
+            gone = self.host.pools.get(pool, {}).pop(volname, None) or {"backing": ""}
+            for vols in self.host.pools.values():
+                for vol in vols.values():
+                    if vol["backing"] == path:
+                        vol["backing"] = gone["backing"]
+            for target, top in list(tops.items()):
+                if top == path:
+                    tops[target] = gone["backing"]
+        snaps.remove(snap)
+        return True
 
     def migrate_live(
         self,

@@ -239,6 +239,23 @@ class MigrationResult:
     progress_reports: int  # how often `progress` was called
 
 
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """One snapshot of a domain as the hypervisor has it."""
+
+    name: str
+    parent: str  # "" for a root of the tree
+    kind: str  # "internal" (inside the qcow2 disks) or "external" (disk-only overlays)
+    memory: bool  # holds the running domain's memory: reverting to it gives the domain back running
+    state: str  # the domain's state when it was taken, as libvirt says it: running, shutoff, disk-snapshot
+    created: int  # Unix time
+    current: bool  # the one the domain runs on from
+    description: str = ""
+    overlays: tuple[str, ...] = ()  # external: the overlay files it made (the disks as written since)
+    size_bytes: int = 0  # space it holds: an external one's overlays; an internal one's growth of the disks when taken
+    quiesced: bool = False  # known only from snapshot_create: the guest agent froze the file systems first
+
+
 class HypervisorDriver(ABC):
     """Everything the portal asks of a hypervisor, as plain data in and out (never Django models).
 
@@ -479,3 +496,41 @@ class HypervisorDriver(ABC):
         there stay for it to remove). Any other failure raises HypervisorError, the domain likewise on the
         source. On success the domain runs on the target, defined there persistently (its config at the new
         paths), and is undefined on the source; the source's files stay for the caller to remove."""
+
+    # --- snapshots, by domain UUID and snapshot name -------------------------------------------------
+
+    @abstractmethod
+    def snapshot_create(
+        self,
+        uuid: str,
+        *,
+        name: str,
+        description: str = "",
+        memory: bool = False,
+        overlays: dict[str, str] | None = None,
+    ) -> SnapshotInfo:
+        """Take a snapshot; a name the domain has already is HypervisorFatalError.
+
+        overlays None: internal, inside the domain's qcow2 disks: with the memory of a running domain (memory must
+        be asked: QEMU takes an internal snapshot of a running guest only with its memory, so a running domain
+        without `memory` is refused), of the disks alone when it is off. overlays {target: path}: external and
+        disk-only (`--disk-only`): each named disk gets a new qcow2 overlay at `path`, which the caller made a
+        volume name of its pool; `memory` is refused. A running domain whose guest agent answers has its file
+        systems frozen first (quiesced), else it is taken without (quiesced False)."""
+
+    @abstractmethod
+    def snapshot_list(self, uuid: str) -> list[SnapshotInfo]:
+        """Every snapshot of the domain, parents before their children."""
+
+    @abstractmethod
+    def snapshot_revert(self, uuid: str, name: str) -> PowerState:
+        """Bring the domain back to the snapshot; the power state it is left in. Internal: disks and memory as
+        they were (a memory snapshot of a running domain comes back running, a disk one off). External: only the
+        newest of its branch (no children): the domain stopped, its overlays emptied, so the disks read as at
+        the snapshot; left off. One with children is HypervisorFatalError."""
+
+    @abstractmethod
+    def snapshot_delete(self, uuid: str, name: str) -> bool:
+        """Delete the snapshot; no-op (False) if absent. Internal: its data leaves the qcow2 disks. External: its
+        overlays are merged (block commit) into the disks below them and their files removed, on a domain that is
+        off as on one that runs, with children or not; its children take its parent."""

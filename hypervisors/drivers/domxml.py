@@ -673,3 +673,60 @@ def foreign_domain(xml: str) -> dict:
         "hostdevs": len(root.findall("devices/hostdev")),
         "marked": root.find(f"metadata/{{{PORTAL_METADATA_NS}}}machine") is not None,
     }
+
+
+# --- snapshots -------------------------------------------------------------------------------
+
+
+def snapshot_xml(
+    *, name: str, description: str = "", memory: bool = False, overlays: dict[str, str] | None = None
+) -> str:
+    """A <domainsnapshot>: internal (overlays None; with the running domain's memory when `memory`), or external
+    disk-only, each disk target in `overlays` getting a new qcow2 overlay at its path, the others left out."""
+    root = ET.Element("domainsnapshot")
+    _sub(root, "name", name)
+    if description:
+        _sub(root, "description", description)
+    if overlays is None:
+        _sub(root, "memory", snapshot="internal" if memory else "no")
+        return ET.tostring(root, encoding="unicode")
+    _sub(root, "memory", snapshot="no")
+    disks = _sub(root, "disks")
+    for target, path in sorted(overlays.items()):
+        disk = _sub(disks, "disk", name=target, snapshot="external")
+        _sub(disk, "driver", type="qcow2")
+        _sub(disk, "source", file=path)
+    return ET.tostring(root, encoding="unicode")
+
+
+def parse_snapshot(xml: str) -> dict:
+    """What the portal reads from a snapshot's XML: name, parent, description, kind, memory, state, created and,
+    for an external one, its overlays (target -> file)."""
+    root = ET.fromstring(xml)
+    overlays = {
+        d.get("name", ""): (d.find("source").get("file", "") if d.find("source") is not None else "")  # type: ignore[union-attr]
+        for d in root.findall("disks/disk")
+        if d.get("snapshot") == "external"
+    }
+    memory = root.find("memory")
+    return {
+        "name": root.findtext("name", default=""),
+        "parent": root.findtext("parent/name", default=""),
+        "description": root.findtext("description", default=""),
+        "kind": "external" if overlays else "internal",
+        "memory": memory is not None and memory.get("snapshot") in ("internal", "external"),
+        "state": root.findtext("state", default=""),
+        "created": int(root.findtext("creationTime", default="0") or 0),
+        "overlays": overlays,
+    }
+
+
+def disk_targets(xml: str) -> dict[str, str]:
+    """A domain's writable file disks: target (vda) -> the file it writes now (CD-ROMs and read-only disks left out)."""
+    found = {}
+    for disk in ET.fromstring(xml).findall("devices/disk[@device='disk']"):
+        source, target = disk.find("source"), disk.find("target")
+        if source is None or target is None or disk.find("readonly") is not None or not source.get("file"):
+            continue
+        found[target.get("dev", "")] = source.get("file", "")
+    return found
