@@ -20,7 +20,7 @@ from hypervisors.models import Hypervisor, Image
 from machines import attempts, cloudinit, policy, provisioning, tasks
 from machines.access import project_choices
 from machines.capacity import check_quota, claim_room, held, held_by, lock_quotas
-from machines.models import Machine, MachineCdrom, MachineNic, Project
+from machines.models import Machine, MachineCdrom, MachineNic, MachineObserved, Project
 from machines.policy import RULES, has_ready_image, statuses_text
 from machines.services.adoption import machine_adopt_run
 from machines.services.bmcs import bmc_assign
@@ -348,6 +348,7 @@ def machine_rebuild(*, machine: Machine, actor) -> None:
         raise MachineError("The machine's image is not available any more.")
     _refuse_against_policy(machine, "rebuilt")
     Machine.objects.filter(pk=machine.pk).update(instance_id=f"i-{uuidlib.uuid4().hex}", attempts=0)
+    MachineObserved.objects.filter(machine_id=machine.pk).update(ssh_host_keys="")  # the new instance makes new ones
     machine.transition(Status.REBUILDING)
     _enqueue(tasks.machine_rebuild_task, machine.pk)
 

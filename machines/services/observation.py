@@ -13,7 +13,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from hypervisors.drivers import get_driver
@@ -27,10 +27,10 @@ from hypervisors.drivers.base import (
 from hypervisors.drivers.base import PowerState as DomainState  # what the driver reports, not the model's field
 from hypervisors.drivers.domxml import host_guard_name
 from hypervisors.models import Hypervisor, HypervisorStatus
-from machines import provisioning, screenshots, tasks
+from machines import hostkeys, provisioning, screenshots, tasks
 from machines.models import Machine, MachineEvent, MachineNic, MachineObserved
 from machines.services.common import _enqueue
-from machines.states import BUSY, InvalidTransition, PowerState, Status
+from machines.states import BUSY, DeployType, InvalidTransition, PowerState, Status
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,49 @@ def machine_serial_log_run(machine_id: int) -> None:
         log.info("serial log of machine %s: %s", machine_id, e)
         return
     _observe(machine.pk, serial_log=text, serial_log_fetched=timezone.now())
+    _keep_host_keys(machine, text)
+
+
+# What ends the window in which a serial log is the instance's first boot: the log is truncated at every
+# start of the domain (<log append='off'>), and cloud-init prints the host keys once per instance.
+_BOOT_STEPS = ("create", "rebuild", "start", "power", "migrate", "adopt")
+
+
+def _in_first_boot(machine: Machine) -> bool:
+    """Whether the domain still runs the boot the portal started after the machine's create or latest rebuild
+    (exactly one start since, no power action, move or adoption): its serial log then holds that first boot."""
+    steps = list(machine.events.filter(step__in=_BOOT_STEPS).order_by("created", "pk").values_list("step", flat=True))
+    began = max((n for n, step in enumerate(steps) if step in ("create", "rebuild")), default=None)
+    if began is None:
+        return False
+    since = steps[began + 1 :]
+    return since == ["start"]
+
+
+def _keep_host_keys(machine: Machine, text: str) -> None:
+    """Record the SSH host keys the guest printed at its first boot, from the first block of a serial log read
+    whole during that boot; never over keys already recorded (a guest can print a block of its own later;
+    a rebuild clears them)."""
+    if machine.deploy_type != DeployType.IMAGE or len(text.encode()) >= provisioning.SERIAL_LOG_LIMIT:
+        return  # a log cut to its tail may have lost the first block: what is left could be anyone's
+    if MachineObserved.objects.filter(machine_id=machine.pk).exclude(ssh_host_keys="").exists():
+        return
+    keys = hostkeys.first_host_keys_block(text)
+    if keys is None or not _in_first_boot(machine):
+        return
+    if MachineObserved.objects.filter(machine_id=machine.pk, ssh_host_keys="").update(ssh_host_keys="\n".join(keys)):
+        machine.log("host-keys", f"{len(keys)} SSH host keys from the first boot's serial console recorded")
+
+
+def machine_host_keys(*, machine: Machine) -> str:
+    """The guest's SSH host keys (`type base64` lines; "" while none are known). In the worker: when none are
+    recorded yet, the serial log is read now, so a run right after the first boot finds them."""
+    if not (
+        keys := MachineObserved.objects.filter(machine_id=machine.pk).values_list("ssh_host_keys", flat=True).first()
+    ):
+        machine_serial_log_run(machine.pk)
+        keys = MachineObserved.objects.filter(machine_id=machine.pk).values_list("ssh_host_keys", flat=True).first()
+    return keys or ""
 
 
 def machines_reconcile() -> None:
@@ -105,6 +148,25 @@ def machines_reconcile() -> None:
     stalest = stalest.select_related("observed").defer("observed__serial_log")
     for machine in stalest[: settings.PORTAL_SCREENSHOTS_PER_MINUTE]:
         machine_screenshot_request(machine=machine, max_age=50)
+    _watch_first_boots(now)
+
+
+FIRST_BOOT_WATCH = timedelta(hours=1)  # how long after becoming active a machine's serial log is read for host keys
+
+
+def _watch_first_boots(now: datetime) -> None:
+    """Read the serial log of image machines that became active lately and have no host keys yet, so the keys
+    of their first boot are recorded even when nobody opens the machine page while it boots."""
+    booting = Machine.objects.filter(
+        deploy_type=DeployType.IMAGE,
+        status=Status.ACTIVE,
+        power_state=PowerState.RUNNING,
+        status_changed__gt=now - FIRST_BOOT_WATCH,
+        hypervisor__enabled=True,
+        hypervisor__status="online",
+    ).filter(Q(observed__isnull=True) | Q(observed__ssh_host_keys=""))
+    for machine in booting.select_related("observed").defer("observed__serial_log").order_by("pk")[:20]:
+        machine_serial_log_request(machine=machine, max_age=50)
 
 
 def machines_sync(*, machines) -> None:
