@@ -403,3 +403,18 @@ def test_the_reconcile_reports_a_running_console_without_password_until_a_cold_s
         services.machine_power(machine=Machine.objects.get(pk=machine.pk), action="start", actor=staff)
     services.hypervisor_reconcile_run(lab.pk)
     assert not Machine.objects.get(pk=machine.pk).last_observed.console_unprotected
+
+
+def test_an_adopted_domain_whose_row_vanished_is_swept_as_the_portals_and_its_disks_are_never_listed(
+    host, lab, staff, settings, django_capture_on_commit_callbacks
+):
+    settings.PORTAL_ORPHAN_GRACE = 0
+    uuid = host.add_foreign(domain_xml())
+    sync(lab)
+    machine = adopt(django_capture_on_commit_callbacks, lab, uuid, owner=staff, actor=staff)
+    sync(lab)  # now one of the portal's: not among the others the sweeper skips
+    Machine.objects.filter(pk=machine.pk).delete()  # behind the portal's back
+    services.hypervisor_sweep_run(lab.pk)
+    found = services.hypervisor_sweep_run(lab.pk)
+    assert found is not None
+    assert [(o["kind"], o["name"], o["uuid"]) for o in found] == [("domain", "legacy-web", uuid)]
