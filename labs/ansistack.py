@@ -615,12 +615,13 @@ def _machine_media(plan, m, v, host, files, images) -> None:
                 m["action"] = "skip"
                 m["reasons"].append(f"image {image['name']} missing")
     elif m["deploy_type"] == "iso":
-        names = [str(v["vm_bootable_iso"]), *[str(i) for i in _list(v.get("vm_additional_isos"))]]
+        names = [("vm_bootable_iso", str(v["vm_bootable_iso"]))]
+        names += [("vm_additional_isos", str(i)) for i in _list(v.get("vm_additional_isos"))]
         found = []
-        for name in names:
+        for key, name in names:
             iso = _iso(name)
             if iso is None:
-                file, line = _defined_at(host, "vm_bootable_iso", files)
+                file, line = _defined_at(host, key, files)
                 plan.problem(file, line, f"{host.name}: the portal has no ISO {name}; upload it first; not created")
                 m["action"] = "skip"
                 m["reasons"].append(f"ISO {name} missing")

@@ -27,6 +27,7 @@ from labs import ansistack
 from labs.models import InventoryImport, Lab, LabMachine
 from labs.services import lab_add_machine, lab_get_or_create
 from machines import services as machine_services
+from machines.access import project_choices
 from machines.models import Machine, Project
 from machines.services import NicInput
 from portal import audit
@@ -64,6 +65,8 @@ def inventory_import_create(
     for f in [*files, vars_file or {"name": "", "text": ""}]:
         if len(str(f["text"]).encode()) > ansistack.MAX_FILE_BYTES:
             raise ImportRefused(f"{f['name']} is over {ansistack.MAX_FILE_BYTES // 1024} KiB.")
+    if project is not None and not project_choices(owner).filter(pk=project.pk).exists():
+        raise ValidationError({"project": f"{owner.get_username()} is not an admin of project {project.name}."})
     if lab_name and ansistack._lab_name(lab_name) != lab_name:
         raise ValidationError({"lab_name": "A lab name is lower-case letters, digits and hyphens."})
     plan = ansistack.plan_inventory(files, vars_file=vars_file, owner=owner, lab=lab_name, project=project)

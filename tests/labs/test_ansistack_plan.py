@@ -159,3 +159,49 @@ def test_a_hypervisor_the_portal_cannot_reach_is_an_error():
         "error: inventory-phys.yaml:17: host kvm-a: the portal cannot reach hypervisor kvm-a (down: connection timed "
         "out); its machines wait until it is online" in lines
     ), lines
+
+
+ISO_VMS = """\
+all:
+  children:
+    all_vms:
+      children:
+        provisioned_vms:
+          hosts:
+            win-0:
+              vm_virt_host: kvm-a
+              vm_bootable_iso: installer.iso
+              vm_additional_isos: drivers.iso
+              vm_networks:
+                mgmt: {interface: eth0}
+"""
+
+
+@pytest.mark.django_db
+def test_iso_machines_take_the_portals_isos():
+    ImageFactory(name="installer", iso=True)
+    plan = plan_inventory(
+        [*files("inventory-phys.yaml"), {"name": "iso-vms.yaml", "text": ISO_VMS}], vars_file=None
+    ).as_dict()
+    win = plan["machines"][0]
+    assert (win["deploy_type"], win["isos"], win["action"]) == ("iso", ["installer"], "skip")
+    assert "error: iso-vms.yaml:10: win-0: the portal has no ISO drivers.iso; upload it first; not created" in problems(
+        plan
+    )
+    ImageFactory(name="drivers", iso=True)
+    win = plan_inventory(
+        [*files("inventory-phys.yaml"), {"name": "iso-vms.yaml", "text": ISO_VMS}], vars_file=None
+    ).as_dict()["machines"][0]
+    assert (win["isos"], win["action"]) == (["installer", "drivers"], "create")
+
+
+@pytest.mark.django_db
+def test_an_owner_who_is_not_the_projects_admin_is_refused():
+    from django.core.exceptions import ValidationError
+
+    from labs.importer import inventory_import_create
+    from tests.factories import ProjectFactory
+
+    owner = UserFactory()
+    with pytest.raises(ValidationError, match="is not an admin of project"):
+        inventory_import_create(actor=owner, owner=owner, files=files("inventory-vms.yaml"), project=ProjectFactory())
