@@ -238,6 +238,13 @@ class FakeDriver(HypervisorDriver):
         self._hit("delete_volume")
         return self._pool(pool).pop(name, None) is not None
 
+    def clone_volume(self, *, pool, name, new_name):
+        self._hit("clone_volume")
+        if new_name not in self._pool(pool):
+            source = self._vol(pool, name)
+            self._pool(pool)[new_name] = {**source, "backing": "", "data": source["data"]}
+        return self.volume_info(pool=pool, name=new_name)
+
     def resize_volume(self, *, pool, name, capacity_bytes):
         vol = self._vol(pool, name)
         vol["capacity"] = max(vol["capacity"], capacity_bytes)

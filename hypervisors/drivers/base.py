@@ -313,6 +313,11 @@ class HypervisorDriver(ABC):
         """Delete the volume; no-op (False) if absent."""
 
     @abstractmethod
+    def clone_volume(self, *, pool: str, name: str, new_name: str) -> VolumeInfo:
+        """A full copy of the volume in the same pool, flattened (standing on no backing file), unless `new_name`
+        exists (then that one is returned unchanged); HypervisorFatalError if `name` is absent."""
+
+    @abstractmethod
     def resize_volume(self, *, pool: str, name: str, capacity_bytes: int) -> None:
         """Grow the volume to capacity_bytes; never shrinks; HypervisorFatalError if absent."""
 

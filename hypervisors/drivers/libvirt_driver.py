@@ -455,6 +455,21 @@ class LibvirtDriver(HypervisorDriver):
 
         return self._call(run)
 
+    def clone_volume(self, *, pool: str, name: str, new_name: str) -> VolumeInfo:
+        def run(conn):
+            p = self._pool(conn, pool)
+            there = self._vol(p, new_name)
+            if there is not None:
+                return self._vol_info(there)
+            source = self._vol(p, name)
+            if source is None:
+                raise HypervisorFatalError(f"volume {name!r} does not exist in pool {pool!r}")
+            info = self._vol_info(source)
+            xml = volume_xml(name=new_name, capacity_bytes=info.capacity_bytes, fmt=info.format or "qcow2")
+            return self._vol_info(p.createXMLFrom(xml, source, 0))  # qemu-img convert: the chain flattened
+
+        return self._call(run)
+
     def resize_volume(self, *, pool: str, name: str, capacity_bytes: int) -> None:
         """Grow a volume; never shrinks."""
 

@@ -840,3 +840,22 @@ def test_the_test_driver_takes_no_external_snapshots(kit):
     with pytest.raises(HypervisorFatalError, match="unsupported flags"):
         d.snapshot_create(spec.uuid, name="x", overlays={"vda": f"{d.pool_path(kit.pool)}/{kit.vol('x.qcow2')}"})
         pytest.fail("the test driver now takes external snapshots: run that test on every_driver")
+
+
+@every_driver
+def test_clone_volume_makes_a_standalone_copy_once(kit):
+    d = kit.driver
+    base = d.create_volume(pool=kit.pool, name=kit.vol("cbase.qcow2"), fmt="qcow2", capacity_bytes=MIB)
+    top = d.create_volume(
+        pool=kit.pool,
+        name=kit.vol("ctop.qcow2"),
+        fmt="qcow2",
+        capacity_bytes=2 * MIB,
+        backing_path=base.path,
+        backing_format="qcow2",
+    )
+    copy = d.clone_volume(pool=kit.pool, name=top.name, new_name=kit.vol("ccopy.qcow2"))
+    assert (copy.format, copy.capacity_bytes, copy.backing_path) == ("qcow2", 2 * MIB, "")
+    assert d.clone_volume(pool=kit.pool, name=top.name, new_name=copy.name) == copy
+    with pytest.raises(HypervisorFatalError):
+        d.clone_volume(pool=kit.pool, name=kit.vol("absent.qcow2"), new_name=kit.vol("never.qcow2"))
