@@ -242,7 +242,18 @@ def _unmanaged(d: DomainInfo) -> dict:
     entry: dict[str, Any] = {"uuid": d.uuid, "name": d.name, "state": str(d.state)}
     if d.shape is None:
         return entry
-    keep = ("vcpus", "memory_mib", "arch", "machine_type", "firmware", "secure_boot", "boot", "graphics", "hostdevs")
+    keep = (
+        "vcpus",
+        "memory_mib",
+        "arch",
+        "machine_type",
+        "firmware",
+        "secure_boot",
+        "boot",
+        "graphics",
+        "hostdevs",
+        "autostart",
+    )
     entry |= {k: d.shape.get(k) for k in keep}
     entry["disks"] = [
         {k: disk[k] for k in ("target", "device", "type", "path", "pool", "volume", "format", "capacity_bytes")}

@@ -1,3 +1,5 @@
+import uuid as uuidlib
+
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -41,6 +43,14 @@ def hypervisor_list(request: HtmxHttpRequest) -> HttpResponse:
     return render(request, template, {"hypervisors": hypervisors, "checking": checking})
 
 
+def _is_uuid(text: str) -> bool:
+    try:
+        uuidlib.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
 @login_required
 @require_GET
 def hypervisor_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
@@ -53,6 +63,13 @@ def hypervisor_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     context = {"hv": hv, "network_form": NetworkForm(), "tenant_network": tenant, "has_tenant_network": has_tenant}
     if hv.uses_ssh and request.user.is_staff:
         context["worker_ssh_key"] = services.worker_ssh_public_key()  # a local file, made on first need
+    if request.user.is_staff:
+        # a domain being adopted is still listed until the next sync sees the portal's mark on it: say whose it is
+        uuids = [u for d in hv.unmanaged_domains if _is_uuid(u := str(d.get("uuid", "")))]
+        claimed = {str(u): name for u, name in hv.machines.filter(uuid__in=uuids).values_list("uuid", "name")}
+        context["unmanaged"] = [
+            {**d, "machine": claimed.get(str(d.get("uuid", "")).lower())} for d in hv.unmanaged_domains
+        ]
     return render(request, template, context)
 
 

@@ -2,6 +2,7 @@ from typing import cast
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.auth import get_user_model
 from django.core.exceptions import PermissionDenied
 from django.template.response import TemplateResponse
@@ -274,7 +275,7 @@ def adopt_domains(modeladmin, request, queryset):
         "title": "Adopt domains",
         "form": form,
         "hypervisors": hvs,
-        "selected": request.POST.getlist(admin.helpers.ACTION_CHECKBOX_NAME),
+        "selected": request.POST.getlist(ACTION_CHECKBOX_NAME),
         "action": "adopt_domains",
         "opts": modeladmin.model._meta,
     }

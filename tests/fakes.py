@@ -167,6 +167,7 @@ class FakeDriver(HypervisorDriver):
             return None
         shape = foreign_domain(self.domain_xml(uuid, inactive=True))
         shape["persistent"] = True
+        shape["autostart"] = bool(self.host.domains[uuid].get("autostart"))
         for disk in shape["disks"]:
             vol = self._volume_at(disk["path"]) if disk["type"] == "file" and disk["path"] else None
             if vol is None:

@@ -363,7 +363,7 @@ class HypervisorDriver(ABC):
     def domain_shape(self, uuid: str) -> dict | None:
         """The shape of the domain's persistent config as domxml.foreign_domain reads it, each disk with its
         storage pool, volume and capacity filled in where its file is a volume of a pool (pool "" where it is
-        not), plus `persistent`; None if the domain does not exist."""
+        not), plus `persistent` and `autostart`; None if the domain does not exist."""
 
     @abstractmethod
     def domain_mark(self, uuid: str, attributes: dict[str, str]) -> bool:

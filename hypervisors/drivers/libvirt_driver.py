@@ -241,6 +241,7 @@ def _shape(dom: libvirt.virDomain) -> dict:
     conn = dom.connect()
     shape = foreign_domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
     shape["persistent"] = bool(dom.isPersistent())
+    shape["autostart"] = bool(dom.autostart())
     for disk in shape["disks"]:
         vol = None
         if disk["type"] == "file" and disk["path"]:

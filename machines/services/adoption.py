@@ -117,6 +117,7 @@ def _hardware(shape: dict) -> dict:
         "machine_type": (shape.get("machine_type") or "")[:40],
         "firmware": shape.get("firmware") or "bios",
         "secure_boot": bool(shape.get("secure_boot")),
+        "autostart": bool(shape.get("autostart")),
     }
 
 
@@ -177,7 +178,6 @@ def machine_adopt(
         hypervisor=hypervisor,
         name=name,
         deploy_type=DeployType.NETWORK,  # no image: the portal never rebuilds it
-        autostart=False,  # what the domain has stays until someone sets it
         power_on_after_create=False,
         adopted=True,
         instance_id=domain["name"],  # an adopted machine has no cloud-init: this keeps the domain's own name

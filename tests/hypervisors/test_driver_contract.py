@@ -518,7 +518,7 @@ def test_domain_shape_reads_a_hand_made_domain_and_domain_mark_makes_it_the_port
     )
     assert d.domain_shape(str(uuidlib.uuid4())) is None
     shape = d.domain_shape(uuid)
-    assert shape is not None and shape["persistent"] and not shape["marked"]
+    assert shape is not None and shape["persistent"] and not shape["marked"] and not shape["autostart"]
     assert (shape["name"], shape["vcpus"], shape["memory_mib"], shape["boot"]) == (name, 1, 64, ["hd"])
     vda, cdrom = shape["disks"]
     assert (vda["pool"], vda["volume"], vda["path"], vda["capacity_bytes"]) == (kit.pool, disk.name, disk.path, MIB)

@@ -185,12 +185,14 @@ def test_an_adopted_domain_becomes_an_active_machine_with_its_hardware_nics_mark
 ):
     uuid = host.add_foreign(domain_xml(), state=PowerState.RUNNING)
     host.domains[uuid]["vnc_protected"] = host.domains[uuid]["vnc_config_protected"] = False
+    host.domains[uuid]["autostart"] = True
     sync(lab)
     owner = UserFactory(username="olga")
     machine = adopt(django_capture_on_commit_callbacks, lab, uuid, owner=owner, actor=staff)
     assert (machine.status, machine.adopted, str(machine.uuid), machine.name) == ("active", True, uuid, "legacy-web")
     assert (machine.vcpus, machine.memory_mib, machine.disk_gib, machine.pool) == (2, 256, 3, "default")
     assert (machine.machine_type, machine.firmware, machine.power_state) == ("pc-i440fx-7.2", "bios", "running")
+    assert machine.autostart  # as the domain has it
     assert machine.domain_name == "legacy-web"
     assert [(n.mac, n.type, n.source) for n in machine.nics.all()] == [("52:54:00:10:20:30", "network", "isolated")]
     xml = host.get_driver("x").domain_xml(uuid)
@@ -418,3 +420,14 @@ def test_an_adopted_domain_whose_row_vanished_is_swept_as_the_portals_and_its_di
     found = services.hypervisor_sweep_run(lab.pk)
     assert found is not None
     assert [(o["kind"], o["name"], o["uuid"]) for o in found] == [("domain", "legacy-web", uuid)]
+
+
+def test_the_page_says_whose_a_domain_being_adopted_is(host, lab, staff, django_capture_on_commit_callbacks):
+    uuid = host.add_foreign(domain_xml())
+    sync(lab)
+    with django_capture_on_commit_callbacks(execute=False):  # the worker has not taken it over yet
+        services.machine_adopt(hypervisor=lab, domain_uuid=uuid, owner=staff, actor=staff, name="web9")
+    client = Client()
+    client.force_login(staff)
+    page = client.get(reverse("hypervisors:detail", args=[lab.pk])).content.decode()
+    assert "being adopted as web9" in page and f"?domain={uuid}" not in page
