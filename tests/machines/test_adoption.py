@@ -431,3 +431,19 @@ def test_the_page_says_whose_a_domain_being_adopted_is(host, lab, staff, django_
     client.force_login(staff)
     page = client.get(reverse("hypervisors:detail", args=[lab.pk])).content.decode()
     assert "being adopted as web9" in page and f"?domain={uuid}" not in page
+
+
+def test_the_delete_page_offers_keeping_an_adopted_machines_disks(host, lab, staff, django_capture_on_commit_callbacks):
+    uuid = host.add_foreign(domain_xml())
+    sync(lab)
+    machine = adopt(django_capture_on_commit_callbacks, lab, uuid, owner=staff, actor=staff)
+    client = Client()
+    client.force_login(staff)
+    url = reverse("machines:delete", args=[machine.pk])
+    page = client.get(url).content.decode()
+    assert 'name="keep_disks" value="1"' in page and "checked" in page
+    with django_capture_on_commit_callbacks(execute=True):
+        r = client.post(url, {})  # the box cleared: the disks go too
+    assert r.status_code == 302 and uuid not in host.domains and "legacy.qcow2" not in host.pools["default"]
+    plain = MachineFactory(owner=staff, status="active")
+    assert 'name="keep_disks"' not in client.get(reverse("machines:delete", args=[plain.pk])).content.decode()
