@@ -223,8 +223,20 @@ def _domain_info(dom: libvirt.virDomain, *, shape: bool = False) -> DomainInfo:
         name=dom.name(),
         state=_STATES.get(state, PowerState.UNKNOWN),
         managed=managed,
-        shape=_shape(dom) if shape and not managed else None,
+        shape=_shape_or_none(dom) if shape and not managed else None,
     )
+
+
+def _shape_or_none(dom: libvirt.virDomain) -> dict | None:
+    """A sync's look at a foreign domain: one undefined meanwhile, or that libvirt cannot describe, is left
+    without a shape (it cannot be adopted until a later sync reads it) rather than failing the whole sync."""
+    try:
+        return _shape(dom)
+    except libvirt.libvirtError as e:
+        if isinstance(translate(e), HypervisorUnavailable):
+            raise
+        log.info("domain %s: no shape: %s", dom.name(), e.get_error_message())
+        return None
 
 
 def _volume_by_path(conn: libvirt.virConnect, path: str) -> libvirt.virStorageVol | None:
@@ -252,7 +264,7 @@ def _shape(dom: libvirt.virDomain) -> dict:
             except libvirt.libvirtError as e:
                 if e.get_error_code() not in (libvirt.VIR_ERR_NO_STORAGE_VOL, libvirt.VIR_ERR_NO_STORAGE_POOL):
                     raise
-        if vol is not None:
+        if vol is not None:  # a volume of a pool (an inactive pool's volumes are not found: no pool)
             disk["pool"], disk["volume"] = vol.storagePoolLookupByVolume().name(), vol.name()
             disk["path"], disk["capacity_bytes"] = vol.path(), vol.info()[1]
         else:

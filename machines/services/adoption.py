@@ -66,7 +66,9 @@ def _recorded(hypervisor: Hypervisor, domain_uuid: str) -> dict:
             "not manage; check the hypervisor again and retry."
         )
     if "problems" not in found:
-        raise AdoptionRefused(f"The last check of {hypervisor.name} predates adoptions; check it again and retry.")
+        raise AdoptionRefused(
+            f"The last check of {hypervisor.name} did not read this domain's shape; check it again and retry."
+        )
     return found
 
 
