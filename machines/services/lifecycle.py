@@ -396,6 +396,10 @@ def _lock_for_allocation(machine: Machine) -> Machine:
 def machine_grow_disk(*, machine: Machine, disk_gib: int, actor) -> None:
     """Grow the disk (never shrink). A running guest sees the new size at once."""
     policy.require(actor, machine, "grow_disk")
+    if machine.adopted:
+        raise MachineError(
+            f"{machine.name} was adopted: its disks are the domain's own, which the portal does not grow."
+        )
     machine = _lock_for_allocation(machine)
     if machine.status not in RULES["grow_disk"].statuses:
         raise MachineError(

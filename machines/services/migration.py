@@ -54,6 +54,10 @@ def machine_migrate(
     A running machine is refused unless `restart`: then it is shut down, moved and started on the target.
     Returns the target."""
     policy.require(actor, machine, "migrate")
+    if machine.adopted:
+        raise MachineError(
+            f"{machine.name} was adopted: its disks are the domain's own volumes, which the portal does not move."
+        )
     machine = _lock_for_allocation(machine)
     if live and machine.power_state != PowerState.RUNNING:
         raise MachineError(f"{machine.name} is not running: a live move is for a running machine; move it cold.")

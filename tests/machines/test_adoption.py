@@ -447,3 +447,19 @@ def test_the_delete_page_offers_keeping_an_adopted_machines_disks(host, lab, sta
     assert r.status_code == 302 and uuid not in host.domains and "legacy.qcow2" not in host.pools["default"]
     plain = MachineFactory(owner=staff, status="active")
     assert 'name="keep_disks"' not in client.get(reverse("machines:delete", args=[plain.pk])).content.decode()
+
+
+def test_its_disks_are_never_grown_or_moved_by_the_portal(host, lab, staff, django_capture_on_commit_callbacks):
+    uuid = host.add_foreign(domain_xml())
+    sync(lab)
+    machine = adopt(django_capture_on_commit_callbacks, lab, uuid, owner=staff, actor=staff)
+    HypervisorFactory(name="other", uri="qemu:///other")
+    with pytest.raises(services.MachineError, match="does not grow"):
+        services.machine_grow_disk(machine=machine, disk_gib=10, actor=staff)
+    with pytest.raises(services.MachineError, match="does not move"):
+        services.machine_migrate(machine=machine, actor=staff)
+    report = services.hypervisor_evacuate(hypervisor=lab, actor=staff)
+    assert report == [
+        "legacy-web: stays (legacy-web was adopted: its disks are the domain's own volumes, which the portal does not move.)"
+    ]
+    assert Machine.objects.get(pk=machine.pk).hypervisor_id == lab.pk
