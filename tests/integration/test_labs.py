@@ -138,3 +138,62 @@ def test_a_lab_is_made_powered_read_and_deleted_on_the_hosts_libvirtd(local, tin
     volumes = virsh("vol-list", "default")
     assert not any(str(m.uuid) in volumes for m in (metal1, metal2, app))
     print(f"lab made in {made:.1f} s, off in {off:.1f} s, on in {on:.1f} s, deleted in {gone:.1f} s")
+
+
+@pytest.fixture
+def guarded_network(local):
+    """An isolated network the portal defines (with its guard), as staff would from the hypervisor page: the
+    kind a project may be given (hypervisors.PublishedNetwork)."""
+    from hypervisors import networks
+    from hypervisors.models import Hypervisor
+
+    name = f"labg-{int(time.time()) % 100000}"
+    spec = networks.NetworkSpec(
+        name=name, mode="isolated", bridge=f"vblg{int(time.time()) % 10000}", cidr="10.79.0.1/24"
+    )
+    networks.network_create(hypervisor=local, spec=spec)
+
+    def defined():
+        return next(
+            (n for n in Hypervisor.objects.get(pk=local.pk).networks if n["name"] == name and n.get("guard")), None
+        )
+
+    guard = wait_for(defined, 30, message=f"network {name} not defined with its guard")["guard"]
+    yield name
+    virsh("net-destroy", name, check=False)
+    virsh("net-undefine", name, check=False)
+    virsh("nwfilter-undefine", guard, check=False)
+
+
+@pytest.mark.engines
+def test_labs_posted_at_once_never_pass_the_projects_quota_together(local, guarded_network, web_server):
+    """Three labs of two machines POSTed at the same moment through gunicorn into a project allowed four
+    machines: two are made whole, the third is refused whole, whatever the order."""
+    from hypervisors.models import PublishedNetwork
+    from machines.models import Project
+    from portal.models import ApiToken
+    from tests.integration.test_quota_concurrency import _fire, _messages
+
+    owner = UserFactory(username="lab-racer", is_staff=True)  # staff: the project's quota is what counts here
+    lab_network = guarded_network
+    project = Project.objects.create(name="racers", machines_quota=4)
+    # A project's machines follow its members' network rules: the isolated network is published to it.
+    PublishedNetwork.objects.create(hypervisor=local, kind="network", source=lab_network).projects.add(project)
+    text = (
+        f"bootable_vms:\n  vars: {{vm_count: 2, vm_ram: 128, vm_disk_size: 1, vm_networks: {{{lab_network}: {{}}}}}}\n"
+    )
+    template = services.lab_template_save(actor=owner, name="pair", spec=text)
+    _, raw = ApiToken.issue(user=owner)
+    bodies = [("/api/v1/labs/", {"template": template.pk, "name": f"race{i}", "project": "racers"}) for i in range(3)]
+    results = _fire(web_server, raw, bodies)
+    codes = sorted(code for code, _ in results)
+    assert codes == [201, 201, 400], results
+    refused = next(body for code, body in results if code == 400)
+    said = _messages(refused)
+    assert "Nothing was made: the lab (2 machines" in said and "6 machines of 4 allowed (using 4)" in said, said
+    assert Lab.objects.filter(project=project).count() == 2 and Machine.objects.filter(project=project).count() == 4
+    assert all(lab.members.count() == 2 for lab in Lab.objects.filter(project=project))
+    wait_for(lambda: all(s == "active" for s, _, _ in states().values()), 120, message=f"{states()}")
+    for lab in Lab.objects.filter(project=project):
+        services.lab_delete(lab=lab, actor=owner)
+    wait_for(lambda: not Machine.objects.exists(), 90, message=f"left: {states()}")
