@@ -355,6 +355,21 @@ if (
 PORTAL_HYPERVISOR_CONCURRENCY = envint("PORTAL_HYPERVISOR_CONCURRENCY", "4")
 if PORTAL_HYPERVISOR_CONCURRENCY < 1:
     raise ImproperlyConfigured("PORTAL_HYPERVISOR_CONCURRENCY is at least 1")
+# Workflow runs (workflows/): at most this many queued or running per project and per hypervisor (a run counts on
+# every hypervisor one of its machines is on); more are refused until one ends. A run may take this long (s) before
+# it is stopped, and a git workflow's checkout this long (s). Each run has a private directory (0700) under
+# PORTAL_WORKFLOW_RUN_DIR, removed when it ends.
+PORTAL_WORKFLOW_RUNS_PER_PROJECT = envint("PORTAL_WORKFLOW_RUNS_PER_PROJECT", "4")
+PORTAL_WORKFLOW_RUNS_PER_HYPERVISOR = envint("PORTAL_WORKFLOW_RUNS_PER_HYPERVISOR", "4")
+PORTAL_WORKFLOW_TIMEOUT = envint("PORTAL_WORKFLOW_TIMEOUT", "3600")
+PORTAL_WORKFLOW_GIT_TIMEOUT = envint("PORTAL_WORKFLOW_GIT_TIMEOUT", "120")
+if min(PORTAL_WORKFLOW_RUNS_PER_PROJECT, PORTAL_WORKFLOW_RUNS_PER_HYPERVISOR, PORTAL_WORKFLOW_TIMEOUT) < 1:
+    raise ImproperlyConfigured(
+        "PORTAL_WORKFLOW_RUNS_PER_PROJECT, PORTAL_WORKFLOW_RUNS_PER_HYPERVISOR and PORTAL_WORKFLOW_TIMEOUT are at least 1"
+    )
+if PORTAL_WORKFLOW_GIT_TIMEOUT < 1:
+    raise ImproperlyConfigured("PORTAL_WORKFLOW_GIT_TIMEOUT is at least 1")
+PORTAL_WORKFLOW_RUN_DIR = DATA_DIR / "workflow-runs"
 # The worker records a heartbeat this often (s); the dashboard and /healthz call it stopped when the
 # last one is older than PORTAL_WORKER_STALE_AFTER (s).
 PORTAL_WORKER_HEARTBEAT = envint("PORTAL_WORKER_HEARTBEAT", "30")

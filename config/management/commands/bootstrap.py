@@ -4,6 +4,7 @@ import secrets
 from django.conf import settings
 from django.contrib.auth import get_user_model, password_validation
 from django.core.exceptions import ValidationError
+from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
@@ -17,6 +18,7 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         self._local_hypervisor()
         self._admin()
+        call_command("workflow_examples", stdout=self.stdout)
 
     def _local_hypervisor(self) -> None:
         if Hypervisor.objects.filter(name="local").exists():
