@@ -282,6 +282,13 @@ class MachineObserved(models.Model):
         return _TERMINAL_CONTROL.sub("", self.serial_log or "")
 
     @property
+    def host_key_fingerprints(self) -> list:
+        """The recorded SSH host keys as `ssh-keygen -l` lists them (machines.hostkeys), for the machine page."""
+        from machines.hostkeys import fingerprints
+
+        return fingerprints(self.ssh_host_keys or "")
+
+    @property
     def address_list(self) -> list[str]:
         """Every address the running guest was last seen with, without prefixes, for lists."""
         return [a.split("/")[0] for addrs in (self.guest_addresses or {}).values() for a in addrs]

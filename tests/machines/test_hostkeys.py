@@ -1,14 +1,18 @@
 """Host keys from the first boot's serial console: the first block only, every line a key, never replaced
 (a guest can print a block of its own later), read only while the log is that first boot's, whole."""
 
+from datetime import timedelta
+
 import pytest
+from django.urls import reverse
+from django.utils import timezone
 
 from hypervisors.drivers.base import HypervisorUnavailable
 from machines import hostkeys, provisioning, services
 from machines.models import MachineObserved
 from machines.services import observation
 from machines.states import DeployType, Status
-from tests.factories import ImageFactory, MachineFactory
+from tests.factories import HypervisorFactory, ImageFactory, MachineFactory
 
 ED = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGcmrUPZ3pFJmjK8bXB3GB+oBd8rD8bh2l6t5BRpHAyD"
 EC = (
@@ -142,3 +146,29 @@ def test_machine_host_keys_is_empty_when_the_hypervisor_does_not_answer(booted, 
 
     monkeypatch.setattr(provisioning, "fetch_serial_log", down)
     assert observation.machine_host_keys(machine=booted) == ""
+
+
+def test_the_machine_page_shows_the_fingerprints(client, db):
+    machine = MachineFactory(deploy_type=DeployType.IMAGE)
+    client.force_login(machine.owner)
+    page = client.get(reverse("machines:detail", args=[machine.pk])).content.decode()
+    assert 'id="host-keys"' in page and "not known yet" in page
+    MachineObserved.objects.create(machine=machine, ssh_host_keys=f"{EC}\n{ED}")
+    page = client.get(reverse("machines:detail", args=[machine.pk])).content.decode()
+    for info in hostkeys.fingerprints(f"{EC}\n{ED}"):
+        assert info.fingerprint in page
+    assert "(ECDSA)" in page and "(ED25519)" in page
+
+
+def test_the_reconcile_reads_the_logs_of_machines_in_their_first_boot(db, monkeypatch):
+    asked = []
+    monkeypatch.setattr(observation, "machine_serial_log_request", lambda machine, max_age: asked.append(machine.pk))
+    hv = HypervisorFactory(status="online")
+    booting = MachineFactory(hypervisor=hv, deploy_type=DeployType.IMAGE, status=Status.ACTIVE, power_state="running")
+    known = MachineFactory(hypervisor=hv, deploy_type=DeployType.IMAGE, status=Status.ACTIVE, power_state="running")
+    MachineObserved.objects.create(machine=known, ssh_host_keys=ED)
+    MachineFactory(hypervisor=hv, deploy_type=DeployType.ISO, status=Status.ACTIVE, power_state="running")
+    old = MachineFactory(hypervisor=hv, deploy_type=DeployType.IMAGE, status=Status.ACTIVE, power_state="running")
+    type(old).objects.filter(pk=old.pk).update(status_changed=timezone.now() - timedelta(hours=2))
+    observation._watch_first_boots(timezone.now())
+    assert asked == [booting.pk]

@@ -5,11 +5,12 @@ import threading
 import pytest
 from cryptography.hazmat.primitives import serialization
 from django.db import connection
+from django.urls import reverse
 
 from machines import cloudinit, crypto, projectkeys, provisioning
 from machines.models import Project
 from portal import sshkeys
-from tests.factories import ImageFactory, MachineFactory, ProjectFactory
+from tests.factories import ImageFactory, MachineFactory, ProjectFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -89,3 +90,17 @@ def test_a_changed_secret_key_says_so(settings):
     settings.SECRET_KEY = "another-secret-key-for-this-test-only"
     with pytest.raises(ValueError, match="SECRET_KEY changed"):
         projectkeys.project_keypair(Project.objects.get(pk=project.pk))
+
+
+def test_the_admin_and_the_machine_page_show_the_project_key(admin_client, client):
+    project = ProjectFactory(name="shown")
+    url = reverse("admin:machines_project_change", args=[project.pk])
+    assert "None yet" in admin_client.get(url).content.decode()
+    public = projectkeys.project_public_key(project)
+    page = admin_client.get(url).content.decode()
+    assert public in page and "every image machine created in the project" in page
+
+    machine = MachineFactory(project=project, deploy_type="image")
+    client.force_login(UserFactory(is_staff=True))
+    page = client.get(reverse("machines:detail", args=[machine.pk])).content.decode()
+    assert "Project key" in page and public[:30] in page
