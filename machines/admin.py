@@ -10,7 +10,7 @@ from django.utils.html import format_html
 
 from hypervisors.admin import HypervisorAdmin
 from machines import capacity, services
-from machines.models import Machine, MachineEvent, MachineNic, MachineSnapshot, Membership, Project, Quota
+from machines.models import Machine, MachineEvent, MachineNic, Membership, Project, Quota
 from machines.states import PowerAction
 from portal import audit
 
@@ -35,25 +35,6 @@ class EventInline(admin.TabularInline):
     ordering = ["-created", "-pk"]
 
     def has_add_permission(self, request, obj=None):
-        return False
-
-
-class SnapshotInline(admin.TabularInline):
-    """The machine's snapshots, read-only: they are taken, reverted to and deleted through the services (page, API),
-    which hold the machine's one operation and reach its hypervisor."""
-
-    model = MachineSnapshot
-    fk_name = "machine"
-    extra = 0
-    readonly_fields = ("name", "kind", "memory", "quiesced", "automatic", "status", "size_bytes", "parent", "created")
-    fields = readonly_fields
-    can_delete = False
-    verbose_name_plural = "Snapshots"
-
-    def has_add_permission(self, request, obj=None):
-        return False
-
-    def has_change_permission(self, request, obj=None):
         return False
 
 
@@ -232,7 +213,17 @@ class ProjectAdmin(admin.ModelAdmin):
     list_display = ["name", "machines_quota", "vcpus_quota", "memory_mib_quota", "disk_gib_quota", "usage", "created"]
     search_fields = ["name", "memberships__user__username"]
     inlines = [MembershipInline]
-    readonly_fields = ["usage"]
+    readonly_fields = ["usage", "ssh_key"]
+
+    @admin.display(description="SSH public key")
+    def ssh_key(self, obj) -> str:
+        if obj.pk is None or not obj.ssh_public_key:
+            return "None yet: made when the project's first image machine is created."
+        return format_html(
+            "<code>{}</code><br><small>The portal's key for this project: it goes on every image machine created "
+            "in the project, so the project's workflows reach them (the private key is kept encrypted).</small>",
+            obj.ssh_public_key,
+        )
 
     @admin.display(description="in use (all disks counted)")
     def usage(self, obj) -> str:
