@@ -10,7 +10,7 @@ from django.utils.html import format_html
 
 from hypervisors.admin import HypervisorAdmin
 from machines import capacity, services
-from machines.models import Machine, MachineEvent, MachineNic, Membership, Project, Quota
+from machines.models import Machine, MachineEvent, MachineNic, MachineSnapshot, Membership, Project, Quota
 from machines.states import PowerAction
 from portal import audit
 
@@ -35,6 +35,25 @@ class EventInline(admin.TabularInline):
     ordering = ["-created", "-pk"]
 
     def has_add_permission(self, request, obj=None):
+        return False
+
+
+class SnapshotInline(admin.TabularInline):
+    """The machine's snapshots, read-only: they are taken, reverted to and deleted through the services (page, API),
+    which hold the machine's one operation and reach its hypervisor."""
+
+    model = MachineSnapshot
+    fk_name = "machine"
+    extra = 0
+    readonly_fields = ("name", "kind", "memory", "quiesced", "automatic", "status", "size_bytes", "parent", "created")
+    fields = readonly_fields
+    can_delete = False
+    verbose_name_plural = "Snapshots"
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
         return False
 
 
@@ -119,7 +138,7 @@ class MachineAdmin(admin.ModelAdmin):
         "updated",
     ]
     fields = [*readonly_fields[:10], "deletion_protection", "autostart", *readonly_fields[10:]]
-    inlines = [NicInline, EventInline]
+    inlines = [NicInline, SnapshotInline, EventInline]
     actions = [
         *(_power_action(a) for a in PowerAction.values),
         "grow_disk",

@@ -8,13 +8,14 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import mixins, permissions, serializers, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
 
 from hypervisors.api import DetailSerializer, HypervisorSerializer
 from hypervisors.models import Hypervisor, Image
 from machines import access, consoles, macs, policy, services
 from machines.access import machines_for
-from machines.models import Machine, MachineEvent, MachineNic, Project
+from machines.models import Machine, MachineEvent, MachineNic, MachineSnapshot, Project
 from machines.states import PowerAction
 
 
@@ -281,6 +282,55 @@ class MachineSerializer(serializers.ModelSerializer):
 QUEUED = {202: MachineSerializer, 409: DetailSerializer}
 
 
+class SnapshotSerializer(serializers.ModelSerializer):
+    """A snapshot of a machine (machines/services/snapshots.py): `kind` is the method the machine takes them by
+    (internal for BIOS, external disk-only for UEFI); `parent` the snapshot it was taken after (its tree)."""
+
+    # (a declared field, popped from the class by DRF: the serializer's own `parent` attribute is untouched)
+    parent = serializers.CharField(  # type: ignore[assignment]
+        source="parent.name", read_only=True, allow_null=True, default=None
+    )
+    created_by = serializers.CharField(source="created_by.username", read_only=True, allow_null=True, default=None)
+    kept_disk = serializers.BooleanField(read_only=True, help_text="A rebuild's copy of the disk it replaced.")
+
+    class Meta:
+        model = MachineSnapshot
+        fields = [
+            "id",
+            "name",
+            "description",
+            "kind",
+            "memory",
+            "quiesced",
+            "automatic",
+            "kept_disk",
+            "status",
+            "status_message",
+            "size_bytes",
+            "parent",
+            "created",
+            "created_by",
+        ]
+        read_only_fields = fields
+
+
+class SnapshotCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=63, help_text="A host name: lower-case letters, digits and hyphens.")
+    description = serializers.CharField(required=False, allow_blank=True, max_length=2000, default="")
+    memory = serializers.BooleanField(
+        default=False, help_text="With the running machine's memory (BIOS machines; UEFI ones are disk-only)."
+    )
+
+
+class RebuildSerializer(serializers.Serializer):
+    snapshot = serializers.BooleanField(
+        default=True, help_text="Keep the old disk as an automatic snapshot first (counted in the disk quota)."
+    )
+
+
+SNAPSHOT_QUEUED = {202: SnapshotSerializer, 400: DetailSerializer, 404: DetailSerializer, 409: DetailSerializer}
+
+
 class PowerSerializer(serializers.Serializer):
     action = serializers.ChoiceField(choices=PowerAction.choices)
 
@@ -439,10 +489,73 @@ class MachineViewSet(
         """Cold-start once from the installer CD-ROM."""
         return self._act(services.machine_boot_cdrom_once)
 
-    @extend_schema(request=None, responses=QUEUED)
-    @action(detail=True, methods=["post"])
+    @extend_schema(request=RebuildSerializer, responses=QUEUED)
+    @action(detail=True, methods=["post"], serializer_class=RebuildSerializer)
     def rebuild(self, request, pk=None):
-        return self._act(services.machine_rebuild)
+        """Recreate the disk from the image; the old disk is kept as a snapshot first unless `snapshot` is false."""
+        s = RebuildSerializer(data=request.data if request.data else {})
+        s.is_valid(raise_exception=True)
+        return self._act(services.machine_rebuild, snapshot=s.validated_data["snapshot"])
+
+    # --- snapshots -----------------------------------------------------------------------------------------
+
+    def _snapshot_call(self, fn, **kwargs) -> Response:
+        try:
+            snap = fn(**kwargs)
+        except services.MachineError as e:
+            return Response({"detail": str(e)}, status=status.HTTP_409_CONFLICT)
+        except DjangoValidationError as e:
+            return Response(e.message_dict if hasattr(e, "error_dict") else {"detail": e.messages}, status=400)
+        snap = MachineSnapshot.objects.select_related("parent", "created_by").get(pk=(snap or kwargs["snapshot"]).pk)
+        return Response(SnapshotSerializer(snap).data, status=status.HTTP_202_ACCEPTED)
+
+    def _snapshot_of(self, machine: Machine, sid: str) -> MachineSnapshot:
+        snap = machine.snapshots.filter(pk=int(sid)).first() if sid.isdigit() and len(sid) <= 18 else None
+        if snap is None:
+            raise NotFound("No such snapshot of this machine.")
+        return snap
+
+    @extend_schema(methods=["GET"], responses={200: SnapshotSerializer(many=True)})
+    @extend_schema(methods=["POST"], request=SnapshotCreateSerializer, responses=SNAPSHOT_QUEUED)
+    @action(detail=True, methods=["get", "post"], serializer_class=SnapshotCreateSerializer)
+    def snapshots(self, request, pk=None):
+        """The machine's snapshots, parents first (GET); take one (POST): queued, its `status` creating, then
+        ready or error. Operators take them; admins revert and delete (`allowed_actions`)."""
+        machine = self.get_object()
+        if request.method == "GET":
+            snaps = machine.snapshots.select_related("parent", "created_by")
+            return Response(SnapshotSerializer(snaps, many=True).data)
+        s = SnapshotCreateSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        return self._snapshot_call(services.snapshot_create, machine=machine, actor=request.user, **s.validated_data)
+
+    @extend_schema(request=None, responses=SNAPSHOT_QUEUED)
+    @action(
+        detail=True,
+        methods=["post"],
+        url_path=r"snapshots/(?P<sid>[^/.]+)/revert",
+        url_name="snapshot-revert",
+        serializer_class=SnapshotSerializer,
+    )
+    def snapshot_revert(self, request, pk=None, sid=""):
+        """Revert the machine to the snapshot: a memory snapshot brings it back running, a disk-only one off."""
+        machine = self.get_object()
+        snap = self._snapshot_of(machine, sid)
+        return self._snapshot_call(services.snapshot_revert, machine=machine, snapshot=snap, actor=request.user)
+
+    @extend_schema(request=None, responses=SNAPSHOT_QUEUED)
+    @action(
+        detail=True,
+        methods=["delete"],
+        url_path=r"snapshots/(?P<sid>[^/.]+)",
+        url_name="snapshot-detail",
+        serializer_class=SnapshotSerializer,
+    )
+    def snapshot_delete(self, request, pk=None, sid=""):
+        """Delete the snapshot (an external one's overlays are merged back); its children take its parent."""
+        machine = self.get_object()
+        snap = self._snapshot_of(machine, sid)
+        return self._snapshot_call(services.snapshot_delete, machine=machine, snapshot=snap, actor=request.user)
 
     @extend_schema(request=GrowSerializer, responses=QUEUED)
     @action(detail=True, methods=["post"], url_path="grow-disk")

@@ -17,7 +17,7 @@ from django.db.models import Count, Q, QuerySet, Sum
 
 from hypervisors.models import Hypervisor, HypervisorStatus, Image
 from hypervisors.offers import offers_for
-from machines.models import Machine, Project, Quota
+from machines.models import Machine, MachineSnapshot, Project, Quota
 
 RESOURCES = {"machines": "machines", "vcpus": "vCPUs", "memory_mib": "MiB of memory", "disk_gib": "GiB of disk"}
 
@@ -59,7 +59,8 @@ def held_by(machine: Machine, **changes) -> dict[str, int]:
 
 
 def _totals(machines: QuerySet[Machine], key: str | None) -> dict:
-    """{key value: usage} of these machines (key None: one entry, None), by the TERMS: two queries."""
+    """{key value: usage} of these machines (key None: one entry, None), by the TERMS and their snapshots: three
+    queries."""
     machines = machines.order_by()
     in_db = [(f"t{i}", resource, column) for i, (resource, column, count) in enumerate(TERMS) if count is None]
     sums = {"machines": Count("pk"), **{name: Sum(column) for name, _, column in in_db}}
@@ -75,6 +76,19 @@ def _totals(machines: QuerySet[Machine], key: str | None) -> dict:
         if count is not None:
             for k, value in machines.exclude(**{column: []}).values_list(key or "pk", column):
                 out[k if key else None][resource] += count(value)
+    # Snapshots, kept in their own table: the space each one holds (size_bytes, measured by the worker), in GiB
+    # rounded up per machine, so a machine's first snapshot byte counts a GiB, as a disk of one byte would.
+    taken = (
+        MachineSnapshot.objects.filter(machine__in=machines.values("pk"))
+        .order_by()
+        .values("machine_id", *([f"machine__{key}"] if key else []))
+        .annotate(size=Sum("size_bytes"))
+    )
+    for row in taken:
+        if row["size"]:
+            out.setdefault(row[f"machine__{key}"] if key else None, dict.fromkeys(RESOURCES, 0))["disk_gib"] += -(
+                -row["size"] // (1 << 30)
+            )
     return out
 
 

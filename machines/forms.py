@@ -11,7 +11,7 @@ from hypervisors.models import Hypervisor, HypervisorStatus, Image, ImageKind, I
 from hypervisors.offers import CPU_MODES, FIRMWARE_LABELS
 from machines import macs, nic_policy
 from machines.access import project_choices
-from machines.models import Machine, Project
+from machines.models import Machine, Project, hostname_validator
 from machines.services import may_take_host_devices, taken_hostdevs
 from machines.states import DeployType
 
@@ -519,3 +519,12 @@ class AdoptForm(forms.Form):
         super().__init__(*args, **kwargs)
         owner = cast(forms.ModelChoiceField, self.fields["owner"])
         owner.queryset = get_user_model().objects.filter(is_active=True).order_by("username")
+
+
+class SnapshotForm(forms.Form):
+    """Take a snapshot: its name (a host name, unique per machine), what it is for, and whether it holds the
+    running machine's memory (BIOS machines; UEFI ones take disk-only snapshots)."""
+
+    name = forms.CharField(max_length=63, validators=[hostname_validator])
+    description = forms.CharField(required=False, max_length=2000, widget=forms.Textarea(attrs={"rows": 2}))
+    memory = forms.BooleanField(required=False, initial=True, label="With memory (the machine comes back running)")

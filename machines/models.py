@@ -333,6 +333,31 @@ class MachineSnapshot(models.Model):
     def __str__(self) -> str:
         return f"{self.machine} @ {self.name}"
 
+    @property
+    def kept_disk(self) -> bool:
+        """Taken by a rebuild: the old disk kept whole as a volume of its own (the rebuild replaces the qcow2 file
+        that internal snapshots and external overlays live in), not a libvirt snapshot."""
+        return self.automatic and self.name.startswith(KEPT_DISK_PREFIX)
+
+    def volume(self, index: int) -> str:
+        """The pool volume this snapshot makes for the machine's disk `index` (0: the main disk): an external
+        snapshot's overlay, or a rebuild's kept disk. Named from the machine's UUID, so the sweeper and a delete
+        know it as the machine's (machines.services.sweeper.VOLUME_NAME)."""
+        disk = "disk" if index == 0 else f"disk{index}"
+        return f"m-{self.machine.uuid}-{disk}-snap{self.pk}.qcow2"
+
+    @property
+    def volumes(self) -> list[str]:
+        """The volumes it holds: an external one an overlay per disk, a kept disk one; an internal one none."""
+        if self.kept_disk:
+            return [self.volume(0)]
+        if self.kind != self.Kind.EXTERNAL:
+            return []
+        return [self.volume(i) for i in range(1 + len(self.machine.extra_disks or []))]
+
+
+KEPT_DISK_PREFIX = "before-rebuild-"
+
 
 class MachineNic(models.Model):
     class Type(models.TextChoices):

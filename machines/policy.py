@@ -79,6 +79,12 @@ RULES: dict[str, Rule] = {
         exclusive=True,
         unprotected=True,
     ),
+    # Snapshots (machines.services.snapshots): taking one changes nothing in the guest, as a power action does
+    # not; a revert throws away what the disks hold since, as a rebuild does (so protection holds it off too), and
+    # a delete loses a restore point.
+    "snapshot": Rule(access.OPERATE, ACTIVE, exclusive=True, applies=made_here),
+    "snapshot_revert": Rule(access.ADMIN, ACTIVE, exclusive=True, unprotected=True, applies=made_here),
+    "snapshot_delete": Rule(access.ADMIN, ACTIVE, exclusive=True, applies=made_here),
     "protect": Rule(access.ADMIN),
     "migrate": Rule(access.ADMIN, ACTIVE, exclusive=True, unprotected=False, applies=made_here, who=may_migrate),
     "autostart": Rule(access.ADMIN),  # the hypervisor starts it when it boots

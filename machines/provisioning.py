@@ -439,9 +439,10 @@ def cdrom_target(machine: Machine, slot: int) -> str:
     return ("hd" if cdrom_bus(machine) == "ide" else "sd") + "abcd"[slot]
 
 
-def deprovision(machine: Machine, driver: HypervisorDriver) -> list[str]:
-    """Remove the domain and every volume the machine owns, and the host guard of each host bridge no other
-    machine here has a NIC on. No-op for what is absent. Returns what went."""
+def deprovision(machine: Machine, driver: HypervisorDriver, *, keep: tuple[str, ...] = ()) -> list[str]:
+    """Remove the domain and every volume the machine owns (its snapshots' too, but those named in `keep`), and
+    the host guard of each host bridge no other machine here has a NIC on. No-op for what is absent. Returns
+    what went."""
     removed = []
     if driver.undefine(str(machine.uuid)):
         removed.append(f"domain {machine.domain_name}")
@@ -450,8 +451,9 @@ def deprovision(machine: Machine, driver: HypervisorDriver) -> list[str]:
         if not others.exclude(machine=machine).exists() and driver.remove_guard(host_guard_name(bridge)):
             removed.append(f"host guard {host_guard_name(bridge)}")
     driver.refresh_pool(machine.pool)  # the serial log file appears as a volume only after a refresh
-    for name in machine.volumes:
-        if driver.delete_volume(pool=machine.pool, name=name):
+    snapshot_volumes = [v for s in machine.snapshots.all() for v in s.volumes]
+    for name in [*machine.volumes, *snapshot_volumes]:
+        if name not in keep and driver.delete_volume(pool=machine.pool, name=name):
             removed.append(name)
     return removed
 

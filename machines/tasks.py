@@ -154,3 +154,24 @@ def hypervisor_orphans_remove_task(hypervisor_id: int, keys: list[str], actor_id
     from machines.services import hypervisor_orphans_remove_run
 
     hypervisor_orphans_remove_run(hypervisor_id, keys, actor_id)
+
+
+@db_task()
+def machine_snapshot_task(snapshot_id: int) -> None:
+    from machines.services import snapshot_create_run
+
+    snapshot_create_run(snapshot_id)
+
+
+@db_task()
+def machine_snapshot_revert_task(snapshot_id: int) -> None:
+    from machines.services import snapshot_revert_run
+
+    snapshot_revert_run(snapshot_id)
+
+
+@db_task()
+def machine_snapshot_delete_task(snapshot_id: int) -> None:
+    from machines.services import snapshot_delete_run
+
+    snapshot_delete_run(snapshot_id)

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from machines import views
+from machines import snapshot_views, views
 
 app_name = "machines"
 urlpatterns = [
@@ -13,6 +13,9 @@ urlpatterns = [
     path("<int:pk>/power/", views.machine_power, name="power"),
     path("<int:pk>/rebuild/", views.machine_rebuild, name="rebuild"),
     path("<int:pk>/grow-disk/", views.machine_grow_disk, name="grow-disk"),
+    path("<int:pk>/snapshots/", snapshot_views.snapshot_take, name="snapshot-take"),
+    path("<int:pk>/snapshots/<int:sid>/revert/", snapshot_views.snapshot_revert, name="snapshot-revert"),
+    path("<int:pk>/snapshots/<int:sid>/delete/", snapshot_views.snapshot_delete, name="snapshot-delete"),
     path("<int:pk>/protection/", views.machine_protect, name="protect"),
     path("<int:pk>/autostart/", views.machine_autostart, name="autostart"),
     path("<int:pk>/migrate/", views.machine_migrate, name="migrate"),

@@ -16,7 +16,7 @@ from hypervisors.models import Hypervisor, HypervisorStatus, Image
 from machines import access, cloudinit, consoles, policy, provisioning, services
 from machines.access import machines_for
 from machines.capacity import usage_report
-from machines.forms import AdoptForm, GrowDiskForm, MachineForm
+from machines.forms import AdoptForm, GrowDiskForm, MachineForm, SnapshotForm
 from machines.models import Machine
 from machines.states import DeployType, PowerAction, PowerState, Status
 from portal.decorators import staff_required
@@ -158,6 +158,9 @@ def machine_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
             "migrate_targets": targets,
             "events": events,
             "grow_form": GrowDiskForm(),
+            "snapshots": services.snapshot_tree(machine),
+            "snapshot_method": services.method_text(machine),
+            "snapshot_form": SnapshotForm(initial={"memory": machine.power_state == PowerState.RUNNING}),
             "power_actions": PowerAction.choices,
             "isos": isos,
             "worker_down": worker_down,
@@ -255,7 +258,9 @@ def machine_rebuild(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     return _act(
         request,
         machine,
-        lambda: services.machine_rebuild(machine=machine, actor=request.user),
+        lambda: services.machine_rebuild(
+            machine=machine, actor=request.user, snapshot=request.POST.get("snapshot") == "1"
+        ),
         f"Rebuilding {machine.name} from {machine.image}.",
     )
 

@@ -73,6 +73,7 @@ FAKE_DRIVER_SEAMS = (
     "machines.services.lifecycle",
     "machines.services.observation",
     "machines.services.operations",
+    "machines.services.snapshots",
     "machines.services.migration",
     "machines.services.sweeper",
     "machines.console_proxy",

@@ -13,7 +13,7 @@ from rest_framework.test import APIClient
 
 from hypervisors.models import ImageStatus
 from machines import crypto
-from machines.models import Machine, Membership, Project
+from machines.models import Machine, MachineSnapshot, Membership, Project
 from machines.states import Status
 from portal.models import ApiToken, SshKey
 from tests.factories import HypervisorFactory, ImageFactory, MachineFactory, ProjectFactory, UserFactory
@@ -102,6 +102,10 @@ MATRIX = {
     "machines:power": ("post", "vm", {"action": "reboot"}, on_machine(302, "operate")),
     "machines:rebuild": ("post", "vm", None, on_machine(302, "admin")),
     "machines:grow-disk": ("post", "vm", {"disk_gib": 99}, on_machine(302, "admin")),
+    # Snapshots: operators take them (the guest is untouched); reverting and deleting are admins'.
+    "machines:snapshot-take": ("post", "vm", {"name": "taken", "memory": "on"}, on_machine(302, "operate")),
+    "machines:snapshot-revert": ("post", "snap", None, on_machine(302, "admin")),
+    "machines:snapshot-delete": ("post", "snap", None, on_machine(302, "admin")),
     "machines:protect": ("post", "vm", {"protected": "0"}, on_machine(302, "admin")),
     "machines:autostart": ("post", "vm", {"enabled": "0"}, on_machine(302, "admin")),
     "machines:migrate": ("post", "vm", {"hypervisor": ""}, {**on_machine(302, "admin"), **MOVES}),
@@ -166,6 +170,9 @@ MATRIX = {
     "machine-power": ("post", "vm", {"action": "reboot"}, on_machine(202, "operate", api=True)),
     "machine-rebuild": ("post", "vm", None, on_machine(409, "admin", api=True)),  # its image is gone: refused
     "machine-grow-disk": ("post", "vm", {"disk_gib": 99}, on_machine(202, "admin", api=True)),
+    "machine-snapshots": ("get", "vm", None, on_machine(200, "view", api=True)),
+    "machine-snapshot-revert": ("post", "snap", None, on_machine(202, "admin", api=True)),
+    "machine-snapshot-detail": ("delete", "snap", None, on_machine(202, "admin", api=True)),
     "machine-protection": ("post", "vm", {"deletion_protection": False}, on_machine(200, "admin", api=True)),
     "machine-autostart": ("post", "vm", {"autostart": False}, on_machine(200, "admin", api=True)),
     "machine-migrate": ("post", "vm", {}, {**on_machine(400, "admin", api=True), **MOVES}),  # no other host
@@ -248,6 +255,7 @@ def make_world():
         "key": key,
         "audit": event,
         "imp": imp,
+        "snap": MachineSnapshot.objects.create(machine=vm, name="snap", status=MachineSnapshot.Status.READY),
         **_lab_world(owner, staff, project, vm),
     }
     return {"owner": owner, "other": other, "staff": staff, **members}, objects
@@ -267,8 +275,10 @@ def fresh(objects, kind):
     """Actions change state (operations, protection): reset it so every role starts alike."""
     if kind == "tmpl":
         objects[kind].save()  # back with its id if a role deleted it
-    if kind in ("vm", "iso", "metal"):
-        Machine.objects.filter(pk=objects[kind].pk).update(
+    if kind == "snap":
+        MachineSnapshot.objects.filter(pk=objects[kind].pk).update(status=MachineSnapshot.Status.READY)
+    if kind in ("vm", "iso", "metal", "snap"):
+        Machine.objects.filter(pk=objects["vm" if kind == "snap" else kind].pk).update(
             operation="", status=Status.ACTIVE, deletion_protection=False, disk_gib=10
         )
 
@@ -283,6 +293,8 @@ def test_route(name, settings, host):
         for role in ROLES:
             fresh(objects, kind)
             args = [] if not kind else [objects["hv"].pk, "unused-net"] if kind == "hvnet" else [objects[kind].pk]
+            if kind == "snap":  # a snapshot's routes name its machine and itself
+                args = [objects["vm"].pk, objects["snap"].pk]
             url = reverse(name, args=args)
             api = ":" not in name and name.startswith(("api-", "audit-", "hypervisor-", "image-", "machine-", "lab-"))
             client = APIClient() if api else Client()

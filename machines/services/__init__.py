@@ -53,6 +53,17 @@ from machines.services.operations import (
     machine_set_protection,
 )
 from machines.services.recovery import machines_resume_dead_attempts
+from machines.services.snapshots import (
+    method_text,
+    snapshot_create,
+    snapshot_create_run,
+    snapshot_delete,
+    snapshot_delete_run,
+    snapshot_method,
+    snapshot_revert,
+    snapshot_revert_run,
+    snapshot_tree,
+)
 from machines.services.sweeper import (
     hypervisor_orphans_remove,
     hypervisor_orphans_remove_run,
@@ -127,5 +138,14 @@ __all__ = [
     "machines_sync",
     "may_take_host_devices",
     "screenshot_path",
+    "method_text",
+    "snapshot_create",
+    "snapshot_create_run",
+    "snapshot_delete",
+    "snapshot_delete_run",
+    "snapshot_method",
+    "snapshot_revert",
+    "snapshot_revert_run",
+    "snapshot_tree",
     "taken_hostdevs",
 ]

@@ -22,6 +22,7 @@ from machines.access import project_choices
 from machines.capacity import check_quota, claim_room, held, held_by, lock_quotas
 from machines.models import Machine, MachineCdrom, MachineNic, MachineObserved, Project
 from machines.policy import RULES, has_ready_image, statuses_text
+from machines.services import snapshots
 from machines.services.adoption import machine_adopt_run
 from machines.services.bmcs import bmc_assign
 from machines.services.common import (
@@ -331,10 +332,12 @@ def machine_delete_run(machine_id: int, keep_disks: bool | None = None) -> None:
 
 @audited("machine.rebuild", obj_kwarg="machine")
 @transaction.atomic
-def machine_rebuild(*, machine: Machine, actor) -> None:
+def machine_rebuild(*, machine: Machine, actor, snapshot: bool = True) -> None:
     """Recreate the disk from the image and a fresh seed (new instance-id): the guest starts over.
     It allocates nothing new: the disks come back at the sizes the machine holds (capacity.held), so no
-    quota or capacity check is needed, and the locks are taken in the allocating paths' order all the same."""
+    quota or capacity check is needed, and the locks are taken in the allocating paths' order all the same.
+    With `snapshot` (the default), the old disk is kept first as an automatic snapshot (a whole copy: the
+    snapshots inside the replaced qcow2 go with it), which the disk quota counts."""
     policy.require(actor, machine, "rebuild")
     machine = _lock_for_allocation(machine)
     if machine.deletion_protection:
@@ -347,6 +350,9 @@ def machine_rebuild(*, machine: Machine, actor) -> None:
     if not has_ready_image(machine):
         raise MachineError("The machine's image is not available any more.")
     _refuse_against_policy(machine, "rebuilt")
+    if snapshot and not machine.adopted:
+        kept = snapshots.rebuild_snapshot_record(machine, actor)
+        machine.log("rebuild", f"the old disk will be kept as snapshot {kept.name}")
     Machine.objects.filter(pk=machine.pk).update(instance_id=f"i-{uuidlib.uuid4().hex}", attempts=0)
     MachineObserved.objects.filter(machine_id=machine.pk).update(ssh_host_keys="")  # the new instance makes new ones
     machine.transition(Status.REBUILDING)
@@ -361,7 +367,9 @@ def machine_rebuild_run(machine_id: int) -> None:
         return
     try:
         driver = get_driver(machine.hypervisor.uri)
-        removed = provisioning.deprovision(machine, driver)
+        keep = snapshots.rebuild_keep_disk(machine, driver)
+        removed = provisioning.deprovision(machine, driver, keep=keep)
+        snapshots.rebuild_forget_snapshots(machine, keep)
         machine.log("rebuild", "removed " + ", ".join(removed or ["nothing"]))
     except Exception as e:  # noqa: BLE001 - any failure ends the attempt, with the reason
         if not isinstance(e, HypervisorError):

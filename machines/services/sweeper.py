@@ -41,9 +41,11 @@ from portal.audit import audited
 
 log = logging.getLogger(__name__)
 
-# The names Machine.volumes gives: m-<uuid>-disk.qcow2, -disk<n>.qcow2 (extra disks), -seed.iso, -serial.log.
+# The names Machine.volumes gives: m-<uuid>-disk.qcow2, -disk<n>.qcow2 (extra disks), -seed.iso, -serial.log; and
+# MachineSnapshot.volume's: -disk-snap<id>.qcow2, -disk<n>-snap<id>.qcow2 (external overlays, a rebuild's kept disk).
 VOLUME_NAME = re.compile(
-    r"^m-(?P<uuid>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})-(?:disk\d*\.qcow2|seed\.iso|serial\.log)$"
+    r"^m-(?P<uuid>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})-"
+    r"(?:disk\d*(?:-snap\d+)?\.qcow2|seed\.iso|serial\.log)$"
 )
 _CHUNK = 500  # UUIDs per query
 

@@ -86,6 +86,8 @@ def test_the_two_editable_fields_go_through_the_services(
                 "nics-INITIAL_FORMS": "0",
                 "events-TOTAL_FORMS": "0",
                 "events-INITIAL_FORMS": "0",
+                "snapshots-TOTAL_FORMS": "0",
+                "snapshots-INITIAL_FORMS": "0",
             },
         )
     assert r.status_code == 302, r.content.decode()[:3000]

@@ -13,7 +13,7 @@ from rest_framework.test import APIClient
 
 from hypervisors.models import ImageStatus
 from machines import access, consoles, crypto, policy, services
-from machines.models import ConsoleToken, Machine, Membership
+from machines.models import ConsoleToken, Machine, MachineSnapshot, Membership
 from machines.states import TRANSITIONS, InvalidTransition, PowerAction, PowerState, Status
 from tests.factories import HypervisorFactory, ImageFactory, MachineFactory, ProjectFactory, UserFactory
 
@@ -92,6 +92,11 @@ class _Undo(Exception):
     pass
 
 
+def snapshot(machine: Machine) -> MachineSnapshot:
+    """A ready snapshot of the machine to revert to or delete (made inside the call's rolled-back transaction)."""
+    return MachineSnapshot.objects.create(machine=machine, name="s", status=MachineSnapshot.Status.READY)
+
+
 def accepts(action: str, machine: Machine, user) -> bool:
     """Whether the service behind `action` accepts it for this machine now; whatever it did is rolled back."""
     m = Machine.objects.select_related("hypervisor", "image", "owner", "project").get(pk=machine.pk)
@@ -108,6 +113,9 @@ def accepts(action: str, machine: Machine, user) -> bool:
         "reveal_bmc": lambda: services.machine_bmc_reveal(machine=m, actor=user),
         "console": lambda: consoles.console_token_issue(machine=m, user=user, kind="vnc"),
         "serial": lambda: consoles.console_token_issue(machine=m, user=user, kind="serial"),
+        "snapshot": lambda: services.snapshot_create(machine=m, name="s", memory=True, actor=user),
+        "snapshot_revert": lambda: services.snapshot_revert(machine=m, snapshot=snapshot(m), actor=user),
+        "snapshot_delete": lambda: services.snapshot_delete(machine=m, snapshot=snapshot(m), actor=user),
     }
 
     def console_input():
@@ -166,8 +174,16 @@ def test_roles_cut_the_owners_actions_by_the_level_each_needs(world, role, kind)
 
 
 # Who may do what to an active machine of each kind, written out (the power state is not known yet).
-OPERATE_IMAGE = POWER | {"console", "console_input", "serial"}
-ADMIN_IMAGE = OPERATE_IMAGE | {"rebuild", "grow_disk", "delete", "protect", "autostart"}
+OPERATE_IMAGE = POWER | {"console", "console_input", "serial", "snapshot"}
+ADMIN_IMAGE = OPERATE_IMAGE | {
+    "rebuild",
+    "grow_disk",
+    "delete",
+    "protect",
+    "autostart",
+    "snapshot_revert",
+    "snapshot_delete",
+}
 TABLE = {
     ("image", "viewer"): {"console"},
     ("image", "operator"): OPERATE_IMAGE,
@@ -197,7 +213,21 @@ def test_the_table(world, kind, role):
         ({"status": Status.ERROR, "protected": True}, {"protect", "autostart", "console", "console_input", "serial"}),
         # One operation at a time, of every kind: a reboot in progress holds off rebuild, grow and delete too.
         ({"operation": "reboot"}, {"protect", "autostart", "console", "console_input", "serial"}),
-        ({"protected": True}, POWER | {"grow_disk", "protect", "autostart", "console", "console_input", "serial"}),
+        # Protection holds off a revert (it throws the disks' state away, as a rebuild does), not a snapshot.
+        (
+            {"protected": True},
+            POWER
+            | {
+                "grow_disk",
+                "protect",
+                "autostart",
+                "console",
+                "console_input",
+                "serial",
+                "snapshot",
+                "snapshot_delete",
+            },
+        ),
     ],
 )
 def test_the_table_by_state(world, state, expected):
@@ -228,6 +258,7 @@ API_CALLS = {  # action: (method, url suffix, body)
     "boot_device": ("post", "boot-device/", {"device": "pxe"}),
     "rebuild": ("post", "rebuild/", None),
     "grow_disk": ("post", "grow-disk/", {"disk_gib": 99}),
+    "snapshot": ("post", "snapshots/", {"name": "s1", "memory": True}),
     "protect": ("post", "protection/", {"deletion_protection": True}),
     "autostart": ("post", "autostart/", {"autostart": True}),
     "reveal_bmc": ("get", "bmc/", None),
@@ -302,7 +333,10 @@ FORM_ACTIONS = {
     "boot-cdrom": "boot_cdrom",
     "boot-device": "boot_device",
     "migrate": "migrate",
+    "snapshots": "snapshot",
 }
+# Revert and delete are buttons of each snapshot: the machines here have none (tests/machines/test_snapshots.py).
+PER_SNAPSHOT = {"snapshot_revert", "snapshot_delete"}
 
 
 class Controls(HTMLParser):
@@ -368,8 +402,8 @@ def test_the_page_offers_exactly_the_allowed_buttons(world, role, kind, state):
     assert context["allowed"] == policy.allowed_actions(user, machine)
     # The full page, and the refresh htmx asks for.
     for page in (controls(user, machine), controls(user, machine, **{"HX-Request": "true"})):
-        assert page.enabled == context["allowed"] - context["idle"] - {"console_input"}
-        assert page.present == context["shown"] - {"console_input"}
+        assert page.enabled == context["allowed"] - context["idle"] - {"console_input"} - PER_SNAPSHOT
+        assert page.present == context["shown"] - {"console_input"} - PER_SNAPSHOT
 
 
 def test_the_page_disables_what_the_power_state_makes_pointless(world):
