@@ -171,6 +171,14 @@ def _tree(root: int) -> list[int]:
     return found
 
 
+def _command(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def _top(pid: int) -> int:
     """The ancestor of `pid` that this process started (ansible-runner's child: ssh-agent's shell, or
     ansible-playbook itself), so the tree killed holds the agent too."""
@@ -432,6 +440,13 @@ class _Run:
         self.stats: dict[str, Any] = {}
         self.stopped = ""  # "cancelled" or "timeout" once asked to stop
         self.store_errors = 0
+        self.agents: list[tuple[int, str]] = []
+
+    def stop_agents(self) -> None:
+        for pid, started in self.agents:
+            if attempts._start_time(pid) == started:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
 
     def event(self, event: dict[str, Any]) -> bool:
         try:
@@ -446,6 +461,9 @@ class _Run:
         if self.pid is None and isinstance(pid, int):
             self.pid = _top(pid)
             _write(self.pdd / PID_FILE, f"{self.pid} {attempts._start_time(self.pid)}\n")
+            # ansible-runner's ssh-agent (it holds the project's key) forks off before ansible-playbook starts and
+            # would outlive the run by up to 10 s: noted now, stopped at the end.
+            self.agents = [(p, attempts._start_time(p)) for p in _tree(self.pid) if _command(p) == "ssh-agent"]
         name = str(event.get("event", ""))
         data = event.get("event_data") or {}
         res_value = data.get("res")
@@ -514,6 +532,7 @@ def execute(
     every host's variables and `ssh_key` replaces the project's key: both for the test suite only."""
     pdd = run_dir(run.pk)
     masker = Masker(secrets.values())
+    callbacks: _Run | None = None
     if pdd.exists():  # a previous attempt's, whose worker died
         shutil.rmtree(pdd, ignore_errors=True)
     try:
@@ -565,5 +584,7 @@ def execute(
             message = f"ansible-runner ended {result.status}; {message}"
         return Result(status=status, rc=result.rc, summary=summary, stdout=stdout, message=masker.text(message))
     finally:
+        if callbacks is not None:
+            callbacks.stop_agents()
         _stop_control_masters(pdd)
         shutil.rmtree(pdd, ignore_errors=True)

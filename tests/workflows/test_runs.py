@@ -165,6 +165,8 @@ def test_an_unreachable_host_fails_the_run_with_an_unreachable_event(team, staff
     assert "UNREACHABLE!" in run.stdout and "Connection refused" in run.stdout
     assert "host keys checked for web1" in run.status_message and "SSH with the project's key" in run.status_message
     assert "PRIVATE KEY" not in run.stdout
+    time.sleep(0.5)
+    assert _leftovers(str(run_dir)) == []  # ansible-runner's ssh-agent (holding the key) is stopped too
 
 
 @pytest.mark.django_db
