@@ -15,6 +15,7 @@ from machines.api import HypervisorMaintenanceViewSet, MachineViewSet
 from portal import account
 from portal.api import AuditEventViewSet
 from portal.throttle import ThrottledAuthenticationForm
+from workflows.api import WorkflowRunViewSet, WorkflowViewSet
 
 router = DefaultRouter()
 router.register("hypervisors", HypervisorViewSet, basename="hypervisor")
@@ -24,6 +25,8 @@ router.register("machines", MachineViewSet, basename="machine")
 router.register("audit", AuditEventViewSet, basename="audit")
 router.register("labs", LabViewSet, basename="lab")
 router.register("lab-templates", LabTemplateViewSet, basename="lab-template")
+router.register("workflows", WorkflowViewSet, basename="workflow")
+router.register("workflow-runs", WorkflowRunViewSet, basename="workflow-run")
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -42,6 +45,7 @@ urlpatterns = [
     path("labs/inventory.yaml", inventory_views.inventory_yaml, name="inventory-yaml"),
     path("labs/<int:pk>/inventory.yaml", inventory_views.lab_inventory_yaml, name="inventory-yaml-lab"),
     path("labs/", include("labs.urls")),
+    path("workflows/", include("workflows.urls")),
     path("console/", machine_views.console_standalone, name="console-standalone"),
     path("admin/", admin.site.urls),
     path("api/v1/schema/", SpectacularAPIView.as_view(), name="api-schema"),

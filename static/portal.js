@@ -26,11 +26,27 @@
   }, true);
   document.addEventListener("submit", function (event) {
     var form = event.target;
+    if (event.submitter && event.submitter.hasAttribute("data-skip-confirm")) return;
     if (form.dataset.confirm && !confirmed(form.dataset.confirm, form)) {
       event.preventDefault();
       event.stopImmediatePropagation();
     }
   }, true);
+  // A list that refreshes itself (htmx) keeps the boxes ticked in it: those checked before the swap are
+  // checked again after it, so a selection survives the machine list's live refresh.
+  var ticked = null;
+  document.addEventListener("htmx:beforeSwap", function (event) {
+    var boxes = event.detail.target.querySelectorAll && event.detail.target.querySelectorAll("input[name=ids]:checked");
+    ticked = boxes && boxes.length ? Array.prototype.map.call(boxes, function (b) { return b.value; }) : null;
+  });
+  document.addEventListener("htmx:afterSettle", function () {
+    if (!ticked) return;
+    ticked.forEach(function (v) {
+      var box = document.querySelector("input[name=ids][value='" + CSS.escape(v) + "']");
+      if (box) box.checked = true;
+    });
+    ticked = null;
+  });
   // A checkbox with data-select-all="<selector>" sets every box the selector finds.
   document.addEventListener("change", function (event) {
     var box = event.target;

@@ -27,6 +27,7 @@ from datetime import timedelta
 import pytest
 import schemathesis
 from django.conf import settings as django_settings
+from django.contrib.auth import get_user_model
 from django.core import signals
 from django.db import close_old_connections, transaction
 from django.test import TestCase, override_settings
@@ -107,9 +108,13 @@ def world(django_db_setup, django_db_blocker, tmp_path_factory):
         for module in (*FAKE_DRIVER_SEAMS, "hypervisors.services", "hypervisors.networks", "hypervisors.images"):
             mp.setattr(f"{module}.get_driver", fake.get_driver)
         mp.setattr("machines.bmc.get_client", lambda: FakeBmc(fake))
+        # A workflow run a request starts stays queued: ansible-playbook is a process of its own, which the
+        # loopback guard below cannot hold (the engine's own tests run playbooks).
+        mp.setattr("workflows.tasks.workflow_run_task", lambda run_id: None)
         _no_network(mp)
         with TestCase.captureOnCommitCallbacks(execute=True):
             data = _seed(tmp)
+        data.update(_seed_workflows())  # once the machines are provisioned (active)
         data["host"], data["pristine"] = fake, _snapshot(fake)
         yield data
         transaction.set_rollback(True)
@@ -184,6 +189,20 @@ def _seed_labs(staff, user, project, project_machines) -> dict:
     spec = f"bootable_vms:\n  vars: {{vm_count: 2, vm_ram: 128, vm_disk_size: 1, vm_networks: {{{net}: {{}}}}}}\n"
     template = LabTemplate.objects.create(name="fuzz-template", owner=staff, spec=spec)
     return {"labs": [lab.pk], "lab-templates": [template.pk]}
+
+
+def _seed_workflows() -> dict:
+    """A shipped workflow for everyone, and a queued run of it by the user on the project's image machine."""
+    from machines.models import Machine
+    from workflows import services as workflow_services
+
+    staff, user = (get_user_model().objects.get(username=n) for n in ("fuzz-staff", "fuzz-user"))
+    workflow = workflow_services.workflow_register(
+        actor=staff, name="fuzz-facts", directory=str(workflow_services.EXAMPLES_DIR / "facts")
+    )
+    machine = Machine.objects.get(name="img-p")
+    run = workflow_services.workflow_run_start(workflow=workflow, actor=user, machines=[machine], variables={})
+    return {"workflows": [workflow.pk], "workflow-runs": [run.pk]}
 
 
 def _steer(case, world) -> None:

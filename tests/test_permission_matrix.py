@@ -145,6 +145,17 @@ MATRIX = {
         None,
         ok(403, anon=302, other=404, owner=404, viewer=403, operator=403, padmin=302, staff=302),
     ),
+    # Workflows: the catalogue is everyone's (a project's workflows its members'), registered by staff and project
+    # admins; a run is seen like its machines (view) and cancelled by those who operate them.
+    "workflows:list": ("get", None, None, ok(200, **PAGE_LOGIN)),
+    "workflows:create": ("get", None, None, ok(403, anon=302, padmin=200, staff=200)),
+    "workflows:start": ("get", None, None, ok(200, **PAGE_LOGIN)),
+    "workflows:runs": ("get", None, None, ok(200, **PAGE_LOGIN)),
+    "workflows:detail": ("get", "wf", None, ok(200, **PAGE_LOGIN)),
+    "workflows:edit": ("get", "wf", None, ok(403, anon=302, staff=200)),  # for everyone: staff's to change
+    "workflows:run": ("get", "wf", None, ok(200, **PAGE_LOGIN)),
+    "workflows:run-detail": ("get", "run", None, on_machine(200, "view")),
+    "workflows:run-cancel": ("post", "run", None, on_machine(302, "operate")),
     # The JSON API.
     "api-root": ("get", None, None, ok(200, anon=401)),
     "api-schema": ("get", None, None, ok(200)),  # the OpenAPI schema is public, like the README
@@ -186,6 +197,12 @@ MATRIX = {
     "lab-power": ("post", "lab", {"action": "reboot"}, on_machine(202, "operate", api=True)),
     "lab-instackenv": ("get", "lab", None, on_machine(200, "view", api=True)),
     "lab-template-list": ("get", None, None, ok(200, anon=401)),
+    "workflow-list": ("get", None, None, ok(200, anon=401)),
+    "workflow-detail": ("get", "wf", None, ok(200, anon=401)),
+    "workflow-runs": ("post", "wf", {"variables": {}}, ok(400, anon=401)),  # no target named
+    "workflow-run-list": ("get", None, None, ok(200, anon=401)),
+    "workflow-run-detail": ("get", "run", None, on_machine(200, "view", api=True)),
+    "workflow-run-cancel": ("post", "run", None, on_machine(202, "operate", api=True)),
     "lab-template-detail": (
         "get",
         "tmpl",
@@ -257,6 +274,7 @@ def make_world():
         "imp": imp,
         "snap": MachineSnapshot.objects.create(machine=vm, name="snap", status=MachineSnapshot.Status.READY),
         **_lab_world(owner, staff, project, vm),
+        **_workflow_world(owner, staff, vm),
     }
     return {"owner": owner, "other": other, "staff": staff, **members}, objects
 
@@ -271,10 +289,24 @@ def _lab_world(owner, staff, project, vm) -> dict:
     return {"lab": lab, "tmpl": LabTemplate.objects.create(name="t", owner=staff, project=project, spec=spec)}
 
 
+def _workflow_world(owner, staff, vm) -> dict:
+    """A workflow for everyone (a shipped example's directory) and a queued run of it on the project's machine."""
+    from workflows import services
+    from workflows.services import EXAMPLES_DIR
+
+    wf = services.workflow_register(actor=staff, name="facts", directory=str(EXAMPLES_DIR / "facts"))
+    run = services.workflow_run_start(workflow=wf, actor=owner, machines=[vm], variables={})
+    return {"wf": wf, "run": run}
+
+
 def fresh(objects, kind):
     """Actions change state (operations, protection): reset it so every role starts alike."""
     if kind == "tmpl":
         objects[kind].save()  # back with its id if a role deleted it
+    if kind == "run":  # queued again, so every role may cancel it
+        type(objects[kind]).objects.filter(pk=objects[kind].pk).update(
+            status="queued", cancel_requested=False, finished=None
+        )
     if kind == "snap":
         MachineSnapshot.objects.filter(pk=objects[kind].pk).update(status=MachineSnapshot.Status.READY)
     if kind in ("vm", "iso", "metal", "snap"):
@@ -296,7 +328,9 @@ def test_route(name, settings, host):
             if kind == "snap":  # a snapshot's routes name its machine and itself
                 args = [objects["vm"].pk, objects["snap"].pk]
             url = reverse(name, args=args)
-            api = ":" not in name and name.startswith(("api-", "audit-", "hypervisor-", "image-", "machine-", "lab-"))
+            api = ":" not in name and name.startswith(
+                ("api-", "audit-", "hypervisor-", "image-", "machine-", "lab-", "workflow-")
+            )
             client = APIClient() if api else Client()
             if role != "anon":
                 client.force_login(users[role])
