@@ -22,6 +22,8 @@ class Lab(models.Model):
     project = models.ForeignKey(Project, null=True, blank=True, on_delete=models.PROTECT, related_name="labs")
     # Where it came from: a template's name, or an imported inventory file's name ("inventory-vms.yaml").
     source = models.CharField(max_length=200, blank=True)
+    # A lab's lease: its machines are shut down, then deleted, as a machine's lease does; empty: never.
+    expires_at = models.DateTimeField(null=True, blank=True)
     created = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -110,3 +112,40 @@ class InventoryImport(models.Model):
 
     def __str__(self) -> str:
         return f"import {self.pk} by {self.created_by}"
+
+
+class ScheduledAction(models.Model):
+    """An action run at set times on a machine or on every machine of a lab (Huey's periodic task looks each
+    minute): power on or off, or a snapshot kept to a retention count. Each run is an event and an audit record."""
+
+    class Action(models.TextChoices):
+        POWER_ON = "power_on", "Power on"
+        POWER_OFF = "power_off", "Shut down"
+        SNAPSHOT = "snapshot", "Take a snapshot"
+
+    machine = models.ForeignKey(Machine, null=True, blank=True, on_delete=models.CASCADE, related_name="schedules")
+    lab = models.ForeignKey(Lab, null=True, blank=True, on_delete=models.CASCADE, related_name="schedules")
+    action = models.CharField(max_length=9, choices=Action.choices)
+    minute = models.PositiveSmallIntegerField(default=0)
+    hour = models.PositiveSmallIntegerField(default=0)
+    weekdays = models.JSONField(default=list, blank=True, help_text="0 = Monday … 6 = Sunday; empty: every day.")
+    retention = models.PositiveSmallIntegerField(default=3, help_text="Snapshots: how many scheduled ones to keep.")
+    enabled = models.BooleanField(default=True)
+    last_run = models.DateTimeField(null=True, blank=True, editable=False)
+    last_result = models.TextField(blank=True, editable=False)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["hour", "minute"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(machine__isnull=False, lab__isnull=True)
+                | models.Q(machine__isnull=True, lab__isnull=False),
+                name="schedule_on_a_machine_or_a_lab",
+            ),
+            models.CheckConstraint(condition=models.Q(minute__lte=59, hour__lte=23), name="schedule_time_valid"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_action_display()} at {self.hour:02d}:{self.minute:02d} on {self.machine or self.lab}"

@@ -73,6 +73,21 @@ class Machine(models.Model):
     # A domain that existed on its hypervisor before the portal knew it, recorded by an adoption: its disks
     # were not made by the portal, so a delete keeps them unless asked otherwise.
     adopted = models.BooleanField(default=False, editable=False)
+    description = models.TextField(blank=True)
+    # Day two. Live resizing goes up to the maxima chosen at create (empty: the create's own values, so none);
+    # a change the running machine cannot take is kept in `pending` ({"vcpus": 4, "memory_mib": 4096}) and
+    # applied at its next cold start.
+    max_vcpus = models.PositiveSmallIntegerField("maximum vCPUs", null=True, blank=True)
+    max_memory_mib = models.PositiveIntegerField("maximum memory (MiB)", null=True, blank=True)
+    pending = models.JSONField(default=dict, blank=True, editable=False)
+    # A lease: when the machine is shut down (then deleted, PORTAL_LEASE_DELETE_AFTER later); empty: never.
+    # Deletion protection wins over it.
+    expires_at = models.DateTimeField(null=True, blank=True)
+    expiry_warned = models.DateTimeField(null=True, blank=True, editable=False)
+    expired_off = models.DateTimeField(null=True, blank=True, editable=False)
+    cloned_from = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="clones", editable=False
+    )
     # Hardware (defaults suit common guests; each is checked against what the hypervisor reports).
     machine_type = models.CharField(
         max_length=40, blank=True, help_text="Empty: pc (i440fx), which installers and the test guests see best."
@@ -511,6 +526,12 @@ class Project(models.Model):
     vcpus_quota = models.PositiveIntegerField("vCPUs", null=True, blank=True)
     memory_mib_quota = models.PositiveIntegerField("memory (MiB)", null=True, blank=True)
     disk_gib_quota = models.PositiveIntegerField("disk (GiB)", null=True, blank=True)
+    lease_default_days = models.PositiveIntegerField(
+        "default lease (days)", null=True, blank=True, help_text="A new machine's lease; empty: none."
+    )
+    lease_max_days = models.PositiveIntegerField(
+        "longest lease (days)", null=True, blank=True, help_text="How far an owner may extend a lease; empty: no limit."
+    )
     # The project's SSH key pair (ed25519), made by the portal: its public key goes on every image machine
     # the project's members create, so the project's workflows reach them; the private key is kept encrypted
     # (machines/crypto.py) and handed only to a workflow run's private data directory.
