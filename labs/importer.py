@@ -26,6 +26,7 @@ from hypervisors.models import Hypervisor, Image, ImageKind, ImageStatus
 from labs import ansistack
 from labs.models import InventoryImport, Lab, LabMachine
 from labs.services import lab_add_machine, lab_get_or_create
+from machines import attempts
 from machines import services as machine_services
 from machines.access import project_choices
 from machines.models import Machine, Project
@@ -104,7 +105,7 @@ class _Run:
 
     def __init__(self, imp: InventoryImport) -> None:
         self.imp = imp
-        self.report: list[str] = []
+        self.report: list[str] = list(imp.report)  # a resumed apply goes on from what the dead one said
         self.done = 0
 
     def plan(self) -> dict:
@@ -127,6 +128,8 @@ class _Run:
 def inventory_import_apply_run(import_id: int) -> None:
     """Worker (or the command): apply the import's plan, phase by phase, recording each step."""
     imp = InventoryImport.objects.select_related("owner", "project", "created_by").get(pk=import_id)
+    # Claimed by this process while it applies, so a worker that starts after this one died resumes it.
+    InventoryImport.objects.filter(pk=imp.pk).update(attempt_id=attempts.new_id())
     run = _Run(imp)
     try:
         _apply(run)
@@ -142,8 +145,29 @@ def inventory_import_apply_run(import_id: int) -> None:
 
 def _finish(run: _Run, status: str) -> None:
     InventoryImport.objects.filter(pk=run.imp.pk).update(
-        status=status, report=run.report, done_steps=run.done, finished=timezone.now()
+        status=status, report=run.report, done_steps=run.done, finished=timezone.now(), attempt_id=""
     )
+
+
+def inventory_imports_resume_dead() -> list[int]:
+    """Queue again every import whose applying worker process is gone (found when a worker starts). Each
+    is taken from the dead attempt by a compare-and-swap first, so one starting worker resumes it; its apply
+    plans again and skips what the dead one made."""
+    from labs.tasks import inventory_import_apply_task
+
+    resumed = []
+    for imp in InventoryImport.objects.filter(status=InventoryImport.Status.APPLYING).exclude(attempt_id=""):
+        owner = attempts.owner_of(imp.attempt_id)
+        if owner is None or owner.alive():
+            continue
+        if InventoryImport.objects.filter(pk=imp.pk, attempt_id=imp.attempt_id).update(
+            attempt_id="", report=[*imp.report, f"the worker applying it stopped (pid {owner.pid}); resumed"]
+        ):
+            inventory_import_apply_task(imp.pk)
+            resumed.append(imp.pk)
+    for pk in resumed:
+        log.warning("resumed inventory import %s after its worker died", pk)
+    return resumed
 
 
 def _apply(run: _Run) -> None:

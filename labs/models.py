@@ -106,6 +106,9 @@ class InventoryImport(models.Model):
     total_steps = models.PositiveIntegerField(default=0)
     report = models.JSONField(default=list, blank=True)  # what applying did, line by line
     finished = models.DateTimeField(null=True, blank=True)
+    # The worker process applying it (machines.attempts ids): a worker that starts resumes the imports of
+    # dead ones, which is safe because an apply plans again before each phase and skips what is there.
+    attempt_id = models.CharField(max_length=120, blank=True, editable=False)
 
     class Meta:
         ordering = ["-created"]

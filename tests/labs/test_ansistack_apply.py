@@ -126,3 +126,38 @@ def test_a_machine_the_owner_may_not_have_is_a_report_line(fake_world, django_ca
     assert imp.status == "done"
     assert any(line.startswith("machine web-0: not created: NIC 1:") for line in imp.report), imp.report
     assert not Machine.objects.exists()
+
+
+def _attempt_of_a_dead_worker() -> str:
+    """An attempt id of this host naming a process that has ended."""
+    import socket
+    import subprocess
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    return f"{socket.gethostname()}:{ended.pid}:1:deadbeef0000"
+
+
+@pytest.mark.django_db
+def test_an_import_whose_worker_died_is_resumed_by_the_next_worker_and_makes_nothing_twice(fake_world):
+    from labs.importer import inventory_imports_resume_dead
+    from machines import attempts
+
+    owner = UserFactory(username="mover", is_staff=True)
+    ImageFactory(name="tiny", ready=True, sha256="ef" * 32)
+    files = [{"name": "inventory-phys.yaml", "text": PHYS}, {"name": "lab-vms.yaml", "text": VMS}]
+    imp = inventory_import_create(actor=owner, owner=owner, files=files)
+    # The dead worker had registered the hypervisor and said so, then stopped.
+    InventoryImport.objects.filter(pk=imp.pk).update(
+        status="applying", attempt_id=_attempt_of_a_dead_worker(), report=["hypervisor kvm-a: registered"]
+    )
+    alive = inventory_import_create(actor=owner, owner=owner, files=files)
+    InventoryImport.objects.filter(pk=alive.pk).update(status="applying", attempt_id=attempts.new_id())
+
+    assert inventory_imports_resume_dead() == [imp.pk]  # the live worker's import is left to it
+    imp.refresh_from_db()
+    assert imp.status == "done" and imp.attempt_id == "", imp.report
+    assert imp.report[:2] == ["hypervisor kvm-a: registered", imp.report[1]] and "resumed" in imp.report[1]
+    assert Machine.objects.filter(name="web-0").count() == 1 and Hypervisor.objects.filter(name="kvm-a").count() == 1
+    assert inventory_imports_resume_dead() == []  # once
+    assert InventoryImport.objects.get(pk=alive.pk).status == "applying"
