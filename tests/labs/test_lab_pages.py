@@ -199,3 +199,11 @@ def test_the_lab_page_costs_the_same_queries_for_3_machines_as_for_12(user, htmx
         return len(queries)
 
     assert grow_to(3) == grow_to(12)
+
+
+@pytest.mark.django_db
+def test_staff_find_the_ansistack_import_from_the_lab_list_and_others_do_not(user, staff):
+    page = client_for(staff).get(reverse("labs:list")).content.decode()
+    assert f'href="{reverse("imports:upload")}"' in page
+    page = client_for(user).get(reverse("labs:list")).content.decode()
+    assert reverse("imports:upload") not in page
