@@ -328,7 +328,7 @@ class RebuildSerializer(serializers.Serializer):
     )
 
 
-SNAPSHOT_QUEUED = {202: SnapshotSerializer, 400: DetailSerializer, 404: DetailSerializer, 409: DetailSerializer}
+SNAPSHOT_QUEUED = {202: SnapshotSerializer, 409: DetailSerializer}  # 400 and 404: portal/api_schema.py adds them
 
 
 class PowerSerializer(serializers.Serializer):
@@ -490,7 +490,9 @@ class MachineViewSet(
         return self._act(services.machine_boot_cdrom_once)
 
     @extend_schema(request=RebuildSerializer, responses=QUEUED)
-    @action(detail=True, methods=["post"], serializer_class=RebuildSerializer)
+    @action(
+        detail=True, methods=["post"], serializer_class=MachineSerializer
+    )  # the answer; the body: RebuildSerializer
     def rebuild(self, request, pk=None):
         """Recreate the disk from the image; the old disk is kept as a snapshot first unless `snapshot` is false."""
         s = RebuildSerializer(data=request.data if request.data else {})
@@ -506,8 +508,10 @@ class MachineViewSet(
             return Response({"detail": str(e)}, status=status.HTTP_409_CONFLICT)
         except DjangoValidationError as e:
             return Response(e.message_dict if hasattr(e, "error_dict") else {"detail": e.messages}, status=400)
-        snap = MachineSnapshot.objects.select_related("parent", "created_by").get(pk=(snap or kwargs["snapshot"]).pk)
-        return Response(SnapshotSerializer(snap).data, status=status.HTTP_202_ACCEPTED)
+        snap = snap or kwargs["snapshot"]
+        # As it is now; a worker may have finished (a deleted one is gone): then as the request left it.
+        now = MachineSnapshot.objects.select_related("parent", "created_by").filter(pk=snap.pk).first()
+        return Response(SnapshotSerializer(now or snap).data, status=status.HTTP_202_ACCEPTED)
 
     def _snapshot_of(self, machine: Machine, sid: str) -> MachineSnapshot:
         snap = machine.snapshots.filter(pk=int(sid)).first() if sid.isdigit() and len(sid) <= 18 else None
@@ -517,7 +521,7 @@ class MachineViewSet(
 
     @extend_schema(methods=["GET"], responses={200: SnapshotSerializer(many=True)})
     @extend_schema(methods=["POST"], request=SnapshotCreateSerializer, responses=SNAPSHOT_QUEUED)
-    @action(detail=True, methods=["get", "post"], serializer_class=SnapshotCreateSerializer)
+    @action(detail=True, methods=["get", "post"], serializer_class=SnapshotCreateSerializer, pagination_class=None)
     def snapshots(self, request, pk=None):
         """The machine's snapshots, parents first (GET); take one (POST): queued, its `status` creating, then
         ready or error. Operators take them; admins revert and delete (`allowed_actions`)."""
