@@ -239,11 +239,14 @@ class FakeDriver(HypervisorDriver):
         self._hit("delete_volume")
         return self._pool(pool).pop(name, None) is not None
 
-    def clone_volume(self, *, pool, name, new_name):
+    def clone_volume(self, *, pool, name, new_name, backing_path="", backing_format=""):
         self._hit("clone_volume")
         if new_name not in self._pool(pool):
             source = self._vol(pool, name)
-            self._pool(pool)[new_name] = {**source, "backing": "", "data": source["data"]}
+            if backing_path and backing_path != source["backing"]:
+                raise HypervisorFatalError(f"volume {name!r} stands on {source['backing'] or 'nothing'}")
+            fmt = "qcow2" if backing_path else source["format"]
+            self._pool(pool)[new_name] = {**source, "format": fmt, "backing": backing_path, "data": source["data"]}
         return self.volume_info(pool=pool, name=new_name)
 
     def resize_volume(self, *, pool, name, capacity_bytes):

@@ -313,9 +313,13 @@ class HypervisorDriver(ABC):
         """Delete the volume; no-op (False) if absent."""
 
     @abstractmethod
-    def clone_volume(self, *, pool: str, name: str, new_name: str) -> VolumeInfo:
+    def clone_volume(
+        self, *, pool: str, name: str, new_name: str, backing_path: str = "", backing_format: str = ""
+    ) -> VolumeInfo:
         """A full copy of the volume in the same pool, flattened (standing on no backing file), unless `new_name`
-        exists (then that one is returned unchanged); HypervisorFatalError if `name` is absent."""
+        exists (then that one is returned unchanged); HypervisorFatalError if `name` is absent. With
+        `backing_path` (the file the volume itself stands on, read-only), only the volume's own layer is copied,
+        into a qcow2 standing on that same file: a linked clone's disk."""
 
     @abstractmethod
     def resize_volume(self, *, pool: str, name: str, capacity_bytes: int) -> None:

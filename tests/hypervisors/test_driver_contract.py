@@ -859,3 +859,27 @@ def test_clone_volume_makes_a_standalone_copy_once(kit):
     assert d.clone_volume(pool=kit.pool, name=top.name, new_name=copy.name) == copy
     with pytest.raises(HypervisorFatalError):
         d.clone_volume(pool=kit.pool, name=kit.vol("absent.qcow2"), new_name=kit.vol("never.qcow2"))
+
+
+@beyond_the_test_driver
+def test_clone_volume_with_its_backing_copies_only_its_own_layer(kit):
+    """A linked clone's disk: the volume's own layer, standing on the same read-only base; a wrong base refused.
+    (libvirt's test:/// driver has no volume streams, which this copy uses.)"""
+    d = kit.driver
+    base = d.create_volume(pool=kit.pool, name=kit.vol("lbase.qcow2"), fmt="qcow2", capacity_bytes=MIB)
+    top = d.create_volume(
+        pool=kit.pool,
+        name=kit.vol("ltop.qcow2"),
+        fmt="qcow2",
+        capacity_bytes=2 * MIB,
+        backing_path=base.path,
+        backing_format="qcow2",
+    )
+    with pytest.raises(HypervisorFatalError, match="stands on"):
+        d.clone_volume(pool=kit.pool, name=top.name, new_name=kit.vol("lnever.qcow2"), backing_path="/elsewhere")
+    link = d.clone_volume(
+        pool=kit.pool, name=top.name, new_name=kit.vol("llink.qcow2"), backing_path=base.path, backing_format="qcow2"
+    )
+    assert (link.format, link.capacity_bytes, link.backing_path) == ("qcow2", 2 * MIB, base.path)
+    assert link.path != top.path
+    assert d.volume_info(pool=kit.pool, name=kit.vol("lnever.qcow2")) is None
