@@ -83,8 +83,7 @@ class BmcManager:
             "bmc_password_encrypted",
             "name",
             "uuid",
-            "adopted",
-            "instance_id",  # an adopted domain's own name (Machine.domain_name)
+            "own_domain_name",  # an adopted domain's own name (Machine.domain_name)
             "hypervisor__uri",
         )
         return {

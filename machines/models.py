@@ -73,6 +73,9 @@ class Machine(models.Model):
     # A domain that existed on its hypervisor before the portal knew it, recorded by an adoption: its disks
     # were not made by the portal, so a delete keeps them unless asked otherwise.
     adopted = models.BooleanField(default=False, editable=False)
+    own_domain_name = models.CharField(
+        max_length=200, blank=True, editable=False, help_text="An adopted domain's own name (empty: the portal's)."
+    )
     description = models.TextField(blank=True)
     # Day two. Live resizing goes up to the maxima chosen at create (empty: the create's own values, so none);
     # a change the running machine cannot take is kept in `pending` ({"vcpus": 4, "memory_mib": 4096}) and
@@ -200,8 +203,8 @@ class Machine(models.Model):
     # Names of what the machine owns on its hypervisor, all derived from the UUID.
     @property
     def domain_name(self) -> str:
-        if self.adopted and self.instance_id:
-            return self.instance_id  # an adopted domain keeps its own name (machines.services.adoption)
+        if self.own_domain_name:
+            return self.own_domain_name  # an adopted domain keeps its own name (machines.services.adoption)
         return f"{self.name}-{self.uuid.hex[:8]}"
 
     @property

@@ -40,7 +40,7 @@ from portal.audit import audited
 log = logging.getLogger(__name__)
 
 GIB = 1 << 30
-DOMAIN_NAME_MAX = 64  # what the row keeps of the domain's own name (Machine.instance_id)
+DOMAIN_NAME_MAX = 200  # what the row keeps of the domain's own name (Machine.own_domain_name)
 
 
 class AdoptionRefused(MachineError):
@@ -182,7 +182,7 @@ def machine_adopt(
         deploy_type=DeployType.NETWORK,  # no image: the portal never rebuilds it
         power_on_after_create=False,
         adopted=True,
-        instance_id=domain["name"],  # an adopted machine has no cloud-init: this keeps the domain's own name
+        own_domain_name=domain["name"],
         **hardware,
     )
     try:
@@ -244,7 +244,7 @@ def machine_adopt_run(machine_id: int) -> None:
     try:
         shape = driver.domain_shape(uuid)
         problems = ["The domain is no longer on the hypervisor."] if shape is None else adoption_problems(shape)
-        if shape is not None and shape["name"] != machine.instance_id:
+        if shape is not None and shape["name"] != machine.own_domain_name:
             problems.append(f"The domain was renamed to {shape['name']} meanwhile.")
         if problems:
             _give_up(machine, " ".join(problems))
