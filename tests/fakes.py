@@ -19,6 +19,7 @@ from hypervisors.drivers.base import (
     DomainInfo,
     DomainInspected,
     DomainObserved,
+    DomainSize,
     HostInfo,
     HostObserved,
     HypervisorDriver,
@@ -323,6 +324,7 @@ class FakeDriver(HypervisorDriver):
             dom["vnc_protected"] = dom["vnc_config_protected"]
             self.host.runs += 1
             dom["run"] = self.host.runs
+            dom["live_size"] = self._config_size(dom) if "spec" in dom else None  # what the config boots
         dom["state"] = PowerState.RUNNING
 
     def domain_xml(self, uuid, *, inactive=False, secure=False):
@@ -420,6 +422,53 @@ class FakeDriver(HypervisorDriver):
         if isinstance(dom.get("addresses"), Exception):
             raise dom["addresses"]
         return dict(dom.get("addresses", {}))
+
+    # vCPUs and memory as libvirt keeps them: the spec (the config) and, while running, "live_size" (vcpus, most,
+    # memory, most), taken from the config when the domain booted.
+    def _config_size(self, dom):
+        spec = dom["spec"]
+        return (spec.vcpus, max(spec.vcpus, spec.max_vcpus), spec.memory_mib, max(spec.memory_mib, spec.max_memory_mib))
+
+    def _live_size(self, dom):
+        if dom["state"] != PowerState.RUNNING:
+            return None
+        if dom.get("live_size") is None:  # made running by a test, not started
+            dom["live_size"] = self._config_size(dom)
+        return dom["live_size"]
+
+    def domain_size(self, uuid):
+        dom = self._dom(uuid)
+        live = self._live_size(dom)
+        return DomainSize(dom["state"] == PowerState.RUNNING, *self._config_size(dom), *(live or (0, 0, 0, 0)))
+
+    def set_vcpus(self, uuid, count, *, maximum, live):
+        self._hit("set_vcpus")
+        dom = self._dom(uuid)
+        if live:
+            size = self._live_size(dom)
+            if size is None or count > size[1]:
+                raise HypervisorFatalError(f"the running domain takes at most {size and size[1]} vCPUs")
+            dom["live_size"] = (count, *size[1:])
+        dom["spec"] = replace(dom["spec"], vcpus=count, max_vcpus=max(maximum, count))
+
+    def set_memory(self, uuid, memory_mib, *, maximum, live):
+        self._hit("set_memory")
+        dom = self._dom(uuid)
+        if live:
+            size = self._live_size(dom)
+            if size is None or memory_mib > size[3]:
+                raise HypervisorFatalError(f"the running domain takes at most {size and size[3]} MiB")
+            dom["live_size"] = (*size[:2], memory_mib, size[3])
+        dom["spec"] = replace(dom["spec"], memory_mib=memory_mib, max_memory_mib=max(maximum, memory_mib))
+
+    def rename_domain(self, uuid, name, *, title=""):
+        self._hit("rename_domain")
+        dom = self._dom(uuid)
+        if dom["state"] == PowerState.RUNNING:
+            raise HypervisorFatalError(f"domain {dom['spec'].name} is running: libvirt renames only shut-off domains")
+        renamed = dom["spec"].name != name
+        dom["spec"] = replace(dom["spec"], name=name, title=title or dom["spec"].title)
+        return renamed
 
     def set_autostart(self, uuid, enabled):
         self._dom(uuid)["autostart"] = enabled

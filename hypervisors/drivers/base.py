@@ -175,6 +175,8 @@ class DomainSpec:
     domain_type: str
     vcpus: int
     memory_mib: int
+    max_vcpus: int = 0  # a running domain's vCPUs can be raised up to this (0: none beyond vcpus)
+    max_memory_mib: int = 0  # and its memory (the balloon's ceiling)
     arch: str = "x86_64"
     machine: str = "pc"
     title: str = ""
@@ -198,6 +200,22 @@ class DomainSpec:
     secure_boot: bool = False
     video: str = "vga"  # "vga" on x86, "virtio" elsewhere
     metadata: dict = field(default_factory=dict)  # portal ids, as attributes of the metadata element
+
+
+@dataclass(frozen=True)
+class DomainSize:
+    """A domain's vCPUs and memory: as running (`live_*`, 0 when off) and in its persistent config, each with the
+    maximum it can be raised to (live: without a restart; config: what the next cold start boots with)."""
+
+    running: bool
+    vcpus: int  # config
+    max_vcpus: int
+    memory_mib: int
+    max_memory_mib: int
+    live_vcpus: int = 0
+    live_max_vcpus: int = 0
+    live_memory_mib: int = 0
+    live_max_memory_mib: int = 0
 
 
 @dataclass(frozen=True)
@@ -402,6 +420,25 @@ class HypervisorDriver(ABC):
     @abstractmethod
     def block_resize(self, uuid: str, *, path: str, capacity_bytes: int) -> None:
         """Grow the disk at `path` of a running domain, so the guest sees the new size at once."""
+
+    @abstractmethod
+    def domain_size(self, uuid: str) -> DomainSize:
+        """The domain's vCPUs and memory, live and in its config; HypervisorFatalError if absent."""
+
+    @abstractmethod
+    def set_vcpus(self, uuid: str, count: int, *, maximum: int, live: bool) -> None:
+        """Give the persistent config `count` vCPUs of at most `maximum` (raised or lowered, in the order libvirt
+        takes); with `live`, the running domain too (count within its live maximum, else HypervisorFatalError)."""
+
+    @abstractmethod
+    def set_memory(self, uuid: str, memory_mib: int, *, maximum: int, live: bool) -> None:
+        """Give the persistent config `memory_mib` of memory (the balloon) of at most `maximum`; with `live`, the
+        running domain too (within its live maximum, else HypervisorFatalError)."""
+
+    @abstractmethod
+    def rename_domain(self, uuid: str, name: str, *, title: str = "") -> bool:
+        """Rename the shut-off domain (and set its title); False if it already has the name. A running one is
+        HypervisorFatalError: libvirt renames only inactive domains."""
 
     @abstractmethod
     def undefine(self, uuid: str) -> bool:

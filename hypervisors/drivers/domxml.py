@@ -139,9 +139,13 @@ def build_domain_xml(spec: DomainSpec) -> str:
         _sub(root, "description", spec.description)
     metadata = _sub(root, "metadata")
     ET.SubElement(metadata, f"{{{PORTAL_METADATA_NS}}}machine", {k: str(v) for k, v in spec.metadata.items()})
-    _sub(root, "memory", str(spec.memory_mib), unit="MiB")
+    # With maxima (chosen at create), <memory> is the most the balloon gives and <vcpu> the most vCPUs, so a
+    # running guest can be grown up to them without a restart (machines.services.changes).
+    _sub(root, "memory", str(max(spec.memory_mib, spec.max_memory_mib)), unit="MiB")
     _sub(root, "currentMemory", str(spec.memory_mib), unit="MiB")
-    _sub(root, "vcpu", str(spec.vcpus), placement="static")
+    vcpu = _sub(root, "vcpu", str(max(spec.vcpus, spec.max_vcpus)), placement="static")
+    if spec.max_vcpus > spec.vcpus:
+        vcpu.set("current", str(spec.vcpus))
     os_el = _sub(root, "os")
     if spec.firmware:
         os_el.set("firmware", spec.firmware)
@@ -730,3 +734,15 @@ def disk_targets(xml: str) -> dict[str, str]:
             continue
         found[target.get("dev", "")] = source.get("file", "")
     return found
+
+
+def domain_size_of(xml: str) -> tuple[int, int, int, int]:
+    """(vCPUs, most vCPUs, memory MiB, most memory MiB) a domain's XML says: <vcpu current=>max</vcpu>, then
+    <currentMemory> (the balloon) and <memory>."""
+    root = ET.fromstring(xml)
+    vcpu = root.find("vcpu")
+    most = int((vcpu.text or "1").strip()) if vcpu is not None else 1
+    current = int(vcpu.get("current", most)) if vcpu is not None else most
+    memory = _mib(root.find("memory"))
+    balloon = root.find("currentMemory")
+    return current, most, _mib(balloon) if balloon is not None else memory, memory

@@ -27,6 +27,7 @@ from hypervisors.drivers.base import (
     DomainInfo,
     DomainInspected,
     DomainObserved,
+    DomainSize,
     DomainSpec,
     HostInfo,
     HostObserved,
@@ -61,6 +62,7 @@ from hypervisors.drivers.domxml import (
     build_domain_xml,
     cdrom_xml,
     disk_targets,
+    domain_size_of,
     foreign_domain,
     guard_name,
     merge_addresses,
@@ -748,6 +750,73 @@ class LibvirtDriver(HypervisorDriver):
     def block_resize(self, uuid: str, *, path: str, capacity_bytes: int) -> None:
         """Grow a disk of a running domain so the guest sees the new size at once."""
         self._with_dom(uuid, lambda dom: dom.blockResize(path, capacity_bytes, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES))
+
+    def domain_size(self, uuid: str) -> DomainSize:
+        """vCPUs and memory from the domain's XML: the persistent config's and, when it runs, the live one's."""
+
+        def read(dom):
+            config = domain_size_of(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+            running = bool(dom.isActive())
+            live = domain_size_of(dom.XMLDesc(0)) if running else (0, 0, 0, 0)
+            return DomainSize(running, *config, *live)
+
+        return self._with_dom(uuid, read)
+
+    def set_vcpus(self, uuid: str, count: int, *, maximum: int, live: bool) -> None:
+        """The running domain first (hot-plugged vCPUs, within its maximum), then the config (setVcpusFlags with
+        VCPU_MAXIMUM raises or lowers the most it boots with: raised before the count, lowered after)."""
+        config = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        maximum = max(maximum, count)
+
+        def apply(dom):
+            if live:
+                _, live_max, _, _ = domain_size_of(dom.XMLDesc(0))
+                if not dom.isActive() or count > live_max:
+                    raise HypervisorFatalError(f"the running domain takes at most {live_max} vCPUs without a restart")
+                dom.setVcpusFlags(count, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            _, most, _, _ = domain_size_of(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+            if maximum > most:
+                dom.setVcpusFlags(maximum, config | libvirt.VIR_DOMAIN_VCPU_MAXIMUM)
+            dom.setVcpusFlags(count, config)
+            if maximum < most:
+                dom.setVcpusFlags(maximum, config | libvirt.VIR_DOMAIN_VCPU_MAXIMUM)
+
+        self._with_dom(uuid, apply)
+
+    def set_memory(self, uuid: str, memory_mib: int, *, maximum: int, live: bool) -> None:
+        """The running domain's balloon first (within its <memory>), then the config's <memory> (MEM_MAXIMUM;
+        lowering it lowers the balloon with it) and <currentMemory>."""
+        config = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        maximum = max(maximum, memory_mib)
+
+        def apply(dom):
+            if live:
+                _, _, _, live_max = domain_size_of(dom.XMLDesc(0))
+                if not dom.isActive() or memory_mib > live_max:
+                    raise HypervisorFatalError(f"the running domain takes at most {live_max} MiB without a restart")
+                dom.setMemoryFlags(memory_mib << 10, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            _, _, _, most = domain_size_of(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+            if maximum != most:
+                dom.setMemoryFlags(maximum << 10, config | libvirt.VIR_DOMAIN_MEM_MAXIMUM)
+            dom.setMemoryFlags(memory_mib << 10, config)
+
+        self._with_dom(uuid, apply)
+
+    def rename_domain(self, uuid: str, name: str, *, title: str = "") -> bool:
+        """virDomainRename, which libvirt allows only on an inactive domain (and, on QEMU, one without
+        snapshots); then the title."""
+
+        def apply(dom):
+            if dom.isActive():
+                raise HypervisorFatalError(f"domain {dom.name()} is running: libvirt renames only shut-off domains")
+            renamed = dom.name() != name
+            if renamed:
+                dom.rename(name, 0)
+            if title:
+                dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_TITLE, title, None, None, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+            return renamed
+
+        return self._with_dom(uuid, apply)
 
     def undefine(self, uuid: str) -> bool:
         """Stop and undefine the domain; no-op (False) if absent. Storage is left to the caller."""

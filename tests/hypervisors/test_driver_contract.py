@@ -883,3 +883,64 @@ def test_clone_volume_with_its_backing_copies_only_its_own_layer(kit):
     assert (link.format, link.capacity_bytes, link.backing_path) == ("qcow2", 2 * MIB, base.path)
     assert link.path != top.path
     assert d.volume_info(pool=kit.pool, name=kit.vol("lnever.qcow2")) is None
+
+
+# --- changing a machine after create: vCPUs, memory, its name (machines.services.changes) ---------------------
+
+
+@every_driver
+def test_a_domain_defined_with_maxima_grows_live_within_them_and_its_config_follows(kit):
+    d, spec = kit.driver, kit.disk_spec(vcpus=1, max_vcpus=2, memory_mib=64, max_memory_mib=128)
+    d.define_domain(spec)
+    size = d.domain_size(spec.uuid)
+    assert (size.running, size.vcpus, size.max_vcpus, size.memory_mib, size.max_memory_mib) == (False, 1, 2, 64, 128)
+    assert (size.live_vcpus, size.live_memory_mib) == (0, 0)
+    d.start(spec.uuid)
+    d.set_vcpus(spec.uuid, 2, maximum=2, live=True)
+    d.set_memory(spec.uuid, 96, maximum=128, live=True)
+    size = d.domain_size(spec.uuid)
+    assert (size.live_vcpus, size.live_max_vcpus, size.live_max_memory_mib) == (2, 2, 128)
+    # The balloon needs the guest's driver: a guest without one (this one has no OS) keeps the whole maximum,
+    # and QEMU says so.
+    assert size.live_memory_mib >= 96 and (kit.name != "fake" or size.live_memory_mib == 96)
+    assert (size.vcpus, size.memory_mib) == (2, 96)
+    with pytest.raises(HypervisorFatalError, match="at most 2 vCPUs"):
+        d.set_vcpus(spec.uuid, 3, maximum=3, live=True)
+    with pytest.raises(HypervisorFatalError, match="at most 128 MiB"):
+        d.set_memory(spec.uuid, 256, maximum=256, live=True)
+
+
+@every_driver
+def test_beyond_the_maxima_only_the_config_changes_and_the_next_cold_start_boots_it(kit):
+    d, spec = kit.driver, kit.disk_spec(vcpus=1, memory_mib=64)
+    d.define_domain(spec)
+    d.start(spec.uuid)
+    d.set_vcpus(spec.uuid, 2, maximum=2, live=False)
+    d.set_memory(spec.uuid, 128, maximum=128, live=False)
+    size = d.domain_size(spec.uuid)
+    assert (size.vcpus, size.max_vcpus, size.memory_mib, size.max_memory_mib) == (2, 2, 128, 128)
+    assert (size.live_vcpus, size.live_memory_mib) == (1, 64)
+    d.power_off(spec.uuid)
+    d.start(spec.uuid)
+    size = d.domain_size(spec.uuid)
+    assert (size.live_vcpus, size.live_memory_mib) == (2, 128)
+    d.power_off(spec.uuid)
+    d.set_vcpus(spec.uuid, 1, maximum=1, live=False)  # lowered: the count first, then the maximum
+    d.set_memory(spec.uuid, 64, maximum=64, live=False)
+    size = d.domain_size(spec.uuid)
+    assert (size.vcpus, size.max_vcpus, size.memory_mib, size.max_memory_mib) == (1, 1, 64, 64)
+
+
+@every_driver
+def test_rename_domain_renames_a_shut_off_domain_once_and_refuses_a_running_one(kit):
+    d, spec = kit.driver, kit.disk_spec()
+    d.define_domain(spec)
+    new = f"{kit.prefix}-renamed"
+    assert d.rename_domain(spec.uuid, new, title="renamed") is True
+    assert d.rename_domain(spec.uuid, new, title="renamed") is False
+    assert {i.uuid: i.name for i in d.list_domains()}[spec.uuid] == new
+    d.start(spec.uuid)
+    with pytest.raises(HypervisorFatalError, match="renames only shut-off domains"):
+        d.rename_domain(spec.uuid, f"{kit.prefix}-again")
+    with pytest.raises(HypervisorFatalError):
+        d.domain_size(str(uuidlib.uuid4()))
