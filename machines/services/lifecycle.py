@@ -415,6 +415,8 @@ def machine_grow_disk(*, machine: Machine, disk_gib: int, actor) -> None:
             f"{statuses_text('grow_disk')}."
         )
     _refuse_while_operation(machine)
+    if machine.snapshots.filter(kind="external").exists():  # the guest writes an overlay, not the disk volume
+        raise MachineError(f"{machine.name} has external snapshots; delete them before growing its disk.")
     if disk_gib <= machine.disk_gib:
         raise ValidationError(
             {"disk_gib": f"The disk is {machine.disk_gib} GiB; give a larger size (disks only grow)."}

@@ -103,6 +103,8 @@ def machine_migrate(
         raise ValidationError(
             {"hypervisor": f"{target.name} cannot take {machine.name}: {' '.join(e.messages)}"}
         ) from None
+    if machine.snapshots.exists():  # their metadata and overlays are this host's libvirt's: a move carries neither
+        raise MachineError(f"{machine.name} has snapshots; delete them before moving it.")
     _claim_operation(machine, "migrate")
     Machine.objects.filter(pk=machine.pk).update(moving_to=target)
     how = "live" if live else f"cold{', restarted there' if restart else ''}"

@@ -15,7 +15,7 @@ from machines.services import sweeper
 from machines.services.common import MachineError
 from machines.states import Status
 from portal.models import AuditEvent
-from tests.factories import UserFactory
+from tests.factories import HypervisorFactory, UserFactory
 from tests.machines.test_services import base_kwargs, create, hv, image, owner  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.django_db
@@ -201,7 +201,7 @@ def test_the_tree_and_refresh_run_on_libvirts_test_driver(test_hv_state, monkeyp
     """The services' runs through LibvirtDriver("test:///default"): an internal snapshot of the running domain
     `test` with its memory, reverted to and deleted, with libvirt's own parent recorded."""
     from hypervisors.drivers.libvirt_driver import LibvirtDriver
-    from tests.factories import HypervisorFactory, MachineFactory
+    from tests.factories import MachineFactory
 
     driver = LibvirtDriver("test:///default")
     dom = driver.conn.lookupByName("test")
@@ -333,3 +333,28 @@ def test_the_admin_shows_snapshots_read_only_on_the_machine(django_capture_on_co
     body = admin_client.get(f"/admin/machines/machine/{machine.pk}/change/").content.decode()
     assert "adm" in body and "Snapshots" in body
     assert 'name="snapshots-0-name"' not in body  # read-only: no input for it
+
+
+def test_a_machine_with_snapshots_is_not_moved_and_one_with_overlays_not_grown(
+    django_capture_on_commit_callbacks, machine
+):
+    Machine.objects.filter(pk=machine.pk).update(firmware="uefi")
+    machine.refresh_from_db()
+    host_off = {"power_state": PowerState.OFF}
+    take(django_capture_on_commit_callbacks, machine, "ext")
+    Machine.objects.filter(pk=machine.pk).update(**host_off)
+    machine.refresh_from_db()
+    staff = UserFactory(username="boss", is_staff=True)
+    here = machine.hypervisor
+    HypervisorFactory(
+        name="lab2",
+        uri="qemu+tcp://lab2/system",
+        arch="x86_64",
+        networks=here.networks,
+        pools=here.pools,
+        firmwares=here.firmwares,
+    )
+    with pytest.raises(MachineError, match="delete them before moving"):
+        services.machine_migrate(machine=machine, actor=staff)
+    with pytest.raises(MachineError, match="delete them before growing"):
+        services.machine_grow_disk(machine=machine, disk_gib=machine.disk_gib + 1, actor=machine.owner)
