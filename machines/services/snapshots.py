@@ -53,7 +53,7 @@ def method_text(machine: Machine) -> str:
 
 def snapshot_tree(machine: Machine) -> list[tuple[MachineSnapshot, int]]:
     """The machine's snapshots in tree order, each with its depth (0: a root), for the page."""
-    snaps = list(machine.snapshots.all())
+    snaps = list(machine.snapshots.select_related("parent", "created_by"))
     children: dict[int | None, list[MachineSnapshot]] = {}
     ids = {s.pk for s in snaps}
     for s in snaps:
