@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -267,6 +268,44 @@ def image_fetch_volume(image_id: int) -> None:
         part.unlink(missing_ok=True)
         _fail(image, f"Could not read the volume: {e}")
         return
+    os.replace(part, final)
+    _finish(image, final, h.hexdigest())
+
+
+def image_create_pending(*, name: str, fmt: str = ImageFormat.QCOW2, owner=None, **fields) -> Image:
+    """A disk image whose bytes the worker writes later (image_fill_from_stream), importing until then: for
+    callers in higher layers that make an image from something of theirs (a machine's disk)."""
+    return _new_image(name=name, kind=ImageKind.DISK, fmt=fmt, owner=owner, **fields)
+
+
+def image_fill_from_stream(image_id: int, fill: Callable[[Callable[[bytes], None]], None]) -> None:
+    """Worker: fill(sink) passes the image's bytes to sink, which writes them to a private .part file with a
+    running checksum and the catalogue's size cap; the file is renamed and validated like any upload. A failure
+    (of fill too: it raises) leaves no file and the image in error with the reason."""
+    image = Image.objects.get(pk=image_id)
+    final = image_dir() / image.file_name
+    part = final.with_name(final.name + ".part")
+    h = hashlib.sha256()
+    received = 0
+
+    def sink(data: bytes) -> None:
+        nonlocal received
+        received += len(data)
+        if received > max_file_bytes():
+            raise ValueError(f"over the limit of {settings.PORTAL_IMAGE_MAX_FILE_GIB} GiB")
+        h.update(data)
+        out.write(data)
+
+    try:
+        with open(part, "wb", opener=_private) as out:
+            fill(sink)
+    except (HypervisorError, OSError, ValueError) as e:
+        part.unlink(missing_ok=True)
+        _fail(image, f"Could not write the image: {e}")
+        return
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
     os.replace(part, final)
     _finish(image, final, h.hexdigest())
 

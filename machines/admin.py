@@ -144,6 +144,7 @@ class MachineAdmin(admin.ModelAdmin):
         "grow_disk",
         "rebuild",
         "migrate",
+        "clone",
         "delete_machines",
         "sync",
     ]
@@ -187,6 +188,16 @@ class MachineAdmin(admin.ModelAdmin):
             queryset,
             lambda m: services.machine_grow_disk(machine=m, disk_gib=m.disk_gib + 10, actor=request.user),
             "Grow disk",
+        )
+
+    @admin.action(description="Clone (linked, one each, named <name>-clone; stopped machines only)")
+    def clone(self, request, queryset):
+        _each(
+            self,
+            request,
+            queryset,
+            lambda m: services.machine_clone(machine=m, actor=request.user, name=f"{m.name[:57]}-clone"),
+            "Clone",
         )
 
     @admin.action(description="Move to another hypervisor (cold; placement picks)")

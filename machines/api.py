@@ -11,7 +11,7 @@ from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
 
-from hypervisors.api import DetailSerializer, HypervisorSerializer
+from hypervisors.api import DetailSerializer, HypervisorSerializer, ImageSerializer
 from hypervisors.models import Hypervisor, Image
 from machines import access, consoles, macs, policy, services
 from machines.access import machines_for
@@ -331,6 +331,34 @@ class RebuildSerializer(serializers.Serializer):
 SNAPSHOT_QUEUED = {202: SnapshotSerializer, 409: DetailSerializer}  # 400 and 404: portal/api_schema.py adds them
 
 
+class CloneSerializer(serializers.Serializer):
+    """A clone of a stopped machine (machines/services/clones.py): one by `name`, or `count` by `name_pattern`."""
+
+    name = serializers.CharField(max_length=63, required=False, allow_blank=True, default="")
+    count = serializers.IntegerField(min_value=1, max_value=20, default=1)
+    name_pattern = serializers.CharField(
+        max_length=60, required=False, allow_blank=True, default="", help_text="With {n}: web-{n} makes web-1, web-2..."
+    )
+    linked = serializers.BooleanField(
+        default=True, help_text="Each disk's own layer over the same read-only image base; false: a full copy."
+    )
+    snapshot = serializers.IntegerField(
+        required=False, allow_null=True, default=None, min_value=1, help_text="A rebuild's kept disk to clone from."
+    )
+    project = serializers.PrimaryKeyRelatedField(
+        queryset=Project.objects.all(), required=False, allow_null=True, default=None
+    )
+
+
+class ClonesSerializer(serializers.Serializer):
+    machines = MachineSerializer(many=True, read_only=True)
+
+
+class SaveImageSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=100, help_text="The new catalogue image's name (unique).")
+    os_name = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
+
+
 class PowerSerializer(serializers.Serializer):
     action = serializers.ChoiceField(choices=PowerAction.choices)
 
@@ -560,6 +588,60 @@ class MachineViewSet(
         machine = self.get_object()
         snap = self._snapshot_of(machine, sid)
         return self._snapshot_call(services.snapshot_delete, machine=machine, snapshot=snap, actor=request.user)
+
+    # --- clones and images from machines ------------------------------------------------------------------
+
+    def _refused(self, e: Exception) -> Response:
+        if isinstance(e, services.MachineError):
+            return Response({"detail": str(e)}, status=status.HTTP_409_CONFLICT)
+        assert isinstance(e, DjangoValidationError)
+        return Response(e.message_dict if hasattr(e, "error_dict") else {"detail": e.messages}, status=400)
+
+    @extend_schema(request=CloneSerializer, responses={202: ClonesSerializer, 409: DetailSerializer})
+    @action(detail=True, methods=["post"], serializer_class=ClonesSerializer)
+    def clone(self, request, pk=None):
+        """Clone the stopped machine into new machines of yours on its hypervisor (quota-checked at once): each
+        `provisioning` until its disks are copied and it boots with its own MACs and cloud-init instance-id."""
+        machine = self.get_object()
+        s = CloneSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        data = s.validated_data
+        snap = None
+        if data["snapshot"] is not None:
+            snap = machine.snapshots.filter(pk=data["snapshot"]).first() if data["snapshot"] < 1 << 62 else None
+            if snap is None:
+                raise NotFound("No such snapshot of this machine.")
+        try:
+            made = services.machine_clone(
+                machine=machine,
+                actor=request.user,
+                name=data["name"],
+                count=data["count"],
+                name_pattern=data["name_pattern"] or None,
+                linked=data["linked"],
+                snapshot=snap,
+                project=data["project"],
+            )
+        except (services.MachineError, DjangoValidationError) as e:
+            return self._refused(e)
+        now = [Machine.objects.get(pk=m.pk) for m in made]
+        answer = {"machines": MachineSerializer(now, many=True, context=self.get_serializer_context()).data}
+        return Response(answer, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=SaveImageSerializer, responses={202: ImageSerializer, 409: DetailSerializer})
+    @action(detail=True, methods=["post"], url_path="save-image", serializer_class=ImageSerializer)
+    def save_image(self, request, pk=None):
+        """Save the stopped machine's disk as a new catalogue image of yours (flattened, checked like an upload):
+        `importing`, then `ready` or `error`."""
+        machine = self.get_object()
+        s = SaveImageSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        try:
+            image = services.image_from_machine(machine=machine, actor=request.user, **s.validated_data)
+        except (services.MachineError, DjangoValidationError) as e:
+            return self._refused(e)
+        image.refresh_from_db()
+        return Response(ImageSerializer(image, context=self.get_serializer_context()).data, status=202)
 
     @extend_schema(request=GrowSerializer, responses=QUEUED)
     @action(detail=True, methods=["post"], url_path="grow-disk")

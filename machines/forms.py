@@ -528,3 +528,24 @@ class SnapshotForm(forms.Form):
     name = forms.CharField(max_length=63, validators=[hostname_validator])
     description = forms.CharField(required=False, max_length=2000, widget=forms.Textarea(attrs={"rows": 2}))
     memory = forms.BooleanField(required=False, initial=True, label="With memory (the machine comes back running)")
+
+
+class CloneForm(forms.Form):
+    """The clone page (machines/clone_views.py): one clone by name, or several by a pattern with {n}."""
+
+    name = forms.CharField(max_length=63, required=False, help_text="The clone's host name (one clone).")
+    count = forms.IntegerField(min_value=1, max_value=20, initial=1, help_text="How many clones (1 to 20).")
+    name_pattern = forms.CharField(
+        max_length=60, required=False, help_text="For several: {n} becomes 1, 2, ... (web-{n})."
+    )
+    linked = forms.BooleanField(
+        required=False,
+        initial=True,
+        help_text="Linked: each disk's own layer over the same read-only image base (small, quick). "
+        "Unticked: a full, flattened copy.",
+    )
+
+
+class SaveImageForm(forms.Form):
+    name = forms.CharField(max_length=100, help_text="The new catalogue image's name (unique).")
+    os_name = forms.CharField(max_length=100, required=False, label="OS")

@@ -85,6 +85,10 @@ RULES: dict[str, Rule] = {
     "snapshot": Rule(access.OPERATE, ACTIVE, exclusive=True, applies=made_here),
     "snapshot_revert": Rule(access.ADMIN, ACTIVE, exclusive=True, unprotected=True, applies=made_here),
     "snapshot_delete": Rule(access.ADMIN, ACTIVE, exclusive=True, applies=made_here),
+    # Clones and images from a machine (machines.services.clones): the source is read, not changed, but a clone
+    # makes machines (charged to whoever clones) and an image publishes the disk's contents: an admin's, as create.
+    "clone": Rule(access.ADMIN, ACTIVE, exclusive=True, applies=made_here),
+    "save_image": Rule(access.ADMIN, ACTIVE, exclusive=True, applies=made_here),
     "protect": Rule(access.ADMIN),
     "migrate": Rule(access.ADMIN, ACTIVE, exclusive=True, unprotected=False, applies=made_here, who=may_migrate),
     "autostart": Rule(access.ADMIN),  # the hypervisor starts it when it boots

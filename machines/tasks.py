@@ -175,3 +175,17 @@ def machine_snapshot_delete_task(snapshot_id: int) -> None:
     from machines.services import snapshot_delete_run
 
     snapshot_delete_run(snapshot_id)
+
+
+@db_task()
+def machine_clone_task(source_id: int, clone_ids: list[int], linked: bool, snapshot_id: int | None = None) -> None:
+    from machines.services import machine_clone_run
+
+    machine_clone_run(source_id, clone_ids, linked, snapshot_id)
+
+
+@db_task()
+def machine_save_image_task(machine_id: int, image_id: int) -> None:
+    from machines.services import image_from_machine_run
+
+    image_from_machine_run(machine_id, image_id)

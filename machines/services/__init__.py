@@ -10,6 +10,7 @@ from machines.services.bmcs import (
     machine_set_boot_device,
     machine_set_boot_device_run,
 )
+from machines.services.clones import image_from_machine, image_from_machine_run, machine_clone, machine_clone_run
 from machines.services.common import MachineError
 from machines.services.lifecycle import (
     machine_create,
@@ -97,6 +98,10 @@ __all__ = [
     "console_auth_upgrade",
     "console_auth_upgrade_run",
     "generate_mac",
+    "image_from_machine",
+    "image_from_machine_run",
+    "machine_clone",
+    "machine_clone_run",
     "hypervisor_evacuate",
     "hypervisor_orphans_remove",
     "hypervisor_orphans_remove_run",

@@ -358,3 +358,14 @@ def test_a_machine_with_snapshots_is_not_moved_and_one_with_overlays_not_grown(
         services.machine_migrate(machine=machine, actor=staff)
     with pytest.raises(MachineError, match="delete them before growing"):
         services.machine_grow_disk(machine=machine, disk_gib=machine.disk_gib + 1, actor=machine.owner)
+
+
+def test_deleting_a_machine_removes_its_snapshots_overlays_too(django_capture_on_commit_callbacks, host, machine):
+    Machine.objects.filter(pk=machine.pk).update(firmware="uefi")
+    machine.refresh_from_db()
+    snap = take(django_capture_on_commit_callbacks, machine, "ext")
+    assert snap.volume(0) in host.pools["default"]
+    with django_capture_on_commit_callbacks(execute=True):
+        services.machine_delete(machine=machine, actor=machine.owner)
+    assert not any(name.startswith(f"m-{machine.uuid}") for name in host.pools["default"])
+    assert not MachineSnapshot.objects.filter(pk=snap.pk).exists()

@@ -1,0 +1,178 @@
+"""Clones and images from machines (machines/services/clones.py) with the in-memory FakeDriver: linked and full
+copies with their own UUID, MACs, instance-id and BMC, "Create N" by a pattern, the refusals (running source, quota
+for N, bad pattern, role, someone else's machine 404 in the API), the image saved into the catalogue."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from django.core.exceptions import PermissionDenied, ValidationError
+
+from hypervisors.drivers.base import PowerState as DomainState
+from hypervisors.models import Image, ImageStatus
+from machines import services
+from machines.models import Machine, Quota
+from machines.services import clones
+from machines.services.common import MachineError
+from machines.states import PowerState, Status
+from portal.models import AuditEvent
+from tests.factories import UserFactory
+from tests.machines.test_services import base_kwargs, create, hv, image, owner  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def stopped(django_capture_on_commit_callbacks, host, owner, hv, image, monkeypatch):  # noqa: F811
+    monkeypatch.setattr("machines.services.clones.get_driver", host.get_driver)
+    m = create(django_capture_on_commit_callbacks, **base_kwargs(owner, hv, image))
+    host.domains[str(m.uuid)]["state"] = DomainState.OFF
+    Machine.objects.filter(pk=m.pk).update(power_state=PowerState.OFF)
+    host.pools["default"][m.disk_volume]["data"] = b"the source's writes"
+    m.refresh_from_db()
+    return m
+
+
+def clone(cap, machine, **kw) -> list[Machine]:
+    with cap(execute=True):
+        made = services.machine_clone(machine=machine, actor=kw.pop("actor", machine.owner), **kw)
+    for m in made:
+        m.refresh_from_db()
+    return made
+
+
+def test_a_linked_clone_stands_on_the_image_base_with_its_own_identity(
+    django_capture_on_commit_callbacks, host, stopped
+):
+    (c,) = clone(django_capture_on_commit_callbacks, stopped, name="copy1")
+    assert c.status == Status.ACTIVE and c.cloned_from == stopped and c.hypervisor == stopped.hypervisor
+    assert c.uuid != stopped.uuid and c.instance_id != stopped.instance_id
+    src_macs = set(stopped.nics.values_list("mac", flat=True))
+    assert c.nics.count() == 1 and not src_macs & set(c.nics.values_list("mac", flat=True))
+    disk, base = host.pools["default"][c.disk_volume], host.pools["default"][stopped.disk_volume]["backing"]
+    assert disk["data"] == b"the source's writes" and disk["backing"] == base and base.endswith(".qcow2")
+    assert str(c.uuid) in host.domains and host.domains[str(c.uuid)]["state"] == DomainState.RUNNING
+    stopped.refresh_from_db()
+    assert stopped.operation == "" and host.domains[str(stopped.uuid)]["state"] == DomainState.OFF
+    assert "its own layer over" in c.events.filter(step="disk").first().message
+    assert AuditEvent.objects.filter(action="machine.clone", outcome="success").exists()
+
+
+def test_a_full_copy_and_create_n_by_pattern_checked_as_one(django_capture_on_commit_callbacks, host, stopped):
+    made = clone(django_capture_on_commit_callbacks, stopped, count=3, name_pattern="web-{n}", linked=False)
+    assert [m.name for m in made] == ["web-1", "web-2", "web-3"]
+    assert all(m.status == Status.ACTIVE for m in made)
+    assert len({m.instance_id for m in made} | {stopped.instance_id}) == 4
+    for m in made:
+        assert host.pools["default"][m.disk_volume]["backing"] == ""  # flattened
+    macs = [mac for m in made for mac in m.nics.values_list("mac", flat=True)]
+    assert len(set(macs)) == 3
+
+
+def test_refusals_running_quota_pattern_names_and_role(django_capture_on_commit_callbacks, host, stopped):
+    Machine.objects.filter(pk=stopped.pk).update(power_state=PowerState.RUNNING)
+    stopped.refresh_from_db()
+    with pytest.raises(MachineError, match="running: shut it down first"):
+        services.machine_clone(machine=stopped, actor=stopped.owner, name="c1")
+    Machine.objects.filter(pk=stopped.pk).update(power_state=PowerState.OFF)
+    stopped.refresh_from_db()
+    Quota.objects.update_or_create(user=stopped.owner, defaults={"machines": 3})
+    with pytest.raises(ValidationError, match="quota"):
+        services.machine_clone(machine=stopped, actor=stopped.owner, count=3, name_pattern="w-{n}")
+    for bad in ("web", "w-{n}-{n}", "W_{n}", "{x}"):
+        with pytest.raises(ValidationError, match="pattern|host name"):
+            services.machine_clone(machine=stopped, actor=stopped.owner, count=2, name_pattern=bad)
+    with pytest.raises(ValidationError, match="already have"):
+        services.machine_clone(machine=stopped, actor=stopped.owner, name=stopped.name)
+    with pytest.raises(ValidationError, match="1 to 20"):
+        services.machine_clone(machine=stopped, actor=stopped.owner, count=21, name_pattern="w-{n}")
+    stranger = UserFactory(username="stranger")
+    with pytest.raises(PermissionDenied):
+        services.machine_clone(machine=stopped, actor=stranger, name="mine")
+    assert Machine.objects.count() == 1 and Machine.objects.get().operation == ""
+    assert AuditEvent.objects.filter(action="machine.clone", outcome="refused").count() >= 5
+
+
+def test_a_clone_of_a_source_started_meanwhile_ends_in_error(django_capture_on_commit_callbacks, host, stopped):
+    host.domains[str(stopped.uuid)]["state"] = DomainState.RUNNING  # the observation was stale
+    (c,) = clone(django_capture_on_commit_callbacks, stopped, name="late")
+    assert c.status == Status.ERROR and "stopped machine" in c.status_message
+    assert c.disk_volume not in host.pools["default"]
+    stopped.refresh_from_db()
+    assert stopped.operation == ""
+
+
+def test_a_network_boot_clone_gets_its_own_bmc(django_capture_on_commit_callbacks, host, stopped):
+    Machine.objects.filter(pk=stopped.pk).update(deploy_type="network", image=None, bmc_port=6300, bmc_username="x")
+    stopped.refresh_from_db()
+    (c,) = clone(django_capture_on_commit_callbacks, stopped, name="pxe2")
+    assert c.bmc_port and c.bmc_port != stopped.bmc_port and c.bmc_username not in ("", "x")
+    assert c.bmc_password_encrypted
+
+
+def test_save_as_image_streams_the_flattened_disk_into_the_catalogue(
+    django_capture_on_commit_callbacks, host, stopped, settings, monkeypatch
+):
+    src = settings.PORTAL_IMAGE_DIR / "src.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(src), "64M"], check=True, capture_output=True)
+    host.pools["default"][stopped.disk_volume]["data"] = src.read_bytes()
+    with django_capture_on_commit_callbacks(execute=True):
+        img = services.image_from_machine(machine=stopped, actor=stopped.owner, name="golden")
+    img.refresh_from_db()
+    assert img.status == ImageStatus.READY and img.owner == stopped.owner and img.default_user == "tiny"
+    assert img.virtual_size_bytes == 64 << 20 and (settings.PORTAL_IMAGE_DIR / img.file_name).exists()
+    assert clones.export_volume(stopped, img) not in host.pools["default"]
+    stopped.refresh_from_db()
+    assert stopped.operation == ""
+    with pytest.raises(ValidationError, match="exists"):
+        services.image_from_machine(machine=stopped, actor=stopped.owner, name="golden")
+
+
+def test_save_as_image_of_a_disk_that_is_not_an_image_ends_in_error_with_no_file(
+    django_capture_on_commit_callbacks, host, stopped, settings
+):
+    host.pools["default"][stopped.disk_volume]["data"] = b"not a qcow2"
+    with django_capture_on_commit_callbacks(execute=True):
+        img = services.image_from_machine(machine=stopped, actor=stopped.owner, name="broken")
+    img.refresh_from_db()
+    assert img.status == ImageStatus.ERROR and "Refused" in img.status_message
+    assert not (settings.PORTAL_IMAGE_DIR / img.file_name).exists()
+    assert Image.objects.filter(name="broken").exists()
+
+
+def test_the_api_clones_and_saves_and_never_shows_another_users_machine(
+    django_capture_on_commit_callbacks, host, stopped, client
+):
+    client.force_login(stopped.owner)
+    with django_capture_on_commit_callbacks(execute=True):
+        r = client.post(
+            f"/api/v1/machines/{stopped.pk}/clone/",
+            {"count": 2, "name_pattern": "api-{n}", "linked": True},
+            content_type="application/json",
+        )
+    assert r.status_code == 202, r.content
+    assert [m["name"] for m in r.json()["machines"]] == ["api-1", "api-2"]
+    r = client.post(f"/api/v1/machines/{stopped.pk}/clone/", {"count": 2}, content_type="application/json")
+    assert r.status_code == 400 and "pattern" in str(r.json())
+    r = client.post(f"/api/v1/machines/{stopped.pk}/clone/", {"name": "Bad_Name"}, content_type="application/json")
+    assert r.status_code == 400
+    stranger = UserFactory(username="stranger")
+    client.force_login(stranger)
+    for action in ("clone", "save-image"):
+        r = client.post(f"/api/v1/machines/{stopped.pk}/{action}/", {"name": "x"}, content_type="application/json")
+        assert r.status_code == 404
+
+
+def test_the_page_clones_and_refuses_with_a_message(django_capture_on_commit_callbacks, host, stopped, client):
+    client.force_login(stopped.owner)
+    r = client.get(f"/machines/{stopped.pk}/clone/")
+    assert r.status_code == 200 and b"Create" in r.content
+    r = client.post(f"/machines/{stopped.pk}/clone/", {"count": "2", "name_pattern": "bad"})
+    assert r.status_code == 200 and b"{n}" in r.content
+    with django_capture_on_commit_callbacks(execute=True):
+        r = client.post(f"/machines/{stopped.pk}/clone/", {"name": "page1", "count": "1", "linked": "on"})
+    assert r.status_code == 302 and Machine.objects.filter(name="page1", status=Status.ACTIVE).exists()
+    with django_capture_on_commit_callbacks(execute=True):
+        r = client.post(f"/machines/{stopped.pk}/save-image/", {"name": "from-page"})
+    assert r.status_code == 302 and Image.objects.filter(name="from-page").exists()
