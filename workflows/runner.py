@@ -62,6 +62,11 @@ _STATUS = {
     "runner_item_on_skipped": "skipped",
 }
 _OK = {"runner_on_ok", "runner_item_on_ok", "runner_on_async_ok"}
+_KEY_FACTS = (
+    "hostname", "fqdn", "nodename", "machine_id", "distribution", "distribution_version", "distribution_release",
+    "os_family", "architecture", "kernel", "python_version", "default_ipv4", "default_ipv6", "all_ipv4_addresses",
+    "all_ipv6_addresses", "memtotal_mb", "processor_vcpus", "virtualization_type", "virtualization_role",
+)  # fmt: skip
 
 
 class RunError(Exception):
@@ -134,6 +139,10 @@ def _trim_result(res: object) -> dict[str, Any]:
         if key in res:
             value = res[key]
             kept[key] = _trim(value, 2000) if isinstance(value, str) else json.loads(json.dumps(value, default=str))
+    facts = res.get("ansible_facts")
+    if isinstance(facts, Mapping):  # gathered facts run to tens of kilobytes: the ones that say which machine
+        wanted = {f"{prefix}{name}" for name in _KEY_FACTS for prefix in ("", "ansible_")}
+        kept["ansible_facts"] = json.loads(json.dumps({k: v for k, v in facts.items() if k in wanted}, default=str))
     return kept
 
 

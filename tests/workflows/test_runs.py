@@ -98,6 +98,8 @@ def test_facts_waits_gathers_and_prints_the_hostname(team, staff, run_dir):
     assert f"hostname={socket.gethostname()}" in printed.data["msg"]
     gathered = _events(run, task="Gather facts", event="runner_on_ok")[0]
     assert gathered.status == "ok" and gathered.data["ansible_facts"]["ansible_hostname"] == socket.gethostname()
+    if gathered.data.get("_trimmed"):  # over 16000 characters (this host's interfaces and mounts): the key facts
+        assert {"ansible_distribution", "ansible_all_ipv4_addresses"} <= set(gathered.data["ansible_facts"])
 
 
 @pytest.mark.django_db
@@ -273,3 +275,75 @@ def test_a_cancelled_run_stops_within_seconds_and_leaves_no_process(team, staff,
     time.sleep(0.5)
     assert _leftovers(f"sleep {marker}") == [] and _leftovers(str(run_dir)) == []
     assert not run_dir.exists() or not any(run_dir.iterdir())
+
+
+@pytest.mark.django_db
+def test_a_run_past_its_deadline_is_stopped_and_fails(team, staff, playbook_dir, run_dir, settings):
+    settings.PORTAL_WORKFLOW_TIMEOUT = 2
+    marker = f"{70 + os.getpid() % 1000 / 1000:.3f}"
+    directory = playbook_dir(
+        f"- hosts: all\n  gather_facts: false\n  tasks:\n    - ansible.builtin.command: sleep {marker}\n"
+    )
+    wf = services.workflow_register(actor=staff, name="slow", directory=directory)
+    started = time.monotonic()
+    run = _execute(_start(team, wf))
+    assert run.status == "failed" and "stopped after 2 s (PORTAL_WORKFLOW_TIMEOUT)" in run.status_message
+    assert time.monotonic() - started < 15
+    time.sleep(0.5)
+    assert _leftovers(f"sleep {marker}") == []
+
+
+@pytest.mark.django_db
+def test_a_git_checkout_that_hangs_is_given_up_after_its_deadline(team, staff, run_dir, settings):
+    settings.PORTAL_WORKFLOW_GIT_TIMEOUT = 2
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)  # accepts, never answers: the TLS handshake waits forever
+    try:
+        url = f"https://127.0.0.1:{silent.getsockname()[1]}/ops.git"
+        wf = services.workflow_register(actor=staff, name="hangs", source="git", git_url=url)
+        started = time.monotonic()
+        run = _execute(_start(team, wf))
+    finally:
+        silent.close()
+    assert run.status == "error" and run.status_message == "git clone took longer than 2 s"
+    assert time.monotonic() - started < 10
+    assert _leftovers(url) == [] and not WorkflowEvent.objects.filter(run=run).exists()
+
+
+@pytest.mark.django_db
+def test_the_private_directory_holds_the_projects_key_the_host_keys_and_the_values(team, staff, playbook_dir, tmp_path):
+    """What the runner writes before ansible-runner starts (read here before the run would remove it)."""
+    from machines.projectkeys import project_keypair
+    from workflows import runner
+
+    web1, web2 = team["machines"]
+    host_key = (
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode()
+    )
+    MachineObserved.objects.create(machine=web1, ssh_host_keys=host_key + "\n")
+    wf = services.workflow_register(
+        actor=staff, name="inspect", directory=playbook_dir,
+        variables=[{"name": "note"}, {"name": "count", "type": "integer"}, {"name": "token", "secret": True}],
+    )  # fmt: skip
+    run = _start(team, wf, {"note": "{{ x }}", "count": "3", "token": "t0ken"}, machines=[web1, web2])
+    pdd = tmp_path / "pdd"
+    note = runner._prepare(run, pdd, {"token": "t0ken"}, {"ansible_host": "192.0.2.7"}, None)
+    assert (pdd.stat().st_mode & 0o777) == 0o700
+    assert "host keys checked for web1; host keys accepted on first connection for web2 (none recorded)" in note
+    assert (pdd / "env" / "ssh_key").read_text().strip() == project_keypair(team["project"])[1].strip()
+    assert (pdd / "env" / "ssh_key").stat().st_mode & 0o777 == 0o600
+    assert (pdd / "known_hosts").read_text() == f"192.0.2.7 {host_key}\n"
+    inventory = json.loads((pdd / "inventory" / "hosts.json").read_text())
+    hosts = inventory["all"]["hosts"]
+    assert sorted(hosts) == ["web1", "web2"]
+    assert "StrictHostKeyChecking=yes" in hosts["web1"]["ansible_ssh_common_args"]
+    assert "StrictHostKeyChecking=accept-new" in hosts["web2"]["ansible_ssh_common_args"]
+    assert f"UserKnownHostsFile={pdd}/known_hosts" in hosts["web2"]["ansible_ssh_common_args"]
+    assert inventory["all"]["children"]["project_web_team"]["hosts"] == {"web1": {}, "web2": {}}
+    assert (pdd / "env" / "extravars").read_text().splitlines() == [
+        '"note": !unsafe "{{ x }}"', '"count": 3', '"token": !unsafe "t0ken"'
+    ]  # fmt: skip
