@@ -328,3 +328,18 @@ def room_on(hv: Hypervisor, *, pool: str, arch: str = "") -> Fit | str:
     """What hv has free now for a machine of `arch` on `pool`, before any is asked for: a Fit, else why it takes
     none. For planners that place several machines at once (a lab) and count their room down themselves."""
     return _fit(hv, vcpus=0, memory_mib=0, disk_gib=0, pool=pool, arch=arch)
+
+
+def room_for_growth(hv: Hypervisor, *, vcpus: int, memory_mib: int) -> str:
+    """Why hv (locked by the caller, after lock_quotas) cannot give one of its machines `vcpus` and `memory_mib`
+    more ("" if it can): its memory and vCPUs less what its machines hold, as a create's placement counts them."""
+    if not (vcpus or memory_mib):
+        return ""
+    placed = usage_of(Machine.objects.filter(Q(hypervisor=hv) | Q(moving_to=hv)))
+    free_memory = (hv.memory_mib or 0) - placed["memory_mib"]
+    free_vcpus = int((hv.cpus or 0) * Decimal(hv.cpu_allocation_ratio)) - placed["vcpus"]
+    if memory_mib and free_memory < memory_mib:
+        return f"{max(free_memory, 0)} MiB memory free, the change needs {memory_mib} more"
+    if vcpus and free_vcpus < vcpus:
+        return f"{max(free_vcpus, 0)} vCPUs free, the change needs {vcpus} more"
+    return ""

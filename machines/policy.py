@@ -64,6 +64,12 @@ RULES: dict[str, Rule] = {
     "media": Rule(access.OPERATE, ACTIVE, exclusive=True, applies=is_iso),
     "boot_cdrom": Rule(access.OPERATE, ACTIVE, exclusive=True, applies=is_iso),
     "boot_device": Rule(access.OPERATE, ACTIVE, exclusive=True, applies=has_bmc),
+    # Changes after create (machines.services.changes): vCPUs, memory and the name change what the machine holds
+    # and what it is called (its domain, its BMC, the inventory), as create does: an admin's. Its description and
+    # tags change nothing on the hypervisor, and operators organise the machines they run by them.
+    "resize": Rule(access.ADMIN, ACTIVE, exclusive=True),
+    "rename": Rule(access.ADMIN, ACTIVE, exclusive=True),
+    "label": Rule(access.OPERATE),
     "rebuild": Rule(
         access.ADMIN,
         frozenset({Status.ACTIVE, Status.ERROR}),

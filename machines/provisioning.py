@@ -199,6 +199,8 @@ def domain_spec(
         arch=arch,
         vcpus=machine.vcpus,
         memory_mib=machine.memory_mib,
+        max_vcpus=machine.max_vcpus or 0,
+        max_memory_mib=machine.max_memory_mib or 0,
         disks=disks,
         nics=nics,
         vnc_listen=hv.console_address,

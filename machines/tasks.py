@@ -46,6 +46,13 @@ def machine_grow_disk_task(machine_id: int) -> None:
 
 
 @db_task()
+def machine_change_task(machine_id: int, hardware: bool, new_name: str) -> None:
+    from machines.services import machine_change_run
+
+    machine_change_run(machine_id, hardware, new_name)
+
+
+@db_task()
 def machine_autostart_task(machine_id: int) -> None:
     from machines.services import machine_set_autostart_run
 

@@ -70,6 +70,7 @@ def _close_test_host(uri: str = "test:///default") -> None:
 FAKE_DRIVER_SEAMS = (
     "machines.services.adoption",
     "machines.services.bmcs",
+    "machines.services.changes",
     "machines.services.lifecycle",
     "machines.services.observation",
     "machines.services.operations",

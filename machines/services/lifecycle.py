@@ -22,7 +22,7 @@ from machines.access import project_choices
 from machines.capacity import check_quota, claim_room, held, held_by, lock_quotas
 from machines.models import Machine, MachineCdrom, MachineNic, MachineObserved, Project
 from machines.policy import RULES, has_ready_image, statuses_text
-from machines.services import snapshots
+from machines.services import changes, snapshots
 from machines.services.adoption import machine_adopt_run
 from machines.services.bmcs import bmc_assign
 from machines.services.common import (
@@ -67,6 +67,10 @@ def machine_create(
     vcpus: int = 1,
     memory_mib: int = 1024,
     disk_gib: int = 10,
+    max_vcpus: int | None = None,
+    max_memory_mib: int | None = None,
+    description: str = "",
+    tags: list[str] | None = None,
     nics: list[NicInput] | None = None,
     ssh_authorized_keys: str = "",
     packages: str = "",
@@ -85,6 +89,11 @@ def machine_create(
     override_capacity (staff, with a named hypervisor): create it even where the host has no room."""
     if deploy_type not in DeployType.values:
         raise ValidationError({"deploy_type": f"Choose one of {', '.join(DeployType.values)}."})
+    # The most a running machine can be grown to without a restart (machines.services.changes), and its labels.
+    max_vcpus, max_memory_mib = changes.clean_maxima(
+        vcpus, memory_mib, max_vcpus, max_memory_mib, hardware.get("cpu_topology")
+    )
+    tags = changes.clean_tags(tags)
     extra_isos = extra_isos or []
     if deploy_type == DeployType.ISO:
         _validate_iso_request(extra_isos, ssh_authorized_keys, packages, script, user_data)
@@ -135,6 +144,10 @@ def machine_create(
         vcpus=vcpus,
         memory_mib=memory_mib,
         disk_gib=disk_gib,
+        max_vcpus=max_vcpus,
+        max_memory_mib=max_memory_mib,
+        description=description.strip(),
+        tags=tags,
         ssh_authorized_keys=ssh_authorized_keys.strip(),
         packages=packages.strip(),
         script=script,

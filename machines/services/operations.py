@@ -7,6 +7,7 @@ from django.utils import timezone
 
 from hypervisors.drivers import get_driver
 from hypervisors.drivers.base import HypervisorError, HypervisorFatalError
+from hypervisors.drivers.base import PowerState as DomainState
 from hypervisors.models import Image
 from machines import policy, provisioning, tasks
 from machines.models import Machine, MachineCdrom
@@ -41,6 +42,9 @@ def machine_power_run(machine_id: int, action: str) -> None:
         driver = get_driver(machine.hypervisor.uri)
         if action == PowerAction.START:
             provisioning.ensure_host_guards(machine, driver, defined=True)  # current: the MAC may have changed
+        # Changes waiting for a cold start (machines.services.changes): is this one? A reboot or reset of a
+        # running domain keeps its QEMU, so only a start of a domain that is off counts.
+        cold = bool(machine.pending) and driver.domain_state(uuid) != DomainState.RUNNING
         {
             PowerAction.START: driver.start,
             PowerAction.SHUTDOWN: driver.shutdown,
@@ -50,6 +54,10 @@ def machine_power_run(machine_id: int, action: str) -> None:
         }[PowerAction(action)](uuid)
         state = driver.domain_state(uuid)
         machine.log("power", f"{PowerAction(action).label} done; the domain is {state or 'missing'}")
+        if cold and state == DomainState.RUNNING:
+            from machines.services.changes import pending_applied  # changes builds on this module
+
+            pending_applied(machine, driver)
     except HypervisorError as e:
         state = None
         machine.log("power", f"{PowerAction(action).label} failed: {e}", level="error")
