@@ -347,3 +347,15 @@ def test_the_private_directory_holds_the_projects_key_the_host_keys_and_the_valu
     assert (pdd / "env" / "extravars").read_text().splitlines() == [
         '"note": !unsafe "{{ x }}"', '"count": 3', '"token": !unsafe "t0ken"'
     ]  # fmt: skip
+
+
+@pytest.mark.django_db
+def test_packages_with_what_is_installed_already_changes_nothing(team, staff, run_dir):
+    """The shipped `packages` workflow, with packages this host has (so nothing is installed), through apt on
+    the system's Python (python3-apt), as root without sudo."""
+    wf = _example(staff, "packages")
+    hostvars = {**LOCAL, "ansible_python_interpreter": "/usr/bin/python3"}
+    run = _execute(_start(team, wf, {"packages": "coreutils, bash", "become": "false"}), hostvars=hostvars)
+    assert run.status == "successful", run.stdout
+    installed = _events(run, task="Install packages", event="runner_on_ok")
+    assert [(e.host, e.status) for e in installed] == [("web1", "ok")]
