@@ -380,6 +380,32 @@ PORTAL_SCREENSHOTS_PER_MINUTE = envint("PORTAL_SCREENSHOTS_PER_MINUTE", "30")
 # reported on the hypervisor page only once first seen this many seconds ago, by an earlier sweep.
 PORTAL_ORPHAN_GRACE = envint("PORTAL_ORPHAN_GRACE", "600")
 
+# Leases (machines/services/leases.py): the owner is warned this many hours before a machine's lease ends; at
+# the end it is shut down (powered off if still running PORTAL_LEASE_POWEROFF_AFTER s later), and deleted this many
+# hours after. The worker checks every minute, or every PORTAL_LEASE_CHECK_INTERVAL s within it.
+PORTAL_LEASE_WARN_HOURS = envint("PORTAL_LEASE_WARN_HOURS", "24")
+try:  # hours, fractions allowed (the integration test deletes 18 s after the shut-down)
+    PORTAL_LEASE_DELETE_AFTER_HOURS = float(os.getenv("PORTAL_LEASE_DELETE_AFTER_HOURS", "72"))
+except ValueError:
+    raise ImproperlyConfigured("PORTAL_LEASE_DELETE_AFTER_HOURS is a number of hours") from None
+PORTAL_LEASE_POWEROFF_AFTER = envint("PORTAL_LEASE_POWEROFF_AFTER", "300")
+PORTAL_LEASE_CHECK_INTERVAL = envint("PORTAL_LEASE_CHECK_INTERVAL", "60")
+if min(PORTAL_LEASE_WARN_HOURS, PORTAL_LEASE_DELETE_AFTER_HOURS, PORTAL_LEASE_POWEROFF_AFTER) < 0:
+    raise ImproperlyConfigured("PORTAL_LEASE_WARN_HOURS, _DELETE_AFTER_HOURS and _POWEROFF_AFTER are at least 0")
+if not 1 <= PORTAL_LEASE_CHECK_INTERVAL <= 60:
+    raise ImproperlyConfigured("PORTAL_LEASE_CHECK_INTERVAL is 1 to 60 seconds")
+# Scheduled actions (labs/schedules.py): a run missed by more than this many minutes (the worker was down) is
+# skipped, not run late.
+PORTAL_SCHEDULE_CATCH_UP_MINUTES = envint("PORTAL_SCHEDULE_CATCH_UP_MINUTES", "60")
+# Mail (the lease warnings), through Django's SMTP backend.
+EMAIL_HOST = os.getenv("PORTAL_EMAIL_HOST", "localhost")
+EMAIL_PORT = envint("PORTAL_EMAIL_PORT", "25")
+EMAIL_HOST_USER = os.getenv("PORTAL_EMAIL_USER", "")
+EMAIL_HOST_PASSWORD = envsecret("PORTAL_EMAIL_PASSWORD", "")
+EMAIL_USE_TLS = envbool("PORTAL_EMAIL_USE_TLS", "False")
+EMAIL_TIMEOUT = 20
+DEFAULT_FROM_EMAIL = os.getenv("PORTAL_EMAIL_FROM", "portal@localhost")
+
 # Virtual BMCs of network-boot machines (served by manage.py bmc_server).
 PORTAL_BMC_ADDRESS = os.getenv("PORTAL_BMC_ADDRESS", "127.0.0.1")  # never :: or 0.0.0.0 by default
 PORTAL_BMC_PORT_RANGE = os.getenv("PORTAL_BMC_PORT_RANGE", "6230-6329")

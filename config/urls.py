@@ -10,6 +10,7 @@ from hypervisors.api import HypervisorViewSet, ImageViewSet
 from labs import inventory_views
 from labs.api import LabTemplateViewSet, LabViewSet
 from labs.api_inventory import InventoryView
+from labs.schedule_api import LabScheduleViewSet, MachineScheduleViewSet
 from machines import views as machine_views
 from machines.api import HypervisorMaintenanceViewSet, MachineViewSet
 from portal import account
@@ -25,6 +26,8 @@ router.register("machines", MachineViewSet, basename="machine")
 router.register("audit", AuditEventViewSet, basename="audit")
 router.register("labs", LabViewSet, basename="lab")
 router.register("lab-templates", LabTemplateViewSet, basename="lab-template")
+router.register(r"machines/(?P<id>[0-9]+)/schedules", MachineScheduleViewSet, basename="machine-schedule")
+router.register(r"labs/(?P<id>[0-9]+)/schedules", LabScheduleViewSet, basename="lab-schedule")
 router.register("workflows", WorkflowViewSet, basename="workflow")
 router.register("workflow-runs", WorkflowRunViewSet, basename="workflow-run")
 

@@ -16,6 +16,7 @@ from hypervisors.models import Hypervisor, HypervisorStatus
 from machines.access import HYPERVISOR_CAPABILITIES, for_lists, machines_for
 from machines.capacity import usage_by, usage_report
 from machines.models import Machine, MachineEvent
+from machines.services import expiring_soon
 from machines.states import BUSY, Status
 from portal import audit, audit_export
 from portal.decorators import staff_required
@@ -49,6 +50,7 @@ def home(request) -> HttpResponse:
             "events": events.order_by("-created", "-pk")[:12],
             "queue": queue_report(limit=10 if request.user.is_staff else 0),
             "busy": for_lists(machines_for(request.user)).filter(status__in=BUSY).order_by("status_changed")[:10],
+            "expiring": expiring_soon(request.user)[:10],
         },
     )
 

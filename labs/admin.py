@@ -4,9 +4,11 @@ service checks it, and an import's plan and report are read-only records."""
 
 from django import forms
 from django.contrib import admin
+from django.core.exceptions import ValidationError
 
-from labs import specs
-from labs.models import InventoryImport, Lab, LabMachine, LabTemplate
+from labs import schedules, specs
+from labs.models import InventoryImport, Lab, LabMachine, LabTemplate, ScheduledAction
+from portal import audit
 
 
 class LabMachineInline(admin.TabularInline):
@@ -22,10 +24,11 @@ class LabMachineInline(admin.TabularInline):
 
 @admin.register(Lab)
 class LabAdmin(admin.ModelAdmin):
-    list_display = ("name", "owner", "project", "source", "created")
+    list_display = ("name", "owner", "project", "source", "expires_at", "created")
     list_filter = ("project",)
     search_fields = ("name", "owner__username", "source")
-    readonly_fields = ("created",)
+    # The lease is set on the lab page or the API (labs.services.lab_set_lease), which sets its machines' too.
+    readonly_fields = ("created", "expires_at")
     inlines = [LabMachineInline]
 
     def has_delete_permission(self, request, obj=None):
@@ -92,3 +95,46 @@ class InventoryImportAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None):
         return False
+
+
+class ScheduledActionForm(forms.ModelForm):
+    class Meta:
+        model = ScheduledAction
+        fields = ["machine", "lab", "action", "hour", "minute", "weekdays", "retention", "enabled"]
+
+    def clean(self):
+        data = super().clean() or {}
+        if bool(data.get("machine")) == bool(data.get("lab")):
+            raise forms.ValidationError("A schedule is on a machine or on a lab.")
+        try:  # the service's own checks of the values (labs/schedules.py)
+            data["weekdays"] = schedules._check_fields(
+                data.get("action", ""),
+                data.get("hour", -1),
+                data.get("minute", -1),
+                data.get("weekdays") if data.get("weekdays") is not None else [],
+                data.get("retention", 0),
+            )
+        except ValidationError as e:
+            raise forms.ValidationError(e.messages) from None
+        return data
+
+
+@admin.register(ScheduledAction)
+class ScheduledActionAdmin(admin.ModelAdmin):
+    """Staff see and change every schedule; each change is in the audit trail, each run in the machines' events."""
+
+    form = ScheduledActionForm
+    list_display = ("__str__", "action", "machine", "lab", "enabled", "last_run", "created_by")
+    list_filter = ("action", "enabled")
+    search_fields = ("machine__name", "lab__name", "created_by__username")
+    readonly_fields = ("last_run", "last_result", "created_by", "created")
+
+    def save_model(self, request, obj, form, change):
+        if not change:
+            obj.created_by = request.user
+        super().save_model(request, obj, form, change)
+        audit.record("schedule.update" if change else "schedule.create", obj, user=request.user)
+
+    def delete_model(self, request, obj):
+        audit.record("schedule.delete", obj, user=request.user)
+        super().delete_model(request, obj)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from django import forms
 
 from labs import services, specs
-from labs.models import LabTemplate
+from labs.models import LabTemplate, ScheduledAction
 from machines.access import project_choices
 from machines.models import Project
 
@@ -133,3 +133,24 @@ class InstantiateForm(forms.Form):
             "patterns": patterns,
             "offsets": offsets,
         }
+
+
+class ScheduleForm(forms.Form):
+    """A scheduled action (labs/schedules.py): the service checks the values again and says why."""
+
+    action = forms.ChoiceField(choices=ScheduledAction.Action.choices)
+    hour = forms.IntegerField(min_value=0, max_value=23, initial=8)
+    minute = forms.IntegerField(min_value=0, max_value=59, initial=0)
+    weekdays = forms.TypedMultipleChoiceField(
+        choices=[(i, d) for i, d in enumerate(["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"])],
+        coerce=int,
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        help_text="None: every day.",
+    )
+    retention = forms.IntegerField(
+        min_value=1, max_value=10, initial=3, required=False, help_text="Snapshots: how many to keep (3 if empty)."
+    )
+
+    def clean_retention(self) -> int:
+        return self.cleaned_data.get("retention") or 3

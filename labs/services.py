@@ -16,12 +16,13 @@ from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.db.models import Q, QuerySet
+from django.utils import timezone
 
 from hypervisors.models import Hypervisor, HypervisorStatus, Image, ImageStatus
 from hypervisors.offers import offers_for
 from labs import specs
 from labs.models import Lab, LabMachine, LabTemplate
-from machines import access, policy, services
+from machines import access, leases, policy, services
 from machines.access import machines_for, project_choices
 from machines.capacity import QuotaExceeded, check_quota, held, room_on
 from machines.models import Machine, Membership, Project
@@ -50,9 +51,27 @@ def lab_get_or_create(*, name: str, owner, project: Project | None = None, sourc
 
 
 def lab_add_machine(*, lab: Lab, machine: Machine, group: str = "") -> LabMachine:
-    """Put a machine in a lab (a machine is in one lab at most: this moves it there)."""
+    """Put a machine in a lab (a machine is in one lab at most: this moves it there); a lab's lease is its."""
     member, _ = LabMachine.objects.update_or_create(machine=machine, defaults={"lab": lab, "group": group})
+    if lab.expires_at is not None:
+        Machine.objects.filter(pk=machine.pk).update(expires_at=lab.expires_at, expiry_warned=None, expired_off=None)
     return member
+
+
+@audited("lab.lease", obj_kwarg="lab")
+@transaction.atomic
+def lab_set_lease(*, lab: Lab, actor, until, now=None) -> None:
+    """Set the lab's lease end (None: none) within its project's maximum (staff: any), and its machines' with it:
+    the lab's lease applies to its machines (machines/services/leases.py shuts them down and deletes them)."""
+    lab_require(actor, lab, access.ADMIN)
+    now = now or timezone.now()
+    leases.check(until, project=lab.project, actor=actor, now=now)
+    Lab.objects.filter(pk=lab.pk).update(expires_at=until)
+    lab.expires_at = until
+    members = Machine.objects.filter(lab_membership__lab=lab)
+    members.update(expires_at=until, expiry_warned=None, expired_off=None)
+    for machine in members:
+        machine.log("lease", f"the lease of lab {lab.name} ends {until:%Y-%m-%d %H:%M %Z}" if until else "no lease")
 
 
 # --- Who sees what: a lab's owner and staff do everything; its project's members act by their role. ---
@@ -327,7 +346,14 @@ def lab_instantiate(
             f"Nothing was made: the lab ({_summary(requests)}) together. {' '.join(e.messages)}"
         ) from None
     hosts = plan_placement(requests, images, placement=placement)
-    lab = Lab.objects.create(name=name, owner=actor, project=project, source=template.name, description=description)
+    lab = Lab.objects.create(
+        name=name,
+        owner=actor,
+        project=project,
+        source=template.name,
+        description=description,
+        expires_at=leases.default_expiry(project, timezone.now()),  # the project's default lease, its machines'
+    )
     keys = "\n".join(k for k in actor.ssh_keys.values_list("public_key", flat=True) if k.strip()) if saved_keys else ""
     for r, hv in zip(requests, hosts, strict=True):
         try:

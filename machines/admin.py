@@ -9,7 +9,7 @@ from django.template.response import TemplateResponse
 from django.utils.html import format_html
 
 from hypervisors.admin import HypervisorAdmin
-from machines import capacity, services
+from machines import capacity, leases, services
 from machines.models import Machine, MachineEvent, MachineNic, MachineSnapshot, Membership, Project, Quota
 from machines.states import PowerAction
 from portal import audit
@@ -136,8 +136,10 @@ class MachineAdmin(admin.ModelAdmin):
         "secure_boot",
         "created",
         "updated",
+        "expiry_warned",
+        "expired_off",
     ]
-    fields = [*readonly_fields[:10], "deletion_protection", "autostart", *readonly_fields[10:]]
+    fields = [*readonly_fields[:10], "deletion_protection", "autostart", "expires_at", *readonly_fields[10:]]
     inlines = [NicInline, SnapshotInline, EventInline]
     actions = [
         *(_power_action(a) for a in PowerAction.values),
@@ -171,6 +173,11 @@ class MachineAdmin(admin.ModelAdmin):
             services.machine_set_protection(machine=obj, protected=obj.deletion_protection, actor=request.user)
         if "autostart" in form.changed_data:
             services.machine_set_autostart(machine=obj, enabled=obj.autostart, actor=request.user)
+        if "expires_at" in form.changed_data:  # the lease, through its service (audited, an event)
+            try:
+                services.machine_extend_lease(machine=obj, actor=request.user, until=obj.expires_at)
+            except leases.LeaseRefused as e:
+                self.message_user(request, f"The lease is unchanged: {e}", messages.ERROR)
 
     @admin.action(description="Sync power state from the hypervisor")
     def sync(self, request, queryset):

@@ -13,7 +13,7 @@ from rest_framework.response import Response
 
 from hypervisors.api import DetailSerializer, HypervisorSerializer, ImageSerializer
 from hypervisors.models import Hypervisor, Image
-from machines import access, consoles, macs, policy, services
+from machines import access, consoles, leases, macs, policy, services
 from machines.access import machines_for
 from machines.models import Machine, MachineEvent, MachineNic, MachineSnapshot, Project
 from machines.states import PowerAction
@@ -142,6 +142,16 @@ class MachineSerializer(serializers.ModelSerializer):
         "else for users who are not staff the first network published to them, else none. "
         "Users who are not staff may use only the tenant network and published networks.",
     )
+    lease_days = serializers.IntegerField(
+        write_only=True,
+        required=False,
+        allow_null=True,
+        default=None,
+        min_value=0,
+        max_value=3650,
+        help_text="The lease in days: left out, the project's default; 0, none; at most the project's maximum "
+        "(staff: any).",
+    )
     override_capacity = serializers.BooleanField(
         write_only=True,
         required=False,
@@ -214,6 +224,8 @@ class MachineSerializer(serializers.ModelSerializer):
             "guest_addresses",
             "override_capacity",
             "allowed_actions",
+            "expires_at",
+            "lease_days",
         ]
         read_only_fields = [
             "uuid",
@@ -226,6 +238,7 @@ class MachineSerializer(serializers.ModelSerializer):
             "created",
             "guest_addresses",
             "allowed_actions",
+            "expires_at",
         ]
         validators: list[Any] = []  # the service validates (with the owner, which the request supplies)
 
@@ -425,6 +438,13 @@ class ProtectionSerializer(serializers.Serializer):
 
 class AutostartSerializer(serializers.Serializer):
     autostart = serializers.BooleanField()
+
+
+class LeaseSerializer(serializers.Serializer):
+    until = serializers.DateTimeField(
+        allow_null=True,
+        help_text="When the lease ends (null: none); at most the project's maximum from now (staff: any).",
+    )
 
 
 class MachineViewSet(
@@ -738,6 +758,21 @@ class MachineViewSet(
             machine=machine, protected=s.validated_data["deletion_protection"], actor=request.user
         )
         return Response(self._data(machine))
+
+    @extend_schema(request=LeaseSerializer, responses={200: MachineSerializer})
+    @action(detail=True, methods=["post"], serializer_class=LeaseSerializer)
+    def lease(self, request, pk=None):
+        """Set or extend the machine's lease (machines/leases.py); a refusal says the project's maximum."""
+        s = LeaseSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        machine = self.get_object()
+        try:
+            services.machine_extend_lease(machine=machine, actor=request.user, until=s.validated_data["until"])
+        except leases.LeaseRefused as e:
+            raise serializers.ValidationError({"until": [str(e)]}) from None
+        return Response(
+            MachineSerializer(Machine.objects.get(pk=machine.pk), context=self.get_serializer_context()).data
+        )
 
     @extend_schema(request=AutostartSerializer)
     @action(detail=True, methods=["post"])

@@ -187,6 +187,14 @@ class MachineForm(forms.ModelForm):
         "qemu_args": "qemu_args_text",
     }
 
+    lease_days = forms.IntegerField(
+        label="Lease (days)",
+        required=False,
+        min_value=0,
+        max_value=3650,
+        help_text="Empty: the project's default lease; 0: none. At most the project's longest lease (staff: any).",
+    )
+
     override_capacity = forms.BooleanField(
         label="Create even if the hypervisor has no room",
         required=False,
@@ -494,6 +502,26 @@ class MachineForm(forms.ModelForm):
         if data.get("deploy_type") != DeployType.NETWORK:
             data.pop("power_on", None)
         return {**data, "nics": self.nic_inputs()}
+
+
+class LeaseForm(forms.Form):
+    """A lease's new end, in days from now; or none (staff, or where the project sets no maximum)."""
+
+    days = forms.IntegerField(label="Lease ends in (days)", min_value=1, max_value=3650, required=False)
+    clear = forms.BooleanField(label="No lease", required=False)
+
+    def clean(self):
+        data = super().clean() or {}
+        if not data.get("clear") and not data.get("days"):
+            raise forms.ValidationError("Give the days from now, or tick no lease.")
+        return data
+
+    def until(self):
+        from datetime import timedelta
+
+        from django.utils import timezone
+
+        return None if self.cleaned_data.get("clear") else timezone.now() + timedelta(days=self.cleaned_data["days"])
 
 
 class GrowDiskForm(forms.Form):

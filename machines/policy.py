@@ -96,6 +96,10 @@ RULES: dict[str, Rule] = {
     "clone": Rule(access.ADMIN, ACTIVE, exclusive=True, applies=made_here),
     "save_image": Rule(access.ADMIN, ACTIVE, exclusive=True, applies=made_here),
     "protect": Rule(access.ADMIN),
+    # A lease's end (machines.leases): set by its owner or a project admin, within the project's maximum.
+    "lease": Rule(access.ADMIN),
+    # Scheduled actions (labs.schedules) on the machine: the power and snapshot actions they run are an operator's.
+    "schedule": Rule(access.OPERATE),
     "migrate": Rule(access.ADMIN, ACTIVE, exclusive=True, unprotected=False, applies=made_here, who=may_migrate),
     "autostart": Rule(access.ADMIN),  # the hypervisor starts it when it boots
     "reveal_bmc": Rule(access.ADMIN, applies=has_bmc),

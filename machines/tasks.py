@@ -185,6 +185,26 @@ def machine_snapshot_delete_task(snapshot_id: int) -> None:
 
 
 @db_task()
+def leases_enforce_task() -> None:
+    from machines.services import leases_enforce
+
+    leases_enforce()
+
+
+@db_periodic_task(crontab(minute="*"))
+def leases_check_task() -> None:
+    """Leases every minute, and every PORTAL_LEASE_CHECK_INTERVAL seconds within it (crontab's finest step is a
+    minute); each check does only what is due, so an extra one does nothing twice."""
+    from django.conf import settings
+
+    from machines.services import leases_enforce
+
+    leases_enforce()
+    for delay in range(settings.PORTAL_LEASE_CHECK_INTERVAL, 60, settings.PORTAL_LEASE_CHECK_INTERVAL):
+        leases_enforce_task.schedule(delay=delay)
+
+
+@db_task()
 def machine_clone_task(source_id: int, clone_ids: list[int], linked: bool, snapshot_id: int | None = None) -> None:
     from machines.services import machine_clone_run
 

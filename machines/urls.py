@@ -1,6 +1,6 @@
 from django.urls import path
 
-from machines import clone_views, snapshot_views, views
+from machines import change_views, clone_views, lease_views, snapshot_views, views
 
 app_name = "machines"
 urlpatterns = [
@@ -13,12 +13,14 @@ urlpatterns = [
     path("<int:pk>/power/", views.machine_power, name="power"),
     path("<int:pk>/rebuild/", views.machine_rebuild, name="rebuild"),
     path("<int:pk>/grow-disk/", views.machine_grow_disk, name="grow-disk"),
+    path("<int:pk>/edit/", change_views.machine_edit, name="edit"),
     path("<int:pk>/snapshots/", snapshot_views.snapshot_take, name="snapshot-take"),
     path("<int:pk>/snapshots/<int:sid>/revert/", snapshot_views.snapshot_revert, name="snapshot-revert"),
     path("<int:pk>/snapshots/<int:sid>/delete/", snapshot_views.snapshot_delete, name="snapshot-delete"),
     path("<int:pk>/clone/", clone_views.machine_clone, name="clone"),
     path("<int:pk>/save-image/", clone_views.machine_save_image, name="save-image"),
     path("<int:pk>/protection/", views.machine_protect, name="protect"),
+    path("<int:pk>/lease/", lease_views.machine_lease, name="lease"),
     path("<int:pk>/autostart/", views.machine_autostart, name="autostart"),
     path("<int:pk>/migrate/", views.machine_migrate, name="migrate"),
     path("<int:pk>/migrate/cancel/", views.machine_migrate_cancel, name="migrate-cancel"),

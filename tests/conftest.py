@@ -185,6 +185,11 @@ def _stack_env() -> dict:
         # refused (tests/integration/test_image_imports.py; the unit tests keep the empty default).
         "PORTAL_IMPORT_ALLOWED_NETWORKS": FILE_SERVER_NETWORK,
         "PORTAL_SSH_KEY_CA_FILE": str(SSH_KEY_CA_FILE),
+        # Leases checked every 5 s, a guest that ignores the shut-down powered off after 5 s, and deleted 18 s
+        # after its lease's end (tests/integration/test_leases.py; nothing else has a lease).
+        "PORTAL_LEASE_CHECK_INTERVAL": "5",
+        "PORTAL_LEASE_POWEROFF_AFTER": "5",
+        "PORTAL_LEASE_DELETE_AFTER_HOURS": "0.005",
     }
 
 

@@ -58,7 +58,7 @@ def workflow_list(request: HtmxHttpRequest) -> HttpResponse:
 @require_GET
 def workflow_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     workflow = _get_workflow_for_user(request, pk)
-    runs = access.runs_for(request.user).filter(workflow=workflow)[:20]
+    runs = access.runs_for(request.user).filter(workflow=workflow).prefetch_related("machines")[:20]
     context = {"workflow": workflow, "runs": runs, "may_write": access.may_write(request.user, workflow.project)}
     return render(request, "workflows/detail.html", context)
 

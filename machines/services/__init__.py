@@ -23,6 +23,7 @@ from machines.services.lifecycle import (
     machine_rebuild,
     machine_rebuild_run,
 )
+from machines.services.leases import expiring_soon, leases_enforce, machine_extend_lease
 from machines.services.migration import (
     hypervisor_evacuate,
     hypervisor_set_maintenance,
@@ -97,6 +98,9 @@ __all__ = [
     "bmc_assign",
     "bmc_target",
     "console_auth_upgrade",
+    "expiring_soon",
+    "leases_enforce",
+    "machine_extend_lease",
     "console_auth_upgrade_run",
     "generate_mac",
     "image_from_machine",

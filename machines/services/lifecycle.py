@@ -17,7 +17,7 @@ from hypervisors.drivers import get_driver
 from hypervisors.drivers.base import HypervisorError, HypervisorFatalError, HypervisorUnavailable
 from hypervisors.drivers.base import PowerState as DomainState  # what the driver reports, not the model's field
 from hypervisors.models import Hypervisor, Image
-from machines import attempts, cloudinit, policy, provisioning, tasks
+from machines import attempts, cloudinit, leases, policy, provisioning, tasks
 from machines.access import project_choices
 from machines.capacity import check_quota, claim_room, held, held_by, lock_quotas
 from machines.models import Machine, MachineCdrom, MachineNic, MachineObserved, Project
@@ -83,10 +83,12 @@ def machine_create(
     power_on: bool | None = None,
     project: Project | None = None,
     override_capacity: bool = False,
+    lease_days: int | None = None,
     **hardware,
 ) -> Machine:
     """Validate, save, and queue provisioning. Raises ValidationError with a message per field.
-    override_capacity (staff, with a named hypervisor): create it even where the host has no room."""
+    override_capacity (staff, with a named hypervisor): create it even where the host has no room.
+    lease_days (machines.leases): None, the project's default lease; 0, none; N days, within its maximum."""
     if deploy_type not in DeployType.values:
         raise ValidationError({"deploy_type": f"Choose one of {', '.join(DeployType.values)}."})
     # The most a running machine can be grown to without a restart (machines.services.changes), and its labels.
@@ -105,6 +107,7 @@ def machine_create(
     if project is not None and not project_choices(owner).filter(pk=project.pk).exists():
         raise ValidationError({"project": f"You are not an admin of project {project.name}."})
     hardware = _validate_hardware_input(owner, deploy_type, vcpus, hardware, project)
+    expires_at = _lease_at_create(owner, project, lease_days)
     # What the machine will hold (capacity.held: main disk, extra disks, ...), checked against the quotas and
     # the host under the locks every allocating path takes in this order: project, user's quota, hypervisor.
     need = held(
@@ -156,6 +159,7 @@ def machine_create(
         deletion_protection=deletion_protection,
         autostart=autostart,
         power_on_after_create=True if power_on is None else power_on,
+        expires_at=expires_at,
         **hardware,
         instance_id=f"i-{uuidlib.uuid4().hex}",
     )
@@ -199,6 +203,18 @@ def machine_create(
     machine.transition(Status.PROVISIONING)
     _enqueue(tasks.machine_provision_task, machine.pk)
     return machine
+
+
+def _lease_at_create(owner, project: Project | None, lease_days: int | None):
+    """The new machine's lease end: the project's default, or what was asked within the project's maximum."""
+    now = timezone.now()
+    try:
+        until = leases.from_days(lease_days, project=project, now=now)
+        if lease_days is not None:
+            leases.check(until, project=project, actor=owner, now=now)
+    except leases.LeaseRefused as e:
+        raise ValidationError({"lease_days": str(e)}) from None
+    return until
 
 
 def _cleanup(machine: Machine, driver) -> None:

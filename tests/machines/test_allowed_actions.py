@@ -2,6 +2,7 @@
 services accept, what the views and the API refuse, what the API reports and which buttons the machine page shows."""
 
 import itertools
+from datetime import timedelta
 from html.parser import HTMLParser
 
 import pytest
@@ -9,9 +10,11 @@ from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.test import Client
 from django.urls import reverse
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from hypervisors.models import ImageStatus
+from labs import schedules
 from machines import access, consoles, crypto, policy, services
 from machines.models import ConsoleToken, Machine, MachineSnapshot, Membership
 from machines.states import TRANSITIONS, InvalidTransition, PowerAction, PowerState, Status
@@ -116,6 +119,8 @@ def accepts(action: str, machine: Machine, user) -> bool:
         "snapshot": lambda: services.snapshot_create(machine=m, name="s", memory=True, actor=user),
         "snapshot_revert": lambda: services.snapshot_revert(machine=m, snapshot=snapshot(m), actor=user),
         "snapshot_delete": lambda: services.snapshot_delete(machine=m, snapshot=snapshot(m), actor=user),
+        "lease": lambda: services.machine_extend_lease(machine=m, actor=user, until=timezone.now() + timedelta(days=1)),
+        "schedule": lambda: schedules.schedule_create(actor=user, machine=m, action="power_on", hour=1, minute=0),
     }
 
     def console_input():
@@ -174,8 +179,9 @@ def test_roles_cut_the_owners_actions_by_the_level_each_needs(world, role, kind)
 
 
 # Who may do what to an active machine of each kind, written out (the power state is not known yet).
-OPERATE_IMAGE = POWER | {"console", "console_input", "serial", "snapshot"}
+OPERATE_IMAGE = POWER | {"console", "console_input", "serial", "snapshot", "schedule"}
 ADMIN_IMAGE = OPERATE_IMAGE | {
+    "lease",
     "rebuild",
     "grow_disk",
     "delete",
@@ -334,9 +340,12 @@ FORM_ACTIONS = {
     "boot-device": "boot_device",
     "migrate": "migrate",
     "snapshots": "snapshot",
+    "lease": "lease",
 }
 # Revert and delete are buttons of each snapshot: the machines here have none (tests/machines/test_snapshots.py).
 PER_SNAPSHOT = {"snapshot_revert", "snapshot_delete"}
+# The Schedules card is loaded from labs (htmx; labs/schedule_views.py): tests/labs/test_schedules.py holds it.
+PER_SNAPSHOT |= {"schedule"}
 
 
 class Controls(HTMLParser):

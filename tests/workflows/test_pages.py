@@ -334,3 +334,32 @@ def test_cancelling_an_ended_run_is_a_message(world):
     r = world.client(world.owner).post(reverse("workflows:run-cancel", args=[run.pk]), follow=True)
     assert r.status_code == 200
     assert b"alert-danger" in r.content
+
+
+def _queries(client, url) -> int:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as ctx:
+        assert client.get(url).status_code == 200
+    return len(ctx.captured_queries)
+
+
+def test_the_run_lists_cost_the_same_queries_at_3_runs_as_at_12(world):
+    from rest_framework.test import APIClient
+
+    c = world.client(world.members["viewer"])
+    api = APIClient()
+    api.force_authenticate(world.members["viewer"])
+    for _ in range(3):
+        world.run(machines=[world.vm, world.vm2])
+    few = [_queries(c, reverse("workflows:runs")), _queries(api, "/api/v1/workflow-runs/")]
+    few.append(_queries(c, reverse("workflows:detail", args=[world.workflow.pk])))
+    WorkflowRun.objects.update(status="successful")  # past the project's limit of queued runs
+    for _ in range(9):
+        world.run(machines=[world.vm, world.vm2])
+        WorkflowRun.objects.update(status="successful")
+    many = [_queries(c, reverse("workflows:runs")), _queries(api, "/api/v1/workflow-runs/")]
+    many.append(_queries(c, reverse("workflows:detail", args=[world.workflow.pk])))
+    assert WorkflowRun.objects.count() == 12
+    assert many == few
