@@ -44,6 +44,11 @@ def made_here(machine: Machine) -> bool:
     return not machine.adopted
 
 
+def stopped_here(machine: Machine) -> bool:
+    """The portal made its disks and the machine was last seen off: its disks may be read whole (a clone, an image)."""
+    return made_here(machine) and machine.power_state == PowerState.OFF
+
+
 def has_ready_image(machine: Machine) -> bool:
     """A rebuild starts over from the machine's image, so it needs one that is still there."""
     return machine.image is not None and machine.image.is_ready
@@ -95,6 +100,11 @@ RULES: dict[str, Rule] = {
     # makes machines (charged to whoever clones) and an image publishes the disk's contents: an admin's, as create.
     "clone": Rule(access.ADMIN, ACTIVE, exclusive=True, applies=made_here),
     "save_image": Rule(access.ADMIN, ACTIVE, exclusive=True, applies=made_here),
+    # Clones and images from a machine (machines.services.clones): the source is read, not changed, but a clone
+    # makes machines (charged to whoever clones) and an image publishes the disk's contents: an admin's, as create.
+    # Both read the disk of a machine seen stopped (a running guest's disk changes under the copy).
+    "clone": Rule(access.ADMIN, ACTIVE, exclusive=True, applies=stopped_here),
+    "save_image": Rule(access.ADMIN, ACTIVE, exclusive=True, applies=stopped_here),
     "protect": Rule(access.ADMIN),
     # A lease's end (machines.leases): set by its owner or a project admin, within the project's maximum.
     "lease": Rule(access.ADMIN),

@@ -106,6 +106,8 @@ MATRIX = {
     "machines:snapshot-take": ("post", "vm", {"name": "taken", "memory": "on"}, on_machine(302, "operate")),
     "machines:snapshot-revert": ("post", "snap", None, on_machine(302, "admin")),
     "machines:snapshot-delete": ("post", "snap", None, on_machine(302, "admin")),
+    "machines:clone": ("get", "vm", None, on_machine(200, "admin")),
+    "machines:save-image": ("get", "vm", None, on_machine(302, "admin")),
     "machines:protect": ("post", "vm", {"protected": "0"}, on_machine(302, "admin")),
     "machines:autostart": ("post", "vm", {"enabled": "0"}, on_machine(302, "admin")),
     "machines:migrate": ("post", "vm", {"hypervisor": ""}, {**on_machine(302, "admin"), **MOVES}),
@@ -184,6 +186,9 @@ MATRIX = {
     "machine-snapshots": ("get", "vm", None, on_machine(200, "view", api=True)),
     "machine-snapshot-revert": ("post", "snap", None, on_machine(202, "admin", api=True)),
     "machine-snapshot-detail": ("delete", "snap", None, on_machine(202, "admin", api=True)),
+    # The machine is not seen stopped (its power state unknown): a clone and an image wait for it (409).
+    "machine-clone": ("post", "vm", {"name": "c1"}, on_machine(409, "admin", api=True)),
+    "machine-save-image": ("post", "vm", {"name": "img1"}, on_machine(409, "admin", api=True)),
     "machine-protection": ("post", "vm", {"deletion_protection": False}, on_machine(200, "admin", api=True)),
     "machine-autostart": ("post", "vm", {"autostart": False}, on_machine(200, "admin", api=True)),
     "machine-migrate": ("post", "vm", {}, {**on_machine(400, "admin", api=True), **MOVES}),  # no other host

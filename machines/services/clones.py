@@ -194,6 +194,8 @@ def machine_clone(
         raise MachineError(f"{source.name} is {source.get_status_display().lower()}; a clone needs it active.")
     if snap is None:
         _refuse_running(source, "a clone")
+    if source.operation:
+        raise MachineError(f"{source.name} is busy with another operation; try again when it is done.")
     hv = claim_room(source.hypervisor, need=total, pool=source.pool, image=None, user=actor).hypervisor
     source_nics = list(source.nics.all())
     nics = [

@@ -119,6 +119,8 @@ def accepts(action: str, machine: Machine, user) -> bool:
         "snapshot": lambda: services.snapshot_create(machine=m, name="s", memory=True, actor=user),
         "snapshot_revert": lambda: services.snapshot_revert(machine=m, snapshot=snapshot(m), actor=user),
         "snapshot_delete": lambda: services.snapshot_delete(machine=m, snapshot=snapshot(m), actor=user),
+        "clone": lambda: services.machine_clone(machine=m, name="the-clone", actor=user),
+        "save_image": lambda: services.image_from_machine(machine=m, name="the-image", actor=user),
         "lease": lambda: services.machine_extend_lease(machine=m, actor=user, until=timezone.now() + timedelta(days=1)),
         "schedule": lambda: schedules.schedule_create(actor=user, machine=m, action="power_on", hour=1, minute=0),
     }
