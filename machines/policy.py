@@ -98,10 +98,6 @@ RULES: dict[str, Rule] = {
     "snapshot_delete": Rule(access.ADMIN, ACTIVE, exclusive=True, applies=made_here),
     # Clones and images from a machine (machines.services.clones): the source is read, not changed, but a clone
     # makes machines (charged to whoever clones) and an image publishes the disk's contents: an admin's, as create.
-    "clone": Rule(access.ADMIN, ACTIVE, exclusive=True, applies=made_here),
-    "save_image": Rule(access.ADMIN, ACTIVE, exclusive=True, applies=made_here),
-    # Clones and images from a machine (machines.services.clones): the source is read, not changed, but a clone
-    # makes machines (charged to whoever clones) and an image publishes the disk's contents: an admin's, as create.
     # Both read the disk of a machine seen stopped (a running guest's disk changes under the copy).
     "clone": Rule(access.ADMIN, ACTIVE, exclusive=True, applies=stopped_here),
     "save_image": Rule(access.ADMIN, ACTIVE, exclusive=True, applies=stopped_here),
