@@ -296,3 +296,37 @@ def test_runs_of_a_dead_worker_end_as_error_with_their_processes_and_directory(t
     assert WorkflowRun.objects.get(pk=live.pk).status == "running"
     assert services.workflow_runs_recover() == []
     assert AuditEvent.objects.filter(action="workflow.run_end", object_id=str(run.pk), outcome="failed").exists()
+
+
+@pytest.mark.engines
+@pytest.mark.django_db(transaction=True)
+def test_starts_at_once_never_pass_the_limit_together(team, workflow, settings, monkeypatch):
+    """Six starts in six threads (each its own connection and transaction) with room for two: exactly two runs."""
+    import threading
+
+    from django.db import connection
+
+    settings.PORTAL_WORKFLOW_RUNS_PER_PROJECT = 2
+    monkeypatch.setattr("workflows.tasks.workflow_run_task", lambda run_id: None)
+    barrier, outcomes = threading.Barrier(6), []
+
+    def start():
+        try:
+            barrier.wait()
+            services.workflow_run_start(
+                workflow=workflow, actor=team["operator"], machines=team["machines"], variables={"token": "x"}
+            )
+            outcomes.append("started")
+        except WorkflowRefused as e:
+            outcomes.append(str(e))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=start) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(outcomes)[-2:] == ["started", "started"] and outcomes.count("started") == 2, outcomes
+    assert all("project already has 2 workflow runs" in o for o in outcomes if o != "started")
+    assert WorkflowRun.objects.filter(status="queued").count() == 2
