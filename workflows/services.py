@@ -10,6 +10,7 @@ workflow_run_execute(), which hands the run to workflows/runner.py (the only mod
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import re
@@ -479,6 +480,24 @@ def workflow_runs_recover() -> list[str]:
         done.append(f"workflow run {run.pk}: error (its worker stopped)")
     for line in done:
         log.warning("recovered %s", line)
+    return done
+
+
+LOST_GRACE = 300  # seconds past PORTAL_WORKFLOW_TIMEOUT after which a run still running is taken for lost
+
+
+def workflow_runs_expire() -> list[str]:
+    """Runs still running PORTAL_WORKFLOW_TIMEOUT + 5 minutes after they started: their worker would have stopped
+    them at the deadline, so it is gone (on another host, whose own start has not come yet): they end as error."""
+    cutoff = timezone.now() - datetime.timedelta(seconds=settings.PORTAL_WORKFLOW_TIMEOUT + LOST_GRACE)
+    done = []
+    for run in WorkflowRun.objects.filter(status=WorkflowRun.Status.RUNNING, started__lt=cutoff):
+        if not WorkflowRun.objects.filter(pk=run.pk, status=WorkflowRun.Status.RUNNING).update(attempt_id=""):
+            continue
+        _finish(run, WorkflowRun.Status.ERROR, "its worker stopped answering (still running long past its deadline)")
+        done.append(f"workflow run {run.pk}: error (lost)")
+    for line in done:
+        log.warning("expired %s", line)
     return done
 
 

@@ -4,7 +4,8 @@ for as long as ansible-playbook runs; any worker of any process may take it (emb
 import logging
 import threading
 
-from huey.contrib.djhuey import db_task, on_startup
+from huey import crontab
+from huey.contrib.djhuey import db_periodic_task, db_task, on_startup
 
 log = logging.getLogger(__name__)
 _recovered = threading.Lock()
@@ -28,3 +29,11 @@ def end_dead_workers_runs() -> None:
         workflow_runs_recover()
     except Exception:  # the database may be away a moment; the run stays running until the next start
         log.exception("ending dead workers' workflow runs")
+
+
+@db_periodic_task(crontab(minute="*/5"))
+def workflow_runs_expire_task() -> None:
+    """Runs whose worker was lost elsewhere (long past their deadline) end as error."""
+    from workflows.services import workflow_runs_expire
+
+    workflow_runs_expire()

@@ -330,3 +330,24 @@ def test_starts_at_once_never_pass_the_limit_together(team, workflow, settings, 
     assert sorted(outcomes)[-2:] == ["started", "started"] and outcomes.count("started") == 2, outcomes
     assert all("project already has 2 workflow runs" in o for o in outcomes if o != "started")
     assert WorkflowRun.objects.filter(status="queued").count() == 2
+
+
+def test_runs_long_past_their_deadline_end_as_lost(team, workflow, settings):
+    from django.utils import timezone
+
+    settings.PORTAL_WORKFLOW_TIMEOUT = 60
+    old, recent = (
+        services.workflow_run_start(
+            workflow=workflow, actor=team["operator"], machines=team["machines"], variables={"token": "x"}
+        )
+        for _ in range(2)
+    )
+    WorkflowRun.objects.filter(pk=old.pk).update(
+        status="running", started=timezone.now() - timezone.timedelta(seconds=400)
+    )
+    WorkflowRun.objects.filter(pk=recent.pk).update(
+        status="running", started=timezone.now() - timezone.timedelta(seconds=300)
+    )
+    assert services.workflow_runs_expire() == [f"workflow run {old.pk}: error (lost)"]
+    assert WorkflowRun.objects.get(pk=old.pk).status == "error"
+    assert WorkflowRun.objects.get(pk=recent.pk).status == "running"
