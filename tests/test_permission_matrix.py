@@ -109,6 +109,17 @@ MATRIX = {
     "machines:clone": ("get", "vm", None, on_machine(200, "admin")),
     "machines:save-image": ("get", "vm", None, on_machine(302, "admin")),
     "machines:protect": ("post", "vm", {"protected": "0"}, on_machine(302, "admin")),
+    # Leases: the owner's and project admins' (machines.leases); schedules: operators' (labs/schedules.py).
+    "machines:lease": ("post", "vm", {"days": "3"}, on_machine(302, "admin")),
+    "labs:lease": ("post", "lab", {"days": "3"}, on_machine(302, "admin")),
+    "labs:schedules": ("get", "lab", None, on_machine(200, "view")),
+    "labs:machine-schedules": ("get", "vm", None, on_machine(200, "view")),
+    "labs:schedule-delete": ("post", "sched", None, on_machine(302, "operate")),
+    "machine-lease": ("post", "vm", {"until": None}, on_machine(200, "admin", api=True)),
+    "machine-schedule-list": ("get", "vm", None, on_machine(200, "view", api=True)),
+    "machine-schedule-detail": ("delete", "sched", None, on_machine(204, "operate", api=True)),
+    "lab-schedule-list": ("get", "lab", None, on_machine(200, "view", api=True)),
+    "lab-schedule-detail": ("delete", "lsched", None, on_machine(204, "operate", api=True)),
     "machines:autostart": ("post", "vm", {"enabled": "0"}, on_machine(302, "admin")),
     "machines:migrate": ("post", "vm", {"hypervisor": ""}, {**on_machine(302, "admin"), **MOVES}),
     "machines:migrate-cancel": ("post", "vm", None, {**on_machine(302, "admin"), **MOVES}),
@@ -291,7 +302,17 @@ def _lab_world(owner, staff, project, vm) -> dict:
     lab = Lab.objects.create(name="lab", owner=owner, project=project)
     LabMachine.objects.create(lab=lab, machine=vm, group="g")
     spec = "g:\n  vars: {vm_image_name: inst}\n"
-    return {"lab": lab, "tmpl": LabTemplate.objects.create(name="t", owner=staff, project=project, spec=spec)}
+    from labs.models import ScheduledAction
+
+    schedules = {
+        "sched": ScheduledAction.objects.create(machine=vm, action="power_on", created_by=owner),
+        "lsched": ScheduledAction.objects.create(lab=lab, action="power_off", created_by=owner),
+    }
+    return {
+        "lab": lab,
+        "tmpl": LabTemplate.objects.create(name="t", owner=staff, project=project, spec=spec),
+        **schedules,
+    }
 
 
 def _workflow_world(owner, staff, vm) -> dict:
@@ -314,6 +335,8 @@ def fresh(objects, kind):
         )
     if kind == "snap":
         MachineSnapshot.objects.filter(pk=objects[kind].pk).update(status=MachineSnapshot.Status.READY)
+    if kind in ("sched", "lsched"):
+        objects[kind].save()  # back with its id if a role deleted it
     if kind in ("vm", "iso", "metal", "snap"):
         Machine.objects.filter(pk=objects["vm" if kind == "snap" else kind].pk).update(
             operation="", status=Status.ACTIVE, deletion_protection=False, disk_gib=10
@@ -332,6 +355,8 @@ def test_route(name, settings, host):
             args = [] if not kind else [objects["hv"].pk, "unused-net"] if kind == "hvnet" else [objects[kind].pk]
             if kind == "snap":  # a snapshot's routes name its machine and itself
                 args = [objects["vm"].pk, objects["snap"].pk]
+            if kind in ("sched", "lsched") and name.endswith("-detail"):  # a schedule's API: its machine or lab, itself
+                args = [objects["vm" if kind == "sched" else "lab"].pk, objects[kind].pk]
             url = reverse(name, args=args)
             api = ":" not in name and name.startswith(
                 ("api-", "audit-", "hypervisor-", "image-", "machine-", "lab-", "workflow-")
