@@ -190,7 +190,14 @@ def snapshot_create_run(snapshot_id: int) -> None:
 def _ready(machine: Machine, snapshot: MachineSnapshot, what: str) -> None:
     if snapshot.machine_id != machine.pk:
         raise MachineError(f"{snapshot.name} is not a snapshot of {machine.name}.")
-    if snapshot.status != SnapStatus.READY and not (what == "deleted" and snapshot.status == SnapStatus.ERROR):
+    # A snapshot left creating, reverting or deleting by a worker that died (its machine holds no operation any
+    # more: the reconcile clears stale ones) is what it was: a revert's may be reverted to again, any deleted.
+    busy = (SnapStatus.CREATING, SnapStatus.REVERTING, SnapStatus.DELETING)
+    stale = snapshot.status in busy and not machine.operation
+    usable = snapshot.status == SnapStatus.READY or (stale and snapshot.status == SnapStatus.REVERTING)
+    if what == "deleted":
+        usable = usable or snapshot.status == SnapStatus.ERROR or stale
+    if not usable:
         raise MachineError(
             f"Snapshot {snapshot.name} is {snapshot.get_status_display().lower()}; it cannot be {what} now."
         )

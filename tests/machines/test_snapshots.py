@@ -369,3 +369,20 @@ def test_deleting_a_machine_removes_its_snapshots_overlays_too(django_capture_on
         services.machine_delete(machine=machine, actor=machine.owner)
     assert not any(name.startswith(f"m-{machine.uuid}") for name in host.pools["default"])
     assert not MachineSnapshot.objects.filter(pk=snap.pk).exists()
+
+
+def test_a_snapshot_a_dead_worker_left_creating_can_be_deleted_once_the_machine_is_free(
+    django_capture_on_commit_callbacks, machine
+):
+    with django_capture_on_commit_callbacks(execute=False):  # queued, never run: the worker died
+        snap = services.snapshot_create(machine=machine, name="limbo", memory=True, actor=machine.owner)
+    machine.refresh_from_db()
+    with pytest.raises(MachineError, match="being taken"):
+        services.snapshot_delete(machine=machine, snapshot=snap, actor=machine.owner)
+    Machine.objects.filter(pk=machine.pk).update(operation="", operation_started=None)  # the reconcile's clean-up
+    machine.refresh_from_db()
+    with pytest.raises(MachineError, match="being taken"):
+        services.snapshot_revert(machine=machine, snapshot=snap, actor=machine.owner)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.snapshot_delete(machine=machine, snapshot=snap, actor=machine.owner)
+    assert not machine.snapshots.exists()
