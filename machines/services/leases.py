@@ -107,15 +107,17 @@ def _warn(machine: Machine, now: datetime) -> int:
 def _shut_down(machine: Machine, now: datetime) -> int:
     """The lease's end: mark the machine and queue its shut-down in one transaction (a busy machine, or one
     not active, is marked when it can be; a machine already off is only marked)."""
+    if machine.status not in (Status.ACTIVE, Status.ERROR):
+        return 0  # provisioning, rebuilding, resizing, deleting: a later check
     try:
         with transaction.atomic():
             if not Machine.objects.filter(pk=machine.pk, expired_off__isnull=True).update(expired_off=now):
                 return 0
-            if machine.power_state == PowerState.RUNNING:
+            if machine.status == Status.ACTIVE and machine.power_state == PowerState.RUNNING:
                 machine_power(machine=machine, action=PowerAction.SHUTDOWN, actor=LEASE)
                 machine.log("lease", "the lease ended: shutting down", level="warning")
             else:
-                machine.log("lease", "the lease ended; the machine is off", level="warning")
+                machine.log("lease", "the lease ended; the machine is not running", level="warning")
                 audit.record("machine.lease_end", machine, user=LEASE, detail="already off")
     except (MachineError, ValidationError) as e:
         log.info("machine %s: the lease's shut-down waits: %s", machine.pk, e)

@@ -163,6 +163,17 @@ def test_a_busy_machine_is_shut_down_at_a_later_check(django_capture_on_commit_c
     assert run(django_capture_on_commit_callbacks, end + timedelta(seconds=61))["shut_down"] == 1
 
 
+def test_a_machine_in_error_is_deleted_and_one_provisioning_waits(django_capture_on_commit_callbacks, host, machine):
+    end = machine.expires_at
+    Machine.objects.filter(pk=machine.pk).update(status=Status.PROVISIONING)
+    assert run(django_capture_on_commit_callbacks, end + timedelta(seconds=1))["shut_down"] == 0
+    Machine.objects.filter(pk=machine.pk).update(status=Status.ERROR)
+    assert run(django_capture_on_commit_callbacks, end + timedelta(seconds=2))["shut_down"] == 1  # marked only
+    assert host.domains[str(machine.uuid)]["state"] == PowerState.RUNNING  # no power call on a failed machine
+    assert run(django_capture_on_commit_callbacks, end + timedelta(hours=73))["deleted"] == 1
+    assert not Machine.objects.filter(pk=machine.pk).exists()
+
+
 def test_a_failing_mail_server_still_warns_on_the_page(django_capture_on_commit_callbacks, settings, machine):
     settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
     settings.EMAIL_HOST, settings.EMAIL_PORT, settings.EMAIL_TIMEOUT = "127.0.0.1", 9, 2  # nothing listens
