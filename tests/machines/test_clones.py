@@ -12,7 +12,7 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from hypervisors.drivers.base import PowerState as DomainState
 from hypervisors.models import Image, ImageStatus
 from machines import services
-from machines.models import Machine, Quota
+from machines.models import Machine, MachineSnapshot, Quota
 from machines.services import clones
 from machines.services.common import MachineError
 from machines.states import PowerState, Status
@@ -176,3 +176,31 @@ def test_the_page_clones_and_refuses_with_a_message(django_capture_on_commit_cal
     with django_capture_on_commit_callbacks(execute=True):
         r = client.post(f"/machines/{stopped.pk}/save-image/", {"name": "from-page"})
     assert r.status_code == 302 and Image.objects.filter(name="from-page").exists()
+
+
+def test_a_rebuilds_kept_disk_clones_while_the_source_runs_and_other_snapshots_are_refused(
+    django_capture_on_commit_callbacks, host, stopped
+):
+    kept = MachineSnapshot.objects.create(
+        machine=stopped, name="before-rebuild-1", automatic=True, kind="external", status="ready"
+    )
+    host.pools["default"][kept.volume(0)] = {"format": "qcow2", "capacity": 1 << 30, "backing": "", "data": b"kept"}
+    inside = MachineSnapshot.objects.create(machine=stopped, name="inside", status="ready")
+    Machine.objects.filter(pk=stopped.pk).update(power_state=PowerState.RUNNING)
+    host.domains[str(stopped.uuid)]["state"] = DomainState.RUNNING
+    stopped.refresh_from_db()
+    with pytest.raises(ValidationError, match="inside the machine's disks"):
+        services.machine_clone(machine=stopped, actor=stopped.owner, name="c1", snapshot=inside)
+    (c,) = clone(django_capture_on_commit_callbacks, stopped, name="from-kept", snapshot=kept)
+    assert c.status == Status.ACTIVE and host.pools["default"][c.disk_volume]["data"] == b"kept"
+    assert "snapshot before-rebuild-1" in c.events.get(step="create").message
+
+
+def test_the_admin_action_clones_each_selected_machine(django_capture_on_commit_callbacks, host, stopped, client):
+    staff = UserFactory(username="boss", is_staff=True, is_superuser=True)
+    client.force_login(staff)
+    with django_capture_on_commit_callbacks(execute=True):
+        r = client.post("/admin/machines/machine/", {"action": "clone", "_selected_action": [stopped.pk]}, follow=True)
+    assert b"Clone: queued for 1 machine" in r.content
+    made = Machine.objects.get(name=f"{stopped.name}-clone")
+    assert made.owner == staff and made.cloned_from == stopped and made.status == Status.ACTIVE
