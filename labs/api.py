@@ -15,7 +15,8 @@ from hypervisors.api import DetailSerializer
 from labs import services, specs
 from labs.models import Lab, LabMachine, LabTemplate
 from machines.access import machines_for
-from machines.api import InstackenvSerializer
+from machines.api import InstackenvSerializer, LeaseSerializer
+from machines.leases import LeaseRefused
 from machines.models import Machine, Project
 from machines.states import PowerAction
 
@@ -105,8 +106,9 @@ class LabSerializer(serializers.ModelSerializer):
             "first",
             "saved_keys",
             "groups",
+            "expires_at",
         ]
-        read_only_fields = ["source", "created"]
+        read_only_fields = ["source", "created", "expires_at"]
         validators: list = []  # the service validates (names in a project or per owner)
 
     @extend_schema_field(LabMachineSerializer(many=True))
@@ -200,6 +202,19 @@ class LabViewSet(
         except PermissionDenied as e:
             return Response({"detail": str(e)}, status=status.HTTP_403_FORBIDDEN)
         return Response(LabResultSerializer(result).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=LeaseSerializer, responses={200: LabSerializer})
+    @action(detail=True, methods=["post"], serializer_class=LeaseSerializer)
+    def lease(self, request, pk=None):
+        """Set or extend the lab's lease and its machines' with it (labs.services.lab_set_lease)."""
+        s = LeaseSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        lab = self.get_object()
+        try:
+            services.lab_set_lease(lab=lab, actor=request.user, until=s.validated_data["until"])
+        except LeaseRefused as e:
+            raise serializers.ValidationError({"until": [str(e)]}) from None
+        return Response(LabSerializer(Lab.objects.get(pk=lab.pk), context=self.get_serializer_context()).data)
 
     @extend_schema(request=None, responses={200: InstackenvSerializer})
     @action(detail=True, methods=["get"], serializer_class=InstackenvSerializer)

@@ -120,6 +120,7 @@ MATRIX = {
     "machine-schedule-detail": ("delete", "sched", None, on_machine(204, "operate", api=True)),
     "lab-schedule-list": ("get", "lab", None, on_machine(200, "view", api=True)),
     "lab-schedule-detail": ("delete", "lsched", None, on_machine(204, "operate", api=True)),
+    "lab-lease": ("post", "lab", {"until": None}, on_machine(200, "admin", api=True)),
     "machines:autostart": ("post", "vm", {"enabled": "0"}, on_machine(302, "admin")),
     "machines:migrate": ("post", "vm", {"hypervisor": ""}, {**on_machine(302, "admin"), **MOVES}),
     "machines:migrate-cancel": ("post", "vm", None, {**on_machine(302, "admin"), **MOVES}),

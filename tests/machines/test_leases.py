@@ -10,6 +10,7 @@ from datetime import timedelta
 import pytest
 from django.core import mail
 from django.core.exceptions import PermissionDenied, ValidationError
+from django.test import Client
 from django.utils import timezone
 
 from hypervisors.drivers.base import PowerState
@@ -202,3 +203,13 @@ def test_a_labs_lease_applies_to_its_machines(machine, owner, project, staff):  
         lab_services.lab_set_lease(lab=lab, actor=owner, until=timezone.now() + timedelta(days=40))
     with pytest.raises(PermissionDenied):
         lab_services.lab_set_lease(lab=lab, actor=UserFactory(username="nobody"), until=until)
+    client = Client()
+    client.force_login(owner)
+    url = f"/api/v1/labs/{lab.pk}/lease/"
+    r = client.post(url, {"until": (timezone.now() + timedelta(days=45)).isoformat()}, content_type="application/json")
+    assert r.status_code == 400 and "at most 30 days" in r.json()["until"][0]
+    r = client.post(url, {"until": (timezone.now() + timedelta(days=5)).isoformat()}, content_type="application/json")
+    assert r.status_code == 200 and r.json()["expires_at"]
+    machine.refresh_from_db()
+    assert abs(machine.expires_at - (timezone.now() + timedelta(days=5))) < timedelta(minutes=1)
+    assert client.post(url, {"until": "soon"}, content_type="application/json").status_code == 400
