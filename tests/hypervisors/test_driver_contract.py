@@ -792,11 +792,12 @@ def test_an_internal_snapshot_of_a_stopped_domain_holds_its_disks_and_comes_back
 
 
 @beyond_the_test_driver
-def test_external_disk_only_snapshots_revert_the_newest_and_merge_back_on_delete(kit):
+def test_external_disk_only_snapshots_revert_the_newest_and_merge_back_on_delete(kit, request):
     """As the portal takes them for UEFI machines: overlays named as pool volumes; a revert empties the newest one's
     overlay; a delete merges it back, on a running domain and on one that is off with children (which libvirt 9.0
     refuses by itself), and leaves neither volume nor metadata."""
     d, spec = kit.driver, kit.disk_spec()
+    request.addfinalizer(lambda: d.refresh_pool(kit.pool))  # a failure midway: the overlays are volumes to clean up
     d.define_domain(spec)
     base = spec.disks[0].path
     here = d.pool_path(kit.pool)
