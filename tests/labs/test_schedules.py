@@ -300,3 +300,21 @@ def test_the_admin_checks_a_schedule_and_sets_a_lease_through_its_service(machin
     assert s.created_by == staff and s.weekdays == [1, 3]
     assert AuditEvent.objects.filter(action="schedule.create", object_id=str(s.pk)).exists()
     assert client.get(f"/admin/machines/machine/{machine.pk}/change/").status_code == 200
+
+
+def test_the_periodic_tasks_check_within_the_minute(settings, db):
+    """Huey looks at periodic tasks once a minute at its consumer's own second: the schedules' task asks for a
+    check one second into the next minute, the leases' task for one every PORTAL_LEASE_CHECK_INTERVAL s."""
+    from unittest import mock
+
+    from labs import tasks as lab_tasks
+    from machines import tasks as machine_tasks
+
+    with mock.patch.object(lab_tasks.schedules_check_task, "schedule", autospec=True) as schedule:
+        with mock.patch("time.time", return_value=1_800_000_020.5):  # 20.5 s into a minute
+            lab_tasks.schedules_run_task.call_local()
+    assert [c.kwargs["delay"] for c in schedule.call_args_list] == [40.5]
+    settings.PORTAL_LEASE_CHECK_INTERVAL = 20
+    with mock.patch.object(machine_tasks.leases_enforce_task, "schedule", autospec=True) as schedule:
+        machine_tasks.leases_check_task.call_local()
+    assert [c.kwargs["delay"] for c in schedule.call_args_list] == [20, 40]
