@@ -45,7 +45,7 @@ def schedules_for(user) -> QuerySet[ScheduledAction]:
     )
 
 
-def _check_fields(action: str, hour: int, minute: int, weekdays: list, retention: int) -> list[int]:
+def _check_fields(action: str, hour: int, minute: int, weekdays: object, retention: int) -> list[int]:
     errors = {}
     if action not in Action.values:
         errors["action"] = f"Choose one of {', '.join(Action.values)}."
