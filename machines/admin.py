@@ -4,7 +4,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.auth import get_user_model
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.template.response import TemplateResponse
 from django.utils.html import format_html
 
@@ -166,9 +166,25 @@ class MachineAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request, obj=None):
         return False
 
+    # Changed through machines.services.changes, as the Edit page and PATCH do (quota, room, the hypervisor).
+    CHANGED_BY_SERVICE = ("name", "vcpus", "memory_mib", "description", "tags")
+
+    def get_fields(self, request, obj=None):
+        return [*self.CHANGED_BY_SERVICE[:1], *super().get_fields(request, obj), *self.CHANGED_BY_SERVICE[3:]]
+
+    def get_readonly_fields(self, request, obj=None):
+        return [f for f in super().get_readonly_fields(request, obj) if f not in self.CHANGED_BY_SERVICE]
+
     def save_model(self, request, obj, form, change):
-        """The two editable fields go through the services, like the portal's own pages: recorded in the
+        """The editable fields go through the services, like the portal's own pages: recorded in the
         audit trail and the machine's events, and autostart set in libvirt by the worker."""
+        asked = {k: getattr(obj, k) for k in self.CHANGED_BY_SERVICE if k in form.changed_data}
+        if asked:  # compared with the machine as stored (obj holds the form's values already)
+            try:
+                services.machine_change(machine=Machine.objects.get(pk=obj.pk), actor=request.user, **asked)
+            except (ValidationError, services.MachineError, PermissionDenied) as e:
+                text = "; ".join(getattr(e, "messages", None) or [str(e)])
+                self.message_user(request, f"{', '.join(asked)} unchanged: {text}", messages.ERROR)
         if "deletion_protection" in form.changed_data:
             services.machine_set_protection(machine=obj, protected=obj.deletion_protection, actor=request.user)
         if "autostart" in form.changed_data:

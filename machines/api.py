@@ -161,6 +161,13 @@ class MachineSerializer(serializers.ModelSerializer):
     )
     ssh_authorized_keys = StringOrList(required=False)
     packages = StringOrList(required=False)
+    tags = serializers.ListField(
+        child=serializers.CharField(max_length=32),
+        required=False,
+        max_length=20,
+        help_text="Short labels (lower-case letters, digits, _ . -): `?tag=` filters the list, and each is a group "
+        "`tag_<tag>` of the Ansible inventory.",
+    )
     events = serializers.SerializerMethodField()
     guest_addresses = serializers.JSONField(
         source="last_observed.guest_addresses",
@@ -186,6 +193,11 @@ class MachineSerializer(serializers.ModelSerializer):
             "vcpus",
             "memory_mib",
             "disk_gib",
+            "max_vcpus",
+            "max_memory_mib",
+            "pending",
+            "description",
+            "tags",
             "nics",
             "ssh_authorized_keys",
             "packages",
@@ -235,6 +247,7 @@ class MachineSerializer(serializers.ModelSerializer):
             "operation",
             "domain_name",
             "adopted",
+            "pending",
             "created",
             "guest_addresses",
             "allowed_actions",
@@ -447,6 +460,40 @@ class LeaseSerializer(serializers.Serializer):
     )
 
 
+class MachineChangeSerializer(serializers.Serializer):
+    """What PATCH /api/v1/machines/{id}/ may change (machines/services/changes.py); any other field is a 400."""
+
+    vcpus = serializers.IntegerField(
+        required=False,
+        min_value=1,
+        max_value=64,
+        help_text="Live up to max_vcpus on a running machine; beyond it (or fewer), at its next cold start "
+        "(`pending`).",
+    )
+    memory_mib = serializers.IntegerField(
+        required=False,
+        min_value=128,
+        max_value=1 << 20,
+        help_text="Live up to max_memory_mib on a running machine; beyond it (or less), at its next cold start.",
+    )
+    name = serializers.CharField(
+        required=False, max_length=63, help_text="A host name, unique among the owner's machines; the machine off."
+    )
+    description = serializers.CharField(required=False, allow_blank=True, max_length=2000)
+    tags = serializers.ListField(child=serializers.CharField(max_length=32), required=False, max_length=20)
+    deletion_protection = serializers.BooleanField(required=False)
+    autostart = serializers.BooleanField(required=False)
+
+    def to_internal_value(self, data):
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(self.fields))
+            if unknown:
+                raise serializers.ValidationError(
+                    {k: [f"Not changeable here; change one of {', '.join(self.fields)}."] for k in unknown}
+                )
+        return super().to_internal_value(data)
+
+
 class MachineViewSet(
     mixins.CreateModelMixin,
     mixins.ListModelMixin,
@@ -462,6 +509,8 @@ class MachineViewSet(
         if getattr(self, "swagger_fake_view", False):  # the schema's generator: no user, only the model
             return Machine.objects.none()
         machines = machines_for(self.request.user)
+        if self.action == "list" and "tag" in self.request.query_params:
+            machines = services.machines_tagged(machines, self.request.query_params["tag"])
         if self.action not in ("list", "retrieve"):
             return machines  # the actions hand the machine to a service: whole, with its hypervisor
         recent = MachineEvent.objects.order_by(*RECENT_EVENTS_ORDER)[:RECENT_EVENTS]  # a window per machine
@@ -502,6 +551,33 @@ class MachineViewSet(
         except services.MachineError as e:
             return Response({"detail": str(e)}, status=status.HTTP_409_CONFLICT)
         return Response({"detail": "deleting"}, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("tag", str, description="Only machines with this tag (machines/services/changes.py).")
+        ]
+    )
+    def list(self, request, *args, **kwargs):
+        return super().list(request, *args, **kwargs)
+
+    @extend_schema(
+        request=MachineChangeSerializer,
+        responses={200: MachineSerializer, 409: DetailSerializer},
+        description="Change vCPUs, memory, name, description, tags, deletion protection or autostart. "
+        "Hypervisor work is queued (`operation` is `change` until it is done); what the running machine cannot "
+        "take now is listed in `pending` until its next cold start.",
+    )
+    def partial_update(self, request, *args, **kwargs):
+        machine = self.get_object()
+        s = MachineChangeSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        try:
+            services.machine_change(machine=machine, actor=request.user, **s.validated_data)
+        except services.MachineError as e:
+            return Response({"detail": str(e)}, status=status.HTTP_409_CONFLICT)
+        except DjangoValidationError as e:
+            return Response(e.message_dict if hasattr(e, "error_dict") else {"detail": e.messages}, status=400)
+        return Response(self._data(machine))
 
     def _act(self, fn, **kwargs) -> Response:
         """Call the service for an action on the machine (404 if not visible). It decides by machines.policy:

@@ -158,6 +158,9 @@ class MachineForm(forms.ModelForm):
             "vcpus",
             "memory_mib",
             "disk_gib",
+            "max_vcpus",
+            "max_memory_mib",
+            "description",
             "ssh_authorized_keys",
             "packages",
             "script",
@@ -193,6 +196,12 @@ class MachineForm(forms.ModelForm):
         min_value=0,
         max_value=3650,
         help_text="Empty: the project's default lease; 0: none. At most the project's longest lease (staff: any).",
+    )
+
+    tags = forms.CharField(
+        required=False,
+        max_length=700,
+        help_text="Labels separated by spaces or commas (lower-case letters, digits, _ . -).",
     )
 
     override_capacity = forms.BooleanField(
@@ -522,6 +531,45 @@ class LeaseForm(forms.Form):
         from django.utils import timezone
 
         return None if self.cleaned_data.get("clear") else timezone.now() + timedelta(days=self.cleaned_data["days"])
+
+
+class MachineEditForm(forms.Form):
+    """A machine's page's Edit (machines/services/changes.py): only what was changed is sent to the service."""
+
+    name = forms.CharField(max_length=63, help_text="A host name; the machine must be shut off (not for adopted ones).")
+    vcpus = forms.IntegerField(label="vCPUs", min_value=1, max_value=64)
+    memory_mib = forms.IntegerField(label="Memory (MiB)", min_value=128, max_value=1 << 20)
+    description = forms.CharField(required=False, max_length=2000, widget=forms.Textarea(attrs={"rows": 2}))
+    tags = forms.CharField(
+        required=False,
+        max_length=700,
+        help_text="Separated by spaces or commas: lower-case letters, digits, _ . -; each a group tag_<tag> in the "
+        "Ansible inventory.",
+    )
+    deletion_protection = forms.BooleanField(required=False)
+    autostart = forms.BooleanField(required=False, help_text="Start with the hypervisor.")
+
+    def __init__(self, *args, machine, **kwargs) -> None:
+        initial = {k: getattr(machine, k) for k in ("name", "vcpus", "memory_mib", "description")}
+        initial |= {"tags": " ".join(machine.tags or []), "deletion_protection": machine.deletion_protection}
+        initial["autostart"] = machine.autostart
+        kwargs["initial"] = initial
+        super().__init__(*args, **kwargs)
+        self.machine = machine
+        later = "while it runs; more at its next cold start."
+        if machine.max_vcpus:
+            self.fields["vcpus"].help_text = f"Up to {machine.max_vcpus} {later}"
+        if machine.max_memory_mib:
+            self.fields["memory_mib"].help_text = f"Up to {machine.max_memory_mib} MiB {later}"
+
+    def changes(self) -> dict:
+        """What differs from the machine (tags as a list; the service checks each)."""
+        data = {k: self.cleaned_data[k] for k in self.changed_data}
+        if "tags" in data:
+            data["tags"] = [t for t in data["tags"].replace(",", " ").split() if t]
+            if data["tags"] == list(self.machine.tags or []):
+                del data["tags"]
+        return data
 
 
 class GrowDiskForm(forms.Form):

@@ -49,6 +49,12 @@ def stopped_here(machine: Machine) -> bool:
     return made_here(machine) and machine.power_state == PowerState.OFF
 
 
+def renamable(machine: Machine) -> bool:
+    """libvirt renames only a shut-off domain (as last seen); an adopted machine keeps its domain's own name, so
+    renaming it touches no domain."""
+    return machine.adopted or machine.power_state == PowerState.OFF
+
+
 def has_ready_image(machine: Machine) -> bool:
     """A rebuild starts over from the machine's image, so it needs one that is still there."""
     return machine.image is not None and machine.image.is_ready
@@ -73,7 +79,7 @@ RULES: dict[str, Rule] = {
     # and what it is called (its domain, its BMC, the inventory), as create does: an admin's. Its description and
     # tags change nothing on the hypervisor, and operators organise the machines they run by them.
     "resize": Rule(access.ADMIN, ACTIVE, exclusive=True),
-    "rename": Rule(access.ADMIN, ACTIVE, exclusive=True),
+    "rename": Rule(access.ADMIN, ACTIVE, exclusive=True, applies=renamable),
     "label": Rule(access.OPERATE),
     "rebuild": Rule(
         access.ADMIN,

@@ -50,7 +50,9 @@ BULK_ACTIONS = {"start": "Start", "shutdown": "Shut down", "poweroff": "Power of
 
 def _filtered_machines(request):
     machines = machines_for(request.user)
-    q = {k: request.GET.get(k, "").strip() for k in ("q", "status", "type", "hypervisor", "owner", "sort")}
+    q = {k: request.GET.get(k, "").strip() for k in ("q", "status", "type", "hypervisor", "owner", "sort", "tag")}
+    if q["tag"]:
+        machines = services.machines_tagged(machines, q["tag"])
     if q["q"]:
         machines = machines.filter(
             Q(name__icontains=q["q"]) | Q(uuid__icontains=q["q"]) | Q(nics__mac__icontains=q["q"])

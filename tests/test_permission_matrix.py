@@ -95,6 +95,7 @@ MATRIX = {
     "machines:bulk": ("post", None, {"action": "start", "ids": ["1"]}, ok(302)),  # acts only on machines you may use
     "machines:instackenv": ("post", None, None, ok(200, **PAGE_LOGIN)),  # each user's own machines only
     "machines:detail": ("get", "vm", None, on_machine(200, "view")),
+    "machines:edit": ("get", "vm", None, on_machine(200, "operate")),  # operators label; the service checks the rest
     "machines:console": ("get", "vm", None, on_machine(200, "view")),
     "machines:serial": ("get", "vm", None, on_machine(200, "view")),
     "machines:console-token": ("post", "vm", None, on_machine(200, "view")),  # viewers: view-only

@@ -10,7 +10,7 @@ from machines.services.bmcs import (
     machine_set_boot_device,
     machine_set_boot_device_run,
 )
-from machines.services.changes import machine_change, machine_change_run, pending_applied
+from machines.services.changes import machine_change, machine_change_run, machines_tagged, pending_applied
 from machines.services.clones import image_from_machine, image_from_machine_run, machine_clone, machine_clone_run
 from machines.services.common import MachineError
 from machines.services.lifecycle import (
@@ -119,6 +119,7 @@ __all__ = [
     "machine_boot_cdrom_once",
     "machine_change",
     "machine_change_run",
+    "machines_tagged",
     "pending_applied",
     "machine_boot_cdrom_run",
     "machine_change_media",

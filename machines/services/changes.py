@@ -17,6 +17,8 @@ import re
 
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
+from django.db.models import QuerySet, TextField
+from django.db.models.functions import Cast
 
 from hypervisors.drivers import get_driver
 from hypervisors.drivers.base import HypervisorError, HypervisorUnavailable
@@ -26,7 +28,7 @@ from machines.capacity import check_quota, held_by, lock_quotas, room_for_growth
 from machines.models import Machine, hostname_validator
 from machines.services.common import MachineError, _claim_operation, _enqueue, _release_operation
 from machines.services.operations import machine_set_autostart, machine_set_protection
-from machines.states import PowerState, Status
+from machines.states import Status
 from portal import audit
 
 log = logging.getLogger(__name__)
@@ -218,14 +220,12 @@ def _check_hardware(machine: Machine, hardware: dict) -> None:
 def _check_rename(machine: Machine, name: str) -> None:
     if Machine.objects.filter(owner_id=machine.owner_id, name=name).exclude(pk=machine.pk).exists():
         raise ValidationError({"name": f"You already have a machine called {name}."})
-    if machine.adopted:
-        return
-    if machine.power_state != PowerState.OFF:
+    if not policy.renamable(machine):
         raise MachineError(
             f"{machine.name} is {machine.get_power_state_display().lower()}: its libvirt domain can be renamed "
             "only while it is shut off. Shut it down, then rename it."
         )
-    if machine.snapshots.exists():
+    if not machine.adopted and machine.snapshots.exists():
         raise MachineError(f"{machine.name} has snapshots, and libvirt renames no domain with snapshots.")
 
 
@@ -309,3 +309,12 @@ def pending_applied(machine: Machine, driver) -> None:
     Machine.objects.filter(pk=machine.pk).update(pending={})
     machine.log("change", f"applied at this cold start: {done}")
     machine.pending = {}
+
+
+def machines_tagged(machines: QuerySet[Machine], tag: str) -> QuerySet[Machine]:
+    """The machines with `tag` (none for a text that is no tag). Tags are stored as a JSON list of checked
+    labels, so the quoted tag in its text is exactly that tag, on SQLite and PostgreSQL alike."""
+    tag = tag.strip().lower()
+    if not TAG.match(tag):
+        return machines.none()
+    return machines.annotate(tags_text=Cast("tags", TextField())).filter(tags_text__contains=f'"{tag}"')

@@ -80,6 +80,9 @@ def test_the_two_editable_fields_go_through_the_services(
         r = staff_client.post(
             f"/admin/machines/machine/{machine.pk}/change/",
             {
+                # Also editable here, unchanged (what changing them does: tests/machines/test_changes.py).
+                **{k: getattr(machine, k) for k in ("name", "vcpus", "memory_mib")},
+                "tags": "[]",
                 "deletion_protection": "on",
                 "autostart": "",
                 "nics-TOTAL_FORMS": "0",

@@ -109,6 +109,9 @@ def accepts(action: str, machine: Machine, user) -> bool:
         "boot_device": lambda: services.machine_set_boot_device(machine=m, device="pxe", persistent=False, actor=user),
         "rebuild": lambda: services.machine_rebuild(machine=m, actor=user),
         "grow_disk": lambda: services.machine_grow_disk(machine=m, disk_gib=m.disk_gib + 1, actor=user),
+        "resize": lambda: services.machine_change(machine=m, vcpus=m.vcpus + 1, actor=user),
+        "rename": lambda: services.machine_change(machine=m, name="renamed", actor=user),
+        "label": lambda: services.machine_change(machine=m, tags=["labelled"], actor=user),
         "delete": lambda: services.machine_delete(machine=m, actor=user),
         "protect": lambda: services.machine_set_protection(machine=m, protected=not m.deletion_protection, actor=user),
         "autostart": lambda: services.machine_set_autostart(machine=m, enabled=not m.autostart, actor=user),
@@ -181,8 +184,9 @@ def test_roles_cut_the_owners_actions_by_the_level_each_needs(world, role, kind)
 
 
 # Who may do what to an active machine of each kind, written out (the power state is not known yet).
-OPERATE_IMAGE = POWER | {"console", "console_input", "serial", "snapshot", "schedule"}
+OPERATE_IMAGE = POWER | {"console", "console_input", "serial", "snapshot", "schedule", "label"}
 ADMIN_IMAGE = OPERATE_IMAGE | {
+    "resize",  # not "rename": the machine is not seen shut off
     "lease",
     "rebuild",
     "grow_disk",
@@ -216,17 +220,28 @@ def test_the_table(world, kind, role):
     ("state", "expected"),
     [
         # A delete stops a provision (fenced: machines.attempts); nothing else runs beside one.
-        ({"status": Status.PROVISIONING}, {"delete", "protect", "autostart", "console", "console_input", "serial"}),
-        ({"status": Status.ERROR}, {"rebuild", "delete", "protect", "autostart", "console", "console_input", "serial"}),
-        ({"status": Status.ERROR, "protected": True}, {"protect", "autostart", "console", "console_input", "serial"}),
+        (
+            {"status": Status.PROVISIONING},
+            {"delete", "protect", "autostart", "console", "console_input", "serial", "label"},
+        ),
+        (
+            {"status": Status.ERROR},
+            {"rebuild", "delete", "protect", "autostart", "console", "console_input", "serial", "label"},
+        ),
+        (
+            {"status": Status.ERROR, "protected": True},
+            {"protect", "autostart", "console", "console_input", "serial", "label"},
+        ),
         # One operation at a time, of every kind: a reboot in progress holds off rebuild, grow and delete too.
-        ({"operation": "reboot"}, {"protect", "autostart", "console", "console_input", "serial"}),
+        ({"operation": "reboot"}, {"protect", "autostart", "console", "console_input", "serial", "label"}),
         # Protection holds off a revert (it throws the disks' state away, as a rebuild does), not a snapshot.
         (
             {"protected": True},
             POWER
             | {
                 "grow_disk",
+                "resize",
+                "label",
                 "protect",
                 "autostart",
                 "console",

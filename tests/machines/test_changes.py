@@ -164,3 +164,161 @@ def test_one_operation_at_a_time(made, django_capture_on_commit_callbacks):
     machine.refresh_from_db()
     with pytest.raises(MachineError, match="busy"):
         change(django_capture_on_commit_callbacks, machine, vcpus=2)
+
+
+# --- PATCH /api/v1/machines/{id}/ and ?tag= ----------------------------------------------------------------
+
+
+@pytest.fixture
+def api(owner):  # noqa: F811
+    from django.test import Client
+
+    client = Client()
+    client.force_login(owner)
+    return client
+
+
+def patch(client, machine, body, capture):
+    with capture(execute=True):
+        return client.patch(f"/api/v1/machines/{machine.pk}/", body, content_type="application/json")
+
+
+def test_patch_changes_and_answers_the_machine(made, api, django_capture_on_commit_callbacks):
+    machine = made(vcpus=1, max_vcpus=2)
+    r = patch(api, machine, {"vcpus": 2, "tags": ["web"], "description": "front"}, django_capture_on_commit_callbacks)
+    assert r.status_code == 200, r.content
+    assert (r.json()["tags"], r.json()["description"], r.json()["max_vcpus"]) == (["web"], "front", 2)
+    machine.refresh_from_db()
+    assert (machine.vcpus, machine.pending) == (2, {})
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"disk_gib": 5}, "disk_gib"),
+        ({"status": "active"}, "status"),
+        ({"vcpus": "many"}, "vcpus"),
+        ({"vcpus": 0}, "vcpus"),
+        ({"vcpus": True}, "vcpus"),
+        ({"memory_mib": 1 << 40}, "memory_mib"),
+        ({"name": "Not A Host"}, "name"),
+        ({"tags": "web"}, "tags"),
+        ({"tags": ["a b"]}, "tags"),
+        ({"autostart": "perhaps"}, "autostart"),
+    ],
+)
+def test_patch_refuses_bad_input_with_400(made, api, body, field, django_capture_on_commit_callbacks):
+    machine = made()
+    r = patch(api, machine, body, django_capture_on_commit_callbacks)
+    assert r.status_code == 400 and field in r.json(), r.content
+
+
+def test_patch_answers_409_when_busy_or_running_for_a_rename_and_404_for_others(
+    made, api, django_capture_on_commit_callbacks
+):
+    machine = made()
+    r = patch(api, machine, {"name": "db1"}, django_capture_on_commit_callbacks)
+    assert r.status_code == 409 and "shut off" in r.json()["detail"]
+    Machine.objects.filter(pk=machine.pk).update(operation="reboot")
+    assert patch(api, machine, {"vcpus": 2}, django_capture_on_commit_callbacks).status_code == 409
+    other = UserFactory(username="mallory")
+    api.force_login(other)
+    assert patch(api, machine, {"tags": ["x"]}, django_capture_on_commit_callbacks).status_code == 404
+    for body in ([1, 2], "text"):
+        api.force_login(machine.owner)
+        r = patch(api, machine, body, django_capture_on_commit_callbacks)
+        assert r.status_code == 400
+
+
+def test_patch_by_an_operator_labels_but_does_not_resize(made, api, django_capture_on_commit_callbacks):
+    project = Project.objects.create(name="team")
+    machine = made()
+    Machine.objects.filter(pk=machine.pk).update(project=project)
+    operator = UserFactory(username="op")
+    Membership.objects.create(project=project, user=operator, role=Role.OPERATOR)
+    api.force_login(operator)
+    assert patch(api, machine, {"tags": ["ops"]}, django_capture_on_commit_callbacks).status_code == 200
+    assert patch(api, machine, {"memory_mib": 512}, django_capture_on_commit_callbacks).status_code == 403
+
+
+def test_the_list_filters_by_tag(made, api, django_capture_on_commit_callbacks):
+    web, db = made(tags=["web", "prod"]), made(name="db1", tags=["db"])
+    made(name="web10", tags=["web1"])  # a tag that starts like another is another tag
+    ids = [m["id"] for m in api.get("/api/v1/machines/?tag=web").json()["results"]]
+    assert ids == [web.pk]
+    assert [m["id"] for m in api.get("/api/v1/machines/?tag=db").json()["results"]] == [db.pk]
+    assert api.get("/api/v1/machines/?tag=%22%20or").json()["results"] == []
+    page = api.get("/machines/?tag=prod")
+    assert page.status_code == 200 and b"db1" not in page.content and b"web1" in page.content
+
+
+# --- the Edit page ---------------------------------------------------------------------------------------
+
+
+def test_the_edit_page_shows_the_machine_and_saves_only_what_changed(made, api, django_capture_on_commit_callbacks):
+    machine = made(vcpus=1, max_vcpus=2)
+    page = api.get(f"/machines/{machine.pk}/edit/")
+    assert page.status_code == 200 and b'name="tags"' in page.content and b"Up to 2 while it runs" in page.content
+    assert b'id="btn-edit"' in api.get(f"/machines/{machine.pk}/").content
+    form = {"name": machine.name, "vcpus": 2, "memory_mib": machine.memory_mib, "tags": "web, prod", "autostart": "on"}
+    with django_capture_on_commit_callbacks(execute=True):
+        r = api.post(f"/machines/{machine.pk}/edit/", form)
+    assert r.status_code == 302
+    machine.refresh_from_db()
+    assert (machine.vcpus, machine.tags, machine.autostart) == (2, ["web", "prod"], True)
+    detail = api.get(f"/machines/{machine.pk}/").content
+    assert b"?tag=web" in detail
+
+
+def test_the_edit_page_shows_refusals_and_pending_changes(made, api, django_capture_on_commit_callbacks):
+    machine = made()
+    base = {"name": machine.name, "vcpus": 1, "memory_mib": machine.memory_mib, "autostart": "on"}
+    for bad, text in (({"tags": "a b!"}, b"Not a tag"), ({"name": "db1"}, b"only while it is shut off")):
+        r = api.post(f"/machines/{machine.pk}/edit/", {**base, **bad})
+        assert r.status_code == 200 and text in r.content
+    with django_capture_on_commit_callbacks(execute=True):
+        api.post(f"/machines/{machine.pk}/edit/", {**base, "memory_mib": 512})
+    assert b"Applies at next cold start: 512 MiB memory" in api.get(f"/machines/{machine.pk}/").content
+    assert b"Applies at next cold start" in api.get(f"/machines/{machine.pk}/edit/").content
+
+
+def test_the_edit_page_is_for_those_who_see_the_machine(made, client):
+    machine = made()
+    assert client.get(f"/machines/{machine.pk}/edit/").status_code == 302  # to the login
+    client.force_login(UserFactory(username="mallory"))
+    assert client.get(f"/machines/{machine.pk}/edit/").status_code == 404
+    assert client.put(f"/machines/{machine.pk}/edit/").status_code in (404, 405)
+
+
+def test_the_create_form_takes_maxima_description_and_tags(user_client):
+    page = user_client.get("/machines/new/").content
+    assert b'name="max_vcpus"' in page and b'name="max_memory_mib"' in page and b'name="tags"' in page
+
+
+def test_the_admin_changes_through_the_service(made, host, client, django_capture_on_commit_callbacks):
+    staff = UserFactory(username="root", is_staff=True, is_superuser=True)
+    client.force_login(staff)
+    machine = made(vcpus=1, max_vcpus=2)
+    assert client.get(f"/admin/machines/machine/{machine.pk}/change/").status_code == 200
+    form = {
+        "name": machine.name,
+        "vcpus": 2,
+        "memory_mib": machine.memory_mib,
+        "description": "from the admin",
+        "tags": '["admin"]',
+        "autostart": "on",
+        **{
+            f"{inline}-{n}": "0" for inline in ("nics", "events", "snapshots") for n in ("TOTAL_FORMS", "INITIAL_FORMS")
+        },
+    }
+    with django_capture_on_commit_callbacks(execute=True):
+        r = client.post(f"/admin/machines/machine/{machine.pk}/change/", form)
+    assert r.status_code == 302, r.content.decode()[:2000]
+    machine.refresh_from_db()
+    assert (machine.vcpus, machine.description, machine.tags) == (2, "from the admin", ["admin"])
+    assert host.get_driver("fake:///").domain_size(str(machine.uuid)).live_vcpus == 2
+    assert AuditEvent.objects.filter(action="machine.change", user=staff).exists()
+    r = client.post(f"/admin/machines/machine/{machine.pk}/change/", {**form, "vcpus": 99}, follow=True)
+    assert r.status_code == 200  # refused by the form or the service: said on the page, never a 500
+    machine.refresh_from_db()
+    assert machine.vcpus == 2

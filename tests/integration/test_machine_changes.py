@@ -1,0 +1,110 @@
+"""Changing a machine after create, for real: one tiny guest on the host's libvirtd through the real worker. Made
+with room for 2 vCPUs, it is grown from 1 to 2 while it runs (the domain's live count, as `virsh vcpucount` and
+the driver read it); a memory change beyond its maximum is kept pending and runs after a cold restart; shut off,
+it is renamed (its domain too, as `virsh list` shows); its tags filter the list."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+from django.test import Client
+
+from hypervisors.drivers.libvirt_driver import LibvirtDriver
+from machines import services
+from machines.models import Machine
+from tests.conftest import wait_for
+from tests.factories import UserFactory
+
+pytestmark = pytest.mark.integration
+
+
+def virsh(*args: str) -> str:
+    return subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True, check=True).stdout
+
+
+def settled(machine: Machine, timeout: float = 120) -> Machine:
+    """The machine once the worker released its operation."""
+    return wait_for(lambda: (m := Machine.objects.get(pk=machine.pk)).operation == "" and m, timeout)
+
+
+def power(machine: Machine, action: str, state: str) -> Machine:
+    services.machine_power(machine=Machine.objects.get(pk=machine.pk), action=action, actor=machine.owner)
+    machine = settled(machine)
+    assert machine.power_state == state, machine.events.last()
+    return machine
+
+
+def test_a_tiny_guest_grows_live_waits_for_a_cold_start_is_renamed_and_filtered_by_tag(local, tiny_image):
+    owner = UserFactory(username="changer", is_staff=True)  # staff: the user-mode NIC
+    machine = services.machine_create(
+        owner=owner,
+        hypervisor=local,
+        name="grow1",
+        image=tiny_image,
+        vcpus=1,
+        max_vcpus=2,
+        memory_mib=128,
+        disk_gib=1,
+        nics=[services.NicInput(type="user")],
+        tags=["int-test"],
+    )
+    machine = wait_for(lambda: (m := Machine.objects.get(pk=machine.pk)).status in ("active", "error") and m, 180)
+    assert machine.status == "active", machine.status_message
+    uuid, driver = str(machine.uuid), LibvirtDriver(local.uri)
+    assert virsh("vcpucount", uuid, "--live", "--active").strip() == "1"
+    assert virsh("vcpucount", uuid, "--live", "--maximum").strip() == "2"
+
+    # 1 -> 2 vCPUs while it runs, within the maximum chosen at create: live, nothing pending.
+    started = time.monotonic()
+    services.machine_change(machine=machine, actor=owner, vcpus=2)
+    machine = settled(machine)
+    live = time.monotonic() - started
+    assert machine.pending == {} and machine.vcpus == 2, list(machine.events.values_list("message", flat=True))
+    assert virsh("vcpucount", uuid, "--live", "--active").strip() == "2"
+    assert virsh("vcpucount", uuid, "--config", "--active").strip() == "2"
+    assert driver.domain_size(uuid).live_vcpus == 2
+    assert driver.domain_state(uuid) == "running"
+
+    # 128 -> 192 MiB, beyond its maximum (128): in the config now, pending until a cold start.
+    services.machine_change(machine=machine, actor=owner, memory_mib=192)
+    machine = settled(machine)
+    assert machine.pending == {"memory_mib": 192} and machine.memory_mib == 192
+    size = driver.domain_size(uuid)
+    assert (size.memory_mib, size.max_memory_mib, size.live_max_memory_mib) == (192, 192, 128)
+    page = Client()
+    page.force_login(owner)
+    assert b"Applies at next cold start: 192 MiB memory" in page.get(f"/machines/{machine.pk}/").content
+
+    # A rename while it runs is refused; shut off, the domain is renamed.
+    with pytest.raises(services.MachineError, match="only while it is shut off"):
+        services.machine_change(machine=machine, actor=owner, name="grown1")
+    machine = power(machine, "poweroff", "off")
+    assert machine.pending == {"memory_mib": 192}  # an off machine has not booted it yet
+    services.machine_change(machine=machine, actor=owner, name="grown1")
+    machine = settled(machine)
+    assert machine.name == "grown1" and machine.domain_name == f"grown1-{machine.uuid.hex[:8]}"
+    assert machine.domain_name in virsh("list", "--all", "--name").split()
+    assert f"grow1-{machine.uuid.hex[:8]}" not in virsh("list", "--all", "--name").split()
+
+    # The cold start boots the config: the pending memory runs, and the renamed domain with it.
+    started = time.monotonic()
+    machine = power(machine, "start", "running")
+    cold = time.monotonic() - started
+    assert machine.pending == {}
+    assert machine.domain_name in virsh("list", "--name").split()
+    size = driver.domain_size(uuid)
+    assert (size.live_vcpus, size.live_max_memory_mib) == (2, 192)
+    assert "262144" not in virsh("dominfo", uuid) and "196608 KiB" in virsh("dominfo", uuid)  # Max memory
+
+    # Tags: the API's list and the page filter by them.
+    services.machine_change(machine=machine, actor=owner, tags=["int-test", "grown"])
+    api = page.get("/api/v1/machines/?tag=grown").json()["results"]
+    assert [m["name"] for m in api] == ["grown1"]
+    assert page.get("/api/v1/machines/?tag=absent").json()["results"] == []
+    print(f"\nlive 1 -> 2 vCPUs in {live:.1f} s; cold start with the pending memory in {cold:.1f} s")
+
+    services.machine_delete(machine=Machine.objects.get(pk=machine.pk), actor=owner)
+    wait_for(lambda: not Machine.objects.filter(pk=machine.pk).exists(), 60)
+    assert machine.domain_name not in virsh("list", "--all", "--name").split()
