@@ -552,7 +552,8 @@ def guard_xml(
 ) -> str:
     """A libvirt nwfilter for the NICs on a portal network: the guest reaches its own subnet (other guests),
     DHCP and DNS on the hypervisor's address there, and (NAT only) public destinations; nothing else of
-    the hypervisor: not its address on the bridge, not the subnet broadcast, not its other addresses.
+    the hypervisor: not its address on the bridge, not the subnet broadcast, not its other addresses. It
+    answers what the hypervisor begins (replies only), so the worker reaches a guest's SSH for a workflow.
     Rules are iptables-level, so libvirt applies them to traffic for the host itself and to forwarded
     traffic alike; IPv6 from the guest is dropped (portal networks are IPv4). With `tftp` (a PXE network)
     the guest may also reach the hypervisor's TFTP server: port 69, and, for flows dnsmasq began, the
@@ -564,6 +565,9 @@ def guard_xml(
         ("accept", "udp", {"dstipaddr": gateway, "dstportstart": "53"}),  # DNS from libvirt's dnsmasq
         ("accept", "tcp", {"dstipaddr": gateway, "dstportstart": "53"}),
         *(_tftp_rules(gateway) if tftp else ()),
+        # Replies to what the hypervisor began (the worker's SSH to a guest for a workflow, ICMP errors about
+        # it): a flow the guest starts is NEW, never ESTABLISHED, and is dropped by the next rule.
+        ("accept", "all", {"dstipaddr": gateway, "state": "ESTABLISHED,RELATED"}),
         ("drop", "all", {"dstipaddr": gateway}),
         ("drop", "all", {"dstipaddr": str(net.broadcast_address)}),
         ("drop", "all", {"dstipaddr": str(net.network_address)}),  # an old-style broadcast on some kernels

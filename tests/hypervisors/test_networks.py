@@ -128,8 +128,9 @@ def test_guard_of_an_isolated_network_lets_the_guest_reach_its_subnet_dhcp_and_d
     assert rules[0] == ("accept", "udp", {"srcportstart": "68", "dstportstart": "67"})
     assert ("accept", "udp", {"dstipaddr": "192.168.213.1", "dstportstart": "53"}) in rules[:3]
     assert ("accept", "tcp", {"dstipaddr": "192.168.213.1", "dstportstart": "53"}) in rules[:3]
-    # Everything else addressed to the hypervisor goes before the subnet is let through.
-    drops_first = rules[3:7]
+    # Replies to what the hypervisor began, and nothing else addressed to it, before the subnet is let through.
+    assert rules[3] == ("accept", "all", {"dstipaddr": "192.168.213.1", "state": "ESTABLISHED,RELATED"})
+    drops_first = rules[4:8]
     assert ("drop", "all", {"dstipaddr": "192.168.213.1"}) in drops_first
     assert ("drop", "all", {"dstipaddr": "192.168.213.255"}) in drops_first  # the broadcast reaches the host too
     assert ("drop", "all", {"dstipaddr": "192.168.213.0"}) in rules  # and the network address, on some kernels

@@ -5,9 +5,8 @@ key checked against the keys it printed on its serial console at first boot; the
 
 The guest has two NICs. nic0 is on an isolated network the portal defines on the host's libvirtd (the host holds
 the bridge's first address, the guest gets DHCP, nothing is routed off the machine). The portal network's guard
-drops every packet from the guest to the host's address there, its replies to the host's own connections
-included, so the host cannot reach the guest's port 22 on it (test_..._on_the_portal_network, a strict xfail that
-reports it). nic1 is on a host bridge the test makes and publishes to the project (the host holds 10.213.80.1,
+drops every flow the guest starts towards the host's address there but lets its replies to the host's own
+connections through, so the host reaches the guest's port 22 on it (test_..._on_the_portal_network). nic1 is on a host bridge the test makes and publishes to the project (the host holds 10.213.80.1,
 the guest a static 10.213.80.50, nothing else is on it): its host guard lets through only replies to
 connections the host began, which is how the worker reaches the guest.
 
@@ -230,12 +229,9 @@ def test_the_host_reaches_the_guests_ssh_through_the_host_guard(guest):
     assert wait_for(lambda: _port_open(guest.address, 22), 60, interval=2, message="port 22 never answered")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reported: the portal network guard (domxml.guard_xml) drops all from the guest to the gateway, "
-    "replies to the host's own connections included; a guest there is not reachable by the worker",
-)
 def test_the_host_reaches_the_guests_ssh_on_the_portal_network(guest):
+    """The portal network's guard answers what the hypervisor begins (the guest still starts nothing towards
+    it: tests/integration/test_guest_reach.py), so the worker reaches a guest there too."""
     assert _port_open(guest.portal_network_address, 22)
 
 
