@@ -347,7 +347,7 @@ def test_the_api_refuses_a_role_with_403_and_a_state_with_409(world, role, actio
 
 # --- the machine page -------------------------------------------------------------------------------------
 
-CONTROL_IDS = {"btn-console": "console", "btn-serial": "serial", "btn-delete": "delete"}
+CONTROL_IDS = {"btn-console": "console", "btn-serial": "serial", "btn-delete": "delete", "btn-edit": "label"}
 FORM_ACTIONS = {
     "rebuild": "rebuild",
     "grow-disk": "grow_disk",
@@ -364,6 +364,8 @@ FORM_ACTIONS = {
 PER_SNAPSHOT = {"snapshot_revert", "snapshot_delete"}
 # The Schedules card is loaded from labs (htmx; labs/schedule_views.py): tests/labs/test_schedules.py holds it.
 PER_SNAPSHOT |= {"schedule"}
+# The Edit link (its least action, label) leads to the form that also resizes and renames: tests/machines/test_changes.py.
+PER_SNAPSHOT |= {"resize", "rename"}
 
 
 class Controls(HTMLParser):
