@@ -93,10 +93,17 @@ def _power_through_bmc(machine: Machine, action: str) -> None:
     """Power a network-boot machine exactly as an outside tool would: IPMI to its own BMC (after a current
     host guard, for a start)."""
     try:
+        cold = False
         if action == PowerAction.START:
-            provisioning.ensure_host_guards(machine, get_driver(machine.hypervisor.uri), defined=True)
+            driver = get_driver(machine.hypervisor.uri)
+            provisioning.ensure_host_guards(machine, driver, defined=True)
+            cold = bool(machine.pending) and driver.domain_state(str(machine.uuid)) != "running"
         state = bmc.get_client().power(bmc_target(machine), IPMI_ACTIONS[PowerAction(action)])
         machine.log("power", f"{PowerAction(action).label} through the BMC done; power is {state}")
+        if cold and state == "on":  # a cold start boots the changes waiting for one (machines.services.changes)
+            from machines.services.changes import pending_applied
+
+            pending_applied(machine, driver)
         Machine.objects.filter(pk=machine.pk).update(
             power_state=PowerState.RUNNING if state == "on" else PowerState.OFF, power_checked=timezone.now()
         )

@@ -322,3 +322,22 @@ def test_the_admin_changes_through_the_service(made, host, client, django_captur
     assert r.status_code == 200  # refused by the form or the service: said on the page, never a 500
     machine.refresh_from_db()
     assert machine.vcpus == 2
+
+
+def test_a_network_boot_machine_started_through_its_bmc_boots_what_was_pending(
+    django_capture_on_commit_callbacks,
+    host,
+    owner,  # noqa: F811
+    hv,  # noqa: F811
+):
+    kw = base_kwargs(owner, hv, None, deploy_type="network", ssh_authorized_keys="", power_on=True)
+    machine = create(django_capture_on_commit_callbacks, **kw)
+    assert machine.has_bmc and machine.power_state == PowerState.RUNNING
+    machine = change(django_capture_on_commit_callbacks, machine, memory_mib=512)
+    assert machine.pending == {"memory_mib": 512}
+    for action in ("poweroff", "start"):
+        with django_capture_on_commit_callbacks(execute=True):
+            services.machine_power(machine=Machine.objects.get(pk=machine.pk), action=action, actor=owner)
+    machine.refresh_from_db()
+    assert machine.power_state == PowerState.RUNNING and machine.pending == {}
+    assert host.get_driver("fake:///").domain_size(str(machine.uuid)).live_memory_mib == 512
