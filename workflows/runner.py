@@ -40,6 +40,7 @@ from django.db import IntegrityError, transaction
 
 from labs.inventory import build_inventory
 from machines import access, attempts, hostkeys
+from machines import services as machine_services
 from machines.models import MachineObserved
 from workflows.models import Workflow, WorkflowEvent, WorkflowRun
 
@@ -346,6 +347,12 @@ def _inventory(run: WorkflowRun, pdd: Path, overrides: Mapping[str, Any] | None)
         names = sorted(m.name for m in targets if m.pk in missing)
         raise RunError(f"no longer in the inventory (being deleted?): {', '.join(names)}")
     keys = dict(MachineObserved.objects.filter(machine_id__in=wanted).values_list("machine_id", "ssh_host_keys"))
+    for m in targets:  # a run right after a first boot: the keys may be on the console, not yet read
+        if m.deploy_type == "image" and not (keys.get(m.pk) or "").strip():
+            try:
+                keys[m.pk] = machine_services.machine_host_keys(machine=m)
+            except Exception:  # an unreachable hypervisor: the run goes on, accept-new, as without keys
+                log.warning("could not read the host keys of %s from its console", m.name, exc_info=True)
     known, checked, accepted = [], [], []
     for host, hv in sorted(hostvars.items()):
         hv.update(overrides or {})

@@ -359,3 +359,37 @@ def test_packages_with_what_is_installed_already_changes_nothing(team, staff, ru
     assert run.status == "successful", run.stdout
     installed = _events(run, task="Install packages", event="runner_on_ok")
     assert [(e.host, e.status) for e in installed] == [("web1", "ok")]
+
+
+@pytest.mark.django_db
+def test_a_run_right_after_a_first_boot_reads_the_host_keys_from_the_console_first(
+    team, staff, playbook_dir, tmp_path, monkeypatch
+):
+    """No keys recorded yet for an image machine: the runner asks machine_host_keys, which reads the serial log
+    now, so the first run after a boot checks the guest's keys instead of accepting whatever answers."""
+    from machines import services as machine_services
+    from workflows import runner
+
+    web1, web2 = team["machines"]
+    host_key = (
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode()
+    )
+    asked = []
+
+    def from_console(*, machine):
+        asked.append(machine.name)
+        return host_key if machine.pk == web2.pk else ""
+
+    monkeypatch.setattr(machine_services, "machine_host_keys", from_console)
+    wf = services.workflow_register(actor=staff, name="first-boot", directory=playbook_dir)
+    run = _start(team, wf, {}, machines=[web1, web2])
+    pdd = tmp_path / "pdd"
+    runner._prepare(run, pdd, {}, {"ansible_host": "192.0.2.8"}, None)
+    assert sorted(asked) == ["web1", "web2"]
+    hosts = json.loads((pdd / "inventory" / "hosts.json").read_text())["all"]["hosts"]
+    assert "StrictHostKeyChecking=yes" in hosts["web2"]["ansible_ssh_common_args"]
+    assert "StrictHostKeyChecking=accept-new" in hosts["web1"]["ansible_ssh_common_args"]
+    assert (pdd / "known_hosts").read_text() == f"192.0.2.8 {host_key}\n"
