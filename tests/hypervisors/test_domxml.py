@@ -279,3 +279,14 @@ def test_addresses_merge_from_leases_agent_and_arp():
         "52:54:00:aa:00:03": ["10.0.0.7"],  # ARP knows no prefix
     }
     assert merge_addresses() == {} and merge_addresses({"x": {"hwaddr": "", "addrs": []}}) == {}
+
+
+def test_maxima_give_a_current_vcpu_count_and_memory_above_the_balloon():
+    from hypervisors.drivers.domxml import domain_size_of
+
+    root = ET.fromstring(build_domain_xml(spec(vcpus=1, max_vcpus=4, memory_mib=256, max_memory_mib=1024)))
+    assert (root.findtext("vcpu"), root.find("vcpu").get("current")) == ("4", "1")
+    assert (root.findtext("memory"), root.findtext("currentMemory")) == ("1024", "256")
+    assert domain_size_of(build_domain_xml(spec(vcpus=2, memory_mib=512))) == (2, 2, 512, 512)
+    plain = ET.fromstring(build_domain_xml(spec(vcpus=2, memory_mib=512)))
+    assert plain.find("vcpu").get("current") is None and plain.findtext("memory") == "512"
