@@ -13,6 +13,7 @@ from machines.services.bmcs import (
 from machines.services.changes import machine_change, machine_change_run, machines_tagged, pending_applied
 from machines.services.clones import image_from_machine, image_from_machine_run, machine_clone, machine_clone_run
 from machines.services.common import MachineError
+from machines.services.leases import expiring_soon, leases_enforce, machine_extend_lease
 from machines.services.lifecycle import (
     machine_create,
     machine_delete,
@@ -23,7 +24,6 @@ from machines.services.lifecycle import (
     machine_rebuild,
     machine_rebuild_run,
 )
-from machines.services.leases import expiring_soon, leases_enforce, machine_extend_lease
 from machines.services.migration import (
     hypervisor_evacuate,
     hypervisor_set_maintenance,
