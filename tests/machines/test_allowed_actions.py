@@ -347,7 +347,14 @@ def test_the_api_refuses_a_role_with_403_and_a_state_with_409(world, role, actio
 
 # --- the machine page -------------------------------------------------------------------------------------
 
-CONTROL_IDS = {"btn-console": "console", "btn-serial": "serial", "btn-delete": "delete", "btn-edit": "label"}
+CONTROL_IDS = {
+    "btn-console": "console",
+    "btn-serial": "serial",
+    "btn-delete": "delete",
+    "btn-edit": "label",
+    "btn-clone": "clone",
+    "btn-save-image": "save_image",
+}
 FORM_ACTIONS = {
     "rebuild": "rebuild",
     "grow-disk": "grow_disk",
