@@ -31,6 +31,8 @@ router.register(r"labs/(?P<id>[0-9]+)/schedules", LabScheduleViewSet, basename="
 router.register("workflows", WorkflowViewSet, basename="workflow")
 router.register("workflow-runs", WorkflowRunViewSet, basename="workflow-run")
 
+handler400 = views.bad_request  # JSON under /api/ (too many fields, a malformed body), Django's page elsewhere
+
 urlpatterns = [
     path("", views.home, name="home"),
     path(

@@ -62,6 +62,17 @@ def api_not_found(request, *args, **kwargs) -> JsonResponse:
     return JsonResponse({"detail": "Not found."}, status=404)
 
 
+def bad_request(request, exception=None) -> HttpResponse:
+    """Django's 400 for a request it refuses before any view (too many fields, a malformed multipart body, a
+    bad Host): under /api/ the JSON every API client reads, with the reason; elsewhere Django's own page."""
+    if request.path.startswith("/api/"):
+        reason = str(exception) if exception else ""
+        return JsonResponse({"detail": f"Bad request: {reason}" if reason else "Bad request."}, status=400)
+    from django.views.defaults import bad_request as django_bad_request
+
+    return django_bad_request(request, exception)
+
+
 @require_GET
 def healthz(request) -> JsonResponse:
     """Liveness for a load balancer: the web process answers and reaches its database."""

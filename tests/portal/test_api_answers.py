@@ -65,3 +65,29 @@ def test_the_json_export_is_one_array_in_the_schema_too():
     paths = APIClient().get("/api/v1/schema/", {"format": "json"}).json()["paths"]
     answer = paths["/api/v1/audit/export/json/"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert answer["type"] == "array"
+
+
+@pytest.mark.parametrize("path", ["/api/v1/machines/", "/api/v1/labs/", "/api/v1/machines/1/power/"])
+@pytest.mark.parametrize("body", ["too-many-fields", "form-too-many-fields", "malformed-multipart"])
+def test_a_body_django_refuses_before_any_view_answers_json_400_under_the_api(api, settings, path, body):
+    """The fuzzer sent a multipart body with thousands of fields to a run's start: Django refused it before the
+    view (TooManyFieldsSent) with its HTML 400. Every such refusal under /api/ is the API's JSON 400."""
+    settings.DATA_UPLOAD_MAX_NUMBER_FIELDS = 10
+    if body == "too-many-fields":
+        r = api.post(path, {"machines": list(range(50))}, format="multipart")
+    elif body == "form-too-many-fields":
+        r = api.generic("POST", path, "&".join(f"f{i}=1" for i in range(50)), "application/x-www-form-urlencoded")
+    else:
+        r = api.generic("POST", path, b"--x\r\nnot a part", "multipart/form-data; boundary=x")
+    # Refused before the view (Django's own limits), or by DRF's parser, or by the view: always the API's JSON.
+    assert r.status_code in (400, 404), r.content
+    assert r["Content-Type"] == "application/json", r.content
+    if body != "malformed-multipart":
+        assert r.json() == {"detail": "Bad request: The number of GET/POST parameters exceeded "
+                            "settings.DATA_UPLOAD_MAX_NUMBER_FIELDS."}  # fmt: skip
+
+
+def test_pages_keep_djangos_own_400(settings, client):
+    settings.DATA_UPLOAD_MAX_NUMBER_FIELDS = 10
+    r = client.post("/login/", "&".join(f"f{i}=1" for i in range(50)), content_type="application/x-www-form-urlencoded")
+    assert r.status_code == 400 and r["Content-Type"].startswith("text/html")
