@@ -268,6 +268,10 @@ def machine_provision_run(machine_id: int) -> None:
     Machine.objects.filter(pk=machine.pk).update(
         attempts=0, power_state=str(state or PowerState.UNKNOWN), power_checked=timezone.now()
     )
+    if str(state or "") == PowerState.RUNNING:  # a (re)build's first start is a cold start: what was pending runs now
+        from machines.services.changes import pending_applied  # changes builds on this module
+
+        pending_applied(machine, driver)
     machine.transition(Status.ACTIVE)
     _release_attempt(machine)
 

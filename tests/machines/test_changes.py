@@ -341,3 +341,18 @@ def test_a_network_boot_machine_started_through_its_bmc_boots_what_was_pending(
     machine.refresh_from_db()
     assert machine.power_state == PowerState.RUNNING and machine.pending == {}
     assert host.get_driver("fake:///").domain_size(str(machine.uuid)).live_memory_mib == 512
+
+
+def test_a_rebuild_boots_what_was_pending(made, host, django_capture_on_commit_callbacks):
+    """The rebuild defines the domain again and starts it cold: the pending change runs, and the page stops
+    saying it waits."""
+    machine = made(vcpus=1, memory_mib=256)
+    machine = change(django_capture_on_commit_callbacks, machine, memory_mib=512)
+    assert machine.pending == {"memory_mib": 512}
+    with django_capture_on_commit_callbacks(execute=True):
+        services.machine_rebuild(machine=machine, actor=machine.owner, snapshot=False)
+    machine.refresh_from_db()
+    assert machine.status == "active" and machine.power_state == PowerState.RUNNING, machine.status_message
+    assert machine.pending == {}
+    assert host.get_driver("fake:///").domain_size(str(machine.uuid)).live_memory_mib == 512
+    assert machine.events.filter(message__startswith="applied at this cold start: memory_mib 512").exists()
