@@ -80,6 +80,7 @@ INSTALLED_APPS = [
     "hypervisors",
     "machines",
     "labs",
+    "metrics",
     "workflows",
     "config",
 ]
@@ -185,6 +186,8 @@ STATICFILES_DIRS = [
     ("vendor/xterm/lib", BASE_DIR / "node_modules/@xterm/xterm/lib"),
     ("vendor/xterm/css", BASE_DIR / "node_modules/@xterm/xterm/css"),
     ("vendor/xterm-fit/lib", BASE_DIR / "node_modules/@xterm/addon-fit/lib"),
+    # uPlot for the metrics graphs (its dist: the ES module, the IIFE build and the stylesheet).
+    ("vendor/uplot/dist", BASE_DIR / "node_modules/uplot/dist"),
 ]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
