@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("config", "workflows", "labs", "machines", "hypervisors", "portal")
+PACKAGES = ("config", "workflows", "labs", "metrics", "machines", "hypervisors", "portal")
 
 
 def layout() -> str:
