@@ -16,10 +16,12 @@ from dataclasses import dataclass, field, replace
 
 from hypervisors.drivers.base import (
     PORTAL_METADATA_NS,
+    DomainCounters,
     DomainInfo,
     DomainInspected,
     DomainObserved,
     DomainSize,
+    HostCountersRead,
     HostInfo,
     HostObserved,
     HypervisorDriver,
@@ -51,6 +53,9 @@ class FakeHost:
     calls: list[str] = field(default_factory=list)
     runs: int = 0  # the last domain id given to a start (libvirt numbers each run)
     leases: dict[str, list[str]] = field(default_factory=dict)  # MAC -> addresses the networks' DHCP leased
+    # What domains_observed tells of the host's CPU and memory (None: as a host that tells none); a running
+    # domain's counters are its dict's "counters" (a DomainCounters, set by the test; None when unset).
+    host_counters: HostCountersRead | None = None
     # The virtual BMCs listening: (address, port) -> (username, password, domain name), as the BMC server
     # runs them; FakeBmc also finds those of the machines in the database, as the BMC server does.
     bmcs: dict[tuple[str, int], tuple[str, str, str]] = field(default_factory=dict)
@@ -324,6 +329,7 @@ class FakeDriver(HypervisorDriver):
             dom["vnc_protected"] = dom["vnc_config_protected"]
             self.host.runs += 1
             dom["run"] = self.host.runs
+            dom.pop("counters", None)  # a new run's counters begin again (whatever a test set was the last run's)
             dom["live_size"] = self._config_size(dom) if "spec" in dom else None  # what the config boots
         dom["state"] = PowerState.RUNNING
 
@@ -394,12 +400,15 @@ class FakeDriver(HypervisorDriver):
         # running by a test (not started) counts as run 0; "leases" on the host stand for the networks' DHCP.
         self._hit("domains_observed")
         states = self.domain_states()
+        domains = {}
+        for u, s in states.items():
+            dom, running = self.host.domains[u], s == PowerState.RUNNING
+            counters: DomainCounters | None = dom.get("counters") if running else None
+            domains[u] = DomainObserved(state=s, run=dom.get("run", 0) if running else -1, counters=counters)
         return HostObserved(
-            domains={
-                u: DomainObserved(state=s, run=self.host.domains[u].get("run", 0) if s == PowerState.RUNNING else -1)
-                for u, s in states.items()
-            },
+            domains=domains,
             leases={mac.lower(): list(a) for mac, a in self.host.leases.items()},
+            counters=self.host.host_counters,
         )
 
     def domain_inspect(self, uuid, *, leases=None):

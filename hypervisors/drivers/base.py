@@ -90,11 +90,46 @@ class DomainInfo:
 
 
 @dataclass(frozen=True)
+class DomainCounters:
+    """A running domain's cumulative counters at one bulk read (the metrics' rates are their differences between
+    two reads of the same run). None: the driver or the guest does not tell it (libvirt's test driver tells none
+    of them; the balloon's guest figures need the guest's balloon driver)."""
+
+    cpu_time_ns: int | None = None  # CPU time of the whole domain (vCPUs and emulator threads)
+    vcpus: int | None = None  # vCPUs it runs now
+    memory_current_kib: int | None = None  # what the balloon gives it
+    memory_available_kib: int | None = None  # what the guest sees (balloon driver)
+    memory_unused_kib: int | None = None  # what the guest leaves unused (balloon driver)
+    memory_rss_kib: int | None = None  # QEMU's resident memory on the host
+    disk_read_bytes: int | None = None  # summed over its disks
+    disk_write_bytes: int | None = None
+    disk_read_reqs: int | None = None
+    disk_write_reqs: int | None = None
+    net_rx_bytes: int | None = None  # summed over its NICs
+    net_tx_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class HostCountersRead:
+    """A hypervisor's own cumulative CPU times (nanoseconds, all CPUs) and memory (KiB) at one bulk read; None
+    where the driver does not tell it."""
+
+    cpus: int | None = None
+    cpu_busy_ns: int | None = None  # kernel + user
+    cpu_idle_ns: int | None = None  # idle + iowait
+    memory_total_kib: int | None = None
+    memory_free_kib: int | None = None
+    memory_buffers_kib: int | None = None
+    memory_cached_kib: int | None = None
+
+
+@dataclass(frozen=True)
 class DomainObserved:
     """A domain as one bulk read of its hypervisor sees it."""
 
     state: PowerState
     run: int  # libvirt's domain id: a new one at every start, -1 while it is not running
+    counters: DomainCounters | None = None  # while it runs, from the same bulk call; None when off or untold
 
 
 @dataclass(frozen=True)
@@ -104,6 +139,7 @@ class HostObserved:
 
     domains: dict[str, DomainObserved]  # UUID -> what was seen
     leases: dict[str, list[str]]  # MAC (lower case) -> addresses ("a.b.c.d/prefix") the host's DHCP leased
+    counters: HostCountersRead | None = None  # the host's CPU and memory counters; None when it tells none
 
 
 @dataclass(frozen=True)
@@ -369,7 +405,9 @@ class HypervisorDriver(ABC):
     @abstractmethod
     def domains_observed(self) -> HostObserved:
         """State and run of every domain and the DHCP leases of the host's networks, in a number of calls that
-        does not grow with the domains (the reconcile's bulk read); no leases where the host cannot list them."""
+        does not grow with the domains (the reconcile's bulk read); no leases where the host cannot list them.
+        The same calls give each running domain's counters and the host's (the metrics' source), None where
+        the host tells none."""
 
     @abstractmethod
     def domain_inspect(self, uuid: str, *, leases: dict[str, list[str]] | None = None) -> DomainInspected | None:

@@ -24,11 +24,13 @@ import libvirt
 
 from hypervisors.drivers.base import (
     PORTAL_METADATA_NS,
+    DomainCounters,
     DomainInfo,
     DomainInspected,
     DomainObserved,
     DomainSize,
     DomainSpec,
+    HostCountersRead,
     HostInfo,
     HostObserved,
     HypervisorDriver,
@@ -290,6 +292,86 @@ def _shape(dom: libvirt.virDomain) -> dict:
         else:
             disk["pool"] = ""
     return shape
+
+
+# What the reconcile's bulk read asks of every domain, in its one getAllDomainStats call.
+_OBSERVED_STATS = (
+    libvirt.VIR_DOMAIN_STATS_STATE
+    | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL
+    | libvirt.VIR_DOMAIN_STATS_BALLOON
+    | libvirt.VIR_DOMAIN_STATS_VCPU
+    | libvirt.VIR_DOMAIN_STATS_BLOCK
+    | libvirt.VIR_DOMAIN_STATS_INTERFACE
+)
+
+
+def _summed(stats: dict, group: str, key: str) -> int | None:
+    """A counter summed over a group's entries (block.<n>.rd.bytes, net.<n>.rx.bytes); None when none tells it."""
+    values = [stats.get(f"{group}.{n}.{key}") for n in range(int(stats.get(f"{group}.count", 0) or 0))]
+    told = [int(v) for v in values if v is not None]
+    return sum(told) if told else None
+
+
+def _int(value) -> int | None:
+    return None if value is None else int(value)
+
+
+def _domain_counters(stats: dict) -> DomainCounters | None:
+    """A running domain's counters from its getAllDomainStats record; None when it has none of them (the
+    test driver)."""
+    counters = DomainCounters(
+        cpu_time_ns=_int(stats.get("cpu.time")),
+        vcpus=_int(stats.get("vcpu.current")),
+        memory_current_kib=_int(stats.get("balloon.current")),
+        memory_available_kib=_int(stats.get("balloon.available")),
+        memory_unused_kib=_int(stats.get("balloon.unused")),
+        memory_rss_kib=_int(stats.get("balloon.rss")),
+        disk_read_bytes=_summed(stats, "block", "rd.bytes"),
+        disk_write_bytes=_summed(stats, "block", "wr.bytes"),
+        disk_read_reqs=_summed(stats, "block", "rd.reqs"),
+        disk_write_reqs=_summed(stats, "block", "wr.reqs"),
+        net_rx_bytes=_summed(stats, "net", "rx.bytes"),
+        net_tx_bytes=_summed(stats, "net", "tx.bytes"),
+    )
+    return None if counters == DomainCounters() else counters
+
+
+def _unsupported(e: libvirt.libvirtError) -> bool:
+    """A call the driver does not have (the test driver's node memory): not an unreachable host."""
+    return not isinstance(translate(e), HypervisorUnavailable)
+
+
+def _host_counters(conn: libvirt.virConnect) -> HostCountersRead | None:
+    """The host's CPU times and memory, three calls; what the driver does not tell stays None."""
+    cpus = cpu = memory = None
+    try:
+        cpus = int(conn.getInfo()[2])
+    except libvirt.libvirtError as e:
+        if not _unsupported(e):
+            raise
+    try:
+        cpu = conn.getCPUStats(libvirt.VIR_NODE_CPU_STATS_ALL_CPUS)
+    except libvirt.libvirtError as e:
+        if not _unsupported(e):
+            raise
+    try:
+        memory = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)
+    except libvirt.libvirtError as e:
+        if not _unsupported(e):
+            raise
+    cpu, memory = cpu or {}, memory or {}
+    busy = [cpu[k] for k in ("kernel", "user") if k in cpu]
+    idle = [cpu[k] for k in ("idle", "iowait") if k in cpu]
+    counters = HostCountersRead(
+        cpus=cpus,
+        cpu_busy_ns=int(sum(busy)) if busy else None,
+        cpu_idle_ns=int(sum(idle)) if idle else None,
+        memory_total_kib=_int(memory.get("total")),
+        memory_free_kib=_int(memory.get("free")),
+        memory_buffers_kib=_int(memory.get("buffers")),
+        memory_cached_kib=_int(memory.get("cached")),
+    )
+    return None if counters == HostCountersRead() else counters
 
 
 class LibvirtDriver(HypervisorDriver):
@@ -592,17 +674,17 @@ class LibvirtDriver(HypervisorDriver):
         )
 
     def domains_observed(self) -> HostObserved:
-        """State and run (domain id) of every domain from one getAllDomainStats, and the DHCP leases of the active
-        networks: 2 + (networks) calls however many domains there are."""
+        """State, run (domain id) and counters (CPU time, vCPUs, balloon, disks, NICs) of every domain from one
+        getAllDomainStats, the host's CPU and memory counters, and the DHCP leases of the active networks:
+        5 + (networks) calls however many domains there are."""
 
         def run(conn):
-            domains = {
-                dom.UUIDString(): DomainObserved(
-                    state=_STATES.get(stats.get("state.state", -1), PowerState.UNKNOWN), run=dom.ID()
-                )
-                for dom, stats in conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE)
-            }
-            return HostObserved(domains=domains, leases=self._leases(conn))
+            domains = {}
+            for dom, stats in conn.getAllDomainStats(_OBSERVED_STATS):
+                state = _STATES.get(stats.get("state.state", -1), PowerState.UNKNOWN)
+                counters = _domain_counters(stats) if state == PowerState.RUNNING else None
+                domains[dom.UUIDString()] = DomainObserved(state=state, run=dom.ID(), counters=counters)
+            return HostObserved(domains=domains, leases=self._leases(conn), counters=_host_counters(conn))
 
         return self._call(run)
 

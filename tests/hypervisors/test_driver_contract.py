@@ -17,13 +17,15 @@ import inspect
 import io
 import uuid as uuidlib
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import pytest
 
 from hypervisors.drivers.base import (
     DiskSpec,
+    DomainCounters,
     DomainSpec,
+    HostCountersRead,
     HypervisorDriver,
     HypervisorFatalError,
     MigrationAborted,
@@ -603,6 +605,35 @@ def test_domains_observed_gives_every_domains_state_and_a_new_run_at_each_start(
     assert d.domains_observed().domains[spec.uuid].run not in (first.run, -1)  # a restart is a new run
     d.undefine(spec.uuid)
     assert spec.uuid not in d.domains_observed().domains
+
+
+def _plain_counters(counters) -> bool:
+    """Every field None or a non-negative int (what the metrics' rates are computed from)."""
+    return all(v is None or (isinstance(v, int) and v >= 0) for v in asdict(counters).values())
+
+
+@every_driver
+def test_domains_observed_gives_a_running_domains_counters_and_the_hosts_from_the_same_read(kit):
+    """The metrics' source: counters of running domains only, plain non-negative numbers. The real libvirtd
+    tells CPU time, vCPUs and the host's CPU and memory; the test driver tells no domain counters and no host
+    memory (when it learns them, this fails and says so); the fake tells what a test set."""
+    d, spec = kit.driver, kit.disk_spec()
+    d.define_domain(spec)
+    assert d.domains_observed().domains[spec.uuid].counters is None  # off: nothing counts
+    d.start(spec.uuid)
+    if isinstance(d, FakeDriver):
+        d.host.domains[spec.uuid]["counters"] = DomainCounters(cpu_time_ns=5, vcpus=1, disk_read_bytes=7)
+        d.host.host_counters = HostCountersRead(cpus=2, cpu_busy_ns=1, cpu_idle_ns=2, memory_total_kib=1024)
+    seen = d.domains_observed()
+    counters, host = seen.domains[spec.uuid].counters, seen.counters
+    if kit.name == "test:///default":
+        assert counters is None, "the test driver now tells domain counters: assert them here as for the others"
+        assert host is not None and host.memory_total_kib is None and host.cpus
+    else:
+        assert counters is not None and _plain_counters(counters)
+        assert counters.cpu_time_ns is not None and counters.vcpus == 1
+        assert host is not None and _plain_counters(host) and host.cpus and host.memory_total_kib
+    assert host is not None and _plain_counters(host) and host.cpu_busy_ns is not None
 
 
 @every_driver
