@@ -14,10 +14,13 @@ run: host deps assets prepare
 	$(PY) manage.py bootstrap
 	exec $(PY) manage.py serve
 
-# The whole suite on the embedded SQLite and Huey's SQLite queue; then the tests marked `engines` (quota
-# races, parallel creates, console and BMC services) again on a private PostgreSQL and Redis with two consumers.
+# The whole suite on the embedded SQLite and Huey's SQLite queue: the unit layer spread over the CPUs (it
+# shares no daemon), then the real-stack layers (integration, browser) in one process, for they share the
+# host's libvirtd, the session's worker and its guests; then the tests marked `engines` (quota races,
+# parallel creates, console and BMC services) again on a private PostgreSQL and Redis with two consumers.
 test: host-test deps-test assets
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not integration and not browser" -n $(UNIT_JOBS) $(PYTEST_ARGS)
+	$(PY) -m pytest -m "(integration or browser) and not engines_only" $(PYTEST_ARGS)
 	scripts/engines.sh $(PY) -m pytest -m "engines or engines_only" $(PYTEST_ARGS)
 
 # Uses the .venv and node_modules that `make test` left; installs nothing and needs no daemon. Spread over
