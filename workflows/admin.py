@@ -66,24 +66,7 @@ class WorkflowEventInline(admin.TabularInline):
 
 
 # Every field but the secrets (encrypted or not, they stay off every page).
-RUN_FIELDS = (
-    "workflow",
-    "created_by",
-    "project",
-    "lab",
-    "machines",
-    "variables",
-    "status",
-    "status_message",
-    "cancel_requested",
-    "created",
-    "started",
-    "finished",
-    "rc",
-    "summary",
-    "stdout",
-    "attempt_id",
-)
+RUN_FIELDS = WorkflowRun.SHOWN_FIELDS
 
 
 @admin.register(WorkflowRun)

@@ -137,23 +137,11 @@ class WorkflowRunSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = WorkflowRun
+        # The run's shown fields without the log (GET .../events/ pages it) and the worker's attempt.
         fields = [
             "id",
-            "workflow",
             "workflow_name",
-            "created_by",
-            "project",
-            "lab",
-            "machines",
-            "variables",
-            "status",
-            "status_message",
-            "cancel_requested",
-            "created",
-            "started",
-            "finished",
-            "rc",
-            "summary",
+            *(f for f in WorkflowRun.SHOWN_FIELDS if f not in ("stdout", "attempt_id")),
         ]
         read_only_fields = fields
 

@@ -54,3 +54,19 @@ def test_a_run_is_read_only_with_its_events_and_no_secret(world):
     assert c.post(reverse("admin:workflows_workflowrun_delete", args=[run.pk])).status_code == 403
     # Not for users who are not staff.
     assert world.client(world.owner).get(reverse("admin:workflows_workflowrun_changelist")).status_code == 302
+
+
+def test_every_field_of_a_run_is_either_shown_or_hidden_and_the_secrets_are_hidden():
+    """A field added to WorkflowRun is shown nowhere (admin, API) until it is put in SHOWN_FIELDS or, holding
+    something secret, in HIDDEN_FIELDS: the admin and the API take their lists from there."""
+    from workflows.admin import WorkflowRunAdmin
+    from workflows.api import WorkflowRunSerializer
+    from workflows.models import WorkflowRun
+
+    fields = {f.name for f in WorkflowRun._meta.get_fields() if f.concrete or f.many_to_many} - {"id"}
+    shown, hidden = set(WorkflowRun.SHOWN_FIELDS), set(WorkflowRun.HIDDEN_FIELDS)
+    assert not shown & hidden
+    assert shown | hidden == fields
+    assert "secrets_encrypted" in hidden
+    assert set(WorkflowRunAdmin.fields) == shown
+    assert set(WorkflowRunSerializer.Meta.fields) - {"id", "workflow_name"} <= shown
