@@ -378,6 +378,15 @@ PORTAL_WORKFLOW_RUN_DIR = DATA_DIR / "workflow-runs"
 PORTAL_WORKER_HEARTBEAT = envint("PORTAL_WORKER_HEARTBEAT", "30")
 PORTAL_WORKER_STALE_AFTER = envint("PORTAL_WORKER_STALE_AFTER", "120")
 PORTAL_SCREENSHOTS_PER_MINUTE = envint("PORTAL_SCREENSHOTS_PER_MINUTE", "30")
+# Metrics (metrics/collect.py, metrics/rollup.py): one-minute points are kept this many hours, hourly ones this
+# many days; the hourly rollup deletes older ones.
+PORTAL_METRICS_MINUTE_RETENTION_HOURS = envint("PORTAL_METRICS_MINUTE_RETENTION_HOURS", "24")
+PORTAL_METRICS_HOUR_RETENTION_DAYS = envint("PORTAL_METRICS_HOUR_RETENTION_DAYS", "90")
+if PORTAL_METRICS_MINUTE_RETENTION_HOURS < 2 or PORTAL_METRICS_HOUR_RETENTION_DAYS < 1:
+    raise ImproperlyConfigured(
+        "PORTAL_METRICS_MINUTE_RETENTION_HOURS is at least 2 (the rollup needs the last complete hour's minutes) "
+        "and PORTAL_METRICS_HOUR_RETENTION_DAYS at least 1"
+    )
 
 # The sweeper (machines/services/sweeper.py): domains and volumes the portal made that no machine row owns are
 # reported on the hypervisor page only once first seen this many seconds ago, by an earlier sweep.

@@ -7,3 +7,14 @@ class MetricsConfig(AppConfig):
     reconcile's signal and reads machines; nothing below imports it."""
 
     name = "metrics"
+
+    def ready(self) -> None:
+        from django.db.models.signals import pre_delete
+
+        from machines.models import Machine
+        from machines.services.observation import host_observed
+        from metrics.collect import on_host_observed
+        from metrics.rollup import on_machine_delete
+
+        host_observed.connect(on_host_observed, dispatch_uid="metrics.collect")
+        pre_delete.connect(on_machine_delete, sender=Machine, dispatch_uid="metrics.usage_on_delete")

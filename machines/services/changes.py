@@ -21,11 +21,11 @@ from django.db.models import QuerySet, TextField
 from django.db.models.functions import Cast
 
 from hypervisors.drivers import get_driver
-from hypervisors.drivers.base import HypervisorError, HypervisorUnavailable
+from hypervisors.drivers.base import DomainSize, HypervisorError, HypervisorUnavailable
 from hypervisors.models import Hypervisor
 from machines import policy, tasks
 from machines.capacity import check_quota, held_by, lock_quotas, room_for_growth
-from machines.models import Machine, hostname_validator
+from machines.models import Machine, MachineEvent, hostname_validator
 from machines.services.common import MachineError, _claim_operation, _enqueue, _release_operation
 from machines.services.operations import machine_set_autostart, machine_set_protection
 from machines.states import Status
@@ -309,6 +309,37 @@ def pending_applied(machine: Machine, driver) -> None:
     Machine.objects.filter(pk=machine.pk).update(pending={})
     machine.log("change", f"applied at this cold start: {done}")
     machine.pending = {}
+
+
+def pending_left(pending: dict, size: DomainSize) -> dict:
+    """What of `pending` the running domain does not run yet. vCPUs: its live count. Memory: its live balloon
+    and maximum as the config has them (a smaller value is in the balloon a cold start sets; a larger one needed
+    a larger maximum, which only a cold start gives). A domain that is off runs nothing."""
+    if not size.running:
+        return dict(pending)
+    runs = {
+        "vcpus": lambda v: size.live_vcpus == v,
+        "memory_mib": lambda v: size.live_memory_mib == v and size.live_max_memory_mib == size.max_memory_mib,
+    }
+    return {k: v for k, v in pending.items() if k not in runs or not runs[k](v)}
+
+
+def pending_seen_running(machine_id: int, pending: dict, size: DomainSize) -> None:
+    """The reconcile saw the machine's domain in a run it had not seen (a start from outside the portal: virsh,
+    its BMC, the host's autostart, or one the portal made before this process saw it): what of `pending` it runs
+    is cleared, with an event; the rest stays. Over the pending read, on an active machine with no operation (a
+    change or a start of the portal's under way decides itself)."""
+    left = pending_left(pending, size)
+    if left == pending:
+        return
+    mine = Machine.objects.filter(pk=machine_id, pending=pending, status=Status.ACTIVE, operation="")
+    if not mine.update(pending=left):
+        return
+    done = ", ".join(f"{k} {v}" for k, v in pending.items() if k not in left)
+    still = f"; still pending: {', '.join(f'{k} {v}' for k, v in left.items())}" if left else ""
+    MachineEvent.objects.create(
+        machine_id=machine_id, step="change", message=f"running since a start outside the portal: {done}{still}"
+    )
 
 
 def machines_tagged(machines: QuerySet[Machine], tag: str) -> QuerySet[Machine]:

@@ -14,11 +14,13 @@ from pathlib import Path
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import F, Q
+from django.dispatch import Signal
 from django.utils import timezone
 
 from hypervisors.drivers import get_driver
 from hypervisors.drivers.base import (
     DomainInspected,
+    DomainSize,
     HostObserved,
     HypervisorError,
     HypervisorFatalError,
@@ -29,6 +31,7 @@ from hypervisors.drivers.domxml import host_guard_name
 from hypervisors.models import Hypervisor, HypervisorStatus
 from machines import hostkeys, provisioning, screenshots, tasks
 from machines.models import Machine, MachineEvent, MachineNic, MachineObserved
+from machines.services.changes import pending_seen_running
 from machines.services.common import _enqueue
 from machines.states import BUSY, DeployType, InvalidTransition, PowerState, Status
 
@@ -201,6 +204,12 @@ _guarded: set[str] = set()  # domain UUIDs whose host guards this process made s
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
+# Sent once per hypervisor read, after its changes are written (send_robust: a listener that fails is logged, the
+# reconcile goes on): hypervisor_id, observed (the HostObserved, with the domains' and the host's counters),
+# read_at (wall-clock epoch seconds at the middle of the bulk read), read_seconds (how long it took). The metrics
+# app listens; machines imports nothing above it.
+host_observed = Signal()
+
 
 def _reconcile_deadline() -> float:
     """Seconds a hypervisor's reads may take once begun: its connect timeout (the reachability check and the
@@ -229,15 +238,19 @@ class _Plan:
     macs: dict[str, list[str]]  # uuid -> its NICs' MACs
     guards: dict[str, dict[str, str]]  # uuid -> host bridge -> guard, for machines that want them
     started: float = 0.0
+    pending: dict[str, tuple[int, dict]] = field(default_factory=dict)  # uuid -> (pk, Machine.pending), if any
 
 
 @dataclass
 class _Looked:
     host: HostObserved
+    read_at: float = 0.0  # epoch seconds, the middle of the bulk read
+    read_seconds: float = 0.0  # how long it took
     inspected: dict[str, DomainInspected | None] = field(default_factory=dict)
     failed: set[str] = field(default_factory=set)  # inspected with a fatal error: what was known stays
     guarded: list[str] = field(default_factory=list)  # host guard added now
     bridges: dict[str, list[str]] = field(default_factory=dict)
+    sizes: dict[str, DomainSize] = field(default_factory=dict)  # machines with pending changes seen in a new run
 
 
 def _plan(hv: Hypervisor) -> _Plan:
@@ -271,7 +284,9 @@ def _plan(hv: Hypervisor) -> _Plan:
         for m in Machine.objects.select_related("owner", "project").filter(pk__in=bridges):
             if provisioning.wants_host_guard(m):
                 guards[str(m.uuid)] = {b: host_guard_name(b) for b in sorted(bridges[m.pk])}
-    return _Plan(hv=hv, machines=machines, known=known, macs=macs, guards=guards)
+    # Machines with changes waiting for a cold start (few): a new run of theirs may be one from outside the portal.
+    pending = {str(u): (pk, p) for pk, u, p in hv.machines.exclude(pending={}).values_list("pk", "uuid", "pending")}
+    return _Plan(hv=hv, machines=machines, known=known, macs=macs, guards=guards, pending=pending)
 
 
 def _log(machine_id: int, message: str, level: str = "info") -> None:
@@ -299,7 +314,10 @@ def _read(plan: _Plan) -> _Looked:
     """Reading thread: the hypervisor's side of the reconcile, driver calls only."""
     plan.started = time.monotonic()
     driver = get_driver(plan.hv.uri)
+    began = time.time()
     looked = _Looked(host=driver.domains_observed())
+    looked.read_seconds = time.time() - began
+    looked.read_at = began + looked.read_seconds / 2
     for uuid in _to_inspect(plan, looked.host):
         try:
             looked.inspected[uuid] = found = driver.domain_inspect(uuid, leases=looked.host.leases)
@@ -314,6 +332,15 @@ def _read(plan: _Plan) -> _Looked:
                 driver.vnc_protect(uuid)
             except HypervisorFatalError as e:
                 log.info("VNC password of %s: %s", uuid, e)
+    for uuid in plan.pending:
+        # A run not seen before, of a machine with pending changes: started by virsh, its BMC or the host's
+        # autostart, it booted its config. Its size tells whether it runs the pending values (_apply).
+        seen = looked.host.domains.get(uuid)
+        if seen is not None and seen.state == DomainState.RUNNING and _runs.get(uuid) != seen.run:
+            try:
+                looked.sizes[uuid] = driver.domain_size(uuid)
+            except HypervisorFatalError as e:
+                log.info("size of %s: %s", uuid, e)
     for uuid, filters in plan.guards.items():
         # A domain defined before its NICs on host bridges named the host guard gets it in its config, so its
         # next start carries it whoever starts it (the portal, its BMC, libvirt's autostart).
@@ -339,6 +366,7 @@ def _reconcile_power(hv: Hypervisor) -> None:
         _unreachable(plan, e)
         return
     _apply(plan, looked)
+    _announce(plan, looked)
 
 
 def _reconcile_many(hypervisors: list[Hypervisor]) -> None:
@@ -369,6 +397,7 @@ def _reconcile_many(hypervisors: list[Hypervisor]) -> None:
                 log.exception("reconcile %s", plan.hv.name)
                 continue
             _apply(plan, looked)
+            _announce(plan, looked)
         now = time.monotonic()
         for future, plan in list(pending.items()):
             if plan.started and now - plan.started > limit:
@@ -392,6 +421,19 @@ def _unreachable(plan: _Plan, e: HypervisorError) -> None:
         Hypervisor.objects.filter(pk=plan.hv.pk, uri=plan.hv.uri, status=HypervisorStatus.ONLINE).update(
             status=HypervisorStatus.DOWN, status_error=str(e) or type(e).__name__, last_checked=timezone.now()
         )
+
+
+def _announce(plan: _Plan, looked: _Looked) -> None:
+    """Tell host_observed's listeners what the read saw (once its changes are written)."""
+    for receiver, result in host_observed.send_robust(
+        sender=Hypervisor,
+        hypervisor_id=plan.hv.pk,
+        observed=looked.host,
+        read_at=looked.read_at,
+        read_seconds=looked.read_seconds,
+    ):
+        if isinstance(result, Exception):
+            log.error("reconcile %s: %s failed", plan.hv.name, receiver, exc_info=result)
 
 
 def _apply(plan: _Plan, looked: _Looked) -> None:
@@ -457,6 +499,8 @@ def _apply(plan: _Plan, looked: _Looked) -> None:
             )
         else:
             _observe(machine.pk, guest_addresses=addresses, console_unprotected=open_console)
+    for uuid, size in looked.sizes.items():
+        pending_seen_running(*plan.pending[uuid], size)
     if changed_observed:
         MachineObserved.objects.bulk_update(
             changed_observed, ["guest_addresses", "console_unprotected"], batch_size=500

@@ -1,15 +1,18 @@
 """Changing a machine after create (machines.services.changes) on the fake hypervisor: live within the maxima,
 pending beyond them until a cold start, quota and room, rename, labels, protection and autostart, roles."""
 
+from dataclasses import replace
+
 import pytest
 from django.core.exceptions import PermissionDenied, ValidationError
 
-from hypervisors.drivers.base import PowerState
+from hypervisors.drivers.base import DomainSize, PowerState
 from machines import services
 from machines.models import Machine, Membership, Project, Quota, Role
 from machines.services import MachineError
 from portal.models import AuditEvent
 from tests.factories import UserFactory
+from tests.fakes import FakeDriver
 from tests.machines.test_services import base_kwargs, create, hv, image, owner  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.django_db
@@ -356,3 +359,50 @@ def test_a_rebuild_boots_what_was_pending(made, host, django_capture_on_commit_c
     assert machine.pending == {}
     assert host.get_driver("fake:///").domain_size(str(machine.uuid)).live_memory_mib == 512
     assert machine.events.filter(message__startswith="applied at this cold start: memory_mib 512").exists()
+
+
+def test_a_start_from_outside_the_portal_clears_what_it_runs(
+    made, host, monkeypatch, django_capture_on_commit_callbacks
+):
+    """virsh, a BMC or the host's autostart starts the domain: the reconcile sees a run it had not seen, reads the
+    size of that domain only (not of machines with nothing pending, nor again for a run it saw) and clears what
+    runs, with an event."""
+    other = made(name="other", vcpus=1)  # nothing pending: its size is never read
+    machine = made(vcpus=2, memory_mib=256)
+    machine = change(django_capture_on_commit_callbacks, machine, vcpus=1, memory_mib=512)
+    assert machine.pending == {"vcpus": 1, "memory_mib": 512}
+    read = []
+    real = FakeDriver.domain_size
+    monkeypatch.setattr(FakeDriver, "domain_size", lambda self, uuid: read.append(uuid) or real(self, uuid))
+    uuid = str(machine.uuid)
+    services.hypervisor_reconcile_run(machine.hypervisor_id)  # first sight of the run the change was made in
+    assert Machine.objects.get(pk=machine.pk).pending == {"vcpus": 1, "memory_mib": 512} and read == [uuid]
+    services.hypervisor_reconcile_run(machine.hypervisor_id)  # the same run: not read again
+    assert read == [uuid]
+    driver = host.get_driver("fake:///")
+    driver.power_off(uuid)
+    driver.start(uuid)  # outside the portal: a new run, booted from the config
+    services.hypervisor_reconcile_run(machine.hypervisor_id)
+    machine.refresh_from_db()
+    assert machine.pending == {} and read == [uuid, uuid] and str(other.uuid) not in read
+    event = machine.events.last()
+    assert event.step == "change" and event.message == (
+        "running since a start outside the portal: vcpus 1, memory_mib 512"
+    )
+
+
+def test_what_a_run_does_not_show_stays_pending():
+    """pending_left: vCPUs by the live count, memory by the live balloon and maximum equal to the config's."""
+    from machines.services.changes import pending_left
+
+    size = DomainSize(
+        True, 1, 2, 512, 512, live_vcpus=1, live_max_vcpus=2, live_memory_mib=256, live_max_memory_mib=256
+    )
+    assert pending_left({"vcpus": 1, "memory_mib": 512}, size) == {"memory_mib": 512}
+    assert pending_left({"memory_mib": 512}, replace(size, live_memory_mib=512, live_max_memory_mib=512)) == {}
+    smaller = DomainSize(
+        True, 1, 1, 192, 256, live_vcpus=1, live_max_vcpus=1, live_memory_mib=192, live_max_memory_mib=256
+    )
+    assert pending_left({"memory_mib": 192}, smaller) == {}  # the balloon a cold start set
+    assert pending_left({"memory_mib": 192}, replace(smaller, live_memory_mib=256)) == {"memory_mib": 192}
+    assert pending_left({"vcpus": 1}, replace(size, running=False)) == {"vcpus": 1}
