@@ -392,6 +392,16 @@ if PORTAL_METRICS_MINUTE_RETENTION_HOURS < 2 or PORTAL_METRICS_HOUR_RETENTION_DA
 # reported on the hypervisor page only once first seen this many seconds ago, by an earlier sweep.
 PORTAL_ORPHAN_GRACE = envint("PORTAL_ORPHAN_GRACE", "600")
 
+# GET /metrics (metrics/exporter.py): read with `Authorization: Bearer <PORTAL_METRICS_TOKEN>` (empty: no token
+# works), from an address in PORTAL_METRICS_ALLOWED_NETWORKS (CIDRs; empty: none), or by a staff session.
+# The address is REMOTE_ADDR, never X-Forwarded-For: behind a reverse proxy every caller has the proxy's, so use the token.
+PORTAL_METRICS_TOKEN = envsecret("PORTAL_METRICS_TOKEN", "")
+PORTAL_METRICS_ALLOWED_NETWORKS = envlist("PORTAL_METRICS_ALLOWED_NETWORKS", "")
+try:
+    _metrics_networks = [ipaddress.ip_network(n, strict=False) for n in PORTAL_METRICS_ALLOWED_NETWORKS]
+except ValueError as e:
+    raise ImproperlyConfigured(f"PORTAL_METRICS_ALLOWED_NETWORKS: {e}") from None
+
 # Leases (machines/services/leases.py): the owner is warned this many hours before a machine's lease ends; at
 # the end it is shut down (powered off if still running PORTAL_LEASE_POWEROFF_AFTER s later), and deleted this many
 # hours after. The worker checks every minute, or every PORTAL_LEASE_CHECK_INTERVAL s within it.

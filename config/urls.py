@@ -13,6 +13,8 @@ from labs.api_inventory import InventoryView
 from labs.schedule_api import LabScheduleViewSet, MachineScheduleViewSet
 from machines import views as machine_views
 from machines.api import HypervisorMaintenanceViewSet, MachineViewSet
+from metrics import exporter
+from metrics.usage_api import UsageView
 from portal import account
 from portal.api import AuditEventViewSet
 from portal.throttle import ThrottledAuthenticationForm
@@ -55,9 +57,12 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/v1/inventory/", InventoryView.as_view(), name="api-inventory"),
+    path("api/v1/usage/", UsageView.as_view(), name="api-usage"),
     path("api/v1/", include(router.urls)),
     re_path(r"^api/", views.api_not_found),  # any other /api/ path: JSON, as the API's own 404s are
     path("healthz", views.healthz, name="healthz"),
+    path("metrics", exporter.metrics, name="metrics"),  # Prometheus (token, address allow-list or staff)
+    path("usage/", include("metrics.usage_urls")),
     path("audit/", views.audit_list, name="audit"),
     path("audit/export.csv", views.audit_export_csv, name="audit_export_csv"),
     path("audit/export.json", views.audit_export_json, name="audit_export_json"),
