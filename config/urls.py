@@ -14,6 +14,7 @@ from labs.schedule_api import LabScheduleViewSet, MachineScheduleViewSet
 from machines import views as machine_views
 from machines.api import HypervisorMaintenanceViewSet, MachineViewSet
 from metrics import exporter
+from metrics.api import HypervisorMetricsView, MachineMetricsView
 from metrics.usage_api import UsageView
 from portal import account
 from portal.api import AuditEventViewSet
@@ -53,11 +54,15 @@ urlpatterns = [
     path("labs/<int:pk>/inventory.yaml", inventory_views.lab_inventory_yaml, name="inventory-yaml-lab"),
     path("labs/", include("labs.urls")),
     path("workflows/", include("workflows.urls")),
+    path("metrics-data/", include("metrics.urls")),  # the graphs' JSON for the pages (/metrics is Prometheus')
     path("console/", machine_views.console_standalone, name="console-standalone"),
     path("admin/", admin.site.urls),
     path("api/v1/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/v1/inventory/", InventoryView.as_view(), name="api-inventory"),
     path("api/v1/usage/", UsageView.as_view(), name="api-usage"),
+    # Ahead of the router: metrics sits above machines and hypervisors, whose viewsets know nothing of it.
+    path("api/v1/machines/<int:id>/metrics/", MachineMetricsView.as_view(), name="machine-metrics"),
+    path("api/v1/hypervisors/<int:id>/metrics/", HypervisorMetricsView.as_view(), name="hypervisor-metrics"),
     path("api/v1/", include(router.urls)),
     re_path(r"^api/", views.api_not_found),  # any other /api/ path: JSON, as the API's own 404s are
     path("healthz", views.healthz, name="healthz"),

@@ -227,6 +227,11 @@ MATRIX = {
         None,
         ok(200, anon=401, other=404, owner=404, viewer=200, operator=200, padmin=200),
     ),
+    # Graphs (metrics.series): a machine's for who may see it, a hypervisor's for staff; the pages' JSON and the API.
+    "metrics:machine": ("get", "vm", None, on_machine(200, "view")),
+    "metrics:hypervisor": ("get", "hv", None, ok(200, **STAFF_ONLY)),
+    "machine-metrics": ("get", "vm", None, on_machine(200, "view", api=True)),
+    "hypervisor-metrics": ("get", "hv", None, ok(200, **API_STAFF)),
 }
 
 
