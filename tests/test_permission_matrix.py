@@ -54,6 +54,12 @@ MATRIX = {
     "login": ("get", None, None, ok(302, anon=200)),  # logged-in users are sent on
     "logout": ("post", None, None, ok(302)),
     "healthz": ("get", None, None, ok(200)),
+    # Prometheus' scrape: its token or an allowed address (neither here), or a staff session; no login redirect.
+    "metrics": ("get", None, None, ok(403, anon=401, staff=200)),
+    # Usage reports: staff (everything) and project admins (their projects); others 403.
+    "usage:report": ("get", None, None, ok(403, anon=302, padmin=200, staff=200)),
+    "usage:csv": ("get", None, None, ok(403, anon=302, padmin=200, staff=200)),
+    "api-usage": ("get", None, None, ok(403, anon=401, padmin=200, staff=200)),
     "signup": ("get", None, None, ok(404)),  # self-registration is off by default
     "console-standalone": ("get", None, None, ok(200)),  # the credential is in the URL's fragment
     # The Ansible inventory: each user's own machines (a lab's by role), so everyone logged in may ask for it.
