@@ -149,6 +149,11 @@ class LabResultSerializer(serializers.Serializer):
     refused = serializers.ListField(child=serializers.CharField(), help_text="'name: why' for each refused.")
 
 
+class LabChangeSerializer(serializers.Serializer):
+    name = serializers.CharField(required=False, max_length=63, help_text="A new name (a host-name-like label).")
+    description = serializers.CharField(required=False, allow_blank=True, max_length=2000)
+
+
 class LabViewSet(
     mixins.CreateModelMixin,
     mixins.ListModelMixin,
@@ -171,6 +176,20 @@ class LabViewSet(
         visible = LabMachine.objects.filter(machine__in=machines_for(self.request.user).values("pk"))
         visible = visible.select_related("machine__hypervisor").order_by("group", "machine__name")
         return labs.prefetch_related(Prefetch("members", queryset=visible, to_attr="visible_members"))
+
+    @extend_schema(request=LabChangeSerializer, responses={200: LabSerializer, 403: DetailSerializer})
+    def partial_update(self, request, *args, **kwargs):
+        """Rename the lab or change its description (its admins); its machines keep their names."""
+        s = LabChangeSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        lab = self.get_object()
+        try:
+            services.lab_change(lab=lab, actor=request.user, **s.validated_data)
+        except DjangoValidationError as e:
+            raise _drf_error(e) from None
+        except PermissionDenied as e:
+            return Response({"detail": str(e)}, status=status.HTTP_403_FORBIDDEN)
+        return Response(LabSerializer(Lab.objects.get(pk=lab.pk), context=self.get_serializer_context()).data)
 
     @extend_schema(responses={202: DetailSerializer, 403: DetailSerializer, 409: DetailSerializer})
     def destroy(self, request, *args, **kwargs):

@@ -8,7 +8,7 @@ from django import forms
 from labs import services, specs
 from labs.models import LabTemplate, ScheduledAction
 from machines.access import project_choices
-from machines.models import Project
+from machines.models import Project, hostname_validator
 
 EXAMPLE_SPEC = """\
 all_vms:
@@ -154,3 +154,10 @@ class ScheduleForm(forms.Form):
 
     def clean_retention(self) -> int:
         return self.cleaned_data.get("retention") or 3
+
+
+class LabEditForm(forms.Form):
+    """A lab's name and description (labs.services.lab_change checks the name is free)."""
+
+    name = forms.CharField(max_length=63, validators=[hostname_validator])
+    description = forms.CharField(required=False, max_length=2000, widget=forms.Textarea(attrs={"rows": 3}))

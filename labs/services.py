@@ -25,7 +25,7 @@ from labs.models import Lab, LabMachine, LabTemplate
 from machines import access, leases, policy, services
 from machines.access import machines_for, project_choices
 from machines.capacity import QuotaExceeded, check_quota, held, room_on
-from machines.models import Machine, Membership, Project
+from machines.models import Machine, Membership, Project, hostname_validator
 from machines.states import DeployType, PowerAction
 from portal.audit import audited
 from portal.refusals import Refusal
@@ -72,6 +72,36 @@ def lab_set_lease(*, lab: Lab, actor, until, now=None) -> None:
     members.update(expires_at=until, expiry_warned=None, expired_off=None)
     for machine in members:
         machine.log("lease", f"the lease of lab {lab.name} ends {until:%Y-%m-%d %H:%M %Z}" if until else "no lease")
+
+
+@audited("lab.change", obj_kwarg="lab")
+@transaction.atomic
+def lab_change(*, lab: Lab, actor, name: str | None = None, description: str | None = None) -> Lab:
+    """Rename a lab or change its description (its admins: the owner, the project's admins, staff). Its machines
+    keep their names; the inventory's lab group takes the new one. A name already taken in the project (or,
+    without one, by the owner) is refused on the field."""
+    lab_require(actor, lab, access.ADMIN)
+    lab = Lab.objects.select_for_update().get(pk=lab.pk)
+    changed = []
+    if name is not None and name != lab.name:
+        hostname_validator(name)
+        taken = Lab.objects.filter(name=name).exclude(pk=lab.pk)
+        taken = taken.filter(project=lab.project) if lab.project_id else taken.filter(project=None, owner=lab.owner)
+        if taken.exists():
+            where = f"in {lab.project.name}" if lab.project else f"of {lab.owner.username}"
+            raise ValidationError({"name": f"There is already a lab {name} {where}."})
+        changed.append(f"renamed from {lab.name}")
+        lab.name = name
+    if description is not None and description != lab.description:
+        if len(description) > 2000:
+            raise ValidationError({"description": "At most 2,000 characters."})
+        lab.description = description
+        changed.append("description changed")
+    if changed:
+        lab.save(update_fields=["name", "description"])
+        for machine in Machine.objects.filter(lab_membership__lab=lab):
+            machine.log("lab", f"lab {lab.name}: {', '.join(changed)}")
+    return lab
 
 
 # --- Who sees what: a lab's owner and staff do everything; its project's members act by their role. ---

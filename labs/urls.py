@@ -7,6 +7,7 @@ urlpatterns = [
     path("", views.lab_list, name="list"),
     path("<int:pk>/", views.lab_detail, name="detail"),
     path("<int:pk>/power/", views.lab_power, name="power"),
+    path("<int:pk>/edit/", views.lab_edit, name="edit"),
     path("<int:pk>/delete/", views.lab_delete, name="delete"),
     path("<int:pk>/instackenv.json", views.lab_instackenv, name="instackenv"),
     path("<int:pk>/lease/", schedule_views.lab_lease, name="lease"),

@@ -12,7 +12,7 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from labs import services, specs
-from labs.forms import EXAMPLE_SPEC, InstantiateForm, LabTemplateForm
+from labs.forms import EXAMPLE_SPEC, InstantiateForm, LabEditForm, LabTemplateForm
 from labs.models import Lab, LabTemplate
 from machines import access, policy
 from machines.access import machines_for
@@ -102,6 +102,23 @@ def lab_power(request: HtmxHttpRequest, pk: int) -> HttpResponse:
         for line in result.refused:
             messages.error(request, line)
     return redirect("labs:detail", pk=lab.pk)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def lab_edit(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    """Rename the lab or change its description (its admins)."""
+    lab = _get_lab_for_user(request, pk, access.ADMIN)
+    form = LabEditForm(request.POST or None, initial={"name": lab.name, "description": lab.description})
+    if request.method == "POST" and form.is_valid():
+        try:
+            services.lab_change(lab=lab, actor=request.user, **form.cleaned_data)
+        except ValidationError as e:
+            add_errors(form, e)
+        else:
+            messages.success(request, "Lab saved.")
+            return redirect("labs:detail", pk=pk)
+    return render(request, "labs/edit.html", {"lab": lab, "form": form})
 
 
 @login_required

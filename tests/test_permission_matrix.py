@@ -145,6 +145,7 @@ MATRIX = {
     "labs:detail": ("get", "lab", None, on_machine(200, "view")),
     "labs:power": ("post", "lab", {"action": "reboot"}, on_machine(302, "operate")),
     "labs:delete": ("get", "lab", None, on_machine(200, "admin")),
+    "labs:edit": ("get", "lab", None, on_machine(200, "admin")),
     "labs:instackenv": ("post", "lab", None, on_machine(200, "view")),  # each only their BMCs (admins)
     "labs:template-list": ("get", None, None, ok(200, **PAGE_LOGIN)),
     "labs:template-create": ("get", None, None, ok(403, anon=302, padmin=200, staff=200)),

@@ -7,6 +7,7 @@ from rest_framework.test import APIClient
 from labs import services
 from labs.models import Lab, LabTemplate
 from machines.models import Machine, Membership
+from portal.models import AuditEvent
 from tests.factories import ProjectFactory, UserFactory
 from tests.labs.test_lab_pages import world  # noqa: F401 - the hypervisor and BMC ports
 from tests.labs.test_lab_services import spec
@@ -142,3 +143,46 @@ def test_the_labs_list_costs_the_same_queries_for_3_labs_as_for_12(user):
         return len(queries)
 
     assert grow_to(3) == grow_to(12)
+
+
+def test_a_lab_is_renamed_by_its_admins_only_and_a_taken_name_is_refused_on_the_field(user, template, host):
+    project = ProjectFactory(name="renames")
+    Membership.objects.create(project=project, user=user, role="admin")
+    lab = services.lab_instantiate(template=template, actor=user, name="old-name", project=project)
+    services.lab_instantiate(template=template, actor=user, name="taken", project=project, first=10)
+    operator = UserFactory(username="api-operator")
+    Membership.objects.create(project=project, user=operator, role="operator")
+    url = f"/api/v1/labs/{lab.pk}/"
+    assert api_for(operator).patch(url, {"name": "mine"}, format="json").status_code == 403
+    assert api_for(UserFactory(username="api-outsider")).patch(url, {"name": "x"}, format="json").status_code == 404
+    api = api_for(user)
+    r = api.patch(url, {"name": "taken"}, format="json")
+    assert r.status_code == 400 and "already a lab taken in renames" in r.json()["name"][0]
+    for bad in ("Upper", "-dash", "a" * 64, "sp ace"):
+        assert api.patch(url, {"name": bad}, format="json").status_code == 400
+    r = api.patch(url, {"name": "new-name", "description": "the second try"}, format="json")
+    assert r.status_code == 200 and r.json()["name"] == "new-name" and r.json()["description"] == "the second try"
+    lab.refresh_from_db()
+    assert lab.name == "new-name"
+    assert sorted(Machine.objects.filter(lab_membership__lab=lab).values_list("name", flat=True)) == sorted(
+        ["old-name-computes-0", "old-name-controllers-0", "old-name-controllers-1"]
+    )  # the machines keep theirs
+    assert AuditEvent.objects.filter(action="lab.change", outcome="success").count() == 1
+    assert AuditEvent.objects.filter(action="lab.change", outcome="refused").count() >= 2
+
+
+def test_the_lab_edit_page_renames_and_shows_a_taken_name_on_the_field(user, template, host):
+    from django.test import Client
+
+    lab = services.lab_instantiate(template=template, actor=user, name="page-lab")
+    services.lab_instantiate(template=template, actor=user, name="other-lab", first=10)
+    c = Client()
+    c.force_login(user)
+    url = f"/labs/{lab.pk}/edit/"
+    assert 'id="btn-lab-edit"' in c.get(f"/labs/{lab.pk}/").content.decode()
+    r = c.post(url, {"name": "other-lab", "description": ""})
+    assert r.status_code == 200 and "There is already a lab other-lab of alice" in r.content.decode()
+    r = c.post(url, {"name": "renamed-lab", "description": "d"})
+    assert r.status_code == 302
+    lab.refresh_from_db()
+    assert (lab.name, lab.description) == ("renamed-lab", "d")
