@@ -22,8 +22,9 @@ from django.db.models import OuterRef, Q, Subquery
 from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 from django.views.decorators.http import require_GET
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -283,6 +284,9 @@ def refused(request: HttpRequest) -> HttpResponse | None:
 def metrics(request: HttpRequest) -> HttpResponse:
     if (refusal := refused(request)) is not None:
         return refusal
-    response = HttpResponse(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
+    # The format the scraper asks for (Prometheus' Accept: OpenMetrics or text 1.0.0; none: text 0.0.4), as
+    # prometheus_client's own WSGI app negotiates it.
+    encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+    response = HttpResponse(encode(REGISTRY), content_type=content_type)
     response["Cache-Control"] = "no-store"
     return response

@@ -169,6 +169,7 @@ FILE_SERVER_NETWORK = "127.0.0.1/32"  # where `file_server` listens: the only im
 # The CA bundle the stack's worker trusts for SSH key sources (PORTAL_SSH_KEY_CA_FILE, read at each fetch): a test
 # that starts an HTTPS key server writes its CA here (tests/integration/test_ssh_key_sources.py).
 SSH_KEY_CA_FILE = settings.DATA_DIR / "test-ssh-key-ca.pem"
+METRICS_TOKEN = "stack-metrics-token"  # what the stack's /metrics accepts (tests/integration/test_metrics_scrape.py)
 
 
 def _stack_env() -> dict:
@@ -185,6 +186,7 @@ def _stack_env() -> dict:
         # refused (tests/integration/test_image_imports.py; the unit tests keep the empty default).
         "PORTAL_IMPORT_ALLOWED_NETWORKS": FILE_SERVER_NETWORK,
         "PORTAL_SSH_KEY_CA_FILE": str(SSH_KEY_CA_FILE),
+        "PORTAL_METRICS_TOKEN": METRICS_TOKEN,
         # Leases checked every 5 s, a guest that ignores the shut-down powered off after 5 s, and deleted 18 s
         # after its lease's end (tests/integration/test_leases.py; nothing else has a lease).
         "PORTAL_LEASE_CHECK_INTERVAL": "5",

@@ -231,3 +231,21 @@ def test_queries_are_as_many_for_20_machines_as_for_2(client):
     many = _count_queries(client)
     assert many == few, f"{few} queries for 2 machines, {many} for 20"
     assert few <= 12
+
+
+@pytest.mark.parametrize(
+    ("accept", "content_type"),
+    [
+        ("", "text/plain; version=0.0.4"),
+        ("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5", "application/openmetrics-text"),
+    ],
+)
+def test_the_format_is_the_one_asked_for(client, accept, content_type):
+    _world(1)
+    r = _scrape(client, authorization=f"Bearer {TOKEN}", accept=accept)
+    assert r.status_code == 200 and r["Content-Type"].startswith(content_type)
+    if content_type.startswith("application/openmetrics"):
+        from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+
+        names = {f.name for f in openmetrics_families(r.content.decode())}
+        assert {"portal_machine_vcpus", "portal_machine_provisioning_seconds"} <= names

@@ -189,3 +189,9 @@ def test_queries_do_not_grow_with_rows(client, world, url):
         for h in range(3):
             _hour(m, _aware(2026, 12, 2, h) + timedelta(days=i))
     assert _queries(client, url) == few
+
+
+def test_the_dashboard_links_the_report_for_those_who_may_see_it(client, world):
+    for who, shown in ((world["padmin"], True), (world["alice"], False), (_staff(), True)):
+        client.force_login(who)
+        assert ('id="dashboard-usage-link"' in client.get("/").content.decode()) is shown, who.username
