@@ -23,6 +23,11 @@ from django.db.models.functions import TruncHour
 from metrics.models import HostSample, MachineSample, Resolution
 
 
+def clock() -> float:
+    """Now, in epoch seconds (tests set it)."""
+    return time.time()
+
+
 class BadWindow(ValueError):
     """A window or a since= that cannot be read: the message says what is accepted."""
 
@@ -93,7 +98,7 @@ def since_value(value: str | None) -> int | None:
 def _grid(window: Window, since: int | None, now: float | None) -> tuple[int, int, int]:
     """First slot, last slot, step: the window's slots, or those after `since` within it."""
     step = window.step
-    now = time.time() if now is None else now
+    now = clock() if now is None else now
     end = int(now) // step * step - step  # the last interval that is over
     start = end - (window.slots - 1) * step
     if since is not None and since >= start:
@@ -163,12 +168,15 @@ def host_series(hypervisor_id: int, window: Window, *, since: int | None = None,
 # hour under way is there before any rollup).
 SPARK_HOURS = 24
 SPARK_WIDTH, SPARK_HEIGHT = 96, 20
+# The line's top: a quarter above its peak, so a trend shows even on a host a tenth full, and never below 25 %,
+# so a nearly idle host is not drawn as a full one (the bar beside it, and the tooltip, give the figures).
+SPARK_FLOOR = 25.0
 
 
 def sparklines(hypervisor_ids, *, now: float | None = None) -> dict[int, dict]:
     """{hypervisor id: {"values": [per cent or None per hour, oldest first], "segments": [SVG polyline
     points], "last": last value, "peak": highest}} for those that have points in the last 24 hours."""
-    now = time.time() if now is None else now
+    now = clock() if now is None else now
     end = int(now) // 3600 * 3600
     start = end - (SPARK_HOURS - 1) * 3600
     rows = (
@@ -194,18 +202,21 @@ def sparklines(hypervisor_ids, *, now: float | None = None) -> dict[int, dict]:
         seen = [v for v in column if v is not None]
         out[hv_id] = {
             "values": column,
-            "segments": polyline_segments(column),
+            "segments": polyline_segments(column, top=min(max(max(seen) * 1.25, SPARK_FLOOR), 100.0)),
             "last": next(v for v in reversed(column) if v is not None),
             "peak": max(seen),
         }
     return out
 
 
-def polyline_segments(values: list[float | None], width: int = SPARK_WIDTH, height: int = SPARK_HEIGHT) -> list[str]:
-    """Per cent values (0-100) as SVG polyline `points`, one per run without a gap; a lone point is a short
+def polyline_segments(
+    values: list[float | None], width: int = SPARK_WIDTH, height: int = SPARK_HEIGHT, top: float = 100.0
+) -> list[str]:
+    """Values from 0 to `top` as SVG polyline `points`, one per run without a gap; a lone point is a short
     flat stroke so that it shows."""
     if not values:
         return []
+    top = top if top > 0 else 100.0
     dx = width / max(len(values) - 1, 1)
     segments: list[list[tuple[float, float]]] = []
     current: list[tuple[float, float]] = []
@@ -215,7 +226,7 @@ def polyline_segments(values: list[float | None], width: int = SPARK_WIDTH, heig
                 segments.append(current)
             current = []
             continue
-        y = height - 1 - (height - 2) * min(max(value, 0.0), 100.0) / 100.0
+        y = height - 1 - (height - 2) * min(max(value, 0.0), top) / top
         current.append((round(i * dx, 1), round(y, 1)))
     if current:
         segments.append(current)

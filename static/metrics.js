@@ -142,6 +142,13 @@
     return [data.timestamps].concat(graph.series.map(function (s) { return data.series[s[0]] || []; }));
   };
 
+  // The y axis as wide as its longest label ("8000 MiB", "1.8 MiB/s"), so that none is cut.
+  function labelWidth(u, values) {
+    var longest = 0;
+    (values || []).forEach(function (v) { longest = Math.max(longest, String(v).length); });
+    return Math.max(40, longest * 7 + 20);
+  }
+
   Card.prototype.options = function (graph, width) {
     var fmt = graph.fmt;
     return {
@@ -151,7 +158,7 @@
       scales: { x: { time: true }, y: graph.max ? { range: [0, graph.max] } : { range: function (u, min, max) { return [0, max > 0 ? max * 1.1 : 1]; } } },
       axes: [
         { stroke: "#6c757d", grid: { stroke: "rgba(0,0,0,.06)" } },
-        { stroke: "#6c757d", size: 64, grid: { stroke: "rgba(0,0,0,.06)" }, values: function (u, ticks) { return ticks.map(fmt); } },
+        { stroke: "#6c757d", size: labelWidth, grid: { stroke: "rgba(0,0,0,.06)" }, values: function (u, ticks) { return ticks.map(fmt); } },
       ],
       series: [{}].concat(graph.series.map(function (s) {
         return {

@@ -152,3 +152,15 @@ def test_polyline_segments_split_at_gaps_and_fit_the_box():
     assert segments == ["0,19 10,1", "28.5,10 30,10"]  # a lone point: a short flat stroke
     assert series.polyline_segments([None, None]) == []
     assert series.polyline_segments([250.0, -5.0], width=10, height=20) == ["0,1 10,19"]  # clipped to the box
+    assert series.polyline_segments([10.0, 20.0], width=10, height=20, top=20.0) == ["0,10 10,1"]
+
+
+def test_a_sparklines_top_is_above_its_peak_but_never_below_a_quarter():
+    quiet, busy = HypervisorFactory(), HypervisorFactory()
+    hour = NOW // 3600 * 3600
+    HostSampleFactory(hypervisor=quiet, at=aligned(hour), memory_allocated_mib=800, memory_capacity_mib=16000)
+    HostSampleFactory(hypervisor=busy, at=aligned(hour), memory_allocated_mib=12800, memory_capacity_mib=16000)
+    lines = series.sparklines([quiet.pk, busy.pk], now=NOW)
+    # 5 % on a top of 25 %: a fifth of the way up; 80 % on a top of 100 % (80 x 1.25).
+    assert lines[quiet.pk]["segments"] == ["94.5,15.4 96,15.4"]
+    assert lines[busy.pk]["segments"] == ["94.5,4.6 96,4.6"]

@@ -2,8 +2,6 @@
 who sees what (a machine's for who may see the machine, 404 for others; a hypervisor's for staff), windows and
 since= checked with a message (400, never 500), and the cards on the machine, hypervisor and dashboard pages."""
 
-import time
-
 import pytest
 from django.test import Client
 from django.urls import reverse
@@ -16,14 +14,18 @@ from tests.metrics.graph_samples import HostSampleFactory, MachineSampleFactory,
 pytestmark = pytest.mark.django_db
 
 
+NOW = 1_800_000_000 + 37  # 37 s into a minute: the answers' last slot is a whole minute before
+
+
 @pytest.fixture
-def world():
+def world(monkeypatch):
+    monkeypatch.setattr("metrics.series.clock", lambda: NOW)
     owner, stranger = UserFactory(), UserFactory()
     viewer, staff = UserFactory(), UserFactory(is_staff=True)
     project = ProjectFactory()
     Membership.objects.create(project=project, user=viewer, role=Role.VIEWER)
     machine = MachineFactory(owner=owner, project=project)
-    last = int(time.time()) // 60 * 60 - 60
+    last = NOW // 60 * 60 - 60
     MachineSampleFactory(machine=machine, at=aligned(last), cpu_pct=42.0)
     HostSampleFactory(hypervisor=machine.hypervisor, at=aligned(last), cpu_pct=21.0)
     return {"owner": owner, "stranger": stranger, "viewer": viewer, "staff": staff, "machine": machine}
