@@ -74,6 +74,7 @@ bench: host deps-test assets
 	$(PY) bench/console.py
 	$(PY) bench/list_queries.py
 	$(PY) bench/fleet.py
+	$(PY) bench/metrics.py
 
 clean:
 	rm -rf $(VENV) node_modules var
