@@ -394,6 +394,27 @@ class MediaSerializer(serializers.Serializer):
     image = serializers.PrimaryKeyRelatedField(queryset=Image.objects.filter(kind="iso"), allow_null=True)
 
 
+class DiskAttachSerializer(serializers.Serializer):
+    size_gib = serializers.IntegerField(min_value=1, max_value=16384, help_text="The new disk's size in GiB.")
+    image = serializers.PrimaryKeyRelatedField(
+        queryset=Image.objects.filter(kind="disk"),
+        allow_null=True,
+        required=False,
+        default=None,
+        help_text="A disk image the new disk is a copy-on-write overlay of; null: a blank disk.",
+    )
+
+
+class CdromAddSerializer(serializers.Serializer):
+    image = serializers.PrimaryKeyRelatedField(
+        queryset=Image.objects.filter(kind="iso"),
+        allow_null=True,
+        required=False,
+        default=None,
+        help_text="An ISO to put in the new drive; null: empty.",
+    )
+
+
 class GrowSerializer(serializers.Serializer):
     disk_gib = serializers.IntegerField(min_value=1, max_value=16384)
 
@@ -738,6 +759,88 @@ class MachineViewSet(
             return self._refused(e)
         image.refresh_from_db()
         return Response(ImageSerializer(image, context=self.get_serializer_context()).data, status=202)
+
+    # --- disks, NICs and CD-ROM drives after create (machines.services.devices) ----------------------------
+
+    def _numbered(self, value: str, what: str) -> int:
+        if not value.isdigit() or len(value) > 6:
+            raise NotFound(f"No such {what} of this machine (they are numbered from 1).")
+        return int(value)
+
+    @extend_schema(request=DiskAttachSerializer, responses=QUEUED)
+    @action(detail=True, methods=["post"], serializer_class=MachineSerializer)  # the answer; the body: request=
+    def disks(self, request, pk=None):
+        """Attach a disk: blank, or over a disk `image`; counted in the disk quota. Hot-plugged into a running
+        machine on a virtio or scsi bus; on a sata or ide bus the machine must be off. `extra_disks` lists it."""
+        s = DiskAttachSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        return self._act(services.machine_attach_disk, **s.validated_data)
+
+    @extend_schema(
+        request=None,
+        responses=QUEUED,
+        parameters=[
+            OpenApiParameter("keep_volume", bool, description="Keep the disk's volume in the pool (default: delete).")
+        ],
+    )
+    @action(
+        detail=True,
+        methods=["delete"],
+        url_path=r"disks/(?P<n>[^/.]+)",
+        url_name="disk-detail",
+        serializer_class=MachineSerializer,
+    )
+    def disk_detach(self, request, pk=None, n=""):
+        """Detach extra disk `n` (1: the first of `extra_disks`) and delete its volume unless `keep_volume`."""
+        keep = request.query_params.get("keep_volume", "false").lower()
+        if keep not in ("true", "false", "1", "0"):
+            return Response({"detail": "keep_volume is true or false."}, status=status.HTTP_400_BAD_REQUEST)
+        disk = self._numbered(n, "disk")
+        return self._act(services.machine_detach_disk, disk=disk, keep_volume=keep in ("true", "1"))
+
+    @extend_schema(request=NicSerializer, responses=QUEUED)
+    @action(detail=True, methods=["post"], serializer_class=MachineSerializer)  # the answer; the body: request=
+    def nics(self, request, pk=None):
+        """Attach a NIC, on a network you could give a new machine there (the same policy); MAC generated when
+        empty. Hot-plugged into a running machine; an image machine's seed gets the new network-config."""
+        s = NicSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        return self._act(services.machine_attach_nic, nic=services.NicInput(**s.validated_data))
+
+    @extend_schema(request=None, responses=QUEUED)
+    @action(
+        detail=True,
+        methods=["delete"],
+        url_path=r"nics/(?P<n>[^/.]+)",
+        url_name="nic-detail",
+        serializer_class=MachineSerializer,
+    )
+    def nic_detach(self, request, pk=None, n=""):
+        """Detach NIC `n` (1: the first of `nics`)."""
+        return self._act(services.machine_detach_nic, nic=self._numbered(n, "NIC"))
+
+    @extend_schema(request=CdromAddSerializer, responses=QUEUED)
+    @action(detail=True, methods=["post"], serializer_class=MachineSerializer)  # the answer; the body: request=
+    def cdroms(self, request, pk=None):
+        """Add a CD-ROM drive (empty, or with an ISO) to a machine of any kind, while it is off; then change its
+        media with POST media/."""
+        s = CdromAddSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        return self._act(services.machine_add_cdrom, **s.validated_data)
+
+    @extend_schema(request=None, responses=QUEUED)
+    @action(
+        detail=True,
+        methods=["delete"],
+        url_path=r"cdroms/(?P<slot>[^/.]+)",
+        url_name="cdrom-detail",
+        serializer_class=MachineSerializer,
+    )
+    def cdrom_remove(self, request, pk=None, slot=""):
+        """Remove the CD-ROM drive in `slot` (the last one; an ISO machine keeps slot 0), while the machine is off."""
+        if not slot.isdigit() or len(slot) > 2:
+            raise NotFound("No such CD-ROM drive of this machine (slots are numbered from 0).")
+        return self._act(services.machine_remove_cdrom, slot=int(slot))
 
     @extend_schema(request=GrowSerializer, responses=QUEUED)
     @action(detail=True, methods=["post"], url_path="grow-disk")

@@ -121,7 +121,11 @@ class Machine(models.Model):
         blank=True,
         choices=[("", "default")] + [(c, c) for c in DISK_CACHES],
     )
-    extra_disks = models.JSONField(default=list, blank=True, help_text="Sizes in GiB of extra blank disks.")
+    extra_disks = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Extra disks: a size in GiB (blank), or {size_gib, image, boot_order, n} (n: its volume's number).",
+    )
     hostdevs = models.JSONField(
         "host devices",
         default=list,
@@ -220,7 +224,12 @@ class Machine(models.Model):
         return f"m-{self.uuid}-serial.log"
 
     def extra_disk_volume(self, index: int) -> str:
-        return f"m-{self.uuid}-disk{index + 1}.qcow2"
+        """The volume of extra disk `index` (0: the first): named by its number, `n` in its entry (a disk attached
+        after create, machines.services.devices, keeps its number when one before it is detached), else index + 1."""
+        entries = self.extra_disks or []
+        entry = entries[index] if index < len(entries) else None
+        n = entry.get("n") if isinstance(entry, dict) else None
+        return f"m-{self.uuid}-disk{n or index + 1}.qcow2"
 
     @property
     def volumes(self) -> list[str]:

@@ -30,6 +30,12 @@ def is_iso(machine: Machine) -> bool:
     return machine.deploy_type == DeployType.ISO
 
 
+def has_drives(machine: Machine) -> bool:
+    """CD-ROM drives to change media in: an ISO machine's, or drives added to any machine after create (the list
+    prefetched on pages and in the API is used as it is)."""
+    return is_iso(machine) or bool(machine.pk and machine.cdroms.all())
+
+
 def has_bmc(machine: Machine) -> bool:
     return machine.has_bmc
 
@@ -72,7 +78,7 @@ class Rule:
 
 RULES: dict[str, Rule] = {
     **{action: Rule(access.OPERATE, ACTIVE, exclusive=True) for action in PowerAction.values},
-    "media": Rule(access.OPERATE, ACTIVE, exclusive=True, applies=is_iso),
+    "media": Rule(access.OPERATE, ACTIVE, exclusive=True, applies=has_drives),
     "boot_cdrom": Rule(access.OPERATE, ACTIVE, exclusive=True, applies=is_iso),
     "boot_device": Rule(access.OPERATE, ACTIVE, exclusive=True, applies=has_bmc),
     # Changes after create (machines.services.changes): vCPUs, memory and the name change what the machine holds
@@ -81,6 +87,8 @@ RULES: dict[str, Rule] = {
     "resize": Rule(access.ADMIN, ACTIVE, exclusive=True),
     "rename": Rule(access.ADMIN, ACTIVE, exclusive=True, applies=renamable),
     "label": Rule(access.OPERATE),
+    # Disks, NICs and CD-ROM drives after create (machines.services.devices): what the machine holds, as create.
+    "devices": Rule(access.ADMIN, ACTIVE, exclusive=True, applies=made_here),
     "rebuild": Rule(
         access.ADMIN,
         frozenset({Status.ACTIVE, Status.ERROR}),

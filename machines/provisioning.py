@@ -166,6 +166,20 @@ def cdrom_bus(machine: Machine) -> str:
     return "sata" if "q35" in (machine.machine_type or "") else "ide"
 
 
+def nic_spec(machine: Machine, nic: MachineNic) -> NicSpec:
+    """A NIC as the domain XML has it, with the filter that guards its network (a portal network's, or the host
+    guard of a host bridge)."""
+    return NicSpec(
+        type=nic.type,
+        source=nic.source,
+        mac=nic.mac,
+        model=nic.model,
+        mode=nic.mode,
+        vlan=nic.vlan,
+        guard=nic_guard(machine.hypervisor, nic.type, nic.source, host_guard=wants_host_guard(machine)),
+    )
+
+
 def domain_spec(
     machine: Machine, *, disks: tuple[DiskSpec, ...], serial_log: str, boot_devices: tuple[str, ...] = ()
 ) -> DomainSpec:
@@ -177,19 +191,7 @@ def domain_spec(
     if not cpu_mode and defaults.get("cpu_model"):
         cpu_mode, cpu_model = "custom", defaults["cpu_model"]
     firmware = "efi" if machine.firmware == "uefi" else defaults.get("firmware", "")
-    host_guard = wants_host_guard(machine)
-    nics = tuple(
-        NicSpec(
-            type=n.type,
-            source=n.source,
-            mac=n.mac,
-            model=n.model,
-            mode=n.mode,
-            vlan=n.vlan,
-            guard=nic_guard(hv, n.type, n.source, host_guard=host_guard),
-        )
-        for n in machine.nics.all()
-    )
+    nics = tuple(nic_spec(machine, n) for n in machine.nics.all())
     return DomainSpec(
         uuid=str(machine.uuid),
         name=machine.domain_name,
@@ -306,25 +308,31 @@ def extra_disk_entries(machine: Machine) -> list[dict]:
     return [d if isinstance(d, dict) else {"size_gib": d} for d in machine.extra_disks or []]
 
 
+def extra_disk(machine: Machine, driver: HypervisorDriver, i: int, entry: dict) -> tuple[DiskSpec, str]:
+    """Extra disk `i` made unless its volume exists (a blank thin qcow2, or a copy-on-write overlay of an image),
+    as the domain takes it; and what was done, for the event."""
+    image = Image.objects.filter(pk=entry["image"]).first() if entry.get("image") else None
+    backing = ensure_image(machine, driver, image) if image else ""
+    vol = driver.create_volume(
+        pool=machine.pool,
+        name=machine.extra_disk_volume(i),
+        fmt="qcow2",
+        capacity_bytes=entry["size_gib"] * GIB,
+        backing_path=backing,
+        backing_format=image.format if image else "",
+    )
+    disk = DiskSpec(path=vol.path, bus=machine.disk_bus, cache=machine.disk_cache, boot_order=entry.get("boot_order"))
+    return disk, f"extra disk {i + 1}: {entry['size_gib']} GiB" + (f" over image {image.name}" if image else " blank")
+
+
 def ensure_extra_disks(machine: Machine, driver: HypervisorDriver) -> list[DiskSpec]:
     """The extra disks: blank thin ones, or copy-on-write overlays of an image, with their boot order."""
     disks: list[DiskSpec] = []
 
     def step(i: int, entry: dict) -> str:
-        image = Image.objects.filter(pk=entry["image"]).first() if entry.get("image") else None
-        backing = ensure_image(machine, driver, image) if image else ""
-        vol = driver.create_volume(
-            pool=machine.pool,
-            name=machine.extra_disk_volume(i),
-            fmt="qcow2",
-            capacity_bytes=entry["size_gib"] * GIB,
-            backing_path=backing,
-            backing_format=image.format if image else "",
-        )
-        disks.append(
-            DiskSpec(path=vol.path, bus=machine.disk_bus, cache=machine.disk_cache, boot_order=entry.get("boot_order"))
-        )
-        return f"extra disk {i + 1}: {entry['size_gib']} GiB" + (f" over image {image.name}" if image else " blank")
+        disk, done = extra_disk(machine, driver, i, entry)
+        disks.append(disk)
+        return done
 
     for i, entry in enumerate(extra_disk_entries(machine)):
         _timed(machine, "disk", functools.partial(step, i, entry))
@@ -396,7 +404,8 @@ def provision(machine: Machine, driver: HypervisorDriver, *, start: bool = True)
     seed = ensure_seed(machine, driver)
     main = DiskSpec(path=disk, format="qcow2", bus=machine.disk_bus, cache=machine.disk_cache)
     seed_disk = DiskSpec(path=seed, device="cdrom", format="raw", bus=cdrom_bus(machine))
-    ensure_domain(machine, driver, boot_order([main, *extra, seed_disk], main))
+    cdroms = cdrom_disks(machine, driver)  # drives added after create (machines.services.devices), after the seed
+    ensure_domain(machine, driver, boot_order([main, *extra, seed_disk, *cdroms], main))
     if start:
         ensure_running(machine, driver)
 
@@ -428,7 +437,8 @@ def provision_network(machine: Machine, driver: HypervisorDriver, *, start: bool
     disk = ensure_blank_disk(machine, driver)
     extra = ensure_extra_disks(machine, driver)
     main = DiskSpec(path=disk, format="qcow2", bus=machine.disk_bus, cache=machine.disk_cache)
-    ensure_domain(machine, driver, (main, *extra), boot_devices=("network", "hd"))
+    cdroms = cdrom_disks(machine, driver)  # drives added after create (machines.services.devices)
+    ensure_domain(machine, driver, (main, *extra, *cdroms), boot_devices=("network", "hd"))
     if start and machine.power_on_after_create:
         ensure_running(machine, driver)
     else:
@@ -436,9 +446,10 @@ def provision_network(machine: Machine, driver: HypervisorDriver, *, start: bool
 
 
 def cdrom_target(machine: Machine, slot: int) -> str:
-    """The guest device of an ISO machine's CD-ROM slot: the disk is virtio, so the drives are
-    the first IDE or SATA/SCSI targets (hda, hdb, ... or sda, sdb, ...)."""
-    return ("hd" if cdrom_bus(machine) == "ide" else "sd") + "abcd"[slot]
+    """The guest device of a CD-ROM slot: the disk is virtio, so the drives are the first IDE or SATA/SCSI
+    targets (hda, hdb, ... or sda, sdb, ...); an image machine's seed comes first, so its drives after it."""
+    first = 1 if machine.deploy_type == DeployType.IMAGE else 0
+    return ("hd" if cdrom_bus(machine) == "ide" else "sd") + "abcd"[first + slot]
 
 
 def deprovision(machine: Machine, driver: HypervisorDriver, *, keep: tuple[str, ...] = ()) -> list[str]:

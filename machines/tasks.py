@@ -53,6 +53,13 @@ def machine_change_task(machine_id: int, hardware: bool, new_name: str) -> None:
 
 
 @db_task()
+def machine_devices_task(machine_id: int, op: str, arg: dict) -> None:
+    from machines.services import machine_devices_run
+
+    machine_devices_run(machine_id, op, arg)
+
+
+@db_task()
 def machine_autostart_task(machine_id: int) -> None:
     from machines.services import machine_set_autostart_run
 

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from machines import change_views, clone_views, lease_views, snapshot_views, views
+from machines import change_views, clone_views, device_views, lease_views, snapshot_views, views
 
 app_name = "machines"
 urlpatterns = [
@@ -14,6 +14,7 @@ urlpatterns = [
     path("<int:pk>/rebuild/", views.machine_rebuild, name="rebuild"),
     path("<int:pk>/grow-disk/", views.machine_grow_disk, name="grow-disk"),
     path("<int:pk>/edit/", change_views.machine_edit, name="edit"),
+    path("<int:pk>/devices/", device_views.machine_devices, name="devices"),
     path("<int:pk>/snapshots/", snapshot_views.snapshot_take, name="snapshot-take"),
     path("<int:pk>/snapshots/<int:sid>/revert/", snapshot_views.snapshot_revert, name="snapshot-revert"),
     path("<int:pk>/snapshots/<int:sid>/delete/", snapshot_views.snapshot_delete, name="snapshot-delete"),

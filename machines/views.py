@@ -137,7 +137,7 @@ def machine_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     if is_partial(request):
         template += "#machine-state"
     events = machine.events.order_by("-created", "-pk")[:100]
-    isos = Image.objects.filter(kind="iso", status="ready") if machine.deploy_type == "iso" else []
+    isos = Image.objects.filter(kind="iso", status="ready") if machine.cdroms.exists() else []
     if machine.power_state == PowerState.RUNNING and machine.last_observed.screenshot_taken is None:
         # The page shows the screen once there is one; asked at most once a minute while none comes.
         services.machine_screenshot_request(machine=machine, max_age=60)

@@ -71,6 +71,7 @@ FAKE_DRIVER_SEAMS = (
     "machines.services.adoption",
     "machines.services.bmcs",
     "machines.services.changes",
+    "machines.services.devices",
     "machines.services.lifecycle",
     "machines.services.observation",
     "machines.services.operations",

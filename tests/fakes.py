@@ -35,7 +35,15 @@ from hypervisors.drivers.base import (
     SnapshotInfo,
     VolumeInfo,
 )
-from hypervisors.drivers.domxml import _target_names, build_domain_xml, foreign_domain, guard_name, new_vnc_password
+from hypervisors.drivers.domxml import (
+    HOT_PLUG_BUSES,
+    _target_names,
+    build_domain_xml,
+    foreign_domain,
+    free_disk_target,
+    guard_name,
+    new_vnc_password,
+)
 from machines.bmc import BmcClient, BmcError, BmcFatalError, BmcTarget
 
 # What the fake's screenshot() returns for a running domain: a 1x1 black PPM, as QEMU sends it.
@@ -362,6 +370,55 @@ class FakeDriver(HypervisorDriver):
                 dom["spec"] = replace(dom["spec"], disks=tuple(disks))
                 return
         raise HypervisorFatalError(f"no CD-ROM drive {target} in domain {uuid}")  # libvirt: "target not found"
+
+    # Devices after create: one spec stands for the config and the running guest, as both change together (the
+    # fake's guest lets a device go at once). A new disk goes last on its bus, which is its first free target.
+    def _portal_spec(self, uuid):
+        dom = self._dom(uuid)
+        if "spec" not in dom:
+            raise HypervisorFatalError(f"domain {uuid} was not defined from a spec; the fake changes only those")
+        return dom
+
+    def attach_disk(self, uuid, disk):
+        self._hit("attach_disk")
+        dom = self._portal_spec(uuid)
+        spec = dom["spec"]
+        for have, name in zip(spec.disks, _target_names(spec.disks), strict=True):
+            if disk.path and have.path == disk.path:
+                return name
+        if dom["state"] == PowerState.RUNNING and (disk.device != "disk" or disk.bus not in HOT_PLUG_BUSES):
+            raise HypervisorFatalError(f"a {disk.bus} {disk.device} cannot be added to a running domain")
+        target = free_disk_target(self.domain_xml(uuid), disk.bus)
+        dom["spec"] = replace(spec, disks=(*spec.disks, replace(disk, boot_order=None)))
+        return target
+
+    def detach_disk(self, uuid, *, target="", path=""):
+        self._hit("detach_disk")
+        dom = self._portal_spec(uuid)
+        disks = dom["spec"].disks
+        keep = tuple(
+            d
+            for d, name in zip(disks, _target_names(disks), strict=True)
+            if not ((target and name == target) or (path and d.path == path))
+        )
+        dom["spec"] = replace(dom["spec"], disks=keep)
+        return len(keep) != len(disks)
+
+    def attach_nic(self, uuid, nic):
+        self._hit("attach_nic")
+        dom = self._portal_spec(uuid)
+        if any(n.mac.lower() == nic.mac.lower() for n in dom["spec"].nics):
+            return False
+        dom["spec"] = replace(dom["spec"], nics=(*dom["spec"].nics, replace(nic, boot_order=None)))
+        return True
+
+    def detach_nic(self, uuid, *, mac):
+        self._hit("detach_nic")
+        dom = self._portal_spec(uuid)
+        keep = tuple(n for n in dom["spec"].nics if n.mac.lower() != mac.lower())
+        found = len(keep) != len(dom["spec"].nics)
+        dom["spec"] = replace(dom["spec"], nics=keep)
+        return found
 
     def boot_once(self, uuid, *, target):
         self._hit("boot_once")

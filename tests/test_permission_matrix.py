@@ -102,6 +102,7 @@ MATRIX = {
     "machines:instackenv": ("post", None, None, ok(200, **PAGE_LOGIN)),  # each user's own machines only
     "machines:detail": ("get", "vm", None, on_machine(200, "view")),
     "machines:edit": ("get", "vm", None, on_machine(200, "operate")),  # operators label; the service checks the rest
+    "machines:devices": ("get", "vm", None, on_machine(200, "view")),  # the page; its buttons post to the services
     "machines:console": ("get", "vm", None, on_machine(200, "view")),
     "machines:serial": ("get", "vm", None, on_machine(200, "view")),
     "machines:console-token": ("post", "vm", None, on_machine(200, "view")),  # viewers: view-only
@@ -203,6 +204,13 @@ MATRIX = {
     "machine-power": ("post", "vm", {"action": "reboot"}, on_machine(202, "operate", api=True)),
     "machine-rebuild": ("post", "vm", None, on_machine(409, "admin", api=True)),  # its image is gone: refused
     "machine-grow-disk": ("post", "vm", {"disk_gib": 99}, on_machine(202, "admin", api=True)),
+    # Devices after create (machines.services.devices): admins'; this machine has a snapshot, so they are refused.
+    "machine-disks": ("post", "vm", {"size_gib": 1}, on_machine(409, "admin", api=True)),
+    "machine-disk-detail": ("delete", "vm", None, on_machine(409, "admin", api=True)),
+    "machine-nics": ("post", "vm", {"type": "user"}, on_machine(409, "admin", api=True)),
+    "machine-nic-detail": ("delete", "vm", None, on_machine(409, "admin", api=True)),
+    "machine-cdroms": ("post", "vm", {}, on_machine(409, "admin", api=True)),
+    "machine-cdrom-detail": ("delete", "vm", None, on_machine(409, "admin", api=True)),
     "machine-snapshots": ("get", "vm", None, on_machine(200, "view", api=True)),
     "machine-snapshot-revert": ("post", "snap", None, on_machine(202, "admin", api=True)),
     "machine-snapshot-detail": ("delete", "snap", None, on_machine(202, "admin", api=True)),
@@ -369,6 +377,8 @@ def test_route(name, settings, host):
             args = [] if not kind else [objects["hv"].pk, "unused-net"] if kind == "hvnet" else [objects[kind].pk]
             if kind == "snap":  # a snapshot's routes name its machine and itself
                 args = [objects["vm"].pk, objects["snap"].pk]
+            if name in ("machine-disk-detail", "machine-nic-detail", "machine-cdrom-detail"):  # a device of it
+                args = [objects["vm"].pk, 1]
             if kind in ("sched", "lsched") and name.endswith("-detail"):  # a schedule's API: its machine or lab, itself
                 args = [objects["vm" if kind == "sched" else "lab"].pk, objects[kind].pk]
             url = reverse(name, args=args)

@@ -487,6 +487,27 @@ class HypervisorDriver(ABC):
         """Insert `path` into the CD-ROM drive `target` (path empty: eject), live and in the persistent config."""
 
     @abstractmethod
+    def attach_disk(self, uuid: str, disk: DiskSpec) -> str:
+        """Add a disk or CD-ROM drive to the domain's persistent config and, when it runs, to the running guest
+        (only disks on a hot-plug bus, virtio or scsi: anything else on a running domain is HypervisorFatalError).
+        Its target is the first free one on its bus; returned. A disk at that path already there: its target."""
+
+    @abstractmethod
+    def detach_disk(self, uuid: str, *, target: str = "", path: str = "") -> bool:
+        """Remove the disk with that target (or source path) from the running guest (waiting until the guest lets
+        it go) and from the persistent config; False if the domain has none."""
+
+    @abstractmethod
+    def attach_nic(self, uuid: str, nic: NicSpec) -> bool:
+        """Add the NIC to the persistent config and, when the domain runs, to the running guest; False if a NIC
+        with its MAC is there already."""
+
+    @abstractmethod
+    def detach_nic(self, uuid: str, *, mac: str) -> bool:
+        """Remove the NIC with that MAC, live (waiting until the guest lets it go) and from the config; False if
+        absent."""
+
+    @abstractmethod
     def boot_once(self, uuid: str, *, target: str) -> None:
         """Cold-start the domain from disk `target` once; later starts use the saved boot order again."""
 

@@ -255,6 +255,50 @@ def cdrom_xml(*, target: str, path: str) -> str:
     return ET.tostring(el, encoding="unicode")
 
 
+HOT_PLUG_BUSES = frozenset({"virtio", "scsi"})  # disks QEMU takes into a running guest; IDE and SATA it does not
+
+
+def free_disk_target(xml: str, bus: str) -> str:
+    """The first guest device name on `bus` that no disk or CD-ROM of the domain XML uses (vdb after vda, ...)."""
+    prefix = _DEV_PREFIX[bus]
+    used = {t.get("dev", "") for t in ET.fromstring(xml).findall("devices/disk/target")}
+    limit = 4 if bus == "ide" else 26  # an IDE controller has two buses of two drives
+    for letter in "abcdefghijklmnopqrstuvwxyz"[:limit]:
+        if prefix + letter not in used:
+            return prefix + letter
+    raise ValueError(f"no free {bus} target in the domain")
+
+
+def disk_device_xml(disk: DiskSpec, target: str) -> str:
+    """One disk (or CD-ROM drive) as attachDeviceFlags takes it, without a boot order."""
+    holder = ET.Element("devices")
+    _disk(holder, disk, target, use_order=False)
+    return ET.tostring(holder[0], encoding="unicode")
+
+
+def nic_device_xml(nic: NicSpec) -> str:
+    """One NIC as attachDeviceFlags takes it, without a boot order."""
+    holder = ET.Element("devices")
+    _nic(holder, nic, use_order=False)
+    return ET.tostring(holder[0], encoding="unicode")
+
+
+def find_disk(xml: str, *, target: str = "", path: str = "") -> str | None:
+    """The <disk> element (as XML) of the domain with that target or source file, or None."""
+    for disk in ET.fromstring(xml).findall("devices/disk"):
+        if (target and _attr(disk, "target", "dev") == target) or (path and _attr(disk, "source", "file") == path):
+            return ET.tostring(disk, encoding="unicode")
+    return None
+
+
+def find_nic(xml: str, mac: str) -> str | None:
+    """The <interface> element (as XML) of the domain with that MAC, or None."""
+    for nic in ET.fromstring(xml).findall("devices/interface"):
+        if _attr(nic, "mac", "address").lower() == mac.lower():
+            return ET.tostring(nic, encoding="unicode")
+    return None
+
+
 def _attr(el: ET.Element, child: str, name: str) -> str:
     """Attribute `name` of the first `child` of `el`, or "" when either is missing."""
     found = el.find(child)

@@ -24,6 +24,7 @@ import libvirt
 
 from hypervisors.drivers.base import (
     PORTAL_METADATA_NS,
+    DiskSpec,
     DomainCounters,
     DomainInfo,
     DomainInspected,
@@ -40,6 +41,7 @@ from hypervisors.drivers.base import (
     MigrationProgress,
     MigrationResult,
     NetworkInfo,
+    NicSpec,
     PoolInfo,
     PowerState,
     SnapshotInfo,
@@ -58,17 +60,23 @@ from hypervisors.drivers.connections import (
 )
 from hypervisors.drivers.domxml import (
     GUARD_PREFIX,
+    HOT_PLUG_BUSES,
     VNC_EXPIRED_AT,
     VNC_TIME_FORMAT,
     agent_connected,
     build_domain_xml,
     cdrom_xml,
+    disk_device_xml,
     disk_targets,
     domain_size_of,
+    find_disk,
+    find_nic,
     foreign_domain,
+    free_disk_target,
     guard_name,
     merge_addresses,
     new_vnc_password,
+    nic_device_xml,
     parse_node_device,
     parse_snapshot,
     parse_vnc,
@@ -1011,6 +1019,65 @@ class LibvirtDriver(HypervisorDriver):
             dom.updateDeviceFlags(cdrom_xml(target=target, path=path), flags)
 
         self._with_dom(uuid, apply)
+
+    # Devices after create: the persistent config always, the running guest too when it runs. A live detach is a
+    # request the guest answers (ACPI hot-unplug): it is done when the device leaves the live XML.
+    DETACH_WAIT = 15.0  # seconds a guest is given to let a device go
+
+    def attach_disk(self, uuid: str, disk: DiskSpec) -> str:
+        def apply(dom):
+            config = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+            if disk.path and (have := find_disk(config, path=disk.path)):
+                return ET.fromstring(have).find("target").get("dev", "")  # type: ignore[union-attr]
+            live = bool(dom.isActive())
+            if live and (disk.device != "disk" or disk.bus not in HOT_PLUG_BUSES):
+                raise HypervisorFatalError(
+                    f"a {disk.bus} {disk.device} cannot be added to a running domain; shut it down first"
+                )
+            try:
+                target = free_disk_target(dom.XMLDesc(0) if live else config, disk.bus)
+            except ValueError as e:
+                raise HypervisorFatalError(str(e)) from None
+            flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if live else 0)
+            dom.attachDeviceFlags(disk_device_xml(disk, target), flags)
+            return target
+
+        return self._with_dom(uuid, apply)
+
+    def _detach(self, dom, find) -> bool:
+        """Detach what find(xml) picks: live first (waiting until it is gone), then from the config."""
+        found = False
+        if dom.isActive() and (live_xml := find(dom.XMLDesc(0))):
+            found = True
+            dom.detachDeviceFlags(live_xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            deadline = time.monotonic() + self.DETACH_WAIT
+            while find(dom.XMLDesc(0)):
+                if time.monotonic() > deadline:
+                    raise HypervisorFatalError(
+                        f"the guest did not let the device go within {self.DETACH_WAIT:.0f} s (does it handle "
+                        "hot-unplug?); try again, or shut it down first"
+                    )
+                time.sleep(0.2)
+        if config_xml := find(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)):
+            found = True
+            dom.detachDeviceFlags(config_xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        return found
+
+    def detach_disk(self, uuid: str, *, target: str = "", path: str = "") -> bool:
+        return self._with_dom(uuid, lambda dom: self._detach(dom, lambda xml: find_disk(xml, target=target, path=path)))
+
+    def attach_nic(self, uuid: str, nic: NicSpec) -> bool:
+        def apply(dom):
+            if find_nic(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), nic.mac):
+                return False
+            flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if dom.isActive() else 0)
+            dom.attachDeviceFlags(nic_device_xml(nic), flags)
+            return True
+
+        return self._with_dom(uuid, apply)
+
+    def detach_nic(self, uuid: str, *, mac: str) -> bool:
+        return self._with_dom(uuid, lambda dom: self._detach(dom, lambda xml: find_nic(xml, mac)))
 
     def boot_once(self, uuid: str, *, target: str) -> None:
         """Cold-start the domain from disk `target` once; later starts use the usual order again."""

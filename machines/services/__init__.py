@@ -13,6 +13,15 @@ from machines.services.bmcs import (
 from machines.services.changes import machine_change, machine_change_run, machines_tagged, pending_applied
 from machines.services.clones import image_from_machine, image_from_machine_run, machine_clone, machine_clone_run
 from machines.services.common import MachineError
+from machines.services.devices import (
+    machine_add_cdrom,
+    machine_attach_disk,
+    machine_attach_nic,
+    machine_detach_disk,
+    machine_detach_nic,
+    machine_devices_run,
+    machine_remove_cdrom,
+)
 from machines.services.leases import expiring_soon, leases_enforce, machine_extend_lease
 from machines.services.lifecycle import (
     machine_create,
@@ -119,6 +128,13 @@ __all__ = [
     "machine_boot_cdrom_once",
     "machine_change",
     "machine_change_run",
+    "machine_add_cdrom",
+    "machine_attach_disk",
+    "machine_attach_nic",
+    "machine_detach_disk",
+    "machine_detach_nic",
+    "machine_devices_run",
+    "machine_remove_cdrom",
     "machines_tagged",
     "pending_applied",
     "machine_boot_cdrom_run",

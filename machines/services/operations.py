@@ -102,10 +102,11 @@ def machine_set_autostart_run(machine_id: int) -> None:
 @audited("machine.media", obj_kwarg="machine")
 @transaction.atomic
 def machine_change_media(*, machine: Machine, slot: int, image: Image | None, actor) -> None:
-    """Insert an ISO into a CD-ROM drive of an ISO machine, or eject it (image None)."""
+    """Insert an ISO into a CD-ROM drive of the machine (an ISO machine's, or one added after create), or eject
+    it (image None)."""
     policy.require(actor, machine, "media")
     cdrom = machine.cdroms.filter(slot=slot).first()
-    if machine.deploy_type != DeployType.ISO or cdrom is None:
+    if cdrom is None:
         raise MachineError(f"{machine.name} has no CD-ROM drive {slot}.")
     if image is not None and (image.kind != "iso" or not image.is_ready):
         raise MachineError(f"{image.name} is not a ready ISO.")

@@ -339,6 +339,10 @@ def test_a_missing_domain_is_fatal_or_absent_as_each_method_says(kit):
         "domain_xml": lambda: d.domain_xml(uuid),
         "block_resize": lambda: d.block_resize(uuid, path="/nowhere", capacity_bytes=MIB),
         "change_media": lambda: d.change_media(uuid, target="sda", path=""),
+        "attach_disk": lambda: d.attach_disk(uuid, DiskSpec(path="/nowhere")),
+        "detach_disk": lambda: d.detach_disk(uuid, target="vdb"),
+        "attach_nic": lambda: d.attach_nic(uuid, NicSpec(type="user", source="", mac="52:54:00:c0:ff:a2")),
+        "detach_nic": lambda: d.detach_nic(uuid, mac="52:54:00:c0:ff:a2"),
         "boot_once": lambda: d.boot_once(uuid, target="vda"),
         "vnc_protect": lambda: d.vnc_protect(uuid),
         "filter_bridge_nics": lambda: d.filter_bridge_nics(uuid, {"br0": "portal-hostguard-br0"}),
@@ -432,6 +436,49 @@ def test_change_media_inserts_and_ejects(kit):
     assert iso.path not in d.domain_xml(spec.uuid) and iso.path not in d.domain_xml(spec.uuid, inactive=True)
     with pytest.raises(HypervisorFatalError):
         d.change_media(spec.uuid, target="sdz", path="")
+
+
+@beyond_the_test_driver
+def test_disks_and_cdrom_drives_attach_to_the_first_free_target_and_detach(kit):
+    d, spec = kit.driver, kit.disk_spec()  # vda and an empty SATA CD-ROM drive sda
+    extra = d.create_volume(pool=kit.pool, name=kit.vol("extra.qcow2"), fmt="qcow2", capacity_bytes=MIB)
+    d.define_domain(spec)
+    assert d.attach_disk(spec.uuid, DiskSpec(path=extra.path)) == "vdb"
+    assert d.attach_disk(spec.uuid, DiskSpec(path=extra.path)) == "vdb"  # there already: nothing added
+    assert d.attach_disk(spec.uuid, DiskSpec(path="", device="cdrom", format="raw", bus="sata")) == "sdb"
+    config = d.domain_xml(spec.uuid, inactive=True)
+    assert extra.path in config and config.count("<disk ") == 4
+    assert d.detach_disk(spec.uuid, path=extra.path) is True
+    assert d.detach_disk(spec.uuid, target="sdb") is True
+    assert d.detach_disk(spec.uuid, target="sdb") is False
+    config = d.domain_xml(spec.uuid, inactive=True)
+    assert extra.path not in config and config.count("<disk ") == 2
+    d.start(spec.uuid)  # a running domain takes a virtio disk, never a SATA one or a drive
+    for refused in (DiskSpec(path=extra.path, bus="sata"), DiskSpec(path="", device="cdrom", format="raw", bus="sata")):
+        with pytest.raises(HypervisorFatalError, match="running"):
+            d.attach_disk(spec.uuid, refused)
+    assert d.attach_disk(spec.uuid, DiskSpec(path=extra.path)) == "vdb"
+    assert extra.path in d.domain_xml(spec.uuid) and extra.path in d.domain_xml(spec.uuid, inactive=True)
+    with pytest.raises(HypervisorFatalError):
+        d.attach_disk(str(uuidlib.uuid4()), DiskSpec(path=extra.path))
+
+
+@beyond_the_test_driver
+def test_nics_attach_once_by_mac_and_detach(kit):
+    d, spec = kit.driver, kit.spec()
+    d.define_domain(spec)
+    nic = NicSpec(type="user", source="", mac="52:54:00:c0:ff:a1", model="e1000")
+    assert d.attach_nic(spec.uuid, nic) is True
+    assert d.attach_nic(spec.uuid, replace(nic, mac="52:54:00:C0:FF:A1")) is False
+    assert "52:54:00:c0:ff:a1" in d.domain_xml(spec.uuid, inactive=True)
+    assert d.detach_nic(spec.uuid, mac="52:54:00:c0:ff:a1") is True
+    assert d.detach_nic(spec.uuid, mac="52:54:00:c0:ff:a1") is False
+    assert "52:54:00:c0:ff:a1" not in d.domain_xml(spec.uuid, inactive=True)
+    d.start(spec.uuid)  # hot-plugged into the running domain too
+    assert d.attach_nic(spec.uuid, nic) is True
+    assert "52:54:00:c0:ff:a1" in d.domain_xml(spec.uuid) and "52:54:00:c0:ff:a1" in d.domain_xml(
+        spec.uuid, inactive=True
+    )
 
 
 @beyond_the_test_driver
@@ -551,6 +598,7 @@ GAPS = {
     "growing a volume": ("resize", "test_resize_grows[libvirtd]"),
     "growing a running disk": ("block_resize", "test_block_resize_grows_a_running_disk_and_refuses_a_stopped_domain"),
     "changing media": ("change_media", "test_change_media_inserts_and_ejects[libvirtd]"),
+    "attaching devices": ("attach_disk", "test_disks_and_cdrom_drives_attach_to_the_first_free_target_and_detach"),
     "serial console": ("serial_console", "test_the_serial_console_is_one_clients_at_a_time_unless_taken_over"),
     "nwfilter": ("define_guard", "test_define_guard_defines_or_updates_and_remove_guard_says_whether_there_was_one"),
 }
@@ -571,6 +619,7 @@ def test_what_the_test_driver_cannot_do(kit, gap):
         "resize": lambda: d.resize_volume(pool=kit.pool, name=vol.name, capacity_bytes=2 * MIB),
         "block_resize": lambda: d.block_resize(spec.uuid, path=spec.disks[0].path, capacity_bytes=2 * MIB),
         "change_media": lambda: d.change_media(spec.uuid, target="sda", path=vol.path),
+        "attach_disk": lambda: d.attach_disk(spec.uuid, DiskSpec(path=vol.path)),
         "serial_console": lambda: d.serial_console(spec.uuid),
         "define_guard": lambda: d.define_guard("<filter name='portal-guard-x' chain='root'/>"),
     }

@@ -112,6 +112,7 @@ def accepts(action: str, machine: Machine, user) -> bool:
         "resize": lambda: services.machine_change(machine=m, vcpus=m.vcpus + 1, actor=user),
         "rename": lambda: services.machine_change(machine=m, name="renamed", actor=user),
         "label": lambda: services.machine_change(machine=m, tags=["labelled"], actor=user),
+        "devices": lambda: services.machine_attach_disk(machine=m, size_gib=1, actor=user),
         "delete": lambda: services.machine_delete(machine=m, actor=user),
         "protect": lambda: services.machine_set_protection(machine=m, protected=not m.deletion_protection, actor=user),
         "autostart": lambda: services.machine_set_autostart(machine=m, enabled=not m.autostart, actor=user),
@@ -195,6 +196,7 @@ ADMIN_IMAGE = OPERATE_IMAGE | {
     "autostart",
     "snapshot_revert",
     "snapshot_delete",
+    "devices",
 }
 TABLE = {
     ("image", "viewer"): {"console"},
@@ -241,6 +243,7 @@ def test_the_table(world, kind, role):
             | {
                 "grow_disk",
                 "resize",
+                "devices",
                 "label",
                 "protect",
                 "autostart",
@@ -282,6 +285,7 @@ API_CALLS = {  # action: (method, url suffix, body)
     "boot_device": ("post", "boot-device/", {"device": "pxe"}),
     "rebuild": ("post", "rebuild/", None),
     "grow_disk": ("post", "grow-disk/", {"disk_gib": 99}),
+    "devices": ("post", "disks/", {"size_gib": 1}),
     "snapshot": ("post", "snapshots/", {"name": "s1", "memory": True}),
     "protect": ("post", "protection/", {"deletion_protection": True}),
     "autostart": ("post", "autostart/", {"autostart": True}),
@@ -354,6 +358,7 @@ CONTROL_IDS = {
     "btn-edit": "label",
     "btn-clone": "clone",
     "btn-save-image": "save_image",
+    "btn-devices": "devices",
 }
 FORM_ACTIONS = {
     "rebuild": "rebuild",
