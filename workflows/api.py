@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from django.core.exceptions import PermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db.models import Q
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import mixins, serializers, status, viewsets
@@ -161,6 +162,13 @@ class WorkflowRunDetailSerializer(WorkflowRunSerializer):
         return list(WorkflowEventSerializer(events, many=True).data)
 
 
+class WorkflowChangeSerializer(WorkflowSerializer):
+    """PATCH: the fields given change, the others stay; `enabled` too (a disabled workflow offers no runs)."""
+
+    class Meta(WorkflowSerializer.Meta):
+        read_only_fields = ["created", "updated"]
+
+
 def _refused(e: Exception) -> Response:
     code = status.HTTP_403_FORBIDDEN if isinstance(e, PermissionDenied) else status.HTTP_409_CONFLICT
     return Response({"detail": str(e)}, status=code)
@@ -175,7 +183,58 @@ class WorkflowViewSet(mixins.CreateModelMixin, viewsets.ReadOnlyModelViewSet):
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):
             return Workflow.objects.none()
-        return access.workflows_for(self.request.user).order_by("name", "pk")
+        user = self.request.user
+        if self.action in ("partial_update", "destroy"):  # a project's admins also reach its disabled ones
+            mine = Q(pk__in=access.workflows_for(user).values("pk")) | Q(project__in=access.writable_projects(user))
+            return Workflow.objects.select_related("project").filter(mine).order_by("name", "pk")
+        return access.workflows_for(user).order_by("name", "pk")
+
+    @extend_schema(
+        request=WorkflowChangeSerializer,
+        responses={200: WorkflowSerializer, 400: DetailSerializer, 403: DetailSerializer},
+    )
+    def partial_update(self, request, *args, **kwargs):
+        """Change a workflow (staff; a project's admins their project's): the fields given, the rest kept."""
+        workflow = self.get_object()
+        if not access.may_write(request.user, workflow.project):
+            return _refused(PermissionDenied("Only staff or the project's admins change this workflow."))
+        s = WorkflowChangeSerializer(workflow, data=request.data, partial=True, context={"request": request})
+        s.is_valid(raise_exception=True)
+        fields = {
+            "name": workflow.name,
+            "description": workflow.description,
+            "project": workflow.project,
+            "source": workflow.source,
+            "directory": workflow.directory,
+            "git_url": workflow.git_url,
+            "git_ref": workflow.git_ref,
+            "playbook": workflow.playbook,
+            "variables": workflow.variables,
+            "groups": workflow.groups,
+            "enabled": workflow.enabled,
+        }
+        fields.update(s.validated_data)
+        fields["variables"] = [dict(v) for v in fields["variables"]]
+        try:
+            workflow = services.workflow_update(workflow=workflow, actor=request.user, **fields)
+        except DjangoValidationError as e:
+            raise _drf_error(e) from None
+        except services.WorkflowRefused as e:
+            raise serializers.ValidationError({"non_field_errors": [str(e)]}) from None
+        return Response(WorkflowSerializer(workflow, context={"request": request}).data)
+
+    @extend_schema(responses={204: None, 403: DetailSerializer, 409: DetailSerializer})
+    def destroy(self, request, *args, **kwargs):
+        """Remove a workflow that never ran (staff; a project's admins their project's). One with runs keeps
+        them on record: 409, disable it instead (PATCH `enabled: false`)."""
+        workflow = self.get_object()
+        if not access.may_write(request.user, workflow.project):
+            return _refused(PermissionDenied("Only staff or the project's admins remove this workflow."))
+        try:
+            services.workflow_delete(workflow=workflow, actor=request.user)
+        except services.WorkflowRefused as e:
+            return _refused(e)
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
     @extend_schema(
         request=RunStartSerializer,

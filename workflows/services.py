@@ -243,6 +243,24 @@ def workflow_update(
     return workflow
 
 
+def workflow_delete(*, workflow: Workflow, actor) -> None:
+    """Remove a workflow that never ran (who may write it); one with runs is kept for their record: disable it."""
+    try:
+        _check_writer(actor, workflow.project, workflow.source)
+        with transaction.atomic():
+            runs = WorkflowRun.objects.filter(workflow=workflow).count()
+            if runs:
+                raise WorkflowRefused(
+                    f"Workflow {workflow.name} has {runs} run{'s' if runs != 1 else ''}, kept with it: disable it instead."
+                )
+            name = workflow.name
+            workflow.delete()
+    except (Refusal, ValidationError) as e:
+        audit.record("workflow.delete", workflow, outcome="refused", detail=_why(e), user=actor)
+        raise
+    audit.record("workflow.delete", detail=f"name={name}", user=actor)
+
+
 def _definition_detail(workflow: Workflow) -> str:
     where = (
         workflow.directory if workflow.source == Workflow.Source.DIRECTORY else f"{workflow.git_url}@{workflow.git_ref}"

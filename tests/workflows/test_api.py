@@ -206,3 +206,42 @@ def test_cancelling_a_running_run_asks_the_worker_to_stop_it(world):
     WorkflowRun.objects.filter(pk=run.pk).update(status="running", started=timezone.now())
     r = api(world.owner).post(f"/api/v1/workflow-runs/{run.pk}/cancel/")
     assert r.status_code == 202 and r.json()["status"] == "running" and r.json()["cancel_requested"] is True
+
+
+def test_a_workflow_is_changed_disabled_and_re_enabled_by_its_writers_through_patch(world):
+    url = f"/api/v1/workflows/{world.workflow.pk}/"
+    assert api(world.members["operator"]).patch(url, {"description": "x"}, format="json").status_code == 403
+    assert api(world.stranger).patch(url, {"description": "x"}, format="json").status_code == 403
+    r = api(world.staff).patch(url, {"description": "now described", "enabled": False}, format="json")
+    assert r.status_code == 200, r.json()
+    world.workflow.refresh_from_db()
+    assert (world.workflow.description, world.workflow.enabled) == ("now described", False)
+    assert world.workflow.name == "write-a-file" and world.workflow.variables  # the rest kept
+    assert api(world.owner).get(url).status_code == 404  # disabled: offered to nobody but staff
+    bad = api(world.staff).patch(url, {"directory": "/nowhere"}, format="json")
+    assert bad.status_code == 400 and "directory" in bad.json()
+    bad = api(world.staff).patch(url, {"variables": [{"name": "ansible_host"}]}, format="json")
+    assert bad.status_code == 400 and "ansible_" in str(bad.json())
+    assert api(world.staff).patch(url, {"enabled": True}, format="json").json()["enabled"] is True
+    assert AuditEvent.objects.filter(action="workflow.update", outcome="success").count() == 2
+    assert AuditEvent.objects.filter(action="workflow.update", outcome="refused").count() == 2
+
+
+def test_a_project_admin_reaches_and_removes_a_workflow_of_their_project_that_never_ran(world):
+    body = {"name": "team-git", "project": "wf-team", "source": "git", "git_url": "https://git.example/x.git"}
+    r = api(world.members["admin"]).post("/api/v1/workflows/", body, format="json")
+    assert r.status_code == 201, r.json()
+    url = f"/api/v1/workflows/{r.json()['id']}/"
+    assert api(world.members["admin"]).patch(url, {"enabled": False}, format="json").status_code == 200
+    assert api(world.members["admin"]).patch(url, {"enabled": True}, format="json").status_code == 200  # still theirs
+    assert api(world.members["viewer"]).delete(url).status_code == 403
+    assert api(world.members["admin"]).delete(url).status_code == 204
+    assert not Workflow.objects.filter(name="team-git").exists()
+    assert AuditEvent.objects.filter(action="workflow.delete", outcome="success", detail="name=team-git").exists()
+
+
+def test_a_workflow_that_ran_is_kept_with_its_runs_and_the_answer_says_to_disable_it(world):
+    world.run(machines=[world.vm])
+    r = api(world.staff).delete(f"/api/v1/workflows/{world.workflow.pk}/")
+    assert r.status_code == 409 and "1 run, kept with it: disable it instead" in r.json()["detail"]
+    assert Workflow.objects.filter(pk=world.workflow.pk).exists()
