@@ -409,8 +409,6 @@ class CdromAddSerializer(serializers.Serializer):
     image = serializers.PrimaryKeyRelatedField(
         queryset=Image.objects.filter(kind="iso"),
         allow_null=True,
-        required=False,
-        default=None,
         help_text="An ISO to put in the new drive; null: empty.",
     )
 

@@ -246,7 +246,8 @@ def test_the_api(made, host, owner):  # noqa: F811
     )
     r = client.post(f"{url}/nics/", {"type": "user"}, format="json")
     assert r.status_code == 400 and "user-mode" in str(r.json()).lower()
-    r = client.post(f"{url}/cdroms/", {}, format="json")
+    assert client.post(f"{url}/cdroms/", {}, format="json").status_code == 400  # image: an ISO or null
+    r = client.post(f"{url}/cdroms/", {"image": None}, format="json")
     assert r.status_code == 409 and "Shut it down first" in r.json()["detail"]
     assert client.delete(f"{url}/cdroms/4/").status_code == 400
     assert client.delete(f"{url}/nics/1/").status_code == 202
