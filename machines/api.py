@@ -495,6 +495,21 @@ class MachineChangeSerializer(serializers.Serializer):
         max_value=1 << 20,
         help_text="Live up to max_memory_mib on a running machine; beyond it (or less), at its next cold start.",
     )
+    max_vcpus = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        min_value=1,
+        max_value=64,
+        help_text="The most vCPUs it can be given without a restart (null: none beyond vcpus); at least vcpus. "
+        "Set at once while it is off, else at its next cold start (`pending`). Not charged to the quota.",
+    )
+    max_memory_mib = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        min_value=128,
+        max_value=1 << 20,
+        help_text="The most memory without a restart (null: none beyond memory_mib); as max_vcpus.",
+    )
     name = serializers.CharField(
         required=False, max_length=63, help_text="A host name, unique among the owner's machines; the machine off."
     )
@@ -582,7 +597,7 @@ class MachineViewSet(
     @extend_schema(
         request=MachineChangeSerializer,
         responses={200: MachineSerializer, 409: DetailSerializer},
-        description="Change vCPUs, memory, name, description, tags, deletion protection or autostart. "
+        description="Change vCPUs, memory, their maxima, name, description, tags, deletion protection or autostart. "
         "Hypervisor work is queued (`operation` is `change` until it is done); what the running machine cannot "
         "take now is listed in `pending` until its next cold start.",
     )

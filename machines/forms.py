@@ -539,6 +539,16 @@ class MachineEditForm(forms.Form):
     name = forms.CharField(max_length=63, help_text="A host name; the machine must be shut off (not for adopted ones).")
     vcpus = forms.IntegerField(label="vCPUs", min_value=1, max_value=64)
     memory_mib = forms.IntegerField(label="Memory (MiB)", min_value=128, max_value=1 << 20)
+    max_vcpus = forms.IntegerField(
+        label="Most vCPUs without a restart", required=False, min_value=1, max_value=64, help_text="Empty: none more."
+    )
+    max_memory_mib = forms.IntegerField(
+        label="Most memory without a restart (MiB)",
+        required=False,
+        min_value=128,
+        max_value=1 << 20,
+        help_text="Empty: none more.",
+    )
     description = forms.CharField(required=False, max_length=2000, widget=forms.Textarea(attrs={"rows": 2}))
     tags = forms.CharField(
         required=False,
@@ -550,7 +560,10 @@ class MachineEditForm(forms.Form):
     autostart = forms.BooleanField(required=False, help_text="Start with the hypervisor.")
 
     def __init__(self, *args, machine, **kwargs) -> None:
-        initial = {k: getattr(machine, k) for k in ("name", "vcpus", "memory_mib", "description")}
+        initial = {
+            k: getattr(machine, k)
+            for k in ("name", "vcpus", "memory_mib", "max_vcpus", "max_memory_mib", "description")
+        }
         initial |= {"tags": " ".join(machine.tags or []), "deletion_protection": machine.deletion_protection}
         initial["autostart"] = machine.autostart
         kwargs["initial"] = initial

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+from decimal import Decimal
 
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
@@ -34,11 +35,14 @@ from portal import audit
 log = logging.getLogger(__name__)
 
 HARDWARE = ("vcpus", "memory_mib")
-CHANGEABLE = frozenset({*HARDWARE, "name", "description", "tags", "deletion_protection", "autostart"})
+MAXIMA = {"max_vcpus": "vcpus", "max_memory_mib": "memory_mib"}  # each maximum and the value under it
+CHANGEABLE = frozenset({*HARDWARE, *MAXIMA, "name", "description", "tags", "deletion_protection", "autostart"})
 # The role each change needs (machines.policy RULES): labels are an operator's, the rest an admin's.
 ACTION_OF = {
     "vcpus": "resize",
     "memory_mib": "resize",
+    "max_vcpus": "resize",
+    "max_memory_mib": "resize",
     "name": "rename",
     "description": "label",
     "tags": "label",
@@ -96,7 +100,17 @@ def _clean(machine: Machine, fields: dict) -> dict:
         raise ValidationError({k: "This cannot be changed here." for k in sorted(unknown)})
     errors: dict[str, str] = {}
     out = {}
+    maxima = {}
     for key, value in fields.items():
+        if key in MAXIMA:
+            low, high = (1, MAX_VCPUS) if key == "max_vcpus" else (MIN_MEMORY_MIB, MAX_MEMORY_MIB)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high
+            ):
+                errors[key] = f"A whole number from {low} to {high}, or none (no more than the value)."
+            else:
+                maxima[key] = value
+            continue
         if key in HARDWARE:
             low, high = (1, MAX_VCPUS) if key == "vcpus" else (MIN_MEMORY_MIB, MAX_MEMORY_MIB)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -121,6 +135,15 @@ def _clean(machine: Machine, fields: dict) -> dict:
             continue
         if value != getattr(machine, key):
             out[key] = value
+    for key, value in maxima.items():  # against the value as this change leaves it; its own is None
+        base = MAXIMA[key]
+        under = out.get(base, getattr(machine, base))
+        if value is not None and value < under:
+            errors[key] = f"At least the {under} {'vCPUs' if base == 'vcpus' else 'MiB'} (the value); none for no more."
+        elif key == "max_vcpus" and value not in (None, under) and machine.cpu_topology:
+            errors[key] = "The machine has a CPU topology (sockets × cores × threads): it keeps its vCPUs."
+        elif (value if value != under else None) != getattr(machine, key):
+            out[key] = value if value != under else None
     if errors:
         raise ValidationError(errors)
     return out
@@ -152,8 +175,9 @@ def _change(*, machine: Machine, actor, fields: dict) -> dict:
     for key in changes:
         policy.require(actor, machine, ACTION_OF[key])
     hardware = {k: changes[k] for k in HARDWARE if k in changes}
+    maxima = {k: changes[k] for k in MAXIMA if k in changes}
     new_name = changes.get("name", "")
-    if hardware or new_name:
+    if hardware or maxima or new_name:
         machine = _lock(machine)
         if machine.status != Status.ACTIVE:
             raise MachineError(f"{machine.name} is {machine.get_status_display().lower()}; this needs it active.")
@@ -161,6 +185,8 @@ def _change(*, machine: Machine, actor, fields: dict) -> dict:
             raise MachineError(f"{machine.name} is busy with another operation; try again when it is done.")
     if hardware:
         _check_hardware(machine, hardware)
+    if maxima:
+        _check_maxima(machine, maxima)
     if new_name:
         _check_rename(machine, new_name)
     labels = {k: changes[k] for k in ("description", "tags") if k in changes}
@@ -174,18 +200,22 @@ def _change(*, machine: Machine, actor, fields: dict) -> dict:
         except IntegrityError:
             raise ValidationError({"name": f"You already have a machine called {labels['name']}."}) from None
         machine.log("change", ", ".join(f"{k} changed" for k in labels))
-    if hardware or new_name:
-        _claim_operation(machine, "change", action="resize" if hardware else "rename")
-        if hardware:
-            values = {**hardware}
-            if machine.max_vcpus is not None and hardware.get("vcpus", 0) > machine.max_vcpus:
-                values["max_vcpus"] = hardware["vcpus"]  # the maximum is never below the value
-            if machine.max_memory_mib is not None and hardware.get("memory_mib", 0) > machine.max_memory_mib:
-                values["max_memory_mib"] = hardware["memory_mib"]
+    if hardware or maxima or new_name:
+        _claim_operation(machine, "change", action="resize" if hardware or maxima else "rename")
+        if hardware or maxima:
+            values = {**hardware, **maxima}
+            for key, base in MAXIMA.items():
+                most = values.get(key, getattr(machine, key))
+                if most is not None and values.get(base, 0) > most:
+                    values[key] = values[base]  # the maximum is never below the value
             Machine.objects.filter(pk=machine.pk).update(**values)
-        asked = ", ".join(f"{k} {getattr(machine, k)} -> {v}" for k, v in {**hardware, "name": new_name}.items() if v)
+        asked = ", ".join(
+            f"{k} {getattr(machine, k)} -> {'none' if v is None else v}"
+            for k, v in {**hardware, **maxima, "name": new_name}.items()
+            if v or k in maxima
+        )
         machine.log("change", f"{asked} requested")
-        _enqueue(tasks.machine_change_task, machine.pk, bool(hardware), new_name)
+        _enqueue(tasks.machine_change_task, machine.pk, bool(hardware or maxima), new_name)
     if "deletion_protection" in changes:
         machine_set_protection(machine=machine, protected=changes["deletion_protection"], actor=actor)
     if "autostart" in changes:
@@ -215,6 +245,17 @@ def _check_hardware(machine: Machine, hardware: dict) -> None:
     hv = Hypervisor.objects.select_for_update().get(pk=machine.hypervisor_id)
     if why := room_for_growth(hv, vcpus=grow["vcpus"], memory_mib=grow["memory_mib"]):
         raise ValidationError({"vcpus" if "vcpus" in hardware else "memory_mib": f"Hypervisor {hv.name}: {why}."})
+
+
+def _check_maxima(machine: Machine, maxima: dict) -> None:
+    """The maxima within what the machine's hypervisor has: its vCPUs (times its allocation ratio) and its
+    memory, where known. They are not charged (quota and room count the values), so nothing else limits them."""
+    hv = machine.hypervisor
+    vcpus = int((hv.cpus or 0) * Decimal(hv.cpu_allocation_ratio))
+    if vcpus and (maxima.get("max_vcpus") or 0) > vcpus:
+        raise ValidationError({"max_vcpus": f"Hypervisor {hv.name} gives at most {vcpus} vCPUs."})
+    if hv.memory_mib and (maxima.get("max_memory_mib") or 0) > hv.memory_mib:
+        raise ValidationError({"max_memory_mib": f"Hypervisor {hv.name} has {hv.memory_mib} MiB of memory."})
 
 
 def _check_rename(machine: Machine, name: str) -> None:
@@ -253,8 +294,16 @@ def _apply_size(machine: Machine, driver) -> None:
     uuid = str(machine.uuid)
     size = driver.domain_size(uuid)
     pending, live = {}, []
-    for key, value, maximum, now, live_max, setter in (
-        ("vcpus", machine.vcpus, machine.max_vcpus or 0, size.live_vcpus, size.live_max_vcpus, driver.set_vcpus),
+    for key, value, maximum, now, live_max, setter, max_key in (
+        (
+            "vcpus",
+            machine.vcpus,
+            machine.max_vcpus or 0,
+            size.live_vcpus,
+            size.live_max_vcpus,
+            driver.set_vcpus,
+            "max_vcpus",
+        ),
         (
             "memory_mib",
             machine.memory_mib,
@@ -262,6 +311,7 @@ def _apply_size(machine: Machine, driver) -> None:
             size.live_memory_mib,
             size.live_max_memory_mib,
             driver.set_memory,
+            "max_memory_mib",
         ),
     ):
         # Live only upwards within the running domain's maximum: taking vCPUs or memory away needs the guest's
@@ -272,8 +322,12 @@ def _apply_size(machine: Machine, driver) -> None:
             live.append(key)
         elif size.running:
             pending[key] = value
+        if size.running and key not in pending and max(maximum, value) != live_max:
+            pending[max_key] = max(maximum, value)  # a maximum changes only at a cold start
     Machine.objects.filter(pk=machine.pk).update(pending=pending)
     parts = [f"{machine.vcpus} vCPUs", f"{machine.memory_mib} MiB"]
+    parts += [f"at most {machine.max_vcpus} vCPUs"] if machine.max_vcpus else []
+    parts += [f"at most {machine.max_memory_mib} MiB"] if machine.max_memory_mib else []
     where = "the running machine has them now" if not pending else "applies at next cold start: " + ", ".join(pending)
     machine.log("change", f"{', '.join(parts)} set in the domain's config; {where}")
 
@@ -320,6 +374,8 @@ def pending_left(pending: dict, size: DomainSize) -> dict:
     runs = {
         "vcpus": lambda v: size.live_vcpus == v,
         "memory_mib": lambda v: size.live_memory_mib == v and size.live_max_memory_mib == size.max_memory_mib,
+        "max_vcpus": lambda v: size.live_max_vcpus == v,
+        "max_memory_mib": lambda v: size.live_max_memory_mib == v,
     }
     return {k: v for k, v in pending.items() if k not in runs or not runs[k](v)}
 

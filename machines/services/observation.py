@@ -201,6 +201,8 @@ POWER_CHECKED_EVERY = timedelta(minutes=10)  # power_checked of an unchanged mac
 _runs: dict[str, int] = {}  # domain UUID -> the run this process last looked at closely
 _looked: dict[str, float] = {}  # domain UUID -> monotonic time of that look
 _guarded: set[str] = set()  # domain UUIDs whose host guards this process made sure of
+_sized: dict[str, tuple[int, int]] = {}  # domain UUID with pending changes -> (run, how often its size was read)
+PENDING_CHECKS_PER_RUN = 10  # cycles a run of a machine with pending changes has its size read
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -333,14 +335,20 @@ def _read(plan: _Plan) -> _Looked:
             except HypervisorFatalError as e:
                 log.info("VNC password of %s: %s", uuid, e)
     for uuid in plan.pending:
-        # A run not seen before, of a machine with pending changes: started by virsh, its BMC or the host's
-        # autostart, it booted its config. Its size tells whether it runs the pending values (_apply).
+        # A machine with pending changes in a run not seen before (started by virsh, its BMC or the host's
+        # autostart, it booted its config), and in the next few cycles of that run (a guest's balloon driver
+        # takes seconds to give back memory): its size tells whether it runs the pending values (_apply).
         seen = looked.host.domains.get(uuid)
-        if seen is not None and seen.state == DomainState.RUNNING and _runs.get(uuid) != seen.run:
-            try:
-                looked.sizes[uuid] = driver.domain_size(uuid)
-            except HypervisorFatalError as e:
-                log.info("size of %s: %s", uuid, e)
+        if seen is None or seen.state != DomainState.RUNNING:
+            continue
+        run, checks = _sized.get(uuid, (None, 0))
+        if run == seen.run and checks >= PENDING_CHECKS_PER_RUN:
+            continue
+        _sized[uuid] = (seen.run, checks + 1 if run == seen.run else 1)
+        try:
+            looked.sizes[uuid] = driver.domain_size(uuid)
+        except HypervisorFatalError as e:
+            log.info("size of %s: %s", uuid, e)
     for uuid, filters in plan.guards.items():
         # A domain defined before its NICs on host bridges named the host guard gets it in its config, so its
         # next start carries it whoever starts it (the portal, its BMC, libvirt's autostart).

@@ -9,7 +9,7 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from hypervisors.drivers.base import DomainSize, PowerState
 from machines import services
 from machines.models import Machine, Membership, Project, Quota, Role
-from machines.services import MachineError
+from machines.services import MachineError, observation
 from portal.models import AuditEvent
 from tests.factories import UserFactory
 from tests.fakes import FakeDriver
@@ -375,16 +375,18 @@ def test_a_start_from_outside_the_portal_clears_what_it_runs(
     real = FakeDriver.domain_size
     monkeypatch.setattr(FakeDriver, "domain_size", lambda self, uuid: read.append(uuid) or real(self, uuid))
     uuid = str(machine.uuid)
+    monkeypatch.setattr(observation, "PENDING_CHECKS_PER_RUN", 2)
     services.hypervisor_reconcile_run(machine.hypervisor_id)  # first sight of the run the change was made in
     assert Machine.objects.get(pk=machine.pk).pending == {"vcpus": 1, "memory_mib": 512} and read == [uuid]
-    services.hypervisor_reconcile_run(machine.hypervisor_id)  # the same run: not read again
-    assert read == [uuid]
+    for _ in range(2):  # read once more in that run (a balloon takes its time), then no more
+        services.hypervisor_reconcile_run(machine.hypervisor_id)
+    assert read == [uuid, uuid] and Machine.objects.get(pk=machine.pk).pending == {"vcpus": 1, "memory_mib": 512}
     driver = host.get_driver("fake:///")
     driver.power_off(uuid)
     driver.start(uuid)  # outside the portal: a new run, booted from the config
     services.hypervisor_reconcile_run(machine.hypervisor_id)
     machine.refresh_from_db()
-    assert machine.pending == {} and read == [uuid, uuid] and str(other.uuid) not in read
+    assert machine.pending == {} and read == [uuid, uuid, uuid] and str(other.uuid) not in read
     event = machine.events.last()
     assert event.step == "change" and event.message == (
         "running since a start outside the portal: vcpus 1, memory_mib 512"
@@ -406,3 +408,85 @@ def test_what_a_run_does_not_show_stays_pending():
     assert pending_left({"memory_mib": 192}, smaller) == {}  # the balloon a cold start set
     assert pending_left({"memory_mib": 192}, replace(smaller, live_memory_mib=256)) == {"memory_mib": 192}
     assert pending_left({"vcpus": 1}, replace(size, running=False)) == {"vcpus": 1}
+
+
+# --- the maxima after create -----------------------------------------------------------------------------
+
+
+def test_the_maxima_change_at_once_while_off_and_at_the_next_cold_start_while_running(
+    made, host, django_capture_on_commit_callbacks
+):
+    machine = made(vcpus=1, memory_mib=256)
+    uuid, driver = str(machine.uuid), host.get_driver("fake:///")
+    host.domains[uuid]["state"] = PowerState.OFF
+    Machine.objects.filter(pk=machine.pk).update(power_state="off")
+    machine = change(django_capture_on_commit_callbacks, machine, max_vcpus=4, max_memory_mib=1024)
+    size = driver.domain_size(uuid)
+    assert (size.vcpus, size.max_vcpus, size.memory_mib, size.max_memory_mib) == (1, 4, 256, 1024)
+    assert (machine.max_vcpus, machine.max_memory_mib, machine.pending, machine.operation) == (4, 1024, {}, "")
+    record = AuditEvent.objects.filter(action="machine.change").get()
+    assert "max_vcpus None -> 4" in record.detail and "max_memory_mib None -> 1024" in record.detail
+    with django_capture_on_commit_callbacks(execute=True):
+        services.machine_power(machine=machine, action="start", actor=machine.owner)
+    # Running: a lower maximum is in the config at once and in the guest at its next cold start.
+    machine = change(django_capture_on_commit_callbacks, Machine.objects.get(pk=machine.pk), max_vcpus=2)
+    assert machine.pending == {"max_vcpus": 2} and machine.max_vcpus == 2
+    size = driver.domain_size(uuid)
+    assert (size.max_vcpus, size.live_max_vcpus) == (2, 4)
+    driver.power_off(uuid)
+    driver.start(uuid)  # outside the portal: the reconcile sees it
+    services.hypervisor_reconcile_run(machine.hypervisor_id)
+    machine.refresh_from_db()
+    assert machine.pending == {} and driver.domain_size(uuid).live_max_vcpus == 2
+    # None: no more than the value.
+    machine = change(django_capture_on_commit_callbacks, machine, max_vcpus=None)
+    assert machine.max_vcpus is None and machine.pending == {"max_vcpus": 1}
+
+
+def test_maxima_are_checked_and_not_charged(made, owner, hv, django_capture_on_commit_callbacks):  # noqa: F811
+    machine = made(vcpus=2, memory_mib=256)
+    Quota.objects.update_or_create(user=owner, defaults={"vcpus": 2, "memory_mib": 256})
+    # At their quota, the maxima still grow: they are not charged (quota counts the values).
+    machine = change(django_capture_on_commit_callbacks, machine, max_vcpus=8, max_memory_mib=2048)
+    assert (machine.max_vcpus, machine.max_memory_mib) == (8, 2048)
+    for fields, key, text in (
+        ({"max_vcpus": 1}, "max_vcpus", "At least the 2 vCPUs"),
+        ({"max_memory_mib": 200}, "max_memory_mib", "At least the 256 MiB"),
+        ({"vcpus": 1, "max_vcpus": 0}, "max_vcpus", "A whole number from 1 to 64"),
+        ({"max_memory_mib": "lots"}, "max_memory_mib", "A whole number"),
+        ({"max_vcpus": True}, "max_vcpus", "A whole number"),
+        ({"max_vcpus": 64}, "max_vcpus", f"Hypervisor {hv.name} gives at most"),
+        ({"max_memory_mib": hv.memory_mib + 1}, "max_memory_mib", f"has {hv.memory_mib} MiB"),
+    ):
+        with pytest.raises(ValidationError) as e:
+            change(django_capture_on_commit_callbacks, machine, **fields)
+        assert text in " ".join(e.value.message_dict[key]), (fields, e.value.message_dict)
+    Machine.objects.filter(pk=machine.pk).update(cpu_topology={"sockets": 1, "cores": 2, "threads": 1})
+    with pytest.raises(ValidationError, match="CPU topology"):
+        change(django_capture_on_commit_callbacks, Machine.objects.get(pk=machine.pk), max_vcpus=4)
+    machine.refresh_from_db()
+    assert (machine.max_vcpus, machine.max_memory_mib, machine.operation) == (8, 2048, "")
+    assert AuditEvent.objects.filter(action="machine.change", outcome="refused").count() == 8
+
+
+def test_patch_and_the_edit_page_change_the_maxima(made, api, django_capture_on_commit_callbacks):
+    machine = made(vcpus=1, memory_mib=256)
+    r = patch(api, machine, {"max_vcpus": 2, "max_memory_mib": 512}, django_capture_on_commit_callbacks)
+    assert r.status_code == 200 and (r.json()["max_vcpus"], r.json()["max_memory_mib"]) == (2, 512), r.content
+    machine.refresh_from_db()  # after the worker's run
+    assert machine.pending == {"max_vcpus": 2, "max_memory_mib": 512}  # it runs: at its next cold start
+    assert b"at most 2 vCPUs without a restart" in api.get(f"/machines/{machine.pk}/").content
+    for body in ({"max_vcpus": 0}, {"max_vcpus": "x"}, {"max_memory_mib": 1 << 40}, {"max_vcpus": 1, "vcpus": 2}):
+        r = patch(api, machine, body, django_capture_on_commit_callbacks)
+        assert r.status_code == 400 and ("max_vcpus" in r.json() or "max_memory_mib" in r.json()), r.content
+    assert patch(api, machine, {"max_vcpus": None}, django_capture_on_commit_callbacks).json()["max_vcpus"] is None
+    page = api.get(f"/machines/{machine.pk}/edit/")
+    assert b'name="max_vcpus"' in page.content and b'name="max_memory_mib"' in page.content
+    form = {"name": machine.name, "vcpus": 1, "memory_mib": 256, "max_vcpus": 3, "max_memory_mib": 512}
+    with django_capture_on_commit_callbacks(execute=True):
+        r = api.post(f"/machines/{machine.pk}/edit/", {**form, "max_vcpus": 0})
+    assert r.status_code == 200 and b"max_vcpus" in r.content  # the form again, with the error
+    with django_capture_on_commit_callbacks(execute=True):
+        assert api.post(f"/machines/{machine.pk}/edit/", form).status_code == 302
+    machine.refresh_from_db()
+    assert (machine.max_vcpus, machine.max_memory_mib) == (3, 512)
