@@ -131,6 +131,7 @@ class MachineAdmin(admin.ModelAdmin):
         "disk_bus",
         "disk_cache",
         "extra_disks",
+        "cdrom_drives",
         "qemu_args",
         "firmware",
         "secure_boot",
@@ -171,6 +172,12 @@ class MachineAdmin(admin.ModelAdmin):
 
     def get_fields(self, request, obj=None):
         return [*self.CHANGED_BY_SERVICE[:1], *super().get_fields(request, obj), *self.CHANGED_BY_SERVICE[3:]]
+
+    @admin.display(description="CD-ROM drives")
+    def cdrom_drives(self, obj) -> str:
+        """Read-only: drives are added, removed and changed through the services (the Devices page, the API)."""
+        drives = [f"{c.slot}: {c.image.name if c.image else '(empty)'}" for c in obj.cdroms.select_related("image")]
+        return ", ".join(drives) or "none"
 
     def get_readonly_fields(self, request, obj=None):
         return [f for f in super().get_readonly_fields(request, obj) if f not in self.CHANGED_BY_SERVICE]

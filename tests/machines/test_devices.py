@@ -212,8 +212,14 @@ def test_cd_rom_drives_for_an_image_machine(made, host, run, owner, settings):  
 
 
 def test_an_iso_machine_keeps_its_installer_drive(
-    django_capture_on_commit_callbacks, host, run, owner, hv, settings, image
-):  # noqa: F811
+    django_capture_on_commit_callbacks,
+    host,
+    run,
+    owner,  # noqa: F811
+    hv,  # noqa: F811
+    settings,
+    image,  # noqa: F811 - its fixture sets the image directory
+):
     iso = an_iso(settings, "inst")
     kw = {**base_kwargs(owner, hv, iso), "deploy_type": "iso", "ssh_authorized_keys": ""}
     machine = off(host, create(django_capture_on_commit_callbacks, **kw))
@@ -268,3 +274,14 @@ def test_the_page(made, host, owner):  # noqa: F811
         f"/machines/{machine.pk}/devices/", {"op": "attach-disk", "size_gib": "2", "image": ""}, follow=True
     )
     assert r.status_code == 200 and Machine.objects.get(pk=machine.pk).extra_disks == [{"size_gib": 2, "n": 1}]
+
+
+def test_the_admin_shows_the_devices(made, host, run, settings):
+    iso = an_iso(settings, "shown")
+    machine = run(services.machine_add_cdrom, off(host, made()), image=iso)
+    machine = run(services.machine_attach_disk, machine, size_gib=2)
+    staff = UserFactory(username="boss", is_staff=True, is_superuser=True)
+    client = Client()
+    client.force_login(staff)
+    page = client.get(f"/admin/machines/machine/{machine.pk}/change/").content.decode()
+    assert "CD-ROM drives" in page and "0: shown" in page and "&quot;size_gib&quot;: 2" in page
