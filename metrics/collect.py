@@ -55,13 +55,13 @@ def on_host_observed(
 def _state(observed: HostObserved) -> tuple[dict, dict]:
     """The read as HostCounters keeps it: the host's counters, and per domain its run (-1 unless running) and
     counters."""
-    host = asdict(observed.counters) if observed.counters is not None else {}
+    host = dict(vars(observed.counters)) if observed.counters is not None else {}
     domains = {}
     for uuid, seen in observed.domains.items():
         running = seen.state == PowerState.RUNNING
         domains[uuid] = {
             "run": seen.run if running else -1,
-            **(asdict(seen.counters) if running and seen.counters is not None else {}),
+            **(vars(seen.counters) if running and seen.counters is not None else {}),  # flat: no asdict's deep copy
         }
     return host, domains
 
