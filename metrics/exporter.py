@@ -34,6 +34,7 @@ from machines.capacity import held_by, usage_by
 from machines.models import Machine, MachineEvent
 from machines.states import PowerState, Status
 from metrics.models import HostCounters, HostSample, MachineSample, Resolution
+from portal import throttle
 from portal.http_fetch import parse_networks
 from portal.queue import queue_report
 
@@ -264,9 +265,17 @@ def refused(request: HttpRequest) -> HttpResponse | None:
     header = request.META.get("HTTP_AUTHORIZATION", "")
     scheme, _, credential = header.partition(" ")
     if scheme.lower() == "bearer":
+        # Guessed tokens lock the address as guessed API tokens do (portal/throttle.py): checked before the token.
+        address = request.META.get("REMOTE_ADDR")
+        lock = throttle.lock_for(address=address)
+        if lock is not None:
+            response = _refusal(429, lock.message())
+            response["Retry-After"] = str(lock.seconds)
+            return response
         expected = settings.PORTAL_METRICS_TOKEN
         if expected and hmac.compare_digest(credential.strip().encode(), expected.encode()):
             return None
+        throttle.failure_record(address=address, kind="token")
         return _refusal(401, "Invalid metrics token.")
     if _address_allowed(request.META.get("REMOTE_ADDR")):
         return None

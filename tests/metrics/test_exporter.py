@@ -15,7 +15,7 @@ from machines.models import MachineEvent
 from machines.states import PowerState, Status
 from metrics import exporter
 from metrics.models import HostCounters, HostSample, MachineSample, Resolution
-from portal.models import Heartbeat
+from portal.models import AuditEvent, Heartbeat
 from tests.factories import HypervisorFactory, MachineFactory, ProjectFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -249,3 +249,19 @@ def test_the_format_is_the_one_asked_for(client, accept, content_type):
 
         names = {f.name for f in openmetrics_families(r.content.decode())}
         assert {"portal_machine_vcpus", "portal_machine_provisioning_seconds"} <= names
+
+
+def _from(client, address: str, token: str):
+    return client.get("/metrics", headers={"authorization": f"Bearer {token}"}, REMOTE_ADDR=address)
+
+
+def test_guessed_tokens_lock_the_address_out_as_guessed_api_tokens_do(client, settings):
+    """Wrong bearer tokens count as failed token log-ins of the address (portal/throttle.py): once locked, even
+    the right token from there answers 429 (nothing more is learnt), while another address still scrapes."""
+    settings.PORTAL_LOGIN_MAX_FAILURES_PER_ADDRESS = 10
+    for i in range(12):
+        assert _from(client, "10.0.0.7", f"guess-{i}").status_code in (401, 429)
+    r = _from(client, "10.0.0.7", TOKEN)
+    assert r.status_code == 429 and int(r["Retry-After"]) > 60 and "Too many failed attempts" in r.content.decode()
+    assert _from(client, "10.0.0.8", TOKEN).status_code == 200
+    assert AuditEvent.objects.filter(action="login.lockout").exists()
