@@ -97,6 +97,7 @@ def test_a_machine_page_and_a_hypervisor_page_draw_their_graphs(page, web_server
     expect(page.locator("#graph-cpu .u-legend")).to_contain_text("CPU")
     card.scroll_into_view_if_needed()
     page.screenshot(path=str(ARTIFACTS / "browser-metrics-machine-hour.png"), full_page=True)
+    card.screenshot(path=str(ARTIFACTS / "browser-metrics-machine-hour-card.png"))
 
     page.locator("#metrics-day").click()
     expect(card).to_have_attribute("data-metrics-drawn", "day")
