@@ -55,7 +55,10 @@ CDROM_ADD, CDROM_REMOVE = "cdrom_add", "cdrom_remove"
 
 
 def _entries(machine: Machine) -> list[dict]:
-    return provisioning.extra_disk_entries(machine)
+    """The extra disks as entries that each name their volume's number (a create's have none: theirs is their
+    position + 1, which a detach before them would change), so what is written back keeps every volume's name."""
+    entries = provisioning.extra_disk_entries(machine)
+    return [{**e, "n": int(e.get("n") or i + 1)} for i, e in enumerate(entries)]
 
 
 def _number(entries: list[dict], i: int) -> int:

@@ -94,6 +94,15 @@ def test_kept_volumes_stay_and_their_numbers_are_not_reused(made, host, run):
     assert kept not in machine.volumes
 
 
+def test_the_disks_of_a_create_keep_their_volumes_when_one_before_them_goes(made, host, run):
+    machine = made(extra_disks=[1, 2])
+    assert machine.volumes[1:3] == [f"m-{machine.uuid}-disk1.qcow2", f"m-{machine.uuid}-disk2.qcow2"]
+    machine = run(services.machine_detach_disk, machine, disk=1)
+    assert [(e["size_gib"], e["n"]) for e in machine.extra_disks] == [(2, 2)]
+    assert machine.extra_disk_volume(0) == f"m-{machine.uuid}-disk2.qcow2" in host.pools["default"]
+    assert f"m-{machine.uuid}-disk1.qcow2" not in host.pools["default"]
+
+
 def test_quota_and_the_pools_room_are_checked_and_refusals_audited(made, run, hv, owner):  # noqa: F811
     machine = made()
     Quota.objects.update_or_create(user=owner, defaults={"disk_gib": 3})
