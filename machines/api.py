@@ -369,7 +369,11 @@ class CloneSerializer(serializers.Serializer):
         default=True, help_text="Each disk's own layer over the same read-only image base; false: a full copy."
     )
     snapshot = serializers.IntegerField(
-        required=False, allow_null=True, default=None, min_value=1, help_text="A rebuild's kept disk to clone from."
+        required=False,
+        allow_null=True,
+        default=None,
+        min_value=1,
+        help_text="A rebuild's kept disk or a disk-only snapshot to clone from (copied whole).",
     )
     project = serializers.PrimaryKeyRelatedField(
         queryset=Project.objects.all(), required=False, allow_null=True, default=None

@@ -9,6 +9,10 @@ credentials) whose disks start as copies of the source's, made on the source's h
   standing on no image (ISO and network-boot machines, a rebuild's kept disk), or a source with snapshots inside
   its qcow2 files, is copied whole instead (said in the clone's events).
 - full: each disk flattened into a standalone qcow2 (libvirt's createXMLFrom: qemu-img convert of the chain).
+- from a snapshot: a rebuild's kept disk, or a disk-only (external) snapshot, whose overlays stand on the disks
+  as they were when it was taken (read-only while it exists, so the source may run): those copied whole, since
+  a snapshot's delete merges its overlay down into them. Internal snapshots live inside the qcow2 files, which
+  libvirt cannot read a snapshot out of: refused.
 
 The source is held (its one operation, "clone") from the request until every copy is made, and must be off while
 they are read; each clone then goes through the normal provisioning pipeline (a queued task each), which finds
@@ -30,7 +34,7 @@ from django.db import transaction
 
 from hypervisors import images
 from hypervisors.drivers import get_driver
-from hypervisors.drivers.base import HypervisorDriver, HypervisorError
+from hypervisors.drivers.base import HypervisorDriver, HypervisorError, HypervisorFatalError
 from hypervisors.drivers.base import PowerState as DomainState
 from hypervisors.models import Image, ImageCopy
 from machines import policy, provisioning, tasks
@@ -112,11 +116,12 @@ def _source_snapshot(source: Machine, snapshot: MachineSnapshot | None) -> Machi
         return None
     if snapshot.machine_id != source.pk:
         raise ValidationError({"snapshot": "That snapshot is not one of this machine's."})
-    if not snapshot.kept_disk:
+    if not snapshot.kept_disk and snapshot.kind != MachineSnapshot.Kind.EXTERNAL:
         raise ValidationError(
             {
-                "snapshot": f"Snapshot {snapshot.name} lives inside the machine's disks (libvirt cannot copy it out): "
-                "clone the machine itself, or a rebuild's kept disk."
+                "snapshot": f"Snapshot {snapshot.name} is internal: it lives inside the machine's qcow2 files, which "
+                "libvirt cannot read a snapshot out of (only qemu-img on the hypervisor's own host could): clone "
+                "the machine itself, a disk-only snapshot or a rebuild's kept disk."
             }
         )
     if snapshot.status != MachineSnapshot.Status.READY:
@@ -124,12 +129,13 @@ def _source_snapshot(source: Machine, snapshot: MachineSnapshot | None) -> Machi
     return snapshot
 
 
-def _refuse_unclonable(source: Machine, actor, doing: str) -> None:
+def _refuse_unclonable(source: Machine, actor, doing: str, snapshot: MachineSnapshot | None = None) -> None:
     if source.adopted:
         raise MachineError(
             f"{source.name} was adopted: its disks are the domain's own, which the portal does not copy."
         )
-    if source.snapshots.filter(kind=MachineSnapshot.Kind.EXTERNAL, automatic=False).exists():
+    from_overlay = snapshot is not None and snapshot.kind == MachineSnapshot.Kind.EXTERNAL and not snapshot.kept_disk
+    if not from_overlay and source.snapshots.filter(kind=MachineSnapshot.Kind.EXTERNAL, automatic=False).exists():
         raise MachineError(
             f"{source.name} has disk-only snapshots: its disks are overlays the portal does not {doing}; "
             "delete the snapshots first."
@@ -175,7 +181,7 @@ def machine_clone(
     policy.require(actor, machine, "clone")
     names = clone_names(name, count, name_pattern)
     source = Machine.objects.select_related("hypervisor", "image", "owner", "project").get(pk=machine.pk)
-    _refuse_unclonable(source, actor, "copy")
+    _refuse_unclonable(source, actor, "copy", snapshot)
     if source.qemu_args and not actor.is_staff:
         raise MachineError(f"{source.name} has extra QEMU arguments, which only staff may give a machine.")
     if source.hostdevs:
@@ -214,6 +220,8 @@ def machine_clone(
     ]
     _validate_nics(hv, nics, owner=actor, project=project)
     _claim_operation(source, "clone")
+    if snap is not None and not snap.kept_disk:
+        linked = False  # a disk-only snapshot's layers are written again when a snapshot is deleted: whole copies
     kind = "linked" if linked else "full copy"
     origin = f"snapshot {snap.name} of {source.name}" if snap else source.name
     smbios = {k: v for k, v in (source.smbios or {}).items() if k != "serial"}  # a serial number is one machine's
@@ -271,8 +279,14 @@ def _copy_disks(
     source: Machine, clone: Machine, driver: HypervisorDriver, *, linked: bool, snap: MachineSnapshot | None
 ) -> str:
     """The clone's disk volumes made from the source's (idempotent: a volume already there is kept)."""
-    pairs = [(snap.volume(0) if snap else source.disk_volume, clone.disk_volume)]
-    pairs += [(source.extra_disk_volume(i), clone.extra_disk_volume(i)) for i in range(len(source.extra_disks or []))]
+    extra = range(len(source.extra_disks or []))
+    if snap is not None and not snap.kept_disk:  # a disk-only snapshot: each disk as it was, below its overlay
+        pairs = [(_below(source, driver, snap.volume(0)), clone.disk_volume)]
+        pairs += [(_below(source, driver, snap.volume(i + 1)), clone.extra_disk_volume(i)) for i in extra]
+        linked = False
+    else:
+        pairs = [(snap.volume(0) if snap else source.disk_volume, clone.disk_volume)]
+        pairs += [(source.extra_disk_volume(i), clone.extra_disk_volume(i)) for i in extra]
     inside = snap is None and source.snapshots.filter(kind=MachineSnapshot.Kind.INTERNAL, automatic=False).exists()
     made = []
     for old, new in pairs:
@@ -285,6 +299,18 @@ def _copy_disks(
     if linked and inside:
         made.append("whole copies: the source's internal snapshots live inside its qcow2 files")
     return "; ".join(made)
+
+
+def _below(source: Machine, driver: HypervisorDriver, overlay: str) -> str:
+    """The pool volume an external snapshot's overlay stands on: the disk as it was when the snapshot was taken
+    (the machine's own disk volume, or an earlier snapshot's overlay), read-only while the snapshot exists."""
+    info = driver.volume_info(pool=source.pool, name=overlay)
+    if info is None or not info.backing_path:
+        raise HypervisorFatalError(f"the snapshot's overlay {overlay} is missing, or stands on nothing")
+    folder, _, name = info.backing_path.rpartition("/")
+    if folder != driver.pool_path(source.pool).rstrip("/"):
+        raise HypervisorFatalError(f"the snapshot's overlay {overlay} stands on {info.backing_path}, outside the pool")
+    return name
 
 
 def machine_clone_run(source_id: int, clone_ids: list[int], linked: bool, snapshot_id: int | None = None) -> None:

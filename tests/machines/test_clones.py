@@ -189,7 +189,7 @@ def test_a_rebuilds_kept_disk_clones_while_the_source_runs_and_other_snapshots_a
     Machine.objects.filter(pk=stopped.pk).update(power_state=PowerState.RUNNING)
     host.domains[str(stopped.uuid)]["state"] = DomainState.RUNNING
     stopped.refresh_from_db()
-    with pytest.raises(ValidationError, match="inside the machine's disks"):
+    with pytest.raises(ValidationError, match="is internal: it lives inside the machine's qcow2 files"):
         services.machine_clone(machine=stopped, actor=stopped.owner, name="c1", snapshot=inside)
     (c,) = clone(django_capture_on_commit_callbacks, stopped, name="from-kept", snapshot=kept)
     assert c.status == Status.ACTIVE and host.pools["default"][c.disk_volume]["data"] == b"kept"
@@ -204,3 +204,32 @@ def test_the_admin_action_clones_each_selected_machine(django_capture_on_commit_
     assert b"Clone: queued for 1 machine" in r.content
     made = Machine.objects.get(name=f"{stopped.name}-clone")
     assert made.owner == staff and made.cloned_from == stopped and made.status == Status.ACTIVE
+
+
+def test_a_disk_only_snapshot_clones_as_a_whole_copy_of_the_disk_below_its_overlay_while_the_source_runs(
+    django_capture_on_commit_callbacks, host, stopped
+):
+    """The overlay's backing file is the disk as it was at the snapshot: copied whole (the layers below an
+    overlay are written again when a snapshot is deleted, so nothing may stand on them), even if linked was asked."""
+    snap = MachineSnapshot.objects.create(machine=stopped, name="disk-only", kind="external", status="ready")
+    pool = host.pools["default"]
+    pool[snap.volume(0)] = {
+        "format": "qcow2",
+        "capacity": 1 << 30,
+        "backing": f"/fake/default/{stopped.disk_volume}",
+        "data": b"written since the snapshot",
+    }
+    Machine.objects.filter(pk=stopped.pk).update(power_state=PowerState.RUNNING)
+    host.domains[str(stopped.uuid)]["state"] = DomainState.RUNNING
+    stopped.refresh_from_db()
+    with pytest.raises(MachineError, match="has disk-only snapshots"):  # the machine itself: its disks are overlays
+        services.machine_clone(machine=stopped, actor=stopped.owner, name="c0")
+    (c,) = clone(django_capture_on_commit_callbacks, stopped, name="from-snap", snapshot=snap)
+    assert c.status == Status.ACTIVE, c.status_message
+    disk = pool[c.disk_volume]
+    assert disk["data"] == b"the source's writes" and disk["backing"] == ""  # standalone, as at the snapshot
+    assert "cloned (full copy) from snapshot disk-only" in c.events.get(step="create").message
+    assert "a whole copy" in c.events.filter(step="disk").first().message
+    pool[snap.volume(0)]["backing"] = "/elsewhere/disk.qcow2"  # never a file outside the pool
+    (bad,) = clone(django_capture_on_commit_callbacks, stopped, name="from-snap2", snapshot=snap)
+    assert bad.status == Status.ERROR and "outside the pool" in bad.status_message
