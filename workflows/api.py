@@ -191,7 +191,7 @@ class WorkflowViewSet(mixins.CreateModelMixin, viewsets.ReadOnlyModelViewSet):
 
     @extend_schema(
         request=WorkflowChangeSerializer,
-        responses={200: WorkflowSerializer, 400: DetailSerializer, 403: DetailSerializer},
+        responses={200: WorkflowSerializer, 403: DetailSerializer},
     )
     def partial_update(self, request, *args, **kwargs):
         """Change a workflow (staff; a project's admins their project's): the fields given, the rest kept."""
