@@ -216,7 +216,10 @@ def build_domain_xml(spec: DomainSpec) -> str:
     if spec.rng:
         rng = _sub(devices, "rng", model="virtio")
         _sub(rng, "backend", "/dev/urandom", model="random")
-    _sub(devices, "memballoon", model="virtio")
+    # The balloon driver reports the guest's own memory figures every 10 s (the metrics' memory used; without
+    # a period libvirt gives only QEMU's resident memory on the host).
+    balloon = _sub(devices, "memballoon", model="virtio")
+    _sub(balloon, "stats", period="10")
     if spec.qemu_args:
         cmdline = ET.SubElement(root, f"{{{QEMU_NS}}}commandline")
         for arg in spec.qemu_args:

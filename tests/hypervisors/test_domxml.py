@@ -46,6 +46,11 @@ def test_identity_and_size():
     assert root.find("os/type").get("machine") == "pc" and root.find("os/type").get("arch") == "x86_64"
 
 
+def test_the_balloon_reports_the_guests_memory_every_10_seconds():
+    balloon = parse(spec()).find("devices/memballoon")
+    assert balloon.get("model") == "virtio" and balloon.find("stats").get("period") == "10"
+
+
 def test_user_text_lands_escaped_and_comes_back_intact():
     root = parse(spec(description=NASTY, title=NASTY))
     assert root.findtext("description") == NASTY and root.findtext("title") == NASTY
