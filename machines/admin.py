@@ -168,7 +168,7 @@ class MachineAdmin(admin.ModelAdmin):
         return False
 
     # Changed through machines.services.changes, as the Edit page and PATCH do (quota, room, the hypervisor).
-    CHANGED_BY_SERVICE = ("name", "vcpus", "memory_mib", "description", "tags")
+    CHANGED_BY_SERVICE = ("name", "vcpus", "memory_mib", "description", "tags", "max_vcpus", "max_memory_mib")
 
     def get_fields(self, request, obj=None):
         return [*self.CHANGED_BY_SERVICE[:1], *super().get_fields(request, obj), *self.CHANGED_BY_SERVICE[3:]]

@@ -309,6 +309,8 @@ def test_the_admin_changes_through_the_service(made, host, client, django_captur
         "memory_mib": machine.memory_mib,
         "description": "from the admin",
         "tags": '["admin"]',
+        "max_vcpus": 4,
+        "max_memory_mib": "",
         "autostart": "on",
         **{
             f"{inline}-{n}": "0" for inline in ("nics", "events", "snapshots") for n in ("TOTAL_FORMS", "INITIAL_FORMS")
@@ -320,6 +322,7 @@ def test_the_admin_changes_through_the_service(made, host, client, django_captur
     machine.refresh_from_db()
     assert (machine.vcpus, machine.description, machine.tags) == (2, "from the admin", ["admin"])
     assert host.get_driver("fake:///").domain_size(str(machine.uuid)).live_vcpus == 2
+    assert (machine.max_vcpus, machine.pending) == (4, {"max_vcpus": 4})  # running: at its next cold start
     assert AuditEvent.objects.filter(action="machine.change", user=staff).exists()
     r = client.post(f"/admin/machines/machine/{machine.pk}/change/", {**form, "vcpus": 99}, follow=True)
     assert r.status_code == 200  # refused by the form or the service: said on the page, never a 500
