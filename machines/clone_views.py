@@ -37,8 +37,9 @@ def machine_clone(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     machine = _get_machine_for_user(request, pk)
     policy.require(request.user, machine, "clone")
     if request.method != "POST":
-        return _page(request, machine, CloneForm(initial={"name": f"{machine.name}-clone"[:63]}), SaveImageForm())
-    form = CloneForm(request.POST)
+        form = CloneForm(initial={"name": f"{machine.name}-clone"[:63]}, machine=machine)
+        return _page(request, machine, form, SaveImageForm())
+    form = CloneForm(request.POST, machine=machine)
     if form.is_valid():
         data = form.cleaned_data
         try:
@@ -49,6 +50,7 @@ def machine_clone(request: HtmxHttpRequest, pk: int) -> HttpResponse:
                 count=data["count"],
                 name_pattern=data["name_pattern"] or None,
                 linked=data["linked"],
+                snapshot=data.get("snapshot"),
             )
         except (services.MachineError, ValidationError) as e:
             _refused(form, e)
@@ -78,4 +80,4 @@ def machine_save_image(request: HtmxHttpRequest, pk: int) -> HttpResponse:
         else:
             messages.success(request, f"Saving {machine.name}'s disk as image {image.name}.")
             return redirect(machine)
-    return _page(request, machine, CloneForm(initial={"name": f"{machine.name}-clone"[:63]}), form)
+    return _page(request, machine, CloneForm(initial={"name": f"{machine.name}-clone"[:63]}, machine=machine), form)

@@ -11,7 +11,7 @@ from hypervisors.models import Hypervisor, HypervisorStatus, Image, ImageKind, I
 from hypervisors.offers import CPU_MODES, FIRMWARE_LABELS
 from machines import macs, nic_policy
 from machines.access import project_choices
-from machines.models import Machine, Project, hostname_validator
+from machines.models import Machine, MachineSnapshot, Project, hostname_validator
 from machines.services import may_take_host_devices, taken_hostdevs
 from machines.states import DeployType
 
@@ -633,6 +633,31 @@ class CloneForm(forms.Form):
         help_text="Linked: each disk's own layer over the same read-only image base (small, quick). "
         "Unticked: a full, flattened copy.",
     )
+
+    def __init__(self, *args, machine: Machine | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.snapshots: dict[str, MachineSnapshot] = {}
+        if machine is None:
+            return
+        # The snapshots a clone can start from: a disk-only one's disks as they were, a rebuild's kept disk (an
+        # internal one lives inside the qcow2 files, which libvirt cannot read a snapshot out of).
+        ready = machine.snapshots.filter(status=MachineSnapshot.Status.READY).order_by("-created")
+        for snap in ready:
+            if snap.kept_disk or snap.kind == MachineSnapshot.Kind.EXTERNAL:
+                self.snapshots[str(snap.pk)] = snap
+        if self.snapshots:
+            choices = [("", "its disks as they are now")]
+            choices += [(k, f"snapshot {s.name} ({s.created:%Y-%m-%d %H:%M})") for k, s in self.snapshots.items()]
+            self.fields["snapshot"] = forms.ChoiceField(
+                choices=choices,
+                required=False,
+                label="From",
+                help_text="A snapshot's disks are copied whole (a full copy, whatever Linked says).",
+            )
+
+    def clean_snapshot(self) -> MachineSnapshot | None:
+        chosen = self.cleaned_data.get("snapshot") or ""
+        return self.snapshots.get(chosen)
 
 
 class SaveImageForm(forms.Form):

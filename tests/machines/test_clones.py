@@ -233,3 +233,27 @@ def test_a_disk_only_snapshot_clones_as_a_whole_copy_of_the_disk_below_its_overl
     pool[snap.volume(0)]["backing"] = "/elsewhere/disk.qcow2"  # never a file outside the pool
     (bad,) = clone(django_capture_on_commit_callbacks, stopped, name="from-snap2", snapshot=snap)
     assert bad.status == Status.ERROR and "outside the pool" in bad.status_message
+
+
+def test_the_page_offers_the_snapshots_a_clone_can_start_from_and_clones_from_one(
+    django_capture_on_commit_callbacks, host, stopped, client
+):
+    snap = MachineSnapshot.objects.create(machine=stopped, name="disk-only", kind="external", status="ready")
+    MachineSnapshot.objects.create(machine=stopped, name="inside", status="ready")  # internal: not offered
+    MachineSnapshot.objects.create(machine=stopped, name="busy", kind="external", status="creating")
+    host.pools["default"][snap.volume(0)] = {
+        "format": "qcow2",
+        "capacity": 1 << 30,
+        "backing": f"/fake/default/{stopped.disk_volume}",
+        "data": b"after",
+    }
+    client.force_login(stopped.owner)
+    page = client.get(f"/machines/{stopped.pk}/clone/").content.decode()
+    assert "snapshot disk-only" in page and "snapshot inside" not in page and "snapshot busy" not in page
+    r = client.post(f"/machines/{stopped.pk}/clone/", {"name": "x1", "count": "1", "snapshot": "999999"})
+    assert r.status_code == 200 and "Select a valid choice" in r.content.decode()
+    with django_capture_on_commit_callbacks(execute=True):
+        r = client.post(f"/machines/{stopped.pk}/clone/", {"name": "from-page-snap", "count": "1", "snapshot": snap.pk})
+    assert r.status_code == 302, r.content.decode()[:2000]
+    made = Machine.objects.get(name="from-page-snap")
+    assert made.status == Status.ACTIVE and "from snapshot disk-only" in made.events.get(step="create").message
