@@ -26,7 +26,9 @@
 # cloud-init with `datasource_list: [ NoCloud, None ]`, netplan.io rendering to
 # systemd-networkd + systemd-resolved (as Debian's own bookworm cloud images),
 # openssh-server without host keys (cloud-init generates them on first boot),
-# sudo, cloud-guest-utils (growpart), linux-image-cloud-amd64 (virtio, no
+# sudo, cloud-guest-utils (growpart), qemu-guest-agent (started by its udev
+# rule when the virtio port org.qemu.guest_agent.0 appears, which the portal's
+# domains have: quiesced snapshots, addresses), linux-image-cloud-amd64 (virtio, no
 # AHCI: use machine type `pc`, IDE CD-ROMs, virtio disks and NICs). Kernel
 # command line: root=UUID=... console=tty0 console=ttyS0,115200 (serial last,
 # so cloud-init's output lands on the serial port). Empty /etc/machine-id, a
@@ -68,7 +70,7 @@ GUEST_PACKAGES=(
     linux-image-cloud-amd64 initramfs-tools zstd
     cloud-init cloud-guest-utils fdisk e2fsprogs
     netplan.io systemd-resolved iproute2 iputils-ping ca-certificates
-    openssh-server sudo less
+    openssh-server sudo less qemu-guest-agent
 )
 
 started=$SECONDS
@@ -266,6 +268,10 @@ in_root lsinitramfs "/boot/initrd.img-$KVER" >"$WORK/initrd.list"
 grep -q '/virtio_blk\.ko' "$WORK/initrd.list" ||
     grep -qw virtio_blk "$R/lib/modules/$KVER/modules.builtin" ||
     die "the initramfs has no virtio_blk"
+# Nothing to enable for the guest agent (its unit's [Install] is empty): udev starts it when the port shows up.
+grep -qs 'org.qemu.guest_agent.0' "$R"/lib/udev/rules.d/*qemu-guest-agent*.rules \
+    "$R"/usr/lib/udev/rules.d/*qemu-guest-agent*.rules ||
+    die "qemu-guest-agent has no udev rule for org.qemu.guest_agent.0"
 
 # --- stage 3: configure --------------------------------------------------------
 ROOT_UUID=$(cat /proc/sys/kernel/random/uuid)

@@ -1,7 +1,8 @@
 """Workflows for real: one Debian 12 guest with real cloud-init (the suite's cached image), created through the
 portal by a project member with the real worker, reached from the host over SSH with the project's key, its host
 key checked against the keys it printed on its serial console at first boot; the shipped "facts" and
-"file-and-command" workflows run against it through workflow_run_start and the real worker.
+"file-and-command" workflows run against it through workflow_run_start and the real worker, and the worker takes a
+disk-only snapshot of it that its qemu-guest-agent quiesces.
 
 The guest has two NICs. nic0 is on an isolated network the portal defines on the host's libvirtd (the host holds
 the bridge's first address, the guest gets DHCP, nothing is routed off the machine). The portal network's guard
@@ -35,10 +36,11 @@ from huey.contrib.djhuey import HUEY
 from hypervisors import images, networks
 from hypervisors import services as hv_services
 from hypervisors.drivers import get_driver
-from hypervisors.drivers.domxml import guard_name, host_guard_name
+from hypervisors.drivers.domxml import agent_connected, disk_targets, guard_name, host_guard_name
 from hypervisors.models import Hypervisor, HypervisorStatus, Image, ImageStatus, PublishedNetwork
-from machines import hostkeys, projectkeys, provisioning, services
-from machines.models import Machine, Membership, Project, Role
+from machines import hostkeys, projectkeys, provisioning, services, tasks
+from machines.models import Machine, MachineSnapshot, Membership, Project, Role
+from machines.services.common import _claim_operation
 from portal.models import AuditEvent
 from tests.conftest import FILE_SERVER_NETWORK, wait_for
 from tests.factories import UserFactory
@@ -324,6 +326,53 @@ def test_file_and_command_writes_reads_back_and_a_second_run_changes_nothing(gue
     known.write_text(hostkeys.known_hosts(guest.machine.last_observed.ssh_host_keys, guest.address))
     r = guest.ssh("cat", FILE["path"], known_hosts=known)
     assert r.returncode == 0 and r.stdout == FILE["content"] + "\n", r.stderr
+
+
+def test_a_disk_only_snapshot_of_the_running_guest_is_quiesced_by_its_guest_agent(guest):
+    """The image's qemu-guest-agent answers on the domain's org.qemu.guest_agent.0 channel, so the worker's
+    disk-only snapshot of the running guest has it freeze the guest's filesystems first (the guest's own journal
+    says so) and is marked quiesced. The portal snapshots a BIOS machine internally, with its memory (nothing to
+    quiesce there), and this image boots by SeaBIOS only, so the row is made external here as a UEFI machine's is;
+    the rest is the portal's own: the worker's machine_snapshot_task takes it and snapshot_delete merges it back,
+    leaving the guest running on its own disk for the module's last test."""
+    machine = Machine.objects.get(pk=guest.machine.pk)
+    uuid, driver = str(machine.uuid), get_driver(machine.hypervisor.uri)
+    assert services.snapshot_method(machine) == "internal"  # what the portal would take of it
+    disks = disk_targets(driver.domain_xml(uuid))
+    wait_for(lambda: agent_connected(driver.domain_xml(uuid)), 120, interval=2, message="the agent never connected")
+    known = guest.workdir / "known_hosts_snapshot"
+    known.write_text(hostkeys.known_hosts(machine.last_observed.ssh_host_keys, guest.address))
+
+    snap = MachineSnapshot.objects.create(machine=machine, name="quiesced", kind="external", created_by=guest.member)
+    _claim_operation(machine, "snapshot")  # as snapshot_create does before it queues the task
+    started = time.monotonic()
+    tasks.machine_snapshot_task(snap.pk)
+    try:
+        snap = wait_for(lambda: (s := MachineSnapshot.objects.get(pk=snap.pk)).status in ("ready", "error") and s, 180)
+        took = time.monotonic() - started
+        assert snap.status == "ready", snap.status_message
+        assert (snap.kind, snap.memory, snap.quiesced) == ("external", False, True)
+        said = [e.message for e in Machine.objects.get(pk=machine.pk).events.filter(step="snapshot")]
+        assert "snapshot quiesced taken (external, disk-only, quiesced by the guest agent)" in said, said
+        overlays = disk_targets(driver.domain_xml(uuid))
+        assert all(overlays[t] != disks[t] for t in disks), (disks, overlays)  # the guest writes to the overlays
+        journal = guest.ssh("sudo -n journalctl -t qemu-ga -o cat --no-pager", known_hosts=known)
+        assert journal.returncode == 0, journal.stderr
+        assert "guest-fsfreeze called" in journal.stdout, journal.stdout[-2000:]
+        wrote = guest.ssh("echo thawed > /tmp/after-snapshot && sync && cat /tmp/after-snapshot", known_hosts=known)
+        assert (wrote.returncode, wrote.stdout) == (0, "thawed\n"), wrote.stderr  # thawed: it writes again
+        print(f"quiesced disk-only snapshot of the running Debian guest taken in {took:.1f} s")
+    finally:
+        settled = wait_for(lambda: (m := Machine.objects.get(pk=machine.pk)).operation == "" and m, 180)
+        started = time.monotonic()
+        services.snapshot_delete(machine=settled, snapshot=MachineSnapshot.objects.get(pk=snap.pk), actor=guest.member)
+        wait_for(lambda: not MachineSnapshot.objects.filter(pk=snap.pk).exists(), 300, interval=1)
+        wait_for(lambda: Machine.objects.get(pk=machine.pk).operation == "", 60)
+        print(f"merged back in {time.monotonic() - started:.1f} s")
+    assert driver.snapshot_list(uuid) == []
+    assert disk_targets(driver.domain_xml(uuid)) == disks  # back on its own disk
+    assert Machine.objects.get(pk=machine.pk).power_state == "running"
+    assert guest.ssh("cat /tmp/after-snapshot", known_hosts=known).stdout == "thawed\n"
 
 
 def test_an_unreachable_host_fails_the_run_with_its_output_kept(guest, examples):
