@@ -39,7 +39,7 @@ from machines.capacity import check_quota
 from machines.models import Machine, MachineCdrom, MachineNic
 from machines.services.changes import _lock
 from machines.services.common import MachineError, _claim_operation, _enqueue, _release_operation
-from machines.services.validation import MAX_NICS, NicInput, _validate_cloud_init, _validate_nics, generate_mac
+from machines.services.validation import MAX_NICS, NicInput, _validate_cloud_init, _validate_nics
 from machines.states import DeployType, PowerState, Status
 from portal import audit
 
@@ -238,23 +238,7 @@ def machine_attach_nic(*, machine: Machine, actor, nic: NicInput) -> None:
         index = max([n.index for n in existing] + [-1]) + 1
         try:
             with transaction.atomic():
-                row = MachineNic(
-                    machine=m,
-                    index=index,
-                    type=nic.type,
-                    source=nic.source,
-                    mac=(nic.mac or generate_mac()).lower(),
-                    dhcp4=nic.dhcp4,
-                    dhcp6=nic.dhcp6,
-                    addresses=nic.addresses,
-                    gateway4=nic.gateway4,
-                    gateway6=nic.gateway6,
-                    nameservers=nic.nameservers,
-                    search=nic.search,
-                    model=nic.model,
-                    mode=nic.mode,
-                    vlan=nic.vlan,
-                )
+                row = nic.row(m, index)
                 row.save()
         except IntegrityError:
             raise ValidationError({"mac": "That MAC address is already used by another machine."}) from None

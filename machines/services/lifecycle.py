@@ -46,7 +46,6 @@ from machines.services.validation import (
     _validate_iso_request,
     _validate_network_request,
     _validate_nics,
-    generate_mac,
 )
 from machines.states import DeployType, InvalidTransition, PowerState, Status
 from portal import audit
@@ -169,23 +168,7 @@ def machine_create(
         bmc_assign(machine)
     try:
         for i, nic in enumerate(nics):
-            MachineNic.objects.create(
-                machine=machine,
-                index=i,
-                type=nic.type,
-                source=nic.source,
-                mac=(nic.mac or generate_mac()).lower(),
-                dhcp4=nic.dhcp4,
-                dhcp6=nic.dhcp6,
-                addresses=nic.addresses,
-                gateway4=nic.gateway4,
-                gateway6=nic.gateway6,
-                nameservers=nic.nameservers,
-                search=nic.search,
-                model=nic.model,
-                mode=nic.mode,
-                vlan=nic.vlan,
-            )
+            nic.row(machine, i).save()
     except IntegrityError:
         raise ValidationError({"nics": "That MAC address is already used by another machine."}) from None
     if deploy_type == DeployType.ISO:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TypeGuard
 
 from django.conf import settings
@@ -43,6 +43,11 @@ class NicInput:
     model: str = "virtio"
     mode: str = "bridge"
     vlan: int | None = None
+
+    def row(self, machine: Machine, index: int) -> MachineNic:
+        """The machine's NIC row for it (not saved yet), with a fresh MAC where none was asked for."""
+        fields = {**asdict(self), "mac": (self.mac or generate_mac()).lower()}
+        return MachineNic(machine=machine, index=index, **fields)
 
 
 def generate_mac() -> str:
