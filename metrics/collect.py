@@ -36,7 +36,7 @@ from hypervisors.models import Hypervisor
 from machines.capacity import usage_by
 from machines.models import Machine
 from machines.states import Status
-from metrics.models import HostCounters, HostSample, MachineSample, Resolution
+from metrics.models import MACHINE_RATES, HostCounters, HostSample, MachineSample, Resolution
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def machine_rates(now: dict, before: dict | None, *, dt: float, vcpus: int) -> d
     running_now = now.get("run", -1) >= 0
     running_before = before is not None and before.get("run", -1) >= 0
     same_run = running_now and running_before and before is not None and before["run"] == now["run"]
-    point: dict[str, Any] = dict.fromkeys(RATES)
+    point: dict[str, Any] = dict.fromkeys(MACHINE_RATES)
     # Running at both reads: the whole interval; at one of them (started, stopped, restarted): half of it.
     point["seconds_running"] = round(span if same_run else span / 2 if running_now or running_before else 0)
     if running_now:
@@ -144,16 +144,6 @@ def machine_rates(now: dict, before: dict | None, *, dt: float, vcpus: int) -> d
 
 
 COUNTERS = tuple(asdict(DomainCounters()))
-RATES = (
-    "cpu_pct",
-    "memory_used_mib",
-    "disk_read_bps",
-    "disk_write_bps",
-    "disk_read_iops",
-    "disk_write_iops",
-    "net_rx_bps",
-    "net_tx_bps",
-)
 
 
 def host_rates(now: dict, before: dict) -> dict[str, float | None]:

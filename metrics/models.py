@@ -12,6 +12,30 @@ class Resolution(models.IntegerChoices):
     HOUR = 3600, "one hour"
 
 
+# The measured rates of a machine point, and a host point's measured and counted fields: the collection writes
+# them, the rollup averages or takes the most of them, the graphs read them.
+MACHINE_RATES = (
+    "cpu_pct",
+    "memory_used_mib",
+    "disk_read_bps",
+    "disk_write_bps",
+    "disk_read_iops",
+    "disk_write_iops",
+    "net_rx_bps",
+    "net_tx_bps",
+)
+HOST_MEASURED = ("cpu_pct", "memory_used_mib")
+HOST_COUNTED = (
+    "memory_total_mib",
+    "vcpus_allocated",
+    "vcpus_capacity",
+    "memory_allocated_mib",
+    "memory_capacity_mib",
+    "disk_allocated_gib",
+    "machines_running",
+)
+
+
 class MachineSample(models.Model):
     """One point of a machine's series: rates over the interval that begins at `at`, and what it was given.
 

@@ -24,7 +24,7 @@ from django.db.models.functions import TruncHour
 from django.utils import timezone
 
 from machines.models import Machine
-from metrics.models import HostSample, MachineSample, Resolution, UsageHour
+from metrics.models import HOST_COUNTED, HOST_MEASURED, MACHINE_RATES, HostSample, MachineSample, Resolution, UsageHour
 
 log = logging.getLogger(__name__)
 
@@ -32,26 +32,6 @@ HOUR = timedelta(hours=1)
 # How long after an hour ends its last minute points may still come (a point's minute is the middle of the
 # interval between two reads, written at the second one).
 SETTLE = timedelta(minutes=3)
-MACHINE_RATES = (
-    "cpu_pct",
-    "memory_used_mib",
-    "disk_read_bps",
-    "disk_write_bps",
-    "disk_read_iops",
-    "disk_write_iops",
-    "net_rx_bps",
-    "net_tx_bps",
-)
-HOST_AVERAGED = ("cpu_pct", "memory_used_mib")
-HOST_MAX = (
-    "memory_total_mib",
-    "vcpus_allocated",
-    "vcpus_capacity",
-    "memory_allocated_mib",
-    "memory_capacity_mib",
-    "disk_allocated_gib",
-    "machines_running",
-)
 
 
 def _hour_floor(moment: datetime) -> datetime:
@@ -139,8 +119,8 @@ def _roll_hosts(*, after: datetime | None, end: datetime) -> int:
         _minutes(HostSample, after=after, end=end)
         .values("hypervisor_id", "hour")
         .annotate(
-            **{f"avg_{name}": Avg(name) for name in HOST_AVERAGED},
-            **{f"max_{name}": Max(name) for name in HOST_MAX},
+            **{f"avg_{name}": Avg(name) for name in HOST_MEASURED},
+            **{f"max_{name}": Max(name) for name in HOST_COUNTED},
         )
     )
     points = [
@@ -148,8 +128,8 @@ def _roll_hosts(*, after: datetime | None, end: datetime) -> int:
             hypervisor_id=row["hypervisor_id"],
             resolution=Resolution.HOUR,
             at=row["hour"],
-            **{name: row[f"avg_{name}"] for name in HOST_AVERAGED},
-            **{name: row[f"max_{name}"] if row[f"max_{name}"] is not None else _zero(name) for name in HOST_MAX},
+            **{name: row[f"avg_{name}"] for name in HOST_MEASURED},
+            **{name: row[f"max_{name}"] if row[f"max_{name}"] is not None else _zero(name) for name in HOST_COUNTED},
         )
         for row in rows
     ]

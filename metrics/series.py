@@ -20,7 +20,7 @@ from typing import Any
 from django.db.models import Avg, Max
 from django.db.models.functions import TruncHour
 
-from metrics.models import HostSample, MachineSample, Resolution
+from metrics.models import HOST_COUNTED, HOST_MEASURED, MACHINE_RATES, HostSample, MachineSample, Resolution
 
 
 def clock() -> float:
@@ -51,30 +51,10 @@ WINDOWS = {
 DEFAULT_WINDOW = "hour"
 
 # What each graph reads, column by column (the JSON's series names are these).
-MACHINE_FIELDS = (
-    "cpu_pct",
-    "memory_used_mib",
-    "memory_mib",
-    "disk_read_bps",
-    "disk_write_bps",
-    "disk_read_iops",
-    "disk_write_iops",
-    "net_rx_bps",
-    "net_tx_bps",
-)
+MACHINE_FIELDS = (*MACHINE_RATES[:2], "memory_mib", *MACHINE_RATES[2:])
 # What it was given: a count that a stopped interval still carries, left out (a gap) where it did not run.
 GIVEN = {"memory_mib"}
-HOST_FIELDS = (
-    "cpu_pct",
-    "memory_used_mib",
-    "memory_total_mib",
-    "vcpus_allocated",
-    "vcpus_capacity",
-    "memory_allocated_mib",
-    "memory_capacity_mib",
-    "disk_allocated_gib",
-    "machines_running",
-)
+HOST_FIELDS = (*HOST_MEASURED, *HOST_COUNTED)
 
 
 def window_named(value: str | None) -> Window:
