@@ -373,7 +373,8 @@ class CloneSerializer(serializers.Serializer):
         allow_null=True,
         default=None,
         min_value=1,
-        help_text="A rebuild's kept disk or a disk-only snapshot to clone from (copied whole).",
+        help_text="A ready snapshot to clone from (copied whole): a kept disk, a disk-only or an internal one (the"
+        " machine off).",
     )
     project = serializers.PrimaryKeyRelatedField(
         queryset=Project.objects.all(), required=False, allow_null=True, default=None

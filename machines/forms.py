@@ -639,12 +639,10 @@ class CloneForm(forms.Form):
         self.snapshots: dict[str, MachineSnapshot] = {}
         if machine is None:
             return
-        # The snapshots a clone can start from: a disk-only one's disks as they were, a rebuild's kept disk (an
-        # internal one lives inside the qcow2 files, which libvirt cannot read a snapshot out of).
+        # The snapshots a clone can start from: every ready one (a disk-only one's disks as they were, a rebuild's
+        # kept disk, an internal one's disks read out of the qcow2 files with the machine off).
         ready = machine.snapshots.filter(status=MachineSnapshot.Status.READY).order_by("-created")
-        for snap in ready:
-            if snap.kept_disk or snap.kind == MachineSnapshot.Kind.EXTERNAL:
-                self.snapshots[str(snap.pk)] = snap
+        self.snapshots = {str(snap.pk): snap for snap in ready}
         if self.snapshots:
             choices = [("", "its disks as they are now")]
             choices += [(k, f"snapshot {s.name} ({s.created:%Y-%m-%d %H:%M})") for k, s in self.snapshots.items()]
@@ -652,7 +650,8 @@ class CloneForm(forms.Form):
                 choices=choices,
                 required=False,
                 label="From",
-                help_text="A snapshot's disks are copied whole (a full copy, whatever Linked says).",
+                help_text="A snapshot's disks are copied whole (a full copy, whatever Linked says); an internal "
+                "one's with the machine shut down.",
             )
 
     def clean_snapshot(self) -> MachineSnapshot | None:

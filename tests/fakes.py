@@ -691,6 +691,34 @@ class FakeDriver(HypervisorDriver):
             dom["state"] = PowerState.OFF
         return dom["state"]
 
+    def snapshot_copy_disks(self, uuid, name, *, pool, copies, keep):
+        """As libvirt_driver does it (keep, revert, copy, revert to keep, delete it): the copies hold the bytes the
+        snapshot kept of each disk, flattened; the domain's disks, snapshots and current one are left as they were."""
+        self._hit("snapshot_copy_disks")
+        snaps, snap = self._find_snapshot(uuid, name)
+        if snap is None:
+            raise HypervisorFatalError(f"domain {uuid} has no snapshot named {name!r}")
+        if snap["kind"] != "internal":
+            raise HypervisorFatalError(f"snapshot {name!r} is external: its disks are the volumes below its overlays")
+        dom = self._dom(uuid)
+        if dom["state"] != PowerState.OFF:
+            raise HypervisorFatalError(f"domain {uuid} is running: its disks are copied from a snapshot when it is off")
+        _, kept = self._find_snapshot(uuid, keep)
+        if kept is not None:  # left by an interrupted copy: the domain's own state is in it
+            for path, data in kept["data"].items():
+                if (vol := self._volume_at(path)) is not None:
+                    vol["data"] = data
+            self.snapshot_delete(uuid, keep)
+        todo = {old: new for old, new in copies.items() if new not in self._pool(pool)}
+        sources = {old: self._vol(pool, old) for old in todo}
+        for old, new in todo.items():
+            self._pool(pool)[new] = {
+                **sources[old],
+                "format": "qcow2",
+                "backing": "",
+                "data": snap["data"].get(f"/fake/{pool}/{old}", sources[old]["data"]),
+            }
+
     def snapshot_delete(self, uuid, name):
         self._hit("snapshot_delete")
         snaps, snap = self._find_snapshot(uuid, name)

@@ -635,6 +635,20 @@ class HypervisorDriver(ABC):
         the snapshot; left off. One with children is HypervisorFatalError."""
 
     @abstractmethod
+    def snapshot_copy_disks(self, uuid: str, name: str, *, pool: str, copies: dict[str, str], keep: str) -> None:
+        """Copy the disks as internal snapshot `name` holds them: each volume `copies` names (a disk of the domain,
+        in `pool`) into a standalone qcow2 of the pool named by its value (flattened: no backing file, no internal
+        snapshots), one that exists already being kept as it is. The domain must be off (else HypervisorFatalError)
+        and is left as it was: same disks, same snapshots, the same one current, off.
+
+        Through the hypervisor's API alone (so for a remote one too): the domain's state is first kept in a
+        temporary internal snapshot named `keep`, the domain reverted to `name` (a memory snapshot paused, then
+        powered off: its disks hold the snapshot's), the volumes copied, the domain reverted to `keep`, which is
+        deleted; on a failure too. A `keep` found already (a copy interrupted by a crash) is reverted to and
+        deleted first. An external snapshot, or one that is absent, is HypervisorFatalError, and so is a domain
+        started meanwhile from outside (its copies, which may be torn, removed; the revert stops it)."""
+
+    @abstractmethod
     def snapshot_delete(self, uuid: str, name: str) -> bool:
         """Delete the snapshot; no-op (False) if absent. Internal: its data leaves the qcow2 disks. External: its
         overlays are merged (block commit) into the disks below them and their files removed, on a domain that is

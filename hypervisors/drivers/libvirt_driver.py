@@ -1549,6 +1549,69 @@ class LibvirtDriver(HypervisorDriver):
 
         return self._call(run)
 
+    def snapshot_copy_disks(self, uuid: str, name: str, *, pool: str, copies: dict[str, str], keep: str) -> None:
+        def back(dom: libvirt.virDomain) -> None:
+            """Revert to `keep` (taken off, without memory: the domain stays off) and delete it, if it is there."""
+            kept = self._snapshot(dom, keep)
+            if kept is None:
+                return
+            if dom.isActive():
+                dom.destroy()
+            dom.revertToSnapshot(kept, 0)
+            kept.delete(0)
+
+        def run(conn):
+            dom = self._dom(conn, uuid)
+            if dom is None:
+                raise HypervisorFatalError(f"domain {uuid} does not exist on this hypervisor")
+            snap = self._snapshot(dom, name)
+            if snap is None:
+                raise HypervisorFatalError(f"domain {uuid} has no snapshot named {name!r}")
+            data = parse_snapshot(snap.getXMLDesc(0))
+            if data["kind"] != "internal":
+                raise HypervisorFatalError(
+                    f"snapshot {name!r} is external: its disks are the volumes below its overlays"
+                )
+            if dom.isActive():
+                raise HypervisorFatalError(
+                    f"domain {uuid} is running: its disks are copied from a snapshot when it is off"
+                )
+            p = self._pool(conn, pool)
+            back(dom)  # a copy interrupted by a crash left its keep: the domain's own state is in it
+            todo = {old: new for old, new in copies.items() if self._vol(p, new) is None}
+            if not todo:
+                return
+            sources = {old: self._vol(p, old) for old in todo}
+            missing = sorted(old for old, vol in sources.items() if vol is None)
+            if missing:
+                raise HypervisorFatalError(f"volume {missing[0]!r} does not exist in pool {pool!r}")
+            dom.snapshotCreateXML(snapshot_xml(name=keep, description=f"the state before copying {name}"), 0)
+            made: list[libvirt.virStorageVol] = []
+            try:
+                # A memory snapshot cannot be reverted to with the domain left off: paused (no guest code runs),
+                # then powered off; the disks hold the snapshot's state either way.
+                paused = data["memory"] or data["state"] not in ("shutoff", "disk-snapshot", "")
+                dom.revertToSnapshot(snap, libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED if paused else 0)
+                if dom.isActive():
+                    dom.destroy()
+                for old, new in todo.items():
+                    vol = sources[old]
+                    assert vol is not None
+                    info = self._vol_info(vol)
+                    xml = volume_xml(name=new, capacity_bytes=info.capacity_bytes, fmt="qcow2")
+                    made.append(p.createXMLFrom(xml, vol, 0))  # qemu-img convert: the active layer, no snapshots
+                if dom.isActive():  # started behind the portal's back (virsh, a BMC): the copies may be torn
+                    raise HypervisorFatalError(f"domain {uuid} was started during the copy: copies discarded")
+            except BaseException:
+                for vol in made:
+                    with contextlib.suppress(libvirt.libvirtError):
+                        vol.delete(0)
+                raise
+            finally:
+                back(dom)
+
+        return self._call(run)
+
 
 def _job_stats(dom: libvirt.virDomain, flags: int = 0) -> dict:
     """The domain's job statistics; empty when there are none (the domain is gone, or it has no job)."""

@@ -11,8 +11,13 @@ credentials) whose disks start as copies of the source's, made on the source's h
 - full: each disk flattened into a standalone qcow2 (libvirt's createXMLFrom: qemu-img convert of the chain).
 - from a snapshot: a rebuild's kept disk, or a disk-only (external) snapshot, whose overlays stand on the disks
   as they were when it was taken (read-only while it exists, so the source may run): those copied whole, since
-  a snapshot's delete merges its overlay down into them. Internal snapshots live inside the qcow2 files, which
-  libvirt cannot read a snapshot out of: refused.
+  a snapshot's delete merges its overlay down into them.
+- from an internal snapshot (inside the qcow2 files, as BIOS machines take them), through libvirt's API alone (so
+  on a remote hypervisor too), with the source off: its state kept in a temporary internal snapshot
+  (`keep_snapshot`), the domain reverted to the chosen one (a memory snapshot paused, then powered off), each disk
+  copied whole (flattened: the active layer, no snapshots), the domain reverted to the temporary snapshot, which is
+  deleted (on a failure too). A crash midway leaves that snapshot on the domain, its name saying what it is: the
+  same clone's next run (or an operator, `virsh snapshot-revert`) reverts to it and deletes it first.
 
 The source is held (its one operation, "clone") from the request until every copy is made, and must be off while
 they are read; each clone then goes through the normal provisioning pipeline (a queued task each), which finds
@@ -116,17 +121,20 @@ def _source_snapshot(source: Machine, snapshot: MachineSnapshot | None) -> Machi
         return None
     if snapshot.machine_id != source.pk:
         raise ValidationError({"snapshot": "That snapshot is not one of this machine's."})
-    if not snapshot.kept_disk and snapshot.kind != MachineSnapshot.Kind.EXTERNAL:
-        raise ValidationError(
-            {
-                "snapshot": f"Snapshot {snapshot.name} is internal: it lives inside the machine's qcow2 files, which "
-                "libvirt cannot read a snapshot out of (only qemu-img on the hypervisor's own host could): clone "
-                "the machine itself, a disk-only snapshot or a rebuild's kept disk."
-            }
-        )
     if snapshot.status != MachineSnapshot.Status.READY:
         raise ValidationError({"snapshot": f"Snapshot {snapshot.name} is {snapshot.get_status_display().lower()}."})
     return snapshot
+
+
+def _internal(snapshot: MachineSnapshot | None) -> bool:
+    """An internal snapshot (inside the qcow2 files): copied by reverting the stopped source to it and back."""
+    return snapshot is not None and not snapshot.kept_disk and snapshot.kind == MachineSnapshot.Kind.INTERNAL
+
+
+def keep_snapshot(clone: Machine) -> str:
+    """The temporary internal snapshot that keeps the source's state while a clone copies an internal snapshot of
+    it (underscores: no name a user gives a snapshot)."""
+    return f"portal_clone_keep_{clone.pk}"
 
 
 def _refuse_unclonable(source: Machine, actor, doing: str, snapshot: MachineSnapshot | None = None) -> None:
@@ -200,6 +208,11 @@ def machine_clone(
         raise MachineError(f"{source.name} is {source.get_status_display().lower()}; a clone needs it active.")
     if snap is None:
         _refuse_running(source, "a clone")
+    elif _internal(snap) and source.power_state != PowerState.OFF:
+        raise MachineError(
+            f"{source.name} is {source.get_power_state_display().lower()}: shut it down first (a clone from internal "
+            f"snapshot {snap.name} turns the stopped machine's disks back to it for the copy, then forward again)."
+        )
     if source.operation:
         raise MachineError(f"{source.name} is busy with another operation; try again when it is done.")
     hv = claim_room(source.hypervisor, need=total, pool=source.pool, image=None, user=actor).hypervisor
@@ -221,7 +234,9 @@ def machine_clone(
     _validate_nics(hv, nics, owner=actor, project=project)
     _claim_operation(source, "clone")
     if snap is not None and not snap.kept_disk:
-        linked = False  # a disk-only snapshot's layers are written again when a snapshot is deleted: whole copies
+        # Whole copies: an internal snapshot's disks are read out flattened, and a disk-only snapshot's layers are
+        # written again when a snapshot is deleted.
+        linked = False
     kind = "linked" if linked else "full copy"
     origin = f"snapshot {snap.name} of {source.name}" if snap else source.name
     smbios = {k: v for k, v in (source.smbios or {}).items() if k != "serial"}  # a serial number is one machine's
@@ -280,6 +295,18 @@ def _copy_disks(
 ) -> str:
     """The clone's disk volumes made from the source's (idempotent: a volume already there is kept)."""
     extra = range(len(source.extra_disks or []))
+    if _internal(snap):
+        assert snap is not None
+        copies = {source.disk_volume: clone.disk_volume}
+        copies.update({source.extra_disk_volume(i): clone.extra_disk_volume(i) for i in extra})
+        uuid, keep = str(source.uuid), keep_snapshot(clone)
+        driver.snapshot_copy_disks(uuid, snap.name, pool=source.pool, copies=copies, keep=keep)
+        sizes = {new: driver.volume_info(pool=source.pool, name=new) for new in copies.values()}
+        return "; ".join(
+            f"{new} (a whole copy of the disk as in snapshot {snap.name}, "
+            f"{(info.allocation_bytes if info else 0) >> 20} MiB)"
+            for new, info in sizes.items()
+        )
     if snap is not None and not snap.kept_disk:  # a disk-only snapshot: each disk as it was, below its overlay
         pairs = [(_below(source, driver, snap.volume(0)), clone.disk_volume)]
         pairs += [(_below(source, driver, snap.volume(i + 1)), clone.extra_disk_volume(i)) for i in extra]
@@ -324,7 +351,8 @@ def machine_clone_run(source_id: int, clone_ids: list[int], linked: bool, snapsh
     try:
         driver = get_driver(source.hypervisor.uri)
         state = driver.domain_state(str(source.uuid))
-        problem = "" if state in (None, DomainState.OFF) or snap is not None else f"{source.name} is {state}"
+        needs_off = snap is None or _internal(snap)
+        problem = "" if state in (None, DomainState.OFF) or not needs_off else f"{source.name} is {state}"
         for clone in Machine.objects.filter(pk__in=clone_ids).select_related("hypervisor", "image", "owner"):
             if clone.status != Status.PROVISIONING or clone.attempt_id:
                 continue  # deleted or taken over meanwhile

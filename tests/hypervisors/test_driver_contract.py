@@ -924,6 +924,39 @@ def test_the_test_driver_takes_no_external_snapshots(kit):
 
 
 @every_driver
+def test_snapshot_copy_disks_copies_what_an_internal_snapshot_holds_and_leaves_the_domain_as_it_was(kit):
+    """Through the API alone: the stopped domain kept in a temporary snapshot, reverted to the one asked (a memory
+    snapshot too: paused, then off), its disk copied flattened, reverted back and the temporary one deleted; one
+    left by a crash is reverted to and deleted first. What the copies hold: tests/integration/test_clones.py."""
+    d, spec = kit.driver, kit.disk_spec()
+    d.define_domain(spec)
+    disk = spec.disks[0].path.rsplit("/", 1)[1]
+    d.start(spec.uuid)
+    d.snapshot_create(spec.uuid, name="warm", memory=True)
+    d.power_off(spec.uuid)
+    d.snapshot_create(spec.uuid, name="cold")
+    before = d.snapshot_list(spec.uuid)
+    one, two = kit.vol("from-warm.qcow2"), kit.vol("from-cold.qcow2")
+    d.start(spec.uuid)
+    with pytest.raises(HypervisorFatalError, match="running"):
+        d.snapshot_copy_disks(spec.uuid, "warm", pool=kit.pool, copies={disk: one}, keep="portal_keep")
+    d.power_off(spec.uuid)
+    with pytest.raises(HypervisorFatalError, match="no snapshot"):
+        d.snapshot_copy_disks(spec.uuid, "absent", pool=kit.pool, copies={disk: one}, keep="portal_keep")
+    d.snapshot_copy_disks(spec.uuid, "warm", pool=kit.pool, copies={disk: one}, keep="portal_keep")
+    d.snapshot_copy_disks(spec.uuid, "cold", pool=kit.pool, copies={disk: two}, keep="portal_keep")
+    for name in (one, two):
+        info = d.volume_info(pool=kit.pool, name=name)
+        assert info is not None and (info.format, info.backing_path) == ("qcow2", "")
+    assert d.snapshot_list(spec.uuid) == before and d.domain_state(spec.uuid) == PowerState.OFF
+    d.snapshot_create(spec.uuid, name="portal_keep")  # as a crash midway leaves it
+    d.snapshot_copy_disks(spec.uuid, "cold", pool=kit.pool, copies={disk: two}, keep="portal_keep")  # two: kept
+    assert d.snapshot_list(spec.uuid) == before and d.domain_state(spec.uuid) == PowerState.OFF
+    for name in ("warm", "cold"):
+        d.snapshot_delete(spec.uuid, name)
+
+
+@every_driver
 def test_clone_volume_makes_a_standalone_copy_once(kit):
     d = kit.driver
     base = d.create_volume(pool=kit.pool, name=kit.vol("cbase.qcow2"), fmt="qcow2", capacity_bytes=MIB)

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from hypervisors.drivers.base import HypervisorFatalError
+from hypervisors.drivers.base import HypervisorFatalError, PowerState
 from hypervisors.drivers.libvirt_driver import LibvirtDriver
 from hypervisors.models import Image
 from machines import provisioning, services
@@ -218,4 +218,55 @@ def test_linked_and_full_clones_boot_as_new_instances_and_a_saved_image_boots(lo
         f"clone of a disk-only snapshot while the source runs: active in {snap_s:.1f} s ({snap_disk['actual-size'] >> 10} KiB)"
     )
     delete(from_snap)
+    delete(source)
+
+
+def test_a_clone_of_an_internal_snapshot_reads_the_disk_as_it_was_and_the_source_stays_as_it_is(local, tiny_image):
+    """A BIOS machine's snapshot lives inside its qcow2 file: the clone, made through libvirt alone with the source
+    off (kept, reverted to the snapshot, copied, reverted back), boots with the disk as the snapshot holds it."""
+    owner = UserFactory(username="inside-cloner", is_staff=True)
+    source = active(
+        services.machine_create(
+            owner=owner,
+            hypervisor=local,
+            name="inside",
+            image=tiny_image,
+            memory_mib=128,
+            disk_gib=1,
+            nics=[services.NicInput(type="user")],
+        )
+    )
+    driver = LibvirtDriver(local.uri)
+    disk_path = f"{driver.pool_path(source.pool)}/{source.disk_volume}"
+    booted(driver, source)
+    write_mark(driver, source, "ORIG")
+    snap = services.snapshot_create(machine=Machine.objects.get(pk=source.pk), name="a", memory=True, actor=owner)
+    snap = wait_for(lambda: (s := MachineSnapshot.objects.get(pk=snap.pk)).status in ("ready", "error") and s, 120)
+    assert (snap.status, snap.kind) == ("ready", "internal"), snap.status_message
+    idle(source)
+    write_mark(driver, source, "CHANGED")  # after the snapshot
+    source = power(source, "poweroff", "off")
+    snapshots_before = driver.snapshot_list(str(source.uuid))
+    inside_before = [s["name"] for s in qemu_img_info(disk_path).get("snapshots", [])]
+    assert inside_before == ["a"]
+
+    started = time.monotonic()
+    (c,) = services.machine_clone(machine=source, actor=owner, name="inside-clone", snapshot=snap)
+    c = active(c)
+    clone_s = time.monotonic() - started
+    copy = qemu_img_info(f"{driver.pool_path(c.pool)}/{c.disk_volume}")
+    assert "backing-filename" not in copy and "snapshots" not in copy  # standalone, no snapshots carried over
+    assert driver.snapshot_list(str(source.uuid)) == snapshots_before  # no temporary snapshot left, same current
+    assert [s["name"] for s in qemu_img_info(disk_path).get("snapshots", [])] == inside_before
+    assert driver.domain_state(str(source.uuid)) == PowerState.OFF
+    got = booted(driver, c)
+    assert got["instance_id"] == c.instance_id and got["mark"] == "ORIG"  # the disk as in snapshot a
+    copied = c.events.get(message__startswith="copied from").created - c.events.filter(step="create")[0].created
+    print(
+        f"\nclone of an internal memory snapshot: disk copied (keep, revert, copy, revert back) "
+        f"{copied.total_seconds():.1f} s after the request, active in {clone_s:.1f} s ({copy['actual-size'] >> 10} KiB disk)"
+    )
+    delete(c)
+    source = power(source, "start", "running")
+    assert booted(driver, source)["mark"] == "CHANGED"  # the source's own disk, as before the clone
     delete(source)

@@ -9,6 +9,7 @@ import subprocess
 import pytest
 from django.core.exceptions import PermissionDenied, ValidationError
 
+from hypervisors.drivers.base import HypervisorFatalError
 from hypervisors.drivers.base import PowerState as DomainState
 from hypervisors.models import Image, ImageStatus
 from machines import services
@@ -189,7 +190,7 @@ def test_a_rebuilds_kept_disk_clones_while_the_source_runs_and_other_snapshots_a
     Machine.objects.filter(pk=stopped.pk).update(power_state=PowerState.RUNNING)
     host.domains[str(stopped.uuid)]["state"] = DomainState.RUNNING
     stopped.refresh_from_db()
-    with pytest.raises(ValidationError, match="is internal: it lives inside the machine's qcow2 files"):
+    with pytest.raises(MachineError, match="running: shut it down first \\(a clone from internal snapshot inside"):
         services.machine_clone(machine=stopped, actor=stopped.owner, name="c1", snapshot=inside)
     (c,) = clone(django_capture_on_commit_callbacks, stopped, name="from-kept", snapshot=kept)
     assert c.status == Status.ACTIVE and host.pools["default"][c.disk_volume]["data"] == b"kept"
@@ -239,7 +240,7 @@ def test_the_page_offers_the_snapshots_a_clone_can_start_from_and_clones_from_on
     django_capture_on_commit_callbacks, host, stopped, client
 ):
     snap = MachineSnapshot.objects.create(machine=stopped, name="disk-only", kind="external", status="ready")
-    MachineSnapshot.objects.create(machine=stopped, name="inside", status="ready")  # internal: not offered
+    MachineSnapshot.objects.create(machine=stopped, name="inside", status="ready")  # internal: offered too
     MachineSnapshot.objects.create(machine=stopped, name="busy", kind="external", status="creating")
     host.pools["default"][snap.volume(0)] = {
         "format": "qcow2",
@@ -249,7 +250,7 @@ def test_the_page_offers_the_snapshots_a_clone_can_start_from_and_clones_from_on
     }
     client.force_login(stopped.owner)
     page = client.get(f"/machines/{stopped.pk}/clone/").content.decode()
-    assert "snapshot disk-only" in page and "snapshot inside" not in page and "snapshot busy" not in page
+    assert "snapshot disk-only" in page and "snapshot inside" in page and "snapshot busy" not in page
     r = client.post(f"/machines/{stopped.pk}/clone/", {"name": "x1", "count": "1", "snapshot": "999999"})
     assert r.status_code == 200 and "Select a valid choice" in r.content.decode()
     with django_capture_on_commit_callbacks(execute=True):
@@ -257,3 +258,72 @@ def test_the_page_offers_the_snapshots_a_clone_can_start_from_and_clones_from_on
     assert r.status_code == 302, r.content.decode()[:2000]
     made = Machine.objects.get(name="from-page-snap")
     assert made.status == Status.ACTIVE and "from snapshot disk-only" in made.events.get(step="create").message
+
+
+def _internal_snapshot(host, machine, name="inside") -> MachineSnapshot:
+    """An internal snapshot of the stopped machine holding b"marker A", its disk written b"marker B" since."""
+    uuid, pool = str(machine.uuid), host.pools["default"]
+    pool[machine.disk_volume]["data"] = b"marker A"
+    host.get_driver("fake:///").snapshot_create(uuid, name=name)
+    pool[machine.disk_volume]["data"] = b"marker B"
+    return MachineSnapshot.objects.create(machine=machine, name=name, status="ready")
+
+
+def test_an_internal_snapshot_clones_as_a_whole_copy_and_the_source_stays_as_it_was(
+    django_capture_on_commit_callbacks, host, stopped
+):
+    snap = _internal_snapshot(host, stopped)
+    uuid, pool = str(stopped.uuid), host.pools["default"]
+    before = host.get_driver("fake:///").snapshot_list(uuid)
+    (c,) = clone(django_capture_on_commit_callbacks, stopped, name="from-inside", snapshot=snap)  # linked asked
+    assert c.status == Status.ACTIVE, c.status_message
+    assert pool[c.disk_volume]["data"] == b"marker A" and pool[c.disk_volume]["backing"] == ""
+    assert pool[stopped.disk_volume]["data"] == b"marker B"  # the source's own state, as before
+    assert host.get_driver("fake:///").snapshot_list(uuid) == before  # no temporary snapshot left, same current
+    assert host.domains[uuid]["state"] == DomainState.OFF and "snapshot_copy_disks" in host.calls
+    assert "cloned (full copy) from snapshot inside" in c.events.get(step="create").message
+    assert "a whole copy of the disk as in snapshot inside" in c.events.filter(step="disk").first().message
+    stopped.refresh_from_db()
+    assert stopped.operation == ""
+
+
+def test_an_internal_snapshot_clone_refuses_a_running_source_and_a_failed_copy_ends_in_error(
+    django_capture_on_commit_callbacks, host, stopped
+):
+    snap = _internal_snapshot(host, stopped)
+    uuid, pool = str(stopped.uuid), host.pools["default"]
+    host.domains[uuid]["state"] = DomainState.RUNNING  # started behind the portal's back: the worker sees it
+    (late,) = clone(django_capture_on_commit_callbacks, stopped, name="late", snapshot=snap)
+    assert late.status == Status.ERROR and "stopped machine" in late.status_message
+    assert late.disk_volume not in pool and "snapshot_copy_disks" not in host.calls
+    host.domains[uuid]["state"] = DomainState.OFF
+    host.fail["snapshot_copy_disks"] = HypervisorFatalError("the copy broke")
+    (bad,) = clone(django_capture_on_commit_callbacks, stopped, name="broken", snapshot=snap)
+    assert bad.status == Status.ERROR and "the copy broke" in bad.status_message and bad.disk_volume not in pool
+    assert pool[stopped.disk_volume]["data"] == b"marker B"
+    assert [s.name for s in host.get_driver("fake:///").snapshot_list(uuid)] == ["inside"]
+    stopped.refresh_from_db()
+    assert stopped.operation == ""
+
+
+def test_a_temporary_snapshot_left_by_a_crash_is_reverted_to_first(
+    django_capture_on_commit_callbacks, host, stopped, monkeypatch
+):
+    """A worker that died midway left the source at the chosen snapshot with its state in the temporary one: the
+    clone's next run goes back to that state first, then copies."""
+    snap = _internal_snapshot(host, stopped)
+    uuid, pool = str(stopped.uuid), host.pools["default"]
+    driver = host.get_driver("fake:///")
+    real = driver.snapshot_copy_disks
+
+    def crash_then_run(uuid, name, *, pool, copies, keep):
+        driver.snapshot_create(uuid, name=keep)  # the state kept, then the disk turned back to the snapshot
+        host.pools["default"][next(iter(copies))]["data"] = b"marker A"
+        real(uuid, name, pool=pool, copies=copies, keep=keep)
+
+    monkeypatch.setattr(driver, "snapshot_copy_disks", crash_then_run)
+    monkeypatch.setattr("machines.services.clones.get_driver", lambda uri: driver)
+    (c,) = clone(django_capture_on_commit_callbacks, stopped, name="after-crash", snapshot=snap)
+    assert c.status == Status.ACTIVE and pool[c.disk_volume]["data"] == b"marker A"
+    assert pool[stopped.disk_volume]["data"] == b"marker B"
+    assert [(s.name, s.current) for s in driver.snapshot_list(uuid)] == [("inside", True)]
