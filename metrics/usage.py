@@ -18,7 +18,8 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import Count, QuerySet, Sum
 from django.utils import timezone
 
-from machines.models import Project, Role
+from machines.access import project_choices
+from machines.models import Project
 from metrics.models import UsageHour
 from portal.audit_export import csv_cell
 
@@ -65,7 +66,7 @@ def visible_projects(user) -> QuerySet[Project] | None:
         raise PermissionDenied("Log in to see usage.")
     if user.is_staff:
         return None
-    projects = Project.objects.filter(memberships__user=user, memberships__role=Role.ADMIN)
+    projects = project_choices(user)  # the projects they administer
     if not projects.exists():
         raise PermissionDenied("Usage reports are for staff and project admins.")
     return projects
