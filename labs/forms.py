@@ -138,7 +138,9 @@ class InstantiateForm(forms.Form):
 class ScheduleForm(forms.Form):
     """A scheduled action (labs/schedules.py): the service checks the values again and says why."""
 
-    action = forms.ChoiceField(choices=ScheduledAction.Action.choices)
+    action = forms.ChoiceField(
+        choices=ScheduledAction.Action.choices, widget=forms.Select(attrs={"class": "form-select form-select-sm"})
+    )
     hour = forms.IntegerField(min_value=0, max_value=23, initial=8)
     minute = forms.IntegerField(min_value=0, max_value=59, initial=0)
     weekdays = forms.TypedMultipleChoiceField(
